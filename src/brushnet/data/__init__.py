@@ -1,0 +1,1 @@
+"""Datasets, mask generators and run-length codecs."""
