@@ -1,0 +1,229 @@
+"""The one place for image/mask conversion and the blurred-mask paste-back.
+
+**Mask convention** (everywhere at the public edges of this project): a mask is single-channel;
+**white / 1 / True = the region to generate (the hole)**, black / 0 = keep. Masks are binarised at 0.5
+(a grey value ≥ 0.5 is a hole). Images are RGB, in [0, 1] when they are tensors or float arrays.
+
+Only model adapters convert to a model's internal convention (BrushNet's branch reads a *keep* mask,
+1 = keep; RePaint keeps 1 = known; ControlNet-inpaint marks hole pixels −1). Those conversions live next
+to the model that needs them, never here.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+__all__ = [
+    "InputError",
+    "load_image",
+    "load_mask",
+    "mask_to_array",
+    "mask_to_tensor",
+    "pil_to_tensor",
+    "tensor_to_pil",
+    "gaussian_kernel_1d",
+    "feather_mask",
+    "blend",
+    "blend_pil",
+]
+
+
+class InputError(ValueError):
+    """Bad user input (missing/corrupt file, wrong size, empty or full mask, ...). The message is one line."""
+
+
+def _open(path: str | os.PathLike, what: str) -> Image.Image:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{what} file not found: {path}")
+    if not path.is_file():
+        raise InputError(f"{what} path is not a file: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"{what} file is not a readable image: {path} ({exc.__class__.__name__})") from None
+
+
+def load_image(path: str | os.PathLike | Image.Image) -> Image.Image:
+    """Load an image file as RGB. Transparent pixels of RGBA/LA images are composited on black."""
+    img = path if isinstance(path, Image.Image) else _open(path, "image")
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def mask_to_array(mask: Image.Image | np.ndarray | torch.Tensor, invert: bool = False) -> np.ndarray:
+    """Convert a mask in any common form to a boolean ``(H, W)`` array, True = hole.
+
+    Accepted: PIL images in modes 1, L, P, RGB, RGBA/LA (for RGBA/LA, the alpha channel is the mask when the
+    colour channels are blank — all one value — as painting tools export strokes), numpy arrays ``(H, W)``,
+    ``(H, W, C)`` (uint8 0–255, bool, or float in [0, 1]), torch tensors ``(H, W)``, ``(1, H, W)`` or
+    ``(1, 1, H, W)`` in [0, 1]. Colour masks use the mean of their channels. Binarised at 0.5.
+    """
+    if isinstance(mask, Image.Image):
+        if mask.mode in ("RGBA", "LA", "PA") or (mask.mode == "P" and "transparency" in mask.info):
+            rgba = np.asarray(mask.convert("RGBA"))
+            colour, alpha = rgba[..., :3], rgba[..., 3]
+            if colour.min() == colour.max() and alpha.min() != alpha.max():
+                values = alpha.astype(np.float32) / 255.0
+            else:
+                values = colour.astype(np.float32).mean(-1) / 255.0
+        else:
+            arr = np.asarray(mask.convert("L") if mask.mode not in ("L", "RGB") else mask)
+            arr = arr.astype(np.float32)
+            values = (arr.mean(-1) if arr.ndim == 3 else arr) / 255.0
+    else:
+        if isinstance(mask, torch.Tensor):
+            arr = mask.detach().float().cpu().numpy()
+            while arr.ndim > 2 and arr.shape[0] == 1:
+                arr = arr[0]
+            if arr.ndim == 3:  # C, H, W
+                arr = arr.mean(0)
+        else:
+            arr = np.asarray(mask)
+            if arr.ndim == 3:
+                arr = arr.mean(-1) if arr.dtype != np.uint8 else arr.astype(np.float32).mean(-1)
+        if arr.ndim != 2:
+            raise InputError(f"mask must be 2-D (H, W) after squeezing, got shape {tuple(np.shape(arr))}")
+        if arr.dtype == np.bool_:
+            values = arr.astype(np.float32)
+        elif np.asarray(mask).dtype == np.uint8 or arr.max(initial=0) > 1.0:
+            values = arr.astype(np.float32) / 255.0
+        else:
+            values = arr.astype(np.float32)
+    hole = values >= 0.5
+    return ~hole if invert else hole
+
+
+def load_mask(
+    path: str | os.PathLike | Image.Image | np.ndarray | torch.Tensor,
+    size: tuple[int, int] | None = None,
+    invert: bool = False,
+    allow_empty: bool = False,
+    allow_full: bool = True,
+) -> np.ndarray:
+    """Load a mask (white = inpaint) as a boolean ``(H, W)`` array, True = hole, with input checks.
+
+    Args:
+        path: file path, or an in-memory mask (see :func:`mask_to_array`).
+        size: expected ``(width, height)`` — the image's size. A mismatch is an :class:`InputError`.
+        invert: swap hole and kept region (for masks drawn white = keep).
+        allow_empty: an all-black mask (nothing to inpaint) is an error unless True.
+        allow_full: an all-white mask (nothing kept) is allowed by default (it is plain text-to-image).
+    """
+    source = path
+    if isinstance(path, (str, os.PathLike)):
+        source = _open(path, "mask")
+    hole = mask_to_array(source, invert=invert)
+    if size is not None and (hole.shape[1], hole.shape[0]) != tuple(size):
+        raise InputError(
+            f"mask is {hole.shape[1]}x{hole.shape[0]} but the image is {size[0]}x{size[1]}; they must match"
+        )
+    if not allow_empty and not hole.any():
+        raise InputError("mask is empty: no white pixel marks a region to inpaint (white = inpaint)")
+    if not allow_full and hole.all():
+        raise InputError("mask covers the whole image: nothing is kept (white = inpaint)")
+    return hole
+
+
+def mask_to_tensor(mask, invert: bool = False) -> torch.Tensor:
+    """Any mask form → float tensor ``(1, 1, H, W)`` in {0, 1}, 1 = hole."""
+    return torch.from_numpy(mask_to_array(mask, invert=invert).astype(np.float32))[None, None]
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image → float tensor ``(1, 3, H, W)`` in [0, 1]."""
+    arr = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr).permute(2, 0, 1)[None].contiguous()
+
+
+def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """Float tensor ``(B, 3, H, W)`` in [0, 1] → list of RGB PIL images (rounded, not truncated)."""
+    arr = (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255.0).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in arr]
+
+
+def gaussian_kernel_1d(kernel_size: int, sigma: float | None = None) -> torch.Tensor:
+    """Normalised 1-D Gaussian kernel. ``sigma=None`` uses the OpenCV rule ``0.3·((k−1)/2 − 1) + 0.8``
+    (3.5 for the reference's 21-pixel kernel)."""
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
+    if sigma is None or sigma <= 0:
+        sigma = 0.3 * ((kernel_size - 1) * 0.5 - 1) + 0.8
+    x = torch.arange(kernel_size, dtype=torch.float64) - (kernel_size - 1) / 2
+    kernel = torch.exp(-(x**2) / (2 * sigma**2))
+    return kernel / kernel.sum()
+
+
+def feather_mask(hole: torch.Tensor, kernel_size: int = 21, sigma: float | None = None) -> torch.Tensor:
+    """The reference's feathered blending mask ``m' = 1 − (1 − m)(1 − blur(m))``.
+
+    The blur spreads outward into the kept region only; the hole itself stays exactly 1, and pixels farther
+    than ``kernel_size // 2`` from the hole stay exactly 0.
+
+    Args:
+        hole: ``(B, 1, H, W)`` float, 1 = hole (binary).
+        kernel_size: Gaussian kernel size (reference: 21). ``0`` or ``1`` disables feathering (``m' = m``).
+    """
+    hole = hole.to(torch.float64)
+    if kernel_size <= 1:
+        return hole
+    kernel = gaussian_kernel_1d(kernel_size, sigma).to(hole.device)
+    pad = kernel_size // 2
+    # OpenCV's default border (BORDER_REFLECT_101) is torch's "reflect"; tiny images fall back to replicate.
+    mode = "reflect" if min(hole.shape[-2:]) > pad else "replicate"
+    blurred = F.pad(hole, (pad, pad, 0, 0), mode=mode)
+    blurred = F.conv2d(blurred, kernel.view(1, 1, 1, -1))
+    blurred = F.pad(blurred, (0, 0, pad, pad), mode=mode)
+    blurred = F.conv2d(blurred, kernel.view(1, 1, -1, 1))
+    blurred = blurred.clamp(0, 1)
+    return 1 - (1 - hole) * (1 - blurred)
+
+
+def blend(
+    original: torch.Tensor, generated: torch.Tensor, hole: torch.Tensor, kernel_size: int = 21
+) -> torch.Tensor:
+    """Paste the generated image into the original through the feathered mask.
+
+    ``out = original·(1 − m') + generated·m'`` (reference §4). Where ``m' = 0`` the original values are
+    returned unchanged.
+
+    Args:
+        original, generated: ``(B, 3, H, W)`` in [0, 1] (``original`` may have batch 1).
+        hole: ``(B, 1, H, W)`` or ``(1, 1, H, W)``, 1 = hole.
+    """
+    weight = feather_mask(hole, kernel_size).to(generated.dtype)
+    original = original.to(generated.dtype).expand_as(generated)
+    out = original * (1 - weight) + generated * weight
+    return torch.where(weight == 0, original, out)
+
+
+def blend_pil(
+    original: Image.Image, generated: Image.Image, hole: np.ndarray, kernel_size: int = 21
+) -> Image.Image:
+    """:func:`blend` for PIL images; pixels outside the feathered band are byte-identical to ``original``."""
+    if original.size != generated.size:
+        raise InputError(f"cannot blend a {generated.size} result into a {original.size} image")
+    orig = np.asarray(original.convert("RGB"))
+    gen = np.asarray(generated.convert("RGB"))
+    weight = feather_mask(torch.from_numpy(hole.astype(np.float64))[None, None], kernel_size)[0, 0].numpy()
+    weight = weight[..., None]
+    out = orig.astype(np.float64) * (1 - weight) + gen.astype(np.float64) * weight
+    out = np.where(weight == 0, orig, np.clip(np.round(out), 0, 255)).astype(np.uint8)
+    return Image.fromarray(out)
+
+
+def feather_radius(kernel_size: int) -> int:
+    """How far (pixels) the feathered band reaches outside the hole."""
+    return max(0, math.floor(kernel_size / 2))

@@ -1,0 +1,463 @@
+"""Stable Diffusion 1.5 + BrushNet inpainting pipeline on upstream diffusers.
+
+A drop-in for the original ``StableDiffusionBrushNetPipeline`` (same component names, same positional call
+``pipe(prompt, image, mask_image, ...)``, same outputs to ~1e-6 on the reference goldens), with these
+differences, all documented in the README:
+
+- the image may be passed whole or with the hole already blacked out: the pipeline blacks it out itself;
+- the SD1.5 branch ignores the prompt, so with classifier-free guidance it runs once per step on the
+  un-doubled batch (the original runs it on the doubled batch; the result is the same);
+- optional blurred-mask paste-back (``blending=True``; off by default for parity);
+- unknown keyword arguments are an error, not silently dropped;
+- the VAE posterior sample of the masked image is drawn from ``generator`` (the original drew it from the
+  global RNG, so its results were not reproducible with a real VAE).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
+from diffusers.loaders import StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
+from diffusers.models import AutoencoderKL, UNet2DConditionModel
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline, StableDiffusionMixin
+from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+    StableDiffusionPipeline,
+    retrieve_timesteps,
+)
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer
+
+from ..image import blend, mask_to_array
+from ..models.brushnet import BrushNetModel
+from ..models.unet_injection import count_injection_points, unet_forward_with_brushnet
+
+__all__ = ["StableDiffusionBrushNetPipeline", "brushnet_keep_schedule"]
+
+
+def brushnet_keep_schedule(num_steps: int, start: float, end: float) -> list[float]:
+    """Per-step multiplier of the conditioning scale: 0 where ``i/N < start`` or ``(i+1)/N > end``, else 1."""
+    return [0.0 if (i / num_steps < start or (i + 1) / num_steps > end) else 1.0 for i in range(num_steps)]
+
+
+class StableDiffusionBrushNetPipeline(
+    DiffusionPipeline, StableDiffusionMixin, TextualInversionLoaderMixin, StableDiffusionLoraLoaderMixin
+):
+    r"""Text-guided inpainting with Stable Diffusion 1.5 and a BrushNet branch.
+
+    Args:
+        vae: the base model's VAE.
+        text_encoder, tokenizer: the base model's CLIP text encoder and tokenizer.
+        unet: the frozen base ``UNet2DConditionModel`` (any SD1.5 community model); never modified.
+        brushnet: a :class:`~brushnet.models.BrushNetModel`.
+        scheduler: any diffusers scheduler.
+        safety_checker, feature_extractor: optional (pass ``None`` to disable; evaluation must disable it).
+    """
+
+    model_cpu_offload_seq = "text_encoder->brushnet->unet->vae"
+    _optional_components = ["safety_checker", "feature_extractor"]
+    _exclude_from_cpu_offload = ["safety_checker"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+
+    # Public helpers of diffusers' own SD pipeline, reused as they are (they only read the components).
+    encode_prompt = StableDiffusionPipeline.encode_prompt
+    run_safety_checker = StableDiffusionPipeline.run_safety_checker
+    prepare_extra_step_kwargs = StableDiffusionPipeline.prepare_extra_step_kwargs
+    prepare_latents = StableDiffusionPipeline.prepare_latents
+    get_guidance_scale_embedding = StableDiffusionPipeline.get_guidance_scale_embedding
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        brushnet: BrushNetModel,
+        scheduler: KarrasDiffusionSchedulers,
+        safety_checker: Any = None,
+        feature_extractor: CLIPImageProcessor | None = None,
+        requires_safety_checker: bool = False,
+    ):
+        super().__init__()
+        if not isinstance(brushnet, BrushNetModel):
+            raise TypeError(f"brushnet must be a BrushNetModel, got {type(brushnet).__name__}")
+        check_brushnet_matches_unet(brushnet, unet)
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            brushnet=brushnet,
+            scheduler=scheduler,
+            safety_checker=safety_checker,
+            feature_extractor=feature_extractor,
+        )
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if vae is not None else 8
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True)
+        self.register_to_config(requires_safety_checker=requires_safety_checker)
+
+    # -- properties, as in diffusers' pipelines ------------------------------------------------------
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def clip_skip(self) -> int | None:
+        return self._clip_skip
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
+
+    @property
+    def cross_attention_kwargs(self) -> dict | None:
+        return self._cross_attention_kwargs
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    # -------------------------------------------------------------------------------------------------
+    def check_inputs(
+        self,
+        prompt,
+        image,
+        mask_image,
+        height,
+        width,
+        negative_prompt,
+        prompt_embeds,
+        negative_prompt_embeds,
+        brushnet_conditioning_scale,
+        control_guidance_start,
+        control_guidance_end,
+        callback_on_step_end_tensor_inputs,
+        output_type,
+        blending,
+    ) -> None:
+        if image is None or mask_image is None:
+            raise ValueError("both `image` and `mask_image` are required")
+        if height is not None and height % self.vae_scale_factor != 0:
+            raise ValueError(f"`height` must be a multiple of {self.vae_scale_factor}, got {height}")
+        if width is not None and width % self.vae_scale_factor != 0:
+            raise ValueError(f"`width` must be a multiple of {self.vae_scale_factor}, got {width}")
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("pass either `prompt` or `prompt_embeds`, not both")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("pass `prompt` or `prompt_embeds`")
+        if prompt is not None and not isinstance(prompt, (str, list)):
+            raise ValueError(f"`prompt` must be a str or a list of str, got {type(prompt).__name__}")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("pass either `negative_prompt` or `negative_prompt_embeds`, not both")
+        if prompt_embeds is not None and negative_prompt_embeds is not None:
+            if prompt_embeds.shape != negative_prompt_embeds.shape:
+                raise ValueError(
+                    f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
+                    f"{tuple(negative_prompt_embeds.shape)} must have the same shape"
+                )
+        if not isinstance(brushnet_conditioning_scale, (int, float)):
+            raise TypeError("`brushnet_conditioning_scale` must be a number")
+        if not 0.0 <= control_guidance_start < control_guidance_end <= 1.0:
+            raise ValueError(
+                "need 0 <= control_guidance_start < control_guidance_end <= 1, got "
+                f"{control_guidance_start} and {control_guidance_end}"
+            )
+        if callback_on_step_end_tensor_inputs is not None:
+            unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+            if unknown:
+                raise ValueError(f"callback tensor inputs {unknown} are not among {self._callback_tensor_inputs}")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"`output_type` must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+        if blending and output_type == "latent":
+            raise ValueError("`blending` works on decoded images; it cannot be used with output_type='latent'")
+
+    def _prepare_mask(self, mask_image, batch_size: int, height: int, width: int, device, dtype) -> torch.Tensor:
+        """Masks (white = inpaint) → float ``(B, 1, height, width)``, 1 = hole."""
+        masks = mask_image if isinstance(mask_image, list) else [mask_image]
+        if isinstance(mask_image, torch.Tensor) and mask_image.ndim == 4 and mask_image.shape[0] > 1:
+            masks = list(mask_image)
+        tensors = []
+        for mask in masks:
+            hole = torch.from_numpy(mask_to_array(mask).astype("float32"))[None, None]
+            if hole.shape[-2:] != (height, width):
+                hole = (F.interpolate(hole, size=(height, width), mode="bilinear", align_corners=False) >= 0.5)
+                hole = hole.float()
+            tensors.append(hole)
+        hole = torch.cat(tensors)
+        if hole.shape[0] == 1:
+            hole = hole.expand(batch_size, -1, -1, -1)
+        elif hole.shape[0] != batch_size:
+            raise ValueError(f"got {hole.shape[0]} masks for a batch of {batch_size} prompts")
+        return hole.to(device=device, dtype=dtype)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image: PipelineImageInput = None,
+        mask_image: PipelineImageInput = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        brushnet_conditioning_scale: float = 1.0,
+        guess_mode: bool = False,
+        control_guidance_start: float = 0.0,
+        control_guidance_end: float = 1.0,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        blending: bool = False,
+        blending_kernel_size: int = 21,
+        mask: PipelineImageInput = None,
+    ):
+        r"""Inpaint ``image`` where ``mask_image`` is white.
+
+        Args:
+            prompt: what to paint in the hole.
+            image: the image (PIL, numpy or tensor in diffusers' formats); whole or with the hole blacked out.
+            mask_image: the mask, **white = inpaint** (PIL of any mode, array or tensor in [0, 1]).
+            height, width: output size, multiples of the VAE factor; default the image size rounded down.
+            num_inference_steps, timesteps, sigmas: the denoising schedule (custom lists as in diffusers).
+            guidance_scale: classifier-free guidance weight (off at ≤ 1).
+            negative_prompt, prompt_embeds, negative_prompt_embeds, clip_skip: text conditioning.
+            num_images_per_prompt, eta, generator, latents: sampling (noise from a CPU generator is
+                reproducible across devices).
+            output_type: "pil", "np", "pt" or "latent".
+            brushnet_conditioning_scale: the preservation scale (strength of the branch).
+            guess_mode: ControlNet-style guess mode: a log-spaced ramp of scales; with CFG the branch only
+                conditions the text half.
+            control_guidance_start, control_guidance_end: fractions of the steps during which the branch is on.
+            callback_on_step_end, callback_on_step_end_tensor_inputs: as in diffusers.
+            blending: paste the result back into the input through the reference's 21-px feathered mask,
+                so pixels farther than 10 px from the hole are exactly the input's. Off by default (parity
+                with the original); the CLI and :mod:`brushnet.methods` turn it on.
+            blending_kernel_size: Gaussian kernel of the feathering (reference: 21).
+            mask: the original pipeline's keyword for ``mask_image`` (alias; passing both is an error).
+
+        Returns:
+            ``StableDiffusionPipelineOutput(images, nsfw_content_detected)`` or a tuple.
+        """
+        if mask is not None:
+            if mask_image is not None:
+                raise ValueError("pass the mask once: `mask_image` or its alias `mask`, not both")
+            mask_image = mask
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+
+        # 1. check inputs
+        self.check_inputs(
+            prompt, image, mask_image, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
+            brushnet_conditioning_scale, control_guidance_start, control_guidance_end,
+            callback_on_step_end_tensor_inputs, output_type, blending,
+        )  # fmt: skip
+        self._guidance_scale = guidance_scale
+        self._clip_skip = clip_skip
+        self._cross_attention_kwargs = cross_attention_kwargs
+        self._interrupt = False
+
+        if prompt is not None:
+            batch_size = 1 if isinstance(prompt, str) else len(prompt)
+        else:
+            batch_size = prompt_embeds.shape[0]
+        device = self._execution_device
+        total = batch_size * num_images_per_prompt
+
+        # 2. encode prompt
+        lora_scale = cross_attention_kwargs.get("scale", None) if cross_attention_kwargs else None
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt,
+            device,
+            num_images_per_prompt,
+            self.do_classifier_free_guidance,
+            negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            lora_scale=lora_scale,
+            clip_skip=self.clip_skip,
+        )
+        branch_prompt_embeds = prompt_embeds
+        if self.do_classifier_free_guidance:
+            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+
+        # 3. image and mask, at height × width
+        height, width = self.image_processor.get_default_height_width(
+            image[0] if isinstance(image, list) else image, height, width
+        )
+        image_tensor = self.image_processor.preprocess(image, height=height, width=width)
+        image_tensor = image_tensor.to(device=device, dtype=torch.float32)
+        if image_tensor.shape[0] == 1:
+            image_tensor = image_tensor.expand(total, -1, -1, -1)
+        elif image_tensor.shape[0] == batch_size:
+            image_tensor = image_tensor.repeat_interleave(num_images_per_prompt, dim=0)
+        else:
+            raise ValueError(f"got {image_tensor.shape[0]} images for a batch of {batch_size} prompts")
+        hole = self._prepare_mask(mask_image, batch_size, height, width, device, torch.float32)
+        hole = hole.repeat_interleave(num_images_per_prompt, dim=0) if hole.shape[0] != total else hole
+        # the hole is blacked out (-1 in [-1, 1]) whether or not the caller already did it
+        masked_image = torch.where(hole.bool(), torch.full_like(image_tensor, -1.0), image_tensor)
+
+        # 4. timesteps
+        timesteps, num_inference_steps = retrieve_timesteps(
+            self.scheduler, num_inference_steps, device, timesteps, sigmas
+        )
+        self._num_timesteps = len(timesteps)
+
+        # 5. start latents, then the branch's conditioning: masked-image latent + keep-mask (1 = keep)
+        latents = self.prepare_latents(
+            total,
+            self.unet.config.in_channels,
+            height,
+            width,
+            prompt_embeds.dtype,
+            device,
+            generator,
+            latents,
+        )
+        vae_dtype = self.vae.dtype
+        posterior = self.vae.encode(masked_image.to(vae_dtype)).latent_dist
+        masked_image_latents = posterior.sample(generator=generator) * self.vae.config.scaling_factor
+        keep = 1.0 - hole
+        keep_latent = F.interpolate(keep, size=masked_image_latents.shape[-2:], mode="nearest")
+        brushnet_cond = torch.cat([masked_image_latents, keep_latent.to(masked_image_latents.dtype)], dim=1)
+        brushnet_cond = brushnet_cond.to(dtype=self.brushnet.dtype)
+
+        timestep_cond = None
+        if self.unet.config.time_cond_proj_dim is not None:
+            guidance_tensor = torch.tensor(self.guidance_scale - 1).repeat(total)
+            timestep_cond = self.get_guidance_scale_embedding(
+                guidance_tensor, embedding_dim=self.unet.config.time_cond_proj_dim
+            ).to(device=device, dtype=latents.dtype)
+
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+        keep_schedule = brushnet_keep_schedule(len(timesteps), control_guidance_start, control_guidance_end)
+        # The SD1.5 branch never reads text: one branch pass per step serves both CFG halves.
+        branch_on_doubled_batch = self.do_classifier_free_guidance and self.brushnet.uses_text and not guess_mode
+
+        # 6. denoising loop
+        num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                doubled = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
+                latent_model_input = self.scheduler.scale_model_input(doubled, t)
+                cond_scale = brushnet_conditioning_scale * keep_schedule[i]
+
+                if branch_on_doubled_batch:
+                    branch_input, branch_text = latent_model_input, prompt_embeds
+                    branch_cond = torch.cat([brushnet_cond] * 2)
+                else:
+                    branch_input = self.scheduler.scale_model_input(latents, t)
+                    branch_text, branch_cond = branch_prompt_embeds, brushnet_cond
+                down, mid, up = self.brushnet(
+                    branch_input.to(self.brushnet.dtype),
+                    t,
+                    encoder_hidden_states=branch_text.to(self.brushnet.dtype),
+                    brushnet_cond=branch_cond,
+                    conditioning_scale=cond_scale,
+                    guess_mode=guess_mode,
+                    return_dict=False,
+                )
+                if self.do_classifier_free_guidance and not branch_on_doubled_batch:
+                    if guess_mode:  # the unconditional half gets no branch at all
+                        down = [torch.cat([torch.zeros_like(r), r]) for r in down]
+                        mid = torch.cat([torch.zeros_like(mid), mid])
+                        up = [torch.cat([torch.zeros_like(r), r]) for r in up]
+                    else:
+                        down = [torch.cat([r, r]) for r in down]
+                        mid = torch.cat([mid, mid])
+                        up = [torch.cat([r, r]) for r in up]
+
+                unet_dtype = self.unet.dtype
+                noise_pred = unet_forward_with_brushnet(
+                    self.unet,
+                    latent_model_input.to(unet_dtype),
+                    t,
+                    prompt_embeds.to(unet_dtype),
+                    [r.to(unet_dtype) for r in down],
+                    mid.to(unet_dtype),
+                    [r.to(unet_dtype) for r in up],
+                    timestep_cond=timestep_cond,
+                    cross_attention_kwargs=self.cross_attention_kwargs,
+                )
+                if self.do_classifier_free_guidance:
+                    noise_uncond, noise_text = noise_pred.chunk(2)
+                    noise_pred = noise_uncond + self.guidance_scale * (noise_text - noise_uncond)
+                latents = self.scheduler.step(
+                    noise_pred.to(latents.dtype), t, latents, **extra_step_kwargs, return_dict=False
+                )[0]
+
+                if callback_on_step_end is not None:
+                    callback_kwargs = {k: locals()[k] for k in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                    negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+
+                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
+                    progress_bar.update()
+
+        # 7. decode, safety check, blend, post-process
+        if output_type == "latent":
+            images, has_nsfw = latents, None
+        else:
+            decoded = self.vae.decode(
+                latents.to(vae_dtype) / self.vae.config.scaling_factor, return_dict=False, generator=generator
+            )[0]
+            decoded, has_nsfw = self.run_safety_checker(decoded, device, prompt_embeds.dtype)
+            images = (decoded.float() / 2 + 0.5).clamp(0, 1)
+            if blending:
+                original = (image_tensor.float() / 2 + 0.5).clamp(0, 1)
+                images = blend(original, images, hole, kernel_size=blending_kernel_size)
+            images = self.image_processor.postprocess(
+                images, output_type=output_type, do_denormalize=[False] * images.shape[0]
+            )
+
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return images, has_nsfw
+        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=has_nsfw)
+
+
+def check_brushnet_matches_unet(brushnet: BrushNetModel, unet: UNet2DConditionModel) -> None:
+    """Raise a clear error when a branch does not fit a base UNet (e.g. an SDXL branch on an SD1.5 base)."""
+    if brushnet is None or unet is None:
+        return
+    n_down, n_up = count_injection_points(unet)
+    bcfg, ucfg = brushnet.config, unet.config
+    problems = []
+    if tuple(bcfg.block_out_channels) != tuple(ucfg.block_out_channels):
+        problems.append(f"block_out_channels {list(bcfg.block_out_channels)} vs {list(ucfg.block_out_channels)}")
+    if (brushnet.num_down_residuals, brushnet.num_up_residuals) != (n_down, n_up):
+        problems.append(
+            f"{brushnet.num_down_residuals}/{brushnet.num_up_residuals} residuals for {n_down}/{n_up} "
+            "injection points"
+        )
+    if bcfg.in_channels != ucfg.in_channels:
+        problems.append(f"latent channels {bcfg.in_channels} vs {ucfg.in_channels}")
+    if problems:
+        kind = "SDXL" if bcfg.addition_embed_type == "text_time" else "SD1.5-style"
+        raise ValueError(f"this {kind} BrushNet does not fit the base UNet: " + "; ".join(problems))
