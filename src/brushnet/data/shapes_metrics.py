@@ -1,0 +1,272 @@
+"""Text-alignment metrics for the shapes world: which colour and which shape ended up in the hole.
+
+Because the world is known (:mod:`brushnet.data.shapes`), "does the inpainted region show *a red
+circle*?" can be answered from geometry instead of a learned model:
+
+- :func:`dominant_colour` estimates the surrounding background from a thin ring of kept pixels just
+  outside the hole, drops hole pixels that look like that background, snaps the rest to the nearest
+  :data:`~brushnet.data.shapes.PALETTE` colour (RGB distance) and returns the most frequent name;
+- :func:`classify_shape` takes the largest 8-connected blob of a given colour inside the hole and names
+  its shape from two rotation-invariant numbers: *solidity* (area / convex-hull area) and *fill*
+  (area / area of the smallest centroid-centred circle holding the hull). Typical values as rendered
+  (pixelation lowers both): circle 0.96 / 0.92, square 0.94 / 0.61, triangle 0.90 / 0.40, cross
+  0.71 / 0.61, star 0.59 / 0.44.
+
+All functions are pure numpy. Images are ``(H, W, 3)`` arrays, ``uint8`` in 0–255 or float in [0, 1]
+(or PIL images); region masks are boolean ``(H, W)``, ``True`` = the generated region.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from PIL import Image
+
+from .shapes import PALETTE, dilate_mask
+
+__all__ = [
+    "classify_shape",
+    "colour_accuracy",
+    "dominant_colour",
+    "largest_component",
+    "shape_accuracy",
+    "shape_features",
+]
+
+_PALETTE_NAMES = list(PALETTE)
+_PALETTE_RGB = np.asarray([PALETTE[name] for name in _PALETTE_NAMES], dtype=np.float64)
+
+
+def _as_rgb(image: np.ndarray | Image.Image) -> np.ndarray:
+    """Image → float64 ``(H, W, 3)`` array in 0–255."""
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    array = np.asarray(image)
+    if array.ndim != 3 or array.shape[-1] != 3:
+        raise ValueError(f"image must be (H, W, 3), got shape {array.shape}")
+    if array.dtype == np.uint8:
+        return array.astype(np.float64)
+    return np.clip(array.astype(np.float64), 0.0, 1.0) * 255.0
+
+
+def _as_mask(region_mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    mask = np.asarray(region_mask).astype(bool)
+    if mask.shape != shape[:2]:
+        raise ValueError(f"region_mask shape {mask.shape} does not match image shape {shape[:2]}")
+    return mask
+
+
+def _colour_pixels(
+    rgb: np.ndarray,
+    mask: np.ndarray,
+    ring_width: int,
+    background_tolerance: float,
+    max_palette_distance: float,
+) -> np.ndarray:
+    """Palette index per pixel of ``rgb`` (``-1`` outside ``mask``, on background-like or off-palette pixels)."""
+    labels = np.full(mask.shape, -1, dtype=np.int64)
+    if not mask.any():
+        return labels
+    pixels = rgb[mask]
+    keep = np.ones(len(pixels), dtype=bool)
+    ring = dilate_mask(mask, ring_width) & ~mask
+    if ring.any():
+        # Background estimate: the distinct colours of the kept ring (quantised to 4 levels per step).
+        ring_colours = np.unique(np.rint(rgb[ring] / 4.0), axis=0) * 4.0
+        nearest_bg = np.full(len(pixels), np.inf)
+        for start in range(0, len(ring_colours), 256):
+            chunk = ring_colours[start : start + 256]
+            dist = np.linalg.norm(pixels[:, None, :] - chunk[None, :, :], axis=-1).min(axis=1)
+            nearest_bg = np.minimum(nearest_bg, dist)
+        keep &= nearest_bg > background_tolerance
+    palette_dist = np.linalg.norm(pixels[:, None, :] - _PALETTE_RGB[None, :, :], axis=-1)
+    nearest = palette_dist.argmin(axis=1)
+    keep &= palette_dist.min(axis=1) <= max_palette_distance
+    labels[mask] = np.where(keep, nearest, -1)
+    return labels
+
+
+def dominant_colour(
+    image: np.ndarray | Image.Image,
+    region_mask: np.ndarray,
+    ring_width: int = 2,
+    background_tolerance: float = 30.0,
+    max_palette_distance: float = 120.0,
+    min_fraction: float = 0.02,
+) -> str | None:
+    """The palette colour that dominates the non-background pixels of a region.
+
+    Args:
+        image: ``(H, W, 3)`` image (uint8 0–255, float in [0, 1], or PIL).
+        region_mask: boolean ``(H, W)``, ``True`` = the generated region (the hole).
+        ring_width: width in pixels of the ring of kept pixels around the hole used to estimate the
+            background colours.
+        background_tolerance: a hole pixel within this RGB distance (0–255 scale) of any ring colour
+            counts as background and is ignored.
+        max_palette_distance: pixels farther than this from every palette colour do not vote.
+        min_fraction: return ``None`` when fewer than this fraction of the hole's pixels vote.
+
+    Returns:
+        The :data:`~brushnet.data.shapes.PALETTE` name with the most votes, or ``None`` when the hole
+        holds (almost) nothing but background.
+    """
+    rgb = _as_rgb(image)
+    mask = _as_mask(region_mask, rgb.shape)
+    labels = _colour_pixels(rgb, mask, ring_width, background_tolerance, max_palette_distance)
+    votes = np.bincount(labels[labels >= 0], minlength=len(_PALETTE_NAMES))
+    if votes.sum() == 0 or votes.sum() < min_fraction * mask.sum():
+        return None
+    return _PALETTE_NAMES[int(votes.argmax())]
+
+
+def colour_accuracy(
+    image: np.ndarray | Image.Image, region_mask: np.ndarray, colour: str, **kwargs: float
+) -> bool:
+    """Whether the prompted ``colour`` is the :func:`dominant_colour` of the region (keywords go to it)."""
+    if colour not in PALETTE:
+        raise ValueError(f"unknown colour {colour!r}; expected one of {_PALETTE_NAMES}")
+    return dominant_colour(image, region_mask, **kwargs) == colour
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected component of a boolean ``(H, W)`` mask (empty mask → empty mask)."""
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return mask.copy()
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    crop = mask[top:bottom, left:right]
+    height, width = crop.shape
+    # Label propagation: every pixel starts with its own id and takes the largest id among its
+    # 8 neighbours until nothing changes; each component ends up labelled by its largest id.
+    labels = np.where(crop, np.arange(1, crop.size + 1).reshape(crop.shape), 0)
+    while True:
+        padded = np.pad(labels, 1)
+        best = labels.copy()
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                if dy or dx:
+                    np.maximum(best, padded[1 + dy : 1 + dy + height, 1 + dx : 1 + dx + width], out=best)
+        best[~crop] = 0
+        if np.array_equal(best, labels):
+            break
+        labels = best
+    ids, counts = np.unique(labels[crop], return_counts=True)
+    out = np.zeros_like(mask)
+    out[top:bottom, left:right] = labels == ids[counts.argmax()]
+    return out
+
+
+def _convex_hull(points: np.ndarray) -> np.ndarray:
+    """Convex hull (counter-clockwise, Andrew's monotone chain) of ``(N, 2)`` points."""
+    pts = sorted(set(map(tuple, points.tolist())))
+    if len(pts) < 3:
+        return np.asarray(pts, dtype=np.float64)
+
+    def half(sequence: list[tuple[float, float]]) -> list[tuple[float, float]]:
+        chain: list[tuple[float, float]] = []
+        for p in sequence:
+            while len(chain) >= 2:
+                (ax, ay), (bx, by) = chain[-2], chain[-1]
+                if (bx - ax) * (p[1] - ay) - (by - ay) * (p[0] - ax) > 0:
+                    break
+                chain.pop()
+            chain.append(p)
+        return chain[:-1]
+
+    return np.asarray(half(pts) + half(pts[::-1]), dtype=np.float64)
+
+
+def shape_features(blob: np.ndarray) -> tuple[float, float]:
+    """``(solidity, fill)`` of a boolean blob mask (see the module docstring); pixels are unit squares."""
+    blob = np.asarray(blob, dtype=bool)
+    area = float(blob.sum())
+    if area == 0:
+        raise ValueError("empty blob")
+    ys, xs = np.nonzero(blob)
+    # The hull of the pixel squares is the hull of the outer corners of each row's end pixels.
+    rows = np.unique(ys)
+    x_min = np.full(blob.shape[0], blob.shape[1])
+    x_max = np.full(blob.shape[0], -1)
+    np.minimum.at(x_min, ys, xs)
+    np.maximum.at(x_max, ys, xs)
+    corners = np.concatenate(
+        [np.stack([x_min[rows], rows + dy], axis=1) for dy in (0, 1)]
+        + [np.stack([x_max[rows] + 1, rows + dy], axis=1) for dy in (0, 1)]
+    )
+    hull = _convex_hull(corners)
+    hx, hy = hull[:, 0], hull[:, 1]
+    hull_area = 0.5 * abs(float(np.dot(hx, np.roll(hy, -1)) - np.dot(hy, np.roll(hx, -1))))
+    cx, cy = xs.mean() + 0.5, ys.mean() + 0.5
+    radius = float(np.hypot(hx - cx, hy - cy).max())
+    return area / hull_area, area / (math.pi * radius * radius)
+
+
+# (solidity, fill) of each shape as rendered, and the spread used to scale distances to them.
+_PROTOTYPES: dict[str, tuple[float, float]] = {
+    "circle": (0.96, 0.92),
+    "square": (0.94, 0.61),
+    "triangle": (0.90, 0.40),
+    "cross": (0.71, 0.61),
+    "star": (0.59, 0.44),
+}
+_FEATURE_SCALE = np.asarray([0.04, 0.04])
+
+
+def classify_shape(
+    image: np.ndarray | Image.Image,
+    region_mask: np.ndarray,
+    colour: str,
+    min_area: int = 16,
+    max_distance: float = 4.0,
+    **colour_kwargs: float,
+) -> str | None:
+    """Name the shape of the largest blob of ``colour`` inside a region.
+
+    Hole pixels are assigned to palette colours as in :func:`dominant_colour` (background-like pixels
+    dropped); the largest 8-connected blob of ``colour`` is classified by the nearest prototype in
+    (solidity, fill) space.
+
+    Args:
+        image: ``(H, W, 3)`` image (uint8 0–255, float in [0, 1], or PIL).
+        region_mask: boolean ``(H, W)``, ``True`` = the generated region.
+        colour: the :data:`~brushnet.data.shapes.PALETTE` name whose blob to classify (the prompted or
+            the :func:`dominant_colour`).
+        min_area: blobs smaller than this many pixels are not classified.
+        max_distance: blobs farther than this (in feature-spread units) from every prototype are not
+            classified.
+        colour_kwargs: ``ring_width``, ``background_tolerance``, ``max_palette_distance`` as in
+            :func:`dominant_colour`.
+
+    Returns:
+        One of :data:`~brushnet.data.shapes.SHAPES`, or ``None`` when there is no recognisable blob.
+    """
+    if colour not in PALETTE:
+        raise ValueError(f"unknown colour {colour!r}; expected one of {_PALETTE_NAMES}")
+    rgb = _as_rgb(image)
+    mask = _as_mask(region_mask, rgb.shape)
+    labels = _colour_pixels(
+        rgb,
+        mask,
+        int(colour_kwargs.get("ring_width", 2)),
+        float(colour_kwargs.get("background_tolerance", 30.0)),
+        float(colour_kwargs.get("max_palette_distance", 120.0)),
+    )
+    blob = largest_component(labels == _PALETTE_NAMES.index(colour))
+    if blob.sum() < min_area:
+        return None
+    features = np.asarray(shape_features(blob))
+    distances = {
+        name: float(np.linalg.norm((features - np.asarray(proto)) / _FEATURE_SCALE))
+        for name, proto in _PROTOTYPES.items()
+    }
+    best = min(distances, key=distances.get)
+    return best if distances[best] <= max_distance else None
+
+
+def shape_accuracy(
+    image: np.ndarray | Image.Image, region_mask: np.ndarray, shape: str, colour: str, **kwargs: float
+) -> bool:
+    """Whether the largest ``colour`` blob in the region is classified as the prompted ``shape``."""
+    return classify_shape(image, region_mask, colour, **kwargs) == shape
