@@ -1,0 +1,53 @@
+"""CLIP-style image preprocessing in plain torch (no torchvision, no PIL round trip).
+
+The reference evaluators (torchmetrics' `CLIPScore`, OpenCLIP / HPSv2, ImageReward, the LAION
+aesthetic predictor) all resize the shortest side to the model's input size with bicubic
+interpolation, centre-crop a square, and normalise with the OpenAI CLIP mean/std. They do it on PIL
+uint8 images; doing it here on float tensors with antialiased bicubic resampling agrees to within
+a few 1e-3 per pixel, not bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "clip_preprocess"]
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_preprocess(
+    images: torch.Tensor,
+    size: int = 224,
+    mean: tuple[float, float, float] = OPENAI_CLIP_MEAN,
+    std: tuple[float, float, float] = OPENAI_CLIP_STD,
+) -> torch.Tensor:
+    """Resize shortest side to `size` (bicubic, antialiased), centre-crop `size×size`, normalise.
+
+    Args:
+        images: `N×3×H×W` float in [0, 1].
+        size: model input resolution.
+        mean, std: per-channel normalisation.
+
+    Returns:
+        `N×3×size×size` float tensor, same dtype/device as `images`.
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be N×3×H×W, got {tuple(images.shape)}")
+    height, width = images.shape[-2:]
+    if height <= width:
+        new_height, new_width = size, int(size * width / height)
+    else:
+        new_height, new_width = int(size * height / width), size
+    if (new_height, new_width) != (height, width):
+        images = F.interpolate(
+            images, size=(new_height, new_width), mode="bicubic", align_corners=False, antialias=True
+        ).clamp(0.0, 1.0)
+    top = (new_height - size) // 2
+    left = (new_width - size) // 2
+    images = images[..., top : top + size, left : left + size]
+    mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    return (images - mean_t) / std_t
