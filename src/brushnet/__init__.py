@@ -18,7 +18,13 @@ _LAZY = {
     "StableDiffusionBrushNetPipeline": "brushnet.pipelines.pipeline_brushnet",
 }
 
-__all__ = [*_LAZY, "__version__"]
+__all__ = [
+    "BrushNetModel",
+    "BrushNetOutput",
+    "StableDiffusionBrushNetPipeline",
+    "unet_forward_with_brushnet",
+    "__version__",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .models.brushnet import BrushNetModel, BrushNetOutput

@@ -150,7 +150,11 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
 
 def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
     """Float tensor ``(B, 3, H, W)`` in [0, 1] → list of RGB PIL images (rounded, not truncated)."""
-    arr = (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255.0).round().astype(np.uint8)
+    arr = (
+        (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255.0)
+        .round()
+        .astype(np.uint8)
+    )
     return [Image.fromarray(a) for a in arr]
 
 

@@ -252,7 +252,9 @@ class BrushNetModel(ModelMixin, ConfigMixin):
                     only_cross_attention=reversed_cross_only[i],
                     upcast_attention=bool(upcast_attention),
                     resnet_time_scale_shift=resnet_time_scale_shift,
-                    attention_head_dim=reversed_head_dims[i] if reversed_head_dims[i] is not None else output_channel,
+                    attention_head_dim=reversed_head_dims[i]
+                    if reversed_head_dims[i] is not None
+                    else output_channel,
                 )
             )
             for _ in range(layers_per_block + 1):
@@ -284,7 +286,9 @@ class BrushNetModel(ModelMixin, ConfigMixin):
         return len(self.brushnet_up_blocks)
 
     @classmethod
-    def from_unet(cls, unet, conditioning_channels: int = 5, copy_add_embedding: bool = True) -> BrushNetModel:
+    def from_unet(
+        cls, unet, conditioning_channels: int = 5, copy_add_embedding: bool = True
+    ) -> BrushNetModel:
         """Initialise a branch from a ``UNet2DConditionModel``, as the original does.
 
         Time embedding and every resnet / downsampler / upsampler weight are copied by name (attention
@@ -370,7 +374,11 @@ class BrushNetModel(ModelMixin, ConfigMixin):
         emb = self.time_embedding(t_emb, timestep_cond)
 
         if self.config.addition_embed_type == "text_time":
-            if not added_cond_kwargs or "text_embeds" not in added_cond_kwargs or "time_ids" not in added_cond_kwargs:
+            if (
+                not added_cond_kwargs
+                or "text_embeds" not in added_cond_kwargs
+                or "time_ids" not in added_cond_kwargs
+            ):
                 raise ValueError(
                     "this BrushNet has an SDXL text_time embedding: pass "
                     "added_cond_kwargs={'text_embeds': ..., 'time_ids': ...}"

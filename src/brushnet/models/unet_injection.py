@@ -185,7 +185,13 @@ def unet_forward_with_brushnet(
             res_hidden, res_tuple = res_tuple[-1], res_tuple[:-1]
             if freeu:
                 sample, res_hidden = apply_freeu(
-                    block.resolution_idx, sample, res_hidden, s1=block.s1, s2=block.s2, b1=block.b1, b2=block.b2
+                    block.resolution_idx,
+                    sample,
+                    res_hidden,
+                    s1=block.s1,
+                    s2=block.s2,
+                    b1=block.b1,
+                    b2=block.b2,
                 )
             sample = torch.cat([sample, res_hidden], dim=1)
             sample = _run(block, resnet, sample, emb)

@@ -174,13 +174,19 @@ class StableDiffusionBrushNetPipeline(
         if callback_on_step_end_tensor_inputs is not None:
             unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
             if unknown:
-                raise ValueError(f"callback tensor inputs {unknown} are not among {self._callback_tensor_inputs}")
+                raise ValueError(
+                    f"callback tensor inputs {unknown} are not among {self._callback_tensor_inputs}"
+                )
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"`output_type` must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
         if blending and output_type == "latent":
-            raise ValueError("`blending` works on decoded images; it cannot be used with output_type='latent'")
+            raise ValueError(
+                "`blending` works on decoded images; it cannot be used with output_type='latent'"
+            )
 
-    def _prepare_mask(self, mask_image, batch_size: int, height: int, width: int, device, dtype) -> torch.Tensor:
+    def _prepare_mask(
+        self, mask_image, batch_size: int, height: int, width: int, device, dtype
+    ) -> torch.Tensor:
         """Masks (white = inpaint) → float ``(B, 1, height, width)``, 1 = hole."""
         masks = mask_image if isinstance(mask_image, list) else [mask_image]
         if isinstance(mask_image, torch.Tensor) and mask_image.ndim == 4 and mask_image.shape[0] > 1:
@@ -189,7 +195,7 @@ class StableDiffusionBrushNetPipeline(
         for mask in masks:
             hole = torch.from_numpy(mask_to_array(mask).astype("float32"))[None, None]
             if hole.shape[-2:] != (height, width):
-                hole = (F.interpolate(hole, size=(height, width), mode="bilinear", align_corners=False) >= 0.5)
+                hole = F.interpolate(hole, size=(height, width), mode="bilinear", align_corners=False) >= 0.5
                 hole = hole.float()
             tensors.append(hole)
         hole = torch.cat(tensors)
@@ -354,7 +360,9 @@ class StableDiffusionBrushNetPipeline(
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
         keep_schedule = brushnet_keep_schedule(len(timesteps), control_guidance_start, control_guidance_end)
         # The SD1.5 branch never reads text: one branch pass per step serves both CFG halves.
-        branch_on_doubled_batch = self.do_classifier_free_guidance and self.brushnet.uses_text and not guess_mode
+        branch_on_doubled_batch = (
+            self.do_classifier_free_guidance and self.brushnet.uses_text and not guess_mode
+        )
 
         # 6. denoising loop
         num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
@@ -411,13 +419,22 @@ class StableDiffusionBrushNetPipeline(
                 )[0]
 
                 if callback_on_step_end is not None:
-                    callback_kwargs = {k: locals()[k] for k in callback_on_step_end_tensor_inputs}
+                    available = {
+                        "latents": latents,
+                        "prompt_embeds": prompt_embeds,
+                        "negative_prompt_embeds": negative_prompt_embeds,
+                    }
+                    callback_kwargs = {k: available[k] for k in callback_on_step_end_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                     latents = callback_outputs.pop("latents", latents)
                     prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
-                    negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+                    negative_prompt_embeds = callback_outputs.pop(
+                        "negative_prompt_embeds", negative_prompt_embeds
+                    )
 
-                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
+                if i == len(timesteps) - 1 or (
+                    (i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0
+                ):
                     progress_bar.update()
 
         # 7. decode, safety check, blend, post-process
@@ -450,7 +467,9 @@ def check_brushnet_matches_unet(brushnet: BrushNetModel, unet: UNet2DConditionMo
     bcfg, ucfg = brushnet.config, unet.config
     problems = []
     if tuple(bcfg.block_out_channels) != tuple(ucfg.block_out_channels):
-        problems.append(f"block_out_channels {list(bcfg.block_out_channels)} vs {list(ucfg.block_out_channels)}")
+        problems.append(
+            f"block_out_channels {list(bcfg.block_out_channels)} vs {list(ucfg.block_out_channels)}"
+        )
     if (brushnet.num_down_residuals, brushnet.num_up_residuals) != (n_down, n_up):
         problems.append(
             f"{brushnet.num_down_residuals}/{brushnet.num_up_residuals} residuals for {n_down}/{n_up} "

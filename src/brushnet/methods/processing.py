@@ -1,0 +1,159 @@
+"""Pre- and post-processing shared by every method: mask grow/shrink, crop-to-mask, sizes, paste-back,
+and the outpainting canvas helper. Pure functions on PIL images and boolean masks (True = hole)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..image import InputError, blend_pil
+
+__all__ = [
+    "grow_mask",
+    "mask_bbox",
+    "crop_box",
+    "processing_size",
+    "Plan",
+    "plan_region",
+    "paste_back",
+    "outpaint_canvas",
+]
+
+
+def grow_mask(hole: np.ndarray, pixels: int) -> np.ndarray:
+    """Dilate (``pixels > 0``) or erode (``pixels < 0``) a boolean mask by a square of radius ``|pixels|``."""
+    if pixels == 0:
+        return hole
+    t = torch.from_numpy(hole.astype(np.float32))[None, None]
+    r = abs(pixels)
+    if pixels > 0:
+        out = F.max_pool2d(t, 2 * r + 1, stride=1, padding=r)
+    else:
+        out = -F.max_pool2d(-t, 2 * r + 1, stride=1, padding=r)
+    return out[0, 0].numpy() > 0.5
+
+
+def mask_bbox(hole: np.ndarray) -> tuple[int, int, int, int]:
+    """``(left, top, right, bottom)`` of the hole's pixels (right/bottom exclusive)."""
+    ys, xs = np.nonzero(hole)
+    if ys.size == 0:
+        raise InputError("mask is empty: no white pixel marks a region to inpaint (white = inpaint)")
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def crop_box(hole: np.ndarray, padding: int) -> tuple[int, int, int, int]:
+    """The hole's bounding box grown by ``padding`` on each side, clipped to the image."""
+    height, width = hole.shape
+    left, top, right, bottom = mask_bbox(hole)
+    return (
+        max(0, left - padding),
+        max(0, top - padding),
+        min(width, right + padding),
+        min(height, bottom + padding),
+    )
+
+
+def processing_size(width: int, height: int, resolution: int | None, multiple: int = 8) -> tuple[int, int]:
+    """Size the model works at for a ``width × height`` region.
+
+    ``resolution=None`` keeps the size, rounded to the nearest multiple of ``multiple``; otherwise the region
+    is scaled so its area is about ``resolution²`` (aspect kept), each side a multiple of ``multiple``.
+    """
+    if resolution is not None:
+        scale = resolution / math.sqrt(width * height)
+        width, height = width * scale, height * scale
+    w = max(multiple, int(round(width / multiple)) * multiple)
+    h = max(multiple, int(round(height / multiple)) * multiple)
+    return w, h
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where and at what size a method works: ``box`` of the original image, resized to ``size``."""
+
+    box: tuple[int, int, int, int]
+    size: tuple[int, int]
+    whole_image: bool
+
+    def as_dict(self) -> dict:
+        return {"box": list(self.box), "size": list(self.size), "whole_image": self.whole_image}
+
+
+def plan_region(
+    hole: np.ndarray, crop_to_mask: bool, padding: int, resolution: int | None, native_resolution: int
+) -> Plan:
+    """Choose the region and working size: the whole image, or a padded box around the hole at the model's
+    native resolution (AUTOMATIC1111's "only masked")."""
+    height, width = hole.shape
+    if crop_to_mask:
+        box = crop_box(hole, padding)
+        bw, bh = box[2] - box[0], box[3] - box[1]
+        return Plan(box, processing_size(bw, bh, resolution or native_resolution), whole_image=False)
+    return Plan((0, 0, width, height), processing_size(width, height, resolution), whole_image=True)
+
+
+def paste_back(
+    original: Image.Image,
+    generated: Image.Image,
+    hole: np.ndarray,
+    plan: Plan,
+    blend: bool,
+    blend_kernel_size: int = 21,
+) -> Image.Image:
+    """Put a result made at ``plan.size`` back into the original image at its original size.
+
+    With ``blend``, the reference's feathered paste-back: pixels farther than ``blend_kernel_size // 2`` from
+    the hole are byte-identical to the original. Without it: the whole-image result as is (resized back if the
+    working size differed), or the crop box pasted in (pixels outside the box untouched).
+    """
+    left, top, right, bottom = plan.box
+    box_size = (right - left, bottom - top)
+    region = generated if generated.size == box_size else generated.resize(box_size, Image.Resampling.LANCZOS)
+    if plan.whole_image:
+        full = region
+    else:
+        full = original.copy()
+        full.paste(region, (left, top))
+    if blend:
+        return blend_pil(original, full, hole, kernel_size=blend_kernel_size)
+    return full
+
+
+def outpaint_canvas(
+    image: Image.Image,
+    left: int = 0,
+    top: int = 0,
+    right: int = 0,
+    bottom: int = 0,
+    overlap: int = 0,
+    fill: str = "edge",
+) -> tuple[Image.Image, np.ndarray]:
+    """Extend the canvas by the given pixels per side; return the new image and its mask (True = to generate).
+
+    Args:
+        left, top, right, bottom: pixels added on each side (≥ 0).
+        overlap: also regenerate this many pixels of the original along each extended side, so the seam is
+            painted over.
+        fill: how the new area is pre-filled: "edge" (replicate border pixels, a neutral start for the VAE
+            latent) or "black".
+    """
+    if min(left, top, right, bottom, overlap) < 0:
+        raise InputError("outpainting extents must be ≥ 0")
+    if left + top + right + bottom == 0:
+        raise InputError("outpainting needs at least one side to extend")
+    arr = np.asarray(image.convert("RGB"))
+    pad = ((top, bottom), (left, right), (0, 0))
+    canvas = np.pad(arr, pad, mode="edge") if fill == "edge" else np.pad(arr, pad, mode="constant")
+    hole = np.ones(canvas.shape[:2], dtype=bool)
+    h, w = arr.shape[:2]
+    y0 = top + (overlap if top else 0)
+    y1 = top + h - (overlap if bottom else 0)
+    x0 = left + (overlap if left else 0)
+    x1 = left + w - (overlap if right else 0)
+    hole[max(y0, 0) : max(y1, 0), max(x0, 0) : max(x1, 0)] = False
+    return Image.fromarray(canvas), hole
