@@ -336,7 +336,8 @@ class BrushNetModel(ModelMixin, ConfigMixin):
         )
         if n_blocks != len(brushnet.down_blocks):
             raise ValueError("unexpected UNet layout")
-        brushnet = brushnet.to(dtype=unet.dtype)
+        if unet.dtype != torch.float32:
+            brushnet = brushnet.to(dtype=unet.dtype)
 
         with torch.no_grad():
             in_ch = ucfg.in_channels
