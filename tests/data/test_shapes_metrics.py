@@ -1,0 +1,137 @@
+"""Shapes-world text-alignment metrics: calibration on rendered objects and hand-made cases."""
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from brushnet.data.shapes import (
+    PALETTE,
+    SHAPES,
+    Scene,
+    dilate_mask,
+    object_mask,
+    render_scene,
+    sample_scene,
+    scene_rng,
+)
+from brushnet.data.shapes_metrics import (
+    classify_shape,
+    colour_accuracy,
+    dominant_colour,
+    largest_component,
+    shape_accuracy,
+    shape_features,
+)
+
+
+def _rendered_objects(sizes_and_counts, seed):
+    """(image array, hole, object, scene, masks, index) for every object of many scenes."""
+    for size, count in sizes_and_counts:
+        dilation = max(2, round(size / 40))
+        for index in range(count):
+            scene = sample_scene(
+                scene_rng("eval", seed, index), size=size, min_gap=max(round(0.06 * size), dilation + 3)
+            )
+            image, masks = render_scene(scene)
+            pixels = np.asarray(image)
+            for i, (obj, mask) in enumerate(zip(scene.objects, masks, strict=True)):
+                yield pixels, dilate_mask(mask, dilation), obj, scene, masks, i
+
+
+@pytest.fixture(scope="module")
+def calibration():
+    shape_hits, colour_hits, per_shape = [], [], {shape: [] for shape in SHAPES}
+    for pixels, hole, obj, *_ in _rendered_objects([(96, 70), (128, 90), (192, 40)], seed=11):
+        shape_ok = classify_shape(pixels, hole, obj.colour) == obj.shape
+        shape_hits.append(shape_ok)
+        per_shape[obj.shape].append(shape_ok)
+        colour_hits.append(dominant_colour(pixels, hole) == obj.colour)
+    return shape_hits, colour_hits, per_shape
+
+
+def test_shape_calibration(calibration):
+    shape_hits, _, per_shape = calibration
+    assert len(shape_hits) >= 300
+    assert np.mean(shape_hits) >= 0.95
+    for shape, hits in per_shape.items():
+        assert len(hits) >= 30 and np.mean(hits) >= 0.9, shape
+
+
+def test_colour_calibration(calibration):
+    _, colour_hits, _ = calibration
+    assert np.mean(colour_hits) >= 0.98
+
+
+def test_wrong_colour_fill_is_reported_as_that_colour():
+    checked = 0
+    for pixels, hole, obj, scene, masks, i in _rendered_objects([(128, 30)], seed=12):
+        wrong = next(c for c in PALETTE if c not in (obj.colour, scene.background.colour))
+        painted = pixels.copy()
+        painted[masks[i]] = PALETTE[wrong]
+        assert dominant_colour(painted, hole) == wrong
+        assert colour_accuracy(painted, hole, wrong) and not colour_accuracy(painted, hole, obj.colour)
+        assert classify_shape(painted, hole, wrong) == obj.shape
+        assert classify_shape(painted, hole, obj.colour) is None
+        checked += 1
+    assert checked >= 40
+
+
+def test_wrong_shape_fill_is_reported_as_that_shape():
+    for pixels, hole, obj, scene, *_ in _rendered_objects([(128, 25)], seed=13):
+        other = SHAPES[(SHAPES.index(obj.shape) + 1) % len(SHAPES)]
+        # Erase the object (background only), then draw another shape of the same colour inside the hole.
+        painted = pixels.copy()
+        empty, _ = render_scene(Scene(scene.size, scene.background, ()))
+        painted[hole] = np.asarray(empty)[hole]
+        substitute = replace(obj, shape=other, radius=obj.radius * 0.8)
+        painted[object_mask(substitute, scene.size) & hole] = obj.rgb
+        assert classify_shape(painted, hole, obj.colour) == other
+        assert shape_accuracy(painted, hole, other, obj.colour)
+        assert not shape_accuracy(painted, hole, obj.shape, obj.colour)
+
+
+def test_erased_object_has_no_colour_or_shape():
+    for pixels, hole, obj, scene, _, _ in _rendered_objects([(128, 20)], seed=14):
+        empty, _ = render_scene(Scene(scene.size, scene.background, ()))
+        erased = pixels.copy()
+        erased[hole] = np.asarray(empty)[hole]
+        assert dominant_colour(erased, hole) is None
+        assert classify_shape(erased, hole, obj.colour) is None
+
+
+def test_input_types_agree():
+    pixels, hole, obj, *_ = next(_rendered_objects([(128, 1)], seed=15))
+    assert dominant_colour(pixels, hole) == obj.colour
+    assert dominant_colour(pixels.astype(np.float32) / 255.0, hole) == obj.colour
+    assert dominant_colour(Image.fromarray(pixels), hole) == obj.colour
+    assert classify_shape(pixels.astype(np.float64) / 255.0, hole, obj.colour) == obj.shape
+    with pytest.raises(ValueError, match="does not match"):
+        dominant_colour(pixels, hole[:-1])
+    with pytest.raises(ValueError, match="unknown colour"):
+        classify_shape(pixels, hole, "magenta")
+    assert dominant_colour(pixels, np.zeros_like(hole)) is None
+
+
+def test_shape_features_by_hand():
+    square = np.zeros((20, 20), dtype=bool)
+    square[5:15, 5:15] = True
+    solidity, fill = shape_features(square)
+    # Hull of the 10 x 10 pixel block = the block; farthest hull point is a corner at 5 * sqrt(2).
+    assert solidity == pytest.approx(1.0)
+    assert fill == pytest.approx(100 / (math.pi * 50))
+    ell = square.copy()
+    ell[5:10, 10:15] = False  # an L of 75 pixels; hull area = 100 - 12.5
+    assert shape_features(ell)[0] == pytest.approx(75 / 87.5)
+
+
+def test_largest_component():
+    mask = np.zeros((8, 8), dtype=bool)
+    mask[0, 0] = mask[1, 1] = mask[2, 2] = True  # diagonal chain: one 8-connected component of 3
+    mask[5:7, 5:7] = True  # a 2 x 2 block: 4 pixels
+    np.testing.assert_array_equal(np.argwhere(largest_component(mask)), [[5, 5], [5, 6], [6, 5], [6, 6]])
+    mask[5:7, 5:7] = False
+    assert largest_component(mask).sum() == 3
+    assert not largest_component(np.zeros((3, 3), dtype=bool)).any()
