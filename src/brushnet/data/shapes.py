@@ -326,7 +326,7 @@ def sample_scene(
 
     Args:
         rng: the generator; the scene is a pure function of its state (see :func:`scene_rng`).
-        size: image side in pixels; objects below ~20 px (``size`` < 96) get hard to tell apart.
+        size: image side in pixels; the shape metrics are calibrated for ``size`` >= 64 (objects >= 10 px).
         max_objects: the number of objects is uniform in ``[1, max_objects]``.
         min_object_size, max_object_size: range of an object's nominal width as a fraction of ``size``
             (0.16–0.40 is ~20–51 px at 128).

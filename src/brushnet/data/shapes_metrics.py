@@ -74,12 +74,13 @@ def _colour_pixels(
     if ring.any():
         # Background estimate: the distinct colours of the kept ring (quantised to 4 levels per step).
         ring_colours = np.unique(np.rint(rgb[ring] / 4.0), axis=0) * 4.0
-        nearest_bg = np.full(len(pixels), np.inf)
-        for start in range(0, len(ring_colours), 256):
-            chunk = ring_colours[start : start + 256]
-            dist = np.linalg.norm(pixels[:, None, :] - chunk[None, :, :], axis=-1).min(axis=1)
-            nearest_bg = np.minimum(nearest_bg, dist)
-        keep &= nearest_bg > background_tolerance
+        ring_sq = (ring_colours**2).sum(axis=1)
+        nearest_bg_sq = np.empty(len(pixels))
+        for start in range(0, len(pixels), 2048):  # chunks keep the distance matrix small
+            chunk = pixels[start : start + 2048]
+            dist_sq = (chunk**2).sum(axis=1)[:, None] + ring_sq[None, :] - 2.0 * chunk @ ring_colours.T
+            nearest_bg_sq[start : start + 2048] = dist_sq.min(axis=1)
+        keep &= nearest_bg_sq > background_tolerance**2
     palette_dist = np.linalg.norm(pixels[:, None, :] - _PALETTE_RGB[None, :, :], axis=-1)
     nearest = palette_dist.argmin(axis=1)
     keep &= palette_dist.min(axis=1) <= max_palette_distance
