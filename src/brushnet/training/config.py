@@ -1,0 +1,253 @@
+"""Training configuration: one pydantic model, read from a YAML/JSON file and overridden by flags.
+
+The flag vocabulary is that of diffusers' ``train_controlnet.py`` (``--pretrained_model_name_or_path``,
+``--resolution``, ``--train_batch_size``, ...). Every field of :class:`TrainConfig` is a flag of the same
+name, so the config file and the command line share one schema; unknown keys in the file are an error
+(``extra="forbid"``), so a misspelling never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import types
+import typing
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..data.masks import MaskConfig
+
+__all__ = [
+    "TrainConfig",
+    "ConfigError",
+    "load_config_file",
+    "build_parser",
+    "parse_train_args",
+    "save_config",
+]
+
+
+class ConfigError(ValueError):
+    """A bad training configuration (unreadable file, unknown key, invalid value). The message is readable."""
+
+
+class TrainConfig(BaseModel):
+    """Everything a training run needs. Field names are the command-line flags (``--<name>``)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # models
+    pretrained_model_name_or_path: str = Field(
+        description="Base model folder or hub id (diffusers layout: unet/, vae/, text_encoder/, tokenizer/, scheduler/)."
+    )
+    revision: str | None = Field(None, description="Revision of the base model on the hub.")
+    brushnet_model_name_or_path: str | None = Field(
+        None, description="Continue from this BrushNet checkpoint folder; default: initialise from the UNet."
+    )
+    output_dir: str = Field("brushnet-model", description="Where checkpoints, logs and the final model go.")
+
+    # data
+    train_data_dir: str | None = Field(None, description="Folder dataset (images + masks/captions).")
+    train_shards: str | None = Field(
+        None,
+        description="BrushData webdataset shards: a brace pattern (data/{00000..00009}.tar) or a folder of .tar.",
+    )
+    resolution: int = Field(512, gt=0, description="Training resolution (square crops).")
+    mask: MaskConfig = Field(
+        default_factory=MaskConfig,
+        description="Training-mask recipe (brushnet.data.MaskConfig); flags --mask_<key> set its scalar keys.",
+    )
+    caption_dropout: float = Field(
+        0.0, ge=0, le=1, description="Probability of training on an empty caption."
+    )
+    dataloader_num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+
+    # optimisation
+    train_batch_size: int = Field(2, gt=0, description="Batch size per device.")
+    max_train_steps: int | None = Field(
+        None, gt=0, description="Optimizer steps in total; overrides --num_train_epochs."
+    )
+    num_train_epochs: int = Field(
+        1, gt=0, description="Passes over the data when --max_train_steps is unset."
+    )
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate.")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = Field(
+        "constant", description="Learning-rate schedule (diffusers.optimization.get_scheduler)."
+    )
+    lr_warmup_steps: int = Field(0, ge=0, description="Warm-up optimizer steps.")
+    adam_beta1: float = Field(0.9, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, description="AdamW beta2.")
+    adam_weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay.")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass.")
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = Field(
+        None, description="Mixed precision of the frozen parts; default: the accelerate config's."
+    )
+    allow_tf32: bool = Field(False, description="Allow TF32 matmuls on Ampere+ GPUs.")
+    use_ema: bool = Field(False, description="Keep an exponential moving average of the branch.")
+    ema_decay: float = Field(0.9999, gt=0, lt=1, description="EMA decay.")
+    prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
+        None, description="Training target; default: the base scheduler config's."
+    )
+    seed: int | None = Field(
+        None, description="Random seed; chosen and recorded in train_config.yaml if unset."
+    )
+
+    # checkpoints
+    checkpointing_steps: int = Field(
+        500, gt=0, description="Save checkpoint-<step>/ every N optimizer steps."
+    )
+    checkpoints_total_limit: int | None = Field(None, gt=0, description="Keep only the newest N checkpoints.")
+    resume_from_checkpoint: str | None = Field(None, description="'latest' or a checkpoint-<step> folder.")
+
+    # validation and logging
+    validation_steps: int = Field(500, gt=0, description="Run validation every N optimizer steps.")
+    validation_prompts: list[str] | None = Field(None, description="Prompts for the validation images.")
+    validation_images: list[str] | None = Field(None, description="Validation image files.")
+    validation_masks: list[str] | None = Field(None, description="Validation mask files (white = inpaint).")
+    num_validation_samples: int = Field(
+        4, gt=0, description="Samples taken from the first batch when no validation images are given."
+    )
+    validation_inference_steps: int = Field(20, gt=0, description="Denoising steps for validation images.")
+    validation_guidance_scale: float = Field(7.5, ge=0, description="Guidance scale for validation images.")
+    report_to: Literal["tensorboard", "none"] = Field("tensorboard", description="Experiment tracker.")
+    logging_dir: str = Field("logs", description="Tracker folder, relative to --output_dir.")
+    logging_steps: int = Field(1, gt=0, description="Log loss and learning rate every N optimizer steps.")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if (self.train_data_dir is None) == (self.train_shards is None):
+            raise ValueError("give exactly one of train_data_dir and train_shards")
+        given = {
+            name: len(value)
+            for name in ("validation_prompts", "validation_images", "validation_masks")
+            if (value := getattr(self, name)) is not None
+        }
+        if given and (len(given) != 3 or len(set(given.values())) != 1):
+            raise ValueError(
+                "validation_prompts, validation_images and validation_masks go together, with one entry each "
+                f"per sample (got {given})"
+            )
+        return self
+
+
+# -- files ---------------------------------------------------------------------------------------------
+
+
+def load_config_file(path: str | os.PathLike) -> dict:
+    """Read a ``.yaml``/``.yml``/``.json`` config file into a dict (not validated yet)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror}") from error
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        raise ConfigError(f"cannot parse config file {path}: {error}") from error
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of option names to values")
+    return data
+
+
+def save_config(config: TrainConfig, path: str | os.PathLike) -> None:
+    """Write ``config`` as YAML, atomically (a temporary file in the same folder, then ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            yaml.safe_dump(config.model_dump(mode="json"), f, sort_keys=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def make_config(values: dict) -> TrainConfig:
+    """Validate ``values`` into a :class:`TrainConfig`, turning pydantic's error into a readable one."""
+    try:
+        return TrainConfig(**values)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'config'}: "
+            + ("unknown option (misspelled?)" if e["type"] == "extra_forbidden" else e["msg"])
+            for e in error.errors()
+        )
+        raise ConfigError(f"invalid training config: {problems}") from None
+
+
+# -- flags ---------------------------------------------------------------------------------------------
+
+
+def _flag_kwargs(annotation) -> dict:
+    """argparse keyword arguments for a field annotation (``int | None`` → ``type=int``, ...)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(inner) == 1:
+            return _flag_kwargs(inner[0])
+    if origin is Literal:
+        return {"choices": list(typing.get_args(annotation))}
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        return {"nargs": "+", "type": item}
+    if annotation is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    return {"type": annotation}
+
+
+def build_parser(prog: str = "brushnet train") -> argparse.ArgumentParser:
+    """An argparse parser with ``--config`` and one flag per :class:`TrainConfig` field.
+
+    Defaults are suppressed, so the parsed namespace holds only the flags actually given; they override
+    the config file, which overrides the field defaults.
+    """
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Train a BrushNet branch on a frozen Stable Diffusion base.",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", help="YAML or JSON file of options; flags given here override it.")
+    for prefix, model in (("", TrainConfig), (_MASK_PREFIX, MaskConfig)):
+        hints = typing.get_type_hints(model)
+        for name, field in model.model_fields.items():
+            if isinstance(hints[name], type) and issubclass(hints[name], BaseModel):
+                continue  # nested models are set in the config file
+            default = "required" if field.is_required() else f"default: {field.default}"
+            parser.add_argument(
+                f"--{prefix}{name}", help=f"{field.description} ({default})", **_flag_kwargs(hints[name])
+            )
+    return parser
+
+
+_MASK_PREFIX = "mask_"
+
+
+def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
+    """Parse flags (and ``--config``) into a validated :class:`TrainConfig`.
+
+    Raises:
+        ConfigError: unreadable config file, unknown key or invalid value.
+        SystemExit: from argparse, for ``--help`` or an unknown flag (only at the command-line edge).
+    """
+    flags = vars(build_parser().parse_args(argv))
+    config_path = flags.pop("config", None)
+    values = load_config_file(config_path) if config_path else {}
+    mask_flags = {k[len(_MASK_PREFIX) :]: flags.pop(k) for k in list(flags) if k.startswith(_MASK_PREFIX)}
+    values.update(flags)
+    if mask_flags:
+        mask = values.get("mask") or {}
+        if not isinstance(mask, dict):
+            raise ConfigError("config key 'mask' must be a mapping of MaskConfig keys")
+        values["mask"] = {**mask, **mask_flags}
+    return make_config(values)

@@ -1,0 +1,385 @@
+"""The BrushNet training loop (Ju et al., ECCV 2024, arXiv:2403.06976, §3 and §4.1).
+
+Only the branch trains. VAE, UNet and text encoder are frozen (``requires_grad=False``, eval mode) and cast
+to the mixed-precision dtype; the branch stays float32. One step, per micro-batch:
+
+    z₀      = E(x)·s                          latent of the image
+    z_m     = E(x ⊙ (1−m) − m)·s                latent of the masked image (hole set to −1, black)
+    k       = 1 − resize_nearest(m)            keep-mask at latent size
+    z_t     = √ᾱ_t z₀ + √(1−ᾱ_t) ε              ε ~ N(0, I), t ~ U{0, …, T−1}
+    ε̂       = UNet(z_t, t, c; BrushNet(z_t, t, [z_m, k]))
+    loss    = ‖ε̂ − ε‖²  (or v = √ᾱ_t ε − √(1−ᾱ_t) z₀ with v-prediction), mean over the whole latent
+
+All randomness of a step (caption dropout, VAE posterior samples, ε, t) comes from one seeded generator
+per process whose state is checkpointed, so a resumed run repeats an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..models.brushnet import BrushNetModel
+from ..models.unet_injection import unet_forward_with_brushnet
+from .checkpointing import (
+    load_checkpoint,
+    remove_stale_partial_checkpoints,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from .config import TrainConfig, save_config
+from .data import build_train_dataloader, build_train_dataset, iterate_batches
+from .family import family_for_unet
+from .validation import ValidationSet, run_validation
+
+__all__ = ["TrainResult", "Components", "StepGenerator", "load_components", "brushnet_training_loss", "train"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Components:
+    """The frozen parts of the base model and its noise scheduler."""
+
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    family: object  # a brushnet.training.family class instance (text side)
+    noise_scheduler: object  # diffusers.DDPMScheduler
+    scheduler_config: dict = field(default_factory=dict)
+
+    @property
+    def frozen_modules(self) -> dict[str, torch.nn.Module]:
+        return {"vae": self.vae, "unet": self.unet, **self.family.frozen_modules}
+
+
+def load_components(pretrained_model_name_or_path: str, revision: str | None = None) -> Components:
+    """Load VAE, UNet, text side and a ``DDPMScheduler`` (from the base's scheduler config) in float32."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    kwargs = {"revision": revision}
+    unet = UNet2DConditionModel.from_pretrained(pretrained_model_name_or_path, subfolder="unet", **kwargs)
+    vae = AutoencoderKL.from_pretrained(pretrained_model_name_or_path, subfolder="vae", **kwargs)
+    family = family_for_unet(unet).load(pretrained_model_name_or_path, revision=revision)
+    noise_scheduler = DDPMScheduler.from_pretrained(
+        pretrained_model_name_or_path, subfolder="scheduler", **kwargs
+    )
+    return Components(vae, unet, family, noise_scheduler, dict(noise_scheduler.config))
+
+
+class StepGenerator:
+    """A seeded CPU ``torch.Generator`` for a step's randomness, checkpointable by accelerate."""
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def state_dict(self) -> dict:
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["state"])
+
+
+def brushnet_training_loss(
+    brushnet: torch.nn.Module,
+    components: Components,
+    batch: dict,
+    generator: torch.Generator,
+    *,
+    weight_dtype: torch.dtype = torch.float32,
+    prediction_type: str = "epsilon",
+    caption_dropout: float = 0.0,
+) -> torch.Tensor:
+    """The loss of one micro-batch (see the module docstring for the maths).
+
+    Args:
+        brushnet: the branch (possibly wrapped by accelerate), float32.
+        components: the frozen parts, on the branch's device, in ``weight_dtype``.
+        batch: ``{"pixel_values": (B, 3, H, W) in [-1, 1], "mask": (B, 1, H, W) 1 = hole, "caption": [str]}``.
+        generator: CPU generator for caption dropout, posterior samples, noise and timesteps.
+        weight_dtype: dtype of the frozen parts.
+        prediction_type: ``"epsilon"`` or ``"v_prediction"``.
+        caption_dropout: probability of replacing a caption by ``""``.
+
+    Returns:
+        Scalar float32 MSE over the whole latent.
+    """
+    vae, unet, scheduler = components.vae, components.unet, components.noise_scheduler
+    device = next(unet.parameters()).device
+    pixel_values = batch["pixel_values"].to(device=device, dtype=weight_dtype)
+    hole = batch["mask"].to(device=device, dtype=weight_dtype)
+    batch_size = pixel_values.shape[0]
+
+    captions = list(batch["caption"])
+    if caption_dropout > 0:
+        dropped = torch.rand(batch_size, generator=generator) < caption_dropout
+        captions = ["" if drop else caption for caption, drop in zip(captions, dropped.tolist())]
+
+    scaling_factor = vae.config.scaling_factor
+    with torch.no_grad():
+        latents = vae.encode(pixel_values).latent_dist.sample(generator) * scaling_factor
+        masked_pixel_values = torch.where(hole > 0.5, torch.full_like(pixel_values, -1.0), pixel_values)
+        masked_image_latents = vae.encode(masked_pixel_values).latent_dist.sample(generator) * scaling_factor
+        keep_mask = 1.0 - F.interpolate(hole, size=latents.shape[-2:], mode="nearest")
+        encoder_hidden_states, added_cond_kwargs = components.family.encode(captions, device, weight_dtype)
+
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(device)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+    timesteps = timesteps.to(device)
+    latents = latents.float()
+    noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+
+    brushnet_cond = torch.cat([masked_image_latents.float(), keep_mask.float()], dim=1)
+    down, mid, up = brushnet(
+        noisy_latents,
+        timesteps,
+        encoder_hidden_states=encoder_hidden_states,
+        brushnet_cond=brushnet_cond,
+        added_cond_kwargs=added_cond_kwargs,
+        return_dict=False,
+    )
+    model_pred = unet_forward_with_brushnet(
+        unet,
+        noisy_latents.to(weight_dtype),
+        timesteps,
+        encoder_hidden_states,
+        [d.to(weight_dtype) for d in down],
+        mid.to(weight_dtype),
+        [u.to(weight_dtype) for u in up],
+        added_cond_kwargs=added_cond_kwargs,
+    )
+    if prediction_type == "epsilon":
+        target = noise
+    elif prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise ValueError(f"unknown prediction_type {prediction_type!r}")
+    return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports."""
+
+    global_step: int
+    losses: list[float]  # per optimizer step, this process, averaged over accumulation micro-batches
+    final_model_dir: Path
+    skipped_samples: int = 0
+
+
+def _mixed_precision_dtype(accelerator) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def train(config: TrainConfig, dataset=None) -> TrainResult:
+    """Run (or resume) a training run described by ``config``. Call on every process.
+
+    Args:
+        config: the run.
+        dataset: a dataset yielding the training sample dicts, already sharded for this process; default:
+            the one ``config`` names (``train_shards`` / ``train_data_dir``) from :mod:`brushnet.data`.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    output_dir = Path(config.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        log_with=None if config.report_to == "none" else config.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / config.logging_dir)
+        ),
+    )
+    seed = [config.seed if config.seed is not None else random.SystemRandom().randrange(2**31)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(seed)
+    config = config.model_copy(update={"seed": seed[0]})
+    if accelerator.is_main_process:
+        save_config(config, output_dir / "train_config.yaml")
+        remove_stale_partial_checkpoints(output_dir)
+    set_seed(config.seed)
+    if config.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    # models: frozen parts in the mixed-precision dtype, the branch in float32
+    components = load_components(config.pretrained_model_name_or_path, config.revision)
+    if config.brushnet_model_name_or_path:
+        brushnet = BrushNetModel.from_pretrained(config.brushnet_model_name_or_path)
+    else:
+        brushnet = BrushNetModel.from_unet(components.unet)
+    weight_dtype = _mixed_precision_dtype(accelerator)
+    for module in components.frozen_modules.values():
+        module.requires_grad_(False).eval().to(accelerator.device)
+        if weight_dtype != torch.float32:
+            module.to(dtype=weight_dtype)
+    if brushnet.dtype != torch.float32:
+        brushnet.to(dtype=torch.float32)
+    brushnet.to(accelerator.device).train()
+    if config.gradient_checkpointing:
+        brushnet.enable_gradient_checkpointing()
+        components.unet.enable_gradient_checkpointing()  # activations of the frozen UNet are recomputed too
+    prediction_type = config.prediction_type or components.scheduler_config.get("prediction_type", "epsilon")
+
+    ema = None
+    if config.use_ema:
+        ema = EMAModel(
+            brushnet.parameters(),
+            decay=config.ema_decay,
+            model_cls=BrushNetModel,
+            model_config=brushnet.config,
+        )
+        ema.to(accelerator.device)
+
+    if dataset is None:
+        dataset = build_train_dataset(
+            config, accelerator.process_index, accelerator.num_processes, config.seed
+        )
+    dataloader = build_train_dataloader(config, dataset)
+    if config.max_train_steps is not None:
+        max_train_steps = config.max_train_steps
+    else:
+        try:
+            batches_per_epoch = len(dataloader)
+        except TypeError:
+            raise ValueError("this dataset has no known length: give --max_train_steps") from None
+        max_train_steps = config.num_train_epochs * math.ceil(
+            batches_per_epoch / config.gradient_accumulation_steps
+        )
+
+    optimizer = torch.optim.AdamW(
+        brushnet.parameters(),
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
+    )
+    # accelerate steps a prepared scheduler once per process per optimizer step
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
+    )
+    brushnet, optimizer, lr_scheduler = accelerator.prepare(brushnet, optimizer, lr_scheduler)
+    step_generator = StepGenerator(config.seed + accelerator.process_index)
+    accelerator.register_for_checkpointing(step_generator)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    if accelerator.is_main_process and config.report_to != "none":
+        hparams = {k: v for k, v in config.model_dump().items() if isinstance(v, int | float | str | bool)}
+        accelerator.init_trackers("brushnet", config=hparams)
+
+    validation_set = None
+    if accelerator.is_main_process:  # before any resume, so it sees the same first batch
+        validation_set = ValidationSet.from_config(config)
+        if validation_set.empty:
+            validation_set.take_from_batch(
+                next(iterate_batches(dataloader, dataset, epoch=0)), config.num_validation_samples
+            )
+
+    global_step, epoch, batches_done = 0, 0, 0
+    resume_path = resolve_checkpoint(output_dir, config.resume_from_checkpoint)
+    if resume_path is not None:
+        state = load_checkpoint(accelerator, resume_path)
+        global_step, epoch, batches_done = state["global_step"], state["epoch"], state["batches_in_epoch"]
+        logger.info(
+            "resumed from %s at step %d (epoch %d, batch %d)", resume_path, global_step, epoch, batches_done
+        )
+
+    logger.info(
+        "training %d steps: batch %d per device × %d processes × %d accumulation",
+        max_train_steps,
+        config.train_batch_size,
+        accelerator.num_processes,
+        config.gradient_accumulation_steps,
+    )
+    unwrapped = accelerator.unwrap_model(brushnet)
+    losses: list[float] = []
+    accumulated_loss = torch.zeros((), device=accelerator.device)
+    while global_step < max_train_steps:
+        for batch in iterate_batches(dataloader, dataset, epoch=epoch, skip=batches_done):
+            with accelerator.accumulate(brushnet):
+                with accelerator.autocast():
+                    loss = brushnet_training_loss(
+                        brushnet,
+                        components,
+                        batch,
+                        step_generator.generator,
+                        weight_dtype=weight_dtype,
+                        prediction_type=prediction_type,
+                        caption_dropout=config.caption_dropout,
+                    )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(brushnet.parameters(), config.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            accumulated_loss += loss.detach() / config.gradient_accumulation_steps
+            batches_done += 1
+            if not accelerator.sync_gradients:
+                continue
+
+            global_step += 1
+            if ema is not None:
+                ema.step(unwrapped.parameters())
+            step_loss = accumulated_loss.item()
+            losses.append(step_loss)
+            accumulated_loss.zero_()
+            if global_step % config.logging_steps == 0:
+                mean_loss = (
+                    accelerator.gather(torch.tensor([step_loss], device=accelerator.device)).mean().item()
+                )
+                logs = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0]}
+                skipped = getattr(dataset, "num_skipped", None)
+                if skipped is not None:
+                    logs["skipped_samples"] = skipped
+                accelerator.log(logs, step=global_step)
+                logger.info("step %d: %s", global_step, ", ".join(f"{k}={v:.4g}" for k, v in logs.items()))
+
+            if global_step % config.checkpointing_steps == 0:
+                training_state = {
+                    "global_step": global_step,
+                    "epoch": epoch,
+                    "batches_in_epoch": batches_done,
+                }
+                save_checkpoint(
+                    accelerator,
+                    output_dir,
+                    global_step,
+                    unwrapped,
+                    training_state,
+                    ema=ema,
+                    total_limit=config.checkpoints_total_limit,
+                )
+            if validation_set is not None and global_step % config.validation_steps == 0:
+                run_validation(
+                    accelerator, config, components, unwrapped, ema, validation_set, global_step, weight_dtype
+                )
+            if global_step >= max_train_steps:
+                break
+        else:
+            epoch, batches_done = epoch + 1, 0
+
+    accelerator.wait_for_everyone()
+    final_dir = output_dir / "brushnet"
+    if accelerator.is_main_process:
+        if (
+            ema is not None
+        ):  # the final model is the EMA of the branch; the raw weights are in the checkpoints
+            ema.copy_to(unwrapped.parameters())
+        unwrapped.save_pretrained(final_dir, safe_serialization=True)
+        logger.info("saved the final branch to %s", final_dir)
+    skipped = getattr(dataset, "num_skipped", 0) or 0
+    if skipped:
+        logger.warning("%d malformed samples were skipped", skipped)
+    accelerator.end_training()
+    return TrainResult(global_step, losses, final_dir, skipped)
