@@ -144,7 +144,7 @@ def tokenize_open_clip(tokenizer, captions: Sequence[str], context_length: int =
     `<start_of_text> tokens <end_of_text>`, truncated to `context_length` with the last position
     forced to `<end_of_text>`, zero-padded (OpenCLIP pads with id 0).
     """
-    ids = tokenizer(list(captions), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(list(captions), add_special_tokens=False, verbose=False)["input_ids"]
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     out = torch.zeros(len(ids), context_length, dtype=torch.long)
     for row, tokens in enumerate(ids):
