@@ -8,3 +8,26 @@ import torch  # noqa: E402
 
 # One torch thread per test process: pytest-xdist gives the parallelism (see shared/STYLE.md).
 torch.set_num_threads(1)
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures"
+GOLDEN = FIXTURES / "golden_tiny"
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Random tiny base + BrushNet folders, built once per test session (real files, real loaders)."""
+    from brushnet.testing import build_base, build_brushnet
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    base = build_base(root / "base", "tiny", seed=0)
+    brushnet = build_brushnet(root / "brushnet", base, seed=0)
+    return {"base": base, "brushnet": brushnet, "root": root}

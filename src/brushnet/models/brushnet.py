@@ -434,6 +434,8 @@ class BrushNetModel(ModelMixin, ConfigMixin):
         if attention_mask is not None:
             attention_mask = ((1 - attention_mask.to(sample.dtype)) * -10000.0).unsqueeze(1)
 
+        # upsample sizes must be forwarded when the latent is not a multiple of the total downsampling
+        forward_upsample_size = any(dim % (2**self.num_upsamplers) != 0 for dim in sample.shape[-2:])
         emb = self._time_embedding(sample, timestep, added_cond_kwargs, timestep_cond)
         sample = self.conv_in_condition(torch.cat([sample, brushnet_cond], dim=1))
 
@@ -460,7 +462,6 @@ class BrushNetModel(ModelMixin, ConfigMixin):
         mid_sample = sample
 
         # up: iterate the stock blocks' submodules to tap after every resnet and upsampler
-        forward_upsample_size = any(dim % (2**self.num_upsamplers) != 0 for dim in sample.shape[-2:])
         upsample_size = None
         skips = down_samples
         up_samples: tuple[torch.Tensor, ...] = ()
