@@ -1,0 +1,119 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from brushnet.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (48, 72, 3), dtype=np.uint8)).save(root / "img.png")
+    mask = np.zeros((48, 72), np.uint8)
+    mask[10:30, 20:50] = 255
+    Image.fromarray(mask).save(root / "mask.png")
+    Image.fromarray(np.zeros((48, 72), np.uint8)).save(root / "empty.png")
+    Image.fromarray(mask[:40]).save(root / "small.png")
+    (root / "corrupt.png").write_bytes(b"\x89PNG broken")
+    return root
+
+
+def run(tiny_models, files, *extra):
+    args = ["inpaint", "--base", str(tiny_models["base"]), "--brushnet", str(tiny_models["brushnet"])]
+    args += ["-i", str(files / "img.png"), "--steps", "2", "-q", *extra]
+    return runner.invoke(app, args)
+
+
+def test_happy_path_writes_png_with_metadata_and_sidecar(tiny_models, files, tmp_path):
+    out = tmp_path / "out.png"
+    result = run(
+        tiny_models, files, "-m", str(files / "mask.png"), "-o", str(out), "-p", "a cat", "--seed", "7"
+    )
+    assert result.exit_code == 0, result.output
+    image = Image.open(out)
+    assert image.size == (72, 48)
+    meta = json.loads(image.text["brushnet"])
+    assert image.text["seed"] == "7" and meta["parameters"]["prompt"] == "a cat"
+    assert meta["parameters"]["blend"] is True and meta["method"] == "brushnet"
+    assert json.loads(out.with_suffix(".json").read_text())["seed"] == 7
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json", "out.png"]  # no temp files left
+    # kept pixels far from the hole are the input's (blend on by default)
+    kept = np.ones((48, 72), bool)
+    kept[0:41, 9:61] = False
+    assert np.array_equal(np.asarray(image)[kept], np.asarray(Image.open(files / "img.png"))[kept])
+
+
+def test_same_seed_same_image(tiny_models, files, tmp_path):
+    for name in ("a.png", "b.png"):
+        result = run(
+            tiny_models, files, "-m", str(files / "mask.png"), "-o", str(tmp_path / name), "--seed", "3"
+        )
+        assert result.exit_code == 0, result.output
+    assert np.array_equal(
+        np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png"))
+    )
+
+
+@pytest.mark.parametrize(
+    "mask, extra, message",
+    [
+        ("empty.png", [], "mask is empty"),
+        ("small.png", [], "must match"),
+        ("corrupt.png", [], "not a readable image"),
+        ("missing.png", [], "not found"),
+        ("mask.png", ["--scheduler", "nope"], "unknown scheduler"),
+        ("mask.png", ["--option", "bogus=1"], "bogus"),
+        ("mask.png", ["--option", "conditioning_scale=9"], "conditioning_scale"),
+        ("mask.png", ["--method", "nope"], "unknown method"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(tiny_models, files, tmp_path, mask, extra, message):
+    out = tmp_path / "out.png"
+    result = run(tiny_models, files, "-m", str(files / mask), "-o", str(out), *extra)
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], result.output
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_wrong_checkpoint_kind(tiny_models, files, tmp_path):
+    args = ["inpaint", "--base", str(tiny_models["base"]), "--brushnet", str(tiny_models["base"] / "unet")]
+    args += ["-i", str(files / "img.png"), "-m", str(files / "mask.png"), "-o", str(tmp_path / "o.png")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "not a BrushNetModel" in result.output
+
+
+def test_missing_model_flag(files, tmp_path):
+    args = [
+        "inpaint",
+        "-i",
+        str(files / "img.png"),
+        "-m",
+        str(files / "mask.png"),
+        "-o",
+        str(tmp_path / "o.png"),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "--base" in result.output
+
+
+def test_help_is_fast_and_lists_commands():
+    import subprocess
+    import sys
+    import time
+
+    start = time.perf_counter()
+    out = subprocess.run(
+        [sys.executable, "-m", "brushnet.cli", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "inpaint" in out.stdout
+    code = "import sys, brushnet.cli; print('torch' in sys.modules)"
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert imported.stdout.strip() == "False", "the CLI must not import torch for --help"
+    assert time.perf_counter() - start < 30

@@ -1,0 +1,107 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from brushnet.image import (
+    InputError,
+    blend,
+    blend_pil,
+    feather_mask,
+    gaussian_kernel_1d,
+    load_image,
+    load_mask,
+    mask_to_array,
+)
+
+
+def test_mask_modes_white_is_hole():
+    arr = np.zeros((6, 8), np.uint8)
+    arr[2:4, 3:6] = 255
+    expected = arr > 0
+    assert np.array_equal(mask_to_array(Image.fromarray(arr)), expected)  # L
+    assert np.array_equal(mask_to_array(Image.fromarray(arr).convert("RGB")), expected)
+    assert np.array_equal(mask_to_array(Image.fromarray(arr).convert("1")), expected)
+    # RGBA strokes: blank colour, alpha carries the mask (what a canvas painter exports)
+    rgba = np.zeros((6, 8, 4), np.uint8)
+    rgba[..., 3] = arr
+    assert np.array_equal(mask_to_array(Image.fromarray(rgba, "RGBA")), expected)
+    # RGBA with real colour: colour is the mask
+    rgba2 = np.dstack([arr, arr, arr, np.full_like(arr, 255)])
+    assert np.array_equal(mask_to_array(Image.fromarray(rgba2, "RGBA")), expected)
+    assert np.array_equal(mask_to_array(expected), expected)
+    assert np.array_equal(mask_to_array(expected.astype(np.float32)), expected)
+    assert np.array_equal(mask_to_array(torch.from_numpy(expected).float()[None, None]), expected)
+    assert np.array_equal(mask_to_array(arr, invert=True), ~expected)
+
+
+def test_binarised_at_half():
+    arr = np.array([[0, 127, 128, 255]], np.uint8)
+    assert mask_to_array(arr).tolist() == [[False, False, True, True]]
+    assert mask_to_array(np.array([[0.49, 0.5]], np.float32)).tolist() == [[False, True]]
+
+
+def test_load_mask_errors(tmp_path):
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "empty.png")
+    Image.fromarray(np.full((4, 4), 255, np.uint8)).save(tmp_path / "full.png")
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    with pytest.raises(InputError, match="empty"):
+        load_mask(tmp_path / "empty.png")
+    with pytest.raises(InputError, match="must match"):
+        load_mask(tmp_path / "full.png", size=(5, 4))
+    with pytest.raises(InputError, match="not a readable image"):
+        load_mask(tmp_path / "bad.png")
+    with pytest.raises(InputError, match="not found"):
+        load_mask(tmp_path / "missing.png")
+    assert load_mask(tmp_path / "full.png").all()
+    with pytest.raises(InputError, match="whole image"):
+        load_mask(tmp_path / "full.png", allow_full=False)
+    with pytest.raises(InputError, match="not found"):
+        load_image(tmp_path / "missing.jpg")
+
+
+def test_gaussian_kernel_matches_opencv_rule():
+    k = gaussian_kernel_1d(21)
+    sigma = 0.3 * ((21 - 1) * 0.5 - 1) + 0.8
+    assert sigma == pytest.approx(3.5)
+    x = np.arange(21) - 10
+    ref = np.exp(-(x**2) / (2 * 3.5**2))
+    np.testing.assert_allclose(k.numpy(), ref / ref.sum(), atol=1e-12)
+
+
+def test_feather_mask_formula_and_extent():
+    hole = np.zeros((40, 50))
+    hole[15:25, 20:30] = 1
+    m = feather_mask(torch.from_numpy(hole)[None, None])[0, 0].numpy()
+    # reference formula computed independently with a dense 2-D kernel (zero border far from the hole)
+    k = gaussian_kernel_1d(21).numpy()
+    k2 = np.outer(k, k)
+    padded = np.pad(hole, 10)
+    blurred = np.array([[np.sum(padded[i : i + 21, j : j + 21] * k2) for j in range(50)] for i in range(40)])
+    np.testing.assert_allclose(m, 1 - (1 - hole) * (1 - blurred), atol=1e-12)
+    assert (m[hole == 1] == 1).all()
+    dist_y = np.maximum(np.maximum(15 - np.arange(40), np.arange(40) - 24), 0)[:, None]
+    dist_x = np.maximum(np.maximum(20 - np.arange(50), np.arange(50) - 29), 0)[None, :]
+    far = np.maximum(dist_y, dist_x) > 10
+    assert (m[far] == 0).all() and (m[~far] > 0).all()
+
+
+def test_blend_pil_byte_identical_outside_band():
+    rng = np.random.default_rng(0)
+    original = Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    generated = Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    hole = np.zeros((48, 64), bool)
+    hole[20:30, 30:40] = True
+    out = np.asarray(blend_pil(original, generated, hole))
+    band = feather_mask(torch.from_numpy(hole.astype(float))[None, None])[0, 0].numpy() > 0
+    assert np.array_equal(out[~band], np.asarray(original)[~band])
+    assert np.array_equal(out[hole], np.asarray(generated)[hole])
+
+
+def test_blend_tensor_matches_formula():
+    original, generated = torch.rand(1, 3, 16, 16), torch.rand(2, 3, 16, 16)
+    hole = torch.zeros(1, 1, 16, 16)
+    hole[..., 4:8, 4:8] = 1
+    w = feather_mask(hole).float()
+    expected = original * (1 - w) + generated * w
+    torch.testing.assert_close(blend(original, generated, hole), expected)
