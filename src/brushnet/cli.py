@@ -147,6 +147,25 @@ def methods() -> None:
             typer.echo(f"    {field} = {info.default!r}  {info.description or ''}")
 
 
+@app.command("make-tiny-models")
+def make_tiny_models(
+    out_dir: Path = typer.Argument(..., help="Folder to write base/, brushnet/, inpaint/, controlnet/ into."),
+    preset: str = typer.Option("tiny", "--preset", help="tiny, small or sd15 (the real SD1.5 sizes)."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Write random-weight model folders for every method (offline; for trying the tools, not for quality)."""
+    from .testing import PRESETS, build_base, build_brushnet, build_controlnet, build_inpaint_model
+
+    if preset not in PRESETS:
+        fail(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    base = build_base(out_dir / "base", preset, seed=seed)
+    build_brushnet(out_dir / "brushnet", base, seed=seed)
+    build_inpaint_model(out_dir / "inpaint", base, preset, seed=seed)
+    build_controlnet(out_dir / "controlnet", base, seed=seed)
+    for name in ("base", "brushnet", "inpaint", "controlnet"):
+        typer.echo(str(out_dir / name))
+
+
 # Sub-commands that live next to their code; each module imports only typer at its top.
 _SUB_APPS = {
     "data": ("brushnet.data.cli", "app", "Training data: synthetic shards."),
