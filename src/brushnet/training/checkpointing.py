@@ -24,6 +24,7 @@ from pathlib import Path
 
 __all__ = [
     "TRAINING_STATE_FILE",
+    "full_branch",
     "list_checkpoints",
     "resolve_checkpoint",
     "save_checkpoint",
@@ -101,6 +102,25 @@ def remove_stale_partial_checkpoints(output_dir: str | os.PathLike) -> list[Path
     return stale
 
 
+def full_branch(accelerator, model):
+    """The branch with all its weights, for saving: on the main process, ``None`` elsewhere.
+
+    Call on every process: under FSDP and DeepSpeed gathering the weights is collective. Otherwise the
+    unwrapped model itself is returned (no copy).
+    """
+    from accelerate.utils import DistributedType
+
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return unwrapped if accelerator.is_main_process else None
+    state_dict = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        return None
+    branch = type(unwrapped).from_config(unwrapped.config)
+    branch.load_state_dict(state_dict)
+    return branch
+
+
 def _save_diffusers_model(model, path: Path) -> None:
     model.save_pretrained(path, safe_serialization=True)
 
@@ -120,7 +140,7 @@ def save_checkpoint(
         accelerator: the run's ``accelerate.Accelerator`` (the model, optimizer and scheduler prepared by it).
         output_dir: the run's output folder.
         step: the global (optimizer) step.
-        brushnet: the unwrapped branch.
+        brushnet: the branch with its full weights on the main process (:func:`full_branch`).
         training_state: JSON-serialisable position of the run (global step, data position).
         ema: the ``diffusers.training_utils.EMAModel`` of the branch, or ``None``.
         total_limit: keep only this many newest checkpoints (``None``: keep all).

@@ -62,6 +62,11 @@ class TrainConfig(BaseModel):
         default_factory=MaskConfig,
         description="Training-mask recipe (brushnet.data.MaskConfig); flags --mask_<key> set its scalar keys.",
     )
+    shuffle_buffer: int = Field(
+        1000,
+        ge=0,
+        description="Samples in the per-worker shuffle buffer of a shard stream (0: no shuffling).",
+    )
     caption_dropout: float = Field(
         0.0, ge=0, le=1, description="Probability of training on an empty caption."
     )

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from ..models.brushnet import BrushNetModel
 from ..models.unet_injection import unet_forward_with_brushnet
 from .checkpointing import (
+    full_branch,
     load_checkpoint,
     remove_stale_partial_checkpoints,
     resolve_checkpoint,
@@ -169,7 +170,7 @@ class TrainResult:
     global_step: int
     losses: list[float]  # per optimizer step, this process, averaged over accumulation micro-batches
     final_model_dir: Path
-    skipped_samples: int = 0
+    skipped_samples: dict[str, int] = field(default_factory=dict)  # this process, by reason
 
 
 def _mixed_precision_dtype(accelerator) -> torch.dtype:
@@ -185,7 +186,13 @@ def train(config: TrainConfig, dataset=None) -> TrainResult:
             the one ``config`` names (``train_shards`` / ``train_data_dir``) from :mod:`brushnet.data`.
     """
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+    from accelerate.utils import (
+        DistributedType,
+        ProjectConfiguration,
+        broadcast_object_list,
+        gather_object,
+        set_seed,
+    )
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
@@ -229,6 +236,8 @@ def train(config: TrainConfig, dataset=None) -> TrainResult:
     prediction_type = config.prediction_type or components.scheduler_config.get("prediction_type", "epsilon")
 
     ema = None
+    if config.use_ema and accelerator.distributed_type == DistributedType.FSDP:
+        raise ValueError("--use_ema is not supported with FSDP (the EMA would need the sharded weights)")
     if config.use_ema:
         ema = EMAModel(
             brushnet.parameters(),
@@ -268,6 +277,10 @@ def train(config: TrainConfig, dataset=None) -> TrainResult:
         num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=max_train_steps * accelerator.num_processes,
     )
+    if accelerator.state.deepspeed_plugin is not None:  # no dataloader goes through prepare()
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = (
+            config.train_batch_size
+        )
     brushnet, optimizer, lr_scheduler = accelerator.prepare(brushnet, optimizer, lr_scheduler)
     step_generator = StepGenerator(config.seed + accelerator.process_index)
     accelerator.register_for_checkpointing(step_generator)
@@ -284,12 +297,21 @@ def train(config: TrainConfig, dataset=None) -> TrainResult:
             validation_set.take_from_batch(
                 next(iterate_batches(dataloader, dataset, epoch=0)), config.num_validation_samples
             )
+            if hasattr(getattr(dataset, "skipped", None), "reset"):
+                dataset.skipped.reset()  # count what the training stream skips, not this extra read
 
     global_step, epoch, batches_done = 0, 0, 0
     resume_path = resolve_checkpoint(output_dir, config.resume_from_checkpoint)
     if resume_path is not None:
         state = load_checkpoint(accelerator, resume_path)
-        global_step, epoch, batches_done = state["global_step"], state["epoch"], state["batches_in_epoch"]
+        positions = state["data_positions"]
+        if len(positions) != accelerator.num_processes:
+            raise ValueError(
+                f"{resume_path} was written by {len(positions)} processes; resuming its data stream needs the "
+                f"same number (this run has {accelerator.num_processes})"
+            )
+        global_step = state["global_step"]
+        epoch, batches_done = positions[accelerator.process_index]
         logger.info(
             "resumed from %s at step %d (epoch %d, batch %d)", resume_path, global_step, epoch, batches_done
         )
@@ -302,6 +324,7 @@ def train(config: TrainConfig, dataset=None) -> TrainResult:
         config.gradient_accumulation_steps,
     )
     unwrapped = accelerator.unwrap_model(brushnet)
+    skip_counter = getattr(dataset, "skipped", None)  # brushnet.data.brushdata.SkipCounter
     losses: list[float] = []
     accumulated_loss = torch.zeros((), device=accelerator.device)
     while global_step < max_train_steps:
@@ -339,23 +362,21 @@ def train(config: TrainConfig, dataset=None) -> TrainResult:
                     accelerator.gather(torch.tensor([step_loss], device=accelerator.device)).mean().item()
                 )
                 logs = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0]}
-                skipped = getattr(dataset, "num_skipped", None)
-                if skipped is not None:
-                    logs["skipped_samples"] = skipped
+                if skip_counter is not None:
+                    skipped = torch.tensor([skip_counter.total], device=accelerator.device)
+                    logs["skipped_samples"] = int(accelerator.reduce(skipped, reduction="sum").item())
                 accelerator.log(logs, step=global_step)
                 logger.info("step %d: %s", global_step, ", ".join(f"{k}={v:.4g}" for k, v in logs.items()))
 
             if global_step % config.checkpointing_steps == 0:
-                training_state = {
-                    "global_step": global_step,
-                    "epoch": epoch,
-                    "batches_in_epoch": batches_done,
-                }
+                # each process reads its own part of the data: keep every process's position
+                positions = gather_object([[epoch, batches_done]])
+                training_state = {"global_step": global_step, "data_positions": positions}
                 save_checkpoint(
                     accelerator,
                     output_dir,
                     global_step,
-                    unwrapped,
+                    full_branch(accelerator, brushnet),
                     training_state,
                     ema=ema,
                     total_limit=config.checkpoints_total_limit,
@@ -371,15 +392,17 @@ def train(config: TrainConfig, dataset=None) -> TrainResult:
 
     accelerator.wait_for_everyone()
     final_dir = output_dir / "brushnet"
+    final_branch = full_branch(accelerator, brushnet)
     if accelerator.is_main_process:
-        if (
-            ema is not None
-        ):  # the final model is the EMA of the branch; the raw weights are in the checkpoints
-            ema.copy_to(unwrapped.parameters())
-        unwrapped.save_pretrained(final_dir, safe_serialization=True)
+        # with EMA, the final model is the EMA of the branch (the raw weights are in the checkpoints)
+        if ema is not None:
+            ema.copy_to(final_branch.parameters())
+        final_branch.save_pretrained(final_dir, safe_serialization=True)
         logger.info("saved the final branch to %s", final_dir)
-    skipped = getattr(dataset, "num_skipped", 0) or 0
-    if skipped:
-        logger.warning("%d malformed samples were skipped", skipped)
+    skipped = {}
+    if skip_counter is not None:
+        skipped = {reason: count for reason, count in skip_counter.as_dict().items() if count}
+        if skipped:
+            logger.warning("process %d skipped malformed samples: %s", accelerator.process_index, skipped)
     accelerator.end_training()
     return TrainResult(global_step, losses, final_dir, skipped)
