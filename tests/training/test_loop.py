@@ -1,0 +1,141 @@
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from brushnet.data.brushdata import BrushDataStream
+from brushnet.models.brushnet import BrushNetModel
+from brushnet.training import loop
+from brushnet.training.config import make_config
+from brushnet.training.data import build_train_dataloader, iterate_batches
+
+
+def _branch_weights(folder) -> dict[str, torch.Tensor]:
+    return load_file(Path(folder) / "diffusion_pytorch_model.safetensors")
+
+
+def test_loss_falls_when_overfitting_one_batch(base_config, tiny_base):
+    """Same batch, same noise and timesteps every step: the branch must learn to lower the loss."""
+    components = loop.load_components(str(tiny_base))
+    for module in components.frozen_modules.values():
+        module.requires_grad_(False).eval()
+    brushnet = BrushNetModel.from_unet(components.unet).train()
+    config = make_config(base_config)
+    dataset = BrushDataStream(config.train_shards, 16, config.mask, seed=0, shuffle_buffer=0)
+    batch = next(iterate_batches(build_train_dataloader(config, dataset), dataset, epoch=0))
+    optimizer = torch.optim.AdamW(brushnet.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(25):
+        loss = loop.brushnet_training_loss(brushnet, components, batch, torch.Generator().manual_seed(3))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_v_prediction_target_differs_from_epsilon(base_config, tiny_base):
+    components = loop.load_components(str(tiny_base))
+    brushnet = BrushNetModel.from_unet(components.unet)
+    config = make_config(base_config)
+    dataset = BrushDataStream(config.train_shards, 16, config.mask, seed=0, shuffle_buffer=0)
+    batch = next(iterate_batches(build_train_dataloader(config, dataset), dataset, epoch=0))
+    with torch.no_grad():
+        eps = loop.brushnet_training_loss(brushnet, components, batch, torch.Generator().manual_seed(1))
+        v = loop.brushnet_training_loss(
+            brushnet, components, batch, torch.Generator().manual_seed(1), prediction_type="v_prediction"
+        )
+    assert torch.isfinite(eps) and torch.isfinite(v) and eps != v
+
+
+def test_frozen_parts_unchanged_and_branch_trained(base_config, tiny_base, monkeypatch):
+    held = {}
+
+    def load_and_keep(*args, **kwargs):
+        held["components"] = loop.load_components.__wrapped__(*args, **kwargs)
+        return held["components"]
+
+    load_and_keep.__wrapped__ = loop.load_components
+    monkeypatch.setattr(loop, "load_components", load_and_keep)
+    result = loop.train(make_config({**base_config, "max_train_steps": 3}))
+    assert result.global_step == 3 and len(result.losses) == 3
+
+    trained = held["components"]
+    fresh = loop.load_components.__wrapped__(str(tiny_base))
+    for name, module in trained.frozen_modules.items():
+        assert not any(p.requires_grad for p in module.parameters()), name
+        reference = fresh.frozen_modules[name].state_dict()
+        for key, value in module.state_dict().items():
+            assert torch.equal(value, reference[key]), f"{name}.{key} changed"
+
+    initial = BrushNetModel.from_unet(fresh.unet).state_dict()
+    final = _branch_weights(result.final_model_dir)
+    assert any(not torch.equal(final[k], initial[k]) for k in final), "the branch did not train"
+    BrushNetModel.from_pretrained(result.final_model_dir)  # loadable as is
+
+
+def test_four_steps_equal_two_plus_resume_plus_two(base_config, tmp_path):
+    straight = loop.train(
+        make_config({**base_config, "output_dir": str(tmp_path / "a"), "max_train_steps": 4})
+    )
+    split = {**base_config, "output_dir": str(tmp_path / "b")}
+    first = loop.train(make_config({**split, "max_train_steps": 2}))
+    second = loop.train(make_config({**split, "max_train_steps": 4, "resume_from_checkpoint": "latest"}))
+    assert first.losses + second.losses == straight.losses
+    a, b = _branch_weights(straight.final_model_dir), _branch_weights(second.final_model_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_malformed_samples_are_counted_in_the_logs(base_config, caplog):
+    config = make_config({**base_config, "max_train_steps": 4})
+    # what the same stream skips while yielding the 8 samples of 4 batches
+    reference = BrushDataStream(config.train_shards, 16, config.mask, seed=0, shuffle_buffer=4)
+    for _, _ in zip(range(8), reference):
+        pass
+    expected = {k: v for k, v in reference.skipped.as_dict().items() if v}
+    assert expected  # the fixture's malformed samples lie on the path
+
+    with caplog.at_level(logging.INFO, logger="brushnet.training.loop"):
+        result = loop.train(config)
+    assert result.skipped_samples == expected
+    assert f"skipped_samples={sum(expected.values())}" in caplog.text
+    assert "skipped malformed samples" in caplog.text
+
+
+def test_ema_validation_and_tensorboard(base_config):
+    config = make_config(
+        {
+            **base_config,
+            "max_train_steps": 2,
+            "use_ema": True,
+            "ema_decay": 0.5,
+            "validation_steps": 2,
+            "validation_inference_steps": 2,
+            "num_validation_samples": 2,
+            "report_to": "tensorboard",
+        }
+    )
+    result = loop.train(config)
+    out = Path(config.output_dir)
+    from PIL import Image
+
+    grid = Image.open(out / "validation" / "step-2.png")
+    assert grid.size == (3 * 16, 2 * 16)  # masked input | mask | result, two samples
+    assert list((out / config.logging_dir).rglob("events.out.tfevents.*"))
+    raw = _branch_weights(out / "checkpoint-2" / "brushnet")
+    ema = _branch_weights(out / "checkpoint-2" / "ema")
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw)
+    final = _branch_weights(result.final_model_dir)  # the final model is the EMA
+    assert all(torch.equal(final[k], ema[k]) for k in final)
+    BrushNetModel.from_pretrained(out / "checkpoint-2" / "ema")
+
+
+def test_empty_stream_is_a_clear_error(base_config, tmp_path):
+    from brushnet.data.synthetic import write_synthetic_shards
+
+    write_synthetic_shards(tmp_path / "few", num_shards=1, samples_per_shard=1, size=24)
+    config = make_config({**base_config, "train_shards": str(tmp_path / "few"), "max_train_steps": 1})
+    with pytest.raises(RuntimeError, match="yielded no batch"):
+        loop.train(config)
