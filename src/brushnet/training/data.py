@@ -10,11 +10,12 @@ from __future__ import annotations
 import inspect
 import itertools
 import logging
+from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset, Sampler
 
-__all__ = ["collate", "build_train_dataset", "build_train_dataloader", "iterate_batches"]
+__all__ = ["EpochShardSampler", "collate", "build_train_dataset", "build_train_dataloader", "iterate_batches"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,11 +31,13 @@ def collate(samples: list[dict]) -> dict:
 
 
 def build_train_dataset(config, process_index: int, num_processes: int, seed: int):
-    """The dataset ``config`` names, reading only this process's part of the data.
+    """The dataset ``config`` names.
 
-    ``train_shards``: a :class:`brushnet.data.brushdata.BrushDataStream` (shards divided among processes
-    and DataLoader workers, masks from ``config.mask``). ``train_data_dir``: the folder dataset of
-    :mod:`brushnet.data.folder`.
+    ``train_shards``: a :class:`brushnet.data.brushdata.BrushDataStream` reading only this process's shards
+    (divided among processes and DataLoader workers), masks from ``config.mask``. ``train_data_dir``: a
+    :class:`brushnet.data.folder.FolderDataset` over ``images/`` (or the folder itself), the optional
+    ``masks/`` (white = hole) and ``images/captions.jsonl``; it is divided among processes by the sampler
+    of :func:`build_train_dataloader`.
     """
     if config.train_shards is not None:
         from ..data.brushdata import BrushDataStream
@@ -48,23 +51,59 @@ def build_train_dataset(config, process_index: int, num_processes: int, seed: in
             world_size=num_processes,
             shuffle_buffer=config.shuffle_buffer,
         )
-    return _folder_dataset(config, process_index, num_processes, seed)
+    from ..data.folder import FolderDataset
+
+    root = Path(config.train_data_dir)
+    image_dir = root / "images" if (root / "images").is_dir() else root
+    mask_dir = root / "masks" if (root / "masks").is_dir() else None
+    if mask_dir is None and config.mask.mode != "brush":
+        raise ValueError(
+            f"{root} has no masks/ folder, so masks must be generated: pass --mask_mode brush "
+            f"(mask mode {config.mask.mode!r} needs segmentation masks)"
+        )
+    return FolderDataset(image_dir, config.resolution, mask_dir=mask_dir, mask_config=config.mask, seed=seed)
 
 
-def _folder_dataset(config, process_index: int, num_processes: int, seed: int):
-    raise NotImplementedError("train_data_dir: the folder dataset (brushnet.data.folder) is not wired in yet")
+class EpochShardSampler(Sampler[int]):
+    """Indices of a map-style dataset for one process: a per-epoch permutation (seeded by ``(seed, epoch)``,
+    the same in every process), split round-robin among processes, truncated to equal length.
+
+    ``set_epoch(epoch, skip)`` selects the epoch and drops its first ``skip`` indices (already consumed).
+    """
+
+    def __init__(self, num_samples: int, rank: int, world_size: int, seed: int):
+        self.num_samples, self.rank, self.world_size, self.seed = num_samples, rank, world_size, seed
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def __len__(self) -> int:
+        return self.num_samples // self.world_size - self.skip
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.num_samples, generator=generator)
+        mine = order[self.rank :: self.world_size][: self.num_samples // self.world_size]
+        return iter(mine[self.skip :].tolist())
 
 
-def build_train_dataloader(config, dataset) -> DataLoader:
-    """A ``DataLoader`` over ``dataset`` with the config's batch size and workers (no shuffling here:
-    map-style datasets are shuffled per epoch by :func:`iterate_batches`, streams by the data package)."""
+def build_train_dataloader(config, dataset, process_index: int = 0, num_processes: int = 1) -> DataLoader:
+    """A ``DataLoader`` with the config's batch size and workers, dropping incomplete batches.
+
+    A shard stream divides itself among processes; a map-style dataset gets an :class:`EpochShardSampler`.
+    Do not pass it through ``accelerator.prepare`` (that would split the batches a second time).
+    """
+    sampler = None
+    if not isinstance(dataset, IterableDataset):
+        sampler = EpochShardSampler(len(dataset), process_index, num_processes, config.seed or 0)
     return DataLoader(
         dataset,
         batch_size=config.train_batch_size,
+        sampler=sampler,
         num_workers=config.dataloader_num_workers,
         collate_fn=collate,
         drop_last=True,
-        persistent_workers=False,
     )
 
 
@@ -72,13 +111,19 @@ def iterate_batches(dataloader: DataLoader, dataset, epoch: int, skip: int = 0):
     """Batches of ``epoch``, skipping the first ``skip`` (already consumed before a resume).
 
     A dataset with ``set_epoch(epoch, skip=...)`` (the BrushData stream) selects the epoch's shard order,
-    masks and crops and skips the consumed samples itself (validated, not transformed); any other
-    dataset gets ``set_epoch(epoch)`` if it has it, and the consumed batches are drawn and dropped.
+    masks and crops and skips the consumed samples itself (validated, not transformed); a map-style dataset
+    is resumed by its :class:`EpochShardSampler`; any other dataset gets ``set_epoch(epoch)`` if it has it,
+    and the consumed batches are drawn and dropped.
     """
     if skip:
         logger.info("skipping %d micro-batches already consumed in epoch %d", skip, epoch)
     set_epoch = getattr(dataset, "set_epoch", None)
-    if set_epoch is not None and "skip" in inspect.signature(set_epoch).parameters:
+    if isinstance(dataloader.sampler, EpochShardSampler):
+        if set_epoch is not None:
+            set_epoch(epoch)
+        dataloader.sampler.set_epoch(epoch, skip=skip * dataloader.batch_size)
+        batches = iter(dataloader)
+    elif set_epoch is not None and "skip" in inspect.signature(set_epoch).parameters:
         from ..data.brushdata import per_worker_skip
 
         set_epoch(epoch, skip=per_worker_skip(skip, dataloader.batch_size, dataloader.num_workers))

@@ -251,7 +251,7 @@ def train(config: TrainConfig, dataset=None) -> TrainResult:
         dataset = build_train_dataset(
             config, accelerator.process_index, accelerator.num_processes, config.seed
         )
-    dataloader = build_train_dataloader(config, dataset)
+    dataloader = build_train_dataloader(config, dataset, accelerator.process_index, accelerator.num_processes)
     if config.max_train_steps is not None:
         max_train_steps = config.max_train_steps
     else:
