@@ -149,7 +149,9 @@ def test_ssim_matches_independent_numpy_reference(images):
             sxx, syy, sxy = filt(x * x) - mx**2, filt(y * y) - my**2, filt(x * y) - mx * my
             maps.append((2 * mx * my + c1) * (2 * sxy + c2) / ((mx**2 + my**2 + c1) * (sxx + syy + c2)))
         expected.append(np.mean(maps))
-    torch.testing.assert_close(ssim(generated, original), torch.tensor(expected, dtype=torch.float64))
+    torch.testing.assert_close(
+        ssim(generated, original, padding="valid"), torch.tensor(expected, dtype=torch.float64)
+    )
 
 
 def test_gaussian_window():
@@ -169,4 +171,6 @@ def test_shape_errors(images):
     with pytest.raises(ValueError, match="region"):
         mse(generated, original, region="hole")
     with pytest.raises(ValueError, match="at least"):
-        ssim(generated[..., :8, :8], original[..., :8, :8])
+        ssim(generated[..., :8, :8], original[..., :8, :8], padding="valid")
+    with pytest.raises(ValueError, match="padding"):
+        ssim(generated, original, padding="zeros")

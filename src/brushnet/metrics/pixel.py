@@ -177,31 +177,45 @@ def ssim(
     k1: float = 0.01,
     k2: float = 0.03,
     data_range: float = 1.0,
+    padding: str = "reflect",
 ) -> torch.Tensor:
     """Structural similarity (Wang et al. 2004, Eq. 13) with a Gaussian window, per image.
 
     `SSIM(x, y) = (2 μx μy + C1)(2 σxy + C2) / ((μx² + μy² + C1)(σx² + σy² + C2))`, with
-    `C1 = (K1 L)²`, `C2 = (K2 L)²`, local statistics from an 11-tap σ=1.5 Gaussian (population
-    covariances), computed per channel on windows that lie fully inside the image ("valid"), and
-    averaged over channels and positions. This equals torchmetrics'
-    `structural_similarity_index_measure` defaults (it reflect-pads and then crops the padded border).
+    `C1 = (K1 L)²`, `C2 = (K2 L)²` and local statistics from an 11-tap σ=1.5 Gaussian (population
+    covariances, variances clamped at 0), computed per channel and averaged over channels and positions.
+
+    `padding="reflect"` (default) reflect-pads by 5 pixels and averages the full-size map, which is what
+    torchmetrics' `structural_similarity_index_measure` (checked against 1.9) and so BrushEdit's SSIM
+    column compute. `padding="valid"` averages only windows lying fully inside the image (the paper's
+    and scikit-image's convention); the two differ by ~1e-3 on 512² images.
 
     Args:
-        generated, original: `N×C×H×W` in [0, 1]; H and W at least `window_size`.
+        generated, original: `N×C×H×W` in [0, 1]; H and W larger than `window_size // 2`.
         mask: optional `N×1×H×W` (1 = hole); when given both images are multiplied by `1 - mask`
             first, as the other kept-region metrics do.
         window_size, sigma: Gaussian window.
         k1, k2: stabilising constants K1, K2.
         data_range: L, the dynamic range (1 for [0, 1]).
+        padding: "reflect" or "valid".
 
     Returns:
         `N` float64 values in [-1, 1]; 1 for identical images.
     """
     _check_pair(generated, original, mask)
-    if min(generated.shape[-2:]) < window_size:
-        raise ValueError(f"SSIM needs images of at least {window_size}×{window_size} pixels")
+    smallest = window_size if padding == "valid" else window_size // 2 + 1
+    if min(generated.shape[-2:]) < smallest:
+        raise ValueError(
+            f"SSIM with padding={padding!r} needs images of at least {smallest}×{smallest} pixels"
+        )
     x = keep_masked(generated.double(), mask)
     y = keep_masked(original.double(), mask)
+    if padding == "reflect":
+        pad = window_size // 2
+        x = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+        y = F.pad(y, (pad, pad, pad, pad), mode="reflect")
+    elif padding != "valid":
+        raise ValueError(f"padding must be 'reflect' or 'valid', got {padding!r}")
     channels = x.shape[1]
     window_1d = gaussian_window(window_size, sigma).to(x.device)
     window = (window_1d[:, None] * window_1d[None, :]).expand(channels, 1, window_size, window_size)
@@ -210,8 +224,8 @@ def ssim(
         return F.conv2d(t, window, groups=channels)
 
     mu_x, mu_y = local_mean(x), local_mean(y)
-    sigma_xx = local_mean(x * x) - mu_x**2
-    sigma_yy = local_mean(y * y) - mu_y**2
+    sigma_xx = (local_mean(x * x) - mu_x**2).clamp_min(0.0)
+    sigma_yy = (local_mean(y * y) - mu_y**2).clamp_min(0.0)
     sigma_xy = local_mean(x * y) - mu_x * mu_y
     c1 = (k1 * data_range) ** 2
     c2 = (k2 * data_range) ** 2
