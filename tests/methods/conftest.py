@@ -45,6 +45,3 @@ def scene():
     mask = np.zeros((64, 64), np.uint8)
     mask[24:40, 24:40] = 255
     return Image.fromarray(arr), Image.fromarray(mask)
-
-
-FAST = {"steps": 3, "guidance_scale": 2.0, "scheduler": "ddim", "seed": 7, "prompt": "a cat"}

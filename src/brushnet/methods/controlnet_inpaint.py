@@ -94,9 +94,12 @@ class ControlNetInpaint(InpaintMethod):
         pipe = self.pipeline
         pipe.scheduler = make_scheduler(request.scheduler, self.base_scheduler_config)
 
-        def callback(_pipe, step, _t, kwargs):
+        total, done = request.steps * len(generators), [0]
+
+        def callback(_pipe, _step, _t, kwargs):
+            done[0] += 1
             if on_step is not None:
-                on_step(step + 1, request.steps)
+                on_step(done[0], total)
             return kwargs
 
         # The one mask conversion: the ControlNet reads the hole as −1 pixels in its control image; the
@@ -104,24 +107,31 @@ class ControlNetInpaint(InpaintMethod):
         control_image = inpaint_control_image(image, hole)
         height, width = image.shape[-2:]
         with count_calls(pipe.unet) as unet_calls, count_calls(pipe.controlnet) as controlnet_calls:
-            images = pipe(
-                prompt=[request.prompt] * request.num_images,
-                image=image,
-                mask_image=hole,
-                control_image=control_image,
-                negative_prompt=[request.negative_prompt] * request.num_images,
-                height=height,
-                width=width,
-                strength=1.0,
-                num_inference_steps=request.steps,
-                guidance_scale=request.guidance_scale,
-                generator=generators,
-                controlnet_conditioning_scale=options.conditioning_scale,
-                control_guidance_start=options.control_guidance_start,
-                control_guidance_end=options.control_guidance_end,
-                output_type="pt",
-                callback_on_step_end=callback,
-            ).images
+            # One pipeline call per image with its own generator: diffusers draws the VAE-encoding samples of a
+            # batch from the generators in an order that differs from a single-image run, so image i would
+            # not equal a single run at seed + i otherwise.
+            outputs = [
+                pipe(
+                    prompt=request.prompt,
+                    image=image,
+                    mask_image=hole,
+                    control_image=control_image,
+                    negative_prompt=request.negative_prompt,
+                    height=height,
+                    width=width,
+                    strength=1.0,
+                    num_inference_steps=request.steps,
+                    guidance_scale=request.guidance_scale,
+                    generator=generator,
+                    controlnet_conditioning_scale=options.conditioning_scale,
+                    control_guidance_start=options.control_guidance_start,
+                    control_guidance_end=options.control_guidance_end,
+                    output_type="pt",
+                    callback_on_step_end=callback,
+                ).images
+                for generator in generators
+            ]
+            images = torch.cat(outputs)
         n = request.num_images
         return GenerateOutput(
             images=images.float().cpu(),
