@@ -2,11 +2,12 @@
 
 A checkpoint folder holds
 
-- the accelerate state (``accelerator.save_state``: trained weights, optimizer, LR scheduler, every RNG
-  state, the EMA and the training noise generator registered for checkpointing);
+- the accelerate state (``accelerator.save_state``: trained weights, optimizer, LR scheduler, every
+  process's global RNG states, the EMA registered for checkpointing);
 - ``brushnet/``: the branch in diffusers format, loadable as is with ``BrushNetModel.from_pretrained``;
 - ``ema/``: the EMA weights in the same format (only with ``--use_ema``);
-- ``training_state.json``: the global step and the position in the data stream.
+- ``training_state.json``: the global step and each process's position in the data stream;
+- ``process_state_<i>.pt``: each process's own random generator (noise, timesteps, caption dropout).
 
 Writing goes to ``checkpoint-<step>.tmp-<pid>/``, renamed to ``checkpoint-<step>/`` with ``os.replace`` only
 once everything is on disk, so a crash mid-save never leaves a folder that looks complete. Old checkpoints
@@ -21,6 +22,8 @@ import os
 import re
 import shutil
 from pathlib import Path
+
+import torch
 
 __all__ = [
     "TRAINING_STATE_FILE",
@@ -131,6 +134,7 @@ def save_checkpoint(
     step: int,
     brushnet,
     training_state: dict,
+    process_state: dict | None = None,
     ema=None,
     total_limit: int | None = None,
 ) -> Path:
@@ -141,7 +145,10 @@ def save_checkpoint(
         output_dir: the run's output folder.
         step: the global (optimizer) step.
         brushnet: the branch with its full weights on the main process (:func:`full_branch`).
-        training_state: JSON-serialisable position of the run (global step, data position).
+        training_state: JSON-serialisable state of the run (global step, data positions), from the main process.
+        process_state: this process's own state (``torch.save``-able; e.g. its random generator), saved by
+            every process as ``process_state_<index>.pt`` (accelerate saves registered objects from the main
+            process only).
         ema: the ``diffusers.training_utils.EMAModel`` of the branch, or ``None``.
         total_limit: keep only this many newest checkpoints (``None``: keep all).
 
@@ -163,6 +170,9 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
 
     accelerator.save_state(str(partial))
+    if process_state is not None:
+        torch.save(process_state, partial / f"process_state_{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()  # every process's files are written before the rename
     if accelerator.is_main_process:
         _save_diffusers_model(brushnet, partial / "brushnet")
         if ema is not None:
@@ -184,8 +194,16 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(accelerator, path: str | os.PathLike) -> dict:
-    """Restore the accelerate state from ``path`` and return its ``training_state.json``."""
+def load_checkpoint(accelerator, path: str | os.PathLike) -> tuple[dict, dict | None]:
+    """Restore the accelerate state from ``path``.
+
+    Returns:
+        ``(training_state, process_state)``: the ``training_state.json`` and this process's own state
+        (``None`` when the checkpoint has none for it).
+    """
     path = Path(path)
     accelerator.load_state(str(path))
-    return json.loads((path / TRAINING_STATE_FILE).read_text())
+    training_state = json.loads((path / TRAINING_STATE_FILE).read_text())
+    process_file = path / f"process_state_{accelerator.process_index}.pt"
+    process_state = torch.load(process_file, weights_only=True) if process_file.is_file() else None
+    return training_state, process_state

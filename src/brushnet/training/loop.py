@@ -74,7 +74,7 @@ def load_components(pretrained_model_name_or_path: str, revision: str | None = N
 
 
 class StepGenerator:
-    """A seeded CPU ``torch.Generator`` for a step's randomness, checkpointable by accelerate."""
+    """A seeded CPU ``torch.Generator`` for a step's randomness, one per process, with its state as a dict."""
 
     def __init__(self, seed: int):
         self.generator = torch.Generator().manual_seed(seed)
@@ -282,8 +282,7 @@ def train(config: TrainConfig, dataset=None) -> TrainResult:
             config.train_batch_size
         )
     brushnet, optimizer, lr_scheduler = accelerator.prepare(brushnet, optimizer, lr_scheduler)
-    step_generator = StepGenerator(config.seed + accelerator.process_index)
-    accelerator.register_for_checkpointing(step_generator)
+    step_generator = StepGenerator(config.seed + accelerator.process_index)  # saved per process
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
     if accelerator.is_main_process and config.report_to != "none":
@@ -303,7 +302,10 @@ def train(config: TrainConfig, dataset=None) -> TrainResult:
     global_step, epoch, batches_done = 0, 0, 0
     resume_path = resolve_checkpoint(output_dir, config.resume_from_checkpoint)
     if resume_path is not None:
-        state = load_checkpoint(accelerator, resume_path)
+        state, process_state = load_checkpoint(accelerator, resume_path)
+        if process_state is None:
+            raise ValueError(f"{resume_path} has no state for process {accelerator.process_index}")
+        step_generator.load_state_dict(process_state["step_generator"])
         positions = state["data_positions"]
         if len(positions) != accelerator.num_processes:
             raise ValueError(
@@ -366,7 +368,10 @@ def train(config: TrainConfig, dataset=None) -> TrainResult:
                     skipped = torch.tensor([skip_counter.total], device=accelerator.device)
                     logs["skipped_samples"] = int(accelerator.reduce(skipped, reduction="sum").item())
                 accelerator.log(logs, step=global_step)
-                logger.info("step %d: %s", global_step, ", ".join(f"{k}={v:.4g}" for k, v in logs.items()))
+                if accelerator.is_main_process:
+                    logger.info(
+                        "step %d: %s", global_step, ", ".join(f"{k}={v:.4g}" for k, v in logs.items())
+                    )
 
             if global_step % config.checkpointing_steps == 0:
                 # each process reads its own part of the data: keep every process's position
@@ -378,6 +383,7 @@ def train(config: TrainConfig, dataset=None) -> TrainResult:
                     global_step,
                     full_branch(accelerator, brushnet),
                     training_state,
+                    process_state={"step_generator": step_generator.state_dict()},
                     ema=ema,
                     total_limit=config.checkpoints_total_limit,
                 )
