@@ -29,13 +29,16 @@ dispatch the batches); move batches to the device yourself.
 
 **Determinism and resuming.** The shard order and the in-worker shuffle depend on ``(seed, epoch, rank,
 worker)``; each sample's mask and crop depend only on ``(seed, epoch, shard name, key)``. So an epoch is
-replayed exactly, and training resumes mid-epoch by skipping what was already consumed::
+replayed exactly, and training resumes mid-epoch by skipping the batches its DataLoader already delivered::
 
-    stream.set_epoch(epoch, skip=per_worker_skip(batches_done_this_epoch, train_batch_size, num_workers))
+    stream.set_epoch(epoch, batches_consumed=batches_done_this_epoch, batch_size=train_batch_size)
+    loader = DataLoader(stream, batch_size=train_batch_size, num_workers=num_workers)
 
-``skip`` counts yielded (valid) samples of each worker's stream; skipped samples are read and validated (so
-malformed ones are not miscounted) but not transformed. Resuming requires the same shards, seed,
-resolution, mask config, ``world_size``, ``num_workers`` and ``shuffle_buffer``.
+A DataLoader takes batch ``i`` from worker ``i % num_workers``; on resuming, worker ``w`` takes the part of
+worker ``(w + batches_consumed) % num_workers`` and skips what that one had delivered
+(:func:`per_worker_skip`), so the resumed loader continues the interrupted batch sequence exactly. Skipped
+samples are read and validated (malformed ones are not miscounted) but not transformed. Resuming requires
+the same shards, seed, resolution, mask config, ``world_size``, ``num_workers`` and ``shuffle_buffer``.
 """
 
 from __future__ import annotations
@@ -207,8 +210,8 @@ def per_worker_skip(batches_consumed: int, batch_size: int, num_workers: int) ->
     """Samples each worker's stream yielded for ``batches_consumed`` batches of a DataLoader.
 
     A DataLoader over an iterable dataset takes batch ``i`` from worker ``i % num_workers`` (all of a batch
-    from one worker); with ``num_workers == 0`` the main process is the only stream. Pass the result as
-    ``skip`` to resume the stream where it stopped.
+    from one worker); with ``num_workers == 0`` the main process is the only stream. Entry ``w`` is what the
+    stream of worker ``w`` of the interrupted run delivered.
     """
     if batches_consumed < 0 or batch_size < 1 or num_workers < 0:
         raise ValueError("need batches_consumed >= 0, batch_size >= 1, num_workers >= 0")
@@ -274,8 +277,8 @@ class BrushDataStream(torch.utils.data.IterableDataset):
         shuffle_buffer: shuffle samples within a worker through a buffer of this many raw samples (0: off).
         require_segmentation: skip samples without segmentation masks (``empty_segmentation``); default:
             only in ``"segmentation"`` mode. In ``"brush"`` mode the segmentation field is not read at all.
-        skip: samples to skip at the start of each worker's stream, one number for every worker or a list
-            indexed by worker id (see :func:`per_worker_skip`).
+        batches_consumed, batch_size: resume after this many batches of ``batch_size`` samples of the epoch
+            were consumed (see :meth:`set_epoch`).
     """
 
     def __init__(
@@ -292,7 +295,8 @@ class BrushDataStream(torch.utils.data.IterableDataset):
         shuffle_shards: bool = True,
         shuffle_buffer: int = 0,
         require_segmentation: bool | None = None,
-        skip: int | Sequence[int] = 0,
+        batches_consumed: int = 0,
+        batch_size: int = 1,
     ) -> None:
         super().__init__()
         self.shards = expand_shards(shards)
@@ -313,20 +317,25 @@ class BrushDataStream(torch.utils.data.IterableDataset):
             require_segmentation = self.mask_config.mode == "segmentation"
         self.require_segmentation = require_segmentation
         self.skipped = SkipCounter()
-        self.set_epoch(epoch, skip)
+        self.set_epoch(epoch, batches_consumed, batch_size)
 
-    def set_epoch(self, epoch: int, skip: int | Sequence[int] = 0) -> None:
-        """Select the epoch to stream next (shard order, shuffle, masks and crops) and how much to skip.
+    def set_epoch(self, epoch: int, batches_consumed: int = 0, batch_size: int = 1) -> None:
+        """Select the epoch to stream next (shard order, shuffle, masks and crops) and where to start in it.
 
         Call before each epoch's ``iter(dataloader)``; workers are started from this object, so they see it.
-        """
-        self.epoch = epoch
-        self.skip = skip
 
-    def _skip_for(self, worker_id: int) -> int:
-        if isinstance(self.skip, int):
-            return self.skip
-        return self.skip[worker_id] if worker_id < len(self.skip) else 0
+        Args:
+            epoch: the epoch number.
+            batches_consumed: batches of this epoch already consumed (resuming); 0 for a fresh epoch.
+            batch_size: the DataLoader's batch size (only matters when ``batches_consumed > 0``).
+        """
+        if batches_consumed < 0 or batch_size < 1:
+            raise ValueError(
+                f"need batches_consumed >= 0 and batch_size >= 1, got {batches_consumed}, {batch_size}"
+            )
+        self.epoch = epoch
+        self.batches_consumed = batches_consumed
+        self.batch_size = batch_size
 
     def _parse(self, raw: dict[str, Any]) -> tuple[Image.Image, str, list[list[int]], int, int]:
         """Validate a raw sample; raises :class:`_Skip` with the reason when it is malformed."""
@@ -376,7 +385,10 @@ class BrushDataStream(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
-        worker_id, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        num_workers = 1 if info is None else info.num_workers
+        # Resuming: this worker delivers batch `batches_consumed` first, so it plays the part of the worker
+        # that would have delivered it.
+        worker_id = (0 if info is None else info.id + self.batches_consumed) % num_workers
         shards = shards_for_worker(
             self.shards,
             self.rank,
@@ -392,7 +404,7 @@ class BrushDataStream(torch.utils.data.IterableDataset):
                 "rank %d worker %d has no shard (%d shards for %d processes x %d workers)",
                 self.rank, worker_id, len(self.shards), self.world_size, num_workers,
             )  # fmt: skip
-        to_skip = self._skip_for(worker_id)
+        to_skip = per_worker_skip(self.batches_consumed, self.batch_size, num_workers)[worker_id]
         worker_rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker_id])
         for raw in self._raw_samples(shards, worker_rng):
             try:

@@ -98,7 +98,7 @@ def sample_brush_strokes(
 ) -> list[np.ndarray]:
     """Sample the polylines of a free-form brush mask (no drawing).
 
-    Each stroke starts at a uniform point of the canvas, ``x`` in ``[0, width)`` and ``y`` in ``[0, height)``
+    Each stroke starts at a uniform point of the canvas, ``x`` in ``[0, width - 1]``, ``y`` in ``[0, height - 1]``
     (the original code swapped height and width here, which confined strokes to a square on non-square
     canvases), then takes ``n`` segments, ``n`` uniform in ``[min_vertices, max_vertices]``. The turning
     angles alternate direction: even segments turn by ``2π - a``, odd ones by ``a``, with ``a`` uniform in
@@ -125,7 +125,7 @@ def sample_brush_strokes(
         turns = rng.uniform(angle_min, angle_max, size=num_segments)
         turns[0::2] = 2 * math.pi - turns[0::2]
         vertices = np.empty((num_segments + 1, 2), dtype=np.float64)
-        vertices[0] = (rng.uniform(0, width), rng.uniform(0, height))
+        vertices[0] = (rng.uniform(0, width - 1), rng.uniform(0, height - 1))
         lengths = np.clip(rng.normal(radius, radius / 2, size=num_segments), 0, 2 * radius)
         for i in range(num_segments):
             x = vertices[i, 0] + lengths[i] * math.cos(turns[i])
