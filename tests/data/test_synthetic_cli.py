@@ -2,6 +2,8 @@
 
 import io
 import json
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -53,3 +55,13 @@ def test_cli_make_synthetic(tmp_path):
     bad = runner.invoke(app, ["make-synthetic", "--out", str(tmp_path), "--malformed", "1000"])
     assert bad.exit_code == 2 and "error:" in bad.output and "Traceback" not in bad.output
     assert "make-synthetic" in runner.invoke(app, ["--help"]).output
+
+
+def test_cli_import_is_light_and_package_exports_lazily():
+    code = (
+        "import sys, brushnet.data.cli, brushnet.data as data; "
+        "heavy = [m for m in ('torch', 'webdataset', 'PIL', 'numpy') if m in sys.modules]; "
+        "assert not heavy, heavy; "
+        "assert data.MaskConfig().mode == 'segmentation' and callable(data.BrushDataStream)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
