@@ -192,8 +192,11 @@ class MetricSuite:
         return results
 
     def _compute(self, name, generated, original, mask, captions) -> torch.Tensor:
-        if name in ("psnr_brushbench", "mse_brushbench", "psnr", "mse", "ssim"):
+        if name in ("psnr_brushbench", "mse_brushbench", "ssim"):
             return getattr(pixel, name)(generated, original, mask)
+        if name in ("psnr", "mse"):
+            # corrected definition: per-channel mean over the kept pixels only (= mse_brushbench / 3)
+            return getattr(pixel, name)(generated, original, mask, region="kept")
         generated = generated.to(self.device)
         if name == "lpips":
             from .lpips import lpips_distance
