@@ -1,0 +1,324 @@
+"""The HTTP API and the web page, served by one FastAPI app over one :class:`Engine`.
+
+Every error answers a JSON body ``{"error": "<one line>", ...}`` with its status: 400 bad image or mask,
+413 too large, 422 schema violation, 404 unknown job, 409 job already finished, 429 queue full, 500
+internal (no traceback), 504 job timed out (``wait=true``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from ..methods.base import InpaintRequest
+from ..schedulers import SCHEDULERS
+from .engine import Engine, InvalidInput, Job, JobConflict, Limits, SchemaError, ServiceError, TooLarge
+from .payload import (
+    JsonInpaintBody,
+    ServiceRequest,
+    decode_base64,
+    decode_image,
+    merge_form_fields,
+    parameters_json,
+    parse_request,
+    parse_request_json,
+    png_bytes,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["create_app"]
+
+STATIC_DIR = Path(__file__).parent / "static"
+_POLL_S = 0.05
+_KEEPALIVE_S = 15.0
+_FAILED_STATUS = {"timeout": 504, "input": 400, "internal": 500, "cancelled": 409}
+
+_INPAINT_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image", "mask"],
+                    "properties": {
+                        "image": {"type": "string", "format": "binary", "description": "Image file."},
+                        "mask": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "Mask file of the image's size, white = inpaint.",
+                        },
+                        "request": {
+                            "type": "string",
+                            "description": "JSON object: InpaintRequest fields plus 'method'. Each field may "
+                            "also be sent as its own form field (prompt, seed, steps, options as JSON, ...).",
+                            "example": '{"method": "brushnet", "prompt": "a red apple", "seed": 1}',
+                        },
+                        "wait": {"type": "boolean", "description": "Answer with the PNG when done."},
+                    },
+                }
+            },
+            "application/json": {"schema": JsonInpaintBody.model_json_schema()},
+        },
+    },
+    "responses": {
+        "200": {"description": "wait=true: the first image as PNG", "content": {"image/png": {}}},
+        "202": {"description": "Queued: {job_id, state, status_url, events_url}"},
+    },
+}
+
+
+def _error(status: int, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+async def _read_limited(request: Request, limit: int) -> AsyncIterator[bytes]:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise TooLarge(f"request body is {declared} bytes; the limit is {limit}")
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            raise TooLarge(f"request body is over the limit of {limit} bytes")
+        yield chunk
+
+
+async def _parse_inpaint(request: Request, engine: Engine, limits: Limits, wait_query: bool | None):
+    content_type = request.headers.get("content-type", "")
+    max_bytes, max_pixels = limits.max_upload_bytes, engine.limits.max_pixels
+    if content_type.startswith("multipart/form-data"):
+        parser = MultiPartParser(
+            request.headers,
+            _read_limited(request, max_bytes),
+            max_files=2,
+            max_fields=64,
+            max_part_size=max_bytes,
+        )
+        try:
+            form = await parser.parse()
+        except MultiPartException as exc:
+            raise InvalidInput(f"bad multipart body: {exc.message}") from None
+        try:
+            files, fields = {}, {}
+            for name, part in form.multi_items():
+                if name in files or name in fields:
+                    raise SchemaError(f"form field {name!r} is given twice")
+                if name in ("image", "mask"):
+                    if not isinstance(part, UploadFile):
+                        raise SchemaError(f"form field {name!r} must be a file upload")
+                    files[name] = decode_image(await part.read(), name, max_bytes, max_pixels)
+                elif isinstance(part, UploadFile):
+                    raise SchemaError(f"unexpected file field {name!r}; only 'image' and 'mask' are files")
+                else:
+                    fields[name] = part
+            for name in ("image", "mask"):
+                if name not in files:
+                    raise SchemaError(f"missing file field {name!r}")
+            wait_field = fields.pop("wait", None)
+            wait = wait_field is not None and wait_field.lower() in ("1", "true", "yes", "on")
+            data = parse_request_json(fields.pop("request", None) or "{}")
+            body = parse_request(ServiceRequest, merge_form_fields(data, fields))
+        finally:
+            await form.close()
+        image, mask = files["image"], files["mask"]
+    elif content_type.startswith("application/json"):
+        raw = b"".join([chunk async for chunk in _read_limited(request, max_bytes)])
+        body = parse_request(JsonInpaintBody, parse_request_json(raw))
+        image = decode_image(decode_base64(body.image, "image"), "image", max_bytes, max_pixels)
+        mask = decode_image(decode_base64(body.mask, "mask"), "mask", max_bytes, max_pixels)
+        wait = body.wait
+    else:
+        raise InvalidInput(
+            f"unsupported content type {content_type or '(none)'!r}; send multipart/form-data or JSON"
+        )
+    fields = body.model_dump(include=set(InpaintRequest.model_fields), exclude_unset=True)
+    inpaint_request = InpaintRequest.model_validate(fields)
+    return body.method, image, mask, inpaint_request, (wait if wait_query is None else wait_query)
+
+
+def _event(name: str, data: dict) -> str:
+    return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+def _job_status(job: Job) -> dict:
+    status = job.status()
+    if job.result is not None:
+        status["result"]["images"] = [
+            f"/api/v1/jobs/{job.id}/image/{i}" for i in range(len(job.result.images))
+        ]
+    return status
+
+
+def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
+    """Build the app. ``limits`` defaults to the engine's (bytes are checked here, the rest there)."""
+    limits = limits or engine.limits
+    app = FastAPI(
+        title="brushnet",
+        description="BrushNet diffusion inpainting: a job queue over the loaded methods, and a web page at /.",
+        version="1",
+    )
+    app.state.engine = engine
+    app.state.limits = limits
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(_request: Request, exc: ServiceError):
+        return _error(exc.status, str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        message = f"not found: {request.url.path}" if exc.status_code == 404 else str(exc.detail)
+        return _error(exc.status_code, message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        return _error(422, f"bad request: {where}: {first['msg']}")
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_request: Request, exc: Exception):
+        logger.exception("internal error", exc_info=exc)
+        return _error(500, "internal server error")
+
+    @app.post("/api/v1/inpaint", status_code=202, openapi_extra=_INPAINT_OPENAPI)
+    async def submit_inpaint(request: Request, wait: bool | None = None):
+        """Queue an inpainting job (multipart or JSON). ``wait=true`` answers with the PNG when done."""
+        method, image, mask, inpaint_request, wait = await _parse_inpaint(request, engine, limits, wait)
+        job = engine.submit(method, image, mask, inpaint_request)
+        if not wait:
+            return JSONResponse(
+                {
+                    "job_id": job.id,
+                    "state": job.state,
+                    "status_url": f"/api/v1/jobs/{job.id}",
+                    "events_url": f"/api/v1/jobs/{job.id}/events",
+                },
+                status_code=202,
+                headers={"Location": f"/api/v1/jobs/{job.id}"},
+            )
+        while not job.finished:
+            await asyncio.sleep(_POLL_S)
+        if job.result is None:
+            status = _FAILED_STATUS.get(job.error_kind or "", 500)
+            return _error(status, job.error or job.state, job_id=job.id, state=job.state)
+        return Response(
+            png_bytes(job.result, 0),
+            media_type="image/png",
+            headers={
+                "X-Brushnet-Job-Id": job.id,
+                "X-Brushnet-Num-Images": str(len(job.result.images)),
+                "X-Brushnet-Parameters": parameters_json(job.result, 0),
+            },
+        )
+
+    @app.get("/api/v1/jobs/{job_id}")
+    def job_status(job_id: str):
+        """State, progress (step/total), result metadata with image URLs, and the error if it failed."""
+        return _job_status(engine.get(job_id))
+
+    @app.delete("/api/v1/jobs/{job_id}")
+    def cancel_job(job_id: str):
+        """Cancel a queued job (at once) or a running one (at its next step); 409 if already finished."""
+        job = engine.cancel(job_id)
+        return JSONResponse(_job_status(job), status_code=200 if job.finished else 202)
+
+    @app.get("/api/v1/jobs/{job_id}/image/{index}", response_class=Response)
+    def job_image(job_id: str, index: int):
+        """Result image ``index`` as PNG with the parameters in its ``parameters`` text chunk."""
+        job = engine.get(job_id)
+        if job.result is None:
+            raise JobConflict(f"job {job_id} has no images (state: {job.state})")
+        if not 0 <= index < len(job.result.images):
+            raise InvalidInput(f"image index {index} out of range; the job has {len(job.result.images)}")
+        seed = job.result.parameters.get("seeds", [job.result.seed])[index]
+        return Response(
+            png_bytes(job.result, index),
+            media_type="image/png",
+            headers={
+                "X-Brushnet-Parameters": parameters_json(job.result, index),
+                "Content-Disposition": f'inline; filename="brushnet-{job.result.method}-{seed}.png"',
+            },
+        )
+
+    @app.get("/api/v1/jobs/{job_id}/events")
+    async def job_events(job_id: str):
+        """Server-Sent Events: ``progress`` events with the job status; ends with ``done``, ``failed``
+        or ``cancelled``."""
+        job = engine.get(job_id)
+
+        async def stream() -> AsyncIterator[str]:
+            last_version, last_sent = -1, time.monotonic()
+            while True:
+                version = job.version
+                status = _job_status(job)
+                if status["state"] in ("done", "failed", "cancelled"):
+                    yield _event(status["state"], status)
+                    return
+                if version != last_version:
+                    yield _event("progress", status)
+                    last_version, last_sent = version, time.monotonic()
+                elif time.monotonic() - last_sent > _KEEPALIVE_S:
+                    yield ": keep-alive\n\n"
+                    last_sent = time.monotonic()
+                await asyncio.sleep(_POLL_S)
+
+        return StreamingResponse(
+            stream(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    @app.get("/api/v1/methods")
+    def methods():
+        """Loaded methods with their options' JSON schema and defaults, the request schema, the limits."""
+        listed = []
+        for name, method in engine.methods.items():
+            try:
+                defaults = method.Options().model_dump()
+            except Exception:  # noqa: BLE001 - an Options model with required fields has no defaults
+                defaults = {}
+            listed.append(
+                {
+                    "name": name,
+                    "description": method.description,
+                    "device": str(method.device),
+                    "native_resolution": method.native_resolution,
+                    "options_schema": method.options_schema(),
+                    "options_defaults": defaults,
+                }
+            )
+        return {
+            "methods": listed,
+            "default_method": engine.default_method,
+            "request_schema": ServiceRequest.model_json_schema(),
+            "request_defaults": InpaintRequest().model_dump(),
+            "schedulers": list(SCHEDULERS),
+            "limits": {**engine.limits.model_dump(), "max_upload_bytes": limits.max_upload_bytes},
+        }
+
+    @app.get("/api/v1/health")
+    def health():
+        """Liveness and queue figures."""
+        return {"status": "ok", "methods": list(engine.methods), **engine.stats()}
+
+    @app.get("/", include_in_schema=False)
+    def index():
+        return FileResponse(STATIC_DIR / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app

@@ -1,0 +1,396 @@
+"""The serving engine: owns the loaded methods, a bounded job queue and one worker thread per device.
+
+Usable without HTTP::
+
+    engine = Engine({"brushnet": load_method("brushnet", paths)}, Limits(max_queue=8))
+    job = engine.submit("brushnet", image, mask, InpaintRequest(prompt="a cat", seed=1))
+    job.wait(60)
+    job.result.images[0].save("out.png")
+
+Each device has exactly one worker running one job at a time (the device's lock), so two methods on the
+same GPU never run together and results are the same as a direct :func:`~brushnet.methods.inpaint` call
+with the same seed. Timeouts and cancellation of a running job are cooperative: they take effect at the
+next denoising step (``on_step``); a queued job is cancelled at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..image import InputError, mask_to_array
+from ..methods.base import InpaintMethod, InpaintRequest, InpaintResult, inpaint
+from ..methods.processing import grow_mask
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Limits",
+    "Job",
+    "JobState",
+    "Engine",
+    "ServiceError",
+    "InvalidInput",
+    "SchemaError",
+    "TooLarge",
+    "QueueFull",
+    "UnknownJob",
+    "JobConflict",
+]
+
+
+class Limits(BaseModel):
+    """Service limits; shared by the engine (pixels, queue, timeout, history) and the API (bytes)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_upload_bytes: int = Field(20 * 2**20, ge=1, description="Largest request body / uploaded file.")
+    max_pixels: int = Field(4096 * 4096, ge=1, description="Largest image, width x height.")
+    max_queue: int = Field(32, ge=1, description="Most jobs waiting (not running); more answer 429.")
+    job_timeout_s: float = Field(600.0, gt=0, description="Longest a job may run once started.")
+    max_history: int = Field(100, ge=1, description="Finished jobs kept in memory (least recently used go).")
+    result_ttl_s: float = Field(
+        3600.0, gt=0, description="Finished jobs are dropped this long after finishing."
+    )
+
+
+class ServiceError(Exception):
+    """A request the service refuses; ``status`` is the HTTP status the API answers with."""
+
+    status = 400
+
+
+class InvalidInput(ServiceError):
+    status = 400
+
+
+class SchemaError(ServiceError):
+    status = 422
+
+
+class TooLarge(ServiceError):
+    status = 413
+
+
+class QueueFull(ServiceError):
+    status = 429
+
+
+class UnknownJob(ServiceError):
+    status = 404
+
+
+class JobConflict(ServiceError):
+    status = 409
+
+
+class JobState:
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    FINISHED = frozenset({DONE, FAILED, CANCELLED})
+
+
+class _Stop(Exception):
+    """Raised inside ``on_step`` to stop a running job (timeout or cancel)."""
+
+    def __init__(self, state: str, message: str):
+        super().__init__(message)
+        self.state = state
+        self.message = message
+
+
+@dataclass(eq=False)
+class Job:
+    """One inpainting job. Read its fields freely; only the engine writes them."""
+
+    id: str
+    method: str
+    request: InpaintRequest
+    image: Image.Image | None = field(repr=False)  # released when the job finishes
+    mask: np.ndarray | None = field(repr=False)
+    state: str = JobState.QUEUED
+    step: int = 0
+    total: int = 0
+    error: str | None = None
+    error_kind: str | None = None  # "timeout", "cancelled", "input", "internal"
+    result: InpaintResult | None = field(default=None, repr=False)
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    version: int = 0  # bumped on every change (progress or state); SSE streams watch it
+    _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
+    _finished: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def finished(self) -> bool:
+        return self.state in JobState.FINISHED
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the job is done, failed or cancelled; False if ``timeout`` passed first."""
+        return self._finished.wait(timeout)
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-ready summary (no images)."""
+        out: dict[str, Any] = {
+            "job_id": self.id,
+            "state": self.state,
+            "method": self.method,
+            "progress": {"step": self.step, "total": self.total},
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "error": self.error,
+        }
+        if self.result is not None:
+            out["result"] = {**self.result.metadata(), "num_images": len(self.result.images)}
+        return out
+
+
+class _Worker:
+    """One thread per device: takes the oldest queued job for its device and runs it."""
+
+    def __init__(self, engine: Engine, device: str):
+        self.engine = engine
+        self.device = device
+        self.queue: deque[Job] = deque()
+        self.current: Job | None = None
+        self.thread = threading.Thread(target=self._run, name=f"brushnet-worker-{device}", daemon=True)
+
+    def _next(self) -> Job | None:
+        cond = self.engine._cond
+        with cond:
+            while True:
+                if self.engine._closing:
+                    return None
+                while self.queue:
+                    job = self.queue.popleft()
+                    if job.state == JobState.QUEUED:
+                        job.state = JobState.RUNNING
+                        job.started_at = time.time()
+                        job.version += 1
+                        self.current = job
+                        return job
+                cond.wait()
+
+    def _run(self) -> None:
+        while (job := self._next()) is not None:
+            self.engine._execute(job)
+            with self.engine._cond:
+                self.current = None
+                self.engine._cond.notify_all()
+
+
+class Engine:
+    """Owns loaded methods, the queue, the workers and the finished-job history.
+
+    Args:
+        methods: loaded methods by name (the first is the default). Jobs for methods on the same device
+            share that device's single worker.
+        limits: see :class:`Limits`.
+    """
+
+    def __init__(self, methods: Mapping[str, InpaintMethod], limits: Limits | None = None):
+        if not methods:
+            raise ValueError("the engine needs at least one loaded method")
+        self.methods = dict(methods)
+        self.limits = limits or Limits()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._workers: dict[str, _Worker] = {}
+        for method in self.methods.values():
+            device = str(method.device)
+            if device not in self._workers:
+                self._workers[device] = _Worker(self, device)
+        for worker in self._workers.values():
+            worker.thread.start()
+
+    @property
+    def default_method(self) -> str:
+        return next(iter(self.methods))
+
+    # ------------------------------------------------------------------ submit / query / cancel
+
+    def check_image_size(self, width: int, height: int, what: str = "image") -> None:
+        if width * height > self.limits.max_pixels:
+            raise TooLarge(
+                f"{what} is {width}x{height} = {width * height} pixels; the limit is {self.limits.max_pixels}"
+            )
+
+    def validate(
+        self, method: str | None, image: Image.Image, mask: Any, request: InpaintRequest
+    ) -> tuple[str, np.ndarray]:
+        """Check everything that can be checked before queuing; return the method name and the mask
+        (boolean ``(H, W)``, True = hole, before ``invert_mask``/``mask_grow``)."""
+        name = method or self.default_method
+        if name not in self.methods:
+            raise SchemaError(f"method {name!r} is not loaded; loaded: {', '.join(self.methods)}")
+        try:
+            self.methods[name].parse_options(request.options)
+        except InputError as exc:
+            raise SchemaError(str(exc)) from None
+        self.check_image_size(*image.size)
+        try:
+            hole = mask_to_array(mask)
+        except InputError as exc:
+            raise InvalidInput(str(exc)) from None
+        if (hole.shape[1], hole.shape[0]) != image.size:
+            raise InvalidInput(
+                f"mask is {hole.shape[1]}x{hole.shape[0]} but the image is "
+                f"{image.size[0]}x{image.size[1]}; they must match"
+            )
+        effective = grow_mask(~hole if request.invert_mask else hole, request.mask_grow)
+        if not effective.any():
+            raise InvalidInput("mask is empty: no white pixel marks a region to inpaint (white = inpaint)")
+        return name, hole
+
+    def submit(
+        self, method: str | None, image: Image.Image, mask: Any, request: InpaintRequest | None = None
+    ) -> Job:
+        """Validate and queue a job. Raises a :class:`ServiceError` subclass for a refused request."""
+        request = request or InpaintRequest()
+        name, hole = self.validate(method, image, mask, request)
+        job = Job(
+            id=uuid.uuid4().hex,
+            method=name,
+            request=request,
+            image=image.convert("RGB"),
+            mask=hole,
+            total=request.steps,
+        )
+        worker = self._workers[str(self.methods[name].device)]
+        with self._cond:
+            if self._closing:
+                raise ServiceError("the engine is shutting down")
+            if self.queued_count() >= self.limits.max_queue:
+                raise QueueFull(f"queue is full ({self.limits.max_queue} jobs waiting); retry later")
+            self._jobs[job.id] = job
+            worker.queue.append(job)
+            self._trim_history()
+            self._cond.notify_all()
+        return job
+
+    def get(self, job_id: str) -> Job:
+        with self._cond:
+            self._trim_history()
+            job = self._jobs.get(job_id)
+            if job is None:
+                raise UnknownJob(f"no job {job_id!r} (unknown, or dropped from the history)")
+            self._jobs.move_to_end(job_id)
+            return job
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a queued job at once, or ask a running one to stop at its next step."""
+        with self._cond:
+            job = self.get(job_id)
+            if job.finished:
+                raise JobConflict(f"job {job_id} is already {job.state}")
+            job._cancel.set()
+            if job.state == JobState.QUEUED:
+                self._finish(job, JobState.CANCELLED, "cancelled before it started", "cancelled")
+            return job
+
+    def queued_count(self) -> int:
+        with self._cond:
+            return sum(job.state == JobState.QUEUED for w in self._workers.values() for job in w.queue)
+
+    def stats(self) -> dict[str, Any]:
+        with self._cond:
+            return {
+                "queued": self.queued_count(),
+                "running": sum(w.current is not None for w in self._workers.values()),
+                "jobs_in_memory": len(self._jobs),
+                "workers": sorted(self._workers),
+            }
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Cancel queued jobs, stop the running ones at their next step, and join the workers."""
+        with self._cond:
+            self._closing = True
+            for worker in self._workers.values():
+                for job in worker.queue:
+                    if job.state == JobState.QUEUED:
+                        self._finish(job, JobState.CANCELLED, "server shutting down", "cancelled")
+                if worker.current is not None:
+                    worker.current._cancel.set()
+            self._cond.notify_all()
+        for worker in self._workers.values():
+            worker.thread.join(timeout)
+
+    # ------------------------------------------------------------------ running
+
+    def _finish(self, job: Job, state: str, error: str | None = None, kind: str | None = None) -> None:
+        # caller holds self._cond
+        job.state = state
+        job.error = error
+        job.error_kind = kind
+        job.finished_at = time.time()
+        job.image, job.mask = None, None  # inputs are not needed any more; keep only the result
+        job.version += 1
+        job._finished.set()
+        self._trim_history()
+        self._cond.notify_all()
+
+    def _trim_history(self) -> None:
+        # caller holds self._cond; drops expired finished jobs, then the least recently used over the count
+        expired_before = time.time() - self.limits.result_ttl_s
+        for jid in [j.id for j in self._jobs.values() if j.finished and j.finished_at < expired_before]:
+            del self._jobs[jid]
+        finished = [jid for jid, job in self._jobs.items() if job.finished]
+        for jid in finished[: max(0, len(finished) - self.limits.max_history)]:
+            del self._jobs[jid]
+
+    def _execute(self, job: Job) -> None:
+        deadline = time.monotonic() + self.limits.job_timeout_s
+
+        def on_step(step: int, total: int) -> None:
+            job.step, job.total = step, total
+            job.version += 1
+            if job._cancel.is_set():
+                raise _Stop(JobState.CANCELLED, f"cancelled at step {step}/{total}")
+            if time.monotonic() > deadline:
+                raise _Stop(
+                    JobState.FAILED,
+                    f"timed out after {self.limits.job_timeout_s:g} s (at step {step}/{total})",
+                )
+
+        try:
+            result = inpaint(self.methods[job.method], job.image, job.mask, job.request, on_step=on_step)
+        except _Stop as stop:
+            kind = "cancelled" if stop.state == JobState.CANCELLED else "timeout"
+            with self._cond:
+                self._finish(job, stop.state, stop.message, kind)
+            return
+        except InputError as exc:
+            with self._cond:
+                self._finish(job, JobState.FAILED, str(exc), "input")
+            return
+        except Exception as exc:  # noqa: BLE001 - a failed job must not kill the worker
+            logger.exception("job %s (%s) failed", job.id, job.method)
+            first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+            message = f"internal error: {exc.__class__.__name__}" + (f": {first_line}" if first_line else "")
+            with self._cond:
+                self._finish(job, JobState.FAILED, message, "internal")
+            return
+        with self._cond:
+            if time.monotonic() > deadline:
+                self._finish(
+                    job, JobState.FAILED, f"timed out after {self.limits.job_timeout_s:g} s", "timeout"
+                )
+                return
+            job.result = result
+            job.step = job.total = max(job.total, job.step)
+            self._finish(job, JobState.DONE)
