@@ -117,3 +117,32 @@ def test_help_is_fast_and_lists_commands():
     imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert imported.stdout.strip() == "False", "the CLI must not import torch for --help"
     assert time.perf_counter() - start < 30
+
+
+def test_single_file_base_gives_the_same_image_as_its_folder(tiny_models, files, tmp_path):
+    from brushnet.convert import save_single_file
+
+    single = save_single_file(tiny_models["base"], tmp_path / "base.safetensors")
+    common = ["--brushnet", str(tiny_models["brushnet"]), "-i", str(files / "img.png"), "--steps", "2", "-q"]
+    common += ["-m", str(files / "mask.png"), "--seed", "5"]
+    folder_run = runner.invoke(
+        app, ["inpaint", "--base", str(tiny_models["base"]), *common, "-o", str(tmp_path / "a.png")]
+    )
+    assert folder_run.exit_code == 0, folder_run.output
+    file_run = runner.invoke(
+        app,
+        [
+            "inpaint",
+            "--base",
+            str(single),
+            "--base-config",
+            str(tiny_models["base"]),
+            *common,
+            "-o",
+            str(tmp_path / "b.png"),
+        ],
+    )
+    assert file_run.exit_code == 0, file_run.output
+    assert np.array_equal(
+        np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png"))
+    )

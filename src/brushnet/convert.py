@@ -1,0 +1,194 @@
+"""Export a diffusers SD1.5-layout base model to one original-layout (LDM) ``.safetensors`` file.
+
+Community SD1.5 models are shared as single files in the original CompVis layout
+(``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.transformer.*``). This module writes
+that layout from a diffusers folder — the inverse of what ``StableDiffusionPipeline.from_single_file`` reads —
+so the single-file loading path can be tested offline on tiny models, and users can hand a fine-tuned base to
+tools that only take single files.
+
+    python -m brushnet.convert path/to/diffusers-folder model.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+
+__all__ = ["unet_to_ldm", "vae_to_ldm", "text_encoder_to_ldm", "save_single_file"]
+
+_RESNET_UNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+_RESNET_VAE = {"conv_shortcut": "nin_shortcut"}
+_ATTENTION_VAE = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _rename_inside(rest: str, table: dict[str, str]) -> str:
+    for new, old in table.items():
+        if rest == new or rest.startswith(new + "."):
+            return old + rest[len(new) :]
+    return rest
+
+
+def _unet_key(key: str, config) -> str:
+    """One diffusers UNet key -> its LDM name (without the ``model.diffusion_model.`` prefix)."""
+    layers = config.layers_per_block
+    fixed = {
+        "time_embedding.linear_1": "time_embed.0",
+        "time_embedding.linear_2": "time_embed.2",
+        "conv_in": "input_blocks.0.0",
+        "conv_norm_out": "out.0",
+        "conv_out": "out.2",
+    }
+    for new, old in fixed.items():
+        if key.startswith(new + "."):
+            return old + key[len(new) :]
+    parts = key.split(".")
+    if parts[0] == "down_blocks":
+        i = int(parts[1])
+        kind, j, rest = parts[2], int(parts[3]), ".".join(parts[4:])
+        if kind == "resnets":
+            return f"input_blocks.{1 + i * (layers + 1) + j}.0.{_rename_inside(rest, _RESNET_UNET)}"
+        if kind == "attentions":
+            return f"input_blocks.{1 + i * (layers + 1) + j}.1.{rest}"
+        if kind == "downsamplers":  # downsamplers.0.conv.weight -> op.weight
+            return f"input_blocks.{(i + 1) * (layers + 1)}.0.op.{rest.split('.', 1)[1]}"
+    if parts[0] == "mid_block":
+        kind, j, rest = parts[1], int(parts[2]), ".".join(parts[3:])
+        if kind == "resnets":
+            return f"middle_block.{2 * j}.{_rename_inside(rest, _RESNET_UNET)}"
+        if kind == "attentions":
+            return f"middle_block.1.{rest}"
+    if parts[0] == "up_blocks":
+        i = int(parts[1])
+        kind, j, rest = parts[2], int(parts[3]), ".".join(parts[4:])
+        has_attention = "CrossAttn" in config.up_block_types[i]
+        per_block = layers + 1
+        if kind == "resnets":
+            return f"output_blocks.{i * per_block + j}.0.{_rename_inside(rest, _RESNET_UNET)}"
+        if kind == "attentions":
+            return f"output_blocks.{i * per_block + j}.1.{rest}"
+        if kind == "upsamplers":
+            return f"output_blocks.{i * per_block + layers}.{2 if has_attention else 1}.{rest}"
+    raise ValueError(f"no original-layout name for UNet key {key!r}")
+
+
+def unet_to_ldm(unet) -> dict[str, torch.Tensor]:
+    """``UNet2DConditionModel`` (SD1.5 layout) -> ``{"model.diffusion_model.<ldm key>": tensor}``."""
+    config = unet.config
+    if config.addition_embed_type is not None or config.class_embed_type is not None:
+        raise ValueError("only SD1.5-layout UNets (no added embeddings) can be exported")
+    return {
+        "model.diffusion_model." + _unet_key(k, config): v.detach().contiguous()
+        for k, v in unet.state_dict().items()
+    }
+
+
+def _vae_key(key: str, num_blocks: int) -> str:
+    parts = key.split(".")
+    side = parts[0]
+    if side in ("quant_conv", "post_quant_conv"):
+        return key
+    rest_parts = parts[1:]
+    head = rest_parts[0]
+    if head in ("conv_in", "conv_out"):
+        return key
+    if head == "conv_norm_out":
+        return f"{side}.norm_out.{'.'.join(rest_parts[1:])}"
+    if head == "mid_block":
+        kind, j, rest = rest_parts[1], int(rest_parts[2]), ".".join(rest_parts[3:])
+        if kind == "resnets":
+            return f"{side}.mid.block_{j + 1}.{_rename_inside(rest, _RESNET_VAE)}"
+        return f"{side}.mid.attn_1.{_rename_inside(rest, _ATTENTION_VAE)}"
+    if head in ("down_blocks", "up_blocks"):
+        i, kind = int(rest_parts[1]), rest_parts[2]
+        level = i if head == "down_blocks" else num_blocks - 1 - i
+        name = "down" if head == "down_blocks" else "up"
+        if kind == "resnets":
+            j, rest = int(rest_parts[3]), ".".join(rest_parts[4:])
+            return f"{side}.{name}.{level}.block.{j}.{_rename_inside(rest, _RESNET_VAE)}"
+        rest = ".".join(rest_parts[4:])  # downsamplers.0.conv.weight / upsamplers.0.conv.weight
+        return f"{side}.{name}.{level}.{'downsample' if name == 'down' else 'upsample'}.{rest}"
+    raise ValueError(f"no original-layout name for VAE key {key!r}")
+
+
+def vae_to_ldm(vae) -> dict[str, torch.Tensor]:
+    """``AutoencoderKL`` -> ``{"first_stage_model.<ldm key>": tensor}`` (attention projections as 1×1 convs)."""
+    num_blocks = len(vae.config.block_out_channels)
+    out = {}
+    for key, value in vae.state_dict().items():
+        name = _vae_key(key, num_blocks)
+        if ".mid.attn_1." in name and name.endswith(".weight") and value.ndim == 2:
+            value = value[:, :, None, None]
+        out["first_stage_model." + name] = value.detach().contiguous()
+    return out
+
+
+def text_encoder_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
+    """``CLIPTextModel`` -> ``{"cond_stage_model.transformer.<key>": tensor}``."""
+    out = {}
+    for key, value in text_encoder.state_dict().items():
+        if key.endswith("position_ids"):
+            continue
+        # transformers 5 names the text tower's keys without the `text_model.` of the released files
+        key = key if key.startswith("text_model.") else "text_model." + key
+        out["cond_stage_model.transformer." + key] = value.detach().contiguous()
+    return out
+
+
+def save_single_file(
+    folder: str | os.PathLike, path: str | os.PathLike, dtype: torch.dtype | None = None
+) -> Path:
+    """Write the UNet, VAE and text encoder of a diffusers base folder as one original-layout file.
+
+    Args:
+        folder: a diffusers SD1.5-layout base model folder.
+        path: the ``.safetensors`` file to write (atomically).
+        dtype: cast floating tensors (e.g. ``torch.float16``); None keeps them.
+
+    Returns:
+        The written path.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel
+
+    folder, path = Path(folder), Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"output must be a .safetensors file, got {path.name}")
+    state = {}
+    state.update(unet_to_ldm(UNet2DConditionModel.from_pretrained(folder, subfolder="unet")))
+    state.update(vae_to_ldm(AutoencoderKL.from_pretrained(folder, subfolder="vae")))
+    state.update(text_encoder_to_ldm(CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")))
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_file(state, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", help="diffusers SD1.5-layout base folder")
+    parser.add_argument("output", help="the .safetensors file to write")
+    parser.add_argument("--fp16", action="store_true", help="store floating tensors as float16")
+    args = parser.parse_args(argv)
+    out = save_single_file(args.folder, args.output, torch.float16 if args.fp16 else None)
+    print(out)
+
+
+if __name__ == "__main__":
+    main()

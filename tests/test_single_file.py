@@ -1,0 +1,75 @@
+"""Single-file base models: a diffusers folder exported to the original layout loads back identically."""
+
+import pytest
+import torch
+
+from brushnet.convert import save_single_file
+from brushnet.loading import CheckpointError, load_base_components
+from brushnet.testing import PRESETS, ArchSpec, build_base
+
+# two resnets per block exercise the LDM block-index arithmetic that one layer per block would hide
+TWO_LAYERS = ArchSpec((32, 64, 64), 2, 32, 4, 8, (8, 16), 1, 32, 2, 2, 37, 8)
+
+
+@pytest.fixture(scope="module", params=["tiny", "two_layers"])
+def exported(request, tmp_path_factory):
+    spec = PRESETS["tiny"] if request.param == "tiny" else TWO_LAYERS
+    root = tmp_path_factory.mktemp(f"single_{request.param}")
+    folder = build_base(root / "base", spec, seed=3)
+    path = save_single_file(folder, root / "model.safetensors")
+    return folder, path
+
+
+def _assert_same(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        torch.testing.assert_close(sa[key], sb[key], rtol=0, atol=0, msg=key)
+
+
+def test_single_file_loads_back_every_weight(exported):
+    folder, path = exported
+    from_folder = load_base_components(folder)
+    from_file = load_base_components(path, config=folder)
+    for name in ("unet", "vae", "text_encoder"):
+        _assert_same(from_folder[name], from_file[name])
+    assert type(from_file["scheduler"]).__name__ == type(from_folder["scheduler"]).__name__
+
+
+def test_export_names_match_the_original_layout(exported):
+    from safetensors import safe_open
+
+    _, path = exported
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+    # names a community SD1.5 checkpoint carries
+    for key in (
+        "model.diffusion_model.input_blocks.0.0.weight",
+        "model.diffusion_model.time_embed.0.weight",
+        "model.diffusion_model.middle_block.1.proj_in.weight",
+        "model.diffusion_model.out.2.weight",
+        "first_stage_model.encoder.mid.attn_1.q.weight",
+        "first_stage_model.decoder.up.0.block.0.conv1.weight",
+        "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight",
+    ):
+        assert key in keys, key
+    assert not any(k.startswith(("down_blocks", "up_blocks", "mid_block")) for k in keys)
+
+
+def test_single_file_errors_are_one_line(tmp_path, exported):
+    folder, path = exported
+    bad = tmp_path / "model.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="pickle-based"):
+        load_base_components(bad)
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x00" * 64)
+    with pytest.raises(
+        CheckpointError, match="cannot load single-file checkpoint corrupt.safetensors"
+    ) as err:
+        load_base_components(corrupt, config=folder)
+    assert "\n" not in str(err.value)
+    text = tmp_path / "x.txt"
+    text.write_text("x")
+    with pytest.raises(CheckpointError, match="must be .safetensors"):
+        load_base_components(text)
