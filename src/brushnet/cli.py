@@ -170,7 +170,6 @@ def make_tiny_models(
 _SUB_APPS = {
     "data": ("brushnet.data.cli", "app", "Training data: synthetic shards."),
     "shapes": ("brushnet.data.shapes_cli", "app", "The procedural shapes world."),
-    "train": ("brushnet.training.cli", "app", "Train a BrushNet branch."),
     "bench": ("brushnet.bench.cli", "app", "Benchmarks: BrushBench-style evaluation and speed."),
 }
 for _name, (_module, _attr, _help) in _SUB_APPS.items():
@@ -179,6 +178,9 @@ for _name, (_module, _attr, _help) in _SUB_APPS.items():
     except ModuleNotFoundError as _exc:  # a part not installed in this tree
         if _exc.name not in (_module, _module.rsplit(".", 1)[0]):
             raise
+
+# `brushnet train <flags>`: one command whose flags all go to the training parser (not a group)
+importlib.import_module("brushnet.training.cli").register(app)
 
 _COMMANDS = {
     "batch": ("brushnet.methods.cli", "batch_command"),
