@@ -185,6 +185,7 @@ importlib.import_module("brushnet.training.cli").register(app)
 _COMMANDS = {
     "batch": ("brushnet.methods.cli", "batch_command"),
     "compare": ("brushnet.methods.cli", "compare_command"),
+    "outpaint": ("brushnet.methods.cli", "outpaint_command"),
     "serve": ("brushnet.service.cli", "serve_command"),
     "demo": ("brushnet.demo", "demo_command"),
 }
