@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..cli_common import atomic_write_bytes
 from ..image import InputError
 from .datasets import BenchDataset, BenchItem, shard_indices
 
@@ -44,7 +45,6 @@ __all__ = [
     "RunStats",
     "run_benchmark",
     "score_item",
-    "atomic_write_bytes",
     "output_paths",
 ]
 
@@ -62,6 +62,9 @@ METRIC_COLUMNS: dict[str, str] = {
     "ssim": "ssim",
 }
 VARIANTS = ("raw", "blended")
+GENERATION_CHUNK = "brushnet"
+"""PNG text chunk of every raw output: the generation's JSON (method, seed, parameters, timings, UNet calls),
+so that rows can be rebuilt from the outputs alone."""
 
 
 class BenchSettings(BaseModel):
@@ -91,25 +94,28 @@ class RunStats:
     failed: int = 0
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_png(path: Path, image: Image.Image) -> None:
+def _atomic_png(path: Path, image: Image.Image, metadata: Mapping[str, Any] | None = None) -> None:
+    """Write ``image`` as PNG atomically; ``metadata`` goes into its ``brushnet`` text chunk as JSON."""
     import io
 
+    from PIL.PngImagePlugin import PngInfo
+
+    info = None
+    if metadata is not None:
+        info = PngInfo()
+        info.add_text(GENERATION_CHUNK, json.dumps(metadata, sort_keys=True, default=str))
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="PNG", pnginfo=info)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def _generation_record(path: Path) -> dict[str, Any]:
+    """The generation metadata a raw output carries (empty when missing or unreadable)."""
+    try:
+        with Image.open(path) as image:
+            return json.loads(image.text.get(GENERATION_CHUNK, "{}"))
+    except (OSError, ValueError, AttributeError):
+        return {}
 
 
 def output_paths(run_dir: Path, method: str, mask_kind: str, item_id: str) -> dict[str, Path]:
@@ -170,21 +176,42 @@ def score_item(
 
 
 def _check_run_json(run_dir: Path, record: dict[str, Any], write: bool) -> None:
+    """Refuse to mix outputs of another protocol, dataset or dtype into ``run_dir``; merge method and mask-kind
+    lists (a later call may add methods, or run on more of the set)."""
     path = run_dir / "run.json"
     if path.is_file():
-        previous = json.loads(path.read_text())
-        for key in ("settings", "dataset"):
-            if previous.get(key) != record[key]:
-                raise InputError(
-                    f"{run_dir} was made with different {key} ({previous.get(key)} vs {record[key]}); "
-                    "use another --output"
-                )
+        try:
+            previous = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            raise InputError(f"{path}: not valid JSON; use another --output") from None
+        checks = {
+            "settings": (previous.get("settings"), record["settings"]),
+            "dataset": (
+                {k: v for k, v in previous.get("dataset", {}).items() if k != "size"},
+                {k: v for k, v in record["dataset"].items() if k != "size"},
+            ),
+            "dtype": (previous.get("dtype"), record["dtype"]),
+        }
+        for key, (before, now) in checks.items():
+            if before != now:
+                raise InputError(f"{run_dir} was made with different {key} ({before} vs {now}); use another --output")
         merged = dict(previous)
         merged["methods"] = sorted(set(previous.get("methods", [])) | set(record["methods"]))
         merged["mask_kinds"] = sorted(set(previous.get("mask_kinds", [])) | set(record["mask_kinds"]))
+        merged["dataset"]["size"] = max(previous["dataset"].get("size", 0), record["dataset"]["size"])
         record = merged
     if write:
         atomic_write_bytes(path, json.dumps(record, indent=2).encode())
+
+
+def _timing(generation: Mapping[str, Any]) -> dict[str, Any]:
+    """Row columns from a generation record: wall-clock seconds and UNet calls per image."""
+    timing: dict[str, Any] = {}
+    if "total_s" in generation.get("timings", {}):
+        timing["seconds"] = generation["timings"]["total_s"]
+    if "unet_calls" in generation:
+        timing["unet_calls"] = generation["unet_calls"]
+    return timing
 
 
 def _read_rows(path: Path) -> dict[str, Any] | None:
@@ -296,16 +323,14 @@ def run_benchmark(
                     continue
                 raw = result.images[0]
                 blended = blend_pil(item.image, raw, item.mask, kernel_size=settings.blend_kernel_size)
-                _atomic_png(paths["raw"], raw)
                 _atomic_png(paths["blended"], blended)
-                timing = {"seconds": result.timings["total_s"], "unet_calls": result.unet_calls}
+                _atomic_png(paths["raw"], raw, result.metadata())
+                timing = _timing(result.metadata())
                 stats.generated += 1
             else:
                 raw = Image.open(paths["raw"]).convert("RGB")
                 blended = Image.open(paths["blended"]).convert("RGB")
-                previous = _read_rows(paths["rows"]) or {}
-                old = (previous.get("rows") or [{}])[0]
-                timing = {key: old[key] for key in ("seconds", "unet_calls") if key in old}
+                timing = _timing(_generation_record(paths["raw"]))
                 stats.rescored += 1
             scores = score_item(suite, item, {"raw": raw, "blended": blended}, mask_kind)
             rows = []

@@ -1,0 +1,176 @@
+"""End to end: a 2-image shapes-world BrushBench set × brushnet and a baseline × the weight-free metrics;
+the rows, the summary, the Markdown table, resuming without regenerating, shards, and the CLI."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from brushnet.bench.datasets import load_dataset
+from brushnet.bench.report import PUBLISHED_SOURCE, load_rows, write_reports
+from brushnet.bench.runner import BenchSettings, run_benchmark
+from brushnet.image import InputError
+from brushnet.methods import available_methods, load_method
+
+SETTINGS = BenchSettings(steps=2)
+BASELINE = "blended-latent-diffusion"
+PIXEL_COLUMNS = ("psnr_orig", "mse_orig", "psnr", "mse", "ssim")
+
+
+def _methods():
+    methods = ["brushnet"]
+    if BASELINE in available_methods():
+        methods.append(BASELINE)
+    return methods
+
+
+class CountingLoader:
+    """``load_method`` that counts every ``generate`` call of the methods it loads."""
+
+    def __init__(self):
+        self.generate_calls = 0
+
+    def __call__(self, name, models, device="cpu", dtype="fp32"):
+        method = load_method(name, models, device=device, dtype=dtype)
+        generate = method.generate
+
+        def counted(*args, **kwargs):
+            self.generate_calls += 1
+            return generate(*args, **kwargs)
+
+        method.generate = counted
+        return method
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_models, shapes_set):
+    run_dir = tmp_path_factory.mktemp("run")
+    dataset = load_dataset(shapes_set)
+    loader = CountingLoader()
+    stats = run_benchmark(_methods(), tiny_models, dataset, run_dir, SETTINGS, load=loader)
+    return run_dir, dataset, loader, stats
+
+
+def test_rows_hold_both_variants_of_one_generation(finished_run):
+    run_dir, dataset, loader, stats = finished_run
+    methods = _methods()
+    if len(methods) == 1:
+        pytest.skip(f"{BASELINE} not registered: only brushnet ran")
+    assert (stats.generated, stats.skipped, loader.generate_calls) == (2 * len(methods), 0, 2 * len(methods))
+    rows = load_rows(run_dir)
+    assert len(rows) == len(methods) * len(dataset) * 2
+    for row in rows:
+        for column in PIXEL_COLUMNS + ("colour_ok", "shape_ok", "seconds", "unet_calls"):
+            assert column in row, column
+        assert not {"lpips", "clip_score", "hps", "image_reward", "aesthetic"} & set(row)
+        assert row["unet_calls"] == 2 * SETTINGS.steps  # CFG pair per step
+        # the original script's MSE is 3x the per-channel mean on the same kept pixels
+        assert row["mse_orig"] == pytest.approx(3 * row["mse"], rel=1e-9)
+    for method in methods:
+        for item in dataset:
+            raw = np.asarray(Image.open(run_dir / f"outputs/{method}/inside/raw/{item.id}.png")).astype(int)
+            blended = np.asarray(
+                Image.open(run_dir / f"outputs/{method}/inside/blended/{item.id}.png")
+            ).astype(int)
+            original = np.asarray(item.image).astype(int)
+            # blended = the same raw generation inside the hole, the original far from it
+            np.testing.assert_array_equal(blended[item.mask], raw[item.mask])
+            far = ~np.asarray(
+                Image.fromarray(item.mask).filter(__import__("PIL.ImageFilter").ImageFilter.MaxFilter(23))
+            )
+            np.testing.assert_array_equal(blended[far], original[far])
+            pair = {r["variant"]: r for r in rows if r["method"] == method and r["id"] == item.id}
+            assert pair["blended"]["mse"] < pair["raw"]["mse"]
+            assert pair["raw"]["seconds"] == pair["blended"]["seconds"]
+
+
+def test_summary_and_markdown(finished_run):
+    run_dir, dataset, _, _ = finished_run
+    paths = write_reports(run_dir)
+    for key in (
+        "per_image_jsonl",
+        "per_image_csv",
+        "summary_csv",
+        "table_md",
+        "grid_inside_png",
+        "grid_inside_html",
+    ):
+        assert paths[key].is_file(), key
+    rows = load_rows(run_dir)
+    with open(paths["summary_csv"]) as file:
+        summary = list(csv.DictReader(file))
+    assert len(summary) == len(_methods()) * 2
+    for entry in summary:
+        members = [r for r in rows if (r["method"], r["variant"]) == (entry["method"], entry["variant"])]
+        assert int(entry["n"]) == len(members) == len(dataset)
+        assert float(entry["psnr"]) == pytest.approx(np.mean([r["psnr"] for r in members]))
+        assert float(entry["colour_ok"]) == pytest.approx(np.mean([r["colour_ok"] for r in members]))
+    table = paths["table_md"].read_text()
+    brushnet_blended = next(e for e in summary if (e["method"], e["variant"]) == ("brushnet", "blended"))
+    line = next(line for line in table.splitlines() if line.startswith("| brushnet | blended | 2 |"))
+    cells = [cell.strip() for cell in line.strip("|").split("|")]
+    assert cells[3:6] == ["–", "–", "–"]  # IR, HPS, AS: no weights
+    assert cells[6] == f"{float(brushnet_blended['psnr_orig']):.2f}"
+    assert cells[7] == f"{float(brushnet_blended['mse_orig']) * 1e3:.2f}"
+    assert (
+        f"| BrushNet blended ({PUBLISHED_SOURCE}) | blended | 600 | 12.64 | 27.78 | 6.51 | 31.94 | 0.80 | 18.67 | 26.39 |"
+        in table
+    )
+    assert len(paths["per_image_jsonl"].read_text().splitlines()) == len(rows)
+    assert "data:image/png;base64," in paths["grid_inside_html"].read_text()
+
+
+def test_rerun_resumes_without_generating(finished_run, tiny_models):
+    run_dir, dataset, _, _ = finished_run
+    outputs = sorted((run_dir / "outputs").rglob("*.png"))
+    mtimes = {path: path.stat().st_mtime_ns for path in outputs}
+    loader = CountingLoader()
+    stats = run_benchmark(_methods(), tiny_models, dataset, run_dir, SETTINGS, load=loader)
+    assert (loader.generate_calls, stats.generated, stats.skipped) == (0, 0, len(_methods()) * len(dataset))
+    # a lost row file is re-scored from the saved outputs, still without generating
+    row_file = run_dir / "rows" / "brushnet" / "inside" / f"{dataset.ids[0]}.json"
+    before = json.loads(row_file.read_text())
+    row_file.unlink()
+    stats = run_benchmark(_methods(), tiny_models, dataset, run_dir, SETTINGS, load=loader)
+    assert (loader.generate_calls, stats.rescored) == (0, 1)
+    assert json.loads(row_file.read_text()) == before
+    assert {path: path.stat().st_mtime_ns for path in outputs} == mtimes
+    with pytest.raises(InputError, match="different settings"):
+        run_benchmark(["brushnet"], tiny_models, dataset, run_dir, BenchSettings(steps=3), load=loader)
+
+
+def test_shards_write_disjoint_parts_of_the_same_run(tmp_path, tiny_models, shapes_set, finished_run):
+    dataset = load_dataset(shapes_set)
+    for index in range(2):
+        stats = run_benchmark(
+            ["brushnet"], tiny_models, dataset, tmp_path, SETTINGS, process_index=index, num_processes=2
+        )
+        assert stats.generated == 1
+    sharded = load_rows(tmp_path)
+    single = [r for r in load_rows(finished_run[0]) if r["method"] == "brushnet"]
+    drop = ("seconds",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in sharded] == [
+        {k: v for k, v in r.items() if k not in drop} for r in single
+    ]
+
+
+def test_cli_run_outside_and_report(tmp_path, tiny_models, shapes_set):
+    from typer.testing import CliRunner
+
+    from brushnet.bench.cli import app
+
+    runner = CliRunner()
+    args = ["run", "--methods", "brushnet", "--dataset", str(shapes_set), "--mask-kind", "outside", "--limit", "1",
+            "--output", str(tmp_path / "run"), "--steps", "1", "--base", tiny_models.base, "--brushnet", tiny_models.brushnet]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = load_rows(tmp_path / "run")
+    assert [(r["mask_kind"], r["variant"]) for r in rows] == [("outside", "blended"), ("outside", "raw")]
+    assert "colour_ok" not in rows[0]  # the target describes the inside hole only
+    assert rows[0]["hole_fraction"] > 0.5
+    result = runner.invoke(app, ["report", str(tmp_path / "run")])
+    assert result.exit_code == 0 and "## outside-inpainting" in result.output
+    result = runner.invoke(app, ["run", "--dataset", str(tmp_path / "nope"), "--output", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "error: dataset not found" in result.output
