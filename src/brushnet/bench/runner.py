@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,7 +193,9 @@ def _check_run_json(run_dir: Path, record: dict[str, Any], write: bool) -> None:
         }
         for key, (before, now) in checks.items():
             if before != now:
-                raise InputError(f"{run_dir} was made with different {key} ({before} vs {now}); use another --output")
+                raise InputError(
+                    f"{run_dir} was made with different {key} ({before} vs {now}); use another --output"
+                )
         merged = dict(previous)
         merged["methods"] = sorted(set(previous.get("methods", [])) | set(record["methods"]))
         merged["mask_kinds"] = sorted(set(previous.get("mask_kinds", [])) | set(record["mask_kinds"]))
