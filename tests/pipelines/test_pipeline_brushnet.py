@@ -210,3 +210,85 @@ def test_sdxl_branch_on_sd15_base_is_rejected(golden_dir):
     parts = make_pipe(golden_dir).components
     with pytest.raises(ValueError, match="SDXL BrushNet does not fit"):
         StableDiffusionBrushNetPipeline(**{**parts, "brushnet": sdxl})
+
+
+def _run(pipe, image, mask, **kwargs):
+    kwargs = {
+        "num_inference_steps": 2,
+        "output_type": "np",
+        "generator": torch.Generator().manual_seed(0),
+        **kwargs,
+    }
+    return pipe("a red ball", image, mask, **kwargs).images
+
+
+def test_prompt_embeds_latents_and_return_dict(pipe, inputs):
+    image, mask, _ = inputs
+    reference = _run(pipe, image, mask, negative_prompt="blurry")
+    embeds, negative = pipe.encode_prompt("a red ball", "cpu", 1, True, "blurry")
+    from_embeds = pipe(
+        prompt_embeds=embeds, negative_prompt_embeds=negative, image=image, mask_image=mask,
+        num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0),
+    ).images  # fmt: skip
+    np.testing.assert_allclose(from_embeds, reference, atol=1e-6)
+    latents = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(1))
+    a = _run(pipe, image, mask, latents=latents.clone())
+    b = _run(pipe, image, mask, latents=latents.clone())
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, reference)  # the given latents are used, not the generator's
+    as_tuple = pipe("a red ball", image, mask, num_inference_steps=1, output_type="np", return_dict=False)
+    assert isinstance(as_tuple, tuple) and as_tuple[0].shape == (1, 64, 64, 3)
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"clip_skip": 1},
+        {"guess_mode": True},
+        {"brushnet_conditioning_scale": 0.3},
+        {"control_guidance_end": 0.5},
+    ],
+)
+def test_options_change_the_output(pipe, inputs, option):
+    image, mask, _ = inputs
+    reference = _run(pipe, image, mask)
+    changed = _run(pipe, image, mask, **option)
+    assert np.abs(changed - reference).max() > 1e-4, option
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "EulerDiscreteScheduler",
+        "DPMSolverMultistepScheduler",
+        "EulerAncestralDiscreteScheduler",
+        "LMSDiscreteScheduler",
+    ],
+)
+def test_any_diffusers_scheduler(golden_dir, inputs, name):
+    import diffusers
+
+    image, mask, _ = inputs
+    pipe = make_pipe(golden_dir)
+    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
+    out = _run(pipe, image, mask, num_inference_steps=3)
+    assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
+
+
+def test_eta_reaches_ddim(pipe, inputs):
+    image, mask, _ = inputs
+    reference = _run(pipe, image, mask, num_inference_steps=3)
+    noisy = _run(pipe, image, mask, num_inference_steps=3, eta=1.0)
+    assert np.abs(noisy - reference).max() > 1e-4
+
+
+def test_clip_skip_uses_the_penultimate_layer(pipe):
+    ids = pipe.tokenizer(
+        ["a red ball"], padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids
+    hidden = pipe.text_encoder(ids, output_hidden_states=True).hidden_states
+    norm = getattr(pipe.text_encoder, "text_model", pipe.text_encoder).final_layer_norm
+    embeds, _ = pipe.encode_prompt("a red ball", "cpu", 1, False, clip_skip=1)
+    torch.testing.assert_close(embeds, norm(hidden[-2]))
+    plain, _ = pipe.encode_prompt("a red ball", "cpu", 1, False)
+    torch.testing.assert_close(plain, pipe.text_encoder(ids)[0])

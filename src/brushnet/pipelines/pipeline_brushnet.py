@@ -65,11 +65,66 @@ class StableDiffusionBrushNetPipeline(
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
     # Public helpers of diffusers' own SD pipeline, reused as they are (they only read the components).
-    encode_prompt = StableDiffusionPipeline.encode_prompt
     run_safety_checker = StableDiffusionPipeline.run_safety_checker
     prepare_extra_step_kwargs = StableDiffusionPipeline.prepare_extra_step_kwargs
     prepare_latents = StableDiffusionPipeline.prepare_latents
     get_guidance_scale_embedding = StableDiffusionPipeline.get_guidance_scale_embedding
+
+    def encode_prompt(
+        self,
+        prompt,
+        device,
+        num_images_per_prompt,
+        do_classifier_free_guidance,
+        negative_prompt=None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        lora_scale: float | None = None,
+        clip_skip: int | None = None,
+    ):
+        """diffusers' SD ``encode_prompt``, with ``clip_skip`` working on transformers 4 and 5 alike.
+
+        transformers 5 flattened ``CLIPTextModel`` (no ``.text_model``), which diffusers' clip-skip path
+        reads; here the skipped hidden state is taken and normalised by whichever final layer norm exists.
+        """
+        if clip_skip is not None and prompt_embeds is None and prompt is not None:
+            prompt_embeds = self._clip_skip_embeds(prompt, device, clip_skip, lora_scale)
+        return StableDiffusionPipeline.encode_prompt(
+            self,
+            prompt,
+            device,
+            num_images_per_prompt,
+            do_classifier_free_guidance,
+            negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            lora_scale=lora_scale,
+        )
+
+    def _clip_skip_embeds(self, prompt, device, clip_skip: int, lora_scale: float | None) -> torch.Tensor:
+        from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
+
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if hasattr(self, "maybe_convert_prompt"):  # textual-inversion tokens
+            prompts = self.maybe_convert_prompt(prompts, self.tokenizer)
+        ids = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(device)
+        scaled = lora_scale is not None and USE_PEFT_BACKEND
+        if scaled:
+            scale_lora_layers(self.text_encoder, lora_scale)
+        try:
+            hidden = self.text_encoder(ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
+            tower = getattr(self.text_encoder, "text_model", self.text_encoder)
+            embeds = tower.final_layer_norm(hidden)
+        finally:
+            if scaled:
+                unscale_lora_layers(self.text_encoder, lora_scale)
+        return embeds.to(dtype=self.text_encoder.dtype, device=device)
 
     def __init__(
         self,
