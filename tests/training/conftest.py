@@ -41,3 +41,69 @@ def base_config(shards, tmp_path):
         "validation_steps": 1000,
         "report_to": "none",
     }
+
+
+@pytest.fixture(scope="session")
+def odd_base(tmp_path_factory) -> Path:
+    """A base unlike SD1.5 in every way the training code must not assume: 8 latent channels, attention
+    only in the deeper blocks, three levels, a BERT text encoder with its own tokenizer (named in
+    ``model_index.json``), and a v-prediction scheduler."""
+    import json
+
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    out = tmp_path_factory.mktemp("odd_base")
+    torch.manual_seed(0)
+    UNet2DConditionModel(
+        sample_size=8,
+        in_channels=8,
+        out_channels=8,
+        block_out_channels=(16, 24, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=24,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    ).save_pretrained(out / "unet")
+    AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=8,
+        layers_per_block=1,
+        norm_num_groups=8,
+        scaling_factor=0.5,
+        sample_size=16,
+    ).save_pretrained(out / "vae")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "square", "blue", "circle", "on", "grey"]  # fmt: skip
+    (out / "vocab.txt").write_text("\n".join(words) + "\n")
+    BertTokenizer(str(out / "vocab.txt"), model_max_length=12).save_pretrained(out / "tokenizer")
+    (out / "vocab.txt").unlink()
+    BertModel(
+        BertConfig(
+            vocab_size=len(words),
+            hidden_size=24,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=12,
+        )
+    ).save_pretrained(out / "text_encoder")
+    DDPMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction").save_pretrained(
+        out / "scheduler"
+    )
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "BertModel"],
+        "tokenizer": ["transformers", "BertTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+    }
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    return out

@@ -7,6 +7,8 @@ A checkpoint folder holds
 - ``brushnet/``: the branch in diffusers format, loadable as is with ``BrushNetModel.from_pretrained``;
 - ``ema/``: the EMA weights in the same format (only with ``--use_ema``);
 - ``training_state.json``: the global step and each process's position in the data stream;
+- ``train_config.yaml``: the resolved configuration of the run that wrote it (seed, prediction type and
+  mixed precision filled in), so a checkpoint says how it was made wherever it is copied;
 - ``process_state_<i>.pt``: each process's own random generator (noise, timesteps, caption dropout).
 
 Writing goes to ``checkpoint-<step>.tmp-<pid>/``, renamed to ``checkpoint-<step>/`` with ``os.replace`` only
@@ -27,6 +29,7 @@ import torch
 
 __all__ = [
     "TRAINING_STATE_FILE",
+    "CONFIG_FILE",
     "full_branch",
     "list_checkpoints",
     "resolve_checkpoint",
@@ -39,6 +42,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 TRAINING_STATE_FILE = "training_state.json"
+CONFIG_FILE = "train_config.yaml"
 _COMPLETE = re.compile(r"^checkpoint-(\d+)$")
 _PARTIAL = re.compile(r"^checkpoint-\d+\.tmp-\d+$")
 
@@ -137,6 +141,7 @@ def save_checkpoint(
     process_state: dict | None = None,
     ema=None,
     total_limit: int | None = None,
+    config=None,
 ) -> Path:
     """Save ``checkpoint-<step>/`` atomically, then rotate. Call on every process.
 
@@ -151,6 +156,8 @@ def save_checkpoint(
             process only).
         ema: the ``diffusers.training_utils.EMAModel`` of the branch, or ``None``.
         total_limit: keep only this many newest checkpoints (``None``: keep all).
+        config: the run's resolved :class:`~brushnet.training.config.TrainConfig`, saved as ``train_config.yaml``
+            in the checkpoint (``None``: not saved).
 
     Returns:
         The final checkpoint folder.
@@ -183,6 +190,10 @@ def save_checkpoint(
                 _save_diffusers_model(brushnet, partial / "ema")
             finally:
                 ema.restore(parameters)
+        if config is not None:
+            from .config import save_config
+
+            save_config(config, partial / CONFIG_FILE)
         (partial / TRAINING_STATE_FILE).write_text(json.dumps(training_state, indent=2))
         if final.exists():  # a checkpoint of the same step from an earlier, abandoned run
             shutil.rmtree(final)

@@ -10,7 +10,9 @@ config (``addition_embed_type == "text_time"``).
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -31,12 +33,18 @@ class SD15Family:
 
     @classmethod
     def load(cls, pretrained_model_name_or_path: str, revision: str | None = None) -> SD15Family:
-        from transformers import CLIPTextModel, CLIPTokenizer
+        """Load ``tokenizer/`` and ``text_encoder/`` of a base folder or hub id.
 
-        tokenizer = CLIPTokenizer.from_pretrained(
+        The classes are the ones the base's ``model_index.json`` names (as ``DiffusionPipeline.from_pretrained``
+        does), so a base with its own tokenizer or a small text encoder trains as is; without a
+        ``model_index.json`` they are ``CLIPTokenizer`` and ``CLIPTextModel``.
+        """
+        tokenizer_cls = _transformers_class(pretrained_model_name_or_path, "tokenizer", "CLIPTokenizer")
+        text_encoder_cls = _transformers_class(pretrained_model_name_or_path, "text_encoder", "CLIPTextModel")
+        tokenizer = tokenizer_cls.from_pretrained(
             pretrained_model_name_or_path, subfolder="tokenizer", revision=revision
         )
-        text_encoder = CLIPTextModel.from_pretrained(
+        text_encoder = text_encoder_cls.from_pretrained(
             pretrained_model_name_or_path, subfolder="text_encoder", revision=revision
         )
         return cls(tokenizer, text_encoder)
@@ -64,6 +72,22 @@ class SD15Family:
         ).input_ids.to(device)
         hidden_states = self.text_encoder(tokens, return_dict=False)[0]
         return hidden_states.to(dtype), None
+
+
+def _transformers_class(pretrained_model_name_or_path: str, component: str, default: str) -> type:
+    """The ``transformers`` class ``model_index.json`` names for ``component`` (``default`` without one)."""
+    import transformers
+
+    index_file = Path(pretrained_model_name_or_path) / "model_index.json"
+    name = default
+    if index_file.is_file():
+        entry = json.loads(index_file.read_text()).get(component)
+        if isinstance(entry, list) and len(entry) == 2 and entry[0] == "transformers" and entry[1]:
+            name = entry[1]
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        raise ValueError(f"{index_file} names {component} class {name!r}, which transformers does not have")
+    return cls
 
 
 def family_for_unet(unet) -> type[SD15Family]:

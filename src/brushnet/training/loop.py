@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from ..models.brushnet import BrushNetModel
 from ..models.unet_injection import unet_forward_with_brushnet
 from .checkpointing import (
+    CONFIG_FILE,
     full_branch,
     load_checkpoint,
     remove_stale_partial_checkpoints,
@@ -39,7 +40,16 @@ from .data import build_train_dataloader, build_train_dataset, iterate_batches
 from .family import family_for_unet
 from .validation import ValidationSet, run_validation
 
-__all__ = ["TrainResult", "Components", "StepGenerator", "load_components", "brushnet_training_loss", "train"]
+__all__ = [
+    "TrainResult",
+    "Components",
+    "StepGenerator",
+    "load_components",
+    "initial_branch",
+    "training_target",
+    "brushnet_training_loss",
+    "train",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +83,33 @@ def load_components(pretrained_model_name_or_path: str, revision: str | None = N
     return Components(vae, unet, family, noise_scheduler, dict(noise_scheduler.config))
 
 
+def initial_branch(components: Components, brushnet_model_name_or_path: str | None = None) -> BrushNetModel:
+    """The branch a run starts from: a BrushNet checkpoint, or ``BrushNetModel.from_unet`` of the base UNet.
+
+    The branch's conditioning is the masked-image latent plus the keep-mask, so it has the VAE's latent
+    channels + 1 input channels whatever the base (4 + 1 for Stable Diffusion).
+
+    Raises:
+        ValueError: the VAE's latent channels differ from the UNet's input channels, or the checkpoint was
+            made for a base with other latent channels.
+    """
+    latent_channels = components.vae.config.latent_channels
+    if latent_channels != components.unet.config.in_channels:
+        raise ValueError(
+            f"the base's VAE has {latent_channels} latent channels but its UNet takes "
+            f"{components.unet.config.in_channels}: not a text-to-image base (an inpainting UNet?)"
+        )
+    if brushnet_model_name_or_path is None:
+        return BrushNetModel.from_unet(components.unet, conditioning_channels=latent_channels + 1)
+    brushnet = BrushNetModel.from_pretrained(brushnet_model_name_or_path)
+    if brushnet.config.conditioning_channels != latent_channels + 1:
+        raise ValueError(
+            f"{brushnet_model_name_or_path} takes {brushnet.config.conditioning_channels} conditioning channels; "
+            f"this base needs {latent_channels + 1} (latent channels + mask)"
+        )
+    return brushnet
+
+
 class StepGenerator:
     """A seeded CPU ``torch.Generator`` for a step's randomness, one per process, with its state as a dict."""
 
@@ -84,6 +121,26 @@ class StepGenerator:
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["state"])
+
+
+def training_target(
+    scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """What the UNet learns to predict: ``ε`` (``"epsilon"``) or ``v = √ᾱ_t ε − √(1−ᾱ_t) z₀`` (``"v_prediction"``,
+    Salimans & Ho 2022, eq. 9 with their α_t = √ᾱ_t).
+
+    Args:
+        scheduler: the noise scheduler (its ``alphas_cumprod`` give ᾱ_t).
+        latents: clean latents z₀, ``(B, C, h, w)``.
+        noise: ε, same shape.
+        timesteps: ``(B,)`` integer timesteps.
+        prediction_type: ``"epsilon"`` or ``"v_prediction"``.
+    """
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unknown prediction_type {prediction_type!r} (epsilon or v_prediction)")
 
 
 def brushnet_training_loss(
@@ -154,12 +211,7 @@ def brushnet_training_loss(
         [u.to(weight_dtype) for u in up],
         added_cond_kwargs=added_cond_kwargs,
     )
-    if prediction_type == "epsilon":
-        target = noise
-    elif prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        raise ValueError(f"unknown prediction_type {prediction_type!r}")
+    target = training_target(scheduler, latents, noise, timesteps, prediction_type)
     return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
 
 
@@ -210,7 +262,6 @@ def train(config: TrainConfig, dataset=None) -> TrainResult:
         broadcast_object_list(seed)
     config = config.model_copy(update={"seed": seed[0]})
     if accelerator.is_main_process:
-        save_config(config, output_dir / "train_config.yaml")
         remove_stale_partial_checkpoints(output_dir)
     set_seed(config.seed)
     if config.allow_tf32 and torch.cuda.is_available():
@@ -218,10 +269,7 @@ def train(config: TrainConfig, dataset=None) -> TrainResult:
 
     # models: frozen parts in the mixed-precision dtype, the branch in float32
     components = load_components(config.pretrained_model_name_or_path, config.revision)
-    if config.brushnet_model_name_or_path:
-        brushnet = BrushNetModel.from_pretrained(config.brushnet_model_name_or_path)
-    else:
-        brushnet = BrushNetModel.from_unet(components.unet)
+    brushnet = initial_branch(components, config.brushnet_model_name_or_path)
     weight_dtype = _mixed_precision_dtype(accelerator)
     for module in components.frozen_modules.values():
         module.requires_grad_(False).eval().to(accelerator.device)
@@ -234,6 +282,17 @@ def train(config: TrainConfig, dataset=None) -> TrainResult:
         brushnet.enable_gradient_checkpointing()
         components.unet.enable_gradient_checkpointing()  # activations of the frozen UNet are recomputed too
     prediction_type = config.prediction_type or components.scheduler_config.get("prediction_type", "epsilon")
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(
+            f"the base scheduler's prediction_type is {prediction_type!r}; training supports epsilon and "
+            "v_prediction (set --prediction_type)"
+        )
+    # the resolved config (seed, target and precision filled in) goes next to the run and into every checkpoint
+    config = config.model_copy(
+        update={"prediction_type": prediction_type, "mixed_precision": accelerator.mixed_precision}
+    )
+    if accelerator.is_main_process:
+        save_config(config, output_dir / CONFIG_FILE)
 
     ema = None
     if config.use_ema and accelerator.distributed_type == DistributedType.FSDP:
@@ -386,6 +445,7 @@ def train(config: TrainConfig, dataset=None) -> TrainResult:
                     process_state={"step_generator": step_generator.state_dict()},
                     ema=ema,
                     total_limit=config.checkpoints_total_limit,
+                    config=config,
                 )
             if validation_set is not None and global_step % config.validation_steps == 0:
                 run_validation(
