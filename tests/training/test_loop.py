@@ -1,4 +1,5 @@
 import logging
+import math
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,8 @@ def _branch_weights(folder) -> dict[str, torch.Tensor]:
     return load_file(Path(folder) / "diffusion_pytorch_model.safetensors")
 
 
-def test_loss_falls_when_overfitting_one_batch(base_config, tiny_base):
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_loss_falls_when_overfitting_one_batch(base_config, tiny_base, prediction_type):
     """Same batch, same noise and timesteps every step: the branch must learn to lower the loss."""
     components = loop.load_components(str(tiny_base))
     for module in components.frozen_modules.values():
@@ -28,12 +30,35 @@ def test_loss_falls_when_overfitting_one_batch(base_config, tiny_base):
     optimizer = torch.optim.AdamW(brushnet.parameters(), lr=2e-3)
     losses = []
     for _ in range(25):
-        loss = loop.brushnet_training_loss(brushnet, components, batch, torch.Generator().manual_seed(3))
+        loss = loop.brushnet_training_loss(
+            brushnet, components, batch, torch.Generator().manual_seed(3), prediction_type=prediction_type
+        )
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_training_target_formulas(tiny_base):
+    """ε for epsilon; v = √ᾱ_t ε − √(1−ᾱ_t) z₀ for v-prediction, computed here by hand from the betas."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_pretrained(tiny_base, subfolder="scheduler")
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(3, 4, 2, 2, generator=generator)
+    noise = torch.randn(3, 4, 2, 2, generator=generator)
+    timesteps = torch.tensor([0, 500, 999])
+    assert loop.training_target(scheduler, latents, noise, timesteps, "epsilon") is noise
+
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2  # scaled_linear
+    assert scheduler.config.beta_schedule == "scaled_linear"
+    alpha_bar = torch.cumprod(1 - betas, 0)[timesteps].view(3, 1, 1, 1)
+    expected = alpha_bar.sqrt() * noise.double() - (1 - alpha_bar).sqrt() * latents.double()
+    v = loop.training_target(scheduler, latents, noise, timesteps, "v_prediction")
+    torch.testing.assert_close(v.double(), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown prediction_type 'sample'"):
+        loop.training_target(scheduler, latents, noise, timesteps, "sample")
 
 
 def test_v_prediction_target_differs_from_epsilon(base_config, tiny_base):
@@ -108,28 +133,46 @@ def test_ema_validation_and_tensorboard(base_config):
     config = make_config(
         {
             **base_config,
-            "max_train_steps": 2,
+            "max_train_steps": 3,
             "use_ema": True,
             "ema_decay": 0.5,
             "validation_steps": 2,
             "validation_inference_steps": 2,
             "num_validation_samples": 2,
             "report_to": "tensorboard",
+            "lr_scheduler": "constant_with_warmup",
+            "lr_warmup_steps": 2,
         }
     )
     result = loop.train(config)
     out = Path(config.output_dir)
     from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     grid = Image.open(out / "validation" / "step-2.png")
     assert grid.size == (3 * 16, 2 * 16)  # masked input | mask | result, two samples
-    assert list((out / config.logging_dir).rglob("events.out.tfevents.*"))
+    assert not (out / "validation" / "step-3.png").exists()  # on the schedule only
+    # accelerate writes the hyper-parameters into a sub-folder; the scalars and images are in "brushnet/"
+    events = EventAccumulator(
+        str(out / config.logging_dir / "brushnet"), size_guidance={"images": 0, "scalars": 0}
+    )
+    events.Reload()
+    losses = events.Scalars("loss")
+    assert [e.step for e in losses] == [1, 2, 3]
+    assert [e.value for e in losses] == pytest.approx(result.losses, rel=1e-6)
+    # linear warm-up over two steps, then constant
+    assert [e.value for e in events.Scalars("lr")] == pytest.approx([5e-4, 1e-3, 1e-3])
+    (image,) = events.Images("validation")
+    assert image.step == 2 and (image.width, image.height) == grid.size
     raw = _branch_weights(out / "checkpoint-2" / "brushnet")
     ema = _branch_weights(out / "checkpoint-2" / "ema")
     assert any(not torch.equal(raw[k], ema[k]) for k in raw)
-    final = _branch_weights(result.final_model_dir)  # the final model is the EMA
-    assert all(torch.equal(final[k], ema[k]) for k in final)
     BrushNetModel.from_pretrained(out / "checkpoint-2" / "ema")
+    final_ema = loop.train(
+        make_config({**config.model_dump(), "max_train_steps": 2, "output_dir": str(out / "b")})
+    )
+    final = _branch_weights(final_ema.final_model_dir)  # the final model is the EMA
+    assert all(torch.equal(final[k], ema[k]) for k in final)
 
 
 def test_empty_stream_is_a_clear_error(base_config, tmp_path):
@@ -171,3 +214,71 @@ def test_folder_dataset_trains_and_resumes_exactly(base_config, tmp_path):
     assert first.losses + second.losses == straight.losses  # 2 batches per epoch: the resume crosses an epoch
     a, b = _branch_weights(straight.final_model_dir), _branch_weights(second.final_model_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resolved_config_next_to_the_run_and_in_every_checkpoint(base_config):
+    import yaml
+
+    config = make_config({**base_config, "max_train_steps": 4, "seed": None})
+    loop.train(config)
+    out = Path(config.output_dir)
+    saved = yaml.safe_load((out / "train_config.yaml").read_text())
+    assert isinstance(saved["seed"], int)  # the seed drawn for this run, so it can be repeated
+    assert saved["prediction_type"] == "epsilon" and saved["mixed_precision"] == "no"
+    for step in (2, 4):
+        assert yaml.safe_load((out / f"checkpoint-{step}" / "train_config.yaml").read_text()) == saved
+    assert (
+        make_config(saved).model_copy(update={"seed": None, "prediction_type": None, "mixed_precision": None})
+        == config
+    )
+
+
+def test_gradient_checkpointing_gives_the_same_training(base_config, tmp_path):
+    plain = loop.train(make_config({**base_config, "output_dir": str(tmp_path / "a"), "max_train_steps": 3}))
+    checkpointed = loop.train(
+        make_config(
+            {
+                **base_config,
+                "output_dir": str(tmp_path / "b"),
+                "max_train_steps": 3,
+                "gradient_checkpointing": True,
+            }
+        )
+    )
+    assert checkpointed.losses == pytest.approx(plain.losses, rel=1e-5)
+    a, b = _branch_weights(plain.final_model_dir), _branch_weights(checkpointed.final_model_dir)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_gradient_accumulation_counts_micro_batches(base_config):
+    import json
+
+    config = make_config({**base_config, "max_train_steps": 2, "gradient_accumulation_steps": 2})
+    result = loop.train(config)
+    assert result.global_step == 2 and len(result.losses) == 2
+    state = json.loads((Path(config.output_dir) / "checkpoint-2" / "training_state.json").read_text())
+    assert state["data_positions"] == [[0, 4]]  # two optimizer steps of two micro-batches each
+
+
+def test_mixed_precision_freezes_in_bf16_and_trains_the_branch_in_float32(base_config, monkeypatch):
+    held = {}
+
+    def load_and_keep(*args, **kwargs):
+        held["components"] = real_load(*args, **kwargs)
+        return held["components"]
+
+    real_load = loop.load_components
+    monkeypatch.setattr(loop, "load_components", load_and_keep)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(
+        True
+    )  # the process-wide state holds the precision of the previous test's run
+    try:
+        result = loop.train(make_config({**base_config, "max_train_steps": 2, "mixed_precision": "bf16"}))
+    finally:
+        AcceleratorState._reset_state(True)
+    assert all(math.isfinite(x) for x in result.losses)
+    for name, module in held["components"].frozen_modules.items():
+        assert {p.dtype for p in module.parameters()} == {torch.bfloat16}, name
+    assert {v.dtype for v in _branch_weights(result.final_model_dir).values()} == {torch.float32}
