@@ -365,6 +365,8 @@ def train(config: TrainConfig, dataset=None) -> TrainResult:
         if process_state is None:
             raise ValueError(f"{resume_path} has no state for process {accelerator.process_index}")
         step_generator.load_state_dict(process_state["step_generator"])
+        if ema is not None:
+            ema.to(accelerator.device)  # accelerate restores registered objects' tensors on the CPU
         positions = state["data_positions"]
         if len(positions) != accelerator.num_processes:
             raise ValueError(
