@@ -282,3 +282,44 @@ def test_mixed_precision_freezes_in_bf16_and_trains_the_branch_in_float32(base_c
     for name, module in held["components"].frozen_modules.items():
         assert {p.dtype for p in module.parameters()} == {torch.bfloat16}, name
     assert {v.dtype for v in _branch_weights(result.final_model_dir).values()} == {torch.float32}
+
+
+def test_caption_dropout_replaces_captions_by_the_empty_one(base_config, tiny_base):
+    components = loop.load_components(str(tiny_base))
+    brushnet = BrushNetModel.from_unet(components.unet)
+    with torch.no_grad():  # non-zero taps, so the text reaching the UNet changes the prediction
+        for name, param in brushnet.named_parameters():
+            if name.startswith(("brushnet_down_blocks", "brushnet_mid_block", "brushnet_up_blocks")):
+                param.normal_(0, 0.05)
+    config = make_config(base_config)
+    dataset = BrushDataStream(config.train_shards, 16, config.mask, seed=0, shuffle_buffer=0)
+    batch = next(iterate_batches(build_train_dataloader(config, dataset), dataset, epoch=0))
+    empty = {**batch, "caption": [""] * len(batch["caption"])}
+
+    def loss(samples, caption_dropout):
+        with torch.no_grad():
+            generator = torch.Generator().manual_seed(5)
+            return loop.brushnet_training_loss(
+                brushnet, components, samples, generator, caption_dropout=caption_dropout
+            ).item()
+
+    # every probability > 0 draws the same dropout numbers first, so the rest of the step is the same
+    assert loss(batch, 1.0) == loss(empty, 1.0)
+    assert loss(batch, 1e-9) != loss(batch, 1.0)
+    assert loss(batch, 1e-9) == loss(batch, 1e-12)
+
+
+def test_gradient_clipping_bounds_the_first_update(base_config, tiny_base, tmp_path):
+    """AdamW's first step moves each weight by ≈ lr·g/(|g| + ε): ≈ lr for ordinary gradients, but far less
+    once the gradient is clipped to a norm well under ε."""
+    initial = loop.initial_branch(loop.load_components(str(tiny_base))).state_dict()
+
+    def largest_move(max_grad_norm: float) -> float:
+        values = {**base_config, "output_dir": str(tmp_path / str(max_grad_norm)), "max_train_steps": 1}
+        result = loop.train(make_config({**values, "max_grad_norm": max_grad_norm}))
+        final = _branch_weights(result.final_model_dir)
+        return max((final[k] - initial[k]).abs().max().item() for k in final)
+
+    learning_rate = base_config["learning_rate"]
+    assert largest_move(1.0) > 0.5 * learning_rate
+    assert largest_move(1e-10) < 0.1 * learning_rate
