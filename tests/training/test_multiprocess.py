@@ -21,6 +21,7 @@ def _torchrun(args: list[str]) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+@pytest.mark.slow  # three torchrun launches of two processes: ~25 s on 2 cores (run with -m slow)
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 def test_two_processes_resume_exactly(base_config, tmp_path):
     flags = []
