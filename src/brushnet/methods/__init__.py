@@ -17,6 +17,7 @@ _LAZY = {
     "NoOptions": "base",
     "StepCallback": "base",
     "inpaint": "base",
+    "outpaint": "base",
     "available_methods": "registry",
     "get_method_class": "registry",
     "load_method": "registry",
@@ -34,6 +35,7 @@ __all__ = [
     "get_method_class",
     "inpaint",
     "load_method",
+    "outpaint",
     "register_method",
 ]
 
@@ -47,6 +49,7 @@ if TYPE_CHECKING:  # pragma: no cover
         NoOptions,
         StepCallback,
         inpaint,
+        outpaint,
     )
     from .registry import available_methods, get_method_class, load_method, register_method
 

@@ -22,7 +22,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..image import InputError, load_image, mask_to_array, pil_to_tensor, tensor_to_pil
-from .processing import grow_mask, paste_back, plan_region
+from .processing import grow_mask, outpaint_canvas, paste_back, plan_region
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ __all__ = [
     "InpaintMethod",
     "StepCallback",
     "inpaint",
+    "outpaint",
 ]
 
 StepCallback = Callable[[int, int], None]  # (step done, total steps)
@@ -153,6 +154,8 @@ class InpaintMethod(ABC):
     Options: ClassVar[type[BaseModel]] = NoOptions
     native_resolution: ClassVar[int] = 512
     latent_multiple: ClassVar[int] = 8
+    #: the model paths it was loaded from (set by :func:`~brushnet.methods.load_method`; recorded in results)
+    models: ModelPaths | None = None
 
     def __init__(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         self.device = torch.device(device)
@@ -263,12 +266,15 @@ def inpaint(
         hole, request.crop_to_mask, request.crop_padding, request.resolution, method.native_resolution
     )
     region = original.crop(plan.box)
-    region_hole = Image.fromarray(hole[plan.box[1] : plan.box[3], plan.box[0] : plan.box[2]])
+    region_hole = Image.fromarray(
+        hole[plan.box[1] : plan.box[3], plan.box[0] : plan.box[2]].astype(np.uint8) * 255
+    )
     if region.size != plan.size:
         region = region.resize(plan.size, Image.Resampling.LANCZOS)
+        # any coverage counts as hole, so the resized hole never under-covers the original one
         region_hole = region_hole.resize(plan.size, Image.Resampling.BILINEAR)
+    hole_tensor = torch.from_numpy((np.asarray(region_hole) > 0).astype(np.float32))[None, None]
     image_tensor = pil_to_tensor(region)
-    hole_tensor = torch.from_numpy(mask_to_array(region_hole).astype(np.float32))[None, None]
     t_prepared = time.perf_counter()
 
     generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(request.num_images)]
@@ -289,6 +295,7 @@ def inpaint(
     parameters["options"] = options.model_dump()
     parameters["region"] = plan.as_dict()
     parameters["image_size"] = list(original.size)
+    parameters["models"] = method.models.model_dump(exclude_none=True) if method.models is not None else None
     return InpaintResult(
         images=images,
         method=method.name,
@@ -303,3 +310,48 @@ def inpaint(
         unet_calls=output.unet_calls,
         extra_calls=output.extra_calls,
     )
+
+
+def outpaint(
+    method: InpaintMethod,
+    image: Image.Image | str,
+    left: int = 0,
+    top: int = 0,
+    right: int = 0,
+    bottom: int = 0,
+    overlap: int = 0,
+    fill: str = "edge",
+    request: InpaintRequest | dict | None = None,
+    on_step: StepCallback | None = None,
+    **overrides: Any,
+) -> InpaintResult:
+    """Extend ``image`` by the given pixels per side and paint the new area with ``method`` (outpainting).
+
+    The canvas and its mask come from :func:`~brushnet.methods.processing.outpaint_canvas`; the rest is
+    :func:`inpaint` with the same request, so every method gets the same pre- and post-processing. The extents
+    are recorded in ``result.parameters["outpaint"]``.
+
+    Args:
+        left, top, right, bottom: pixels added on each side (≥ 0, at least one > 0).
+        overlap: also repaint this many pixels of the original along each extended side.
+        fill: pre-fill of the new area, ``"edge"`` (replicated border) or ``"black"``.
+        request, on_step, overrides: as for :func:`inpaint` (``invert_mask`` must stay False: the mask is
+            built here).
+
+    Returns:
+        :class:`InpaintResult` with images of size ``(width + left + right, height + top + bottom)``.
+    """
+    request = _resolve_request(request, overrides)
+    if request.invert_mask:
+        raise InputError("invert_mask makes no sense for outpainting: the mask is built from the extents")
+    canvas, hole = outpaint_canvas(load_image(image), left, top, right, bottom, overlap=overlap, fill=fill)
+    result = inpaint(method, canvas, hole, request, on_step=on_step)
+    result.parameters["outpaint"] = {
+        "left": left,
+        "top": top,
+        "right": right,
+        "bottom": bottom,
+        "overlap": overlap,
+        "fill": fill,
+    }
+    return result

@@ -9,6 +9,7 @@ from ..loading import load_base_components, load_brushnet, resolve_dtype
 from ..schedulers import make_scheduler
 from .base import GenerateOutput, InpaintMethod, InpaintRequest, ModelPaths, StepCallback
 from .registry import register_method
+from .sd_common import count_calls
 
 __all__ = ["BrushNetMethod", "BrushNetOptions"]
 
@@ -72,30 +73,34 @@ class BrushNetMethod(InpaintMethod):
         pipe.scheduler = make_scheduler(request.scheduler, self.base_scheduler_config)
 
         def callback(_pipe, step, _t, kwargs):
-            if on_step is not None:
-                on_step(step + 1, request.steps)
+            if on_step is not None:  # second-order schedulers take more than `steps` timesteps
+                on_step(step + 1, len(_pipe.scheduler.timesteps))
             return kwargs
 
-        # The pipeline takes the project's convention (white/1 = inpaint) and converts to the branch's
-        # keep-mask internally; nothing to flip here.
-        images = pipe(
-            prompt=[request.prompt] * request.num_images,
-            image=image,
-            mask_image=hole,
-            negative_prompt=[request.negative_prompt] * request.num_images,
-            num_inference_steps=request.steps,
-            guidance_scale=request.guidance_scale,
-            generator=generators,
-            brushnet_conditioning_scale=options.conditioning_scale,
-            control_guidance_start=options.control_guidance_start,
-            control_guidance_end=options.control_guidance_end,
-            guess_mode=options.guess_mode,
-            output_type="pt",
-            callback_on_step_end=callback,
-        ).images
-        cfg = request.guidance_scale > 1
+        # The one mask conversion happens in the pipeline: it takes the project's convention (white/1 = inpaint)
+        # and feeds the branch the keep mask (1 − hole, nearest-downsampled to latent size) as the 5th channel of
+        # `brushnet_cond`; nothing to flip here. tests/methods checks what reaches the branch.
+        # The UNet is driven through its submodules (its `forward` never runs), so its calls are counted on
+        # `conv_in`, which every evaluation passes through once.
+        with count_calls(pipe.unet.conv_in) as unet_calls, count_calls(pipe.brushnet) as branch_calls:
+            images = pipe(
+                prompt=[request.prompt] * request.num_images,
+                image=image,
+                mask_image=hole,
+                negative_prompt=[request.negative_prompt] * request.num_images,
+                num_inference_steps=request.steps,
+                guidance_scale=request.guidance_scale,
+                generator=generators,
+                brushnet_conditioning_scale=options.conditioning_scale,
+                control_guidance_start=options.control_guidance_start,
+                control_guidance_end=options.control_guidance_end,
+                guess_mode=options.guess_mode,
+                output_type="pt",
+                callback_on_step_end=callback,
+            ).images
+        n = request.num_images
         return GenerateOutput(
             images=images.float().cpu(),
-            unet_calls=request.steps * (2 if cfg else 1),
-            extra_calls={"brushnet": request.steps * (2 if cfg and pipe.brushnet.uses_text else 1)},
+            unet_calls=unet_calls.per_image(n),
+            extra_calls={"brushnet": branch_calls.per_image(n)},
         )

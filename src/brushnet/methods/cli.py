@@ -15,7 +15,7 @@ from typing import Any
 
 import typer
 
-__all__ = ["batch_command", "compare_command", "outpaint_command", "IMAGE_SUFFIXES"]
+__all__ = ["batch_command", "compare_command", "outpaint_command", "StepBar", "IMAGE_SUFFIXES"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-class _StepBar:
+class StepBar:
     """A tqdm bar on stderr driven by a method's ``on_step(done, total)`` callback (methods count steps their own
     way: RePaint counts schedule moves, the diffusers-backed ones count over all images)."""
 
@@ -318,13 +318,13 @@ def compare_command(
     report: dict[str, Any] = {"seed": seed, "inputs": {"image": str(image), "mask": str(mask)}, "methods": {}}
     failed = False
     for name in names:
-        bar = _StepBar(name, quiet)
+        bar = StepBar(name, quiet)
         try:
             loaded = load_method(name, models, device, dtype)
             result = inpaint(
                 loaded,
                 original,
-                hole,
+                str(mask),  # read again inside, so `invert_mask` is applied there and recorded
                 dict(
                     prompt=prompt,
                     negative_prompt=negative_prompt,
@@ -336,6 +336,7 @@ def compare_command(
                     crop_to_mask=crop_to_mask,
                     crop_padding=crop_padding,
                     mask_grow=mask_grow,
+                    invert_mask=invert_mask,
                     resolution=resolution,
                     options=per_method[name],
                 ),
@@ -401,36 +402,33 @@ def outpaint_command(
 ) -> None:
     """Extend the canvas by the given pixels per side and paint the new area (outpainting)."""
     from ..cli_common import parse_options, save_png_with_metadata
-    from ..image import InputError, load_image
-    from .base import inpaint
-    from .processing import outpaint_canvas
+    from ..image import InputError
+    from .base import outpaint
     from .registry import load_method
 
     if fill not in ("edge", "black"):
         _fail(f"--fill must be edge or black, got {fill!r}")
+    if extend_left + extend_right + extend_top + extend_bottom == 0:
+        _fail("give at least one of --extend-left/--extend-right/--extend-top/--extend-bottom")
     try:
         options = parse_options(option)
-        canvas, hole = outpaint_canvas(
-            load_image(image),
-            extend_left,
-            extend_top,
-            extend_right,
-            extend_bottom,
-            overlap=overlap,
-            fill=fill,
-        )
         loaded = load_method(
             method,
             _models(base, base_config, brushnet, inpaint_model, controlnet, allow_pickle),
             device,
             dtype,
         )
-        bar = _StepBar(f"outpaint {method}", quiet)
-        result = inpaint(
+        bar = StepBar(f"outpaint {method}", quiet)
+        result = outpaint(
             loaded,
-            canvas,
-            hole,
-            dict(
+            str(image),
+            left=extend_left,
+            top=extend_top,
+            right=extend_right,
+            bottom=extend_bottom,
+            overlap=overlap,
+            fill=fill,
+            request=dict(
                 prompt=prompt,
                 negative_prompt=negative_prompt,
                 seed=seed,
@@ -448,13 +446,5 @@ def outpaint_command(
         _fail(str(exc))
     metadata = result.metadata()
     metadata["inputs"] = {"image": str(image)}
-    metadata["outpaint"] = {
-        "left": extend_left,
-        "right": extend_right,
-        "top": extend_top,
-        "bottom": extend_bottom,
-        "overlap": overlap,
-        "fill": fill,
-    }
     save_png_with_metadata(result.images[0], output, metadata)
     typer.echo(str(output))

@@ -80,8 +80,18 @@ class Plan:
     size: tuple[int, int]
     whole_image: bool
 
+    @property
+    def resized(self) -> bool:
+        """Whether the model works at a size other than the box's own (the region is resampled both ways)."""
+        return self.size != (self.box[2] - self.box[0], self.box[3] - self.box[1])
+
     def as_dict(self) -> dict:
-        return {"box": list(self.box), "size": list(self.size), "whole_image": self.whole_image}
+        return {
+            "box": list(self.box),
+            "size": list(self.size),
+            "whole_image": self.whole_image,
+            "resized": self.resized,
+        }
 
 
 def plan_region(
@@ -142,6 +152,8 @@ def outpaint_canvas(
         fill: how the new area is pre-filled: "edge" (replicate border pixels, a neutral start for the VAE
             latent) or "black".
     """
+    if fill not in ("edge", "black"):
+        raise InputError(f"outpainting fill must be 'edge' or 'black', got {fill!r}")
     if min(left, top, right, bottom, overlap) < 0:
         raise InputError("outpainting extents must be ≥ 0")
     if left + top + right + bottom == 0:

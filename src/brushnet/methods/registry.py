@@ -55,4 +55,6 @@ def load_method(
     """Load method ``name`` with the given model paths (see :class:`ModelPaths`)."""
     if isinstance(models, dict):
         models = ModelPaths(**models)
-    return get_method_class(name).load(models, device=device, dtype=dtype)
+    method = get_method_class(name).load(models, device=device, dtype=dtype)
+    method.models = models
+    return method

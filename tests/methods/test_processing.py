@@ -1,0 +1,272 @@
+"""Shared pre/post-processing (mask grow/shrink, crop-to-mask, working size, paste-back, blending, outpainting)
+through :func:`brushnet.methods.inpaint`, with a probe method that records what it was given and paints the
+hole one flat colour — so where the pixels went is checkable exactly. The probe is not a model: these tests are
+about the processing every method shares, which runs the same whatever ``generate`` does."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from brushnet.image import InputError, tensor_to_pil
+from brushnet.methods import GenerateOutput, InpaintMethod, inpaint, outpaint
+from brushnet.methods.processing import (
+    crop_box,
+    grow_mask,
+    outpaint_canvas,
+    plan_region,
+    processing_size,
+)
+
+GREEN = (0, 255, 0)
+
+
+class Probe(InpaintMethod):
+    """Records the region and hole it receives; paints the hole pure green and leaves the rest as received (or,
+    with ``invert_outside``, inverted: a model that also changes kept pixels, as VAE round trips do)."""
+
+    name = "probe"
+    native_resolution = 64
+
+    def __init__(self, invert_outside: bool = False):
+        super().__init__()
+        self.invert_outside = invert_outside
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    @classmethod
+    def load(cls, models, device="cpu", dtype="fp32"):
+        return cls()
+
+    def generate(self, image, hole, request, options, generators, on_step=None):
+        self.seen.append((image.clone(), hole.clone()))
+        green = torch.tensor([0.0, 1.0, 0.0]).view(1, 3, 1, 1)
+        out = torch.where(hole > 0.5, green, 1 - image if self.invert_outside else image)
+        return GenerateOutput(images=out.expand(len(generators), -1, -1, -1).clone(), unet_calls=0)
+
+
+def _image(width, height, seed=0):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def _mask(width, height, box):
+    arr = np.zeros((height, width), np.uint8)
+    left, top, right, bottom = box
+    arr[top:bottom, left:right] = 255
+    return Image.fromarray(arr)
+
+
+# ---- pure functions ----------------------------------------------------------------------------------------
+
+
+def test_grow_and_shrink_mask():
+    hole = np.zeros((20, 20), bool)
+    hole[10, 10] = True
+    grown = grow_mask(hole, 2)
+    assert grown.sum() == 25 and grown[8:13, 8:13].all()
+    assert np.array_equal(grow_mask(grown, -2), hole)  # a 5×5 square shrinks back to its centre
+    assert not grow_mask(grown, -3).any()
+    assert grow_mask(hole, 0) is hole
+    # shrinking does not eat a hole from the image border (outpainting strips stay whole)
+    strip = np.zeros((20, 20), bool)
+    strip[:, :4] = True
+    assert np.array_equal(grow_mask(strip, -1)[:, 0], np.ones(20, bool))
+    assert grow_mask(strip, -1)[:, :3].all() and not grow_mask(strip, -1)[:, 3].any()
+
+
+def test_crop_box_pads_and_clips():
+    hole = np.zeros((200, 300), bool)
+    hole[100:120, 150:170] = True
+    assert crop_box(hole, 32) == (118, 68, 202, 152)
+    hole[:5, :5] = True  # a second blob in the corner: clipped at 0
+    assert crop_box(hole, 32) == (0, 0, 202, 152)
+    with pytest.raises(InputError, match="mask is empty"):
+        crop_box(np.zeros((8, 8), bool), 32)
+
+
+def test_processing_size_multiples_and_area():
+    assert processing_size(61, 45, None) == (64, 48)  # same size, rounded to multiples of 8
+    assert processing_size(3, 3, None) == (8, 8)  # never zero
+    w, h = processing_size(84, 84, 512)  # a crop box scaled to the native resolution
+    assert (w, h) == (512, 512)
+    w, h = processing_size(200, 100, 512)  # aspect kept, area ≈ 512²
+    assert w % 8 == 0 and h % 8 == 0 and abs(w / h - 2) < 0.03 and abs(w * h / 512**2 - 1) < 0.02
+
+
+def test_plan_region_crop_uses_native_resolution_and_default_padding():
+    hole = np.zeros((300, 400), bool)
+    hole[100:140, 200:260] = True
+    plan = plan_region(hole, crop_to_mask=True, padding=32, resolution=None, native_resolution=512)
+    assert plan.box == (168, 68, 292, 172) and not plan.whole_image
+    assert plan.resized and abs(plan.size[0] * plan.size[1] / 512**2 - 1) < 0.03
+    whole = plan_region(hole, crop_to_mask=False, padding=32, resolution=None, native_resolution=512)
+    assert whole.box == (0, 0, 400, 300) and whole.size == (400, 304) and whole.resized
+    assert whole.as_dict() == {
+        "box": [0, 0, 400, 300],
+        "size": [400, 304],
+        "whole_image": True,
+        "resized": True,
+    }
+
+
+def test_outpaint_canvas():
+    image = _image(10, 6)
+    canvas, hole = outpaint_canvas(image, left=4, right=2, top=0, bottom=3)
+    assert canvas.size == (16, 9) and hole.shape == (9, 16)
+    arr, src = np.asarray(canvas), np.asarray(image)
+    assert np.array_equal(arr[0:6, 4:14], src)  # the original, in place
+    assert np.array_equal(arr[0:6, 0], src[:, 0]) and np.array_equal(arr[8, 4:14], src[5])  # edge fill
+    assert not hole[0:6, 4:14].any() and hole[:, :4].all() and hole[:, 14:].all() and hole[6:].all()
+    _, with_overlap = outpaint_canvas(image, left=4, overlap=2)
+    assert with_overlap[:, :6].all() and not with_overlap[:, 6:].any()  # 2 original columns repainted
+    black, _ = outpaint_canvas(image, top=2, fill="black")
+    assert not np.asarray(black)[:2].any()
+    for bad in (dict(), dict(left=-1), dict(left=2, fill="mirror")):
+        with pytest.raises(InputError):
+            outpaint_canvas(image, **bad)
+
+
+# ---- through inpaint(): every method gets exactly this --------------------------------------------------------
+
+
+def test_any_size_in_same_size_out_without_cropping():
+    image = _image(61, 45)
+    arr = np.asarray(image).copy()
+    arr[:4, :4] = (255, 0, 0)  # corner marks that must reach the model (no silent cropping)
+    arr[-4:, -4:] = (0, 0, 255)
+    image = Image.fromarray(arr)
+    method = Probe()
+    result = inpaint(method, image, _mask(61, 45, (20, 15, 40, 30)), seed=1, blend=False)
+    assert result.images[0].size == (61, 45)
+    region, hole = method.seen[0]
+    assert tuple(region.shape[-2:]) == (48, 64)  # multiples of 8 inside
+    assert result.parameters["region"] == {
+        "box": [0, 0, 61, 45],
+        "size": [64, 48],
+        "whole_image": True,
+        "resized": True,
+    }
+    assert result.parameters["image_size"] == [61, 45]
+    assert region[0, 0, 0, 0] > 0.9 and region[0, 2, -1, -1] > 0.9  # both corners survived
+    # the resized hole never under-covers: every hole pixel maps into the model's hole
+    scaled = np.asarray(Image.fromarray(hole[0, 0].numpy() > 0.5).resize((61, 45), Image.Resampling.NEAREST))
+    assert scaled[15:30, 20:40].all()
+
+
+def test_crop_to_mask_pastes_back_into_the_box_only():
+    image, mask = _image(200, 160), _mask(200, 160, (90, 70, 110, 90))
+    method = Probe()
+    result = inpaint(method, image, mask, seed=1, blend=False, crop_to_mask=True)
+    box = (58, 38, 142, 122)  # the hole grown by the default 32 px padding
+    assert result.parameters["crop_to_mask"] and result.parameters["crop_padding"] == 32
+    assert result.parameters["region"]["box"] == list(box) and not result.parameters["region"]["whole_image"]
+    region, _ = method.seen[0]
+    assert tuple(region.shape[-2:]) == (64, 64)  # the probe's native resolution
+    out, src = np.asarray(result.images[0]), np.asarray(image)
+    outside = np.ones((160, 200), bool)
+    outside[box[1] : box[3], box[0] : box[2]] = False
+    assert np.array_equal(out[outside], src[outside])  # untouched outside the box
+    assert (out[75:85, 95:105] == GREEN).all()  # the hole's inside is the model's output
+
+    padded = inpaint(Probe(), image, mask, seed=1, blend=False, crop_to_mask=True, crop_padding=8)
+    assert padded.parameters["region"]["box"] == [82, 62, 118, 98]
+
+
+def test_crop_to_mask_at_native_size_is_exact_when_no_resize():
+    image, mask = _image(200, 160), _mask(200, 160, (100, 60, 124, 84))
+    method = Probe()  # box 24+2·20 = 64 px: the native size, no resampling
+    result = inpaint(method, image, mask, seed=1, blend=False, crop_to_mask=True, crop_padding=20)
+    assert result.parameters["region"] == {
+        "box": [80, 40, 144, 104],
+        "size": [64, 64],
+        "whole_image": False,
+        "resized": False,
+    }
+    region, hole = method.seen[0]
+    assert np.array_equal(np.asarray(tensor_to_pil(region)[0]), np.asarray(image)[40:104, 80:144])
+    assert hole[0, 0].sum() == 24 * 24
+
+
+@pytest.mark.parametrize("grow", [3, -3])
+def test_mask_grow_shrink_reaches_the_model_and_is_recorded(grow):
+    image, mask = _image(64, 64), _mask(64, 64, (20, 20, 40, 40))
+    method = Probe()
+    result = inpaint(method, image, mask, seed=1, blend=False, mask_grow=grow)
+    side = 20 + 2 * grow
+    _, hole = method.seen[0]
+    assert hole.sum() == side * side
+    assert result.parameters["mask_grow"] == grow
+    out = np.asarray(result.images[0])
+    assert (out[20 - grow : 40 + grow, 20 - grow : 40 + grow] == GREEN).all()
+
+
+def test_invert_mask_is_applied_once_and_recorded():
+    image, mask = _image(64, 64), _mask(64, 64, (16, 16, 48, 48))
+    method = Probe()
+    result = inpaint(method, image, mask, seed=1, invert_mask=True)
+    _, hole = method.seen[0]
+    assert hole[0, 0, 32, 32] == 0 and hole[0, 0, 2, 2] == 1
+    assert result.parameters["invert_mask"] is True
+
+
+def test_blend_on_off_and_kernel():
+    image, mask = _image(64, 64), _mask(64, 64, (24, 24, 40, 40))
+    src = np.asarray(image)
+    probe = Probe(invert_outside=True)
+    raw = np.asarray(inpaint(probe, image, mask, seed=1, blend=False).images[0])
+    assert np.array_equal(raw[:24], 255 - src[:24])  # no blending: the model's output everywhere
+    sharp = np.asarray(inpaint(probe, image, mask, seed=1, blend=True, blend_kernel_size=1).images[0])
+    assert np.array_equal(sharp[:24], src[:24]) and (sharp[24:40, 24:40] == GREEN).all()
+    feathered = inpaint(probe, image, mask, seed=1, blend=True, blend_kernel_size=21)
+    out = np.asarray(feathered.images[0])
+    assert (out[24:40, 24:40] == GREEN).all()  # the hole itself: the model's pixels
+    assert np.array_equal(out[:13], src[:13])  # 11+ px away from the hole: exact
+    band = out[20:24, 24:40].astype(int)
+    assert (band != src[20:24, 24:40]).any() and (band != 255 - src[20:24, 24:40]).any()  # the band mixes
+    assert feathered.parameters["blend"] and feathered.parameters["blend_kernel_size"] == 21
+
+
+def test_outpaint_helper_records_extents():
+    image = _image(40, 48)
+    method = Probe()
+    result = outpaint(method, image, left=8, right=16, seed=3, blend=False)
+    assert result.images[0].size == (64, 48)
+    assert result.parameters["outpaint"] == {
+        "left": 8,
+        "top": 0,
+        "right": 16,
+        "bottom": 0,
+        "overlap": 0,
+        "fill": "edge",
+    }
+    out = np.asarray(result.images[0])
+    assert (out[:, :8] == GREEN).all() and (out[:, 48:] == GREEN).all()
+    assert np.array_equal(out[:, 8:48], np.asarray(image))
+    with pytest.raises(InputError, match="invert_mask"):
+        outpaint(method, image, left=8, invert_mask=True)
+
+
+def test_bad_inputs_are_one_line_errors():
+    image = _image(64, 64)
+    with pytest.raises(InputError, match="mask is 32x32 but the image is 64x64"):
+        inpaint(Probe(), image, _mask(32, 32, (0, 0, 8, 8)))
+    with pytest.raises(InputError, match="mask is empty"):
+        inpaint(Probe(), image, _mask(64, 64, (10, 10, 14, 14)), mask_grow=-2)  # shrunk to nothing
+    with pytest.raises(InputError, match="blend_kernel_size"):
+        inpaint(Probe(), image, _mask(64, 64, (10, 10, 20, 20)), blend_kernel_size=4)
+    with pytest.raises(InputError, match="bad request: steps"):
+        inpaint(Probe(), image, _mask(64, 64, (10, 10, 20, 20)), steps=0)
+    with pytest.raises(InputError, match="bad request: colour"):
+        inpaint(Probe(), image, _mask(64, 64, (10, 10, 20, 20)), colour="red")
+
+
+def test_seed_recorded_and_drawn_when_missing():
+    image, mask = _image(32, 32), _mask(32, 32, (8, 8, 16, 16))
+    result = inpaint(Probe(), image, mask, num_images=3)
+    assert isinstance(result.seed, int) and result.parameters["seeds"] == [result.seed + i for i in range(3)]
+    assert len(result.images) == 3 and set(result.timings) == {
+        "prepare_s",
+        "generate_s",
+        "paste_back_s",
+        "total_s",
+    }
