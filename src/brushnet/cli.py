@@ -7,7 +7,6 @@ expected failure (bad input, wrong checkpoint, unknown option) prints one line o
 from __future__ import annotations
 
 import importlib
-import sys
 from pathlib import Path
 
 import typer
@@ -75,14 +74,13 @@ def inpaint(
             options["conditioning_scale"] = scale
         outputs = output_paths(output, num_images)
         original = load_image(image)
-        hole = load_mask(mask, size=original.size, invert=invert_mask)
+        load_mask(mask, size=original.size, invert=invert_mask)  # fail early: size, empty mask
     except (InputError, ValueError) as exc:
         fail(str(exc))
 
-    from tqdm.auto import tqdm
-
     from .cli_common import save_png_with_metadata
     from .methods import ModelPaths, inpaint, load_method
+    from .methods.cli import StepBar
 
     try:
         models = ModelPaths(
@@ -94,17 +92,11 @@ def inpaint(
             allow_pickle=allow_pickle,
         )
         loaded = load_method(method, models, device=device, dtype=dtype)
-        bar = tqdm(total=steps * num_images, desc=method, unit="step", disable=quiet, file=sys.stderr)
-        done = {"n": 0}
-
-        def on_step(step: int, total: int) -> None:
-            done["n"] += 1
-            bar.update(1)
-
+        bar = StepBar(method, quiet)  # methods count steps their own way (RePaint: schedule moves)
         result = inpaint(
             loaded,
             original,
-            hole,
+            str(mask),  # read again inside (validated above), so `invert_mask` is applied there and recorded
             dict(
                 prompt=prompt,
                 negative_prompt=negative_prompt,
@@ -117,10 +109,11 @@ def inpaint(
                 crop_to_mask=crop_to_mask,
                 crop_padding=crop_padding,
                 mask_grow=mask_grow,
+                invert_mask=invert_mask,
                 resolution=resolution,
                 options=options,
             ),
-            on_step=on_step,
+            on_step=bar,
         )
         bar.close()
     except (InputError, ValueError) as exc:
