@@ -1,0 +1,140 @@
+"""Fixtures for the service tests: engines over the tiny random models, a test client, a live server."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from brushnet.methods.brushnet_method import BrushNetMethod
+
+pytest.importorskip("fastapi")
+pytest.importorskip("multipart")
+
+
+class GatedBrushNet(BrushNetMethod):
+    """The real tiny BrushNet, with two test hooks: ``gate`` (each job waits for it before denoising, so a
+    test can hold the worker busy) and ``step_delay`` (seconds slept per step, so progress is observable).
+    """
+
+    def __init__(self, inner: BrushNetMethod):
+        self.__dict__.update(inner.__dict__)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.step_delay = 0.0
+        self.started = threading.Semaphore(0)  # released once per job that reaches generate()
+
+    def generate(self, image, hole, request, options, generators, on_step=None):
+        self.started.release()
+        self.gate.wait(30)
+
+        def slow_step(step, total):
+            if self.step_delay:
+                time.sleep(self.step_delay)
+            if on_step is not None:
+                on_step(step, total)
+
+        return super().generate(image, hole, request, options, generators, slow_step)
+
+
+@pytest.fixture(scope="session")
+def brushnet_method(tiny_models):
+    from brushnet.methods import load_method
+
+    return load_method(
+        "brushnet", {"base": str(tiny_models["base"]), "brushnet": str(tiny_models["brushnet"])}
+    )
+
+
+@pytest.fixture(scope="session")
+def blended_method(tiny_models):
+    from brushnet.methods import load_method
+
+    return load_method("blended-latent-diffusion", {"base": str(tiny_models["base"])})
+
+
+@pytest.fixture
+def gated(brushnet_method):
+    """A fresh gated wrapper over the shared tiny BrushNet (the weights are shared, not copied)."""
+    method = GatedBrushNet(brushnet_method)
+    yield method
+    method.gate.set()
+
+
+@contextlib.contextmanager
+def make_client(methods, **limits):
+    """A TestClient over a fresh engine; the engine is closed on exit."""
+    from fastapi.testclient import TestClient
+
+    from brushnet.service.api import create_app
+    from brushnet.service.engine import Engine, Limits
+
+    engine = Engine(methods, Limits(**limits))
+    try:
+        with TestClient(create_app(engine), raise_server_exceptions=False) as client:
+            client.engine = engine
+            yield client
+    finally:
+        engine.close()
+
+
+@pytest.fixture
+def client(gated, blended_method):
+    with make_client({"brushnet": gated, "blended-latent-diffusion": blended_method}) as c:
+        yield c
+
+
+def scene_image(size: int = 64) -> Image.Image:
+    """A smooth gradient with a red square (kept region), deterministic."""
+    y, x = np.mgrid[0:size, 0:size]
+    arr = np.stack([x * 255 // size, y * 255 // size, (x + y) * 127 // size], -1).astype(np.uint8)
+    arr[4:12, 4:12] = (250, 10, 10)
+    return Image.fromarray(arr)
+
+
+def scene_mask(size: int = 64, box=(24, 24, 40, 40)) -> Image.Image:
+    mask = np.zeros((size, size), np.uint8)
+    x0, y0, x1, y1 = box
+    mask[y0:y1, x0:x1] = 255
+    return Image.fromarray(mask)
+
+
+def png(img: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class LiveServer:
+    """uvicorn on a free loopback port in a background thread (for the browser and load tests)."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        config = uvicorn.Config(app, log_level="warning", lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
