@@ -3,6 +3,7 @@
 metrics); elsewhere it is skipped."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -44,13 +45,22 @@ def test_pixel_metrics_match_torchmetrics(images):
 
 
 def _lpips_slices_to_ours(state_dict):
-    converted = {}
+    """Reference LPIPS state dict -> ours. The backbone is split into slices, named ``net.slice{k}.{i}.*`` by
+    the lpips package and ``net.features.{k}.{i}.*`` by torchmetrics 1.9 (``i`` = torchvision's index, ours);
+    the heads are ``lin{k}.*`` and again as the list ``lins.{k}.*`` (torchmetrics 1.9 keeps only the list)."""
+    converted, listed = {}, {}
     for key, value in state_dict.items():
+        parts = key.split(".")
         if key.startswith("net.slice"):
-            _, _, index, rest = key.split(".", 3)
-            converted[f"net.features.{index}.{rest}"] = value
-        elif key.startswith("lin"):
+            converted[".".join(["net.features", *parts[2:]])] = value
+        elif key.startswith("net.features."):
+            converted[".".join(["net.features", *parts[3:]])] = value
+        elif re.match(r"lin\d+\.", key):
             converted[key] = value
+        elif key.startswith("lins."):
+            listed[".".join([f"lin{parts[1]}", *parts[2:]])] = value
+    for key, value in listed.items():
+        converted.setdefault(key, value)
     return converted
 
 

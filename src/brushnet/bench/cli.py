@@ -166,6 +166,10 @@ def speed(
     repeats: int = typer.Option(3, help="Timed repeats per combination (median reported); warm-up excluded."),
     device: str = typer.Option("cpu", help="cpu | cuda[:N]."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the UNet / branch blocks."),
+    cfg_branch: str = typer.Option(
+        "once", help="BrushNet under CFG: once (this project), doubled (the original), or once,doubled."
+    ),
+    threads: int | None = typer.Option(None, help="torch CPU threads (default: torch's)."),
     scheduler: str = typer.Option("unipc-original"),
     guidance: float = typer.Option(7.5),
     random_weights: str | None = typer.Option(None, help="Build random-weight models: tiny | small | sd15."),
@@ -182,13 +186,21 @@ def speed(
     """Seconds per image, UNet calls and peak memory per method × resolution × dtype × steps."""
 
     def body() -> None:
+        import platform
         import tempfile
+
+        import torch
 
         from ..methods import ModelPaths, available_methods
         from .speed import format_table, measure_speed, random_weight_models
 
         _logging()
+        if threads is not None:
+            torch.set_num_threads(threads)
         names = available_methods() if methods == "all" else _split(methods)
+        unknown = [name for name in names if name not in available_methods()]
+        if unknown:
+            raise ValueError(f"unknown method {unknown[0]!r}; available: {', '.join(available_methods())}")
         if random_weights is not None:
             folder = weights_dir or Path(tempfile.mkdtemp(prefix="brushnet-speed-"))
             models = random_weight_models(random_weights, folder, names)
@@ -206,13 +218,27 @@ def speed(
             compile=compile,
             scheduler=scheduler,
             guidance_scale=guidance,
+            cfg_branch=_split(cfg_branch),
         )
-        payload = {"command": " ".join(["brushnet bench speed", *sys.argv[1:]]), "records": records}
+        environment = {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(),
+            "cuda_device": torch.cuda.get_device_name(device) if device.startswith("cuda") else None,
+        }
+        argv = sys.argv[sys.argv.index("speed") + 1 :] if "speed" in sys.argv else []
+        payload = {"command": " ".join(["brushnet bench speed", *argv]), "environment": environment,
+                   "records": records}  # fmt: skip
         if random_weights is not None:
             payload["random_weights"] = random_weights
         if output is not None:
-            output.parent.mkdir(parents=True, exist_ok=True)
-            output.write_text(json.dumps(payload, indent=2))
+            from ..cli_common import atomic_write_bytes
+
+            atomic_write_bytes(output, json.dumps(payload, indent=2).encode())
         typer.echo(format_table(records))
 
     _guarded(body)
+
+
+if __name__ == "__main__":
+    app()

@@ -2,10 +2,24 @@
 
 For each combination: one warm-up call (excluded), then ``repeats`` timed calls of
 :func:`brushnet.methods.inpaint` on a fixed synthetic image with a centred square hole (a quarter of the
-area). Reported: the median seconds per image (wall clock around the whole ``inpaint`` call), UNet calls
-per image (as the method counts them: a CFG pair is 2), and peak memory during the timed calls — on CUDA
-``torch.cuda.max_memory_allocated``; on CPU the process's peak resident set size (psutil, sampled every
-5 ms; it includes the loaded weights, and ``rss_increase_mib`` is the rise over the RSS before the calls).
+area). Reported:
+
+- ``seconds_per_image``: the median wall clock around the whole ``inpaint`` call (text encoding, VAE
+  encode/decode and paste-back included);
+- ``seconds_per_step``: the median time of one denoising step, measured between the method's step
+  callbacks (first to last, divided by their number minus one: so the VAE and text encoder are excluded);
+  on CUDA the device is synchronised at every callback so that the step timer measures GPU work;
+- ``unet_calls`` per image (as the method counts them: a CFG pair is 2) and ``extra_calls`` (BrushNet
+  branch / ControlNet passes, counted the same way);
+- peak memory during the timed calls: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the process's
+  peak resident set size (psutil, sampled every 5 ms; it includes the loaded weights, and
+  ``rss_increase_mib`` is the rise over the RSS before the calls).
+
+``cfg_branch`` compares BrushNet's two ways of running the branch under classifier-free guidance: ``once``
+(this project: the SD1.5 branch reads no text, so one pass serves both halves) and ``doubled`` (the
+original pipeline: the branch runs on the CFG-doubled batch). Other methods have one way (recorded as
+``None``). A combination that the device cannot run (e.g. a dtype without kernels there) is recorded with
+its ``error`` instead of figures.
 """
 
 from __future__ import annotations
@@ -23,7 +37,9 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["random_weight_models", "compile_method", "measure_speed", "format_table"]
+__all__ = ["CFG_BRANCH_MODES", "random_weight_models", "compile_method", "measure_speed", "format_table"]
+
+CFG_BRANCH_MODES = ("once", "doubled")
 
 
 def random_weight_models(preset: str, out_dir: str | os.PathLike, methods: Sequence[str]):
@@ -122,6 +138,43 @@ def _test_input(resolution: int):
     return image, hole
 
 
+class _StepTimer:
+    """``on_step`` callback that records when each denoising step ended (synchronising CUDA first)."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.times: list[float] = []
+
+    def __call__(self, step: int, total: int) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+
+    def seconds_per_step(self) -> float | None:
+        if len(self.times) < 2:
+            return None
+        return (self.times[-1] - self.times[0]) / (len(self.times) - 1)
+
+
+def _set_branch_on_doubled_batch(method, doubled: bool) -> None:
+    """Make a loaded BrushNet method run its branch on the CFG-doubled batch (as the original pipeline does) or
+    once per step (this project's default).
+
+    The pipeline runs the branch on the doubled batch exactly when the branch's ``uses_text`` is true; for
+    the comparison the branch instance is given a subclass whose ``uses_text`` is true (same weights, same
+    ``forward``: an SD1.5 branch ignores the text it is then passed). ``doubled=False`` restores the class.
+    """
+    branch = method.pipeline.brushnet
+    original = getattr(branch, "_speed_original_class", type(branch))
+    if doubled:
+        branch._speed_original_class = original
+        branch.__class__ = type(f"{original.__name__}OnDoubledBatch", (original,), {"uses_text": True})
+    else:
+        branch.__class__ = original
+
+
 def measure_speed(
     methods: Sequence[str],
     models,
@@ -133,14 +186,29 @@ def measure_speed(
     compile: bool = False,
     scheduler: str = "unipc-original",
     guidance_scale: float = 7.5,
+    cfg_branch: Sequence[str] = ("once",),
 ) -> list[dict[str, Any]]:
-    """Time every method × dtype × resolution × step count (see the module docstring).
+    """Time every method × dtype × resolution × step count (× CFG branch mode for BrushNet); see the module
+    docstring for what is measured.
+
+    Args:
+        methods: registered method names.
+        models: :class:`~brushnet.methods.ModelPaths` (or a dict of its fields).
+        resolutions: square working sizes.
+        dtypes: ``fp32``, ``fp16``, ``bf16``.
+        steps: denoising step counts.
+        repeats: timed calls per combination (the median is reported); one warm-up call before them.
+        device: ``cpu`` or ``cuda[:N]``.
+        compile: ``torch.compile`` the UNet / branch blocks (:func:`compile_method`).
+        scheduler, guidance_scale: the request's.
+        cfg_branch: BrushNet's modes to time (:data:`CFG_BRANCH_MODES`); ignored for other methods.
 
     Returns:
-        One record per combination: ``method, device, dtype, resolution, steps, compile, repeats,
-        seconds_per_image`` (median), ``seconds`` (every repeat), ``unet_calls``, ``extra_calls``,
-        ``memory`` (``"cuda_max_allocated"`` or ``"cpu_peak_rss"``), ``peak_memory_mib`` and, on CPU,
-        ``rss_increase_mib``.
+        One record per combination: ``method, device, dtype, resolution, steps, cfg_branch, compile,
+        repeats, seconds_per_image`` (median), ``seconds`` (every repeat), ``seconds_per_step`` (median),
+        ``unet_calls``, ``extra_calls``, ``memory`` (``"cuda_max_allocated"`` or ``"cpu_peak_rss"``),
+        ``peak_memory_mib`` and, on CPU, ``rss_increase_mib``; or, for a combination that failed,
+        the same keys up to ``repeats`` and ``error``.
     """
     import torch
 
@@ -148,87 +216,110 @@ def measure_speed(
 
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
+    unknown = sorted(set(cfg_branch) - set(CFG_BRANCH_MODES))
+    if unknown or not cfg_branch:
+        raise ValueError(f"cfg_branch must be among {', '.join(CFG_BRANCH_MODES)}, got {list(cfg_branch)}")
     cuda = torch.device(device).type == "cuda"
     records = []
     for method_name in methods:
+        modes: Sequence[str | None] = list(cfg_branch) if method_name == "brushnet" else [None]
         for dtype in dtypes:
             method = load_method(method_name, models, device=device, dtype=dtype)
             compiled = compile_method(method) if compile else []
             for resolution in resolutions:
                 image, hole = _test_input(resolution)
                 for step_count in steps:
-                    request = {
-                        "prompt": "a red circle",
-                        "seed": 0,
-                        "steps": step_count,
-                        "guidance_scale": guidance_scale,
-                        "scheduler": scheduler,
-                    }
-                    inpaint(method, image, hole, request)  # warm-up, excluded
-                    seconds = []
-                    if cuda:
-                        torch.cuda.synchronize()
-                        torch.cuda.reset_peak_memory_stats()
-                    with _PeakRSS() as rss:
-                        for _ in range(repeats):
-                            start = time.perf_counter()
-                            result = inpaint(method, image, hole, request)
-                            if cuda:
-                                torch.cuda.synchronize()
-                            seconds.append(time.perf_counter() - start)
-                    record = {
-                        "method": method_name,
-                        "device": device,
-                        "dtype": dtype,
-                        "resolution": resolution,
-                        "steps": step_count,
-                        "compile": bool(compiled),
-                        "repeats": repeats,
-                        "seconds_per_image": statistics.median(seconds),
-                        "seconds": seconds,
-                        "unet_calls": result.unet_calls,
-                        "extra_calls": result.extra_calls,
-                    }
-                    if cuda:
-                        record["memory"] = "cuda_max_allocated"
-                        record["peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
-                    else:
-                        record["memory"] = "cpu_peak_rss"
-                        record["peak_memory_mib"] = rss.peak / 2**20
-                        record["rss_increase_mib"] = (rss.peak - rss.start) / 2**20
-                    logger.info("%s", record)
-                    records.append(record)
+                    for mode in modes:
+                        if mode is not None:
+                            _set_branch_on_doubled_batch(method, mode == "doubled")
+                        request = {
+                            "prompt": "a red circle",
+                            "seed": 0,
+                            "steps": step_count,
+                            "guidance_scale": guidance_scale,
+                            "scheduler": scheduler,
+                        }
+                        record: dict[str, Any] = {
+                            "method": method_name,
+                            "device": device,
+                            "dtype": dtype,
+                            "resolution": resolution,
+                            "steps": step_count,
+                            "cfg_branch": mode,
+                            "compile": bool(compiled),
+                            "repeats": repeats,
+                        }
+                        try:
+                            inpaint(method, image, hole, request)  # warm-up, excluded
+                        except (RuntimeError, NotImplementedError, TypeError) as exc:
+                            message = (
+                                str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                            )
+                            logger.warning(
+                                "%s %s %s: cannot run here: %s", method_name, device, dtype, message
+                            )
+                            record["error"] = f"{type(exc).__name__}: {message}"
+                            records.append(record)
+                            continue
+                        seconds, per_step = [], []
+                        if cuda:
+                            torch.cuda.synchronize()
+                            torch.cuda.reset_peak_memory_stats()
+                        with _PeakRSS() as rss:
+                            for _ in range(repeats):
+                                timer = _StepTimer(cuda)
+                                start = time.perf_counter()
+                                result = inpaint(method, image, hole, request, on_step=timer)
+                                if cuda:
+                                    torch.cuda.synchronize()
+                                seconds.append(time.perf_counter() - start)
+                                if timer.seconds_per_step() is not None:
+                                    per_step.append(timer.seconds_per_step())
+                        record.update(
+                            seconds_per_image=statistics.median(seconds),
+                            seconds=seconds,
+                            seconds_per_step=statistics.median(per_step) if per_step else None,
+                            unet_calls=result.unet_calls,
+                            extra_calls=result.extra_calls,
+                        )
+                        if cuda:
+                            record["memory"] = "cuda_max_allocated"
+                            record["peak_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
+                        else:
+                            record["memory"] = "cpu_peak_rss"
+                            record["peak_memory_mib"] = rss.peak / 2**20
+                            record["rss_increase_mib"] = (rss.peak - rss.start) / 2**20
+                        logger.info("%s", record)
+                        records.append(record)
+            if method_name == "brushnet":
+                _set_branch_on_doubled_batch(method, False)
             del method
+            if cuda:
+                torch.cuda.empty_cache()
     return records
 
 
 def format_table(records: Sequence[dict[str, Any]]) -> str:
-    """A fixed-width text table of :func:`measure_speed` records."""
-    header = [
-        "method",
-        "device",
-        "dtype",
-        "res",
-        "steps",
-        "compile",
-        "s/image",
-        "UNet calls",
-        "peak MiB",
-        "+MiB",
-    ]
+    """A Markdown table of :func:`measure_speed` records (failed combinations show their error)."""
+    header = ["method", "device", "dtype", "res", "steps", "CFG branch", "compile", "s/image", "s/step",
+              "UNet calls", "other calls", "peak MiB", "+MiB"]  # fmt: skip
     lines = [header]
     for r in records:
+        head = [r["method"], r["device"], r["dtype"], str(r["resolution"]), str(r["steps"]),
+                r.get("cfg_branch") or "–", "yes" if r["compile"] else "no"]  # fmt: skip
+        if "error" in r:
+            lines.append(head + [f"not run: {r['error']}"[:80]] + [""] * (len(header) - len(head) - 1))
+            continue
         increase = r.get("rss_increase_mib")
+        per_step = r.get("seconds_per_step")
+        extra = r.get("extra_calls") or {}
         lines.append(
-            [
-                r["method"],
-                r["device"],
-                r["dtype"],
-                str(r["resolution"]),
-                str(r["steps"]),
-                "yes" if r["compile"] else "no",
+            head
+            + [
                 f"{r['seconds_per_image']:.3f}",
+                "–" if per_step is None else f"{per_step:.4f}",
                 str(r["unet_calls"]),
+                ", ".join(f"{k} {v}" for k, v in extra.items()) or "–",
                 f"{r['peak_memory_mib']:.0f}",
                 "–" if increase is None else f"{increase:.0f}",
             ]

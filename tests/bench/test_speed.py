@@ -1,0 +1,98 @@
+"""`bench speed` on tiny random-weight models: the records, the CFG branch modes (call counts and identical
+images), failed combinations recorded instead of crashing, and the CLI's JSON and table."""
+
+import json
+
+import numpy as np
+import pytest
+
+from brushnet.bench.speed import _set_branch_on_doubled_batch, format_table, measure_speed
+from brushnet.methods import inpaint, load_method
+
+
+def test_records_and_cfg_branch_modes(tiny_models):
+    records = measure_speed(
+        ["brushnet", "sd-inpainting"], tiny_models, resolutions=[32], steps=[3], repeats=2,
+        cfg_branch=["once", "doubled"],
+    )  # fmt: skip
+    assert [(r["method"], r["cfg_branch"]) for r in records] == [
+        ("brushnet", "once"),
+        ("brushnet", "doubled"),
+        ("sd-inpainting", None),
+    ]
+    for record in records:
+        assert "error" not in record
+        assert len(record["seconds"]) == 2 and record["seconds_per_image"] == float(
+            np.median(record["seconds"])
+        )
+        # a step is part of the image: text encoding, VAE and paste-back are outside the step timer
+        assert 0 < record["seconds_per_step"] * record["steps"] < record["seconds_per_image"] * 1.5
+        assert record["unet_calls"] == 2 * 3  # CFG pair per step
+        assert record["memory"] == "cpu_peak_rss" and record["peak_memory_mib"] > 100
+        assert 0 <= record["rss_increase_mib"] <= record["peak_memory_mib"]
+    once, doubled = records[0], records[1]
+    assert once["extra_calls"] == {"brushnet": 3} and doubled["extra_calls"] == {"brushnet": 6}
+    table = format_table(records)
+    assert table.count("\n") == 4 and "| brushnet " in table and "doubled" in table
+
+
+def test_doubled_branch_gives_the_same_image_and_is_undone(tiny_models):
+    from PIL import Image
+
+    method = load_method("brushnet", tiny_models)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    hole = np.zeros((32, 32), dtype=bool)
+    hole[8:24, 8:24] = True
+    request = {"prompt": "a cat", "seed": 1, "steps": 2, "blend": False}
+    once = inpaint(method, image, hole, request)
+    _set_branch_on_doubled_batch(method, True)
+    assert method.pipeline.brushnet.uses_text
+    doubled = inpaint(method, image, hole, request)
+    _set_branch_on_doubled_batch(method, False)
+    assert not method.pipeline.brushnet.uses_text
+    assert type(method.pipeline.brushnet).__name__ == "BrushNetModel"
+    assert doubled.extra_calls["brushnet"] == 2 * once.extra_calls["brushnet"]
+    difference = np.abs(np.asarray(once.images[0], dtype=int) - np.asarray(doubled.images[0], dtype=int))
+    assert difference.max() <= 1  # same computation in another batch layout: at most 1/255 rounding
+
+
+def test_a_combination_that_cannot_run_is_recorded(tiny_models, monkeypatch):
+    import brushnet.methods as methods
+
+    calls = []
+
+    def failing_inpaint(method, *args, **kwargs):
+        calls.append(method.name)
+        raise RuntimeError("\"slow_conv2d_cpu\" not implemented for 'Half'\nmore detail")
+
+    monkeypatch.setattr(methods, "inpaint", failing_inpaint)
+    records = measure_speed(["brushnet"], tiny_models, resolutions=[32], steps=[1], repeats=1)
+    assert records == [
+        {"method": "brushnet", "device": "cpu", "dtype": "fp32", "resolution": 32, "steps": 1,
+         "cfg_branch": "once", "compile": False, "repeats": 1,
+         "error": "RuntimeError: \"slow_conv2d_cpu\" not implemented for 'Half'"}
+    ]  # fmt: skip
+    assert "not run: RuntimeError" in format_table(records)
+    with pytest.raises(ValueError, match="cfg_branch"):
+        measure_speed(["brushnet"], tiny_models, cfg_branch=["twice"])
+
+
+def test_cli_speed_writes_json_and_table(tmp_path, tiny_models):
+    from typer.testing import CliRunner
+
+    from brushnet.bench.cli import app
+
+    out = tmp_path / "speed.json"
+    args = ["speed", "--methods", "brushnet", "--resolutions", "32", "--steps", "2", "--repeats", "1",
+            "--base", tiny_models.base, "--brushnet", tiny_models.brushnet, "--output", str(out), "--threads", "1"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    payload = json.loads(out.read_text())
+    assert payload["command"].startswith("brushnet bench speed")
+    assert payload["environment"]["threads"] == 1
+    [record] = payload["records"]
+    assert (record["method"], record["steps"], record["unet_calls"]) == ("brushnet", 2, 4)
+    assert "| brushnet" in result.output
+    result = CliRunner().invoke(app, ["speed", "--methods", "nope", "--random-weights", "tiny",
+                                      "--weights-dir", str(tmp_path)])  # fmt: skip
+    assert result.exit_code == 2 and result.output.count("\n") == 1 and "error:" in result.output
