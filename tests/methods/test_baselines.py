@@ -181,6 +181,24 @@ def test_controlnet_control_image_marks_hole_minus_one(load, scene):
     assert torch.equal(direct[0], cond)
 
 
+def test_controlnet_pipeline_mask_is_one_on_the_hole(load, scene, monkeypatch):
+    """The pipeline's own mask (its latent blending keeps the input where it is 0) must be 1 on the hole."""
+    image, mask = scene
+    method = load("controlnet-inpaint")
+    seen = []
+    original = method.pipeline.prepare_mask_latents
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        seen.append(out[0].clone())
+        return out
+
+    monkeypatch.setattr(method.pipeline, "prepare_mask_latents", spy)
+    inpaint(method, image, mask, dict(FAST, guidance_scale=1.0))
+    expected = latent_hole(torch.from_numpy(np.asarray(mask) > 127).float()[None, None], 8)[0, 0]
+    assert torch.equal(seen[0][0, 0], expected)
+
+
 def test_control_guidance_window_is_validated(load, scene):
     from brushnet.image import InputError
 
