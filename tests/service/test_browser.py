@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from .conftest import LiveServer, png
+from brushnet.service.cli import BackgroundServer
+
+from .conftest import png
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (python) is not installed")
 
@@ -58,7 +60,7 @@ def server(gated, blended_method):
     gated.step_delay = 0.04  # so that progress events are seen on the page
     engine = Engine({"brushnet": gated, "blended-latent-diffusion": blended_method}, Limits())
     try:
-        with LiveServer(create_app(engine)) as live:
+        with BackgroundServer(create_app(engine)) as live:
             yield live
     finally:
         engine.close()
