@@ -174,3 +174,19 @@ def test_cli_run_outside_and_report(tmp_path, tiny_models, shapes_set):
     assert result.exit_code == 0 and "## outside-inpainting" in result.output
     result = runner.invoke(app, ["run", "--dataset", str(tmp_path / "nope"), "--output", str(tmp_path / "x")])
     assert result.exit_code == 2 and "error: dataset not found" in result.output
+
+
+def test_cli_missing_metric_weights_is_one_line(tmp_path, shapes_set):
+    from typer.testing import CliRunner
+
+    from brushnet.bench.cli import app
+
+    missing = tmp_path / "ImageReward.pt"
+    args = ["run", "--dataset", str(shapes_set), "--output", str(tmp_path / "run"), "--num-shards", "1",
+            "--shard-index", "0", "--image-reward-weights", str(missing)]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert result.output == (
+        f"error: --image-reward-weights {missing}: not found; expected a local file: ImageReward.pt (v1.0)\n"
+    )
+    assert not (tmp_path / "run").exists()  # nothing generated before the weights are checked

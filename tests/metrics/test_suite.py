@@ -37,8 +37,11 @@ def test_missing_weights_skip_with_one_line_each(caplog, images):
     with caplog.at_level(logging.INFO, logger="brushnet.metrics.suite"):
         suite = MetricSuite({})
     lines = [record.getMessage() for record in caplog.records]
-    assert "skipping hps: no weights given (--hps-weights, --hps-tokenizer-weights)" in lines
-    assert "skipping lpips: no weights given (--lpips-backbone-weights, --lpips-linear-weights)" in lines
+    hint = "; local paths only, see docs/benchmarking.md)"
+    assert f"skipping hps: no weights given (--hps-weights, --hps-tokenizer-weights{hint}" in lines
+    assert (
+        f"skipping lpips: no weights given (--lpips-backbone-weights, --lpips-linear-weights{hint}" in lines
+    )
     assert len(lines) == 5 and len(set(lines)) == 5
     assert suite.metrics == PIXEL and suite.skipped == [
         "image_reward",
@@ -55,9 +58,21 @@ def test_missing_weights_skip_with_one_line_each(caplog, images):
     torch.testing.assert_close(results["ssim"], metrics.ssim(generated, original, mask))
 
 
-def test_errors():
+def test_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown metric weight"):
         MetricSuite({"hsp": "x"})
+    missing = tmp_path / "HPS_v2.1_compressed.pt"
+    with pytest.raises(FileNotFoundError) as error:
+        MetricSuite({"hps": missing})
+    assert str(error.value) == (
+        f"--hps-weights {missing}: not found; expected a local file: HPS_v2.1_compressed.pt"
+    )
+    with pytest.raises(FileNotFoundError, match=r"^--clip-weights .*: is a file; expected a local folder: "):
+        MetricSuite({"clip": __file__})
+    with pytest.raises(
+        FileNotFoundError, match=r"^--image-reward-weights .*: is a folder; expected a local file"
+    ):
+        MetricSuite({"image_reward": tmp_path})
     with pytest.raises(ValueError, match="unknown metrics"):
         MetricSuite({}, metrics=["fid"])
     with pytest.raises(ValueError, match="original"):

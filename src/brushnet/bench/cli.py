@@ -100,9 +100,15 @@ def run(
             raise ValueError("give both --num-shards and --shard-index, or neither")
         state = None
         if num_shards is None:
+            from datetime import timedelta
+
+            import torch
             from accelerate import PartialState
 
-            state = PartialState()
+            # Without cpu=True accelerate ignores a CPU-only launch's WORLD_SIZE (every process would be 0 of 1).
+            # The end-of-run barrier waits for the slowest shard: allow long runs.
+            use_cpu = device == "cpu" or not torch.cuda.is_available()
+            state = PartialState(cpu=use_cpu, timeout=timedelta(hours=48))
             index, count = state.process_index, state.num_processes
         else:
             index, count = shard_index, num_shards

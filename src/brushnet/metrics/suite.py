@@ -20,7 +20,15 @@ from . import pixel
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MetricSpec", "METRICS", "WEIGHT_KEYS", "available_metrics", "MetricSuite"]
+__all__ = [
+    "MetricSpec",
+    "METRICS",
+    "WEIGHT_KEYS",
+    "FOLDER_KEYS",
+    "available_metrics",
+    "check_weight_path",
+    "MetricSuite",
+]
 
 WEIGHT_KEYS: dict[str, str] = {
     "clip": "folder with CLIP ViT-L/14 in Hugging Face layout (openai/clip-vit-large-patch14)",
@@ -34,10 +42,28 @@ WEIGHT_KEYS: dict[str, str] = {
 }
 """Keys accepted in `MetricSuite(weights=...)`; the CLI flag for key `k` is `--{k with - for _}-weights`."""
 
+FOLDER_KEYS = frozenset({"clip", "hps_tokenizer", "image_reward_tokenizer"})
+"""Weight keys that name a folder; the others name one file."""
+
 
 def weight_flag(key: str) -> str:
     """CLI flag name used in skip messages for a weight key, e.g. `hps` → `--hps-weights`."""
     return f"--{key.replace('_', '-')}-weights"
+
+
+def check_weight_path(key: str, path: str | os.PathLike) -> None:
+    """Raise a one-line `FileNotFoundError` when the local path given for weight `key` is missing or of the
+    wrong kind (file vs folder), naming the flag and what it should hold. Nothing is ever downloaded."""
+    want_folder = key in FOLDER_KEYS
+    exists = os.path.isdir(path) if want_folder else os.path.isfile(path)
+    if not exists:
+        what = "folder" if want_folder else "file"
+        problem = (
+            "is a folder" if os.path.isdir(path) else "is a file" if os.path.exists(path) else "not found"
+        )
+        raise FileNotFoundError(
+            f"{weight_flag(key)} {os.fspath(path)}: {problem}; expected a local {what}: {WEIGHT_KEYS[key]}"
+        )
 
 
 @dataclass(frozen=True)
@@ -110,6 +136,8 @@ class MetricSuite:
         unknown = sorted(set(weights) - set(WEIGHT_KEYS))
         if unknown:
             raise ValueError(f"unknown metric weight keys {unknown}; known: {sorted(WEIGHT_KEYS)}")
+        for key, path in weights.items():
+            check_weight_path(key, path)
         if "clip" in weights:
             weights.setdefault("hps_tokenizer", weights["clip"])
         requested = list(metrics) if metrics is not None else available_metrics()
@@ -122,7 +150,11 @@ class MetricSuite:
         for name in requested:
             missing = [key for key in METRICS[name].weights if key not in weights]
             if missing:
-                logger.info("skipping %s: no weights given (%s)", name, ", ".join(map(weight_flag, missing)))
+                logger.info(
+                    "skipping %s: no weights given (%s; local paths only, see docs/benchmarking.md)",
+                    name,
+                    ", ".join(map(weight_flag, missing)),
+                )
                 self.skipped.append(name)
             else:
                 self.metrics.append(name)
