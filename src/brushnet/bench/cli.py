@@ -61,6 +61,7 @@ def run(
     scheduler: str = typer.Option("unipc-original", help="Scheduler (paper: UniPC ending at sigma_min)."),
     negative_prompt: str = typer.Option("", help="Negative prompt."),
     resolution: int | None = typer.Option(None, help="Working size; default the image size."),
+    blend_kernel_size: int = typer.Option(21, help="Blurred-blending kernel, odd (paper: 21 at 512 px)."),
     method_options: str = typer.Option("{}", help='JSON: {"method": {option: value}}.'),
     lpips_linear_weights: str | None = typer.Option(
         None, "--lpips-linear-weights", "--lpips-weights", help=_WEIGHT_HELP + "lpips v0.1 squeeze.pth."
@@ -119,7 +120,7 @@ def run(
                             controlnet=controlnet, allow_pickle=allow_pickle)  # fmt: skip
         settings = BenchSettings(steps=steps, guidance_scale=guidance, seed=seed, scheduler=scheduler,
                                  negative_prompt=negative_prompt, resolution=resolution,
-                                 options=json.loads(method_options))  # fmt: skip
+                                 blend_kernel_size=blend_kernel_size, options=json.loads(method_options))  # fmt: skip
         weights = {
             "lpips_linear": lpips_linear_weights,
             "lpips_backbone": lpips_backbone_weights,
