@@ -1,0 +1,249 @@
+"""``brushnet demo``: every method on shipped shapes-world scenes (or the user's own), as one labelled grid.
+
+The scenes are drawn from the shapes world (:mod:`brushnet.data.shapes`) by fixed seeds, so nothing but the
+model weights is shipped. Each method generates once per scene; the grid shows the raw output and the
+same output pasted back with the feathered blend (the paper's "with blending").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .assets import DEMO_DIR, METHODS, method_models
+
+__all__ = [
+    "DEMO_SCENES",
+    "DEMO_SETTINGS",
+    "DemoScene",
+    "RESULTS_FILE",
+    "demo_scene",
+    "format_results_table",
+    "make_grid",
+    "run_demo",
+]
+
+SIZE = 128
+RESULTS_FILE = DEMO_DIR / "mini_brushbench.json"
+"""The mini-BrushBench summary shipped with the weights (written by ``python -m brushnet.demo.minibench``)."""
+
+DEMO_SETTINGS = {"steps": 20, "guidance_scale": 5.0, "scheduler": "unipc", "seed": 1234, "blend_kernel_size": 5}
+"""Generation settings of the demo and of the mini-BrushBench. The blend kernel is the paper's 21 px at 512
+scaled to 128 px (5 px), so the feather reaches 2 px outside the hole."""
+
+METHOD_LABELS = {
+    "brushnet": "BrushNet",
+    "blended-latent-diffusion": "BLD",
+    "sd-inpainting": "SD-inpaint",
+    "controlnet-inpaint": "CN-inpaint",
+    "repaint": "RePaint",
+}
+
+
+@dataclass(frozen=True)
+class DemoSpec:
+    """A shipped scene: eval-split scene ``index`` of world seed ``seed``; hole = object ``target`` dilated by
+    3 px; ``prompt`` = what to paint (default: the masked object itself)."""
+
+    seed: int
+    index: int
+    target: int = 0
+    prompt: str | None = None
+
+
+DEMO_SCENES: tuple[DemoSpec, ...] = (
+    DemoSpec(seed=7, index=0, target=0),
+    DemoSpec(seed=7, index=1, target=0),
+    DemoSpec(seed=7, index=2, target=0, prompt="a yellow square"),
+)
+"""The grid's rows; the last asks for a different object than the one masked out."""
+
+
+@dataclass
+class DemoScene:
+    """An input of the demo: image, hole (``True`` = generate), prompt, and a one-line description."""
+
+    image: Image.Image
+    hole: np.ndarray
+    prompt: str
+    label: str
+
+
+def demo_scene(spec: DemoSpec) -> DemoScene:
+    """Render a :class:`DemoSpec` (deterministic)."""
+    from ..data.shapes import dilate_mask, render_scene, sample_scene, scene_rng
+
+    scene = sample_scene(scene_rng("eval", spec.seed, spec.index), size=SIZE, min_gap=8)
+    image, masks = render_scene(scene)
+    target = scene.objects[spec.target % len(scene.objects)]
+    hole = dilate_mask(masks[spec.target % len(scene.objects)], 3)
+    prompt = spec.prompt or target.phrase
+    label = f'prompt "{prompt}"  (masked: {target.phrase})'
+    return DemoScene(image, hole, prompt, label)
+
+
+def _font(size: int = 11):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def _mask_view(image: Image.Image, hole: np.ndarray) -> Image.Image:
+    """The input with the hole shown in grey-checked white (what the methods do not see)."""
+    pixels = np.asarray(image.convert("RGB")).copy()
+    ys, xs = np.nonzero(hole)
+    checker = ((ys // 4 + xs // 4) % 2).astype(np.uint8)
+    pixels[ys, xs] = np.where(checker[:, None] == 1, 255, 200).astype(np.uint8)
+    return Image.fromarray(pixels)
+
+
+def make_grid(
+    rows: Sequence[tuple[str, Sequence[tuple[str, Image.Image]]]], tile: int = SIZE, title: str | None = None
+) -> Image.Image:
+    """A labelled grid: each row a header line and tiles ``(label, image)`` left to right."""
+    font = _font(11)
+    pad, label_h, header_h = 4, 14, 16
+    columns = max(len(tiles) for _, tiles in rows)
+    width = pad + columns * (tile + pad)
+    title_h = header_h + pad if title else 0
+    row_h = header_h + label_h + tile + pad
+    canvas = Image.new("RGB", (width, title_h + len(rows) * row_h + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((pad, pad), title, fill=(0, 0, 0), font=font)
+    for r, (header, tiles) in enumerate(rows):
+        top = title_h + r * row_h + pad
+        draw.text((pad, top), header, fill=(0, 0, 0), font=font)
+        for c, (label, image) in enumerate(tiles):
+            left = pad + c * (tile + pad)
+            draw.text((left, top + header_h), label, fill=(40, 40, 40), font=font)
+            canvas.paste(image.convert("RGB").resize((tile, tile), Image.NEAREST), (left, top + header_h + label_h))
+    return canvas
+
+
+def format_results_table(path: str | os.PathLike = RESULTS_FILE) -> str:
+    """The mini-BrushBench table (Markdown) from its committed results file, with where it came from."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        return f"(no mini-BrushBench results file at {path}: {error})"
+    lines = [
+        f"Mini-BrushBench ({data['images']} held-out scenes per mask kind; read from the committed results file "
+        f"{path.name}, produced by: {data['command']})",
+        "",
+        "| method | blend | inside PSNR ↑ | inside MSE ↓ | colour acc ↑ | shape acc ↑ | outside PSNR ↑ |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in data["rows"]:
+        lines.append(
+            f"| {METHOD_LABELS.get(row['method'], row['method'])} | {'yes' if row['blend'] else 'no'} "
+            f"| {row['inside_psnr']:.2f} | {row['inside_mse']:.5f} | {row['colour_acc']:.3f} "
+            f"| {row['shape_acc']:.3f} | {row['outside_psnr']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def run_demo(
+    output: str | os.PathLike,
+    methods: Sequence[str] = METHODS,
+    scenes: Sequence[DemoScene] | None = None,
+    models_root: str | os.PathLike | None = None,
+    on_event: Callable[[str], None] | None = None,
+    settings: dict | None = None,
+) -> dict:
+    """Inpaint ``scenes`` (default: :data:`DEMO_SCENES`) with every method and write ``grid.png`` (and, for
+    each method, ``<method>.png`` of the first scene, blended) under ``output``.
+
+    Returns:
+        ``{"grid": path, "images": {method: path}, "seconds": {...}}``.
+    """
+    import torch
+
+    from ..cli_common import atomic_write_bytes
+    from ..image import blend_pil
+    from ..methods import inpaint, load_method
+
+    settings = {**DEMO_SETTINGS, **(settings or {})}
+    say = on_event or (lambda message: None)
+    scenes = list(scenes) if scenes is not None else [demo_scene(spec) for spec in DEMO_SCENES]
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    tiles: list[list[tuple[str, Image.Image]]] = [
+        [("input", scene.image), ("mask", _mask_view(scene.image, scene.hole))] for scene in scenes
+    ]
+    seconds: dict[str, float] = {}
+    images: dict[str, str] = {}
+    torch.set_grad_enabled(False)
+    for name in methods:
+        start = time.perf_counter()
+        method = load_method(name, method_models(name, models_root))
+        for row, scene in enumerate(scenes):
+            result = inpaint(
+                method,
+                scene.image,
+                scene.hole,
+                prompt=scene.prompt,
+                seed=settings["seed"],
+                steps=settings["steps"],
+                guidance_scale=settings["guidance_scale"],
+                scheduler=settings["scheduler"],
+                blend=False,
+                resolution=SIZE,
+            )
+            raw = result.images[0]
+            blended = blend_pil(scene.image, raw, scene.hole, kernel_size=settings["blend_kernel_size"])
+            label = METHOD_LABELS.get(name, name)
+            tiles[row] += [(label, raw), (f"{label} +blend", blended)]
+            if row == 0:
+                path = output / f"{name}.png"
+                atomic_write_bytes(path, _png(blended))
+                images[name] = str(path)
+        seconds[name] = round(time.perf_counter() - start, 2)
+        say(f"{name}: {len(scenes)} scene(s) in {seconds[name]:.1f} s")
+    grid = make_grid(
+        [(scene.label, row) for scene, row in zip(scenes, tiles)],
+        title=f"shapes-world demo models; {settings['steps']} {settings['scheduler']} steps, "
+        f"guidance {settings['guidance_scale']}, seed {settings['seed']}",
+    )
+    grid_path = output / "grid.png"
+    atomic_write_bytes(grid_path, _png(grid))
+    return {"grid": str(grid_path), "images": images, "seconds": seconds}
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def user_scene(image_path: str, mask_path: str, prompt: str, invert_mask: bool = False) -> DemoScene:
+    """The user's own scene; it must be 128×128 (the size the demo models were trained at).
+
+    Raises:
+        InputError: unreadable files, size mismatch, not 128×128, empty mask.
+    """
+    from ..image import InputError, load_image, load_mask
+
+    image = load_image(image_path)
+    if image.size != (SIZE, SIZE):
+        raise InputError(
+            f"image is {image.size[0]}x{image.size[1]}; the demo models work on {SIZE}x{SIZE} scenes "
+            f"(resize or crop it first)"
+        )
+    hole = load_mask(mask_path, size=image.size, invert=invert_mask)
+    return DemoScene(image, hole, prompt, f'your image, prompt "{prompt}"')
+
+
+def replace_prompt(scene: DemoScene, prompt: str) -> DemoScene:
+    return dataclasses.replace(scene, prompt=prompt)
