@@ -339,3 +339,32 @@ def test_history_is_bounded(gated):
         ]
         _error(client.get(f"/api/v1/jobs/{ids[0]}"), 404, "dropped from the history")
         assert client.get(f"/api/v1/jobs/{ids[2]}").json()["state"] == "done"
+
+
+def test_cross_origin_browser_requests_are_refused(gated):
+    with make_client({"brushnet": gated}, max_queue=4) as client:
+        evil = {"origin": "http://evil.example"}
+        r = client.post("/api/v1/inpaint", **multipart(**FAST), headers=evil)
+        _error(r, 403, "cross-origin request from 'http://evil.example' refused", "--allow-origin")
+        assert client.get("/api/v1/health").json()["jobs_in_memory"] == 0
+        own = {"origin": "http://testserver"}  # the page served by this server
+        job_id = client.post("/api/v1/inpaint", **multipart(**FAST), headers=own).json()["job_id"]
+        _error(client.delete(f"/api/v1/jobs/{job_id}", headers=evil), 403, "cross-origin")
+        assert wait_done(client, job_id)["state"] == "done"
+
+
+def test_allowed_origins(gated):
+    from fastapi.testclient import TestClient
+
+    from brushnet.service.api import create_app
+    from brushnet.service.engine import Engine
+
+    engine = Engine({"brushnet": gated})
+    try:
+        client = TestClient(create_app(engine, allowed_origins=["https://inpaint.example.org/"]))
+        ok = {"origin": "https://inpaint.example.org"}
+        assert client.post("/api/v1/inpaint", **multipart(**FAST), headers=ok).status_code == 202
+        other = {"origin": "https://example.org"}
+        assert client.post("/api/v1/inpaint", **multipart(**FAST), headers=other).status_code == 403
+    finally:
+        engine.close()

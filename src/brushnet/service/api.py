@@ -1,8 +1,12 @@
 """The HTTP API and the web page, served by one FastAPI app over one :class:`Engine`.
 
 Every error answers a JSON body ``{"error": "<one line>", ...}`` with its status: 400 bad image or mask,
-413 too large, 422 schema violation, 404 unknown job, 409 job already finished, 429 queue full, 500
-internal (no traceback), 504 job timed out (``wait=true``).
+403 cross-origin request, 413 too large, 422 schema violation, 404 unknown job, 409 job already finished,
+429 queue full, 500 internal (no traceback), 504 job timed out (``wait=true``).
+
+Requests that start or cancel jobs from a browser page of another origin are refused (403): a browser sends
+a cross-site form POST without asking, and the server has no authentication. Requests without an ``Origin``
+header (curl, scripts) and the server's own page pass; ``allowed_origins`` adds others (a proxy's address).
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +29,17 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from ..methods.base import InpaintRequest
 from ..schedulers import SCHEDULERS
-from .engine import Engine, InvalidInput, Job, JobConflict, Limits, SchemaError, ServiceError, TooLarge
+from .engine import (
+    Engine,
+    Forbidden,
+    InvalidInput,
+    Job,
+    JobConflict,
+    Limits,
+    SchemaError,
+    ServiceError,
+    TooLarge,
+)
 from .payload import (
     JsonInpaintBody,
     ServiceRequest,
@@ -164,9 +178,29 @@ def _job_status(job: Job) -> dict:
     return status
 
 
-def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
-    """Build the app. ``limits`` defaults to the engine's (bytes are checked here, the rest there)."""
+def _check_origin(request: Request, allowed: frozenset[str]) -> None:
+    origin = request.headers.get("origin")
+    if origin is None:  # not sent by a browser page (or a same-origin GET)
+        return
+    own = {f"{request.url.scheme}://{request.headers.get('host', '')}".lower()}
+    if origin.lower().rstrip("/") not in own | allowed:
+        raise Forbidden(
+            f"cross-origin request from {origin!r} refused; start the server with --allow-origin {origin} "
+            "to allow that page"
+        )
+
+
+def create_app(engine: Engine, limits: Limits | None = None, allowed_origins: Iterable[str] = ()) -> FastAPI:
+    """Build the app.
+
+    Args:
+        engine: the engine that runs the jobs.
+        limits: defaults to the engine's (bytes are checked here, pixels/queue/time in the engine).
+        allowed_origins: browser origins besides the server's own allowed to start and cancel jobs
+            (``"https://example.org"``).
+    """
     limits = limits or engine.limits
+    allowed = frozenset(o.lower().rstrip("/") for o in allowed_origins)
     app = FastAPI(
         title="brushnet",
         description="BrushNet diffusion inpainting: a job queue over the loaded methods, and a web page at /.",
@@ -198,6 +232,7 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
     @app.post("/api/v1/inpaint", status_code=202, openapi_extra=_INPAINT_OPENAPI)
     async def submit_inpaint(request: Request, wait: bool | None = None):
         """Queue an inpainting job (multipart or JSON). ``wait=true`` answers with the PNG when done."""
+        _check_origin(request, allowed)
         method, image, mask, inpaint_request, wait = await _parse_inpaint(request, engine, limits, wait)
         job = engine.submit(method, image, mask, inpaint_request)
         if not wait:
@@ -232,8 +267,9 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
         return _job_status(engine.get(job_id))
 
     @app.delete("/api/v1/jobs/{job_id}")
-    def cancel_job(job_id: str):
+    def cancel_job(job_id: str, request: Request):
         """Cancel a queued job (at once) or a running one (at its next step); 409 if already finished."""
+        _check_origin(request, allowed)
         job = engine.cancel(job_id)
         return JSONResponse(_job_status(job), status_code=200 if job.finished else 202)
 

@@ -90,6 +90,11 @@ def serve_command(
     job_timeout: float = typer.Option(600.0, "--job-timeout", help="Longest a job may run, seconds."),
     history: int = typer.Option(100, "--history", help="Finished jobs kept in memory."),
     result_ttl: float = typer.Option(3600.0, "--result-ttl", help="Seconds a finished job's result is kept."),
+    allow_origin: list[str] = typer.Option(
+        [],
+        "--allow-origin",
+        help="Browser origin besides the server's own allowed to start jobs (repeatable).",
+    ),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn/log level."),
 ) -> None:
     """Serve the inpainting API (/api/v1, docs at /docs) and the web page (/) from one process."""
@@ -130,7 +135,12 @@ def serve_command(
     engine = Engine(methods, limits)
     typer.echo(f"serving {', '.join(methods)} on http://{host}:{port}/ (API docs at /docs)")
     try:
-        uvicorn.run(create_app(engine), host=host, port=port, log_level=log_level.lower())
+        uvicorn.run(
+            create_app(engine, allowed_origins=allow_origin),
+            host=host,
+            port=port,
+            log_level=log_level.lower(),
+        )
     finally:
         engine.close()
         if tmp is not None:

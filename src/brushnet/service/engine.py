@@ -46,6 +46,7 @@ __all__ = [
     "QueueFull",
     "UnknownJob",
     "JobConflict",
+    "Forbidden",
 ]
 
 
@@ -92,6 +93,10 @@ class UnknownJob(ServiceError):
 
 class JobConflict(ServiceError):
     status = 409
+
+
+class Forbidden(ServiceError):
+    status = 403
 
 
 class JobState:
