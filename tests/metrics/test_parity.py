@@ -46,19 +46,18 @@ def test_pixel_metrics_match_torchmetrics(images):
 
 def _lpips_slices_to_ours(state_dict):
     """Reference LPIPS state dict -> ours. The backbone is split into slices, named ``net.slice{k}.{i}.*`` by
-    the lpips package and ``net.features.{k}.{i}.*`` by torchmetrics 1.9 (``i`` = torchvision's index, ours);
+    the lpips package and ``net.slices.{k}.{i}.*`` by torchmetrics 1.9 (``i`` = torchvision's index, ours);
     the heads are ``lin{k}.*`` and again as the list ``lins.{k}.*`` (torchmetrics 1.9 keeps only the list)."""
     converted, listed = {}, {}
     for key, value in state_dict.items():
-        parts = key.split(".")
-        if key.startswith("net.slice"):
-            converted[".".join(["net.features", *parts[2:]])] = value
-        elif key.startswith("net.features."):
-            converted[".".join(["net.features", *parts[3:]])] = value
+        backbone = re.match(r"net\.(?:slice\d+|slices\.\d+)\.(\d+\..+)$", key)
+        head = re.match(r"lins\.(\d+)\.(.+)$", key)
+        if backbone:
+            converted[f"net.features.{backbone.group(1)}"] = value
         elif re.match(r"lin\d+\.", key):
             converted[key] = value
-        elif key.startswith("lins."):
-            listed[".".join([f"lin{parts[1]}", *parts[2:]])] = value
+        elif head:
+            listed[f"lin{head.group(1)}.{head.group(2)}"] = value
     for key, value in listed.items():
         converted.setdefault(key, value)
     return converted
