@@ -9,7 +9,13 @@ import pytest
 from PIL import Image
 
 from brushnet.bench.datasets import load_dataset
-from brushnet.bench.report import PUBLISHED_SOURCE, load_rows, write_reports
+from brushnet.bench.report import (
+    PUBLISHED_SECONDARY_SOURCE,
+    PUBLISHED_SOURCE,
+    load_rows,
+    markdown_table,
+    write_reports,
+)
 from brushnet.bench.runner import BenchSettings, run_benchmark
 from brushnet.image import InputError
 from brushnet.methods import available_methods, load_method
@@ -172,6 +178,12 @@ def test_cli_run_outside_and_report(tmp_path, tiny_models, shapes_set):
     assert rows[0]["hole_fraction"] > 0.5
     result = runner.invoke(app, ["report", str(tmp_path / "run")])
     assert result.exit_code == 0 and "## outside-inpainting" in result.output
+    # the published outside-inpainting rows (secondary source) are printed for reference, AS not recovered
+    assert (
+        f"| BrushNet blended ({PUBLISHED_SECONDARY_SOURCE}) | blended | 600 | 10.88 | 28.09 | – | 27.82 | 2.25 | 4.63 | 27.22 |"
+        in result.output
+    )
+    assert PUBLISHED_SOURCE not in result.output  # the inside-inpainting rows belong to the other task
     result = runner.invoke(app, ["run", "--dataset", str(tmp_path / "nope"), "--output", str(tmp_path / "x")])
     assert result.exit_code == 2 and "error: dataset not found" in result.output
 
@@ -190,3 +202,15 @@ def test_cli_missing_metric_weights_is_one_line(tmp_path, shapes_set):
         f"error: --image-reward-weights {missing}: not found; expected a local file: ImageReward.pt (v1.0)\n"
     )
     assert not (tmp_path / "run").exists()  # nothing generated before the weights are checked
+
+
+def test_published_rows_follow_the_set_and_mask_kind():
+    summary = [{"method": "brushnet", "variant": "blended", "mask_kind": "inside", "n": 3, "psnr_orig": 30.0}]
+    editbench = markdown_table(summary, "editbench")
+    assert (
+        f"| BrushNet random-mask blended ({PUBLISHED_SECONDARY_SOURCE}) | blended | 240 | – | – | – | 33.66 |"
+        in (editbench)
+    )
+    assert PUBLISHED_SOURCE not in editbench
+    folder = markdown_table(summary, "folder")
+    assert "published" not in folder and "| brushnet | blended | 3 | – | – | – | 30.00 | – |" in folder

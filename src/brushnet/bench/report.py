@@ -5,8 +5,9 @@
 - ``per_image.jsonl`` and ``per_image.csv``: one row per method × mask kind × variant × image;
 - ``summary.csv``: means per method × variant (raw / blended) × mask kind, with the count;
 - ``table.md``: the summary in the BrushNet paper's units (IR×10, HPS×100, AS, PSNR, MSE×10³,
-  LPIPS×10³, CLIP) beside the published BrushBench rows, plus the corrected pixel metrics, SSIM and the
-  shapes-world text alignment;
+  LPIPS×10³, CLIP) with the published rows for the same set and mask kind under it (BrushBench inside from
+  the paper; BrushBench outside and EditBench as re-printed by later papers), plus the corrected pixel
+  metrics, SSIM, seconds per image and the shapes-world text alignment;
 - ``grid_<mask_kind>.png`` and ``grid_<mask_kind>.html``: input, hole and every method's outputs for a
   sample of the set (the HTML embeds its images, so it is one self-contained file).
 """
@@ -30,11 +31,18 @@ from .runner import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PUBLISHED_BRUSHBENCH_INSIDE", "load_rows", "summarise", "markdown_table", "write_reports"]
+__all__ = [
+    "PUBLISHED",
+    "PUBLISHED_BRUSHBENCH_INSIDE",
+    "load_rows",
+    "summarise",
+    "markdown_table",
+    "write_reports",
+]
 
 PUBLISHED_SOURCE = "published, BrushBench, SD1.5, from the paper"
 # Reference README §6, inside-inpainting; columns IR×10, HPS, AS, PSNR, MSE×10³, LPIPS×10³, CLIP.
-PUBLISHED_BRUSHBENCH_INSIDE: list[tuple[str, tuple[float, ...]]] = [
+PUBLISHED_BRUSHBENCH_INSIDE: list[tuple[str, tuple[float | None, ...]]] = [
     ("BLD", (9.78, 25.87, 6.17, 21.33, 9.76, 49.26, 26.15)),
     ("SD Inpainting", (11.72, 27.06, 6.50, 21.52, 13.87, 48.39, 26.17)),
     ("HD-Painter", (11.68, 26.90, 6.42, 22.61, 9.95, 43.50, 26.37)),
@@ -43,6 +51,32 @@ PUBLISHED_BRUSHBENCH_INSIDE: list[tuple[str, tuple[float, ...]]] = [
     ("BrushNet", (12.36, 27.40, 6.53, 21.65, 9.31, 48.28, 26.48)),
     ("BrushNet blended", (12.64, 27.78, 6.51, 31.94, 0.80, 18.67, 26.39)),
 ]
+PUBLISHED_SECONDARY_SOURCE = "published, the paper's values as re-printed by BrushEdit / NTN-Diff"
+# Same columns; None = not recovered. Outside-inpainting: BrushBench's masks inverted (BrushEdit Table IV,
+# NTN-Diff Table 1); EditBench: 240 images, random masks (BrushEdit Table V, NTN-Diff Table 6).
+PUBLISHED_BRUSHBENCH_OUTSIDE: list[tuple[str, tuple[float | None, ...]]] = [
+    ("BLD", (7.81, 26.77, None, 15.85, 35.86, 21.40, 26.73)),
+    ("SD Inpainting", (None, None, None, 18.04, 19.87, 15.13, 27.21)),
+    ("HD-Painter", (9.66, 27.79, None, 18.03, 22.99, 15.22, 26.96)),
+    ("PowerPaint", (7.45, 28.01, None, 18.04, 31.78, 15.13, 26.72)),
+    ("ControlNet-inpaint (blended)", (9.57, 27.76, None, 17.50, 37.72, 19.95, 26.92)),
+    ("BrushNet", (10.82, 28.02, None, 18.06, 22.86, 15.08, 27.33)),
+    ("BrushNet blended", (10.88, 28.09, None, 27.82, 2.25, 4.63, 27.22)),
+]
+PUBLISHED_EDITBENCH: list[tuple[str, tuple[float | None, ...]]] = [
+    ("BLD", (None, None, None, 20.89, 10.93, 31.90, 28.62)),
+    ("SD Inpainting", (None, None, None, 23.25, 6.94, 24.30, 28.00)),
+    ("HD-Painter", (None, None, None, 23.07, 6.70, 24.32, 28.34)),
+    ("PowerPaint", (None, None, None, 23.34, 20.12, 24.12, 27.80)),
+    ("ControlNet-inpaint (blended)", (None, None, None, 22.61, 35.93, 26.14, 27.74)),
+    ("BrushNet random-mask blended", (None, None, None, 33.66, 0.63, 10.12, 28.87)),
+]
+PUBLISHED: dict[tuple[str, str], tuple[str, str, list[tuple[str, tuple[float | None, ...]]]]] = {
+    ("brushbench", "inside"): ("BrushBench", PUBLISHED_SOURCE, PUBLISHED_BRUSHBENCH_INSIDE),
+    ("brushbench", "outside"): ("BrushBench", PUBLISHED_SECONDARY_SOURCE, PUBLISHED_BRUSHBENCH_OUTSIDE),
+    ("editbench", "inside"): ("EditBench", PUBLISHED_SECONDARY_SOURCE, PUBLISHED_EDITBENCH),
+}
+"""(dataset kind, mask kind) → (set name, source, rows) printed under a run's own rows for reference."""
 # (row column, table header, scale) in the paper's order; PSNR/MSE are the original script's definition.
 PAPER_COLUMNS: list[tuple[str, str, float]] = [
     ("image_reward", "IR×10", 10.0),
@@ -120,8 +154,9 @@ def _cell(value: Any, scale: float) -> str:
     return "–" if number is None else f"{number * scale:.2f}"
 
 
-def markdown_table(summary: list[dict[str, Any]]) -> str:
-    """The summary in the paper's units, per mask kind, with the published BrushBench rows beside it."""
+def markdown_table(summary: list[dict[str, Any]], dataset_kind: str | None = "brushbench") -> str:
+    """The summary in the paper's units, per mask kind, with the published rows for that set and mask kind
+    (:data:`PUBLISHED`) under it for reference; ``dataset_kind=None`` prints none."""
     lines = ["# Benchmark results", ""]
     lines.append(
         "PSNR and MSE in the first table use the original BrushBench script's definition (MSE = 3-channel "
@@ -142,10 +177,12 @@ def markdown_table(summary: list[dict[str, Any]]) -> str:
                 *(_cell(s.get(c), k) for c, _, k in PAPER_COLUMNS),
             ]
             lines.append("| " + " | ".join(cells) + " |")
-        if mask_kind == "inside":
-            for name, values in PUBLISHED_BRUSHBENCH_INSIDE:
-                cells = [f"{name} ({PUBLISHED_SOURCE})", "blended" if "blended" in name else "raw", "600"]
-                lines.append("| " + " | ".join(cells + [f"{v:.2f}" for v in values]) + " |")
+        if (dataset_kind, mask_kind) in PUBLISHED:
+            set_name, source, published = PUBLISHED[(dataset_kind, mask_kind)]
+            count = "240" if set_name == "EditBench" else "600"
+            for name, values in published:
+                cells = [f"{name} ({source})", "blended" if "blended" in name else "raw", count]
+                lines.append("| " + " | ".join(cells + [_cell(v, 1.0) for v in values]) + " |")
         header = ["Method", "Blend", *(title for _, title, _ in EXTRA_COLUMNS)]
         lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for s in part:
@@ -263,7 +300,11 @@ def write_reports(run_dir: str | os.PathLike, grid_sample: int = 8) -> dict[str,
     atomic_write_bytes(paths["per_image_jsonl"], "".join(json.dumps(r) + "\n" for r in rows).encode())
     atomic_write_bytes(paths["per_image_csv"], _csv_bytes(rows))
     atomic_write_bytes(paths["summary_csv"], _csv_bytes(summary))
-    atomic_write_bytes(paths["table_md"], markdown_table(summary).encode())
+    try:
+        dataset_kind = json.loads((run_dir / "run.json").read_text())["dataset"]["kind"]
+    except (OSError, json.JSONDecodeError, KeyError):
+        dataset_kind = None
+    atomic_write_bytes(paths["table_md"], markdown_table(summary, dataset_kind).encode())
     for mask_kind in sorted({r["mask_kind"] for r in rows}):
         write_grid(run_dir, rows, mask_kind, sample=grid_sample)
         paths[f"grid_{mask_kind}_png"] = results / f"grid_{mask_kind}.png"
