@@ -1,0 +1,141 @@
+"""Mini-BrushBench: every method on held-out shapes-world scenes through ``brushnet bench run``.
+
+    python -m brushnet.demo.minibench --work /tmp/minibench --scenes 200
+
+1. writes the evaluation set (:func:`brushnet.data.shapes_writers.write_eval_set`, BrushBench layout, a quarter
+   of the prompts asking for a different object than the one masked out);
+2. runs ``brushnet bench run`` on it, inside and outside masks, for every method of :data:`~.assets.METHODS`
+   with the shipped models and :data:`~.run.DEMO_SETTINGS`;
+3. summarises the per-image rows into ``mini_brushbench.json`` (the file ``brushnet demo`` prints): PSNR / MSE
+   over the kept region, and for inside masks the fraction of holes whose dominant colour is the prompted
+   one and whose blob of that colour has the prompted shape (:mod:`brushnet.data.shapes_metrics`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .assets import DEMO_DIR, METHODS
+from .run import DEMO_SETTINGS, RESULTS_FILE, format_results_table
+
+__all__ = ["bench_command", "summarise", "main"]
+
+
+def bench_command(dataset: Path, run_dir: Path, models_root: Path, methods=METHODS, limit: int | None = None) -> list[str]:
+    """The ``brushnet bench run`` command line of the mini-BrushBench."""
+    command = [
+        "brushnet", "bench", "run",
+        "--methods", ",".join(methods),
+        "--dataset", str(dataset),
+        "--mask-kind", "inside,outside",
+        "--output", str(run_dir),
+        "--base", str(models_root / "base"),
+        "--brushnet", str(models_root / "brushnet"),
+        "--inpaint-model", str(models_root / "inpaint"),
+        "--controlnet", str(models_root / "controlnet"),
+        "--steps", str(DEMO_SETTINGS["steps"]),
+        "--guidance", str(DEMO_SETTINGS["guidance_scale"]),
+        "--seed", str(DEMO_SETTINGS["seed"]),
+        "--scheduler", DEMO_SETTINGS["scheduler"],
+        "--blend-kernel-size", str(DEMO_SETTINGS["blend_kernel_size"]),
+        "--device", "cpu",
+    ]  # fmt: skip
+    if limit is not None:
+        command += ["--limit", str(limit)]
+    return command
+
+
+def _mean(values: list) -> float | None:
+    values = [float(v) for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def summarise(run_dir: str | os.PathLike, dataset: str | os.PathLike) -> list[dict]:
+    """One summary row per (method, blend) from the run's ``results/per_image.jsonl``.
+
+    Columns: ``inside_psnr``/``inside_mse``/``outside_psnr``/``outside_mse`` (kept region, mean over images),
+    ``colour_acc``/``shape_acc`` (inside masks), and ``colour_acc_same``/``colour_acc_different`` split by
+    whether the prompt asks for the masked object or another one.
+    """
+    rows = [json.loads(line) for line in (Path(run_dir) / "results" / "per_image.jsonl").read_text().splitlines()]
+    mapping = json.loads((Path(dataset) / "mapping_file.json").read_text())
+    summary = []
+    for method in METHODS:
+        for variant in ("raw", "blended"):
+            mine = [r for r in rows if r["method"] == method and r["variant"] == variant]
+            if not mine:
+                continue
+            inside = [r for r in mine if r["mask_kind"] == "inside"]
+            outside = [r for r in mine if r["mask_kind"] == "outside"]
+            same = [r for r in inside if mapping[r["id"]]["variant"] == "same"]
+            different = [r for r in inside if mapping[r["id"]]["variant"] == "different"]
+            summary.append(
+                {
+                    "method": method,
+                    "blend": variant == "blended",
+                    "inside_images": len(inside),
+                    "outside_images": len(outside),
+                    "inside_psnr": _mean([r.get("psnr") for r in inside]),
+                    "inside_mse": _mean([r.get("mse") for r in inside]),
+                    "outside_psnr": _mean([r.get("psnr") for r in outside]),
+                    "outside_mse": _mean([r.get("mse") for r in outside]),
+                    "colour_acc": _mean([r.get("colour_ok") for r in inside]),
+                    "shape_acc": _mean([r.get("shape_ok") for r in inside]),
+                    "colour_acc_same": _mean([r.get("colour_ok") for r in same]),
+                    "colour_acc_different": _mean([r.get("colour_ok") for r in different]),
+                    "seconds_per_image": _mean([r.get("seconds") for r in mine]),
+                }
+            )
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m brushnet.demo.minibench", description=__doc__.splitlines()[0])
+    parser.add_argument("--work", required=True, type=Path, help="Folder for the eval set and the bench run.")
+    parser.add_argument("--scenes", type=int, default=200, help="Held-out scenes (each inside and outside).")
+    parser.add_argument("--seed", type=int, default=0, help="Eval-set seed.")
+    parser.add_argument("--models", type=Path, default=DEMO_DIR, help="Models folder.")
+    parser.add_argument("--results", type=Path, default=RESULTS_FILE, help="Where to write the summary JSON.")
+    parser.add_argument("--skip-run", action="store_true", help="Only summarise an existing run.")
+    args = parser.parse_args(argv)
+    from ..data.shapes_writers import write_eval_set
+
+    dataset, run_dir = args.work / "eval", args.work / "run"
+    write_eval_set(dataset, args.scenes, seed=args.seed, different_object_fraction=0.25)
+    command = bench_command(dataset, run_dir, args.models)
+    start = time.time()
+    if not args.skip_run:
+        print("+", shlex.join(command), flush=True)
+        subprocess.run(command, check=True)
+    seconds = time.time() - start
+    reproduce = (
+        f"python -m brushnet.demo.minibench --work WORK --scenes {args.scenes} --seed {args.seed} "
+        f"(= shapes make-eval WORK/eval -n {args.scenes} --seed {args.seed} --different-object 0.25, then "
+        + shlex.join(bench_command(Path("WORK/eval"), Path("WORK/run"), Path("src/brushnet/assets/demo_world")))
+        + ")"
+    )
+    record = {
+        "images": args.scenes,
+        "command": reproduce,
+        "settings": DEMO_SETTINGS,
+        "bench_seconds": None if args.skip_run else round(seconds, 1),
+        "colour_chance": 1 / 7,
+        "rows": summarise(run_dir, dataset),
+    }
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.results.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, args.results)
+    print(format_results_table(args.results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""The demo's training pieces: the offline tokenizer, hole-naming captions over the real shard reader."""
+
+import numpy as np
+import pytest
+import torch
+
+from brushnet.data.shapes import caption_vocabulary, render_scene, sample_scene, scene_rng
+from brushnet.data.shapes_writers import write_training_shards
+from brushnet.demo.train_world import HolePromptStream, build_tokenizer, subset_caption
+
+
+def test_tokenizer_makes_every_world_word_one_token(tmp_path):
+    tokenizer = build_tokenizer(tmp_path / "tok")
+    for word in caption_vocabulary():
+        ids = tokenizer(word, add_special_tokens=False).input_ids
+        assert len(ids) == 1, (word, tokenizer.convert_ids_to_tokens(ids))
+    caption = "a red circle, a blue star and an orange cross on a striped green background"
+    ids = tokenizer(caption).input_ids
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+    assert len(ids) == len(caption.replace(",", " , ").split()) + 2
+    assert tokenizer.decode(ids, skip_special_tokens=True).replace(" ,", ",") == caption
+    # unknown text still tokenizes (byte fallback), never to nothing
+    assert len(tokenizer("zebra!", add_special_tokens=False).input_ids) > 1
+    # the files are enough to load it again (what the shipped base folder holds)
+    assert {p.name for p in (tmp_path / "tok").iterdir()} >= {"vocab.json", "merges.txt", "tokenizer_config.json"}
+
+
+def test_subset_caption_names_only_scene_objects():
+    scene = sample_scene(scene_rng("train", 0, 3))
+    phrases = {obj.phrase for obj in scene.objects}
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        caption = subset_caption(scene, rng)
+        named = [p.strip() for p in caption.replace(" and ", ", ").split(", ")]
+        assert named and set(named) <= phrases and "background" not in caption
+
+
+class _FakeStream:
+    """Yields one sample whose hole is exactly object ``target`` of train scene ``index``."""
+
+    def __init__(self, index, target):
+        self.index, self.target, self.epochs = index, target, []
+        self.skipped = None
+
+    def set_epoch(self, epoch):
+        self.epochs.append(epoch)
+
+    def __iter__(self):
+        scene = sample_scene(scene_rng("train", 0, self.index))
+        _, masks = render_scene(scene)
+        hole = torch.from_numpy(masks[self.target].astype(np.float32))[None]
+        yield {"pixel_values": torch.zeros(3, 128, 128), "mask": hole, "caption": scene.caption,
+               "key": f"{self.index:08d}"}
+
+
+def test_hole_prompt_names_the_covered_object_half_the_time():
+    scene = sample_scene(scene_rng("train", 0, 5))
+    captions = []
+    for epoch in range(40):
+        stream = HolePromptStream(_FakeStream(5, 0), world_seed=0)
+        stream.set_epoch(epoch)
+        captions += [sample["caption"] for sample in stream]
+    assert set(captions) == {scene.caption, scene.objects[0].phrase}
+    assert 8 <= captions.count(scene.objects[0].phrase) <= 32
+
+
+def test_hole_prompt_over_the_project_shard_reader(tmp_path):
+    """Real shards → brushnet.training's dataset (segmentation masks) → the wrapper: every renamed caption is
+    the phrase of objects the hole really covers."""
+    from brushnet.training.config import make_config
+    from brushnet.training.data import build_train_dataset
+
+    write_training_shards(tmp_path / "shards", num_scenes=12, scenes_per_shard=6, size=128, seed=0)
+    config = make_config({"pretrained_model_name_or_path": "unused", "train_shards": str(tmp_path / "shards"),
+                          "resolution": 128, "shuffle_buffer": 0,
+                          "mask": {"mode": "segmentation", "p_swap": 0.0, "p_open": 0.0}})
+    stream = HolePromptStream(build_train_dataset(config, 0, 1, 0), world_seed=0, probability=1.0)
+    stream.set_epoch(0)
+    samples = list(stream)
+    assert len(samples) == 12
+    for sample in samples:
+        scene = sample_scene(scene_rng("train", 0, int(sample["key"])))
+        phrases = [obj.phrase for obj in scene.objects]
+        assert sample["caption"] in phrases  # one object masked, so the caption names exactly it
+        _, masks = render_scene(scene)
+        hole = sample["mask"][0].numpy() > 0.5
+        named = masks[phrases.index(sample["caption"])]
+        assert (hole & named).sum() >= 0.5 * named.sum()
+
+
+@pytest.mark.parametrize("bad", [-1])
+def test_scene_rng_rejects_negative_seed(bad):
+    with pytest.raises(ValueError):
+        scene_rng("train", bad, 0)
