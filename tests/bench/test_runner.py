@@ -169,11 +169,13 @@ def test_cli_run_outside_and_report(tmp_path, tiny_models, shapes_set):
 
     runner = CliRunner()
     args = ["run", "--methods", "brushnet", "--dataset", str(shapes_set), "--mask-kind", "outside", "--limit", "1",
-            "--output", str(tmp_path / "run"), "--steps", "1", "--base", tiny_models.base, "--brushnet", tiny_models.brushnet]  # fmt: skip
+            "--output", str(tmp_path / "run"), "--steps", "1", "--base", tiny_models.base, "--brushnet", tiny_models.brushnet,
+            "--blend-kernel-size", "11", "--device", "cpu"]  # fmt: skip
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     rows = load_rows(tmp_path / "run")
     assert [(r["mask_kind"], r["variant"]) for r in rows] == [("outside", "blended"), ("outside", "raw")]
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["blend_kernel_size"] == 11
     assert "colour_ok" not in rows[0]  # the target describes the inside hole only
     assert rows[0]["hole_fraction"] > 0.5
     result = runner.invoke(app, ["report", str(tmp_path / "run")])
