@@ -144,3 +144,30 @@ def test_outpaint_command_extends_canvas(tiny_models, scene, tmp_path):
     assert img.shape == (48, 64, 3)
     # blend on: the original pixels away from the new strips are untouched
     assert np.array_equal(img[:, 8 + 10 : 8 + 40 - 10], np.asarray(Image.open(src))[:, 10:30])
+    recorded = json.loads(out.with_suffix(".json").read_text())["parameters"]["outpaint"]
+    assert recorded == {"left": 8, "top": 0, "right": 16, "bottom": 0, "overlap": 0, "fill": "edge"}
+    result = runner.invoke(
+        app, ["outpaint", "-i", str(src), "-o", str(out)] + _flags(tiny_models) + FAST_FLAGS
+    )
+    assert result.exit_code == 2 and "--extend-left" in result.output
+
+
+def test_inpaint_method_flag_and_invert_mask_recorded(tiny_models, folder, tmp_path):
+    images, masks = folder
+    out = tmp_path / "out.png"
+    args = ["inpaint", "-i", str(images / "a.png"), "-m", str(masks / "a.png"), "-o", str(out)]
+    args += [
+        "--method",
+        "repaint",
+        "--option",
+        "jump_length=1",
+        "--option",
+        "jump_n_sample=2",
+        "--invert-mask",
+    ]
+    result = runner.invoke(app, args + _flags(tiny_models) + FAST_FLAGS)
+    assert result.exit_code == 0, result.output
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["method"] == "repaint" and meta["parameters"]["invert_mask"] is True
+    assert meta["parameters"]["options"]["jump_n_sample"] == 2
+    assert meta["unet_calls"] == 2 * 4  # 2 steps, one resampling jump of 1 level twice: 4 down moves, CFG
