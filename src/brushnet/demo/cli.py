@@ -20,7 +20,7 @@ def demo_command(
         "all", help="Comma-separated methods (brushnet, blended-latent-diffusion, sd-inpainting, "
         "controlnet-inpaint, repaint) or 'all'."
     ),
-    steps: int = typer.Option(20, min=1, max=200, help="Denoising steps."),
+    steps: int = typer.Option(10, min=1, max=200, help="Denoising steps (UniPC)."),
     guidance: float = typer.Option(5.0, min=0.0, max=50.0, help="Guidance scale."),
     seed: int = typer.Option(1234, min=0, help="Seed."),
     models: Path | None = typer.Option(None, help="Models folder (default: the shipped demo_world)."),

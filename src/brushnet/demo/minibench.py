@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from .assets import DEMO_DIR, METHODS
-from .run import DEMO_SETTINGS, RESULTS_FILE, format_results_table
+from .run import DEMO_SETTINGS, METHOD_OPTIONS, RESULTS_FILE, format_results_table
 
 __all__ = ["bench_command", "summarise", "main"]
 
@@ -45,6 +45,7 @@ def bench_command(dataset: Path, run_dir: Path, models_root: Path, methods=METHO
         "--seed", str(DEMO_SETTINGS["seed"]),
         "--scheduler", DEMO_SETTINGS["scheduler"],
         "--blend-kernel-size", str(DEMO_SETTINGS["blend_kernel_size"]),
+        "--method-options", json.dumps(METHOD_OPTIONS),
         "--device", "cpu",
     ]  # fmt: skip
     if limit is not None:
@@ -104,12 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", type=Path, default=DEMO_DIR, help="Models folder.")
     parser.add_argument("--results", type=Path, default=RESULTS_FILE, help="Where to write the summary JSON.")
     parser.add_argument("--skip-run", action="store_true", help="Only summarise an existing run.")
+    parser.add_argument("--methods", default=",".join(METHODS), help="Comma-separated subset to run.")
     args = parser.parse_args(argv)
     from ..data.shapes_writers import write_eval_set
 
     dataset, run_dir = args.work / "eval", args.work / "run"
     write_eval_set(dataset, args.scenes, seed=args.seed, different_object_fraction=0.25)
-    command = bench_command(dataset, run_dir, args.models)
+    command = bench_command(dataset, run_dir, args.models, methods=args.methods.split(","))
     start = time.time()
     if not args.skip_run:
         print("+", shlex.join(command), flush=True)

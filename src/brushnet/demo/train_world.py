@@ -18,8 +18,8 @@ Stages (each writes a diffusers folder under ``--work``; the timings go to ``tra
    base UNet (new input channels zero-initialised), same data and masks.
 6. **controlnet**: ``ControlNetModel.from_unet`` of the base (4× conditioning embedding), trained on the
    control image diffusers' inpaint ControlNet reads (image in [0, 1], hole = −1) with the base frozen.
-7. **decoder**: the VAE decoder alone is fine-tuned longer (encoder frozen, so every latent the other
-   models learned on is unchanged); it can run in parallel with stages 3–6 (``--stages decoder``).
+7. **decoder** (twice): the VAE decoder alone is fine-tuned longer (encoder frozen, so every latent the other
+   models learned on is unchanged); it can run in parallel with stages 3–6 (``--stages decoder decoder``).
 
 In stages 4–6 the caption of a sample whose hole covers at least half of some objects becomes, half of the
 time, the phrase naming those objects (:class:`HolePromptStream`): the benchmark asks "a red circle" for a hole.
@@ -74,6 +74,8 @@ class WorldTrainConfig:
     base_batch: int = 16
     base_lr: float = 3e-4
     brushnet_steps: int = 400
+    brushnet_more_steps: int = 500
+    tap_lr: float = 1e-3
     inpaint_steps: int = 400
     controlnet_steps: int = 400
     branch_batch: int = 16
@@ -518,10 +520,18 @@ def _stream(config, cfg: WorldTrainConfig) -> HolePromptStream:
     return HolePromptStream(build_train_dataset(config, 0, 1, cfg.seed), cfg.seed, seed=cfg.seed)
 
 
-def train_brushnet(cfg: WorldTrainConfig, base_dir: Path, shards: Path, work: Path) -> dict:
+def train_brushnet(cfg: WorldTrainConfig, base_dir: Path, shards: Path, work: Path, more: bool = False) -> dict:
+    """Stage ``brushnet`` (from ``from_unet``, ``branch_lr``) or ``brushnet_more`` (continues from it with
+    ``tap_lr``: the zero-initialised taps barely moved in 400 steps at 3e-4)."""
     from ..training.loop import train
 
-    config = _branch_config(cfg, base_dir, shards, work / "brushnet_run", cfg.brushnet_steps)
+    if more:
+        config = _branch_config(cfg, base_dir, shards, work / "brushnet_more_run", cfg.brushnet_more_steps)
+        config.brushnet_model_name_or_path = str(work / "brushnet_run" / "brushnet")
+        config.learning_rate = cfg.tap_lr
+        config.seed = cfg.seed + 1
+    else:
+        config = _branch_config(cfg, base_dir, shards, work / "brushnet_run", cfg.brushnet_steps)
     result = train(config, dataset=_stream(config, cfg))
     return {
         "steps": result.global_step,
@@ -558,7 +568,8 @@ def _branch_loop(cfg: WorldTrainConfig, base_dir: Path, shards: Path, work: Path
         model = ControlNetModel.from_unet(base_unet, conditioning_embedding_out_channels=(16, 32, 64))
         frozen_unet = base_unet.eval().requires_grad_(False)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.branch_lr, weight_decay=1e-2)
+    lr = cfg.branch_lr if kind == "inpaint" else cfg.tap_lr  # zero-initialised taps need the larger rate
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
     generator = torch.Generator().manual_seed(cfg.seed + 5)
     scaling = vae.config.scaling_factor
     losses: list[float] = []
@@ -601,7 +612,7 @@ def _branch_loop(cfg: WorldTrainConfig, base_dir: Path, shards: Path, work: Path
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             warmup = min(1.0, (step + 1) / 20)
             for group in optimizer.param_groups:
-                group["lr"] = cfg.branch_lr * warmup
+                group["lr"] = lr * warmup
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
@@ -647,8 +658,11 @@ def train_all(work: str | os.PathLike, cfg: WorldTrainConfig, stages: list[str] 
         "python": sys.version.split()[0],
     }
     base_dir, shards = work / "base", work / "shards"
-    stages = stages or ["data", "vae", "base", "brushnet", "inpaint", "controlnet", "decoder"]
+    stages = stages or [
+        "data", "vae", "base", "brushnet", "brushnet_more", "inpaint", "controlnet", "decoder", "decoder"
+    ]
     images = scenes = None
+    done_here: set[str] = set()
     for stage in stages:
         start = time.time()
         logger.info("stage %s", stage)
@@ -664,8 +678,8 @@ def train_all(work: str | os.PathLike, cfg: WorldTrainConfig, stages: list[str] 
                 info = train_base(images, scenes, cfg, base_dir)
             else:
                 info = train_decoder(images, cfg, base_dir)
-        elif stage == "brushnet":
-            info = train_brushnet(cfg, base_dir, shards, work)
+        elif stage in ("brushnet", "brushnet_more"):
+            info = train_brushnet(cfg, base_dir, shards, work, more=stage == "brushnet_more")
         elif stage in ("inpaint", "controlnet"):
             steps = cfg.inpaint_steps if stage == "inpaint" else cfg.controlnet_steps
             info = _branch_loop(cfg, base_dir, shards, work, stage, steps)
@@ -674,7 +688,12 @@ def train_all(work: str | os.PathLike, cfg: WorldTrainConfig, stages: list[str] 
         info["seconds"] = round(time.time() - start, 1)
         if record_path.exists():  # another process may have run other stages meanwhile: merge
             record["stages"] = {**json.loads(record_path.read_text())["stages"], **record["stages"]}
-        record["stages"][stage] = info
+        key, round_ = stage, 1
+        while key in record["stages"] and key in done_here | ({stage} if stage == "decoder" else set()):
+            round_ += 1
+            key = f"{stage}#{round_}"
+        done_here.add(key)
+        record["stages"][key] = info
         record["total_seconds"] = round(sum(s["seconds"] for s in record["stages"].values()), 1)
         record_path.write_text(json.dumps(record, indent=2))
         logger.info("stage %s done: %s", stage, info)
@@ -691,23 +710,46 @@ def _cpu_model() -> str:
     return "unknown"
 
 
-def export(work: str | os.PathLike, dest: str | os.PathLike) -> Path:
-    """Copy the trained folders into ``dest`` (``base/``, ``brushnet/``, ``inpaint/``, ``controlnet/``,
-    ``training_record.json``), dropping run logs and checkpoints."""
+def _halve(folder: Path) -> None:
+    """Store a folder's ``*.safetensors`` weights in float16 (loaders cast them back to the dtype asked for)."""
+    from safetensors.torch import load_file, save_file
+
+    for path in folder.glob("*.safetensors"):
+        tensors = {k: v.half() if v.is_floating_point() else v for k, v in load_file(path).items()}
+        save_file(tensors, path, metadata={"format": "pt"})
+
+
+def export(work: str | os.PathLike, dest: str | os.PathLike, half: bool = True) -> Path:
+    """Copy the trained folders that exist into ``dest`` (``base/``, ``brushnet/``, ``inpaint/``,
+    ``controlnet/``, ``training_record.json``), without run logs or checkpoints; other files in ``dest``
+    (the mini-BrushBench results) are kept. With ``half`` the UNets, branch and ControlNet are stored in
+    float16 (VAE and text encoder stay float32)."""
     work, dest = Path(work), Path(dest)
-    tmp = dest.with_name(dest.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    shutil.copytree(work / "base", tmp / "base")
-    shutil.copytree(work / "brushnet_run" / "brushnet", tmp / "brushnet")
-    shutil.copytree(work / "inpaint", tmp / "inpaint", ignore=shutil.ignore_patterns("vae"))
-    shutil.copytree(work / "base" / "vae", tmp / "inpaint" / "vae")  # the final (decoder-tuned) VAE
-    shutil.copytree(work / "controlnet", tmp / "controlnet")
-    shutil.copy(work / "training_record.json", tmp / "training_record.json")
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    sources = {
+        "base": work / "base",
+        "brushnet": work / "brushnet_more_run" / "brushnet"
+        if (work / "brushnet_more_run" / "brushnet").is_dir()
+        else work / "brushnet_run" / "brushnet",
+        "inpaint": work / "inpaint",
+        "controlnet": work / "controlnet",
+    }
+    for name, source in sources.items():
+        if not source.is_dir():
+            continue
+        tmp = dest / f".{name}.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("vae") if name == "inpaint" else None)
+        if name == "inpaint":
+            shutil.copytree(work / "base" / "vae", tmp / "vae")  # the final (decoder-tuned) VAE
+        if half:
+            for sub in ("unet",) if name in ("base", "inpaint") else ("",):
+                _halve(tmp / sub)
+        if (dest / name).exists():
+            shutil.rmtree(dest / name)
+        os.replace(tmp, dest / name)
+    shutil.copy(work / "training_record.json", dest / "training_record.json")
     return dest
 
 
@@ -717,7 +759,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--work", required=True, help="Working folder (shards, runs, trained folders).")
     parser.add_argument("--export", help="Copy the finished models here (e.g. src/brushnet/assets/demo_world).")
-    parser.add_argument("--stages", nargs="+", help="Run only these stages (data vae base brushnet inpaint controlnet).")
+    parser.add_argument(
+        "--stages", nargs="+",
+        help="Run only these stages (data vae base brushnet brushnet_more inpaint controlnet decoder).",
+    )
     parser.add_argument("--smoke", action="store_true", help="A few steps of everything (checks the code path).")
     for name, value in WorldTrainConfig().__dict__.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=None)

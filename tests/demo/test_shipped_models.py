@@ -1,0 +1,59 @@
+"""The shipped shapes-world weights really inpaint: held-out scenes, kept region, prompted colour.
+
+Thresholds come from measurements on these weights (see docs/demo.md, "Tests"), with a margin; they fail
+if the weights, the tokenizer or the BrushNet pipeline break (a random branch, an inverted mask or a
+mangled prompt all fall far below them).
+"""
+
+import numpy as np
+import pytest
+
+from brushnet.data.shapes_metrics import dominant_colour
+from brushnet.data.shapes_writers import write_eval_set
+from brushnet.demo.assets import DEMO_DIR, method_models
+from brushnet.demo.run import DEMO_SETTINGS
+from brushnet.image import blend_pil
+
+SCENES = 16
+# Measured on these 16 scenes (10 UniPC steps, guidance 5, seed 1234, 5 px blend): blended kept-region PSNR
+# 38.44 dB mean (34.65 dB worst), prompted-colour accuracy 5/16 = 0.31 (chance ~1/7).
+MIN_BLENDED_KEPT_PSNR = 33.0
+MIN_COLOUR_ACCURACY = 3 / 16
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory):
+    """The first scenes of the mini-BrushBench eval set (eval split: never seen in training)."""
+    from brushnet.bench.datasets import load_dataset
+
+    root = tmp_path_factory.mktemp("eval")
+    write_eval_set(root, SCENES, seed=0, different_object_fraction=0.25)
+    return load_dataset(root, "brushbench", "inside")
+
+
+def _kept_psnr(output, original, hole):
+    kept = ~hole
+    diff = np.asarray(output, dtype=np.float64)[kept] / 255 - np.asarray(original, dtype=np.float64)[kept] / 255
+    return 10 * np.log10(1.0 / max(float((diff**2).mean()), 1e-10))
+
+
+def _run(method_name, dataset, prompt_of=lambda item: item.prompt):
+    from brushnet.methods import inpaint, load_method
+
+    method = load_method(method_name, method_models(method_name))
+    psnrs, colours = [], []
+    for index in range(len(dataset)):
+        item = dataset[index]
+        raw = inpaint(method, item.image, item.mask, prompt=prompt_of(item), seed=DEMO_SETTINGS["seed"],
+                      steps=10, guidance_scale=DEMO_SETTINGS["guidance_scale"], blend=False).images[0]
+        blended = blend_pil(item.image, raw, item.mask, kernel_size=DEMO_SETTINGS["blend_kernel_size"])
+        psnrs.append(_kept_psnr(blended, item.image, item.mask))
+        colours.append(dominant_colour(np.asarray(raw), item.mask) == item.metadata["target"]["colour"])
+    return float(np.mean(psnrs)), float(np.mean(colours))
+
+
+def test_brushnet_inpaints_held_out_scenes(held_out):
+    assert (DEMO_DIR / "brushnet" / "config.json").is_file()
+    psnr, colour_accuracy = _run("brushnet", held_out)
+    assert psnr > MIN_BLENDED_KEPT_PSNR, psnr
+    assert colour_accuracy >= MIN_COLOUR_ACCURACY, colour_accuracy
