@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -14,14 +15,16 @@ runner = CliRunner()
 
 
 def test_demo_grid_for_shipped_scenes(tmp_path):
-    result = runner.invoke(app, ["demo", "--output", str(tmp_path), "--methods", "brushnet,sd-inpainting",
-                                 "--steps", "2"])
+    result = runner.invoke(
+        app, ["demo", "--output", str(tmp_path), "--methods", "brushnet,sd-inpainting", "--steps", "2"]
+    )
     assert result.exit_code == 0, result.output
     grid = Image.open(tmp_path / "grid.png")
     # input, mask, then raw + blended per method; one row per shipped scene
     assert grid.width > 6 * 128 and grid.height > len(DEMO_SCENES) * 128
     assert (tmp_path / "brushnet.png").is_file() and (tmp_path / "sd-inpainting.png").is_file()
     assert "Mini-BrushBench" in result.output and "| BrushNet |" in result.output
+    assert torch.is_grad_enabled()  # the demo must not switch autograd off for the rest of the process
 
 
 def test_demo_on_a_users_scene_keeps_the_kept_pixels(tmp_path):
@@ -30,9 +33,24 @@ def test_demo_on_a_users_scene_keeps_the_kept_pixels(tmp_path):
     hole = dilate_mask(masks[0], 3)
     image.save(tmp_path / "in.png")
     Image.fromarray((hole * 255).astype(np.uint8)).save(tmp_path / "mask.png")
-    result = runner.invoke(app, ["demo", "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"),
-                                 "--prompt", "a red circle", "--methods", "brushnet", "--steps", "2",
-                                 "--output", str(tmp_path / "out")])
+    result = runner.invoke(
+        app,
+        [
+            "demo",
+            "--image",
+            str(tmp_path / "in.png"),
+            "--mask",
+            str(tmp_path / "mask.png"),
+            "--prompt",
+            "a red circle",
+            "--methods",
+            "brushnet",
+            "--steps",
+            "2",
+            "--output",
+            str(tmp_path / "out"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     out = np.asarray(Image.open(tmp_path / "out" / "brushnet.png"))
     far = ~dilate_mask(hole, 3)  # the 5 px blend feathers 2 px outside the hole
@@ -57,8 +75,20 @@ def test_demo_usage_errors(tmp_path, args, message):
 def test_demo_rejects_a_scene_of_the_wrong_size(tmp_path):
     Image.new("RGB", (64, 64)).save(tmp_path / "in.png")
     Image.new("L", (64, 64), 255).save(tmp_path / "mask.png")
-    result = runner.invoke(app, ["demo", "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"),
-                                 "--prompt", "a red circle", "--output", str(tmp_path / "out")])
+    result = runner.invoke(
+        app,
+        [
+            "demo",
+            "--image",
+            str(tmp_path / "in.png"),
+            "--mask",
+            str(tmp_path / "mask.png"),
+            "--prompt",
+            "a red circle",
+            "--output",
+            str(tmp_path / "out"),
+        ],
+    )
     assert result.exit_code == 2 and "128x128" in result.output
 
 

@@ -22,7 +22,11 @@ def test_tokenizer_makes_every_world_word_one_token(tmp_path):
     # unknown text still tokenizes (byte fallback), never to nothing
     assert len(tokenizer("zebra!", add_special_tokens=False).input_ids) > 1
     # the files are enough to load it again (what the shipped base folder holds)
-    assert {p.name for p in (tmp_path / "tok").iterdir()} >= {"vocab.json", "merges.txt", "tokenizer_config.json"}
+    assert {p.name for p in (tmp_path / "tok").iterdir()} >= {
+        "vocab.json",
+        "merges.txt",
+        "tokenizer_config.json",
+    }
 
 
 def test_subset_caption_names_only_scene_objects():
@@ -49,8 +53,12 @@ class _FakeStream:
         scene = sample_scene(scene_rng("train", 0, self.index))
         _, masks = render_scene(scene)
         hole = torch.from_numpy(masks[self.target].astype(np.float32))[None]
-        yield {"pixel_values": torch.zeros(3, 128, 128), "mask": hole, "caption": scene.caption,
-               "key": f"{self.index:08d}"}
+        yield {
+            "pixel_values": torch.zeros(3, 128, 128),
+            "mask": hole,
+            "caption": scene.caption,
+            "key": f"{self.index:08d}",
+        }
 
 
 def test_hole_prompt_names_the_covered_object_half_the_time():
@@ -71,9 +79,15 @@ def test_hole_prompt_over_the_project_shard_reader(tmp_path):
     from brushnet.training.data import build_train_dataset
 
     write_training_shards(tmp_path / "shards", num_scenes=12, scenes_per_shard=6, size=128, seed=0)
-    config = make_config({"pretrained_model_name_or_path": "unused", "train_shards": str(tmp_path / "shards"),
-                          "resolution": 128, "shuffle_buffer": 0,
-                          "mask": {"mode": "segmentation", "p_swap": 0.0, "p_open": 0.0}})
+    config = make_config(
+        {
+            "pretrained_model_name_or_path": "unused",
+            "train_shards": str(tmp_path / "shards"),
+            "resolution": 128,
+            "shuffle_buffer": 0,
+            "mask": {"mode": "segmentation", "p_swap": 0.0, "p_open": 0.0},
+        }
+    )
     stream = HolePromptStream(build_train_dataset(config, 0, 1, 0), world_seed=0, probability=1.0)
     stream.set_epoch(0)
     samples = list(stream)

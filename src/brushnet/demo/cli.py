@@ -11,14 +11,19 @@ __all__ = ["demo_command"]
 
 
 def demo_command(
-    output: Path = typer.Option(Path("outputs/demo"), "--output", "-o", help="Folder for grid.png and per-method PNGs."),
-    image: Path | None = typer.Option(None, "--image", "-i", help="Your own 128x128 scene (with --mask and --prompt)."),
+    output: Path = typer.Option(
+        Path("outputs/demo"), "--output", "-o", help="Folder for grid.png and per-method PNGs."
+    ),
+    image: Path | None = typer.Option(
+        None, "--image", "-i", help="Your own 128x128 scene (with --mask and --prompt)."
+    ),
     mask: Path | None = typer.Option(None, "--mask", "-m", help="Its mask, white = inpaint."),
     prompt: str | None = typer.Option(None, "--prompt", "-p", help="What to paint, e.g. 'a red circle'."),
     invert_mask: bool = typer.Option(False, "--invert-mask", help="The mask is white = keep."),
     methods: str = typer.Option(
-        "all", help="Comma-separated methods (brushnet, blended-latent-diffusion, sd-inpainting, "
-        "controlnet-inpaint, repaint) or 'all'."
+        "all",
+        help="Comma-separated methods (brushnet, blended-latent-diffusion, sd-inpainting, "
+        "controlnet-inpaint, repaint) or 'all'.",
     ),
     steps: int = typer.Option(10, min=1, max=200, help="Denoising steps (UniPC)."),
     guidance: float = typer.Option(5.0, min=0.0, max=50.0, help="Guidance scale."),
@@ -40,17 +45,25 @@ def demo_command(
         typer.echo(f"error: {message}", err=True)
         raise typer.Exit(2)
 
-    given = [name for name, value in (("--image", image), ("--mask", mask), ("--prompt", prompt)) if value is not None]
+    given = [
+        name
+        for name, value in (("--image", image), ("--mask", mask), ("--prompt", prompt))
+        if value is not None
+    ]
     if given and len(given) != 3:
         fail(f"--image, --mask and --prompt go together (got only {', '.join(given)})")
-    chosen = list(METHODS) if methods.strip() == "all" else [m.strip() for m in methods.split(",") if m.strip()]
+    chosen = (
+        list(METHODS) if methods.strip() == "all" else [m.strip() for m in methods.split(",") if m.strip()]
+    )
     unknown = [m for m in chosen if m not in METHODS]
     if unknown or not chosen:
         fail(f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from: {', '.join(METHODS)}")
     root = models if models is not None else DEMO_DIR
     if not (Path(root) / "base" / "model_index.json").is_file():
-        fail(f"no demo models in {root} (expected base/model_index.json; train them with "
-             "python -m brushnet.demo.train_world)")
+        fail(
+            f"no demo models in {root} (expected base/model_index.json; train them with "
+            "python -m brushnet.demo.train_world)"
+        )
     start = time.perf_counter()
     try:
         scenes = [user_scene(str(image), str(mask), prompt, invert_mask)] if given else None

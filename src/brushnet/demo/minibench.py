@@ -28,7 +28,9 @@ from .run import DEMO_SETTINGS, METHOD_OPTIONS, RESULTS_FILE, format_results_tab
 __all__ = ["bench_command", "summarise", "main"]
 
 
-def bench_command(dataset: Path, run_dir: Path, models_root: Path, methods=METHODS, limit: int | None = None) -> list[str]:
+def bench_command(
+    dataset: Path, run_dir: Path, models_root: Path, methods=METHODS, limit: int | None = None
+) -> list[str]:
     """The ``brushnet bench run`` command line of the mini-BrushBench."""
     command = [
         "brushnet", "bench", "run",
@@ -65,7 +67,9 @@ def summarise(run_dir: str | os.PathLike, dataset: str | os.PathLike) -> list[di
     ``colour_acc``/``shape_acc`` (inside masks), and ``colour_acc_same``/``colour_acc_different`` split by
     whether the prompt asks for the masked object or another one.
     """
-    rows = [json.loads(line) for line in (Path(run_dir) / "results" / "per_image.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (Path(run_dir) / "results" / "per_image.jsonl").read_text().splitlines()
+    ]
     mapping = json.loads((Path(dataset) / "mapping_file.json").read_text())
     summary = []
     for method in METHODS:
@@ -98,7 +102,9 @@ def summarise(run_dir: str | os.PathLike, dataset: str | os.PathLike) -> list[di
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m brushnet.demo.minibench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m brushnet.demo.minibench", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--work", required=True, type=Path, help="Folder for the eval set and the bench run.")
     parser.add_argument("--scenes", type=int, default=200, help="Held-out scenes (each inside and outside).")
     parser.add_argument("--seed", type=int, default=0, help="Eval-set seed.")
@@ -120,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     reproduce = (
         f"python -m brushnet.demo.minibench --work WORK --scenes {args.scenes} --seed {args.seed} "
         f"(= shapes make-eval WORK/eval -n {args.scenes} --seed {args.seed} --different-object 0.25, then "
-        + shlex.join(bench_command(Path("WORK/eval"), Path("WORK/run"), Path("src/brushnet/assets/demo_world")))
+        + shlex.join(
+            bench_command(Path("WORK/eval"), Path("WORK/run"), Path("src/brushnet/assets/demo_world"))
+        )
         + ")"
     )
     record = {

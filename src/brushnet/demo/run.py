@@ -36,7 +36,13 @@ SIZE = 128
 RESULTS_FILE = DEMO_DIR / "mini_brushbench.json"
 """The mini-BrushBench summary shipped with the weights (written by ``python -m brushnet.demo.minibench``)."""
 
-DEMO_SETTINGS = {"steps": 10, "guidance_scale": 5.0, "scheduler": "unipc", "seed": 1234, "blend_kernel_size": 5}
+DEMO_SETTINGS = {
+    "steps": 10,
+    "guidance_scale": 5.0,
+    "scheduler": "unipc",
+    "seed": 1234,
+    "blend_kernel_size": 5,
+}
 """Generation settings of the demo and of the mini-BrushBench. The blend kernel is the paper's 21 px at 512
 scaled to 128 px (5 px), so the feather reaches 2 px outside the hole."""
 
@@ -131,7 +137,9 @@ def make_grid(
         for c, (label, image) in enumerate(tiles):
             left = pad + c * (tile + pad)
             draw.text((left, top + header_h), label, fill=(40, 40, 40), font=font)
-            canvas.paste(image.convert("RGB").resize((tile, tile), Image.NEAREST), (left, top + header_h + label_h))
+            canvas.paste(
+                image.convert("RGB").resize((tile, tile), Image.NEAREST), (left, top + header_h + label_h)
+            )
     return canvas
 
 
@@ -188,34 +196,34 @@ def run_demo(
     ]
     seconds: dict[str, float] = {}
     images: dict[str, str] = {}
-    torch.set_grad_enabled(False)
-    for name in methods:
-        start = time.perf_counter()
-        method = load_method(name, method_models(name, models_root))
-        for row, scene in enumerate(scenes):
-            result = inpaint(
-                method,
-                scene.image,
-                scene.hole,
-                prompt=scene.prompt,
-                seed=settings["seed"],
-                steps=settings["steps"],
-                guidance_scale=settings["guidance_scale"],
-                scheduler=settings["scheduler"],
-                blend=False,
-                resolution=SIZE,
-                options=METHOD_OPTIONS.get(name, {}),
-            )
-            raw = result.images[0]
-            blended = blend_pil(scene.image, raw, scene.hole, kernel_size=settings["blend_kernel_size"])
-            label = METHOD_LABELS.get(name, name)
-            tiles[row] += [(label, raw), (f"{label} +blend", blended)]
-            if row == 0:
-                path = output / f"{name}.png"
-                atomic_write_bytes(path, _png(blended))
-                images[name] = str(path)
-        seconds[name] = round(time.perf_counter() - start, 2)
-        say(f"{name}: {len(scenes)} scene(s) in {seconds[name]:.1f} s")
+    with torch.no_grad():
+        for name in methods:
+            start = time.perf_counter()
+            method = load_method(name, method_models(name, models_root))
+            for row, scene in enumerate(scenes):
+                result = inpaint(
+                    method,
+                    scene.image,
+                    scene.hole,
+                    prompt=scene.prompt,
+                    seed=settings["seed"],
+                    steps=settings["steps"],
+                    guidance_scale=settings["guidance_scale"],
+                    scheduler=settings["scheduler"],
+                    blend=False,
+                    resolution=SIZE,
+                    options=METHOD_OPTIONS.get(name, {}),
+                )
+                raw = result.images[0]
+                blended = blend_pil(scene.image, raw, scene.hole, kernel_size=settings["blend_kernel_size"])
+                label = METHOD_LABELS.get(name, name)
+                tiles[row] += [(label, raw), (f"{label} +blend", blended)]
+                if row == 0:
+                    path = output / f"{name}.png"
+                    atomic_write_bytes(path, _png(blended))
+                    images[name] = str(path)
+            seconds[name] = round(time.perf_counter() - start, 2)
+            say(f"{name}: {len(scenes)} scene(s) in {seconds[name]:.1f} s")
     grid = make_grid(
         [(scene.label, row) for scene, row in zip(scenes, tiles)],
         title=f"shapes-world demo models; {settings['steps']} {settings['scheduler']} steps, "

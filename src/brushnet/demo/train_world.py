@@ -73,6 +73,8 @@ class WorldTrainConfig:
     base_steps: int = 1500
     base_batch: int = 16
     base_lr: float = 3e-4
+    base_v_steps: int = 1200
+    base_v_lr: float = 2e-4
     brushnet_steps: int = 400
     brushnet_more_steps: int = 500
     tap_lr: float = 1e-3
@@ -133,7 +135,9 @@ def build_tokenizer(out_dir: str | os.PathLike, words: list[str] | None = None):
     for _ in range(10):
         (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=0))
         (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-        tokenizer = CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"), model_max_length=TEXT_MAX_LENGTH)
+        tokenizer = CLIPTokenizer(
+            str(out / "vocab.json"), str(out / "merges.txt"), model_max_length=TEXT_MAX_LENGTH
+        )
         # A merge of one word can pre-empt another word's chain ("pl" of "plain" inside "purple"): chain the
         # pieces left over with new, lowest-priority merges (they never fire inside a word that merges fully).
         split = [tokenizer.tokenize(word) for word in words]
@@ -233,7 +237,12 @@ def _log_every(step: int, total: int, start: float, losses: list[float], name: s
     if step % 50 == 0 or step == total:
         recent = losses[-50:]
         logger.info(
-            "%s step %d/%d loss %.4f (%.0f s)", name, step, total, sum(recent) / len(recent), time.time() - start
+            "%s step %d/%d loss %.4f (%.0f s)",
+            name,
+            step,
+            total,
+            sum(recent) / len(recent),
+            time.time() - start,
         )
 
 
@@ -384,18 +393,24 @@ def _unet_config() -> dict:
     )
 
 
-def _min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
+def _min_snr_weights(
+    scheduler, timesteps: torch.Tensor, gamma: float = 5.0, prediction_type: str = "epsilon"
+) -> torch.Tensor:
+    """Loss weights per sample. ε: min-SNR-γ (Hang et al. 2023), ``min(snr, γ) / snr``. v: the same cap with a
+    floor of 1 on the implied x₀ weight, ``clamp(snr, 1, γ) / (snr + 1)``, so the highest noise levels (where
+    the sampler's first steps decide the layout) are not weighted down to nothing."""
     alphas = scheduler.alphas_cumprod[timesteps]
     snr = alphas / (1 - alphas)
+    if prediction_type == "v_prediction":
+        return torch.clamp(snr, min=1.0, max=gamma) / (snr + 1)
     return torch.clamp(snr, max=gamma) / snr
 
 
-def train_base(images: torch.Tensor, scenes: list, cfg: WorldTrainConfig, out_dir: Path) -> dict:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _latent_stats(images: torch.Tensor, vae_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std (scaled) of every training image, so the UNet stages never run the encoder."""
+    from diffusers import AutoencoderKL
 
-    tokenizer = build_tokenizer(out_dir / "tokenizer")
-    vae = AutoencoderKL.from_pretrained(out_dir / "vae").eval()
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
     scaling = vae.config.scaling_factor
     with torch.no_grad():
         means, stds = [], []
@@ -403,9 +418,88 @@ def train_base(images: torch.Tensor, scenes: list, cfg: WorldTrainConfig, out_di
             posterior = vae.encode(_to_unit(images[start : start + 64])).latent_dist
             means.append(posterior.mean * scaling)
             stds.append(posterior.std * scaling)
-        latent_mean, latent_std = torch.cat(means), torch.cat(stds)
-    del vae
+    return torch.cat(means), torch.cat(stds)
 
+
+def _fit_text_to_image(
+    unet,
+    text_encoder,
+    tokenizer,
+    stats,
+    scenes: list,
+    *,
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    prediction_type: str,
+    name: str,
+) -> list[float]:
+    """Train ``unet`` and ``text_encoder`` jointly (min-SNR-5 weighted ``prediction_type`` loss)."""
+    from diffusers import DDPMScheduler
+
+    latent_mean, latent_std = stats
+    noise_scheduler = DDPMScheduler.from_config(_scheduler().config, prediction_type=prediction_type)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
+    generator = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    losses: list[float] = []
+    start = time.time()
+    unet.train()
+    text_encoder.train()
+    for step in range(1, steps + 1):
+        index = torch.randint(0, len(latent_mean), (batch,), generator=generator)
+        captions = []
+        for i in index.tolist():
+            draw = rng.random()
+            captions.append(
+                "" if draw < 0.1 else scenes[i].caption if draw < 0.55 else subset_caption(scenes[i], rng)
+            )
+        tokens = tokenizer(
+            captions, padding="max_length", max_length=TEXT_MAX_LENGTH, truncation=True, return_tensors="pt"
+        ).input_ids
+        hidden = text_encoder(tokens, return_dict=False)[0]
+        latents = latent_mean[index] + latent_std[index] * torch.randn(
+            latent_mean[index].shape, generator=generator
+        )
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(
+            0, noise_scheduler.config.num_train_timesteps, (len(index),), generator=generator
+        )
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        prediction = unet(noisy, timesteps, hidden).sample
+        target = _target(noise_scheduler, latents, noise, timesteps)
+        weights = _min_snr_weights(noise_scheduler, timesteps, prediction_type=prediction_type)
+        loss = (weights * ((prediction - target) ** 2).mean(dim=(1, 2, 3))).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        _log_every(step, steps, start, losses, name)
+    unet.eval()
+    text_encoder.eval()
+    return losses
+
+
+def _target(
+    noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    from ..training.loop import training_target
+
+    return training_target(noise_scheduler, latents, noise, timesteps, noise_scheduler.config.prediction_type)
+
+
+def train_base(images: torch.Tensor, scenes: list, cfg: WorldTrainConfig, out_dir: Path) -> dict:
+    """Stage ``base``: tokenizer, text encoder and text-to-image UNet from scratch, ε-prediction."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = build_tokenizer(out_dir / "tokenizer")
+    stats = _latent_stats(images, out_dir / "vae")
     torch.manual_seed(cfg.seed + 2)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -422,51 +516,22 @@ def train_base(images: torch.Tensor, scenes: list, cfg: WorldTrainConfig, out_di
         )
     )
     unet = UNet2DConditionModel(**_unet_config())
-    scheduler = _scheduler()
-    noise_scheduler = DDPMScheduler.from_config(scheduler.config)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=cfg.base_lr, weight_decay=1e-2)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.base_lr, total_steps=cfg.base_steps, pct_start=0.05
+    losses = _fit_text_to_image(
+        unet,
+        text_encoder,
+        tokenizer,
+        stats,
+        scenes,
+        steps=cfg.base_steps,
+        batch=cfg.base_batch,
+        lr=cfg.base_lr,
+        seed=cfg.seed + 3,
+        prediction_type="epsilon",
+        name="base",
     )
-    generator = torch.Generator().manual_seed(cfg.seed + 3)
-    rng = np.random.default_rng(cfg.seed + 3)
-    losses: list[float] = []
-    start = time.time()
-    unet.train()
-    text_encoder.train()
-    for step in range(1, cfg.base_steps + 1):
-        index = torch.randint(0, len(images), (cfg.base_batch,), generator=generator)
-        captions = []
-        for i in index.tolist():
-            draw = rng.random()
-            captions.append(
-                "" if draw < 0.1 else scenes[i].caption if draw < 0.55 else subset_caption(scenes[i], rng)
-            )
-        tokens = tokenizer(
-            captions, padding="max_length", max_length=TEXT_MAX_LENGTH, truncation=True, return_tensors="pt"
-        ).input_ids
-        hidden = text_encoder(tokens, return_dict=False)[0]
-        latents = latent_mean[index] + latent_std[index] * torch.randn(
-            latent_mean[index].shape, generator=generator
-        )
-        noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(index),), generator=generator)
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        prediction = unet(noisy, timesteps, hidden).sample
-        weights = _min_snr_weights(noise_scheduler, timesteps)
-        loss = (weights * ((prediction - noise) ** 2).mean(dim=(1, 2, 3))).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        _log_every(step, cfg.base_steps, start, losses, "base")
-
     unet.save_pretrained(out_dir / "unet")
     text_encoder.save_pretrained(out_dir / "text_encoder")
-    scheduler.save_pretrained(out_dir / "scheduler")
+    _scheduler().save_pretrained(out_dir / "scheduler")
     index_file = {
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": "0.42.1",
@@ -481,6 +546,42 @@ def train_base(images: torch.Tensor, scenes: list, cfg: WorldTrainConfig, out_di
     }
     (out_dir / "model_index.json").write_text(json.dumps(index_file, indent=2))
     return {"steps": cfg.base_steps, "final_loss": sum(losses[-50:]) / len(losses[-50:])}
+
+
+def train_base_v(images: torch.Tensor, scenes: list, cfg: WorldTrainConfig, out_dir: Path) -> dict:
+    """Stage ``base_v``: fine-tune the ε base to v-prediction (as Stable Diffusion 2 did from its ε model).
+
+    Why: at high noise an ε model's estimate of the clean latent is its ε error times √((1−ᾱ)/ᾱ) (≈ 14 at
+    t = 990), so a small model trained for minutes predicts x₀ worse than the data mean there and samples
+    noise; a v model predicts x₀ directly at high noise. The branches trained on a v base learn to copy the
+    kept region from the first sampling step.
+    """
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(out_dir / "tokenizer")
+    stats = _latent_stats(images, out_dir / "vae")
+    unet = UNet2DConditionModel.from_pretrained(out_dir / "unet", torch_dtype=torch.float32)
+    text_encoder = CLIPTextModel.from_pretrained(out_dir / "text_encoder", torch_dtype=torch.float32)
+    losses = _fit_text_to_image(
+        unet,
+        text_encoder,
+        tokenizer,
+        stats,
+        scenes,
+        steps=cfg.base_v_steps,
+        batch=cfg.base_batch,
+        lr=cfg.base_v_lr,
+        seed=cfg.seed + 13,
+        prediction_type="v_prediction",
+        name="base_v",
+    )
+    unet.save_pretrained(out_dir / "unet")
+    text_encoder.save_pretrained(out_dir / "text_encoder")
+    scheduler = _scheduler()
+    scheduler.register_to_config(prediction_type="v_prediction")
+    scheduler.save_pretrained(out_dir / "scheduler")
+    return {"steps": cfg.base_v_steps, "final_loss": sum(losses[-50:]) / len(losses[-50:])}
 
 
 # -- stages 4–6: branches -------------------------------------------------------------------------------
@@ -520,7 +621,9 @@ def _stream(config, cfg: WorldTrainConfig) -> HolePromptStream:
     return HolePromptStream(build_train_dataset(config, 0, 1, cfg.seed), cfg.seed, seed=cfg.seed)
 
 
-def train_brushnet(cfg: WorldTrainConfig, base_dir: Path, shards: Path, work: Path, more: bool = False) -> dict:
+def train_brushnet(
+    cfg: WorldTrainConfig, base_dir: Path, shards: Path, work: Path, more: bool = False
+) -> dict:
     """Stage ``brushnet`` (from ``from_unet``, ``branch_lr``) or ``brushnet_more`` (continues from it with
     ``tap_lr``: the zero-initialised taps barely moved in 400 steps at 3e-4)."""
     from ..training.loop import train
@@ -540,7 +643,9 @@ def train_brushnet(cfg: WorldTrainConfig, base_dir: Path, shards: Path, work: Pa
     }
 
 
-def _branch_loop(cfg: WorldTrainConfig, base_dir: Path, shards: Path, work: Path, kind: str, steps: int) -> dict:
+def _branch_loop(
+    cfg: WorldTrainConfig, base_dir: Path, shards: Path, work: Path, kind: str, steps: int
+) -> dict:
     """Train the 9-channel UNet (``kind="inpaint"``) or the ControlNet (``"controlnet"``) on the same data."""
     from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -583,7 +688,11 @@ def _branch_loop(cfg: WorldTrainConfig, base_dir: Path, shards: Path, work: Path
             with torch.no_grad():
                 latents = vae.encode(pixels).latent_dist.sample(generator) * scaling
                 tokens = tokenizer(
-                    captions, padding="max_length", max_length=TEXT_MAX_LENGTH, truncation=True, return_tensors="pt"
+                    captions,
+                    padding="max_length",
+                    max_length=TEXT_MAX_LENGTH,
+                    truncation=True,
+                    return_tensors="pt",
                 ).input_ids
                 hidden = text_encoder(tokens, return_dict=False)[0]
             noise = torch.randn(latents.shape, generator=generator)
@@ -596,7 +705,9 @@ def _branch_loop(cfg: WorldTrainConfig, base_dir: Path, shards: Path, work: Path
                     masked = pixels * (hole < 0.5)  # diffusers' inpainting pipelines: hole pixels = 0
                     masked_latents = vae.encode(masked).latent_dist.sample(generator) * scaling
                     small_hole = F.interpolate(hole, size=latents.shape[-2:], mode="nearest")
-                prediction = model(torch.cat([noisy, small_hole, masked_latents], 1), timesteps, hidden).sample
+                prediction = model(
+                    torch.cat([noisy, small_hole, masked_latents], 1), timesteps, hidden
+                ).sample
             else:
                 control = torch.where(hole > 0.5, torch.full_like(pixels, -1.0), (pixels + 1) / 2)
                 down, mid = model(noisy, timesteps, hidden, controlnet_cond=control, return_dict=False)
@@ -607,7 +718,7 @@ def _branch_loop(cfg: WorldTrainConfig, base_dir: Path, shards: Path, work: Path
                     down_block_additional_residuals=down,
                     mid_block_additional_residual=mid,
                 ).sample
-            loss = F.mse_loss(prediction, noise)
+            loss = F.mse_loss(prediction, _target(noise_scheduler, latents, noise, timesteps))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             warmup = min(1.0, (step + 1) / 20)
@@ -659,7 +770,16 @@ def train_all(work: str | os.PathLike, cfg: WorldTrainConfig, stages: list[str] 
     }
     base_dir, shards = work / "base", work / "shards"
     stages = stages or [
-        "data", "vae", "base", "brushnet", "brushnet_more", "inpaint", "controlnet", "decoder", "decoder"
+        "data",
+        "vae",
+        "base",
+        "base_v",
+        "brushnet",
+        "brushnet_more",
+        "inpaint",
+        "controlnet",
+        "decoder",
+        "decoder",
     ]
     images = scenes = None
     done_here: set[str] = set()
@@ -669,13 +789,15 @@ def train_all(work: str | os.PathLike, cfg: WorldTrainConfig, stages: list[str] 
         if stage == "data":
             write_training_shards(shards, cfg.scenes, scenes_per_shard=1000, size=SIZE, seed=cfg.seed)
             info = {"scenes": cfg.scenes}
-        elif stage in ("vae", "base", "decoder"):
+        elif stage in ("vae", "base", "base_v", "decoder"):
             if images is None:
                 images, scenes = _load_scene_images(cfg.scenes, cfg.seed)
             if stage == "vae":
                 info = train_vae(images, cfg, base_dir)
             elif stage == "base":
                 info = train_base(images, scenes, cfg, base_dir)
+            elif stage == "base_v":
+                info = train_base_v(images, scenes, cfg, base_dir)
             else:
                 info = train_decoder(images, cfg, base_dir)
         elif stage in ("brushnet", "brushnet_more"):
@@ -686,8 +808,9 @@ def train_all(work: str | os.PathLike, cfg: WorldTrainConfig, stages: list[str] 
         else:
             raise ValueError(f"unknown stage {stage!r}")
         info["seconds"] = round(time.time() - start, 1)
-        if record_path.exists():  # another process may have run other stages meanwhile: merge
-            record["stages"] = {**json.loads(record_path.read_text())["stages"], **record["stages"]}
+        if record_path.exists():  # another process may have run other stages meanwhile: keep theirs
+            mine = {key: record["stages"][key] for key in done_here}
+            record["stages"] = {**json.loads(record_path.read_text())["stages"], **mine}
         key, round_ = stage, 1
         while key in record["stages"] and key in done_here | ({stage} if stage == "decoder" else set()):
             round_ += 1
@@ -755,23 +878,38 @@ def export(work: str | os.PathLike, dest: str | os.PathLike, half: bool = True) 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m brushnet.demo.train_world", description="Train the shapes-world demo models from scratch."
+        prog="python -m brushnet.demo.train_world",
+        description="Train the shapes-world demo models from scratch.",
     )
     parser.add_argument("--work", required=True, help="Working folder (shards, runs, trained folders).")
-    parser.add_argument("--export", help="Copy the finished models here (e.g. src/brushnet/assets/demo_world).")
     parser.add_argument(
-        "--stages", nargs="+",
+        "--export", help="Copy the finished models here (e.g. src/brushnet/assets/demo_world)."
+    )
+    parser.add_argument(
+        "--stages",
+        nargs="+",
         help="Run only these stages (data vae base brushnet brushnet_more inpaint controlnet decoder).",
     )
-    parser.add_argument("--smoke", action="store_true", help="A few steps of everything (checks the code path).")
+    parser.add_argument(
+        "--smoke", action="store_true", help="A few steps of everything (checks the code path)."
+    )
     for name, value in WorldTrainConfig().__dict__.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = WorldTrainConfig()
     if args.smoke:
-        cfg = WorldTrainConfig(scenes=64, vae_steps=3, base_steps=3, brushnet_steps=2, inpaint_steps=2,
-                               controlnet_steps=2, vae_batch=4, base_batch=4, branch_batch=4)
+        cfg = WorldTrainConfig(
+            scenes=64,
+            vae_steps=3,
+            base_steps=3,
+            brushnet_steps=2,
+            inpaint_steps=2,
+            controlnet_steps=2,
+            vae_batch=4,
+            base_batch=4,
+            branch_batch=4,
+        )
     for name in cfg.__dict__:
         value = getattr(args, name)
         if value is not None:
