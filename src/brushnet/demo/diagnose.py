@@ -1,0 +1,79 @@
+"""How well a base model predicts the clean latent at each noise level, on held-out shapes-world scenes.
+
+    python -m brushnet.demo.diagnose --base src/brushnet/assets/demo_world/base
+
+Prints, per timestep, the mean squared error of the model's x₀ estimate (from ε or v, whichever its scheduler
+declares) against the VAE latent of the scene, next to the variance of the latents (the error of always
+predicting the data mean). An x₀ error above that variance at high noise means the sampler's first steps
+start from worse than nothing: the failure that made the demo fine-tune its ε base to v-prediction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+import torch
+
+__all__ = ["x0_errors", "main"]
+
+TIMESTEPS = (100, 300, 500, 700, 900, 990)
+
+
+@torch.no_grad()
+def x0_errors(base: str, scenes: int = 16, seed: int = 0, timesteps=TIMESTEPS) -> tuple[dict[int, float], float]:
+    """``({t: x₀ MSE}, latent variance)`` over ``scenes`` eval-split scenes (world seed 3), captioned."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from ..data.shapes import render_scene, sample_scene, scene_rng
+
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=torch.float32).eval()
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=torch.float32).eval()
+    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", torch_dtype=torch.float32).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
+    scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
+    images, captions = [], []
+    for index in range(scenes):
+        scene = sample_scene(scene_rng("eval", 3, index), size=128, min_gap=8)
+        images.append(np.asarray(render_scene(scene)[0]))
+        captions.append(scene.caption)
+    pixels = torch.tensor(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+    tokens = tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    hidden = text_encoder(tokens)[0]
+    generator = torch.Generator().manual_seed(seed)
+    errors = {}
+    for t in timesteps:
+        noise = torch.randn(latents.shape, generator=generator)
+        steps = torch.full((scenes,), t)
+        noisy = scheduler.add_noise(latents, noise, steps)
+        out = unet(noisy, steps, hidden).sample
+        alpha = scheduler.alphas_cumprod[t]
+        if scheduler.config.prediction_type == "v_prediction":
+            x0 = alpha.sqrt() * noisy - (1 - alpha).sqrt() * out
+        else:
+            x0 = (noisy - (1 - alpha).sqrt() * out) / alpha.sqrt()
+        errors[t] = float(((x0 - latents) ** 2).mean())
+    return errors, float(latents.var())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m brushnet.demo.diagnose", description=__doc__.splitlines()[0])
+    parser.add_argument("--base", required=True, help="A diffusers Stable Diffusion folder (vae, unet, ...).")
+    parser.add_argument("--scenes", type=int, default=16)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    errors, variance = x0_errors(args.base, args.scenes)
+    print(f"{args.base}: latent variance {variance:.3f} (the error of predicting the mean)")
+    print("| t | x0 MSE |\n| --- | --- |")
+    for t, error in errors.items():
+        print(f"| {t} | {error:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
