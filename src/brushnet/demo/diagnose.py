@@ -22,7 +22,9 @@ TIMESTEPS = (100, 300, 500, 700, 900, 990)
 
 
 @torch.no_grad()
-def x0_errors(base: str, scenes: int = 16, seed: int = 0, timesteps=TIMESTEPS) -> tuple[dict[int, float], float]:
+def x0_errors(
+    base: str, scenes: int = 16, seed: int = 0, timesteps=TIMESTEPS
+) -> tuple[dict[int, float], float]:
     """``({t: x₀ MSE}, latent variance)`` over ``scenes`` eval-split scenes (world seed 3), captioned."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -31,7 +33,9 @@ def x0_errors(base: str, scenes: int = 16, seed: int = 0, timesteps=TIMESTEPS) -
 
     vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=torch.float32).eval()
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=torch.float32).eval()
-    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", torch_dtype=torch.float32).eval()
+    text_encoder = CLIPTextModel.from_pretrained(
+        base, subfolder="text_encoder", torch_dtype=torch.float32
+    ).eval()
     tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
     scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
     images, captions = [], []
@@ -42,7 +46,11 @@ def x0_errors(base: str, scenes: int = 16, seed: int = 0, timesteps=TIMESTEPS) -
     pixels = torch.tensor(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
     latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
     tokens = tokenizer(
-        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        captions,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
     ).input_ids
     hidden = text_encoder(tokens)[0]
     generator = torch.Generator().manual_seed(seed)
@@ -62,7 +70,9 @@ def x0_errors(base: str, scenes: int = 16, seed: int = 0, timesteps=TIMESTEPS) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m brushnet.demo.diagnose", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m brushnet.demo.diagnose", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--base", required=True, help="A diffusers Stable Diffusion folder (vae, unet, ...).")
     parser.add_argument("--scenes", type=int, default=16)
     args = parser.parse_args(argv)
