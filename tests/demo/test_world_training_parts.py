@@ -106,3 +106,38 @@ def test_hole_prompt_over_the_project_shard_reader(tmp_path):
 def test_scene_rng_rejects_negative_seed(bad):
     with pytest.raises(ValueError):
         scene_rng("train", bad, 0)
+
+
+def test_the_one_training_command_runs_every_stage_and_exports_loadable_models(tmp_path):
+    """`python -m brushnet.demo.train_world --smoke` (a few steps of every default stage, base_v included)
+    writes a record of every stage and an export each method loads."""
+    import json
+
+    import torch
+
+    from brushnet.demo.assets import METHODS, method_models
+    from brushnet.demo.train_world import main
+    from brushnet.methods import load_method
+
+    threads = torch.get_num_threads()
+    try:
+        assert main(["--work", str(tmp_path / "work"), "--smoke", "--export", str(tmp_path / "models")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    record = json.loads((tmp_path / "models" / "training_record.json").read_text())
+    for stage in (
+        "data",
+        "vae",
+        "base",
+        "base_v",
+        "brushnet",
+        "brushnet_more",
+        "inpaint",
+        "controlnet",
+        "decoder",
+    ):
+        assert stage in record["stages"], stage
+    scheduler = json.loads((tmp_path / "models" / "base" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction"
+    for name in METHODS:
+        load_method(name, method_models(name, tmp_path / "models"))
