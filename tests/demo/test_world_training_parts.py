@@ -116,7 +116,7 @@ def test_the_one_training_command_runs_every_stage_and_exports_loadable_models(t
     import torch
 
     from brushnet.demo.assets import METHODS, method_models
-    from brushnet.demo.train_world import main
+    from brushnet.demo.train_world import DEFAULT_STAGES, main
     from brushnet.methods import load_method
 
     threads = torch.get_num_threads()
@@ -125,17 +125,7 @@ def test_the_one_training_command_runs_every_stage_and_exports_loadable_models(t
     finally:
         torch.set_num_threads(threads)
     record = json.loads((tmp_path / "models" / "training_record.json").read_text())
-    for stage in (
-        "data",
-        "vae",
-        "base",
-        "base_v",
-        "brushnet",
-        "brushnet_more",
-        "inpaint",
-        "controlnet",
-        "decoder",
-    ):
+    for stage in DEFAULT_STAGES:
         assert stage in record["stages"], stage
     scheduler = json.loads((tmp_path / "models" / "base" / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["prediction_type"] == "v_prediction"

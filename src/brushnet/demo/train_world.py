@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, IterableDataset
 logger = logging.getLogger("brushnet.demo.train_world")
 
 __all__ = [
+    "DEFAULT_STAGES",
     "WorldTrainConfig",
     "HolePromptStream",
     "build_tokenizer",
@@ -56,6 +57,10 @@ __all__ = [
 ]
 
 SIZE = 128
+DEFAULT_STAGES: tuple[str, ...] = (
+    "data", "vae", "base", "base_v", "brushnet", "brushnet_more", "inpaint", "controlnet", "decoder", "decoder"
+)  # fmt: skip
+"""The stages of a full run, in order (the decoder is fine-tuned twice)."""
 TEXT_MAX_LENGTH = 32
 UNET_CHANNELS = (32, 64, 96)
 VAE_CHANNELS = (16, 32, 64)
@@ -246,7 +251,7 @@ def _log_every(step: int, total: int, start: float, losses: list[float], name: s
         )
 
 
-def _scheduler():
+def _scheduler(prediction_type: str = "epsilon"):
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(
@@ -256,6 +261,7 @@ def _scheduler():
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
+        prediction_type=prediction_type,
     )
 
 
@@ -439,7 +445,7 @@ def _fit_text_to_image(
     from diffusers import DDPMScheduler
 
     latent_mean, latent_std = stats
-    noise_scheduler = DDPMScheduler.from_config(_scheduler().config, prediction_type=prediction_type)
+    noise_scheduler = DDPMScheduler.from_config(_scheduler(prediction_type).config)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
@@ -493,6 +499,12 @@ def _target(
     return training_target(noise_scheduler, latents, noise, timesteps, noise_scheduler.config.prediction_type)
 
 
+def _save_text_to_image(unet, text_encoder, out_dir: Path, prediction_type: str) -> None:
+    unet.save_pretrained(out_dir / "unet")
+    text_encoder.save_pretrained(out_dir / "text_encoder")
+    _scheduler(prediction_type).save_pretrained(out_dir / "scheduler")
+
+
 def train_base(images: torch.Tensor, scenes: list, cfg: WorldTrainConfig, out_dir: Path) -> dict:
     """Stage ``base``: tokenizer, text encoder and text-to-image UNet from scratch, ε-prediction."""
     from diffusers import UNet2DConditionModel
@@ -529,9 +541,7 @@ def train_base(images: torch.Tensor, scenes: list, cfg: WorldTrainConfig, out_di
         prediction_type="epsilon",
         name="base",
     )
-    unet.save_pretrained(out_dir / "unet")
-    text_encoder.save_pretrained(out_dir / "text_encoder")
-    _scheduler().save_pretrained(out_dir / "scheduler")
+    _save_text_to_image(unet, text_encoder, out_dir, "epsilon")
     index_file = {
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": "0.42.1",
@@ -576,11 +586,7 @@ def train_base_v(images: torch.Tensor, scenes: list, cfg: WorldTrainConfig, out_
         prediction_type="v_prediction",
         name="base_v",
     )
-    unet.save_pretrained(out_dir / "unet")
-    text_encoder.save_pretrained(out_dir / "text_encoder")
-    scheduler = _scheduler()
-    scheduler.register_to_config(prediction_type="v_prediction")
-    scheduler.save_pretrained(out_dir / "scheduler")
+    _save_text_to_image(unet, text_encoder, out_dir, "v_prediction")
     return {"steps": cfg.base_v_steps, "final_loss": sum(losses[-50:]) / len(losses[-50:])}
 
 
@@ -769,18 +775,7 @@ def train_all(work: str | os.PathLike, cfg: WorldTrainConfig, stages: list[str] 
         "python": sys.version.split()[0],
     }
     base_dir, shards = work / "base", work / "shards"
-    stages = stages or [
-        "data",
-        "vae",
-        "base",
-        "base_v",
-        "brushnet",
-        "brushnet_more",
-        "inpaint",
-        "controlnet",
-        "decoder",
-        "decoder",
-    ]
+    stages = stages or list(DEFAULT_STAGES)
     images = scenes = None
     done_here: set[str] = set()
     for stage in stages:
@@ -888,7 +883,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--stages",
         nargs="+",
-        help="Run only these stages (data vae base brushnet brushnet_more inpaint controlnet decoder).",
+        help=f"Run only these stages (of: {' '.join(dict.fromkeys(DEFAULT_STAGES))}).",
     )
     parser.add_argument(
         "--smoke", action="store_true", help="A few steps of everything (checks the code path)."
