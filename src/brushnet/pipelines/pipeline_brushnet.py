@@ -35,6 +35,7 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer
 
 from ..image import blend, mask_to_array
 from ..models.brushnet import BrushNetModel
+from ..models.conditioning import brushnet_conditioning
 from ..models.unet_injection import count_injection_points, unet_forward_with_brushnet
 
 __all__ = ["StableDiffusionBrushNetPipeline", "brushnet_keep_schedule"]
@@ -377,8 +378,6 @@ class StableDiffusionBrushNetPipeline(
             raise ValueError(f"got {image_tensor.shape[0]} images for a batch of {batch_size} prompts")
         hole = self._prepare_mask(mask_image, batch_size, height, width, device, torch.float32)
         hole = hole.repeat_interleave(num_images_per_prompt, dim=0) if hole.shape[0] != total else hole
-        # the hole is blacked out (-1 in [-1, 1]) whether or not the caller already did it
-        masked_image = torch.where(hole.bool(), torch.full_like(image_tensor, -1.0), image_tensor)
 
         # 4. timesteps
         timesteps, num_inference_steps = retrieve_timesteps(
@@ -398,11 +397,7 @@ class StableDiffusionBrushNetPipeline(
             latents,
         )
         vae_dtype = self.vae.dtype
-        posterior = self.vae.encode(masked_image.to(vae_dtype)).latent_dist
-        masked_image_latents = posterior.sample(generator=generator) * self.vae.config.scaling_factor
-        keep = 1.0 - hole
-        keep_latent = F.interpolate(keep, size=masked_image_latents.shape[-2:], mode="nearest")
-        brushnet_cond = torch.cat([masked_image_latents, keep_latent.to(masked_image_latents.dtype)], dim=1)
+        brushnet_cond = brushnet_conditioning(self.vae, image_tensor, hole, generator)
         brushnet_cond = brushnet_cond.to(dtype=self.brushnet.dtype)
 
         timestep_cond = None

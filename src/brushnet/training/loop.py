@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models.brushnet import BrushNetModel
+from ..models.conditioning import brushnet_conditioning, encode_latents
 from ..models.unet_injection import unet_forward_with_brushnet
 from .checkpointing import (
     CONFIG_FILE,
@@ -178,12 +179,9 @@ def brushnet_training_loss(
         dropped = torch.rand(batch_size, generator=generator) < caption_dropout
         captions = ["" if drop else caption for caption, drop in zip(captions, dropped.tolist())]
 
-    scaling_factor = vae.config.scaling_factor
     with torch.no_grad():
-        latents = vae.encode(pixel_values).latent_dist.sample(generator) * scaling_factor
-        masked_pixel_values = torch.where(hole > 0.5, torch.full_like(pixel_values, -1.0), pixel_values)
-        masked_image_latents = vae.encode(masked_pixel_values).latent_dist.sample(generator) * scaling_factor
-        keep_mask = 1.0 - F.interpolate(hole, size=latents.shape[-2:], mode="nearest")
+        latents = encode_latents(vae, pixel_values, generator)
+        brushnet_cond = brushnet_conditioning(vae, pixel_values, hole, generator).float()
         encoder_hidden_states, added_cond_kwargs = components.family.encode(captions, device, weight_dtype)
 
     noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(device)
@@ -192,7 +190,6 @@ def brushnet_training_loss(
     latents = latents.float()
     noisy_latents = scheduler.add_noise(latents, noise, timesteps)
 
-    brushnet_cond = torch.cat([masked_image_latents.float(), keep_mask.float()], dim=1)
     down, mid, up = brushnet(
         noisy_latents,
         timesteps,

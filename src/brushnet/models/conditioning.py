@@ -1,0 +1,78 @@
+"""BrushNet's conditioning: the VAE latent of the masked image and the keep-mask at latent size.
+
+One recipe, used by every pipeline (SD1.5, SDXL) and by the training loop (Ju et al., ECCV 2024, §3.2):
+
+    x_m = x ⊙ (1 − m) − m          the image with the hole set to −1 (black in [−1, 1])
+    z_m = E(x_m) · s                 a posterior sample (as the original), times the VAE scaling factor
+    k   = 1 − resize_nearest(m)      the keep-mask at latent size (1 = keep: the branch's own convention)
+    c   = [z_m, k]                   ``brushnet_cond``, 4 + 1 channels
+
+``m`` is the project's mask convention (1 = hole); the inversion to the branch's keep-mask happens here and
+nowhere else.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["mask_out", "encode_latents", "keep_mask_latent", "brushnet_conditioning"]
+
+
+def mask_out(image: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
+    """Set the hole of ``image`` (in [−1, 1]) to −1, whether or not the caller already blacked it out.
+
+    Args:
+        image: ``(B, 3, H, W)`` in [−1, 1].
+        hole: ``(B or 1, 1, H, W)``, 1 = hole (values ≥ 0.5 count as hole).
+    """
+    return torch.where(hole > 0.5, torch.full_like(image, -1.0), image)
+
+
+def encode_latents(
+    vae,
+    pixels: torch.Tensor,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    sample: bool = True,
+) -> torch.Tensor:
+    """VAE latents of ``pixels`` (in [−1, 1]) times the scaling factor, in the VAE's dtype.
+
+    ``sample=True`` draws a posterior sample from ``generator`` (the original's choice); ``False`` takes the
+    posterior mode. Works with any diffusers VAE (``AutoencoderKL``'s ``latent_dist`` or
+    ``AutoencoderTiny``'s deterministic ``latents``), through diffusers' own ``retrieve_latents``.
+    """
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
+
+    # a list of generators draws item i of the batch from generator i (diffusers' randn_tensor)
+    output = vae.encode(pixels.to(vae.dtype))
+    latents = retrieve_latents(output, generator, "sample" if sample else "argmax")
+    return latents * vae.config.scaling_factor
+
+
+def keep_mask_latent(hole: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The branch's keep-mask (1 = keep, 0 = hole) at latent ``size``, nearest-downsampled as the original."""
+    return 1.0 - F.interpolate(hole.float(), size=tuple(size), mode="nearest")
+
+
+def brushnet_conditioning(
+    vae,
+    image: torch.Tensor,
+    hole: torch.Tensor,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    sample: bool = True,
+) -> torch.Tensor:
+    """``brushnet_cond`` for ``image`` with ``hole``: masked-image latent (4) and keep-mask (1).
+
+    Args:
+        vae: the base model's VAE.
+        image: ``(B, 3, H, W)`` in [−1, 1], whole or with the hole already blacked out.
+        hole: ``(B, 1, H, W)``, 1 = hole (the project's convention).
+        generator: for the posterior sample (one per item, or one for the batch).
+        sample: posterior sample (True, the original) or mode.
+
+    Returns:
+        ``(B, 5, H/f, W/f)`` in the VAE's dtype.
+    """
+    latents = encode_latents(vae, mask_out(image, hole), generator, sample)
+    keep = keep_mask_latent(hole.to(latents.device), latents.shape[-2:])
+    return torch.cat([latents, keep.to(latents.dtype)], dim=1)
