@@ -34,7 +34,7 @@ def main() -> None:
 
     from brushnet.loading import resolve_dtype
     from brushnet.models import BrushNetModel, unet_forward_with_brushnet
-    from brushnet.testing import PRESETS, _unet_config
+    from brushnet.random_models import PRESETS, _unet_config
 
     dtype = resolve_dtype(args.dtype)
     spec = PRESETS[args.preset]

@@ -6,7 +6,7 @@ image and seconds per image.
 All methods get the same request (image, mask, prompt, seed, steps, guidance, scheduler) through
 :func:`brushnet.methods.inpaint`, so the figures include each method's own pre/post-processing cost (text
 encoding, VAE, paste-back) and its own way of spending UNet calls (RePaint's resampling jumps, BrushNet's branch,
-the ControlNet). The models come from :mod:`brushnet.testing` (random weights: the cost does not depend on their
+the ControlNet). The models come from :mod:`brushnet.random_models` (random weights: the cost does not depend on their
 values), built under ``--models-dir`` once and reused. After one warm-up call per method, the timed calls go
 round-robin over the methods (method A, B, C, …, A, B, C, …) so that a busy machine slows all of them alike.
 """
@@ -27,7 +27,7 @@ ALL_METHODS = ("brushnet", "sd-inpainting", "blended-latent-diffusion", "repaint
 
 def build_models(preset: str, root: Path) -> dict[str, str]:
     """Random-weight folders for every method (reused when already built)."""
-    from brushnet.testing import build_base, build_brushnet, build_controlnet, build_inpaint_model
+    from brushnet.random_models import build_base, build_brushnet, build_controlnet, build_inpaint_model
 
     out = root / preset
     paths = {

@@ -8,7 +8,7 @@ memory, with and without gradient checkpointing, for each architecture preset, p
 Each step is the training loop's own (``brushnet.training.loop``): ``brushnet_training_loss`` under the
 accelerator's autocast (VAE encode of image and masked image, text encoding, noise, branch, frozen UNet,
 MSE), backward, gradient clipping and an AdamW step, on a branch made by ``initial_branch`` from a
-random-weight base (``brushnet.testing.build_base``: the cost does not depend on the weights' values).
+random-weight base (``brushnet.random_models.build_base``: the cost does not depend on the weights' values).
 Frozen parts in the mixed-precision dtype, branch in float32, as in ``brushnet train``. Data loading is not
 timed (a fixed batch of random pixels with a centred hole). Every variant runs in a fresh process, so its
 peak memory is its own: ``torch.cuda.max_memory_allocated`` on a GPU, the process's peak RSS on CPU; the last column is
@@ -167,7 +167,7 @@ def main() -> None:
     results = []
     for preset in args.presets:
         if not (cache / preset / "model_index.json").is_file():  # built here, outside the measured processes
-            from brushnet.testing import build_base
+            from brushnet.random_models import build_base
 
             build_base(cache / preset, preset, seed=0)
         for checkpointing in args.gradient_checkpointing:

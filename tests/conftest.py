@@ -25,7 +25,7 @@ def golden_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """Random tiny base + BrushNet folders, built once per test session (real files, real loaders)."""
-    from brushnet.testing import build_base, build_brushnet
+    from brushnet.random_models import build_base, build_brushnet
 
     root = tmp_path_factory.mktemp("tiny_models")
     base = build_base(root / "base", "tiny", seed=0)

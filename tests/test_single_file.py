@@ -5,7 +5,7 @@ import torch
 
 from brushnet.convert import save_single_file
 from brushnet.loading import CheckpointError, load_base_components
-from brushnet.testing import PRESETS, ArchSpec, build_base
+from brushnet.random_models import PRESETS, ArchSpec, build_base
 
 # two resnets per block exercise the LDM block-index arithmetic that one layer per block would hide
 TWO_LAYERS = ArchSpec((32, 64, 64), 2, 32, 4, 8, (8, 16), 1, 32, 2, 2, 37, 8)

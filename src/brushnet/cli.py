@@ -147,7 +147,7 @@ def make_tiny_models(
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Write random-weight model folders for every method (offline; for trying the tools, not for quality)."""
-    from .testing import PRESETS, build_base, build_brushnet, build_controlnet, build_inpaint_model
+    from .random_models import PRESETS, build_base, build_brushnet, build_controlnet, build_inpaint_model
 
     if preset not in PRESETS:
         fail(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")

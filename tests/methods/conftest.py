@@ -8,7 +8,7 @@ from PIL import Image
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """`ModelPaths` dict with every model the built-in methods need (tiny preset, fixed seeds)."""
-    from brushnet.testing import build_base, build_brushnet, build_controlnet, build_inpaint_model
+    from brushnet.random_models import build_base, build_brushnet, build_controlnet, build_inpaint_model
 
     root = tmp_path_factory.mktemp("tiny_models")
     base = build_base(root / "base", "tiny")

@@ -24,7 +24,7 @@ pytestmark = [
 
 @pytest.mark.parametrize("dtype", ["fp16", "fp32"])
 def test_methods_on_one_cuda_worker_match_direct_calls(tiny_models, dtype):
-    from brushnet.testing import build_inpaint_model
+    from brushnet.random_models import build_inpaint_model
 
     paths = {
         "base": str(tiny_models["base"]),

@@ -43,27 +43,27 @@ CFG_BRANCH_MODES = ("once", "doubled")
 
 
 def random_weight_models(preset: str, out_dir: str | os.PathLike, methods: Sequence[str]):
-    """Build random-weight components for ``methods`` with :mod:`brushnet.testing` under ``out_dir``
+    """Build random-weight components for ``methods`` with :mod:`brushnet.random_models` under ``out_dir``
     (reused when already there) and return their :class:`~brushnet.methods.ModelPaths`."""
-    from .. import testing
+    from .. import random_models
     from ..methods import ModelPaths
 
     out = Path(out_dir) / preset
     base = out / "base"
     if not (base / "model_index.json").is_file():
-        testing.build_base(base, preset)
+        random_models.build_base(base, preset)
     paths: dict[str, str] = {"base": str(base)}
     if "brushnet" in methods:
         if not (out / "brushnet" / "config.json").is_file():
-            testing.build_brushnet(out / "brushnet", base)
+            random_models.build_brushnet(out / "brushnet", base)
         paths["brushnet"] = str(out / "brushnet")
     if "sd-inpainting" in methods:
         if not (out / "inpaint" / "model_index.json").is_file():
-            testing.build_inpaint_model(out / "inpaint", base, preset)
+            random_models.build_inpaint_model(out / "inpaint", base, preset)
         paths["inpaint_model"] = str(out / "inpaint")
     if "controlnet-inpaint" in methods:
         if not (out / "controlnet" / "config.json").is_file():
-            testing.build_controlnet(out / "controlnet", base)
+            random_models.build_controlnet(out / "controlnet", base)
         paths["controlnet"] = str(out / "controlnet")
     return ModelPaths(**paths)
 

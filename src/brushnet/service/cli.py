@@ -53,7 +53,7 @@ class BackgroundServer:
 
 def build_tiny_models(out_dir: str | Path, with_baselines: bool = True) -> dict[str, str]:
     """Write random tiny components (seeded) into ``out_dir``; return ModelPaths fields pointing at them."""
-    from ..testing import build_base, build_brushnet, build_controlnet, build_inpaint_model
+    from ..random_models import build_base, build_brushnet, build_controlnet, build_inpaint_model
 
     out = Path(out_dir)
     base = build_base(out / "base", "tiny")
