@@ -1,12 +1,13 @@
-"""The demo's training pieces: the offline tokenizer, hole-naming captions over the real shard reader."""
+"""The demo's training recipe (examples/demo_world, on sys.path by conftest.py): the offline tokenizer,
+hole-naming captions over the real shard reader, the shared fit loop, and the one training command."""
 
 import numpy as np
 import pytest
 import torch
+from world_data import HolePromptStream, build_tokenizer, subset_caption
 
 from brushnet.data.shapes import caption_vocabulary, render_scene, sample_scene, scene_rng
 from brushnet.data.shapes_writers import write_training_shards
-from brushnet.demo.train_world import HolePromptStream, build_tokenizer, subset_caption
 
 
 def test_tokenizer_makes_every_world_word_one_token(tmp_path):
@@ -108,25 +109,69 @@ def test_scene_rng_rejects_negative_seed(bad):
         scene_rng("train", bad, 0)
 
 
-def test_the_one_training_command_runs_every_stage_and_exports_loadable_models(tmp_path):
-    """`python -m brushnet.demo.train_world --smoke` (a few steps of every default stage, base_v included)
-    writes a record of every stage and an export each method loads."""
-    import json
+def _linear_fit(steps, checkpoint, stop_after=None):
+    """Fit a 3→1 linear model on generator-drawn data; ``stop_after`` interrupts (as a crash would)."""
+    from fit_loop import FitSettings, fit, seeded_init, stage_generator
 
-    import torch
+    generator = stage_generator(0, "linear")
+    with seeded_init(generator):
+        model = torch.nn.Linear(3, 1)
+    true_weight = torch.tensor([[1.0, -2.0, 0.5]])
+    calls = []
+
+    def batches(generator):
+        if stop_after is not None and len(calls) == stop_after:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return torch.randn(8, 3, generator=generator)
+
+    def loss_of(x, generator):
+        noise = 0.01 * torch.randn(8, 1, generator=generator)
+        return torch.nn.functional.mse_loss(model(x), x @ true_weight.T + noise)
+
+    settings = FitSettings(
+        steps=steps, learning_rate=0.2, lr_scheduler="constant", ema_decay=0.9, checkpointing_steps=5
+    )
+    result = fit(model, loss_of, batches, settings, generator=generator, name="linear", checkpoint=checkpoint)
+    return model, result
+
+
+def test_fit_resumes_a_crashed_stage_exactly_and_leaves_the_global_rng_alone(tmp_path):
+    state = torch.random.get_rng_state()
+    straight, result = _linear_fit(20, tmp_path / "a.pt")
+    assert torch.equal(torch.random.get_rng_state(), state)  # no global seeding, no global draws
+    assert result.steps == 20 and len(result.losses) == 20 and result.losses[-1] < 0.05 * result.losses[0]
+    with pytest.raises(KeyboardInterrupt):
+        _linear_fit(20, tmp_path / "b.pt", stop_after=13)  # checkpoint at step 10
+    resumed, result = _linear_fit(20, tmp_path / "b.pt")
+    assert result.steps_run == 10 and len(result.losses) == 20
+    assert torch.equal(resumed.weight, straight.weight) and torch.equal(resumed.bias, straight.bias)
+
+
+def test_the_one_training_command_runs_every_stage_and_exports_loadable_models(tmp_path):
+    """`python examples/demo_world/train_world.py --smoke` (a few steps of every default stage), run as the
+    docs say, writes a record of every stage and an export each method loads."""
+    import json
+    import subprocess
+    import sys
+
+    from train_world import DEFAULT_STAGES
+    from train_world import __file__ as script
 
     from brushnet.demo.assets import METHODS, method_models
-    from brushnet.demo.train_world import DEFAULT_STAGES, main
     from brushnet.methods import load_method
 
-    threads = torch.get_num_threads()
-    try:
-        assert main(["--work", str(tmp_path / "work"), "--smoke", "--export", str(tmp_path / "models")]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    command = [sys.executable, script, "--work", str(tmp_path / "work")]
+    command += ["--smoke", "--threads", "1", "--export", str(tmp_path / "models")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads((tmp_path / "models" / "training_record.json").read_text())
     for stage in DEFAULT_STAGES:
         assert stage in record["stages"], stage
+    leftovers = list((tmp_path / "work").glob("checkpoints/*")) + list(
+        (tmp_path / "work").glob("*/checkpoint-*")
+    )
+    assert not leftovers  # finished stages leave no fit state behind (a rerun starts over)
     scheduler = json.loads((tmp_path / "models" / "base" / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["prediction_type"] == "v_prediction"
     for name in METHODS:

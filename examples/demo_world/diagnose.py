@@ -1,6 +1,6 @@
 """How well a base model predicts the clean latent at each noise level, on held-out shapes-world scenes.
 
-    python -m brushnet.demo.diagnose --base src/brushnet/assets/demo_world/base
+    python examples/demo_world/diagnose.py --base src/brushnet/assets/demo_world/base
 
 Prints, per timestep, the mean squared error of the model's x₀ estimate (from ε or v, whichever its scheduler
 declares) against the VAE latent of the scene, next to the variance of the latents (the error of always
@@ -29,7 +29,7 @@ def x0_errors(
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from ..data.shapes import render_scene, sample_scene, scene_rng
+    from brushnet.data.shapes import render_scene, sample_scene, scene_rng
 
     vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=torch.float32).eval()
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=torch.float32).eval()
@@ -71,12 +71,13 @@ def x0_errors(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m brushnet.demo.diagnose", description=__doc__.splitlines()[0]
+        prog="python examples/demo_world/diagnose.py", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--base", required=True, help="A diffusers Stable Diffusion folder (vae, unet, ...).")
     parser.add_argument("--scenes", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of this process (default 1).")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     errors, variance = x0_errors(args.base, args.scenes)
     print(f"{args.base}: latent variance {variance:.3f} (the error of predicting the mean)")
     print("| t | x0 MSE |\n| --- | --- |")

@@ -1,0 +1,243 @@
+"""Stages ``brushnet``, ``brushnet_more``, ``inpaint`` and ``controlnet``: the three inpainting models on the
+frozen base, from the same stream of samples (shards, masks, hole-naming captions, order), batch, schedule
+and step count.
+
+- ``brushnet``: the branch, by the project's own loop (:func:`brushnet.training.train`, the paper's mask
+  recipe: segmentation / brush mix, opening, hole–kept swap) from ``BrushNetModel.from_unet`` of the base;
+  ``brushnet_more`` continues it.
+- ``inpaint``: a 9-channel UNet (latent, hole mask, masked-image latent: diffusers' inpainting layout, hole
+  pixels set to 0 as its pipeline does) fine-tuned from the base UNet, new input channels zero-initialised.
+- ``controlnet``: ``ControlNetModel.from_unet`` of the base, trained with the base frozen on the control image
+  diffusers' inpaint ControlNet reads (image in [0, 1], hole = −1).
+
+The last two run through :func:`fit_loop.fit` with the branch loop's optimiser, schedule, clipping and EMA, on
+:class:`fit_loop.StreamBatches` of the same stream, and with the pieces the branch loop uses
+(:func:`brushnet.training.loop.load_components`, :func:`brushnet.models.conditioning.encode_latents`,
+:func:`brushnet.training.loop.training_target`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+import torch
+import torch.nn.functional as F
+from fit_loop import FitSettings, StreamBatches, fit, seeded_init, stage_generator
+from recipe import Run
+from world_data import SIZE, HolePromptStream
+
+__all__ = ["train_brushnet", "train_brushnet_more", "train_controlnet", "train_inpaint"]
+
+CAPTION_DROPOUT = 0.1
+WARMUP_STEPS = 20
+
+
+def _branch_config(run: Run, out_dir, steps: int, learning_rate: float, seed: int):
+    """The :class:`brushnet.training.config.TrainConfig` of the branch (and the data of the other two)."""
+    from brushnet.training.config import make_config
+
+    cfg = run.cfg
+    return make_config(
+        {
+            "pretrained_model_name_or_path": str(run.base_dir),
+            "output_dir": str(out_dir),
+            "train_shards": str(run.shards),
+            "resolution": SIZE,
+            "shuffle_buffer": 500,
+            "mask": {"mode": "mix", "p_brush": 0.5},
+            "caption_dropout": CAPTION_DROPOUT,
+            "train_batch_size": cfg.branch_batch,
+            "max_train_steps": steps,
+            "learning_rate": learning_rate,
+            "lr_scheduler": cfg.branch_lr_scheduler,
+            "lr_warmup_steps": WARMUP_STEPS,
+            "use_ema": cfg.branch_ema_decay > 0,
+            "ema_decay": cfg.branch_ema_decay if cfg.branch_ema_decay > 0 else 0.9999,
+            "mixed_precision": "no",
+            "seed": seed,
+            "checkpointing_steps": 250,
+            "checkpoints_total_limit": 1,
+            "resume_from_checkpoint": "latest",
+            "validation_steps": 10**9,
+            "report_to": "none",
+            "logging_steps": 50,
+        }
+    )
+
+
+def _stream(run: Run, config) -> HolePromptStream:
+    from brushnet.training.data import build_train_dataset
+
+    dataset = build_train_dataset(config, 0, 1, config.seed)
+    return HolePromptStream(
+        dataset, run.cfg.seed, probability=run.cfg.hole_prompt_probability, seed=config.seed
+    )
+
+
+def _train_branch(run: Run, stage: str, steps: int, learning_rate: float, seed: int, start_from=None) -> dict:
+    from brushnet.training.loop import train
+
+    out_dir = run.work / f"{stage}_run"
+    config = _branch_config(run, out_dir, steps, learning_rate, seed)
+    if start_from is not None:
+        config.brushnet_model_name_or_path = str(start_from)
+    start = time.perf_counter()
+    result = train(config, dataset=_stream(run, config))
+    seconds = time.perf_counter() - start
+    for checkpoint in out_dir.glob("checkpoint-*"):  # finished: a rerun of the stage starts over
+        shutil.rmtree(checkpoint)
+    recent = result.losses[-50:] or [float("nan")]
+    return {
+        "steps": result.global_step,
+        "final_loss": sum(recent) / len(recent),
+        "seconds_per_step": round(seconds / max(len(result.losses), 1), 3),
+        "model_dir": str(result.final_model_dir),
+    }
+
+
+def train_brushnet(run: Run) -> dict:
+    """Stage ``brushnet``: the branch from ``from_unet`` of the base, ``branch_lr``."""
+    cfg = run.cfg
+    return _train_branch(run, "brushnet", cfg.brushnet_steps, cfg.branch_lr, cfg.seed)
+
+
+def train_brushnet_more(run: Run) -> dict:
+    """Stage ``brushnet_more``: continue the branch with ``tap_lr`` (the zero-initialised taps barely move at
+    ``branch_lr`` in a few hundred steps), on another pass of the stream."""
+    cfg = run.cfg
+    start_from = run.work / "brushnet_run" / "brushnet"
+    return _train_branch(run, "brushnet_more", cfg.brushnet_more_steps, cfg.tap_lr, cfg.seed + 1, start_from)
+
+
+def _fit_on_stream(run: Run, stage: str, model, loss_of, steps: int, learning_rate: float) -> dict:
+    cfg = run.cfg
+    config = _branch_config(run, run.work / f"{stage}_run", steps, learning_rate, cfg.seed)
+    settings = FitSettings(
+        steps=steps,
+        learning_rate=learning_rate,
+        lr_scheduler=cfg.branch_lr_scheduler,
+        lr_warmup_steps=WARMUP_STEPS,
+        adam_weight_decay=config.adam_weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        ema_decay=cfg.branch_ema_decay or None,
+    )
+    result = fit(
+        model,
+        loss_of,
+        StreamBatches(_stream(run, config), cfg.branch_batch),
+        settings,
+        generator=stage_generator(cfg.seed, stage),
+        name=stage,
+        checkpoint=run.checkpoint(stage),
+    )
+    return result.summary()
+
+
+def _drop_captions(captions: list[str], generator: torch.Generator) -> list[str]:
+    dropped = torch.rand(len(captions), generator=generator) < CAPTION_DROPOUT
+    return ["" if drop else caption for caption, drop in zip(captions, dropped.tolist())]
+
+
+def _noised(components, latents: torch.Tensor, generator: torch.Generator):
+    scheduler = components.noise_scheduler
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
+    return scheduler.add_noise(latents, noise, timesteps), noise, timesteps
+
+
+def _target(components, latents, noise, timesteps) -> torch.Tensor:
+    from brushnet.training.loop import training_target
+
+    scheduler = components.noise_scheduler
+    return training_target(scheduler, latents, noise, timesteps, scheduler.config.prediction_type)
+
+
+def _frozen_components(run: Run):
+    from brushnet.training.loop import load_components
+
+    components = load_components(str(run.base_dir))
+    for module in components.frozen_modules.values():
+        module.requires_grad_(False).eval()
+    return components
+
+
+def train_inpaint(run: Run) -> dict:
+    """Stage ``inpaint``: the 9-channel UNet; writes ``inpaint/`` (an SD-inpainting pipeline folder)."""
+    from diffusers import UNet2DConditionModel
+
+    from brushnet.models.conditioning import encode_latents, keep_mask_latent
+
+    cfg = run.cfg
+    components = _frozen_components(run)
+    base_unet = components.unet
+    with seeded_init(stage_generator(cfg.seed, "inpaint.init")):
+        model = UNet2DConditionModel.from_config({**base_unet.config, "in_channels": 9})
+    state = base_unet.state_dict()
+    weight = torch.zeros_like(model.conv_in.weight)
+    weight[:, :4] = state["conv_in.weight"]
+    state["conv_in.weight"] = weight
+    model.load_state_dict(state)
+    vae = components.vae
+
+    def loss_of(batch: dict, generator: torch.Generator) -> torch.Tensor:
+        pixels, hole = batch["pixel_values"], batch["mask"]
+        with torch.no_grad():
+            hidden, _ = components.family.encode(
+                _drop_captions(batch["caption"], generator), torch.device("cpu"), torch.float32
+            )
+            latents = encode_latents(vae, pixels, generator)
+            # diffusers' inpainting pipelines blank the hole to 0 (grey) and feed the hole mask (1 = hole)
+            masked_latents = encode_latents(vae, pixels * (hole < 0.5), generator)
+            hole_latent = 1.0 - keep_mask_latent(hole, latents.shape[-2:])
+        noisy, noise, timesteps = _noised(components, latents, generator)
+        prediction = model(torch.cat([noisy, hole_latent, masked_latents], 1), timesteps, hidden).sample
+        return F.mse_loss(prediction, _target(components, latents, noise, timesteps))
+
+    info = _fit_on_stream(run, "inpaint", model, loss_of, cfg.inpaint_steps, cfg.branch_lr)
+    out = run.work / "inpaint"
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(run.base_dir, out, ignore=shutil.ignore_patterns("unet"))
+    model.save_pretrained(out / "unet")
+    index = json.loads((out / "model_index.json").read_text())
+    index["_class_name"] = "StableDiffusionInpaintPipeline"
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    run.checkpoint("inpaint").unlink(missing_ok=True)
+    return {**info, "model_dir": str(out)}
+
+
+def train_controlnet(run: Run) -> dict:
+    """Stage ``controlnet``: the inpaint ControlNet (4× conditioning embedding) on the frozen base; writes
+    ``controlnet/``."""
+    from diffusers import ControlNetModel
+
+    from brushnet.models.conditioning import encode_latents
+
+    cfg = run.cfg
+    components = _frozen_components(run)
+    with seeded_init(stage_generator(cfg.seed, "controlnet.init")):
+        model = ControlNetModel.from_unet(components.unet, conditioning_embedding_out_channels=(16, 32, 64))
+    unet, vae = components.unet, components.vae
+
+    def loss_of(batch: dict, generator: torch.Generator) -> torch.Tensor:
+        pixels, hole = batch["pixel_values"], batch["mask"]
+        with torch.no_grad():
+            hidden, _ = components.family.encode(
+                _drop_captions(batch["caption"], generator), torch.device("cpu"), torch.float32
+            )
+            latents = encode_latents(vae, pixels, generator)
+        control = torch.where(hole > 0.5, torch.full_like(pixels, -1.0), (pixels + 1) / 2)
+        noisy, noise, timesteps = _noised(components, latents, generator)
+        down, mid = model(noisy, timesteps, hidden, controlnet_cond=control, return_dict=False)
+        prediction = unet(
+            noisy, timesteps, hidden, down_block_additional_residuals=down, mid_block_additional_residual=mid
+        ).sample
+        return F.mse_loss(prediction, _target(components, latents, noise, timesteps))
+
+    info = _fit_on_stream(run, "controlnet", model, loss_of, cfg.controlnet_steps, cfg.tap_lr)
+    out = run.work / "controlnet"
+    model.save_pretrained(out)
+    run.checkpoint("controlnet").unlink(missing_ok=True)
+    return {**info, "model_dir": str(out)}

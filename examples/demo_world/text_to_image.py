@@ -1,0 +1,210 @@
+"""Stages ``base`` and ``base_v``: the offline tokenizer, the text encoder and the text-to-image UNet.
+
+``base`` builds a word-level ``CLIPTokenizer`` (:func:`world_data.build_tokenizer`), a tiny ``CLIPTextModel``
+and an SD1.5-layout ``UNet2DConditionModel`` and trains text encoder and UNet jointly on precomputed latents
+(min-SNR weighted). ``base_v`` fine-tunes them to v-prediction. Captions: the full scene caption (45 %), a
+phrase naming some of its objects (45 %, so that "a red circle" is a meaningful prompt), empty (10 %, for
+classifier-free guidance).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from fit_loop import FitSettings, fit, seeded_init, stage_generator
+from recipe import Run, WorldTrainConfig
+from world_data import SIZE, TEXT_MAX_LENGTH, build_tokenizer, subset_caption, to_unit
+
+__all__ = ["min_snr_weights", "base_scheduler", "train_base", "train_base_v", "unet_config"]
+
+
+def base_scheduler(cfg: WorldTrainConfig, prediction_type: str):
+    """The base's scheduler (saved as ``DDIMScheduler``; training reads its config as ``DDPMScheduler``):
+    Stable Diffusion's betas, optionally rescaled to zero terminal SNR (Lin et al. 2024) with trailing
+    timesteps."""
+    from diffusers import DDIMScheduler
+
+    extra = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"} if cfg.zero_terminal_snr else {}
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+        **extra,
+    )
+
+
+def unet_config(cfg: WorldTrainConfig) -> dict:
+    """The text-to-image UNet: SD1.5's layout, small (cross-attention in the two lower-resolution levels)."""
+    levels = len(cfg.unet_channels)
+    return dict(
+        sample_size=SIZE // 4,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=tuple(cfg.unet_channels),
+        layers_per_block=cfg.unet_layers,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
+        cross_attention_dim=cfg.text_width,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+
+
+def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Loss weights per sample. ε: min-SNR-γ (Hang et al. 2023), ``min(snr, γ) / snr``. v: the same cap with a
+    floor of 1 on the implied x₀ weight, ``clamp(snr, 1, γ) / (snr + 1)``, so the highest noise levels (where
+    the sampler's first steps decide the layout) are not weighted down to nothing."""
+    alphas = scheduler.alphas_cumprod[timesteps]
+    snr = alphas / (1 - alphas)
+    if prediction_type == "v_prediction":
+        return torch.clamp(snr, min=1.0, max=gamma) / (snr + 1)
+    return torch.clamp(snr, max=gamma) / snr.clamp_min(1e-8)
+
+
+def _latent_stats(images: torch.Tensor, vae_dir) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std (scaled) of every training image, so the UNet stages never run the encoder."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    scaling = vae.config.scaling_factor
+    with torch.no_grad():
+        means, stds = [], []
+        for start in range(0, len(images), 64):
+            posterior = vae.encode(to_unit(images[start : start + 64])).latent_dist
+            means.append(posterior.mean * scaling)
+            stds.append(posterior.std * scaling)
+    return torch.cat(means), torch.cat(stds)
+
+
+def _fit_text_to_image(
+    run: Run, unet, text_encoder, tokenizer, *, stage: str, prediction_type: str, steps, lr
+):
+    """Train ``unet`` and ``text_encoder`` jointly on the run's scenes (min-SNR weighted ``prediction_type``)."""
+    from diffusers import DDPMScheduler
+
+    from brushnet.training.loop import training_target
+
+    cfg = run.cfg
+    images, scenes = run.scenes()
+    latent_mean, latent_std = _latent_stats(images, run.base_dir / "vae")
+    noise_scheduler = DDPMScheduler.from_config(base_scheduler(cfg, prediction_type).config)
+    generator = stage_generator(cfg.seed, stage)
+
+    def batches(generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
+        index = torch.randint(0, len(latent_mean), (cfg.base_batch,), generator=generator)
+        draws = torch.rand(len(index), generator=generator).tolist()
+        captions = []
+        for i, draw in zip(index.tolist(), draws):
+            if draw < 0.1:
+                captions.append("")
+            elif draw < 0.55:
+                captions.append(scenes[i].caption)
+            else:  # the subset's choice is a function of the draw, so the generator alone decides
+                captions.append(subset_caption(scenes[i], np.random.default_rng(int(draw * 2**53))))
+        return index, captions
+
+    def loss_of(batch, generator: torch.Generator) -> torch.Tensor:
+        index, captions = batch
+        tokens = tokenizer(
+            captions, padding="max_length", max_length=TEXT_MAX_LENGTH, truncation=True, return_tensors="pt"
+        ).input_ids
+        hidden = model["text_encoder"](tokens, return_dict=False)[0]
+        latents = latent_mean[index] + latent_std[index] * torch.randn(
+            latent_mean[index].shape, generator=generator
+        )
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(
+            0, noise_scheduler.config.num_train_timesteps, (len(index),), generator=generator
+        )
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        prediction = model["unet"](noisy, timesteps, hidden).sample
+        target = training_target(noise_scheduler, latents, noise, timesteps, prediction_type)
+        weights = min_snr_weights(noise_scheduler, timesteps, cfg.min_snr_gamma, prediction_type)
+        return (weights * ((prediction - target) ** 2).mean(dim=(1, 2, 3))).mean()
+
+    model = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
+    result = fit(
+        model,
+        loss_of,
+        batches,
+        FitSettings(steps=steps, learning_rate=lr),
+        generator=generator,
+        name=stage,
+        checkpoint=run.checkpoint(stage),
+    )
+    unet.save_pretrained(run.base_dir / "unet")
+    text_encoder.save_pretrained(run.base_dir / "text_encoder")
+    base_scheduler(cfg, prediction_type).save_pretrained(run.base_dir / "scheduler")
+    run.checkpoint(stage).unlink(missing_ok=True)
+    return result.summary()
+
+
+def train_base(run: Run) -> dict:
+    """Stage ``base``: tokenizer, text encoder and text-to-image UNet from scratch, ε-prediction; writes the
+    whole ``base/`` pipeline folder (with the VAE of stage ``vae``)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = run.cfg
+    tokenizer = build_tokenizer(run.base_dir / "tokenizer")
+    with seeded_init(stage_generator(cfg.seed, "base.init")):
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=cfg.text_width,
+                intermediate_size=2 * cfg.text_width,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=TEXT_MAX_LENGTH,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                projection_dim=cfg.text_width,
+            )
+        )
+        unet = UNet2DConditionModel(**unet_config(cfg))
+    info = _fit_text_to_image(
+        run, unet, text_encoder, tokenizer, stage="base", prediction_type="epsilon",
+        steps=cfg.base_steps, lr=cfg.base_lr,
+    )  # fmt: skip
+    index_file = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.42.1",
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
+    (run.base_dir / "model_index.json").write_text(json.dumps(index_file, indent=2))
+    return info
+
+
+def train_base_v(run: Run) -> dict:
+    """Stage ``base_v``: fine-tune the ε base to v-prediction (as Stable Diffusion 2 was from its ε model).
+
+    Why: at high noise an ε model's estimate of the clean latent is its ε error times √((1−ᾱ)/ᾱ) (≈ 14 at
+    t = 990), so a small model trained for minutes predicts x₀ worse than the data mean there and samples
+    noise; a v model predicts x₀ directly at high noise. The branches trained on a v base learn to copy the
+    kept region from the first sampling step.
+    """
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    cfg = run.cfg
+    tokenizer = CLIPTokenizer.from_pretrained(run.base_dir / "tokenizer")
+    unet = UNet2DConditionModel.from_pretrained(run.base_dir / "unet", torch_dtype=torch.float32)
+    text_encoder = CLIPTextModel.from_pretrained(run.base_dir / "text_encoder", torch_dtype=torch.float32)
+    return _fit_text_to_image(
+        run, unet, text_encoder, tokenizer, stage="base_v", prediction_type="v_prediction",
+        steps=cfg.base_v_steps, lr=cfg.base_v_lr,
+    )  # fmt: skip

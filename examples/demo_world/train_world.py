@@ -1,0 +1,215 @@
+"""Train every demo model from scratch on the shapes world, on a CPU, in one command.
+
+    python examples/demo_world/train_world.py --work /tmp/demo_world_run --export src/brushnet/assets/demo_world
+
+Each stage is one function (:data:`STAGES`) writing into ``--work``; ``--stages`` runs a subset, in the order
+given, and a stage that crashed resumes from its last checkpoint when run again. Per-stage figures (steps,
+loss, seconds) go to ``training_record.json``, which the export ships beside the models. See docs/demo.md.
+
+1. ``data``: BrushData shards of ``--scenes`` training scenes (:func:`brushnet.data.shapes_writers.write_training_shards`).
+2. ``vae``, ``decoder``: the autoencoder (:mod:`autoencoder`).
+3. ``base``, ``base_v``: tokenizer, text encoder and text-to-image UNet (:mod:`text_to_image`).
+4. ``brushnet`` (by :func:`brushnet.training.train`), ``brushnet_more``, ``inpaint`` (9-channel UNet),
+   ``controlnet``: the inpainting models on the frozen base, from the same samples (:mod:`inpainting`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+import typing
+from pathlib import Path
+
+import torch
+from autoencoder import train_decoder, train_vae
+from inpainting import train_brushnet, train_brushnet_more, train_controlnet, train_inpaint
+from recipe import Run, WorldTrainConfig, smoke_config
+from text_to_image import train_base, train_base_v
+from world_data import SIZE
+
+__all__ = ["DEFAULT_STAGES", "STAGES", "export", "main", "train_all"]
+
+logger = logging.getLogger("demo_world")
+
+
+def make_data(run: Run) -> dict:
+    """Stage ``data``: the training scenes as BrushData webdataset shards (what the inpainting stages read)."""
+    from brushnet.data.shapes_writers import write_training_shards
+
+    write_training_shards(run.shards, run.cfg.scenes, scenes_per_shard=1000, size=SIZE, seed=run.cfg.seed)
+    return {"scenes": run.cfg.scenes}
+
+
+STAGES: dict[str, typing.Callable[[Run], dict]] = {
+    "data": make_data,
+    "vae": train_vae,
+    "decoder": train_decoder,
+    "base": train_base,
+    "base_v": train_base_v,
+    "brushnet": train_brushnet,
+    "brushnet_more": train_brushnet_more,
+    "inpaint": train_inpaint,
+    "controlnet": train_controlnet,
+}
+"""Every stage by name."""
+
+DEFAULT_STAGES: tuple[str, ...] = (
+    "data", "vae", "base", "base_v", "brushnet", "brushnet_more", "inpaint", "controlnet", "decoder"
+)  # fmt: skip
+"""The stages of a full run, in order."""
+
+BRANCH_STAGES = ("brushnet", "brushnet_more")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def train_all(work: str | os.PathLike, cfg: WorldTrainConfig, stages: list[str] | None = None) -> dict:
+    """Run ``stages`` (default :data:`DEFAULT_STAGES`) into ``work``; return the training record.
+
+    The record (``work/training_record.json``) is re-read before each write, so stages run by other
+    processes on the same folder keep their entries.
+    """
+    stages = list(stages or DEFAULT_STAGES)
+    unknown = [stage for stage in stages if stage not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; choose from: {', '.join(STAGES)}")
+    run = Run(cfg, Path(work))
+    run.work.mkdir(parents=True, exist_ok=True)
+    record_path = run.work / "training_record.json"
+    for stage in stages:
+        logger.info("stage %s", stage)
+        start = time.time()
+        info = STAGES[stage](run)
+        info["seconds"] = round(time.time() - start, 1)
+        info["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        info["torch_threads"] = torch.get_num_threads()
+        record = json.loads(record_path.read_text()) if record_path.exists() else {"stages": {}}
+        record["stages"][stage] = info
+        record["config"] = dataclasses.asdict(cfg)
+        record["hardware"] = {
+            "machine": platform.machine(),
+            "processor": platform.processor() or _cpu_model(),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "python": sys.version.split()[0],
+        }
+        record["total_seconds"] = round(sum(s["seconds"] for s in record["stages"].values()), 1)
+        tmp = record_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=2))
+        os.replace(tmp, record_path)
+        logger.info("stage %s done: %s", stage, info)
+    return json.loads(record_path.read_text())
+
+
+def _halve(folder: Path) -> None:
+    """Store a folder's ``*.safetensors`` weights in float16 (loaders cast them back to the dtype asked for)."""
+    from safetensors.torch import load_file, save_file
+
+    for path in folder.glob("*.safetensors"):
+        tensors = {k: v.half() if v.is_floating_point() else v for k, v in load_file(path).items()}
+        save_file(tensors, path, metadata={"format": "pt"})
+
+
+def export(work: str | os.PathLike, dest: str | os.PathLike, half: bool = True) -> Path:
+    """Copy the trained folders that exist into ``dest`` (``base/``, ``brushnet/``, ``inpaint/``,
+    ``controlnet/``, ``training_record.json``), without run logs or checkpoints; other files in ``dest``
+    (the mini-BrushBench results) are kept. The branch is the one the later of ``brushnet`` and
+    ``brushnet_more`` wrote. With ``half`` the UNets, branch and ControlNet are stored in float16 (VAE and
+    text encoder stay float32)."""
+    work, dest = Path(work), Path(dest)
+    record = json.loads((work / "training_record.json").read_text())
+    branches = [record["stages"][s] for s in BRANCH_STAGES if s in record["stages"]]
+    branch = max(branches, key=lambda info: info.get("finished", "")) if branches else None
+    sources = {
+        "base": work / "base",
+        "brushnet": Path(branch["model_dir"]) if branch else work / "brushnet_run" / "brushnet",
+        "inpaint": work / "inpaint",
+        "controlnet": work / "controlnet",
+    }
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, source in sources.items():
+        if not source.is_dir():
+            continue
+        tmp = dest / f".{name}.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("vae") if name == "inpaint" else None)
+        if name == "inpaint":
+            shutil.copytree(work / "base" / "vae", tmp / "vae")  # the final (decoder-tuned) VAE
+        if half:
+            for sub in ("unet",) if name in ("base", "inpaint") else ("",):
+                _halve(tmp / sub)
+        if (dest / name).exists():
+            shutil.rmtree(dest / name)
+        os.replace(tmp, dest / name)
+    shutil.copy(work / "training_record.json", dest / "training_record.json")
+    return dest
+
+
+def _flag_type(field: dataclasses.Field):
+    hint = typing.get_type_hints(WorldTrainConfig)[field.name]
+    if typing.get_origin(hint) is tuple:
+        return lambda text: tuple(int(part) for part in text.split(","))
+    if hint is bool:
+        return lambda text: {"true": True, "1": True, "false": False, "0": False}[text.lower()]
+    return hint
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python examples/demo_world/train_world.py",
+        description="Train the shapes-world demo models from scratch.",
+    )
+    parser.add_argument("--work", required=True, help="Working folder (shards, runs, trained folders).")
+    parser.add_argument(
+        "--export", help="Copy the finished models here (e.g. src/brushnet/assets/demo_world)."
+    )
+    parser.add_argument(
+        "--stages", nargs="+", help=f"Run only these stages, in this order (of: {' '.join(STAGES)})."
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="A few steps of everything (checks the code path)."
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of this process (default 1).")
+    defaults = WorldTrainConfig()
+    for field in dataclasses.fields(WorldTrainConfig):
+        parser.add_argument(
+            f"--{field.name.replace('_', '-')}",
+            type=_flag_type(field),
+            default=None,
+            help=f"default {getattr(defaults, field.name)}",
+        )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(args.threads)
+    cfg = smoke_config() if args.smoke else WorldTrainConfig()
+    for field in dataclasses.fields(cfg):
+        value = getattr(args, field.name)
+        if value is not None:
+            setattr(cfg, field.name, value)
+    start = time.time()
+    record = train_all(args.work, cfg, args.stages)
+    logger.info("stages: %.1f s (record total %s s)", time.time() - start, record.get("total_seconds"))
+    if args.export:
+        export(args.work, args.export)
+        logger.info("exported to %s", args.export)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

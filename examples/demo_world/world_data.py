@@ -1,0 +1,186 @@
+"""The training data of the demo world: scenes in memory, the offline tokenizer, captions that name the hole.
+
+Everything here is a pure function of its arguments (scenes are pure functions of ``(seed, index)``, see
+:mod:`brushnet.data.shapes`); nothing touches the global random state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset
+
+__all__ = [
+    "SIZE",
+    "TEXT_MAX_LENGTH",
+    "HolePromptStream",
+    "build_tokenizer",
+    "join_phrases",
+    "load_scene_images",
+    "subset_caption",
+    "to_unit",
+]
+
+SIZE = 128
+"""Side of every scene, in pixels (the size the demo models work at)."""
+TEXT_MAX_LENGTH = 32
+"""Tokens per caption (the longest world caption is 21 with its start and end tokens)."""
+
+
+# -- tokenizer ------------------------------------------------------------------------------------------
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's reversible byte → printable character table (the byte-level alphabet of its BPE)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in chars)))
+
+
+def build_tokenizer(out_dir: str | os.PathLike, words: list[str] | None = None):
+    """Write a ``CLIPTokenizer`` whose BPE merges make every world word one token; return it loaded.
+
+    The vocabulary is CLIP's 512 byte-level symbols (each byte alone and word-final), then one entry per
+    merge (each word is merged left to right), then ``<|startoftext|>`` / ``<|endoftext|>``. Any text still
+    tokenizes (unknown words fall back to bytes); ``model_max_length`` is :data:`TEXT_MAX_LENGTH`.
+    """
+    from transformers import CLIPTokenizer
+
+    from brushnet.data.shapes import caption_vocabulary
+
+    words = sorted(set(words if words is not None else caption_vocabulary()))
+    alphabet = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for symbol in alphabet + [s + "</w>" for s in alphabet]:
+        vocab.setdefault(symbol, len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            pair = (parts[0], parts[1])
+            merged = parts[0] + parts[1]
+            if pair not in merges:
+                merges.append(pair)
+            vocab.setdefault(merged, len(vocab))
+            parts = [merged] + parts[2:]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for _ in range(10):
+        (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=0))
+        (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+        tokenizer = CLIPTokenizer(
+            str(out / "vocab.json"), str(out / "merges.txt"), model_max_length=TEXT_MAX_LENGTH
+        )
+        # A merge of one word can pre-empt another word's chain ("pl" of "plain" inside "purple"): chain the
+        # pieces left over with new, lowest-priority merges (they never fire inside a word that merges fully).
+        stuck = [pieces for pieces in (tokenizer.tokenize(word) for word in words) if len(pieces) > 1]
+        if not stuck:
+            break
+        for pieces in stuck:
+            while len(pieces) > 1:
+                if (pieces[0], pieces[1]) not in merges:
+                    merges.append((pieces[0], pieces[1]))
+                vocab.setdefault(pieces[0] + pieces[1], len(vocab))
+                pieces = [pieces[0] + pieces[1]] + pieces[2:]
+    else:
+        raise RuntimeError(f"could not make every word one token: {stuck}")
+    tokenizer.save_pretrained(out)
+    return CLIPTokenizer.from_pretrained(out)
+
+
+# -- captions -------------------------------------------------------------------------------------------
+
+
+def join_phrases(phrases: list[str]) -> str:
+    """``["a red circle", "a blue star"]`` → ``"a red circle and a blue star"`` (the scene captions' style)."""
+    if len(phrases) == 1:
+        return phrases[0]
+    return ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def subset_caption(scene, rng: np.random.Generator) -> str:
+    """A caption naming a random non-empty subset of the scene's objects (no background), e.g. "a red circle"."""
+    objects = list(scene.objects)
+    count = int(rng.integers(1, len(objects) + 1))
+    chosen = sorted(rng.choice(len(objects), size=count, replace=False).tolist())
+    return join_phrases([objects[i].phrase for i in chosen])
+
+
+class HolePromptStream(IterableDataset):
+    """Wrap a BrushData stream of shapes-world shards: name the hole's objects in the caption, half the time.
+
+    The scene of sample ``key`` is regenerated from the shard seed (shapes-world scenes are pure functions of
+    ``(seed, index)``) to know which objects the hole covers (at least half of their pixels). Images are
+    already at the training resolution, so masks align without cropping. ``set_epoch`` and ``skipped`` are
+    forwarded (the training loop resumes it by skipping batches).
+
+    Args:
+        stream: a :class:`brushnet.data.brushdata.BrushDataStream` (or anything yielding its sample dicts).
+        world_seed: the seed the shards were written with.
+        size: scene side in pixels.
+        probability: how often a sample whose hole covers some objects is captioned with just them.
+        seed: seed of that choice (per epoch and sample).
+    """
+
+    def __init__(self, stream, world_seed: int, size: int = SIZE, probability: float = 0.5, seed: int = 0):
+        self.stream = stream
+        self.world_seed = world_seed
+        self.size = size
+        self.probability = probability
+        self.seed = seed
+        self.skipped = getattr(stream, "skipped", None)
+        self._epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch = epoch
+        self.stream.set_epoch(epoch)
+
+    def __iter__(self):
+        from brushnet.data.shapes import render_scene, sample_scene, scene_rng
+
+        for sample in self.stream:
+            index = int(sample["key"])
+            scene = sample_scene(scene_rng("train", self.world_seed, index), size=self.size)
+            _, masks = render_scene(scene)
+            hole = sample["mask"][0].numpy() > 0.5
+            covered = [
+                obj.phrase
+                for obj, mask in zip(scene.objects, masks)
+                if mask.any() and (hole & mask).sum() >= 0.5 * mask.sum()
+            ]
+            rng = np.random.default_rng([self.seed, self._epoch, index])
+            if covered and rng.random() < self.probability:
+                sample = {**sample, "caption": join_phrases(covered)}
+            yield sample
+
+
+# -- scenes in memory -----------------------------------------------------------------------------------
+
+
+def load_scene_images(num_scenes: int, seed: int) -> tuple[torch.Tensor, list]:
+    """The first ``num_scenes`` training scenes of world ``seed``: ``(uint8 (N, 3, H, W) images, scenes)``."""
+    from brushnet.data.shapes import render_scene, sample_scene, scene_rng
+
+    images, scenes = [], []
+    for index in range(num_scenes):
+        scene = sample_scene(scene_rng("train", seed, index), size=SIZE)
+        image, _ = render_scene(scene)
+        images.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1))
+        scenes.append(scene)
+    return torch.stack(images), scenes
+
+
+def to_unit(images_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 images → float in [−1, 1] (what the VAE reads)."""
+    return images_uint8.float() / 127.5 - 1.0
