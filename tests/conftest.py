@@ -31,3 +31,14 @@ def tiny_models(tmp_path_factory):
     base = build_base(root / "base", "tiny", seed=0)
     brushnet = build_brushnet(root / "brushnet", base, seed=0)
     return {"base": base, "brushnet": brushnet, "root": root}
+
+
+@pytest.fixture(scope="session")
+def tiny_xl_models(tmp_path_factory):
+    """Random tiny SDXL-layout base (model_index.json, two text encoders) + BrushNet, built once per session."""
+    from brushnet.random_models import build_base, build_brushnet
+
+    root = tmp_path_factory.mktemp("tiny_xl_models")
+    base = build_base(root / "base", "tiny-xl", seed=0)
+    brushnet = build_brushnet(root / "brushnet", base, seed=0)
+    return {"base": base, "brushnet": brushnet, "root": root}

@@ -1,9 +1,18 @@
 import json
 import shutil
+from pathlib import Path
 
 import pytest
+import torch
 
-from brushnet.loading import CheckpointError, load_base_components, load_brushnet
+from brushnet.loading import (
+    FAMILY_COMPONENTS,
+    CheckpointError,
+    check_brushnet_fits_base,
+    detect_family,
+    load_base_components,
+    load_brushnet,
+)
 
 
 def test_load_tiny_base_and_brushnet(tiny_models):
@@ -45,3 +54,116 @@ def test_brushnet_inside_pipeline_folder_is_found(tiny_models, tmp_path):
     index["brushnet"] = ["brushnet", "BrushNetModel"]
     (folder / "model_index.json").write_text(json.dumps(index))
     assert load_brushnet(folder).num_down_residuals > 0
+
+
+# -- families ------------------------------------------------------------------------------------------
+
+REFERENCE = Path(__file__).parent / "fixtures" / "reference"
+XL_GOLDEN = Path(__file__).parent / "fixtures" / "golden_xl_tiny"
+
+
+def _config(path):
+    return json.loads(Path(path).read_text())
+
+
+def test_detect_family_from_unet_and_brushnet_configs(golden_dir):
+    assert detect_family(_config(golden_dir / "unet" / "config.json")) == "sd15"
+    assert detect_family(_config(golden_dir / "brushnet" / "config.json")) == "sd15"
+    assert detect_family(_config(XL_GOLDEN / "unet" / "config.json")) == "sdxl"
+    assert detect_family(_config(XL_GOLDEN / "brushnet" / "config.json")) == "sdxl"
+    assert detect_family(_config(REFERENCE / "brushnet_sd15_config.json")) == "sd15"
+    assert detect_family(_config(REFERENCE / "brushnet_sdxl_config.json")) == "sdxl"
+    assert detect_family(_config(REFERENCE / "powerpaint_v2_brushnet_config.json")) == "sd15"
+    with pytest.raises(CheckpointError, match="class_embed_type='timestep'"):
+        detect_family({"addition_embed_type": None, "class_embed_type": "timestep"})
+
+
+def test_sdxl_preset_is_the_sdxl_architecture_and_fits_the_released_branch():
+    """The "sdxl" random-weight preset has the SDXL base UNet's 2,567,463,684 parameters, and a branch made
+    from it with from_unet has exactly the released SDXL BrushNet's tensors (no missing/unexpected keys)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from brushnet.models import BrushNetModel
+    from brushnet.random_models import PRESETS, _unet_config_xl, preset_family
+
+    assert preset_family("sdxl") == preset_family("tiny-xl") == "sdxl" and preset_family("sd15") == "sd15"
+    released = _config(REFERENCE / "brushnet_sdxl_config.json")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**_unet_config_xl(PRESETS["sdxl"]))
+        from_unet = BrushNetModel.from_unet(unet)
+        from_config = BrushNetModel.from_config(released)
+    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684
+    check_brushnet_fits_base(released, unet.config)
+    shapes = {k: tuple(v.shape) for k, v in from_unet.state_dict().items()}
+    assert shapes == {k: tuple(v.shape) for k, v in from_config.state_dict().items()} and len(shapes) == 252
+    with pytest.raises(CheckpointError, match=r"^this SD1.5 BrushNet .* does not fit an SDXL base"):
+        check_brushnet_fits_base(_config(REFERENCE / "brushnet_sd15_config.json"), unet.config)
+
+
+def test_family_mismatch_is_refused_before_the_weights_are_read(golden_dir, tmp_path):
+    folder = tmp_path / "sdxl_branch"  # the released SDXL config, and no weights at all
+    folder.mkdir()
+    shutil.copy(REFERENCE / "brushnet_sdxl_config.json", folder / "config.json")
+    sd15_unet = _config(golden_dir / "unet" / "config.json")
+    with pytest.raises(CheckpointError) as err:
+        load_brushnet(folder, base_config=sd15_unet)
+    message = str(err.value)
+    assert message.startswith("this SDXL BrushNet (block_out_channels [320, 640, 1280], text_time embedding")
+    assert "does not fit an SD1.5 base (block_out_channels [16, 32, 32])" in message and "\n" not in message
+    with pytest.raises(CheckpointError, match="no weight file"):  # the same folder, a fitting base
+        load_brushnet(folder)
+
+
+def test_sdxl_base_folders_load_with_both_text_encoders(tiny_xl_models, tmp_path):
+    for folder in (tiny_xl_models["base"], XL_GOLDEN):  # with model_index.json, and bare component folders
+        parts = load_base_components(folder)
+        assert set(parts) == set(FAMILY_COMPONENTS["sdxl"])
+        assert detect_family(parts["unet"].config) == "sdxl"
+        assert type(parts["text_encoder"]).__name__ == "CLIPTextModel"
+        assert type(parts["text_encoder_2"]).__name__ == "CLIPTextModelWithProjection"
+        assert type(parts["scheduler"]).__name__ == "EulerDiscreteScheduler"
+    base = load_base_components(tiny_xl_models["base"])
+    branch = load_brushnet(tiny_xl_models["brushnet"], base_config=base["unet"].config)
+    assert (branch.num_down_residuals, branch.num_up_residuals) == (9, 11)  # SDXL's counts
+    with pytest.raises(CheckpointError, match="projection_class_embeddings_input_dim 72 vs 64"):
+        load_brushnet(tiny_xl_models["brushnet"], base_config=parts["unet"].config)  # the golden's base
+    torch.testing.assert_close(
+        branch.add_embedding.linear_1.weight, base["unet"].add_embedding.linear_1.weight
+    )
+
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(tiny_xl_models["base"], incomplete, ignore=shutil.ignore_patterns("text_encoder_2"))
+    with pytest.raises(CheckpointError, match=r"SDXL base model folder .* lacks: text_encoder_2"):
+        load_base_components(incomplete)
+
+
+def test_sdxl_single_file_loads_back_every_weight(tiny_xl_models, tmp_path):
+    """An SDXL folder exported to Stability's single-file layout (label_emb, conditioner.embedders.0/1 with
+    OpenCLIP's fused attention) loads back through the same loader, offline with a config folder."""
+    from safetensors import safe_open
+
+    from brushnet.convert import save_single_file
+
+    path = save_single_file(tiny_xl_models["base"], tmp_path / "xl.safetensors")
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+    for key in (
+        "model.diffusion_model.label_emb.0.0.weight",
+        "conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight",
+        "conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight",
+        "conditioner.embedders.1.model.text_projection",
+        "first_stage_model.decoder.conv_out.weight",
+    ):
+        assert key in keys, key
+    from_folder = load_base_components(tiny_xl_models["base"])
+    from_file = load_base_components(path, config=tiny_xl_models["base"])
+    assert set(from_file) == set(FAMILY_COMPONENTS["sdxl"])
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        a, b = from_folder[name].state_dict(), from_file[name].state_dict()
+        assert a.keys() == b.keys(), name
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    with pytest.raises(
+        CheckpointError, match=r"cannot load single-file checkpoint xl.safetensors: .*offline\?"
+    ):
+        load_base_components(path)  # SDXL detected from the keys; its configs are not on this machine

@@ -1,10 +1,13 @@
-"""Export a diffusers SD1.5-layout base model to one original-layout (LDM) ``.safetensors`` file.
+"""Export a diffusers SD1.5- or SDXL-layout base model to one original-layout (LDM) ``.safetensors`` file.
 
 Community SD1.5 models are shared as single files in the original CompVis layout
-(``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.transformer.*``). This module writes
-that layout from a diffusers folder — the inverse of what ``StableDiffusionPipeline.from_single_file`` reads —
-so the single-file loading path can be tested offline on tiny models, and users can hand a fine-tuned base to
-tools that only take single files.
+(``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.transformer.*``); SDXL ones in
+Stability's layout (the same UNet and VAE names, the UNet's added embedding as ``label_emb``, and the two text
+encoders as ``conditioner.embedders.0.transformer.*`` (CLIP) and ``conditioner.embedders.1.model.*``
+(OpenCLIP: fused q/k/v, ``resblocks``, transposed ``text_projection``)). This module writes those layouts
+from a diffusers folder — the inverse of what ``StableDiffusionPipeline.from_single_file`` and
+``StableDiffusionXLPipeline.from_single_file`` read — so the single-file loading path can be tested offline
+on tiny models, and users can hand a fine-tuned base to tools that only take single files.
 
     python -m brushnet.convert path/to/diffusers-folder model.safetensors
 """
@@ -17,7 +20,13 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["unet_to_ldm", "vae_to_ldm", "text_encoder_to_ldm", "save_single_file"]
+__all__ = [
+    "unet_to_ldm",
+    "vae_to_ldm",
+    "text_encoder_to_ldm",
+    "open_clip_text_encoder_to_ldm",
+    "save_single_file",
+]
 
 _RESNET_UNET = {
     "norm1": "in_layers.0",
@@ -44,6 +53,8 @@ def _unet_key(key: str, config) -> str:
     fixed = {
         "time_embedding.linear_1": "time_embed.0",
         "time_embedding.linear_2": "time_embed.2",
+        "add_embedding.linear_1": "label_emb.0.0",  # SDXL's text_time embedding
+        "add_embedding.linear_2": "label_emb.0.2",
         "conv_in": "input_blocks.0.0",
         "conv_norm_out": "out.0",
         "conv_out": "out.2",
@@ -82,10 +93,10 @@ def _unet_key(key: str, config) -> str:
 
 
 def unet_to_ldm(unet) -> dict[str, torch.Tensor]:
-    """``UNet2DConditionModel`` (SD1.5 layout) -> ``{"model.diffusion_model.<ldm key>": tensor}``."""
+    """``UNet2DConditionModel`` (SD1.5 or SDXL layout) -> ``{"model.diffusion_model.<ldm key>": tensor}``."""
     config = unet.config
-    if config.addition_embed_type is not None or config.class_embed_type is not None:
-        raise ValueError("only SD1.5-layout UNets (no added embeddings) can be exported")
+    if config.addition_embed_type not in (None, "text_time") or config.class_embed_type is not None:
+        raise ValueError("only SD1.5- and SDXL-layout UNets can be exported")
     return {
         "model.diffusion_model." + _unet_key(k, config): v.detach().contiguous()
         for k, v in unet.state_dict().items()
@@ -132,16 +143,55 @@ def vae_to_ldm(vae) -> dict[str, torch.Tensor]:
     return out
 
 
-def text_encoder_to_ldm(text_encoder) -> dict[str, torch.Tensor]:
-    """``CLIPTextModel`` -> ``{"cond_stage_model.transformer.<key>": tensor}``."""
+def text_encoder_to_ldm(
+    text_encoder, prefix: str = "cond_stage_model.transformer."
+) -> dict[str, torch.Tensor]:
+    """``CLIPTextModel`` -> ``{"<prefix><key>": tensor}`` (SDXL's first encoder: ``conditioner.embedders.0.transformer.``)."""
     out = {}
     for key, value in text_encoder.state_dict().items():
         if key.endswith("position_ids"):
             continue
         # transformers 5 names the text tower's keys without the `text_model.` of the released files
         key = key if key.startswith("text_model.") else "text_model." + key
-        out["cond_stage_model.transformer." + key] = value.detach().contiguous()
+        out[prefix + key] = value.detach().contiguous()
     return out
+
+
+_OPEN_CLIP_LAYER = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+    "self_attn.out_proj": "attn.out_proj",
+}
+
+
+def open_clip_text_encoder_to_ldm(
+    text_encoder, prefix: str = "conditioner.embedders.1.model."
+) -> dict[str, torch.Tensor]:
+    """``CLIPTextModelWithProjection`` -> SDXL's OpenCLIP layout: q/k/v fused into ``attn.in_proj_*``,
+    layers as ``transformer.resblocks.<i>``, the projection transposed as ``text_projection``."""
+    state = {k.removeprefix("text_model."): v.detach() for k, v in text_encoder.state_dict().items()}
+    out = {
+        "token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
+        "positional_embedding": state.pop("embeddings.position_embedding.weight"),
+        "ln_final.weight": state.pop("final_layer_norm.weight"),
+        "ln_final.bias": state.pop("final_layer_norm.bias"),
+        "text_projection": state.pop("text_projection.weight").T,
+    }
+    state.pop("embeddings.position_ids", None)
+    layers = sorted({int(k.split(".")[2]) for k in state if k.startswith("encoder.layers.")})
+    for i in layers:
+        layer = f"encoder.layers.{i}."
+        for kind in ("weight", "bias"):
+            fused = [state.pop(f"{layer}self_attn.{p}_proj.{kind}") for p in ("q", "k", "v")]
+            out[f"transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat(fused)
+        for key in [k for k in state if k.startswith(layer)]:
+            rest = _rename_inside(key[len(layer) :], _OPEN_CLIP_LAYER)
+            out[f"transformer.resblocks.{i}.{rest}"] = state.pop(key)
+    if state:
+        raise ValueError(f"no OpenCLIP name for text encoder keys {sorted(state)[:3]}")
+    return {prefix + k: v.contiguous() for k, v in out.items()}
 
 
 def save_single_file(
@@ -150,7 +200,7 @@ def save_single_file(
     """Write the UNet, VAE and text encoder of a diffusers base folder as one original-layout file.
 
     Args:
-        folder: a diffusers SD1.5-layout base model folder.
+        folder: a diffusers SD1.5- or SDXL-layout base model folder (SDXL: + ``text_encoder_2``).
         path: the ``.safetensors`` file to write (atomically).
         dtype: cast floating tensors (e.g. ``torch.float16``); None keeps them.
 
@@ -159,15 +209,22 @@ def save_single_file(
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors.torch import save_file
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     folder, path = Path(folder), Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"output must be a .safetensors file, got {path.name}")
     state = {}
-    state.update(unet_to_ldm(UNet2DConditionModel.from_pretrained(folder, subfolder="unet")))
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    state.update(unet_to_ldm(unet))
     state.update(vae_to_ldm(AutoencoderKL.from_pretrained(folder, subfolder="vae")))
-    state.update(text_encoder_to_ldm(CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")))
+    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
+    if unet.config.addition_embed_type == "text_time":  # SDXL
+        state.update(text_encoder_to_ldm(text_encoder, "conditioner.embedders.0.transformer."))
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2")
+        state.update(open_clip_text_encoder_to_ldm(text_encoder_2))
+    else:
+        state.update(text_encoder_to_ldm(text_encoder))
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -182,7 +239,7 @@ def save_single_file(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folder", help="diffusers SD1.5-layout base folder")
+    parser.add_argument("folder", help="diffusers SD1.5- or SDXL-layout base folder")
     parser.add_argument("output", help="the .safetensors file to write")
     parser.add_argument("--fp16", action="store_true", help="store floating tensors as float16")
     args = parser.parse_args(argv)

@@ -1,4 +1,9 @@
-"""Loading base models and BrushNet branches from local folders, hub ids or single files.
+"""Loading base models and BrushNet branches from local folders, hub ids or single files: the one loader.
+
+Both families load through here — SD1.5-style bases (one CLIP text encoder; also SD2.x) and SDXL bases (two
+text encoders, ``added_cond_kwargs``) — for inference, the methods and training alike. The family is read
+from the UNet's (or the branch's) config (:func:`detect_family`); a branch made for one family with a base
+of the other is a one-line :class:`CheckpointError` (:func:`check_brushnet_fits_base`).
 
 Only ``.safetensors`` weights load unless the caller passes ``allow_pickle=True`` (pickle-based ``.bin``/
 ``.ckpt``/``.pt`` files can run code when loaded). A checkpoint of the wrong kind gets a one-line error that
@@ -10,22 +15,51 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .image import InputError
+from .errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CheckpointError", "resolve_dtype", "load_base_components", "load_brushnet", "describe_folder"]
+__all__ = [
+    "CheckpointError",
+    "FAMILY_NAMES",
+    "FAMILY_COMPONENTS",
+    "resolve_dtype",
+    "detect_family",
+    "check_brushnet_fits_base",
+    "load_base_components",
+    "load_brushnet",
+    "describe_folder",
+]
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 
+FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
+"""Display names of the base model families."""
 
-class CheckpointError(InputError):
-    """A checkpoint that is missing, of the wrong kind, or pickle-based without permission."""
+FAMILY_COMPONENTS = {
+    "sd15": ("vae", "text_encoder", "tokenizer", "unet", "scheduler"),
+    "sdxl": ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler"),
+}
+"""The components :func:`load_base_components` returns for each family."""
+
+BASE_COMPONENTS = FAMILY_COMPONENTS["sd15"]
+
+# transformers classes of the text side when model_index.json names none (the diffusers defaults)
+_DEFAULT_CLASSES = {
+    "text_encoder": "CLIPTextModel",
+    "text_encoder_2": "CLIPTextModelWithProjection",
+    "tokenizer": "CLIPTokenizer",
+    "tokenizer_2": "CLIPTokenizer",
+}
+_WEIGHTED = ("vae", "text_encoder", "text_encoder_2", "unet")
+
+
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
@@ -38,6 +72,103 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if dtype not in names:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of: fp32, fp16, bf16")
     return names[dtype]
+
+
+# -- families ------------------------------------------------------------------------------------------
+
+
+def _get(config: Any, key: str, default: Any = None) -> Any:
+    return config.get(key, default) if isinstance(config, Mapping) else getattr(config, key, default)
+
+
+def detect_family(config: Any) -> str:
+    """The base model family a UNet or BrushNet config belongs to: ``"sd15"`` or ``"sdxl"``.
+
+    ``"sdxl"``: the SDXL ``text_time`` added embedding (pooled text + size/crop time ids). ``"sd15"``: no added
+    embedding (Stable Diffusion 1.x and 2.x layouts).
+
+    Args:
+        config: a ``UNet2DConditionModel`` or :class:`~brushnet.models.BrushNetModel` config (the model's
+            ``.config``, or the dict of its ``config.json``).
+
+    Raises:
+        CheckpointError: a config of neither family (class embeddings, other added embeddings).
+    """
+    addition = _get(config, "addition_embed_type")
+    if addition == "text_time":
+        return "sdxl"
+    if addition is None and _get(config, "class_embed_type") is None:
+        return "sd15"
+    raise CheckpointError(
+        f"unsupported model (addition_embed_type={addition!r}, class_embed_type="
+        f"{_get(config, 'class_embed_type')!r}): only SD1.5-style and SDXL bases are supported"
+    )
+
+
+def _layers(config: Any) -> list[int]:
+    n_blocks = len(_get(config, "block_out_channels"))
+    layers = _get(config, "layers_per_block")
+    return list(layers) if isinstance(layers, (list, tuple)) else [layers] * n_blocks
+
+
+def _injection_points(config: Any) -> tuple[int, int]:
+    """(down, up) residual counts of a UNet or branch config: conv_in + resnets + downsamplers; resnets +
+    upsamplers (see :func:`brushnet.models.unet_injection.count_injection_points`)."""
+    layers = _layers(config)
+    return 1 + sum(layers) + len(layers) - 1, sum(n + 1 for n in layers) + len(layers) - 1
+
+
+def _summary(config: Any) -> str:
+    text = f"block_out_channels {list(_get(config, 'block_out_channels'))}"
+    if _get(config, "addition_embed_type") == "text_time":
+        text += f", text_time embedding of {_get(config, 'projection_class_embeddings_input_dim')}"
+    return text
+
+
+def check_brushnet_fits_base(brushnet_config: Any, unet_config: Any) -> None:
+    """Raise a one-line :class:`CheckpointError` when a branch does not fit a base UNet.
+
+    A branch of one family with a base of the other names both (``this SDXL BrushNet (...) does not fit an
+    SD1.5 base (...)``); within a family, the mismatching sizes are listed.
+
+    Args:
+        brushnet_config: the branch's config (``brushnet.config`` or its ``config.json`` as a dict).
+        unet_config: the base UNet's config.
+    """
+    branch_family, base_family = detect_family(brushnet_config), detect_family(unet_config)
+    branch_name, base_name = FAMILY_NAMES[branch_family], FAMILY_NAMES[base_family]
+    if branch_family != base_family:
+        raise CheckpointError(
+            f"this {branch_name} BrushNet ({_summary(brushnet_config)}) does not fit an {base_name} base "
+            f"({_summary(unet_config)}); use an {base_name} BrushNet with this base"
+        )
+    problems = []
+    channels = (
+        list(_get(brushnet_config, "block_out_channels")),
+        list(_get(unet_config, "block_out_channels")),
+    )
+    if channels[0] != channels[1]:
+        problems.append(f"block_out_channels {channels[0]} vs {channels[1]}")
+    points = _injection_points(brushnet_config), _injection_points(unet_config)
+    if points[0] != points[1]:
+        problems.append(
+            f"{points[0][0]}/{points[0][1]} residuals for {points[1][0]}/{points[1][1]} injection points"
+        )
+    if _get(brushnet_config, "in_channels") != _get(unet_config, "in_channels"):
+        problems.append(
+            f"latent channels {_get(brushnet_config, 'in_channels')} vs {_get(unet_config, 'in_channels')}"
+        )
+    if branch_family == "sdxl":
+        for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+            if _get(brushnet_config, key) != _get(unet_config, key):
+                problems.append(f"{key} {_get(brushnet_config, key)} vs {_get(unet_config, key)}")
+    if problems:
+        raise CheckpointError(
+            f"this {branch_name} BrushNet does not fit the base UNet: " + "; ".join(problems)
+        )
+
+
+# -- folders -------------------------------------------------------------------------------------------
 
 
 def _read_json(path: Path) -> dict:
@@ -80,17 +211,36 @@ def _looks_like_hub_id(p: str) -> bool:
     return len(parts) == 2 and all(parts) and not p.startswith((".", "/"))
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else exc.__class__.__name__
+
+
+# -- branches ------------------------------------------------------------------------------------------
+
+
 def load_brushnet(
     path: str | os.PathLike,
     dtype: str | torch.dtype | None = None,
     allow_pickle: bool = False,
     subfolder: str | None = None,
+    base_config: Any = None,
     **hub_kwargs: Any,
 ):
     """Load a :class:`~brushnet.models.BrushNetModel` from a folder (``config.json`` + weights) or a hub id.
 
+    Args:
+        path: a BrushNet folder (as released, SD1.5 or SDXL), a pipeline folder holding ``brushnet/``, or a
+            hub id.
+        dtype: weights dtype (fp32 default).
+        allow_pickle: allow ``.bin`` weights.
+        subfolder: a subfolder of ``path`` (or of the hub repo).
+        base_config: the base UNet's config: when given, a branch that does not fit it is refused (before
+            its weights are read, for local folders) with :func:`check_brushnet_fits_base`'s error.
+
     Raises:
-        CheckpointError: missing path, a UNet/pipeline/other model folder, or pickle weights without permission.
+        CheckpointError: missing path, a UNet/pipeline/other model folder, pickle weights without permission,
+            or a branch that does not fit ``base_config``.
     """
     from .models.brushnet import BrushNetModel
 
@@ -114,12 +264,14 @@ def load_brushnet(
                 )
         if kind != "BrushNetModel":
             raise CheckpointError(f"{folder} holds a {kind}, not a BrushNetModel checkpoint")
+        if base_config is not None:
+            check_brushnet_fits_base(_read_json(folder / "config.json"), base_config)
         _check_weights(folder, allow_pickle)
         return BrushNetModel.from_pretrained(
             folder, torch_dtype=torch_dtype, use_safetensors=not allow_pickle
         )
     try:
-        return BrushNetModel.from_pretrained(
+        brushnet = BrushNetModel.from_pretrained(
             str(path),
             subfolder=subfolder,
             torch_dtype=torch_dtype,
@@ -127,12 +279,13 @@ def load_brushnet(
             **hub_kwargs,
         )
     except OSError as exc:
-        raise CheckpointError(
-            f"cannot load BrushNet {path!r} from the hub: {str(exc).splitlines()[0]}"
-        ) from None
+        raise CheckpointError(f"cannot load BrushNet {path!r} from the hub: {_first_line(exc)}") from None
+    if base_config is not None:
+        check_brushnet_fits_base(brushnet.config, base_config)
+    return brushnet
 
 
-BASE_COMPONENTS = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+# -- bases ---------------------------------------------------------------------------------------------
 
 
 def load_base_components(
@@ -142,84 +295,111 @@ def load_base_components(
     config: str | os.PathLike | None = None,
     **hub_kwargs: Any,
 ) -> dict[str, Any]:
-    """Load a Stable Diffusion base model's components: ``vae, text_encoder, tokenizer, unet, scheduler``.
+    """Load a Stable Diffusion base model's components, SD1.5-style or SDXL (detected from the UNet config).
+
+    SD1.5 (also SD2.x): ``vae, text_encoder, tokenizer, unet, scheduler``. SDXL: the same plus
+    ``text_encoder_2, tokenizer_2`` (see :data:`FAMILY_COMPONENTS`). The classes of the text side are those
+    ``model_index.json`` names (as ``DiffusionPipeline.from_pretrained`` does), the CLIP defaults without one;
+    the scheduler is the class its config names.
 
     Args:
-        path: a diffusers folder (``model_index.json``), a hub id, or a single ``.safetensors`` checkpoint
-            (original SD layout, as community models are shared).
+        path: a diffusers folder (``model_index.json``, or just the component subfolders), a hub id, or a
+            single ``.safetensors`` checkpoint (original SD / SDXL layout, as community models are shared).
         dtype: weights dtype (fp32 default).
         allow_pickle: allow ``.bin``/``.ckpt`` weights.
         config: for single files: a local diffusers folder (or hub id) with the model's configs; needed
-            offline, since diffusers otherwise fetches the SD1.5 configs from the hub.
+            offline, since diffusers otherwise fetches the SD1.5 or SDXL configs from the hub.
+        hub_kwargs: passed to ``from_pretrained`` (``revision``, ``cache_dir``, ``local_files_only``, ...).
+
+    Returns:
+        ``{name: component}``; ``detect_family(components["unet"].config)`` tells the family.
 
     Raises:
-        CheckpointError: missing path, wrong kind (e.g. a BrushNet or UNet folder), pickle without permission.
+        CheckpointError: missing path, wrong kind (e.g. a BrushNet or UNet folder), missing component, pickle
+            without permission, or a model of neither family.
     """
-    from diffusers import StableDiffusionPipeline
-
     torch_dtype = resolve_dtype(dtype)
+    if not _is_local(path):
+        return _load_components(str(path), torch_dtype, allow_pickle, hub_kwargs)
     p = Path(path).expanduser()
-    if _is_local(path):
-        if not p.exists():
-            raise CheckpointError(f"base model not found: {p}")
-        if p.is_file():
-            suffix = p.suffix.lower()
-            if suffix in PICKLE_SUFFIXES and not allow_pickle:
-                raise CheckpointError(
-                    f"{p} is a pickle-based checkpoint; pass --allow-pickle to load it if you trust the source"
-                )
-            if suffix != ".safetensors" and suffix not in PICKLE_SUFFIXES:
-                raise CheckpointError(f"base model file must be .safetensors, got {p.name}")
-            kwargs: dict[str, Any] = {"torch_dtype": torch_dtype}
-            if config is not None:
-                kwargs["config"] = str(config)
-            try:
-                pipe = StableDiffusionPipeline.from_single_file(
-                    str(p), safety_checker=None, requires_safety_checker=False, **kwargs
-                )
-            except Exception as exc:  # diffusers raises many kinds here; keep one clear line
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-                hint = "" if config else " (offline? pass --base-config with a local diffusers folder)"
-                raise CheckpointError(f"cannot load single-file checkpoint {p.name}: {first}{hint}") from None
-            return {name: getattr(pipe, name) for name in BASE_COMPONENTS}
-        kind = describe_folder(p)
-        if not kind.startswith("pipeline:"):
-            raise CheckpointError(
-                f"{p} holds a {kind}, not a full base model folder (model_index.json with vae, unet, ...)"
-            )
-        missing = [c for c in BASE_COMPONENTS if not (p / c).is_dir()]
-        if missing:
-            raise CheckpointError(f"base model folder {p} lacks: {', '.join(missing)}")
-        for name in ("vae", "text_encoder", "unet"):
+    if not p.exists():
+        raise CheckpointError(f"base model not found: {p}")
+    if p.is_file():
+        return _load_single_file(p, torch_dtype, allow_pickle, config)
+    kind = describe_folder(p)
+    if not kind.startswith("pipeline:") and not (kind == "unknown" and (p / "unet").is_dir()):
+        raise CheckpointError(
+            f"{p} holds a {kind}, not a full base model folder (model_index.json with vae, unet, ...)"
+        )
+    if not (p / "unet" / "config.json").is_file():
+        raise CheckpointError(f"base model folder {p} lacks: unet")
+    family = detect_family(_read_json(p / "unet" / "config.json"))
+    missing = [c for c in FAMILY_COMPONENTS[family] if not (p / c).is_dir()]
+    if missing:
+        raise CheckpointError(f"{FAMILY_NAMES[family]} base model folder {p} lacks: {', '.join(missing)}")
+    for name in _WEIGHTED:
+        if name in FAMILY_COMPONENTS[family]:
             _check_weights(p / name, allow_pickle)
-    return _load_components(str(p) if _is_local(path) else str(path), torch_dtype, allow_pickle, hub_kwargs)
+    return _load_components(str(p), torch_dtype, allow_pickle, hub_kwargs)
+
+
+def _component_classes(source: str, hub_kwargs: dict) -> dict[str, str]:
+    """Class names ``model_index.json`` gives the components (empty without one)."""
+    from diffusers import DiffusionPipeline
+
+    if _is_local(source) and not (Path(source) / "model_index.json").is_file():
+        return {}
+    try:
+        index = DiffusionPipeline.load_config(source, **hub_kwargs)
+    except (OSError, ValueError):
+        return {}
+    return {
+        name: entry[1]
+        for name, entry in index.items()
+        if isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1]
+    }
+
+
+def _library_class(library, name: str, component: str, source: str) -> type:
+    cls = getattr(library, name, None)
+    if cls is None:
+        raise CheckpointError(
+            f"{source} names {component} class {name!r}, which {library.__name__} does not have"
+        )
+    return cls
 
 
 def _load_components(source: str, torch_dtype, allow_pickle: bool, hub_kwargs) -> dict[str, Any]:
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    import diffusers
+    import transformers
+    from diffusers import UNet2DConditionModel
 
     common = {"use_safetensors": not allow_pickle, **hub_kwargs}
     try:
-        unet = UNet2DConditionModel.from_pretrained(
-            source, subfolder="unet", torch_dtype=torch_dtype, **common
-        )
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch_dtype, **common)
-        text_encoder = CLIPTextModel.from_pretrained(
-            source, subfolder="text_encoder", torch_dtype=torch_dtype, **common
-        )
-        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **hub_kwargs)
-        scheduler_config = DDIMScheduler.load_config(source, subfolder="scheduler", **hub_kwargs)
+        family = detect_family(UNet2DConditionModel.load_config(source, subfolder="unet", **hub_kwargs))
+        classes = _component_classes(source, hub_kwargs)
+        parts: dict[str, Any] = {
+            "unet": UNet2DConditionModel.from_pretrained(
+                source, subfolder="unet", torch_dtype=torch_dtype, **common
+            )
+        }
+        vae_cls = _library_class(diffusers, classes.get("vae", "AutoencoderKL"), "vae", source)
+        parts["vae"] = vae_cls.from_pretrained(source, subfolder="vae", torch_dtype=torch_dtype, **common)
+        for name in FAMILY_COMPONENTS[family]:
+            if name.startswith("text_encoder"):
+                cls = _library_class(transformers, classes.get(name, _DEFAULT_CLASSES[name]), name, source)
+                parts[name] = cls.from_pretrained(source, subfolder=name, torch_dtype=torch_dtype, **common)
+            elif name.startswith("tokenizer"):
+                cls = _library_class(transformers, classes.get(name, _DEFAULT_CLASSES[name]), name, source)
+                parts[name] = cls.from_pretrained(source, subfolder=name, **hub_kwargs)
+        scheduler_config = diffusers.DDIMScheduler.load_config(source, subfolder="scheduler", **hub_kwargs)
     except OSError as exc:
-        raise CheckpointError(
-            f"cannot load base model {source!r}: {str(exc).strip().splitlines()[0]}"
-        ) from None
-    import diffusers
-
+        raise CheckpointError(f"cannot load base model {source!r}: {_first_line(exc)}") from None
     scheduler_cls = (
         getattr(diffusers, str(scheduler_config.get("_class_name")), None) or diffusers.DDIMScheduler
     )
-    scheduler = scheduler_cls.from_config(scheduler_config)
+    parts["scheduler"] = scheduler_cls.from_config(scheduler_config)
+    unet = parts["unet"]
     if unet.config.in_channels != 4:
         kind = (
             "an inpainting (9-channel)"
@@ -227,10 +407,52 @@ def _load_components(source: str, torch_dtype, allow_pickle: bool, hub_kwargs) -
             else f"a {unet.config.in_channels}-channel"
         )
         logger.info("base model %s has %s UNet", source, kind)
-    return {
-        "vae": vae,
-        "text_encoder": text_encoder,
-        "tokenizer": tokenizer,
-        "unet": unet,
-        "scheduler": scheduler,
-    }
+    return {name: parts[name] for name in FAMILY_COMPONENTS[family]}
+
+
+def _single_file_family(path: Path, config: str | os.PathLike | None) -> str:
+    """The family of a single-file checkpoint: from the config folder when given, else from its keys
+    (SDXL files hold a second text encoder under ``conditioner.embedders.1``)."""
+    if config is not None and (Path(config) / "unet" / "config.json").is_file():
+        return detect_family(_read_json(Path(config) / "unet" / "config.json"))
+    if path.suffix.lower() != ".safetensors":
+        return "sd15"
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+    except Exception as exc:  # safetensors raises its own error types for a bad header
+        raise CheckpointError(f"cannot load single-file checkpoint {path.name}: {_first_line(exc)}") from None
+    return "sdxl" if any(k.startswith("conditioner.embedders.1.") for k in keys) else "sd15"
+
+
+def _load_single_file(
+    p: Path, torch_dtype, allow_pickle: bool, config: str | os.PathLike | None
+) -> dict[str, Any]:
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    suffix = p.suffix.lower()
+    if suffix in PICKLE_SUFFIXES and not allow_pickle:
+        raise CheckpointError(
+            f"{p} is a pickle-based checkpoint; pass --allow-pickle to load it if you trust the source"
+        )
+    if suffix != ".safetensors" and suffix not in PICKLE_SUFFIXES:
+        raise CheckpointError(f"base model file must be .safetensors, got {p.name}")
+    family = _single_file_family(p, config)
+    kwargs: dict[str, Any] = {"torch_dtype": torch_dtype}
+    if config is not None:
+        kwargs["config"] = str(config)
+    if family == "sdxl":
+        pipeline_cls, kwargs["add_watermarker"] = StableDiffusionXLPipeline, False
+    else:
+        pipeline_cls = StableDiffusionPipeline
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    try:
+        pipe = pipeline_cls.from_single_file(str(p), **kwargs)
+    except Exception as exc:  # diffusers raises many kinds here; keep one clear line
+        hint = "" if config else " (offline? pass --base-config with a local diffusers folder)"
+        raise CheckpointError(
+            f"cannot load single-file checkpoint {p.name}: {_first_line(exc)}{hint}"
+        ) from None
+    return {name: getattr(pipe, name) for name in FAMILY_COMPONENTS[family]}

@@ -1,8 +1,10 @@
 """Random-weight components of any size, built offline under a fixed seed and saved as real model folders.
 
-Used by the tests (tiny), the benchmarks (mid-sized and SD1.5-sized, random weights) and ``brushnet serve
---tiny``: every method can be exercised end to end without downloading anything. The weights are random,
-so outputs are noise-like; what they exercise is the code path, shapes, conventions and timings.
+Used by the tests (tiny), the benchmarks (mid-sized, SD1.5-sized and SDXL-sized, random weights) and
+``brushnet serve --tiny``: every method can be exercised end to end without downloading anything. The
+weights are random, so outputs are noise-like; what they exercise is the code path, shapes, conventions and
+timings. Presets of both families sit in one table (:data:`PRESETS`): :class:`ArchSpec` ones build an
+SD1.5-layout base, :class:`XLArchSpec` ones an SDXL-layout base (two text encoders, ``text_time``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,16 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ArchSpec", "PRESETS", "build_base", "build_brushnet", "build_inpaint_model", "build_controlnet"]
+__all__ = [
+    "ArchSpec",
+    "XLArchSpec",
+    "PRESETS",
+    "preset_family",
+    "build_base",
+    "build_brushnet",
+    "build_inpaint_model",
+    "build_controlnet",
+]
 
 _TOKENIZER_DIR = Path(__file__).parent / "assets" / "tiny_tokenizer"
 
@@ -38,19 +49,63 @@ class ArchSpec:
     sample_size: int
 
 
-PRESETS: dict[str, ArchSpec] = {
+@dataclass(frozen=True)
+class XLArchSpec:
+    """Sizes of random-weight SDXL-layout components (the "sdxl" preset is the real SDXL base architecture).
+
+    The UNet has no attention in its first block and ``transformer_layers_per_block[i]`` transformer layers
+    in block ``i`` after that, linear projections and the ``text_time`` added embedding (pooled text of
+    ``text_2_projection_dim`` + 6 time ids × ``addition_time_embed_dim``); its cross-attention dimension is
+    the two text encoders' hidden sizes together.
+    """
+
+    block_out_channels: tuple[int, ...]
+    layers_per_block: int
+    transformer_layers_per_block: tuple[int, ...]
+    attention_heads: tuple[int, ...]
+    norm_num_groups: int
+    addition_time_embed_dim: int
+    vae_block_out_channels: tuple[int, ...]
+    vae_layers_per_block: int
+    text_hidden_size: int
+    text_layers: int
+    text_heads: int
+    text_intermediate: int
+    text_2_hidden_size: int
+    text_2_layers: int
+    text_2_heads: int
+    text_2_intermediate: int
+    text_2_projection_dim: int
+    sample_size: int
+
+    @property
+    def cross_attention_dim(self) -> int:
+        return self.text_hidden_size + self.text_2_hidden_size
+
+
+PRESETS: dict[str, ArchSpec | XLArchSpec] = {
     "tiny": ArchSpec((32, 64), 1, 32, 4, 8, (8, 16, 16, 16), 1, 32, 2, 2, 37, 8),
     "small": ArchSpec((64, 128, 256, 256), 1, 256, 4, 16, (32, 64, 64, 64), 1, 256, 2, 4, 512, 64),
     "sd15": ArchSpec((320, 640, 1280, 1280), 2, 768, 8, 32, (128, 256, 512, 512), 2, 768, 12, 12, 3072, 64),
-}
+    # the two text encoders differ in width, as in SDXL (single-file loading tells them apart by it)
+    "tiny-xl": XLArchSpec((16, 32, 32), 2, (1, 2, 2), (2, 4, 4), 8, 8, (16, 32), 1,
+                          16, 2, 2, 37, 24, 2, 2, 37, 24, 8),
+    "sdxl": XLArchSpec((320, 640, 1280), 2, (1, 2, 10), (5, 10, 20), 32, 256, (128, 256, 512, 512), 2,
+                       768, 12, 12, 3072, 1280, 32, 20, 5120, 1280, 128),
+}  # fmt: skip
 
 
-def _spec(preset: str | ArchSpec) -> ArchSpec:
-    if isinstance(preset, ArchSpec):
+def _spec(preset: str | ArchSpec | XLArchSpec) -> ArchSpec | XLArchSpec:
+    if isinstance(preset, (ArchSpec, XLArchSpec)):
         return preset
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     return PRESETS[preset]
+
+
+def preset_family(preset: str | ArchSpec | XLArchSpec) -> str:
+    """The base model family a preset builds: ``"sd15"`` or ``"sdxl"``."""
+    return "sdxl" if isinstance(_spec(preset), XLArchSpec) else "sd15"
 
 
 def _unet_config(spec: ArchSpec, in_channels: int = 4) -> dict:
@@ -71,17 +126,70 @@ def _unet_config(spec: ArchSpec, in_channels: int = 4) -> dict:
     )
 
 
-def _unet(spec: ArchSpec, in_channels: int = 4):
+def _unet_config_xl(spec: XLArchSpec, in_channels: int = 4) -> dict:
+    n = len(spec.block_out_channels)
+    return dict(
+        sample_size=spec.sample_size,
+        in_channels=in_channels,
+        out_channels=4,
+        block_out_channels=spec.block_out_channels,
+        layers_per_block=spec.layers_per_block,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        transformer_layers_per_block=spec.transformer_layers_per_block,
+        attention_head_dim=spec.attention_heads,  # diffusers' name for the number of heads
+        use_linear_projection=True,
+        cross_attention_dim=spec.cross_attention_dim,
+        norm_num_groups=spec.norm_num_groups,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=spec.addition_time_embed_dim,
+        projection_class_embeddings_input_dim=spec.text_2_projection_dim + 6 * spec.addition_time_embed_dim,
+    )
+
+
+def _unet(spec: ArchSpec | XLArchSpec, in_channels: int = 4):
     from diffusers import UNet2DConditionModel
 
+    if isinstance(spec, XLArchSpec):
+        return UNet2DConditionModel(**_unet_config_xl(spec, in_channels))
     return UNet2DConditionModel(**_unet_config(spec, in_channels))
 
 
-def build_base(out_dir: str | os.PathLike, preset: str | ArchSpec = "tiny", seed: int = 0) -> Path:
-    """Write a random-weight SD1.5-layout base model folder (``model_index.json``, vae, text_encoder,
-    tokenizer, unet, scheduler) and return its path."""
+def _text_encoder(cls, tokenizer, hidden: int, layers: int, heads: int, intermediate: int, projection: int):
+    from transformers import CLIPTextConfig
+
+    return cls(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            projection_dim=projection,
+        )
+    )
+
+
+def build_base(
+    out_dir: str | os.PathLike, preset: str | ArchSpec | XLArchSpec = "tiny", seed: int = 0
+) -> Path:
+    """Write a random-weight base model folder and return its path.
+
+    An :class:`ArchSpec` preset ("tiny", "small", "sd15") writes an SD1.5-layout folder (``model_index.json``,
+    vae, text_encoder, tokenizer, unet, scheduler); an :class:`XLArchSpec` preset ("tiny-xl", "sdxl") an
+    SDXL-layout one (+ text_encoder_2, tokenizer_2; Euler scheduler; VAE with ``force_upcast``).
+
+    Args:
+        out_dir: the folder to write (created if needed).
+        preset: a name in :data:`PRESETS` or a spec.
+        seed: torch seed for the random weights.
+    """
     from diffusers import AutoencoderKL, DDIMScheduler
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     spec = _spec(preset)
     out = Path(out_dir)
@@ -89,6 +197,7 @@ def build_base(out_dir: str | os.PathLike, preset: str | ArchSpec = "tiny", seed
     torch.manual_seed(seed)
     _unet(spec).save_pretrained(out / "unet")
     n_vae = len(spec.vae_block_out_channels)
+    xl = isinstance(spec, XLArchSpec)
     AutoencoderKL(
         block_out_channels=spec.vae_block_out_channels,
         down_block_types=("DownEncoderBlock2D",) * n_vae,
@@ -97,23 +206,17 @@ def build_base(out_dir: str | os.PathLike, preset: str | ArchSpec = "tiny", seed
         layers_per_block=spec.vae_layers_per_block,
         norm_num_groups=min(8, spec.vae_block_out_channels[0]),
         sample_size=spec.sample_size * 2 ** (n_vae - 1),
+        **({"scaling_factor": 0.13025, "force_upcast": True} if xl else {}),
     ).save_pretrained(out / "vae")
     tokenizer = CLIPTokenizer.from_pretrained(_TOKENIZER_DIR)
     tokenizer.save_pretrained(out / "tokenizer")
-    CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=spec.text_hidden_size,
-            intermediate_size=spec.text_intermediate,
-            num_hidden_layers=spec.text_layers,
-            num_attention_heads=spec.text_heads,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            projection_dim=spec.text_hidden_size,
-        )
-    ).save_pretrained(out / "text_encoder")
+    text = (spec.text_hidden_size, spec.text_layers, spec.text_heads, spec.text_intermediate)
+    _text_encoder(CLIPTextModel, tokenizer, *text, spec.text_hidden_size).save_pretrained(
+        out / "text_encoder"
+    )
+    if xl:
+        _build_xl_rest(out, spec, tokenizer)
+        return out
     DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -138,11 +241,45 @@ def build_base(out_dir: str | os.PathLike, preset: str | ArchSpec = "tiny", seed
     return out
 
 
+def _build_xl_rest(out: Path, spec: XLArchSpec, tokenizer) -> None:
+    """The parts only an SDXL base has: text_encoder_2 (with projection), tokenizer_2, Euler scheduler."""
+    from diffusers import EulerDiscreteScheduler
+    from transformers import CLIPTextModelWithProjection
+
+    tokenizer.save_pretrained(out / "tokenizer_2")
+    text_2 = (spec.text_2_hidden_size, spec.text_2_layers, spec.text_2_heads, spec.text_2_intermediate)
+    encoder = _text_encoder(CLIPTextModelWithProjection, tokenizer, *text_2, spec.text_2_projection_dim)
+    encoder.save_pretrained(out / "text_encoder_2")
+    EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    ).save_pretrained(out / "scheduler")
+    index = {
+        "_class_name": "StableDiffusionXLPipeline",
+        "_diffusers_version": "0.42.1",
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "image_encoder": [None, None],
+        "feature_extractor": [None, None],
+        "force_zeros_for_empty_prompt": True,
+    }
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
 def build_brushnet(
     out_dir: str | os.PathLike, base_dir: str | os.PathLike, seed: int = 0, random_taps: bool = True
 ) -> Path:
-    """Write a BrushNet folder initialised ``from_unet`` of the base. With ``random_taps`` the zero 1×1 taps
-    get small random weights, so the branch visibly changes the output (a fresh branch changes nothing)."""
+    """Write a BrushNet folder initialised ``from_unet`` of the base (SD1.5 or SDXL layout; an SDXL branch
+    gets a copy of the UNet's ``add_embedding``). With ``random_taps`` the zero 1×1 taps get small random
+    weights, so the branch visibly changes the output (a fresh branch changes nothing)."""
     from diffusers import UNet2DConditionModel
 
     from .models.brushnet import BrushNetModel
@@ -162,7 +299,10 @@ def build_brushnet(
 
 
 def build_inpaint_model(
-    out_dir: str | os.PathLike, base_dir: str | os.PathLike, preset: str | ArchSpec = "tiny", seed: int = 0
+    out_dir: str | os.PathLike,
+    base_dir: str | os.PathLike,
+    preset: str | ArchSpec | XLArchSpec = "tiny",
+    seed: int = 0,
 ) -> Path:
     """Write an SD-inpainting-style model folder: the base's components with a random 9-channel UNet."""
     out = Path(out_dir)
@@ -172,7 +312,8 @@ def build_inpaint_model(
     torch.manual_seed(seed + 1)
     _unet(_spec(preset), in_channels=9).save_pretrained(out / "unet")
     index = json.loads((out / "model_index.json").read_text())
-    index["_class_name"] = "StableDiffusionInpaintPipeline"
+    xl = preset_family(preset) == "sdxl"
+    index["_class_name"] = "StableDiffusionXLInpaintPipeline" if xl else "StableDiffusionInpaintPipeline"
     (out / "model_index.json").write_text(json.dumps(index, indent=2))
     return out
 
@@ -192,3 +333,39 @@ def build_controlnet(out_dir: str | os.PathLike, base_dir: str | os.PathLike, se
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
     controlnet.save_pretrained(out_dir)
     return Path(out_dir)
+
+
+def build_model_set(
+    out_dir: str | os.PathLike, slots, preset: str | ArchSpec = "tiny", seed: int = 0, reuse: bool = False
+) -> dict[str, str]:
+    """Write the random-weight models of the given model slots (names or :class:`~brushnet.methods.ModelSlot`
+    s) into ``out_dir/<slot folder>`` and return ``{slot name: path}`` (a :class:`~brushnet.methods.ModelPaths`
+    dict). The base is always built, since every other model is made from it. With ``reuse``, folders that
+    already hold a model are kept.
+
+    Raises:
+        ValueError: a slot with no random builder (e.g. ``base_config``).
+    """
+    out = Path(out_dir)
+    names = [getattr(slot, "name", slot) for slot in slots]
+    builders = {
+        "base": lambda path: build_base(path, preset, seed=seed),
+        "brushnet": lambda path: build_brushnet(path, out / "base", seed=seed),
+        "inpaint_model": lambda path: build_inpaint_model(path, out / "base", preset, seed=seed),
+        "controlnet": lambda path: build_controlnet(path, out / "base", seed=seed),
+    }
+    from .methods.registry import model_slots
+
+    declared = model_slots()
+    unknown = [name for name in names if name not in builders]
+    if unknown:
+        raise ValueError(f"no random-weight builder for {', '.join(unknown)}")
+    paths: dict[str, str] = {}
+    for name in ["base", *[n for n in dict.fromkeys(names) if n != "base"]]:
+        path = out / declared[name].folder
+        done = (path / "model_index.json").is_file() or (path / "config.json").is_file()
+        if not (reuse and done):
+            builders[name](path)
+        if name in names or name == "base":
+            paths[name] = str(path)
+    return paths
