@@ -16,12 +16,14 @@ _LAZY = {
     "BrushNetOutput": "brushnet.models.brushnet",
     "unet_forward_with_brushnet": "brushnet.models.unet_injection",
     "StableDiffusionBrushNetPipeline": "brushnet.pipelines.pipeline_brushnet",
+    "StableDiffusionXLBrushNetPipeline": "brushnet.pipelines.pipeline_brushnet_sdxl",
 }
 
 __all__ = [
     "BrushNetModel",
     "BrushNetOutput",
     "StableDiffusionBrushNetPipeline",
+    "StableDiffusionXLBrushNetPipeline",
     "unet_forward_with_brushnet",
     "__version__",
 ]
@@ -30,6 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .models.brushnet import BrushNetModel, BrushNetOutput
     from .models.unet_injection import unet_forward_with_brushnet
     from .pipelines.pipeline_brushnet import StableDiffusionBrushNetPipeline
+    from .pipelines.pipeline_brushnet_sdxl import StableDiffusionXLBrushNetPipeline
 
 
 def __getattr__(name: str):

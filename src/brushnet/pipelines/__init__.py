@@ -1,5 +1,7 @@
-"""Pipelines, one class per file."""
+"""Pipelines, one class per file; what they share is in :mod:`brushnet.pipelines.common`."""
 
-from .pipeline_brushnet import StableDiffusionBrushNetPipeline, brushnet_keep_schedule
+from .common import brushnet_keep_schedule
+from .pipeline_brushnet import StableDiffusionBrushNetPipeline
+from .pipeline_brushnet_sdxl import StableDiffusionXLBrushNetPipeline
 
-__all__ = ["StableDiffusionBrushNetPipeline", "brushnet_keep_schedule"]
+__all__ = ["StableDiffusionBrushNetPipeline", "StableDiffusionXLBrushNetPipeline", "brushnet_keep_schedule"]

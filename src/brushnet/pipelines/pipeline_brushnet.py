@@ -19,7 +19,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
 from diffusers.loaders import StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
@@ -33,21 +32,20 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer
 
-from ..image import blend, mask_to_array
+from ..loading import check_brushnet_fits_base
 from ..models.brushnet import BrushNetModel
 from ..models.conditioning import brushnet_conditioning
-from ..models.unet_injection import count_injection_points, unet_forward_with_brushnet
+from .common import BrushNetPipelineMixin, brushnet_keep_schedule
 
-__all__ = ["StableDiffusionBrushNetPipeline", "brushnet_keep_schedule"]
-
-
-def brushnet_keep_schedule(num_steps: int, start: float, end: float) -> list[float]:
-    """Per-step multiplier of the conditioning scale: 0 where ``i/N < start`` or ``(i+1)/N > end``, else 1."""
-    return [0.0 if (i / num_steps < start or (i + 1) / num_steps > end) else 1.0 for i in range(num_steps)]
+__all__ = ["StableDiffusionBrushNetPipeline"]
 
 
 class StableDiffusionBrushNetPipeline(
-    DiffusionPipeline, StableDiffusionMixin, TextualInversionLoaderMixin, StableDiffusionLoraLoaderMixin
+    DiffusionPipeline,
+    StableDiffusionMixin,
+    TextualInversionLoaderMixin,
+    StableDiffusionLoraLoaderMixin,
+    BrushNetPipelineMixin,
 ):
     r"""Text-guided inpainting with Stable Diffusion 1.5 and a BrushNet branch.
 
@@ -142,7 +140,8 @@ class StableDiffusionBrushNetPipeline(
         super().__init__()
         if not isinstance(brushnet, BrushNetModel):
             raise TypeError(f"brushnet must be a BrushNetModel, got {type(brushnet).__name__}")
-        check_brushnet_matches_unet(brushnet, unet)
+        if unet is not None:
+            check_brushnet_fits_base(brushnet.config, unet.config)
         self.register_modules(
             vae=vae,
             text_encoder=text_encoder,
@@ -156,31 +155,6 @@ class StableDiffusionBrushNetPipeline(
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if vae is not None else 8
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True)
         self.register_to_config(requires_safety_checker=requires_safety_checker)
-
-    # -- properties, as in diffusers' pipelines ------------------------------------------------------
-    @property
-    def guidance_scale(self) -> float:
-        return self._guidance_scale
-
-    @property
-    def clip_skip(self) -> int | None:
-        return self._clip_skip
-
-    @property
-    def do_classifier_free_guidance(self) -> bool:
-        return self._guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
-
-    @property
-    def cross_attention_kwargs(self) -> dict | None:
-        return self._cross_attention_kwargs
-
-    @property
-    def num_timesteps(self) -> int:
-        return self._num_timesteps
-
-    @property
-    def interrupt(self) -> bool:
-        return self._interrupt
 
     # -------------------------------------------------------------------------------------------------
     def check_inputs(
@@ -200,12 +174,10 @@ class StableDiffusionBrushNetPipeline(
         output_type,
         blending,
     ) -> None:
-        if image is None or mask_image is None:
-            raise ValueError("both `image` and `mask_image` are required")
-        if height is not None and height % self.vae_scale_factor != 0:
-            raise ValueError(f"`height` must be a multiple of {self.vae_scale_factor}, got {height}")
-        if width is not None and width % self.vae_scale_factor != 0:
-            raise ValueError(f"`width` must be a multiple of {self.vae_scale_factor}, got {width}")
+        self._check_brushnet_inputs(
+            image, mask_image, height, width, brushnet_conditioning_scale, control_guidance_start,
+            control_guidance_end, callback_on_step_end_tensor_inputs, output_type, blending,
+        )  # fmt: skip
         if prompt is not None and prompt_embeds is not None:
             raise ValueError("pass either `prompt` or `prompt_embeds`, not both")
         if prompt is None and prompt_embeds is None:
@@ -220,46 +192,6 @@ class StableDiffusionBrushNetPipeline(
                     f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
                     f"{tuple(negative_prompt_embeds.shape)} must have the same shape"
                 )
-        if not isinstance(brushnet_conditioning_scale, (int, float)):
-            raise TypeError("`brushnet_conditioning_scale` must be a number")
-        if not 0.0 <= control_guidance_start < control_guidance_end <= 1.0:
-            raise ValueError(
-                "need 0 <= control_guidance_start < control_guidance_end <= 1, got "
-                f"{control_guidance_start} and {control_guidance_end}"
-            )
-        if callback_on_step_end_tensor_inputs is not None:
-            unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
-            if unknown:
-                raise ValueError(
-                    f"callback tensor inputs {unknown} are not among {self._callback_tensor_inputs}"
-                )
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"`output_type` must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
-        if blending and output_type == "latent":
-            raise ValueError(
-                "`blending` works on decoded images; it cannot be used with output_type='latent'"
-            )
-
-    def _prepare_mask(
-        self, mask_image, batch_size: int, height: int, width: int, device, dtype
-    ) -> torch.Tensor:
-        """Masks (white = inpaint) → float ``(B, 1, height, width)``, 1 = hole."""
-        masks = mask_image if isinstance(mask_image, list) else [mask_image]
-        if isinstance(mask_image, torch.Tensor) and mask_image.ndim == 4 and mask_image.shape[0] > 1:
-            masks = list(mask_image)
-        tensors = []
-        for mask in masks:
-            hole = torch.from_numpy(mask_to_array(mask).astype("float32"))[None, None]
-            if hole.shape[-2:] != (height, width):
-                hole = F.interpolate(hole, size=(height, width), mode="bilinear", align_corners=False) >= 0.5
-                hole = hole.float()
-            tensors.append(hole)
-        hole = torch.cat(tensors)
-        if hole.shape[0] == 1:
-            hole = hole.expand(batch_size, -1, -1, -1)
-        elif hole.shape[0] != batch_size:
-            raise ValueError(f"got {hole.shape[0]} masks for a batch of {batch_size} prompts")
-        return hole.to(device=device, dtype=dtype)
 
     @torch.no_grad()
     def __call__(
@@ -360,24 +292,13 @@ class StableDiffusionBrushNetPipeline(
             lora_scale=lora_scale,
             clip_skip=self.clip_skip,
         )
-        branch_prompt_embeds = prompt_embeds
         if self.do_classifier_free_guidance:
             prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
 
         # 3. image and mask, at height × width
-        height, width = self.image_processor.get_default_height_width(
-            image[0] if isinstance(image, list) else image, height, width
+        image_tensor, hole, height, width = self._prepare_image_and_mask(
+            image, mask_image, height, width, batch_size, num_images_per_prompt, device
         )
-        image_tensor = self.image_processor.preprocess(image, height=height, width=width)
-        image_tensor = image_tensor.to(device=device, dtype=torch.float32)
-        if image_tensor.shape[0] == 1:
-            image_tensor = image_tensor.expand(total, -1, -1, -1)
-        elif image_tensor.shape[0] == batch_size:
-            image_tensor = image_tensor.repeat_interleave(num_images_per_prompt, dim=0)
-        else:
-            raise ValueError(f"got {image_tensor.shape[0]} images for a batch of {batch_size} prompts")
-        hole = self._prepare_mask(mask_image, batch_size, height, width, device, torch.float32)
-        hole = hole.repeat_interleave(num_images_per_prompt, dim=0) if hole.shape[0] != total else hole
 
         # 4. timesteps
         timesteps, num_inference_steps = retrieve_timesteps(
@@ -409,10 +330,6 @@ class StableDiffusionBrushNetPipeline(
 
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
         keep_schedule = brushnet_keep_schedule(len(timesteps), control_guidance_start, control_guidance_end)
-        # The SD1.5 branch never reads text: one branch pass per step serves both CFG halves.
-        branch_on_doubled_batch = (
-            self.do_classifier_free_guidance and self.brushnet.uses_text and not guess_mode
-        )
 
         # 6. denoising loop
         num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
@@ -422,44 +339,15 @@ class StableDiffusionBrushNetPipeline(
                     continue
                 doubled = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
                 latent_model_input = self.scheduler.scale_model_input(doubled, t)
-                cond_scale = brushnet_conditioning_scale * keep_schedule[i]
-
-                if branch_on_doubled_batch:
-                    branch_input, branch_text = latent_model_input, prompt_embeds
-                    branch_cond = torch.cat([brushnet_cond] * 2)
-                else:
-                    branch_input = self.scheduler.scale_model_input(latents, t)
-                    branch_text, branch_cond = branch_prompt_embeds, brushnet_cond
-                down, mid, up = self.brushnet(
-                    branch_input.to(self.brushnet.dtype),
+                # the SD1.5 branch never reads text: one branch pass per step serves both CFG halves
+                noise_pred = self._predict_noise(
+                    latent_model_input,
                     t,
-                    encoder_hidden_states=branch_text.to(self.brushnet.dtype),
-                    brushnet_cond=branch_cond,
-                    conditioning_scale=cond_scale,
-                    guess_mode=guess_mode,
-                    return_dict=False,
-                )
-                if self.do_classifier_free_guidance and not branch_on_doubled_batch:
-                    if guess_mode:  # the unconditional half gets no branch at all
-                        down = [torch.cat([torch.zeros_like(r), r]) for r in down]
-                        mid = torch.cat([torch.zeros_like(mid), mid])
-                        up = [torch.cat([torch.zeros_like(r), r]) for r in up]
-                    else:
-                        down = [torch.cat([r, r]) for r in down]
-                        mid = torch.cat([mid, mid])
-                        up = [torch.cat([r, r]) for r in up]
-
-                unet_dtype = self.unet.dtype
-                noise_pred = unet_forward_with_brushnet(
-                    self.unet,
-                    latent_model_input.to(unet_dtype),
-                    t,
-                    prompt_embeds.to(unet_dtype),
-                    [r.to(unet_dtype) for r in down],
-                    mid.to(unet_dtype),
-                    [r.to(unet_dtype) for r in up],
+                    prompt_embeds,
+                    brushnet_cond,
+                    brushnet_conditioning_scale * keep_schedule[i],
+                    guess_mode,
                     timestep_cond=timestep_cond,
-                    cross_attention_kwargs=self.cross_attention_kwargs,
                 )
                 if self.do_classifier_free_guidance:
                     noise_uncond, noise_text = noise_pred.chunk(2)
@@ -495,38 +383,11 @@ class StableDiffusionBrushNetPipeline(
                 latents.to(vae_dtype) / self.vae.config.scaling_factor, return_dict=False, generator=generator
             )[0]
             decoded, has_nsfw = self.run_safety_checker(decoded, device, prompt_embeds.dtype)
-            images = (decoded.float() / 2 + 0.5).clamp(0, 1)
-            if blending:
-                original = (image_tensor.float() / 2 + 0.5).clamp(0, 1)
-                images = blend(original, images, hole, kernel_size=blending_kernel_size)
-            images = self.image_processor.postprocess(
-                images, output_type=output_type, do_denormalize=[False] * images.shape[0]
+            images = self._postprocess(
+                decoded, image_tensor, hole, output_type, blending, blending_kernel_size
             )
 
         self.maybe_free_model_hooks()
         if not return_dict:
             return images, has_nsfw
         return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=has_nsfw)
-
-
-def check_brushnet_matches_unet(brushnet: BrushNetModel, unet: UNet2DConditionModel) -> None:
-    """Raise a clear error when a branch does not fit a base UNet (e.g. an SDXL branch on an SD1.5 base)."""
-    if brushnet is None or unet is None:
-        return
-    n_down, n_up = count_injection_points(unet)
-    bcfg, ucfg = brushnet.config, unet.config
-    problems = []
-    if tuple(bcfg.block_out_channels) != tuple(ucfg.block_out_channels):
-        problems.append(
-            f"block_out_channels {list(bcfg.block_out_channels)} vs {list(ucfg.block_out_channels)}"
-        )
-    if (brushnet.num_down_residuals, brushnet.num_up_residuals) != (n_down, n_up):
-        problems.append(
-            f"{brushnet.num_down_residuals}/{brushnet.num_up_residuals} residuals for {n_down}/{n_up} "
-            "injection points"
-        )
-    if bcfg.in_channels != ucfg.in_channels:
-        problems.append(f"latent channels {bcfg.in_channels} vs {ucfg.in_channels}")
-    if problems:
-        kind = "SDXL" if bcfg.addition_embed_type == "text_time" else "SD1.5-style"
-        raise ValueError(f"this {kind} BrushNet does not fit the base UNet: " + "; ".join(problems))

@@ -1,0 +1,502 @@
+"""Stable Diffusion XL + BrushNet inpainting pipeline on upstream diffusers.
+
+A drop-in for the original ``StableDiffusionXLBrushNetPipeline`` (same component names, same call
+``pipe(prompt=..., image=..., mask=..., ...)``, same outputs to ~1e-6 on the reference goldens), with these
+differences:
+
+- the image may be passed whole or with the hole already blacked out: the pipeline blacks it out itself;
+- with an fp16 VAE whose config sets ``force_upcast`` (the stock SDXL VAE), the VAE runs in float32 for the
+  masked-image encoding as well as for decoding (the original upcast for decoding only, so its fp16
+  conditioning could overflow; it advised the fp16-fix VAE instead, which also works here);
+- ``guidance_rescale``, custom ``timesteps``/``sigmas`` and optional blurred-mask paste-back
+  (``blending=True``; off by default for parity);
+- negative size conditioning pairs with the right half of every batch (diffusers repeats the stacked
+  ``[negative, positive]`` time ids, which mismatches them for batches of more than one image);
+- unknown keyword arguments are an error; no IP-Adapter inputs and no invisible watermark;
+- the VAE posterior sample of the masked image is drawn from ``generator`` (the original drew it from the
+  global RNG).
+
+The SDXL branch reads the pooled text through its ``add_embedding``, so with classifier-free guidance it runs
+on the doubled batch (one pass per step, both halves), as the original does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
+from diffusers.loaders import StableDiffusionXLLoraLoaderMixin, TextualInversionLoaderMixin
+from diffusers.models import AutoencoderKL, UNet2DConditionModel
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline, StableDiffusionMixin
+from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import (
+    StableDiffusionXLPipeline,
+    rescale_noise_cfg,
+    retrieve_timesteps,
+)
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionModelWithProjection,
+)
+
+from ..loading import FAMILY_NAMES, CheckpointError, check_brushnet_fits_base, detect_family
+from ..models.brushnet import BrushNetModel
+from ..models.conditioning import brushnet_conditioning
+from .common import BrushNetPipelineMixin, brushnet_keep_schedule
+
+__all__ = ["StableDiffusionXLBrushNetPipeline"]
+
+
+class StableDiffusionXLBrushNetPipeline(
+    DiffusionPipeline,
+    StableDiffusionMixin,
+    TextualInversionLoaderMixin,
+    StableDiffusionXLLoraLoaderMixin,
+    BrushNetPipelineMixin,
+):
+    r"""Text-guided inpainting with Stable Diffusion XL and a BrushNet branch.
+
+    Args:
+        vae: the base model's VAE. SDXL's VAE overflows in float16: with ``force_upcast`` in its config it runs
+            in float32 inside an fp16 pipeline; an fp16-fixed VAE (``force_upcast`` False) runs in fp16.
+        text_encoder: the first text encoder (``CLIPTextModel``, CLIP ViT-L).
+        text_encoder_2: the second text encoder (``CLIPTextModelWithProjection``, OpenCLIP ViT-bigG); its
+            projection gives the pooled text embedding.
+        tokenizer, tokenizer_2: their tokenizers.
+        unet: the frozen base ``UNet2DConditionModel`` (any SDXL community model); never modified.
+        brushnet: an SDXL :class:`~brushnet.models.BrushNetModel` (``addition_embed_type="text_time"``).
+        scheduler: any diffusers scheduler.
+        image_encoder, feature_extractor: optional, kept so SDXL folders that carry them load.
+        force_zeros_for_empty_prompt: without a negative prompt, the unconditional embeddings are zeros
+            (SDXL's convention; the original built its pipeline with True).
+    """
+
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->image_encoder->brushnet->unet->vae"
+    _optional_components = [
+        "tokenizer",
+        "tokenizer_2",
+        "text_encoder",
+        "text_encoder_2",
+        "image_encoder",
+        "feature_extractor",
+    ]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "add_text_embeds", "add_time_ids"]
+
+    # Public helpers of diffusers' own SDXL pipeline, reused as they are (they only read the components).
+    encode_prompt = StableDiffusionXLPipeline.encode_prompt
+    prepare_extra_step_kwargs = StableDiffusionXLPipeline.prepare_extra_step_kwargs
+    prepare_latents = StableDiffusionXLPipeline.prepare_latents
+    _get_add_time_ids = StableDiffusionXLPipeline._get_add_time_ids
+    get_guidance_scale_embedding = StableDiffusionXLPipeline.get_guidance_scale_embedding
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        text_encoder_2: CLIPTextModelWithProjection,
+        tokenizer: CLIPTokenizer,
+        tokenizer_2: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        brushnet: BrushNetModel,
+        scheduler: KarrasDiffusionSchedulers,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
+        feature_extractor: CLIPImageProcessor | None = None,
+        force_zeros_for_empty_prompt: bool = True,
+    ):
+        super().__init__()
+        if not isinstance(brushnet, BrushNetModel):
+            raise TypeError(f"brushnet must be a BrushNetModel, got {type(brushnet).__name__}")
+        if unet is not None:
+            check_brushnet_fits_base(brushnet.config, unet.config)
+            family = detect_family(unet.config)
+            if family != "sdxl":
+                raise CheckpointError(
+                    f"StableDiffusionXLBrushNetPipeline needs an SDXL base; this one is {FAMILY_NAMES[family]} "
+                    "(use StableDiffusionBrushNetPipeline)"
+                )
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=unet,
+            brushnet=brushnet,
+            scheduler=scheduler,
+            image_encoder=image_encoder,
+            feature_extractor=feature_extractor,
+        )
+        self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if vae is not None else 8
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True)
+
+    # -- properties beyond the shared ones -------------------------------------------------------------
+    @property
+    def guidance_rescale(self) -> float:
+        return self._guidance_rescale
+
+    @property
+    def denoising_end(self) -> float | None:
+        return self._denoising_end
+
+    @contextmanager
+    def _vae_in_float32(self) -> Iterator[None]:
+        """Run the VAE in float32 when it is float16 and its config says it overflows (``force_upcast``), as
+        diffusers' SDXL pipelines do; restore its dtype afterwards. An fp16-fixed VAE stays in fp16."""
+        upcast = self.vae.dtype == torch.float16 and self.vae.config.force_upcast
+        if upcast:
+            self.vae.to(dtype=torch.float32)
+        try:
+            yield
+        finally:
+            if upcast:
+                self.vae.to(dtype=torch.float16)
+
+    def check_inputs(
+        self,
+        prompt,
+        prompt_2,
+        image,
+        mask_image,
+        height,
+        width,
+        negative_prompt,
+        negative_prompt_2,
+        prompt_embeds,
+        negative_prompt_embeds,
+        pooled_prompt_embeds,
+        negative_pooled_prompt_embeds,
+        brushnet_conditioning_scale,
+        control_guidance_start,
+        control_guidance_end,
+        callback_on_step_end_tensor_inputs,
+        output_type,
+        blending,
+    ) -> None:
+        self._check_brushnet_inputs(
+            image, mask_image, height, width, brushnet_conditioning_scale, control_guidance_start,
+            control_guidance_end, callback_on_step_end_tensor_inputs, output_type, blending,
+        )  # fmt: skip
+        if prompt_embeds is not None and (prompt is not None or prompt_2 is not None):
+            raise ValueError("pass either `prompt`/`prompt_2` or `prompt_embeds`, not both")
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("pass `prompt` or `prompt_embeds`")
+        for name, value in (("prompt", prompt), ("prompt_2", prompt_2)):
+            if value is not None and not isinstance(value, (str, list)):
+                raise ValueError(f"`{name}` must be a str or a list of str, got {type(value).__name__}")
+        if negative_prompt_embeds is not None and (
+            negative_prompt is not None or negative_prompt_2 is not None
+        ):
+            raise ValueError(
+                "pass either `negative_prompt`/`negative_prompt_2` or `negative_prompt_embeds`, not both"
+            )
+        if prompt_embeds is not None and negative_prompt_embeds is not None:
+            if prompt_embeds.shape != negative_prompt_embeds.shape:
+                raise ValueError(
+                    f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
+                    f"{tuple(negative_prompt_embeds.shape)} must have the same shape"
+                )
+        if prompt_embeds is not None and pooled_prompt_embeds is None:
+            raise ValueError(
+                "with `prompt_embeds`, pass `pooled_prompt_embeds` too (text_encoder_2's projection)"
+            )
+        if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
+            raise ValueError("with `negative_prompt_embeds`, pass `negative_pooled_prompt_embeds` too")
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        prompt_2: str | list[str] | None = None,
+        image: PipelineImageInput = None,
+        mask_image: PipelineImageInput = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        denoising_end: float | None = None,
+        guidance_scale: float = 5.0,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        brushnet_conditioning_scale: float = 1.0,
+        guess_mode: bool = False,
+        control_guidance_start: float = 0.0,
+        control_guidance_end: float = 1.0,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+        negative_target_size: tuple[int, int] | None = None,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        guidance_rescale: float = 0.0,
+        blending: bool = False,
+        blending_kernel_size: int = 21,
+        mask: PipelineImageInput = None,
+    ):
+        r"""Inpaint ``image`` where ``mask_image`` is white.
+
+        The positional order of the first arguments is the original pipeline's (``prompt, prompt_2, image,
+        mask, ...``); its keyword ``mask`` is accepted as an alias of ``mask_image``.
+
+        Args:
+            prompt, prompt_2: what to paint in the hole; ``prompt_2`` goes to ``text_encoder_2`` (default:
+                ``prompt``).
+            image: the image (PIL, numpy or tensor in diffusers' formats); whole or with the hole blacked out.
+            mask_image: the mask, **white = inpaint** (PIL of any mode, array or tensor in [0, 1]).
+            height, width: output size, multiples of the VAE factor; default the image size rounded down.
+            num_inference_steps, timesteps, sigmas: the denoising schedule (custom lists as in diffusers).
+            denoising_end: stop after this fraction of the schedule (for an SDXL refiner), as in diffusers.
+            guidance_scale: classifier-free guidance weight (off at ≤ 1; the original's default 5.0).
+            negative_prompt, negative_prompt_2: what not to paint; without one, zeros when the pipeline's
+                ``force_zeros_for_empty_prompt`` is set.
+            prompt_embeds, negative_prompt_embeds: ``(B, 77, D₁ + D₂)`` concatenated penultimate hidden states
+                of the two text encoders.
+            pooled_prompt_embeds, negative_pooled_prompt_embeds: ``(B, D_proj)`` pooled text of
+                ``text_encoder_2``.
+            clip_skip: skip this many more final layers of both text encoders (SDXL already takes the
+                penultimate one).
+            num_images_per_prompt, eta, generator, latents: sampling (noise from a CPU generator is
+                reproducible across devices).
+            output_type: "pil", "np", "pt" or "latent".
+            cross_attention_kwargs: passed to the attention processors (``{"scale": s}`` scales LoRA).
+            brushnet_conditioning_scale: the preservation scale (strength of the branch).
+            guess_mode: ControlNet-style guess mode: a log-spaced ramp of scales; with CFG the branch only
+                conditions the text half.
+            control_guidance_start, control_guidance_end: fractions of the steps during which the branch is on.
+            original_size, crops_coords_top_left, target_size: SDXL's size and crop conditioning, ``(h, w)``
+                and ``(top, left)``; sizes default to ``(height, width)``, the crop to ``(0, 0)``.
+            negative_original_size, negative_crops_coords_top_left, negative_target_size: the same for the
+                unconditional half (default: the positive ones; both sizes must be given to take effect).
+            callback_on_step_end, callback_on_step_end_tensor_inputs: as in diffusers.
+            guidance_rescale: rescale the guided prediction (Lin et al. 2023, §3.4), as in diffusers.
+            blending: paste the result back into the input through the reference's 21-px feathered mask,
+                so pixels farther than 10 px from the hole are exactly the input's. Off by default (parity
+                with the original).
+            blending_kernel_size: Gaussian kernel of the feathering (reference: 21).
+            mask: the original pipeline's keyword for ``mask_image`` (alias; passing both is an error).
+
+        Returns:
+            ``StableDiffusionXLPipelineOutput(images)`` or a one-element tuple.
+        """
+        if mask is not None:
+            if mask_image is not None:
+                raise ValueError("pass the mask once: `mask_image` or its alias `mask`, not both")
+            mask_image = mask
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+
+        # 1. check inputs
+        self.check_inputs(
+            prompt, prompt_2, image, mask_image, height, width, negative_prompt, negative_prompt_2,
+            prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
+            brushnet_conditioning_scale, control_guidance_start, control_guidance_end,
+            callback_on_step_end_tensor_inputs, output_type, blending,
+        )  # fmt: skip
+        self._guidance_scale = guidance_scale
+        self._guidance_rescale = guidance_rescale
+        self._clip_skip = clip_skip
+        self._cross_attention_kwargs = cross_attention_kwargs
+        self._denoising_end = denoising_end
+        self._interrupt = False
+
+        if prompt is not None:
+            batch_size = 1 if isinstance(prompt, str) else len(prompt)
+        else:
+            batch_size = prompt_embeds.shape[0]
+        device = self._execution_device
+        total = batch_size * num_images_per_prompt
+
+        # 2. encode prompt: both encoders' penultimate hidden states, and text_encoder_2's pooled projection
+        lora_scale = cross_attention_kwargs.get("scale", None) if cross_attention_kwargs else None
+        prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = (
+            self.encode_prompt(
+                prompt=prompt,
+                prompt_2=prompt_2,
+                device=device,
+                num_images_per_prompt=num_images_per_prompt,
+                do_classifier_free_guidance=self.do_classifier_free_guidance,
+                negative_prompt=negative_prompt,
+                negative_prompt_2=negative_prompt_2,
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_prompt_embeds,
+                pooled_prompt_embeds=pooled_prompt_embeds,
+                negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                lora_scale=lora_scale,
+                clip_skip=self.clip_skip,
+            )
+        )
+
+        # 3. image and mask, at height × width
+        image_tensor, hole, height, width = self._prepare_image_and_mask(
+            image, mask_image, height, width, batch_size, num_images_per_prompt, device
+        )
+
+        # 4. timesteps
+        timesteps, num_inference_steps = retrieve_timesteps(
+            self.scheduler, num_inference_steps, device, timesteps, sigmas
+        )
+
+        # 5. start latents, then the branch's conditioning: masked-image latent + keep-mask (1 = keep)
+        latents = self.prepare_latents(
+            total,
+            self.unet.config.in_channels,
+            height,
+            width,
+            prompt_embeds.dtype,
+            device,
+            generator,
+            latents,
+        )
+        with self._vae_in_float32():
+            brushnet_cond = brushnet_conditioning(self.vae, image_tensor, hole, generator)
+        brushnet_cond = brushnet_cond.to(dtype=self.brushnet.dtype)
+
+        # 6. SDXL's added conditions: pooled text and (original size, crop top-left, target size)
+        if self.text_encoder_2 is None:
+            text_encoder_projection_dim = int(pooled_prompt_embeds.shape[-1])
+        else:
+            text_encoder_projection_dim = self.text_encoder_2.config.projection_dim
+        add_time_ids = self._get_add_time_ids(
+            tuple(original_size or (height, width)),
+            tuple(crops_coords_top_left),
+            tuple(target_size or (height, width)),
+            dtype=prompt_embeds.dtype,
+            text_encoder_projection_dim=text_encoder_projection_dim,
+        ).to(device)
+        negative_add_time_ids = add_time_ids
+        if negative_original_size is not None and negative_target_size is not None:
+            negative_add_time_ids = self._get_add_time_ids(
+                tuple(negative_original_size),
+                tuple(negative_crops_coords_top_left),
+                tuple(negative_target_size),
+                dtype=prompt_embeds.dtype,
+                text_encoder_projection_dim=text_encoder_projection_dim,
+            ).to(device)
+        add_text_embeds = pooled_prompt_embeds.to(device)
+        add_time_ids = add_time_ids.repeat(total, 1)
+        if self.do_classifier_free_guidance:
+            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+            add_text_embeds = torch.cat([negative_pooled_prompt_embeds.to(device), add_text_embeds])
+            add_time_ids = torch.cat([negative_add_time_ids.repeat(total, 1), add_time_ids])
+
+        timestep_cond = None
+        if self.unet.config.time_cond_proj_dim is not None:
+            guidance_tensor = torch.tensor(self.guidance_scale - 1).repeat(total)
+            timestep_cond = self.get_guidance_scale_embedding(
+                guidance_tensor, embedding_dim=self.unet.config.time_cond_proj_dim
+            ).to(device=device, dtype=latents.dtype)
+
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+        # on/off over the whole schedule, before any `denoising_end` cut (as the original)
+        keep_schedule = brushnet_keep_schedule(len(timesteps), control_guidance_start, control_guidance_end)
+
+        # 7. denoising loop
+        num_warmup_steps = max(len(timesteps) - num_inference_steps * self.scheduler.order, 0)
+        if self.denoising_end is not None and 0 < self.denoising_end < 1:
+            cutoff = int(
+                round(
+                    self.scheduler.config.num_train_timesteps
+                    - self.denoising_end * self.scheduler.config.num_train_timesteps
+                )
+            )
+            num_inference_steps = len([t for t in timesteps if t >= cutoff])
+            timesteps = timesteps[:num_inference_steps]
+        self._num_timesteps = len(timesteps)
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(0)
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                doubled = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
+                latent_model_input = self.scheduler.scale_model_input(doubled, t)
+                # the SDXL branch reads the pooled text: with CFG it runs on the doubled batch
+                noise_pred = self._predict_noise(
+                    latent_model_input,
+                    t,
+                    prompt_embeds,
+                    brushnet_cond,
+                    brushnet_conditioning_scale * keep_schedule[i],
+                    guess_mode,
+                    added_cond_kwargs={"text_embeds": add_text_embeds, "time_ids": add_time_ids},
+                    timestep_cond=timestep_cond,
+                )
+                if self.do_classifier_free_guidance:
+                    noise_uncond, noise_text = noise_pred.chunk(2)
+                    noise_pred = noise_uncond + self.guidance_scale * (noise_text - noise_uncond)
+                    if self.guidance_rescale > 0.0:
+                        noise_pred = rescale_noise_cfg(
+                            noise_pred, noise_text, guidance_rescale=self.guidance_rescale
+                        )
+                latents = self.scheduler.step(
+                    noise_pred.to(latents.dtype), t, latents, **extra_step_kwargs, return_dict=False
+                )[0]
+
+                if callback_on_step_end is not None:
+                    available = {
+                        "latents": latents,
+                        "prompt_embeds": prompt_embeds,
+                        "add_text_embeds": add_text_embeds,
+                        "add_time_ids": add_time_ids,
+                    }
+                    callback_kwargs = {k: available[k] for k in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                    add_text_embeds = callback_outputs.pop("add_text_embeds", add_text_embeds)
+                    add_time_ids = callback_outputs.pop("add_time_ids", add_time_ids)
+
+                if i == len(timesteps) - 1 or (
+                    (i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0
+                ):
+                    progress_bar.update()
+
+        # 8. decode (in float32 if the fp16 VAE overflows), blend, post-process
+        if output_type == "latent":
+            images = latents
+        else:
+            config = self.vae.config
+            with self._vae_in_float32():
+                if getattr(config, "latents_mean", None) is not None and config.latents_std is not None:
+                    mean = (
+                        torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+                    )
+                    std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+                    latents = latents * std / config.scaling_factor + mean
+                else:
+                    latents = latents / config.scaling_factor
+                decoded = self.vae.decode(latents.to(self.vae.dtype), return_dict=False, generator=generator)[
+                    0
+                ]
+            images = self._postprocess(
+                decoded, image_tensor, hole, output_type, blending, blending_kernel_size
+            )
+
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return StableDiffusionXLPipelineOutput(images=images)
