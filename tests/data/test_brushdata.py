@@ -45,7 +45,7 @@ def test_reads_valid_samples_and_counts_each_malformed_one(shards):
     assert stream.skipped.as_dict() == {reason: int(reason in MALFORMED_KINDS) for reason in SKIP_REASONS}
     assert stream.skipped.total == 6
     sample = samples[0]
-    assert set(sample) == {"pixel_values", "mask", "caption", "key"}
+    assert set(sample) == {"pixel_values", "mask", "caption", "key", "original_size", "crop_top_left"}
     assert sample["pixel_values"].shape == (3, 16, 16) and sample["pixel_values"].dtype == torch.float32
     assert sample["mask"].shape == (1, 16, 16) and set(sample["mask"].unique().tolist()) <= {0.0, 1.0}
     assert isinstance(sample["caption"], str) and "background" in sample["caption"]

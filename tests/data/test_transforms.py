@@ -58,6 +58,9 @@ def test_random_crop_uses_same_offsets_for_image_and_mask(size):
         # ... and the mask marks exactly the pixels it marked there.
         np.testing.assert_array_equal(out["mask"][0].numpy() == 1, pattern(source_x, source_y))
         corners.add((source_y[0, 0], source_x[0, 0]))
+        # no resize here (short side 32): the reported crop is where the window starts in the original
+        assert out["original_size"].tolist() == list(size)
+        assert out["crop_top_left"].tolist() == [source_y[0, 0], source_x[0, 0]]
     assert len(corners) > 5
 
 
@@ -66,6 +69,7 @@ def test_center_crop_is_centred_and_deterministic():
     out = prepare_training_pair(image, pattern(x, y), 32, None)
     pixels = to_uint8(out["pixel_values"])
     assert pixels[0, 0, 0] == 34 and pixels[0, 0, 1] == 0
+    assert out["crop_top_left"].tolist() == [0, 34] and out["original_size"].tolist() == [32, 100]
     again = prepare_training_pair(image, pattern(x, y), 32, None)
     assert torch.equal(out["pixel_values"], again["pixel_values"]) and torch.equal(out["mask"], again["mask"])
 
@@ -80,6 +84,9 @@ def test_resize_keeps_mask_on_its_region():
     rng = np.random.default_rng(2)
     for _ in range(5):
         out = prepare_training_pair(Image.fromarray(pixels), hole, 32, rng)
+        # SDXL's conditioning: the size before resizing, the crop in the resized (32 × 64) image
+        assert out["original_size"].tolist() == [64, 128] and out["crop_top_left"][0] == 0
+        assert 0 <= out["crop_top_left"][1] <= 32
         bright = out["pixel_values"].mean(0).numpy() > 0
         mask = out["mask"][0].numpy() == 1
         assert mask.sum() > 0

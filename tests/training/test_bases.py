@@ -11,25 +11,27 @@ import torch
 import yaml
 from PIL import Image
 
+from brushnet.loading import CheckpointError
 from brushnet.models.brushnet import BrushNetModel
 from brushnet.training import family, loop
 from brushnet.training.config import make_config
 
 
 def test_text_classes_come_from_model_index(odd_base, tiny_base, tmp_path):
-    assert family._transformers_class(str(odd_base), "tokenizer", "CLIPTokenizer").__name__ == "BertTokenizer"
-    assert family._transformers_class(str(odd_base), "text_encoder", "CLIPTextModel").__name__ == "BertModel"
-    # no model_index.json (the tiny fixture has none): the SD defaults
-    assert (
-        family._transformers_class(str(tiny_base), "text_encoder", "CLIPTextModel").__name__
-        == "CLIPTextModel"
-    )
+    """Training loads its base through the library's one loader, which reads the text-side classes from
+    model_index.json (the CLIP defaults without one)."""
+    odd = loop.load_components(str(odd_base))
+    assert type(odd.family.tokenizer).__name__ == "BertTokenizer"
+    assert type(odd.family.text_encoder).__name__ == "BertModel"
+    tiny = loop.load_components(str(tiny_base))  # the tiny fixture has no model_index.json
+    assert type(tiny.family.text_encoder).__name__ == "CLIPTextModel"
+    assert isinstance(tiny.family, family.SD15Family) and tiny.family.name == "sd15"
 
     bad = tmp_path / "bad"
-    bad.mkdir()
+    shutil.copytree(tiny_base, bad)
     (bad / "model_index.json").write_text(json.dumps({"text_encoder": ["transformers", "NoSuchTextModel"]}))
-    with pytest.raises(ValueError, match="NoSuchTextModel"):
-        family._transformers_class(str(bad), "text_encoder", "CLIPTextModel")
+    with pytest.raises(CheckpointError, match="names text_encoder class 'NoSuchTextModel'"):
+        loop.load_components(str(bad))
 
 
 def test_initial_branch_from_unet_and_from_a_checkpoint(tiny_base, tmp_path):

@@ -57,7 +57,10 @@ def prepare_training_pair(
         rng: random crop when given; centre crop (evaluation) when ``None``.
 
     Returns:
-        ``{"pixel_values": float32 (3, R, R) in [-1, 1], "mask": float32 (1, R, R) in {0, 1}}``, mask 1 = hole.
+        ``{"pixel_values": float32 (3, R, R) in [-1, 1], "mask": float32 (1, R, R) in {0, 1}, "original_size":
+        int64 (2,), "crop_top_left": int64 (2,)}``, mask 1 = hole; ``original_size`` is the image's
+        ``(height, width)`` before resizing and ``crop_top_left`` the crop's ``(top, left)`` in the resized
+        image (SDXL's size and crop conditioning).
     """
     mask = np.asarray(mask)
     if mask.shape != (image.height, image.width):
@@ -76,4 +79,6 @@ def prepare_training_pair(
     return {
         "pixel_values": pixel_values,
         "mask": torch.from_numpy(hole.astype(np.float32))[None],
+        "original_size": torch.tensor([mask.shape[0], mask.shape[1]]),
+        "crop_top_left": torch.tensor([top, left]),
     }

@@ -43,7 +43,8 @@ class TrainConfig(BaseModel):
 
     # models
     pretrained_model_name_or_path: str = Field(
-        description="Base model folder or hub id (diffusers layout: unet/, vae/, text_encoder/, tokenizer/, scheduler/)."
+        description="Base model folder or hub id, SD1.5-style or SDXL (diffusers layout: unet/, vae/, text_encoder/, "
+        "tokenizer/, scheduler/; SDXL also text_encoder_2/, tokenizer_2/)."
     )
     revision: str | None = Field(None, description="Revision of the base model on the hub.")
     brushnet_model_name_or_path: str | None = Field(

@@ -1,7 +1,8 @@
 """The training data stream: the data package's datasets, batched, sharded by process, resumable.
 
 Samples are dicts ``{"pixel_values": (3, R, R) in [-1, 1], "mask": (1, R, R) 1 = hole, "caption": str,
-"key": str}``. The stream of a process is a pure function of (seed, epoch, process index), so resuming
+"key": str}``, with ``"original_size"`` and ``"crop_top_left"`` (2,) where the dataset knows them (SDXL's
+time ids). The stream of a process is a pure function of (seed, epoch, process index), so resuming
 re-creates it and skips the micro-batches already consumed.
 """
 
@@ -21,13 +22,17 @@ logger = logging.getLogger(__name__)
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack tensors, keep captions and keys as lists."""
-    return {
+    """Stack tensors, keep captions and keys as lists; sizes and crops are stacked when every sample has them."""
+    batch = {
         "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
         "mask": torch.stack([s["mask"] for s in samples]),
         "caption": [s["caption"] for s in samples],
         "key": [s.get("key", "") for s in samples],
     }
+    for name in ("original_size", "crop_top_left"):
+        if all(name in s for s in samples):
+            batch[name] = torch.stack([torch.as_tensor(s[name]) for s in samples])
+    return batch
 
 
 def build_train_dataset(config, process_index: int, num_processes: int, seed: int):

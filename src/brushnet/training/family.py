@@ -1,29 +1,40 @@
-"""The parts of training that depend on the base model family: loading the text side and encoding captions.
+"""The parts of training that depend on the base model family: the text side and the UNet's added conditions.
 
 Everything else in the training loop (VAE latents, masks, noise, the branch, the UNet call, the loss) is
-the same for every Stable Diffusion family. An SDXL family slots in as one more class with the same three
-members: ``load`` (two tokenizers and text encoders), ``encode`` (penultimate hidden states of both
-encoders concatenated, plus ``added_cond_kwargs={"text_embeds": pooled, "time_ids": ...}`` built from the
-crop coordinates and resolution) and ``frozen_modules``; :func:`family_for_unet` picks it from the UNet
-config (``addition_embed_type == "text_time"``).
+the same for every Stable Diffusion family. A family is built from the components
+:func:`brushnet.loading.load_base_components` returns and has four members: ``frozen_modules`` (its text
+encoders), ``encode`` (captions → ``encoder_hidden_states`` and the UNet's ``added_cond_kwargs``),
+``pipeline`` (the inference pipeline used for validation images) and ``name``. :func:`family_for_unet` picks
+the class from the UNet config (:func:`brushnet.loading.detect_family`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 
 import torch
 from torch import nn
 
-__all__ = ["SD15Family", "family_for_unet"]
+from ..loading import detect_family
+
+__all__ = ["SD15Family", "SDXLFamily", "family_for_unet"]
 
 logger = logging.getLogger(__name__)
 
 
+def _token_ids(tokenizer, captions: list[str], device: torch.device) -> torch.Tensor:
+    return tokenizer(
+        captions,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(device)
+
+
 class SD15Family:
-    """Stable Diffusion 1.x/2.x: one CLIP tokenizer + text encoder, last hidden state, no added conditions."""
+    """Stable Diffusion 1.x/2.x: one text encoder (CLIP, or whatever ``model_index.json`` names), its last hidden
+    state, no added conditions."""
 
     name = "sd15"
 
@@ -32,74 +43,134 @@ class SD15Family:
         self.text_encoder = text_encoder
 
     @classmethod
-    def load(cls, pretrained_model_name_or_path: str, revision: str | None = None) -> SD15Family:
-        """Load ``tokenizer/`` and ``text_encoder/`` of a base folder or hub id.
-
-        The classes are the ones the base's ``model_index.json`` names (as ``DiffusionPipeline.from_pretrained``
-        does), so a base with its own tokenizer or a small text encoder trains as is; without a
-        ``model_index.json`` they are ``CLIPTokenizer`` and ``CLIPTextModel``.
-        """
-        tokenizer_cls = _transformers_class(pretrained_model_name_or_path, "tokenizer", "CLIPTokenizer")
-        text_encoder_cls = _transformers_class(pretrained_model_name_or_path, "text_encoder", "CLIPTextModel")
-        tokenizer = tokenizer_cls.from_pretrained(
-            pretrained_model_name_or_path, subfolder="tokenizer", revision=revision
-        )
-        text_encoder = text_encoder_cls.from_pretrained(
-            pretrained_model_name_or_path, subfolder="text_encoder", revision=revision
-        )
-        return cls(tokenizer, text_encoder)
+    def from_components(cls, components: dict) -> SD15Family:
+        """The family of a base loaded by :func:`brushnet.loading.load_base_components`."""
+        return cls(components["tokenizer"], components["text_encoder"])
 
     @property
     def frozen_modules(self) -> dict[str, nn.Module]:
         return {"text_encoder": self.text_encoder}
 
-    @property
-    def pipeline_components(self) -> dict:
-        """Components the family contributes to the validation pipeline."""
-        return {"tokenizer": self.tokenizer, "text_encoder": self.text_encoder}
+    def pipeline(self, vae, unet, brushnet, scheduler):
+        """The inference pipeline on these components (validation images)."""
+        from ..pipelines.pipeline_brushnet import StableDiffusionBrushNetPipeline
+
+        return StableDiffusionBrushNetPipeline(
+            vae=vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=unet,
+            brushnet=brushnet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+        )
 
     @torch.no_grad()
     def encode(
-        self, captions: list[str], device: torch.device, dtype: torch.dtype
+        self, captions: list[str], device: torch.device, dtype: torch.dtype, batch: dict | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-        """Captions → ``(encoder_hidden_states (B, L, D), added_cond_kwargs)``; SD1.5 has no added conditions."""
-        tokens = self.tokenizer(
-            captions,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(device)
-        hidden_states = self.text_encoder(tokens, return_dict=False)[0]
+        """Captions → ``(encoder_hidden_states (B, L, D), added_cond_kwargs)``; SD1.5 has no added conditions.
+
+        Args:
+            captions: one per sample (after caption dropout).
+            device, dtype: of the result.
+            batch: the training batch (unused here).
+        """
+        hidden_states = self.text_encoder(_token_ids(self.tokenizer, captions, device), return_dict=False)[0]
         return hidden_states.to(dtype), None
 
 
-def _transformers_class(pretrained_model_name_or_path: str, component: str, default: str) -> type:
-    """The ``transformers`` class ``model_index.json`` names for ``component`` (``default`` without one)."""
-    import transformers
+class SDXLFamily:
+    """Stable Diffusion XL: two tokenizers and text encoders, and the ``text_time`` added conditions.
 
-    index_file = Path(pretrained_model_name_or_path) / "model_index.json"
-    name = default
-    if index_file.is_file():
-        entry = json.loads(index_file.read_text()).get(component)
-        if isinstance(entry, list) and len(entry) == 2 and entry[0] == "transformers" and entry[1]:
-            name = entry[1]
-    cls = getattr(transformers, name, None)
-    if cls is None:
-        raise ValueError(f"{index_file} names {component} class {name!r}, which transformers does not have")
-    return cls
+    As SDXL (and the original BrushNet SDXL training script) encodes a caption:
+    ``encoder_hidden_states`` is the concatenation of both encoders' penultimate hidden states,
+    ``text_embeds`` the pooled projection of ``text_encoder_2``, and ``time_ids`` each sample's
+    ``(original height, original width, crop top, crop left, target height, target width)``.
+    """
 
+    name = "sdxl"
 
-def family_for_unet(unet) -> type[SD15Family]:
-    """The family class for a base UNet, from its config."""
-    if unet.config.addition_embed_type == "text_time":
-        raise NotImplementedError(
-            "SDXL BrushNet training is not implemented yet: add an SDXL family in brushnet/training/family.py "
-            "(see docs/training.md)"
+    def __init__(self, tokenizer, text_encoder: nn.Module, tokenizer_2, text_encoder_2: nn.Module):
+        self.tokenizer, self.text_encoder = tokenizer, text_encoder
+        self.tokenizer_2, self.text_encoder_2 = tokenizer_2, text_encoder_2
+
+    @classmethod
+    def from_components(cls, components: dict) -> SDXLFamily:
+        """The family of a base loaded by :func:`brushnet.loading.load_base_components`."""
+        return cls(
+            components["tokenizer"],
+            components["text_encoder"],
+            components["tokenizer_2"],
+            components["text_encoder_2"],
         )
-    if unet.config.addition_embed_type is not None or unet.config.class_embed_type is not None:
-        raise NotImplementedError(
-            f"unsupported base UNet (addition_embed_type={unet.config.addition_embed_type!r}, "
-            f"class_embed_type={unet.config.class_embed_type!r})"
+
+    @property
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        return {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+
+    def pipeline(self, vae, unet, brushnet, scheduler):
+        """The inference pipeline on these components (validation images)."""
+        from ..pipelines.pipeline_brushnet_sdxl import StableDiffusionXLBrushNetPipeline
+
+        return StableDiffusionXLBrushNetPipeline(
+            vae=vae,
+            text_encoder=self.text_encoder,
+            text_encoder_2=self.text_encoder_2,
+            tokenizer=self.tokenizer,
+            tokenizer_2=self.tokenizer_2,
+            unet=unet,
+            brushnet=brushnet,
+            scheduler=scheduler,
         )
-    return SD15Family
+
+    @staticmethod
+    def time_ids(batch: dict) -> torch.Tensor:
+        """``(B, 6)`` SDXL time ids of a training batch: original size and crop top-left as the data pipeline
+        reports them (``original_size``, ``crop_top_left``: the image's size before resizing and where the
+        crop starts in the resized image), target size = the crop's size.
+
+        A batch without them (a custom dataset) counts as uncropped images of the crop's size: the original
+        size is the target size and the crop is (0, 0), the values SDXL inference uses by default.
+        """
+        pixel_values = batch["pixel_values"]
+        batch_size, (height, width) = pixel_values.shape[0], pixel_values.shape[-2:]
+        target = torch.tensor([[height, width]]).expand(batch_size, 2)
+        original = batch.get("original_size")
+        crop = batch.get("crop_top_left")
+        original = target if original is None else torch.as_tensor(original).reshape(batch_size, 2)
+        crop = torch.zeros(batch_size, 2, dtype=torch.long) if crop is None else torch.as_tensor(crop)
+        return torch.cat([original, crop.reshape(batch_size, 2), target], dim=1)
+
+    @torch.no_grad()
+    def encode(
+        self, captions: list[str], device: torch.device, dtype: torch.dtype, batch: dict | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Captions → ``(encoder_hidden_states (B, 77, D₁ + D₂), {"text_embeds": (B, D_proj), "time_ids": (B, 6)})``.
+
+        Args:
+            captions: one per sample (after caption dropout; an empty caption is encoded, as the original does).
+            device, dtype: of the result.
+            batch: the training batch, for the time ids (see :meth:`time_ids`); required.
+        """
+        if batch is None:
+            raise ValueError("SDXL needs the batch (image sizes and crops) for its time ids")
+        hidden_states = []
+        for tokenizer, text_encoder in (
+            (self.tokenizer, self.text_encoder),
+            (self.tokenizer_2, self.text_encoder_2),
+        ):
+            output = text_encoder(_token_ids(tokenizer, captions, device), output_hidden_states=True)
+            hidden_states.append(output.hidden_states[-2])
+        pooled = output[0]  # text_encoder_2's projection (CLIPTextModelWithProjection.text_embeds)
+        added_cond_kwargs = {
+            "text_embeds": pooled.to(dtype),
+            "time_ids": self.time_ids(batch).to(device=device, dtype=dtype),
+        }
+        return torch.cat(hidden_states, dim=-1).to(dtype), added_cond_kwargs
+
+
+def family_for_unet(unet) -> type[SD15Family] | type[SDXLFamily]:
+    """The family class for a base UNet, from its config (``addition_embed_type == "text_time"``: SDXL)."""
+    return {"sd15": SD15Family, "sdxl": SDXLFamily}[detect_family(unet.config)]

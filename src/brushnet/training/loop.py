@@ -1,13 +1,15 @@
 """The BrushNet training loop (Ju et al., ECCV 2024, arXiv:2403.06976, §3 and §4.1).
 
-Only the branch trains. VAE, UNet and text encoder are frozen (``requires_grad=False``, eval mode) and cast
-to the mixed-precision dtype; the branch stays float32. One step, per micro-batch:
+Only the branch trains. VAE, UNet and text encoder(s) are frozen (``requires_grad=False``, eval mode) and
+cast to the mixed-precision dtype (see :func:`freeze`); the branch stays float32. SD1.5-style and SDXL bases
+train alike; what differs (text encoding, SDXL's added conditions c_add) is in :mod:`brushnet.training.family`.
+One step, per micro-batch:
 
     z₀      = E(x)·s                          latent of the image
     z_m     = E(x ⊙ (1−m) − m)·s                latent of the masked image (hole set to −1, black)
     k       = 1 − resize_nearest(m)            keep-mask at latent size
     z_t     = √ᾱ_t z₀ + √(1−ᾱ_t) ε              ε ~ N(0, I), t ~ U{0, …, T−1}
-    ε̂       = UNet(z_t, t, c; BrushNet(z_t, t, [z_m, k]))
+    ε̂       = UNet(z_t, t, c, c_add; BrushNet(z_t, t, [z_m, k], c_add))
     loss    = ‖ε̂ − ε‖²  (or v = √ᾱ_t ε − √(1−ᾱ_t) z₀ with v-prediction), mean over the whole latent
 
 All randomness of a step (caption dropout, VAE posterior samples, ε, t) comes from one seeded generator
@@ -46,6 +48,7 @@ __all__ = [
     "Components",
     "StepGenerator",
     "load_components",
+    "freeze",
     "initial_branch",
     "training_target",
     "brushnet_training_loss",
@@ -71,17 +74,16 @@ class Components:
 
 
 def load_components(pretrained_model_name_or_path: str, revision: str | None = None) -> Components:
-    """Load VAE, UNet, text side and a ``DDPMScheduler`` (from the base's scheduler config) in float32."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    """Load the base (SD1.5-style or SDXL) with :func:`brushnet.loading.load_base_components`, in float32, and a
+    ``DDPMScheduler`` from its scheduler config (the training noise schedule)."""
+    from diffusers import DDPMScheduler
 
-    kwargs = {"revision": revision}
-    unet = UNet2DConditionModel.from_pretrained(pretrained_model_name_or_path, subfolder="unet", **kwargs)
-    vae = AutoencoderKL.from_pretrained(pretrained_model_name_or_path, subfolder="vae", **kwargs)
-    family = family_for_unet(unet).load(pretrained_model_name_or_path, revision=revision)
-    noise_scheduler = DDPMScheduler.from_pretrained(
-        pretrained_model_name_or_path, subfolder="scheduler", **kwargs
-    )
-    return Components(vae, unet, family, noise_scheduler, dict(noise_scheduler.config))
+    from ..loading import load_base_components
+
+    parts = load_base_components(pretrained_model_name_or_path, revision=revision)
+    family = family_for_unet(parts["unet"]).from_components(parts)
+    noise_scheduler = DDPMScheduler.from_config(parts["scheduler"].config)
+    return Components(parts["vae"], parts["unet"], family, noise_scheduler, dict(noise_scheduler.config))
 
 
 def initial_branch(components: Components, brushnet_model_name_or_path: str | None = None) -> BrushNetModel:
@@ -159,7 +161,9 @@ def brushnet_training_loss(
     Args:
         brushnet: the branch (possibly wrapped by accelerate), float32.
         components: the frozen parts, on the branch's device, in ``weight_dtype``.
-        batch: ``{"pixel_values": (B, 3, H, W) in [-1, 1], "mask": (B, 1, H, W) 1 = hole, "caption": [str]}``.
+        batch: ``{"pixel_values": (B, 3, H, W) in [-1, 1], "mask": (B, 1, H, W) 1 = hole, "caption": [str]}``,
+            and for SDXL bases ``"original_size"``, ``"crop_top_left"`` ``(B, 2)`` (see
+            :meth:`brushnet.training.family.SDXLFamily.time_ids`).
         generator: CPU generator for caption dropout, posterior samples, noise and timesteps.
         weight_dtype: dtype of the frozen parts.
         prediction_type: ``"epsilon"`` or ``"v_prediction"``.
@@ -182,7 +186,9 @@ def brushnet_training_loss(
     with torch.no_grad():
         latents = encode_latents(vae, pixel_values, generator)
         brushnet_cond = brushnet_conditioning(vae, pixel_values, hole, generator).float()
-        encoder_hidden_states, added_cond_kwargs = components.family.encode(captions, device, weight_dtype)
+        encoder_hidden_states, added_cond_kwargs = components.family.encode(
+            captions, device, weight_dtype, batch
+        )
 
     noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(device)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
@@ -220,6 +226,27 @@ class TrainResult:
     losses: list[float]  # per optimizer step, this process, averaged over accumulation micro-batches
     final_model_dir: Path
     skipped_samples: dict[str, int] = field(default_factory=dict)  # this process, by reason
+
+
+def freeze(components: Components, weight_dtype: torch.dtype, device: torch.device | str) -> None:
+    """Freeze the base (no gradients, eval mode) on ``device``, in ``weight_dtype``.
+
+    One exception, as diffusers' ``train_controlnet_sdxl.py`` and the original SDXL script make it: an SDXL
+    VAE whose config says it overflows in float16 (``force_upcast``) stays in float32 under fp16 mixed
+    precision (bf16 has float32's range and needs no exception).
+    """
+    vae_config = components.vae.config
+    keep_vae = (
+        weight_dtype == torch.float16
+        and components.family.name == "sdxl"
+        and getattr(vae_config, "force_upcast", False)
+    )
+    for name, module in components.frozen_modules.items():
+        module.requires_grad_(False).eval().to(device)
+        if weight_dtype != torch.float32 and not (name == "vae" and keep_vae):
+            module.to(dtype=weight_dtype)
+    if keep_vae:
+        logger.info("the SDXL VAE overflows in fp16 (force_upcast): it stays in float32")
 
 
 def _mixed_precision_dtype(accelerator) -> torch.dtype:
@@ -268,10 +295,7 @@ def train(config: TrainConfig, dataset=None) -> TrainResult:
     components = load_components(config.pretrained_model_name_or_path, config.revision)
     brushnet = initial_branch(components, config.brushnet_model_name_or_path)
     weight_dtype = _mixed_precision_dtype(accelerator)
-    for module in components.frozen_modules.values():
-        module.requires_grad_(False).eval().to(accelerator.device)
-        if weight_dtype != torch.float32:
-            module.to(dtype=weight_dtype)
+    freeze(components, weight_dtype, accelerator.device)
     if brushnet.dtype != torch.float32:
         brushnet.to(dtype=torch.float32)
     brushnet.to(accelerator.device).train()

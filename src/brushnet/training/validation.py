@@ -93,31 +93,26 @@ def run_validation(
     """
     from diffusers import UniPCMultistepScheduler
 
-    from ..pipelines.pipeline_brushnet import StableDiffusionBrushNetPipeline
-
     parameters = list(brushnet.parameters())
     if ema is not None:
         ema.store(parameters)
         ema.copy_to(parameters)
     brushnet.eval()
     try:
-        pipeline = StableDiffusionBrushNetPipeline(
+        pipeline = components.family.pipeline(  # the SD1.5 or the SDXL pipeline
             vae=components.vae,
             unet=components.unet,
             brushnet=brushnet,
             scheduler=UniPCMultistepScheduler.from_config(components.scheduler_config),
-            safety_checker=None,
-            feature_extractor=None,
-            **components.family.pipeline_components,
         )
         pipeline.set_progress_bar_config(disable=True)
         rows = []
         for prompt, image, mask in zip(validation_set.prompts, validation_set.images, validation_set.masks):
             with accelerator.autocast():
                 result = pipeline(
-                    prompt,
-                    image,
-                    mask,
+                    prompt=prompt,
+                    image=image,
+                    mask_image=mask,
                     height=image.height,
                     width=image.width,
                     num_inference_steps=config.validation_inference_steps,

@@ -1,0 +1,170 @@
+"""Training an SDXL branch: the SDXL text side and time ids, the loss on a fixed batch, exact resume with EMA,
+validation with the SDXL pipeline and the exported branch in it — on the tiny random SDXL base."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from brushnet import StableDiffusionXLBrushNetPipeline
+from brushnet.data.brushdata import BrushDataStream
+from brushnet.models.brushnet import BrushNetModel
+from brushnet.training import family, loop
+from brushnet.training.config import load_config_file, make_config
+from brushnet.training.data import build_train_dataloader, iterate_batches
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "train"
+
+
+@pytest.fixture(scope="module")
+def xl_base(tiny_xl_models) -> Path:
+    return tiny_xl_models["base"]
+
+
+@pytest.fixture
+def xl_config(base_config, xl_base):
+    return {**base_config, "pretrained_model_name_or_path": str(xl_base), "validation_guidance_scale": 5.0}
+
+
+def _first_batch(config):
+    dataset = BrushDataStream(config.train_shards, config.resolution, config.mask, seed=0, shuffle_buffer=0)
+    return next(iterate_batches(build_train_dataloader(config, dataset), dataset, epoch=0))
+
+
+def test_sdxl_family_encodes_as_the_pipeline_and_takes_time_ids_from_the_batch(xl_base):
+    components = loop.load_components(str(xl_base))
+    assert isinstance(components.family, family.SDXLFamily)
+    assert family.family_for_unet(components.unet) is family.SDXLFamily
+    assert set(components.frozen_modules) == {"vae", "unet", "text_encoder", "text_encoder_2"}
+
+    batch = {
+        "pixel_values": torch.zeros(2, 3, 16, 16),
+        "original_size": torch.tensor([[480, 640], [512, 512]]),
+        "crop_top_left": torch.tensor([[0, 53], [10, 0]]),
+    }
+    hidden, added = components.family.encode(["a red ball", ""], "cpu", torch.float32, batch)
+    pipe = components.family.pipeline(components.vae, components.unet, BrushNetModel.from_unet(components.unet),
+                                      components.noise_scheduler)  # fmt: skip
+    assert isinstance(pipe, StableDiffusionXLBrushNetPipeline)
+    expected, _, pooled, _ = pipe.encode_prompt(
+        ["a red ball", ""], device="cpu", do_classifier_free_guidance=False
+    )
+    torch.testing.assert_close(hidden, expected)  # both encoders' penultimate layers, concatenated
+    torch.testing.assert_close(added["text_embeds"], pooled)
+    assert added["time_ids"].tolist() == [[480, 640, 0, 53, 16, 16], [512, 512, 10, 0, 16, 16]]
+
+    uncropped = {"pixel_values": torch.zeros(2, 3, 16, 16)}  # a dataset that does not report them
+    assert components.family.time_ids(uncropped).tolist() == [[16, 16, 0, 0, 16, 16]] * 2
+    with pytest.raises(ValueError, match="time ids"):
+        components.family.encode(["x"], "cpu", torch.float32)
+
+
+def test_the_branch_gets_each_samples_real_size_and_crop(xl_base, tmp_path):
+    """The data pipeline reports each sample's size before resizing and its random crop in the resized image
+    (here 24 × 40 → 16 × 27, so the crop's left edge moves); they reach the branch as SDXL time ids."""
+    from brushnet.data.folder import FolderDataset
+    from brushnet.training.data import collate
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(
+            tmp_path / "images" / f"{i}.png"
+        )
+    dataset = FolderDataset(tmp_path / "images", 16, seed=0)
+    batch = collate([dataset[0], dataset[1]])
+    assert batch["original_size"].tolist() == [[24, 40], [24, 40]]
+    assert (batch["crop_top_left"][:, 0] == 0).all() and batch["crop_top_left"][:, 1].max() > 0
+
+    components = loop.load_components(str(xl_base))
+    brushnet = BrushNetModel.from_unet(components.unet)
+    seen = []
+    brushnet.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs), with_kwargs=True)
+    with torch.no_grad():
+        loop.brushnet_training_loss(brushnet, components, batch, torch.Generator().manual_seed(0))
+    time_ids = seen[0]["added_cond_kwargs"]["time_ids"]
+    expected = torch.cat([batch["original_size"], batch["crop_top_left"], torch.full((2, 2), 16)], dim=1)
+    assert torch.equal(time_ids.long(), expected)
+    assert seen[0]["added_cond_kwargs"]["text_embeds"].shape == (2, 24)
+
+
+def test_sdxl_loss_falls_when_overfitting_one_batch(xl_config, xl_base):
+    components = loop.load_components(str(xl_base))
+    loop.freeze(components, torch.float32, "cpu")
+    brushnet = BrushNetModel.from_unet(components.unet).train()
+    batch = _first_batch(make_config(xl_config))
+    optimizer = torch.optim.AdamW(brushnet.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(20):
+        loss = loop.brushnet_training_loss(brushnet, components, batch, torch.Generator().manual_seed(3))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_sdxl_four_steps_equal_two_plus_resume_plus_two_with_ema(xl_config, tmp_path):
+    values = {**xl_config, "use_ema": True, "ema_decay": 0.5}
+    straight = loop.train(make_config({**values, "output_dir": str(tmp_path / "a"), "max_train_steps": 4}))
+    split = {**values, "output_dir": str(tmp_path / "b")}
+    first = loop.train(make_config({**split, "max_train_steps": 2}))
+    second = loop.train(make_config({**split, "max_train_steps": 4, "resume_from_checkpoint": "latest"}))
+    assert first.losses + second.losses == straight.losses and len(straight.losses) == 4
+    a = load_file(straight.final_model_dir / "diffusion_pytorch_model.safetensors")
+    b = load_file(second.final_model_dir / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "add_embedding.linear_1.weight" in a  # an SDXL branch
+
+
+def test_sdxl_validation_grid_and_the_exported_branch_runs_in_the_pipeline(xl_config, xl_base, tmp_path):
+    config = make_config(
+        {**xl_config, "max_train_steps": 2, "validation_steps": 2, "validation_inference_steps": 2,
+         "num_validation_samples": 2}
+    )  # fmt: skip
+    loop.train(config)
+    out = Path(config.output_dir)
+    grid = Image.open(out / "validation" / "step-2.png")
+    assert grid.size == (3 * 16, 2 * 16)
+
+    def run(branch_dir):
+        brushnet = BrushNetModel.from_pretrained(branch_dir)
+        pipe = StableDiffusionXLBrushNetPipeline.from_pretrained(str(xl_base), brushnet=brushnet)
+        pipe.set_progress_bar_config(disable=True)
+        rng = np.random.default_rng(0)
+        image = Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+        mask = np.zeros((16, 16), np.uint8)
+        mask[4:12, 4:12] = 255
+        return pipe(
+            "a red square", image=image, mask_image=Image.fromarray(mask), num_inference_steps=2,
+            generator=torch.Generator().manual_seed(0), output_type="np",
+        ).images  # fmt: skip
+
+    trained = run(out / "checkpoint-2" / "brushnet")
+    loop.initial_branch(loop.load_components(str(xl_base))).save_pretrained(tmp_path / "untrained")
+    untrained = run(tmp_path / "untrained")
+    assert trained.shape == (1, 16, 16, 3) and np.abs(trained - untrained).max() > 1e-4
+
+
+def test_fp16_keeps_the_overflowing_sdxl_vae_in_float32(xl_base, tiny_base):
+    xl = loop.load_components(str(xl_base))
+    loop.freeze(xl, torch.float16, "cpu")
+    assert xl.vae.dtype == torch.float32 and xl.vae.config.force_upcast
+    assert {xl.unet.dtype, xl.family.text_encoder.dtype, xl.family.text_encoder_2.dtype} == {torch.float16}
+    xl = loop.load_components(str(xl_base))
+    loop.freeze(xl, torch.bfloat16, "cpu")  # bf16 has float32's range
+    assert xl.vae.dtype == torch.bfloat16
+    sd15 = loop.load_components(str(tiny_base))
+    loop.freeze(sd15, torch.float16, "cpu")
+    assert {m.dtype for m in sd15.frozen_modules.values()} == {torch.float16}
+    assert not any(p.requires_grad for m in sd15.frozen_modules.values() for p in m.parameters())
+
+
+def test_sdxl_recipe_config_is_the_originals():
+    config = make_config(load_config_file(CONFIGS / "sdxl_brushnet.yaml"))
+    assert (config.resolution, config.train_batch_size, config.gradient_accumulation_steps) == (1024, 1, 4)
+    assert config.learning_rate == 1e-5 and config.mixed_precision == "bf16"
+    assert config.pretrained_model_name_or_path == "stabilityai/stable-diffusion-xl-base-1.0"
