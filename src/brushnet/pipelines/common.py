@@ -204,14 +204,10 @@ class BrushNetPipelineMixin:
             return_dict=False,
         )
         if cfg and not on_doubled_batch:
-            if guess_mode:  # the unconditional half gets no branch at all
+            # both halves get the same residuals; in guess mode the unconditional half gets none
 
-                def expand(r):
-                    return torch.cat([torch.zeros_like(r), r])
-            else:
-
-                def expand(r):
-                    return torch.cat([r, r])
+            def expand(r):
+                return torch.cat([torch.zeros_like(r) if guess_mode else r, r])
 
             down, mid, up = [expand(r) for r in down], expand(mid), [expand(r) for r in up]
 

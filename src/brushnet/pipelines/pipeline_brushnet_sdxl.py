@@ -480,18 +480,19 @@ class StableDiffusionXLBrushNetPipeline(
             images = latents
         else:
             config = self.vae.config
+            latents_mean, latents_std = (
+                getattr(config, "latents_mean", None),
+                getattr(config, "latents_std", None),
+            )
             with self._vae_in_float32():
-                if getattr(config, "latents_mean", None) is not None and config.latents_std is not None:
-                    mean = (
-                        torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
-                    )
-                    std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+                if latents_mean is not None and latents_std is not None:  # a VAE with latent statistics
+                    mean = torch.tensor(latents_mean).view(1, -1, 1, 1).to(latents)
+                    std = torch.tensor(latents_std).view(1, -1, 1, 1).to(latents)
                     latents = latents * std / config.scaling_factor + mean
                 else:
                     latents = latents / config.scaling_factor
-                decoded = self.vae.decode(latents.to(self.vae.dtype), return_dict=False, generator=generator)[
-                    0
-                ]
+                vae_input = latents.to(self.vae.dtype)
+                decoded = self.vae.decode(vae_input, return_dict=False, generator=generator)[0]
             images = self._postprocess(
                 decoded, image_tensor, hole, output_type, blending, blending_kernel_size
             )
