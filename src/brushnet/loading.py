@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +58,6 @@ _DEFAULT_CLASSES = {
     "tokenizer_2": "CLIPTokenizer",
 }
 _WEIGHTED = ("vae", "text_encoder", "text_encoder_2", "unet")
-
-
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
@@ -211,11 +209,6 @@ def _looks_like_hub_id(p: str) -> bool:
     return len(parts) == 2 and all(parts) and not p.startswith((".", "/"))
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else exc.__class__.__name__
-
-
 # -- branches ------------------------------------------------------------------------------------------
 
 
@@ -279,7 +272,7 @@ def load_brushnet(
             **hub_kwargs,
         )
     except OSError as exc:
-        raise CheckpointError(f"cannot load BrushNet {path!r} from the hub: {_first_line(exc)}") from None
+        raise CheckpointError(f"cannot load BrushNet {path!r} from the hub: {first_line(exc)}") from None
     if base_config is not None:
         check_brushnet_fits_base(brushnet.config, base_config)
     return brushnet
@@ -394,7 +387,7 @@ def _load_components(source: str, torch_dtype, allow_pickle: bool, hub_kwargs) -
                 parts[name] = cls.from_pretrained(source, subfolder=name, **hub_kwargs)
         scheduler_config = diffusers.DDIMScheduler.load_config(source, subfolder="scheduler", **hub_kwargs)
     except OSError as exc:
-        raise CheckpointError(f"cannot load base model {source!r}: {_first_line(exc)}") from None
+        raise CheckpointError(f"cannot load base model {source!r}: {first_line(exc)}") from None
     scheduler_cls = (
         getattr(diffusers, str(scheduler_config.get("_class_name")), None) or diffusers.DDIMScheduler
     )
@@ -423,7 +416,7 @@ def _single_file_family(path: Path, config: str | os.PathLike | None) -> str:
         with safe_open(str(path), "pt") as f:
             keys = list(f.keys())
     except Exception as exc:  # safetensors raises its own error types for a bad header
-        raise CheckpointError(f"cannot load single-file checkpoint {path.name}: {_first_line(exc)}") from None
+        raise CheckpointError(f"cannot load single-file checkpoint {path.name}: {first_line(exc)}") from None
     return "sdxl" if any(k.startswith("conditioner.embedders.1.") for k in keys) else "sd15"
 
 
@@ -453,6 +446,6 @@ def _load_single_file(
     except Exception as exc:  # diffusers raises many kinds here; keep one clear line
         hint = "" if config else " (offline? pass --base-config with a local diffusers folder)"
         raise CheckpointError(
-            f"cannot load single-file checkpoint {p.name}: {_first_line(exc)}{hint}"
+            f"cannot load single-file checkpoint {p.name}: {first_line(exc)}{hint}"
         ) from None
     return {name: getattr(pipe, name) for name in FAMILY_COMPONENTS[family]}

@@ -296,6 +296,14 @@ def test_denoising_end_timesteps_and_callback(pipe, inputs):
     assert pipe.num_timesteps == 3 and np.abs(custom - default).max() > 1e-4
 
 
+def test_eta_reaches_ddim(pipe, inputs):
+    image, mask, _ = inputs
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    reference = _run(pipe, image, mask, num_inference_steps=3)
+    noisy = _run(pipe, image, mask, num_inference_steps=3, eta=1.0)
+    assert np.abs(noisy - reference).max() > 1e-4
+
+
 def test_batch_equals_single_and_return_types(pipe, inputs):
     image, mask, _ = inputs
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
