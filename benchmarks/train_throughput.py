@@ -201,7 +201,7 @@ def main() -> None:
     table = _format(results, args)
     print(table, end="")
     if args.output:
-        from brushnet.cli_common import atomic_write_bytes
+        from brushnet.io import atomic_write_bytes
 
         atomic_write_bytes(args.output, table.encode())
 

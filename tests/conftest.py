@@ -3,10 +3,14 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# One torch thread per test process (pytest-xdist gives the parallelism; see shared/STYLE.md), also for the CLI
+# commands the tests run in-process, which honour OMP_NUM_THREADS; and OpenMP threads that sleep while waiting
+# instead of spinning (read when torch loads OpenMP, so set before the import).
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-# One torch thread per test process: pytest-xdist gives the parallelism (see shared/STYLE.md).
 torch.set_num_threads(1)
 
 from pathlib import Path  # noqa: E402

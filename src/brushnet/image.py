@@ -11,21 +11,24 @@ to the model that needs them, never here.
 
 from __future__ import annotations
 
-import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import InputError
 
 __all__ = [
     "InputError",
+    "DEFAULT_MAX_PIXELS",
     "load_image",
+    "oriented",
     "load_mask",
     "mask_to_array",
-    "mask_to_tensor",
     "pil_to_tensor",
     "tensor_to_pil",
     "gaussian_kernel_1d",
@@ -35,27 +38,74 @@ __all__ = [
 ]
 
 
-class InputError(ValueError):
-    """Bad user input (missing/corrupt file, wrong size, empty or full mask, ...). The message is one line."""
+DEFAULT_MAX_PIXELS = 8192 * 8192
+"""The largest image (width x height) the project opens unless told otherwise; checked from the file's header
+before any pixel is decoded (a decompression bomb is refused, not decoded)."""
 
 
-def _open(path: str | os.PathLike, what: str) -> Image.Image:
+def _open(path: str | os.PathLike, what: str, max_pixels: int | None = None) -> Image.Image:
     path = Path(path)
     if not path.exists():
         raise InputError(f"{what} file not found: {path}")
     if not path.is_file():
         raise InputError(f"{what} path is not a file: {path}")
+    limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img.copy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                if width * height > limit:
+                    raise InputError(
+                        f"{what} {path} is {width}x{height} = {width * height} pixels; the limit is {limit} "
+                        "(--max-pixels)"
+                    )
+                img.load()
+                return ImageOps.exif_transpose(img) if _has_orientation(img) else img.copy()
+    except Image.DecompressionBombError:
+        raise InputError(f"{what} {path} has too many pixels to open safely (over PIL's limit)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        if isinstance(exc, InputError):
+            raise
         raise InputError(f"{what} file is not a readable image: {path} ({exc.__class__.__name__})") from None
 
 
-def load_image(path: str | os.PathLike | Image.Image) -> Image.Image:
-    """Load an image file as RGB. Transparent pixels of RGBA/LA images are composited on black."""
-    img = path if isinstance(path, Image.Image) else _open(path, "image")
+def _has_orientation(img: Image.Image) -> bool:
+    try:
+        return img.getexif().get(0x0112, 1) not in (1, None)
+    except Exception:  # noqa: BLE001 - a broken EXIF block is no orientation
+        return False
+
+
+def oriented(img: Image.Image) -> Image.Image:
+    """``img`` turned upright by its EXIF orientation tag, as viewers (and the web page) show it."""
+    return ImageOps.exif_transpose(img) if _has_orientation(img) else img
+
+
+def _eight_bit(img: Image.Image) -> Image.Image:
+    """16-bit and 32-bit integer/float greyscale images scaled by their range to 8-bit ``L`` (PIL's own
+    ``convert("L")`` clips them, so a 16-bit mask or photo would come out nearly white)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode == "F":
+            top = 1.0 if arr.max(initial=0.0) <= 1.0 else 255.0
+        elif img.mode.startswith("I;16") or arr.max(initial=0) > 255:
+            top = 65535.0
+        else:
+            top = 255.0
+        return Image.fromarray(np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8), mode="L")
+    return img
+
+
+def load_image(path: str | os.PathLike | Image.Image, max_pixels: int | None = None) -> Image.Image:
+    """Load an image file as RGB, upright by its EXIF orientation. Transparent pixels of RGBA/LA images are
+    composited on black; 16-bit images are scaled by their range.
+
+    Raises:
+        InputError: missing or unreadable file, or more than ``max_pixels`` pixels (checked before decoding).
+    """
+    img = oriented(path) if isinstance(path, Image.Image) else _open(path, "image", max_pixels)
+    img = _eight_bit(img)
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
@@ -72,6 +122,7 @@ def mask_to_array(mask: Image.Image | np.ndarray | torch.Tensor, invert: bool = 
     ``(1, 1, H, W)`` in [0, 1]. Colour masks use the mean of their channels. Binarised at 0.5.
     """
     if isinstance(mask, Image.Image):
+        mask = _eight_bit(mask)
         if mask.mode in ("RGBA", "LA", "PA") or (mask.mode == "P" and "transparency" in mask.info):
             rgba = np.asarray(mask.convert("RGBA"))
             colour, alpha = rgba[..., :3], rgba[..., 3]
@@ -112,6 +163,7 @@ def load_mask(
     invert: bool = False,
     allow_empty: bool = False,
     allow_full: bool = True,
+    max_pixels: int | None = None,
 ) -> np.ndarray:
     """Load a mask (white = inpaint) as a boolean ``(H, W)`` array, True = hole, with input checks.
 
@@ -121,10 +173,15 @@ def load_mask(
         invert: swap hole and kept region (for masks drawn white = keep).
         allow_empty: an all-black mask (nothing to inpaint) is an error unless True.
         allow_full: an all-white mask (nothing kept) is allowed by default (it is plain text-to-image).
+        max_pixels: refuse larger mask files before decoding them.
+
+    A mask file or PIL image is turned upright by its EXIF orientation, as the image is.
     """
     source = path
     if isinstance(path, (str, os.PathLike)):
-        source = _open(path, "mask")
+        source = _open(path, "mask", max_pixels)
+    elif isinstance(path, Image.Image):
+        source = oriented(path)
     hole = mask_to_array(source, invert=invert)
     if size is not None and (hole.shape[1], hole.shape[0]) != tuple(size):
         raise InputError(
@@ -135,11 +192,6 @@ def load_mask(
     if not allow_full and hole.all():
         raise InputError("mask covers the whole image: nothing is kept (white = inpaint)")
     return hole
-
-
-def mask_to_tensor(mask, invert: bool = False) -> torch.Tensor:
-    """Any mask form → float tensor ``(1, 1, H, W)`` in {0, 1}, 1 = hole."""
-    return torch.from_numpy(mask_to_array(mask, invert=invert).astype(np.float32))[None, None]
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -226,8 +278,3 @@ def blend_pil(
     out = orig.astype(np.float64) * (1 - weight) + gen.astype(np.float64) * weight
     out = np.where(weight == 0, orig, np.clip(np.round(out), 0, 255)).astype(np.uint8)
     return Image.fromarray(out)
-
-
-def feather_radius(kernel_size: int) -> int:
-    """How far (pixels) the feathered band reaches outside the hole."""
-    return max(0, math.floor(kernel_size / 2))

@@ -9,7 +9,7 @@ from PIL import Image
 
 from brushnet.bench.datasets import load_dataset, shard_indices
 from brushnet.data.rle import encode_brushbench_rle
-from brushnet.image import InputError
+from brushnet.errors import InputError
 
 
 def _write_brushbench(root, with_outpainting=True, extra=None):

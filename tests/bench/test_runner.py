@@ -17,10 +17,10 @@ from brushnet.bench.report import (
     write_reports,
 )
 from brushnet.bench.runner import BenchSettings, run_benchmark
-from brushnet.image import InputError
+from brushnet.errors import InputError
 from brushnet.methods import available_methods, load_method
 
-SETTINGS = BenchSettings(steps=2)
+SETTINGS = BenchSettings(steps=2, scorers=["shapes"])
 BASELINE = "blended-latent-diffusion"
 PIXEL_COLUMNS = ("psnr_orig", "mse_orig", "psnr", "mse", "ssim")
 
@@ -165,7 +165,7 @@ def test_shards_write_disjoint_parts_of_the_same_run(tmp_path, tiny_models, shap
 def test_cli_run_outside_and_report(tmp_path, tiny_models, shapes_set):
     from typer.testing import CliRunner
 
-    from brushnet.bench.cli import app
+    from brushnet.cli.bench import app
 
     runner = CliRunner()
     args = ["run", "--methods", "brushnet", "--dataset", str(shapes_set), "--mask-kind", "outside", "--limit", "1",
@@ -193,7 +193,7 @@ def test_cli_run_outside_and_report(tmp_path, tiny_models, shapes_set):
 def test_cli_missing_metric_weights_is_one_line(tmp_path, shapes_set):
     from typer.testing import CliRunner
 
-    from brushnet.bench.cli import app
+    from brushnet.cli.bench import app
 
     missing = tmp_path / "ImageReward.pt"
     args = ["run", "--dataset", str(shapes_set), "--output", str(tmp_path / "run"), "--num-shards", "1",

@@ -80,7 +80,7 @@ def test_a_combination_that_cannot_run_is_recorded(tiny_models, monkeypatch):
 def test_cli_speed_writes_json_and_table(tmp_path, tiny_models):
     from typer.testing import CliRunner
 
-    from brushnet.bench.cli import app
+    from brushnet.cli.bench import app
 
     out = tmp_path / "speed.json"
     args = ["speed", "--methods", "brushnet", "--resolutions", "32", "--steps", "2", "--repeats", "1",

@@ -9,7 +9,7 @@ from PIL import Image
 
 from brushnet.data.folder import FolderDataset, read_captions
 from brushnet.data.masks import MaskConfig
-from brushnet.image import InputError
+from brushnet.errors import InputError
 
 
 @pytest.fixture

@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from brushnet.cli.data import shapes_app as app
 from brushnet.data.rle import decode_brushbench_rle, decode_brushdata_rle
 from brushnet.data.shapes import PALETTE, dilate_mask, object_phrase, render_scene, sample_scene, scene_rng
-from brushnet.data.shapes_cli import app
 from brushnet.data.shapes_writers import write_eval_set, write_training_shards
 
 

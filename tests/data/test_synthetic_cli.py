@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 from typer.testing import CliRunner
 
-from brushnet.data.cli import app
+from brushnet.cli.data import data_app as app
 from brushnet.data.rle import decode_brushdata_rle
 from brushnet.data.synthetic import MALFORMED_KINDS, write_synthetic_shards
 
@@ -59,7 +59,7 @@ def test_cli_make_synthetic(tmp_path):
 
 def test_cli_import_is_light_and_package_exports_lazily():
     code = (
-        "import sys, brushnet.data.cli, brushnet.data as data; "
+        "import sys, brushnet.cli.data, brushnet.data as data; "
         "heavy = [m for m in ('torch', 'webdataset', 'PIL', 'numpy') if m in sys.modules]; "
         "assert not heavy, heavy; "
         "assert data.MaskConfig().mode == 'segmentation' and callable(data.BrushDataStream)"

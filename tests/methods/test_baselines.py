@@ -6,9 +6,9 @@ import torch
 
 from brushnet.image import feather_mask, pil_to_tensor
 from brushnet.methods import available_methods, inpaint
-from brushnet.methods.controlnet_inpaint import inpaint_control_image
-from brushnet.methods.repaint import repaint_schedule
-from brushnet.methods.sd_common import latent_hole
+from brushnet.methods.builtin.controlnet_inpaint import inpaint_control_image
+from brushnet.methods.builtin.repaint import repaint_schedule
+from brushnet.methods.latent_method import latent_hole
 
 FAST = {"steps": 3, "guidance_scale": 2.0, "scheduler": "ddim", "seed": 7, "prompt": "a cat"}
 BASELINES = ["sd-inpainting", "blended-latent-diffusion", "repaint", "controlnet-inpaint"]
@@ -45,7 +45,7 @@ def test_end_to_end_size_calls_and_reproducible(load, scene, name):
 
 
 def test_unknown_option_is_an_error(load, scene):
-    from brushnet.image import InputError
+    from brushnet.errors import InputError
 
     with pytest.raises(InputError, match="jump_lenght"):
         inpaint(load("repaint"), *scene, dict(FAST, options={"jump_lenght": 2}))
@@ -200,7 +200,7 @@ def test_controlnet_pipeline_mask_is_one_on_the_hole(load, scene, monkeypatch):
 
 
 def test_control_guidance_window_is_validated(load, scene):
-    from brushnet.image import InputError
+    from brushnet.errors import InputError
 
     with pytest.raises(InputError):
         inpaint(

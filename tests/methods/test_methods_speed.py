@@ -4,7 +4,7 @@ import runpy
 import sys
 from pathlib import Path
 
-from brushnet.methods.repaint import repaint_schedule
+from brushnet.methods.builtin.repaint import repaint_schedule
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "methods_speed.py"
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from brushnet.image import InputError, tensor_to_pil
+from brushnet.errors import InputError
+from brushnet.image import tensor_to_pil
 from brushnet.methods import GenerateOutput, InpaintMethod, inpaint, outpaint
 from brushnet.methods.processing import (
     crop_box,
@@ -37,11 +38,12 @@ class Probe(InpaintMethod):
     def load(cls, models, device="cpu", dtype="fp32"):
         return cls()
 
-    def generate(self, image, hole, request, options, generators, on_step=None):
+    def generate(self, task):
+        image, hole = task.image, task.hole
         self.seen.append((image.clone(), hole.clone()))
         green = torch.tensor([0.0, 1.0, 0.0]).view(1, 3, 1, 1)
         out = torch.where(hole > 0.5, green, 1 - image if self.invert_outside else image)
-        return GenerateOutput(images=out.expand(len(generators), -1, -1, -1).clone(), unet_calls=0)
+        return GenerateOutput(images=out.expand(task.num_images, -1, -1, -1).clone(), unet_calls=0)
 
 
 def _image(width, height, seed=0):
@@ -256,7 +258,7 @@ def test_bad_inputs_are_one_line_errors():
         inpaint(Probe(), image, _mask(64, 64, (10, 10, 20, 20)), blend_kernel_size=4)
     with pytest.raises(InputError, match="bad request: steps"):
         inpaint(Probe(), image, _mask(64, 64, (10, 10, 20, 20)), steps=0)
-    with pytest.raises(InputError, match="bad request: colour"):
+    with pytest.raises(InputError, match="bad request: unknown field 'colour'"):
         inpaint(Probe(), image, _mask(64, 64, (10, 10, 20, 20)), colour="red")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import threading
 import time
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from brushnet.methods.brushnet_method import BrushNetMethod
+from brushnet.methods.builtin.brushnet import BrushNetMethod
 
 pytest.importorskip("fastapi")
 pytest.importorskip("multipart")
@@ -29,17 +30,16 @@ class GatedBrushNet(BrushNetMethod):
         self.step_delay = 0.0
         self.started = threading.Semaphore(0)  # released once per job that reaches generate()
 
-    def generate(self, image, hole, request, options, generators, on_step=None):
+    def generate(self, task):
         self.started.release()
         self.gate.wait(30)
 
         def slow_step(step, total):
             if self.step_delay:
                 time.sleep(self.step_delay)
-            if on_step is not None:
-                on_step(step, total)
+            task.step(step, total)
 
-        return super().generate(image, hole, request, options, generators, slow_step)
+        return super().generate(dataclasses.replace(task, on_step=slow_step))
 
 
 @pytest.fixture(scope="session")

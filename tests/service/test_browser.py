@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from brushnet.service.cli import BackgroundServer
+from brushnet.service.server import BackgroundServer
 
 from .conftest import png
 

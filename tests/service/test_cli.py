@@ -18,7 +18,7 @@ def test_serve_builds_the_app_on_loopback_with_the_limits(tiny_models, monkeypat
 
     def fake_run(asgi_app, host, port, log_level):
         seen.update(host=host, port=port)
-        with TestClient(asgi_app) as client:
+        with TestClient(asgi_app, base_url=f"http://{host}:{port}") as client:  # the Host the server answers to
             seen["health"] = client.get("/api/v1/health").json()
             seen["limits"] = client.get("/api/v1/methods").json()["limits"]
 

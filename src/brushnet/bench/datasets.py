@@ -35,7 +35,8 @@ import numpy as np
 from PIL import Image
 
 from ..data.rle import decode_brushbench_rle
-from ..image import InputError, load_image, load_mask
+from ..errors import InputError
+from ..image import load_image, load_mask
 
 logger = logging.getLogger(__name__)
 

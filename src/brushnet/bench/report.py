@@ -27,7 +27,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from .runner import atomic_write_bytes
+from ..io import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 

@@ -7,6 +7,7 @@ Run-folder layout (``RUN_DIR``)::
     outputs/<method>/<mask_kind>/blended/<id>.png  the same output pasted into the original with the
                                                    paper's blurred blending (reference §4)
     rows/<method>/<mask_kind>/<id>.json       {"metrics": [...], "rows": [raw row, blended row]}
+    failures.jsonl                            entries that could not be run (bad image, RLE, id), one a line
     results/                                  the merged reports (see :mod:`brushnet.bench.report`)
 
 Each image is generated **once**; "with blending" and "without blending" are two views of that single
@@ -24,23 +25,24 @@ import json
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
 
-from ..cli_common import atomic_write_bytes
-from ..image import InputError
+from ..errors import InputError, first_line
+from ..io import atomic_write_bytes, png_bytes, read_png_metadata
 from .datasets import BenchDataset, BenchItem, shard_indices
+from .protocol import BenchSettings
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "METRIC_COLUMNS",
     "BenchSettings",
+    "check_item_id",
     "RunStats",
     "run_benchmark",
     "score_item",
@@ -61,26 +63,6 @@ METRIC_COLUMNS: dict[str, str] = {
     "ssim": "ssim",
 }
 VARIANTS = ("raw", "blended")
-GENERATION_CHUNK = "brushnet"
-"""PNG text chunk of every raw output: the generation's JSON (method, seed, parameters, timings, UNet calls),
-so that rows can be rebuilt from the outputs alone."""
-
-
-class BenchSettings(BaseModel):
-    """The generation protocol; defaults are the BrushNet paper's (reference §3, §6)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    steps: int = Field(50, ge=1, le=1000)
-    guidance_scale: float = Field(7.5, ge=0.0)
-    seed: int = Field(1234, ge=0, description="The same seed for every image (the paper's protocol).")
-    scheduler: str = "unipc-original"
-    negative_prompt: str = ""
-    blend_kernel_size: int = Field(21, ge=1, description="Blurred-blending kernel (paper: 21).")
-    resolution: int | None = Field(
-        None, description="Working size; None = the image's size (512 on BrushBench)."
-    )
-    options: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Method name -> options.")
 
 
 @dataclass
@@ -91,33 +73,44 @@ class RunStats:
     skipped: int = 0
     rescored: int = 0
     failed: int = 0
+    failures: list[dict[str, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.generated} generated, {self.skipped} skipped (done), {self.rescored} re-scored, "
+            f"{self.failed} failed"
+        )
 
 
-def _atomic_png(path: Path, image: Image.Image, metadata: Mapping[str, Any] | None = None) -> None:
-    """Write ``image`` as PNG atomically; ``metadata`` goes into its ``brushnet`` text chunk as JSON."""
-    import io
-
-    from PIL.PngImagePlugin import PngInfo
-
-    info = None
-    if metadata is not None:
-        info = PngInfo()
-        info.add_text(GENERATION_CHUNK, json.dumps(metadata, sort_keys=True, default=str))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
-    atomic_write_bytes(path, buffer.getvalue())
+def _record_failures(run_dir: Path, failures: list[dict[str, str]], process_index: int) -> None:
+    """Append this call's failed entries to ``failures.jsonl`` (one file per process)."""
+    path = run_dir / ("failures.jsonl" if process_index == 0 else f"failures.{process_index}.jsonl")
+    previous = path.read_text() if path.is_file() else ""
+    atomic_write_bytes(path, (previous + "".join(json.dumps(f) + "\n" for f in failures)).encode())
 
 
-def _generation_record(path: Path) -> dict[str, Any]:
-    """The generation metadata a raw output carries (empty when missing or unreadable)."""
-    try:
-        with Image.open(path) as image:
-            return json.loads(image.text.get(GENERATION_CHUNK, "{}"))
-    except (OSError, ValueError, AttributeError):
-        return {}
+def check_item_id(item_id: str) -> str:
+    """An entry id becomes a file name only if it is a plain one: no path separator, no leading dot (``..``),
+    no control character, at most 200 characters. Anything else is refused (the entry is skipped and recorded),
+    so no output is ever written outside the run folder.
+
+    Raises:
+        InputError: an unsafe id.
+    """
+    if (
+        not item_id
+        or len(item_id) > 200
+        or item_id.startswith(".")
+        or any(c in item_id for c in "/\\")
+        or any(ord(c) < 32 for c in item_id)
+    ):
+        raise InputError(f"entry id {item_id!r} is not a plain file name; refused")
+    return item_id
 
 
 def output_paths(run_dir: Path, method: str, mask_kind: str, item_id: str) -> dict[str, Path]:
+    """Where one entry's outputs and row file go (the id is checked by :func:`check_item_id`)."""
+    check_item_id(item_id)
     base = run_dir / "outputs" / method / mask_kind
     return {
         "raw": base / "raw" / f"{item_id}.png",
@@ -126,22 +119,8 @@ def output_paths(run_dir: Path, method: str, mask_kind: str, item_id: str) -> di
     }
 
 
-def _text_alignment(
-    image: Image.Image, mask: np.ndarray, target: Mapping[str, Any]
-) -> dict[str, bool | None]:
-    """Shapes-world text alignment: does the prompted colour dominate the hole, is its blob the prompted shape."""
-    from ..data.shapes_metrics import classify_shape, dominant_colour
-
-    colour, shape = target.get("colour"), target.get("shape")
-    rgb = np.asarray(image.convert("RGB"))
-    return {
-        "colour_ok": None if colour is None else dominant_colour(rgb, mask) == colour,
-        "shape_ok": None if shape is None or colour is None else classify_shape(rgb, mask, colour) == shape,
-    }
-
-
 def score_item(
-    suite, item: BenchItem, outputs: Mapping[str, Image.Image], mask_kind: str
+    suite, item: BenchItem, outputs: Mapping[str, Image.Image], mask_kind: str, scorers: Sequence[str] = ()
 ) -> dict[str, dict[str, Any]]:
     """Score each variant of one generation.
 
@@ -149,15 +128,16 @@ def score_item(
         suite: a :class:`~brushnet.metrics.MetricSuite` (its active metrics are computed).
         item: the benchmark item (original image, mask = hole, caption).
         outputs: variant name → output image at the item's size.
-        mask_kind: ``"inside"`` or ``"outside"``; text alignment is scored for inside-inpainting only
-            (the target describes the hole's object).
+        mask_kind: ``"inside"`` or ``"outside"``.
+        scorers: names of extra per-image scorers (:mod:`brushnet.bench.scorers`).
 
     Returns:
-        variant → {column: value} (see :data:`METRIC_COLUMNS`, plus ``colour_ok``/``shape_ok``).
+        variant → {column: value} (see :data:`METRIC_COLUMNS`, plus the extra scorers' columns).
     """
     import torch
 
     from ..image import pil_to_tensor
+    from .scorers import get_scorer
 
     names = list(outputs)
     generated = torch.cat([pil_to_tensor(outputs[name]) for name in names])
@@ -167,9 +147,8 @@ def score_item(
     result: dict[str, dict[str, Any]] = {}
     for index, name in enumerate(names):
         row = {METRIC_COLUMNS[metric]: float(values[index]) for metric, values in scores.items()}
-        target = item.metadata.get("target")
-        if mask_kind == "inside" and isinstance(target, Mapping):
-            row.update(_text_alignment(outputs[name], item.mask, target))
+        for scorer in scorers:
+            row.update(get_scorer(scorer)(outputs[name], item, mask_kind))
         result[name] = row
     return result
 
@@ -257,7 +236,7 @@ def run_benchmark(
         Counts of generated, skipped (already done), re-scored and failed items.
     """
     from ..image import blend_pil
-    from ..methods import InpaintRequest, ModelPaths, inpaint, load_method
+    from ..methods import ModelPaths, get_method_class, load_method, prepare, run
     from ..metrics import MetricSuite
 
     settings = settings or BenchSettings()
@@ -265,6 +244,9 @@ def run_benchmark(
     if isinstance(models, dict):
         models = ModelPaths(**models)
     load = load or load_method
+    classes = {name: get_method_class(name) for name in methods}
+    for cls in classes.values():  # every request and option is checked before anything is written
+        settings.request_for(cls, "")
     record = {
         "protocol": "generate once; score the raw output and its blurred-blended paste-back",
         "settings": settings.model_dump(),
@@ -284,7 +266,11 @@ def run_benchmark(
     for name in methods:
         todo, rescore = [], []
         for index in indices:
-            paths = output_paths(run_dir, name, mask_kind, dataset.ids[index])
+            try:
+                paths = output_paths(run_dir, name, mask_kind, dataset.ids[index])
+            except InputError:
+                todo.append(index)  # refused below, recorded with the other failures
+                continue
             have_outputs = paths["raw"].is_file() and paths["blended"].is_file()
             rows = _read_rows(paths["rows"]) if have_outputs else None
             if rows is not None and set(active) <= set(rows.get("metrics", [])):
@@ -300,40 +286,34 @@ def run_benchmark(
         )  # fmt: skip
         method = load(name, models, device=device, dtype=dtype) if todo else None
         for index in sorted(todo + rescore):
-            item = dataset[index]
-            paths = output_paths(run_dir, name, mask_kind, item.id)
-            timing: dict[str, Any] = {}
-            if index in todo:
-                request = InpaintRequest(
-                    prompt=item.prompt,
-                    negative_prompt=settings.negative_prompt,
-                    seed=settings.seed,
-                    steps=settings.steps,
-                    guidance_scale=settings.guidance_scale,
-                    scheduler=settings.scheduler,
-                    blend=False,
-                    blend_kernel_size=settings.blend_kernel_size,
-                    resolution=settings.resolution,
-                    options=settings.options.get(name, {}),
+            item_id = dataset.ids[index]
+            try:
+                paths = output_paths(run_dir, name, mask_kind, item_id)
+                item = dataset[index]
+                if index in todo:
+                    request = settings.request_for(classes[name], item.prompt)
+                    result = run(method, prepare(classes[name], item.image, item.mask, request))
+                    raw = result.images[0]
+                    blended = blend_pil(item.image, raw, item.mask, kernel_size=settings.blend_kernel_size)
+                    metadata = result.metadata()
+                    atomic_write_bytes(paths["raw"], png_bytes(raw, metadata))
+                    atomic_write_bytes(paths["blended"], png_bytes(blended))
+                    stats.generated += 1
+                else:
+                    raw = Image.open(paths["raw"]).convert("RGB")
+                    blended = Image.open(paths["blended"]).convert("RGB")
+                    metadata = read_png_metadata(paths["raw"])
+                    stats.rescored += 1
+            except (InputError, OSError, ValueError) as exc:  # one bad entry never stops the run
+                message = first_line(exc)
+                logger.warning("%s/%s/%s: skipped: %s", name, mask_kind, item_id, message)
+                stats.failed += 1
+                stats.failures.append(
+                    {"method": name, "mask_kind": mask_kind, "id": item_id, "error": message}
                 )
-                try:
-                    result = inpaint(method, item.image, item.mask, request)
-                except InputError as exc:
-                    logger.warning("%s/%s/%s: skipped: %s", name, mask_kind, item.id, exc)
-                    stats.failed += 1
-                    continue
-                raw = result.images[0]
-                blended = blend_pil(item.image, raw, item.mask, kernel_size=settings.blend_kernel_size)
-                _atomic_png(paths["blended"], blended)
-                _atomic_png(paths["raw"], raw, result.metadata())
-                timing = _timing(result.metadata())
-                stats.generated += 1
-            else:
-                raw = Image.open(paths["raw"]).convert("RGB")
-                blended = Image.open(paths["blended"]).convert("RGB")
-                timing = _timing(_generation_record(paths["raw"]))
-                stats.rescored += 1
-            scores = score_item(suite, item, {"raw": raw, "blended": blended}, mask_kind)
+                continue
+            scores = score_item(suite, item, {"raw": raw, "blended": blended}, mask_kind, settings.scorers)
+            timing = _timing(metadata)
             rows = []
             for variant, image_path in (("raw", paths["raw"]), ("blended", paths["blended"])):
                 rows.append(
@@ -353,4 +333,6 @@ def run_benchmark(
             payload = {"metrics": active, "rows": rows}
             atomic_write_bytes(paths["rows"], json.dumps(payload, indent=1).encode())
         del method
+    if stats.failures:
+        _record_failures(run_dir, stats.failures, process_index)
     return stats

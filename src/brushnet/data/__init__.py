@@ -1,6 +1,6 @@
 """Datasets, mask generators and run-length codecs.
 
-The public names below are imported lazily (on first attribute access), so ``import brushnet.data.cli`` and
+The public names below are imported lazily (on first attribute access), so ``import brushnet.cli.data`` and
 ``brushnet data --help`` do not pay for torch or webdataset.
 """
 

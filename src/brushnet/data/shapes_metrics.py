@@ -32,6 +32,7 @@ __all__ = [
     "largest_component",
     "shape_accuracy",
     "shape_features",
+    "text_alignment",
 ]
 
 _PALETTE_NAMES = list(PALETTE)
@@ -271,3 +272,21 @@ def shape_accuracy(
 ) -> bool:
     """Whether the largest ``colour`` blob in the region is classified as the prompted ``shape``."""
     return classify_shape(image, region_mask, colour, **kwargs) == shape
+
+
+def text_alignment(image, item, mask_kind: str) -> dict[str, bool | None]:
+    """The shapes world's text-alignment scores of a benchmark output (``brushnet bench run --score shapes``):
+    ``colour_ok`` — the prompted colour dominates the hole; ``shape_ok`` — its blob has the prompted shape.
+
+    Scored for inside-inpainting only, on items whose metadata has a ``target`` (``{"colour", "shape"}``, as
+    :func:`brushnet.data.shapes_writers.write_eval_set` writes it); otherwise no columns.
+    """
+    target = item.metadata.get("target")
+    if mask_kind != "inside" or not isinstance(target, dict):
+        return {}
+    colour, shape = target.get("colour"), target.get("shape")
+    rgb = np.asarray(image.convert("RGB"))
+    return {
+        "colour_ok": None if colour is None else dominant_colour(rgb, item.mask) == colour,
+        "shape_ok": None if shape is None or colour is None else classify_shape(rgb, item.mask, colour) == shape,
+    }

@@ -8,8 +8,8 @@ from pathlib import Path
 __all__ = ["DEMO_DIR", "METHODS", "method_models"]
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo_world"
-"""The shipped folder: ``base/`` (diffusers Stable Diffusion layout), ``brushnet/``, ``inpaint/`` (a
-9-channel inpainting pipeline folder), ``controlnet/`` and ``training_record.json``."""
+"""The shipped model set: one folder per model slot (``base/``, ``brushnet/``, ``inpaint/``, ``controlnet/``;
+see :class:`~brushnet.methods.ModelSlot`), and ``training_record.json``."""
 
 METHODS: tuple[str, ...] = (
     "brushnet",
@@ -18,27 +18,18 @@ METHODS: tuple[str, ...] = (
     "controlnet-inpaint",
     "repaint",
 )
-"""Every method of :mod:`brushnet.methods`, in the order the demo grid and the tables show them."""
+"""The methods the demo shows, in the order of its grid and tables."""
 
 
 def method_models(method: str, root: str | os.PathLike | None = None) -> dict[str, str]:
-    """The :class:`~brushnet.methods.base.ModelPaths` fields of ``method`` for the demo models under ``root``.
-
-    Args:
-        method: a name of :data:`METHODS`.
-        root: the models folder; default :data:`DEMO_DIR`.
+    """The :class:`~brushnet.methods.ModelPaths` fields of ``method`` in the model set ``root`` (default
+    :data:`DEMO_DIR`): each model slot the method declares, at the slot's folder.
 
     Raises:
-        ValueError: unknown method.
+        InputError: unknown method.
     """
+    from ..methods.registry import get_method_class
+
     root = Path(root) if root is not None else DEMO_DIR
-    base = str(root / "base")
-    if method == "brushnet":
-        return {"base": base, "brushnet": str(root / "brushnet")}
-    if method == "sd-inpainting":
-        return {"inpaint_model": str(root / "inpaint")}
-    if method == "controlnet-inpaint":
-        return {"base": base, "controlnet": str(root / "controlnet")}
-    if method in ("blended-latent-diffusion", "repaint"):
-        return {"base": base}
-    raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    cls = get_method_class(method)
+    return {slot.name: str(root / slot.folder) for slot in cls.models if slot.folder is not None}

@@ -5,7 +5,7 @@
 1. writes the evaluation set (:func:`brushnet.data.shapes_writers.write_eval_set`, BrushBench layout, a quarter
    of the prompts asking for a different object than the one masked out);
 2. runs ``brushnet bench run`` on it, inside and outside masks, for every method of :data:`~.assets.METHODS`
-   with the shipped models and :data:`~.run.DEMO_SETTINGS`;
+   with the shipped models and :data:`~.run.DEMO_REQUEST`;
 3. summarises the per-image rows into ``mini_brushbench.json`` (the file ``brushnet demo`` prints): PSNR / MSE
    over the kept region, and for inside masks the fraction of holes whose dominant colour is the prompted
    one and whose blob of that colour has the prompted shape (:mod:`brushnet.data.shapes_metrics`).
@@ -22,8 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-from .assets import DEMO_DIR, METHODS
-from .run import DEMO_SETTINGS, METHOD_OPTIONS, RESULTS_FILE, format_results_table
+from ..io import atomic_write_text
+from .assets import DEMO_DIR, METHODS, method_models
+from .run import DEMO_REQUEST, METHOD_OPTIONS, RESULTS_FILE, format_results_table
 
 __all__ = ["bench_command", "summarise", "main"]
 
@@ -32,22 +33,20 @@ def bench_command(
     dataset: Path, run_dir: Path, models_root: Path, methods=METHODS, limit: int | None = None
 ) -> list[str]:
     """The ``brushnet bench run`` command line of the mini-BrushBench."""
+    paths = {slot: path for method in methods for slot, path in method_models(method, models_root).items()}
     command = [
         "brushnet", "bench", "run",
         "--methods", ",".join(methods),
         "--dataset", str(dataset),
         "--mask-kind", "inside,outside",
         "--output", str(run_dir),
-        "--base", str(models_root / "base"),
-        "--brushnet", str(models_root / "brushnet"),
-        "--inpaint-model", str(models_root / "inpaint"),
-        "--controlnet", str(models_root / "controlnet"),
-        "--steps", str(DEMO_SETTINGS["steps"]),
-        "--guidance", str(DEMO_SETTINGS["guidance_scale"]),
-        "--seed", str(DEMO_SETTINGS["seed"]),
-        "--scheduler", DEMO_SETTINGS["scheduler"],
-        "--blend-kernel-size", str(DEMO_SETTINGS["blend_kernel_size"]),
-        "--method-options", json.dumps(METHOD_OPTIONS),
+        *[part for slot, path in paths.items() for part in ("--" + slot.replace("_", "-"), path)],
+        "--steps", str(DEMO_REQUEST["steps"]),
+        "--guidance", str(DEMO_REQUEST["guidance_scale"]),
+        "--seed", str(DEMO_REQUEST["seed"]),
+        "--blend-kernel-size", str(DEMO_REQUEST["blend_kernel_size"]),
+        "--score", "shapes",
+        *[f"--option={name}:{key}={value}" for name, options in METHOD_OPTIONS.items() for key, value in options.items()],
         "--device", "cpu",
     ]  # fmt: skip
     if limit is not None:
@@ -109,10 +108,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenes", type=int, default=200, help="Held-out scenes (each inside and outside).")
     parser.add_argument("--seed", type=int, default=0, help="Eval-set seed.")
     parser.add_argument("--models", type=Path, default=DEMO_DIR, help="Models folder.")
-    parser.add_argument("--results", type=Path, default=RESULTS_FILE, help="Where to write the summary JSON.")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help=f"Where to write the summary JSON (default: WORK/mini_brushbench.json; the shipped table is {RESULTS_FILE})",
+    )
     parser.add_argument("--skip-run", action="store_true", help="Only summarise an existing run.")
     parser.add_argument("--methods", default=",".join(METHODS), help="Comma-separated subset to run.")
     args = parser.parse_args(argv)
+    if args.results is None:
+        args.results = args.work / "mini_brushbench.json"
     from ..data.shapes_writers import write_eval_set
 
     dataset, run_dir = args.work / "eval", args.work / "run"
@@ -134,15 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "images": args.scenes,
         "command": reproduce,
-        "settings": DEMO_SETTINGS,
+        "settings": DEMO_REQUEST,
         "bench_seconds": None if args.skip_run else round(seconds, 1),
         "colour_chance": 1 / 7,
         "rows": summarise(run_dir, dataset),
     }
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.results.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, args.results)
+    atomic_write_text(args.results, json.dumps(record, indent=1))
     print(format_results_table(args.results))
     return 0
 

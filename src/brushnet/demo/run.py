@@ -7,8 +7,6 @@ same output pasted back with the feathered blend (the paper's "with blending").
 
 from __future__ import annotations
 
-import dataclasses
-import io
 import json
 import os
 import time
@@ -17,18 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from .assets import DEMO_DIR, METHODS, method_models
 
 __all__ = [
     "DEMO_SCENES",
-    "DEMO_SETTINGS",
+    "DEMO_REQUEST",
     "DemoScene",
     "RESULTS_FILE",
     "demo_scene",
     "format_results_table",
-    "make_grid",
     "run_demo",
 ]
 
@@ -36,15 +33,11 @@ SIZE = 128
 RESULTS_FILE = DEMO_DIR / "mini_brushbench.json"
 """The mini-BrushBench summary shipped with the weights (written by ``python -m brushnet.demo.minibench``)."""
 
-DEMO_SETTINGS = {
-    "steps": 10,
-    "guidance_scale": 5.0,
-    "scheduler": "unipc",
-    "seed": 1234,
-    "blend_kernel_size": 5,
-}
-"""Generation settings of the demo and of the mini-BrushBench. The blend kernel is the paper's 21 px at 512
-scaled to 128 px (5 px), so the feather reaches 2 px outside the hole."""
+DEMO_REQUEST = {"steps": 10, "guidance_scale": 5.0, "seed": 1234, "blend_kernel_size": 5}
+"""Request fields of the demo and of the mini-BrushBench (the rest are :class:`~brushnet.methods.InpaintRequest`'s
+defaults; the scheduler is each method's default: UniPC, RePaint DDIM). The blend kernel is the paper's 21 px at
+512 scaled to 128 px (5 px), so the feather reaches 2 px outside the hole. ``brushnet demo``'s flags start from
+these values."""
 
 METHOD_OPTIONS = {"repaint": {"jump_length": 5, "jump_n_sample": 2}}
 """Per-method options of the demo and the mini-BrushBench: RePaint resamples each 5-step segment twice
@@ -101,13 +94,6 @@ def demo_scene(spec: DemoSpec) -> DemoScene:
     return DemoScene(image, hole, prompt, label)
 
 
-def _font(size: int = 11):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
-
-
 def _mask_view(image: Image.Image, hole: np.ndarray) -> Image.Image:
     """The input with the hole shown in grey-checked white (what the methods do not see)."""
     pixels = np.asarray(image.convert("RGB")).copy()
@@ -115,32 +101,6 @@ def _mask_view(image: Image.Image, hole: np.ndarray) -> Image.Image:
     checker = ((ys // 4 + xs // 4) % 2).astype(np.uint8)
     pixels[ys, xs] = np.where(checker[:, None] == 1, 255, 200).astype(np.uint8)
     return Image.fromarray(pixels)
-
-
-def make_grid(
-    rows: Sequence[tuple[str, Sequence[tuple[str, Image.Image]]]], tile: int = SIZE, title: str | None = None
-) -> Image.Image:
-    """A labelled grid: each row a header line and tiles ``(label, image)`` left to right."""
-    font = _font(11)
-    pad, label_h, header_h = 4, 14, 16
-    columns = max(len(tiles) for _, tiles in rows)
-    width = pad + columns * (tile + pad)
-    title_h = header_h + pad if title else 0
-    row_h = header_h + label_h + tile + pad
-    canvas = Image.new("RGB", (width, title_h + len(rows) * row_h + pad), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    if title:
-        draw.text((pad, pad), title, fill=(0, 0, 0), font=font)
-    for r, (header, tiles) in enumerate(rows):
-        top = title_h + r * row_h + pad
-        draw.text((pad, top), header, fill=(0, 0, 0), font=font)
-        for c, (label, image) in enumerate(tiles):
-            left = pad + c * (tile + pad)
-            draw.text((left, top + header_h), label, fill=(40, 40, 40), font=font)
-            canvas.paste(
-                image.convert("RGB").resize((tile, tile), Image.NEAREST), (left, top + header_h + label_h)
-            )
-    return canvas
 
 
 def format_results_table(path: str | os.PathLike = RESULTS_FILE) -> str:
@@ -172,25 +132,28 @@ def run_demo(
     scenes: Sequence[DemoScene] | None = None,
     models_root: str | os.PathLike | None = None,
     on_event: Callable[[str], None] | None = None,
-    settings: dict | None = None,
+    request: dict | None = None,
 ) -> dict:
     """Inpaint ``scenes`` (default: :data:`DEMO_SCENES`) with every method and write ``grid.png`` (and, for
     each method, ``<method>.png`` of the first scene, blended) under ``output``.
+
+    Args:
+        request: request fields over :data:`DEMO_REQUEST` (steps, guidance, seed, scheduler, ...); the prompt,
+            the working size and each method's options are the demo's.
 
     Returns:
         ``{"grid": path, "images": {method: path}, "seconds": {...}}``.
     """
     import torch
 
-    from ..cli_common import atomic_write_bytes
     from ..image import blend_pil
+    from ..io import atomic_write_bytes, make_grid, png_bytes
     from ..methods import inpaint, load_method
 
-    settings = {**DEMO_SETTINGS, **(settings or {})}
+    request = {**DEMO_REQUEST, **{k: v for k, v in (request or {}).items() if v is not None}}
     say = on_event or (lambda message: None)
     scenes = list(scenes) if scenes is not None else [demo_scene(spec) for spec in DEMO_SCENES]
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
     tiles: list[list[tuple[str, Image.Image]]] = [
         [("input", scene.image), ("mask", _mask_view(scene.image, scene.hole))] for scene in scenes
     ]
@@ -201,43 +164,30 @@ def run_demo(
             start = time.perf_counter()
             method = load_method(name, method_models(name, models_root))
             for row, scene in enumerate(scenes):
+                fields = {**request, "prompt": scene.prompt, "blend": False, "resolution": SIZE}
                 result = inpaint(
-                    method,
-                    scene.image,
-                    scene.hole,
-                    prompt=scene.prompt,
-                    seed=settings["seed"],
-                    steps=settings["steps"],
-                    guidance_scale=settings["guidance_scale"],
-                    scheduler=settings["scheduler"],
-                    blend=False,
-                    resolution=SIZE,
-                    options=METHOD_OPTIONS.get(name, {}),
+                    method, scene.image, scene.hole, fields, options=METHOD_OPTIONS.get(name, {})
                 )
                 raw = result.images[0]
-                blended = blend_pil(scene.image, raw, scene.hole, kernel_size=settings["blend_kernel_size"])
+                blended = blend_pil(scene.image, raw, scene.hole, kernel_size=request["blend_kernel_size"])
                 label = METHOD_LABELS.get(name, name)
                 tiles[row] += [(label, raw), (f"{label} +blend", blended)]
                 if row == 0:
-                    path = output / f"{name}.png"
-                    atomic_write_bytes(path, _png(blended))
-                    images[name] = str(path)
+                    images[name] = str(atomic_write_bytes(output / f"{name}.png", png_bytes(blended)))
             seconds[name] = round(time.perf_counter() - start, 2)
             say(f"{name}: {len(scenes)} scene(s) in {seconds[name]:.1f} s")
     grid = make_grid(
-        [(scene.label, row) for scene, row in zip(scenes, tiles)],
-        title=f"shapes-world demo models; {settings['steps']} {settings['scheduler']} steps, "
-        f"guidance {settings['guidance_scale']}, seed {settings['seed']}",
+        [[image for _, image in row] for row in tiles],
+        tile=SIZE,
+        labels=[[label for label, _ in row] for row in tiles],
+        row_titles=[scene.label for scene in scenes],
+        title=f"shapes-world demo models; {request['steps']} steps, guidance {request['guidance_scale']}, "
+        f"seed {request['seed']}",
+        pad=4,
+        resample="nearest",
     )
-    grid_path = output / "grid.png"
-    atomic_write_bytes(grid_path, _png(grid))
+    grid_path = atomic_write_bytes(output / "grid.png", png_bytes(grid))
     return {"grid": str(grid_path), "images": images, "seconds": seconds}
-
-
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def user_scene(image_path: str, mask_path: str, prompt: str, invert_mask: bool = False) -> DemoScene:
@@ -246,7 +196,8 @@ def user_scene(image_path: str, mask_path: str, prompt: str, invert_mask: bool =
     Raises:
         InputError: unreadable files, size mismatch, not 128×128, empty mask.
     """
-    from ..image import InputError, load_image, load_mask
+    from ..errors import InputError
+    from ..image import load_image, load_mask
 
     image = load_image(image_path)
     if image.size != (SIZE, SIZE):
@@ -256,7 +207,3 @@ def user_scene(image_path: str, mask_path: str, prompt: str, invert_mask: bool =
         )
     hole = load_mask(mask_path, size=image.size, invert=invert_mask)
     return DemoScene(image, hole, prompt, f'your image, prompt "{prompt}"')
-
-
-def replace_prompt(scene: DemoScene, prompt: str) -> DemoScene:
-    return dataclasses.replace(scene, prompt=prompt)

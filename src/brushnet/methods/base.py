@@ -1,78 +1,123 @@
-"""One interface for every inpainting method.
+"""What every inpainting method declares and exchanges. Light: pydantic and the standard library only, so the
+CLI can build its flags from the declarations without importing torch.
 
-Every method takes the same :class:`InpaintRequest` and returns the same :class:`InpaintResult`; only the
-base (:func:`inpaint`) does the shared pre- and post-processing — mask grow/shrink, crop-to-mask, working
-size, paste-back with the feathered blend — so comparisons between methods are fair. A method implements
-``load`` (its models) and ``generate`` (its own denoising on an already-prepared region).
+A method is one class (see :class:`InpaintMethod`) that declares its ``name``, its ``Options`` model, the
+model folders it loads (:class:`ModelSlot`), the base-model families it runs on and the schedulers it takes;
+it implements ``load`` (its models, once) and ``generate`` (its own denoising on a prepared region, a
+:class:`Task`). Everything around it — request validation, mask handling, crop-to-mask, working size,
+seeds, paste-back — is shared (:mod:`brushnet.methods.api`), so comparisons between methods are fair.
 """
 
 from __future__ import annotations
 
-import logging
-import secrets
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import numpy as np
-import torch
-from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..image import InputError, load_image, mask_to_array, pil_to_tensor, tensor_to_pil
-from .processing import grow_mask, outpaint_canvas, paste_back, plan_region
+from ..errors import InputError, RequestError
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+    import torch
+    from PIL import Image
 
 __all__ = [
+    "FAMILIES",
     "InpaintRequest",
+    "ModelSlot",
     "ModelPaths",
+    "BASE",
+    "BASE_CONFIG",
     "NoOptions",
+    "GuidanceWindow",
+    "Task",
     "GenerateOutput",
+    "PreparedJob",
     "InpaintResult",
     "InpaintMethod",
     "StepCallback",
-    "inpaint",
-    "outpaint",
+    "validation_message",
 ]
 
 StepCallback = Callable[[int, int], None]  # (step done, total steps)
+
+FAMILIES = ("sd15", "sdxl")
+"""Base-model families: Stable Diffusion 1.x/2.x layout (``sd15``) and SDXL (``sdxl``)."""
+
+
+def validation_message(exc: ValidationError, what: str = "request") -> str:
+    """One line for a pydantic error: ``bad <what>: <field>: <message>``."""
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or what
+    if first["type"] == "extra_forbidden":
+        return f"bad {what}: unknown field {where!r}"
+    return f"bad {what}: {where}: {first['msg']}"
 
 
 class InpaintRequest(BaseModel):
     """What to inpaint and how; shared by the Python API, CLI, REST API, web page and benchmarks.
 
     Unknown fields are an error. Method-specific settings go in ``options`` and are validated by the
-    method's own ``Options`` model.
+    method's own ``Options`` model. Every field is a flag of the CLI commands that take a request
+    (``--<field-with-dashes>``, or the names in ``json_schema_extra["cli"]``).
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field("", description="What to paint in the hole.")
-    negative_prompt: str = Field("", description="What to avoid.")
+    prompt: str = Field(
+        "", description="What to paint in the hole.", json_schema_extra={"cli": ["--prompt", "-p"]}
+    )
+    negative_prompt: str = Field(
+        "", description="What to avoid.", json_schema_extra={"cli": ["--negative-prompt", "-n"]}
+    )
     seed: int | None = Field(None, ge=0, lt=2**63, description="Random seed; None draws one (reported).")
     steps: int = Field(50, ge=1, le=1000, description="Denoising steps.")
-    guidance_scale: float = Field(7.5, ge=0.0, le=50.0, description="Classifier-free guidance (off at <= 1).")
-    scheduler: str = Field("unipc", description="Scheduler name (see brushnet.schedulers.SCHEDULERS).")
+    guidance_scale: float = Field(
+        7.5,
+        ge=0.0,
+        le=50.0,
+        description="Classifier-free guidance (off at <= 1).",
+        json_schema_extra={"cli": ["--guidance", "--guidance-scale"]},
+    )
+    scheduler: str | None = Field(
+        None,
+        description="Scheduler name (brushnet.schedulers.SCHEDULERS); None: the method's default "
+        "(UniPC; RePaint: DDIM).",
+    )
     num_images: int = Field(1, ge=1, le=16, description="Images per request; image i uses seed + i.")
     blend: bool = Field(True, description="Feathered paste-back: pixels away from the hole stay exact.")
-    blend_kernel_size: int = Field(21, ge=1, le=255, description="Feathering Gaussian kernel (odd).")
+    blend_kernel_size: int = Field(
+        21, ge=1, le=255, description="Feathering Gaussian kernel, odd (paper: 21)."
+    )
     mask_grow: int = Field(0, ge=-256, le=256, description="Grow (>0) or shrink (<0) the mask, pixels.")
     invert_mask: bool = Field(False, description="Treat black as the region to inpaint.")
-    crop_to_mask: bool = Field(False, description="Work on a padded box around the mask at native size.")
+    crop_to_mask: bool = Field(
+        False, description="Work on a padded box around the mask at the model's native resolution."
+    )
     crop_padding: int = Field(32, ge=0, le=4096, description="Padding of the crop box, pixels.")
     resolution: int | None = Field(
-        None, ge=64, le=4096, description="Working size (area ~ resolution^2); default: input size / native."
+        None,
+        ge=64,
+        le=4096,
+        description="Working size (area ~ resolution^2); default: the input's size, or the model's native "
+        "resolution with crop_to_mask.",
     )
-    options: dict[str, Any] = Field(default_factory=dict, description="Method-specific options.")
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Method-specific options (see `brushnet methods`).",
+        json_schema_extra={"cli": ["--option"]},
+    )
 
     @field_validator("scheduler")
     @classmethod
-    def _known_scheduler(cls, value: str) -> str:
+    def _known_scheduler(cls, value: str | None) -> str | None:
         from ..schedulers import SCHEDULERS
 
+        if value is None:
+            return None
         if value.lower() not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {value!r}; choose one of: {', '.join(SCHEDULERS)}")
         return value.lower()
@@ -84,38 +129,179 @@ class InpaintRequest(BaseModel):
             raise ValueError(f"blend_kernel_size must be odd, got {value}")
         return value
 
+    @classmethod
+    def build(cls, request: InpaintRequest | dict | None = None, **overrides: Any) -> InpaintRequest:
+        """A validated request from a request, a dict of its fields, or nothing, with ``overrides`` merged in.
+
+        Raises:
+            RequestError: one line naming the first bad field.
+        """
+        if isinstance(request, InpaintRequest):
+            if not overrides:
+                return request
+            request = request.model_dump()
+        data = {**(request or {}), **overrides}
+        try:
+            return cls(**data)
+        except ValidationError as exc:
+            raise RequestError(validation_message(exc)) from None
+
+
+@dataclass(frozen=True)
+class ModelSlot:
+    """A model folder a method loads: its key in :class:`ModelPaths`, its CLI flag, its help, the folder name
+    it has in a model set (``brushnet make-tiny-models``, the demo models), and the families it exists for."""
+
+    name: str
+    help: str
+    folder: str | None = None
+    families: tuple[str, ...] = ("sd15",)
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+BASE = ModelSlot(
+    "base",
+    "Base model (SD1.5 or SDXL): diffusers folder, hub id or single .safetensors file.",
+    folder="base",
+    families=("sd15", "sdxl"),
+)
+BASE_CONFIG = ModelSlot(
+    "base_config",
+    "Config folder (or hub id) for a single-file base or inpainting model; needed offline.",
+    families=("sd15", "sdxl"),
+)
+
 
 class ModelPaths(BaseModel):
-    """Where a method's models are. Each method reads the fields it needs and says which are missing."""
+    """Where a method's models are: one field per declared :class:`ModelSlot` (``base``, ``brushnet``, ...),
+    plus the loading policy ``allow_pickle``. A name no method declares is an error."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")
 
-    base: str | None = Field(None, description="SD1.5 base: diffusers folder, hub id or single .safetensors.")
-    base_config: str | None = Field(None, description="Configs for a single-file base (offline).")
-    brushnet: str | None = Field(None, description="BrushNet checkpoint folder or hub id.")
-    inpaint_model: str | None = Field(None, description="9-channel SD inpainting model folder or hub id.")
-    controlnet: str | None = Field(None, description="SD1.5 inpaint ControlNet folder or hub id.")
-    allow_pickle: bool = Field(False, description="Allow pickle-based (.bin/.ckpt) weights.")
+    allow_pickle: bool = Field(False, description="Allow pickle-based (.bin/.ckpt) weights (runs code).")
 
-    def require(self, method: str, *names: str) -> None:
-        missing = [n for n in names if getattr(self, n) is None]
+    @model_validator(mode="after")
+    def _known_slots(self):
+        from .registry import model_slots
+
+        known = model_slots()
+        for name, value in (self.model_extra or {}).items():
+            if name not in known:
+                raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(known))}")
+            if value is not None and not isinstance(value, str):
+                setattr(self, name, str(value))
+        return self
+
+    def get(self, name: str) -> str | None:
+        return (self.model_extra or {}).get(name)
+
+    def __getattr__(self, name: str):  # a declared slot that was not given reads as None
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if not name.startswith("_"):
+                from .registry import model_slots
+
+                if name in model_slots():
+                    return None
+            raise
+
+    def require(self, method: type[InpaintMethod]) -> None:
+        """Raise a one-line :class:`~brushnet.errors.InputError` naming the flags ``method`` still needs."""
+        missing = [slot.flag for slot in method.models if self.get(slot.name) is None]
         if missing:
-            flags = ", ".join("--" + n.replace("_", "-") for n in missing)
-            raise InputError(f"method {method!r} needs {flags}")
+            raise InputError(f"method {method.name!r} needs {', '.join(missing)}")
+
+    def used_by(self, method: type[InpaintMethod]) -> dict[str, Any]:
+        """The paths ``method`` reads (its required and optional slots that are set) and the loading policy."""
+        names = [slot.name for slot in (*method.models, *method.optional_models)]
+        used = {name: self.get(name) for name in names if self.get(name) is not None}
+        return {**used, "allow_pickle": self.allow_pickle}
 
 
 class NoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class GuidanceWindow(BaseModel):
+    """A branch's strength and the fraction of the steps during which it acts (ControlNet-style options)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    conditioning_scale: float = Field(1.0, ge=0.0, le=2.0, description="Residual scale (branch strength).")
+    control_guidance_start: float = Field(0.0, ge=0.0, le=1.0, description="On from this step fraction.")
+    control_guidance_end: float = Field(1.0, ge=0.0, le=1.0, description="Off after this step fraction.")
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.control_guidance_start >= self.control_guidance_end:
+            raise ValueError("control_guidance_start must be below control_guidance_end")
+        return self
+
+
+@dataclass
+class Task:
+    """One prepared region for a method's :meth:`InpaintMethod.generate`.
+
+    Args:
+        image: ``(1, 3, h, w)`` in [0, 1], ``h`` and ``w`` multiples of the method's ``size_multiple``.
+        hole: ``(1, 1, h, w)`` in {0, 1}, **1 = region to generate** (the project's convention).
+        request: the shared settings; ``request.scheduler`` is resolved (never None).
+        options: the method's validated ``Options``.
+        generators: one CPU generator per image (``request.num_images``), seeded ``seed + i``; pass the list
+            to diffusers (``randn_tensor`` draws image i from generator i).
+        on_step: called after each denoising step with ``(done, total)``.
+    """
+
+    image: torch.Tensor
+    hole: torch.Tensor
+    request: InpaintRequest
+    options: BaseModel
+    generators: list[torch.Generator]
+    on_step: StepCallback | None = None
+
+    @property
+    def num_images(self) -> int:
+        return self.request.num_images
+
+    def step(self, done: int, total: int) -> None:
+        if self.on_step is not None:
+            self.on_step(done, total)
+
+
 @dataclass
 class GenerateOutput:
-    """What a method's ``generate`` returns: images ``(N, 3, h, w)`` in [0, 1] at the working size, and
-    how many network evaluations one image cost (per single sample; a CFG pair counts 2)."""
+    """What ``generate`` returns: images ``(N, 3, h, w)`` in [0, 1] at the working size, and how many network
+    evaluations one image cost (per single sample; a CFG pair counts 2)."""
 
     images: torch.Tensor
     unet_calls: int
     extra_calls: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class PreparedJob:
+    """A checked request, ready to run: everything that can be refused is refused before this exists.
+
+    ``image`` is the RGB input at its own size; ``hole`` the boolean mask (True = generate) after
+    ``invert_mask`` and ``mask_grow``; ``seed`` the resolved seed (image i uses ``seed + i``); ``record``
+    extra facts that go into the result's parameters (e.g. the outpainting extents).
+    """
+
+    method: str
+    request: InpaintRequest
+    options: BaseModel
+    image: Image.Image
+    hole: np.ndarray
+    seed: int
+    record: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.seed + i for i in range(self.request.num_images)]
 
 
 @dataclass
@@ -142,216 +328,98 @@ class InpaintResult:
 
 
 class InpaintMethod(ABC):
-    """Base class of every method: loads its models once, then ``generate`` on prepared regions.
+    """Base class of every method.
 
-    Subclasses set ``name``, ``description``, ``Options`` (a pydantic model with ``extra="forbid"``), and
-    ``native_resolution``; they implement :meth:`load` and :meth:`generate`. Mask conversion to the model's
-    own convention happens inside ``generate``, in one place per method.
+    A subclass declares (class attributes):
+
+    - ``name``, ``description``;
+    - ``Options``: a pydantic model with ``extra="forbid"`` (its fields are ``--option key=value``);
+    - ``models`` / ``optional_models``: the :class:`ModelSlot` s it needs / can use;
+    - ``families``: the base families it runs on (:data:`FAMILIES`);
+    - ``default_scheduler`` and ``schedulers`` (``None`` = any name of :data:`brushnet.schedulers.SCHEDULERS`);
+    - ``native_resolution``: the working size of crop-to-mask before a model is loaded (a loaded method
+      reads it from its model).
+
+    and implements :meth:`load` and :meth:`generate`; :meth:`check` may refuse requests the method cannot
+    honour. Mask conversion to the model's own convention happens inside ``generate``, once per method.
+    Heavy imports (torch, diffusers) belong inside the methods, so declarations stay light.
     """
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
     Options: ClassVar[type[BaseModel]] = NoOptions
-    native_resolution: ClassVar[int] = 512
-    latent_multiple: ClassVar[int] = 8
-    #: the model paths it was loaded from (set by :func:`~brushnet.methods.load_method`; recorded in results)
-    models: ModelPaths | None = None
+    models: ClassVar[tuple[ModelSlot, ...]] = ()
+    optional_models: ClassVar[tuple[ModelSlot, ...]] = ()
+    families: ClassVar[tuple[str, ...]] = ("sd15",)
+    default_scheduler: ClassVar[str] = "unipc"
+    schedulers: ClassVar[tuple[str, ...] | None] = None
+    native_resolution: int = 512
+    #: working sizes are multiples of this (the VAE's downsampling factor)
+    size_multiple: int = 8
+    #: where it was loaded from (set by :func:`~brushnet.methods.load_method`; recorded in results)
+    model_paths: ModelPaths | None = None
+    #: the family of the loaded base ("sd15", "sdxl")
+    family: str = "sd15"
 
-    def __init__(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, device: Any = "cpu", dtype: Any = None):
+        import torch
+
         self.device = torch.device(device)
-        self.dtype = dtype
+        self.dtype = dtype if dtype is not None else torch.float32
 
     @classmethod
     @abstractmethod
-    def load(
-        cls, models: ModelPaths, device: str = "cpu", dtype: str | torch.dtype = "fp32"
-    ) -> InpaintMethod:
-        """Load the method's models."""
+    def load(cls, models: ModelPaths, device: str = "cpu", dtype: Any = "fp32") -> InpaintMethod:
+        """Load the method's models (``models.require(cls)`` first)."""
 
     @abstractmethod
-    def generate(
-        self,
-        image: torch.Tensor,
-        hole: torch.Tensor,
-        request: InpaintRequest,
-        options: BaseModel,
-        generators: list[torch.Generator],
-        on_step: StepCallback | None = None,
-    ) -> GenerateOutput:
-        """Inpaint a prepared region.
+    def generate(self, task: Task) -> GenerateOutput:
+        """Inpaint a prepared region (see :class:`Task`)."""
 
-        Args:
-            image: ``(1, 3, h, w)`` in [0, 1], ``h`` and ``w`` multiples of ``latent_multiple``.
-            hole: ``(1, 1, h, w)`` in {0, 1}, **1 = region to generate** (the project's convention).
-            request: the shared settings (prompt, steps, guidance, scheduler, num_images, ...).
-            options: this method's validated ``Options``.
-            generators: one CPU generator per image (``request.num_images``), seeded ``seed + i``; pass the
-                list to diffusers (``randn_tensor`` draws image i from generator i).
-            on_step: called after each denoising step with (step, total).
-        """
+    # ------------------------------------------------------------------ declarations, checks
 
-    def parse_options(self, options: dict[str, Any]) -> BaseModel:
+    @classmethod
+    def parse_options(cls, options: dict[str, Any]) -> BaseModel:
         try:
-            return self.Options(**options)
+            return cls.Options(**options)
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
-            raise InputError(f"bad option for method {self.name!r}: {where}: {first['msg']}") from None
+            raise RequestError(f"bad option for method {cls.name!r}: {where}: {first['msg']}") from None
+
+    @classmethod
+    def check(cls, request: InpaintRequest, options: BaseModel) -> InpaintRequest:
+        """Resolve what the method decides (the default scheduler) and refuse what it cannot do; return the
+        request to run. Subclasses extend it (calling ``super().check``)."""
+        if request.scheduler is None:
+            request = request.model_copy(update={"scheduler": cls.default_scheduler})
+        if cls.schedulers is not None and request.scheduler not in cls.schedulers:
+            raise RequestError(
+                f"method {cls.name!r} does not use scheduler {request.scheduler!r} (it takes: "
+                f"{', '.join(cls.schedulers)}); leave --scheduler unset for its default"
+            )
+        return request
+
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        """The declaration as JSON-ready data (``brushnet methods``, ``GET /api/v1/methods``)."""
+        try:
+            defaults = cls.Options().model_dump()
+        except ValidationError:  # an Options model with required fields has no defaults
+            defaults = {}
+        return {
+            "name": cls.name,
+            "description": cls.description,
+            "families": list(cls.families),
+            "models": [slot.name for slot in cls.models],
+            "optional_models": [slot.name for slot in cls.optional_models],
+            "default_scheduler": cls.default_scheduler,
+            "schedulers": None if cls.schedulers is None else list(cls.schedulers),
+            "native_resolution": cls.native_resolution,
+            "options_schema": cls.Options.model_json_schema(),
+            "options_defaults": defaults,
+        }
 
     @classmethod
     def options_schema(cls) -> dict[str, Any]:
         return cls.Options.model_json_schema()
-
-
-def _resolve_request(request: InpaintRequest | dict | None, overrides: dict[str, Any]) -> InpaintRequest:
-    if request is None:
-        request = {}
-    if isinstance(request, dict):
-        request = {**request, **overrides}
-        try:
-            return InpaintRequest(**request)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "request"
-            raise InputError(f"bad request: {where}: {first['msg']}") from None
-    if overrides:
-        return _resolve_request(request.model_dump(), overrides)
-    return request
-
-
-def inpaint(
-    method: InpaintMethod,
-    image: Image.Image | str,
-    mask: Image.Image | np.ndarray | torch.Tensor | str,
-    request: InpaintRequest | dict | None = None,
-    on_step: StepCallback | None = None,
-    **overrides: Any,
-) -> InpaintResult:
-    """Inpaint ``image`` where ``mask`` is white with ``method``; the one entry point for every method.
-
-    Args:
-        method: a loaded method (see :func:`brushnet.methods.load_method`).
-        image: RGB image (any size) or a path.
-        mask: white = inpaint; a path, PIL image (L/RGB/RGBA), array or tensor of the image's size.
-        request: an :class:`InpaintRequest` or a dict of its fields; keyword ``overrides`` are merged in.
-        on_step: progress callback ``(step, total)``, totalled over all ``num_images``.
-
-    Returns:
-        :class:`InpaintResult` with images at the input's size.
-
-    Raises:
-        InputError: bad input (size mismatch, empty mask, unknown option, ...), with a one-line message.
-    """
-    request = _resolve_request(request, overrides)
-    options = method.parse_options(request.options)
-    t_start = time.perf_counter()
-
-    original = load_image(image)
-    if isinstance(mask, str):
-        from ..image import load_mask
-
-        hole = load_mask(mask, size=original.size, invert=request.invert_mask, allow_empty=True)
-    else:
-        hole = mask_to_array(mask, invert=request.invert_mask)
-    if (hole.shape[1], hole.shape[0]) != original.size:
-        raise InputError(
-            f"mask is {hole.shape[1]}x{hole.shape[0]} but the image is {original.size[0]}x{original.size[1]}"
-        )
-    hole = grow_mask(hole, request.mask_grow)
-    if not hole.any():
-        raise InputError("mask is empty: no white pixel marks a region to inpaint (white = inpaint)")
-
-    seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
-    plan = plan_region(
-        hole, request.crop_to_mask, request.crop_padding, request.resolution, method.native_resolution
-    )
-    region = original.crop(plan.box)
-    region_hole = Image.fromarray(
-        hole[plan.box[1] : plan.box[3], plan.box[0] : plan.box[2]].astype(np.uint8) * 255
-    )
-    if region.size != plan.size:
-        region = region.resize(plan.size, Image.Resampling.LANCZOS)
-        # any coverage counts as hole, so the resized hole never under-covers the original one
-        region_hole = region_hole.resize(plan.size, Image.Resampling.BILINEAR)
-    hole_tensor = torch.from_numpy((np.asarray(region_hole) > 0).astype(np.float32))[None, None]
-    image_tensor = pil_to_tensor(region)
-    t_prepared = time.perf_counter()
-
-    generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(request.num_images)]
-    output = method.generate(image_tensor, hole_tensor, request, options, generators, on_step)
-    if output.images.shape[0] != request.num_images:
-        raise RuntimeError(f"{method.name} returned {output.images.shape[0]} images for {request.num_images}")
-    t_generated = time.perf_counter()
-
-    images = [
-        paste_back(original, generated, hole, plan, request.blend, request.blend_kernel_size)
-        for generated in tensor_to_pil(output.images)
-    ]
-    t_done = time.perf_counter()
-
-    parameters = request.model_dump()
-    parameters["seed"] = seed
-    parameters["seeds"] = [seed + i for i in range(request.num_images)]
-    parameters["options"] = options.model_dump()
-    parameters["region"] = plan.as_dict()
-    parameters["image_size"] = list(original.size)
-    parameters["models"] = method.models.model_dump(exclude_none=True) if method.models is not None else None
-    return InpaintResult(
-        images=images,
-        method=method.name,
-        seed=seed,
-        parameters=parameters,
-        timings={
-            "prepare_s": t_prepared - t_start,
-            "generate_s": t_generated - t_prepared,
-            "paste_back_s": t_done - t_generated,
-            "total_s": t_done - t_start,
-        },
-        unet_calls=output.unet_calls,
-        extra_calls=output.extra_calls,
-    )
-
-
-def outpaint(
-    method: InpaintMethod,
-    image: Image.Image | str,
-    left: int = 0,
-    top: int = 0,
-    right: int = 0,
-    bottom: int = 0,
-    overlap: int = 0,
-    fill: str = "edge",
-    request: InpaintRequest | dict | None = None,
-    on_step: StepCallback | None = None,
-    **overrides: Any,
-) -> InpaintResult:
-    """Extend ``image`` by the given pixels per side and paint the new area with ``method`` (outpainting).
-
-    The canvas and its mask come from :func:`~brushnet.methods.processing.outpaint_canvas`; the rest is
-    :func:`inpaint` with the same request, so every method gets the same pre- and post-processing. The extents
-    are recorded in ``result.parameters["outpaint"]``.
-
-    Args:
-        left, top, right, bottom: pixels added on each side (≥ 0, at least one > 0).
-        overlap: also repaint this many pixels of the original along each extended side.
-        fill: pre-fill of the new area, ``"edge"`` (replicated border) or ``"black"``.
-        request, on_step, overrides: as for :func:`inpaint` (``invert_mask`` must stay False: the mask is
-            built here).
-
-    Returns:
-        :class:`InpaintResult` with images of size ``(width + left + right, height + top + bottom)``.
-    """
-    request = _resolve_request(request, overrides)
-    if request.invert_mask:
-        raise InputError("invert_mask makes no sense for outpainting: the mask is built from the extents")
-    canvas, hole = outpaint_canvas(load_image(image), left, top, right, bottom, overlap=overlap, fill=fill)
-    result = inpaint(method, canvas, hole, request, on_step=on_step)
-    result.parameters["outpaint"] = {
-        "left": left,
-        "top": top,
-        "right": right,
-        "bottom": bottom,
-        "overlap": overlap,
-        "fill": fill,
-    }
-    return result

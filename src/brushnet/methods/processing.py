@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..image import InputError, blend_pil
+from ..errors import InputError
+from ..image import blend_pil
 
 __all__ = [
     "grow_mask",
@@ -26,15 +27,18 @@ __all__ = [
 
 
 def grow_mask(hole: np.ndarray, pixels: int) -> np.ndarray:
-    """Dilate (``pixels > 0``) or erode (``pixels < 0``) a boolean mask by a square of radius ``|pixels|``."""
+    """Dilate (``pixels > 0``) or erode (``pixels < 0``) a boolean mask by a square of radius ``|pixels|``.
+
+    A square's maximum filter is separable (rows, then columns), so the cost grows linearly with the radius,
+    not with its square.
+    """
     if pixels == 0:
         return hole
     t = torch.from_numpy(hole.astype(np.float32))[None, None]
     r = abs(pixels)
-    if pixels > 0:
-        out = F.max_pool2d(t, 2 * r + 1, stride=1, padding=r)
-    else:
-        out = -F.max_pool2d(-t, 2 * r + 1, stride=1, padding=r)
+    sign = 1.0 if pixels > 0 else -1.0
+    out = sign * F.max_pool2d(sign * t, (1, 2 * r + 1), stride=1, padding=(0, r))
+    out = sign * F.max_pool2d(sign * out, (2 * r + 1, 1), stride=1, padding=(r, 0))
     return out[0, 0].numpy() > 0.5
 
 
@@ -95,16 +99,23 @@ class Plan:
 
 
 def plan_region(
-    hole: np.ndarray, crop_to_mask: bool, padding: int, resolution: int | None, native_resolution: int
+    hole: np.ndarray,
+    crop_to_mask: bool,
+    padding: int,
+    resolution: int | None,
+    native_resolution: int,
+    multiple: int = 8,
 ) -> Plan:
     """Choose the region and working size: the whole image, or a padded box around the hole at the model's
-    native resolution (AUTOMATIC1111's "only masked")."""
+    native resolution (AUTOMATIC1111's "only masked"); sides are multiples of ``multiple`` (the VAE factor)."""
     height, width = hole.shape
     if crop_to_mask:
         box = crop_box(hole, padding)
         bw, bh = box[2] - box[0], box[3] - box[1]
-        return Plan(box, processing_size(bw, bh, resolution or native_resolution), whole_image=False)
-    return Plan((0, 0, width, height), processing_size(width, height, resolution), whole_image=True)
+        return Plan(
+            box, processing_size(bw, bh, resolution or native_resolution, multiple), whole_image=False
+        )
+    return Plan((0, 0, width, height), processing_size(width, height, resolution, multiple), whole_image=True)
 
 
 def paste_back(

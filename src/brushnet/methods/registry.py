@@ -1,60 +1,139 @@
-"""The registry of methods, keyed by name. Built-in methods import lazily, on first use."""
+"""The registry of methods, discovered from their declarations.
+
+A method is found, with nothing to list anywhere else, when its class is decorated with
+:func:`register_method` in
+
+- a module of the :mod:`brushnet.methods.builtin` package (adding a built-in method = adding one file there), or
+- a module named by an entry point of the group ``brushnet.methods`` (a method in another package), or
+- any module the caller imports before using the registry.
+
+Discovery imports only declarations (method modules import torch inside their functions), so the CLI can
+build its flags from the registry and still start instantly.
+"""
 
 from __future__ import annotations
 
 import importlib
+import logging
+import pkgutil
+from typing import TYPE_CHECKING, Any
 
-import torch
+from pydantic import ValidationError
 
-from ..image import InputError
-from .base import InpaintMethod, ModelPaths
+from ..errors import InputError
+from .base import InpaintMethod, ModelPaths, ModelSlot, validation_message
 
-__all__ = ["register_method", "available_methods", "get_method_class", "load_method"]
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
-# name -> module that defines (and registers) it
-_BUILTIN: dict[str, str] = {
-    "brushnet": "brushnet.methods.brushnet_method",
-    "sd-inpainting": "brushnet.methods.sd_inpainting",
-    "blended-latent-diffusion": "brushnet.methods.blended_latent",
-    "repaint": "brushnet.methods.repaint",
-    "controlnet-inpaint": "brushnet.methods.controlnet_inpaint",
-}
+__all__ = [
+    "register_method",
+    "available_methods",
+    "get_method_class",
+    "method_classes",
+    "model_slots",
+    "load_method",
+    "ENTRY_POINT_GROUP",
+]
+
+logger = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "brushnet.methods"
 _REGISTRY: dict[str, type[InpaintMethod]] = {}
+_discovered = False
 
 
 def register_method(cls: type[InpaintMethod]) -> type[InpaintMethod]:
-    """Class decorator: make ``cls`` available under ``cls.name``."""
-    _REGISTRY[cls.name] = cls
+    """Class decorator: make ``cls`` available under ``cls.name`` (its declaration is checked here)."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{cls.__name__} must declare a non-empty `name`")
+    if getattr(cls.Options, "model_config", {}).get("extra") != "forbid":
+        raise TypeError(f"{cls.__name__}.Options must forbid unknown fields (model_config extra='forbid')")
+    for slot in (*cls.models, *cls.optional_models):
+        if not isinstance(slot, ModelSlot):
+            raise TypeError(f"{cls.__name__}.models must hold ModelSlot declarations, got {slot!r}")
+    previous = _REGISTRY.get(name)
+    if previous is not None and previous.__qualname__ != cls.__qualname__:
+        raise ValueError(f"two methods are named {name!r}: {previous.__module__} and {cls.__module__}")
+    _REGISTRY[name] = cls
     return cls
 
 
+def _discover() -> None:
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    from . import builtin
+
+    for module in pkgutil.iter_modules(builtin.__path__):
+        if not module.name.startswith("_"):
+            importlib.import_module(f"{builtin.__name__}.{module.name}")
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            loaded = entry.load()
+        except Exception as exc:  # noqa: BLE001 - a broken plug-in must not break the built-in methods
+            logger.warning("method plug-in %s could not be loaded: %s", entry.value, exc)
+            continue
+        if isinstance(loaded, type) and issubclass(loaded, InpaintMethod):
+            register_method(loaded)
+
+
+def method_classes() -> dict[str, type[InpaintMethod]]:
+    """Every registered method class by name, sorted by name."""
+    _discover()
+    return dict(sorted(_REGISTRY.items()))
+
+
 def available_methods() -> list[str]:
-    """Names of every method this installation provides (built-in ones whose module exists, and registered)."""
-    names = set(_REGISTRY)
-    for name, module in _BUILTIN.items():
-        if importlib.util.find_spec(module) is not None:
-            names.add(name)
-    return sorted(names)
+    """Names of every method this installation provides."""
+    return list(method_classes())
 
 
 def get_method_class(name: str) -> type[InpaintMethod]:
-    if name not in _REGISTRY and name in _BUILTIN:
-        try:
-            importlib.import_module(_BUILTIN[name])
-        except ModuleNotFoundError as exc:
-            if exc.name != _BUILTIN[name]:
-                raise
-    if name not in _REGISTRY:
-        raise InputError(f"unknown method {name!r}; choose one of: {', '.join(available_methods())}")
-    return _REGISTRY[name]
+    """The class of method ``name``.
+
+    Raises:
+        InputError: unknown name, listing the known ones.
+    """
+    classes = method_classes()
+    if name not in classes:
+        raise InputError(f"unknown method {name!r}; choose one of: {', '.join(classes)}")
+    return classes[name]
+
+
+def model_slots() -> dict[str, ModelSlot]:
+    """Every model slot any method declares, by name (the CLI has one flag for each)."""
+    slots: dict[str, ModelSlot] = {}
+    for cls in method_classes().values():
+        for slot in (*cls.models, *cls.optional_models):
+            known = slots.setdefault(slot.name, slot)
+            if known != slot:
+                raise TypeError(f"model slot {slot.name!r} is declared twice, differently ({cls.__name__})")
+    return slots
 
 
 def load_method(
-    name: str, models: ModelPaths | dict, device: str = "cpu", dtype: str | torch.dtype = "fp32"
+    name: str,
+    models: ModelPaths | dict[str, Any],
+    device: str = "cpu",
+    dtype: str | torch.dtype = "fp32",
 ) -> InpaintMethod:
-    """Load method ``name`` with the given model paths (see :class:`ModelPaths`)."""
+    """Load method ``name`` from the given model paths (see :class:`ModelPaths`).
+
+    Raises:
+        InputError: unknown method, a model it needs is missing, or a checkpoint of the wrong kind.
+    """
+    cls = get_method_class(name)
     if isinstance(models, dict):
-        models = ModelPaths(**models)
-    method = get_method_class(name).load(models, device=device, dtype=dtype)
-    method.models = models
+        try:
+            models = ModelPaths(**models)
+        except ValidationError as exc:
+            raise InputError(validation_message(exc, "model paths")) from None
+    models.require(cls)
+    method = cls.load(models, device=device, dtype=dtype)
+    method.model_paths = models
     return method

@@ -132,12 +132,7 @@ class MetricSuite:
         hps_config=None,
         image_reward_config=None,
     ):
-        weights = {key: value for key, value in (weights or {}).items() if value is not None}
-        unknown = sorted(set(weights) - set(WEIGHT_KEYS))
-        if unknown:
-            raise ValueError(f"unknown metric weight keys {unknown}; known: {sorted(WEIGHT_KEYS)}")
-        for key, path in weights.items():
-            check_weight_path(key, path)
+        weights = self.check_weights(weights)
         if "clip" in weights:
             weights.setdefault("hps_tokenizer", weights["clip"])
         requested = list(metrics) if metrics is not None else available_metrics()
@@ -159,6 +154,21 @@ class MetricSuite:
             else:
                 self.metrics.append(name)
         self._load(weights, hps_config, image_reward_config)
+
+    @staticmethod
+    def check_weights(weights: Mapping[str, str | os.PathLike] | None) -> dict[str, str | os.PathLike]:
+        """The given weights (``None`` values dropped), each checked to exist, before anything loads.
+
+        Raises:
+            ValueError: an unknown key, or a path that is not the expected local file or folder.
+        """
+        weights = {key: value for key, value in (weights or {}).items() if value is not None}
+        unknown = sorted(set(weights) - set(WEIGHT_KEYS))
+        if unknown:
+            raise ValueError(f"unknown metric weight keys {unknown}; known: {sorted(WEIGHT_KEYS)}")
+        for key, path in weights.items():
+            check_weight_path(key, path)
+        return weights
 
     def _load(self, weights, hps_config, image_reward_config) -> None:
         wanted = set(self.metrics)

@@ -23,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -135,7 +136,8 @@ async def _parse_inpaint(request: Request, engine: Engine, limits: Limits, wait_
                 if name in ("image", "mask"):
                     if not isinstance(part, UploadFile):
                         raise SchemaError(f"form field {name!r} must be a file upload")
-                    files[name] = decode_image(await part.read(), name, max_bytes, max_pixels)
+                    data = await part.read()
+                    files[name] = await run_in_threadpool(decode_image, data, name, max_bytes, max_pixels)
                 elif isinstance(part, UploadFile):
                     raise SchemaError(f"unexpected file field {name!r}; only 'image' and 'mask' are files")
                 else:
@@ -153,8 +155,12 @@ async def _parse_inpaint(request: Request, engine: Engine, limits: Limits, wait_
     elif content_type.startswith("application/json"):
         raw = b"".join([chunk async for chunk in _read_limited(request, max_bytes)])
         body = parse_request(JsonInpaintBody, parse_request_json(raw))
-        image = decode_image(decode_base64(body.image, "image"), "image", max_bytes, max_pixels)
-        mask = decode_image(decode_base64(body.mask, "mask"), "mask", max_bytes, max_pixels)
+        image = await run_in_threadpool(
+            decode_image, decode_base64(body.image, "image"), "image", max_bytes, max_pixels
+        )
+        mask = await run_in_threadpool(
+            decode_image, decode_base64(body.mask, "mask"), "mask", max_bytes, max_pixels
+        )
         wait = body.wait
     else:
         raise InvalidInput(
@@ -190,7 +196,45 @@ def _check_origin(request: Request, allowed: frozenset[str]) -> None:
         )
 
 
-def create_app(engine: Engine, limits: Limits | None = None, allowed_origins: Iterable[str] = ()) -> FastAPI:
+_LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+
+
+def allowed_hosts(bound_host: str | None, allowed_origins: Iterable[str] = ()) -> set[str] | None:
+    """The ``Host`` names the server answers to (DNS-rebinding guard): for a loopback or named address, the
+    loopback names, that address and the hosts of ``--allow-origin``; ``None`` (no check) when it is bound to
+    every interface (0.0.0.0 / ::) or not bound at all (an app under test)."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    if bound_host is None or bound_host in ("0.0.0.0", "::", ""):
+        return None
+    hosts = set(_LOOPBACK_NAMES) | {bound_host.lower().strip("[]")}
+    try:
+        if not ipaddress.ip_address(bound_host.strip("[]")).is_loopback:
+            hosts.add(bound_host.lower())
+    except ValueError:
+        pass
+    for origin in allowed_origins:
+        name = urlsplit(origin).hostname
+        if name:
+            hosts.add(name.lower())
+    return hosts
+
+
+def _host_name(header: str) -> str:
+    header = header.strip().lower()
+    if header.startswith("["):  # [::1]:7860
+        return header[1 : header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def create_app(
+    engine: Engine,
+    limits: Limits | None = None,
+    allowed_origins: Iterable[str] = (),
+    bound_host: str | None = None,
+    bound_port: int | None = None,
+) -> FastAPI:
     """Build the app.
 
     Args:
@@ -198,6 +242,9 @@ def create_app(engine: Engine, limits: Limits | None = None, allowed_origins: It
         limits: defaults to the engine's (bytes are checked here, pixels/queue/time in the engine).
         allowed_origins: browser origins besides the server's own allowed to start and cancel jobs
             (``"https://example.org"``).
+        bound_host, bound_port: the address the server listens on. Every request whose ``Host`` header names
+            another host is refused (403), so a web page cannot reach the server through a DNS name rebound to
+            its address; see :func:`allowed_hosts`.
     """
     limits = limits or engine.limits
     allowed = frozenset(o.lower().rstrip("/") for o in allowed_origins)
@@ -208,6 +255,27 @@ def create_app(engine: Engine, limits: Limits | None = None, allowed_origins: It
     )
     app.state.engine = engine
     app.state.limits = limits
+    hosts = allowed_hosts(bound_host, allowed_origins)
+    if hosts is None and bound_host is not None:
+        logger.warning(
+            "serving on every interface (%s): anyone who can reach this machine can use the API, and Host "
+            "headers are not checked; bind to 127.0.0.1 unless you need that",
+            bound_host,
+        )
+
+    @app.middleware("http")
+    async def _check_host(request: Request, call_next):
+        if hosts is not None:
+            header = request.headers.get("host", "")
+            name = _host_name(header)
+            port = header.rsplit(":", 1)[1] if ":" in header.lstrip("[").split("]")[-1] else None
+            if name not in hosts or (port is not None and bound_port is not None and port != str(bound_port)):
+                return _error(
+                    403,
+                    f"Host {header!r} is not this server's address; start it with --allow-origin "
+                    "http://<that host>:<port> if you reach it through that name",
+                )
+        return await call_next(request)
 
     @app.exception_handler(ServiceError)
     async def _service_error(_request: Request, exc: ServiceError):
@@ -234,7 +302,8 @@ def create_app(engine: Engine, limits: Limits | None = None, allowed_origins: It
         """Queue an inpainting job (multipart or JSON). ``wait=true`` answers with the PNG when done."""
         _check_origin(request, allowed)
         method, image, mask, inpaint_request, wait = await _parse_inpaint(request, engine, limits, wait)
-        job = engine.submit(method, image, mask, inpaint_request)
+        # preparing (mask decoding, grow/shrink) is CPU work: off the event loop, so /health stays responsive
+        job = await run_in_threadpool(engine.submit, method, image, mask, inpaint_request)
         if not wait:
             return JSONResponse(
                 {
@@ -324,20 +393,10 @@ def create_app(engine: Engine, limits: Limits | None = None, allowed_origins: It
         """Loaded methods with their options' JSON schema and defaults, the request schema, the limits."""
         listed = []
         for name, method in engine.methods.items():
-            try:
-                defaults = method.Options().model_dump()
-            except Exception:  # noqa: BLE001 - an Options model with required fields has no defaults
-                defaults = {}
-            listed.append(
-                {
-                    "name": name,
-                    "description": method.description,
-                    "device": str(method.device),
-                    "native_resolution": method.native_resolution,
-                    "options_schema": method.options_schema(),
-                    "options_defaults": defaults,
-                }
-            )
+            info = type(method).describe()
+            info.update(name=name, device=str(method.device), native_resolution=method.native_resolution,
+                        family=method.family)  # fmt: skip
+            listed.append(info)
         return {
             "methods": listed,
             "default_method": engine.default_method,

@@ -24,13 +24,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..image import InputError, mask_to_array
-from ..methods.base import InpaintMethod, InpaintRequest, InpaintResult, inpaint
-from ..methods.processing import grow_mask
+from ..errors import InputError, RequestError
+from ..methods.api import prepare, run
+from ..methods.base import InpaintMethod, InpaintRequest, InpaintResult, PreparedJob
 
 logger = logging.getLogger(__name__)
 
@@ -124,8 +123,7 @@ class Job:
     id: str
     method: str
     request: InpaintRequest
-    image: Image.Image | None = field(repr=False)  # released when the job finishes
-    mask: np.ndarray | None = field(repr=False)
+    prepared: PreparedJob | None = field(repr=False)  # the checked inputs; released when the job finishes
     state: str = JobState.QUEUED
     step: int = 0
     total: int = 0
@@ -235,48 +233,40 @@ class Engine:
                 f"{what} is {width}x{height} = {width * height} pixels; the limit is {self.limits.max_pixels}"
             )
 
-    def validate(
+    def prepare(
         self, method: str | None, image: Image.Image, mask: Any, request: InpaintRequest
-    ) -> tuple[str, np.ndarray]:
-        """Check everything that can be checked before queuing; return the method name and the mask
-        (boolean ``(H, W)``, True = hole, before ``invert_mask``/``mask_grow``)."""
+    ) -> PreparedJob:
+        """Check everything that can be checked before queuing (:func:`brushnet.methods.prepare`): the method is
+        loaded, the request and its options fit it, the image is within the limits, the mask fits the image and
+        is not empty. CPU work (mask grow/shrink): call it off the event loop."""
         name = method or self.default_method
         if name not in self.methods:
             raise SchemaError(f"method {name!r} is not loaded; loaded: {', '.join(self.methods)}")
-        try:
-            self.methods[name].parse_options(request.options)
-        except InputError as exc:
-            raise SchemaError(str(exc)) from None
         self.check_image_size(*image.size)
         try:
-            hole = mask_to_array(mask)
+            return prepare(self.methods[name], image, mask, request, max_pixels=self.limits.max_pixels)
+        except RequestError as exc:
+            raise SchemaError(str(exc)) from None
         except InputError as exc:
             raise InvalidInput(str(exc)) from None
-        if (hole.shape[1], hole.shape[0]) != image.size:
-            raise InvalidInput(
-                f"mask is {hole.shape[1]}x{hole.shape[0]} but the image is "
-                f"{image.size[0]}x{image.size[1]}; they must match"
-            )
-        effective = grow_mask(~hole if request.invert_mask else hole, request.mask_grow)
-        if not effective.any():
-            raise InvalidInput("mask is empty: no white pixel marks a region to inpaint (white = inpaint)")
-        return name, hole
 
     def submit(
         self, method: str | None, image: Image.Image, mask: Any, request: InpaintRequest | None = None
     ) -> Job:
-        """Validate and queue a job. Raises a :class:`ServiceError` subclass for a refused request."""
-        request = request or InpaintRequest()
-        name, hole = self.validate(method, image, mask, request)
+        """Prepare and queue a job. Raises a :class:`ServiceError` subclass for a refused request."""
+        prepared = self.prepare(method, image, mask, request or InpaintRequest())
+        return self.enqueue(prepared)
+
+    def enqueue(self, prepared: PreparedJob) -> Job:
+        """Queue a prepared job (see :meth:`prepare`). Raises :class:`QueueFull` when the queue is full."""
         job = Job(
             id=uuid.uuid4().hex,
-            method=name,
-            request=request,
-            image=image.convert("RGB"),
-            mask=hole,
-            total=request.steps,
+            method=prepared.method,
+            request=prepared.request,
+            prepared=prepared,
+            total=prepared.request.steps,
         )
-        worker = self._workers[str(self.methods[name].device)]
+        worker = self._workers[str(self.methods[prepared.method].device)]
         with self._cond:
             if self._closing:
                 raise ServiceError("the engine is shutting down")
@@ -343,7 +333,7 @@ class Engine:
         job.error = error
         job.error_kind = kind
         job.finished_at = time.time()
-        job.image, job.mask = None, None  # inputs are not needed any more; keep only the result
+        job.prepared = None  # inputs are not needed any more; keep only the result
         job.version += 1
         job._finished.set()
         self._trim_history()
@@ -373,7 +363,7 @@ class Engine:
                 )
 
         try:
-            result = inpaint(self.methods[job.method], job.image, job.mask, job.request, on_step=on_step)
+            result = run(self.methods[job.method], job.prepared, on_step=on_step)
         except _Stop as stop:
             kind = "cancelled" if stop.state == JobState.CANCELLED else "timeout"
             with self._cond:

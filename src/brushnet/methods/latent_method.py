@@ -1,46 +1,17 @@
-"""Pieces shared by the methods that drive a plain SD1.5 base with their own denoising loop (Blended Latent
-Diffusion, RePaint): loading, prompt encoding, VAE encode/decode, the latent-resolution hole, a guided UNet
-evaluation, and a counter of UNet evaluations for every method."""
+"""The base of methods that run their own denoising loop on a plain (4-channel) Stable Diffusion base: Blended
+Latent Diffusion, RePaint. It owns loading, prompt encoding, VAE encode/decode, the latent-resolution hole and a
+guided UNet evaluation."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn.functional as F
+from .base import BASE, BASE_CONFIG, InpaintMethod, InpaintRequest, ModelPaths
 
-from ..loading import load_base_components, resolve_dtype
-from .base import InpaintMethod, InpaintRequest, ModelPaths
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
-__all__ = ["CallCounter", "count_calls", "latent_hole", "LatentSDMethod"]
-
-
-class CallCounter:
-    """Counts single-sample forward passes of a module (a CFG-doubled batch of 2 counts 2)."""
-
-    def __init__(self) -> None:
-        self.samples = 0
-
-    def per_image(self, num_images: int) -> int:
-        return self.samples // max(1, num_images)
-
-
-@contextlib.contextmanager
-def count_calls(module: torch.nn.Module) -> Iterator[CallCounter]:
-    """Count the samples that go through ``module.forward`` inside the ``with`` block (a forward pre-hook reads
-    the batch size of the first tensor argument, positional or ``sample=``)."""
-    counter = CallCounter()
-
-    def hook(_module, args, kwargs):
-        first = args[0] if args else kwargs.get("sample")
-        counter.samples += int(first.shape[0]) if isinstance(first, torch.Tensor) else 1
-
-    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield counter
-    finally:
-        handle.remove()
+__all__ = ["LatentMethod", "latent_hole"]
 
 
 def latent_hole(hole: torch.Tensor, factor: int, dilation: int = 0) -> torch.Tensor:
@@ -58,6 +29,8 @@ def latent_hole(hole: torch.Tensor, factor: int, dilation: int = 0) -> torch.Ten
     Returns:
         ``(B, 1, H/factor, W/factor)`` in {0, 1}, 1 = hole.
     """
+    import torch.nn.functional as F
+
     if hole.shape[-1] % factor or hole.shape[-2] % factor:
         raise ValueError(f"hole size {tuple(hole.shape[-2:])} is not a multiple of {factor}")
     cells = F.max_pool2d((hole > 0.5).float(), kernel_size=factor, stride=factor)
@@ -66,31 +39,36 @@ def latent_hole(hole: torch.Tensor, factor: int, dilation: int = 0) -> torch.Ten
     return cells
 
 
-class LatentSDMethod(InpaintMethod):
-    """A method that runs its own loop on a plain SD1.5 base (``ModelPaths.base``) with diffusers components."""
+class LatentMethod(InpaintMethod):
+    """A method with its own loop on a plain SD base (``--base``), using diffusers components."""
 
-    def __init__(self, pipeline, device="cpu", dtype=torch.float32):
+    models = (BASE,)
+    optional_models = (BASE_CONFIG,)
+
+    def __init__(self, pipeline: Any, device: Any = "cpu", dtype: Any = None):
         super().__init__(device, dtype)
-        # A StableDiffusionPipeline holds the components and gives us diffusers' own encode_prompt.
+        # a StableDiffusionPipeline holds the components and gives us diffusers' own encode_prompt
         self.pipeline = pipeline
         self.base_scheduler_config = dict(pipeline.scheduler.config)
-        self.vae_scale_factor = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+        self.size_multiple = self.vae_scale_factor = int(pipeline.vae_scale_factor)
+        self.native_resolution = int(pipeline.unet.config.sample_size) * self.vae_scale_factor
 
     @classmethod
-    def load(cls, models: ModelPaths, device: str = "cpu", dtype="fp32") -> LatentSDMethod:
+    def load(cls, models: ModelPaths, device: str = "cpu", dtype: Any = "fp32") -> LatentMethod:
         from diffusers import StableDiffusionPipeline
 
-        models.require(cls.name, "base")
+        from ..errors import CheckpointError
+        from ..loading import load_base_components, resolve_dtype
+
+        models.require(cls)
         torch_dtype = resolve_dtype(dtype)
         components = load_base_components(
             models.base, dtype=torch_dtype, allow_pickle=models.allow_pickle, config=models.base_config
         )
-        if components["unet"].config.in_channels != 4:
-            from ..loading import CheckpointError
-
+        channels = components["unet"].config.in_channels
+        if channels != 4:
             raise CheckpointError(
-                f"method {cls.name!r} needs a plain 4-channel SD base, got a "
-                f"{components['unet'].config.in_channels}-channel UNet in {models.base}"
+                f"method {cls.name!r} needs a plain 4-channel SD base, got a {channels}-channel UNet in {models.base}"
             )
         pipeline = StableDiffusionPipeline(
             **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
@@ -109,6 +87,8 @@ class LatentSDMethod(InpaintMethod):
     def encode_prompts(self, request: InpaintRequest) -> torch.Tensor:
         """Text embeddings for the batch: ``[negative; positive]`` (each ``num_images`` long) with CFG, else
         the positive ones only."""
+        import torch
+
         cfg = request.guidance_scale > 1
         positive, negative = self.pipeline.encode_prompt(
             request.prompt,
@@ -119,28 +99,35 @@ class LatentSDMethod(InpaintMethod):
         )
         return torch.cat([negative, positive]) if cfg else positive
 
-    @torch.no_grad()
     def encode(self, image: torch.Tensor) -> torch.Tensor:
-        """Image ``(B, 3, h, w)`` in [0, 1] → latent ``(B, 4, h/8, w/8)``: the posterior mean (deterministic, so
+        """Image ``(B, 3, h, w)`` in [0, 1] → latent ``(B, 4, h/8, w/8)``: the posterior mode (deterministic, so
         the kept region is reproducible) times the VAE scaling factor."""
-        pixels = (image * 2 - 1).to(self.device, self.vae.dtype)
-        return self.vae.encode(pixels).latent_dist.mode() * self.vae.config.scaling_factor
+        import torch
 
-    @torch.no_grad()
+        from ..models.conditioning import encode_latents
+
+        with torch.no_grad():
+            return encode_latents(self.vae, (image * 2 - 1).to(self.device), sample=False)
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latent → image ``(B, 3, h, w)`` in [0, 1] (float32, CPU)."""
-        pixels = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        import torch
+
+        with torch.no_grad():
+            pixels = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
         return ((pixels.float() + 1) / 2).clamp(0, 1).cpu()
 
-    @torch.no_grad()
     def predict(
         self, model_input: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor, guidance_scale: float
     ) -> torch.Tensor:
         """The UNet's guided prediction for ``model_input`` at timestep ``t`` (CFG when ``guidance_scale > 1``,
         running the unconditional and conditional halves as one batch)."""
+        import torch
+
         cfg = guidance_scale > 1
         batch = torch.cat([model_input] * 2) if cfg else model_input
-        out = self.unet(batch.to(self.unet.dtype), t, encoder_hidden_states=embeddings).sample
+        with torch.no_grad():
+            out = self.unet(batch.to(self.unet.dtype), t, encoder_hidden_states=embeddings).sample
         if cfg:
             uncond, cond = out.chunk(2)
             out = uncond + guidance_scale * (cond - uncond)

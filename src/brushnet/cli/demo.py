@@ -4,12 +4,37 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
 
-__all__ = ["demo_command"]
+from .common import fail, guarded
+from .flags import request_flags, runtime_flags
+
+__all__ = ["demo_command", "DEMO_EXCLUDED_FIELDS"]
+
+DEMO_EXCLUDED_FIELDS = (
+    "prompt",  # each shipped scene has its own; --prompt with --image/--mask for yours
+    "invert_mask",  # its own flag, with --mask
+    "blend",  # the grid shows every output raw and blended
+    "num_images",  # one image per cell
+    "mask_grow",  # shipped scenes come with their holes
+    "crop_to_mask",  # the models work on whole 128x128 scenes
+    "crop_padding",
+    "resolution",
+    "options",  # each method runs with the demo's options (RePaint: shorter jumps)
+)
 
 
+@guarded
+@request_flags(
+    exclude=DEMO_EXCLUDED_FIELDS,
+    defaults={"steps": 10, "guidance_scale": 5.0, "seed": 1234, "blend_kernel_size": 5},
+    help={
+        "blend_kernel_size": "Feathering kernel of the blended view (the paper's 21 px at 512, scaled to 128)."
+    },
+)
+@runtime_flags(quiet=False, dtype=False)
 def demo_command(
     output: Path = typer.Option(
         Path("outputs/demo"), "--output", "-o", help="Folder for grid.png and per-method PNGs."
@@ -25,11 +50,10 @@ def demo_command(
         help="Comma-separated methods (brushnet, blended-latent-diffusion, sd-inpainting, "
         "controlnet-inpaint, repaint) or 'all'.",
     ),
-    steps: int = typer.Option(10, min=1, max=200, help="Denoising steps (UniPC)."),
-    guidance: float = typer.Option(5.0, min=0.0, max=50.0, help="Guidance scale."),
-    seed: int = typer.Option(1234, min=0, help="Seed."),
     models: Path | None = typer.Option(None, help="Models folder (default: the shipped demo_world)."),
     table: bool = typer.Option(True, help="Print the mini-BrushBench table after the grid."),
+    request: dict = None,
+    runtime: Any = None,
 ) -> None:
     """Real inpainting offline in under a minute: every method on small models trained on a shapes world.
 
@@ -37,14 +61,11 @@ def demo_command(
     different object than the one masked out — and prints the mini-BrushBench table. With --image/--mask/
     --prompt it inpaints your own 128x128 scene instead.
     """
-    from ..image import InputError
-    from .assets import DEMO_DIR, METHODS
-    from .run import DEMO_SETTINGS, format_results_table, run_demo, user_scene
+    from ..demo.assets import DEMO_DIR, METHODS
+    from ..demo.run import format_results_table, run_demo, user_scene
+    from ..io import check_output_path
 
-    def fail(message: str) -> None:
-        typer.echo(f"error: {message}", err=True)
-        raise typer.Exit(2)
-
+    runtime.apply()
     given = [
         name
         for name, value in (("--image", image), ("--mask", mask), ("--prompt", prompt))
@@ -61,22 +82,19 @@ def demo_command(
     root = models if models is not None else DEMO_DIR
     if not (Path(root) / "base" / "model_index.json").is_file():
         fail(
-            f"no demo models in {root} (expected base/model_index.json; train them with "
-            "python -m brushnet.demo.train_world)"
+            f"no demo models in {root} (expected base/model_index.json; train them with examples/demo_world)"
         )
+    check_output_path(output / "grid.png")
     start = time.perf_counter()
-    try:
-        scenes = [user_scene(str(image), str(mask), prompt, invert_mask)] if given else None
-        result = run_demo(
-            output,
-            methods=chosen,
-            scenes=scenes,
-            models_root=root,
-            on_event=lambda message: typer.echo(message, err=True),
-            settings={**DEMO_SETTINGS, "steps": steps, "guidance_scale": guidance, "seed": seed},
-        )
-    except InputError as error:
-        fail(str(error))
+    scenes = [user_scene(str(image), str(mask), prompt, invert_mask)] if given else None
+    result = run_demo(
+        output,
+        methods=chosen,
+        scenes=scenes,
+        models_root=root,
+        on_event=lambda message: typer.echo(message, err=True),
+        request=request,
+    )
     typer.echo(f"wrote {result['grid']} ({time.perf_counter() - start:.1f} s)")
     if table and not given:
         typer.echo("")

@@ -11,27 +11,22 @@ Why our own loop: diffusers' ``RePaintScheduler`` is deprecated and built for th
 pipeline. Here the schedule is a plain list of moves (:func:`repaint_schedule`) over the levels of a DDIM
 timestep grid (``request.steps`` levels; level 0 = clean), each down move a DDIM update (``eta`` = 1: the
 DDPM-like ancestral sampling RePaint uses; ``eta`` = 0: deterministic DDIM) and each up move a forward
-re-noising. ``request.scheduler`` is therefore not used by this method.
+re-noising. The method therefore takes only the ``ddim`` scheduler name (its default); another name is an error.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
-import torch
-from diffusers import DDIMScheduler
-from diffusers.utils.torch_utils import randn_tensor
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..image import InputError
-from .base import GenerateOutput, InpaintRequest, StepCallback
-from .registry import register_method
-from .sd_common import LatentSDMethod, count_calls, latent_hole
+from ...errors import InputError
+from ..base import GenerateOutput, Task
+from ..counting import count_calls
+from ..latent_method import LatentMethod, latent_hole
+from ..registry import register_method
 
 __all__ = ["RePaint", "RePaintOptions", "RePaintMove", "repaint_schedule"]
-
-logger = logging.getLogger(__name__)
 
 
 class RePaintOptions(BaseModel):
@@ -81,21 +76,20 @@ def repaint_schedule(steps: int, jump_length: int, jump_n_sample: int) -> list[R
 
 
 @register_method
-class RePaint(LatentSDMethod):
+class RePaint(LatentMethod):
     name = "repaint"
     description = "RePaint: known region from the noised input at every step, with resampling jumps."
     Options = RePaintOptions
+    default_scheduler = "ddim"
+    schedulers = ("ddim",)
 
-    def generate(
-        self,
-        image: torch.Tensor,
-        hole: torch.Tensor,
-        request: InpaintRequest,
-        options: RePaintOptions,
-        generators: list[torch.Generator],
-        on_step: StepCallback | None = None,
-    ) -> GenerateOutput:
-        n = request.num_images
+    def generate(self, task: Task) -> GenerateOutput:
+        import torch
+        from diffusers import DDIMScheduler
+        from diffusers.utils.torch_utils import randn_tensor
+
+        request, options, generators = task.request, task.options, task.generators
+        n = task.num_images
         grid = DDIMScheduler.from_config(self.base_scheduler_config)
         grid.set_timesteps(request.steps)
         # level k ≥ 1 ↔ timesteps[steps − k] (level `steps` is the noisiest); level 0 is the clean latent
@@ -107,17 +101,17 @@ class RePaint(LatentSDMethod):
             raise InputError(f"repaint supports epsilon and v_prediction models, not {prediction_type!r}")
 
         embeddings = self.encode_prompts(request)
-        source = self.encode(image).expand(n, -1, -1, -1).float()
+        source = self.encode(task.image).expand(n, -1, -1, -1).float()
         # The one mask conversion: project convention (1 = generate) → RePaint's m (1 = known), at latent
         # resolution with the hole max-pooled so it never under-covers the pixel hole.
-        known = latent_hole(hole, self.vae_scale_factor, options.mask_dilation).to(self.device) < 0.5
+        known = latent_hole(task.hole, self.vae_scale_factor, options.mask_dilation).to(self.device) < 0.5
 
         def noise() -> torch.Tensor:
             return randn_tensor(source.shape, generator=generators, device=self.device, dtype=torch.float32)
 
         schedule = repaint_schedule(request.steps, options.jump_length, options.jump_n_sample)
         x = noise()  # level `steps` starts from pure noise, as diffusers' DDIM pipelines do
-        with count_calls(self.unet) as calls:
+        with count_calls(self.unet.conv_in) as calls:
             for index, move in enumerate(schedule):
                 a_start, a_end = alpha_bar[move.start], alpha_bar[move.end]
                 if move.direction == "up":  # forward process q(x_end | x_start)
@@ -141,8 +135,7 @@ class RePaint(LatentSDMethod):
                     else:
                         x_known = a_end**0.5 * source + (1 - a_end) ** 0.5 * noise()
                     x = torch.where(known, x_known, x_unknown)
-                if on_step is not None:
-                    on_step(index + 1, len(schedule))
+                task.step(index + 1, len(schedule))
         downs = sum(move.direction == "down" for move in schedule)
         return GenerateOutput(
             images=self.decode(x), unet_calls=calls.per_image(n), extra_calls={"schedule_down_moves": downs}

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import math
 
-import torch
-from diffusers.utils.torch_utils import randn_tensor
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..schedulers import make_scheduler
-from .base import GenerateOutput, InpaintRequest, StepCallback
-from .registry import register_method
-from .sd_common import LatentSDMethod, count_calls, latent_hole
+from ..base import GenerateOutput, Task
+from ..counting import count_calls
+from ..latent_method import LatentMethod, latent_hole
+from ..registry import register_method
 
 __all__ = ["BlendedLatentDiffusion", "BlendedLatentOptions"]
 
@@ -37,44 +35,41 @@ class BlendedLatentOptions(BaseModel):
 
 
 @register_method
-class BlendedLatentDiffusion(LatentSDMethod):
+class BlendedLatentDiffusion(LatentMethod):
     name = "blended-latent-diffusion"
     description = (
         "Blended Latent Diffusion: a plain SD1.5 base; the known latent region is replaced each step."
     )
     Options = BlendedLatentOptions
 
-    def generate(
-        self,
-        image: torch.Tensor,
-        hole: torch.Tensor,
-        request: InpaintRequest,
-        options: BlendedLatentOptions,
-        generators: list[torch.Generator],
-        on_step: StepCallback | None = None,
-    ) -> GenerateOutput:
-        n = request.num_images
+    def generate(self, task: Task) -> GenerateOutput:
+        import torch
+        from diffusers.utils.torch_utils import randn_tensor
+
+        from ...schedulers import make_scheduler
+
+        request, options, generators = task.request, task.options, task.generators
+        n = task.num_images
         scheduler = make_scheduler(request.scheduler, self.base_scheduler_config)
         scheduler.set_timesteps(request.steps, device=self.device)
         timesteps = scheduler.timesteps
         embeddings = self.encode_prompts(request)
 
-        source = self.encode(image).expand(n, -1, -1, -1).float()
+        source = self.encode(task.image).expand(n, -1, -1, -1).float()
         # The one mask conversion: project convention (1 = generate) → latent-resolution hole, max-pooled so it
         # never under-covers the pixel hole; everywhere else the input's latent is pasted.
-        in_hole = latent_hole(hole, self.vae_scale_factor, options.mask_dilation).to(self.device) > 0.5
+        in_hole = latent_hole(task.hole, self.vae_scale_factor, options.mask_dilation).to(self.device) > 0.5
 
         latents = randn_tensor(source.shape, generator=generators, device=self.device, dtype=torch.float32)
         latents = latents * scheduler.init_noise_sigma
         first_blend = math.ceil(options.blend_start * len(timesteps))
 
-        with count_calls(self.unet) as calls:
+        with count_calls(self.unet.conv_in) as calls:
             for i, t in enumerate(timesteps):
                 model_input = scheduler.scale_model_input(latents, t)
                 noise_pred = self.predict(model_input, t, embeddings, request.guidance_scale)
                 latents = scheduler.step(noise_pred, t, latents).prev_sample.float()
-                last = i == len(timesteps) - 1
-                if last:  # the clean input latent, exactly
+                if i == len(timesteps) - 1:  # the clean input latent, exactly
                     latents = torch.where(in_hole, latents, source)
                 elif i >= first_blend:  # the input noised to the level of the next timestep
                     noise = randn_tensor(
@@ -82,6 +77,5 @@ class BlendedLatentDiffusion(LatentSDMethod):
                     )
                     noised_source = scheduler.add_noise(source, noise, timesteps[i + 1 : i + 2])
                     latents = torch.where(in_hole, latents, noised_source)
-                if on_step is not None:
-                    on_step(i + 1, len(timesteps))
+                task.step(i + 1, len(timesteps))
         return GenerateOutput(images=self.decode(latents), unet_calls=calls.per_image(n))

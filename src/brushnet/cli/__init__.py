@@ -1,0 +1,60 @@
+"""The ``brushnet`` command line: every command, in one package.
+
+Heavy imports (torch, diffusers) happen inside each command, so ``brushnet --help`` is instant. Every expected
+failure (bad input, wrong checkpoint, unknown option, a file that cannot be written) prints one line on stderr
+and exits 2; an unexpected one prints one line and exits 1 (``BRUSHNET_DEBUG=1`` shows the traceback).
+
+The flags that describe a request, the models and the runtime are generated from the schemas
+(:mod:`brushnet.cli.flags`), so every command that takes a request takes every field of it.
+"""
+
+from __future__ import annotations
+
+import os
+
+# OpenMP threads that spin while waiting burn the CPU another process needs; passive waiting costs nothing
+# measurable on an idle machine and avoids the collapse on a busy one. Set before torch loads OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import typer  # noqa: E402
+
+from .bench import app as bench_app  # noqa: E402
+from .data import data_app, shapes_app  # noqa: E402
+from .demo import demo_command  # noqa: E402
+from .inpaint import (  # noqa: E402
+    batch_command,
+    compare_command,
+    inpaint_command,
+    make_tiny_models_command,
+    methods_command,
+    outpaint_command,
+)
+from .serve import serve_command  # noqa: E402
+from .train import COMMAND_SETTINGS, train_command  # noqa: E402
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="brushnet",
+    help="BrushNet inpainting and the methods it is compared against. Masks: white = inpaint.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+app.command("inpaint")(inpaint_command)
+app.command("batch")(batch_command)
+app.command("compare")(compare_command)
+app.command("outpaint")(outpaint_command)
+app.command("methods")(methods_command)
+app.command("make-tiny-models")(make_tiny_models_command)
+app.command("demo")(demo_command)
+app.command("serve")(serve_command)
+app.command("train", **COMMAND_SETTINGS)(train_command)
+app.add_typer(bench_app, name="bench", help="Benchmarks: BrushBench-style evaluation and speed.")
+app.add_typer(data_app, name="data", help="Training data: synthetic shards.")
+app.add_typer(shapes_app, name="shapes", help="The procedural shapes world.")
+
+
+def main() -> None:
+    app()

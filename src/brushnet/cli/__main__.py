@@ -1,0 +1,5 @@
+"""``python -m brushnet.cli``."""
+
+from . import main
+
+main()

@@ -1,0 +1,228 @@
+"""What every command shares: the one-line error exit, the progress bar, option parsing, output paths, and the
+runtime settings (device, dtype, CPU threads).
+
+Only the standard library, typer and light project modules are imported at module level, so ``--help`` stays
+instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from ..errors import InputError, first_line
+
+__all__ = [
+    "fail",
+    "guarded",
+    "StepBar",
+    "Runtime",
+    "available_cpus",
+    "parse_options",
+    "split_options",
+    "output_paths",
+    "IMAGE_SUFFIXES",
+]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+DEBUG_ENV = "BRUSHNET_DEBUG"
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print ``error: <message>`` on stderr and exit with ``code`` (2: bad input or usage)."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def guarded(command: Callable) -> Callable:
+    """Wrap a command so that no error ends in a traceback: bad input (:class:`~brushnet.errors.InputError`,
+    ``ValueError``, ``OSError``) is one line and exit code 2; anything else is one line naming the exception and
+    exit code 1 (``BRUSHNET_DEBUG=1`` shows the traceback); Ctrl-C exits 130."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+        except (InputError, ValueError, OSError) as exc:
+            if os.environ.get(DEBUG_ENV):
+                raise
+            fail(first_line(exc))
+        except Exception as exc:  # noqa: BLE001 - the CLI's contract: one line, never a traceback
+            if os.environ.get(DEBUG_ENV):
+                raise
+            fail(
+                f"internal error: {type(exc).__name__}: {first_line(exc)} (set {DEBUG_ENV}=1 for details)", 1
+            )
+
+    return wrapper
+
+
+class StepBar:
+    """A tqdm bar on stderr driven by a method's ``on_step(done, total)`` callback. Nothing is drawn until the
+    first step, and nothing at all with ``quiet``."""
+
+    def __init__(self, desc: str, quiet: bool):
+        self.desc, self.quiet, self.bar = desc, quiet, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=self.desc, unit="step", file=sys.stderr, leave=False)
+        if self.bar.total != total:
+            self.bar.reset(total=total)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> StepBar:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask, bounded by a cgroup CPU quota (v2 ``cpu.max`` or v1
+    ``cpu.cfs_quota_us``) when one is set."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        count = os.cpu_count() or 1
+    quota = None
+    try:
+        fields = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if fields and fields[0] != "max":
+            quota = int(fields[0]) / int(fields[1])
+    except (OSError, ValueError, IndexError):
+        try:
+            value = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+            period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+            quota = value / period if value > 0 else None
+        except (OSError, ValueError):
+            quota = None
+    if quota is not None:
+        count = min(count, max(1, int(quota)))
+    return max(1, count)
+
+
+@dataclass
+class Runtime:
+    """Where and how models run: ``device``, ``dtype`` and the CPU threads torch may use."""
+
+    device: str = "cpu"
+    dtype: str = "fp32"
+    threads: int | None = None
+    quiet: bool = False
+
+    def check(self) -> None:
+        """Refuse an unknown dtype or a device this machine does not have, before any model is loaded."""
+        from ..devices import resolve_device
+        from ..loading import resolve_dtype
+
+        resolve_dtype(self.dtype)
+        resolve_device(self.device)
+
+    def apply(self) -> None:
+        """Check, then set torch's thread pools: ``threads`` (default: ``OMP_NUM_THREADS`` when set, else the
+        CPUs available to the process) for intra-op work and one inter-op thread, so parallel regions never
+        oversubscribe the CPUs."""
+        self.check()
+        import torch
+
+        threads = self.threads
+        if threads is None:
+            env = os.environ.get("OMP_NUM_THREADS", "")
+            threads = int(env) if env.isdigit() and int(env) > 0 else available_cpus()
+        if threads < 1:
+            raise InputError(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:  # already set once in this process (tests, a second command)
+            pass
+
+
+def parse_options(pairs: list[str] | None) -> dict[str, Any]:
+    """``["conditioning_scale=0.8", "guess_mode=true"]`` → ``{"conditioning_scale": 0.8, "guess_mode": True}``.
+
+    Values are parsed as JSON when they parse (numbers, true/false, null, lists), else kept as strings.
+    """
+    options: dict[str, Any] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise InputError(f"--option needs key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        key = key.strip().replace("-", "_")
+        if not key:
+            raise InputError(f"--option needs key=value, got {pair!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def split_options(pairs: list[str] | None, names: list[str]) -> dict[str, dict[str, Any]]:
+    """``--option key=value`` applies to every method of ``names``; ``--option method:key=value`` to that one."""
+    per_method: dict[str, list[str]] = {name: [] for name in names}
+    for pair in pairs or []:
+        head, _, _ = pair.partition("=")
+        if ":" in head:
+            name, _, rest = pair.partition(":")
+            if name not in per_method:
+                raise InputError(
+                    f"--option {pair!r} names method {name!r}, which is not among {', '.join(names)}"
+                )
+            per_method[name].append(rest)
+        else:
+            for name in names:
+                per_method[name].append(pair)
+    return {name: parse_options(items) for name, items in per_method.items()}
+
+
+def output_paths(output: str | os.PathLike, count: int) -> list[Path]:
+    """``out.png`` for one image; ``out-0.png, out-1.png, ...`` for several."""
+    output = Path(output)
+    if output.suffix.lower() != ".png":
+        raise InputError(f"output must be a .png file, got {output.name}")
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(count)]
+
+
+def refuse_overwriting_inputs(outputs: list[Path], inputs: list[Path], overwrite: bool) -> None:
+    """An output that is one of the inputs (same file, or the image/mask folder for a folder output) is refused
+    unless ``overwrite``: nothing a user passed in is replaced by surprise."""
+    if overwrite:
+        return
+    resolved = {Path(p).resolve(): Path(p) for p in inputs if p is not None}
+    for path in outputs:
+        for candidate in (path, path.with_suffix(".json")):
+            original = resolved.get(Path(candidate).resolve())
+            if original is not None:
+                raise InputError(
+                    f"output {candidate} would overwrite the input {original}; choose another --output "
+                    "(or pass --overwrite)"
+                )

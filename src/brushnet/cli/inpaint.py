@@ -1,0 +1,412 @@
+"""``brushnet inpaint | batch | compare | outpaint | methods | make-tiny-models``.
+
+Their request, model and runtime flags are generated from the schemas (:mod:`brushnet.cli.flags`). Each
+command checks everything it can — request, options, files, output paths — before loading a model, and writes
+its outputs only after generating (image first, then the ``.json`` sidecar).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from .common import (
+    IMAGE_SUFFIXES,
+    StepBar,
+    fail,
+    guarded,
+    output_paths,
+    refuse_overwriting_inputs,
+    split_options,
+)
+from .flags import model_flags, request_flags, runtime_flags
+
+__all__ = [
+    "inpaint_command",
+    "batch_command",
+    "compare_command",
+    "outpaint_command",
+    "methods_command",
+    "make_tiny_models_command",
+]
+
+logger = logging.getLogger(__name__)
+
+METHOD_HELP = "Inpainting method (see `brushnet methods`)."
+MAX_PIXELS_HELP = "Largest input image, width x height (checked before decoding)."
+
+
+def _load(method: str, models: dict[str, Any], runtime) -> Any:
+    from ..methods import load_method
+
+    return load_method(method, models, device=runtime.device, dtype=runtime.dtype)
+
+
+def _model_paths(models: dict[str, Any], method_cls) -> Any:
+    """The model paths, checked for what ``method_cls`` needs before anything loads."""
+    from ..methods import ModelPaths
+
+    paths = ModelPaths(**models)
+    paths.require(method_cls)
+    return paths
+
+
+@guarded
+@request_flags()
+@model_flags()
+@runtime_flags()
+def inpaint_command(
+    image: Path = typer.Option(..., "--image", "-i", help="Input image (PNG/JPEG/WebP/TIFF, any size)."),
+    mask: Path = typer.Option(..., "--mask", "-m", help="Mask, white = inpaint (L, RGB, or RGBA strokes)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output .png (several images: out-0.png, ...)."),
+    method: str = typer.Option("brushnet", "--method", help=METHOD_HELP),
+    scale: float | None = typer.Option(
+        None, "--scale", help="Shorthand for --option conditioning_scale=N (BrushNet's preservation scale)."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Allow --output to replace an input file."),
+    max_pixels: int | None = typer.Option(None, "--max-pixels", help=MAX_PIXELS_HELP),
+    request: dict = None,
+    models: dict = None,
+    runtime: Any = None,
+) -> None:
+    """Inpaint IMAGE where MASK is white and write OUTPUT (PNG with parameters + JSON sidecar)."""
+    from ..io import check_output_path, save_png_with_metadata
+    from ..methods import get_method_class, prepare, run
+
+    runtime.apply()
+    if scale is not None:
+        request["options"] = {**request["options"], "conditioning_scale": scale}
+    cls = get_method_class(method)
+    outputs = output_paths(output, request["num_images"])
+    refuse_overwriting_inputs(outputs, [image, mask], overwrite)
+    for path in outputs:
+        check_output_path(path)
+    job = prepare(cls, image, mask, request, max_pixels=max_pixels)  # reads both files, once
+    _model_paths(models, cls)
+    loaded = _load(method, models, runtime)
+    with StepBar(method, runtime.quiet) as bar:
+        result = run(loaded, job, on_step=bar)
+    metadata = result.metadata()
+    metadata["inputs"] = {"image": str(image), "mask": str(mask)}
+    for i, (img, path) in enumerate(zip(result.images, outputs)):
+        save_png_with_metadata(img, path, {**metadata, "seed": result.seed + i, "index": i})
+        typer.echo(str(path))
+    typer.echo(f"seed {result.seed}, {result.timings['total_s']:.1f} s", err=True)
+
+
+def _find_mask(masks: Path, stem: str) -> Path | None:
+    if masks.is_file():
+        return masks
+    for suffix in IMAGE_SUFFIXES:
+        for candidate in (masks / f"{stem}{suffix}", masks / f"{stem}{suffix.upper()}"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _read_prompts(path: Path) -> dict[str, dict[str, Any]]:
+    """``prompts.jsonl``: one ``{"image": "<file name or stem>", "prompt": ..., "negative_prompt": ...}`` a line."""
+    import json
+
+    from ..errors import InputError
+
+    table: dict[str, dict[str, Any]] = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            key = str(entry["image"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise InputError(f"{path}:{number}: expected a JSON object with an 'image' key") from None
+        unknown = set(entry) - {"image", "prompt", "negative_prompt"}
+        if unknown:
+            raise InputError(f"{path}:{number}: unknown keys {sorted(unknown)}")
+        table[key] = entry
+        table.setdefault(Path(key).stem, entry)
+    return table
+
+
+def batch_output_names(files: list[Path]) -> dict[Path, str]:
+    """Output stem per input: the file's stem, or ``<stem>_<suffix>`` for inputs whose stems collide
+    (``a.jpg`` and ``a.png`` → ``a_jpg``, ``a_png``), so no two inputs write the same output."""
+    stems: dict[str, int] = {}
+    for path in files:
+        stems[path.stem.lower()] = stems.get(path.stem.lower(), 0) + 1
+    return {
+        path: path.stem if stems[path.stem.lower()] == 1 else f"{path.stem}_{path.suffix.lstrip('.').lower()}"
+        for path in files
+    }
+
+
+@guarded
+@request_flags(help={"prompt": "Prompt for images without an entry in --prompts."})
+@model_flags()
+@runtime_flags()
+def batch_command(
+    images: Path = typer.Option(..., "--images", help="Folder of input images."),
+    masks: Path = typer.Option(
+        ..., "--masks", help="Folder of masks matched by file stem, or one mask for all."
+    ),
+    output: Path = typer.Option(..., "--output", "-o", help="Output folder (<stem>.png + <stem>.json)."),
+    prompts: Path = typer.Option(None, "--prompts", help="JSONL: {image, prompt, negative_prompt} per line."),
+    method: str = typer.Option("brushnet", "--method", help=METHOD_HELP),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Redo images whose output exists; allow --output to be an input folder."
+    ),
+    max_pixels: int | None = typer.Option(None, "--max-pixels", help=MAX_PIXELS_HELP),
+    request: dict = None,
+    models: dict = None,
+    runtime: Any = None,
+) -> None:
+    """Inpaint every image of a folder. Resumable: an image whose <stem>.png and <stem>.json both exist is
+    skipped. A bad file is reported and skipped; exit code 1 if any image failed."""
+    from ..errors import InputError
+    from ..io import check_output_path, save_png_with_metadata
+    from ..methods import check_request, get_method_class, prepare, run
+
+    runtime.apply()
+    if not images.is_dir():
+        fail(f"--images must be a folder: {images}")
+    if not masks.exists():
+        fail(f"--masks not found: {masks}")
+    if output.exists() and not output.is_dir():
+        fail(f"--output must be a folder: {output} is a file")
+    if not overwrite:
+        for folder, flag in ((images, "--images"), (masks, "--masks")):
+            if folder.is_dir() and output.resolve() == folder.resolve():
+                fail(
+                    f"--output {output} is the {flag} folder: outputs would mix with the inputs (pass --overwrite)"
+                )
+    table = _read_prompts(prompts) if prompts is not None else {}
+    files = sorted(p for p in images.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        fail(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {images}")
+    cls = get_method_class(method)
+    check_request(cls, request)
+    check_output_path(output / "probe.png")
+    _model_paths(models, cls)
+
+    from tqdm.auto import tqdm
+
+    loaded = _load(method, models, runtime)
+    names = batch_output_names(files)
+    done, skipped, failures = 0, 0, []
+    for path in tqdm(
+        files, desc=f"batch {method}", unit="image", disable=runtime.quiet, file=__import__("sys").stderr
+    ):
+        targets = output_paths(output / f"{names[path]}.png", request["num_images"])
+        if not overwrite and all(t.is_file() and t.with_suffix(".json").is_file() for t in targets):
+            skipped += 1
+            continue
+        try:
+            # the image first: a corrupt image is reported as such, whether or not its mask exists
+            from ..image import load_image
+
+            original = load_image(path, max_pixels=max_pixels)
+            mask_path = _find_mask(masks, path.stem)
+            if mask_path is None:
+                raise InputError(f"no mask named {path.stem}.<png|jpg|...> in {masks}")
+            entry = table.get(path.name) or table.get(path.stem) or {}
+            fields = {
+                **request,
+                "prompt": entry.get("prompt", request["prompt"]),
+                "negative_prompt": entry.get("negative_prompt", request["negative_prompt"]),
+            }
+            job = prepare(cls, original, mask_path, fields, max_pixels=max_pixels)
+            result = run(loaded, job)
+            metadata = result.metadata()
+            metadata["inputs"] = {"image": str(path), "mask": str(mask_path)}
+            for i, (img, target) in enumerate(zip(result.images, targets)):
+                save_png_with_metadata(img, target, {**metadata, "seed": result.seed + i, "index": i})
+            done += 1
+        except Exception as exc:  # one bad file never stops the batch
+            from ..errors import first_line
+
+            kind = "" if isinstance(exc, InputError) else f"{exc.__class__.__name__}: "
+            failures.append((path.name, kind + first_line(exc)))
+            logger.debug("batch: %s failed", path, exc_info=True)
+    typer.echo(f"{done} done, {skipped} skipped (already done), {len(failures)} failed", err=True)
+    for name, message in failures:
+        typer.echo(f"failed: {name}: {message}", err=True)
+    if failures:
+        raise typer.Exit(1)
+
+
+@guarded
+@request_flags(
+    help={
+        "options": "key=value for every method, or method:key=value for one (repeatable).",
+        "num_images": "Images per method (one tile each).",
+    },
+    per_method_options=True,
+)
+@model_flags()
+@runtime_flags()
+def compare_command(
+    image: Path = typer.Option(..., "--image", "-i", help="Input image."),
+    mask: Path = typer.Option(..., "--mask", "-m", help="Mask, white = inpaint."),
+    methods: str = typer.Option(
+        ..., "--methods", help="Comma-separated methods, e.g. brushnet,blended-latent-diffusion,repaint."
+    ),
+    output: Path = typer.Option(..., "--output", "-o", help="Grid .png (a .json sidecar is written too)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Allow --output to replace an input file."),
+    max_pixels: int | None = typer.Option(None, "--max-pixels", help=MAX_PIXELS_HELP),
+    request: dict = None,
+    models: dict = None,
+    runtime: Any = None,
+) -> None:
+    """Run several methods with the same seed and settings; write a labelled grid: input, mask, each output.
+    A method that fails gets a grey tile; the exit code is then 1."""
+    import secrets
+
+    from PIL import Image
+
+    from ..errors import first_line
+    from ..io import check_output_path, make_grid, save_png_with_metadata
+    from ..methods import get_method_class, prepare, run
+
+    runtime.apply()
+    names = [name.strip() for name in methods.split(",") if name.strip()]
+    if not names:
+        fail("--methods is empty")
+    [grid_path] = output_paths(output, 1)
+    refuse_overwriting_inputs([grid_path], [image, mask], overwrite)
+    check_output_path(grid_path)
+    per_method = split_options(request.pop("options"), names)
+    if request["seed"] is None:
+        request["seed"] = secrets.randbelow(2**32)  # one seed shared by every method
+    jobs = {name: prepare(get_method_class(name), image, mask, {**request, "options": per_method[name]},
+                          max_pixels=max_pixels) for name in names}  # fmt: skip
+    first = next(iter(jobs.values()))
+    tiles = [first.image, Image.fromarray(first.hole.astype("uint8") * 255)]
+    labels = ["input", "mask"]
+    report: dict[str, Any] = {
+        "seed": request["seed"],
+        "inputs": {"image": str(image), "mask": str(mask)},
+        "methods": {},
+    }
+    failed = False
+    for name in names:
+        try:
+            with StepBar(name, runtime.quiet) as bar:
+                _model_paths(models, get_method_class(name))
+                result = run(_load(name, models, runtime), jobs[name], on_step=bar)
+            for i, img in enumerate(result.images):
+                tiles.append(img)
+                labels.append(name if len(result.images) == 1 else f"{name} #{i}")
+            report["methods"][name] = result.metadata()
+            typer.echo(
+                f"{name}: {result.timings['generate_s']:.2f} s, {result.unet_calls} UNet calls", err=True
+            )
+        except Exception as exc:  # noqa: BLE001 - one failing method still leaves a grid of the others
+            failed = True
+            message = first_line(exc)
+            tiles.append(Image.new("RGB", first.image.size, (128, 128, 128)))
+            labels.append(f"{name} (failed)")
+            report["methods"][name] = {"error": message}
+            typer.echo(f"failed: {name}: {message}", err=True)
+    grid = make_grid([tiles], labels=[labels])
+    save_png_with_metadata(grid, grid_path, report)
+    typer.echo(str(grid_path))
+    if failed:
+        raise typer.Exit(1)
+
+
+@guarded
+@request_flags(exclude=["invert_mask"])  # the mask is built from the extents
+@model_flags()
+@runtime_flags()
+def outpaint_command(
+    image: Path = typer.Option(..., "--image", "-i", help="Input image."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output .png (several images: out-0.png, ...)."),
+    extend_left: int = typer.Option(0, "--extend-left", min=0, help="Pixels added on the left."),
+    extend_right: int = typer.Option(0, "--extend-right", min=0, help="Pixels added on the right."),
+    extend_top: int = typer.Option(0, "--extend-top", min=0, help="Pixels added at the top."),
+    extend_bottom: int = typer.Option(0, "--extend-bottom", min=0, help="Pixels added at the bottom."),
+    overlap: int = typer.Option(
+        0, "--overlap", min=0, help="Also repaint this many original pixels per side."
+    ),
+    fill: str = typer.Option("edge", "--fill", help="Pre-fill of the new area: edge or black."),
+    method: str = typer.Option("brushnet", "--method", help=METHOD_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Allow --output to replace the input file."),
+    max_pixels: int | None = typer.Option(None, "--max-pixels", help=MAX_PIXELS_HELP),
+    request: dict = None,
+    models: dict = None,
+    runtime: Any = None,
+) -> None:
+    """Extend the canvas by the given pixels per side and paint the new area (outpainting)."""
+    from ..io import check_output_path, save_png_with_metadata
+    from ..methods import get_method_class, prepare_outpaint, run
+
+    runtime.apply()
+    if fill not in ("edge", "black"):
+        fail(f"--fill must be edge or black, got {fill!r}")
+    if extend_left + extend_right + extend_top + extend_bottom == 0:
+        fail("give at least one of --extend-left/--extend-right/--extend-top/--extend-bottom")
+    cls = get_method_class(method)
+    outputs = output_paths(output, request["num_images"])
+    refuse_overwriting_inputs(outputs, [image], overwrite)
+    for path in outputs:
+        check_output_path(path)
+    job = prepare_outpaint(
+        cls,
+        image,
+        extend_left,
+        extend_top,
+        extend_right,
+        extend_bottom,
+        overlap,
+        fill,
+        request,
+        max_pixels=max_pixels,
+    )
+    _model_paths(models, cls)
+    loaded = _load(method, models, runtime)
+    with StepBar(f"outpaint {method}", runtime.quiet) as bar:
+        result = run(loaded, job, on_step=bar)
+    metadata = result.metadata()
+    metadata["inputs"] = {"image": str(image)}
+    for i, (img, path) in enumerate(zip(result.images, outputs)):
+        save_png_with_metadata(img, path, {**metadata, "seed": result.seed + i, "index": i})
+        typer.echo(str(path))
+
+
+@guarded
+def methods_command() -> None:
+    """List the methods: what each needs, the families it runs on, its default scheduler and options."""
+    from ..methods import method_classes
+
+    for name, cls in method_classes().items():
+        info = cls.describe()
+        models = " ".join(f"--{m.replace('_', '-')}" for m in info["models"]) or "(none)"
+        optional = " ".join(f"[--{m.replace('_', '-')}]" for m in info["optional_models"])
+        schedulers = ", ".join(info["schedulers"]) if info["schedulers"] else "any"
+        typer.echo(f"{name}: {cls.description}")
+        typer.echo(f"    models: {models} {optional}".rstrip())
+        typer.echo(f"    families: {', '.join(info['families'])}; scheduler: {info['default_scheduler']} "
+                   f"(takes {schedulers})")  # fmt: skip
+        for field, spec in cls.Options.model_fields.items():
+            typer.echo(f"    --option {field}={spec.default!r}  {spec.description or ''}")
+
+
+@guarded
+def make_tiny_models_command(
+    out_dir: Path = typer.Argument(
+        ..., help="Folder to write the model set into (base/, brushnet/, inpaint/, ...)."
+    ),
+    preset: str = typer.Option("tiny", "--preset", help="tiny, small or sd15 (the real SD1.5 sizes)."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Write random-weight model folders for every method (offline; for trying the tools, not for quality)."""
+    from ..methods import model_slots
+    from ..random_models import PRESETS, build_model_set
+
+    if preset not in PRESETS:
+        fail(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    slots = [slot for slot in model_slots().values() if slot.folder is not None]
+    for name, path in build_model_set(out_dir, slots, preset, seed=seed).items():
+        typer.echo(f"{path}  (--{name.replace('_', '-')})")

@@ -1,0 +1,124 @@
+"""``brushnet serve``: the API and the web page in one process.
+
+Only typer and the standard library are imported at module level, so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from .common import fail, guarded
+from .flags import model_flags, runtime_flags
+
+__all__ = ["serve_command"]
+
+
+def _exit_on_sigterm(signum, _frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+@guarded
+@model_flags()
+@runtime_flags(quiet=False)
+def serve_command(
+    method: list[str] = typer.Option(
+        None,
+        "--method",
+        "-m",
+        help="Method to load (repeatable: several are served at once). Default: brushnet.",
+    ),
+    tiny: bool = typer.Option(
+        False, "--tiny", help="Build random tiny models into a temp dir (try the server with no weights)."
+    ),
+    demo: bool = typer.Option(
+        False, "--demo", help="Serve every method on the shipped shapes-world demo models (128x128 scenes)."
+    ),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (default: loopback only)."),
+    port: int = typer.Option(7860, "--port", min=1, max=65535, help="TCP port."),
+    max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", help="Largest request body, MiB."),
+    max_pixels: int = typer.Option(4096 * 4096, "--max-pixels", help="Largest image, width x height."),
+    max_queue: int = typer.Option(32, "--max-queue", help="Most waiting jobs; more answer 429."),
+    job_timeout: float = typer.Option(600.0, "--job-timeout", help="Longest a job may run, seconds."),
+    history: int = typer.Option(100, "--history", help="Finished jobs kept in memory."),
+    result_ttl: float = typer.Option(3600.0, "--result-ttl", help="Seconds a finished job's result is kept."),
+    allow_origin: list[str] = typer.Option(
+        [],
+        "--allow-origin",
+        help="Browser origin besides the server's own allowed to start jobs (repeatable).",
+    ),
+    log_level: str = typer.Option("info", "--log-level", help="uvicorn/log level."),
+    models: dict = None,
+    runtime: Any = None,
+) -> None:
+    """Serve the inpainting API (/api/v1, docs at /docs) and the web page (/) from one process."""
+    from pydantic import ValidationError
+
+    from ..methods import get_method_class, load_method
+
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    runtime.apply()
+    if tiny and demo:
+        fail("--tiny and --demo are two different model sets: give one")
+    from ..service.engine import Engine, Limits
+
+    try:
+        limits = Limits(
+            max_upload_bytes=int(max_upload_mb * 2**20),
+            max_pixels=max_pixels,
+            max_queue=max_queue,
+            job_timeout_s=job_timeout,
+            max_history=history,
+            result_ttl_s=result_ttl,
+        )
+    except ValidationError as exc:
+        fail(f"bad limit: {exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']}")
+    if demo:
+        from ..demo.assets import DEMO_DIR, METHODS, method_models
+
+        names = list(dict.fromkeys(method or METHODS))
+        classes = {name: get_method_class(name) for name in names}
+        paths = {name: {**method_models(name, DEMO_DIR), **models} for name in names}
+    else:
+        names = list(dict.fromkeys(method or ["brushnet"]))
+        classes = {name: get_method_class(name) for name in names}  # unknown names fail before any loading
+        paths = {name: dict(models) for name in names}
+    tmp = None
+    if tiny:
+        from ..random_models import build_model_set
+
+        tmp = tempfile.TemporaryDirectory(prefix="brushnet-tiny-")
+        typer.echo(f"building tiny random components in {tmp.name} ...")
+        needed = {slot for cls in classes.values() for slot in cls.models if slot.folder is not None}
+        built = build_model_set(Path(tmp.name), needed)
+        paths = {name: {**built, **given} for name, given in paths.items()}
+        # SIGTERM (a service manager's stop) unwinds like Ctrl-C, so the temporary models are removed; uvicorn
+        # restores this handler after its graceful shutdown and re-raises the signal to it
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        loaded = {
+            name: load_method(name, paths[name], device=runtime.device, dtype=runtime.dtype) for name in names
+        }
+        import uvicorn
+
+        from ..service.api import create_app
+
+        engine = Engine(loaded, limits)
+        typer.echo(f"serving {', '.join(loaded)} on http://{host}:{port}/ (API docs at /docs)")
+        try:
+            uvicorn.run(
+                create_app(engine, allowed_origins=allow_origin, bound_host=host, bound_port=port),
+                host=host,
+                port=port,
+                log_level=log_level.lower(),
+            )
+        finally:
+            engine.close()
+    finally:
+        if tmp is not None:
+            tmp.cleanup()

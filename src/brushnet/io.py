@@ -1,0 +1,246 @@
+"""Writing files: atomic writes, PNGs that carry their generation parameters, and labelled image grids.
+
+Every file the project writes goes through :func:`atomic_write`: a temporary file in the target's folder,
+flushed and ``os.replace``-d into place, so a reader (or a crash, a full disk, a kill) never leaves a
+half-written file, and a failure removes the temporary file. Files get the permissions a plain ``open``
+would give them (``0o666`` minus the umask), not a temporary file's ``0o600``.
+
+Only the standard library and PIL are imported here, so CLI modules can import it at start-up.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from .errors import InputError
+
+__all__ = [
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "check_output_path",
+    "png_bytes",
+    "save_png_with_metadata",
+    "read_png_metadata",
+    "make_grid",
+    "METADATA_CHUNK",
+]
+
+METADATA_CHUNK = "brushnet"
+"""PNG text chunk holding a generation's full JSON record (method, seed, parameters, timings, calls)."""
+
+_OS_REASONS = {
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EROFS: "read-only file system",
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EISDIR: "a folder of that name exists",
+    errno.ENOTDIR: "a parent of it is a file, not a folder",
+    errno.ENAMETOOLONG: "file name too long",
+}
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _output_error(path: Path, exc: OSError) -> InputError:
+    reason = _OS_REASONS.get(exc.errno or -1, exc.strerror or exc.__class__.__name__)
+    return InputError(f"cannot write {path}: {reason}")
+
+
+def check_output_path(path: str | os.PathLike, create_parent: bool = True) -> Path:
+    """Check, before any work, that ``path`` can be written: not a folder, its folder exists (or is created
+    when ``create_parent``) and is writable.
+
+    Raises:
+        InputError: one line naming the problem.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"cannot write {path}: a folder of that name exists")
+    parent = path.parent
+    try:
+        if create_parent:
+            parent.mkdir(parents=True, exist_ok=True)
+        elif not parent.is_dir():
+            raise InputError(f"cannot write {path}: folder {parent} does not exist")
+    except OSError as exc:
+        raise _output_error(path, exc) from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write {path}: permission denied (folder {parent})")
+    return path
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+    """Call ``write(file)`` on a temporary file beside ``path``, then move it into place.
+
+    The parent folder is created when missing. On any failure the temporary file is removed and the previous
+    ``path`` (if any) is left as it was; an ``OSError`` (permission, full disk, a folder in the way) becomes an
+    :class:`~brushnet.errors.InputError` with one line naming the file and the reason.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _output_error(path, exc) from None
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        if isinstance(exc, OSError):
+            raise _output_error(path, exc) from None
+        raise
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda handle: handle.write(data))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write UTF-8 ``text`` to ``path`` atomically (see :func:`atomic_write`)."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def png_bytes(image, metadata: Mapping[str, Any] | None = None) -> bytes:
+    """``image`` as PNG; with ``metadata``, its JSON in the ``brushnet`` text chunk, plus ``seed`` and
+    ``method`` text chunks and the ``prompt`` (UTF-8 iTXt) when the record has them."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = None
+    if metadata is not None:
+        info = PngInfo()
+        info.add_text(METADATA_CHUNK, json.dumps(metadata, sort_keys=True, default=str))
+        for key in ("seed", "method"):
+            if key in metadata:
+                info.add_text(key, str(metadata[key]))
+        prompt = (metadata.get("parameters") or {}).get("prompt")
+        if prompt is not None:
+            info.add_itxt("prompt", str(prompt))
+        info.add_text("Software", "brushnet")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def read_png_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The generation record of a PNG written by :func:`png_bytes` (empty when missing or unreadable)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return json.loads(image.text.get(METADATA_CHUNK, "{}"))
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def save_png_with_metadata(
+    image, path: str | os.PathLike, metadata: Mapping[str, Any], sidecar: bool = True
+) -> Path:
+    """Save ``image`` as PNG with ``metadata`` (see :func:`png_bytes`) and, with ``sidecar``, the same record
+    as ``<path>.json``. The image is written first, so a sidecar never exists without its image."""
+    path = Path(path)
+    atomic_write_bytes(path, png_bytes(image, metadata))
+    if sidecar:
+        atomic_write_text(path.with_suffix(".json"), json.dumps(metadata, indent=2, default=str) + "\n")
+    return path
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def make_grid(
+    rows: Sequence[Sequence[Any]],
+    *,
+    tile: int | tuple[int, int] | None = None,
+    labels: Sequence[Sequence[str]] | None = None,
+    column_titles: Sequence[str] | None = None,
+    row_titles: Sequence[str] | None = None,
+    title: str | None = None,
+    pad: int = 0,
+    font_size: int = 11,
+    resample: str = "lanczos",
+):
+    """A labelled grid of images: the one grid maker of the project (compare, demo, bench report, validation).
+
+    Args:
+        rows: rows of PIL images; ``None`` leaves a blank cell.
+        tile: cell size (``int`` = square); default the first image's size. Images are resized to fit the
+            cell (aspect kept, top-left aligned) with ``resample`` (``"lanczos"`` or ``"nearest"``).
+        labels: one text per cell, written in a strip above it.
+        column_titles: one text per column, in a strip above the first row.
+        row_titles: one text per row, in a strip above the row.
+        title: one line above everything.
+        pad: pixels between cells and around the grid.
+    """
+    from PIL import Image, ImageDraw
+
+    first = next((image for row in rows for image in row if image is not None), None)
+    if first is None:
+        raise ValueError("make_grid needs at least one image")
+    cell_w, cell_h = (tile, tile) if isinstance(tile, int) else (tile or first.size)
+    strip = font_size + 3
+    columns = max(len(row) for row in rows)
+    title_h = strip + pad if title else 0
+    column_h = strip if column_titles else 0
+    row_h = (strip if row_titles else 0) + (strip if labels else 0) + cell_h + pad
+    width = pad + columns * (cell_w + pad)
+    canvas = Image.new("RGB", (width, pad + title_h + column_h + len(rows) * row_h), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    font = _font(font_size)
+    method = Image.Resampling.NEAREST if resample == "nearest" else Image.Resampling.LANCZOS
+    top = pad
+    if title:
+        draw.text((pad + 2, top), title, fill=(0, 0, 0), font=font)
+        top += title_h
+    if column_titles:
+        for c, text in enumerate(column_titles):
+            draw.text((pad + c * (cell_w + pad) + 2, top + 1), text, fill=(0, 0, 0), font=font)
+        top += column_h
+    for r, row in enumerate(rows):
+        y = top + r * row_h
+        if row_titles:
+            draw.text((pad + 2, y + 1), row_titles[r], fill=(0, 0, 0), font=font)
+            y += strip
+        for c, image in enumerate(row):
+            x = pad + c * (cell_w + pad)
+            if labels:
+                draw.text((x + 2, y + 1), labels[r][c], fill=(0, 0, 0), font=font)
+            if image is None:
+                continue
+            image = image.convert("RGB")
+            if image.size != (cell_w, cell_h):
+                scale = min(cell_w / image.width, cell_h / image.height)
+                size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+                image = image.resize(size, method)
+            canvas.paste(image, (x, y + (strip if labels else 0)))
+    return canvas

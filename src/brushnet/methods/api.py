@@ -1,0 +1,232 @@
+"""The one way to run any method: ``prepare`` a request (every check, once), then ``run`` it.
+
+- :func:`prepare` needs only the method's class: it validates the request and the method's options, loads
+  and checks the image and the mask (size, emptiness, ``invert_mask``, ``mask_grow``) and draws the seed,
+  returning a :class:`~brushnet.methods.base.PreparedJob`. The CLI prepares before it loads any model, so a
+  bad option fails in a fraction of a second; the service prepares when a request arrives and queues the job.
+- :func:`run` does the shared pre- and post-processing around the method's ``generate``: crop-to-mask and
+  working size (the loaded model's native resolution), seeds (image i uses ``seed + i``), and the paste-back
+  with the feathered blend — the same for every method, so comparisons are fair.
+- :func:`inpaint` and :func:`outpaint` are ``run(prepare(...))``.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import InputError
+from ..image import load_image, load_mask, pil_to_tensor, tensor_to_pil
+from .base import InpaintMethod, InpaintRequest, InpaintResult, PreparedJob, StepCallback, Task
+from .processing import grow_mask, outpaint_canvas, paste_back, plan_region
+
+__all__ = ["check_request", "prepare", "prepare_outpaint", "run", "inpaint", "outpaint"]
+
+
+def _method_class(method: InpaintMethod | type[InpaintMethod]) -> type[InpaintMethod]:
+    return method if isinstance(method, type) else type(method)
+
+
+def check_request(
+    method: InpaintMethod | type[InpaintMethod],
+    request: InpaintRequest | dict | None = None,
+    **overrides: Any,
+) -> tuple[InpaintRequest, Any]:
+    """Validate a request for ``method`` without any image: the schema, the method's options and what the method
+    supports (e.g. its schedulers). Returns the resolved request (scheduler filled in) and the parsed options.
+
+    Raises:
+        RequestError: one line naming the first problem.
+    """
+    cls = _method_class(method)
+    request = InpaintRequest.build(request, **overrides)
+    options = cls.parse_options(request.options)
+    return cls.check(request, options), options
+
+
+def prepare(
+    method: InpaintMethod | type[InpaintMethod],
+    image: Image.Image | str,
+    mask: Any,
+    request: InpaintRequest | dict | None = None,
+    *,
+    max_pixels: int | None = None,
+    **overrides: Any,
+) -> PreparedJob:
+    """Check a request for ``method`` (a loaded method or its class) and its inputs; nothing is generated.
+
+    Args:
+        method: the method, loaded or not (only its declaration is read).
+        image: RGB image (any size) or a path.
+        mask: white = inpaint; a path, PIL image (L/RGB/RGBA/I;16), array or tensor of the image's size.
+        request: an :class:`InpaintRequest` or a dict of its fields; keyword ``overrides`` are merged in.
+        max_pixels: refuse larger images before decoding them (default: PIL's decompression-bomb limit).
+
+    Raises:
+        InputError: bad input (unreadable file, size mismatch, empty mask, ...); ``RequestError`` (a subclass)
+            for the request, options or an unsupported scheduler.
+    """
+    start = time.perf_counter()
+    cls = _method_class(method)
+    request, options = check_request(cls, request, **overrides)
+    original = load_image(image, max_pixels=max_pixels)
+    hole = load_mask(
+        mask, size=original.size, invert=request.invert_mask, allow_empty=True, max_pixels=max_pixels
+    )
+    hole = grow_mask(hole, request.mask_grow)
+    if not hole.any():
+        raise InputError("mask is empty: no white pixel marks a region to inpaint (white = inpaint)")
+    seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
+    job = PreparedJob(cls.name, request, options, original, hole, seed)
+    job.record["prepare_s"] = time.perf_counter() - start
+    return job
+
+
+def prepare_outpaint(
+    method: InpaintMethod | type[InpaintMethod],
+    image: Image.Image | str,
+    left: int = 0,
+    top: int = 0,
+    right: int = 0,
+    bottom: int = 0,
+    overlap: int = 0,
+    fill: str = "edge",
+    request: InpaintRequest | dict | None = None,
+    *,
+    max_pixels: int | None = None,
+    **overrides: Any,
+) -> PreparedJob:
+    """:func:`prepare` for outpainting: extend the canvas by the given pixels per side; the new area (and
+    ``overlap`` pixels of the original along each extended side) is the hole. The extents are recorded in the
+    result's ``parameters["outpaint"]``.
+
+    Raises:
+        InputError: no side extended, negative extents, an unknown fill, or ``invert_mask`` set.
+    """
+    request = InpaintRequest.build(request, **overrides)
+    if request.invert_mask:
+        raise InputError("invert_mask makes no sense for outpainting: the mask is built from the extents")
+    canvas, hole = outpaint_canvas(
+        load_image(image, max_pixels=max_pixels), left, top, right, bottom, overlap=overlap, fill=fill
+    )
+    job = prepare(method, canvas, hole, request, max_pixels=max_pixels)
+    extents = {"left": left, "top": top, "right": right, "bottom": bottom, "overlap": overlap, "fill": fill}
+    job.record["outpaint"] = extents
+    return job
+
+
+def run(method: InpaintMethod, job: PreparedJob, on_step: StepCallback | None = None) -> InpaintResult:
+    """Generate a prepared job with a loaded method and paste the result back at the input's size.
+
+    Args:
+        method: the loaded method ``job`` was prepared for.
+        job: from :func:`prepare`.
+        on_step: progress callback ``(done, total)``, totalled over all ``num_images``.
+    """
+    if job.method != method.name:
+        raise ValueError(f"this job was prepared for method {job.method!r}, not {method.name!r}")
+    request = job.request
+    t_start = time.perf_counter()
+    plan = plan_region(
+        job.hole,
+        request.crop_to_mask,
+        request.crop_padding,
+        request.resolution,
+        method.native_resolution,
+        multiple=method.size_multiple,
+    )
+    left, top, right, bottom = plan.box
+    region = job.image.crop(plan.box)
+    region_hole = Image.fromarray(job.hole[top:bottom, left:right].astype(np.uint8) * 255)
+    if region.size != plan.size:
+        region = region.resize(plan.size, Image.Resampling.LANCZOS)
+        # any coverage counts as hole, so the resized hole never under-covers the original one
+        region_hole = region_hole.resize(plan.size, Image.Resampling.BILINEAR)
+    hole_tensor = torch.from_numpy((np.asarray(region_hole) > 0).astype(np.float32))[None, None]
+    generators = [torch.Generator("cpu").manual_seed(seed) for seed in job.seeds]
+    task = Task(pil_to_tensor(region), hole_tensor, request, job.options, generators, on_step)
+    t_prepared = time.perf_counter()
+
+    output = method.generate(task)
+    if output.images.shape[0] != request.num_images:
+        raise RuntimeError(f"{method.name} returned {output.images.shape[0]} images for {request.num_images}")
+    t_generated = time.perf_counter()
+
+    images = [
+        paste_back(job.image, generated, job.hole, plan, request.blend, request.blend_kernel_size)
+        for generated in tensor_to_pil(output.images)
+    ]
+    t_done = time.perf_counter()
+
+    parameters = request.model_dump()
+    parameters.update(
+        seed=job.seed,
+        seeds=job.seeds,
+        options=job.options.model_dump(),
+        region=plan.as_dict(),
+        image_size=list(job.image.size),
+        models=method.model_paths.used_by(type(method)) if method.model_paths is not None else None,
+        family=method.family,
+    )
+    parameters.update({k: v for k, v in job.record.items() if k != "prepare_s"})
+    prepare_s = job.record.get("prepare_s", 0.0) + (t_prepared - t_start)
+    return InpaintResult(
+        images=images,
+        method=method.name,
+        seed=job.seed,
+        parameters=parameters,
+        timings={
+            "prepare_s": prepare_s,
+            "generate_s": t_generated - t_prepared,
+            "paste_back_s": t_done - t_generated,
+            "total_s": prepare_s + (t_done - t_prepared),
+        },
+        unet_calls=output.unet_calls,
+        extra_calls=output.extra_calls,
+    )
+
+
+def inpaint(
+    method: InpaintMethod,
+    image: Image.Image | str,
+    mask: Any,
+    request: InpaintRequest | dict | None = None,
+    on_step: StepCallback | None = None,
+    **overrides: Any,
+) -> InpaintResult:
+    """Inpaint ``image`` where ``mask`` is white with a loaded ``method``: ``run(method, prepare(...))``.
+
+    Returns:
+        :class:`InpaintResult` with images at the input's size.
+
+    Raises:
+        InputError: bad input (size mismatch, empty mask, unknown option, ...), with a one-line message.
+    """
+    return run(method, prepare(method, image, mask, request, **overrides), on_step)
+
+
+def outpaint(
+    method: InpaintMethod,
+    image: Image.Image | str,
+    left: int = 0,
+    top: int = 0,
+    right: int = 0,
+    bottom: int = 0,
+    overlap: int = 0,
+    fill: str = "edge",
+    request: InpaintRequest | dict | None = None,
+    on_step: StepCallback | None = None,
+    **overrides: Any,
+) -> InpaintResult:
+    """Extend ``image`` by the given pixels per side and paint the new area: ``run(method, prepare_outpaint(...))``.
+
+    Returns:
+        :class:`InpaintResult` with images of size ``(width + left + right, height + top + bottom)``.
+    """
+    job = prepare_outpaint(method, image, left, top, right, bottom, overlap, fill, request, **overrides)
+    return run(method, job, on_step)

@@ -1,0 +1,220 @@
+"""The methods layer's declarations: discovery from one declaration, light imports, a method added in one class,
+request checks before any model loads, progress counted from the scheduler's real timesteps."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from pydantic import BaseModel, ConfigDict, Field
+
+from brushnet.errors import InputError, RequestError
+from brushnet.methods import (
+    GenerateOutput,
+    InpaintMethod,
+    ModelPaths,
+    ModelSlot,
+    available_methods,
+    get_method_class,
+    inpaint,
+    method_classes,
+    model_slots,
+    prepare,
+    register_method,
+)
+from brushnet.methods.base import FAMILIES
+from brushnet.schedulers import SCHEDULERS, make_scheduler
+
+FAST = {"steps": 4, "guidance_scale": 2.0, "seed": 3, "prompt": "a cat"}
+
+
+def test_declarations_need_no_torch():
+    """The CLI builds its flags from the declarations: reading them must not import torch or diffusers."""
+    code = (
+        "import sys\n"
+        "from brushnet.methods import method_classes, model_slots\n"
+        "from brushnet.cli import app\n"
+        "assert method_classes() and model_slots()\n"
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_every_builtin_method_is_discovered_from_its_module_and_declares_itself():
+    from brushnet.methods import builtin
+
+    assert set(available_methods()) >= {
+        "brushnet",
+        "sd-inpainting",
+        "blended-latent-diffusion",
+        "repaint",
+        "controlnet-inpaint",
+    }
+    for name, cls in method_classes().items():
+        assert cls.name == name and cls.description
+        assert cls.Options.model_config.get("extra") == "forbid", name
+        assert cls.models and all(isinstance(slot, ModelSlot) for slot in cls.models), name
+        assert set(cls.families) <= set(FAMILIES), name
+        assert cls.default_scheduler in SCHEDULERS, name
+        assert cls.schedulers is None or cls.default_scheduler in cls.schedulers, name
+        if cls.__module__.startswith(builtin.__name__):
+            assert cls.__module__.count(".") == 3  # one module per method in brushnet.methods.builtin
+    slots = model_slots()
+    assert {"base", "base_config", "brushnet", "inpaint_model", "controlnet"} <= set(slots)
+    assert all(slot.flag == "--" + name.replace("_", "-") for name, slot in slots.items())
+
+
+def test_model_paths_take_declared_slots_only():
+    paths = ModelPaths(base="b", brushnet="x")
+    assert paths.base == "b" and paths.controlnet is None
+    with pytest.raises(ValueError, match="unknown model 'brushnett'"):
+        ModelPaths(brushnett="x")
+    with pytest.raises(InputError, match="needs --base, --brushnet"):
+        ModelPaths().require(get_method_class("brushnet"))
+
+
+class EchoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    gain: float = Field(1.0, ge=0, description="Multiplies the input.")
+
+
+ECHO_MODEL = ModelSlot("echo_model", "Anything (the echo method reads nothing).", folder="echo")
+
+
+class Echo(InpaintMethod):
+    """A method written as one class: it returns its input. Registered by the test."""
+
+    name = "test-echo"
+    description = "Returns the input (a test method)."
+    Options = EchoOptions
+    models = (ECHO_MODEL,)
+
+    @classmethod
+    def load(cls, models, device="cpu", dtype="fp32"):
+        return cls(device)
+
+    def generate(self, task):
+        for step in range(task.request.steps):
+            task.step(step + 1, task.request.steps)
+        images = (task.image * task.options.gain).clamp(0, 1).expand(task.num_images, -1, -1, -1)
+        return GenerateOutput(images=images, unet_calls=0)
+
+
+@pytest.fixture
+def echo_registered():
+    from brushnet.methods import registry
+
+    register_method(Echo)
+    yield Echo
+    registry._REGISTRY.pop(Echo.name)
+
+
+def test_a_method_is_one_class(echo_registered, scene):
+    """Adding a method = declaring one class: it is listed, its slot is a model path and a CLI flag, and it runs
+    through the shared processing (blend, seeds, options)."""
+    from typer.testing import CliRunner
+
+    from brushnet.cli import app
+    from brushnet.methods import load_method
+
+    assert "test-echo" in available_methods() and "echo_model" in model_slots()
+    method = load_method("test-echo", {"echo_model": "anything"})
+    image, mask = scene
+    result = inpaint(method, image, mask, {**FAST, "num_images": 2, "options": {"gain": 1.0}})
+    assert len(result.images) == 2 and np.array_equal(np.asarray(result.images[0]), np.asarray(image))
+    assert result.parameters["models"] == {"echo_model": "anything", "allow_pickle": False}
+    with pytest.raises(RequestError, match="gain"):
+        inpaint(method, image, mask, {**FAST, "options": {"gain": -1}})
+    # `brushnet methods` lists it with its model flag (a fresh process's CLI has the flag: tests/test_cli_flags.py)
+    listed = CliRunner().invoke(app, ["methods"])
+    assert "test-echo: Returns the input" in listed.output and "--echo-model" in listed.output
+
+
+def test_repaint_refuses_a_scheduler_it_does_not_use(scene):
+    image, mask = scene
+    repaint = get_method_class("repaint")
+    with pytest.raises(RequestError, match="repaint.*does not use scheduler 'unipc'"):
+        prepare(repaint, image, mask, {**FAST, "scheduler": "unipc"})
+    assert prepare(repaint, image, mask, FAST).request.scheduler == "ddim"  # its default when none is given
+    assert prepare(get_method_class("brushnet"), image, mask, FAST).request.scheduler == "unipc"
+
+
+@pytest.mark.parametrize(
+    "request_update, message",
+    [
+        ({"steps": 0}, "steps"),
+        ({"options": {"conditioning_scale": 9}}, "conditioning_scale"),
+        ({"scheduler": "nope"}, "unknown scheduler"),
+        ({"blend_kernel_size": 4}, "odd"),
+        ({"unknown_field": 1}, "unknown field 'unknown_field'"),
+    ],
+)
+def test_prepare_checks_the_request_without_any_model(scene, request_update, message):
+    image, mask = scene
+    with pytest.raises(RequestError, match=message):
+        prepare(get_method_class("brushnet"), image, mask, {**FAST, **request_update})
+
+
+def test_prepare_checks_the_inputs(scene):
+    image, mask = scene
+    brushnet = get_method_class("brushnet")
+    with pytest.raises(InputError, match="mask is empty"):
+        prepare(brushnet, image, np.zeros((64, 64), bool), FAST)
+    with pytest.raises(InputError, match="must match"):
+        prepare(brushnet, image, np.ones((32, 64), bool), FAST)
+    job = prepare(brushnet, image, mask, {**FAST, "mask_grow": 2, "seed": None})
+    assert job.hole.sum() == (16 + 4) ** 2 and 0 <= job.seed < 2**32
+
+
+@pytest.mark.parametrize(
+    "name", ["brushnet", "sd-inpainting", "controlnet-inpaint", "blended-latent-diffusion"]
+)
+def test_progress_counts_the_schedulers_real_timesteps(load, scene, name):
+    """PNDM's warm-up takes more timesteps than `steps`; the progress total is the real count, over all images,
+    and reaches it exactly (a bar never runs past 100 %)."""
+    method = load(name)
+    seen = []
+    inpaint(
+        method,
+        *scene,
+        {**FAST, "scheduler": "pndm", "num_images": 2},
+        on_step=lambda i, n: seen.append((i, n)),
+    )
+    pndm = make_scheduler("pndm", method.base_scheduler_config)
+    pndm.set_timesteps(FAST["steps"])
+    per_image = len(pndm.timesteps)
+    assert per_image > FAST["steps"]
+    calls = 2 if getattr(method, "per_image_calls", False) else 1
+    total = per_image * calls
+    assert seen[-1] == (total, total) and len(seen) == total
+    assert all(done <= n for done, n in seen)
+
+
+def test_the_documented_example_is_a_whole_method(tiny_models, scene):
+    """docs/methods.md's "Adding a method" example, run as written: one class is a complete method."""
+    import re
+    from pathlib import Path
+
+    from brushnet.methods import load_method, registry
+
+    docs = (Path(__file__).parents[2] / "docs" / "methods.md").read_text()
+    section = docs[docs.index("## Adding a method") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace: dict = {"__name__": "docs_example"}
+    try:
+        exec(compile(code, "docs/methods.md", "exec"), namespace)
+        assert "sdedit-inpaint" in available_methods()
+        method = load_method("sdedit-inpaint", {"base": tiny_models["base"]})
+        image, mask = scene
+        result = inpaint(method, image, mask, {**FAST, "options": {"strength": 0.5}})
+        assert result.parameters["options"] == {"strength": 0.5}
+        assert result.unet_calls == 2 * 2  # strength 0.5 of 4 steps, CFG pair
+        far = np.ones((64, 64), bool)
+        far[24 - 10 : 40 + 10, 24 - 10 : 40 + 10] = False  # outside the 21 px feather of the 16 px hole
+        assert np.array_equal(np.asarray(result.images[0])[far], np.asarray(image)[far])
+    finally:
+        registry._REGISTRY.pop("sdedit-inpaint", None)

@@ -1,0 +1,126 @@
+"""Every command's flags come from the schemas: each request field and each declared model has a flag (shown in
+``--help``) on every command that takes a request or loads models, and the values reach the request."""
+
+from __future__ import annotations
+
+import json
+
+import click
+import numpy as np
+import pytest
+import typer
+from PIL import Image
+from typer.testing import CliRunner
+
+from brushnet.bench.protocol import BENCH_EXCLUDED_FIELDS
+from brushnet.cli import app
+from brushnet.cli.demo import DEMO_EXCLUDED_FIELDS
+from brushnet.cli.flags import request_field_flags
+from brushnet.methods import InpaintRequest, model_slots
+
+runner = CliRunner()
+
+REQUEST_COMMANDS = {
+    ("inpaint",): set(),
+    ("batch",): set(),
+    ("compare",): set(),
+    ("outpaint",): {"invert_mask"},  # the mask is built from the extents
+    ("bench", "run"): set(BENCH_EXCLUDED_FIELDS),
+    ("demo",): set(DEMO_EXCLUDED_FIELDS),
+}
+MODEL_COMMANDS = [
+    ("inpaint",),
+    ("batch",),
+    ("compare",),
+    ("outpaint",),
+    ("serve",),
+    ("bench", "run"),
+    ("bench", "speed"),
+]
+
+
+def _command(path: tuple[str, ...]) -> click.Command:
+    command = typer.main.get_command(app)
+    for name in path:
+        command = command.commands[name]
+    return command
+
+
+def _flags(command: click.Command) -> set[str]:
+    return {flag for param in command.params for flag in (*param.opts, *param.secondary_opts)}
+
+
+def _help(path: tuple[str, ...]) -> str:
+    result = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "300", "TERMINAL_WIDTH": "300"})
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.mark.parametrize("path", list(REQUEST_COMMANDS), ids=" ".join)
+def test_every_request_field_has_a_flag(path):
+    flags, text = _flags(_command(path)), _help(path)
+    excluded = REQUEST_COMMANDS[path]
+    assert excluded <= set(InpaintRequest.model_fields)
+    for name, field in InpaintRequest.model_fields.items():
+        long = request_field_flags(name, field)[0]
+        if name in excluded:  # set by the command itself (it may have a flag of its own for it)
+            continue
+        assert long in flags, f"{' '.join(path)} lacks {long} ({name})"
+        assert long in text, f"{' '.join(path)} --help does not show {long}"
+
+
+@pytest.mark.parametrize("path", MODEL_COMMANDS, ids=" ".join)
+def test_every_declared_model_has_a_flag(path):
+    flags, text = _flags(_command(path)), _help(path)
+    for slot in model_slots().values():
+        assert slot.flag in flags and slot.flag in text, f"{' '.join(path)} lacks {slot.flag}"
+    assert "--allow-pickle" in flags
+
+
+# a non-default command-line value for every request field, and what the request then holds
+FIELD_VALUES = {
+    "prompt": (["-p", "a dog"], "a dog"),
+    "negative_prompt": (["-n", "blur"], "blur"),
+    "seed": (["--seed", "11"], 11),
+    "steps": (["--steps", "2"], 2),
+    "guidance_scale": (["--guidance", "2.5"], 2.5),
+    "scheduler": (["--scheduler", "ddim"], "ddim"),
+    "num_images": (["--num-images", "2"], 2),
+    "blend": (["--no-blend"], False),
+    "blend_kernel_size": (["--blend-kernel-size", "7"], 7),
+    "mask_grow": (["--mask-grow", "1"], 1),
+    "invert_mask": (["--invert-mask"], True),
+    "crop_to_mask": (["--crop-to-mask"], True),
+    "crop_padding": (["--crop-padding", "4"], 4),
+    "resolution": (["--resolution", "64"], 64),
+    "options": (["--option", "conditioning_scale=0.5"], {"conditioning_scale": 0.5}),
+}
+
+
+def test_flag_values_reach_the_request(tiny_models, tmp_path):
+    assert set(FIELD_VALUES) == set(InpaintRequest.model_fields), "a new request field needs a value here"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "i.png")
+    mask = np.full((64, 64), 255, np.uint8)
+    mask[20:40, 20:40] = 0  # inverted by --invert-mask: the centre square is the hole
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    args = [
+        "inpaint",
+        "-i",
+        str(tmp_path / "i.png"),
+        "-m",
+        str(tmp_path / "m.png"),
+        "-o",
+        str(tmp_path / "o.png"),
+    ]
+    args += ["--base", tiny_models["base"], "--brushnet", tiny_models["brushnet"], "-q"]
+    for flags, _ in FIELD_VALUES.values():
+        args += flags
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    parameters = json.loads((tmp_path / "o-1.json").read_text())["parameters"]
+    for name, (_, value) in FIELD_VALUES.items():
+        if name == "options":  # the recorded options are the method's full, validated set
+            assert parameters[name].items() >= value.items()
+        else:
+            assert parameters[name] == value, name
