@@ -26,6 +26,15 @@ class CheckpointError(InputError):
 
 
 def first_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's message, or its class name."""
+    """The first non-empty line of an exception's message, or its class name. For a pydantic
+    ``ValidationError`` (whose first line is only "1 validation error for X"): the first error's field and
+    message."""
+    errors = getattr(exc, "errors", None)
+    if type(exc).__name__ == "ValidationError" and callable(errors) and errors():
+        first = errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        message = str(first.get("msg", "")).replace("Value error, ", "")
+        text = (f"{where}: {message}" if where else message).strip()
+        return text.splitlines()[0] if text else type(exc).__name__
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

@@ -82,8 +82,9 @@ def inpaint_command(
     cls = get_method_class(method)
     outputs = output_paths(output, request["num_images"])
     refuse_overwriting_inputs(outputs, [image, mask], overwrite)
-    for path in outputs:
+    for path in outputs:  # the image and its sidecar, before any work
         check_output_path(path)
+        check_output_path(path.with_suffix(".json"))
     job = prepare(cls, image, mask, request, max_pixels=max_pixels)  # reads both files, once
     _model_paths(models, cls)
     loaded = _load(method, models, runtime)
@@ -276,6 +277,7 @@ def compare_command(
     [grid_path] = output_paths(output, 1)
     refuse_overwriting_inputs([grid_path], [image, mask], overwrite)
     check_output_path(grid_path)
+    check_output_path(grid_path.with_suffix(".json"))
     per_method = split_options(request.pop("options"), names)
     if request["seed"] is None:
         request["seed"] = secrets.randbelow(2**32)  # one seed shared by every method
@@ -352,6 +354,7 @@ def outpaint_command(
     refuse_overwriting_inputs(outputs, [image], overwrite)
     for path in outputs:
         check_output_path(path)
+        check_output_path(path.with_suffix(".json"))
     job = prepare_outpaint(
         cls,
         image,

@@ -1,0 +1,163 @@
+"""No input is lost or overwritten, and no half-written output is left (issue 20, items 6, 7 and 10)."""
+
+import errno
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from brushnet.cli import app
+
+runner = CliRunner()
+FAST = ["--steps", "1", "--guidance", "1.0", "--scheduler", "ddim", "--seed", "3", "-q"]
+
+
+@pytest.fixture
+def files(tmp_path):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (32, 40, 3), dtype=np.uint8)).save(tmp_path / "img.png")
+    mask = np.zeros((32, 40), np.uint8)
+    mask[8:24, 10:30] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    return tmp_path
+
+
+def _models(tiny_models):
+    return ["--base", str(tiny_models["base"]), "--brushnet", str(tiny_models["brushnet"])]
+
+
+def _inpaint(models, files, output, *extra):
+    args = ["inpaint", *models, "-i", str(files / "img.png"), "-m", str(files / "mask.png")]
+    return runner.invoke(app, [*args, "-o", str(output), *FAST, *extra])
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("target", ["img.png", "mask.png"])
+def test_inpaint_output_naming_an_input_is_refused(tiny_models, files, target):
+    before = _snapshot(files)
+    result = _inpaint(_models(tiny_models), files, files / target)
+    assert result.exit_code == 2
+    assert result.output.count("\n") == 1 and "would overwrite the input" in result.output
+    assert _snapshot(files) == before  # the input survives, and no sidecar was written
+
+
+def test_inpaint_overwrite_flag_allows_replacing_the_input(tiny_models, files):
+    original = (files / "img.png").read_bytes()
+    result = _inpaint(_models(tiny_models), files, files / "img.png", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert (files / "img.png").read_bytes() != original and (files / "img.json").is_file()
+
+
+def test_outpaint_and_compare_refuse_to_overwrite_their_input(tiny_models, files):
+    before = _snapshot(files)
+    result = runner.invoke(
+        app,
+        ["outpaint", *_models(tiny_models), "-i", str(files / "img.png"), "-o", str(files / "img.png"),
+         "--extend-left", "8", *FAST],
+    )  # fmt: skip
+    assert result.exit_code == 2 and "would overwrite the input" in result.output
+    result = runner.invoke(
+        app,
+        ["compare", *_models(tiny_models), "-i", str(files / "img.png"), "-m", str(files / "mask.png"),
+         "--methods", "brushnet", "-o", str(files / "mask.png"), *FAST],
+    )  # fmt: skip
+    assert result.exit_code == 2 and "would overwrite the input" in result.output
+    assert _snapshot(files) == before
+
+
+@pytest.fixture
+def folders(tmp_path, files):
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    image = Image.open(files / "img.png")
+    image.save(images / "img0.png")
+    image.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(images / "img0.jpg", quality=95)
+    Image.open(files / "mask.png").save(masks / "img0.png")
+    return images, masks
+
+
+@pytest.mark.parametrize("which", ["images", "masks"])
+def test_batch_output_naming_an_input_folder_is_refused(tiny_models, folders, which):
+    images, masks = folders
+    before = {folder: _snapshot(folder) for folder in folders}
+    output = images if which == "images" else masks
+    result = runner.invoke(
+        app,
+        ["batch", *_models(tiny_models), "--images", str(images), "--masks", str(masks), "-o", str(output), *FAST],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert f"is the --{which} folder" in result.output and result.output.count("\n") == 1
+    assert {folder: _snapshot(folder) for folder in folders} == before
+
+
+def test_batch_same_stem_inputs_are_both_processed(tiny_models, folders, tmp_path):
+    images, masks = folders
+    out = tmp_path / "out"
+    args = [
+        "batch",
+        *_models(tiny_models),
+        "--images",
+        str(images),
+        "--masks",
+        str(masks),
+        "-o",
+        str(out),
+        *FAST,
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "2 done, 0 skipped" in result.output
+    assert sorted(p.name for p in out.iterdir()) == [
+        "img0_jpg.json",
+        "img0_jpg.png",
+        "img0_png.json",
+        "img0_png.png",
+    ]
+    records = {name: json.loads((out / f"{name}.json").read_text()) for name in ("img0_jpg", "img0_png")}
+    assert records["img0_jpg"]["inputs"]["image"].endswith("img0.jpg")
+    assert records["img0_png"]["inputs"]["image"].endswith("img0.png")
+    a, b = (np.asarray(Image.open(out / f"{name}.png")) for name in ("img0_jpg", "img0_png"))
+    assert np.abs(a.astype(int) - b.astype(int)).mean() > 5  # two different inputs, two different outputs
+    result = runner.invoke(app, args)  # a rerun finds both done
+    assert "0 done, 2 skipped" in result.output
+
+
+def test_output_problems_are_one_line_and_found_before_loading(files, tmp_path):
+    # model paths that do not exist: if the output were checked after loading, the error would name them
+    missing = ["--base", str(tmp_path / "no-base"), "--brushnet", str(tmp_path / "no-brushnet")]
+    (tmp_path / "taken.png").mkdir()
+    (tmp_path / "file").write_text("a file, not a folder")
+    (tmp_path / "side").mkdir()
+    (tmp_path / "side" / "out.json").mkdir()  # the sidecar's path is a folder
+    cases = {
+        tmp_path / "taken.png": "a folder of that name exists",
+        tmp_path / "file" / "out.png": "cannot write",
+        tmp_path / "side" / "out.png": "a folder of that name exists",
+    }
+    for output, message in cases.items():
+        before = sorted(p.name for p in tmp_path.rglob("*"))
+        result = _inpaint(missing, files, output)
+        assert result.exit_code == 2, result.output
+        assert result.output.count("\n") == 1 and message in result.output, result.output
+        assert "no-base" not in result.output and "no-brushnet" not in result.output
+        assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing left behind
+
+
+def test_a_failed_image_write_leaves_no_sidecar_and_no_temporary_file(tmp_path, monkeypatch):
+    from brushnet import io
+    from brushnet.errors import InputError
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(io.os, "fsync", full_disk)
+    with pytest.raises(InputError, match="no space left on the device"):
+        io.save_png_with_metadata(Image.new("RGB", (8, 8)), tmp_path / "out.png", {"seed": 1})
+    assert os.listdir(tmp_path) == []  # no image, no sidecar, no .tmp
