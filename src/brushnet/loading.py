@@ -31,10 +31,12 @@ __all__ = [
     "FAMILY_COMPONENTS",
     "resolve_dtype",
     "detect_family",
+    "peek_family",
     "check_brushnet_fits_base",
     "load_base_components",
     "load_brushnet",
     "describe_folder",
+    "safetensors_policy",
 ]
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
@@ -101,6 +103,22 @@ def detect_family(config: Any) -> str:
         f"unsupported model (addition_embed_type={addition!r}, class_embed_type="
         f"{_get(config, 'class_embed_type')!r}): only SD1.5-style and SDXL bases are supported"
     )
+
+
+def peek_family(path: str | os.PathLike | None) -> str | None:
+    """The family of a local model folder from its config alone (``unet/config.json`` of a pipeline folder, or a
+    model folder's ``config.json``), before anything is loaded; ``None`` when it cannot tell (a hub id, a single
+    file, an unreadable or foreign config)."""
+    if path is None or not _is_local(path):
+        return None
+    folder = Path(path).expanduser()
+    for candidate in (folder / "unet" / "config.json", folder / "config.json"):
+        if candidate.is_file():
+            try:
+                return detect_family(json.loads(candidate.read_text()))
+            except (OSError, ValueError, CheckpointError, AttributeError, TypeError):
+                return None
+    return None
 
 
 def _layers(config: Any) -> list[int]:
@@ -185,6 +203,13 @@ def describe_folder(path: Path) -> str:
     return "unknown"
 
 
+def safetensors_policy(allow_pickle: bool) -> bool | None:
+    """The ``use_safetensors`` argument of diffusers' and transformers' ``from_pretrained`` for a pickle policy:
+    ``True`` (safetensors only) without permission; ``None`` with it (safetensors where present, else the
+    pickle file), never ``False``, which would ignore safetensors files and fail on them."""
+    return None if allow_pickle else True
+
+
 def _check_weights(folder: Path, allow_pickle: bool) -> None:
     files = [p.name for p in folder.iterdir() if p.is_file()]
     if any(f.endswith(".safetensors") for f in files):
@@ -226,7 +251,7 @@ def load_brushnet(
         path: a BrushNet folder (as released, SD1.5 or SDXL), a pipeline folder holding ``brushnet/``, or a
             hub id.
         dtype: weights dtype (fp32 default).
-        allow_pickle: allow ``.bin`` weights.
+        allow_pickle: allow ``.bin`` weights where the folder has no ``.safetensors`` (those are preferred).
         subfolder: a subfolder of ``path`` (or of the hub repo).
         base_config: the base UNet's config: when given, a branch that does not fit it is refused (before
             its weights are read, for local folders) with :func:`check_brushnet_fits_base`'s error.
@@ -261,14 +286,14 @@ def load_brushnet(
             check_brushnet_fits_base(_read_json(folder / "config.json"), base_config)
         _check_weights(folder, allow_pickle)
         return BrushNetModel.from_pretrained(
-            folder, torch_dtype=torch_dtype, use_safetensors=not allow_pickle
+            folder, torch_dtype=torch_dtype, use_safetensors=safetensors_policy(allow_pickle)
         )
     try:
         brushnet = BrushNetModel.from_pretrained(
             str(path),
             subfolder=subfolder,
             torch_dtype=torch_dtype,
-            use_safetensors=not allow_pickle,
+            use_safetensors=safetensors_policy(allow_pickle),
             **hub_kwargs,
         )
     except OSError as exc:
@@ -299,7 +324,8 @@ def load_base_components(
         path: a diffusers folder (``model_index.json``, or just the component subfolders), a hub id, or a
             single ``.safetensors`` checkpoint (original SD / SDXL layout, as community models are shared).
         dtype: weights dtype (fp32 default).
-        allow_pickle: allow ``.bin``/``.ckpt`` weights.
+        allow_pickle: allow ``.bin``/``.ckpt`` weights for components without ``.safetensors`` (those are
+            preferred), and pickle-based single files.
         config: for single files: a local diffusers folder (or hub id) with the model's configs; needed
             offline, since diffusers otherwise fetches the SD1.5 or SDXL configs from the hub.
         hub_kwargs: passed to ``from_pretrained`` (``revision``, ``cache_dir``, ``local_files_only``, ...).
@@ -367,7 +393,7 @@ def _load_components(source: str, torch_dtype, allow_pickle: bool, hub_kwargs) -
     import transformers
     from diffusers import UNet2DConditionModel
 
-    common = {"use_safetensors": not allow_pickle, **hub_kwargs}
+    common = {"use_safetensors": safetensors_policy(allow_pickle), **hub_kwargs}
     try:
         family = detect_family(UNet2DConditionModel.load_config(source, subfolder="unet", **hub_kwargs))
         classes = _component_classes(source, hub_kwargs)
