@@ -26,6 +26,8 @@ __all__ = [
     "build_brushnet",
     "build_inpaint_model",
     "build_controlnet",
+    "build_model_set",
+    "buildable",
 ]
 
 _TOKENIZER_DIR = Path(__file__).parent / "assets" / "tiny_tokenizer"
@@ -323,7 +325,9 @@ def build_controlnet(out_dir: str | os.PathLike, base_dir: str | os.PathLike, se
     from diffusers import ControlNetModel, UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(Path(base_dir) / "unet")
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 8, 8))
+    # the conditioning embedding downsamples the control image to the latent size: one stride-2 conv per level
+    vae_levels = len(json.loads((Path(base_dir) / "vae" / "config.json").read_text())["block_out_channels"])
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8,) * vae_levels)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in controlnet.named_parameters():
@@ -335,37 +339,93 @@ def build_controlnet(out_dir: str | os.PathLike, base_dir: str | os.PathLike, se
     return Path(out_dir)
 
 
+def build_random_base(out_dir, base_dir, preset, seed: int = 0) -> Path:
+    """:class:`~brushnet.methods.ModelSlot` builder of the ``base`` slot (``base_dir`` is ``out_dir`` itself)."""
+    return build_base(out_dir, preset, seed=seed)
+
+
+def build_random_brushnet(out_dir, base_dir, preset, seed: int = 0) -> Path:
+    """:class:`~brushnet.methods.ModelSlot` builder of the ``brushnet`` slot."""
+    return build_brushnet(out_dir, base_dir, seed=seed)
+
+
+def build_random_inpaint_model(out_dir, base_dir, preset, seed: int = 0) -> Path:
+    """:class:`~brushnet.methods.ModelSlot` builder of the ``inpaint_model`` slot."""
+    return build_inpaint_model(out_dir, base_dir, preset, seed=seed)
+
+
+def build_random_controlnet(out_dir, base_dir, preset, seed: int = 0) -> Path:
+    """:class:`~brushnet.methods.ModelSlot` builder of the ``controlnet`` slot."""
+    return build_controlnet(out_dir, base_dir, seed=seed)
+
+
+def buildable(slots) -> bool:
+    """Whether every one of ``slots`` (names or :class:`~brushnet.methods.ModelSlot` s) has a random builder."""
+    from .methods.registry import model_slots
+
+    declared = model_slots()
+    return all(declared[getattr(slot, "name", slot)].random_builder is not None for slot in slots)
+
+
 def build_model_set(
     out_dir: str | os.PathLike, slots, preset: str | ArchSpec = "tiny", seed: int = 0, reuse: bool = False
 ) -> dict[str, str]:
     """Write the random-weight models of the given model slots (names or :class:`~brushnet.methods.ModelSlot`
-    s) into ``out_dir/<slot folder>`` and return ``{slot name: path}`` (a :class:`~brushnet.methods.ModelPaths`
-    dict). The base is always built, since every other model is made from it. With ``reuse``, folders that
-    already hold a model are kept.
+    s) into ``out_dir/<slot folder>`` with each slot's ``random_builder``, and return ``{slot name: path}`` (a
+    :class:`~brushnet.methods.ModelPaths` dict). The base is always built first, since the other models are
+    made from it. With ``reuse``, folders that already hold a model are kept.
 
     Raises:
         ValueError: a slot with no random builder (e.g. ``base_config``).
     """
-    out = Path(out_dir)
-    names = [getattr(slot, "name", slot) for slot in slots]
-    builders = {
-        "base": lambda path: build_base(path, preset, seed=seed),
-        "brushnet": lambda path: build_brushnet(path, out / "base", seed=seed),
-        "inpaint_model": lambda path: build_inpaint_model(path, out / "base", preset, seed=seed),
-        "controlnet": lambda path: build_controlnet(path, out / "base", seed=seed),
-    }
+    import importlib
+
     from .methods.registry import model_slots
 
+    out = Path(out_dir)
     declared = model_slots()
-    unknown = [name for name in names if name not in builders]
+    names = [getattr(slot, "name", slot) for slot in slots]
+    unknown = [name for name in names if declared[name].random_builder is None]
     if unknown:
         raise ValueError(f"no random-weight builder for {', '.join(unknown)}")
     paths: dict[str, str] = {}
+    base = out / declared["base"].folder
     for name in ["base", *[n for n in dict.fromkeys(names) if n != "base"]]:
         path = out / declared[name].folder
         done = (path / "model_index.json").is_file() or (path / "config.json").is_file()
         if not (reuse and done):
-            builders[name](path)
-        if name in names or name == "base":
-            paths[name] = str(path)
+            module, _, function = declared[name].random_builder.partition(":")
+            getattr(importlib.import_module(module), function)(path, base, preset, seed)
+        paths[name] = str(path)
     return paths
+
+
+def build_random_powerpaint(out_dir, base_dir, preset=None, seed: int = 0) -> Path:
+    """:class:`~brushnet.methods.ModelSlot` builder of the ``powerpaint`` slot: a PowerPaint v2-style model for
+    the base — a branch with cross-attention initialised ``from_unet`` (small random taps, so it acts) and a
+    branch text encoder that is the base's with 30 random task rows — in the diffusers folders
+    :func:`brushnet.loading_powerpaint.save_powerpaint` writes."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from .loading_powerpaint import save_powerpaint
+    from .models.brushnet import BrushNetModel
+    from .models.task_tokens import TASK_TOKENS, VECTORS_PER_TOKEN
+
+    base = Path(base_dir)
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    brushnet = BrushNetModel.from_unet(unet, cross_attention=True)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in brushnet.named_parameters():
+            if name.startswith(("brushnet_down_blocks", "brushnet_mid_block", "brushnet_up_blocks")):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    encoder = CLIPTextModel.from_pretrained(base / "text_encoder")
+    table = encoder.get_input_embeddings().weight.detach()
+    rows = (
+        torch.randn(len(TASK_TOKENS) * VECTORS_PER_TOKEN, table.shape[1], generator=generator) * table.std()
+    )
+    encoder.resize_token_embeddings(table.shape[0] + rows.shape[0])
+    with torch.no_grad():
+        encoder.get_input_embeddings().weight[table.shape[0] :] = rows
+    return save_powerpaint(out_dir, brushnet, encoder)

@@ -69,7 +69,7 @@ def test_a_combination_that_cannot_run_is_recorded(tiny_models, monkeypatch):
     records = measure_speed(["brushnet"], tiny_models, resolutions=[32], steps=[1], repeats=1)
     assert records == [
         {"method": "brushnet", "device": "cpu", "dtype": "fp32", "resolution": 32, "steps": 1,
-         "cfg_branch": "once", "compile": False, "repeats": 1,
+         "cfg_branch": "once", "compile": False, "repeats": 1, "scheduler": "unipc-original",
          "error": "RuntimeError: \"slow_conv2d_cpu\" not implemented for 'Half'"}
     ]  # fmt: skip
     assert "not run: RuntimeError" in format_table(records)
@@ -96,3 +96,23 @@ def test_cli_speed_writes_json_and_table(tmp_path, tiny_models):
     result = CliRunner().invoke(app, ["speed", "--methods", "nope", "--random-weights", "tiny",
                                       "--weights-dir", str(tmp_path)])  # fmt: skip
     assert result.exit_code == 2 and result.output.count("\n") == 1 and "error:" in result.output
+
+
+def test_cli_speed_random_sdxl_weights_every_method(tmp_path):
+    """`--random-weights tiny-xl` builds an SDXL model set for every method; RePaint keeps its DDIM schedule."""
+    from typer.testing import CliRunner
+
+    from brushnet.cli.bench import app
+
+    out = tmp_path / "speed.json"
+    args = ["speed", "--methods", "all", "--resolutions", "32", "--steps", "2", "--repeats", "1",
+            "--random-weights", "tiny-xl", "--weights-dir", str(tmp_path / "w"), "--output", str(out)]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    records = {r["method"]: r for r in json.loads(out.read_text())["records"]}
+    assert {"brushnet", "sd-inpainting", "blended-latent-diffusion", "repaint", "controlnet-inpaint"} <= set(
+        records
+    )
+    assert all("error" not in r for r in records.values()), records
+    assert records["repaint"]["scheduler"] == "ddim" and records["brushnet"]["scheduler"] == "unipc-original"
+    assert records["brushnet"]["extra_calls"] == {"brushnet": 4}  # the SDXL branch on both CFG halves

@@ -232,12 +232,14 @@ def measure_speed(
                     for mode in modes:
                         if mode is not None:
                             _set_branch_on_doubled_batch(method, mode == "doubled")
+                        # a method with its own schedule (RePaint) keeps it; the record says which ran
+                        takes = type(method).schedulers is None or scheduler in type(method).schedulers
                         request = {
                             "prompt": "a red circle",
                             "seed": 0,
                             "steps": step_count,
                             "guidance_scale": guidance_scale,
-                            "scheduler": scheduler,
+                            "scheduler": scheduler if takes else None,
                         }
                         record: dict[str, Any] = {
                             "method": method_name,
@@ -248,6 +250,7 @@ def measure_speed(
                             "cfg_branch": mode,
                             "compile": bool(compiled),
                             "repeats": repeats,
+                            "scheduler": scheduler if takes else type(method).default_scheduler,
                         }
                         try:
                             inpaint(method, image, hole, request)  # warm-up, excluded

@@ -223,12 +223,22 @@ def speed(
     names = available_methods() if methods == "all" else _split(methods)
     classes = [get_method_class(name) for name in names]
     if random_weights is not None:
-        from ..random_models import PRESETS, build_model_set
+        from ..random_models import PRESETS, build_model_set, buildable, preset_family
 
         if random_weights not in PRESETS:
             raise InputError(
                 f"unknown --random-weights preset {random_weights!r}; choose one of: {', '.join(PRESETS)}"
             )
+        family = preset_family(random_weights)
+        unbuildable = [cls.name for cls in classes if not buildable(cls.models) or family not in cls.families]
+        if unbuildable and methods != "all":
+            raise InputError(
+                f"no random-weight {family} models can be built for {', '.join(unbuildable)}; pass its models"
+            )
+        if unbuildable:
+            typer.echo(f"skipped (no random-weight {family} models): {', '.join(unbuildable)}", err=True)
+            classes = [cls for cls in classes if cls.name not in unbuildable]
+            names = [cls.name for cls in classes]
         folder = (weights_dir or Path(tempfile.mkdtemp(prefix="brushnet-speed-"))) / random_weights
         slots = {slot for cls in classes for slot in cls.models if slot.folder is not None}
         models = {**build_model_set(folder, slots, random_weights, reuse=True), **models}

@@ -401,7 +401,9 @@ def make_tiny_models_command(
     out_dir: Path = typer.Argument(
         ..., help="Folder to write the model set into (base/, brushnet/, inpaint/, ...)."
     ),
-    preset: str = typer.Option("tiny", "--preset", help="tiny, small or sd15 (the real SD1.5 sizes)."),
+    preset: str = typer.Option(
+        "tiny", "--preset", help="tiny, small, sd15 (the real SD1.5 sizes), tiny-xl or sdxl (the real SDXL sizes)."
+    ),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Write random-weight model folders for every method (offline; for trying the tools, not for quality)."""
@@ -410,6 +412,6 @@ def make_tiny_models_command(
 
     if preset not in PRESETS:
         fail(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-    slots = [slot for slot in model_slots().values() if slot.folder is not None]
+    slots = [slot for slot in model_slots().values() if slot.random_builder is not None]
     for name, path in build_model_set(out_dir, slots, preset, seed=seed).items():
         typer.echo(f"{path}  (--{name.replace('_', '-')})")

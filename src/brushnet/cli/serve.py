@@ -89,18 +89,18 @@ def serve_command(
         classes = {name: get_method_class(name) for name in names}  # unknown names fail before any loading
         paths = {name: dict(models) for name in names}
     tmp = None
-    if tiny:
-        from ..random_models import build_model_set
-
-        tmp = tempfile.TemporaryDirectory(prefix="brushnet-tiny-")
-        typer.echo(f"building tiny random components in {tmp.name} ...")
-        needed = {slot for cls in classes.values() for slot in cls.models if slot.folder is not None}
-        built = build_model_set(Path(tmp.name), needed)
-        paths = {name: {**built, **given} for name, given in paths.items()}
-        # SIGTERM (a service manager's stop) unwinds like Ctrl-C, so the temporary models are removed; uvicorn
-        # restores this handler after its graceful shutdown and re-raises the signal to it
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
+        if tiny:
+            from ..random_models import build_model_set
+
+            tmp = tempfile.TemporaryDirectory(prefix="brushnet-tiny-")
+            # SIGTERM (a service manager's stop) unwinds like Ctrl-C, so the temporary models are removed;
+            # uvicorn restores this handler after its graceful shutdown and re-raises the signal to it
+            signal.signal(signal.SIGTERM, _exit_on_sigterm)
+            typer.echo(f"building tiny random components in {tmp.name} ...")
+            needed = {slot for cls in classes.values() for slot in cls.models if slot.name not in models}
+            built = build_model_set(Path(tmp.name), needed)
+            paths = {name: {**built, **given} for name, given in paths.items()}
         loaded = {
             name: load_method(name, paths[name], device=runtime.device, dtype=runtime.dtype) for name in names
         }

@@ -150,12 +150,15 @@ class InpaintRequest(BaseModel):
 @dataclass(frozen=True)
 class ModelSlot:
     """A model folder a method loads: its key in :class:`ModelPaths`, its CLI flag, its help, the folder name
-    it has in a model set (``brushnet make-tiny-models``, the demo models), and the families it exists for."""
+    it has in a model set (``brushnet make-tiny-models``, the demo models), the families it exists for, and
+    how to build a random-weight one (``"module:function"`` called as ``function(out_dir, base_dir, preset,
+    seed)``; ``None``: none can be built, so random-weight runs skip methods that need it)."""
 
     name: str
     help: str
     folder: str | None = None
     families: tuple[str, ...] = ("sd15",)
+    random_builder: str | None = None
 
     @property
     def flag(self) -> str:
@@ -167,6 +170,7 @@ BASE = ModelSlot(
     "Base model (SD1.5 or SDXL): diffusers folder, hub id or single .safetensors file.",
     folder="base",
     families=("sd15", "sdxl"),
+    random_builder="brushnet.random_models:build_random_base",
 )
 BASE_CONFIG = ModelSlot(
     "base_config",

@@ -1,9 +1,10 @@
-"""The base of methods that run their own denoising loop on a plain (4-channel) Stable Diffusion base: Blended
-Latent Diffusion, RePaint. It owns loading, prompt encoding, VAE encode/decode, the latent-resolution hole and a
-guided UNet evaluation."""
+"""The base of methods that run their own denoising loop on a plain (4-channel) Stable Diffusion 1.5 or SDXL base:
+Blended Latent Diffusion, RePaint. It owns loading, prompt encoding (SDXL: both text encoders, pooled text, time
+ids), VAE encode/decode, the latent-resolution hole and a guided UNet evaluation."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .base import BASE, BASE_CONFIG, InpaintMethod, InpaintRequest, ModelPaths
@@ -11,7 +12,7 @@ from .base import BASE, BASE_CONFIG, InpaintMethod, InpaintRequest, ModelPaths
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["LatentMethod", "latent_hole"]
+__all__ = ["LatentMethod", "TextConditioning", "latent_hole"]
 
 
 def latent_hole(hole: torch.Tensor, factor: int, dilation: int = 0) -> torch.Tensor:
@@ -39,26 +40,39 @@ def latent_hole(hole: torch.Tensor, factor: int, dilation: int = 0) -> torch.Ten
     return cells
 
 
+@dataclass
+class TextConditioning:
+    """What the UNet reads besides the latent: the text embeddings and, for SDXL, ``added_cond_kwargs``
+    (pooled text and size/crop time ids); each ``[negative; positive]`` with classifier-free guidance."""
+
+    embeddings: torch.Tensor
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None
+
+
 class LatentMethod(InpaintMethod):
-    """A method with its own loop on a plain SD base (``--base``), using diffusers components."""
+    """A method with its own loop on a plain SD1.5 or SDXL base (``--base``), using diffusers components."""
 
     models = (BASE,)
     optional_models = (BASE_CONFIG,)
+    families = ("sd15", "sdxl")
 
     def __init__(self, pipeline: Any, device: Any = "cpu", dtype: Any = None):
+        from ..loading import detect_family
+
         super().__init__(device, dtype)
-        # a StableDiffusionPipeline holds the components and gives us diffusers' own encode_prompt
+        # a StableDiffusion(XL)Pipeline holds the components and gives us diffusers' own encode_prompt
         self.pipeline = pipeline
+        self.family = detect_family(pipeline.unet.config)
         self.base_scheduler_config = dict(pipeline.scheduler.config)
         self.size_multiple = self.vae_scale_factor = int(pipeline.vae_scale_factor)
         self.native_resolution = int(pipeline.unet.config.sample_size) * self.vae_scale_factor
 
     @classmethod
     def load(cls, models: ModelPaths, device: str = "cpu", dtype: Any = "fp32") -> LatentMethod:
-        from diffusers import StableDiffusionPipeline
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
         from ..errors import CheckpointError
-        from ..loading import load_base_components, resolve_dtype
+        from ..loading import detect_family, load_base_components, resolve_dtype
 
         models.require(cls)
         torch_dtype = resolve_dtype(dtype)
@@ -70,9 +84,12 @@ class LatentMethod(InpaintMethod):
             raise CheckpointError(
                 f"method {cls.name!r} needs a plain 4-channel SD base, got a {channels}-channel UNet in {models.base}"
             )
-        pipeline = StableDiffusionPipeline(
-            **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-        )
+        if detect_family(components["unet"].config) == "sdxl":
+            pipeline = StableDiffusionXLPipeline(**components)
+        else:
+            pipeline = StableDiffusionPipeline(
+                **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+            )
         pipeline.set_progress_bar_config(disable=True)
         return cls(pipeline.to(device), device=device, dtype=torch_dtype)
 
@@ -84,20 +101,37 @@ class LatentMethod(InpaintMethod):
     def vae(self):
         return self.pipeline.vae
 
-    def encode_prompts(self, request: InpaintRequest) -> torch.Tensor:
-        """Text embeddings for the batch: ``[negative; positive]`` (each ``num_images`` long) with CFG, else
-        the positive ones only."""
+    def encode_prompts(self, request: InpaintRequest, height: int, width: int) -> TextConditioning:
+        """The text conditioning of the batch (``num_images`` each half), through diffusers' own
+        ``encode_prompt``; SDXL adds the pooled text and the time ids of an uncropped ``height × width`` image."""
         import torch
 
         cfg = request.guidance_scale > 1
-        positive, negative = self.pipeline.encode_prompt(
+        negative = request.negative_prompt if cfg else None
+        if self.family != "sdxl":
+            positive, negative_embeds = self.pipeline.encode_prompt(
+                request.prompt, self.device, request.num_images, cfg, negative_prompt=negative
+            )
+            return TextConditioning(torch.cat([negative_embeds, positive]) if cfg else positive)
+        pipe = self.pipeline
+        positive, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
             request.prompt,
-            self.device,
-            request.num_images,
-            cfg,
-            negative_prompt=request.negative_prompt if cfg else None,
+            device=self.device,
+            num_images_per_prompt=request.num_images,
+            do_classifier_free_guidance=cfg,
+            negative_prompt=negative,
         )
-        return torch.cat([negative, positive]) if cfg else positive
+        time_ids = pipe._get_add_time_ids(
+            (height, width),
+            (0, 0),
+            (height, width),
+            dtype=positive.dtype,
+            text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
+        ).to(self.device)
+        time_ids = time_ids.repeat(request.num_images * (2 if cfg else 1), 1)
+        if cfg:
+            positive, pooled = torch.cat([negative_embeds, positive]), torch.cat([negative_pooled, pooled])
+        return TextConditioning(positive, {"text_embeds": pooled, "time_ids": time_ids})
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         """Image ``(B, 3, h, w)`` in [0, 1] → latent ``(B, 4, h/8, w/8)``: the posterior mode (deterministic, so
@@ -118,7 +152,7 @@ class LatentMethod(InpaintMethod):
         return ((pixels.float() + 1) / 2).clamp(0, 1).cpu()
 
     def predict(
-        self, model_input: torch.Tensor, t: torch.Tensor, embeddings: torch.Tensor, guidance_scale: float
+        self, model_input: torch.Tensor, t: torch.Tensor, text: TextConditioning, guidance_scale: float
     ) -> torch.Tensor:
         """The UNet's guided prediction for ``model_input`` at timestep ``t`` (CFG when ``guidance_scale > 1``,
         running the unconditional and conditional halves as one batch)."""
@@ -127,7 +161,12 @@ class LatentMethod(InpaintMethod):
         cfg = guidance_scale > 1
         batch = torch.cat([model_input] * 2) if cfg else model_input
         with torch.no_grad():
-            out = self.unet(batch.to(self.unet.dtype), t, encoder_hidden_states=embeddings).sample
+            out = self.unet(
+                batch.to(self.unet.dtype),
+                t,
+                encoder_hidden_states=text.embeddings,
+                added_cond_kwargs=text.added_cond_kwargs,
+            ).sample
         if cfg:
             uncond, cond = out.chunk(2)
             out = uncond + guidance_scale * (cond - uncond)

@@ -32,8 +32,11 @@ class PipelineMethod(InpaintMethod):
     counted_components: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, pipeline: Any, device: Any = "cpu", dtype: Any = None):
+        from ..loading import detect_family
+
         super().__init__(device, dtype)
         self.pipeline = pipeline
+        self.family = detect_family(pipeline.unet.config)
         self.base_scheduler_config = dict(pipeline.scheduler.config)
         pipeline.set_progress_bar_config(disable=True)
         self.size_multiple = int(pipeline.vae_scale_factor)

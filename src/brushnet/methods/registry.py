@@ -134,6 +134,24 @@ def load_method(
         except ValidationError as exc:
             raise InputError(validation_message(exc, "model paths")) from None
     models.require(cls)
+    from ..errors import CheckpointError
+    from ..loading import FAMILY_NAMES, peek_family
+
+    def refuse(family: str) -> None:
+        runs_on = " and ".join(FAMILY_NAMES.get(f, f) for f in cls.families)
+        raise CheckpointError(
+            f"method {name!r} has no {FAMILY_NAMES.get(family, family)} form (it runs on {runs_on} models); use "
+            "another method or a base of that family"
+        )
+
+    for slot in cls.models:  # a local folder's config tells the family before anything loads
+        family = peek_family(models.get(slot.name))
+        if family is not None:
+            if family not in cls.families:
+                refuse(family)
+            break
     method = cls.load(models, device=device, dtype=dtype)
+    if method.family not in cls.families:
+        refuse(method.family)
     method.model_paths = models
     return method

@@ -1,5 +1,5 @@
 """Blended Latent Diffusion (Avrahami, Fried, Lischinski, "Blended Latent Diffusion", SIGGRAPH 2023, §3)
-on any plain SD1.5 base.
+on any plain SD1.5 or SDXL base.
 
 At every step, after the scheduler's update ``z_{t-1} ~ p(z_{t-1} | z_t)``, the known region is replaced by the
 input's latent noised to the same level: ``z_{t-1} ← m ⊙ z_{t-1} + (1 − m) ⊙ noise(z_init, t−1)``, with ``m``
@@ -53,7 +53,7 @@ class BlendedLatentDiffusion(LatentMethod):
         scheduler = make_scheduler(request.scheduler, self.base_scheduler_config)
         scheduler.set_timesteps(request.steps, device=self.device)
         timesteps = scheduler.timesteps
-        embeddings = self.encode_prompts(request)
+        text = self.encode_prompts(request, *task.image.shape[-2:])
 
         source = self.encode(task.image).expand(n, -1, -1, -1).float()
         # The one mask conversion: project convention (1 = generate) → latent-resolution hole, max-pooled so it
@@ -67,7 +67,7 @@ class BlendedLatentDiffusion(LatentMethod):
         with count_calls(self.unet.conv_in) as calls:
             for i, t in enumerate(timesteps):
                 model_input = scheduler.scale_model_input(latents, t)
-                noise_pred = self.predict(model_input, t, embeddings, request.guidance_scale)
+                noise_pred = self.predict(model_input, t, text, request.guidance_scale)
                 latents = scheduler.step(noise_pred, t, latents).prev_sample.float()
                 if i == len(timesteps) - 1:  # the clean input latent, exactly
                     latents = torch.where(in_hole, latents, source)

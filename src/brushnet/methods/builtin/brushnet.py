@@ -18,6 +18,7 @@ BRUSHNET = ModelSlot(
     "BrushNet checkpoint folder (or hub id) of the base's family.",
     folder="brushnet",
     families=("sd15", "sdxl"),
+    random_builder="brushnet.random_models:build_random_brushnet",
 )
 
 
@@ -31,21 +32,30 @@ class BrushNetOptions(GuidanceWindow):
 @register_method
 class BrushNetMethod(PipelineMethod):
     name = "brushnet"
-    description = "BrushNet: a dual-branch model adding masked-image features into a frozen SD1.5 UNet."
+    description = (
+        "BrushNet: a dual-branch model adding masked-image features into a frozen SD1.5 or SDXL UNet."
+    )
     Options = BrushNetOptions
     models = (BASE, BRUSHNET)
+    families = ("sd15", "sdxl")
     optional_models = (BASE_CONFIG,)
     counted_components = ("brushnet",)
 
     @classmethod
     def build_pipeline(cls, models, dtype):
-        from ...loading import load_base_components, load_brushnet
-        from ...pipelines.pipeline_brushnet import StableDiffusionBrushNetPipeline
+        from ...loading import detect_family, load_base_components, load_brushnet
+        from ...pipelines import StableDiffusionBrushNetPipeline, StableDiffusionXLBrushNetPipeline
 
         components = load_base_components(
             models.base, dtype=dtype, allow_pickle=models.allow_pickle, config=models.base_config
         )
-        brushnet = load_brushnet(models.brushnet, dtype=dtype, allow_pickle=models.allow_pickle)
+        unet_config = components["unet"].config
+        # a branch of the other family is refused before its weights are read, naming both families
+        brushnet = load_brushnet(
+            models.brushnet, dtype=dtype, allow_pickle=models.allow_pickle, base_config=unet_config
+        )
+        if detect_family(unet_config) == "sdxl":
+            return StableDiffusionXLBrushNetPipeline(**components, brushnet=brushnet)
         return StableDiffusionBrushNetPipeline(**components, brushnet=brushnet, safety_checker=None)
 
     def call_arguments(self, task: Task) -> dict[str, Any]:

@@ -20,6 +20,7 @@ CONTROLNET = ModelSlot(
     "controlnet",
     "Inpaint ControlNet folder (or hub id), e.g. control_v11p_sd15_inpaint.",
     folder="controlnet",
+    random_builder="brushnet.random_models:build_random_controlnet",
 )
 
 
@@ -42,19 +43,27 @@ def inpaint_control_image(image: torch.Tensor, hole: torch.Tensor) -> torch.Tens
 @register_method
 class ControlNetInpaint(PipelineMethod):
     name = "controlnet-inpaint"
-    description = "SD1.5 base + inpaint ControlNet via diffusers' StableDiffusionControlNetInpaintPipeline."
+    description = (
+        "Plain base + inpaint ControlNet via diffusers' StableDiffusion(XL)ControlNetInpaintPipeline (SDXL needs "
+        "an SDXL inpaint ControlNet)."
+    )
     Options = ControlNetInpaintOptions
     models = (BASE, CONTROLNET)
+    families = ("sd15", "sdxl")
     optional_models = (BASE_CONFIG,)
     per_image_calls = True
     counted_components = ("controlnet",)
 
     @classmethod
     def build_pipeline(cls, models, dtype):
-        from diffusers import ControlNetModel, StableDiffusionControlNetInpaintPipeline
+        from diffusers import (
+            ControlNetModel,
+            StableDiffusionControlNetInpaintPipeline,
+            StableDiffusionXLControlNetInpaintPipeline,
+        )
 
         from ...errors import CheckpointError, first_line
-        from ...loading import load_base_components
+        from ...loading import FAMILY_NAMES, detect_family, load_base_components
 
         components = load_base_components(
             models.base, dtype=dtype, allow_pickle=models.allow_pickle, config=models.base_config
@@ -67,6 +76,19 @@ class ControlNetInpaint(PipelineMethod):
             raise CheckpointError(
                 f"cannot load ControlNet {models.controlnet!r}: {first_line(exc)}"
             ) from None
+        unet_config = components["unet"].config
+        base_family, controlnet_family = detect_family(unet_config), detect_family(controlnet.config)
+        if (
+            base_family != controlnet_family
+            or controlnet.config.cross_attention_dim != unet_config.cross_attention_dim
+        ):
+            raise CheckpointError(
+                f"this {FAMILY_NAMES[controlnet_family]} ControlNet ({models.controlnet}) does not fit the "
+                f"{FAMILY_NAMES[base_family]} base ({models.base}); controlnet-inpaint on "
+                f"{FAMILY_NAMES[base_family]} needs an inpaint ControlNet made for it"
+            )
+        if base_family == "sdxl":
+            return StableDiffusionXLControlNetInpaintPipeline(**components, controlnet=controlnet)
         return StableDiffusionControlNetInpaintPipeline(
             **components,
             controlnet=controlnet,

@@ -1,5 +1,5 @@
 """RePaint (Lugmayr et al., "RePaint: Inpainting using Denoising Diffusion Probabilistic Models", CVPR 2022)
-on an SD1.5 latent base.
+on an SD1.5 or SDXL latent base.
 
 Each reverse step samples the unknown region from the model and takes the known region from the input
 noised to the same level (paper eq. 8–10): ``x_{t−1} = m ⊙ x^known_{t−1} + (1 − m) ⊙ x^unknown_{t−1}`` with
@@ -100,7 +100,7 @@ class RePaint(LatentMethod):
         if prediction_type not in ("epsilon", "v_prediction"):
             raise InputError(f"repaint supports epsilon and v_prediction models, not {prediction_type!r}")
 
-        embeddings = self.encode_prompts(request)
+        text = self.encode_prompts(request, *task.image.shape[-2:])
         source = self.encode(task.image).expand(n, -1, -1, -1).float()
         # The one mask conversion: project convention (1 = generate) → RePaint's m (1 = known), at latent
         # resolution with the hole max-pooled so it never under-covers the pixel hole.
@@ -119,7 +119,7 @@ class RePaint(LatentMethod):
                     x = ratio**0.5 * x + (1 - ratio) ** 0.5 * noise()
                 else:
                     t = torch.tensor(timesteps[request.steps - move.start], device=self.device)
-                    out = self.predict(x, t, embeddings, request.guidance_scale)
+                    out = self.predict(x, t, text, request.guidance_scale)
                     if prediction_type == "epsilon":
                         eps = out
                         x0 = (x - (1 - a_start) ** 0.5 * eps) / a_start**0.5

@@ -14,8 +14,10 @@ __all__ = ["SDInpainting", "INPAINT_MODEL"]
 
 INPAINT_MODEL = ModelSlot(
     "inpaint_model",
-    "9-channel inpainting model folder (or hub id / single file), e.g. the SD1.5 inpainting checkpoint.",
+    "9-channel inpainting model folder (or hub id / single file), e.g. SD1.5 or SDXL inpainting.",
     folder="inpaint",
+    families=("sd15", "sdxl"),
+    random_builder="brushnet.random_models:build_random_inpaint_model",
 )
 
 
@@ -27,15 +29,16 @@ class SDInpainting(PipelineMethod):
     )
     Options = NoOptions
     models = (INPAINT_MODEL,)
+    families = ("sd15", "sdxl")
     optional_models = (BASE_CONFIG,)
     per_image_calls = True
 
     @classmethod
     def build_pipeline(cls, models, dtype):
-        from diffusers import StableDiffusionInpaintPipeline
+        from diffusers import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
 
         from ...errors import CheckpointError
-        from ...loading import load_base_components
+        from ...loading import detect_family, load_base_components
 
         components = load_base_components(
             models.inpaint_model, dtype=dtype, allow_pickle=models.allow_pickle, config=models.base_config
@@ -46,6 +49,8 @@ class SDInpainting(PipelineMethod):
                 f"{models.inpaint_model} has a {channels}-channel UNet; sd-inpainting needs a 9-channel "
                 "inpainting model (latent 4 + mask 1 + masked-image latent 4)"
             )
+        if detect_family(components["unet"].config) == "sdxl":
+            return StableDiffusionXLInpaintPipeline(**components, requires_aesthetics_score=False)
         return StableDiffusionInpaintPipeline(
             **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
         )

@@ -1,0 +1,159 @@
+"""Every method on a tiny SDXL model set: the family is detected from the models (no new flags), the same
+processing and counts as on SD1.5, one-line errors for a model of the other family."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from brushnet.errors import CheckpointError
+from brushnet.methods import get_method_class, inpaint, load_method, method_classes
+
+FAST = {"steps": 3, "guidance_scale": 2.0, "seed": 5, "prompt": "a cat"}
+ALL = ["brushnet", "sd-inpainting", "blended-latent-diffusion", "repaint", "controlnet-inpaint"]
+
+
+@pytest.fixture(scope="module")
+def xl_models(tmp_path_factory):
+    from brushnet.random_models import build_model_set
+
+    root = tmp_path_factory.mktemp("xl_set")
+    return build_model_set(root, ["base", "brushnet", "inpaint_model", "controlnet"], "tiny-xl")
+
+
+@pytest.fixture(scope="module")
+def xl_scene():
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8))
+    mask = np.zeros((32, 48), np.uint8)
+    mask[8:24, 16:32] = 255
+    return image, Image.fromarray(mask)
+
+
+_LOADED: dict = {}
+
+
+def _load(name, models):
+    if name not in _LOADED:
+        _LOADED[name] = load_method(name, models)
+    return _LOADED[name]
+
+
+def test_every_method_declares_its_families():
+    for cls in method_classes().values():
+        assert cls.describe()["families"] == list(cls.families)
+    assert set(get_method_class("brushnet").families) == {"sd15", "sdxl"}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_method_runs_on_an_sdxl_base(xl_models, xl_scene, name):
+    method = _load(name, xl_models)
+    assert method.family == "sdxl"
+    assert method.native_resolution == 8 * 2  # the tiny SDXL UNet's sample_size x its VAE factor
+    options = {"jump_length": 1, "jump_n_sample": 2} if name == "repaint" else {}
+    result = inpaint(method, *xl_scene, {**FAST, "num_images": 2, "options": options})
+    assert [im.size for im in result.images] == [(48, 32)] * 2
+    assert result.parameters["family"] == "sdxl"
+    downs = 2 * FAST["steps"] if name == "repaint" else FAST["steps"]
+    assert result.unet_calls == 2 * downs  # CFG pair per evaluation
+    if name == "brushnet":  # the SDXL branch reads pooled text: it runs on both CFG halves
+        assert result.extra_calls == {"brushnet": 2 * FAST["steps"]}
+    single = inpaint(method, *xl_scene, {**FAST, "seed": FAST["seed"] + 1, "options": options})
+    diff = np.abs(np.asarray(single.images[0], np.int16) - np.asarray(result.images[1], np.int16))
+    assert diff.max() <= 1
+
+
+def test_brushnet_method_is_the_sdxl_pipeline(xl_models, xl_scene):
+    """The method adds nothing of its own: with blending off it gives what the SDXL pipeline gives."""
+    import torch
+
+    from brushnet.image import pil_to_tensor, tensor_to_pil
+
+    method = _load("brushnet", xl_models)
+    result = inpaint(method, *xl_scene, {**FAST, "blend": False, "scheduler": "ddim"})
+    image = pil_to_tensor(xl_scene[0])
+    hole = torch.from_numpy(np.asarray(xl_scene[1]) > 127).float()[None, None]
+    from brushnet.schedulers import make_scheduler
+
+    pipe = method.pipeline
+    pipe.scheduler = make_scheduler("ddim", method.base_scheduler_config)
+    direct = pipe(
+        prompt=FAST["prompt"],
+        negative_prompt="",
+        image=image,
+        mask_image=hole,
+        num_inference_steps=FAST["steps"],
+        guidance_scale=FAST["guidance_scale"],
+        generator=[torch.Generator().manual_seed(FAST["seed"])],
+        output_type="pt",
+    ).images
+    expected = np.asarray(tensor_to_pil(direct)[0], np.int16)
+    assert np.abs(np.asarray(result.images[0], np.int16) - expected).max() <= 1
+
+
+def test_crop_to_mask_works_at_the_sdxl_native_resolution(xl_models, xl_scene):
+    result = inpaint(_load("blended-latent-diffusion", xl_models), *xl_scene, {**FAST, "crop_to_mask": True})
+    region = result.parameters["region"]
+    assert not region["whole_image"] and max(region["size"]) <= 32 and region["resized"]
+
+
+def test_a_model_of_the_other_family_is_one_line(xl_models, tiny_models, tmp_path):
+    from brushnet.random_models import build_controlnet
+
+    with pytest.raises(CheckpointError, match="SD1.5 BrushNet .* does not fit an SDXL base"):
+        load_method("brushnet", {"base": xl_models["base"], "brushnet": str(tiny_models["brushnet"])})
+    with pytest.raises(CheckpointError, match="SDXL BrushNet .* does not fit an SD1.5 base"):
+        load_method("brushnet", {"base": str(tiny_models["base"]), "brushnet": xl_models["brushnet"]})
+    sd15_controlnet = build_controlnet(tmp_path / "controlnet_sd15", tiny_models["base"])
+    with pytest.raises(CheckpointError, match="SD1.5 ControlNet .* does not fit the SDXL base"):
+        load_method("controlnet-inpaint", {"base": xl_models["base"], "controlnet": str(sd15_controlnet)})
+
+
+def test_cli_takes_sdxl_models_with_no_new_flags(xl_models, xl_scene, tmp_path):
+    from brushnet.cli import app
+
+    xl_scene[0].save(tmp_path / "i.png")
+    xl_scene[1].save(tmp_path / "m.png")
+    args = [
+        "inpaint",
+        "-i",
+        str(tmp_path / "i.png"),
+        "-m",
+        str(tmp_path / "m.png"),
+        "-o",
+        str(tmp_path / "o.png"),
+    ]
+    args += ["--base", xl_models["base"], "--brushnet", xl_models["brushnet"], "--steps", "2", "-q"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "o.json").read_text())["parameters"]["family"] == "sdxl"
+    listed = CliRunner().invoke(app, ["methods"])
+    assert "families: sd15, sdxl" in listed.output
+
+
+def test_a_method_without_an_sdxl_form_refuses_before_loading(xl_models):
+    from brushnet.methods import GenerateOutput, InpaintMethod, register_method, registry
+    from brushnet.methods.base import BASE
+
+    class SD15Only(InpaintMethod):
+        name = "test-sd15-only"
+        description = "A method with an SD1.5 form only (test)."
+        models = (BASE,)
+
+        @classmethod
+        def load(cls, models, device="cpu", dtype="fp32"):
+            raise AssertionError("the family is checked before anything loads")
+
+        def generate(self, task):  # pragma: no cover - never loaded
+            return GenerateOutput(task.image, 0)
+
+    register_method(SD15Only)
+    try:
+        with pytest.raises(CheckpointError, match="'test-sd15-only' has no SDXL form .*runs on SD1.5"):
+            load_method("test-sd15-only", {"base": xl_models["base"]})
+    finally:
+        registry._REGISTRY.pop("test-sd15-only")
