@@ -157,3 +157,14 @@ def test_a_method_without_an_sdxl_form_refuses_before_loading(xl_models):
             load_method("test-sd15-only", {"base": xl_models["base"]})
     finally:
         registry._REGISTRY.pop("test-sd15-only")
+
+
+def test_make_tiny_models_builds_an_sdxl_set(tmp_path):
+    from brushnet.cli import app
+    from brushnet.loading import peek_family
+
+    result = CliRunner().invoke(app, ["make-tiny-models", str(tmp_path), "--preset", "tiny-xl"])
+    assert result.exit_code == 0, result.output
+    for folder in ("base", "brushnet", "inpaint", "controlnet"):
+        assert peek_family(tmp_path / folder) == "sdxl", folder
+    assert "--inpaint-model" in result.output and "--controlnet" in result.output
