@@ -216,7 +216,8 @@ def test_control_guidance_window_is_validated(load, scene):
 @pytest.mark.parametrize("name", sorted(set(available_methods())))
 def test_blend_keeps_pixels_exactly(load, scene, name):
     image, mask = scene
-    options = {"jump_length": 1, "jump_n_sample": 1} if name == "repaint" else {}
+    # hd-painter: the tiny UNet has no cross-attention at 1/4 of the latent size, RASG's layers (PAIntA stays on)
+    options = {"repaint": {"jump_length": 1, "jump_n_sample": 1}, "hd-painter": {"rasg": False}}.get(name, {})
     result = inpaint(load(name), image, mask, dict(FAST, options=options, blend=True))
     hole = torch.from_numpy(np.asarray(mask) > 127).float()[None, None]
     outside = (feather_mask(hole, 21)[0, 0] == 0).numpy()

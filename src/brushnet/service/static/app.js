@@ -271,6 +271,11 @@ function renderMethodOptions() {
   box.replaceChildren();
   if (!method) return;
   $("method-description").textContent = method.description;
+  // the schedulers this method takes (repaint, hd-painter: ddim only); keep the chosen one where it is allowed
+  const schedulers = method.schedulers || state.config.schedulers;
+  const chosen = $("scheduler").value;
+  const selected = schedulers.includes(chosen) ? chosen : method.default_scheduler;
+  $("scheduler").replaceChildren(...schedulers.map((s) => new Option(s, s, false, s === selected)));
   const props = method.options_schema.properties || {};
   const names = Object.keys(props);
   $("method-options-box").querySelector("summary").textContent =

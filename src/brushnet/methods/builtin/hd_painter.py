@@ -1,0 +1,123 @@
+"""HD-Painter (Manukyan et al., "HD-Painter: High-Resolution and Prompt-Faithful Text-Guided Image Inpainting
+with Diffusion Models", arXiv 2312.14091) on a 9-channel SD1.x/SD2 inpainting UNet: PAIntA (prompt-aware
+introverted attention) and RASG (reweighting attention score guidance), training-free, through
+:class:`~brushnet.pipelines.pipeline_hd_painter.StableDiffusionHDPainterPipeline`.
+
+The defaults are the original's (github.com/Picsart-AI-Research/HD-Painter, ``hd_inpaint.py``): both parts on,
+RASG η 0.1, PAIntA while t > 500, its prompt additions, its DDIM timestep grid. The loop is the method's own
+DDIM, so it takes only the ``ddim`` scheduler name. Its super-resolution stage is not implemented
+(docs/hd_painter.md says why).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..base import BASE_CONFIG, GenerateOutput, Task
+from ..counting import count_backward
+from ..pipeline_method import PipelineMethod
+from ..registry import register_method
+from .sd_inpainting import INPAINT_MODEL
+
+__all__ = ["HDPainter", "HDPainterOptions", "ORIGINAL_POSITIVE_PROMPT", "ORIGINAL_NEGATIVE_PROMPT"]
+
+ORIGINAL_POSITIVE_PROMPT = "Full HD, 4K, high quality, high resolution"
+"""The original's default positive addition (CLI and demo), appended to the prompt as ``", <addition>"``."""
+
+ORIGINAL_NEGATIVE_PROMPT = (
+    "text, bad anatomy, bad proportions, blurry, cropped, deformed, disfigured, duplicate, error, extra limbs, "
+    "gross proportions, jpeg artifacts, long neck, low quality, lowres, malformed, morbid, mutated, mutilated, "
+    "out of frame, ugly, worst quality"
+)
+"""The original's default negative prompt (CLI and demo)."""
+
+
+class HDPainterOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    painta: bool = Field(
+        True, description="PAIntA: damp hole-to-known self-attention on prompt-irrelevant pixels."
+    )
+    rasg: bool = Field(
+        True, description="RASG: guide each DDIM step by the prompt's cross-attention on the hole."
+    )
+    rasg_eta: float = Field(
+        0.1, ge=0.0, le=1.0, description="RASG strength: DDIM eta whose noise is the normalised gradient."
+    )
+    painta_end_timestep: int = Field(
+        500, ge=0, le=1000, description="PAIntA acts on steps whose timestep is above this (original: 500)."
+    )
+    positive_prompt: str = Field(
+        ORIGINAL_POSITIVE_PROMPT, description="Appended to the prompt as ', <text>' (empty: none)."
+    )
+    default_negative_prompt: str = Field(
+        ORIGINAL_NEGATIVE_PROMPT, description="Negative prompt used when the request gives none."
+    )
+    timestep_spacing: Literal["original", "trailing"] = Field(
+        "original",
+        description="'original': 999, 999-1000//steps, ... (extra steps when steps does not divide 1000); "
+        "'trailing': exactly `steps`.",
+    )
+
+
+@register_method
+class HDPainter(PipelineMethod):
+    name = "hd-painter"
+    description = (
+        "HD-Painter: PAIntA + RASG (training-free) on a 9-channel inpainting UNet, its own DDIM loop."
+    )
+    Options = HDPainterOptions
+    models = (INPAINT_MODEL,)
+    optional_models = (BASE_CONFIG,)
+    default_scheduler = "ddim"
+    schedulers = ("ddim",)
+
+    @classmethod
+    def build_pipeline(cls, models, dtype):
+        from ...errors import CheckpointError
+        from ...loading import load_base_components
+        from ...pipelines.pipeline_hd_painter import StableDiffusionHDPainterPipeline
+
+        components = load_base_components(
+            models.inpaint_model, dtype=dtype, allow_pickle=models.allow_pickle, config=models.base_config
+        )
+        channels = components["unet"].config.in_channels
+        if channels != 9:
+            raise CheckpointError(
+                f"{models.inpaint_model} has a {channels}-channel UNet; hd-painter needs a 9-channel inpainting "
+                "model (latent 4 + mask 1 + masked-image latent 4)"
+            )
+        prediction = components["scheduler"].config.prediction_type
+        if prediction not in ("epsilon", "v_prediction"):
+            raise CheckpointError(f"hd-painter supports epsilon and v_prediction models, not {prediction!r}")
+        return StableDiffusionHDPainterPipeline(**components)
+
+    def call_arguments(self, task: Task) -> dict[str, Any]:
+        # The one mask conversion: the pipeline takes white / 1 = region to generate, the project's convention, so
+        # the hole passes through unchanged (tests/methods/test_hd_painter.py checks the UNet's mask channel).
+        options = task.options
+        return dict(
+            image=task.image,
+            mask_image=task.hole,
+            positive_prompt=options.positive_prompt,
+            use_painta=options.painta,
+            use_rasg=options.rasg,
+            rasg_eta=options.rasg_eta,
+            painta_end_timestep=options.painta_end_timestep,
+            timestep_spacing=options.timestep_spacing,
+        )
+
+    def generate(self, task: Task) -> GenerateOutput:
+        if not task.request.negative_prompt and task.options.default_negative_prompt:
+            request = task.request.model_copy(
+                update={"negative_prompt": task.options.default_negative_prompt}
+            )
+            task = replace(task, request=request)
+        # every RASG step is one backward pass through the UNet (a CFG pair counts 2, as for unet_calls)
+        with count_backward(self.pipeline.unet.conv_in) as backward:
+            output = super().generate(task)
+        output.extra_calls["rasg_backward"] = backward.per_image(task.num_images)
+        return output
