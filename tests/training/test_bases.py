@@ -52,7 +52,7 @@ def test_initial_branch_refuses_mismatched_channels(tiny_base, odd_base, tmp_pat
     tiny = loop.load_components(str(tiny_base))
     odd = loop.load_components(str(odd_base))
     loop.initial_branch(tiny).save_pretrained(tmp_path / "sd_branch")
-    with pytest.raises(ValueError, match="takes 5 conditioning channels; this base needs 9"):
+    with pytest.raises(ValueError, match="does not fit the base UNet: .*latent channels 4 vs 8"):
         loop.initial_branch(odd, str(tmp_path / "sd_branch"))
     mixed = loop.Components(odd.vae, tiny.unet, tiny.family, tiny.noise_scheduler, tiny.scheduler_config)
     with pytest.raises(ValueError, match="VAE has 8 latent channels but its UNet takes 4"):

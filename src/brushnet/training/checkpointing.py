@@ -2,18 +2,31 @@
 
 A checkpoint folder holds
 
-- the accelerate state (``accelerator.save_state``: trained weights, optimizer, LR scheduler, every
-  process's global RNG states, the EMA registered for checkpointing);
+- the accelerate state (``accelerator.save_state``): ``model.safetensors`` (trained weights), ``optimizer.bin``,
+  ``scheduler.bin`` and every process's ``random_states_<i>.pkl`` (global RNG states);
 - ``brushnet/``: the branch in diffusers format, loadable as is with ``BrushNetModel.from_pretrained``;
-- ``ema/``: the EMA weights in the same format (only with ``--use_ema``);
+- ``ema/``: the EMA weights in the same format, and ``ema_state.safetensors`` + ``ema_state.json``: the EMA's
+  exact state for resuming (only with ``--use_ema``);
 - ``training_state.json``: the global step and each process's position in the data stream;
 - ``train_config.yaml``: the resolved configuration of the run that wrote it (seed, prediction type and
   mixed precision filled in), so a checkpoint says how it was made wherever it is copied;
-- ``process_state_<i>.pt``: each process's own random generator (noise, timesteps, caption dropout).
+- ``process_state_<i>.safetensors``: each process's own random generator (noise, timesteps, caption dropout).
 
-Writing goes to ``checkpoint-<step>.tmp-<pid>/``, renamed to ``checkpoint-<step>/`` with ``os.replace`` only
-once everything is on disk, so a crash mid-save never leaves a folder that looks complete. Old checkpoints
-are removed only after a successful save; ``latest`` only sees complete folders.
+**Resuming runs no code from the checkpoint.** Everything the project writes itself is safetensors, JSON or
+YAML; the pickle files accelerate writes (``optimizer.bin``, ``scheduler.bin``, ``random_states_<i>.pkl``,
+``scaler.pt``) are read with ``torch.load(weights_only=True)``, which builds only tensors and plain values
+(checked for each file, with a one-line error naming a file that holds anything else). Checkpoints of earlier
+versions, whose EMA state was accelerate's ``custom_checkpoint_0.pkl`` (read by accelerate with full pickle),
+are read the same safe way. Two cases need ``--allow_pickle``: resuming under FSDP or DeepSpeed (their own
+loaders read the checkpoint) and nothing else.
+
+**No crash loses a checkpoint** (see :mod:`brushnet.training.folders`). Writing goes to
+``checkpoint-<step>.tmp-<pid>/``; ``training_state.json`` is written last, the files are flushed to the disk,
+and only then is the folder moved into place (replacing a same-step checkpoint of an earlier run through a
+``.new``/``.old`` pair of names, never deleting the old copy before the new one is in place). Old checkpoints
+are renamed to ``.del`` before they are deleted. The next start (:func:`recover_interrupted_saves`) finishes
+or undoes whatever a killed process left. A save that fails (a full disk) removes its partial folder and
+raises one line; the previous checkpoints are untouched and stay loadable.
 """
 
 from __future__ import annotations
@@ -23,9 +36,13 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
+
+from ..errors import CheckpointError, first_line
+from . import folders
 
 __all__ = [
     "TRAINING_STATE_FILE",
@@ -36,15 +53,20 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "rotate_checkpoints",
-    "remove_stale_partial_checkpoints",
+    "recover_interrupted_saves",
+    "publish_final_model",
 ]
 
 logger = logging.getLogger(__name__)
 
 TRAINING_STATE_FILE = "training_state.json"
 CONFIG_FILE = "train_config.yaml"
+EMA_WEIGHTS_FILE = "ema_state.safetensors"
+EMA_STATE_FILE = "ema_state.json"
+FINAL_MODEL_DIR = "brushnet"
 _COMPLETE = re.compile(r"^checkpoint-(\d+)$")
-_PARTIAL = re.compile(r"^checkpoint-\d+\.tmp-\d+$")
+_PICKLE_SUFFIXES = (".bin", ".pkl", ".pt", ".pth")
+_LEGACY_CUSTOM = re.compile(r"^custom_checkpoint_\d+\.pkl$")
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -69,7 +91,7 @@ def resolve_checkpoint(output_dir: str | os.PathLike, value: str | None) -> Path
             fresh start), or a path to a checkpoint folder (absolute, or relative to ``output_dir``).
 
     Raises:
-        FileNotFoundError: an explicit path that is not a complete checkpoint.
+        CheckpointError: an explicit path that is not a complete checkpoint.
     """
     if value is None:
         return None
@@ -83,30 +105,30 @@ def resolve_checkpoint(output_dir: str | os.PathLike, value: str | None) -> Path
     if not path.is_absolute() and not path.exists():
         path = Path(output_dir) / value
     if not (path / TRAINING_STATE_FILE).is_file():
-        raise FileNotFoundError(f"{value} is not a complete checkpoint folder (no {TRAINING_STATE_FILE})")
+        raise CheckpointError(f"{value} is not a complete checkpoint folder (no {TRAINING_STATE_FILE})")
     return path
 
 
 def rotate_checkpoints(output_dir: str | os.PathLike, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` complete checkpoints; returns the deleted folders."""
+    """Delete all but the newest ``keep`` complete checkpoints; returns the deleted folders. Each is renamed to
+    ``.del`` before it is deleted, so an interrupted deletion never leaves a checkpoint that looks complete."""
     checkpoints = list_checkpoints(output_dir)
     removed = [path for _, path in checkpoints[: max(len(checkpoints) - keep, 0)]]
     for path in removed:
         logger.info("removing old checkpoint %s", path)
-        shutil.rmtree(path)
+        folders.remove(path)
     return removed
 
 
-def remove_stale_partial_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Delete ``checkpoint-<step>.tmp-<pid>`` folders a crashed earlier run left behind."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return []
-    stale = [p for p in output_dir.iterdir() if _PARTIAL.match(p.name) and p.is_dir()]
-    for path in stale:
-        logger.warning("removing incomplete checkpoint %s left by an interrupted save", path)
-        shutil.rmtree(path)
-    return stale
+def _is_saved_folder(name: str) -> bool:
+    return bool(_COMPLETE.match(name)) or name == FINAL_MODEL_DIR
+
+
+def recover_interrupted_saves(output_dir: str | os.PathLike) -> list[str]:
+    """Finish or undo the checkpoint saves, rotations and final exports a killed run left under ``output_dir``
+    (see :mod:`brushnet.training.folders`): incomplete folders are removed, complete ones moved into place.
+    Call on the main process before anything looks for checkpoints. Returns what was done, one line each."""
+    return folders.recover(output_dir, _is_saved_folder)
 
 
 def full_branch(accelerator, model):
@@ -132,6 +154,66 @@ def _save_diffusers_model(model, path: Path) -> None:
     model.save_pretrained(path, safe_serialization=True)
 
 
+def _write_json(path: Path, data) -> None:
+    """Write JSON atomically (temporary file + ``os.replace``): the file is whole or absent."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _flatten(state: dict, prefix: str = "") -> dict[str, torch.Tensor]:
+    """``{"a": {"b": tensor}}`` → ``{"a.b": tensor}`` (a process state is tensors only, for safetensors)."""
+    flat = {}
+    for key, value in state.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        elif isinstance(value, torch.Tensor):
+            flat[f"{prefix}{key}"] = value.detach().cpu().contiguous()
+        else:
+            raise TypeError(
+                f"process state {prefix}{key} is a {type(value).__name__}; only tensors are saved"
+            )
+    return flat
+
+
+def _unflatten(flat: dict[str, torch.Tensor]) -> dict:
+    state: dict = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = state
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return state
+
+
+def _save_ema_state(ema, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = ema.state_dict()
+    shadow = {
+        f"shadow.{i:05d}": p.detach().cpu().contiguous() for i, p in enumerate(state.pop("shadow_params"))
+    }
+    save_file(shadow, folder / EMA_WEIGHTS_FILE)
+    _write_json(folder / EMA_STATE_FILE, state)
+
+
+def _save_error(final: Path, exc: BaseException) -> OSError:
+    try:
+        free = f"; {shutil.disk_usage(final.parent).free / 2**20:.0f} MiB free on its disk"
+    except OSError:
+        free = ""
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
+    return OSError(
+        f"cannot save {final.name} in {final.parent}: {reason}{free}; the earlier checkpoints are untouched"
+    )
+
+
 def save_checkpoint(
     accelerator,
     output_dir: str | os.PathLike,
@@ -151,9 +233,8 @@ def save_checkpoint(
         step: the global (optimizer) step.
         brushnet: the branch with its full weights on the main process (:func:`full_branch`).
         training_state: JSON-serialisable state of the run (global step, data positions), from the main process.
-        process_state: this process's own state (``torch.save``-able; e.g. its random generator), saved by
-            every process as ``process_state_<index>.pt`` (accelerate saves registered objects from the main
-            process only).
+        process_state: this process's own state, a (nested) dict of tensors (e.g. its random generator's
+            state), saved by every process as ``process_state_<index>.safetensors``.
         ema: the ``diffusers.training_utils.EMAModel`` of the branch, or ``None``.
         total_limit: keep only this many newest checkpoints (``None``: keep all).
         config: the run's resolved :class:`~brushnet.training.config.TrainConfig`, saved as ``train_config.yaml``
@@ -161,8 +242,13 @@ def save_checkpoint(
 
     Returns:
         The final checkpoint folder.
+
+    Raises:
+        OSError: the save failed (a full disk, a read-only folder): one line; the partial folder is removed
+            and every earlier checkpoint is left as it was.
     """
     from accelerate.utils import broadcast_object_list
+    from safetensors.torch import save_file
 
     output_dir = Path(output_dir)
     owner = [os.getpid()]
@@ -170,51 +256,208 @@ def save_checkpoint(
         broadcast_object_list(owner)  # every process writes into the main process's temporary folder
     final = output_dir / f"checkpoint-{step}"
     partial = output_dir / f"checkpoint-{step}.tmp-{owner[0]}"
-    if accelerator.is_main_process:
-        if partial.exists():
-            shutil.rmtree(partial)
-        partial.mkdir(parents=True)
-    accelerator.wait_for_everyone()
+    try:
+        if accelerator.is_main_process:
+            if partial.exists():
+                folders.remove(partial)
+            partial.mkdir(parents=True)
+        accelerator.wait_for_everyone()
 
-    accelerator.save_state(str(partial))
-    if process_state is not None:
-        torch.save(process_state, partial / f"process_state_{accelerator.process_index}.pt")
-    accelerator.wait_for_everyone()  # every process's files are written before the rename
-    if accelerator.is_main_process:
-        _save_diffusers_model(brushnet, partial / "brushnet")
-        if ema is not None:
-            parameters = list(brushnet.parameters())
-            ema.store(parameters)
-            ema.copy_to(parameters)
-            try:
-                _save_diffusers_model(brushnet, partial / "ema")
-            finally:
-                ema.restore(parameters)
-        if config is not None:
-            from .config import save_config
+        accelerator.save_state(str(partial))
+        if process_state is not None:
+            save_file(
+                _flatten(process_state), partial / f"process_state_{accelerator.process_index}.safetensors"
+            )
+        accelerator.wait_for_everyone()  # every process's files are written before the folder is published
+        if accelerator.is_main_process:
+            _save_diffusers_model(brushnet, partial / "brushnet")
+            if ema is not None:
+                _save_ema_state(ema, partial)
+                parameters = list(brushnet.parameters())
+                ema.store(parameters)
+                ema.copy_to(parameters)
+                try:
+                    _save_diffusers_model(brushnet, partial / "ema")
+                finally:
+                    ema.restore(parameters)
+            if config is not None:
+                from .config import save_config
 
-            save_config(config, partial / CONFIG_FILE)
-        (partial / TRAINING_STATE_FILE).write_text(json.dumps(training_state, indent=2))
-        if final.exists():  # a checkpoint of the same step from an earlier, abandoned run
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        logger.info("saved checkpoint %s", final)
-        if total_limit is not None:
-            rotate_checkpoints(output_dir, total_limit)
+                save_config(config, partial / CONFIG_FILE)
+            _write_json(partial / TRAINING_STATE_FILE, training_state)  # last: the folder is complete
+            folders.fsync_tree(partial)
+            folders.publish(partial, final)
+            logger.info("saved checkpoint %s", final)
+    except Exception as exc:
+        if accelerator.is_main_process and partial.exists():
+            shutil.rmtree(partial, ignore_errors=True)  # frees the space; nothing complete is lost
+        raise _save_error(final, exc) from exc
+    if accelerator.is_main_process and total_limit is not None:
+        rotate_checkpoints(output_dir, total_limit)
     accelerator.wait_for_everyone()
     return final
 
 
-def load_checkpoint(accelerator, path: str | os.PathLike) -> tuple[dict, dict | None]:
-    """Restore the accelerate state from ``path``.
+def publish_final_model(model, output_dir: str | os.PathLike) -> Path:
+    """Save the trained branch to ``output_dir/brushnet/`` atomically: written beside it, flushed, then moved
+    into place (see :mod:`brushnet.training.folders`), so a kill leaves the previous export or the new one,
+    never truncated weights."""
+    final = Path(output_dir) / FINAL_MODEL_DIR
+    staging = folders.staging_path(final)
+    if staging.exists():
+        folders.remove(staging)
+    try:
+        _save_diffusers_model(model, staging)
+        folders.fsync_tree(staging)
+    except Exception as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise _save_error(final, exc) from exc
+    return folders.publish(staging, final)
+
+
+# -- resuming ------------------------------------------------------------------------------------------
+
+
+def _read_training_state(path: Path, num_processes: int) -> dict:
+    """``training_state.json``, checked: a global step and one ``[epoch, batch]`` position per process."""
+    file = path / TRAINING_STATE_FILE
+    try:
+        state = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(
+            f"cannot resume from {path}: {TRAINING_STATE_FILE} is unreadable ({first_line(exc)})"
+        ) from None
+    positions = state.get("data_positions") if isinstance(state, dict) else None
+    step = state.get("global_step") if isinstance(state, dict) else None
+
+    def is_count(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    if (
+        not is_count(step)
+        or not isinstance(positions, list)
+        or not positions
+        or not all(isinstance(p, list) and len(p) == 2 and all(is_count(v) for v in p) for p in positions)
+    ):
+        raise CheckpointError(
+            f"cannot resume from {path}: {TRAINING_STATE_FILE} is malformed (expected a global_step and one "
+            "[epoch, batch] data position per process)"
+        )
+    if len(positions) != num_processes:
+        raise CheckpointError(
+            f"{path} was written by {len(positions)} processes; resuming its data stream needs the same number "
+            f"(this run has {num_processes})"
+        )
+    return state
+
+
+def _load_plain(file: Path):
+    """``torch.load`` with ``weights_only=True`` (tensors and plain values; the numpy types accelerate's RNG
+    states hold): a file holding anything else is refused with one line, before any of it runs."""
+    from accelerate.utils import load
+
+    try:
+        try:
+            return load(file, map_location="cpu", mmap=True)  # tensors stay on the disk until used
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            return load(file, map_location="cpu")  # not torch's zip format: read it whole
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError, a truncated zip, a bad magic number ...
+        found = re.search(r"unsupported global (\S+)", str(exc), re.IGNORECASE)
+        if found:
+            raise CheckpointError(
+                f"{file} holds more than tensors and plain values (a reference to {found.group(1)}: loading it "
+                "could run code); refused"
+            ) from None
+        raise CheckpointError(f"cannot read {file}: {first_line(exc)}") from None
+
+
+def _load_ema_state(ema, path: Path, legacy: list[Path]) -> None:
+    from safetensors.torch import load_file
+
+    if (path / EMA_WEIGHTS_FILE).is_file():
+        try:
+            shadow = load_file(path / EMA_WEIGHTS_FILE)
+            state = json.loads((path / EMA_STATE_FILE).read_text())
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            raise CheckpointError(f"cannot read the EMA state in {path}: {first_line(exc)}") from None
+        state["shadow_params"] = [shadow[key] for key in sorted(shadow)]
+    elif legacy:
+        state = _load_plain(legacy[0])  # an earlier version's accelerate custom state, read safely
+    else:
+        raise CheckpointError(
+            f"{path} has no EMA state ({EMA_WEIGHTS_FILE}): it was written without --use_ema"
+        )
+    if not isinstance(state, dict) or len(state.get("shadow_params") or []) != len(ema.shadow_params):
+        raise CheckpointError(f"the EMA state in {path} does not fit this branch")
+    try:
+        ema.load_state_dict(state)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"the EMA state in {path} is malformed: {first_line(exc)}") from None
+
+
+def load_checkpoint(
+    accelerator, path: str | os.PathLike, ema=None, allow_pickle: bool = False
+) -> tuple[dict, dict]:
+    """Restore a run from the checkpoint folder ``path``, running no code from it (see the module docstring).
+
+    Args:
+        accelerator: the run's accelerator, with the model, optimizer and scheduler prepared.
+        path: a complete checkpoint folder.
+        ema: the run's ``EMAModel`` (restored from the checkpoint's EMA state), or ``None``.
+        allow_pickle: allow resuming under FSDP or DeepSpeed, whose own loaders read the checkpoint with pickle.
 
     Returns:
-        ``(training_state, process_state)``: the ``training_state.json`` and this process's own state
-        (``None`` when the checkpoint has none for it).
+        ``(training_state, process_state)``: the checked ``training_state.json`` and this process's own state.
+
+    Raises:
+        CheckpointError: one line: a malformed training state, a missing or unreadable file, a file holding more
+            than tensors and plain values, or a checkpoint that does not fit this run.
     """
+    from accelerate.utils import DistributedType
+    from safetensors.torch import load_file
+
     path = Path(path)
-    accelerator.load_state(str(path))
-    training_state = json.loads((path / TRAINING_STATE_FILE).read_text())
-    process_file = path / f"process_state_{accelerator.process_index}.pt"
-    process_state = torch.load(process_file, weights_only=True) if process_file.is_file() else None
-    return training_state, process_state
+    state = _read_training_state(path, accelerator.num_processes)
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED) and not allow_pickle:
+        raise CheckpointError(
+            f"resuming under {accelerator.distributed_type.value} reads {path} with its own pickle-based loader; "
+            "pass --allow_pickle if you trust that folder"
+        )
+    files = sorted(p for p in path.iterdir() if p.is_file())
+    legacy = [p for p in files if _LEGACY_CUSTOM.match(p.name)]
+    for file in files:  # every pickle-format file, before accelerate reads any of it
+        if file.suffix in _PICKLE_SUFFIXES and file not in legacy:
+            _load_plain(file)
+    view = None
+    try:
+        source = path
+        if legacy:
+            # accelerate would read these with full pickle: show it the folder without them, read them below
+            view = Path(tempfile.mkdtemp(prefix="brushnet-resume-"))
+            for file in path.iterdir():
+                if file not in legacy:
+                    (view / file.name).symlink_to(file.resolve())
+            source = view
+        accelerator.load_state(str(source))
+    except Exception as exc:  # noqa: BLE001 - size mismatches, missing files: one line
+        raise CheckpointError(f"cannot resume from {path}: {first_line(exc)}") from None
+    finally:
+        if view is not None:
+            shutil.rmtree(view, ignore_errors=True)
+    if ema is not None:
+        _load_ema_state(ema, path, legacy)
+
+    process_file = path / f"process_state_{accelerator.process_index}.safetensors"
+    legacy_file = process_file.with_suffix(".pt")
+    if process_file.is_file():
+        try:
+            process_state = _unflatten(load_file(process_file))
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            raise CheckpointError(f"cannot read {process_file}: {first_line(exc)}") from None
+    elif legacy_file.is_file():
+        process_state = _load_plain(legacy_file)
+    else:
+        raise CheckpointError(f"{path} has no state for process {accelerator.process_index}")
+    return state, process_state

@@ -51,6 +51,12 @@ class TrainConfig(BaseModel):
         None, description="Continue from this BrushNet checkpoint folder; default: initialise from the UNet."
     )
     output_dir: str = Field("brushnet-model", description="Where checkpoints, logs and the final model go.")
+    allow_pickle: bool = Field(
+        False,
+        description="Allow pickle-based (.bin/.ckpt) weights for the base and --brushnet_model_name_or_path, and "
+        "resuming under FSDP/DeepSpeed (their loaders use pickle); loading a pickle can run code: only for "
+        "sources you trust.",
+    )
 
     # data
     train_data_dir: str | None = Field(None, description="Folder dataset (images + masks/captions).")

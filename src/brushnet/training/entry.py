@@ -5,13 +5,16 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 __all__ = ["main"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse flags, train, and turn a configuration error into a one-line message and exit status 2."""
+    """Parse flags and train. A bad configuration, model, checkpoint or data path, or a failed write (a full
+    disk), is a one-line message and exit status 2 (``BRUSHNET_DEBUG=1`` shows the traceback)."""
+    from ..errors import InputError, first_line
     from .config import ConfigError, parse_train_args
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -22,5 +25,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .loop import train
 
-    train(config)
+    try:
+        train(config)
+    except (InputError, ValueError, OSError) as error:
+        if os.environ.get("BRUSHNET_DEBUG"):
+            raise
+        print(f"error: {first_line(error)}", file=sys.stderr)
+        return 2
     return 0

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..errors import CheckpointError, first_line
 from ..models.brushnet import BrushNetModel
 from ..models.conditioning import brushnet_conditioning, encode_latents
 from ..models.unet_injection import unet_forward_with_brushnet
@@ -34,7 +35,8 @@ from .checkpointing import (
     CONFIG_FILE,
     full_branch,
     load_checkpoint,
-    remove_stale_partial_checkpoints,
+    publish_final_model,
+    recover_interrupted_saves,
     resolve_checkpoint,
     save_checkpoint,
 )
@@ -73,21 +75,28 @@ class Components:
         return {"vae": self.vae, "unet": self.unet, **self.family.frozen_modules}
 
 
-def load_components(pretrained_model_name_or_path: str, revision: str | None = None) -> Components:
+def load_components(
+    pretrained_model_name_or_path: str, revision: str | None = None, allow_pickle: bool = False
+) -> Components:
     """Load the base (SD1.5-style or SDXL) with :func:`brushnet.loading.load_base_components`, in float32, and a
-    ``DDPMScheduler`` from its scheduler config (the training noise schedule)."""
+    ``DDPMScheduler`` from its scheduler config (the training noise schedule). Pickle-based weights need
+    ``allow_pickle``, as for inference."""
     from diffusers import DDPMScheduler
 
     from ..loading import load_base_components
 
-    parts = load_base_components(pretrained_model_name_or_path, revision=revision)
+    parts = load_base_components(pretrained_model_name_or_path, revision=revision, allow_pickle=allow_pickle)
     family = family_for_unet(parts["unet"]).from_components(parts)
     noise_scheduler = DDPMScheduler.from_config(parts["scheduler"].config)
     return Components(parts["vae"], parts["unet"], family, noise_scheduler, dict(noise_scheduler.config))
 
 
-def initial_branch(components: Components, brushnet_model_name_or_path: str | None = None) -> BrushNetModel:
-    """The branch a run starts from: a BrushNet checkpoint, or ``BrushNetModel.from_unet`` of the base UNet.
+def initial_branch(
+    components: Components, brushnet_model_name_or_path: str | None = None, allow_pickle: bool = False
+) -> BrushNetModel:
+    """The branch a run starts from: a BrushNet checkpoint (loaded by :func:`brushnet.loading.load_brushnet`:
+    safetensors unless ``allow_pickle``, and refused if it does not fit the base), or
+    ``BrushNetModel.from_unet`` of the base UNet.
 
     The branch's conditioning is the masked-image latent plus the keep-mask, so it has the VAE's latent
     channels + 1 input channels whatever the base (4 + 1 for Stable Diffusion).
@@ -104,7 +113,11 @@ def initial_branch(components: Components, brushnet_model_name_or_path: str | No
         )
     if brushnet_model_name_or_path is None:
         return BrushNetModel.from_unet(components.unet, conditioning_channels=latent_channels + 1)
-    brushnet = BrushNetModel.from_pretrained(brushnet_model_name_or_path)
+    from ..loading import load_brushnet
+
+    brushnet = load_brushnet(
+        brushnet_model_name_or_path, allow_pickle=allow_pickle, base_config=components.unet.config
+    )
     if brushnet.config.conditioning_channels != latent_channels + 1:
         raise ValueError(
             f"{brushnet_model_name_or_path} takes {brushnet.config.conditioning_channels} conditioning channels; "
@@ -286,14 +299,15 @@ def train(config: TrainConfig, dataset=None) -> TrainResult:
         broadcast_object_list(seed)
     config = config.model_copy(update={"seed": seed[0]})
     if accelerator.is_main_process:
-        remove_stale_partial_checkpoints(output_dir)
+        recover_interrupted_saves(output_dir)  # finish or undo what a killed run left, before anyone looks
+    accelerator.wait_for_everyone()
     set_seed(config.seed)
     if config.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
 
     # models: frozen parts in the mixed-precision dtype, the branch in float32
-    components = load_components(config.pretrained_model_name_or_path, config.revision)
-    brushnet = initial_branch(components, config.brushnet_model_name_or_path)
+    components = load_components(config.pretrained_model_name_or_path, config.revision, config.allow_pickle)
+    brushnet = initial_branch(components, config.brushnet_model_name_or_path, config.allow_pickle)
     weight_dtype = _mixed_precision_dtype(accelerator)
     freeze(components, weight_dtype, accelerator.device)
     if brushnet.dtype != torch.float32:
@@ -363,8 +377,8 @@ def train(config: TrainConfig, dataset=None) -> TrainResult:
         )
     brushnet, optimizer, lr_scheduler = accelerator.prepare(brushnet, optimizer, lr_scheduler)
     step_generator = StepGenerator(config.seed + accelerator.process_index)  # saved per process
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
+    # the EMA is saved and restored by brushnet.training.checkpointing as safetensors + JSON, not registered
+    # with accelerate (which would pickle it and read it back with full pickle)
     if accelerator.is_main_process and config.report_to != "none":
         hparams = {k: v for k, v in config.model_dump().items() if isinstance(v, int | float | str | bool)}
         accelerator.init_trackers("brushnet", config=hparams)
@@ -382,18 +396,16 @@ def train(config: TrainConfig, dataset=None) -> TrainResult:
     global_step, epoch, batches_done = 0, 0, 0
     resume_path = resolve_checkpoint(output_dir, config.resume_from_checkpoint)
     if resume_path is not None:
-        state, process_state = load_checkpoint(accelerator, resume_path)
-        if process_state is None:
-            raise ValueError(f"{resume_path} has no state for process {accelerator.process_index}")
-        step_generator.load_state_dict(process_state["step_generator"])
+        state, process_state = load_checkpoint(
+            accelerator, resume_path, ema=ema, allow_pickle=config.allow_pickle
+        )
+        try:
+            step_generator.load_state_dict(process_state["step_generator"])
+        except (KeyError, TypeError, RuntimeError) as exc:
+            raise CheckpointError(f"{resume_path}: malformed process state ({first_line(exc)})") from None
         if ema is not None:
-            ema.to(accelerator.device)  # accelerate restores registered objects' tensors on the CPU
+            ema.to(accelerator.device)  # the EMA state is read on the CPU
         positions = state["data_positions"]
-        if len(positions) != accelerator.num_processes:
-            raise ValueError(
-                f"{resume_path} was written by {len(positions)} processes; resuming its data stream needs the "
-                f"same number (this run has {accelerator.num_processes})"
-            )
         global_step = state["global_step"]
         epoch, batches_done = positions[accelerator.process_index]
         logger.info(
@@ -486,7 +498,7 @@ def train(config: TrainConfig, dataset=None) -> TrainResult:
         # with EMA, the final model is the EMA of the branch (the raw weights are in the checkpoints)
         if ema is not None:
             ema.copy_to(final_branch.parameters())
-        final_branch.save_pretrained(final_dir, safe_serialization=True)
+        publish_final_model(final_branch, output_dir)  # atomic: never truncated weights after a kill
         logger.info("saved the final branch to %s", final_dir)
     skipped = {}
     if skip_counter is not None:
