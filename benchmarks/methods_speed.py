@@ -6,7 +6,7 @@ image and seconds per image.
 All methods get the same request (image, mask, prompt, seed, steps, guidance, scheduler) through
 :func:`brushnet.methods.inpaint`, so the figures include each method's own pre/post-processing cost (text
 encoding, VAE, paste-back) and its own way of spending UNet calls (RePaint's resampling jumps, BrushNet's branch,
-the ControlNet). The models come from :mod:`brushnet.random_models` (random weights: the cost does not depend on their
+the ControlNet, HD-Painter's RASG backward passes). The models come from :mod:`brushnet.random_models` (random weights: the cost does not depend on their
 values), built under ``--models-dir`` once and reused. After one warm-up call per method, the timed calls go
 round-robin over the methods (method A, B, C, …, A, B, C, …) so that a busy machine slows all of them alike.
 """
@@ -22,7 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-ALL_METHODS = ("brushnet", "sd-inpainting", "blended-latent-diffusion", "repaint", "controlnet-inpaint")
+ALL_METHODS = (
+    "brushnet",
+    "sd-inpainting",
+    "blended-latent-diffusion",
+    "repaint",
+    "controlnet-inpaint",
+    "hd-painter",
+)
 
 
 def build_models(preset: str, root: Path) -> dict[str, str]:
@@ -139,7 +146,7 @@ def main() -> None:
         median, best = statistics.median(times[name]), min(times[name])
         extra = (
             ", ".join(f"{k} {v}" for k, v in result.extra_calls.items() if k != "schedule_down_moves") or "-"
-        )
+        )  # hd-painter: rasg_backward = UNet backward passes (a CFG pair counts 2, as UNet calls)
         print(f"{name:<26} {result.unet_calls:>16} {extra:>22} {median:>14.3f} {best:>11.3f}")
     for name in names:
         options = ", ".join(f"{k}={v}" for k, v in results[name].parameters["options"].items()) or "-"

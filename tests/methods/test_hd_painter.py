@@ -177,3 +177,51 @@ def test_tiny_preset_model_is_refused_in_one_line(load, scene):
         inpaint(method, image, mask, FAST)
     result = inpaint(method, image, mask, FAST, options={"rasg": False})
     assert result.unet_calls == 10 and result.extra_calls == {"rasg_backward": 0}
+
+
+def test_on_the_shipped_demo_model():
+    """The demo's 9-channel model (v-prediction; 3 levels, so its mid block is at 1/4 of the latent size): PAIntA
+    and RASG find their layers and move the result; the kept pixels stay exact after the blend."""
+    from brushnet.demo.assets import method_models
+    from brushnet.demo.run import DEMO_REQUEST, DEMO_SCENES, METHOD_OPTIONS, demo_scene
+    from brushnet.pipelines.hd_painter_attention import HDPainterAttentionState, hd_painter_attention
+
+    method = load_method("hd-painter", method_models("hd-painter"))
+    assert method.pipeline.scheduler.config.prediction_type == "v_prediction"
+    scene = demo_scene(DEMO_SCENES[0])
+    request = dict(DEMO_REQUEST, steps=2, prompt=scene.prompt)
+    options = METHOD_OPTIONS["hd-painter"]
+    on = inpaint(method, scene.image, scene.hole, request, options=options)
+    off = inpaint(method, scene.image, scene.hole, request, options=dict(options, painta=False, rasg=False))
+    assert on.extra_calls == {"rasg_backward": 2} and off.extra_calls == {"rasg_backward": 0}
+    assert np.abs(np.asarray(on.images[0], int) - np.asarray(off.images[0], int)).max() > 0
+    far = ~torch.nn.functional.max_pool2d(torch.from_numpy(scene.hole).float()[None, None], 7, 1, 3)[
+        0, 0
+    ].bool()
+    assert np.array_equal(np.asarray(on.images[0])[far.numpy()], np.asarray(scene.image)[far.numpy()])
+
+    # which layers act at 128 px (latent 16×16): self-attention at 8×8 and 4×4, cross-attention at 4×4
+    unet = method.pipeline.unet
+    state = HDPainterAttentionState(
+        (16, 16), {2: torch.zeros(1, 64), 4: torch.zeros(1, 16)}, torch.ones(1, 32), False
+    )
+    sample = torch.randn(1, 9, 16, 16)
+    context = torch.randn(1, 32, unet.config.cross_attention_dim)
+    with hd_painter_attention(unet, state), torch.no_grad():
+        state.start_call(painta=True, rasg=True)
+        unet(sample, torch.tensor([999]), encoder_hidden_states=context)
+    assert state.painta_layers == [
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn1",
+        "down_blocks.2.attentions.0.transformer_blocks.0.attn1",
+        "mid_block.attentions.0.transformer_blocks.0.attn1",
+        "up_blocks.0.attentions.0.transformer_blocks.0.attn1",
+        "up_blocks.0.attentions.1.transformer_blocks.0.attn1",
+        "up_blocks.1.attentions.0.transformer_blocks.0.attn1",
+        "up_blocks.1.attentions.1.transformer_blocks.0.attn1",
+    ]
+    assert [name.split(".attentions")[0] for name in state.rasg_layers] == [
+        "down_blocks.2",
+        "mid_block",
+        "up_blocks.0",
+        "up_blocks.0",
+    ]

@@ -57,7 +57,7 @@ def random_weight_models(preset: str, out_dir: str | os.PathLike, methods: Seque
         if not (out / "brushnet" / "config.json").is_file():
             random_models.build_brushnet(out / "brushnet", base)
         paths["brushnet"] = str(out / "brushnet")
-    if "sd-inpainting" in methods:
+    if {"sd-inpainting", "hd-painter"} & set(methods):  # the 9-channel inpainting model
         if not (out / "inpaint" / "model_index.json").is_file():
             random_models.build_inpaint_model(out / "inpaint", base, preset)
         paths["inpaint_model"] = str(out / "inpaint")

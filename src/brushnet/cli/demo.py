@@ -48,7 +48,7 @@ def demo_command(
     methods: str = typer.Option(
         "all",
         help="Comma-separated methods (brushnet, blended-latent-diffusion, sd-inpainting, "
-        "controlnet-inpaint, repaint) or 'all'.",
+        "controlnet-inpaint, repaint, hd-painter) or 'all'.",
     ),
     models: Path | None = typer.Option(None, help="Models folder (default: the shipped demo_world)."),
     table: bool = typer.Option(True, help="Print the mini-BrushBench table after the grid."),

@@ -17,6 +17,7 @@ METHODS: tuple[str, ...] = (
     "sd-inpainting",
     "controlnet-inpaint",
     "repaint",
+    "hd-painter",
 )
 """The methods the demo shows, in the order of its grid and tables."""
 

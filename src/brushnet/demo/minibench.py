@@ -46,7 +46,8 @@ def bench_command(
         "--seed", str(DEMO_REQUEST["seed"]),
         "--blend-kernel-size", str(DEMO_REQUEST["blend_kernel_size"]),
         "--score", "shapes",
-        *[f"--option={name}:{key}={value}" for name, options in METHOD_OPTIONS.items() for key, value in options.items()],
+        *[f"--option={name}:{key}={value}" for name, options in METHOD_OPTIONS.items() if name in methods
+          for key, value in options.items()],
         "--device", "cpu",
     ]  # fmt: skip
     if limit is not None:

@@ -39,9 +39,14 @@ defaults; the scheduler is each method's default: UniPC, RePaint DDIM). The blen
 512 scaled to 128 px (5 px), so the feather reaches 2 px outside the hole. ``brushnet demo``'s flags start from
 these values."""
 
-METHOD_OPTIONS = {"repaint": {"jump_length": 5, "jump_n_sample": 2}}
+METHOD_OPTIONS = {
+    "repaint": {"jump_length": 5, "jump_n_sample": 2},
+    "hd-painter": {"positive_prompt": "", "default_negative_prompt": ""},
+}
 """Per-method options of the demo and the mini-BrushBench: RePaint resamples each 5-step segment twice
-(its paper uses 10 and 10, ten times the cost of the other methods; here about twice)."""
+(its paper uses 10 and 10, ten times the cost of the other methods; here about twice). HD-Painter runs without
+its photo prompt additions ("Full HD, 4K, ...", its long negative prompt): the demo's text encoder knows only
+shapes-world words, and those additions turn its output into noise (docs/hd_painter.md)."""
 
 METHOD_LABELS = {
     "brushnet": "BrushNet",
@@ -49,6 +54,7 @@ METHOD_LABELS = {
     "sd-inpainting": "SD-inpaint",
     "controlnet-inpaint": "CN-inpaint",
     "repaint": "RePaint",
+    "hd-painter": "HD-Painter",
 }
 
 
