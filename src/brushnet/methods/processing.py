@@ -26,20 +26,40 @@ __all__ = [
 ]
 
 
+def _any_within(mask: np.ndarray, radius: int, axis: int) -> np.ndarray:
+    """``out[i] = any(mask[i - radius : i + radius + 1])`` along ``axis`` (outside the image counts as False),
+    from a running count: the same cost whatever the radius."""
+    counts = np.cumsum(mask, axis=axis, dtype=np.int32)
+    pad = [(0, 0)] * mask.ndim
+    pad[axis] = (radius + 1, radius)
+    counts = np.pad(counts, pad, mode="edge")
+    zero = [slice(None)] * mask.ndim
+    zero[axis] = slice(0, radius + 1)
+    counts[tuple(zero)] = 0  # nothing counted before the first pixel
+    size = mask.shape[axis]
+    upper = [slice(None)] * mask.ndim
+    lower = [slice(None)] * mask.ndim
+    upper[axis] = slice(2 * radius + 1, 2 * radius + 1 + size)
+    lower[axis] = slice(0, size)
+    return counts[tuple(upper)] > counts[tuple(lower)]
+
+
 def grow_mask(hole: np.ndarray, pixels: int) -> np.ndarray:
     """Dilate (``pixels > 0``) or erode (``pixels < 0``) a boolean mask by a square of radius ``|pixels|``.
 
-    A square's maximum filter is separable (rows, then columns), so the cost grows linearly with the radius,
-    not with its square.
+    A square's dilation is separable (rows, then columns), and each pass counts the hole's pixels in a sliding
+    window with a cumulative sum, so the cost is linear in the image's pixels and independent of the radius.
+    Erosion is the dilation of the complement; pixels outside the image count as hole for it (a hole touching
+    the border is not eaten from the border).
     """
     if pixels == 0:
         return hole
-    t = torch.from_numpy(hole.astype(np.float32))[None, None]
-    r = abs(pixels)
-    sign = 1.0 if pixels > 0 else -1.0
-    out = sign * F.max_pool2d(sign * t, (1, 2 * r + 1), stride=1, padding=(0, r))
-    out = sign * F.max_pool2d(sign * out, (2 * r + 1, 1), stride=1, padding=(r, 0))
-    return out[0, 0].numpy() > 0.5
+    radius = abs(pixels)
+    mask = np.asarray(hole, dtype=bool)
+    if pixels < 0:
+        mask = ~mask
+    grown = _any_within(_any_within(mask, radius, axis=1), radius, axis=0)
+    return ~grown if pixels < 0 else grown
 
 
 def mask_bbox(hole: np.ndarray) -> tuple[int, int, int, int]:

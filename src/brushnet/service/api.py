@@ -55,7 +55,7 @@ from .payload import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "HostGuard", "is_loopback"]
 
 STATIC_DIR = Path(__file__).parent / "static"
 _POLL_S = 0.05
@@ -154,13 +154,8 @@ async def _parse_inpaint(request: Request, engine: Engine, limits: Limits, wait_
         image, mask = files["image"], files["mask"]
     elif content_type.startswith("application/json"):
         raw = b"".join([chunk async for chunk in _read_limited(request, max_bytes)])
-        body = parse_request(JsonInpaintBody, parse_request_json(raw))
-        image = await run_in_threadpool(
-            decode_image, decode_base64(body.image, "image"), "image", max_bytes, max_pixels
-        )
-        mask = await run_in_threadpool(
-            decode_image, decode_base64(body.mask, "mask"), "mask", max_bytes, max_pixels
-        )
+        # parsing up to max_upload_bytes of JSON and base64, and decoding the images, is CPU work: off the loop
+        body, image, mask = await run_in_threadpool(_parse_json_body, raw, max_bytes, max_pixels)
         wait = body.wait
     else:
         raise InvalidInput(
@@ -169,6 +164,13 @@ async def _parse_inpaint(request: Request, engine: Engine, limits: Limits, wait_
     fields = body.model_dump(include=set(InpaintRequest.model_fields), exclude_unset=True)
     inpaint_request = InpaintRequest.model_validate(fields)
     return body.method, image, mask, inpaint_request, (wait if wait_query is None else wait_query)
+
+
+def _parse_json_body(raw: bytes, max_bytes: int, max_pixels: int):
+    body = parse_request(JsonInpaintBody, parse_request_json(raw))
+    image = decode_image(decode_base64(body.image, "image"), "image", max_bytes, max_pixels)
+    mask = decode_image(decode_base64(body.mask, "mask"), "mask", max_bytes, max_pixels)
+    return body, image, mask
 
 
 def _event(name: str, data: dict) -> str:
@@ -197,35 +199,86 @@ def _check_origin(request: Request, allowed: frozenset[str]) -> None:
 
 
 _LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+_EVERY_INTERFACE = ("0.0.0.0", "::", "")
 
 
-def allowed_hosts(bound_host: str | None, allowed_origins: Iterable[str] = ()) -> set[str] | None:
-    """The ``Host`` names the server answers to (DNS-rebinding guard): for a loopback or named address, the
-    loopback names, that address and the hosts of ``--allow-origin``; ``None`` (no check) when it is bound to
-    every interface (0.0.0.0 / ::) or not bound at all (an app under test)."""
-    import ipaddress
-    from urllib.parse import urlsplit
-
-    if bound_host is None or bound_host in ("0.0.0.0", "::", ""):
-        return None
-    hosts = set(_LOOPBACK_NAMES) | {bound_host.lower().strip("[]")}
-    try:
-        if not ipaddress.ip_address(bound_host.strip("[]")).is_loopback:
-            hosts.add(bound_host.lower())
-    except ValueError:
-        pass
-    for origin in allowed_origins:
-        name = urlsplit(origin).hostname
-        if name:
-            hosts.add(name.lower())
-    return hosts
-
-
-def _host_name(header: str) -> str:
+def _split_host(header: str) -> tuple[str, int | None]:
+    """``"Example.org:7860"`` → ``("example.org", 7860)``; ``"[::1]:7860"`` → ``("::1", 7860)``; no port →
+    ``None``; a malformed port → ``-1`` (matches nothing)."""
     header = header.strip().lower()
-    if header.startswith("["):  # [::1]:7860
-        return header[1 : header.find("]")] if "]" in header else header
-    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+    if header.startswith("["):
+        name, _, rest = header[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else None
+    elif header.count(":") == 1:
+        name, port_text = header.split(":")
+    else:
+        name, port_text = header, None
+    if port_text is None:
+        return name, None
+    return name, int(port_text) if port_text.isdigit() else -1
+
+
+def _is_ip(name: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding to ``host`` keeps the server reachable from this machine only."""
+    import ipaddress
+
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class HostGuard:
+    """The ``Host`` headers the server answers to: the DNS-rebinding guard.
+
+    A web page on ``http://evil.example:7860`` whose name the attacker re-points at 127.0.0.1 reaches this
+    server as a *same-origin* request (``Host`` and ``Origin`` both name evil.example), so the cross-origin check
+    cannot see it; only the ``Host`` header can. Accepted: the loopback names (``localhost``, ``127.0.0.1``,
+    ``::1``) and the bound address, on the bound port; when bound to every interface (0.0.0.0 / ::), also this
+    machine's host names and any IP address (a rebinding attack needs a DNS name); and the host (and port) of
+    each ``--allow-origin`` (a reverse proxy's public name).
+
+    Args:
+        bound_host, bound_port: the address the server listens on.
+        allowed_origins: ``--allow-origin`` values (``https://inpaint.example.org``).
+    """
+
+    def __init__(self, bound_host: str, bound_port: int | None, allowed_origins: Iterable[str] = ()):
+        import socket
+        from urllib.parse import urlsplit
+
+        self.port = bound_port
+        self.every_interface = bound_host in _EVERY_INTERFACE
+        self.names = set(_LOOPBACK_NAMES) | {bound_host.strip("[]").lower()}
+        if self.every_interface:
+            self.names |= {socket.gethostname().lower(), socket.getfqdn().lower()}
+        self.origins: dict[str, set[int | None]] = {}
+        for origin in allowed_origins:
+            parts = urlsplit(origin)
+            if parts.hostname:
+                default = {"http": 80, "https": 443}.get(parts.scheme)
+                self.origins.setdefault(parts.hostname.lower(), set()).update({parts.port or default})
+
+    def allows(self, header: str) -> bool:
+        name, port = _split_host(header)
+        if name in self.origins and (port is None or port in self.origins[name]):
+            return True
+        if port is not None and self.port is not None and port != self.port:
+            return False
+        return name in self.names or (self.every_interface and _is_ip(name))
 
 
 def create_app(
@@ -244,7 +297,7 @@ def create_app(
             (``"https://example.org"``).
         bound_host, bound_port: the address the server listens on. Every request whose ``Host`` header names
             another host is refused (403), so a web page cannot reach the server through a DNS name rebound to
-            its address; see :func:`allowed_hosts`.
+            its address; see :class:`HostGuard`. ``None`` (an app under test): no ``Host`` check.
     """
     limits = limits or engine.limits
     allowed = frozenset(o.lower().rstrip("/") for o in allowed_origins)
@@ -255,21 +308,19 @@ def create_app(
     )
     app.state.engine = engine
     app.state.limits = limits
-    hosts = allowed_hosts(bound_host, allowed_origins)
-    if hosts is None and bound_host is not None:
+    guard = HostGuard(bound_host, bound_port, allowed_origins) if bound_host is not None else None
+    if bound_host is not None and not is_loopback(bound_host):
         logger.warning(
-            "serving on every interface (%s): anyone who can reach this machine can use the API, and Host "
-            "headers are not checked; bind to 127.0.0.1 unless you need that",
-            bound_host,
+            "serving beyond this machine (%s): anyone who can reach it can use the API (there is no "
+            "authentication); bind to 127.0.0.1 unless you need that",
+            bound_host or "every interface",
         )
 
     @app.middleware("http")
     async def _check_host(request: Request, call_next):
-        if hosts is not None:
+        if guard is not None:
             header = request.headers.get("host", "")
-            name = _host_name(header)
-            port = header.rsplit(":", 1)[1] if ":" in header.lstrip("[").split("]")[-1] else None
-            if name not in hosts or (port is not None and bound_port is not None and port != str(bound_port)):
+            if not guard.allows(header):
                 return _error(
                     403,
                     f"Host {header!r} is not this server's address; start it with --allow-origin "
@@ -321,7 +372,7 @@ def create_app(
             status = _FAILED_STATUS.get(job.error_kind or "", 500)
             return _error(status, job.error or job.state, job_id=job.id, state=job.state)
         return Response(
-            png_bytes(job.result, 0),
+            await run_in_threadpool(png_bytes, job.result, 0),  # seconds for a large image: off the loop
             media_type="image/png",
             headers={
                 "X-Brushnet-Job-Id": job.id,

@@ -9,8 +9,19 @@ Usable without HTTP::
 
 Each device has exactly one worker running one job at a time (the device's lock), so two methods on the
 same GPU never run together and results are the same as a direct :func:`~brushnet.methods.inpaint` call
-with the same seed. Timeouts and cancellation of a running job are cooperative: they take effect at the
-next denoising step (``on_step``); a queued job is cancelled at once.
+with the same seed.
+
+**What the job timeout guarantees.** A denoising step cannot be interrupted inside PyTorch, so the limit is
+enforced in two parts: at ``job_timeout_s`` after a job started, a watchdog marks it failed ("timed out"), and
+every client waiting for it gets that answer at once; the worker stops the job at its next safe point (the
+next denoising step) and drops its result. Until then the device stays busy (``/health`` counts it as running)
+and queued jobs wait. So a job's *answer* never comes later than its limit (to within the watchdog's wake-up,
+milliseconds), while the device time a job takes is its limit plus at most one step. Cancelling a running job
+takes effect at its next step; a queued job is cancelled at once.
+
+Finished jobs are kept for ``result_ttl_s``, at most ``max_history`` of them, and at most
+``max_result_bytes`` of result pixels (least recently used go first); a request whose images alone would
+exceed that is refused (413) before it is queued.
 """
 
 from __future__ import annotations
@@ -59,6 +70,12 @@ class Limits(BaseModel):
     max_queue: int = Field(32, ge=1, description="Most jobs waiting (not running); more answer 429.")
     job_timeout_s: float = Field(600.0, gt=0, description="Longest a job may run once started.")
     max_history: int = Field(100, ge=1, description="Finished jobs kept in memory (least recently used go).")
+    max_result_bytes: int = Field(
+        2 * 2**30,
+        ge=1,
+        description="Result pixels kept in memory, bytes (least recently used jobs go first); a request whose "
+        "images alone exceed it is refused.",
+    )
     result_ttl_s: float = Field(
         3600.0, gt=0, description="Finished jobs are dropped this long after finishing."
     )
@@ -98,6 +115,13 @@ class Forbidden(ServiceError):
     status = 403
 
 
+def _result_bytes(job: Job) -> int:
+    """Bytes of a finished job's result images in memory."""
+    if job.result is None:
+        return 0
+    return sum(image.width * image.height * len(image.getbands()) for image in job.result.images)
+
+
 class JobState:
     QUEUED = "queued"
     RUNNING = "running"
@@ -133,6 +157,7 @@ class Job:
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None
+    deadline: float | None = field(default=None, repr=False)  # time.monotonic() when it times out
     version: int = 0  # bumped on every change (progress or state); SSE streams watch it
     _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
     _finished: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -183,8 +208,10 @@ class _Worker:
                     if job.state == JobState.QUEUED:
                         job.state = JobState.RUNNING
                         job.started_at = time.time()
+                        job.deadline = time.monotonic() + self.engine.limits.job_timeout_s
                         job.version += 1
                         self.current = job
+                        cond.notify_all()  # the watchdog learns the new deadline
                         return job
                 cond.wait()
 
@@ -220,6 +247,8 @@ class Engine:
                 self._workers[device] = _Worker(self, device)
         for worker in self._workers.values():
             worker.thread.start()
+        self._watchdog = threading.Thread(target=self._watch, name="brushnet-watchdog", daemon=True)
+        self._watchdog.start()
 
     @property
     def default_method(self) -> str:
@@ -243,6 +272,12 @@ class Engine:
         if name not in self.methods:
             raise SchemaError(f"method {name!r} is not loaded; loaded: {', '.join(self.methods)}")
         self.check_image_size(*image.size)
+        result_bytes = image.width * image.height * 3 * request.num_images
+        if result_bytes > self.limits.max_result_bytes:
+            raise TooLarge(
+                f"{request.num_images} result image(s) of {image.width}x{image.height} take {result_bytes} bytes; "
+                f"the server keeps at most {self.limits.max_result_bytes}"
+            )
         try:
             return prepare(self.methods[name], image, mask, request, max_pixels=self.limits.max_pixels)
         except RequestError as exc:
@@ -324,8 +359,32 @@ class Engine:
             self._cond.notify_all()
         for worker in self._workers.values():
             worker.thread.join(timeout)
+        self._watchdog.join(timeout)
 
     # ------------------------------------------------------------------ running
+
+    def _watch(self) -> None:
+        """Fail every running job at its deadline, at once, whatever its worker is doing (see the module
+        docstring); the worker stops it at its next step."""
+        with self._cond:
+            while not self._closing:
+                now = time.monotonic()
+                waits = []
+                for worker in self._workers.values():
+                    job = worker.current
+                    if job is None or job.finished or job.deadline is None:
+                        continue
+                    if now >= job.deadline:
+                        job._cancel.set()
+                        self._finish(
+                            job,
+                            JobState.FAILED,
+                            f"timed out after {self.limits.job_timeout_s:g} s (at step {job.step}/{job.total})",
+                            "timeout",
+                        )
+                    else:
+                        waits.append(job.deadline - now)
+                self._cond.wait(min(waits) if waits else None)
 
     def _finish(self, job: Job, state: str, error: str | None = None, kind: str | None = None) -> None:
         # caller holds self._cond
@@ -334,24 +393,44 @@ class Engine:
         job.error_kind = kind
         job.finished_at = time.time()
         job.prepared = None  # inputs are not needed any more; keep only the result
+        if job.id in self._jobs:
+            self._jobs.move_to_end(job.id)  # just finished: the last to be dropped for space
         job.version += 1
         job._finished.set()
         self._trim_history()
         self._cond.notify_all()
 
     def _trim_history(self) -> None:
-        # caller holds self._cond; drops expired finished jobs, then the least recently used over the count
+        # caller holds self._cond; drops expired finished jobs, then the least recently used over the count,
+        # then the least recently used until the kept result images fit max_result_bytes
         expired_before = time.time() - self.limits.result_ttl_s
         for jid in [j.id for j in self._jobs.values() if j.finished and j.finished_at < expired_before]:
             del self._jobs[jid]
         finished = [jid for jid, job in self._jobs.items() if job.finished]
         for jid in finished[: max(0, len(finished) - self.limits.max_history)]:
             del self._jobs[jid]
+        sizes = {jid: _result_bytes(job) for jid, job in self._jobs.items() if job.finished}
+        total = sum(sizes.values())
+        for jid, size in sizes.items():  # least recently used first
+            if total <= self.limits.max_result_bytes:
+                break
+            del self._jobs[jid]
+            total -= size
+
+    def _finish_unless_finished(
+        self, job: Job, state: str, error: str | None = None, kind: str | None = None
+    ):
+        # the watchdog may have failed the job (timeout) while its last step ran: that answer stands
+        with self._cond:
+            if not job.finished:
+                self._finish(job, state, error, kind)
 
     def _execute(self, job: Job) -> None:
-        deadline = time.monotonic() + self.limits.job_timeout_s
+        deadline = job.deadline if job.deadline is not None else time.monotonic() + self.limits.job_timeout_s
 
         def on_step(step: int, total: int) -> None:
+            if job.finished:  # failed by the watchdog: stop here, at the first safe point
+                raise _Stop(job.state, job.error or job.state)
             job.step, job.total = step, total
             job.version += 1
             if job._cancel.is_set():
@@ -366,21 +445,20 @@ class Engine:
             result = run(self.methods[job.method], job.prepared, on_step=on_step)
         except _Stop as stop:
             kind = "cancelled" if stop.state == JobState.CANCELLED else "timeout"
-            with self._cond:
-                self._finish(job, stop.state, stop.message, kind)
+            self._finish_unless_finished(job, stop.state, stop.message, kind)
             return
         except InputError as exc:
-            with self._cond:
-                self._finish(job, JobState.FAILED, str(exc), "input")
+            self._finish_unless_finished(job, JobState.FAILED, str(exc), "input")
             return
         except Exception as exc:  # noqa: BLE001 - a failed job must not kill the worker
             logger.exception("job %s (%s) failed", job.id, job.method)
             first_line = (str(exc).strip().splitlines() or [""])[0][:200]
             message = f"internal error: {exc.__class__.__name__}" + (f": {first_line}" if first_line else "")
-            with self._cond:
-                self._finish(job, JobState.FAILED, message, "internal")
+            self._finish_unless_finished(job, JobState.FAILED, message, "internal")
             return
         with self._cond:
+            if job.finished:  # timed out by the watchdog during the last step: the result is dropped
+                return
             if time.monotonic() > deadline:
                 self._finish(
                     job, JobState.FAILED, f"timed out after {self.limits.job_timeout_s:g} s", "timeout"

@@ -80,14 +80,35 @@ def merge_form_fields(data: dict, fields: dict[str, str]) -> dict:
     return merged
 
 
+MAX_JSON_DEPTH = 32
+"""Deepest nesting of objects and lists a request may have (the schema needs 3: request, options, a list)."""
+
+
+def _json_depth(data: Any) -> int:
+    """Nesting depth of parsed JSON, without recursion."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            deepest = max(deepest, depth)
+            stack.extend((item, depth + 1) for item in (value.values() if isinstance(value, dict) else value))
+    return deepest
+
+
 def parse_request_json(text: str | bytes, what: str = "request") -> dict:
-    """Parse ``text`` as a JSON object; anything else is a :class:`SchemaError` naming ``what``."""
+    """Parse ``text`` as a JSON object; anything else is a :class:`SchemaError` naming ``what``. Nesting deeper
+    than :data:`MAX_JSON_DEPTH` is an :class:`InvalidInput` (400), also where Python's parser would overflow its
+    stack (``RecursionError``)."""
     try:
         data = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SchemaError(f"{what} is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise InvalidInput(f"{what} is nested too deeply (the limit is {MAX_JSON_DEPTH} levels)") from None
     if not isinstance(data, dict):
         raise SchemaError(f"{what} must be a JSON object")
+    if _json_depth(data) > MAX_JSON_DEPTH:
+        raise InvalidInput(f"{what} is nested too deeply (the limit is {MAX_JSON_DEPTH} levels)")
     return data
 
 
