@@ -425,7 +425,7 @@ def build_random_powerpaint(out_dir, base_dir, preset=None, seed: int = 0) -> Pa
     rows = (
         torch.randn(len(TASK_TOKENS) * VECTORS_PER_TOKEN, table.shape[1], generator=generator) * table.std()
     )
-    encoder.resize_token_embeddings(table.shape[0] + rows.shape[0])
+    encoder.resize_token_embeddings(table.shape[0] + rows.shape[0], mean_resizing=False)
     with torch.no_grad():
         encoder.get_input_embeddings().weight[table.shape[0] :] = rows
     return save_powerpaint(out_dir, brushnet, encoder)

@@ -8,7 +8,13 @@ from PIL import Image
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """`ModelPaths` dict with every model the built-in methods need (tiny preset, fixed seeds)."""
-    from brushnet.random_models import build_base, build_brushnet, build_controlnet, build_inpaint_model
+    from brushnet.random_models import (
+        build_base,
+        build_brushnet,
+        build_controlnet,
+        build_inpaint_model,
+        build_random_powerpaint,
+    )
 
     root = tmp_path_factory.mktemp("tiny_models")
     base = build_base(root / "base", "tiny")
@@ -17,6 +23,7 @@ def tiny_models(tmp_path_factory):
         "brushnet": str(build_brushnet(root / "brushnet", base)),
         "inpaint_model": str(build_inpaint_model(root / "inpaint", base, "tiny")),
         "controlnet": str(build_controlnet(root / "controlnet", base)),
+        "powerpaint": str(build_random_powerpaint(root / "powerpaint", base)),
     }
 
 

@@ -1,7 +1,8 @@
 """The BrushNet branch (Ju et al., "BrushNet: A Plug-and-Play Image Inpainting Model with Decomposed
 Dual-Branch Diffusion", ECCV 2024, arXiv:2403.06976).
 
-The branch is a copy of the Stable Diffusion UNet without cross-attention (for SD1.5/SDXL). It reads the
+The branch is a copy of the Stable Diffusion UNet without cross-attention (for SD1.5/SDXL; PowerPaint v2's
+branch keeps it and reads its own text, see :mod:`brushnet.pipelines.pipeline_powerpaint`). It reads the
 concatenation of the noisy latent, the VAE latent of the masked image and the keep-mask at latent size,
 and returns one residual per layer of the frozen base UNet, each through a zero-initialised 1×1 conv.
 Those residuals are added into the base UNet by :func:`brushnet.models.unet_injection.unet_forward_with_brushnet`.
@@ -285,55 +286,83 @@ class BrushNetModel(ModelMixin, ConfigMixin):
     def num_up_residuals(self) -> int:
         return len(self.brushnet_up_blocks)
 
+    @staticmethod
+    def config_from_unet(unet_config, conditioning_channels: int = 5, cross_attention: bool = False) -> dict:
+        """The config of a branch made for a UNet (see :meth:`from_unet`), without building anything.
+
+        Args:
+            unet_config: a ``UNet2DConditionModel`` config (``unet.config`` or the dict of its config.json).
+            conditioning_channels: channels of ``brushnet_cond`` (masked-image latent + mask).
+            cross_attention: keep the UNet's cross-attention block types (PowerPaint v2's branch).
+        """
+
+        def get(key):
+            return unet_config.get(key) if isinstance(unet_config, dict) else getattr(unet_config, key)
+
+        def block(block_type: str, kind: str) -> str:
+            if cross_attention:
+                return block_type
+            return f"{kind}Block2D" if "CrossAttn" in block_type else block_type
+
+        mid_block_type = "MidBlock2D"
+        if cross_attention:
+            if get("mid_block_type") not in (None, "UNetMidBlock2DCrossAttn"):
+                raise ValueError(f"cannot keep cross-attention with a {get('mid_block_type')!r} mid block")
+            mid_block_type = "UNetMidBlock2DCrossAttn"
+        return dict(
+            in_channels=get("in_channels"),
+            conditioning_channels=conditioning_channels,
+            flip_sin_to_cos=get("flip_sin_to_cos"),
+            freq_shift=get("freq_shift"),
+            down_block_types=tuple(block(t, "Down") for t in get("down_block_types")),
+            mid_block_type=mid_block_type,
+            up_block_types=tuple(block(t, "Up") for t in get("up_block_types")),
+            block_out_channels=tuple(get("block_out_channels")),
+            layers_per_block=get("layers_per_block"),
+            downsample_padding=get("downsample_padding"),
+            mid_block_scale_factor=get("mid_block_scale_factor"),
+            act_fn=get("act_fn"),
+            norm_num_groups=get("norm_num_groups"),
+            norm_eps=get("norm_eps"),
+            cross_attention_dim=get("cross_attention_dim"),
+            transformer_layers_per_block=get("transformer_layers_per_block"),
+            attention_head_dim=get("attention_head_dim"),
+            num_attention_heads=get("num_attention_heads"),
+            use_linear_projection=get("use_linear_projection"),
+            addition_embed_type=get("addition_embed_type"),
+            addition_time_embed_dim=get("addition_time_embed_dim"),
+            upcast_attention=get("upcast_attention"),
+            resnet_time_scale_shift=get("resnet_time_scale_shift"),
+            projection_class_embeddings_input_dim=get("projection_class_embeddings_input_dim"),
+        )
+
     @classmethod
     def from_unet(
-        cls, unet, conditioning_channels: int = 5, copy_add_embedding: bool = True
+        cls,
+        unet,
+        conditioning_channels: int = 5,
+        copy_add_embedding: bool = True,
+        cross_attention: bool = False,
     ) -> BrushNetModel:
         """Initialise a branch from a ``UNet2DConditionModel``, as the original does.
 
         Time embedding and every resnet / downsampler / upsampler weight are copied by name (attention
-        weights are dropped for the attention-free branch). ``conv_in_condition`` gets the UNet's ``conv_in``
-        kernel on both the noisy-latent channels (0:4) and the masked-image-latent channels (4:8), zero on
-        the mask channel, and the UNet's conv_in bias. All taps are zero, so a fresh branch changes nothing.
+        weights are dropped for the attention-free branch; with ``cross_attention`` the branch keeps the
+        UNet's block types and copies every attention weight too, as PowerPaint v2's branch).
+        ``conv_in_condition`` gets the UNet's ``conv_in`` kernel on both the noisy-latent channels (0:4) and
+        the masked-image-latent channels (4:8), zero on the mask channel, and the UNet's conv_in bias. All
+        taps are zero, so a fresh branch changes nothing.
 
         Args:
             unet: the base UNet (SD1.5 or SDXL layout).
             conditioning_channels: channels of ``brushnet_cond`` (masked-image latent + mask).
             copy_add_embedding: copy SDXL's ``add_embedding`` too. The original leaves it random (a known
                 weakness); pass False to reproduce that.
+            cross_attention: keep the cross-attention blocks (PowerPaint v2: the branch reads its own text).
         """
         ucfg = unet.config
         n_blocks = len(ucfg.block_out_channels)
-
-        def attention_free(block_type: str, kind: str) -> str:
-            return f"{kind}Block2D" if "CrossAttn" in block_type else block_type
-
-        brushnet = cls(
-            in_channels=ucfg.in_channels,
-            conditioning_channels=conditioning_channels,
-            flip_sin_to_cos=ucfg.flip_sin_to_cos,
-            freq_shift=ucfg.freq_shift,
-            down_block_types=tuple(attention_free(t, "Down") for t in ucfg.down_block_types),
-            mid_block_type="MidBlock2D",
-            up_block_types=tuple(attention_free(t, "Up") for t in ucfg.up_block_types),
-            block_out_channels=tuple(ucfg.block_out_channels),
-            layers_per_block=ucfg.layers_per_block,
-            downsample_padding=ucfg.downsample_padding,
-            mid_block_scale_factor=ucfg.mid_block_scale_factor,
-            act_fn=ucfg.act_fn,
-            norm_num_groups=ucfg.norm_num_groups,
-            norm_eps=ucfg.norm_eps,
-            cross_attention_dim=ucfg.cross_attention_dim,
-            transformer_layers_per_block=ucfg.transformer_layers_per_block,
-            attention_head_dim=ucfg.attention_head_dim,
-            num_attention_heads=ucfg.num_attention_heads,
-            use_linear_projection=ucfg.use_linear_projection,
-            addition_embed_type=ucfg.addition_embed_type,
-            addition_time_embed_dim=ucfg.addition_time_embed_dim,
-            upcast_attention=ucfg.upcast_attention,
-            resnet_time_scale_shift=ucfg.resnet_time_scale_shift,
-            projection_class_embeddings_input_dim=ucfg.projection_class_embeddings_input_dim,
-        )
+        brushnet = cls(**cls.config_from_unet(ucfg, conditioning_channels, cross_attention))
         if n_blocks != len(brushnet.down_blocks):
             raise ValueError("unexpected UNet layout")
         if unet.dtype != torch.float32:

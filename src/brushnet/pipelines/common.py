@@ -156,13 +156,15 @@ class BrushNetPipelineMixin:
         guess_mode: bool,
         added_cond_kwargs: dict[str, torch.Tensor] | None = None,
         timestep_cond: torch.Tensor | None = None,
+        brushnet_prompt_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One UNet prediction with the branch's residuals added in-line.
 
         With classifier-free guidance (inputs are the doubled batch, unconditional half first) the branch runs:
 
         - on the doubled batch when its residuals depend on the text (``brushnet.uses_text``: the SDXL branch
-          reads the pooled text through its ``add_embedding``), as the original does;
+          reads the pooled text through its ``add_embedding``, PowerPaint's through cross-attention), as the
+          originals do;
         - once, on the conditional half, when they do not (SD1.5): both halves would get identical
           residuals, so they are computed once and repeated;
         - once, on the conditional half, with ``guess_mode``; the unconditional half then gets no residuals.
@@ -176,20 +178,23 @@ class BrushNetPipelineMixin:
             guess_mode: ControlNet-style guess mode.
             added_cond_kwargs: SDXL's ``{"text_embeds", "time_ids"}`` matching ``latent_model_input``'s batch.
             timestep_cond: the UNet's guidance embedding, if any.
+            brushnet_prompt_embeds: the branch's own text embeddings (PowerPaint: its own text encoder),
+                batched like ``prompt_embeds``; ``None``: the branch reads ``prompt_embeds``.
 
         Returns:
             The UNet's prediction for ``latent_model_input`` (guidance not yet applied).
         """
         cfg = self.do_classifier_free_guidance
         on_doubled_batch = cfg and self.brushnet.uses_text and not guess_mode
+        branch_text = prompt_embeds if brushnet_prompt_embeds is None else brushnet_prompt_embeds
         if cfg and not on_doubled_batch:  # the conditional half only
             branch_input = latent_model_input.chunk(2)[1]
-            branch_text = prompt_embeds.chunk(2)[1]
+            branch_text = branch_text.chunk(2)[1]
             branch_added = (
                 {k: v.chunk(2)[1] for k, v in added_cond_kwargs.items()} if added_cond_kwargs else None
             )
         else:
-            branch_input, branch_text, branch_added = latent_model_input, prompt_embeds, added_cond_kwargs
+            branch_input, branch_added = latent_model_input, added_cond_kwargs
         branch_cond = torch.cat([brushnet_cond] * 2) if on_doubled_batch else brushnet_cond
 
         dtype = self.brushnet.dtype

@@ -1,0 +1,369 @@
+"""PowerPaint v2 / v2-1 (Zhuang et al., "A Task is Worth One Word: Learning with Task Prompts for High-Quality
+Versatile Image Inpainting", ECCV 2024) on upstream diffusers.
+
+PowerPaint v2 is a BrushNet branch that keeps its cross-attention layers and reads text from **its own text
+encoder**, which holds the learned task words ``P_ctxt``, ``P_shape``, ``P_obj``
+(:mod:`brushnet.models.task_tokens`). The frozen base UNet reads the user's prompt through the base text
+encoder, the branch only task words; the task decides both texts (:mod:`.powerpaint_prompts`).
+
+Reproduces the original ``StableDiffusionPowerPaintBrushNetPipeline`` (open-mmlab/PowerPaint 5b4c3d5) to
+~1e-6 on its recorded outputs (``tests/fixtures/powerpaint``), given the same task, prompts, image and mask.
+Differences, all deliberate:
+
+- the call takes ``task`` and ``fitting_degree`` and builds the task prompts itself, exactly as the original's
+  app does before calling its pipeline (which takes the eight prompt strings ``promptA``, ``promptB``,
+  ``promptU``, ...); precomputed embeddings can be passed instead;
+- guidance off (``guidance_scale ≤ 1``) works (the original raises a ``TypeError``);
+- the image may be whole: the hole is blacked out here (the original's app does it before the call);
+- the masked image's VAE sample comes from ``generator`` (the original draws it from the global RNG);
+- optional feathered paste-back (``blending=True``); unknown keyword arguments are an error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import PipelineImageInput
+from diffusers.models import AutoencoderKL, UNet2DConditionModel
+from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer
+
+from ..models.brushnet import BrushNetModel
+from ..models.conditioning import brushnet_conditioning
+from ..models.task_tokens import task_token_ids
+from .common import brushnet_keep_schedule
+from .pipeline_brushnet import StableDiffusionBrushNetPipeline
+from .powerpaint_prompts import TASKS, TaskPrompts, encode_task_prompts, task_prompts
+
+__all__ = ["StableDiffusionPowerPaintBrushNetPipeline"]
+
+
+class StableDiffusionPowerPaintBrushNetPipeline(StableDiffusionBrushNetPipeline):
+    r"""Task-prompted inpainting with Stable Diffusion 1.5 and a PowerPaint v2 branch.
+
+    Args:
+        vae, text_encoder, tokenizer, unet, scheduler: the base model's (the UNet is frozen and never modified).
+        brushnet: a :class:`~brushnet.models.BrushNetModel` with cross-attention blocks.
+        text_encoder_brushnet: the branch's ``CLIPTextModel``, its vocabulary extended by the 30 task rows.
+        tokenizer_brushnet: the base tokenizer with the task placeholders added
+            (:func:`~brushnet.models.task_tokens.add_task_tokens`); ids must match the encoder's rows.
+        safety_checker, feature_extractor: optional (``None`` to disable; the original v2 disables it).
+    """
+
+    model_cpu_offload_seq = "text_encoder->text_encoder_brushnet->brushnet->unet->vae"
+    _callback_tensor_inputs = [
+        "latents",
+        "prompt_embeds",
+        "negative_prompt_embeds",
+        "brushnet_prompt_embeds",
+        "negative_brushnet_prompt_embeds",
+    ]
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        brushnet: BrushNetModel,
+        text_encoder_brushnet: CLIPTextModel,
+        tokenizer_brushnet: CLIPTokenizer,
+        scheduler: KarrasDiffusionSchedulers,
+        safety_checker: Any = None,
+        feature_extractor: CLIPImageProcessor | None = None,
+        requires_safety_checker: bool = False,
+    ):
+        super().__init__(
+            vae, text_encoder, tokenizer, unet, brushnet, scheduler, safety_checker, feature_extractor,
+            requires_safety_checker,
+        )  # fmt: skip
+        if not brushnet.uses_text:
+            raise ValueError("a PowerPaint branch has cross-attention; this BrushNet reads no text")
+        ids = task_token_ids(tokenizer_brushnet)
+        last = max(i for row in ids.values() for i in row)
+        if last >= text_encoder_brushnet.config.vocab_size:
+            raise ValueError(
+                f"tokenizer_brushnet gives task ids up to {last}, but text_encoder_brushnet has only "
+                f"{text_encoder_brushnet.config.vocab_size} rows"
+            )
+        self.register_modules(
+            text_encoder_brushnet=text_encoder_brushnet, tokenizer_brushnet=tokenizer_brushnet
+        )
+
+    def encode_task_prompt(
+        self,
+        prompts: list[TaskPrompts],
+        fitting_degree: float,
+        negative_fitting_degree: float,
+        device,
+        num_images_per_prompt: int,
+        do_classifier_free_guidance: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The branch's text embeddings: the interpolated task prompts through ``text_encoder_brushnet``.
+
+        Returns:
+            ``(embeddings, negative embeddings or None without guidance)``, each repeated
+            ``num_images_per_prompt`` times per prompt.
+        """
+        encoder, tokenizer = self.text_encoder_brushnet, self.tokenizer_brushnet
+        positive = encode_task_prompts(
+            encoder,
+            tokenizer,
+            [p.prompt_a for p in prompts],
+            [p.prompt_b for p in prompts],
+            fitting_degree,
+            device,
+        )
+        negative = None
+        if do_classifier_free_guidance:
+            negative = encode_task_prompts(
+                encoder,
+                tokenizer,
+                [p.negative_a for p in prompts],
+                [p.negative_b for p in prompts],
+                negative_fitting_degree,
+                device,
+            ).repeat_interleave(num_images_per_prompt, dim=0)
+        return positive.repeat_interleave(num_images_per_prompt, dim=0), negative
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image: PipelineImageInput = None,
+        mask_image: PipelineImageInput = None,
+        task: str = "text-guided",
+        fitting_degree: float = 1.0,
+        negative_fitting_degree: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        brushnet_prompt_embeds: torch.Tensor | None = None,
+        negative_brushnet_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        brushnet_conditioning_scale: float = 1.0,
+        guess_mode: bool = False,
+        control_guidance_start: float = 0.0,
+        control_guidance_end: float = 1.0,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        blending: bool = False,
+        blending_kernel_size: int = 21,
+    ):
+        r"""Inpaint ``image`` where ``mask_image`` is white, doing PowerPaint ``task``.
+
+        Args:
+            prompt: the user's text (may be empty); the UNet reads it, with "empty scene blur" appended for
+                object-removal and "empty scene" for outpainting, as the original.
+            image: the image (whole, or with the hole blacked out as the original's app passes it).
+            mask_image: **white = inpaint** (PIL of any mode, array or tensor in [0, 1]; binarised at 0.5).
+            task: one of ``text-guided``, ``shape-guided``, ``object-removal``, ``context-aware``,
+                ``outpainting`` (:data:`~brushnet.pipelines.powerpaint_prompts.TASKS`): picks the task words
+                the branch reads.
+            fitting_degree: the original's ``tradoff``: ``t`` in ``t · E(A) + (1 − t) · E(B)`` for the branch's
+                text; only shape-guided has A ≠ B (1: fill the mask's shape; 0.5–0.6: an object not bound to
+                it, the original's advice).
+            negative_fitting_degree: the same for the negative task prompts (``tradoff_nag``); default
+                ``fitting_degree``, as the original app.
+            height, width, num_inference_steps, timesteps, sigmas, guidance_scale, negative_prompt,
+                num_images_per_prompt, eta, generator, latents, prompt_embeds, negative_prompt_embeds,
+                output_type, return_dict, cross_attention_kwargs, clip_skip, callback_on_step_end,
+                callback_on_step_end_tensor_inputs, blending, blending_kernel_size: as
+                :class:`~brushnet.pipelines.StableDiffusionBrushNetPipeline` (``prompt_embeds`` are the UNet's;
+                with them no task suffix is added).
+            brushnet_prompt_embeds, negative_brushnet_prompt_embeds: the branch's text embeddings, instead of
+                building them from ``task`` (both, or the positive one without guidance).
+            brushnet_conditioning_scale: the branch's residual scale.
+            guess_mode, control_guidance_start, control_guidance_end: as for BrushNet.
+
+        Returns:
+            ``StableDiffusionPipelineOutput(images, nsfw_content_detected)`` or a tuple.
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+
+        # 1. check inputs
+        if task not in TASKS:
+            raise ValueError(f"unknown PowerPaint task {task!r}; choose one of: {', '.join(TASKS)}")
+        if negative_fitting_degree is None:
+            negative_fitting_degree = fitting_degree
+        for name, value in (
+            ("fitting_degree", fitting_degree),
+            ("negative_fitting_degree", negative_fitting_degree),
+        ):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"`{name}` must be in [0, 1], got {value}")
+        if prompt is None and prompt_embeds is None:
+            prompt = ""  # an empty prompt is common here (removal, outpainting)
+        self.check_inputs(
+            prompt, image, mask_image, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
+            brushnet_conditioning_scale, control_guidance_start, control_guidance_end,
+            callback_on_step_end_tensor_inputs, output_type, blending,
+        )  # fmt: skip
+        if (
+            brushnet_prompt_embeds is not None
+            and guidance_scale > 1
+            and negative_brushnet_prompt_embeds is None
+        ):
+            raise ValueError(
+                "with guidance, pass negative_brushnet_prompt_embeds along with brushnet_prompt_embeds"
+            )
+        self._guidance_scale = guidance_scale
+        self._clip_skip = clip_skip
+        self._cross_attention_kwargs = cross_attention_kwargs
+        self._interrupt = False
+
+        if prompt_embeds is None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        else:
+            prompts = [""] * prompt_embeds.shape[0]
+        batch_size = len(prompts)
+        negatives = negative_prompt if negative_prompt is not None else ""
+        negatives = [negatives] * batch_size if isinstance(negatives, str) else list(negatives)
+        if len(negatives) != batch_size:
+            raise ValueError(f"{len(negatives)} negative prompts for {batch_size} prompts")
+        device = self._execution_device
+        total = batch_size * num_images_per_prompt
+
+        # 2. encode prompts: the branch reads task words through its own encoder, the UNet the user's words
+        built = [task_prompts(task, p, n, version="v2") for p, n in zip(prompts, negatives)]
+        if brushnet_prompt_embeds is None:
+            branch_embeds, negative_branch_embeds = self.encode_task_prompt(
+                built, fitting_degree, negative_fitting_degree, device, num_images_per_prompt,
+                self.do_classifier_free_guidance,
+            )  # fmt: skip
+        else:
+            branch_embeds, negative_branch_embeds = brushnet_prompt_embeds, negative_brushnet_prompt_embeds
+        unet_prompts = [b.unet_prompt for b in built]
+        unet_negatives = [b.unet_negative for b in built]
+        lora_scale = cross_attention_kwargs.get("scale", None) if cross_attention_kwargs else None
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            unet_prompts if prompt_embeds is None else None,
+            device,
+            num_images_per_prompt,
+            self.do_classifier_free_guidance,
+            unet_negatives if negative_prompt_embeds is None else None,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            lora_scale=lora_scale,
+            clip_skip=self.clip_skip,
+        )
+        if self.do_classifier_free_guidance:
+            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+            branch_embeds = torch.cat([negative_branch_embeds, branch_embeds])
+        branch_embeds = branch_embeds.to(device=device, dtype=self.brushnet.dtype)
+
+        # 3. image and mask, at height × width
+        image_tensor, hole, height, width = self._prepare_image_and_mask(
+            image, mask_image, height, width, batch_size, num_images_per_prompt, device
+        )
+
+        # 4. timesteps
+        timesteps, num_inference_steps = retrieve_timesteps(
+            self.scheduler, num_inference_steps, device, timesteps, sigmas
+        )
+        self._num_timesteps = len(timesteps)
+
+        # 5. start latents, then the branch's conditioning: masked-image latent + keep-mask (1 = keep)
+        latents = self.prepare_latents(
+            total,
+            self.unet.config.in_channels,
+            height,
+            width,
+            prompt_embeds.dtype,
+            device,
+            generator,
+            latents,
+        )
+        vae_dtype = self.vae.dtype
+        brushnet_cond = brushnet_conditioning(self.vae, image_tensor, hole, generator)
+        brushnet_cond = brushnet_cond.to(dtype=self.brushnet.dtype)
+
+        timestep_cond = None
+        if self.unet.config.time_cond_proj_dim is not None:
+            guidance_tensor = torch.tensor(self.guidance_scale - 1).repeat(total)
+            timestep_cond = self.get_guidance_scale_embedding(
+                guidance_tensor, embedding_dim=self.unet.config.time_cond_proj_dim
+            ).to(device=device, dtype=latents.dtype)
+
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+        keep_schedule = brushnet_keep_schedule(len(timesteps), control_guidance_start, control_guidance_end)
+
+        # 6. denoising loop: the branch reads text, so under guidance it runs on the doubled batch
+        num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                doubled = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
+                latent_model_input = self.scheduler.scale_model_input(doubled, t)
+                noise_pred = self._predict_noise(
+                    latent_model_input,
+                    t,
+                    prompt_embeds,
+                    brushnet_cond,
+                    brushnet_conditioning_scale * keep_schedule[i],
+                    guess_mode,
+                    timestep_cond=timestep_cond,
+                    brushnet_prompt_embeds=branch_embeds,
+                )
+                if self.do_classifier_free_guidance:
+                    noise_uncond, noise_text = noise_pred.chunk(2)
+                    noise_pred = noise_uncond + self.guidance_scale * (noise_text - noise_uncond)
+                latents = self.scheduler.step(
+                    noise_pred.to(latents.dtype), t, latents, **extra_step_kwargs, return_dict=False
+                )[0]
+
+                if callback_on_step_end is not None:
+                    cfg = self.do_classifier_free_guidance
+                    available = {
+                        "latents": latents,
+                        "prompt_embeds": prompt_embeds,
+                        "negative_prompt_embeds": negative_prompt_embeds,
+                        "brushnet_prompt_embeds": branch_embeds.chunk(2)[1] if cfg else branch_embeds,
+                        "negative_brushnet_prompt_embeds": branch_embeds.chunk(2)[0] if cfg else None,
+                    }
+                    callback_kwargs = {k: available[k] for k in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+
+                if i == len(timesteps) - 1 or (
+                    (i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0
+                ):
+                    progress_bar.update()
+
+        # 7. decode, safety check, blend, post-process
+        if output_type == "latent":
+            images, has_nsfw = latents, None
+        else:
+            decoded = self.vae.decode(
+                latents.to(vae_dtype) / self.vae.config.scaling_factor, return_dict=False, generator=generator
+            )[0]
+            decoded, has_nsfw = self.run_safety_checker(decoded, device, prompt_embeds.dtype)
+            images = self._postprocess(
+                decoded, image_tensor, hole, output_type, blending, blending_kernel_size
+            )
+
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return images, has_nsfw
+        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=has_nsfw)
