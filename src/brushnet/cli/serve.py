@@ -46,6 +46,9 @@ def serve_command(
     max_queue: int = typer.Option(32, "--max-queue", help="Most waiting jobs; more answer 429."),
     job_timeout: float = typer.Option(600.0, "--job-timeout", help="Longest a job may run, seconds."),
     history: int = typer.Option(100, "--history", help="Finished jobs kept in memory."),
+    max_result_mb: float = typer.Option(
+        2048.0, "--max-result-mb", help="Result images kept in memory, MiB (least recently used go first)."
+    ),
     result_ttl: float = typer.Option(3600.0, "--result-ttl", help="Seconds a finished job's result is kept."),
     allow_origin: list[str] = typer.Option(
         [],
@@ -74,6 +77,7 @@ def serve_command(
             max_queue=max_queue,
             job_timeout_s=job_timeout,
             max_history=history,
+            max_result_bytes=int(max_result_mb * 2**20),
             result_ttl_s=result_ttl,
         )
     except ValidationError as exc:
