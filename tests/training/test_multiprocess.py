@@ -44,9 +44,9 @@ def test_two_processes_resume_exactly(base_config, tmp_path):
 
     state = json.loads((tmp_path / "b" / "checkpoint-2" / "training_state.json").read_text())
     assert len(state["data_positions"]) == 2
-    assert sorted(p.name for p in (tmp_path / "b" / "checkpoint-2").glob("process_state_*.pt")) == [
-        "process_state_0.pt",
-        "process_state_1.pt",
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoint-2").glob("process_state_*")) == [
+        "process_state_0.safetensors",
+        "process_state_1.safetensors",
     ]
     a = load_file(Path(tmp_path / "a" / "brushnet" / "diffusion_pytorch_model.safetensors"))
     b = load_file(Path(tmp_path / "b" / "brushnet" / "diffusion_pytorch_model.safetensors"))
