@@ -35,6 +35,7 @@ __all__ = [
     "check_brushnet_fits_base",
     "load_base_components",
     "load_brushnet",
+    "load_model",
     "describe_folder",
     "safetensors_policy",
 ]
@@ -188,10 +189,9 @@ def check_brushnet_fits_base(brushnet_config: Any, unet_config: Any) -> None:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot read {path}: {exc.__class__.__name__}") from None
+    from .model_files import read_config
+
+    return read_config(path)
 
 
 def describe_folder(path: Path) -> str:
@@ -210,18 +210,13 @@ def safetensors_policy(allow_pickle: bool) -> bool | None:
     return None if allow_pickle else True
 
 
-def _check_weights(folder: Path, allow_pickle: bool) -> None:
-    files = [p.name for p in folder.iterdir() if p.is_file()]
-    if any(f.endswith(".safetensors") for f in files):
-        return
-    pickled = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
-    if pickled and not allow_pickle:
-        raise CheckpointError(
-            f"{folder} has only pickle-based weights ({pickled[0]}); pass --allow-pickle (allow_pickle=True) "
-            "to load them if you trust the source"
-        )
-    if not pickled:
-        raise CheckpointError(f"{folder} has no weight file (.safetensors)")
+def _check_weights(folder: Path, allow_pickle: bool, model_cls: type | None = None) -> None:
+    """:func:`brushnet.model_files.check_model_folder` for a diffusers model folder (``model_cls``) or, with
+    ``None``, a transformers one (config and weight files only)."""
+    from .model_files import check_model_folder
+
+    library = "diffusers" if model_cls is not None else "transformers"
+    check_model_folder(folder, model_cls, library=library, allow_pickle=allow_pickle)
 
 
 def _is_local(path: str | os.PathLike) -> bool:
@@ -232,6 +227,52 @@ def _is_local(path: str | os.PathLike) -> bool:
 def _looks_like_hub_id(p: str) -> bool:
     parts = p.split("/")
     return len(parts) == 2 and all(parts) and not p.startswith((".", "/"))
+
+
+def _cached(repo_id: str, filename: str, hub_kwargs: dict | None = None) -> bool:
+    """Whether ``filename`` of hub repo ``repo_id`` is in the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    kwargs = {k: v for k, v in (hub_kwargs or {}).items() if k in ("cache_dir", "revision")}
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, filename, **kwargs), str)
+    except Exception:  # noqa: BLE001 - a malformed id is "not cached"; loading reports it
+        return False
+
+
+def _offline_message(what: str, repo_id: str) -> str:
+    from huggingface_hub import constants
+
+    reason = "offline mode is on (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "the hub is unreachable"
+    return (
+        f"cannot load {what} {repo_id!r}: {reason} and it is not in the local cache ({constants.HF_HUB_CACHE}); "
+        "pass a local folder instead (a diffusers folder: model_index.json, unet/, vae/, ... for a base; "
+        "config.json + weights for a model), or download it once where the hub can be reached"
+    )
+
+
+def _check_hub_reachable(what: str, repo_id: str, filename: str, hub_kwargs: dict | None = None) -> None:
+    """Fail at once, with what to do, for a hub id that offline mode cannot serve from the cache."""
+    from huggingface_hub import constants
+
+    if (constants.HF_HUB_OFFLINE or (hub_kwargs or {}).get("local_files_only")) and not _cached(
+        repo_id, filename, hub_kwargs
+    ):
+        raise CheckpointError(_offline_message(what, repo_id))
+
+
+def _hub_error(what: str, repo_id: str, exc: BaseException, subfolder: str | None = None) -> CheckpointError:
+    """One line for a failed hub load: unreachable hub and nothing cached says so and how to pass a folder."""
+    from huggingface_hub import constants
+
+    config = f"{subfolder}/config.json" if subfolder else "config.json"
+    text = first_line(exc)
+    unreachable = constants.HF_HUB_OFFLINE or any(
+        word in text.lower() for word in ("connect", "offline", "cached files", "timed out", "resolve")
+    )
+    if unreachable and not (_cached(repo_id, "model_index.json") or _cached(repo_id, config)):
+        return CheckpointError(_offline_message(what, repo_id))
+    return CheckpointError(f"cannot load {what} {repo_id!r} from the hub: {text}")
 
 
 # -- branches ------------------------------------------------------------------------------------------
@@ -283,11 +324,18 @@ def load_brushnet(
         if kind != "BrushNetModel":
             raise CheckpointError(f"{folder} holds a {kind}, not a BrushNetModel checkpoint")
         if base_config is not None:
-            check_brushnet_fits_base(_read_json(folder / "config.json"), base_config)
-        _check_weights(folder, allow_pickle)
+            from .model_files import check_config_types
+
+            config = _read_json(folder / "config.json")
+            check_config_types(BrushNetModel, config, folder / "config.json")
+            check_brushnet_fits_base(config, base_config)
+        _check_weights(folder, allow_pickle, BrushNetModel)
         return BrushNetModel.from_pretrained(
             folder, torch_dtype=torch_dtype, use_safetensors=safetensors_policy(allow_pickle)
         )
+    _check_hub_reachable(
+        "BrushNet", str(path), f"{subfolder}/config.json" if subfolder else "config.json", hub_kwargs
+    )
     try:
         brushnet = BrushNetModel.from_pretrained(
             str(path),
@@ -296,11 +344,59 @@ def load_brushnet(
             use_safetensors=safetensors_policy(allow_pickle),
             **hub_kwargs,
         )
-    except OSError as exc:
-        raise CheckpointError(f"cannot load BrushNet {path!r} from the hub: {first_line(exc)}") from None
+    except (OSError, ValueError) as exc:
+        raise _hub_error("BrushNet", str(path), exc, subfolder) from None
     if base_config is not None:
         check_brushnet_fits_base(brushnet.config, base_config)
     return brushnet
+
+
+def load_model(
+    model_cls: type,
+    path: str | os.PathLike,
+    what: str,
+    dtype: str | torch.dtype | None = None,
+    allow_pickle: bool = False,
+    subfolder: str | None = None,
+    **hub_kwargs: Any,
+):
+    """Load one diffusers model (a ControlNet, ...) from a local folder or a hub id, with the folder checks of
+    :func:`brushnet.model_files.check_model_folder` first, so every problem is one line naming the file.
+
+    Args:
+        model_cls: the diffusers model class (e.g. ``ControlNetModel``); the folder's ``_class_name`` must be it.
+        path: the model's folder (``config.json`` + weights) or a hub id.
+        what: the model's name in messages, e.g. ``"ControlNet"``.
+        dtype: weights dtype (fp32 default).
+        allow_pickle: allow ``.bin`` weights where the folder has no ``.safetensors``.
+        subfolder: a subfolder of ``path`` (or of the hub repo).
+
+    Raises:
+        CheckpointError: a missing path, a folder of another kind, a bad config or weight file, or a hub id that
+            cannot be reached.
+    """
+    torch_dtype = resolve_dtype(dtype)
+    policy = safetensors_policy(allow_pickle)
+    if _is_local(path):
+        folder = Path(path).expanduser() / (subfolder or "")
+        if not folder.is_dir():
+            problem = "not found" if not folder.exists() else "must be a folder with config.json, got a file"
+            raise CheckpointError(f"{what} checkpoint {problem}: {folder}")
+        kind = describe_folder(folder)
+        if kind.startswith("pipeline:"):
+            raise CheckpointError(
+                f"{folder} is a full {kind[9:]} folder, not a {what} ({model_cls.__name__})"
+            )
+        _check_weights(folder, allow_pickle, model_cls)
+        return model_cls.from_pretrained(folder, torch_dtype=torch_dtype, use_safetensors=policy)
+    config = f"{subfolder}/config.json" if subfolder else "config.json"
+    _check_hub_reachable(what, str(path), config, hub_kwargs)
+    try:
+        return model_cls.from_pretrained(
+            str(path), subfolder=subfolder, torch_dtype=torch_dtype, use_safetensors=policy, **hub_kwargs
+        )
+    except (OSError, ValueError) as exc:
+        raise _hub_error(what, str(path), exc, subfolder) from None
 
 
 # -- bases ---------------------------------------------------------------------------------------------
@@ -339,6 +435,7 @@ def load_base_components(
     """
     torch_dtype = resolve_dtype(dtype)
     if not _is_local(path):
+        _check_hub_reachable("base model", str(path), "model_index.json", hub_kwargs)
         return _load_components(str(path), torch_dtype, allow_pickle, hub_kwargs)
     p = Path(path).expanduser()
     if not p.exists():
@@ -356,9 +453,18 @@ def load_base_components(
     missing = [c for c in FAMILY_COMPONENTS[family] if not (p / c).is_dir()]
     if missing:
         raise CheckpointError(f"{FAMILY_NAMES[family]} base model folder {p} lacks: {', '.join(missing)}")
+    import diffusers
+
+    classes = _component_classes(str(p), hub_kwargs)
     for name in _WEIGHTED:
-        if name in FAMILY_COMPONENTS[family]:
-            _check_weights(p / name, allow_pickle)
+        if name not in FAMILY_COMPONENTS[family]:
+            continue
+        model_cls = None  # text encoders: transformers models (config and weight files checked)
+        if name == "unet":
+            model_cls = diffusers.UNet2DConditionModel
+        elif name == "vae":
+            model_cls = _library_class(diffusers, classes.get("vae", "AutoencoderKL"), "vae", str(p))
+        _check_weights(p / name, allow_pickle, model_cls)
     return _load_components(str(p), torch_dtype, allow_pickle, hub_kwargs)
 
 
@@ -413,6 +519,8 @@ def _load_components(source: str, torch_dtype, allow_pickle: bool, hub_kwargs) -
                 parts[name] = cls.from_pretrained(source, subfolder=name, **hub_kwargs)
         scheduler_config = diffusers.DDIMScheduler.load_config(source, subfolder="scheduler", **hub_kwargs)
     except OSError as exc:
+        if not _is_local(source):
+            raise _hub_error("base model", source, exc) from None
         raise CheckpointError(f"cannot load base model {source!r}: {first_line(exc)}") from None
     scheduler_cls = (
         getattr(diffusers, str(scheduler_config.get("_class_name")), None) or diffusers.DDIMScheduler

@@ -62,20 +62,15 @@ class ControlNetInpaint(PipelineMethod):
             StableDiffusionXLControlNetInpaintPipeline,
         )
 
-        from ...errors import CheckpointError, first_line
-        from ...loading import FAMILY_NAMES, detect_family, load_base_components
+        from ...errors import CheckpointError
+        from ...loading import FAMILY_NAMES, detect_family, load_base_components, load_model
 
         components = load_base_components(
             models.base, dtype=dtype, allow_pickle=models.allow_pickle, config=models.base_config
         )
-        try:
-            controlnet = ControlNetModel.from_pretrained(
-                models.controlnet, torch_dtype=dtype, use_safetensors=not models.allow_pickle
-            )
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(
-                f"cannot load ControlNet {models.controlnet!r}: {first_line(exc)}"
-            ) from None
+        controlnet = load_model(
+            ControlNetModel, models.controlnet, "ControlNet", dtype=dtype, allow_pickle=models.allow_pickle
+        )
         unet_config = components["unet"].config
         base_family, controlnet_family = detect_family(unet_config), detect_family(controlnet.config)
         if (

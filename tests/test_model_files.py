@@ -1,0 +1,235 @@
+"""Broken checkpoints are one line naming the file and the problem, before any model is built (issue 19,
+"Checkpoints"): empty, truncated or garbage ``.safetensors``, missing weights, a config that is a list or has
+wrong value types, a weight file under another name, a model of the wrong kind. Each case runs through the
+command line too: exit 2, one ``error:`` line, no traceback, nothing written."""
+
+import json
+import os
+import shutil
+import time
+
+import pytest
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from brushnet.cli import app
+from brushnet.errors import CheckpointError
+from brushnet.loading import load_base_components, load_brushnet
+from brushnet.model_files import check_config_types, safetensors_keys
+
+runner = CliRunner()
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def _empty(folder):
+    (folder / WEIGHTS).write_bytes(b"")
+
+
+def _truncated(folder):
+    data = (folder / WEIGHTS).read_bytes()
+    (folder / WEIGHTS).write_bytes(data[: len(data) // 2])
+
+
+def _garbage(folder):
+    (folder / WEIGHTS).write_bytes(bytes(range(256)) * 20)
+
+
+def _missing_keys(folder):
+    weights = load_file(folder / WEIGHTS)
+    for key in sorted(weights)[:3]:
+        del weights[key]
+    save_file(weights, folder / WEIGHTS)
+
+
+def _config(value):
+    def corrupt(folder):
+        (folder / "config.json").write_text(
+            json.dumps(value(json.loads((folder / "config.json").read_text())))
+        )
+
+    return corrupt
+
+
+def _renamed(folder):
+    (folder / WEIGHTS).rename(folder / "model.safetensors")
+
+
+CORRUPTIONS = {
+    "empty": (_empty, "is empty (0 bytes)"),
+    "truncated": (_truncated, "is truncated"),
+    "garbage": (_garbage, "is not a safetensors file"),
+    "missing weights": (_missing_keys, "lacks 3 of the"),
+    "config is a list": (
+        _config(lambda c: [c]),
+        "config.json must hold a JSON object of settings, got a list",
+    ),
+    "config wrong type": (
+        _config(lambda c: {**c, "block_out_channels": "abc"}),
+        'block_out_channels must be a list of numbers, got "abc"',
+    ),
+    "config wrong scalar": (
+        _config(lambda c: {**c, "layers_per_block": "two"}),
+        "layers_per_block must be a number",
+    ),
+    "config not json": (lambda f: (f / "config.json").write_text("{"), "is not valid JSON"),
+    "weights renamed": (_renamed, "has model.safetensors but diffusers loads " + WEIGHTS),
+}
+
+
+@pytest.fixture
+def broken(tiny_models, tmp_path):
+    """``broken(kind, corruption)``: a copy of the tiny branch (``"brushnet"``) or base (``"unet"``, ``"vae"``)
+    with one corruption; returns (the path to pass, the folder that was corrupted)."""
+
+    def make(kind, corruption):
+        if kind == "brushnet":
+            path = folder = tmp_path / "brushnet"
+            shutil.copytree(tiny_models["brushnet"], path)
+        else:
+            path = tmp_path / "base"
+            shutil.copytree(tiny_models["base"], path)
+            folder = path / kind
+        CORRUPTIONS[corruption][0](folder)
+        return path, folder
+
+    return make
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+@pytest.mark.parametrize("kind", ["brushnet", "unet", "vae"])
+def test_a_broken_model_folder_is_one_line_naming_the_file(broken, kind, corruption):
+    path, folder = broken(kind, corruption)
+    load = load_brushnet if kind == "brushnet" else load_base_components
+    with pytest.raises(CheckpointError) as error:
+        load(path)
+    message = str(error.value)
+    assert CORRUPTIONS[corruption][1] in message and str(folder) in message and "\n" not in message
+
+
+def test_a_truncated_text_encoder_is_named(tiny_models, tmp_path):
+    base = shutil.copytree(tiny_models["base"], tmp_path / "base")
+    weights = base / "text_encoder" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=f"{weights} is truncated"):
+        load_base_components(base)
+    (base / "text_encoder" / "config.json").write_text("[]")
+    with pytest.raises(CheckpointError, match="got a list"):
+        load_base_components(base)
+
+
+def test_safetensors_header_checks_read_no_tensor(tiny_models, tmp_path):
+    source = tiny_models["brushnet"] / WEIGHTS
+    assert safetensors_keys(source) == set(load_file(source))
+    cases = {
+        b"": "is empty",
+        b"\x01\x00": "too short",
+        (10**9).to_bytes(8, "little") + b"{": "no safetensors header",
+        (500).to_bytes(8, "little") + b'{"a": ': "header alone needs 508",
+        (20).to_bytes(8, "little") + b'{"a": [1, 2, 3]}    ': "unreadable header",
+    }
+    for data, message in cases.items():
+        (tmp_path / "w.safetensors").write_bytes(data)
+        with pytest.raises(CheckpointError, match=message):
+            safetensors_keys(tmp_path / "w.safetensors")
+
+
+def test_config_types_accept_every_shipped_config():
+    """No false alarm on real configs: the shipped demo models, the golden fixtures, the random presets."""
+    import diffusers
+
+    from brushnet.demo.assets import DEMO_DIR
+    from brushnet.models import BrushNetModel
+
+    roots = [DEMO_DIR, os.path.join(os.path.dirname(__file__), "fixtures")]
+    checked = 0
+    for root in roots:
+        for dirpath, _, files in os.walk(root):
+            if "config.json" not in files:
+                continue
+            path = os.path.join(dirpath, "config.json")
+            config = json.loads(open(path).read())
+            name = config.get("_class_name") if isinstance(config, dict) else None
+            cls = BrushNetModel if name == "BrushNetModel" else getattr(diffusers, str(name), None)
+            if cls is None or not hasattr(cls, "from_config"):
+                continue
+            check_config_types(cls, config, path)
+            checked += 1
+    assert checked >= 10
+
+
+def test_wrong_kinds_are_named_before_loading(tiny_models, tmp_path):
+    from diffusers import ControlNetModel
+
+    from brushnet.loading import load_model
+
+    with pytest.raises(CheckpointError, match="holds a UNet2DConditionModel, not a ControlNetModel"):
+        load_model(ControlNetModel, tiny_models["base"] / "unet", "ControlNet")
+    with pytest.raises(CheckpointError, match="holds a BrushNetModel, not a ControlNetModel"):
+        load_model(ControlNetModel, tiny_models["brushnet"], "ControlNet")
+    base = shutil.copytree(tiny_models["base"], tmp_path / "base")
+    shutil.rmtree(base / "unet")
+    shutil.copytree(tiny_models["brushnet"], base / "unet")  # was "unknown mid_block_type: MidBlock2D"
+    with pytest.raises(CheckpointError, match="unet holds a BrushNetModel, not a UNet2DConditionModel"):
+        load_base_components(base)
+
+
+def _cli_inpaint(tmp_path, *models):
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (90, 120, 30)).save(tmp_path / "img.png")
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    mask.save(tmp_path / "mask.png")
+    out = tmp_path / "out" / "o.png"
+    args = ["inpaint", *models, "-i", str(tmp_path / "img.png"), "-m", str(tmp_path / "mask.png")]
+    return runner.invoke(app, [*args, "-o", str(out), "--steps", "1", "-q"]), out.parent
+
+
+def _one_line(result, message):
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.output
+    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_cli_broken_brushnet_or_base(tiny_models, broken, tmp_path, corruption):
+    for kind in ("brushnet", "unet"):
+        path, _ = broken(kind, corruption)
+        models = {"base": tiny_models["base"], "brushnet": tiny_models["brushnet"]}
+        models["brushnet" if kind == "brushnet" else "base"] = path
+        result, out = _cli_inpaint(
+            tmp_path, "--base", str(models["base"]), "--brushnet", str(models["brushnet"])
+        )
+        _one_line(result, CORRUPTIONS[corruption][1])
+        assert not out.exists() or list(out.iterdir()) == []
+        shutil.rmtree(path)
+
+
+def test_cli_wrong_model_kinds(tiny_models, tmp_path):
+    base, unet = str(tiny_models["base"]), str(tiny_models["base"] / "unet")
+    cases = [
+        (["--base", base, "--brushnet", unet], "holds a UNet2DConditionModel, not a BrushNetModel"),
+        (
+            ["--base", str(tiny_models["brushnet"]), "--brushnet", str(tiny_models["brushnet"])],
+            "not a full base",
+        ),
+        (["--method", "controlnet-inpaint", "--base", base, "--controlnet", unet], "not a ControlNetModel"),
+    ]
+    for models, message in cases:
+        result, out = _cli_inpaint(tmp_path, *models)
+        _one_line(result, message)
+
+
+def test_a_hub_id_offline_says_so_at_once(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    start = time.perf_counter()
+    result, _ = _cli_inpaint(tmp_path, "--base", "someone/not-cached-model", "--brushnet", "someone/branch")
+    _one_line(result, "offline mode is on (HF_HUB_OFFLINE=1) and it is not in the local cache")
+    assert "pass a local folder" in result.output
+    assert time.perf_counter() - start < 10
+    with pytest.raises(CheckpointError, match="not in the local cache"):
+        load_brushnet("someone/branch")
