@@ -18,6 +18,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import typer  # noqa: E402
 
+from .common import silence_library_noise  # noqa: E402
+
+silence_library_noise()
+
 from .bench import app as bench_app  # noqa: E402
 from .data import data_app, shapes_app  # noqa: E402
 from .demo import demo_command  # noqa: E402

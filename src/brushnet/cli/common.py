@@ -24,6 +24,8 @@ from ..errors import InputError, first_line
 __all__ = [
     "fail",
     "guarded",
+    "silence_library_noise",
+    "quiet_library_progress",
     "StepBar",
     "Runtime",
     "available_cpus",
@@ -37,6 +39,49 @@ logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 DEBUG_ENV = "BRUSHNET_DEBUG"
+
+
+class _DropLines(logging.Filter):
+    """Drops log records whose message contains any of ``fragments``."""
+
+    def __init__(self, *fragments: str):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(fragment in message for fragment in self.fragments)
+
+
+LIBRARY_NOISE = {
+    # every command: the image processors fall back to their PIL versions, which are the ones this project uses
+    "transformers.utils.import_utils": ("requires torchvision (not installed)",),
+    # every prompt is truncated to the text encoder's length, which diffusers reports on its own line
+    "transformers.tokenization_utils_base": (
+        "Running this sequence through the model will result in indexing",
+    ),
+}
+"""Library log lines that tell a user nothing to act on, by logger name (see :func:`silence_library_noise`)."""
+
+
+def silence_library_noise() -> None:
+    """Drop the :data:`LIBRARY_NOISE` lines (their loggers get a filter; nothing else is silenced). Idempotent."""
+    for name, fragments in LIBRARY_NOISE.items():
+        target = logging.getLogger(name)
+        if not any(isinstance(f, _DropLines) for f in target.filters):
+            target.addFilter(_DropLines(*fragments))
+
+
+def quiet_library_progress() -> None:
+    """No progress bars from transformers, diffusers and huggingface_hub ("Loading weights", "Loading pipeline
+    components", ...): what ``--quiet`` promises."""
+    import diffusers.utils.logging
+    import huggingface_hub.utils
+    import transformers.utils.logging
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -147,8 +192,10 @@ class Runtime:
     def apply(self) -> None:
         """Check, then set torch's thread pools: ``threads`` (default: ``OMP_NUM_THREADS`` when set, else the
         CPUs available to the process) for intra-op work and one inter-op thread, so parallel regions never
-        oversubscribe the CPUs."""
+        oversubscribe the CPUs. With ``quiet``, the libraries' loading bars are off too."""
         self.check()
+        if self.quiet:
+            quiet_library_progress()
         import torch
 
         threads = self.threads

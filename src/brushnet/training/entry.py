@@ -14,9 +14,11 @@ __all__ = ["main"]
 def main(argv: list[str] | None = None) -> int:
     """Parse flags and train. A bad configuration, model, checkpoint or data path, or a failed write (a full
     disk), is a one-line message and exit status 2 (``BRUSHNET_DEBUG=1`` shows the traceback)."""
+    from ..cli.common import silence_library_noise
     from ..errors import InputError, first_line
     from .config import ConfigError, parse_train_args
 
+    silence_library_noise()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         config = parse_train_args(argv)
