@@ -12,6 +12,8 @@ to the model that needs them, never here.
 from __future__ import annotations
 
 import os
+import re
+import threading
 import warnings
 from pathlib import Path
 
@@ -43,6 +45,24 @@ DEFAULT_MAX_PIXELS = 8192 * 8192
 before any pixel is decoded (a decompression bomb is refused, not decoded)."""
 
 
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+def _open_header(path: Path, limit: int) -> Image.Image:
+    """``Image.open`` (the header only) with PIL's own decompression-bomb guard out of the way of ``limit``:
+    below PIL's hard limit (2 x ``Image.MAX_IMAGE_PIXELS``) PIL refuses only what ``limit`` refuses too; above
+    it, PIL's limit is lifted to ``limit`` for this call."""
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    if pil_limit is None or limit <= 2 * pil_limit:
+        return Image.open(path)
+    with _PIL_LIMIT_LOCK:
+        Image.MAX_IMAGE_PIXELS = limit
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = pil_limit
+
+
 def _open(path: str | os.PathLike, what: str, max_pixels: int | None = None) -> Image.Image:
     path = Path(path)
     if not path.exists():
@@ -50,10 +70,12 @@ def _open(path: str | os.PathLike, what: str, max_pixels: int | None = None) -> 
     if not path.is_file():
         raise InputError(f"{what} path is not a file: {path}")
     limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    if limit < 1:
+        raise InputError(f"--max-pixels must be at least 1, got {limit}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with _open_header(path, limit) as img:
                 width, height = img.size
                 if width * height > limit:
                     raise InputError(
@@ -62,8 +84,10 @@ def _open(path: str | os.PathLike, what: str, max_pixels: int | None = None) -> 
                     )
                 img.load()
                 return ImageOps.exif_transpose(img) if _has_orientation(img) else img.copy()
-    except Image.DecompressionBombError:
-        raise InputError(f"{what} {path} has too many pixels to open safely (over PIL's limit)") from None
+    except Image.DecompressionBombError as exc:  # over PIL's hard limit, which is above ``limit``
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(found.group(1))} pixels" if found else "too many pixels"
+        raise InputError(f"{what} {path} has {size}; the limit is {limit} (--max-pixels)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         if isinstance(exc, InputError):
             raise
