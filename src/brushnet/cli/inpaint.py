@@ -54,6 +54,37 @@ def _model_paths(models: dict[str, Any], method_cls) -> Any:
     return paths
 
 
+def _checked_outputs(output: Path, count: int, inputs: list[Path], overwrite: bool) -> list[Path]:
+    """The output paths of ``count`` images, refused before any work when one would replace an input or cannot
+    be written (the image and its ``.json`` sidecar)."""
+    from ..io import check_output_path
+
+    outputs = output_paths(output, count)
+    refuse_overwriting_inputs(outputs, inputs, overwrite)
+    for path in outputs:
+        check_output_path(path)
+        check_output_path(path.with_suffix(".json"))
+    return outputs
+
+
+def _generate_and_write(
+    method: str, job, models: dict, runtime, outputs: list[Path], inputs: dict, label: str
+):
+    """Load ``method``, run the prepared ``job`` with a progress bar, and write image i (seed + i) and its
+    sidecar to ``outputs[i]``; returns the result."""
+    from ..io import save_png_with_metadata
+    from ..methods import run
+
+    loaded = _load(method, models, runtime)
+    with StepBar(label, runtime.quiet) as bar:
+        result = run(loaded, job, on_step=bar)
+    metadata = {**result.metadata(), "inputs": inputs}
+    for i, (img, path) in enumerate(zip(result.images, outputs)):
+        save_png_with_metadata(img, path, {**metadata, "seed": result.seed + i, "index": i})
+        typer.echo(str(path))
+    return result
+
+
 @guarded
 @request_flags()
 @model_flags()
@@ -73,28 +104,17 @@ def inpaint_command(
     runtime: Any = None,
 ) -> None:
     """Inpaint IMAGE where MASK is white and write OUTPUT (PNG with parameters + JSON sidecar)."""
-    from ..io import check_output_path, save_png_with_metadata
-    from ..methods import get_method_class, prepare, run
+    from ..methods import get_method_class, prepare
 
     runtime.apply()
     if scale is not None:
         request["options"] = {**request["options"], "conditioning_scale": scale}
     cls = get_method_class(method)
-    outputs = output_paths(output, request["num_images"])
-    refuse_overwriting_inputs(outputs, [image, mask], overwrite)
-    for path in outputs:  # the image and its sidecar, before any work
-        check_output_path(path)
-        check_output_path(path.with_suffix(".json"))
+    outputs = _checked_outputs(output, request["num_images"], [image, mask], overwrite)
     job = prepare(cls, image, mask, request, max_pixels=max_pixels)  # reads both files, once
     _model_paths(models, cls)
-    loaded = _load(method, models, runtime)
-    with StepBar(method, runtime.quiet) as bar:
-        result = run(loaded, job, on_step=bar)
-    metadata = result.metadata()
-    metadata["inputs"] = {"image": str(image), "mask": str(mask)}
-    for i, (img, path) in enumerate(zip(result.images, outputs)):
-        save_png_with_metadata(img, path, {**metadata, "seed": result.seed + i, "index": i})
-        typer.echo(str(path))
+    inputs = {"image": str(image), "mask": str(mask)}
+    result = _generate_and_write(method, job, models, runtime, outputs, inputs, method)
     typer.echo(f"seed {result.seed}, {result.timings['total_s']:.1f} s", err=True)
 
 
@@ -341,8 +361,7 @@ def outpaint_command(
     runtime: Any = None,
 ) -> None:
     """Extend the canvas by the given pixels per side and paint the new area (outpainting)."""
-    from ..io import check_output_path, save_png_with_metadata
-    from ..methods import get_method_class, prepare_outpaint, run
+    from ..methods import get_method_class, prepare_outpaint
 
     runtime.apply()
     if fill not in ("edge", "black"):
@@ -350,11 +369,7 @@ def outpaint_command(
     if extend_left + extend_right + extend_top + extend_bottom == 0:
         fail("give at least one of --extend-left/--extend-right/--extend-top/--extend-bottom")
     cls = get_method_class(method)
-    outputs = output_paths(output, request["num_images"])
-    refuse_overwriting_inputs(outputs, [image], overwrite)
-    for path in outputs:
-        check_output_path(path)
-        check_output_path(path.with_suffix(".json"))
+    outputs = _checked_outputs(output, request["num_images"], [image], overwrite)
     job = prepare_outpaint(
         cls,
         image,
@@ -368,14 +383,7 @@ def outpaint_command(
         max_pixels=max_pixels,
     )
     _model_paths(models, cls)
-    loaded = _load(method, models, runtime)
-    with StepBar(f"outpaint {method}", runtime.quiet) as bar:
-        result = run(loaded, job, on_step=bar)
-    metadata = result.metadata()
-    metadata["inputs"] = {"image": str(image)}
-    for i, (img, path) in enumerate(zip(result.images, outputs)):
-        save_png_with_metadata(img, path, {**metadata, "seed": result.seed + i, "index": i})
-        typer.echo(str(path))
+    _generate_and_write(method, job, models, runtime, outputs, {"image": str(image)}, f"outpaint {method}")
 
 
 @guarded
@@ -402,7 +410,9 @@ def make_tiny_models_command(
         ..., help="Folder to write the model set into (base/, brushnet/, inpaint/, ...)."
     ),
     preset: str = typer.Option(
-        "tiny", "--preset", help="tiny, small, sd15 (the real SD1.5 sizes), tiny-xl or sdxl (the real SDXL sizes)."
+        "tiny",
+        "--preset",
+        help="tiny, small, sd15 (the real SD1.5 sizes), tiny-xl or sdxl (the real SDXL sizes).",
     ),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
