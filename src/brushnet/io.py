@@ -78,7 +78,12 @@ def check_output_path(path: str | os.PathLike, create_parent: bool = True) -> Pa
     except OSError as exc:
         raise _output_error(path, exc) from None
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"cannot write {path}: permission denied (folder {parent})")
+        try:
+            read_only = bool(os.statvfs(parent).f_flag & os.ST_RDONLY)
+        except (OSError, AttributeError):
+            read_only = False
+        reason = "read-only file system" if read_only else "permission denied"
+        raise InputError(f"cannot write {path}: {reason} (folder {parent})")
     return path
 
 

@@ -62,7 +62,7 @@ def demo_command(
     --prompt it inpaints your own 128x128 scene instead.
     """
     from ..demo.assets import DEMO_DIR, METHODS
-    from ..demo.run import format_results_table, run_demo, user_scene
+    from ..demo.run import check_demo_request, format_results_table, run_demo, user_scene
     from ..io import check_output_path
 
     runtime.apply()
@@ -84,7 +84,9 @@ def demo_command(
         fail(
             f"no demo models in {root} (expected base/model_index.json; train them with examples/demo_world)"
         )
-    check_output_path(output / "grid.png")
+    check_demo_request(chosen, request)
+    for name in ["grid", *chosen]:  # every file it will write, before any work
+        check_output_path(output / f"{name}.png")
     start = time.perf_counter()
     scenes = [user_scene(str(image), str(mask), prompt, invert_mask)] if given else None
     result = run_demo(

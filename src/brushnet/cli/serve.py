@@ -31,7 +31,7 @@ def serve_command(
         None,
         "--method",
         "-m",
-        help="Method to load (repeatable: several are served at once). Default: brushnet.",
+        help="Method to load (repeatable, or comma-separated: several are served at once). Default: brushnet.",
     ),
     tiny: bool = typer.Option(
         False, "--tiny", help="Build random tiny models into a temp dir (try the server with no weights)."
@@ -40,7 +40,7 @@ def serve_command(
         False, "--demo", help="Serve every method on the shipped shapes-world demo models (128x128 scenes)."
     ),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (default: loopback only)."),
-    port: int = typer.Option(7860, "--port", min=1, max=65535, help="TCP port."),
+    port: int = typer.Option(7860, "--port", help="TCP port (1-65535)."),
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", help="Largest request body, MiB."),
     max_pixels: int = typer.Option(4096 * 4096, "--max-pixels", help="Largest image, width x height."),
     max_queue: int = typer.Option(32, "--max-queue", help="Most waiting jobs; more answer 429."),
@@ -64,10 +64,17 @@ def serve_command(
 
     from ..methods import get_method_class, load_method
 
-    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if not 1 <= port <= 65535:
+        fail(f"--port must be between 1 and 65535, got {port}")
+    levels = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
+    if log_level.lower() not in levels:
+        fail(f"unknown --log-level {log_level!r}; choose one of: {', '.join(levels)}")
+    level = "DEBUG" if log_level.lower() == "trace" else log_level.upper()
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     runtime.apply()
     if tiny and demo:
         fail("--tiny and --demo are two different model sets: give one")
+    method = [name.strip() for given in method or [] for name in given.split(",") if name.strip()]
     from ..service.engine import Engine, Limits
 
     try:

@@ -24,6 +24,7 @@ __all__ = [
     "DEMO_REQUEST",
     "DemoScene",
     "RESULTS_FILE",
+    "check_demo_request",
     "demo_scene",
     "format_results_table",
     "run_demo",
@@ -132,6 +133,24 @@ def format_results_table(path: str | os.PathLike = RESULTS_FILE) -> str:
     return "\n".join(lines)
 
 
+def check_demo_request(methods: Sequence[str], request: dict | None = None) -> None:
+    """Check the request fields over :data:`DEMO_REQUEST` for every method (a scheduler a method lacks, ...)
+    without loading a model.
+
+    Raises:
+        RequestError: one line naming the first problem.
+    """
+    from ..methods import check_request, get_method_class
+
+    fields = {**DEMO_REQUEST, **{k: v for k, v in (request or {}).items() if v is not None}}
+    for name in methods:
+        check_request(
+            get_method_class(name),
+            {**fields, "prompt": "", "blend": False, "resolution": SIZE},
+            options=METHOD_OPTIONS.get(name, {}),
+        )
+
+
 def run_demo(
     output: str | os.PathLike,
     methods: Sequence[str] = METHODS,
@@ -165,6 +184,7 @@ def run_demo(
     ]
     seconds: dict[str, float] = {}
     images: dict[str, str] = {}
+    check_demo_request(methods, request)
     with torch.no_grad():
         for name in methods:
             start = time.perf_counter()

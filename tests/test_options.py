@@ -1,0 +1,176 @@
+"""Option faults (issue 19 "Options", stumbles 6, 8 and 12): bad devices, ports, method lists and schedulers are
+one line and exit 2, found before any model loads; ``serve --tiny`` stopped by SIGTERM leaves no temporary
+models; ``serve --demo`` serves the shipped demo models."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from brushnet.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("options")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+        root / "i.png"
+    )
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 255
+    Image.fromarray(mask).save(root / "m.png")
+    (root / "images").mkdir()
+    Image.open(root / "i.png").save(root / "images" / "a.png")
+    return root
+
+
+def _one_line(result, message):
+    assert result.exit_code == 2, result.output
+    assert result.output.count("\n") == 1 and result.output.startswith("error: "), result.output
+    assert message in result.output, result.output
+
+
+def _commands(files, tmp_path, models):
+    """Every generating command, with model paths that cannot load: an error found after loading would name them."""
+    inputs = ["-i", str(files / "i.png"), "-m", str(files / "m.png")]
+    return {
+        "inpaint": ["inpaint", *models, *inputs, "-o", str(tmp_path / "o.png")],
+        "compare": ["compare", "--methods", "brushnet", *models, *inputs, "-o", str(tmp_path / "g.png")],
+        "outpaint": ["outpaint", *models, "-i", str(files / "i.png"), "--extend-left", "8", "-o", str(tmp_path / "w.png")],
+        "batch": ["batch", *models, "--images", str(files / "images"), "--masks", str(files / "m.png"), "-o", str(tmp_path / "b")],
+    }  # fmt: skip
+
+
+def _no_models(tmp_path):
+    return ["--base", str(tmp_path / "no-base"), "--brushnet", str(tmp_path / "no-brushnet")]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--device", "garbage"], "unknown device 'garbage'; use cpu, cuda, cuda:N or mps"),
+        (["--device", "cuda:7"], "--device cuda:7: "),
+        (["--dtype", "fp8"], "unknown dtype 'fp8'"),
+        (["--threads", "0"], "--threads must be at least 1"),
+        (["--scheduler", "nosuch"], "unknown scheduler 'nosuch'"),
+        (["--steps", "0"], "steps"),
+        (["--option", "nosuch=1"], "nosuch"),
+    ],
+)
+@pytest.mark.parametrize("command", ["inpaint", "compare", "outpaint", "batch"])
+def test_option_errors_come_before_loading(files, tmp_path, command, extra, message):
+    result = runner.invoke(app, [*_commands(files, tmp_path, _no_models(tmp_path))[command], *extra])
+    _one_line(result, message)
+    assert "no-base" not in result.output and "no-brushnet" not in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_says_what_there_is(files, tmp_path):
+    result = runner.invoke(
+        app, [*_commands(files, tmp_path, _no_models(tmp_path))["inpaint"], "--device", "cuda"]
+    )
+    _one_line(result, "--device cuda: CUDA is not available here")
+    result = runner.invoke(app, ["serve", "--tiny", "--device", "cuda"])
+    _one_line(result, "CUDA is not available here")
+
+
+def test_an_option_error_is_as_fast_as_a_missing_file(tiny_models, files, tmp_path):
+    """With real models: a bad scheduler is refused as early as a missing mask file (nothing loads first)."""
+    models = ["--base", str(tiny_models["base"]), "--brushnet", str(tiny_models["brushnet"])]
+    command = _commands(files, tmp_path, models)["inpaint"]
+    missing = [str(tmp_path / "missing.png") if arg == str(files / "m.png") else arg for arg in command]
+    runner.invoke(app, missing)  # warm-up: the imports
+
+    def seconds(args):
+        start = time.perf_counter()
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        return time.perf_counter() - start
+
+    missing_file = min(seconds(missing) for _ in range(2))
+    bad_option = min(seconds([*command, "--scheduler", "nosuch"]) for _ in range(2))
+    assert bad_option < missing_file + 0.5, (bad_option, missing_file)
+
+
+def test_demo_option_errors_come_before_loading(tmp_path):
+    models = tmp_path / "models"
+    (models / "base").mkdir(parents=True)
+    (models / "base" / "model_index.json").write_text("{}")  # no weights: loading would fail
+    args = ["demo", "--models", str(models), "--methods", "brushnet,repaint", "-o", str(tmp_path / "out")]
+    _one_line(runner.invoke(app, [*args, "--scheduler", "nosuch"]), "unknown scheduler 'nosuch'")
+    _one_line(runner.invoke(app, [*args, "--device", "garbage"]), "unknown device")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--port", "70000"], "--port must be between 1 and 65535, got 70000"),
+        (["--port", "0"], "--port must be between 1 and 65535"),
+        (["-m", "nosuch"], "unknown method 'nosuch'"),
+        (["-m", "brushnet,nosuch"], "unknown method 'nosuch'"),  # a comma-separated list is split
+        (["-m", "brushnet", "-m", "repaint,nosuch"], "unknown method 'nosuch'"),
+        (["--log-level", "loud"], "unknown --log-level 'loud'"),
+        (["--device", "garbage"], "unknown device 'garbage'"),
+    ],
+)
+def test_serve_bad_options_are_one_line_before_building_anything(args, message, tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    _one_line(runner.invoke(app, ["serve", "--tiny", *args]), message)
+    assert list(tmp_path.iterdir()) == []  # no temporary models were built
+
+
+def test_serve_demo_serves_the_shipped_models(monkeypatch):
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    seen = {}
+
+    def fake_run(asgi_app, host, port, log_level):
+        with TestClient(asgi_app, base_url=f"http://{host}:{port}") as client:
+            seen.update(client.get("/api/v1/health").json())
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    result = runner.invoke(app, ["serve", "--demo", "-m", "brushnet"])
+    assert result.exit_code == 0, result.output
+    assert seen["methods"] == ["brushnet"] and seen["status"] == "ok"  # no --base given: the shipped models
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_serve_tiny_stopped_by_sigterm_removes_its_temporary_models(tmp_path):
+    env = {**os.environ, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "brushnet.cli", "serve", "--tiny", "--port", str(_free_port())]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        lines = []
+        for line in process.stdout:  # until it serves
+            lines.append(line)
+            if line.startswith("serving "):
+                break
+        assert any(p.name.startswith("brushnet-tiny-") for p in tmp_path.iterdir()), "".join(lines)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("brushnet-tiny-")] == []
