@@ -180,7 +180,9 @@ def test_empty_stream_is_a_clear_error(base_config, tmp_path):
 
     write_synthetic_shards(tmp_path / "few", num_shards=1, samples_per_shard=1, size=24)
     config = make_config({**base_config, "train_shards": str(tmp_path / "few"), "max_train_steps": 1})
-    with pytest.raises(RuntimeError, match="yielded no batch"):
+    from brushnet.errors import InputError
+
+    with pytest.raises(InputError, match="yielded no batch"):  # one line, exit 2 from the command
         loop.train(config)
 
 

@@ -16,7 +16,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
-__all__ = ["EpochShardSampler", "collate", "build_train_dataset", "build_train_dataloader", "iterate_batches"]
+__all__ = [
+    "EpochShardSampler",
+    "collate",
+    "check_training_data",
+    "build_train_dataset",
+    "build_train_dataloader",
+    "iterate_batches",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +40,48 @@ def collate(samples: list[dict]) -> dict:
         if all(name in s for s in samples):
             batch[name] = torch.stack([torch.as_tensor(s[name]) for s in samples])
     return batch
+
+
+def _is_remote(shard: str) -> bool:
+    return "://" in shard or shard.startswith("pipe:")
+
+
+def check_training_data(config) -> None:
+    """Check that the data ``config`` names exists, before any model is loaded: ``train_shards`` is not empty
+    and every local shard it expands to (folder, brace pattern, glob) is a file; ``train_data_dir`` is a folder.
+    Whether the shards hold usable samples is known only when they are read (:func:`iterate_batches`).
+
+    Raises:
+        InputError: one line naming the problem and what was given.
+    """
+    from ..errors import InputError
+
+    if config.train_shards is not None:
+        from ..data.brushdata import expand_shards
+
+        spec = str(config.train_shards).strip()
+        if not spec:
+            raise InputError(
+                "--train_shards is empty: give a folder of .tar shards, a brace pattern (data/{00000..00009}.tar) "
+                "or a glob (data/*.tar)"
+            )
+        try:
+            shards = expand_shards(spec)
+        except ValueError as exc:
+            raise InputError(f"--train_shards {spec}: {exc}") from None
+        missing = [shard for shard in shards if not _is_remote(shard) and not Path(shard).is_file()]
+        if len(shards) == 1 and missing:
+            raise InputError(f"--train_shards {spec}: no such shard file or folder")
+        if missing and len(missing) == len(shards):
+            raise InputError(
+                f"--train_shards {spec} matches no existing shard ({len(shards)} paths, e.g. {missing[0]})"
+            )
+        if missing:
+            raise InputError(
+                f"--train_shards {spec}: {len(missing)} of its {len(shards)} shards do not exist (first: {missing[0]})"
+            )
+    if config.train_data_dir is not None and not Path(config.train_data_dir).is_dir():
+        raise InputError(f"--train_data_dir {config.train_data_dir} is not a folder")
 
 
 def build_train_dataset(config, process_index: int, num_processes: int, seed: int):
@@ -142,7 +191,13 @@ def iterate_batches(dataloader: DataLoader, dataset, epoch: int, skip: int = 0):
         count += 1
         yield batch
     if count == 0 and skip == 0:
-        raise RuntimeError(
-            "the training data yielded no batch for this process (empty dataset, fewer samples than a batch, "
-            "or fewer shards than processes × dataloader workers)"
-        )
+        from ..errors import InputError
+
+        skipped = getattr(dataset, "skipped", None)
+        counts = {k: v for k, v in skipped.as_dict().items() if v} if hasattr(skipped, "as_dict") else {}
+        if counts:
+            reasons = ", ".join(f"{count} {reason}" for reason, count in counts.items())
+            detail = f"no usable sample: every sample read was malformed ({reasons})"
+        else:
+            detail = "empty dataset, fewer samples than a batch, or fewer shards than processes × dataloader workers"
+        raise InputError(f"the training data yielded no batch for this process ({detail})")

@@ -25,9 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    from .data import check_training_data
     from .loop import train
 
     try:
+        check_training_data(config)  # before any model loads
         train(config)
     except (InputError, ValueError, OSError) as error:
         if os.environ.get("BRUSHNET_DEBUG"):
