@@ -135,3 +135,29 @@ def test_largest_component():
     mask[5:7, 5:7] = False
     assert largest_component(mask).sum() == 3
     assert not largest_component(np.zeros((3, 3), dtype=bool)).any()
+
+
+def test_removal_score_tells_an_erased_object_from_one_left_or_replaced():
+    """``--score removal``: an erased object scores ``removed`` with no object pixels; the object left in place,
+    or another object painted into the hole, does not."""
+    from types import SimpleNamespace
+
+    from brushnet.data.shapes_metrics import object_fraction, removal
+
+    checked = 0
+    for pixels, hole, obj, scene, masks, i in _rendered_objects([(128, 20)], seed=16):
+        empty, _ = render_scene(Scene(scene.size, scene.background, ()))
+        erased = pixels.copy()
+        erased[hole] = np.asarray(empty)[hole]
+        other = next(c for c in PALETTE if c not in (obj.colour, scene.background.colour))
+        replaced = erased.copy()
+        replaced[masks[i]] = PALETTE[other]
+        item = SimpleNamespace(mask=hole)
+        assert removal(Image.fromarray(erased), item, "inside") == {"removed": True, "object_fraction": 0.0}
+        kept = removal(Image.fromarray(pixels), item, "inside")
+        assert not kept["removed"] and kept["object_fraction"] == pytest.approx(masks[i].sum() / hole.sum())
+        assert not removal(Image.fromarray(replaced), item, "inside")["removed"]
+        assert object_fraction(replaced, hole) == pytest.approx(masks[i].sum() / hole.sum())
+        assert removal(Image.fromarray(erased), item, "outside") == {}
+        checked += 1
+    assert checked >= 20

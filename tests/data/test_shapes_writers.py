@@ -165,3 +165,22 @@ def test_cli(tmp_path):
     result = runner.invoke(app, ["make-train", str(tmp_path / "x"), "-n", "0"])
     assert result.exit_code == 2
     assert "num_scenes must be at least 1" in result.output
+
+
+def test_removal_eval_set_asks_for_the_masked_object_to_go(tmp_path):
+    """Same scenes and holes as the plain set; the prompt names the background, the caption lacks the object."""
+    write_eval_set(tmp_path / "plain", 6, seed=4)
+    write_eval_set(tmp_path / "removal", 6, seed=4, removal=True)
+    plain = json.loads((tmp_path / "plain" / "mapping_file.json").read_text())
+    removal = json.loads((tmp_path / "removal" / "mapping_file.json").read_text())
+    for key, entry in removal.items():
+        same = plain[key]
+        assert entry["inpainting_mask"] == same["inpainting_mask"]
+        assert (tmp_path / "removal" / entry["image"]).read_bytes() == (
+            tmp_path / "plain" / same["image"]
+        ).read_bytes()
+        assert entry["variant"] == "removal" and entry["target"] is None
+        assert entry["prompt"].endswith("background") and entry["prompt"] in entry["caption"]
+        assert same["prompt"] not in entry["caption"] and same["prompt"] in same["source_caption"]
+    with pytest.raises(ValueError, match="different_object_fraction must be 0"):
+        write_eval_set(tmp_path / "bad", 2, removal=True, different_object_fraction=0.5)

@@ -17,9 +17,11 @@ __all__ = ["SCORERS", "get_scorer"]
 
 SCORERS: dict[str, str] = {
     "shapes": "brushnet.data.shapes_metrics:text_alignment",
+    "removal": "brushnet.data.shapes_metrics:removal",
 }
 """Named scorers: ``shapes`` = the shapes world's prompted colour and shape in the hole (``colour_ok``,
-``shape_ok``)."""
+``shape_ok``); ``removal`` = the shapes world's object removal: no object colour left in the hole
+(``removed``, ``object_fraction``)."""
 
 
 def get_scorer(name: str) -> Callable[..., dict[str, Any]]:

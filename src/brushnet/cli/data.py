@@ -82,6 +82,11 @@ def make_eval(
     mask_dilation: int | None = typer.Option(
         None, "--mask-dilation", help="Hole dilation in pixels (default: size / 40, at least 2)."
     ),
+    removal: bool = typer.Option(
+        False,
+        "--removal",
+        help="Object-removal entries: the prompt names the background (score with --score removal).",
+    ),
 ) -> None:
     """Write a BrushBench-format evaluation set with one object hole per image."""
     from ..data.shapes_writers import write_eval_set
@@ -93,5 +98,6 @@ def make_eval(
         seed=seed,
         different_object_fraction=different_object,
         mask_dilation=mask_dilation,
+        removal=removal,
     )
     typer.echo(f"wrote {num_scenes} entries to {path}")

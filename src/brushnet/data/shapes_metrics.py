@@ -30,6 +30,8 @@ __all__ = [
     "colour_accuracy",
     "dominant_colour",
     "largest_component",
+    "object_fraction",
+    "removal",
     "shape_accuracy",
     "shape_features",
     "text_alignment",
@@ -129,6 +131,27 @@ def colour_accuracy(
     if colour not in PALETTE:
         raise ValueError(f"unknown colour {colour!r}; expected one of {_PALETTE_NAMES}")
     return dominant_colour(image, region_mask, **kwargs) == colour
+
+
+def object_fraction(
+    image: np.ndarray | Image.Image,
+    region_mask: np.ndarray,
+    ring_width: int = 2,
+    background_tolerance: float = 30.0,
+    max_palette_distance: float = 120.0,
+) -> float:
+    """The share of a region's pixels that show an object colour: near a :data:`~brushnet.data.shapes.PALETTE`
+    colour and unlike the background around the region (the pixels that vote in :func:`dominant_colour`).
+
+    ``dominant_colour(...) is None`` ⇔ this share is below its ``min_fraction`` (2 %): the region holds
+    (almost) only background — what an object removal should leave.
+    """
+    rgb = _as_rgb(image)
+    mask = _as_mask(region_mask, rgb.shape)
+    if not mask.any():
+        return 0.0
+    labels = _colour_pixels(rgb, mask, ring_width, background_tolerance, max_palette_distance)
+    return float((labels >= 0).sum() / mask.sum())
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -288,5 +311,22 @@ def text_alignment(image, item, mask_kind: str) -> dict[str, bool | None]:
     rgb = np.asarray(image.convert("RGB"))
     return {
         "colour_ok": None if colour is None else dominant_colour(rgb, item.mask) == colour,
-        "shape_ok": None if shape is None or colour is None else classify_shape(rgb, item.mask, colour) == shape,
+        "shape_ok": None
+        if shape is None or colour is None
+        else classify_shape(rgb, item.mask, colour) == shape,
     }
+
+
+def removal(image, item, mask_kind: str) -> dict[str, bool | float]:
+    """The shapes world's object-removal score of a benchmark output (``brushnet bench run --score removal``):
+    ``removed`` — no object colour dominates the hole (:func:`dominant_colour` finds none: under 2 % of its
+    pixels look like an object), and ``object_fraction`` — that share (:func:`object_fraction`).
+
+    Scored for inside-inpainting only; meaningful on sets whose prompts ask for the object to go
+    (:func:`brushnet.data.shapes_writers.write_eval_set` with ``removal=True``).
+    """
+    if mask_kind != "inside":
+        return {}
+    rgb = np.asarray(image.convert("RGB"))
+    share = object_fraction(rgb, item.mask)
+    return {"removed": dominant_colour(rgb, item.mask) is None, "object_fraction": share}

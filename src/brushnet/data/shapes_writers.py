@@ -171,6 +171,7 @@ def write_eval_set(
     seed: int = 0,
     different_object_fraction: float = 0.0,
     mask_dilation: int | None = None,
+    removal: bool = False,
 ) -> Path:
     """Write a BrushBench-format evaluation set: ``images/<id>.png`` and ``mapping_file.json``.
 
@@ -195,6 +196,11 @@ def write_eval_set(
     (``{"shape", "colour"}`` of what the image shows there), ``"variant"`` (``"same"`` or
     ``"different"``), ``"source_caption"`` (the caption of the image as written) and ``"background"``.
 
+    With ``removal`` the same scenes and holes ask for the masked object to go: ``"prompt"`` is the background's
+    phrase (e.g. ``"a plain red background"``: the best a method without a removal mode can be told),
+    ``"caption"`` the scene caption without the object, ``"target"`` is ``None``, ``"variant"`` ``"removal"``
+    (score with ``brushnet bench run --score removal``).
+
     Args:
         out_dir: output folder (created if missing).
         num_scenes: number of evaluation images.
@@ -202,6 +208,7 @@ def write_eval_set(
         seed: dataset seed.
         different_object_fraction: probability in [0, 1] that an entry prompts for a different object.
         mask_dilation: hole dilation in pixels; default ``max(2, round(size / 40))`` (3 at 128).
+        removal: write object-removal entries (above); needs ``different_object_fraction`` 0.
 
     Returns:
         The path of ``mapping_file.json``.
@@ -209,6 +216,8 @@ def write_eval_set(
     _check_counts(num_scenes, size, seed)
     if not 0.0 <= different_object_fraction <= 1.0:
         raise ValueError(f"different_object_fraction must be in [0, 1], got {different_object_fraction}")
+    if removal and different_object_fraction:
+        raise ValueError("a removal set prompts for no object: different_object_fraction must be 0")
     dilation = max(2, round(size / 40)) if mask_dilation is None else mask_dilation
     if dilation < 0:
         raise ValueError(f"mask_dilation must be non-negative, got {mask_dilation}")
@@ -232,6 +241,9 @@ def write_eval_set(
         entry_id = f"{index:05d}"
         relative = f"images/{entry_id}.png"
         _atomic_write(out / relative, lambda file, image=image: image.save(file, format="PNG"))
+        if removal:
+            others = tuple(obj for i, obj in enumerate(scene.objects) if i != target_index)
+            caption = Scene(scene.size, scene.background, others).caption
         mapping[entry_id] = {
             "image": relative,
             "caption": caption,
@@ -239,10 +251,10 @@ def write_eval_set(
             "outpainting_mask": encode_brushbench_rle(~hole),
             "height": size,
             "width": size,
-            "prompt": object_phrase(shape, colour),
-            "target": {"shape": shape, "colour": colour, "bbox": _bbox(hole)},
+            "prompt": scene.background.phrase if removal else object_phrase(shape, colour),
+            "target": None if removal else {"shape": shape, "colour": colour, "bbox": _bbox(hole)},
             "masked_object": {"shape": masked.shape, "colour": masked.colour},
-            "variant": "different" if different else "same",
+            "variant": "removal" if removal else ("different" if different else "same"),
             "source_caption": scene.caption,
             "background": scene.background.to_dict(),
         }

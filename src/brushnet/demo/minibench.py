@@ -6,9 +6,13 @@
    of the prompts asking for a different object than the one masked out);
 2. runs ``brushnet bench run`` on it, inside and outside masks, for every method of :data:`~.assets.METHODS`
    with the shipped models and :data:`~.run.DEMO_REQUEST`;
-3. summarises the per-image rows into ``mini_brushbench.json`` (the file ``brushnet demo`` prints): PSNR / MSE
-   over the kept region, and for inside masks the fraction of holes whose dominant colour is the prompted
-   one and whose blob of that colour has the prompted shape (:mod:`brushnet.data.shapes_metrics`).
+3. runs the object-removal pass: the same scenes and holes with prompts that ask for the masked object to go
+   (:func:`~brushnet.data.shapes_writers.write_eval_set` with ``removal=True``; PowerPaint with its
+   object-removal task, :data:`~.run.REMOVAL_OPTIONS`), inside masks, scored by ``--score removal``;
+4. summarises the per-image rows into ``mini_brushbench.json`` (the file ``brushnet demo`` prints): PSNR / MSE
+   over the kept region, for inside masks the fraction of holes whose dominant colour is the prompted
+   one and whose blob of that colour has the prompted shape, and the fraction of removal holes left with no
+   object colour (:mod:`brushnet.data.shapes_metrics`).
 """
 
 from __future__ import annotations
@@ -24,30 +28,39 @@ from pathlib import Path
 
 from ..io import atomic_write_text
 from .assets import DEMO_DIR, METHODS, method_models
-from .run import DEMO_REQUEST, METHOD_OPTIONS, RESULTS_FILE, format_results_table
+from .run import DEMO_REQUEST, METHOD_OPTIONS, REMOVAL_OPTIONS, RESULTS_FILE, format_results_table
 
 __all__ = ["bench_command", "summarise", "main"]
 
 
 def bench_command(
-    dataset: Path, run_dir: Path, models_root: Path, methods=METHODS, limit: int | None = None
+    dataset: Path,
+    run_dir: Path,
+    models_root: Path,
+    methods=METHODS,
+    limit: int | None = None,
+    removal: bool = False,
 ) -> list[str]:
-    """The ``brushnet bench run`` command line of the mini-BrushBench."""
+    """The ``brushnet bench run`` command line of the mini-BrushBench (``removal``: of its object-removal pass)."""
     paths = {slot: path for method in methods for slot, path in method_models(method, models_root).items()}
+    options = {name: dict(values) for name, values in METHOD_OPTIONS.items()}
+    if removal:
+        for name, values in REMOVAL_OPTIONS.items():
+            options[name] = {**options.get(name, {}), **values}
     command = [
         "brushnet", "bench", "run",
         "--methods", ",".join(methods),
         "--dataset", str(dataset),
-        "--mask-kind", "inside,outside",
+        "--mask-kind", "inside" if removal else "inside,outside",
         "--output", str(run_dir),
         *[part for slot, path in paths.items() for part in ("--" + slot.replace("_", "-"), path)],
         "--steps", str(DEMO_REQUEST["steps"]),
         "--guidance", str(DEMO_REQUEST["guidance_scale"]),
         "--seed", str(DEMO_REQUEST["seed"]),
         "--blend-kernel-size", str(DEMO_REQUEST["blend_kernel_size"]),
-        "--score", "shapes",
-        *[f"--option={name}:{key}={value}" for name, options in METHOD_OPTIONS.items() if name in methods
-          for key, value in options.items()],
+        "--score", "removal" if removal else "shapes",
+        *[f"--option={name}:{key}={value}" for name, values in options.items() if name in methods
+          for key, value in values.items()],
         "--device", "cpu",
     ]  # fmt: skip
     if limit is not None:
@@ -60,22 +73,31 @@ def _mean(values: list) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def summarise(run_dir: str | os.PathLike, dataset: str | os.PathLike) -> list[dict]:
+def _per_image(run_dir: str | os.PathLike) -> list[dict]:
+    path = Path(run_dir) / "results" / "per_image.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def summarise(
+    run_dir: str | os.PathLike, dataset: str | os.PathLike, removal_run_dir: str | os.PathLike | None = None
+) -> list[dict]:
     """One summary row per (method, blend) from the run's ``results/per_image.jsonl``.
 
     Columns: ``inside_psnr``/``inside_mse``/``outside_psnr``/``outside_mse`` (kept region, mean over images),
-    ``colour_acc``/``shape_acc`` (inside masks), and ``colour_acc_same``/``colour_acc_different`` split by
-    whether the prompt asks for the masked object or another one.
+    ``colour_acc``/``shape_acc`` (inside masks), ``colour_acc_same``/``colour_acc_different`` split by
+    whether the prompt asks for the masked object or another one, and from the removal pass
+    ``removal_acc`` (holes left with no object colour) and ``removal_object_fraction`` (mean share of hole
+    pixels with an object colour); ``None`` where a pass did not run.
     """
-    rows = [
-        json.loads(line) for line in (Path(run_dir) / "results" / "per_image.jsonl").read_text().splitlines()
-    ]
+    rows = _per_image(run_dir)
+    removal_rows = _per_image(removal_run_dir) if removal_run_dir is not None else []
     mapping = json.loads((Path(dataset) / "mapping_file.json").read_text())
     summary = []
     for method in METHODS:
         for variant in ("raw", "blended"):
             mine = [r for r in rows if r["method"] == method and r["variant"] == variant]
-            if not mine:
+            removed = [r for r in removal_rows if r["method"] == method and r["variant"] == variant]
+            if not mine and not removed:
                 continue
             inside = [r for r in mine if r["mask_kind"] == "inside"]
             outside = [r for r in mine if r["mask_kind"] == "outside"]
@@ -96,6 +118,9 @@ def summarise(run_dir: str | os.PathLike, dataset: str | os.PathLike) -> list[di
                     "colour_acc_same": _mean([r.get("colour_ok") for r in same]),
                     "colour_acc_different": _mean([r.get("colour_ok") for r in different]),
                     "seconds_per_image": _mean([r.get("seconds") for r in mine]),
+                    "removal_images": len(removed),
+                    "removal_acc": _mean([r.get("removed") for r in removed]),
+                    "removal_object_fraction": _mean([r.get("object_fraction") for r in removed]),
                 }
             )
     return summary
@@ -123,18 +148,29 @@ def main(argv: list[str] | None = None) -> int:
     from ..data.shapes_writers import write_eval_set
 
     dataset, run_dir = args.work / "eval", args.work / "run"
+    removal_set, removal_dir = args.work / "eval_removal", args.work / "run_removal"
     write_eval_set(dataset, args.scenes, seed=args.seed, different_object_fraction=0.25)
-    command = bench_command(dataset, run_dir, args.models, methods=args.methods.split(","))
+    write_eval_set(removal_set, args.scenes, seed=args.seed, removal=True)
+    methods = args.methods.split(",")
+    commands = [
+        bench_command(dataset, run_dir, args.models, methods=methods),
+        bench_command(removal_set, removal_dir, args.models, methods=methods, removal=True),
+    ]
     start = time.time()
     if not args.skip_run:
-        print("+", shlex.join(command), flush=True)
-        subprocess.run(command, check=True)
+        for command in commands:
+            print("+", shlex.join(command), flush=True)
+            subprocess.run(command, check=True)
     seconds = time.time() - start
+    shipped = Path("src/brushnet/assets/demo_world")
     reproduce = (
         f"python -m brushnet.demo.minibench --work WORK --scenes {args.scenes} --seed {args.seed} "
         f"(= shapes make-eval WORK/eval -n {args.scenes} --seed {args.seed} --different-object 0.25, then "
+        + shlex.join(bench_command(Path("WORK/eval"), Path("WORK/run"), shipped))
+        + f"; and the removal pass: shapes make-eval WORK/eval_removal -n {args.scenes} --seed {args.seed} "
+        "--removal, then "
         + shlex.join(
-            bench_command(Path("WORK/eval"), Path("WORK/run"), Path("src/brushnet/assets/demo_world"))
+            bench_command(Path("WORK/eval_removal"), Path("WORK/run_removal"), shipped, removal=True)
         )
         + ")"
     )
@@ -144,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": DEMO_REQUEST,
         "bench_seconds": None if args.skip_run else round(seconds, 1),
         "colour_chance": 1 / 7,
-        "rows": summarise(run_dir, dataset),
+        "rows": summarise(run_dir, dataset, removal_dir),
     }
     atomic_write_text(args.results, json.dumps(record, indent=1))
     print(format_results_table(args.results))

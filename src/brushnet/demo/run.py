@@ -49,6 +49,11 @@ METHOD_OPTIONS = {
 its photo prompt additions ("Full HD, 4K, ...", its long negative prompt): the demo's text encoder knows only
 shapes-world words, and those additions turn its output into noise (docs/hd_painter.md)."""
 
+REMOVAL_OPTIONS = {"powerpaint": {"task": "object-removal"}}
+"""Per-method options of the mini-BrushBench's object-removal pass (over :data:`METHOD_OPTIONS`): PowerPaint
+uses its removal task; the other methods have none and get the removal set's prompt (the background's
+phrase) like any prompt."""
+
 METHOD_LABELS = {
     "brushnet": "BrushNet",
     "blended-latent-diffusion": "BLD",
@@ -56,6 +61,7 @@ METHOD_LABELS = {
     "controlnet-inpaint": "CN-inpaint",
     "repaint": "RePaint",
     "hd-painter": "HD-Painter",
+    "powerpaint": "PowerPaint",
 }
 
 
@@ -121,15 +127,26 @@ def format_results_table(path: str | os.PathLike = RESULTS_FILE) -> str:
         f"Mini-BrushBench ({data['images']} held-out scenes per mask kind; read from the committed results file "
         f"{path.name}, produced by: {data['command']})",
         "",
-        "| method | blend | inside PSNR ↑ | inside MSE ↓ | colour acc ↑ | shape acc ↑ | outside PSNR ↑ |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| method | blend | inside PSNR ↑ | inside MSE ↓ | colour acc ↑ | shape acc ↑ | outside PSNR ↑ "
+        "| removal ↑ |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+
+    def number(value, digits: int) -> str:
+        return "–" if value is None else f"{value:.{digits}f}"
+
     for row in data["rows"]:
         lines.append(
             f"| {METHOD_LABELS.get(row['method'], row['method'])} | {'yes' if row['blend'] else 'no'} "
-            f"| {row['inside_psnr']:.2f} | {row['inside_mse']:.5f} | {row['colour_acc']:.3f} "
-            f"| {row['shape_acc']:.3f} | {row['outside_psnr']:.2f} |"
+            f"| {number(row.get('inside_psnr'), 2)} | {number(row.get('inside_mse'), 5)} "
+            f"| {number(row.get('colour_acc'), 3)} | {number(row.get('shape_acc'), 3)} "
+            f"| {number(row.get('outside_psnr'), 2)} | {number(row.get('removal_acc'), 3)} |"
         )
+    lines += [
+        "",
+        "removal: the share of holes left with no object colour when the prompt asks for the masked object to "
+        "go (PowerPaint: its object-removal task; the others: the background's phrase as the prompt).",
+    ]
     return "\n".join(lines)
 
 
