@@ -1,8 +1,10 @@
 """The HTTP API and the web page, served by one FastAPI app over one :class:`Engine`.
 
-Every error answers a JSON body ``{"error": "<one line>", ...}`` with its status: 400 bad image or mask,
-403 cross-origin request, 413 too large, 422 schema violation, 404 unknown job, 409 job already finished,
-429 queue full, 500 internal (no traceback), 504 job timed out (``wait=true``).
+Every error answers a JSON body ``{"error": "<one line>", ...}`` with its status: 400 bad image or mask (or
+JSON nested too deeply), 403 cross-origin request or a ``Host`` that is not this server (:class:`HostGuard`),
+413 too large, 422 schema violation, 404 unknown job, 409 job already finished, 429 queue full, 500 internal
+(no traceback), 504 job timed out (``wait=true``). No CPU-heavy work runs on the event loop: decoding,
+parsing, preparing and PNG encoding go to the thread pool, so ``/health`` always answers.
 
 Requests that start or cancel jobs from a browser page of another origin are refused (403): a browser sends
 a cross-site form POST without asking, and the server has no authentication. Requests without an ``Origin``
