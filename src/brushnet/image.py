@@ -31,6 +31,7 @@ __all__ = [
     "oriented",
     "load_mask",
     "mask_to_array",
+    "mask_batch",
     "pil_to_tensor",
     "tensor_to_pil",
     "gaussian_kernel_1d",
@@ -179,6 +180,28 @@ def mask_to_array(mask: Image.Image | np.ndarray | torch.Tensor, invert: bool = 
             values = arr.astype(np.float32)
     hole = values >= 0.5
     return ~hole if invert else hole
+
+
+def mask_batch(mask_image) -> list:
+    """Split masks given in any of diffusers' documented batch formats into one entry per mask.
+
+    - a PIL image, or a list of PIL images, arrays or tensors (each one mask, or a batch of them);
+    - numpy: ``(H, W)`` and ``(H, W, C)`` with ``C`` in 1, 3, 4 are one mask; other 3-D arrays are a batch
+      ``(B, H, W)``; 4-D arrays ``(B, H, W, C)``;
+    - torch: ``(H, W)`` is one mask; ``(B, H, W)`` and ``(B, C, H, W)`` are batches (as diffusers reads them:
+      a 3-D tensor is a batch of masks, never a colour mask).
+
+    Every entry is then read by :func:`mask_to_array` (white / 1 = inpaint).
+    """
+    if isinstance(mask_image, (list, tuple)):
+        return [m for item in mask_image for m in mask_batch(item)]
+    if isinstance(mask_image, torch.Tensor):
+        return list(mask_image) if mask_image.ndim in (3, 4) else [mask_image]
+    if isinstance(mask_image, np.ndarray):
+        if mask_image.ndim == 4 or (mask_image.ndim == 3 and mask_image.shape[-1] not in (1, 3, 4)):
+            return list(mask_image)
+        return [mask_image]
+    return [mask_image]
 
 
 def load_mask(

@@ -17,6 +17,14 @@ from dataclasses import dataclass
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.attention import AttentionMixin
+from diffusers.models.attention_processor import (
+    ADDED_KV_ATTENTION_PROCESSORS,
+    CROSS_ATTENTION_PROCESSORS,
+    AttnAddedKVProcessor,
+    AttnProcessor,
+)
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d_blocks import (
@@ -27,6 +35,8 @@ from diffusers.models.unets.unet_2d_blocks import (
 )
 from diffusers.utils import BaseOutput
 from torch import nn
+
+from .hooks import block_hooks
 
 __all__ = ["BrushNetModel", "BrushNetOutput"]
 
@@ -52,13 +62,16 @@ def _zero_module(module: nn.Module) -> nn.Module:
     return module
 
 
-class BrushNetModel(ModelMixin, ConfigMixin):
+class BrushNetModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
     """The BrushNet branch.
 
     Config keys mirror the released checkpoints' ``config.json``. Keys that build nothing in the original
     (``conditioning_embedding_out_channels``, ``brushnet_conditioning_channel_order``, ``global_pool_conditions``
     is honoured, ``addition_embed_type_num_heads``, ...) are accepted and kept so a checkpoint round-trips.
     ``mid_block_type="MidBlock2D"`` (the original's name) is a mid block of two plain resnets.
+
+    Like diffusers' ControlNet it has ``attn_processors`` / ``set_attn_processor`` / fused QKV projections (for
+    a branch with cross-attention, e.g. PowerPaint's) and PEFT adapters (``add_adapter``, ``load_lora_adapter``).
     """
 
     _supports_gradient_checkpointing = True
@@ -277,6 +290,20 @@ class BrushNetModel(ModelMixin, ConfigMixin):
         return self.config.addition_embed_type is not None or any(
             getattr(block, "has_cross_attention", False) for block in [*self.down_blocks, self.mid_block]
         )
+
+    def set_default_attn_processor(self) -> None:
+        """Reset every attention layer to diffusers' default processor (as ``UNet2DConditionModel`` does)."""
+        processors = self.attn_processors.values()
+        if all(proc.__class__ in ADDED_KV_ATTENTION_PROCESSORS for proc in processors):
+            processor = AttnAddedKVProcessor()
+        elif all(proc.__class__ in CROSS_ATTENTION_PROCESSORS for proc in processors):
+            processor = AttnProcessor()
+        else:
+            raise ValueError(
+                "cannot reset attention processors of mixed types: "
+                f"{sorted({type(p).__name__ for p in processors})}"
+            )
+        self.set_attn_processor(processor)
 
     @property
     def num_down_residuals(self) -> int:
@@ -500,26 +527,27 @@ class BrushNetModel(ModelMixin, ConfigMixin):
             if i < len(self.up_blocks) - 1 and forward_upsample_size:
                 upsample_size = skips[-1].shape[2:]
             attentions = getattr(block, "attentions", None) or [None] * n
-            for resnet, attn in zip(block.resnets, attentions):
-                res_hidden, res_tuple = res_tuple[-1], res_tuple[:-1]
-                sample = torch.cat([sample, res_hidden], dim=1)
-                if torch.is_grad_enabled() and self.gradient_checkpointing:
-                    sample = self._gradient_checkpointing_func(resnet, sample, emb)
-                else:
-                    sample = resnet(sample, emb)
-                if attn is not None:
-                    sample = attn(
-                        sample,
-                        encoder_hidden_states=encoder_hidden_states,
-                        cross_attention_kwargs=cross_attention_kwargs,
-                        attention_mask=attention_mask,
-                        return_dict=False,
-                    )[0]
-                up_samples += (sample,)
-            if block.upsamplers is not None:
-                for upsampler in block.upsamplers:
-                    sample = upsampler(sample, upsample_size)
-                up_samples += (sample,)
+            with block_hooks(block):  # block-level offloading: it is run resnet by resnet
+                for resnet, attn in zip(block.resnets, attentions):
+                    res_hidden, res_tuple = res_tuple[-1], res_tuple[:-1]
+                    sample = torch.cat([sample, res_hidden], dim=1)
+                    if torch.is_grad_enabled() and self.gradient_checkpointing:
+                        sample = self._gradient_checkpointing_func(resnet, sample, emb)
+                    else:
+                        sample = resnet(sample, emb)
+                    if attn is not None:
+                        sample = attn(
+                            sample,
+                            encoder_hidden_states=encoder_hidden_states,
+                            cross_attention_kwargs=cross_attention_kwargs,
+                            attention_mask=attention_mask,
+                            return_dict=False,
+                        )[0]
+                    up_samples += (sample,)
+                if block.upsamplers is not None:
+                    for upsampler in block.upsamplers:
+                        sample = upsampler(sample, upsample_size)
+                    up_samples += (sample,)
 
         down_residuals = tuple(tap(s) for s, tap in zip(down_samples, self.brushnet_down_blocks, strict=True))
         mid_residual = self.brushnet_mid_block(mid_sample)

@@ -10,11 +10,15 @@ object is never modified and stays usable as a plain UNet everywhere else.
 
 from __future__ import annotations
 
+import functools
+import weakref
 from collections.abc import Sequence
 
 import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from diffusers.utils.torch_utils import apply_freeu
+
+from .hooks import block_hooks, run_hooked, unwrap_compiled
 
 try:  # diffusers >= 0.36
     from diffusers.utils.peft_utils import apply_lora_scale
@@ -24,7 +28,7 @@ except ImportError:  # pragma: no cover - older diffusers: LoRA scale via cross_
         return lambda fn: fn
 
 
-__all__ = ["unet_forward_with_brushnet", "count_injection_points"]
+__all__ = ["unet_forward_with_brushnet", "run_unet_with_brushnet", "count_injection_points"]
 
 
 def count_injection_points(unet: UNet2DConditionModel) -> tuple[int, int]:
@@ -133,20 +137,21 @@ def unet_forward_with_brushnet(
 
     # 3. down: residual after each resnet (+attention) and after the downsampler, then store the skip
     for block in unet.down_blocks:
-        attentions = getattr(block, "attentions", None) or [None] * len(block.resnets)
-        for resnet, attn in zip(block.resnets, attentions):
-            sample = _run(block, resnet, sample, emb)
-            if attn is not None:
-                sample = attn(sample, **attn_kwargs)[0]
-            if down_add is not None:
-                sample = sample + down_add.pop(0)
-            skips += (sample,)
-        if block.downsamplers is not None:
-            for downsampler in block.downsamplers:
-                sample = downsampler(sample)
-            if down_add is not None:
-                sample = sample + down_add.pop(0)
-            skips += (sample,)
+        with block_hooks(block):  # block-level offloading: the block's weights are on the device in here
+            attentions = getattr(block, "attentions", None) or [None] * len(block.resnets)
+            for resnet, attn in zip(block.resnets, attentions):
+                sample = _run(block, resnet, sample, emb)
+                if attn is not None:
+                    sample = attn(sample, **attn_kwargs)[0]
+                if down_add is not None:
+                    sample = sample + down_add.pop(0)
+                skips += (sample,)
+            if block.downsamplers is not None:
+                for downsampler in block.downsamplers:
+                    sample = downsampler(sample)
+                if down_add is not None:
+                    sample = sample + down_add.pop(0)
+                skips += (sample,)
 
     if down_block_additional_residuals is not None:
         if len(down_block_additional_residuals) != len(skips):
@@ -181,31 +186,56 @@ def unet_forward_with_brushnet(
             upsample_size = skips[-1].shape[2:]
         freeu = all(getattr(block, name, None) for name in ("s1", "s2", "b1", "b2"))
         attentions = getattr(block, "attentions", None) or [None] * n
-        for resnet, attn in zip(block.resnets, attentions):
-            res_hidden, res_tuple = res_tuple[-1], res_tuple[:-1]
-            if freeu:
-                sample, res_hidden = apply_freeu(
-                    block.resolution_idx,
-                    sample,
-                    res_hidden,
-                    s1=block.s1,
-                    s2=block.s2,
-                    b1=block.b1,
-                    b2=block.b2,
-                )
-            sample = torch.cat([sample, res_hidden], dim=1)
-            sample = _run(block, resnet, sample, emb)
-            if attn is not None:
-                sample = attn(sample, **attn_kwargs)[0]
-            if up_add is not None:
-                sample = sample + up_add.pop(0)
-        if block.upsamplers is not None:
-            for upsampler in block.upsamplers:
-                sample = upsampler(sample, upsample_size)
-            if up_add is not None:
-                sample = sample + up_add.pop(0)
+        with block_hooks(block):
+            for resnet, attn in zip(block.resnets, attentions):
+                res_hidden, res_tuple = res_tuple[-1], res_tuple[:-1]
+                if freeu:
+                    sample, res_hidden = apply_freeu(
+                        block.resolution_idx,
+                        sample,
+                        res_hidden,
+                        s1=block.s1,
+                        s2=block.s2,
+                        b1=block.b1,
+                        b2=block.b2,
+                    )
+                sample = torch.cat([sample, res_hidden], dim=1)
+                sample = _run(block, resnet, sample, emb)
+                if attn is not None:
+                    sample = attn(sample, **attn_kwargs)[0]
+                if up_add is not None:
+                    sample = sample + up_add.pop(0)
+            if block.upsamplers is not None:
+                for upsampler in block.upsamplers:
+                    sample = upsampler(sample, upsample_size)
+                if up_add is not None:
+                    sample = sample + up_add.pop(0)
 
     # 6. post-process
     if unet.conv_norm_out is not None:
         sample = unet.conv_act(unet.conv_norm_out(sample))
     return unet.conv_out(sample)
+
+
+# torch.compile(unet) wrappers -> the injected forward compiled with the same settings (one per wrapper)
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def run_unet_with_brushnet(unet: torch.nn.Module, *args, **kwargs) -> torch.Tensor:
+    """:func:`unet_forward_with_brushnet` as a *call* of ``unet``: what a pipeline should use.
+
+    - The hooks on the UNet's ``forward`` fire around the injected forward (accelerate's model and sequential
+      CPU offload, diffusers' group offloading; see :mod:`brushnet.models.hooks`), so an offloaded UNet is on
+      the execution device while it runs and the previous model is offloaded, exactly as for ``unet(...)``.
+    - A ``torch.compile``-wrapped UNet (``pipe.unet = torch.compile(pipe.unet)``) runs the injected forward
+      compiled with the wrapper's own settings (backend, mode, ``fullgraph``), compiled once per wrapper.
+
+    Args and returns: as :func:`unet_forward_with_brushnet` (``unet`` may be compiled).
+    """
+    module = unwrap_compiled(unet)
+    function = unet_forward_with_brushnet
+    if module is not unet:
+        function = _COMPILED.get(unet)
+        if function is None:
+            function = _COMPILED[unet] = unet.dynamo_ctx(unet_forward_with_brushnet)
+    return run_hooked(module, functools.partial(function, module), *args, **kwargs)

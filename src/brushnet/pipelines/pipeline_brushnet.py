@@ -11,6 +11,12 @@ differences, all documented in the README:
 - unknown keyword arguments are an error, not silently dropped;
 - the VAE posterior sample of the masked image is drawn from ``generator`` (the original drew it from the
   global RNG, so its results were not reproducible with a real VAE).
+
+It composes with the rest of diffusers (docs/composing.md): LoRA and textual inversion on the base, IP-Adapter
+(``load_ip_adapter``), an optional ``controlnet`` (one or several) steering what fills the hole, model /
+sequential / group offloading and ``torch.compile`` of the UNet (the injected forward honours the UNet's
+hooks), ``strength`` and ``padding_mask_crop`` as in diffusers' inpaint pipelines, any VAE including
+``AutoencoderTiny``, FreeU, fused QKV projections, and few-step schedulers and LoRAs (LCM, TCD).
 """
 
 from __future__ import annotations
@@ -20,22 +26,31 @@ from typing import Any
 
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
-from diffusers.loaders import StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
-from diffusers.models import AutoencoderKL, UNet2DConditionModel
+from diffusers.image_processor import PipelineImageInput
+from diffusers.loaders import (
+    FromSingleFileMixin,
+    IPAdapterMixin,
+    StableDiffusionLoraLoaderMixin,
+    TextualInversionLoaderMixin,
+)
+from diffusers.models import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, StableDiffusionMixin
 from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
     StableDiffusionPipeline,
     retrieve_timesteps,
 )
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import (
+    StableDiffusionImg2ImgPipeline,
+)
 from diffusers.schedulers import KarrasDiffusionSchedulers
-from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from ..loading import check_brushnet_fits_base
 from ..models.brushnet import BrushNetModel
 from ..models.conditioning import brushnet_conditioning
-from .common import BrushNetPipelineMixin, brushnet_keep_schedule
+from .common import BrushNetPipelineMixin, brushnet_keep_schedule, controlnet_keep_schedule  # noqa: F401
 
 __all__ = ["StableDiffusionBrushNetPipeline"]
 
@@ -45,21 +60,29 @@ class StableDiffusionBrushNetPipeline(
     StableDiffusionMixin,
     TextualInversionLoaderMixin,
     StableDiffusionLoraLoaderMixin,
+    IPAdapterMixin,
+    FromSingleFileMixin,
     BrushNetPipelineMixin,
 ):
     r"""Text-guided inpainting with Stable Diffusion 1.5 and a BrushNet branch.
 
     Args:
-        vae: the base model's VAE.
+        vae: the base model's VAE (``AutoencoderKL``, or ``AutoencoderTiny`` set as ``pipe.vae``).
         text_encoder, tokenizer: the base model's CLIP text encoder and tokenizer.
         unet: the frozen base ``UNet2DConditionModel`` (any SD1.5 community model); never modified.
-        brushnet: a :class:`~brushnet.models.BrushNetModel`.
+        brushnet: a :class:`~brushnet.models.BrushNetModel` (``None`` only to use ``encode_prompt`` alone).
         scheduler: any diffusers scheduler.
         safety_checker, feature_extractor: optional (pass ``None`` to disable; evaluation must disable it).
+            ``feature_extractor`` also prepares IP-Adapter images.
+        image_encoder: optional CLIP vision model for IP-Adapter images (``load_ip_adapter`` can load it).
+        controlnet: optional ``ControlNetModel`` (or a list / ``MultiControlNetModel``) whose residuals are added
+            to the UNet's skips next to the branch's, steered by ``control_image`` (e.g. a pose or depth map).
     """
 
-    model_cpu_offload_seq = "text_encoder->brushnet->unet->vae"
-    _optional_components = ["safety_checker", "feature_extractor"]
+    # the branch and a ControlNet run every step: kept out of the chain so they do not bounce (as diffusers
+    # keeps its ControlNet out); they get their own hooks and stay on the device until the call ends
+    model_cpu_offload_seq = "text_encoder->image_encoder->unet->vae"
+    _optional_components = ["safety_checker", "feature_extractor", "image_encoder", "controlnet"]
     _exclude_from_cpu_offload = ["safety_checker"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
@@ -68,6 +91,9 @@ class StableDiffusionBrushNetPipeline(
     prepare_extra_step_kwargs = StableDiffusionPipeline.prepare_extra_step_kwargs
     prepare_latents = StableDiffusionPipeline.prepare_latents
     get_guidance_scale_embedding = StableDiffusionPipeline.get_guidance_scale_embedding
+    encode_image = StableDiffusionPipeline.encode_image
+    prepare_ip_adapter_image_embeds = StableDiffusionPipeline.prepare_ip_adapter_image_embeds
+    get_timesteps = StableDiffusionImg2ImgPipeline.get_timesteps
 
     def encode_prompt(
         self,
@@ -136,12 +162,16 @@ class StableDiffusionBrushNetPipeline(
         safety_checker: Any = None,
         feature_extractor: CLIPImageProcessor | None = None,
         requires_safety_checker: bool = False,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
+        controlnet: ControlNetModel | list[ControlNetModel] | MultiControlNetModel | None = None,
     ):
         super().__init__()
-        if not isinstance(brushnet, BrushNetModel):
+        if brushnet is not None and not isinstance(brushnet, BrushNetModel):
             raise TypeError(f"brushnet must be a BrushNetModel, got {type(brushnet).__name__}")
-        if unet is not None:
+        if unet is not None and brushnet is not None:
             check_brushnet_fits_base(brushnet.config, unet.config)
+        if isinstance(controlnet, (list, tuple)):
+            controlnet = MultiControlNetModel(controlnet)
         self.register_modules(
             vae=vae,
             text_encoder=text_encoder,
@@ -151,9 +181,10 @@ class StableDiffusionBrushNetPipeline(
             scheduler=scheduler,
             safety_checker=safety_checker,
             feature_extractor=feature_extractor,
+            image_encoder=image_encoder,
+            controlnet=controlnet,
         )
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if vae is not None else 8
-        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True)
+        self._make_image_processors(vae)
         self.register_to_config(requires_safety_checker=requires_safety_checker)
 
     # -------------------------------------------------------------------------------------------------
@@ -173,11 +204,18 @@ class StableDiffusionBrushNetPipeline(
         callback_on_step_end_tensor_inputs,
         output_type,
         blending,
+        strength: float = 1.0,
+        padding_mask_crop: int | None = None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds=None,
     ) -> None:
         self._check_brushnet_inputs(
             image, mask_image, height, width, brushnet_conditioning_scale, control_guidance_start,
-            control_guidance_end, callback_on_step_end_tensor_inputs, output_type, blending,
+            control_guidance_end, callback_on_step_end_tensor_inputs, output_type, blending, strength,
+            padding_mask_crop,
         )  # fmt: skip
+        if ip_adapter_image is not None and ip_adapter_image_embeds is not None:
+            raise ValueError("pass either `ip_adapter_image` or `ip_adapter_image_embeds`, not both")
         if prompt is not None and prompt_embeds is not None:
             raise ValueError("pass either `prompt` or `prompt_embeds`, not both")
         if prompt is None and prompt_embeds is None:
@@ -225,6 +263,14 @@ class StableDiffusionBrushNetPipeline(
         blending: bool = False,
         blending_kernel_size: int = 21,
         mask: PipelineImageInput = None,
+        strength: float = 1.0,
+        padding_mask_crop: int | None = None,
+        ip_adapter_image: PipelineImageInput | None = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        control_image: PipelineImageInput | list[PipelineImageInput] | None = None,
+        controlnet_conditioning_scale: float | list[float] = 1.0,
+        controlnet_guidance_start: float | list[float] = 0.0,
+        controlnet_guidance_end: float | list[float] = 1.0,
     ):
         r"""Inpaint ``image`` where ``mask_image`` is white.
 
@@ -249,6 +295,18 @@ class StableDiffusionBrushNetPipeline(
                 with the original); the CLI and :mod:`brushnet.methods` turn it on.
             blending_kernel_size: Gaussian kernel of the feathering (reference: 21).
             mask: the original pipeline's keyword for ``mask_image`` (alias; passing both is an error).
+            strength: below 1, the hole starts from the input noised to that fraction of the schedule and only
+                that fraction of the steps runs (diffusers' inpaint ``strength``); 1 starts from pure noise.
+            padding_mask_crop: work on the mask's bounding box grown by this many pixels, resized to the output
+                size, and paste the result into the input (diffusers' inpaint option; PIL image and mask,
+                ``output_type="pil"``).
+            ip_adapter_image, ip_adapter_image_embeds: IP-Adapter image prompt (after ``load_ip_adapter``), as in
+                diffusers; its scale is ``set_ip_adapter_scale``, its masks
+                ``cross_attention_kwargs={"ip_adapter_masks": ...}``.
+            control_image: with a ``controlnet``: its conditioning image (a list, one per net, with several).
+            controlnet_conditioning_scale, controlnet_guidance_start, controlnet_guidance_end: the ControlNet's
+                residual scale and the fractions of the steps it acts in (lists with several nets).
+                ``guess_mode`` applies to it as to the branch.
 
         Returns:
             ``StableDiffusionPipelineOutput(images, nsfw_content_detected)`` or a tuple.
@@ -265,8 +323,12 @@ class StableDiffusionBrushNetPipeline(
         self.check_inputs(
             prompt, image, mask_image, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
             brushnet_conditioning_scale, control_guidance_start, control_guidance_end,
-            callback_on_step_end_tensor_inputs, output_type, blending,
+            callback_on_step_end_tensor_inputs, output_type, blending, strength, padding_mask_crop,
+            ip_adapter_image, ip_adapter_image_embeds,
         )  # fmt: skip
+        self._check_controlnet_inputs(
+            control_image, controlnet_conditioning_scale, controlnet_guidance_start, controlnet_guidance_end
+        )
         self._guidance_scale = guidance_scale
         self._clip_skip = clip_skip
         self._cross_attention_kwargs = cross_attention_kwargs
@@ -294,28 +356,44 @@ class StableDiffusionBrushNetPipeline(
         )
         if self.do_classifier_free_guidance:
             prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+        image_embeds = None
+        if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
+            image_embeds = self.prepare_ip_adapter_image_embeds(
+                ip_adapter_image, ip_adapter_image_embeds, device, total, self.do_classifier_free_guidance
+            )
 
-        # 3. image and mask, at height × width
-        image_tensor, hole, height, width = self._prepare_image_and_mask(
-            image, mask_image, height, width, batch_size, num_images_per_prompt, device
+        # 3. image and mask (and control images), at height × width
+        image_tensor, hole, height, width, crops_coords = self._prepare_image_and_mask(
+            image, mask_image, height, width, batch_size, num_images_per_prompt, device, padding_mask_crop
         )
+        control_images = None
+        if self.controlnet is not None:
+            control_images = self._prepare_control_images(
+                control_image, height, width, batch_size, num_images_per_prompt, device
+            )
 
-        # 4. timesteps
+        # 4. timesteps (strength < 1: only the last fraction of them)
         timesteps, num_inference_steps = retrieve_timesteps(
             self.scheduler, num_inference_steps, device, timesteps, sigmas
         )
+        if strength < 1.0:
+            timesteps, num_inference_steps = self.get_timesteps(num_inference_steps, strength, device)
+            if num_inference_steps < 1:
+                raise ValueError(
+                    f"strength {strength} leaves no denoising step of {len(self.scheduler.timesteps)}"
+                )
         self._num_timesteps = len(timesteps)
 
         # 5. start latents, then the branch's conditioning: masked-image latent + keep-mask (1 = keep)
-        latents = self.prepare_latents(
-            total,
-            self.unet.config.in_channels,
-            height,
-            width,
+        latents = self._start_latents(
+            latents,
+            image_tensor,
+            timesteps[:1],
+            strength,
+            (total, self.unet.config.in_channels, height, width),
             prompt_embeds.dtype,
             device,
             generator,
-            latents,
         )
         vae_dtype = self.vae.dtype
         brushnet_cond = brushnet_conditioning(self.vae, image_tensor, hole, generator)
@@ -330,6 +408,9 @@ class StableDiffusionBrushNetPipeline(
 
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
         keep_schedule = brushnet_keep_schedule(len(timesteps), control_guidance_start, control_guidance_end)
+        controlnet_scales = self._controlnet_step_scales(
+            len(timesteps), controlnet_conditioning_scale, controlnet_guidance_start, controlnet_guidance_end
+        )
 
         # 6. denoising loop
         num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
@@ -348,6 +429,9 @@ class StableDiffusionBrushNetPipeline(
                     brushnet_conditioning_scale * keep_schedule[i],
                     guess_mode,
                     timestep_cond=timestep_cond,
+                    image_embeds=image_embeds,
+                    control_images=control_images,
+                    controlnet_scale=controlnet_scales[i],
                 )
                 if self.do_classifier_free_guidance:
                     noise_uncond, noise_text = noise_pred.chunk(2)
@@ -384,8 +468,9 @@ class StableDiffusionBrushNetPipeline(
             )[0]
             decoded, has_nsfw = self.run_safety_checker(decoded, device, prompt_embeds.dtype)
             images = self._postprocess(
-                decoded, image_tensor, hole, output_type, blending, blending_kernel_size
+                decoded, image_tensor, hole, output_type, blending, blending_kernel_size, has_nsfw
             )
+            images = self._paste_crops(images, image, mask_image, crops_coords)
 
         self.maybe_free_model_hooks()
         if not return_dict:

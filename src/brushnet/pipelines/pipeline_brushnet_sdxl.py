@@ -12,12 +12,15 @@ differences:
   (``blending=True``; off by default for parity);
 - negative size conditioning pairs with the right half of every batch (diffusers repeats the stacked
   ``[negative, positive]`` time ids, which mismatches them for batches of more than one image);
-- unknown keyword arguments are an error; no IP-Adapter inputs and no invisible watermark;
+- unknown keyword arguments are an error; no invisible watermark;
 - the VAE posterior sample of the masked image is drawn from ``generator`` (the original drew it from the
   global RNG).
 
 The SDXL branch reads the pooled text through its ``add_embedding``, so with classifier-free guidance it runs
 on the doubled batch (one pass per step, both halves), as the original does.
+
+It composes with diffusers as the SD1.5 pipeline does (docs/composing.md): LoRA, textual inversion, IP-Adapter,
+an optional SDXL ``controlnet``, offloading, ``torch.compile``, ``strength``, ``padding_mask_crop``.
 """
 
 from __future__ import annotations
@@ -28,15 +31,24 @@ from typing import Any
 
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.image_processor import PipelineImageInput, VaeImageProcessor
-from diffusers.loaders import StableDiffusionXLLoraLoaderMixin, TextualInversionLoaderMixin
-from diffusers.models import AutoencoderKL, UNet2DConditionModel
+from diffusers.image_processor import PipelineImageInput
+from diffusers.loaders import (
+    FromSingleFileMixin,
+    IPAdapterMixin,
+    StableDiffusionXLLoraLoaderMixin,
+    TextualInversionLoaderMixin,
+)
+from diffusers.models import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, StableDiffusionMixin
 from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import (
     StableDiffusionXLPipeline,
     rescale_noise_cfg,
     retrieve_timesteps,
+)
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img import (
+    StableDiffusionXLImg2ImgPipeline,
 )
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import (
@@ -60,6 +72,8 @@ class StableDiffusionXLBrushNetPipeline(
     StableDiffusionMixin,
     TextualInversionLoaderMixin,
     StableDiffusionXLLoraLoaderMixin,
+    IPAdapterMixin,
+    FromSingleFileMixin,
     BrushNetPipelineMixin,
 ):
     r"""Text-guided inpainting with Stable Diffusion XL and a BrushNet branch.
@@ -74,12 +88,15 @@ class StableDiffusionXLBrushNetPipeline(
         unet: the frozen base ``UNet2DConditionModel`` (any SDXL community model); never modified.
         brushnet: an SDXL :class:`~brushnet.models.BrushNetModel` (``addition_embed_type="text_time"``).
         scheduler: any diffusers scheduler.
-        image_encoder, feature_extractor: optional, kept so SDXL folders that carry them load.
+        image_encoder, feature_extractor: optional CLIP vision model and processor for IP-Adapter images.
         force_zeros_for_empty_prompt: without a negative prompt, the unconditional embeddings are zeros
             (SDXL's convention; the original built its pipeline with True).
+        controlnet: optional SDXL ``ControlNetModel`` (or a list / ``MultiControlNetModel``) steering what fills
+            the hole through ``control_image``.
     """
 
-    model_cpu_offload_seq = "text_encoder->text_encoder_2->image_encoder->brushnet->unet->vae"
+    # the branch and a ControlNet run every step: they stay out of the chain (see the SD1.5 pipeline)
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->image_encoder->unet->vae"
     _optional_components = [
         "tokenizer",
         "tokenizer_2",
@@ -87,6 +104,7 @@ class StableDiffusionXLBrushNetPipeline(
         "text_encoder_2",
         "image_encoder",
         "feature_extractor",
+        "controlnet",
     ]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "add_text_embeds", "add_time_ids"]
 
@@ -96,6 +114,9 @@ class StableDiffusionXLBrushNetPipeline(
     prepare_latents = StableDiffusionXLPipeline.prepare_latents
     _get_add_time_ids = StableDiffusionXLPipeline._get_add_time_ids
     get_guidance_scale_embedding = StableDiffusionXLPipeline.get_guidance_scale_embedding
+    encode_image = StableDiffusionXLPipeline.encode_image
+    prepare_ip_adapter_image_embeds = StableDiffusionXLPipeline.prepare_ip_adapter_image_embeds
+    get_timesteps = StableDiffusionXLImg2ImgPipeline.get_timesteps
 
     def __init__(
         self,
@@ -110,12 +131,16 @@ class StableDiffusionXLBrushNetPipeline(
         image_encoder: CLIPVisionModelWithProjection | None = None,
         feature_extractor: CLIPImageProcessor | None = None,
         force_zeros_for_empty_prompt: bool = True,
+        controlnet: ControlNetModel | list[ControlNetModel] | MultiControlNetModel | None = None,
     ):
         super().__init__()
-        if not isinstance(brushnet, BrushNetModel):
+        if brushnet is not None and not isinstance(brushnet, BrushNetModel):
             raise TypeError(f"brushnet must be a BrushNetModel, got {type(brushnet).__name__}")
+        if isinstance(controlnet, (list, tuple)):
+            controlnet = MultiControlNetModel(controlnet)
         if unet is not None:
-            check_brushnet_fits_base(brushnet.config, unet.config)
+            if brushnet is not None:
+                check_brushnet_fits_base(brushnet.config, unet.config)
             family = detect_family(unet.config)
             if family != "sdxl":
                 raise CheckpointError(
@@ -133,10 +158,10 @@ class StableDiffusionXLBrushNetPipeline(
             scheduler=scheduler,
             image_encoder=image_encoder,
             feature_extractor=feature_extractor,
+            controlnet=controlnet,
         )
         self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if vae is not None else 8
-        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True)
+        self._make_image_processors(vae)
 
     # -- properties beyond the shared ones -------------------------------------------------------------
     @property
@@ -151,7 +176,7 @@ class StableDiffusionXLBrushNetPipeline(
     def _vae_in_float32(self) -> Iterator[None]:
         """Run the VAE in float32 when it is float16 and its config says it overflows (``force_upcast``), as
         diffusers' SDXL pipelines do; restore its dtype afterwards. An fp16-fixed VAE stays in fp16."""
-        upcast = self.vae.dtype == torch.float16 and self.vae.config.force_upcast
+        upcast = self.vae.dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False)
         if upcast:
             self.vae.to(dtype=torch.float32)
         try:
@@ -180,11 +205,18 @@ class StableDiffusionXLBrushNetPipeline(
         callback_on_step_end_tensor_inputs,
         output_type,
         blending,
+        strength: float = 1.0,
+        padding_mask_crop: int | None = None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds=None,
     ) -> None:
         self._check_brushnet_inputs(
             image, mask_image, height, width, brushnet_conditioning_scale, control_guidance_start,
-            control_guidance_end, callback_on_step_end_tensor_inputs, output_type, blending,
+            control_guidance_end, callback_on_step_end_tensor_inputs, output_type, blending, strength,
+            padding_mask_crop,
         )  # fmt: skip
+        if ip_adapter_image is not None and ip_adapter_image_embeds is not None:
+            raise ValueError("pass either `ip_adapter_image` or `ip_adapter_image_embeds`, not both")
         if prompt_embeds is not None and (prompt is not None or prompt_2 is not None):
             raise ValueError("pass either `prompt`/`prompt_2` or `prompt_embeds`, not both")
         if prompt is None and prompt_embeds is None:
@@ -255,6 +287,14 @@ class StableDiffusionXLBrushNetPipeline(
         blending: bool = False,
         blending_kernel_size: int = 21,
         mask: PipelineImageInput = None,
+        strength: float = 1.0,
+        padding_mask_crop: int | None = None,
+        ip_adapter_image: PipelineImageInput | None = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        control_image: PipelineImageInput | list[PipelineImageInput] | None = None,
+        controlnet_conditioning_scale: float | list[float] = 1.0,
+        controlnet_guidance_start: float | list[float] = 0.0,
+        controlnet_guidance_end: float | list[float] = 1.0,
     ):
         r"""Inpaint ``image`` where ``mask_image`` is white.
 
@@ -297,6 +337,9 @@ class StableDiffusionXLBrushNetPipeline(
                 with the original).
             blending_kernel_size: Gaussian kernel of the feathering (reference: 21).
             mask: the original pipeline's keyword for ``mask_image`` (alias; passing both is an error).
+            strength, padding_mask_crop, ip_adapter_image, ip_adapter_image_embeds, control_image,
+                controlnet_conditioning_scale, controlnet_guidance_start, controlnet_guidance_end: as
+                :class:`~brushnet.pipelines.StableDiffusionBrushNetPipeline`.
 
         Returns:
             ``StableDiffusionXLPipelineOutput(images)`` or a one-element tuple.
@@ -314,8 +357,12 @@ class StableDiffusionXLBrushNetPipeline(
             prompt, prompt_2, image, mask_image, height, width, negative_prompt, negative_prompt_2,
             prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
             brushnet_conditioning_scale, control_guidance_start, control_guidance_end,
-            callback_on_step_end_tensor_inputs, output_type, blending,
+            callback_on_step_end_tensor_inputs, output_type, blending, strength, padding_mask_crop,
+            ip_adapter_image, ip_adapter_image_embeds,
         )  # fmt: skip
+        self._check_controlnet_inputs(
+            control_image, controlnet_conditioning_scale, controlnet_guidance_start, controlnet_guidance_end
+        )
         self._guidance_scale = guidance_scale
         self._guidance_rescale = guidance_rescale
         self._clip_skip = clip_skip
@@ -350,27 +397,45 @@ class StableDiffusionXLBrushNetPipeline(
             )
         )
 
-        # 3. image and mask, at height × width
-        image_tensor, hole, height, width = self._prepare_image_and_mask(
-            image, mask_image, height, width, batch_size, num_images_per_prompt, device
-        )
+        image_embeds = None
+        if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
+            image_embeds = self.prepare_ip_adapter_image_embeds(
+                ip_adapter_image, ip_adapter_image_embeds, device, total, self.do_classifier_free_guidance
+            )
 
-        # 4. timesteps
+        # 3. image and mask (and control images), at height × width
+        image_tensor, hole, height, width, crops_coords = self._prepare_image_and_mask(
+            image, mask_image, height, width, batch_size, num_images_per_prompt, device, padding_mask_crop
+        )
+        control_images = None
+        if self.controlnet is not None:
+            control_images = self._prepare_control_images(
+                control_image, height, width, batch_size, num_images_per_prompt, device
+            )
+
+        # 4. timesteps (strength < 1: only the last fraction of them)
         timesteps, num_inference_steps = retrieve_timesteps(
             self.scheduler, num_inference_steps, device, timesteps, sigmas
         )
+        if strength < 1.0:
+            timesteps, num_inference_steps = self.get_timesteps(num_inference_steps, strength, device)
+            if num_inference_steps < 1:
+                raise ValueError(
+                    f"strength {strength} leaves no denoising step of {len(self.scheduler.timesteps)}"
+                )
 
         # 5. start latents, then the branch's conditioning: masked-image latent + keep-mask (1 = keep)
-        latents = self.prepare_latents(
-            total,
-            self.unet.config.in_channels,
-            height,
-            width,
-            prompt_embeds.dtype,
-            device,
-            generator,
-            latents,
-        )
+        with self._vae_in_float32():
+            latents = self._start_latents(
+                latents,
+                image_tensor,
+                timesteps[:1],
+                strength,
+                (total, self.unet.config.in_channels, height, width),
+                prompt_embeds.dtype,
+                device,
+                generator,
+            )
         with self._vae_in_float32():
             brushnet_cond = brushnet_conditioning(self.vae, image_tensor, hole, generator)
         brushnet_cond = brushnet_cond.to(dtype=self.brushnet.dtype)
@@ -413,6 +478,9 @@ class StableDiffusionXLBrushNetPipeline(
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
         # on/off over the whole schedule, before any `denoising_end` cut (as the original)
         keep_schedule = brushnet_keep_schedule(len(timesteps), control_guidance_start, control_guidance_end)
+        controlnet_scales = self._controlnet_step_scales(
+            len(timesteps), controlnet_conditioning_scale, controlnet_guidance_start, controlnet_guidance_end
+        )
 
         # 7. denoising loop
         num_warmup_steps = max(len(timesteps) - num_inference_steps * self.scheduler.order, 0)
@@ -444,6 +512,9 @@ class StableDiffusionXLBrushNetPipeline(
                     guess_mode,
                     added_cond_kwargs={"text_embeds": add_text_embeds, "time_ids": add_time_ids},
                     timestep_cond=timestep_cond,
+                    image_embeds=image_embeds,
+                    control_images=control_images,
+                    controlnet_scale=controlnet_scales[i],
                 )
                 if self.do_classifier_free_guidance:
                     noise_uncond, noise_text = noise_pred.chunk(2)
@@ -496,6 +567,7 @@ class StableDiffusionXLBrushNetPipeline(
             images = self._postprocess(
                 decoded, image_tensor, hole, output_type, blending, blending_kernel_size
             )
+            images = self._paste_crops(images, image, mask_image, crops_coords)
 
         self.maybe_free_model_hooks()
         if not return_dict:

@@ -53,9 +53,13 @@ class StableDiffusionPowerPaintBrushNetPipeline(StableDiffusionBrushNetPipeline)
         tokenizer_brushnet: the base tokenizer with the task placeholders added
             (:func:`~brushnet.models.task_tokens.add_task_tokens`); ids must match the encoder's rows.
         safety_checker, feature_extractor: optional (``None`` to disable; the original v2 disables it).
+        image_encoder, controlnet: accepted so the pipeline shares the BrushNet pipeline's components
+            (``from_pipe``); PowerPaint's call takes neither an IP-Adapter image nor a ControlNet yet and
+            refuses a ``controlnet``.
     """
 
-    model_cpu_offload_seq = "text_encoder->text_encoder_brushnet->brushnet->unet->vae"
+    # the branch runs every step: kept out of the chain so it does not bounce (as diffusers' ControlNet)
+    model_cpu_offload_seq = "text_encoder->text_encoder_brushnet->unet->vae"
     _callback_tensor_inputs = [
         "latents",
         "prompt_embeds",
@@ -77,10 +81,12 @@ class StableDiffusionPowerPaintBrushNetPipeline(StableDiffusionBrushNetPipeline)
         safety_checker: Any = None,
         feature_extractor: CLIPImageProcessor | None = None,
         requires_safety_checker: bool = False,
+        image_encoder: Any = None,
+        controlnet: Any = None,
     ):
         super().__init__(
             vae, text_encoder, tokenizer, unet, brushnet, scheduler, safety_checker, feature_extractor,
-            requires_safety_checker,
+            requires_safety_checker, image_encoder=image_encoder, controlnet=controlnet,
         )  # fmt: skip
         if not brushnet.uses_text:
             raise ValueError("a PowerPaint branch has cross-attention; this BrushNet reads no text")
@@ -202,6 +208,10 @@ class StableDiffusionPowerPaintBrushNetPipeline(StableDiffusionBrushNetPipeline)
         callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
 
         # 1. check inputs
+        if self.controlnet is not None:
+            raise ValueError(
+                "the PowerPaint pipeline does not run a ControlNet; build it with controlnet=None"
+            )
         if task not in TASKS:
             raise ValueError(f"unknown PowerPaint task {task!r}; choose one of: {', '.join(TASKS)}")
         if negative_fitting_degree is None:
@@ -273,7 +283,7 @@ class StableDiffusionPowerPaintBrushNetPipeline(StableDiffusionBrushNetPipeline)
         branch_embeds = branch_embeds.to(device=device, dtype=self.brushnet.dtype)
 
         # 3. image and mask, at height × width
-        image_tensor, hole, height, width = self._prepare_image_and_mask(
+        image_tensor, hole, height, width, _ = self._prepare_image_and_mask(
             image, mask_image, height, width, batch_size, num_images_per_prompt, device
         )
 
@@ -345,6 +355,7 @@ class StableDiffusionPowerPaintBrushNetPipeline(StableDiffusionBrushNetPipeline)
                     callback_kwargs = {k: available[k] for k in callback_on_step_end_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                     latents = callback_outputs.pop("latents", latents)
+                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
 
                 if i == len(timesteps) - 1 or (
                     (i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0
@@ -360,7 +371,7 @@ class StableDiffusionPowerPaintBrushNetPipeline(StableDiffusionBrushNetPipeline)
             )[0]
             decoded, has_nsfw = self.run_safety_checker(decoded, device, prompt_embeds.dtype)
             images = self._postprocess(
-                decoded, image_tensor, hole, output_type, blending, blending_kernel_size
+                decoded, image_tensor, hole, output_type, blending, blending_kernel_size, has_nsfw
             )
 
         self.maybe_free_model_hooks()
