@@ -116,37 +116,73 @@ def _mask_view(image: Image.Image, hole: np.ndarray) -> Image.Image:
     return Image.fromarray(pixels)
 
 
-def format_results_table(path: str | os.PathLike = RESULTS_FILE) -> str:
-    """The mini-BrushBench table (Markdown) from its committed results file, with where it came from."""
+RESULTS_LEGEND = (
+    "kept PSNR: how well the pixels outside the hole are preserved (dB, higher is better); in: holes over one "
+    "object, out: holes covering everything but it",
+    "colour / shape: share of object holes painted in the prompted colour / shape (colour by chance: about 1/7)",
+    "removal: share of holes left with no object colour when the prompt asks for the object to go",
+    "blended: the output pasted back through the feathered mask (the paper's 'with blending'); raw: as generated",
+    "BLD: Blended Latent Diffusion; SD-inpaint: the 9-channel SD inpainting UNet; CN-inpaint: ControlNet-inpaint",
+)
+"""What each column of :func:`format_results_table` means (printed under the table)."""
+
+
+def format_results_table(path: str | os.PathLike = RESULTS_FILE, width: int = 80) -> str:
+    """The mini-BrushBench table from its results file, as plain text that fits a ``width``-column terminal:
+    one row per method and variant, then a legend and how to reproduce it (docs/mini_brushbench.md). The
+    removal column appears when the file has the removal pass."""
+    import textwrap
+
     path = Path(path)
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         return f"(no mini-BrushBench results file at {path}: {error})"
-    lines = [
-        f"Mini-BrushBench ({data['images']} held-out scenes per mask kind; read from the committed results file "
-        f"{path.name}, produced by: {data['command']})",
-        "",
-        "| method | blend | inside PSNR ↑ | inside MSE ↓ | colour acc ↑ | shape acc ↑ | outside PSNR ↑ "
-        "| removal ↑ |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
 
     def number(value, digits: int) -> str:
         return "–" if value is None else f"{value:.{digits}f}"
 
-    for row in data["rows"]:
-        lines.append(
-            f"| {METHOD_LABELS.get(row['method'], row['method'])} | {'yes' if row['blend'] else 'no'} "
-            f"| {number(row.get('inside_psnr'), 2)} | {number(row.get('inside_mse'), 5)} "
-            f"| {number(row.get('colour_acc'), 3)} | {number(row.get('shape_acc'), 3)} "
-            f"| {number(row.get('outside_psnr'), 2)} | {number(row.get('removal_acc'), 3)} |"
-        )
-    lines += [
-        "",
-        "removal: the share of holes left with no object colour when the prompt asks for the masked object to "
-        "go (PowerPaint: its object-removal task; the others: the background's phrase as the prompt).",
+    results = data.get("rows", [])
+    removal = any(row.get("removal_acc") is not None for row in results)
+    columns = ["method", "variant", "kept PSNR in", "kept PSNR out", "colour", "shape"] + [
+        "removal"
+    ] * removal
+    rows = [
+        [
+            METHOD_LABELS.get(row["method"], row["method"]),
+            "blended" if row["blend"] else "raw",
+            number(row.get("inside_psnr"), 2),
+            number(row.get("outside_psnr"), 2),
+            number(row.get("colour_acc"), 3),
+            number(row.get("shape_acc"), 3),
+        ]
+        + [number(row.get("removal_acc"), 3)] * removal
+        for row in results
     ]
+    sizes = [max(len(text) for text in column) for column in zip(columns, *rows)]
+
+    def line(cells) -> str:
+        return "  ".join(
+            cell.ljust(size) if i < 2 else cell.rjust(size)
+            for i, (cell, size) in enumerate(zip(cells, sizes))
+        ).rstrip()
+
+    def wrap(text: str) -> list[str]:
+        return textwrap.wrap(text, width, subsequent_indent="  ", break_on_hyphens=False)
+
+    settings = data.get("settings", {})
+    lines = wrap(
+        f"Mini-BrushBench: {data.get('images', '?')} held-out shapes-world scenes, {settings.get('steps', '?')} "
+        f"steps, seed {settings.get('seed', '?')} (results file {path.name})"
+    )
+    lines += ["", line(columns), line(["-" * size for size in sizes]), *(line(row) for row in rows), ""]
+    for text in RESULTS_LEGEND:
+        if removal or not text.startswith("removal:"):
+            lines += wrap(text)
+    lines += wrap(
+        f"Reproduce: python -m brushnet.demo.minibench --work WORK --scenes {data.get('images', 200)} "
+        "(docs/mini_brushbench.md)"
+    )
     return "\n".join(lines)
 
 
