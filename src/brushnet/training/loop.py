@@ -412,13 +412,22 @@ def train(config: TrainConfig, dataset=None) -> TrainResult:
             "resumed from %s at step %d (epoch %d, batch %d)", resume_path, global_step, epoch, batches_done
         )
 
-    logger.info(
-        "training %d steps: batch %d per device × %d processes × %d accumulation",
-        max_train_steps,
-        config.train_batch_size,
-        accelerator.num_processes,
-        config.gradient_accumulation_steps,
-    )
+    if global_step >= max_train_steps:
+        logger.info(
+            "already finished: %s is at step %d of %d; nothing to train (raise --max_train_steps to go on)",
+            resume_path,
+            global_step,
+            max_train_steps,
+        )
+    else:
+        logger.info(
+            "training steps %d to %d: batch %d per device × %d processes × %d accumulation",
+            global_step + 1,
+            max_train_steps,
+            config.train_batch_size,
+            accelerator.num_processes,
+            config.gradient_accumulation_steps,
+        )
     unwrapped = accelerator.unwrap_model(brushnet)
     skip_counter = getattr(dataset, "skipped", None)  # brushnet.data.brushdata.SkipCounter
     losses: list[float] = []
