@@ -292,7 +292,16 @@ def measure_speed(
                             record["memory"] = "cpu_peak_rss"
                             record["peak_memory_mib"] = rss.peak / 2**20
                             record["rss_increase_mib"] = (rss.peak - rss.start) / 2**20
-                        logger.info("%s", record)
+                        logger.info(
+                            "%s %s %dpx %d steps%s: %.2f s/image",
+                            method_name,
+                            dtype,
+                            resolution,
+                            step_count,
+                            f" (branch {mode})" if mode else "",
+                            record["seconds_per_image"],
+                        )
+                        logger.debug("%s", record)
                         records.append(record)
             if method_name == "brushnet":
                 _set_branch_on_doubled_batch(method, False)
