@@ -9,6 +9,8 @@ encoding, VAE, paste-back) and its own way of spending UNet calls (RePaint's res
 the ControlNet, HD-Painter's RASG backward passes). The models come from :mod:`brushnet.random_models` (random weights: the cost does not depend on their
 values), built under ``--models-dir`` once and reused. After one warm-up call per method, the timed calls go
 round-robin over the methods (method A, B, C, …, A, B, C, …) so that a busy machine slows all of them alike.
+The last column is the process's CPU time per image (all its threads): on a machine shared with other work it
+varies far less than the wall clock (with ``--threads 1`` it is the single core's busy time).
 """
 
 from __future__ import annotations
@@ -115,7 +117,8 @@ def main() -> None:
             torch.cuda.synchronize()
 
     load_start = os.getloadavg()[0]
-    methods, results, times = {}, {}, {name: [] for name in names}
+    methods, results = {}, {}
+    times, cpu_times = {name: [] for name in names}, {name: [] for name in names}
     for name in names:
         methods[name] = load_method(name, models, device=args.device, dtype=args.dtype)
         options = repaint_options if name == "repaint" else {}
@@ -124,10 +127,11 @@ def main() -> None:
         for name in names:
             options = repaint_options if name == "repaint" else {}
             sync()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             inpaint(methods[name], image, mask, dict(request, options=options))
             sync()
             times[name].append(time.perf_counter() - start)
+            cpu_times[name].append(time.process_time() - cpu_start)
     load_end = os.getloadavg()[0]
 
     print(
@@ -137,7 +141,7 @@ def main() -> None:
     )
     header = (
         f"{'method':<26} {'UNet calls/image':>16} {'other calls/image':>22} {'s/image median':>14} "
-        f"{'s/image min':>11}"
+        f"{'s/image min':>11} {'CPU s/image median':>18}"
     )
     print(header)
     print("-" * len(header))
@@ -147,7 +151,8 @@ def main() -> None:
         extra = (
             ", ".join(f"{k} {v}" for k, v in result.extra_calls.items() if k != "schedule_down_moves") or "-"
         )  # hd-painter: rasg_backward = UNet backward passes (a CFG pair counts 2, as UNet calls)
-        print(f"{name:<26} {result.unet_calls:>16} {extra:>22} {median:>14.3f} {best:>11.3f}")
+        cpu = statistics.median(cpu_times[name])
+        print(f"{name:<26} {result.unet_calls:>16} {extra:>22} {median:>14.3f} {best:>11.3f} {cpu:>18.3f}")
     for name in names:
         options = ", ".join(f"{k}={v}" for k, v in results[name].parameters["options"].items()) or "-"
         print(f"options {name}: {options}")

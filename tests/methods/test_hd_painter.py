@@ -225,3 +225,12 @@ def test_on_the_shipped_demo_model():
         "up_blocks.0",
         "up_blocks.0",
     ]
+
+
+def test_an_sdxl_model_is_refused_before_loading(tmp_path, tiny_xl_models):
+    from brushnet.errors import CheckpointError
+    from brushnet.random_models import build_inpaint_model
+
+    folder = build_inpaint_model(tmp_path / "inpaint", tiny_xl_models["base"], "tiny-xl")
+    with pytest.raises(CheckpointError, match="'hd-painter' has no SDXL form"):
+        load_method("hd-painter", {"inpaint_model": str(folder)})

@@ -250,7 +250,7 @@ class StableDiffusionHDPainterPipeline(DiffusionPipeline, StableDiffusionMixin):
             timestep_spacing: ``"original"`` (the original's grid) or ``"trailing"``, see
                 :func:`hd_painter_timesteps`.
             num_images_per_prompt, generator, latents: as in diffusers; image i draws its start noise
-                ``(1, 4, h, w)`` from generator i.
+                ``(1, 4, h, w)`` from generator i, ``h, w`` the padded size / 8.
             output_type: ``"pil"``, ``"np"`` or ``"pt"`` (``(B, 3, H, W)`` in [0, 1]).
             callback_on_step_end: called after each step with ``callback_on_step_end_tensor_inputs`` from
                 ``latents`` (``z`` for the next step; after the last step the ``x̂0`` that is decoded),
@@ -376,7 +376,9 @@ class StableDiffusionHDPainterPipeline(DiffusionPipeline, StableDiffusionMixin):
                     a_s = float(alphas_cumprod[s])
                     if rasg:
                         rasg_gradient = self._rasg_gradient(state, sample)
-                        normalised = rasg_gradient / rasg_gradient.flatten(1).std(dim=1).view(-1, 1, 1, 1)
+                        # ĝ = g / std(g) per image (no mean subtracted, as the original); a zero gradient stays 0
+                        spread = rasg_gradient.flatten(1).std(dim=1).clamp_min(1e-30).view(-1, 1, 1, 1)
+                        normalised = rasg_gradient / spread
                         sigma = self._rasg_sigma(step_alphas, t, s)
                         noise_weight = max(0.0, 1 - a_s - (rasg_eta * sigma) ** 2) ** 0.5
                         latents = (
