@@ -60,6 +60,8 @@ LIBRARY_NOISE = {
     "transformers.tokenization_utils_base": (
         "Running this sequence through the model will result in indexing",
     ),
+    # a tokenizer-config detail diffusers triggers when it quotes the truncated words: nothing a user can change
+    "transformers.tokenization_utils_tokenizers": ("Ignoring clean_up_tokenization_spaces=True for BPE",),
 }
 """Library log lines that tell a user nothing to act on, by logger name (see :func:`silence_library_noise`)."""
 
