@@ -404,7 +404,11 @@ class BrushNetModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
             brushnet.conv_in_condition.bias.copy_(unet.conv_in.bias)
 
             brushnet.time_proj.load_state_dict(unet.time_proj.state_dict())
-            brushnet.time_embedding.load_state_dict(unet.time_embedding.state_dict())
+            # an LCM-distilled UNet's guidance embedding (``cond_proj``) has no counterpart in the branch
+            time_embedding = {
+                k: v for k, v in unet.time_embedding.state_dict().items() if not k.startswith("cond_proj.")
+            }
+            brushnet.time_embedding.load_state_dict(time_embedding)
             if copy_add_embedding and hasattr(brushnet, "add_embedding") and hasattr(unet, "add_embedding"):
                 brushnet.add_embedding.load_state_dict(unet.add_embedding.state_dict())
 
