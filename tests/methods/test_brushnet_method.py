@@ -70,6 +70,9 @@ def test_calls_counted_and_models_recorded(load, scene, tiny_models):
         "control_guidance_start": 0.0,
         "control_guidance_end": 1.0,
         "guess_mode": False,
+        "controlnet_conditioning_scale": 1.0,
+        "controlnet_guidance_start": 0.0,
+        "controlnet_guidance_end": 1.0,
     }
 
 

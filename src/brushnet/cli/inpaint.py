@@ -99,6 +99,11 @@ def inpaint_command(
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Allow --output to replace an input file."),
     max_pixels: int | None = typer.Option(None, "--max-pixels", help=MAX_PIXELS_HELP),
+    control_image: Path | None = typer.Option(
+        None,
+        "--control-image",
+        help="Control image for --guide-controlnet (pose, depth, ...), the image's size.",
+    ),
     request: dict = None,
     models: dict = None,
     runtime: Any = None,
@@ -110,10 +115,13 @@ def inpaint_command(
     if scale is not None:
         request["options"] = {**request["options"], "conditioning_scale": scale}
     cls = get_method_class(method)
-    outputs = _checked_outputs(output, request["num_images"], [image, mask], overwrite)
-    job = prepare(cls, image, mask, request, max_pixels=max_pixels)  # reads both files, once
+    read = [image, mask] + ([control_image] if control_image is not None else [])
+    outputs = _checked_outputs(output, request["num_images"], read, overwrite)
+    job = prepare(cls, image, mask, request, max_pixels=max_pixels, control_image=control_image)  # reads once
     _model_paths(models, cls)
     inputs = {"image": str(image), "mask": str(mask)}
+    if control_image is not None:
+        inputs["control_image"] = str(control_image)
     result = _generate_and_write(method, job, models, runtime, outputs, inputs, method)
     typer.echo(f"seed {result.seed}, {result.timings['total_s']:.1f} s", err=True)
 

@@ -56,6 +56,7 @@ def prepare(
     request: InpaintRequest | dict | None = None,
     *,
     max_pixels: int | None = None,
+    control_image: Image.Image | str | None = None,
     **overrides: Any,
 ) -> PreparedJob:
     """Check a request for ``method`` (a loaded method or its class) and its inputs; nothing is generated.
@@ -66,6 +67,9 @@ def prepare(
         mask: white = inpaint; a path, PIL image (L/RGB/RGBA/I;16), array or tensor of the image's size.
         request: an :class:`InpaintRequest` or a dict of its fields; keyword ``overrides`` are merged in.
         max_pixels: refuse larger images before decoding them (default: PIL's decompression-bomb limit).
+        control_image: for a method with a guide ControlNet slot (brushnet's ``guide_controlnet``): the image
+            that steers it (pose, depth, edges, ...), an RGB image or path of the input's size; it is cropped and
+            resized with the image.
 
     Raises:
         InputError: bad input (unreadable file, size mismatch, empty mask, ...); ``RequestError`` (a subclass)
@@ -82,7 +86,16 @@ def prepare(
     if not hole.any():
         raise InputError("mask is empty: no white pixel marks a region to inpaint (white = inpaint)")
     seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
-    job = PreparedJob(cls.name, request, options, original, hole, seed)
+    control = None
+    if control_image is not None:
+        if "guide_controlnet" not in {slot.name for slot in cls.optional_models}:
+            raise InputError(f"method {cls.name!r} takes no control image (no guide ControlNet)")
+        control = load_image(control_image, max_pixels=max_pixels)
+        if control.size != original.size:
+            raise InputError(
+                f"control image is {control.size[0]}x{control.size[1]}, the image {original.size[0]}x{original.size[1]}"
+            )
+    job = PreparedJob(cls.name, request, options, original, hole, seed, control_image=control)
     job.record["prepare_s"] = time.perf_counter() - start
     return job
 
@@ -149,7 +162,13 @@ def run(method: InpaintMethod, job: PreparedJob, on_step: StepCallback | None = 
         region_hole = region_hole.resize(plan.size, Image.Resampling.BILINEAR)
     hole_tensor = torch.from_numpy((np.asarray(region_hole) > 0).astype(np.float32))[None, None]
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in job.seeds]
-    task = Task(pil_to_tensor(region), hole_tensor, request, job.options, generators, on_step)
+    control = None
+    if job.control_image is not None:  # the same crop and resize as the image
+        control = job.control_image.crop(plan.box)
+        if control.size != plan.size:
+            control = control.resize(plan.size, Image.Resampling.LANCZOS)
+        control = pil_to_tensor(control)
+    task = Task(pil_to_tensor(region), hole_tensor, request, job.options, generators, on_step, control)
     t_prepared = time.perf_counter()
 
     output = method.generate(task)

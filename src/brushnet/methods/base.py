@@ -258,6 +258,8 @@ class Task:
         generators: one CPU generator per image (``request.num_images``), seeded ``seed + i``; pass the list
             to diffusers (``randn_tensor`` draws image i from generator i).
         on_step: called after each denoising step with ``(done, total)``.
+        control_image: ``(1, 3, h, w)`` in [0, 1], the control image cropped and resized like ``image`` (for a
+            method with a guide ControlNet, e.g. brushnet with ``--guide-controlnet``); else None.
     """
 
     image: torch.Tensor
@@ -266,6 +268,7 @@ class Task:
     options: BaseModel
     generators: list[torch.Generator]
     on_step: StepCallback | None = None
+    control_image: torch.Tensor | None = None
 
     @property
     def num_images(self) -> int:
@@ -292,7 +295,8 @@ class PreparedJob:
 
     ``image`` is the RGB input at its own size; ``hole`` the boolean mask (True = generate) after
     ``invert_mask`` and ``mask_grow``; ``seed`` the resolved seed (image i uses ``seed + i``); ``record``
-    extra facts that go into the result's parameters (e.g. the outpainting extents).
+    extra facts that go into the result's parameters (e.g. the outpainting extents); ``control_image`` the RGB
+    control image of a guide ControlNet, at the image's size, or None.
     """
 
     method: str
@@ -302,6 +306,7 @@ class PreparedJob:
     hole: np.ndarray
     seed: int
     record: dict[str, Any] = field(default_factory=dict)
+    control_image: Image.Image | None = None
 
     @property
     def seeds(self) -> list[int]:

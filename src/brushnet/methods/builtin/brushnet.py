@@ -7,11 +7,12 @@ from typing import Any
 
 from pydantic import Field
 
+from ...errors import InputError
 from ..base import BASE, BASE_CONFIG, GuidanceWindow, ModelSlot, Task
 from ..pipeline_method import PipelineMethod
 from ..registry import register_method
 
-__all__ = ["BrushNetMethod", "BrushNetOptions", "BRUSHNET"]
+__all__ = ["BrushNetMethod", "BrushNetOptions", "BRUSHNET", "GUIDE_CONTROLNET"]
 
 BRUSHNET = ModelSlot(
     "brushnet",
@@ -20,6 +21,12 @@ BRUSHNET = ModelSlot(
     families=("sd15", "sdxl"),
     random_builder="brushnet.random_models:build_random_brushnet",
 )
+GUIDE_CONTROLNET = ModelSlot(
+    "guide_controlnet",
+    "Optional ControlNet of the base's family (pose, depth, edges, ...) that steers what fills the hole; "
+    "needs a control image (--control-image).",
+    families=("sd15", "sdxl"),
+)  # no random builder: random-weight model sets (serve --tiny, make-tiny-models) leave it out
 
 
 class BrushNetOptions(GuidanceWindow):
@@ -27,6 +34,15 @@ class BrushNetOptions(GuidanceWindow):
         1.0, ge=0.0, le=2.0, description="Preservation scale (branch strength)."
     )
     guess_mode: bool = Field(False, description="Log-spaced residual scales; branch on the text half only.")
+    controlnet_conditioning_scale: float = Field(
+        1.0, ge=0.0, le=2.0, description="Guide ControlNet's residual scale (with --guide-controlnet)."
+    )
+    controlnet_guidance_start: float = Field(
+        0.0, ge=0.0, le=1.0, description="Guide ControlNet on from here."
+    )
+    controlnet_guidance_end: float = Field(
+        1.0, ge=0.0, le=1.0, description="Guide ControlNet off after here."
+    )
 
 
 @register_method
@@ -38,7 +54,7 @@ class BrushNetMethod(PipelineMethod):
     Options = BrushNetOptions
     models = (BASE, BRUSHNET)
     families = ("sd15", "sdxl")
-    optional_models = (BASE_CONFIG,)
+    optional_models = (BASE_CONFIG, GUIDE_CONTROLNET)
     counted_components = ("brushnet",)
 
     @classmethod
@@ -54,20 +70,58 @@ class BrushNetMethod(PipelineMethod):
         brushnet = load_brushnet(
             models.brushnet, dtype=dtype, allow_pickle=models.allow_pickle, base_config=unet_config
         )
+        controlnet = None
+        if models.guide_controlnet is not None:
+            from diffusers import ControlNetModel
+
+            from ...errors import CheckpointError
+            from ...loading import FAMILY_NAMES, load_model
+
+            controlnet = load_model(
+                ControlNetModel,
+                models.guide_controlnet,
+                "ControlNet",
+                dtype=dtype,
+                allow_pickle=models.allow_pickle,
+            )
+            family = detect_family(unet_config)
+            if (
+                detect_family(controlnet.config) != family
+                or controlnet.config.cross_attention_dim != unet_config.cross_attention_dim
+            ):
+                raise CheckpointError(
+                    f"this ControlNet ({models.guide_controlnet}) does not fit the {FAMILY_NAMES[family]} base "
+                    f"({models.base})"
+                )
         if detect_family(unet_config) == "sdxl":
-            return StableDiffusionXLBrushNetPipeline(**components, brushnet=brushnet)
-        return StableDiffusionBrushNetPipeline(**components, brushnet=brushnet, safety_checker=None)
+            return StableDiffusionXLBrushNetPipeline(**components, brushnet=brushnet, controlnet=controlnet)
+        return StableDiffusionBrushNetPipeline(
+            **components, brushnet=brushnet, safety_checker=None, controlnet=controlnet
+        )
 
     def call_arguments(self, task: Task) -> dict[str, Any]:
         options: BrushNetOptions = task.options
         # The one mask conversion happens in the pipeline: it takes the project's convention (white/1 = inpaint)
         # and feeds the branch the keep mask (1 − hole, nearest-downsampled to latent size) as the 5th channel of
         # `brushnet_cond` (brushnet.models.conditioning); tests/methods checks what reaches the branch.
-        return dict(
+        arguments = dict(
             image=task.image,
             mask_image=task.hole,
             brushnet_conditioning_scale=options.conditioning_scale,
             control_guidance_start=options.control_guidance_start,
             control_guidance_end=options.control_guidance_end,
             guess_mode=options.guess_mode,
+        )
+        if self.pipeline.controlnet is None:
+            if task.control_image is not None:
+                raise InputError("a control image needs a guide ControlNet (--guide-controlnet)")
+            return arguments
+        if task.control_image is None:
+            raise InputError("the guide ControlNet needs a control image (--control-image)")
+        return dict(
+            arguments,
+            control_image=task.control_image,
+            controlnet_conditioning_scale=options.controlnet_conditioning_scale,
+            controlnet_guidance_start=options.controlnet_guidance_start,
+            controlnet_guidance_end=options.controlnet_guidance_end,
         )
