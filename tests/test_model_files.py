@@ -233,3 +233,33 @@ def test_a_hub_id_offline_says_so_at_once(tmp_path, monkeypatch):
     assert time.perf_counter() - start < 10
     with pytest.raises(CheckpointError, match="not in the local cache"):
         load_brushnet("someone/branch")
+
+
+@pytest.mark.parametrize(
+    "case", ["unet as branch", "controlnet-like as branch", "branch as base", "truncated"]
+)
+def test_train_refuses_wrong_or_broken_models_in_one_line(tiny_models, broken, tmp_path, capsys, case):
+    """``train`` loads through the same checks (it said "Cannot copy out of meta tensor" for a UNet branch)."""
+    from brushnet.data.synthetic import write_synthetic_shards
+    from brushnet.training.entry import main
+
+    shards = write_synthetic_shards(tmp_path / "shards", num_shards=1, samples_per_shard=2, size=16)
+    base, branch = tiny_models["base"], None
+    if case == "unet as branch":
+        branch, message = tiny_models["base"] / "unet", "holds a UNet2DConditionModel, not a BrushNetModel"
+    elif case == "controlnet-like as branch":
+        branch = shutil.copytree(tiny_models["base"] / "unet", tmp_path / "cn")
+        _config(lambda c: {**c, "_class_name": "ControlNetModel"})(branch)
+        message = "holds a ControlNetModel, not a BrushNetModel"
+    elif case == "branch as base":
+        base, message = tiny_models["brushnet"], "holds a BrushNetModel, not a full base model folder"
+    else:
+        branch, _ = broken("brushnet", "truncated")
+        message = "is truncated"
+    argv = ["--pretrained_model_name_or_path", str(base), "--train_shards", str(shards.paths[0])]
+    argv += ["--output_dir", str(tmp_path / "run"), "--resolution", "16", "--max_train_steps", "1"]
+    argv += ["--report_to", "none"] + (["--brushnet_model_name_or_path", str(branch)] if branch else [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in err, err
