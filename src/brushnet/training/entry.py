@@ -8,7 +8,29 @@ import logging
 import os
 import sys
 
-__all__ = ["main"]
+__all__ = ["main", "bound_threads"]
+
+
+def bound_threads() -> int:
+    """Give torch this process's share of the CPUs: ``OMP_NUM_THREADS`` when set, else the CPUs available to the
+    process (affinity, cgroup quota) divided among the processes of this machine (``LOCAL_WORLD_SIZE``, set by
+    ``accelerate launch``/``torchrun``); one inter-op thread. Returns the intra-op thread count."""
+    import torch
+
+    from ..cli.common import available_cpus
+
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        threads = int(env)
+    else:
+        local = os.environ.get("LOCAL_WORLD_SIZE", "")
+        threads = max(1, available_cpus() // (int(local) if local.isdigit() and int(local) > 0 else 1))
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set in this process
+        pass
+    return threads
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from .data import check_training_data
     from .loop import train
 
+    bound_threads()
     try:
         check_training_data(config)  # before any model loads
         train(config)
