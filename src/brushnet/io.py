@@ -183,6 +183,15 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
+def _fit(draw, text: str, font, width: int) -> str:
+    """``text`` shortened with an ellipsis so that it fits ``width`` pixels."""
+    if width <= 0 or draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
 def make_grid(
     rows: Sequence[Sequence[Any]],
     *,
@@ -229,7 +238,12 @@ def make_grid(
         top += title_h
     if column_titles:
         for c, text in enumerate(column_titles):
-            draw.text((pad + c * (cell_w + pad) + 2, top + 1), text, fill=(0, 0, 0), font=font)
+            draw.text(
+                (pad + c * (cell_w + pad) + 2, top + 1),
+                _fit(draw, text, font, cell_w - 4),
+                fill=(0, 0, 0),
+                font=font,
+            )
         top += column_h
     for r, row in enumerate(rows):
         y = top + r * row_h
@@ -239,7 +253,9 @@ def make_grid(
         for c, image in enumerate(row):
             x = pad + c * (cell_w + pad)
             if labels:
-                draw.text((x + 2, y + 1), labels[r][c], fill=(0, 0, 0), font=font)
+                draw.text(
+                    (x + 2, y + 1), _fit(draw, labels[r][c], font, cell_w - 4), fill=(0, 0, 0), font=font
+                )
             if image is None:
                 continue
             image = image.convert("RGB")
