@@ -263,3 +263,20 @@ def test_train_refuses_wrong_or_broken_models_in_one_line(tiny_models, broken, t
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in err, err
+
+
+def test_a_hub_id_without_network_says_so_at_once(tmp_path, monkeypatch):
+    """Not in offline mode, but the hub does not answer (a closed port stands for no network)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    start = time.perf_counter()
+    with pytest.raises(
+        CheckpointError, match=r"the hub \(http://127.0.0.1:9\) is unreachable and it is not in the"
+    ):
+        load_base_components("someone/not-cached-model")
+    with pytest.raises(CheckpointError, match="pass a local folder instead"):
+        load_brushnet("someone/branch")
+    assert time.perf_counter() - start < 10  # no retries with back-off (they took 28-38 s)

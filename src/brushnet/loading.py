@@ -240,10 +240,9 @@ def _cached(repo_id: str, filename: str, hub_kwargs: dict | None = None) -> bool
         return False
 
 
-def _offline_message(what: str, repo_id: str) -> str:
+def _offline_message(what: str, repo_id: str, reason: str) -> str:
     from huggingface_hub import constants
 
-    reason = "offline mode is on (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "the hub is unreachable"
     return (
         f"cannot load {what} {repo_id!r}: {reason} and it is not in the local cache ({constants.HF_HUB_CACHE}); "
         "pass a local folder instead (a diffusers folder: model_index.json, unet/, vae/, ... for a base; "
@@ -251,28 +250,55 @@ def _offline_message(what: str, repo_id: str) -> str:
     )
 
 
-def _check_hub_reachable(what: str, repo_id: str, filename: str, hub_kwargs: dict | None = None) -> None:
-    """Fail at once, with what to do, for a hub id that offline mode cannot serve from the cache."""
+def _hub_answers(timeout: float = 5.0) -> bool:
+    """Whether the hub's endpoint answers at all (any HTTP status), within ``timeout`` and without retries."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception:  # noqa: BLE001 - no connection, DNS failure, timeout, proxy refusal ...
+        return False
+    return True
+
+
+def _check_hub_reachable(
+    what: str, repo_id: str, filenames: str | tuple[str, ...], hub_kwargs: dict | None = None
+) -> None:
+    """For a hub id not in the local cache, fail at once, saying what to do, when offline mode is on or the hub
+    does not answer (instead of the hub client's retries and a misleading "no file named config.json")."""
     from huggingface_hub import constants
 
-    if (constants.HF_HUB_OFFLINE or (hub_kwargs or {}).get("local_files_only")) and not _cached(
-        repo_id, filename, hub_kwargs
-    ):
-        raise CheckpointError(_offline_message(what, repo_id))
+    names = (filenames,) if isinstance(filenames, str) else filenames
+    if any(_cached(repo_id, name, hub_kwargs) for name in names):
+        return
+    if constants.HF_HUB_OFFLINE or (hub_kwargs or {}).get("local_files_only"):
+        raise CheckpointError(_offline_message(what, repo_id, "offline mode is on (HF_HUB_OFFLINE=1)"))
+    if not _hub_answers():
+        raise CheckpointError(
+            _offline_message(what, repo_id, f"the hub ({constants.ENDPOINT}) is unreachable")
+        )
+
+
+def _connection_failure(exc: BaseException | None) -> bool:
+    """Whether ``exc`` or an exception it was raised from is a network failure or an offline-mode refusal."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        name = type(exc).__name__
+        if any(part in name for part in ("Connect", "Timeout", "LocalEntryNotFound", "OfflineModeIsEnabled")):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _hub_error(what: str, repo_id: str, exc: BaseException, subfolder: str | None = None) -> CheckpointError:
-    """One line for a failed hub load: unreachable hub and nothing cached says so and how to pass a folder."""
-    from huggingface_hub import constants
-
+    """One line for a failed hub load: an unreachable hub and nothing cached says so and how to pass a folder."""
     config = f"{subfolder}/config.json" if subfolder else "config.json"
-    text = first_line(exc)
-    unreachable = constants.HF_HUB_OFFLINE or any(
-        word in text.lower() for word in ("connect", "offline", "cached files", "timed out", "resolve")
-    )
-    if unreachable and not (_cached(repo_id, "model_index.json") or _cached(repo_id, config)):
-        return CheckpointError(_offline_message(what, repo_id))
-    return CheckpointError(f"cannot load {what} {repo_id!r} from the hub: {text}")
+    cached = _cached(repo_id, "model_index.json") or _cached(repo_id, config)
+    if _connection_failure(exc) and not cached:
+        return CheckpointError(_offline_message(what, repo_id, "the hub is unreachable"))
+    return CheckpointError(f"cannot load {what} {repo_id!r} from the hub: {first_line(exc)}")
 
 
 # -- branches ------------------------------------------------------------------------------------------
@@ -435,7 +461,7 @@ def load_base_components(
     """
     torch_dtype = resolve_dtype(dtype)
     if not _is_local(path):
-        _check_hub_reachable("base model", str(path), "model_index.json", hub_kwargs)
+        _check_hub_reachable("base model", str(path), ("model_index.json", "unet/config.json"), hub_kwargs)
         return _load_components(str(path), torch_dtype, allow_pickle, hub_kwargs)
     p = Path(path).expanduser()
     if not p.exists():
