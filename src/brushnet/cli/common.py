@@ -62,6 +62,9 @@ LIBRARY_NOISE = {
     ),
     # a tokenizer-config detail diffusers triggers when it quotes the truncated words: nothing a user can change
     "transformers.tokenization_utils_tokenizers": ("Ignoring clean_up_tokenization_spaces=True for BPE",),
+    # diffusers' SDXL pipelines cast a force_upcast VAE with .to(dtype) and warn about its fp32-kept modules even
+    # when there are none (an empty list): nothing is wrong
+    "diffusers.models.modeling_utils": ("that should be kept in float32: []",),
 }
 """Library log lines that tell a user nothing to act on, by logger name (see :func:`silence_library_noise`)."""
 
