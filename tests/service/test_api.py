@@ -235,7 +235,10 @@ def test_multipart_field_errors(client):
     r = client.post(
         "/api/v1/inpaint", files={**multipart()["files"], "extra": ("x.png", b"123", "image/png")}
     )
-    _error(r, 400, "Maximum number of files is 2")
+    _error(r, 422, "unexpected file field 'extra'; only 'image', 'mask' and 'control_image' are files")
+    extra = {f"extra{i}": ("x.png", b"123", "image/png") for i in range(2)}
+    r = client.post("/api/v1/inpaint", files={**multipart()["files"], **extra})
+    _error(r, 400, "Maximum number of files is 3")
     r = client.post(
         "/api/v1/inpaint", files={"image": multipart()["files"]["image"], "prompt": ("p.txt", b"x")}
     )

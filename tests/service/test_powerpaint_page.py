@@ -40,7 +40,8 @@ class El {
 class Option { constructor(text, value, defaultSelected, selected) { Object.assign(this, { text, value, selected }); } }
 const document = { createElement: (tag) => new El(tag) };
 const elements = { "method": new El("select"), "scheduler": new El("select"), "method-options": new El("div"),
-                   "method-description": new El("small"), "method-options-box": new El("details") };
+                   "method-description": new El("small"), "method-options-box": new El("details"),
+                   "control-image-field": new El("label") };
 elements["method-options-box"].append(new El("summary"));
 const $ = (id) => elements[id];
 const state = { config: JSON.parse(require("fs").readFileSync(0, "utf8")) };

@@ -369,6 +369,8 @@ class InpaintMethod(ABC):
     model_paths: ModelPaths | None = None
     #: the family of the loaded base ("sd15", "sdxl")
     family: str = "sd15"
+    #: whether a loaded method needs a control image (brushnet with a guide ControlNet)
+    accepts_control_image: bool = False
 
     def __init__(self, device: Any = "cpu", dtype: Any = None):
         import torch

@@ -79,6 +79,12 @@ _INPAINT_OPENAPI = {
                             "format": "binary",
                             "description": "Mask file of the image's size, white = inpaint.",
                         },
+                        "control_image": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "Control image of the image's size, for brushnet served with a guide "
+                            "ControlNet (--guide-controlnet); required there, refused elsewhere.",
+                        },
                         "request": {
                             "type": "string",
                             "description": "JSON object: InpaintRequest fields plus 'method'. Each field may "
@@ -122,7 +128,7 @@ async def _parse_inpaint(request: Request, engine: Engine, limits: Limits, wait_
         parser = MultiPartParser(
             request.headers,
             _read_limited(request, max_bytes),
-            max_files=2,
+            max_files=3,
             max_fields=64,
             max_part_size=max_bytes,
         )
@@ -135,13 +141,15 @@ async def _parse_inpaint(request: Request, engine: Engine, limits: Limits, wait_
             for name, part in form.multi_items():
                 if name in files or name in fields:
                     raise SchemaError(f"form field {name!r} is given twice")
-                if name in ("image", "mask"):
+                if name in ("image", "mask", "control_image"):
                     if not isinstance(part, UploadFile):
                         raise SchemaError(f"form field {name!r} must be a file upload")
                     data = await part.read()
                     files[name] = await run_in_threadpool(decode_image, data, name, max_bytes, max_pixels)
                 elif isinstance(part, UploadFile):
-                    raise SchemaError(f"unexpected file field {name!r}; only 'image' and 'mask' are files")
+                    raise SchemaError(
+                        f"unexpected file field {name!r}; only 'image', 'mask' and 'control_image' are files"
+                    )
                 else:
                     fields[name] = part
             for name in ("image", "mask"):
@@ -153,11 +161,11 @@ async def _parse_inpaint(request: Request, engine: Engine, limits: Limits, wait_
             body = parse_request(ServiceRequest, merge_form_fields(data, fields))
         finally:
             await form.close()
-        image, mask = files["image"], files["mask"]
+        image, mask, control = files["image"], files["mask"], files.get("control_image")
     elif content_type.startswith("application/json"):
         raw = b"".join([chunk async for chunk in _read_limited(request, max_bytes)])
         # parsing up to max_upload_bytes of JSON and base64, and decoding the images, is CPU work: off the loop
-        body, image, mask = await run_in_threadpool(_parse_json_body, raw, max_bytes, max_pixels)
+        body, image, mask, control = await run_in_threadpool(_parse_json_body, raw, max_bytes, max_pixels)
         wait = body.wait
     else:
         raise InvalidInput(
@@ -165,14 +173,19 @@ async def _parse_inpaint(request: Request, engine: Engine, limits: Limits, wait_
         )
     fields = body.model_dump(include=set(InpaintRequest.model_fields), exclude_unset=True)
     inpaint_request = InpaintRequest.model_validate(fields)
-    return body.method, image, mask, inpaint_request, (wait if wait_query is None else wait_query)
+    return body.method, image, mask, control, inpaint_request, (wait if wait_query is None else wait_query)
 
 
 def _parse_json_body(raw: bytes, max_bytes: int, max_pixels: int):
     body = parse_request(JsonInpaintBody, parse_request_json(raw))
     image = decode_image(decode_base64(body.image, "image"), "image", max_bytes, max_pixels)
     mask = decode_image(decode_base64(body.mask, "mask"), "mask", max_bytes, max_pixels)
-    return body, image, mask
+    control = None
+    if body.control_image is not None:
+        control = decode_image(
+            decode_base64(body.control_image, "control_image"), "image", max_bytes, max_pixels
+        )
+    return body, image, mask, control
 
 
 def _event(name: str, data: dict) -> str:
@@ -354,9 +367,11 @@ def create_app(
     async def submit_inpaint(request: Request, wait: bool | None = None):
         """Queue an inpainting job (multipart or JSON). ``wait=true`` answers with the PNG when done."""
         _check_origin(request, allowed)
-        method, image, mask, inpaint_request, wait = await _parse_inpaint(request, engine, limits, wait)
+        method, image, mask, control, inpaint_request, wait = await _parse_inpaint(
+            request, engine, limits, wait
+        )
         # preparing (mask decoding, grow/shrink) is CPU work: off the event loop, so /health stays responsive
-        job = await run_in_threadpool(engine.submit, method, image, mask, inpaint_request)
+        job = await run_in_threadpool(engine.submit, method, image, mask, inpaint_request, control)
         if not wait:
             return JSONResponse(
                 {
@@ -448,7 +463,7 @@ def create_app(
         for name, method in engine.methods.items():
             info = type(method).describe()
             info.update(name=name, device=str(method.device), native_resolution=method.native_resolution,
-                        family=method.family)  # fmt: skip
+                        family=method.family, control_image=method.accepts_control_image)  # fmt: skip
             listed.append(info)
         return {
             "methods": listed,

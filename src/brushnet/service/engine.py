@@ -263,7 +263,12 @@ class Engine:
             )
 
     def prepare(
-        self, method: str | None, image: Image.Image, mask: Any, request: InpaintRequest
+        self,
+        method: str | None,
+        image: Image.Image,
+        mask: Any,
+        request: InpaintRequest,
+        control_image: Image.Image | None = None,
     ) -> PreparedJob:
         """Check everything that can be checked before queuing (:func:`brushnet.methods.prepare`): the method is
         loaded, the request and its options fit it, the image is within the limits, the mask fits the image and
@@ -278,18 +283,33 @@ class Engine:
                 f"{request.num_images} result image(s) of {image.width}x{image.height} take {result_bytes} bytes; "
                 f"the server keeps at most {self.limits.max_result_bytes}"
             )
+        loaded = self.methods[name]
+        if control_image is not None and not loaded.accepts_control_image:
+            raise InvalidInput(
+                f"method {name!r} takes no control image here (brushnet with a guide ControlNet does: serve "
+                "--guide-controlnet)"
+            )
+        if control_image is None and loaded.accepts_control_image:
+            raise InvalidInput(f"method {name!r} runs a guide ControlNet here: send a control_image")
         try:
-            return prepare(self.methods[name], image, mask, request, max_pixels=self.limits.max_pixels)
+            return prepare(
+                loaded, image, mask, request, max_pixels=self.limits.max_pixels, control_image=control_image
+            )
         except RequestError as exc:
             raise SchemaError(str(exc)) from None
         except InputError as exc:
             raise InvalidInput(str(exc)) from None
 
     def submit(
-        self, method: str | None, image: Image.Image, mask: Any, request: InpaintRequest | None = None
+        self,
+        method: str | None,
+        image: Image.Image,
+        mask: Any,
+        request: InpaintRequest | None = None,
+        control_image: Image.Image | None = None,
     ) -> Job:
         """Prepare and queue a job. Raises a :class:`ServiceError` subclass for a refused request."""
-        prepared = self.prepare(method, image, mask, request or InpaintRequest())
+        prepared = self.prepare(method, image, mask, request or InpaintRequest(), control_image)
         return self.enqueue(prepared)
 
     def enqueue(self, prepared: PreparedJob) -> Job:

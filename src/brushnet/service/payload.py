@@ -43,6 +43,10 @@ class JsonInpaintBody(ServiceRequest):
 
     image: str = Field(..., description="Image file (PNG/JPEG/WebP...) as base64 or a data: URL.")
     mask: str = Field(..., description="Mask file, white = inpaint (RGBA: alpha is the mask), base64.")
+    control_image: str | None = Field(
+        None,
+        description="Control image for a guide ControlNet (brushnet served with --guide-controlnet), base64.",
+    )
     wait: bool = Field(False, description="Answer with the PNG when done instead of 202 + job id.")
 
 

@@ -99,6 +99,11 @@ class BrushNetMethod(PipelineMethod):
             **components, brushnet=brushnet, safety_checker=None, controlnet=controlnet
         )
 
+    @property
+    def accepts_control_image(self) -> bool:
+        """A guide ControlNet was loaded (``--guide-controlnet``): every request needs a control image."""
+        return getattr(self.pipeline, "controlnet", None) is not None
+
     def call_arguments(self, task: Task) -> dict[str, Any]:
         options: BrushNetOptions = task.options
         # The one mask conversion happens in the pipeline: it takes the project's convention (white/1 = inpaint)

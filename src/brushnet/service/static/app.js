@@ -271,6 +271,8 @@ function renderMethodOptions() {
   box.replaceChildren();
   if (!method) return;
   $("method-description").textContent = method.description;
+  // a brushnet served with a guide ControlNet needs a control image with every request
+  $("control-image-field").hidden = !method.control_image;
   // the schedulers this method takes (repaint, hd-painter: ddim only); keep the chosen one where it is allowed
   const schedulers = method.schedulers || state.config.schedulers;
   const chosen = $("scheduler").value;
@@ -379,6 +381,11 @@ async function generate() {
   form.append("image", state.image.blob, "image.png");
   form.append("mask", await painter.toMaskBlob(), "mask.png");
   form.append("request", JSON.stringify(requestBody()));
+  if (currentMethod()?.control_image) {
+    const control = $("control-image").files[0];
+    if (!control) return showError("This method needs a control image (Method options).");
+    form.append("control_image", control, control.name);
+  }
   const input = state.image;
   state.job = { id: null, startedAt: performance.now(), input };
   updateControls();
