@@ -149,7 +149,12 @@ def test_removal_score_tells_an_erased_object_from_one_left_or_replaced():
         empty, _ = render_scene(Scene(scene.size, scene.background, ()))
         erased = pixels.copy()
         erased[hole] = np.asarray(empty)[hole]
-        other = next(c for c in PALETTE if c not in (obj.colour, scene.background.colour))
+        # a colour the background's tones are not nearest to (those count as background, see object_fraction)
+        tones = {
+            min(PALETTE, key=lambda c: np.linalg.norm(np.subtract(PALETTE[c], rgb)))
+            for rgb in (scene.background.rgb, scene.background.shade_rgb)
+        }
+        other = next(c for c in PALETTE if c not in (obj.colour, *tones))
         replaced = erased.copy()
         replaced[masks[i]] = PALETTE[other]
         item = SimpleNamespace(mask=hole)
