@@ -77,6 +77,12 @@ def test_every_declared_model_has_a_flag(path):
     assert "--allow-pickle" in flags
 
 
+@pytest.mark.parametrize("path", MODEL_COMMANDS, ids=" ".join)
+def test_every_model_loading_command_has_compile(path):
+    """``--compile`` (issue 14) is a runtime flag: every command that loads models takes it, serve included."""
+    assert "--compile" in _flags(_command(path)) and "--compile" in _help(path)
+
+
 # a non-default command-line value for every request field, and what the request then holds
 FIELD_VALUES = {
     "prompt": (["-p", "a dog"], "a dog"),

@@ -69,33 +69,12 @@ def random_weight_models(preset: str, out_dir: str | os.PathLike, methods: Seque
 
 
 def compile_method(method) -> list[str]:
-    """``torch.compile`` the denoising networks of a loaded method, in place.
-
-    BrushNet drives the stock UNet from plain code that calls its blocks, so compiling the UNet's own
-    ``forward`` would not take effect; instead every block of ``down_blocks``, ``mid_block`` and
-    ``up_blocks`` of the UNet and of the branch (BrushNet / ControlNet) is compiled with
-    ``nn.Module.compile`` (the module keeps its type and weights). Returns what was compiled.
-    """
-    pipeline = getattr(method, "pipeline", None)
-    compiled: list[str] = []
-    seen: set[int] = set()
-    for owner in (pipeline, method):
-        if owner is None:
-            continue
-        for name in ("unet", "brushnet", "controlnet"):
-            module = getattr(owner, name, None)
-            if module is None or id(module) in seen:
-                continue
-            seen.add(id(module))
-            for part in ("down_blocks", "mid_block", "up_blocks"):
-                blocks = getattr(module, part, None)
-                if blocks is None:
-                    continue
-                for index, block in enumerate(blocks if hasattr(blocks, "__len__") else [blocks]):
-                    block.compile()
-                    compiled.append(f"{name}.{part}.{index}")
+    """Turn on the method's compiled path, in place: :meth:`~brushnet.methods.InpaintMethod.compile`, the same
+    switch as ``--compile`` everywhere (BrushNet: the whole denoising step, branch + injected UNet + guidance, as one
+    compiled function; other methods: ``torch.compile`` of their UNet / ControlNet). Returns what was compiled."""
+    compiled = method.compile()
     if not compiled:
-        logger.warning("--compile: found no unet/brushnet/controlnet blocks on %s", type(method).__name__)
+        logger.warning("--compile: %s has no compiled path; timed eagerly", type(method).__name__)
     return compiled
 
 
@@ -199,14 +178,15 @@ def measure_speed(
         steps: denoising step counts.
         repeats: timed calls per combination (the median is reported); one warm-up call before them.
         device: ``cpu`` or ``cuda[:N]``.
-        compile: ``torch.compile`` the UNet / branch blocks (:func:`compile_method`).
+        compile: turn on each method's compiled path (:func:`compile_method`); the warm-up call, which compiles,
+            is recorded as ``first_call_seconds``.
         scheduler, guidance_scale: the request's.
         cfg_branch: BrushNet's modes to time (:data:`CFG_BRANCH_MODES`); ignored for other methods.
 
     Returns:
         One record per combination: ``method, device, dtype, resolution, steps, cfg_branch, compile,
-        repeats, seconds_per_image`` (median), ``seconds`` (every repeat), ``seconds_per_step`` (median),
-        ``unet_calls``, ``extra_calls``, ``memory`` (``"cuda_max_allocated"`` or ``"cpu_peak_rss"``),
+        repeats, first_call_seconds`` (the warm-up), ``seconds_per_image`` (median), ``seconds`` (every repeat),
+        ``seconds_per_step`` (median), ``unet_calls``, ``extra_calls``, ``memory`` (``"cuda_max_allocated"`` or ``"cpu_peak_rss"``),
         ``peak_memory_mib`` and, on CPU, ``rss_increase_mib``; or, for a combination that failed,
         the same keys up to ``repeats`` and ``error``.
     """
@@ -253,7 +233,11 @@ def measure_speed(
                             "scheduler": scheduler if takes else type(method).default_scheduler,
                         }
                         try:
-                            inpaint(method, image, hole, request)  # warm-up, excluded
+                            start = time.perf_counter()
+                            inpaint(
+                                method, image, hole, request
+                            )  # warm-up (compiles with --compile), excluded
+                            record["first_call_seconds"] = time.perf_counter() - start
                         except (RuntimeError, NotImplementedError, TypeError) as exc:
                             message = (
                                 str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

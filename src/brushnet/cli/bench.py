@@ -152,7 +152,8 @@ def run(
     for data in datasets:
         kind = data.mask_kind
         stats = run_benchmark(names, paths, data, output, settings, device=device, dtype=runtime.dtype,
-                              process_index=index, num_processes=count, metric_suite=suite)  # fmt: skip
+                              process_index=index, num_processes=count, metric_suite=suite,
+                              load=runtime.load_method)  # fmt: skip
         typer.echo(f"{kind}: shard {index}/{count}: {stats}", err=True)
         for failure in stats.failures:
             typer.echo(
@@ -191,7 +192,6 @@ def speed(
     dtype: str = typer.Option("fp32", help="Comma-separated: fp32, fp16, bf16 (fp16/bf16 for GPU)."),
     steps: str = typer.Option("50", help="Comma-separated step counts."),
     repeats: int = typer.Option(3, help="Timed repeats per combination (median reported); warm-up excluded."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the UNet / branch blocks."),
     cfg_branch: str = typer.Option(
         "once", help="BrushNet under CFG: once (this project), doubled (the original), or once,doubled."
     ),
@@ -253,7 +253,7 @@ def speed(
         steps=[int(s) for s in _split(steps)],
         repeats=repeats,
         device=runtime.device,
-        compile=compile,
+        compile=runtime.compile,
         scheduler=scheduler,
         guidance_scale=guidance,
         cfg_branch=_split(cfg_branch),

@@ -179,12 +179,30 @@ def available_cpus() -> int:
 
 @dataclass
 class Runtime:
-    """Where and how models run: ``device``, ``dtype`` and the CPU threads torch may use."""
+    """Where and how models run: ``device``, ``dtype``, the CPU threads torch may use, and whether the denoising
+    network is compiled (``--compile``: :meth:`brushnet.methods.InpaintMethod.compile`)."""
 
     device: str = "cpu"
     dtype: str = "fp32"
     threads: int | None = None
     quiet: bool = False
+    compile: bool = False
+
+    def load_method(self, name: str, models: Any, device: str | None = None, dtype: Any = None) -> Any:
+        """:func:`brushnet.methods.load_method` on this runtime's device and dtype, compiled with ``--compile``.
+
+        ``device``/``dtype`` override the runtime's (the benchmark runner passes its own), so this is also a
+        ``load`` function for :func:`brushnet.bench.runner.run_benchmark`."""
+        from ..methods import load_method
+
+        method = load_method(name, models, device=device or self.device, dtype=dtype or self.dtype)
+        if self.compile:
+            compiled = method.compile()
+            if compiled:
+                logger.info(
+                    "%s: compiled %s (the first call per image size compiles)", name, ", ".join(compiled)
+                )
+        return method
 
     def check(self) -> None:
         """Refuse an unknown dtype or a device this machine does not have, before any model is loaded."""

@@ -34,7 +34,7 @@ DEMO_EXCLUDED_FIELDS = (
         "blend_kernel_size": "Feathering kernel of the blended view (the paper's 21 px at 512, scaled to 128)."
     },
 )
-@runtime_flags(quiet=False, dtype=False)
+@runtime_flags(quiet=False, dtype=False, compile=False)
 def demo_command(
     output: Path = typer.Option(
         Path("outputs/demo"), "--output", "-o", help="Folder for grid.png and per-method PNGs."

@@ -6,8 +6,8 @@
   a dict of the request fields.
 - :func:`model_flags`: one flag per :class:`~brushnet.methods.ModelSlot` that any registered method declares,
   plus ``--allow-pickle``. The command receives ``models``: a dict for :class:`~brushnet.methods.ModelPaths`.
-- :func:`runtime_flags`: ``--device``, ``--dtype``, ``--threads`` (and ``--quiet``). The command receives
-  ``runtime``: a :class:`~brushnet.cli.common.Runtime`.
+- :func:`runtime_flags`: ``--device``, ``--dtype``, ``--threads``, ``--compile`` (and ``--quiet``). The command
+  receives ``runtime``: a :class:`~brushnet.cli.common.Runtime`.
 
 Each decorator appends its parameters to the command's signature (typer reads ``__signature__``), and the
 wrapper gathers their values into the one keyword the command declares. Reading the declarations imports
@@ -176,9 +176,10 @@ def model_flags(panel: str = "Models") -> Callable[[Callable], Callable]:
 
 
 def runtime_flags(
-    quiet: bool = True, dtype: bool = True, panel: str = "Runtime"
+    quiet: bool = True, dtype: bool = True, compile: bool = True, panel: str = "Runtime"
 ) -> Callable[[Callable], Callable]:
-    """Add ``--device``, ``--dtype``, ``--threads`` (and ``--quiet``); the command receives ``runtime``."""
+    """Add ``--device``, ``--dtype``, ``--threads``, ``--compile`` (and ``--quiet``); the command receives
+    ``runtime`` and loads its methods through :meth:`~brushnet.cli.common.Runtime.load_method`."""
 
     def decorate(func: Callable) -> Callable:
         flags = [
@@ -204,6 +205,20 @@ def runtime_flags(
                     "dtype",
                     str,
                     typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16.", rich_help_panel=panel),
+                )
+            )
+        if compile:
+            flags.append(
+                _Flag(
+                    "compile",
+                    bool,
+                    typer.Option(
+                        False,
+                        "--compile",
+                        help="Compile the denoising step (torch.compile; CUDA graphs on a GPU). The first image "
+                        "of each size compiles (minutes cold, seconds from the on-disk cache); see docs/speed.md.",
+                        rich_help_panel=panel,
+                    ),
                 )
             )
         if quiet:

@@ -40,9 +40,7 @@ MAX_PIXELS_HELP = "Largest input image, width x height (checked before decoding)
 
 
 def _load(method: str, models: dict[str, Any], runtime) -> Any:
-    from ..methods import load_method
-
-    return load_method(method, models, device=runtime.device, dtype=runtime.dtype)
+    return runtime.load_method(method, models)
 
 
 def _model_paths(models: dict[str, Any], method_cls) -> Any:

@@ -62,7 +62,7 @@ def serve_command(
     """Serve the inpainting API (/api/v1, docs at /docs) and the web page (/) from one process."""
     from pydantic import ValidationError
 
-    from ..methods import get_method_class, load_method
+    from ..methods import get_method_class
 
     if not 1 <= port <= 65535:
         fail(f"--port must be between 1 and 65535, got {port}")
@@ -112,9 +112,7 @@ def serve_command(
             needed = {slot for cls in classes.values() for slot in cls.models if slot.name not in models}
             built = build_model_set(Path(tmp.name), needed)
             paths = {name: {**built, **given} for name, given in paths.items()}
-        loaded = {
-            name: load_method(name, paths[name], device=runtime.device, dtype=runtime.dtype) for name in names
-        }
+        loaded = {name: runtime.load_method(name, paths[name]) for name in names}
         import uvicorn
 
         from ..service.api import create_app

@@ -371,6 +371,8 @@ class InpaintMethod(ABC):
     family: str = "sd15"
     #: whether a loaded method needs a control image (brushnet with a guide ControlNet)
     accepts_control_image: bool = False
+    #: whether :meth:`compile` can speed the method up (False where its networks change on every call)
+    compilable: ClassVar[bool] = True
 
     def __init__(self, device: Any = "cpu", dtype: Any = None):
         import torch
@@ -386,6 +388,52 @@ class InpaintMethod(ABC):
     @abstractmethod
     def generate(self, task: Task) -> GenerateOutput:
         """Inpaint a prepared region (see :class:`Task`)."""
+
+    def compile(self, mode: str | None = None, backend: str = "inductor") -> list[str]:
+        """Turn on ``torch.compile`` for the method's denoising network (what ``--compile`` does everywhere).
+
+        A pipeline with its own fast path takes it: the BrushNet pipelines' ``compile()`` (branch, UNet with the
+        residuals and guidance as one compiled step; CUDA graphs; docs/speed.md). Any other method's
+        ``pipeline.unet`` (and ``controlnet``) is wrapped in ``torch.compile``, diffusers' own recipe. Compiled
+        kernels are cached on disk (:func:`brushnet.pipelines.fast_path.compile_cache_dir`). A method whose
+        networks change on every call (``compilable`` False) stays eager, with one warning.
+
+        Args:
+            mode: ``torch.compile`` mode; ``None``: ``"reduce-overhead"`` on CUDA, inductor's default elsewhere.
+            backend: ``torch.compile`` backend.
+
+        Returns:
+            What was compiled (empty when nothing was).
+        """
+        import logging
+
+        import torch
+
+        from ..pipelines.fast_path import resolve_mode, use_compile_cache
+
+        if not type(self).compilable:
+            logging.getLogger(__name__).warning(
+                "%s has no compiled path (its attention processors change on every call); it runs eagerly",
+                self.name,
+            )
+            return []
+        pipeline = getattr(self, "pipeline", None)
+        if callable(getattr(pipeline, "compile", None)):
+            pipeline.compile(mode=mode, backend=backend)
+            return ["denoising step"]
+        if backend == "inductor":
+            use_compile_cache()
+        compiled = []
+        for name in ("unet", "controlnet"):
+            module = getattr(pipeline, name, None)
+            if isinstance(module, torch.nn.Module) and not hasattr(module, "_orig_mod"):
+                setattr(
+                    pipeline,
+                    name,
+                    torch.compile(module, mode=resolve_mode(mode, backend, self.device), backend=backend),
+                )
+                compiled.append(name)
+        return compiled
 
     # ------------------------------------------------------------------ declarations, checks
 

@@ -1,25 +1,30 @@
-"""What the SD1.5 and SDXL BrushNet pipelines share, written once.
+"""What the BrushNet pipelines (SD1.5, SDXL, PowerPaint v2) share, written once.
 
 - :func:`brushnet_keep_schedule`: the per-step on/off of the branch (``control_guidance_start/end``);
-- :class:`BrushNetPipelineMixin`: the guidance properties, the input checks both pipelines make, image and
+- :class:`BrushNetPipelineMixin`: the guidance properties, the input checks every pipeline makes, image and
   mask preparation (the project's mask convention, 1 = hole; every batch format diffusers documents;
   ``padding_mask_crop``), the control images of an optional ControlNet, the start latents for ``strength``,
-  one denoising prediction (branch, optional ControlNet, then the stock UNet through
-  :func:`~brushnet.models.unet_injection.run_unet_with_brushnet`, so offload hooks and ``torch.compile``
-  apply; IP-Adapter image embeddings reach the UNet), and the final blending / post-processing.
+  **the denoising loop** (:meth:`~BrushNetPipelineMixin._denoise`: scaled input, one guided prediction per step
+  (:func:`~brushnet.pipelines.denoising_step.guided_noise`), scheduler step, callbacks, interrupt, progress), the
+  fast path's switch (:meth:`~BrushNetPipelineMixin.compile`, :mod:`brushnet.pipelines.fast_path`), and the final
+  blending / post-processing.
 
-The conditioning recipe itself lives in :mod:`brushnet.models.conditioning` and the blending in
-:func:`brushnet.image.blend`; the pipelines only call them.
+Each pipeline keeps only what differs: its text encoding and added conditions, its extra inputs (named tensors the
+loop hands to callbacks, turned into model inputs by ``_step_inputs``), and its decoding. The conditioning recipe
+lives in :mod:`brushnet.models.conditioning`, the blending in :func:`brushnet.image.blend`.
 """
 
 from __future__ import annotations
+
+import os
+from typing import Any
 
 import PIL.Image
 import torch
 import torch.nn.functional as F
 
 from ..image import blend, mask_batch, mask_to_array
-from ..models.unet_injection import run_unet_with_brushnet
+from .denoising_step import StepPlan, guided_noise
 
 __all__ = ["BrushNetPipelineMixin", "brushnet_keep_schedule", "controlnet_keep_schedule"]
 
@@ -70,6 +75,62 @@ class BrushNetPipelineMixin:
     @property
     def interrupt(self) -> bool:
         return self._interrupt
+
+    # -- the fast path ---------------------------------------------------------------------------------------
+    def compile(
+        self,
+        mode: str | None = None,
+        backend: str = "inductor",
+        *,
+        fullgraph: bool = True,
+        dynamic: bool = False,
+        options: dict[str, Any] | None = None,
+        cache_dir: str | os.PathLike | None = None,
+    ):
+        """Turn on the fast path: every denoising step's prediction (branch, optional ControlNet, the UNet with the
+        branch's residuals, classifier-free guidance) runs as one ``torch.compile``-d function.
+
+        On CUDA the default is ``mode="reduce-overhead"``: each step replays one CUDA graph. Shapes are static: the
+        first call at a new (batch, height, width) — or with guidance switched on/off — compiles (logged once),
+        later calls replay. Compiled kernels are cached on disk (:func:`~brushnet.pipelines.fast_path
+        .compile_cache_dir`, ``~/.cache/brushnet/torch-compile`` by default) so the next process starts warm. The
+        output stays within float noise of the eager path (tests/pipelines/test_fast_path.py); the scheduler step,
+        VAE and text encoders are not compiled. Not with offloading. See docs/speed.md.
+
+        Args:
+            mode: ``torch.compile`` mode for inductor (``"reduce-overhead"``, ``"max-autotune"``,
+                ``"max-autotune-no-cudagraphs"``, ``"default"``); ``None``: reduce-overhead on CUDA, else default.
+            backend: ``torch.compile`` backend; ``"aot_eager"`` / ``"eager"`` trace without generating kernels.
+            fullgraph: raise on a graph break instead of splitting the step (the step has none).
+            dynamic: dynamic shapes (``False``: one graph per shape, fastest).
+            options: inductor options instead of ``mode`` (e.g. ``{"triton.cudagraphs": True,
+                "conv_1x1_as_mm": True}``).
+            cache_dir: where compiled kernels are kept (default: see above; ``$BRUSHNET_COMPILE_CACHE``).
+
+        Returns:
+            The pipeline (so ``pipe = Pipeline.from_pretrained(...).compile()`` reads naturally).
+        """
+        from .fast_path import CompiledStep
+
+        self._compiled_step = CompiledStep(
+            mode=mode,
+            backend=backend,
+            fullgraph=fullgraph,
+            dynamic=dynamic,
+            options=options,
+            cache_dir=cache_dir,
+        )
+        return self
+
+    def uncompile(self):
+        """Back to the eager path (compiled graphs stay in torch's caches until the process ends)."""
+        self._compiled_step = None
+        return self
+
+    @property
+    def is_compiled(self) -> bool:
+        """Whether :meth:`compile` is on."""
+        return getattr(self, "_compiled_step", None) is not None
 
     def _make_image_processors(self, vae) -> None:
         """``vae_scale_factor`` and the image, mask and control-image processors (as diffusers' inpaint
@@ -304,6 +365,41 @@ class BrushNetPipelineMixin:
         )
         return [_first(controlnet_conditioning_scale) * k for k in keep]
 
+    def _schedule(
+        self, num_inference_steps: int, device, timesteps=None, sigmas=None, strength: float = 1.0
+    ) -> tuple[torch.Tensor, int]:
+        """The timesteps to run (custom ``timesteps``/``sigmas`` as in diffusers; below ``strength`` 1 only the last
+        fraction of them) and their number of inference steps."""
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+
+        timesteps, num_inference_steps = retrieve_timesteps(
+            self.scheduler, num_inference_steps, device, timesteps, sigmas
+        )
+        if strength < 1.0:
+            timesteps, num_inference_steps = self.get_timesteps(num_inference_steps, strength, device)
+            if num_inference_steps < 1:
+                raise ValueError(
+                    f"strength {strength} leaves no denoising step of {len(self.scheduler.timesteps)}"
+                )
+        return timesteps, num_inference_steps
+
+    def _branch_conditioning(self, image_tensor: torch.Tensor, hole: torch.Tensor, generator) -> torch.Tensor:
+        """``brushnet_cond`` (masked-image latent + keep-mask, :func:`~brushnet.models.conditioning
+        .brushnet_conditioning`) in the branch's dtype."""
+        from ..models.conditioning import brushnet_conditioning
+
+        brushnet_cond = brushnet_conditioning(self.vae, image_tensor, hole, generator)
+        return brushnet_cond.to(dtype=self.brushnet.dtype)
+
+    def _guidance_embedding(self, total: int, device, dtype) -> torch.Tensor | None:
+        """The UNet's guidance-scale embedding (guidance-distilled UNets: ``time_cond_proj_dim``), else ``None``."""
+        if self.unet.config.time_cond_proj_dim is None:
+            return None
+        guidance_tensor = torch.tensor(self.guidance_scale - 1).repeat(total)
+        return self.get_guidance_scale_embedding(
+            guidance_tensor, embedding_dim=self.unet.config.time_cond_proj_dim
+        ).to(device=device, dtype=dtype)
+
     def _start_latents(
         self, latents, image_tensor, timestep, strength: float, shape, dtype, device, generator
     ) -> torch.Tensor:
@@ -328,174 +424,139 @@ class BrushNetPipelineMixin:
             image_latents, noise.to(device=device, dtype=dtype), timestep.repeat(batch)
         )
 
-    def _predict_noise(
+    # -- the denoising loop, shared by every BrushNet pipeline ---------------------------------------------
+    def _step_inputs(self, tensors: dict[str, torch.Tensor | None]) -> dict[str, Any]:
+        """The per-step model inputs built from the loop's named tensors (those a step callback may replace).
+
+        The mixin's: ``prompt_embeds`` (batched like the model input). A pipeline with more (SDXL's added
+        conditions, PowerPaint's branch text) extends this; it is rebuilt only when a callback replaced a tensor.
+        """
+        return {"prompt_embeds": tensors["prompt_embeds"]}
+
+    def _step_plan(self, guess_mode: bool) -> StepPlan:
+        """The settings one prediction depends on besides its tensors (:class:`StepPlan`), read once per call and
+        again only if a callback switches guidance: no ``ModelMixin.dtype`` walk per step."""
+        controlnet = getattr(self, "controlnet", None)
+        return StepPlan(
+            guidance=self.do_classifier_free_guidance,
+            branch_on_doubled_batch=bool(self.brushnet.uses_text),
+            guess_mode=guess_mode,
+            rescale=getattr(self, "_guidance_rescale", 0.0) > 0.0,
+            branch_dtype=self.brushnet.dtype,
+            unet_dtype=self.unet.dtype,
+            controlnet_dtype=controlnet.dtype if controlnet is not None else None,
+        )
+
+    def _denoise(
         self,
-        latent_model_input: torch.Tensor,
-        t,
-        prompt_embeds: torch.Tensor,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        num_inference_steps: int,
+        tensors: dict[str, torch.Tensor | None],
         brushnet_cond: torch.Tensor,
-        conditioning_scale: float,
+        conditioning_scales: list[float],
         guess_mode: bool,
-        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+        extra_step_kwargs: dict[str, Any],
+        callback_on_step_end,
+        callback_on_step_end_tensor_inputs: list[str],
         timestep_cond: torch.Tensor | None = None,
-        brushnet_prompt_embeds: torch.Tensor | None = None,
         image_embeds: list[torch.Tensor] | None = None,
         control_images: list[torch.Tensor] | None = None,
-        controlnet_scale: float | list[float] | None = None,
-    ) -> torch.Tensor:
-        """One UNet prediction with the branch's residuals added in-line (and a ControlNet's on the skips).
+        controlnet_scales: list | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+        """The denoising loop: per step the scaled input, one guided prediction (:func:`guided_noise`: branch,
+        optional ControlNet, UNet with residuals, guidance and its rescale), the scheduler step, the step callback
+        and the progress bar; ``interrupt`` skips the remaining steps.
 
-        With classifier-free guidance (inputs are the doubled batch, unconditional half first) the branch runs:
-
-        - on the doubled batch when its residuals depend on the text (``brushnet.uses_text``: the SDXL branch
-          reads the pooled text through its ``add_embedding``, PowerPaint's through cross-attention), as the
-          originals do;
-        - once, on the conditional half, when they do not (SD1.5): both halves would get identical
-          residuals, so they are computed once and repeated;
-        - once, on the conditional half, with ``guess_mode``; the unconditional half then gets no residuals.
+        Eagerly by default; after :meth:`compile` the prediction is the compiled function
+        (:mod:`brushnet.pipelines.fast_path`), its changing numbers passed as device tensors made once per call.
 
         Args:
-            latent_model_input: the scheduler-scaled latents, ``(B, 4, h, w)`` or ``(2B, 4, h, w)`` with CFG.
-            t: the timestep.
-            prompt_embeds: text embeddings matching ``latent_model_input``'s batch.
-            brushnet_cond: ``(B, 5, h, w)`` (un-doubled).
-            conditioning_scale: the branch's scale at this step.
-            guess_mode: ControlNet-style guess mode.
-            added_cond_kwargs: SDXL's ``{"text_embeds", "time_ids"}`` matching ``latent_model_input``'s batch.
-            timestep_cond: the UNet's guidance embedding, if any.
-            brushnet_prompt_embeds: the branch's own text embeddings (PowerPaint: its own text encoder),
-                batched like ``prompt_embeds``; ``None``: the branch reads ``prompt_embeds``.
-            image_embeds: IP-Adapter image embeddings (one tensor per adapter, batched like
-                ``prompt_embeds``); the UNet reads them through its ``encoder_hid_proj``, the branch does not.
-            control_images: the ControlNets' conditioning images ``(B, 3, H, W)`` (un-doubled), one per net.
-            controlnet_scale: the ControlNets' scale at this step (a list with several nets); 0 skips them.
+            latents: the start latents ``(B, 4, h, w)``.
+            timesteps, num_inference_steps: the schedule to run (after any ``strength`` / ``denoising_end`` cut).
+            tensors: the named tensors a step callback may read and replace besides ``latents`` (the pipeline's
+                ``_callback_tensor_inputs``); :meth:`_step_inputs` turns them into model inputs.
+            brushnet_cond: ``(B, 5, h, w)``, the branch's conditioning.
+            conditioning_scales: the branch's scale per step (the keep schedule applied).
+            guess_mode, timestep_cond, image_embeds, control_images: as :func:`predict_noise`.
+            controlnet_scales: the ControlNets' scale per step (``None`` entries without a ControlNet).
+            extra_step_kwargs, callback_on_step_end, callback_on_step_end_tensor_inputs: as in diffusers.
 
         Returns:
-            The UNet's prediction for ``latent_model_input`` (guidance not yet applied).
+            ``(latents, tensors)``: the denoised latents and the named tensors as the callbacks left them.
         """
-        cfg = self.do_classifier_free_guidance
-        on_doubled_batch = cfg and self.brushnet.uses_text and not guess_mode
-        if not cfg and prompt_embeds.shape[0] == 2 * latent_model_input.shape[0]:
-            # guidance was switched off mid-loop (CFG-cutoff callbacks): keep the conditional halves
-            prompt_embeds = prompt_embeds.chunk(2)[1]
-        branch_text = prompt_embeds if brushnet_prompt_embeds is None else brushnet_prompt_embeds
-        if not cfg and branch_text.shape[0] == 2 * latent_model_input.shape[0]:
-            branch_text = branch_text.chunk(2)[1]
-        if (
-            image_embeds is not None
-            and not cfg
-            and image_embeds[0].shape[0] == 2 * latent_model_input.shape[0]
-        ):
-            image_embeds = [e.chunk(2)[1] for e in image_embeds]
-        if cfg and not on_doubled_batch:  # the conditional half only
-            branch_input = latent_model_input.chunk(2)[1]
-            branch_text = branch_text.chunk(2)[1]
-            branch_added = (
-                {k: v.chunk(2)[1] for k, v in added_cond_kwargs.items()} if added_cond_kwargs else None
-            )
-        else:
-            branch_input, branch_added = latent_model_input, added_cond_kwargs
-        branch_cond = torch.cat([brushnet_cond] * 2) if on_doubled_batch else brushnet_cond
+        compiled = getattr(self, "_compiled_step", None)
+        if compiled is not None:
+            compiled.check(self)
+        controlnet = getattr(self, "controlnet", None)
+        if controlnet_scales is None:
+            controlnet_scales = [None] * len(timesteps)
+        inputs = self._step_inputs(tensors)
+        plans: dict[bool, StepPlan] = {}
+        if compiled is not None:  # per-step numbers as device tensors, made once (no host copy per step)
+            step_scales = torch.tensor(conditioning_scales, dtype=torch.float32, device=latents.device)
+            guidance = {}
 
-        dtype = self.brushnet.dtype
-        down, mid, up = self.brushnet(
-            branch_input.to(dtype),
-            t,
-            encoder_hidden_states=branch_text.to(dtype),
-            brushnet_cond=branch_cond.to(dtype),
-            conditioning_scale=conditioning_scale,
-            guess_mode=guess_mode,
-            added_cond_kwargs={k: v.to(dtype) for k, v in branch_added.items()} if branch_added else None,
-            return_dict=False,
-        )
-        if cfg and not on_doubled_batch:
-            # both halves get the same residuals; in guess mode the unconditional half gets none
+        num_warmup_steps = max(len(timesteps) - num_inference_steps * self.scheduler.order, 0)
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                cfg = self.do_classifier_free_guidance
+                plan = plans.get(cfg)
+                if plan is None:
+                    plan = plans[cfg] = self._step_plan(guess_mode)
+                scaled = self.scheduler.scale_model_input(latents, t)
+                common = dict(
+                    timestep_cond=timestep_cond,
+                    image_embeds=image_embeds,
+                    control_images=control_images,
+                    controlnet_scale=controlnet_scales[i],
+                    cross_attention_kwargs=self.cross_attention_kwargs,
+                    **inputs,
+                )
+                if compiled is None:
+                    noise_pred = guided_noise(
+                        self.brushnet, self.unet, controlnet, plan, scaled, t,
+                        brushnet_cond=brushnet_cond,
+                        conditioning_scale=conditioning_scales[i],
+                        guidance_scale=self.guidance_scale,
+                        guidance_rescale=getattr(self, "_guidance_rescale", 0.0),
+                        **common,
+                    )  # fmt: skip
+                else:
+                    key = (self.guidance_scale, getattr(self, "_guidance_rescale", 0.0))
+                    if key not in guidance:
+                        guidance[key] = torch.tensor(key, dtype=torch.float32, device=latents.device).unbind()
+                    noise_pred = compiled(
+                        self.brushnet, self.unet, controlnet, plan, scaled, t,
+                        brushnet_cond=brushnet_cond,
+                        conditioning_scale=step_scales[i],
+                        guidance_scale=guidance[key][0],
+                        guidance_rescale=guidance[key][1],
+                        **common,
+                    )  # fmt: skip
+                latents = self.scheduler.step(
+                    noise_pred.to(latents.dtype), t, latents, **extra_step_kwargs, return_dict=False
+                )[0]
 
-            def expand(r):
-                return torch.cat([torch.zeros_like(r) if guess_mode else r, r])
+                if callback_on_step_end is not None:
+                    available = {"latents": latents, **tensors}
+                    callback_kwargs = {k: available[k] for k in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+                    replaced = {
+                        k: v for k, v in callback_outputs.items() if k in tensors and v is not tensors[k]
+                    }
+                    if replaced:
+                        tensors = {**tensors, **replaced}
+                        inputs = self._step_inputs(tensors)
 
-            down, mid, up = [expand(r) for r in down], expand(mid), [expand(r) for r in up]
-
-        unet_dtype = self.unet.dtype
-        control_down = control_mid = None
-        if control_images is not None and any(s != 0 for s in _as_list(controlnet_scale)):
-            control_down, control_mid = self._controlnet_residuals(
-                latent_model_input,
-                t,
-                prompt_embeds,
-                control_images,
-                controlnet_scale,
-                guess_mode,
-                added_cond_kwargs,
-            )
-            control_down = [r.to(unet_dtype) for r in control_down]
-            control_mid = control_mid.to(unet_dtype)
-        unet_added = {k: v.to(unet_dtype) for k, v in added_cond_kwargs.items()} if added_cond_kwargs else {}
-        if image_embeds is not None:
-            unet_added["image_embeds"] = [e.to(unet_dtype) for e in image_embeds]
-        return run_unet_with_brushnet(
-            self.unet,
-            latent_model_input.to(unet_dtype),
-            t,
-            prompt_embeds.to(unet_dtype),
-            [r.to(unet_dtype) for r in down],
-            mid.to(unet_dtype),
-            [r.to(unet_dtype) for r in up],
-            timestep_cond=timestep_cond,
-            cross_attention_kwargs=self.cross_attention_kwargs,
-            added_cond_kwargs=unet_added or None,
-            down_block_additional_residuals=control_down,
-            mid_block_additional_residual=control_mid,
-        )
-
-    def _controlnet_residuals(
-        self, latent_model_input, t, prompt_embeds, control_images, scale, guess_mode, added_cond_kwargs
-    ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """The ControlNets' skip and mid residuals, summed over nets, batched like ``latent_model_input``.
-
-        Under classifier-free guidance they run on the doubled batch (they read the text), or, in guess mode,
-        on the conditional half only, the unconditional half getting none (as diffusers' ControlNet pipelines).
-        """
-        cfg = self.do_classifier_free_guidance
-        conditional_only = cfg and guess_mode
-        net_input, net_text, net_added = latent_model_input, prompt_embeds, added_cond_kwargs
-        if conditional_only:
-            net_input, net_text = latent_model_input.chunk(2)[1], prompt_embeds.chunk(2)[1]
-            net_added = (
-                {k: v.chunk(2)[1] for k, v in added_cond_kwargs.items()} if added_cond_kwargs else None
-            )
-        batch = net_input.shape[0]
-        dtype = self.controlnet.dtype
-        images = [
-            img if img.shape[0] == batch else torch.cat([img] * (batch // img.shape[0]))
-            for img in control_images
-        ]
-        controlnet_kwargs = dict(
-            encoder_hidden_states=net_text.to(dtype),
-            guess_mode=guess_mode,
-            added_cond_kwargs={k: v.to(dtype) for k, v in net_added.items()} if net_added else None,
-            return_dict=False,
-        )
-        if len(images) == 1 and not isinstance(scale, (list, tuple)):
-            down, mid = self.controlnet(
-                net_input.to(dtype),
-                t,
-                controlnet_cond=images[0],
-                conditioning_scale=scale,
-                **controlnet_kwargs,
-            )
-        else:
-            down, mid = self.controlnet(
-                net_input.to(dtype),
-                t,
-                controlnet_cond=images,
-                conditioning_scale=list(scale),
-                **controlnet_kwargs,
-            )
-        if conditional_only:
-            down = [torch.cat([torch.zeros_like(r), r]) for r in down]
-            mid = torch.cat([torch.zeros_like(mid), mid])
-        return list(down), mid
+                if i == len(timesteps) - 1 or (
+                    (i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0
+                ):
+                    progress_bar.update()
+        return latents, tensors
 
     def _postprocess(
         self,
@@ -542,9 +603,3 @@ def _first(value):
 
 def _per_net(value, n: int) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value] * n
-
-
-def _as_list(value) -> list:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]

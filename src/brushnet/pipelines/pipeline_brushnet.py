@@ -37,10 +37,7 @@ from diffusers.models import AutoencoderKL, ControlNetModel, UNet2DConditionMode
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, StableDiffusionMixin
 from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
-    StableDiffusionPipeline,
-    retrieve_timesteps,
-)
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import (
     StableDiffusionImg2ImgPipeline,
 )
@@ -49,7 +46,6 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPV
 
 from ..loading import check_brushnet_fits_base
 from ..models.brushnet import BrushNetModel
-from ..models.conditioning import brushnet_conditioning
 from .common import BrushNetPipelineMixin, brushnet_keep_schedule, controlnet_keep_schedule  # noqa: F401
 
 __all__ = ["StableDiffusionBrushNetPipeline"]
@@ -231,6 +227,36 @@ class StableDiffusionBrushNetPipeline(
                     f"{tuple(negative_prompt_embeds.shape)} must have the same shape"
                 )
 
+    def _decode(
+        self,
+        latents,
+        output_type,
+        image_tensor,
+        hole,
+        blending,
+        blending_kernel_size,
+        generator,
+        device,
+        dtype,
+    ):
+        """Latents → the requested output: VAE decode, safety check (flagged images black), optional blending.
+
+        Returns:
+            ``(images, has_nsfw or None)``; ``output_type="latent"`` returns the latents.
+        """
+        if output_type == "latent":
+            return latents, None
+        decoded = self.vae.decode(
+            latents.to(self.vae.dtype) / self.vae.config.scaling_factor,
+            return_dict=False,
+            generator=generator,
+        )[0]
+        decoded, has_nsfw = self.run_safety_checker(decoded, device, dtype)
+        images = self._postprocess(
+            decoded, image_tensor, hole, output_type, blending, blending_kernel_size, has_nsfw
+        )
+        return images, has_nsfw
+
     @torch.no_grad()
     def __call__(
         self,
@@ -373,15 +399,9 @@ class StableDiffusionBrushNetPipeline(
             )
 
         # 4. timesteps (strength < 1: only the last fraction of them)
-        timesteps, num_inference_steps = retrieve_timesteps(
-            self.scheduler, num_inference_steps, device, timesteps, sigmas
+        timesteps, num_inference_steps = self._schedule(
+            num_inference_steps, device, timesteps, sigmas, strength
         )
-        if strength < 1.0:
-            timesteps, num_inference_steps = self.get_timesteps(num_inference_steps, strength, device)
-            if num_inference_steps < 1:
-                raise ValueError(
-                    f"strength {strength} leaves no denoising step of {len(self.scheduler.timesteps)}"
-                )
         self._num_timesteps = len(timesteps)
 
         # 5. start latents, then the branch's conditioning: masked-image latent + keep-mask (1 = keep)
@@ -395,82 +415,38 @@ class StableDiffusionBrushNetPipeline(
             device,
             generator,
         )
-        vae_dtype = self.vae.dtype
-        brushnet_cond = brushnet_conditioning(self.vae, image_tensor, hole, generator)
-        brushnet_cond = brushnet_cond.to(dtype=self.brushnet.dtype)
-
-        timestep_cond = None
-        if self.unet.config.time_cond_proj_dim is not None:
-            guidance_tensor = torch.tensor(self.guidance_scale - 1).repeat(total)
-            timestep_cond = self.get_guidance_scale_embedding(
-                guidance_tensor, embedding_dim=self.unet.config.time_cond_proj_dim
-            ).to(device=device, dtype=latents.dtype)
-
-        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+        brushnet_cond = self._branch_conditioning(image_tensor, hole, generator)
         keep_schedule = brushnet_keep_schedule(len(timesteps), control_guidance_start, control_guidance_end)
-        controlnet_scales = self._controlnet_step_scales(
-            len(timesteps), controlnet_conditioning_scale, controlnet_guidance_start, controlnet_guidance_end
+
+        # 6. denoising loop (the SD1.5 branch never reads text: one branch pass per step serves both CFG halves)
+        latents, tensors = self._denoise(
+            latents,
+            timesteps,
+            num_inference_steps,
+            {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds},
+            brushnet_cond,
+            [brushnet_conditioning_scale * keep for keep in keep_schedule],
+            guess_mode,
+            self.prepare_extra_step_kwargs(generator, eta),
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+            timestep_cond=self._guidance_embedding(total, device, latents.dtype),
+            image_embeds=image_embeds,
+            control_images=control_images,
+            controlnet_scales=self._controlnet_step_scales(
+                len(timesteps),
+                controlnet_conditioning_scale,
+                controlnet_guidance_start,
+                controlnet_guidance_end,
+            ),
         )
 
-        # 6. denoising loop
-        num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
-        with self.progress_bar(total=num_inference_steps) as progress_bar:
-            for i, t in enumerate(timesteps):
-                if self.interrupt:
-                    continue
-                doubled = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
-                latent_model_input = self.scheduler.scale_model_input(doubled, t)
-                # the SD1.5 branch never reads text: one branch pass per step serves both CFG halves
-                noise_pred = self._predict_noise(
-                    latent_model_input,
-                    t,
-                    prompt_embeds,
-                    brushnet_cond,
-                    brushnet_conditioning_scale * keep_schedule[i],
-                    guess_mode,
-                    timestep_cond=timestep_cond,
-                    image_embeds=image_embeds,
-                    control_images=control_images,
-                    controlnet_scale=controlnet_scales[i],
-                )
-                if self.do_classifier_free_guidance:
-                    noise_uncond, noise_text = noise_pred.chunk(2)
-                    noise_pred = noise_uncond + self.guidance_scale * (noise_text - noise_uncond)
-                latents = self.scheduler.step(
-                    noise_pred.to(latents.dtype), t, latents, **extra_step_kwargs, return_dict=False
-                )[0]
-
-                if callback_on_step_end is not None:
-                    available = {
-                        "latents": latents,
-                        "prompt_embeds": prompt_embeds,
-                        "negative_prompt_embeds": negative_prompt_embeds,
-                    }
-                    callback_kwargs = {k: available[k] for k in callback_on_step_end_tensor_inputs}
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                    latents = callback_outputs.pop("latents", latents)
-                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
-                    negative_prompt_embeds = callback_outputs.pop(
-                        "negative_prompt_embeds", negative_prompt_embeds
-                    )
-
-                if i == len(timesteps) - 1 or (
-                    (i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0
-                ):
-                    progress_bar.update()
-
         # 7. decode, safety check, blend, post-process
-        if output_type == "latent":
-            images, has_nsfw = latents, None
-        else:
-            decoded = self.vae.decode(
-                latents.to(vae_dtype) / self.vae.config.scaling_factor, return_dict=False, generator=generator
-            )[0]
-            decoded, has_nsfw = self.run_safety_checker(decoded, device, prompt_embeds.dtype)
-            images = self._postprocess(
-                decoded, image_tensor, hole, output_type, blending, blending_kernel_size, has_nsfw
-            )
-            images = self._paste_crops(images, image, mask_image, crops_coords)
+        images, has_nsfw = self._decode(
+            latents, output_type, image_tensor, hole, blending, blending_kernel_size, generator, device,
+            tensors["prompt_embeds"].dtype,
+        )  # fmt: skip
+        images = self._paste_crops(images, image, mask_image, crops_coords)
 
         self.maybe_free_model_hooks()
         if not return_dict:

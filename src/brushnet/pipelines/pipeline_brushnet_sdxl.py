@@ -42,11 +42,7 @@ from diffusers.models import AutoencoderKL, ControlNetModel, UNet2DConditionMode
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, StableDiffusionMixin
 from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
-from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import (
-    StableDiffusionXLPipeline,
-    rescale_noise_cfg,
-    retrieve_timesteps,
-)
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import StableDiffusionXLPipeline
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img import (
     StableDiffusionXLImg2ImgPipeline,
 )
@@ -61,7 +57,6 @@ from transformers import (
 
 from ..loading import FAMILY_NAMES, CheckpointError, check_brushnet_fits_base, detect_family
 from ..models.brushnet import BrushNetModel
-from ..models.conditioning import brushnet_conditioning
 from .common import BrushNetPipelineMixin, brushnet_keep_schedule
 
 __all__ = ["StableDiffusionXLBrushNetPipeline"]
@@ -171,6 +166,16 @@ class StableDiffusionXLBrushNetPipeline(
     @property
     def denoising_end(self) -> float | None:
         return self._denoising_end
+
+    def _step_inputs(self, tensors):
+        """The UNet's and branch's inputs per step: the text and SDXL's added conditions (pooled text, size ids)."""
+        return {
+            "prompt_embeds": tensors["prompt_embeds"],
+            "added_cond_kwargs": {
+                "text_embeds": tensors["add_text_embeds"],
+                "time_ids": tensors["add_time_ids"],
+            },
+        }
 
     @contextmanager
     def _vae_in_float32(self) -> Iterator[None]:
@@ -414,15 +419,9 @@ class StableDiffusionXLBrushNetPipeline(
             )
 
         # 4. timesteps (strength < 1: only the last fraction of them)
-        timesteps, num_inference_steps = retrieve_timesteps(
-            self.scheduler, num_inference_steps, device, timesteps, sigmas
+        timesteps, num_inference_steps = self._schedule(
+            num_inference_steps, device, timesteps, sigmas, strength
         )
-        if strength < 1.0:
-            timesteps, num_inference_steps = self.get_timesteps(num_inference_steps, strength, device)
-            if num_inference_steps < 1:
-                raise ValueError(
-                    f"strength {strength} leaves no denoising step of {len(self.scheduler.timesteps)}"
-                )
 
         # 5. start latents, then the branch's conditioning: masked-image latent + keep-mask (1 = keep)
         with self._vae_in_float32():
@@ -437,8 +436,7 @@ class StableDiffusionXLBrushNetPipeline(
                 generator,
             )
         with self._vae_in_float32():
-            brushnet_cond = brushnet_conditioning(self.vae, image_tensor, hole, generator)
-        brushnet_cond = brushnet_cond.to(dtype=self.brushnet.dtype)
+            brushnet_cond = self._branch_conditioning(image_tensor, hole, generator)
 
         # 6. SDXL's added conditions: pooled text and (original size, crop top-left, target size)
         if self.text_encoder_2 is None:
@@ -468,22 +466,11 @@ class StableDiffusionXLBrushNetPipeline(
             add_text_embeds = torch.cat([negative_pooled_prompt_embeds.to(device), add_text_embeds])
             add_time_ids = torch.cat([negative_add_time_ids.repeat(total, 1), add_time_ids])
 
-        timestep_cond = None
-        if self.unet.config.time_cond_proj_dim is not None:
-            guidance_tensor = torch.tensor(self.guidance_scale - 1).repeat(total)
-            timestep_cond = self.get_guidance_scale_embedding(
-                guidance_tensor, embedding_dim=self.unet.config.time_cond_proj_dim
-            ).to(device=device, dtype=latents.dtype)
-
-        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
         # on/off over the whole schedule, before any `denoising_end` cut (as the original)
         keep_schedule = brushnet_keep_schedule(len(timesteps), control_guidance_start, control_guidance_end)
         controlnet_scales = self._controlnet_step_scales(
             len(timesteps), controlnet_conditioning_scale, controlnet_guidance_start, controlnet_guidance_end
         )
-
-        # 7. denoising loop
-        num_warmup_steps = max(len(timesteps) - num_inference_steps * self.scheduler.order, 0)
         if self.denoising_end is not None and 0 < self.denoising_end < 1:
             cutoff = int(
                 round(
@@ -496,55 +483,28 @@ class StableDiffusionXLBrushNetPipeline(
         self._num_timesteps = len(timesteps)
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(0)
-        with self.progress_bar(total=num_inference_steps) as progress_bar:
-            for i, t in enumerate(timesteps):
-                if self.interrupt:
-                    continue
-                doubled = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
-                latent_model_input = self.scheduler.scale_model_input(doubled, t)
-                # the SDXL branch reads the pooled text: with CFG it runs on the doubled batch
-                noise_pred = self._predict_noise(
-                    latent_model_input,
-                    t,
-                    prompt_embeds,
-                    brushnet_cond,
-                    brushnet_conditioning_scale * keep_schedule[i],
-                    guess_mode,
-                    added_cond_kwargs={"text_embeds": add_text_embeds, "time_ids": add_time_ids},
-                    timestep_cond=timestep_cond,
-                    image_embeds=image_embeds,
-                    control_images=control_images,
-                    controlnet_scale=controlnet_scales[i],
-                )
-                if self.do_classifier_free_guidance:
-                    noise_uncond, noise_text = noise_pred.chunk(2)
-                    noise_pred = noise_uncond + self.guidance_scale * (noise_text - noise_uncond)
-                    if self.guidance_rescale > 0.0:
-                        noise_pred = rescale_noise_cfg(
-                            noise_pred, noise_text, guidance_rescale=self.guidance_rescale
-                        )
-                latents = self.scheduler.step(
-                    noise_pred.to(latents.dtype), t, latents, **extra_step_kwargs, return_dict=False
-                )[0]
 
-                if callback_on_step_end is not None:
-                    available = {
-                        "latents": latents,
-                        "prompt_embeds": prompt_embeds,
-                        "add_text_embeds": add_text_embeds,
-                        "add_time_ids": add_time_ids,
-                    }
-                    callback_kwargs = {k: available[k] for k in callback_on_step_end_tensor_inputs}
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                    latents = callback_outputs.pop("latents", latents)
-                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
-                    add_text_embeds = callback_outputs.pop("add_text_embeds", add_text_embeds)
-                    add_time_ids = callback_outputs.pop("add_time_ids", add_time_ids)
-
-                if i == len(timesteps) - 1 or (
-                    (i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0
-                ):
-                    progress_bar.update()
+        # 7. denoising loop (the SDXL branch reads the pooled text: with CFG it runs on the doubled batch)
+        latents, _ = self._denoise(
+            latents,
+            timesteps,
+            num_inference_steps,
+            {
+                "prompt_embeds": prompt_embeds,
+                "add_text_embeds": add_text_embeds,
+                "add_time_ids": add_time_ids,
+            },
+            brushnet_cond,
+            [brushnet_conditioning_scale * keep for keep in keep_schedule],
+            guess_mode,
+            self.prepare_extra_step_kwargs(generator, eta),
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+            timestep_cond=self._guidance_embedding(total, device, latents.dtype),
+            image_embeds=image_embeds,
+            control_images=control_images,
+            controlnet_scales=controlnet_scales,
+        )
 
         # 8. decode (in float32 if the fp16 VAE overflows), blend, post-process
         if output_type == "latent":

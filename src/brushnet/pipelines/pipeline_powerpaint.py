@@ -29,12 +29,10 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import PipelineImageInput
 from diffusers.models import AutoencoderKL, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer
 
 from ..models.brushnet import BrushNetModel
-from ..models.conditioning import brushnet_conditioning
 from ..models.task_tokens import task_token_ids
 from .common import brushnet_keep_schedule
 from .pipeline_brushnet import StableDiffusionBrushNetPipeline
@@ -136,6 +134,17 @@ class StableDiffusionPowerPaintBrushNetPipeline(StableDiffusionBrushNetPipeline)
                 device,
             ).repeat_interleave(num_images_per_prompt, dim=0)
         return positive.repeat_interleave(num_images_per_prompt, dim=0), negative
+
+    def _step_inputs(self, tensors):
+        """Per step: the UNet's text, and the branch's own (task words; ``[negative, positive]`` under guidance).
+
+        A step callback may replace either; ``brushnet_prompt_embeds`` / ``negative_brushnet_prompt_embeds`` are the
+        halves."""
+        branch = tensors["brushnet_prompt_embeds"]
+        negative = tensors["negative_brushnet_prompt_embeds"]
+        if negative is not None and self.do_classifier_free_guidance:
+            branch = torch.cat([negative, branch])
+        return {"prompt_embeds": tensors["prompt_embeds"], "brushnet_prompt_embeds": branch}
 
     @torch.no_grad()
     def __call__(
@@ -279,8 +288,12 @@ class StableDiffusionPowerPaintBrushNetPipeline(StableDiffusionBrushNetPipeline)
         )
         if self.do_classifier_free_guidance:
             prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
-            branch_embeds = torch.cat([negative_branch_embeds, branch_embeds])
-        branch_embeds = branch_embeds.to(device=device, dtype=self.brushnet.dtype)
+        branch_dtype = self.brushnet.dtype
+        branch_embeds = branch_embeds.to(device=device, dtype=branch_dtype)
+        if self.do_classifier_free_guidance:
+            negative_branch_embeds = negative_branch_embeds.to(device=device, dtype=branch_dtype)
+        else:
+            negative_branch_embeds = None
 
         # 3. image and mask, at height × width
         image_tensor, hole, height, width, _ = self._prepare_image_and_mask(
@@ -288,91 +301,43 @@ class StableDiffusionPowerPaintBrushNetPipeline(StableDiffusionBrushNetPipeline)
         )
 
         # 4. timesteps
-        timesteps, num_inference_steps = retrieve_timesteps(
-            self.scheduler, num_inference_steps, device, timesteps, sigmas
-        )
+        timesteps, num_inference_steps = self._schedule(num_inference_steps, device, timesteps, sigmas)
         self._num_timesteps = len(timesteps)
 
         # 5. start latents, then the branch's conditioning: masked-image latent + keep-mask (1 = keep)
-        latents = self.prepare_latents(
-            total,
-            self.unet.config.in_channels,
-            height,
-            width,
-            prompt_embeds.dtype,
-            device,
-            generator,
-            latents,
+        shape = (total, self.unet.config.in_channels, height, width)
+        latents = self._start_latents(
+            latents, image_tensor, timesteps[:1], 1.0, shape, prompt_embeds.dtype, device, generator
         )
-        vae_dtype = self.vae.dtype
-        brushnet_cond = brushnet_conditioning(self.vae, image_tensor, hole, generator)
-        brushnet_cond = brushnet_cond.to(dtype=self.brushnet.dtype)
-
-        timestep_cond = None
-        if self.unet.config.time_cond_proj_dim is not None:
-            guidance_tensor = torch.tensor(self.guidance_scale - 1).repeat(total)
-            timestep_cond = self.get_guidance_scale_embedding(
-                guidance_tensor, embedding_dim=self.unet.config.time_cond_proj_dim
-            ).to(device=device, dtype=latents.dtype)
-
-        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+        brushnet_cond = self._branch_conditioning(image_tensor, hole, generator)
         keep_schedule = brushnet_keep_schedule(len(timesteps), control_guidance_start, control_guidance_end)
 
         # 6. denoising loop: the branch reads text, so under guidance it runs on the doubled batch
-        num_warmup_steps = len(timesteps) - num_inference_steps * self.scheduler.order
-        with self.progress_bar(total=num_inference_steps) as progress_bar:
-            for i, t in enumerate(timesteps):
-                if self.interrupt:
-                    continue
-                doubled = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
-                latent_model_input = self.scheduler.scale_model_input(doubled, t)
-                noise_pred = self._predict_noise(
-                    latent_model_input,
-                    t,
-                    prompt_embeds,
-                    brushnet_cond,
-                    brushnet_conditioning_scale * keep_schedule[i],
-                    guess_mode,
-                    timestep_cond=timestep_cond,
-                    brushnet_prompt_embeds=branch_embeds,
-                )
-                if self.do_classifier_free_guidance:
-                    noise_uncond, noise_text = noise_pred.chunk(2)
-                    noise_pred = noise_uncond + self.guidance_scale * (noise_text - noise_uncond)
-                latents = self.scheduler.step(
-                    noise_pred.to(latents.dtype), t, latents, **extra_step_kwargs, return_dict=False
-                )[0]
-
-                if callback_on_step_end is not None:
-                    cfg = self.do_classifier_free_guidance
-                    available = {
-                        "latents": latents,
-                        "prompt_embeds": prompt_embeds,
-                        "negative_prompt_embeds": negative_prompt_embeds,
-                        "brushnet_prompt_embeds": branch_embeds.chunk(2)[1] if cfg else branch_embeds,
-                        "negative_brushnet_prompt_embeds": branch_embeds.chunk(2)[0] if cfg else None,
-                    }
-                    callback_kwargs = {k: available[k] for k in callback_on_step_end_tensor_inputs}
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                    latents = callback_outputs.pop("latents", latents)
-                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
-
-                if i == len(timesteps) - 1 or (
-                    (i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0
-                ):
-                    progress_bar.update()
+        tensors = {
+            "prompt_embeds": prompt_embeds,
+            "negative_prompt_embeds": negative_prompt_embeds,
+            "brushnet_prompt_embeds": branch_embeds,
+            "negative_brushnet_prompt_embeds": negative_branch_embeds,
+        }
+        latents, tensors = self._denoise(
+            latents,
+            timesteps,
+            num_inference_steps,
+            tensors,
+            brushnet_cond,
+            [brushnet_conditioning_scale * keep for keep in keep_schedule],
+            guess_mode,
+            self.prepare_extra_step_kwargs(generator, eta),
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+            timestep_cond=self._guidance_embedding(total, device, latents.dtype),
+        )
 
         # 7. decode, safety check, blend, post-process
-        if output_type == "latent":
-            images, has_nsfw = latents, None
-        else:
-            decoded = self.vae.decode(
-                latents.to(vae_dtype) / self.vae.config.scaling_factor, return_dict=False, generator=generator
-            )[0]
-            decoded, has_nsfw = self.run_safety_checker(decoded, device, prompt_embeds.dtype)
-            images = self._postprocess(
-                decoded, image_tensor, hole, output_type, blending, blending_kernel_size, has_nsfw
-            )
+        images, has_nsfw = self._decode(
+            latents, output_type, image_tensor, hole, blending, blending_kernel_size, generator, device,
+            tensors["prompt_embeds"].dtype,
+        )  # fmt: skip
 
         self.maybe_free_model_hooks()
         if not return_dict:

@@ -74,6 +74,7 @@ class HDPainter(PipelineMethod):
     optional_models = (BASE_CONFIG,)
     default_scheduler = "ddim"
     schedulers = ("ddim",)
+    compilable = False  # PAIntA/RASG install new attention processors on every call
 
     @classmethod
     def build_pipeline(cls, models, dtype):

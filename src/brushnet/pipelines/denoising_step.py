@@ -1,0 +1,285 @@
+"""One denoising prediction of a BrushNet pipeline as a plain function of tensors: what the loop calls each step.
+
+:func:`guided_noise` = the branch, an optional ControlNet, the stock UNet with the branch's residuals added in-line
+(:func:`~brushnet.models.unet_injection.run_unet_with_brushnet`), then classifier-free guidance (and its rescale).
+It reads nothing from the pipeline: the models come as arguments and what stays fixed during a call (guidance on
+or off, where the branch runs, the models' dtypes) as a frozen :class:`StepPlan`. So the same function runs eagerly
+(the default path, bit-for-bit the pipelines' previous arithmetic) and under ``torch.compile`` (``pipe.compile()``,
+:mod:`brushnet.pipelines.fast_path`), where the plan's fields are the compiled graph's guards and every number that
+changes per step or per call (timestep, branch scale, guidance scale) is a tensor, so nothing recompiles.
+
+Nothing here synchronises with the device: no ``.item()``, no data-dependent Python branch, no dtype look-ups
+(``ModelMixin.dtype`` walks the parameters; the plan holds the dtypes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..models.unet_injection import run_unet_with_brushnet
+
+__all__ = ["StepPlan", "guided_noise", "predict_noise", "controlnet_residuals"]
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What one denoising prediction depends on besides its tensors; fixed for a call (or until a callback switches
+    guidance off).
+
+    Args:
+        guidance: classifier-free guidance on: the model input is the doubled batch ``[unconditional, conditional]``.
+        branch_on_doubled_batch: under guidance, run the branch on the doubled batch (it reads text: SDXL's pooled
+            text, PowerPaint's cross-attention); otherwise once, on the conditional half, its residuals repeated.
+        guess_mode: ControlNet-style guess mode (the unconditional half gets no residuals).
+        rescale: apply ``guidance_rescale`` (Lin et al. 2023, §3.4).
+        branch_dtype, unet_dtype, controlnet_dtype: the models' parameter dtypes.
+    """
+
+    guidance: bool
+    branch_on_doubled_batch: bool
+    guess_mode: bool
+    rescale: bool
+    branch_dtype: torch.dtype
+    unet_dtype: torch.dtype
+    controlnet_dtype: torch.dtype | None = None
+
+
+def guided_noise(
+    brushnet: torch.nn.Module,
+    unet: torch.nn.Module,
+    controlnet: torch.nn.Module | None,
+    plan: StepPlan,
+    latents: torch.Tensor,
+    t: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    brushnet_cond: torch.Tensor,
+    conditioning_scale: float | torch.Tensor,
+    guidance_scale: float | torch.Tensor,
+    guidance_rescale: float | torch.Tensor = 0.0,
+    *,
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+    timestep_cond: torch.Tensor | None = None,
+    brushnet_prompt_embeds: torch.Tensor | None = None,
+    image_embeds: list[torch.Tensor] | None = None,
+    control_images: list[torch.Tensor] | None = None,
+    controlnet_scale: float | list[float] | None = None,
+    cross_attention_kwargs: dict | None = None,
+) -> torch.Tensor:
+    """The guided noise prediction for ``latents`` (the scheduler-scaled latents, not doubled).
+
+    Args:
+        latents: ``(B, 4, h, w)``, already through ``scheduler.scale_model_input``; doubled here under guidance.
+        guidance_scale, guidance_rescale: CFG weight and rescale factor (floats eagerly, 0-d tensors compiled).
+        the rest: as :func:`predict_noise`.
+
+    Returns:
+        ``(B, 4, h, w)``: ``ε_u + w (ε_c − ε_u)`` under guidance (rescaled if ``plan.rescale``), else ``ε``.
+    """
+    latent_model_input = torch.cat([latents] * 2) if plan.guidance else latents
+    noise_pred = predict_noise(
+        brushnet,
+        unet,
+        controlnet,
+        plan,
+        latent_model_input,
+        t,
+        prompt_embeds,
+        brushnet_cond,
+        conditioning_scale,
+        added_cond_kwargs=added_cond_kwargs,
+        timestep_cond=timestep_cond,
+        brushnet_prompt_embeds=brushnet_prompt_embeds,
+        image_embeds=image_embeds,
+        control_images=control_images,
+        controlnet_scale=controlnet_scale,
+        cross_attention_kwargs=cross_attention_kwargs,
+    )
+    if not plan.guidance:
+        return noise_pred
+    noise_uncond, noise_text = noise_pred.chunk(2)
+    noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
+    if plan.rescale:
+        from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import rescale_noise_cfg
+
+        noise_pred = rescale_noise_cfg(noise_pred, noise_text, guidance_rescale=guidance_rescale)
+    return noise_pred
+
+
+def predict_noise(
+    brushnet: torch.nn.Module,
+    unet: torch.nn.Module,
+    controlnet: torch.nn.Module | None,
+    plan: StepPlan,
+    latent_model_input: torch.Tensor,
+    t: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    brushnet_cond: torch.Tensor,
+    conditioning_scale: float | torch.Tensor,
+    *,
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+    timestep_cond: torch.Tensor | None = None,
+    brushnet_prompt_embeds: torch.Tensor | None = None,
+    image_embeds: list[torch.Tensor] | None = None,
+    control_images: list[torch.Tensor] | None = None,
+    controlnet_scale: float | list[float] | None = None,
+    cross_attention_kwargs: dict | None = None,
+) -> torch.Tensor:
+    """One UNet prediction with the branch's residuals added in-line (and a ControlNet's on the skips).
+
+    Under classifier-free guidance (inputs are the doubled batch, unconditional half first) the branch runs:
+
+    - on the doubled batch when ``plan.branch_on_doubled_batch`` (its residuals depend on the text), as the
+      originals do;
+    - once, on the conditional half, when they do not (SD1.5): both halves would get identical residuals, so they
+      are computed once and repeated;
+    - once, on the conditional half, in guess mode; the unconditional half then gets no residuals.
+
+    Args:
+        brushnet, unet, controlnet: the models (``controlnet`` may be ``None``; ``unet`` may be compiled or carry
+            offload hooks: it is run through :func:`~brushnet.models.unet_injection.run_unet_with_brushnet`).
+        plan: the call's fixed settings (:class:`StepPlan`).
+        latent_model_input: the scheduler-scaled latents, ``(B, 4, h, w)`` or ``(2B, 4, h, w)`` with guidance.
+        t: the timestep.
+        prompt_embeds: text embeddings matching ``latent_model_input``'s batch (or the doubled batch after a
+            callback switched guidance off: the conditional halves are kept).
+        brushnet_cond: ``(B, 5, h, w)`` (un-doubled).
+        conditioning_scale: the branch's scale at this step.
+        added_cond_kwargs: SDXL's ``{"text_embeds", "time_ids"}`` matching ``latent_model_input``'s batch.
+        timestep_cond: the UNet's guidance embedding, if any.
+        brushnet_prompt_embeds: the branch's own text embeddings (PowerPaint: its own text encoder), batched like
+            ``prompt_embeds``; ``None``: the branch reads ``prompt_embeds``.
+        image_embeds: IP-Adapter image embeddings (one tensor per adapter, batched like ``prompt_embeds``); the UNet
+            reads them through its ``encoder_hid_proj``, the branch does not.
+        control_images: the ControlNets' conditioning images ``(B, 3, H, W)`` (un-doubled), one per net.
+        controlnet_scale: the ControlNets' scale at this step (a list with several nets); 0 skips them.
+        cross_attention_kwargs: passed to the attention processors.
+
+    Returns:
+        The UNet's prediction for ``latent_model_input`` (guidance not yet applied).
+    """
+    cfg, guess_mode = plan.guidance, plan.guess_mode
+    on_doubled_batch = cfg and plan.branch_on_doubled_batch and not guess_mode
+    if not cfg and prompt_embeds.shape[0] == 2 * latent_model_input.shape[0]:
+        # guidance was switched off mid-loop (CFG-cutoff callbacks): keep the conditional halves
+        prompt_embeds = prompt_embeds.chunk(2)[1]
+    branch_text = prompt_embeds if brushnet_prompt_embeds is None else brushnet_prompt_embeds
+    if not cfg and branch_text.shape[0] == 2 * latent_model_input.shape[0]:
+        branch_text = branch_text.chunk(2)[1]
+    if image_embeds is not None and not cfg and image_embeds[0].shape[0] == 2 * latent_model_input.shape[0]:
+        image_embeds = [e.chunk(2)[1] for e in image_embeds]
+    if cfg and not on_doubled_batch:  # the conditional half only
+        branch_input = latent_model_input.chunk(2)[1]
+        branch_text = branch_text.chunk(2)[1]
+        branch_added = {k: v.chunk(2)[1] for k, v in added_cond_kwargs.items()} if added_cond_kwargs else None
+    else:
+        branch_input, branch_added = latent_model_input, added_cond_kwargs
+    branch_cond = torch.cat([brushnet_cond] * 2) if on_doubled_batch else brushnet_cond
+
+    dtype = plan.branch_dtype
+    down, mid, up = brushnet(
+        branch_input.to(dtype),
+        t,
+        encoder_hidden_states=branch_text.to(dtype),
+        brushnet_cond=branch_cond.to(dtype),
+        conditioning_scale=conditioning_scale,
+        guess_mode=guess_mode,
+        added_cond_kwargs={k: v.to(dtype) for k, v in branch_added.items()} if branch_added else None,
+        return_dict=False,
+    )
+    if cfg and not on_doubled_batch:
+        # both halves get the same residuals; in guess mode the unconditional half gets none
+
+        def expand(r):
+            return torch.cat([torch.zeros_like(r) if guess_mode else r, r])
+
+        down, mid, up = [expand(r) for r in down], expand(mid), [expand(r) for r in up]
+
+    unet_dtype = plan.unet_dtype
+    control_down = control_mid = None
+    if control_images is not None and any(s != 0 for s in _as_list(controlnet_scale)):
+        control_down, control_mid = controlnet_residuals(
+            controlnet,
+            plan,
+            latent_model_input,
+            t,
+            prompt_embeds,
+            control_images,
+            controlnet_scale,
+            added_cond_kwargs,
+        )
+        control_down = [r.to(unet_dtype) for r in control_down]
+        control_mid = control_mid.to(unet_dtype)
+    unet_added = {k: v.to(unet_dtype) for k, v in added_cond_kwargs.items()} if added_cond_kwargs else {}
+    if image_embeds is not None:
+        unet_added["image_embeds"] = [e.to(unet_dtype) for e in image_embeds]
+    return run_unet_with_brushnet(
+        unet,
+        latent_model_input.to(unet_dtype),
+        t,
+        prompt_embeds.to(unet_dtype),
+        [r.to(unet_dtype) for r in down],
+        mid.to(unet_dtype),
+        [r.to(unet_dtype) for r in up],
+        timestep_cond=timestep_cond,
+        cross_attention_kwargs=cross_attention_kwargs,
+        added_cond_kwargs=unet_added or None,
+        down_block_additional_residuals=control_down,
+        mid_block_additional_residual=control_mid,
+    )
+
+
+def controlnet_residuals(
+    controlnet: torch.nn.Module,
+    plan: StepPlan,
+    latent_model_input: torch.Tensor,
+    t: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    control_images: list[torch.Tensor],
+    scale: float | list[float],
+    added_cond_kwargs: dict[str, torch.Tensor] | None,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The ControlNets' skip and mid residuals, summed over nets, batched like ``latent_model_input``.
+
+    Under classifier-free guidance they run on the doubled batch (they read the text), or, in guess mode, on the
+    conditional half only, the unconditional half getting none (as diffusers' ControlNet pipelines).
+    """
+    conditional_only = plan.guidance and plan.guess_mode
+    net_input, net_text, net_added = latent_model_input, prompt_embeds, added_cond_kwargs
+    if conditional_only:
+        net_input, net_text = latent_model_input.chunk(2)[1], prompt_embeds.chunk(2)[1]
+        net_added = {k: v.chunk(2)[1] for k, v in added_cond_kwargs.items()} if added_cond_kwargs else None
+    batch = net_input.shape[0]
+    dtype = plan.controlnet_dtype
+    images = [
+        img if img.shape[0] == batch else torch.cat([img] * (batch // img.shape[0])) for img in control_images
+    ]
+    controlnet_kwargs = dict(
+        encoder_hidden_states=net_text.to(dtype),
+        guess_mode=plan.guess_mode,
+        added_cond_kwargs={k: v.to(dtype) for k, v in net_added.items()} if net_added else None,
+        return_dict=False,
+    )
+    if len(images) == 1 and not isinstance(scale, (list, tuple)):
+        down, mid = controlnet(
+            net_input.to(dtype), t, controlnet_cond=images[0], conditioning_scale=scale, **controlnet_kwargs
+        )
+    else:
+        down, mid = controlnet(
+            net_input.to(dtype),
+            t,
+            controlnet_cond=images,
+            conditioning_scale=list(scale),
+            **controlnet_kwargs,
+        )
+    if conditional_only:
+        down = [torch.cat([torch.zeros_like(r), r]) for r in down]
+        mid = torch.cat([torch.zeros_like(mid), mid])
+    return list(down), mid
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
