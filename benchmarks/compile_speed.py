@@ -20,7 +20,8 @@ Per variant: one warm-up call (``first_call_s``: for a compiled variant, the fir
 one image), then ``--repeats`` timed calls: ``s_per_image`` (median wall clock of the whole call, text encoding and
 VAE included), ``s_per_step`` (median over calls of the time between the first and last step callbacks divided by
 their number minus one; on CUDA measured with CUDA events, so nothing is synchronised per step), ``peak_mib``
-(CUDA: ``max_memory_allocated`` over the timed calls; CPU: the process's peak RSS), and on CUDA
+(CUDA: ``max_memory_allocated`` over the timed calls; CPU: the process's peak RSS), ``cpu_s_per_image`` (the
+process's CPU time per image: on a shared CPU machine steadier than the wall clock), and on CUDA
 ``host_syncs_per_step`` (calls that synchronised with the device, counted with ``torch.cuda.set_sync_debug_mode``
 in one extra call). Eager variants run before compiled ones are built, and compiled state is dropped between
 compiled variants, so the memory of one does not count in another's peak.
@@ -249,20 +250,22 @@ def measure(pipe, variant: str, resolution: int, args, cache_dir: str) -> dict:
             record["first_call_s"] = time.perf_counter() - start
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
-            seconds, per_step = [], []
+            seconds, cpu_seconds, per_step = [], [], []
             with _PeakRSS() as rss:
                 for _ in range(args.repeats):
                     clock = StepClock(cuda)
-                    start = time.perf_counter()
+                    start, cpu_start = time.perf_counter(), time.process_time()
                     images = call(pipe, image, mask, args.steps, args.guidance, on_step=clock)
                     if cuda:
                         torch.cuda.synchronize()
                     seconds.append(time.perf_counter() - start)
+                    cpu_seconds.append(time.process_time() - cpu_start)
                     if clock.seconds_per_step() is not None:
                         per_step.append(clock.seconds_per_step())
             record.update(
                 s_per_image=statistics.median(seconds),
                 s_per_image_all=seconds,
+                cpu_s_per_image=statistics.median(cpu_seconds),
                 s_per_step=statistics.median(per_step) if per_step else None,
                 peak_mib=(torch.cuda.max_memory_allocated() if cuda else rss.peak) / 2**20,
                 memory="cuda_max_allocated" if cuda else "cpu_peak_rss",
@@ -317,8 +320,20 @@ def warm_start_worker(args) -> None:
     }))  # fmt: skip
 
 
+COLUMNS = (
+    ("s_per_image", ".3f"),
+    ("cpu_s_per_image", ".3f"),
+    ("s_per_step", ".4f"),
+    ("peak_mib", ".0f"),
+    ("first_call_s", ".1f"),
+    ("warm_start_first_call_s", ".1f"),
+    ("host_syncs_per_step", ".1f"),
+    ("max_abs_vs_once", ".2e"),
+)
+
+
 def table(records: list[dict]) -> str:
-    header = ["preset", "dtype", "res", "variant", "s/image", "s/step", "peak MiB", "first call s",
+    header = ["preset", "dtype", "res", "variant", "s/image", "CPU s/image", "s/step", "peak MiB", "first call s",
               "warm start s", "syncs/step", "max |Δ| vs once"]  # fmt: skip
     rows = [header]
     for r in records:
@@ -326,11 +341,14 @@ def table(records: list[dict]) -> str:
             rows.append([r["preset"], r["dtype"], str(r["resolution"]), r["variant"], f"error: {r['error']}"[:60]]
                         + [""] * (len(header) - 5))  # fmt: skip
             continue
-        fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
-        rows.append([r["preset"], r["dtype"], str(r["resolution"]), r["variant"], fmt(r["s_per_image"], ".3f"),
-                     fmt(r["s_per_step"], ".4f"), fmt(r["peak_mib"], ".0f"), fmt(r["first_call_s"], ".1f"),
-                     fmt(r.get("warm_start_first_call_s"), ".1f"), fmt(r.get("host_syncs_per_step"), ".1f"),
-                     fmt(r.get("max_abs_vs_once"), ".2e")])  # fmt: skip
+
+        def fmt(value, spec):
+            return "–" if value is None else format(value, spec)
+
+        rows.append(
+            [r["preset"], r["dtype"], str(r["resolution"]), r["variant"]]
+            + [fmt(r.get(key), spec) for key, spec in COLUMNS]
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")

@@ -396,6 +396,25 @@ def test_strength_starts_the_hole_from_the_input():
         run(pipe, strength=0.0)
 
 
+@pytest.mark.parametrize("kind", ["sd", "xl"])
+def test_strength_steps_use_the_sigmas_of_their_timesteps(kind):
+    """Below strength 1 the scheduler's step index starts where the schedule is cut, so each step uses its own
+    timestep's sigma (the SDXL pipeline reset it to 0 and denoised t=251 with the sigma of t=751)."""
+    from diffusers import EulerDiscreteScheduler
+
+    pipe = make(kind)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    seen = []
+
+    def callback(pipeline, step, timestep, kwargs):  # the scheduler has advanced past the step just run
+        scheduler = pipeline.scheduler
+        seen.append((float(timestep), float(scheduler.timesteps[scheduler.step_index - 1])))
+        return kwargs
+
+    run(pipe, num_inference_steps=4, strength=0.5, callback_on_step_end=callback)
+    assert len(seen) == 2 and all(timestep == stepped for timestep, stepped in seen), seen
+
+
 class FlagEverything(torch.nn.Module):
     """A safety checker with diffusers' call convention that flags every image (not the component under test)."""
 

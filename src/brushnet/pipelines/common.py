@@ -369,18 +369,24 @@ class BrushNetPipelineMixin:
         self, num_inference_steps: int, device, timesteps=None, sigmas=None, strength: float = 1.0
     ) -> tuple[torch.Tensor, int]:
         """The timesteps to run (custom ``timesteps``/``sigmas`` as in diffusers; below ``strength`` 1 only the last
-        fraction of them) and their number of inference steps."""
+        fraction of them) and their number of inference steps.
+
+        The scheduler's begin index is set to the first timestep run (0, or where ``strength`` starts), so schedulers
+        that keep a step index (Euler, UniPC, DPM-Solver) use that timestep's sigma and need no look-up (a host
+        round trip on a GPU) on the first step."""
         from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 
         timesteps, num_inference_steps = retrieve_timesteps(
             self.scheduler, num_inference_steps, device, timesteps, sigmas
         )
-        if strength < 1.0:
+        if strength < 1.0:  # get_timesteps sets the begin index where it cuts
             timesteps, num_inference_steps = self.get_timesteps(num_inference_steps, strength, device)
             if num_inference_steps < 1:
                 raise ValueError(
                     f"strength {strength} leaves no denoising step of {len(self.scheduler.timesteps)}"
                 )
+        elif hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(0)
         return timesteps, num_inference_steps
 
     def _branch_conditioning(self, image_tensor: torch.Tensor, hole: torch.Tensor, generator) -> torch.Tensor:

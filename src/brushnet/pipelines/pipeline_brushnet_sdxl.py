@@ -481,8 +481,6 @@ class StableDiffusionXLBrushNetPipeline(
             num_inference_steps = len([t for t in timesteps if t >= cutoff])
             timesteps = timesteps[:num_inference_steps]
         self._num_timesteps = len(timesteps)
-        if hasattr(self.scheduler, "set_begin_index"):
-            self.scheduler.set_begin_index(0)
 
         # 7. denoising loop (the SDXL branch reads the pooled text: with CFG it runs on the doubled batch)
         latents, _ = self._denoise(
