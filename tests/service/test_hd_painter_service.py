@@ -118,9 +118,11 @@ def test_page_builds_the_option_controls(hd_painter, blended_method):
             assert page.locator(option("timestep_spacing")).input_value() == "original"
             assert page.locator(option("positive_prompt")).input_value().startswith("Full HD")
             # the scheduler list follows the method: hd-painter takes ddim only (unipc would be refused)
-            assert page.locator("#scheduler option").all_inner_texts() == ["ddim"]
+            # (option values, not innerText: the select sits in a closed <details>, whose content renders no text)
+            schedulers = 'els => els.map((e) => e.value)'
+            assert page.eval_on_selector_all("#scheduler option", schedulers) == ["ddim"]
             page.select_option("#method", "blended-latent-diffusion")
-            assert len(page.locator("#scheduler option").all_inner_texts()) > 1
+            assert len(page.eval_on_selector_all("#scheduler option", schedulers)) > 1
             assert page.locator("#scheduler").input_value() == "ddim"  # kept where the method allows it
             assert not errors, errors
             browser.close()
