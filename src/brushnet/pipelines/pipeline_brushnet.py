@@ -15,8 +15,9 @@ differences, all documented in the README:
 It composes with the rest of diffusers (docs/composing.md): LoRA and textual inversion on the base, IP-Adapter
 (``load_ip_adapter``), an optional ``controlnet`` (one or several) steering what fills the hole, model /
 sequential / group offloading and ``torch.compile`` of the UNet (the injected forward honours the UNet's
-hooks), ``strength`` and ``padding_mask_crop`` as in diffusers' inpaint pipelines, any VAE including
-``AutoencoderTiny``, FreeU, fused QKV projections, and few-step schedulers and LoRAs (LCM, TCD).
+hooks), or ``pipe.compile()``: the whole denoising step compiled, CUDA graphs on a GPU (docs/speed.md),
+``strength`` and ``padding_mask_crop`` as in diffusers' inpaint pipelines, any VAE including ``AutoencoderTiny``,
+FreeU, fused QKV projections, and few-step schedulers and LoRAs (LCM, TCD).
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ The SDXL branch reads the pooled text through its ``add_embedding``, so with cla
 on the doubled batch (one pass per step, both halves), as the original does.
 
 It composes with diffusers as the SD1.5 pipeline does (docs/composing.md): LoRA, textual inversion, IP-Adapter,
-an optional SDXL ``controlnet``, offloading, ``torch.compile``, ``strength``, ``padding_mask_crop``.
+an optional SDXL ``controlnet``, offloading, ``torch.compile`` and ``pipe.compile()`` (docs/speed.md), ``strength``,
+``padding_mask_crop``.
 """
 
 from __future__ import annotations
