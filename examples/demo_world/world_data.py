@@ -118,33 +118,61 @@ def subset_caption(scene, rng: np.random.Generator) -> str:
 
 
 class HolePromptStream(IterableDataset):
-    """Wrap a BrushData stream of shapes-world shards: name the hole's objects in the caption, half the time.
+    """Wrap a BrushData stream of shapes-world shards: holes around objects, captions that name the hole.
 
     The scene of sample ``key`` is regenerated from the shard seed (shapes-world scenes are pure functions of
-    ``(seed, index)``) to know which objects the hole covers (at least half of their pixels). Images are
-    already at the training resolution, so masks align without cropping. ``set_epoch`` and ``skipped`` are
-    forwarded (the training loop resumes it by skipping batches).
+    ``(seed, index)``). With probability ``object_holes`` the sample's hole is replaced by one around a random
+    object — its silhouette dilated by 0–6 px (the mini-BrushBench's holes are dilated by 3), or, a third of
+    the time, the disk that holds it (a hole whose outline does not give the shape away, so the shape must
+    come from the prompt) — and, a quarter of those times, inverted (outpainting around the object). Then a
+    sample whose hole covers at least half of some objects is captioned, with probability ``probability``,
+    with just those objects' phrase ("a red circle"). Images are already at the training resolution, so masks
+    align without cropping. ``set_epoch`` and ``skipped`` are forwarded (the training loop resumes it by
+    skipping batches).
 
     Args:
         stream: a :class:`brushnet.data.brushdata.BrushDataStream` (or anything yielding its sample dicts).
         world_seed: the seed the shards were written with.
         size: scene side in pixels.
         probability: how often a sample whose hole covers some objects is captioned with just them.
-        seed: seed of that choice (per epoch and sample).
+        seed: seed of these choices (per epoch and sample).
+        object_holes: how often the stream's hole is replaced by a hole around an object.
     """
 
-    def __init__(self, stream, world_seed: int, size: int = SIZE, probability: float = 0.5, seed: int = 0):
+    def __init__(
+        self,
+        stream,
+        world_seed: int,
+        size: int = SIZE,
+        probability: float = 0.5,
+        seed: int = 0,
+        object_holes: float = 0.0,
+    ):
         self.stream = stream
         self.world_seed = world_seed
         self.size = size
         self.probability = probability
         self.seed = seed
+        self.object_holes = object_holes
         self.skipped = getattr(stream, "skipped", None)
         self._epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch = epoch
         self.stream.set_epoch(epoch)
+
+    def _object_hole(self, scene, masks: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+        from brushnet.data.shapes import dilate_mask
+
+        target = int(rng.integers(len(scene.objects)))
+        margin = int(rng.integers(0, 7))
+        if rng.random() < 1 / 3:
+            obj = scene.objects[target]
+            ys, xs = np.mgrid[0 : self.size, 0 : self.size] + 0.5
+            hole = np.hypot(xs - obj.center[0], ys - obj.center[1]) <= obj.radius + margin + 1
+        else:
+            hole = dilate_mask(masks[target], margin)
+        return ~hole if rng.random() < 0.25 else hole
 
     def __iter__(self):
         from brushnet.data.shapes import render_scene, sample_scene, scene_rng
@@ -154,6 +182,10 @@ class HolePromptStream(IterableDataset):
             scene = sample_scene(scene_rng("train", self.world_seed, index), size=self.size)
             _, masks = render_scene(scene)
             hole = sample["mask"][0].numpy() > 0.5
+            hole_rng = np.random.default_rng([self.seed, self._epoch, index, 1])
+            if self.object_holes and hole_rng.random() < self.object_holes:
+                hole = self._object_hole(scene, masks, hole_rng)
+                sample = {**sample, "mask": torch.from_numpy(hole.astype(np.float32))[None]}
             covered = [
                 obj.phrase
                 for obj, mask in zip(scene.objects, masks)

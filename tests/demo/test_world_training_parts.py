@@ -73,6 +73,33 @@ def test_hole_prompt_names_the_covered_object_half_the_time():
     assert 8 <= captions.count(scene.objects[0].phrase) <= 32
 
 
+def test_object_holes_surround_one_object_and_the_caption_names_it():
+    """With object holes on, every hole is around one object of the scene — its silhouette dilated by at most
+    6 px or the disk that holds it, or the inverse of one (outpainting) — and a hole that covers the object
+    is captioned with its phrase (probability 1 here)."""
+    from brushnet.data.shapes import dilate_mask
+
+    kinds = {"silhouette": 0, "disk": 0, "inverted": 0}
+    for index in range(3):
+        scene = sample_scene(scene_rng("train", 0, index))
+        _, masks = render_scene(scene)
+        for epoch in range(12):
+            stream = HolePromptStream(_FakeStream(index, 0), world_seed=0, probability=1.0, object_holes=1.0)
+            stream.set_epoch(epoch)
+            (sample,) = list(stream)
+            hole = sample["mask"][0].numpy() > 0.5
+            inverted = hole.mean() > 0.5
+            region = ~hole if inverted else hole
+            around = [k for k, mask in enumerate(masks) if (region & mask).sum() == mask.sum()]
+            assert around, "the hole holds a whole object"
+            target = next(k for k in around if (region & ~dilate_mask(masks[k], 6 + 12)).sum() == 0)
+            silhouette = any((region == dilate_mask(masks[target], r)).all() for r in range(7))
+            kinds["inverted" if inverted else "silhouette" if silhouette else "disk"] += 1
+            if not inverted:
+                assert scene.objects[target].phrase in sample["caption"]
+    assert all(count > 0 for count in kinds.values()), kinds
+
+
 def test_hole_prompt_over_the_project_shard_reader(tmp_path):
     """Real shards → brushnet.training's dataset (segmentation masks) → the wrapper: every renamed caption is
     the phrase of objects the hole really covers."""
@@ -176,3 +203,23 @@ def test_the_one_training_command_runs_every_stage_and_exports_loadable_models(t
     assert scheduler["prediction_type"] == "v_prediction"
     for name in METHODS:
         load_method(name, method_models(name, tmp_path / "models"))
+
+
+def test_quick_evaluation_of_the_shipped_models(tmp_path):
+    """examples/demo_world/evaluate.py on the shipped models: the VAE ceiling bounds what a method that keeps
+    the known latent can reach, and each method's row has every score in range."""
+    import json
+
+    from evaluate import main
+
+    from brushnet.demo.assets import DEMO_DIR
+
+    out = tmp_path / "scores.json"
+    assert main(["--models", str(DEMO_DIR), "--scenes", "3", "--methods", "blended-latent-diffusion",
+                 "--json", str(out)]) == 0  # fmt: skip
+    report = json.loads(out.read_text())
+    ceiling = report["vae"]
+    assert 15 < ceiling["inside_kept_psnr"] < 40
+    row = report["blended-latent-diffusion"]
+    assert row["kept_psnr"] <= ceiling["inside_kept_psnr"] + 1.0
+    assert 0 <= row["colour_acc"] <= 1 and 0 <= row["shape_acc"] <= 1

@@ -1,0 +1,166 @@
+"""Quick held-out scores of a trained model set: the yardstick of the recipe's pilots.
+
+    python examples/demo_world/evaluate.py --models /tmp/demo_world_run/export --scenes 48 --methods brushnet,sd-inpainting
+
+On the first ``--scenes`` scenes of the mini-BrushBench's evaluation set (``write_eval_set(..., seed=0,
+different_object_fraction=0.25)``, inside masks) it reports, with the demo's settings (10 UniPC steps,
+guidance 5, seed 1234, no blending):
+
+- the VAE's ceiling: PSNR of ``decode(encode(x))`` against ``x`` on the kept region of the inside and the
+  outside masks (what a method that keeps the known latent exactly would score) and on the whole image;
+- per method: raw kept-region PSNR (``brushnet.metrics.pixel.psnr``, region "kept", as the benchmark), and
+  colour / shape accuracy of the hole (``brushnet.data.shapes_metrics``), split by whether the prompt names
+  the masked object or a different one.
+
+The mini-BrushBench (``python -m brushnet.demo.minibench``) is the full measurement; this is its first
+scenes, inside masks only, in one process, to compare training settings in minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = ["eval_items", "main", "method_scores", "vae_ceiling"]
+
+SETTINGS = {"steps": 10, "guidance_scale": 5.0, "scheduler": "unipc", "seed": 1234}
+
+
+def eval_items(count: int, seed: int = 0) -> list[dict]:
+    """The first ``count`` entries of the mini-BrushBench set: ``{"image", "hole", "prompt", "target",
+    "variant"}`` with ``hole`` boolean ``(128, 128)``, True = inpaint (the inside mask)."""
+    from brushnet.data.rle import decode_brushbench_rle
+    from brushnet.data.shapes_writers import write_eval_set
+
+    with tempfile.TemporaryDirectory() as folder:
+        mapping = json.loads(
+            write_eval_set(folder, count, seed=seed, different_object_fraction=0.25).read_text()
+        )
+        items = []
+        for entry in mapping.values():
+            items.append(
+                {
+                    "image": Image.open(Path(folder) / entry["image"]).convert("RGB"),
+                    "hole": decode_brushbench_rle(entry["inpainting_mask"], entry["height"], entry["width"]),
+                    "prompt": entry["prompt"],
+                    "target": entry["target"],
+                    "variant": entry["variant"],
+                }
+            )
+    return items
+
+
+def _tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+
+
+def _kept_psnr(generated: Image.Image, original: Image.Image, hole: np.ndarray) -> float:
+    from brushnet.metrics.pixel import psnr
+
+    mask = torch.from_numpy(hole.astype(np.float32))[None, None]
+    return float(psnr(_tensor(generated), _tensor(original), mask, region="kept")[0])
+
+
+@torch.no_grad()
+def vae_ceiling(vae_dir: str | Path, items: list[dict]) -> dict:
+    """Mean PSNR (dB) of the VAE's reconstruction (posterior mode) on the kept region of the inside masks,
+    of the outside masks (the kept region is then the dilated object) and on the whole image."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32).eval()
+    inside, outside, whole = [], [], []
+    for item in items:
+        x = _tensor(item["image"]) * 2 - 1
+        recon = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+        array = ((recon[0].permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
+        generated = Image.fromarray(array)
+        inside.append(_kept_psnr(generated, item["image"], item["hole"]))
+        outside.append(_kept_psnr(generated, item["image"], ~item["hole"]))
+        whole.append(_kept_psnr(generated, item["image"], np.zeros_like(item["hole"])))
+    return {
+        "inside_kept_psnr": np.mean(inside),
+        "outside_kept_psnr": np.mean(outside),
+        "psnr": np.mean(whole),
+    }
+
+
+def method_scores(
+    models: str | Path, method_name: str, items: list[dict], options: dict | None = None
+) -> dict:
+    """Raw kept PSNR and colour / shape accuracy of one method (loaded with ``brushnet.methods``)."""
+    from brushnet.data.shapes_metrics import classify_shape, dominant_colour
+    from brushnet.demo.assets import method_models
+    from brushnet.methods import inpaint, load_method
+
+    method = load_method(method_name, method_models(method_name, models))
+    rows = []
+    start = time.perf_counter()
+    for item in items:
+        raw = inpaint(
+            method, item["image"], item["hole"], prompt=item["prompt"], blend=False, options=options or {},
+            **SETTINGS,
+        ).images[0]  # fmt: skip
+        rgb = np.asarray(raw)
+        colour, shape = item["target"]["colour"], item["target"]["shape"]
+        rows.append(
+            {
+                "psnr": _kept_psnr(raw, item["image"], item["hole"]),
+                "colour_ok": dominant_colour(rgb, item["hole"]) == colour,
+                "shape_ok": classify_shape(rgb, item["hole"], colour) == shape,
+                "variant": item["variant"],
+            }
+        )
+
+    def mean(key, variant=None):
+        values = [float(r[key]) for r in rows if variant in (None, r["variant"])]
+        return float(np.mean(values)) if values else float("nan")
+
+    return {
+        "kept_psnr": mean("psnr"),
+        "colour_acc": mean("colour_ok"),
+        "colour_acc_same": mean("colour_ok", "same"),
+        "colour_acc_different": mean("colour_ok", "different"),
+        "shape_acc": mean("shape_ok"),
+        "seconds_per_image": (time.perf_counter() - start) / len(items),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python examples/demo_world/evaluate.py", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--models", required=True, help="A model set (base/, brushnet/, inpaint/, controlnet/)."
+    )
+    parser.add_argument("--scenes", type=int, default=48)
+    parser.add_argument("--methods", default="brushnet", help="Comma-separated; '' for the VAE ceiling only.")
+    parser.add_argument("--json", help="Also write the scores here.")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of this process (default 1).")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    items = eval_items(args.scenes)
+    report = {
+        "scenes": args.scenes,
+        "settings": SETTINGS,
+        "vae": vae_ceiling(Path(args.models) / "base" / "vae", items),
+    }
+    print(f"VAE ceiling: {json.dumps({k: round(v, 2) for k, v in report['vae'].items()})}", flush=True)
+    for name in filter(None, args.methods.split(",")):
+        scores = method_scores(args.models, name, items)
+        report[name] = scores
+        print(f"{name}: {json.dumps({k: round(v, 3) for k, v in scores.items()})}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
