@@ -73,3 +73,36 @@ def test_single_file_errors_are_one_line(tmp_path, exported):
     text.write_text("x")
     with pytest.raises(CheckpointError, match="must be .safetensors"):
         load_base_components(text)
+
+
+def test_pipeline_from_single_file_matches_the_folder(exported, tmp_path):
+    """diffusers' FromSingleFileMixin on the BrushNet pipeline: the single file (+ the folder's configs) with a
+    branch passed as a component gives the folder-built pipeline's image exactly."""
+    import numpy as np
+    from PIL import Image
+
+    from brushnet import BrushNetModel, StableDiffusionBrushNetPipeline
+    from brushnet.random_models import build_brushnet
+
+    folder, path = exported
+    brushnet = BrushNetModel.from_pretrained(build_brushnet(tmp_path / "brushnet", folder, seed=5))
+    from_file = StableDiffusionBrushNetPipeline.from_single_file(
+        str(path), config=str(folder), brushnet=brushnet, safety_checker=None, requires_safety_checker=False
+    )
+    parts = load_base_components(folder)
+    from_folder = StableDiffusionBrushNetPipeline(
+        **{k: parts[k] for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")},
+        brushnet=brushnet, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    assert isinstance(from_file.brushnet, BrushNetModel) and from_file.brushnet is brushnet
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 255
+    kwargs = dict(num_inference_steps=2, output_type="np", guidance_scale=7.5)
+    a = from_file("a cat", image, Image.fromarray(mask), generator=torch.Generator().manual_seed(0), **kwargs)
+    b = from_folder(
+        "a cat", image, Image.fromarray(mask), generator=torch.Generator().manual_seed(0), **kwargs
+    )
+    assert np.abs(a.images - b.images).max() == 0
+    assert from_file.scheduler.__class__ is from_folder.scheduler.__class__
