@@ -29,12 +29,12 @@ import logging
 import math
 import os
 import tarfile
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..io import atomic_write, atomic_write_bytes, atomic_write_text, png_bytes
 from .rle import encode_brushbench_rle, encode_brushdata_rle
 from .shapes import (
     PALETTE,
@@ -53,25 +53,6 @@ __all__ = ["write_eval_set", "write_training_shards"]
 logger = logging.getLogger(__name__)
 
 _RING_WIDTH = 2  # matches the default ``ring_width`` of the shapes metrics
-
-
-def _png_bytes(image: Any) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(file)`` on a temporary file next to ``path``, then move it into place."""
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            write(file)
-        os.replace(temp_name, path)
-    except BaseException:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
-        raise
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -125,7 +106,7 @@ def write_training_shards(
                     image, masks = render_scene(scene)
                     key = f"{index:08d}"
                     segmentation = {"mask": [encode_brushdata_rle(mask) for mask in masks]}
-                    _add_member(tar, f"{key}.png", _png_bytes(image))
+                    _add_member(tar, f"{key}.png", png_bytes(image))
                     _add_member(tar, f"{key}.txt", scene.caption.encode("utf-8"))
                     _add_member(tar, f"{key}.json", json.dumps(segmentation).encode("utf-8"))
                     _add_member(tar, f"{key}.height", str(size).encode("ascii"))
@@ -137,7 +118,7 @@ def write_training_shards(
                     )
 
         path = out / f"shapes-{shard:06d}.tar"
-        _atomic_write(path, write)
+        atomic_write(path, write)
         logger.info("wrote %s (%d scenes)", path, len(indices))
         paths.append(path)
     return paths
@@ -240,7 +221,7 @@ def write_eval_set(
 
         entry_id = f"{index:05d}"
         relative = f"images/{entry_id}.png"
-        _atomic_write(out / relative, lambda file, image=image: image.save(file, format="PNG"))
+        atomic_write_bytes(out / relative, png_bytes(image))
         if removal:
             others = tuple(obj for i, obj in enumerate(scene.objects) if i != target_index)
             caption = Scene(scene.size, scene.background, others).caption
@@ -259,6 +240,6 @@ def write_eval_set(
             "background": scene.background.to_dict(),
         }
     path = out / "mapping_file.json"
-    _atomic_write(path, lambda file: file.write(json.dumps(mapping, indent=1).encode("utf-8")))
+    atomic_write_text(path, json.dumps(mapping, indent=1))
     logger.info("wrote %s (%d entries)", path, len(mapping))
     return path

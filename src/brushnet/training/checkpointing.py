@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, first_line
+from ..io import atomic_write_text
 from . import folders
 
 __all__ = [
@@ -155,15 +156,8 @@ def _save_diffusers_model(model, path: Path) -> None:
 
 
 def _write_json(path: Path, data) -> None:
-    """Write JSON atomically (temporary file + ``os.replace``): the file is whole or absent."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write JSON atomically (:func:`brushnet.io.atomic_write_text`): the file is whole or absent."""
+    atomic_write_text(path, json.dumps(data, indent=2))
 
 
 def _flatten(state: dict, prefix: str = "") -> dict[str, torch.Tensor]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import types
 import typing
 from pathlib import Path
@@ -172,17 +171,10 @@ def load_config_file(path: str | os.PathLike) -> dict:
 
 
 def save_config(config: TrainConfig, path: str | os.PathLike) -> None:
-    """Write ``config`` as YAML, atomically (a temporary file in the same folder, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            yaml.safe_dump(config.model_dump(mode="json"), f, sort_keys=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``config`` as YAML, atomically (:func:`brushnet.io.atomic_write_text`)."""
+    from ..io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
 
 
 def make_config(values: dict) -> TrainConfig:

@@ -8,7 +8,6 @@ The set is either given (``--validation_prompts/--validation_images/--validation
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,8 +16,9 @@ import torch
 from PIL import Image
 
 from ..image import load_image, load_mask, tensor_to_pil
+from ..io import atomic_write_bytes, make_grid, png_bytes
 
-__all__ = ["ValidationSet", "make_grid", "run_validation"]
+__all__ = ["ValidationSet", "run_validation"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,23 +57,6 @@ class ValidationSet:
         self.images = tensor_to_pil((batch["pixel_values"][:count].float() + 1) / 2)
         hole = (batch["mask"][:count, 0].float().cpu().numpy() > 0.5).astype(np.uint8) * 255
         self.masks = [Image.fromarray(m, mode="L") for m in hole]
-
-
-def make_grid(rows: list[list[Image.Image]]) -> Image.Image:
-    """Paste equally sized images into a grid, one list per row."""
-    width, height = rows[0][0].size
-    grid = Image.new("RGB", (width * max(len(r) for r in rows), height * len(rows)))
-    for y, row in enumerate(rows):
-        for x, image in enumerate(row):
-            grid.paste(image.convert("RGB"), (x * width, y * height))
-    return grid
-
-
-def _save_atomically(image: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
 
 
 @torch.no_grad()
@@ -126,9 +109,9 @@ def run_validation(
         if ema is not None:
             ema.restore(parameters)
 
-    grid = make_grid(rows)
+    grid = make_grid([[image.convert("RGB") for image in row] for row in rows])
     path = Path(config.output_dir) / "validation" / f"step-{step}.png"
-    _save_atomically(grid, path)
+    atomic_write_bytes(path, png_bytes(grid))
     logger.info("saved validation grid %s", path)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
