@@ -1,7 +1,8 @@
 """What the BrushNet pipelines (SD1.5, SDXL, PowerPaint v2) share, written once.
 
 - :func:`brushnet_keep_schedule`: the per-step on/off of the branch (``control_guidance_start/end``);
-- :class:`BrushNetPipelineMixin`: the guidance properties, the input checks every pipeline makes, image and
+- :class:`BrushNetPipelineMixin`: the guidance properties, the call's set-up (the ``mask`` alias, callback inputs,
+  call state, batch size, IP-Adapter embeddings), the input checks every pipeline makes, image and
   mask preparation (the project's mask convention, 1 = hole; every batch format diffusers documents;
   ``padding_mask_crop``), the control images of an optional ControlNet, the start latents for ``strength``,
   **the denoising loop** (:meth:`~BrushNetPipelineMixin._denoise`: scaled input, one guided prediction per step
@@ -149,6 +150,59 @@ class BrushNetPipelineMixin:
             vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True, do_normalize=False
         )
 
+    # -- the call's set-up ----------------------------------------------------------------------------
+    @staticmethod
+    def _call_arguments(
+        mask_image, mask, callback_on_step_end, callback_on_step_end_tensor_inputs
+    ) -> tuple[Any, list[str]]:
+        """The mask (``mask``: the original pipelines' keyword for ``mask_image``; passing both is an error) and the
+        tensors a step callback reads (a ``PipelineCallback`` names its own; default ``["latents"]``).
+
+        Returns:
+            ``(mask_image, callback_on_step_end_tensor_inputs)``.
+        """
+        from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
+        if mask is not None:
+            if mask_image is not None:
+                raise ValueError("pass the mask once: `mask_image` or its alias `mask`, not both")
+            mask_image = mask
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        return mask_image, callback_on_step_end_tensor_inputs or ["latents"]
+
+    def _begin_call(
+        self, guidance_scale: float, clip_skip: int | None, cross_attention_kwargs: dict | None
+    ) -> None:
+        """Set the call's state the properties read (``guidance_scale``, ``clip_skip``, ``cross_attention_kwargs``,
+        ``interrupt``), as diffusers' pipelines do at the start of ``__call__``."""
+        self._guidance_scale = guidance_scale
+        self._clip_skip = clip_skip
+        self._cross_attention_kwargs = cross_attention_kwargs
+        self._interrupt = False
+
+    @staticmethod
+    def _batch_size(prompt, prompt_embeds) -> int:
+        """The number of prompts: from ``prompt`` (a str or a list), else from ``prompt_embeds``."""
+        if prompt is not None:
+            return 1 if isinstance(prompt, str) else len(prompt)
+        return prompt_embeds.shape[0]
+
+    def _text_lora_scale(self) -> float | None:
+        """The LoRA scale the text encoders take (``cross_attention_kwargs["scale"]``), else ``None``."""
+        return self.cross_attention_kwargs.get("scale", None) if self.cross_attention_kwargs else None
+
+    def _ip_adapter_embeds(
+        self, ip_adapter_image, ip_adapter_image_embeds, device, total: int
+    ) -> list | None:
+        """The IP-Adapter image embeddings for ``total`` images (diffusers' ``prepare_ip_adapter_image_embeds``),
+        or ``None`` without an IP-Adapter image."""
+        if ip_adapter_image is None and ip_adapter_image_embeds is None:
+            return None
+        return self.prepare_ip_adapter_image_embeds(
+            ip_adapter_image, ip_adapter_image_embeds, device, total, self.do_classifier_free_guidance
+        )
+
     # -------------------------------------------------------------------------------------------------
     def _check_brushnet_inputs(
         self,
@@ -164,6 +218,8 @@ class BrushNetPipelineMixin:
         blending,
         strength: float = 1.0,
         padding_mask_crop: int | None = None,
+        ip_adapter_image=None,
+        ip_adapter_image_embeds=None,
     ) -> None:
         """The checks every BrushNet pipeline makes besides its own text checks."""
         if image is None or mask_image is None:
@@ -202,6 +258,18 @@ class BrushNetPipelineMixin:
             raise ValueError(
                 "`blending` works on decoded images; it cannot be used with output_type='latent'"
             )
+        if ip_adapter_image is not None and ip_adapter_image_embeds is not None:
+            raise ValueError("pass either `ip_adapter_image` or `ip_adapter_image_embeds`, not both")
+
+    @staticmethod
+    def _check_embeds_match(prompt_embeds, negative_prompt_embeds) -> None:
+        """Given both, the prompt and negative prompt embeddings must have the same shape."""
+        if prompt_embeds is not None and negative_prompt_embeds is not None:
+            if prompt_embeds.shape != negative_prompt_embeds.shape:
+                raise ValueError(
+                    f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
+                    f"{tuple(negative_prompt_embeds.shape)} must have the same shape"
+                )
 
     def _prepare_mask(
         self, mask_image, batch_size: int, height: int, width: int, device, dtype, crops_coords=None
@@ -276,13 +344,16 @@ class BrushNetPipelineMixin:
 
     def _prepare_control_images(
         self, control_image, height: int, width: int, batch_size: int, num_images_per_prompt: int, device
-    ) -> list[torch.Tensor]:
-        """The ControlNet conditioning images in [0, 1], ``(B·n, 3, H, W)`` each, one per ControlNet.
+    ) -> list[torch.Tensor] | None:
+        """The ControlNet conditioning images in [0, 1], ``(B·n, 3, H, W)`` each, one per ControlNet; ``None``
+        without a ControlNet.
 
         With several ControlNets, ``control_image`` is a list with one entry per net (each an image or a batch);
         with one, it is an image or a batch (one for all prompts or one per prompt).
         """
         nets = self._controlnets()
+        if not nets:
+            return None
         if control_image is None:
             raise ValueError("this pipeline has a ControlNet: pass `control_image`")
         images = control_image if len(nets) > 1 else [control_image]
@@ -342,6 +413,11 @@ class BrushNetPipelineMixin:
                 raise ValueError(
                     f"need 0 <= controlnet_guidance_start < controlnet_guidance_end <= 1, got {start} and {end}"
                 )
+
+    @staticmethod
+    def _branch_step_scales(num_steps: int, scale: float, start: float, end: float) -> list[float]:
+        """Per step: the branch's ``brushnet_conditioning_scale``, 0 outside ``control_guidance_start/end``."""
+        return [scale * keep for keep in brushnet_keep_schedule(num_steps, start, end)]
 
     def _controlnet_step_scales(
         self,
@@ -407,18 +483,20 @@ class BrushNetPipelineMixin:
         ).to(device=device, dtype=dtype)
 
     def _start_latents(
-        self, latents, image_tensor, timestep, strength: float, shape, dtype, device, generator
+        self, latents, image_tensor: torch.Tensor, timesteps: torch.Tensor, strength: float, dtype, generator
     ) -> torch.Tensor:
-        """Start latents: pure noise at ``strength == 1`` (``prepare_latents``, the goldens' path); below it the
-        input's VAE latents noised to the first kept timestep, so the hole starts from the input (diffusers'
-        inpaint ``strength``). Given ``latents`` are the noise."""
+        """Start latents for the prepared image ``(B·n, 3, H, W)`` (their batch, size and device): pure noise at
+        ``strength == 1`` (``prepare_latents``, the goldens' path); below it the input's VAE latents noised to the
+        first timestep run, so the hole starts from the input (diffusers' inpaint ``strength``). Given ``latents``
+        are the noise."""
+        batch, _, height, width = image_tensor.shape
+        channels, device = self.unet.config.in_channels, image_tensor.device
         if strength >= 1.0:
-            return self.prepare_latents(*shape, dtype, device, generator, latents)
+            return self.prepare_latents(batch, channels, height, width, dtype, device, generator, latents)
         from diffusers.utils.torch_utils import randn_tensor
 
         from ..models.conditioning import encode_latents
 
-        batch, channels, height, width = shape
         latent_shape = (batch, channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         noise = (
             latents
@@ -427,7 +505,7 @@ class BrushNetPipelineMixin:
         )
         image_latents = encode_latents(self.vae, image_tensor, generator).to(device=device, dtype=dtype)
         return self.scheduler.add_noise(
-            image_latents, noise.to(device=device, dtype=dtype), timestep.repeat(batch)
+            image_latents, noise.to(device=device, dtype=dtype), timesteps[:1].repeat(batch)
         )
 
     # -- the denoising loop, shared by every BrushNet pipeline ---------------------------------------------
@@ -465,7 +543,6 @@ class BrushNetPipelineMixin:
         extra_step_kwargs: dict[str, Any],
         callback_on_step_end,
         callback_on_step_end_tensor_inputs: list[str],
-        timestep_cond: torch.Tensor | None = None,
         image_embeds: list[torch.Tensor] | None = None,
         control_images: list[torch.Tensor] | None = None,
         controlnet_scales: list | None = None,
@@ -484,7 +561,8 @@ class BrushNetPipelineMixin:
                 ``_callback_tensor_inputs``); :meth:`_step_inputs` turns them into model inputs.
             brushnet_cond: ``(B, 5, h, w)``, the branch's conditioning.
             conditioning_scales: the branch's scale per step (the keep schedule applied).
-            guess_mode, timestep_cond, image_embeds, control_images: as :func:`predict_noise`.
+            guess_mode, image_embeds, control_images: as :func:`predict_noise` (the UNet's guidance embedding,
+                ``timestep_cond``, is made here: :meth:`_guidance_embedding`).
             controlnet_scales: the ControlNets' scale per step (``None`` entries without a ControlNet).
             extra_step_kwargs, callback_on_step_end, callback_on_step_end_tensor_inputs: as in diffusers.
 
@@ -495,6 +573,7 @@ class BrushNetPipelineMixin:
         if compiled is not None:
             compiled.check(self)
         controlnet = getattr(self, "controlnet", None)
+        timestep_cond = self._guidance_embedding(latents.shape[0], latents.device, latents.dtype)
         if controlnet_scales is None:
             controlnet_scales = [None] * len(timesteps)
         inputs = self._step_inputs(tensors)

@@ -209,10 +209,8 @@ class StableDiffusionBrushNetPipeline(
         self._check_brushnet_inputs(
             image, mask_image, height, width, brushnet_conditioning_scale, control_guidance_start,
             control_guidance_end, callback_on_step_end_tensor_inputs, output_type, blending, strength,
-            padding_mask_crop,
+            padding_mask_crop, ip_adapter_image, ip_adapter_image_embeds,
         )  # fmt: skip
-        if ip_adapter_image is not None and ip_adapter_image_embeds is not None:
-            raise ValueError("pass either `ip_adapter_image` or `ip_adapter_image_embeds`, not both")
         if prompt is not None and prompt_embeds is not None:
             raise ValueError("pass either `prompt` or `prompt_embeds`, not both")
         if prompt is None and prompt_embeds is None:
@@ -221,12 +219,37 @@ class StableDiffusionBrushNetPipeline(
             raise ValueError(f"`prompt` must be a str or a list of str, got {type(prompt).__name__}")
         if negative_prompt is not None and negative_prompt_embeds is not None:
             raise ValueError("pass either `negative_prompt` or `negative_prompt_embeds`, not both")
-        if prompt_embeds is not None and negative_prompt_embeds is not None:
-            if prompt_embeds.shape != negative_prompt_embeds.shape:
-                raise ValueError(
-                    f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
-                    f"{tuple(negative_prompt_embeds.shape)} must have the same shape"
-                )
+        self._check_embeds_match(prompt_embeds, negative_prompt_embeds)
+
+    def _encode_guided_prompt(
+        self,
+        prompt,
+        negative_prompt,
+        prompt_embeds,
+        negative_prompt_embeds,
+        device,
+        num_images_per_prompt: int,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`encode_prompt` with the call's LoRA scale and ``clip_skip``.
+
+        Returns:
+            ``(prompt_embeds, negative_prompt_embeds)``, each ``num_images_per_prompt`` per prompt; under
+            classifier-free guidance ``prompt_embeds`` is the ``[negative, positive]`` batch the UNet reads.
+        """
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt,
+            device,
+            num_images_per_prompt,
+            self.do_classifier_free_guidance,
+            negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            lora_scale=self._text_lora_scale(),
+            clip_skip=self.clip_skip,
+        )
+        if self.do_classifier_free_guidance:
+            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+        return prompt_embeds, negative_prompt_embeds
 
     def _decode(
         self,
@@ -338,13 +361,9 @@ class StableDiffusionBrushNetPipeline(
         Returns:
             ``StableDiffusionPipelineOutput(images, nsfw_content_detected)`` or a tuple.
         """
-        if mask is not None:
-            if mask_image is not None:
-                raise ValueError("pass the mask once: `mask_image` or its alias `mask`, not both")
-            mask_image = mask
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        mask_image, callback_on_step_end_tensor_inputs = self._call_arguments(
+            mask_image, mask, callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
 
         # 1. check inputs
         self.check_inputs(
@@ -356,48 +375,25 @@ class StableDiffusionBrushNetPipeline(
         self._check_controlnet_inputs(
             control_image, controlnet_conditioning_scale, controlnet_guidance_start, controlnet_guidance_end
         )
-        self._guidance_scale = guidance_scale
-        self._clip_skip = clip_skip
-        self._cross_attention_kwargs = cross_attention_kwargs
-        self._interrupt = False
-
-        if prompt is not None:
-            batch_size = 1 if isinstance(prompt, str) else len(prompt)
-        else:
-            batch_size = prompt_embeds.shape[0]
+        self._begin_call(guidance_scale, clip_skip, cross_attention_kwargs)
+        batch_size = self._batch_size(prompt, prompt_embeds)
         device = self._execution_device
-        total = batch_size * num_images_per_prompt
 
         # 2. encode prompt
-        lora_scale = cross_attention_kwargs.get("scale", None) if cross_attention_kwargs else None
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt,
-            device,
-            num_images_per_prompt,
-            self.do_classifier_free_guidance,
-            negative_prompt,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            lora_scale=lora_scale,
-            clip_skip=self.clip_skip,
+        prompt_embeds, negative_prompt_embeds = self._encode_guided_prompt(
+            prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, device, num_images_per_prompt
         )
-        if self.do_classifier_free_guidance:
-            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
-        image_embeds = None
-        if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
-            image_embeds = self.prepare_ip_adapter_image_embeds(
-                ip_adapter_image, ip_adapter_image_embeds, device, total, self.do_classifier_free_guidance
-            )
+        image_embeds = self._ip_adapter_embeds(
+            ip_adapter_image, ip_adapter_image_embeds, device, batch_size * num_images_per_prompt
+        )
 
         # 3. image and mask (and control images), at height × width
         image_tensor, hole, height, width, crops_coords = self._prepare_image_and_mask(
             image, mask_image, height, width, batch_size, num_images_per_prompt, device, padding_mask_crop
         )
-        control_images = None
-        if self.controlnet is not None:
-            control_images = self._prepare_control_images(
-                control_image, height, width, batch_size, num_images_per_prompt, device
-            )
+        control_images = self._prepare_control_images(
+            control_image, height, width, batch_size, num_images_per_prompt, device
+        )
 
         # 4. timesteps (strength < 1: only the last fraction of them)
         timesteps, num_inference_steps = self._schedule(
@@ -407,17 +403,9 @@ class StableDiffusionBrushNetPipeline(
 
         # 5. start latents, then the branch's conditioning: masked-image latent + keep-mask (1 = keep)
         latents = self._start_latents(
-            latents,
-            image_tensor,
-            timesteps[:1],
-            strength,
-            (total, self.unet.config.in_channels, height, width),
-            prompt_embeds.dtype,
-            device,
-            generator,
+            latents, image_tensor, timesteps, strength, prompt_embeds.dtype, generator
         )
         brushnet_cond = self._branch_conditioning(image_tensor, hole, generator)
-        keep_schedule = brushnet_keep_schedule(len(timesteps), control_guidance_start, control_guidance_end)
 
         # 6. denoising loop (the SD1.5 branch never reads text: one branch pass per step serves both CFG halves)
         latents, tensors = self._denoise(
@@ -426,12 +414,13 @@ class StableDiffusionBrushNetPipeline(
             num_inference_steps,
             {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds},
             brushnet_cond,
-            [brushnet_conditioning_scale * keep for keep in keep_schedule],
+            self._branch_step_scales(
+                len(timesteps), brushnet_conditioning_scale, control_guidance_start, control_guidance_end
+            ),
             guess_mode,
             self.prepare_extra_step_kwargs(generator, eta),
             callback_on_step_end,
             callback_on_step_end_tensor_inputs,
-            timestep_cond=self._guidance_embedding(total, device, latents.dtype),
             image_embeds=image_embeds,
             control_images=control_images,
             controlnet_scales=self._controlnet_step_scales(

@@ -58,7 +58,7 @@ from transformers import (
 
 from ..loading import FAMILY_NAMES, CheckpointError, check_brushnet_fits_base, detect_family
 from ..models.brushnet import BrushNetModel
-from .common import BrushNetPipelineMixin, brushnet_keep_schedule
+from .common import BrushNetPipelineMixin
 
 __all__ = ["StableDiffusionXLBrushNetPipeline"]
 
@@ -219,10 +219,8 @@ class StableDiffusionXLBrushNetPipeline(
         self._check_brushnet_inputs(
             image, mask_image, height, width, brushnet_conditioning_scale, control_guidance_start,
             control_guidance_end, callback_on_step_end_tensor_inputs, output_type, blending, strength,
-            padding_mask_crop,
+            padding_mask_crop, ip_adapter_image, ip_adapter_image_embeds,
         )  # fmt: skip
-        if ip_adapter_image is not None and ip_adapter_image_embeds is not None:
-            raise ValueError("pass either `ip_adapter_image` or `ip_adapter_image_embeds`, not both")
         if prompt_embeds is not None and (prompt is not None or prompt_2 is not None):
             raise ValueError("pass either `prompt`/`prompt_2` or `prompt_embeds`, not both")
         if prompt is None and prompt_embeds is None:
@@ -236,12 +234,7 @@ class StableDiffusionXLBrushNetPipeline(
             raise ValueError(
                 "pass either `negative_prompt`/`negative_prompt_2` or `negative_prompt_embeds`, not both"
             )
-        if prompt_embeds is not None and negative_prompt_embeds is not None:
-            if prompt_embeds.shape != negative_prompt_embeds.shape:
-                raise ValueError(
-                    f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
-                    f"{tuple(negative_prompt_embeds.shape)} must have the same shape"
-                )
+        self._check_embeds_match(prompt_embeds, negative_prompt_embeds)
         if prompt_embeds is not None and pooled_prompt_embeds is None:
             raise ValueError(
                 "with `prompt_embeds`, pass `pooled_prompt_embeds` too (text_encoder_2's projection)"
@@ -350,13 +343,9 @@ class StableDiffusionXLBrushNetPipeline(
         Returns:
             ``StableDiffusionXLPipelineOutput(images)`` or a one-element tuple.
         """
-        if mask is not None:
-            if mask_image is not None:
-                raise ValueError("pass the mask once: `mask_image` or its alias `mask`, not both")
-            mask_image = mask
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        mask_image, callback_on_step_end_tensor_inputs = self._call_arguments(
+            mask_image, mask, callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
 
         # 1. check inputs
         self.check_inputs(
@@ -369,22 +358,14 @@ class StableDiffusionXLBrushNetPipeline(
         self._check_controlnet_inputs(
             control_image, controlnet_conditioning_scale, controlnet_guidance_start, controlnet_guidance_end
         )
-        self._guidance_scale = guidance_scale
+        self._begin_call(guidance_scale, clip_skip, cross_attention_kwargs)
         self._guidance_rescale = guidance_rescale
-        self._clip_skip = clip_skip
-        self._cross_attention_kwargs = cross_attention_kwargs
         self._denoising_end = denoising_end
-        self._interrupt = False
-
-        if prompt is not None:
-            batch_size = 1 if isinstance(prompt, str) else len(prompt)
-        else:
-            batch_size = prompt_embeds.shape[0]
+        batch_size = self._batch_size(prompt, prompt_embeds)
         device = self._execution_device
         total = batch_size * num_images_per_prompt
 
         # 2. encode prompt: both encoders' penultimate hidden states, and text_encoder_2's pooled projection
-        lora_scale = cross_attention_kwargs.get("scale", None) if cross_attention_kwargs else None
         prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = (
             self.encode_prompt(
                 prompt=prompt,
@@ -398,26 +379,19 @@ class StableDiffusionXLBrushNetPipeline(
                 negative_prompt_embeds=negative_prompt_embeds,
                 pooled_prompt_embeds=pooled_prompt_embeds,
                 negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-                lora_scale=lora_scale,
+                lora_scale=self._text_lora_scale(),
                 clip_skip=self.clip_skip,
             )
         )
-
-        image_embeds = None
-        if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
-            image_embeds = self.prepare_ip_adapter_image_embeds(
-                ip_adapter_image, ip_adapter_image_embeds, device, total, self.do_classifier_free_guidance
-            )
+        image_embeds = self._ip_adapter_embeds(ip_adapter_image, ip_adapter_image_embeds, device, total)
 
         # 3. image and mask (and control images), at height × width
         image_tensor, hole, height, width, crops_coords = self._prepare_image_and_mask(
             image, mask_image, height, width, batch_size, num_images_per_prompt, device, padding_mask_crop
         )
-        control_images = None
-        if self.controlnet is not None:
-            control_images = self._prepare_control_images(
-                control_image, height, width, batch_size, num_images_per_prompt, device
-            )
+        control_images = self._prepare_control_images(
+            control_image, height, width, batch_size, num_images_per_prompt, device
+        )
 
         # 4. timesteps (strength < 1: only the last fraction of them)
         timesteps, num_inference_steps = self._schedule(
@@ -427,14 +401,7 @@ class StableDiffusionXLBrushNetPipeline(
         # 5. start latents, then the branch's conditioning: masked-image latent + keep-mask (1 = keep)
         with self._vae_in_float32():
             latents = self._start_latents(
-                latents,
-                image_tensor,
-                timesteps[:1],
-                strength,
-                (total, self.unet.config.in_channels, height, width),
-                prompt_embeds.dtype,
-                device,
-                generator,
+                latents, image_tensor, timesteps, strength, prompt_embeds.dtype, generator
             )
         with self._vae_in_float32():
             brushnet_cond = self._branch_conditioning(image_tensor, hole, generator)
@@ -468,7 +435,9 @@ class StableDiffusionXLBrushNetPipeline(
             add_time_ids = torch.cat([negative_add_time_ids.repeat(total, 1), add_time_ids])
 
         # on/off over the whole schedule, before any `denoising_end` cut (as the original)
-        keep_schedule = brushnet_keep_schedule(len(timesteps), control_guidance_start, control_guidance_end)
+        conditioning_scales = self._branch_step_scales(
+            len(timesteps), brushnet_conditioning_scale, control_guidance_start, control_guidance_end
+        )
         controlnet_scales = self._controlnet_step_scales(
             len(timesteps), controlnet_conditioning_scale, controlnet_guidance_start, controlnet_guidance_end
         )
@@ -494,12 +463,11 @@ class StableDiffusionXLBrushNetPipeline(
                 "add_time_ids": add_time_ids,
             },
             brushnet_cond,
-            [brushnet_conditioning_scale * keep for keep in keep_schedule],
+            conditioning_scales,
             guess_mode,
             self.prepare_extra_step_kwargs(generator, eta),
             callback_on_step_end,
             callback_on_step_end_tensor_inputs,
-            timestep_cond=self._guidance_embedding(total, device, latents.dtype),
             image_embeds=image_embeds,
             control_images=control_images,
             controlnet_scales=controlnet_scales,

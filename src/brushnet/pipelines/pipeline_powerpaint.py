@@ -34,9 +34,8 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer
 
 from ..models.brushnet import BrushNetModel
 from ..models.task_tokens import task_token_ids
-from .common import brushnet_keep_schedule
 from .pipeline_brushnet import StableDiffusionBrushNetPipeline
-from .powerpaint_prompts import TASKS, TaskPrompts, encode_task_prompts, task_prompts
+from .powerpaint_prompts import TaskPrompts, check_task_arguments, encode_task_prompt_pair, task_prompts
 
 __all__ = ["StableDiffusionPowerPaintBrushNetPipeline"]
 
@@ -114,25 +113,12 @@ class StableDiffusionPowerPaintBrushNetPipeline(StableDiffusionBrushNetPipeline)
             ``(embeddings, negative embeddings or None without guidance)``, each repeated
             ``num_images_per_prompt`` times per prompt.
         """
-        encoder, tokenizer = self.text_encoder_brushnet, self.tokenizer_brushnet
-        positive = encode_task_prompts(
-            encoder,
-            tokenizer,
-            [p.prompt_a for p in prompts],
-            [p.prompt_b for p in prompts],
-            fitting_degree,
-            device,
-        )
-        negative = None
-        if do_classifier_free_guidance:
-            negative = encode_task_prompts(
-                encoder,
-                tokenizer,
-                [p.negative_a for p in prompts],
-                [p.negative_b for p in prompts],
-                negative_fitting_degree,
-                device,
-            ).repeat_interleave(num_images_per_prompt, dim=0)
+        positive, negative = encode_task_prompt_pair(
+            self.text_encoder_brushnet, self.tokenizer_brushnet, prompts, fitting_degree, negative_fitting_degree,
+            device, do_classifier_free_guidance,
+        )  # fmt: skip
+        if negative is not None:
+            negative = negative.repeat_interleave(num_images_per_prompt, dim=0)
         return positive.repeat_interleave(num_images_per_prompt, dim=0), negative
 
     def _step_inputs(self, tensors):
@@ -212,25 +198,16 @@ class StableDiffusionPowerPaintBrushNetPipeline(StableDiffusionBrushNetPipeline)
         Returns:
             ``StableDiffusionPipelineOutput(images, nsfw_content_detected)`` or a tuple.
         """
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        callback_on_step_end_tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        mask_image, callback_on_step_end_tensor_inputs = self._call_arguments(
+            mask_image, None, callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
 
         # 1. check inputs
         if self.controlnet is not None:
             raise ValueError(
                 "the PowerPaint pipeline does not run a ControlNet; build it with controlnet=None"
             )
-        if task not in TASKS:
-            raise ValueError(f"unknown PowerPaint task {task!r}; choose one of: {', '.join(TASKS)}")
-        if negative_fitting_degree is None:
-            negative_fitting_degree = fitting_degree
-        for name, value in (
-            ("fitting_degree", fitting_degree),
-            ("negative_fitting_degree", negative_fitting_degree),
-        ):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"`{name}` must be in [0, 1], got {value}")
+        negative_fitting_degree = check_task_arguments(task, fitting_degree, negative_fitting_degree)
         if prompt is None and prompt_embeds is None:
             prompt = ""  # an empty prompt is common here (removal, outpainting)
         self.check_inputs(
@@ -246,10 +223,7 @@ class StableDiffusionPowerPaintBrushNetPipeline(StableDiffusionBrushNetPipeline)
             raise ValueError(
                 "with guidance, pass negative_brushnet_prompt_embeds along with brushnet_prompt_embeds"
             )
-        self._guidance_scale = guidance_scale
-        self._clip_skip = clip_skip
-        self._cross_attention_kwargs = cross_attention_kwargs
-        self._interrupt = False
+        self._begin_call(guidance_scale, clip_skip, cross_attention_kwargs)
 
         if prompt_embeds is None:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -261,7 +235,6 @@ class StableDiffusionPowerPaintBrushNetPipeline(StableDiffusionBrushNetPipeline)
         if len(negatives) != batch_size:
             raise ValueError(f"{len(negatives)} negative prompts for {batch_size} prompts")
         device = self._execution_device
-        total = batch_size * num_images_per_prompt
 
         # 2. encode prompts: the branch reads task words through its own encoder, the UNet the user's words
         built = [task_prompts(task, p, n, version="v2") for p, n in zip(prompts, negatives)]
@@ -274,20 +247,14 @@ class StableDiffusionPowerPaintBrushNetPipeline(StableDiffusionBrushNetPipeline)
             branch_embeds, negative_branch_embeds = brushnet_prompt_embeds, negative_brushnet_prompt_embeds
         unet_prompts = [b.unet_prompt for b in built]
         unet_negatives = [b.unet_negative for b in built]
-        lora_scale = cross_attention_kwargs.get("scale", None) if cross_attention_kwargs else None
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+        prompt_embeds, negative_prompt_embeds = self._encode_guided_prompt(
             unet_prompts if prompt_embeds is None else None,
+            unet_negatives if negative_prompt_embeds is None else None,
+            prompt_embeds,
+            negative_prompt_embeds,
             device,
             num_images_per_prompt,
-            self.do_classifier_free_guidance,
-            unet_negatives if negative_prompt_embeds is None else None,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            lora_scale=lora_scale,
-            clip_skip=self.clip_skip,
         )
-        if self.do_classifier_free_guidance:
-            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
         branch_dtype = self.brushnet.dtype
         branch_embeds = branch_embeds.to(device=device, dtype=branch_dtype)
         if self.do_classifier_free_guidance:
@@ -305,12 +272,8 @@ class StableDiffusionPowerPaintBrushNetPipeline(StableDiffusionBrushNetPipeline)
         self._num_timesteps = len(timesteps)
 
         # 5. start latents, then the branch's conditioning: masked-image latent + keep-mask (1 = keep)
-        shape = (total, self.unet.config.in_channels, height, width)
-        latents = self._start_latents(
-            latents, image_tensor, timesteps[:1], 1.0, shape, prompt_embeds.dtype, device, generator
-        )
+        latents = self._start_latents(latents, image_tensor, timesteps, 1.0, prompt_embeds.dtype, generator)
         brushnet_cond = self._branch_conditioning(image_tensor, hole, generator)
-        keep_schedule = brushnet_keep_schedule(len(timesteps), control_guidance_start, control_guidance_end)
 
         # 6. denoising loop: the branch reads text, so under guidance it runs on the doubled batch
         tensors = {
@@ -325,12 +288,13 @@ class StableDiffusionPowerPaintBrushNetPipeline(StableDiffusionBrushNetPipeline)
             num_inference_steps,
             tensors,
             brushnet_cond,
-            [brushnet_conditioning_scale * keep for keep in keep_schedule],
+            self._branch_step_scales(
+                len(timesteps), brushnet_conditioning_scale, control_guidance_start, control_guidance_end
+            ),
             guess_mode,
             self.prepare_extra_step_kwargs(generator, eta),
             callback_on_step_end,
             callback_on_step_end_tensor_inputs,
-            timestep_cond=self._guidance_embedding(total, device, latents.dtype),
         )
 
         # 7. decode, safety check, blend, post-process

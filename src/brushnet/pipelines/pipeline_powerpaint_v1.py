@@ -17,7 +17,7 @@ import torch
 from diffusers import StableDiffusionInpaintPipeline
 
 from ..models.task_tokens import task_token_ids
-from .powerpaint_prompts import TASKS, encode_task_prompts, task_prompts
+from .powerpaint_prompts import check_task_arguments, encode_task_prompt_pair, task_prompts
 
 __all__ = ["StableDiffusionPowerPaintInpaintPipeline"]
 
@@ -70,26 +70,10 @@ class StableDiffusionPowerPaintInpaintPipeline(StableDiffusionInpaintPipeline):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(prompt_embeds, negative_prompt_embeds or None)`` for ``task``: the interpolated v1 task prompts."""
         built = [task_prompts(task, p, n, version="v1") for p, n in zip(prompt, negative_prompt)]
-        device = self._execution_device
-        positive = encode_task_prompts(
-            self.text_encoder,
-            self.tokenizer,
-            [b.prompt_a for b in built],
-            [b.prompt_b for b in built],
-            fitting_degree,
-            device,
-        )
-        negative = None
-        if do_classifier_free_guidance:
-            negative = encode_task_prompts(
-                self.text_encoder,
-                self.tokenizer,
-                [b.negative_a for b in built],
-                [b.negative_b for b in built],
-                negative_fitting_degree,
-                device,
-            )
-        return positive, negative
+        return encode_task_prompt_pair(
+            self.text_encoder, self.tokenizer, built, fitting_degree, negative_fitting_degree,
+            self._execution_device, do_classifier_free_guidance,
+        )  # fmt: skip
 
     @torch.no_grad()
     def __call__(
@@ -124,16 +108,7 @@ class StableDiffusionPowerPaintInpaintPipeline(StableDiffusionInpaintPipeline):
         unknown = sorted(set(kwargs) - _PARENT_ARGUMENTS)
         if unknown:  # diffusers' __call__ takes **kwargs for deprecated names and would drop a misspelling
             raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
-        if task not in TASKS:
-            raise ValueError(f"unknown PowerPaint task {task!r}; choose one of: {', '.join(TASKS)}")
-        if negative_fitting_degree is None:
-            negative_fitting_degree = fitting_degree
-        for name, value in (
-            ("fitting_degree", fitting_degree),
-            ("negative_fitting_degree", negative_fitting_degree),
-        ):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"`{name}` must be in [0, 1], got {value}")
+        negative_fitting_degree = check_task_arguments(task, fitting_degree, negative_fitting_degree)
         if prompt_embeds is None:
             prompts = [prompt or ""] if prompt is None or isinstance(prompt, str) else list(prompt)
             negatives = negative_prompt if negative_prompt is not None else ""

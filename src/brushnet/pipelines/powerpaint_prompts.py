@@ -36,6 +36,8 @@ __all__ = [
     "task_prompts",
     "encode_text",
     "encode_task_prompts",
+    "encode_task_prompt_pair",
+    "check_task_arguments",
 ]
 
 TASKS: tuple[str, ...] = ("text-guided", "shape-guided", "object-removal", "context-aware", "outpainting")
@@ -155,3 +157,52 @@ def encode_task_prompts(
     else:
         embeds_b = encode_text(text_encoder, tokenizer, prompts_b, device)
     return embeds_a * fitting_degree + (1 - fitting_degree) * embeds_b
+
+
+def encode_task_prompt_pair(
+    text_encoder,
+    tokenizer,
+    prompts: list[TaskPrompts],
+    fitting_degree: float,
+    negative_fitting_degree: float,
+    device,
+    do_classifier_free_guidance: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The interpolated embeddings of the positive task prompts and, under guidance, of the negative ones
+    (:func:`encode_task_prompts` on ``prompt_a``/``prompt_b`` and ``negative_a``/``negative_b``).
+
+    Returns:
+        ``(embeddings, negative embeddings or None without guidance)``, ``(len(prompts), 77, D)`` each.
+    """
+
+    def encode(texts_a: list[str], texts_b: list[str], degree: float) -> torch.Tensor:
+        return encode_task_prompts(text_encoder, tokenizer, texts_a, texts_b, degree, device)
+
+    positive = encode([p.prompt_a for p in prompts], [p.prompt_b for p in prompts], fitting_degree)
+    if not do_classifier_free_guidance:
+        return positive, None
+    return positive, encode(
+        [p.negative_a for p in prompts], [p.negative_b for p in prompts], negative_fitting_degree
+    )
+
+
+def check_task_arguments(task: str, fitting_degree: float, negative_fitting_degree: float | None) -> float:
+    """Check a PowerPaint call's ``task`` and fitting degrees.
+
+    Returns:
+        The negative fitting degree (default: ``fitting_degree``, as the original app).
+
+    Raises:
+        ValueError: an unknown task, or a fitting degree outside [0, 1].
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown PowerPaint task {task!r}; choose one of: {', '.join(TASKS)}")
+    if negative_fitting_degree is None:
+        negative_fitting_degree = fitting_degree
+    for name, value in (
+        ("fitting_degree", fitting_degree),
+        ("negative_fitting_degree", negative_fitting_degree),
+    ):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"`{name}` must be in [0, 1], got {value}")
+    return negative_fitting_degree
