@@ -159,6 +159,87 @@ def training_target(
     raise ValueError(f"unknown prediction_type {prediction_type!r} (epsilon or v_prediction)")
 
 
+def drop_texts(texts: list[str], probability: float, generator: torch.Generator) -> list[str]:
+    """Each text replaced by ``""`` with ``probability`` (one draw per text from ``generator``; no draw at 0)."""
+    texts = list(texts)
+    if probability <= 0:
+        return texts
+    dropped = torch.rand(len(texts), generator=generator) < probability
+    return ["" if drop else text for text, drop in zip(texts, dropped.tolist())]
+
+
+def branch_denoising_loss(
+    brushnet: torch.nn.Module,
+    components: Components,
+    batch: dict,
+    generator: torch.Generator,
+    branch_hidden_states: torch.Tensor,
+    unet_hidden_states: torch.Tensor,
+    *,
+    weight_dtype: torch.dtype,
+    prediction_type: str,
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The denoising loss of a branch on the frozen UNet for one micro-batch whose texts are encoded (shared by
+    BrushNet and PowerPaint).
+
+    Encodes the images (clean latents z₀ and the branch's conditioning, :mod:`brushnet.models.conditioning`),
+    draws ``ε`` and ``t``, noises the latents, runs the branch (float32) and the UNet with its residuals
+    (``weight_dtype``), and returns the MSE to the target. ``generator`` gives, in this order, the two VAE
+    posterior samples, the noise and the timesteps.
+
+    Args:
+        brushnet: the branch (possibly wrapped by accelerate).
+        components: the frozen parts, on the branch's device, in ``weight_dtype``.
+        batch: ``{"pixel_values": (B, 3, H, W) in [-1, 1], "mask": (B, 1, H, W) 1 = hole, ...}``.
+        generator: CPU generator (see above).
+        branch_hidden_states, unet_hidden_states: the text the branch and the UNet read (the same tensor for
+            BrushNet; PowerPaint's branch reads its task words).
+        weight_dtype: dtype of the frozen parts.
+        prediction_type: ``"epsilon"`` or ``"v_prediction"``.
+        added_cond_kwargs: SDXL's added conditions, for the branch and the UNet alike.
+
+    Returns:
+        Scalar float32 MSE over the whole latent.
+    """
+    vae, unet, scheduler = components.vae, components.unet, components.noise_scheduler
+    device = next(unet.parameters()).device
+    pixel_values = batch["pixel_values"].to(device=device, dtype=weight_dtype)
+    hole = batch["mask"].to(device=device, dtype=weight_dtype)
+    with torch.no_grad():
+        latents = encode_latents(vae, pixel_values, generator)
+        brushnet_cond = brushnet_conditioning(vae, pixel_values, hole, generator).float()
+
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(device)
+    timesteps = torch.randint(
+        0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
+    )
+    timesteps = timesteps.to(device)
+    latents = latents.float()
+    noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+
+    down, mid, up = brushnet(
+        noisy_latents,
+        timesteps,
+        encoder_hidden_states=branch_hidden_states,
+        brushnet_cond=brushnet_cond,
+        added_cond_kwargs=added_cond_kwargs,
+        return_dict=False,
+    )
+    model_pred = unet_forward_with_brushnet(
+        unet,
+        noisy_latents.to(weight_dtype),
+        timesteps,
+        unet_hidden_states,
+        [d.to(weight_dtype) for d in down],
+        mid.to(weight_dtype),
+        [u.to(weight_dtype) for u in up],
+        added_cond_kwargs=added_cond_kwargs,
+    )
+    target = training_target(scheduler, latents, noise, timesteps, prediction_type)
+    return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+
+
 def brushnet_training_loss(
     brushnet: torch.nn.Module,
     components: Components,
@@ -185,50 +266,23 @@ def brushnet_training_loss(
     Returns:
         Scalar float32 MSE over the whole latent.
     """
-    vae, unet, scheduler = components.vae, components.unet, components.noise_scheduler
-    device = next(unet.parameters()).device
-    pixel_values = batch["pixel_values"].to(device=device, dtype=weight_dtype)
-    hole = batch["mask"].to(device=device, dtype=weight_dtype)
-    batch_size = pixel_values.shape[0]
-
-    captions = list(batch["caption"])
-    if caption_dropout > 0:
-        dropped = torch.rand(batch_size, generator=generator) < caption_dropout
-        captions = ["" if drop else caption for caption, drop in zip(captions, dropped.tolist())]
-
+    device = next(components.unet.parameters()).device
+    captions = drop_texts(batch["caption"], caption_dropout, generator)
     with torch.no_grad():
-        latents = encode_latents(vae, pixel_values, generator)
-        brushnet_cond = brushnet_conditioning(vae, pixel_values, hole, generator).float()
         encoder_hidden_states, added_cond_kwargs = components.family.encode(
             captions, device, weight_dtype, batch
         )
-
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(device)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
-    timesteps = timesteps.to(device)
-    latents = latents.float()
-    noisy_latents = scheduler.add_noise(latents, noise, timesteps)
-
-    down, mid, up = brushnet(
-        noisy_latents,
-        timesteps,
-        encoder_hidden_states=encoder_hidden_states,
-        brushnet_cond=brushnet_cond,
-        added_cond_kwargs=added_cond_kwargs,
-        return_dict=False,
-    )
-    model_pred = unet_forward_with_brushnet(
-        unet,
-        noisy_latents.to(weight_dtype),
-        timesteps,
+    return branch_denoising_loss(
+        brushnet,
+        components,
+        batch,
+        generator,
         encoder_hidden_states,
-        [d.to(weight_dtype) for d in down],
-        mid.to(weight_dtype),
-        [u.to(weight_dtype) for u in up],
+        encoder_hidden_states,
+        weight_dtype=weight_dtype,
+        prediction_type=prediction_type,
         added_cond_kwargs=added_cond_kwargs,
     )
-    target = training_target(scheduler, latents, noise, timesteps, prediction_type)
-    return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
 
 
 @dataclass

@@ -26,15 +26,12 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..models.brushnet import BrushNetModel
-from ..models.conditioning import brushnet_conditioning, encode_latents
 from ..models.task_tokens import add_task_tokens, task_token_ids
-from ..models.unet_injection import unet_forward_with_brushnet
 from ..pipelines.powerpaint_prompts import TASKS, encode_text, task_prompts
-from .loop import Components, training_target
+from .loop import Components, branch_denoising_loss, drop_texts
 
 __all__ = ["PowerPaintModel", "powerpaint_training_loss"]
 
@@ -133,56 +130,28 @@ def powerpaint_training_loss(
     Returns:
         Scalar float32 MSE over the whole latent.
     """
-    vae, unet, scheduler = components.vae, components.unet, components.noise_scheduler
-    device = next(unet.parameters()).device
-    pixel_values = batch["pixel_values"].to(device=device, dtype=weight_dtype)
-    hole = batch["mask"].to(device=device, dtype=weight_dtype)
-    size = pixel_values.shape[0]
+    device = next(components.unet.parameters()).device
     unknown = [task for task in batch["task"] if task not in TASKS]
     if unknown:
         raise ValueError(f"unknown PowerPaint task {unknown[0]!r}; choose one of: {', '.join(TASKS)}")
 
-    captions = list(batch["caption"])
-    if caption_dropout > 0:
-        dropped = torch.rand(size, generator=generator) < caption_dropout
-        captions = ["" if drop else caption for caption, drop in zip(captions, dropped.tolist())]
+    captions = drop_texts(batch["caption"], caption_dropout, generator)
     prompts = [task_prompts(task, caption, "", "v2") for task, caption in zip(batch["task"], captions)]
-    branch_texts = [p.prompt_a for p in prompts]
-    if task_dropout > 0:
-        dropped = torch.rand(size, generator=generator) < task_dropout
-        branch_texts = ["" if drop else text for text, drop in zip(branch_texts, dropped.tolist())]
+    branch_texts = drop_texts([p.prompt_a for p in prompts], task_dropout, generator)
 
     model.restore_base_rows()
     branch_hidden = encode_text(model.text_encoder, model.tokenizer, branch_texts, device)
     with torch.no_grad():
-        latents = encode_latents(vae, pixel_values, generator)
-        brushnet_cond = brushnet_conditioning(vae, pixel_values, hole, generator).float()
         unet_hidden, _ = components.family.encode(
             [p.unet_prompt for p in prompts], device, weight_dtype, batch
         )
-
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(device)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (size,), generator=generator).to(
-        device
-    )
-    latents = latents.float()
-    noisy_latents = scheduler.add_noise(latents, noise, timesteps)
-
-    down, mid, up = model.brushnet(
-        noisy_latents,
-        timesteps,
-        encoder_hidden_states=branch_hidden,
-        brushnet_cond=brushnet_cond,
-        return_dict=False,
-    )
-    model_pred = unet_forward_with_brushnet(
-        unet,
-        noisy_latents.to(weight_dtype),
-        timesteps,
+    return branch_denoising_loss(
+        model.brushnet,
+        components,
+        batch,
+        generator,
+        branch_hidden,
         unet_hidden,
-        [d.to(weight_dtype) for d in down],
-        mid.to(weight_dtype),
-        [u.to(weight_dtype) for u in up],
+        weight_dtype=weight_dtype,
+        prediction_type=prediction_type,
     )
-    target = training_target(scheduler, latents, noise, timesteps, prediction_type)
-    return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
