@@ -18,6 +18,34 @@ def test_every_baseline_is_registered():
     assert set(BASELINES) <= set(available_methods())
 
 
+@pytest.mark.parametrize(
+    ("name", "slot", "given", "needs"),
+    [
+        (
+            "sd-inpainting",
+            "inpaint_model",
+            "base",
+            "4-channel UNet; sd-inpainting needs a 9-channel inpainting",
+        ),
+        ("hd-painter", "inpaint_model", "base", "4-channel UNet; hd-painter needs a 9-channel inpainting"),
+        ("repaint", "base", "inpaint_model", "9-channel UNet; repaint needs a plain 4-channel SD base"),
+        (
+            "blended-latent-diffusion",
+            "base",
+            "inpaint_model",
+            "9-channel UNet; blended-latent-diffusion needs a",
+        ),
+    ],
+)
+def test_a_unet_of_the_wrong_input_width_is_one_line(tiny_models, name, slot, given, needs):
+    from brushnet.errors import CheckpointError
+    from brushnet.methods import load_method
+
+    with pytest.raises(CheckpointError, match=needs) as caught:
+        load_method(name, {slot: str(tiny_models[given])})
+    assert "\n" not in str(caught.value)
+
+
 @pytest.mark.parametrize("name", BASELINES)
 def test_end_to_end_size_calls_and_reproducible(load, scene, name):
     image, mask = scene

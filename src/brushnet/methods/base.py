@@ -336,6 +336,12 @@ class InpaintResult:
         }
 
 
+_UNET_INPUTS = {
+    4: "a plain 4-channel SD base",
+    9: "a 9-channel inpainting model (latent 4 + mask 1 + masked-image latent 4)",
+}
+
+
 class InpaintMethod(ABC):
     """Base class of every method.
 
@@ -388,6 +394,33 @@ class InpaintMethod(ABC):
     @abstractmethod
     def generate(self, task: Task) -> GenerateOutput:
         """Inpaint a prepared region (see :class:`Task`)."""
+
+    @classmethod
+    def load_base(
+        cls, models: ModelPaths, dtype: Any, slot: str = "base", in_channels: int | None = None
+    ) -> dict[str, Any]:
+        """The components of the model in ``slot`` (:func:`brushnet.loading.load_base_components`, with
+        ``base_config`` and the pickle policy of ``models``), for a method's :meth:`load`.
+
+        Args:
+            models: the method's model paths.
+            dtype: the weights' torch dtype.
+            slot: the slot naming the model (``"base"``, ``"inpaint_model"``).
+            in_channels: the UNet input width the method needs (4: a plain base; 9: an inpainting model); another
+                width is a one-line :class:`~brushnet.errors.CheckpointError`.
+        """
+        from ..errors import CheckpointError
+        from ..loading import load_base_components
+
+        path = models.get(slot)
+        components = load_base_components(
+            path, dtype=dtype, allow_pickle=models.allow_pickle, config=models.base_config
+        )
+        channels = components["unet"].config.in_channels
+        if in_channels is not None and channels != in_channels:
+            needs = _UNET_INPUTS.get(in_channels, f"a {in_channels}-channel UNet")
+            raise CheckpointError(f"{path} has a {channels}-channel UNet; {cls.name} needs {needs}")
+        return components
 
     def compile(self, mode: str | None = None, backend: str = "inductor") -> list[str]:
         """Turn on ``torch.compile`` for the method's denoising network (what ``--compile`` does everywhere).

@@ -71,19 +71,11 @@ class LatentMethod(InpaintMethod):
     def load(cls, models: ModelPaths, device: str = "cpu", dtype: Any = "fp32") -> LatentMethod:
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-        from ..errors import CheckpointError
-        from ..loading import detect_family, load_base_components, resolve_dtype
+        from ..loading import detect_family, resolve_dtype
 
         models.require(cls)
         torch_dtype = resolve_dtype(dtype)
-        components = load_base_components(
-            models.base, dtype=torch_dtype, allow_pickle=models.allow_pickle, config=models.base_config
-        )
-        channels = components["unet"].config.in_channels
-        if channels != 4:
-            raise CheckpointError(
-                f"method {cls.name!r} needs a plain 4-channel SD base, got a {channels}-channel UNet in {models.base}"
-            )
+        components = cls.load_base(models, torch_dtype, in_channels=4)
         if detect_family(components["unet"].config) == "sdxl":
             pipeline = StableDiffusionXLPipeline(**components)
         else:

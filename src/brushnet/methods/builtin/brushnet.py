@@ -59,12 +59,10 @@ class BrushNetMethod(PipelineMethod):
 
     @classmethod
     def build_pipeline(cls, models, dtype):
-        from ...loading import detect_family, load_base_components, load_brushnet
+        from ...loading import detect_family, load_brushnet
         from ...pipelines import StableDiffusionBrushNetPipeline, StableDiffusionXLBrushNetPipeline
 
-        components = load_base_components(
-            models.base, dtype=dtype, allow_pickle=models.allow_pickle, config=models.base_config
-        )
+        components = cls.load_base(models, dtype)
         unet_config = components["unet"].config
         # a branch of the other family is refused before its weights are read, naming both families
         brushnet = load_brushnet(

@@ -63,11 +63,9 @@ class ControlNetInpaint(PipelineMethod):
         )
 
         from ...errors import CheckpointError
-        from ...loading import FAMILY_NAMES, detect_family, load_base_components, load_model
+        from ...loading import FAMILY_NAMES, detect_family, load_model
 
-        components = load_base_components(
-            models.base, dtype=dtype, allow_pickle=models.allow_pickle, config=models.base_config
-        )
+        components = cls.load_base(models, dtype)
         controlnet = load_model(
             ControlNetModel, models.controlnet, "ControlNet", dtype=dtype, allow_pickle=models.allow_pickle
         )

@@ -79,18 +79,9 @@ class HDPainter(PipelineMethod):
     @classmethod
     def build_pipeline(cls, models, dtype):
         from ...errors import CheckpointError
-        from ...loading import load_base_components
         from ...pipelines.pipeline_hd_painter import StableDiffusionHDPainterPipeline
 
-        components = load_base_components(
-            models.inpaint_model, dtype=dtype, allow_pickle=models.allow_pickle, config=models.base_config
-        )
-        channels = components["unet"].config.in_channels
-        if channels != 9:
-            raise CheckpointError(
-                f"{models.inpaint_model} has a {channels}-channel UNet; hd-painter needs a 9-channel inpainting "
-                "model (latent 4 + mask 1 + masked-image latent 4)"
-            )
+        components = cls.load_base(models, dtype, "inpaint_model", in_channels=9)
         prediction = components["scheduler"].config.prediction_type
         if prediction not in ("epsilon", "v_prediction"):
             raise CheckpointError(f"hd-painter supports epsilon and v_prediction models, not {prediction!r}")

@@ -37,18 +37,9 @@ class SDInpainting(PipelineMethod):
     def build_pipeline(cls, models, dtype):
         from diffusers import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
 
-        from ...errors import CheckpointError
-        from ...loading import detect_family, load_base_components
+        from ...loading import detect_family
 
-        components = load_base_components(
-            models.inpaint_model, dtype=dtype, allow_pickle=models.allow_pickle, config=models.base_config
-        )
-        channels = components["unet"].config.in_channels
-        if channels != 9:
-            raise CheckpointError(
-                f"{models.inpaint_model} has a {channels}-channel UNet; sd-inpainting needs a 9-channel "
-                "inpainting model (latent 4 + mask 1 + masked-image latent 4)"
-            )
+        components = cls.load_base(models, dtype, "inpaint_model", in_channels=9)
         if detect_family(components["unet"].config) == "sdxl":
             return StableDiffusionXLInpaintPipeline(**components, requires_aesthetics_score=False)
         return StableDiffusionInpaintPipeline(
