@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError, first_line
+from .model_files import PICKLE_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +40,6 @@ __all__ = [
     "describe_folder",
     "safetensors_policy",
 ]
-
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 
 FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
 """Display names of the base model families."""

@@ -1,10 +1,11 @@
-"""Schedulers by name, so the CLI, API and benchmarks can pick one with a word."""
+"""Schedulers by name, so the CLI, API and benchmarks can pick one with a word; and the DDIM prediction
+conversion the methods with their own loops share (:func:`original_and_noise`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["SCHEDULERS", "make_scheduler"]
+__all__ = ["SCHEDULERS", "make_scheduler", "original_and_noise"]
 
 # name -> (diffusers class name, config overrides)
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -37,3 +38,20 @@ def make_scheduler(name: str, config: dict | Any):
     class_name, overrides = SCHEDULERS[key]
     cls = getattr(diffusers, class_name)
     return cls.from_config(config, **overrides)
+
+
+def original_and_noise(model_output, sample, alpha_bar: float, prediction_type: str):
+    """``(x̂₀, ε̂)`` from a model's output at ``sample`` ``x_t`` with cumulative ``ᾱ_t`` (DDIM, Song et al. 2021,
+    eq. 12; v-prediction, Salimans & Ho 2022): ``epsilon``: ``x̂₀ = (x_t − √(1−ᾱ)·ε)/√ᾱ``, ``ε̂ = ε``;
+    ``v_prediction``: ``x̂₀ = √ᾱ·x_t − √(1−ᾱ)·v``, ``ε̂ = √ᾱ·v + √(1−ᾱ)·x_t``.
+
+    Args:
+        model_output: the (guided) prediction, ``ε`` or ``v``.
+        sample: ``x_t``, same shape.
+        alpha_bar: ``ᾱ_t`` as a float.
+        prediction_type: ``"epsilon"`` or ``"v_prediction"`` (the caller checks it).
+    """
+    if prediction_type == "epsilon":
+        return (sample - (1 - alpha_bar) ** 0.5 * model_output) / alpha_bar**0.5, model_output
+    original = alpha_bar**0.5 * sample - (1 - alpha_bar) ** 0.5 * model_output
+    return original, alpha_bar**0.5 * model_output + (1 - alpha_bar) ** 0.5 * sample

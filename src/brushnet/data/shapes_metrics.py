@@ -61,6 +61,25 @@ def _as_mask(region_mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return mask
 
 
+def _nearest_ring_colour_sq(
+    rgb: np.ndarray, mask: np.ndarray, pixels: np.ndarray, ring_width: int
+) -> np.ndarray | None:
+    """Squared RGB distance from each of ``pixels`` to the nearest background colour: the distinct colours of the
+    ring of kept pixels ``ring_width`` wide around ``mask`` (quantised to 4 levels per step); ``None`` without a
+    ring."""
+    ring = dilate_mask(mask, ring_width) & ~mask
+    if not ring.any():
+        return None
+    ring_colours = np.unique(np.rint(rgb[ring] / 4.0), axis=0) * 4.0
+    ring_sq = (ring_colours**2).sum(axis=1)
+    nearest_sq = np.empty(len(pixels))
+    for start in range(0, len(pixels), 2048):  # chunks keep the distance matrix small
+        chunk = pixels[start : start + 2048]
+        dist_sq = (chunk**2).sum(axis=1)[:, None] + ring_sq[None, :] - 2.0 * chunk @ ring_colours.T
+        nearest_sq[start : start + 2048] = dist_sq.min(axis=1)
+    return nearest_sq
+
+
 def _colour_pixels(
     rgb: np.ndarray,
     mask: np.ndarray,
@@ -74,16 +93,8 @@ def _colour_pixels(
         return labels
     pixels = rgb[mask]
     keep = np.ones(len(pixels), dtype=bool)
-    ring = dilate_mask(mask, ring_width) & ~mask
-    if ring.any():
-        # Background estimate: the distinct colours of the kept ring (quantised to 4 levels per step).
-        ring_colours = np.unique(np.rint(rgb[ring] / 4.0), axis=0) * 4.0
-        ring_sq = (ring_colours**2).sum(axis=1)
-        nearest_bg_sq = np.empty(len(pixels))
-        for start in range(0, len(pixels), 2048):  # chunks keep the distance matrix small
-            chunk = pixels[start : start + 2048]
-            dist_sq = (chunk**2).sum(axis=1)[:, None] + ring_sq[None, :] - 2.0 * chunk @ ring_colours.T
-            nearest_bg_sq[start : start + 2048] = dist_sq.min(axis=1)
+    nearest_bg_sq = _nearest_ring_colour_sq(rgb, mask, pixels, ring_width)
+    if nearest_bg_sq is not None:
         keep &= nearest_bg_sq > background_tolerance**2
     palette_dist = np.linalg.norm(pixels[:, None, :] - _PALETTE_RGB[None, :, :], axis=-1)
     nearest = palette_dist.argmin(axis=1)
@@ -160,16 +171,9 @@ def object_fraction(
     pixels = rgb[mask]
     palette = np.linalg.norm(pixels[:, None, :] - _PALETTE_RGB[None, :, :], axis=-1).min(axis=1)
     shows = palette <= max_palette_distance
-    ring = dilate_mask(mask, ring_width) & ~mask
-    if ring.any():
-        ring_colours = np.unique(np.rint(rgb[ring] / 4.0), axis=0) * 4.0
-        ring_sq = (ring_colours**2).sum(axis=1)
-        nearest_ring = np.empty(len(pixels))
-        for start in range(0, len(pixels), 2048):  # chunks keep the distance matrix small
-            chunk = pixels[start : start + 2048]
-            dist_sq = (chunk**2).sum(axis=1)[:, None] + ring_sq[None, :] - 2.0 * chunk @ ring_colours.T
-            nearest_ring[start : start + 2048] = np.sqrt(np.maximum(dist_sq.min(axis=1), 0.0))
-        shows &= palette < nearest_ring
+    nearest_ring_sq = _nearest_ring_colour_sq(rgb, mask, pixels, ring_width)
+    if nearest_ring_sq is not None:
+        shows &= palette < np.sqrt(np.maximum(nearest_ring_sq, 0.0))
     return float(shows.sum() / mask.sum())
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .checkpoint import load_into, load_state_dict_file
-from .preprocess import clip_preprocess
+from .preprocess import captioned_clip_input
 
 __all__ = ["OpenCLIPConfig", "VIT_H_14", "OpenCLIP", "hps_score", "load_hps", "tokenize_open_clip"]
 
@@ -167,11 +167,8 @@ def hps_score(model: OpenCLIP, tokenizer, images: torch.Tensor, captions: Sequen
     Returns:
         `N` cosines in [-1, 1] (multiply by 100 for the BrushBench table unit).
     """
-    if len(captions) != images.shape[0]:
-        raise ValueError(f"{images.shape[0]} images but {len(captions)} captions")
-    parameter = next(model.parameters())
-    pixel_values = clip_preprocess(images.float(), size=model.config.image_size).to(parameter)
-    input_ids = tokenize_open_clip(tokenizer, captions, model.config.context_length).to(parameter.device)
+    pixel_values = captioned_clip_input(model, images, captions)
+    input_ids = tokenize_open_clip(tokenizer, captions, model.config.context_length).to(pixel_values.device)
     image_features = model.encode_image(pixel_values).float()
     text_features = model.encode_text(input_ids).float()
     image_features = image_features / image_features.norm(dim=-1, keepdim=True)

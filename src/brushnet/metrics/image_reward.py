@@ -34,7 +34,7 @@ from torch import nn
 
 from .aesthetic import PreferenceMLP
 from .checkpoint import load_into, load_state_dict_file
-from .preprocess import clip_preprocess
+from .preprocess import captioned_clip_input
 
 __all__ = ["ImageRewardConfig", "IMAGE_REWARD_V1", "ImageReward", "image_reward_score", "load_image_reward"]
 
@@ -300,10 +300,7 @@ def image_reward_score(
     Returns:
         `N` normalised rewards (≈ zero mean, unit variance over the ImageReward data; ×10 in tables).
     """
-    if len(captions) != images.shape[0]:
-        raise ValueError(f"{images.shape[0]} images but {len(captions)} captions")
-    parameter = next(model.parameters())
-    pixel_values = clip_preprocess(images.float(), size=model.config.image_size).to(parameter)
+    pixel_values = captioned_clip_input(model, images, captions)
     tokens = tokenizer(
         list(captions),
         padding="max_length",
@@ -312,7 +309,9 @@ def image_reward_score(
         return_tensors="pt",
     )
     return model(
-        pixel_values, tokens["input_ids"].to(parameter.device), tokens["attention_mask"].to(parameter.device)
+        pixel_values,
+        tokens["input_ids"].to(pixel_values.device),
+        tokens["attention_mask"].to(pixel_values.device),
     ).float()
 
 

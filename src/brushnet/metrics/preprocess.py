@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "clip_preprocess"]
+__all__ = ["OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "clip_preprocess", "captioned_clip_input"]
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -51,3 +51,19 @@ def clip_preprocess(
     mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
     return (images - mean_t) / std_t
+
+
+def captioned_clip_input(model: torch.nn.Module, images: torch.Tensor, captions) -> torch.Tensor:
+    """The image input of a CLIP-style scorer with a caption per image (HPS, ImageReward): checks there is one
+    caption per image, then :func:`clip_preprocess` at the model's ``config.image_size``, in the model's dtype on
+    its device.
+
+    Args:
+        model: the scorer (its ``config.image_size`` and first parameter are read).
+        images: `N×3×H×W` in [0, 1].
+        captions: N strings.
+    """
+    if len(captions) != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {len(captions)} captions")
+    parameter = next(model.parameters())
+    return clip_preprocess(images.float(), size=model.config.image_size).to(parameter)

@@ -47,6 +47,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from ..errors import InputError
 from ..models.conditioning import encode_latents
+from ..schedulers import original_and_noise
 from .hd_painter_attention import HDPainterAttentionState, hd_painter_attention
 
 __all__ = ["StableDiffusionHDPainterPipeline", "hd_painter_timesteps", "hd_painter_token_indices"]
@@ -359,14 +360,9 @@ class StableDiffusionHDPainterPipeline(DiffusionPipeline, StableDiffusionMixin):
                     uncond, cond = noise_pred.chunk(2)
                     noise_pred = uncond + guidance_scale * (cond - uncond)
 
-                a_t = float(alphas_cumprod[t])
-                z_t = sample.detach()
-                if prediction_type == "epsilon":
-                    eps = noise_pred
-                    pred_original_sample = (z_t - (1 - a_t) ** 0.5 * eps) / a_t**0.5
-                else:
-                    pred_original_sample = a_t**0.5 * z_t - (1 - a_t) ** 0.5 * noise_pred
-                    eps = a_t**0.5 * noise_pred + (1 - a_t) ** 0.5 * z_t
+                pred_original_sample, eps = original_and_noise(
+                    noise_pred, sample.detach(), float(alphas_cumprod[t]), prediction_type
+                )
 
                 rasg_gradient = None
                 if last:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict, Field
 
 from ...errors import InputError
+from ...schedulers import original_and_noise
 from ..base import GenerateOutput, Task
 from ..counting import count_calls
 from ..latent_method import LatentMethod, latent_hole
@@ -120,12 +121,7 @@ class RePaint(LatentMethod):
                 else:
                     t = torch.tensor(timesteps[request.steps - move.start], device=self.device)
                     out = self.predict(x, t, text, request.guidance_scale)
-                    if prediction_type == "epsilon":
-                        eps = out
-                        x0 = (x - (1 - a_start) ** 0.5 * eps) / a_start**0.5
-                    else:
-                        x0 = a_start**0.5 * x - (1 - a_start) ** 0.5 * out
-                        eps = a_start**0.5 * out + (1 - a_start) ** 0.5 * x
+                    x0, eps = original_and_noise(out, x, a_start, prediction_type)
                     sigma = options.eta * ((1 - a_end) / (1 - a_start) * (1 - a_start / a_end)) ** 0.5
                     x_unknown = a_end**0.5 * x0 + max(0.0, 1 - a_end - sigma**2) ** 0.5 * eps
                     if sigma > 0:
