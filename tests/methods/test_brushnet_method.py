@@ -73,7 +73,14 @@ def test_calls_counted_and_models_recorded(load, scene, tiny_models):
         "controlnet_conditioning_scale": 1.0,
         "controlnet_guidance_start": 0.0,
         "controlnet_guidance_end": 1.0,
+        "pag_scale": 0.0,
+        "pag_adaptive_scale": 0.0,
+        "pag_layers": "mid",
     }
+    # perturbed-attention guidance adds a third UNet evaluation per step; the branch's count does not change
+    pag = inpaint(method, *scene, dict(FAST, options={"pag_scale": 2.0}))
+    assert pag.unet_calls == FAST["steps"] * 3
+    assert pag.extra_calls == {"brushnet": FAST["steps"] * branch_per_step}
 
 
 def test_progress_counts_scheduler_timesteps_not_steps(load, scene):

@@ -17,12 +17,14 @@ lives in :mod:`brushnet.models.conditioning`, the blending in :func:`brushnet.im
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
 import PIL.Image
 import torch
 import torch.nn.functional as F
+from diffusers.pipelines.pag.pag_utils import PAGMixin
 
 from ..image import blend, mask_batch, mask_to_array
 from .denoising_step import StepPlan, guided_noise
@@ -45,8 +47,12 @@ def controlnet_keep_schedule(
     return brushnet_keep_schedule(num_steps, start, end)
 
 
-class BrushNetPipelineMixin:
+class BrushNetPipelineMixin(PAGMixin):
     """Parts of a BrushNet pipeline that do not depend on the base model family.
+
+    Perturbed-attention guidance comes from diffusers' ``PAGMixin``: ``pag_scale`` (and ``pag_adaptive_scale``) in
+    the call, the layers by ``set_pag_applied_layers`` (default ``"mid"``, as diffusers' SD PAG pipelines); the PAG
+    processors are set on the UNet for the call only (:meth:`_perturbed_attention`).
 
     The pipeline provides ``self.unet``, ``self.brushnet``, ``self.image_processor``, ``self.vae_scale_factor``
     and ``self._callback_tensor_inputs``, and sets ``self._guidance_scale`` etc. at the start of ``__call__``.
@@ -517,6 +523,38 @@ class BrushNetPipelineMixin:
         """
         return {"prompt_embeds": tensors["prompt_embeds"]}
 
+    @contextlib.contextmanager
+    def _perturbed_attention(self, pag_scale: float, pag_adaptive_scale: float):
+        """Perturbed-attention guidance for the call: with ``pag_scale > 0`` the UNet's self-attention layers of
+        ``pag_applied_layers`` get diffusers' PAG processors, and every processor is put back afterwards (also when
+        the call fails), so the UNet is unchanged by the call."""
+        if pag_scale < 0 or pag_adaptive_scale < 0:
+            raise ValueError(
+                f"pag_scale and pag_adaptive_scale must be >= 0, got {pag_scale} and {pag_adaptive_scale}"
+            )
+        self._pag_scale, self._pag_adaptive_scale = float(pag_scale), float(pag_adaptive_scale)
+        if pag_scale == 0:
+            yield
+            return
+        if getattr(self, "_pag_attn_processors", None) is None:
+            self.set_pag_applied_layers("mid")
+        original = self.unet.attn_processors
+        try:
+            self._set_pag_attn_processor(self.pag_applied_layers, self.do_classifier_free_guidance)
+            yield
+        finally:
+            self.unet.set_attn_processor(original)
+            self._pag_scale = 0.0
+
+    def _pag_step_scales(self, timesteps: torch.Tensor) -> list[float]:
+        """The PAG weight per step: ``pag_scale``, or with ``pag_adaptive_scale`` ``max(pag_scale − a (1000 − t),
+        0)`` (diffusers' ``_get_pag_scale``), read once per call (no host sync per step)."""
+        scale = getattr(self, "_pag_scale", 0.0)
+        adaptive = getattr(self, "_pag_adaptive_scale", 0.0)
+        if adaptive <= 0:
+            return [scale] * len(timesteps)
+        return [max(scale - adaptive * (1000 - float(t)), 0.0) for t in timesteps.tolist()]
+
     def _step_plan(self, guess_mode: bool) -> StepPlan:
         """The settings one prediction depends on besides its tensors (:class:`StepPlan`), read once per call and
         again only if a callback switches guidance: no ``ModelMixin.dtype`` walk per step."""
@@ -529,9 +567,16 @@ class BrushNetPipelineMixin:
             branch_dtype=self.brushnet.dtype,
             unet_dtype=self.unet.dtype,
             controlnet_dtype=controlnet.dtype if controlnet is not None else None,
+            pag=getattr(self, "_pag_scale", 0.0) > 0,
         )
 
-    def _denoise(
+    def _denoise(self, *args, pag_scale: float = 0.0, pag_adaptive_scale: float = 0.0, **kwargs):
+        """:meth:`_denoise_steps` with perturbed-attention guidance set up for it (:meth:`_perturbed_attention`:
+        the PAG processors on the UNet while it runs, the UNet's own put back afterwards)."""
+        with self._perturbed_attention(pag_scale, pag_adaptive_scale):
+            return self._denoise_steps(*args, **kwargs)
+
+    def _denoise_steps(
         self,
         latents: torch.Tensor,
         timesteps: torch.Tensor,
@@ -578,8 +623,11 @@ class BrushNetPipelineMixin:
             controlnet_scales = [None] * len(timesteps)
         inputs = self._step_inputs(tensors)
         plans: dict[bool, StepPlan] = {}
+        active: StepPlan | None = None
+        pag_scales = self._pag_step_scales(timesteps)
         if compiled is not None:  # per-step numbers as device tensors, made once (no host copy per step)
             step_scales = torch.tensor(conditioning_scales, dtype=torch.float32, device=latents.device)
+            step_pag_scales = torch.tensor(pag_scales, dtype=torch.float32, device=latents.device)
             guidance = {}
 
         num_warmup_steps = max(len(timesteps) - num_inference_steps * self.scheduler.order, 0)
@@ -591,6 +639,9 @@ class BrushNetPipelineMixin:
                 plan = plans.get(cfg)
                 if plan is None:
                     plan = plans[cfg] = self._step_plan(guess_mode)
+                if plan.pag and plan is not active:  # the PAG processors follow the batch layout (CFG on/off)
+                    self._set_pag_attn_processor(self.pag_applied_layers, cfg)
+                active = plan
                 scaled = self.scheduler.scale_model_input(latents, t)
                 common = dict(
                     timestep_cond=timestep_cond,
@@ -607,6 +658,7 @@ class BrushNetPipelineMixin:
                         conditioning_scale=conditioning_scales[i],
                         guidance_scale=self.guidance_scale,
                         guidance_rescale=getattr(self, "_guidance_rescale", 0.0),
+                        pag_scale=pag_scales[i],
                         **common,
                     )  # fmt: skip
                 else:
@@ -619,6 +671,7 @@ class BrushNetPipelineMixin:
                         conditioning_scale=step_scales[i],
                         guidance_scale=guidance[key][0],
                         guidance_rescale=guidance[key][1],
+                        pag_scale=step_pag_scales[i],
                         **common,
                     )  # fmt: skip
                 latents = self.scheduler.step(

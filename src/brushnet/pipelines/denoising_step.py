@@ -2,6 +2,9 @@
 
 :func:`guided_noise` = the branch, an optional ControlNet, the stock UNet with the branch's residuals added in-line
 (:func:`~brushnet.models.unet_injection.run_unet_with_brushnet`), then classifier-free guidance (and its rescale).
+With perturbed-attention guidance (PAG, Ahn et al. 2024) on, the UNet's batch gets a third copy of the conditional
+input, whose self-attention the pipeline's PAG processors replace by the identity, and the prediction is
+``ε_u + w (ε_c − ε_u) + s (ε_c − ε_perturbed)``, as diffusers' PAG pipelines compute it.
 It reads nothing from the pipeline: the models come as arguments and what stays fixed during a call (guidance on
 or off, where the branch runs, the models' dtypes) as a frozen :class:`StepPlan`. So the same function runs eagerly
 (the default path, bit-for-bit the pipelines' previous arithmetic) and under ``torch.compile`` (``pipe.compile()``,
@@ -35,6 +38,9 @@ class StepPlan:
         guess_mode: ControlNet-style guess mode (the unconditional half gets no residuals).
         rescale: apply ``guidance_rescale`` (Lin et al. 2023, §3.4).
         branch_dtype, unet_dtype, controlnet_dtype: the models' parameter dtypes.
+        pag: perturbed-attention guidance on: the UNet's batch ends with a copy of the conditional input for the
+            perturbed pass (``[unconditional, conditional, perturbed]``, or ``[conditional, perturbed]`` without
+            classifier-free guidance). The branch does not run on that copy: its residuals are the conditional's.
     """
 
     guidance: bool
@@ -44,6 +50,12 @@ class StepPlan:
     branch_dtype: torch.dtype
     unet_dtype: torch.dtype
     controlnet_dtype: torch.dtype | None = None
+    pag: bool = False
+
+    @property
+    def copies(self) -> int:
+        """How many copies of the latents the UNet's batch holds: 1, 2 (CFG or PAG) or 3 (both)."""
+        return 1 + int(self.guidance) + int(self.pag)
 
 
 def guided_noise(
@@ -66,18 +78,39 @@ def guided_noise(
     control_images: list[torch.Tensor] | None = None,
     controlnet_scale: float | list[float] | None = None,
     cross_attention_kwargs: dict | None = None,
+    pag_scale: float | torch.Tensor = 0.0,
 ) -> torch.Tensor:
     """The guided noise prediction for ``latents`` (the scheduler-scaled latents, not doubled).
 
     Args:
         latents: ``(B, 4, h, w)``, already through ``scheduler.scale_model_input``; doubled here under guidance.
         guidance_scale, guidance_rescale: CFG weight and rescale factor (floats eagerly, 0-d tensors compiled).
-        the rest: as :func:`predict_noise`.
+        pag_scale: the perturbed-attention guidance weight at this step (``plan.pag``; the UNet's PAG processors
+            are the pipeline's to set).
+        the rest: as :func:`predict_noise` (batched ``[unconditional, conditional]`` under guidance; the perturbed
+            copy is appended here).
 
     Returns:
-        ``(B, 4, h, w)``: ``ε_u + w (ε_c − ε_u)`` under guidance (rescaled if ``plan.rescale``), else ``ε``.
+        ``(B, 4, h, w)``: ``ε_u + w (ε_c − ε_u)`` under guidance (rescaled if ``plan.rescale``), else ``ε``; with
+        PAG, ``+ s (ε_c − ε_perturbed)``.
     """
-    latent_model_input = torch.cat([latents] * 2) if plan.guidance else latents
+    copies = plan.copies
+    latent_model_input = torch.cat([latents] * copies) if copies > 1 else latents
+    if plan.pag:
+
+        def with_perturbed(x: torch.Tensor | None) -> torch.Tensor | None:
+            if x is None:
+                return None
+            if not plan.guidance and x.shape[0] == 2 * latents.shape[0]:  # guidance switched off mid-loop
+                x = x.chunk(2)[1]
+            return torch.cat([x, x.chunk(2)[1] if plan.guidance else x])
+
+        prompt_embeds = with_perturbed(prompt_embeds)
+        brushnet_prompt_embeds = with_perturbed(brushnet_prompt_embeds)
+        if added_cond_kwargs:
+            added_cond_kwargs = {k: with_perturbed(v) for k, v in added_cond_kwargs.items()}
+        if image_embeds is not None:
+            image_embeds = [with_perturbed(e) for e in image_embeds]
     noise_pred = predict_noise(
         brushnet,
         unet,
@@ -96,10 +129,22 @@ def guided_noise(
         controlnet_scale=controlnet_scale,
         cross_attention_kwargs=cross_attention_kwargs,
     )
-    if not plan.guidance:
+    if plan.pag:
+        chunks = noise_pred.chunk(copies)
+        noise_text, noise_perturbed = chunks[-2], chunks[-1]
+        if not plan.guidance:
+            return noise_text + pag_scale * (noise_text - noise_perturbed)
+        noise_uncond = chunks[0]
+        noise_pred = (
+            noise_uncond
+            + guidance_scale * (noise_text - noise_uncond)
+            + pag_scale * (noise_text - noise_perturbed)
+        )
+    elif not plan.guidance:
         return noise_pred
-    noise_uncond, noise_text = noise_pred.chunk(2)
-    noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
+    else:
+        noise_uncond, noise_text = noise_pred.chunk(2)
+        noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
     if plan.rescale:
         from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import rescale_noise_cfg
 
@@ -159,7 +204,9 @@ def predict_noise(
     Returns:
         The UNet's prediction for ``latent_model_input`` (guidance not yet applied).
     """
-    cfg, guess_mode = plan.guidance, plan.guess_mode
+    cfg, guess_mode, copies = plan.guidance, plan.guess_mode, plan.copies
+    # the branch runs on the distinct inputs only: [unconditional, conditional] when it reads text under guidance
+    # (not in guess mode), else the conditional copy; its residuals are then laid out like the UNet's batch
     on_doubled_batch = cfg and plan.branch_on_doubled_batch and not guess_mode
     if not cfg and prompt_embeds.shape[0] == 2 * latent_model_input.shape[0]:
         # guidance was switched off mid-loop (CFG-cutoff callbacks): keep the conditional halves
@@ -169,10 +216,21 @@ def predict_noise(
         branch_text = branch_text.chunk(2)[1]
     if image_embeds is not None and not cfg and image_embeds[0].shape[0] == 2 * latent_model_input.shape[0]:
         image_embeds = [e.chunk(2)[1] for e in image_embeds]
-    if cfg and not on_doubled_batch:  # the conditional half only
-        branch_input = latent_model_input.chunk(2)[1]
-        branch_text = branch_text.chunk(2)[1]
-        branch_added = {k: v.chunk(2)[1] for k, v in added_cond_kwargs.items()} if added_cond_kwargs else None
+    conditional = 1 if cfg else 0  # the conditional copy's index in the UNet's batch
+    if on_doubled_batch and copies == 2:
+        branch_input, branch_added = latent_model_input, added_cond_kwargs
+    elif on_doubled_batch:  # [unconditional, conditional] of [unconditional, conditional, perturbed]
+        pair = 2 * brushnet_cond.shape[0]
+        branch_input, branch_text = latent_model_input[:pair], branch_text[:pair]
+        branch_added = {k: v[:pair] for k, v in added_cond_kwargs.items()} if added_cond_kwargs else None
+    elif copies > 1:  # the conditional copy only
+        branch_input = latent_model_input.chunk(copies)[conditional]
+        branch_text = branch_text.chunk(copies)[conditional]
+        branch_added = (
+            {k: v.chunk(copies)[conditional] for k, v in added_cond_kwargs.items()}
+            if added_cond_kwargs
+            else None
+        )
     else:
         branch_input, branch_added = latent_model_input, added_cond_kwargs
     branch_cond = torch.cat([brushnet_cond] * 2) if on_doubled_batch else brushnet_cond
@@ -188,11 +246,19 @@ def predict_noise(
         added_cond_kwargs={k: v.to(dtype) for k, v in branch_added.items()} if branch_added else None,
         return_dict=False,
     )
-    if cfg and not on_doubled_batch:
-        # both halves get the same residuals; in guess mode the unconditional half gets none
+    if on_doubled_batch and copies == 3:  # the perturbed copy gets the conditional residuals
 
         def expand(r):
-            return torch.cat([torch.zeros_like(r) if guess_mode else r, r])
+            return torch.cat([r, r.chunk(2)[1]])
+
+        down, mid, up = [expand(r) for r in down], expand(mid), [expand(r) for r in up]
+    elif not on_doubled_batch and copies > 1:
+        # every copy gets the same residuals; in guess mode the unconditional copy gets none
+
+        def expand(r):
+            return torch.cat(
+                [torch.zeros_like(r) if cfg and guess_mode and k == 0 else r for k in range(copies)]
+            )
 
         down, mid, up = [expand(r) for r in down], expand(mid), [expand(r) for r in up]
 
@@ -247,9 +313,12 @@ def controlnet_residuals(
     """
     conditional_only = plan.guidance and plan.guess_mode
     net_input, net_text, net_added = latent_model_input, prompt_embeds, added_cond_kwargs
-    if conditional_only:
-        net_input, net_text = latent_model_input.chunk(2)[1], prompt_embeds.chunk(2)[1]
-        net_added = {k: v.chunk(2)[1] for k, v in added_cond_kwargs.items()} if added_cond_kwargs else None
+    copies = plan.copies
+    if conditional_only:  # the copies after the unconditional one
+        net_input, net_text = latent_model_input.chunk(copies)[1], prompt_embeds.chunk(copies)[1]
+        net_added = (
+            {k: v.chunk(copies)[1] for k, v in added_cond_kwargs.items()} if added_cond_kwargs else None
+        )
     batch = net_input.shape[0]
     dtype = plan.controlnet_dtype
     images = [
@@ -274,8 +343,8 @@ def controlnet_residuals(
             **controlnet_kwargs,
         )
     if conditional_only:
-        down = [torch.cat([torch.zeros_like(r), r]) for r in down]
-        mid = torch.cat([torch.zeros_like(mid), mid])
+        down = [torch.cat([torch.zeros_like(r)] + [r] * (copies - 1)) for r in down]
+        mid = torch.cat([torch.zeros_like(mid)] + [mid] * (copies - 1))
     return list(down), mid
 
 

@@ -321,6 +321,8 @@ class StableDiffusionBrushNetPipeline(
         controlnet_conditioning_scale: float | list[float] = 1.0,
         controlnet_guidance_start: float | list[float] = 0.0,
         controlnet_guidance_end: float | list[float] = 1.0,
+        pag_scale: float = 0.0,
+        pag_adaptive_scale: float = 0.0,
     ):
         r"""Inpaint ``image`` where ``mask_image`` is white.
 
@@ -357,6 +359,10 @@ class StableDiffusionBrushNetPipeline(
             controlnet_conditioning_scale, controlnet_guidance_start, controlnet_guidance_end: the ControlNet's
                 residual scale and the fractions of the steps it acts in (lists with several nets).
                 ``guess_mode`` applies to it as to the branch.
+            pag_scale, pag_adaptive_scale: perturbed-attention guidance (Ahn et al. 2024), as diffusers' PAG
+                pipelines: its weight (0 = off) and the decrease of the weight per timestep towards t = 0; the
+                layers are ``set_pag_applied_layers(...)`` (default ``"mid"``). The branch is unaffected; its
+                residuals reach the perturbed pass as they reach the conditional one.
 
         Returns:
             ``StableDiffusionPipelineOutput(images, nsfw_content_detected)`` or a tuple.
@@ -429,6 +435,8 @@ class StableDiffusionBrushNetPipeline(
                 controlnet_guidance_start,
                 controlnet_guidance_end,
             ),
+            pag_scale=pag_scale,
+            pag_adaptive_scale=pag_adaptive_scale,
         )
 
         # 7. decode, safety check, blend, post-process

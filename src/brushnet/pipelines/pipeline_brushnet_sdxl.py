@@ -294,6 +294,8 @@ class StableDiffusionXLBrushNetPipeline(
         controlnet_conditioning_scale: float | list[float] = 1.0,
         controlnet_guidance_start: float | list[float] = 0.0,
         controlnet_guidance_end: float | list[float] = 1.0,
+        pag_scale: float = 0.0,
+        pag_adaptive_scale: float = 0.0,
     ):
         r"""Inpaint ``image`` where ``mask_image`` is white.
 
@@ -337,8 +339,8 @@ class StableDiffusionXLBrushNetPipeline(
             blending_kernel_size: Gaussian kernel of the feathering (reference: 21).
             mask: the original pipeline's keyword for ``mask_image`` (alias; passing both is an error).
             strength, padding_mask_crop, ip_adapter_image, ip_adapter_image_embeds, control_image,
-                controlnet_conditioning_scale, controlnet_guidance_start, controlnet_guidance_end: as
-                :class:`~brushnet.pipelines.StableDiffusionBrushNetPipeline`.
+                controlnet_conditioning_scale, controlnet_guidance_start, controlnet_guidance_end, pag_scale,
+                pag_adaptive_scale: as :class:`~brushnet.pipelines.StableDiffusionBrushNetPipeline`.
 
         Returns:
             ``StableDiffusionXLPipelineOutput(images)`` or a one-element tuple.
@@ -471,6 +473,8 @@ class StableDiffusionXLBrushNetPipeline(
             image_embeds=image_embeds,
             control_images=control_images,
             controlnet_scales=controlnet_scales,
+            pag_scale=pag_scale,
+            pag_adaptive_scale=pag_adaptive_scale,
         )
 
         # 8. decode (in float32 if the fp16 VAE overflows), blend, post-process

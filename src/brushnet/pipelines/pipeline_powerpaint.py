@@ -168,6 +168,8 @@ class StableDiffusionPowerPaintBrushNetPipeline(StableDiffusionBrushNetPipeline)
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         blending: bool = False,
         blending_kernel_size: int = 21,
+        pag_scale: float = 0.0,
+        pag_adaptive_scale: float = 0.0,
     ):
         r"""Inpaint ``image`` where ``mask_image`` is white, doing PowerPaint ``task``.
 
@@ -193,7 +195,8 @@ class StableDiffusionPowerPaintBrushNetPipeline(StableDiffusionBrushNetPipeline)
             brushnet_prompt_embeds, negative_brushnet_prompt_embeds: the branch's text embeddings, instead of
                 building them from ``task`` (both, or the positive one without guidance).
             brushnet_conditioning_scale: the branch's residual scale.
-            guess_mode, control_guidance_start, control_guidance_end: as for BrushNet.
+            guess_mode, control_guidance_start, control_guidance_end, pag_scale, pag_adaptive_scale: as for
+                BrushNet.
 
         Returns:
             ``StableDiffusionPipelineOutput(images, nsfw_content_detected)`` or a tuple.
@@ -295,6 +298,8 @@ class StableDiffusionPowerPaintBrushNetPipeline(StableDiffusionBrushNetPipeline)
             self.prepare_extra_step_kwargs(generator, eta),
             callback_on_step_end,
             callback_on_step_end_tensor_inputs,
+            pag_scale=pag_scale,
+            pag_adaptive_scale=pag_adaptive_scale,
         )
 
         # 7. decode, safety check, blend, post-process

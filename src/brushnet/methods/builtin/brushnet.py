@@ -43,6 +43,17 @@ class BrushNetOptions(GuidanceWindow):
     controlnet_guidance_end: float = Field(
         1.0, ge=0.0, le=1.0, description="Guide ControlNet off after here."
     )
+    pag_scale: float = Field(
+        0.0, ge=0.0, le=20.0, description="Perturbed-attention guidance weight on the base UNet (0: off)."
+    )
+    pag_adaptive_scale: float = Field(
+        0.0, ge=0.0, le=1.0, description="PAG weight decrease per timestep towards t=0 (0: constant)."
+    )
+    pag_layers: str = Field(
+        "mid",
+        min_length=1,
+        description="Comma-separated UNet layers whose self-attention PAG perturbs (e.g. mid, down.2, up.0).",
+    )
 
 
 @register_method
@@ -115,6 +126,9 @@ class BrushNetMethod(PipelineMethod):
             control_guidance_end=options.control_guidance_end,
             guess_mode=options.guess_mode,
         )
+        if options.pag_scale > 0:
+            self.pipeline.set_pag_applied_layers([layer.strip() for layer in options.pag_layers.split(",")])
+            arguments.update(pag_scale=options.pag_scale, pag_adaptive_scale=options.pag_adaptive_scale)
         if self.pipeline.controlnet is None:
             if task.control_image is not None:
                 raise InputError("a control image needs a guide ControlNet (--guide-controlnet)")
