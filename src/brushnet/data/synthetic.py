@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..io import atomic_write
 from .rle import encode_brushdata_rle
 
 __all__ = ["MALFORMED_KINDS", "SyntheticShards", "write_synthetic_shards"]
@@ -99,19 +100,17 @@ def _encode_image(image: Image.Image, image_format: str) -> bytes:
 
 
 def _write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]], extensions: dict[str, str]) -> None:
-    """Write ``samples`` as a tar at ``path`` atomically (temporary file in the same folder, then rename)."""
-    tmp_path = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tarfile.open(tmp_path, "w") as tar:
+    """Write ``samples`` as a tar at ``path`` atomically (:func:`brushnet.io.atomic_write`)."""
+
+    def write(handle) -> None:
+        with tarfile.open(fileobj=handle, mode="w") as tar:
             for key, fields in samples:
                 for name, payload in fields.items():
                     info = tarfile.TarInfo(f"{key}.{extensions.get(name, name)}")
                     info.size, info.mtime, info.mode = len(payload), 0, 0o644
                     tar.addfile(info, io.BytesIO(payload))
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+
+    atomic_write(path, write)
 
 
 def write_synthetic_shards(
