@@ -20,9 +20,9 @@ does not have: a scene can be rendered *without* one of its objects. Every sampl
   background (the branch reads ``P_ctxt``, the UNet "empty scene": extend the background).
 
 The branch starts from the run's BrushNet branch where there is one (its resnets, taps and input conv; the
-attention weights come from the base UNet), otherwise from the base UNet alone. Settings: :data:`STEPS` steps
-(or the recipe's ``powerpaint_steps``) of batch ``min(16, branch_batch)``, AdamW at 3e-4 with 20 warm-up steps
-then constant, no EMA (the shipped BrushNet branch's first-stage settings).
+attention weights come from the base UNet), otherwise from the base UNet alone. Settings: the recipe's
+``powerpaint_steps`` steps of batch ``min(16, branch_batch)``, AdamW at 3e-4 with 20 warm-up steps then
+constant, no EMA (the shipped BrushNet branch's first-stage settings).
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ TASK_MIX = {
 }
 """Share of each task among the training samples."""
 
-STEPS = 1500
 BATCH = 16
 LEARNING_RATE = 3e-4
 LR_SCHEDULER = "constant_with_warmup"
@@ -183,7 +182,7 @@ def train_powerpaint(run: Run) -> dict:
     from brushnet.training.powerpaint import PowerPaintModel, powerpaint_training_loss
 
     cfg = run.cfg
-    steps = getattr(cfg, "powerpaint_steps", STEPS)  # a recipe field when the recipe has one
+    steps = cfg.powerpaint_steps
     components = _frozen_components(run)
     family = components.family
     with seeded_init(stage_generator(cfg.seed, "powerpaint.init")):

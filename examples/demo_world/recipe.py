@@ -52,6 +52,8 @@ class WorldTrainConfig:
     branch_lr_scheduler: str = "constant_with_warmup"
     branch_ema_decay: float = 0.0  # 0: no EMA
     hole_prompt_probability: float = 0.5
+    # PowerPaint v2-style branch and task words (stage ``powerpaint``), warm-started from the BrushNet branch
+    powerpaint_steps: int = 1500
 
 
 def smoke_config() -> WorldTrainConfig:
@@ -70,6 +72,7 @@ def smoke_config() -> WorldTrainConfig:
         inpaint_steps=2,
         controlnet_steps=2,
         branch_batch=4,
+        powerpaint_steps=2,
     )
 
 

@@ -11,8 +11,8 @@ loss, seconds) go to ``training_record.json``, which the export ships beside the
 3. ``base``, ``base_v``: tokenizer, text encoder and text-to-image UNet (:mod:`text_to_image`).
 4. ``brushnet`` (by :func:`brushnet.training.train`), ``brushnet_more``, ``inpaint`` (9-channel UNet),
    ``controlnet``: the inpainting models on the frozen base, from the same samples (:mod:`inpainting`).
-5. ``powerpaint`` (not a default stage: ``--stages powerpaint`` after the branch): a PowerPaint v2-style branch
-   and its task words, on per-task samples (:mod:`powerpaint_stage`).
+5. ``powerpaint``: a PowerPaint v2-style branch and its task words, on per-task samples, warm-started from the
+   BrushNet branch (:mod:`powerpaint_stage`).
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ STAGES: dict[str, typing.Callable[[Run], dict]] = {
 """Every stage by name."""
 
 DEFAULT_STAGES: tuple[str, ...] = (
-    "data", "vae", "base", "base_v", "brushnet", "brushnet_more", "inpaint", "controlnet", "decoder"
+    "data", "vae", "base", "base_v", "brushnet", "brushnet_more", "inpaint", "controlnet", "decoder",
+    "powerpaint",
 )  # fmt: skip
 """The stages of a full run, in order."""
 

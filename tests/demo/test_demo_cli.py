@@ -9,20 +9,27 @@ from typer.testing import CliRunner
 from brushnet.cli import app
 from brushnet.data.shapes import dilate_mask, render_scene, sample_scene, scene_rng
 from brushnet.demo.assets import DEMO_DIR
-from brushnet.demo.run import DEMO_SCENES, demo_scene, format_results_table
+from brushnet.demo.run import (
+    DEMO_REQUEST,
+    DEMO_SCENES,
+    demo_options,
+    demo_scene,
+    format_results_table,
+    run_demo,
+)
 
 runner = CliRunner()
 
 
 def test_demo_grid_for_shipped_scenes(tmp_path):
     result = runner.invoke(
-        app, ["demo", "--output", str(tmp_path), "--methods", "brushnet,sd-inpainting", "--steps", "2"]
+        app, ["demo", "--output", str(tmp_path), "--methods", "brushnet,powerpaint", "--steps", "2"]
     )
     assert result.exit_code == 0, result.output
     grid = Image.open(tmp_path / "grid.png")
     # input, mask, then raw + blended per method; one row per shipped scene
     assert grid.width > 6 * 128 and grid.height > len(DEMO_SCENES) * 128
-    assert (tmp_path / "brushnet.png").is_file() and (tmp_path / "sd-inpainting.png").is_file()
+    assert (tmp_path / "brushnet.png").is_file() and (tmp_path / "powerpaint.png").is_file()
     assert "Mini-BrushBench" in result.output and "\nBrushNet    blended " in result.output
     assert torch.is_grad_enabled()  # the demo must not switch autograd off for the rest of the process
 
@@ -104,3 +111,34 @@ def test_results_table_reads_the_committed_file():
     table = format_results_table()
     assert table.startswith("Mini-BrushBench") and "brushnet.demo.minibench" in table
     assert (DEMO_DIR / "training_record.json").is_file()
+
+
+def test_the_last_shipped_scene_asks_to_remove_the_first_rows_object():
+    first, last = demo_scene(DEMO_SCENES[0]), demo_scene(DEMO_SCENES[-1])
+    assert last.removal and not first.removal and "remove" in last.label
+    assert last.image.tobytes() == first.image.tobytes() and (last.hole == first.hole).all()
+    assert last.prompt.endswith("background") and last.prompt != first.prompt
+    assert demo_options("powerpaint", removal=True) == {"task": "object-removal"}
+    assert demo_options("powerpaint") == {} and demo_options("repaint", removal=True)["jump_length"] == 5
+
+
+def test_powerpaint_runs_its_removal_task_on_the_removal_row(tmp_path):
+    from brushnet.demo.assets import method_models
+    from brushnet.image import blend_pil
+    from brushnet.methods import inpaint, load_method
+
+    scene = demo_scene(DEMO_SCENES[-1])
+    request = {"steps": 2}
+    run_demo(tmp_path, methods=["powerpaint"], scenes=[scene], request=request)
+    shown = np.asarray(Image.open(tmp_path / "powerpaint.png"))
+    method = load_method("powerpaint", method_models("powerpaint"))
+    fields = {**DEMO_REQUEST, **request, "prompt": scene.prompt, "blend": False, "resolution": 128}
+
+    def blended(task):
+        raw = inpaint(method, scene.image, scene.hole, fields, options={"task": task}).images[0]
+        return np.asarray(
+            blend_pil(scene.image, raw, scene.hole, kernel_size=DEMO_REQUEST["blend_kernel_size"])
+        )
+
+    np.testing.assert_array_equal(shown, blended("object-removal"))
+    assert not np.array_equal(shown, blended("text-guided"))

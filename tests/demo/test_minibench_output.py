@@ -3,6 +3,8 @@
 
 import json
 
+import pytest
+
 from brushnet.demo import minibench
 from brushnet.demo.run import RESULTS_FILE
 
@@ -33,3 +35,35 @@ def test_minibench_writes_into_the_work_folder(tmp_path, capsys):
         ]
     )
     assert json.loads(elsewhere.read_text())["images"] == 2 and RESULTS_FILE.read_bytes() == shipped
+
+
+def _row(method, blend, **columns):
+    row = {"method": method, "blend": blend, "inside_psnr": None, "colour_acc": None, "removal_images": 0}
+    return {**row, "removal_acc": None, "removal_object_fraction": None, **columns}
+
+
+def test_merge_keeps_the_other_rows_and_takes_only_the_passes_that_ran():
+    old = [
+        _row("brushnet", False, inside_psnr=14.0, colour_acc=0.385),
+        _row("repaint", False, inside_psnr=21.7, colour_acc=0.295),
+    ]
+    # a removal-only run of brushnet: its main-pass columns are None there and must not wipe the old ones
+    removal = [_row("brushnet", False, removal_images=200, removal_acc=0.3, removal_object_fraction=0.4)]
+    merged = minibench.merge_rows(old, removal, passes=("removal",))
+    assert merged[0] == {**old[0], "removal_images": 200, "removal_acc": 0.3, "removal_object_fraction": 0.4}
+    assert merged[1] == old[1]
+    # a new method, both passes: added in METHODS order (powerpaint after repaint), every column its own
+    both = [_row("powerpaint", False, inside_psnr=15.0, colour_acc=0.5, removal_images=200, removal_acc=0.8)]
+    merged = minibench.merge_rows(merged, both)
+    assert [row["method"] for row in merged] == ["brushnet", "repaint", "powerpaint"]
+    assert merged[2] == both[0] and merged[0]["removal_acc"] == 0.3
+
+
+def test_merge_refuses_a_table_of_another_size(tmp_path):
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({"images": 200, "settings": {}, "rows": []}))
+    with pytest.raises(SystemExit):
+        minibench.main(
+            ["--work", str(tmp_path / "w"), "--scenes", "2", "--skip-run", "--merge", str(earlier)]
+        )
+    assert not (tmp_path / "w").exists()  # refused before writing the eval sets

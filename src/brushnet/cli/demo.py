@@ -48,7 +48,7 @@ def demo_command(
     methods: str = typer.Option(
         "all",
         help="Comma-separated methods (brushnet, blended-latent-diffusion, sd-inpainting, "
-        "controlnet-inpaint, repaint, hd-painter) or 'all'.",
+        "controlnet-inpaint, repaint, hd-painter, powerpaint) or 'all'.",
     ),
     models: Path | None = typer.Option(None, help="Models folder (default: the shipped demo_world)."),
     table: bool = typer.Option(True, help="Print the mini-BrushBench table after the grid."),
@@ -58,7 +58,8 @@ def demo_command(
     """Real inpainting offline in under a minute: every method on small models trained on a shapes world.
 
     Writes a labelled grid (input, mask, each method raw and blended) of shipped scenes — one asks for a
-    different object than the one masked out — and prints the mini-BrushBench table. With --image/--mask/
+    different object than the one masked out, the last for an object's removal (PowerPaint's object-removal
+    task) — and prints the mini-BrushBench table. With --image/--mask/
     --prompt it inpaints your own 128x128 scene instead.
     """
     from ..demo.assets import DEMO_DIR, METHODS

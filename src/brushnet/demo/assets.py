@@ -8,8 +8,8 @@ from pathlib import Path
 __all__ = ["DEMO_DIR", "METHODS", "method_models"]
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo_world"
-"""The shipped model set: one folder per model slot (``base/``, ``brushnet/``, ``inpaint/``, ``controlnet/``;
-see :class:`~brushnet.methods.ModelSlot`), and ``training_record.json``."""
+"""The shipped model set: one folder per model slot (``base/``, ``brushnet/``, ``inpaint/``, ``controlnet/``,
+``powerpaint/``; see :class:`~brushnet.methods.ModelSlot`), and ``training_record.json``."""
 
 METHODS: tuple[str, ...] = (
     "brushnet",
@@ -18,6 +18,7 @@ METHODS: tuple[str, ...] = (
     "controlnet-inpaint",
     "repaint",
     "hd-painter",
+    "powerpaint",
 )
 """The methods the demo shows, in the order of its grid and tables."""
 

@@ -13,6 +13,10 @@
    over the kept region, for inside masks the fraction of holes whose dominant colour is the prompted
    one and whose blob of that colour has the prompted shape, and the fraction of removal holes left with no
    object colour (:mod:`brushnet.data.shapes_metrics`).
+
+A method added later is measured alone and merged into the shipped table, leaving the other rows as they
+were: ``--methods powerpaint --merge src/brushnet/assets/demo_world/mini_brushbench.json --results ...``
+(``--passes removal`` runs only the removal pass, e.g. for methods whose other columns are already there).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from ..io import atomic_write_text
 from .assets import DEMO_DIR, METHODS, method_models
 from .run import DEMO_REQUEST, METHOD_OPTIONS, REMOVAL_OPTIONS, RESULTS_FILE, format_results_table
 
-__all__ = ["bench_command", "summarise", "main"]
+__all__ = ["PASSES", "bench_command", "merge_rows", "summarise", "main"]
 
 
 def bench_command(
@@ -66,6 +70,13 @@ def bench_command(
     if limit is not None:
         command += ["--limit", str(limit)]
     return command
+
+
+PASSES = ("main", "removal")
+"""The two passes: ``main`` (inside and outside masks, prompt-following scores) and ``removal``."""
+
+REMOVAL_FIELDS = ("removal_images", "removal_acc", "removal_object_fraction")
+"""The summary columns the removal pass fills; every other column comes from the main pass."""
 
 
 def _mean(values: list) -> float | None:
@@ -126,6 +137,32 @@ def summarise(
     return summary
 
 
+def merge_rows(old: list[dict], new: list[dict], passes=PASSES) -> list[dict]:
+    """Merge the summary rows of a run of some methods and ``passes`` into an earlier table's rows.
+
+    A (method, blend) row present in both takes the new run's columns of the passes it ran and keeps its
+    other columns; a row only in ``new`` is added with its columns of the passes that ran (the others
+    ``None``); rows of methods the new run did not measure are kept unchanged. Rows come out in the order
+    of :data:`~.assets.METHODS` (unknown methods last, in their old order).
+    """
+
+    def columns(row: dict, which) -> dict:
+        keep = set(REMOVAL_FIELDS) if which == "removal" else set(row) - set(REMOVAL_FIELDS)
+        return {k: v for k, v in row.items() if k in keep and k not in ("method", "blend")}
+
+    merged = {(row["method"], row["blend"]): dict(row) for row in old}
+    for row in new:
+        key = (row["method"], row["blend"])
+        if key not in merged:
+            merged[key] = {"method": row["method"], "blend": row["blend"]}
+            merged[key].update({k: None for k in row if k not in ("method", "blend")})
+        for which in passes:
+            merged[key].update(columns(row, which))
+    order = {method: i for i, method in enumerate(METHODS)}
+    keys = sorted(merged, key=lambda key: (order.get(key[0], len(order)), key[1]))
+    return [merged[key] for key in keys]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m brushnet.demo.minibench", description=__doc__.splitlines()[0]
@@ -142,9 +179,32 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--skip-run", action="store_true", help="Only summarise an existing run.")
     parser.add_argument("--methods", default=",".join(METHODS), help="Comma-separated subset to run.")
+    parser.add_argument(
+        "--passes", default=",".join(PASSES), help=f"Comma-separated passes to run (of: {', '.join(PASSES)})."
+    )
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        default=None,
+        help="An earlier results file: keep its rows and settings, replace or add the columns this run "
+        "measured (its run is recorded under 'additions'); the result goes to --results.",
+    )
     args = parser.parse_args(argv)
     if args.results is None:
         args.results = args.work / "mini_brushbench.json"
+    passes = args.passes.split(",")
+    unknown = [name for name in passes if name not in PASSES]
+    if unknown:
+        parser.error(f"unknown pass {unknown[0]!r}; choose from: {', '.join(PASSES)}")
+    if args.merge is not None:
+        earlier = json.loads(args.merge.read_text())
+        # a scheduler recorded there is each method's default, which the request now leaves unset
+        settings = earlier.get("settings", {})
+        if earlier.get("images") != args.scenes or any(settings.get(k) != v for k, v in DEMO_REQUEST.items()):
+            parser.error(
+                f"{args.merge} has {earlier.get('images')} scenes and settings {earlier.get('settings')}; "
+                f"this run {args.scenes} and {DEMO_REQUEST}: not the same benchmark"
+            )
     from ..data.shapes_writers import write_eval_set
 
     dataset, run_dir = args.work / "eval", args.work / "run"
@@ -152,10 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     write_eval_set(dataset, args.scenes, seed=args.seed, different_object_fraction=0.25)
     write_eval_set(removal_set, args.scenes, seed=args.seed, removal=True)
     methods = args.methods.split(",")
-    commands = [
-        bench_command(dataset, run_dir, args.models, methods=methods),
-        bench_command(removal_set, removal_dir, args.models, methods=methods, removal=True),
-    ]
+    commands = {
+        "main": bench_command(dataset, run_dir, args.models, methods=methods),
+        "removal": bench_command(removal_set, removal_dir, args.models, methods=methods, removal=True),
+    }
+    commands = [commands[name] for name in dict.fromkeys(passes)]  # in the order given
     start = time.time()
     if not args.skip_run:
         for command in commands:
@@ -180,8 +241,25 @@ def main(argv: list[str] | None = None) -> int:
         "settings": DEMO_REQUEST,
         "bench_seconds": None if args.skip_run else round(seconds, 1),
         "colour_chance": 1 / 7,
-        "rows": summarise(run_dir, dataset, removal_dir),
+        "rows": summarise(
+            run_dir if "main" in passes else args.work / "_none",
+            dataset,
+            removal_dir if "removal" in passes else None,
+        ),
     }
+    if args.merge is not None:
+        addition = {
+            "methods": methods,
+            "passes": passes,
+            "command": f"python -m brushnet.demo.minibench --work WORK --scenes {args.scenes} --seed "
+            f"{args.seed} --methods {','.join(methods)} --passes {','.join(passes)} --merge {args.merge}",
+            "bench_seconds": record["bench_seconds"],
+        }
+        record = {
+            **earlier,
+            "additions": [*earlier.get("additions", []), addition],
+            "rows": merge_rows(earlier.get("rows", []), record["rows"], passes),
+        }
     atomic_write_text(args.results, json.dumps(record, indent=1))
     print(format_results_table(args.results))
     return 0

@@ -2,7 +2,9 @@
 
 The scenes are drawn from the shapes world (:mod:`brushnet.data.shapes`) by fixed seeds, so nothing but the
 model weights is shipped. Each method generates once per scene; the grid shows the raw output and the
-same output pasted back with the feathered blend (the paper's "with blending").
+same output pasted back with the feathered blend (the paper's "with blending"). The last row asks for the
+first row's object to be removed: the prompt is the background's phrase, and PowerPaint runs its
+object-removal task (:data:`REMOVAL_OPTIONS`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ __all__ = [
     "DemoScene",
     "RESULTS_FILE",
     "check_demo_request",
+    "demo_options",
     "demo_scene",
     "format_results_table",
     "run_demo",
@@ -68,30 +71,37 @@ METHOD_LABELS = {
 @dataclass(frozen=True)
 class DemoSpec:
     """A shipped scene: eval-split scene ``index`` of world seed ``seed``; hole = object ``target`` dilated by
-    3 px; ``prompt`` = what to paint (default: the masked object itself)."""
+    3 px; ``prompt`` = what to paint (default: the masked object itself). With ``removal`` the object is to go:
+    the prompt is the background's phrase (as in the mini-BrushBench's removal pass) and methods with a
+    removal mode use it (:data:`REMOVAL_OPTIONS`)."""
 
     seed: int
     index: int
     target: int = 0
     prompt: str | None = None
+    removal: bool = False
 
 
 DEMO_SCENES: tuple[DemoSpec, ...] = (
     DemoSpec(seed=7, index=0, target=0),
     DemoSpec(seed=7, index=1, target=0),
     DemoSpec(seed=7, index=2, target=0, prompt="a yellow square"),
+    DemoSpec(seed=7, index=0, target=0, removal=True),
 )
-"""The grid's rows; the last asks for a different object than the one masked out."""
+"""The grid's rows; the third asks for a different object than the one masked out, the last for the first
+row's object to be removed."""
 
 
 @dataclass
 class DemoScene:
-    """An input of the demo: image, hole (``True`` = generate), prompt, and a one-line description."""
+    """An input of the demo: image, hole (``True`` = generate), prompt, a one-line description, and whether
+    the object in the hole is to be removed."""
 
     image: Image.Image
     hole: np.ndarray
     prompt: str
     label: str
+    removal: bool = False
 
 
 def demo_scene(spec: DemoSpec) -> DemoScene:
@@ -102,9 +112,19 @@ def demo_scene(spec: DemoSpec) -> DemoScene:
     image, masks = render_scene(scene)
     target = scene.objects[spec.target % len(scene.objects)]
     hole = dilate_mask(masks[spec.target % len(scene.objects)], 3)
-    prompt = spec.prompt or target.phrase
-    label = f'prompt "{prompt}"  (masked: {target.phrase})'
-    return DemoScene(image, hole, prompt, label)
+    if spec.removal:
+        prompt = spec.prompt or scene.background.phrase
+        label = f'remove {target.phrase}: prompt "{prompt}"  (PowerPaint: task object-removal)'
+    else:
+        prompt = spec.prompt or target.phrase
+        label = f'prompt "{prompt}"  (masked: {target.phrase})'
+    return DemoScene(image, hole, prompt, label, spec.removal)
+
+
+def demo_options(method: str, removal: bool = False) -> dict:
+    """The options ``method`` runs with in the demo (:data:`METHOD_OPTIONS`, and for a removal scene
+    :data:`REMOVAL_OPTIONS` over them)."""
+    return {**METHOD_OPTIONS.get(method, {}), **(REMOVAL_OPTIONS.get(method, {}) if removal else {})}
 
 
 def _mask_view(image: Image.Image, hole: np.ndarray) -> Image.Image:
@@ -197,11 +217,12 @@ def check_demo_request(methods: Sequence[str], request: dict | None = None) -> N
 
     fields = {**DEMO_REQUEST, **{k: v for k, v in (request or {}).items() if v is not None}}
     for name in methods:
-        check_request(
-            get_method_class(name),
-            {**fields, "prompt": "", "blend": False, "resolution": SIZE},
-            options=METHOD_OPTIONS.get(name, {}),
-        )
+        for removal in (False, True):
+            check_request(
+                get_method_class(name),
+                {**fields, "prompt": "", "blend": False, "resolution": SIZE},
+                options=demo_options(name, removal),
+            )
 
 
 def run_demo(
@@ -245,7 +266,7 @@ def run_demo(
             for row, scene in enumerate(scenes):
                 fields = {**request, "prompt": scene.prompt, "blend": False, "resolution": SIZE}
                 result = inpaint(
-                    method, scene.image, scene.hole, fields, options=METHOD_OPTIONS.get(name, {})
+                    method, scene.image, scene.hole, fields, options=demo_options(name, scene.removal)
                 )
                 raw = result.images[0]
                 blended = blend_pil(scene.image, raw, scene.hole, kernel_size=request["blend_kernel_size"])
