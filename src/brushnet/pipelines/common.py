@@ -525,9 +525,9 @@ class BrushNetPipelineMixin(PAGMixin):
 
     @contextlib.contextmanager
     def _perturbed_attention(self, pag_scale: float, pag_adaptive_scale: float):
-        """Perturbed-attention guidance for the call: with ``pag_scale > 0`` the UNet's self-attention layers of
-        ``pag_applied_layers`` get diffusers' PAG processors, and every processor is put back afterwards (also when
-        the call fails), so the UNet is unchanged by the call."""
+        """Perturbed-attention guidance for the call: with ``pag_scale > 0`` the denoising loop gives the UNet's
+        self-attention layers of ``pag_applied_layers`` diffusers' PAG processors, and every processor is put back
+        here afterwards (also when the call fails), so the UNet is unchanged by the call."""
         if pag_scale < 0 or pag_adaptive_scale < 0:
             raise ValueError(
                 f"pag_scale and pag_adaptive_scale must be >= 0, got {pag_scale} and {pag_adaptive_scale}"
@@ -540,8 +540,7 @@ class BrushNetPipelineMixin(PAGMixin):
             self.set_pag_applied_layers("mid")
         original = self.unet.attn_processors
         try:
-            self._set_pag_attn_processor(self.pag_applied_layers, self.do_classifier_free_guidance)
-            yield
+            yield  # the loop sets the PAG processors for its batch layout (and again if a callback changes it)
         finally:
             self.unet.set_attn_processor(original)
             self._pag_scale = 0.0
