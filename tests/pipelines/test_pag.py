@@ -134,7 +134,9 @@ def test_compiled_step_takes_pag():
 def test_method_option_pag(tmp_path):
     """``--option pag_scale=3`` on the brushnet method reaches the pipeline (the result changes) and the layers
     option picks where."""
+    from brushnet.errors import InputError
     from brushnet.methods import inpaint, load_method
+    from brushnet.methods.builtin.brushnet import pag_layers
     from brushnet.random_models import build_model_set
 
     paths = build_model_set(tmp_path / "models", ["base", "brushnet"], preset="tiny")
@@ -146,11 +148,36 @@ def test_method_option_pag(tmp_path):
         method, inputs["image"], inputs["mask_image"], options={"pag_scale": 3.0}, **common
     ).images[0]
     assert diff(plain, guided) > 1
-    with pytest.raises(ValueError, match="Cannot find PAG layer"):
-        inpaint(
-            method,
-            inputs["image"],
-            inputs["mask_image"],
-            options={"pag_scale": 3.0, "pag_layers": "nowhere"},
-            **common,
-        )
+    # the option is checked against the loaded UNet, with one line naming it and the blocks it could name
+    for layers, message in (
+        (
+            "nowhere",
+            r"option pag_layers: 'nowhere' names no self-attention layer of this UNet; its blocks .*mid",
+        ),
+        ("mid,(", r"option pag_layers: '\(' is not a valid pattern"),
+        (" , ", "option pag_layers: no layer given"),
+    ):
+        with pytest.raises(InputError, match=message):
+            inpaint(
+                method,
+                inputs["image"],
+                inputs["mask_image"],
+                options={"pag_scale": 3.0, "pag_layers": layers},
+                **common,
+            )
+    # a block by its module name, as the option's description says, perturbs other layers than the default
+    unet = method.pipeline.unet
+    block = next(
+        ".".join(name.split(".")[:2])
+        for name, module in unet.named_modules()
+        if name.startswith("up_blocks.") and name.endswith("attn1")
+    )
+    assert pag_layers(unet, f" {block} ,mid") == [block, "mid"]
+    other = inpaint(
+        method,
+        inputs["image"],
+        inputs["mask_image"],
+        options={"pag_scale": 3.0, "pag_layers": block},
+        **common,
+    ).images[0]
+    assert diff(other, guided) > 1

@@ -3,6 +3,7 @@ Diffusion", ECCV 2024) behind the method interface."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pydantic import Field
@@ -12,7 +13,7 @@ from ..base import BASE, BASE_CONFIG, GuidanceWindow, ModelSlot, Task
 from ..pipeline_method import PipelineMethod
 from ..registry import register_method
 
-__all__ = ["BrushNetMethod", "BrushNetOptions", "BRUSHNET", "GUIDE_CONTROLNET"]
+__all__ = ["BrushNetMethod", "BrushNetOptions", "BRUSHNET", "GUIDE_CONTROLNET", "pag_layers"]
 
 BRUSHNET = ModelSlot(
     "brushnet",
@@ -52,8 +53,40 @@ class BrushNetOptions(GuidanceWindow):
     pag_layers: str = Field(
         "mid",
         min_length=1,
-        description="Comma-separated UNet layers whose self-attention PAG perturbs (e.g. mid, down.2, up.0).",
+        description="Comma-separated UNet layers whose self-attention PAG perturbs: names or regexes searched in "
+        "the UNet's module names (e.g. mid, down_blocks.1, up_blocks.0.attentions.1).",
     )
+
+
+def pag_layers(unet, value: str) -> list[str]:
+    """The ``pag_layers`` option as the list ``set_pag_applied_layers`` takes, each entry checked against ``unet``:
+    like diffusers, an entry is a regex searched in the names of the UNet's self-attention modules, and one that
+    matches none raises a one-line :class:`InputError` naming the option and the blocks it could name (diffusers
+    would only fail mid-call, without naming the option)."""
+    from diffusers.models.attention_processor import Attention
+
+    names = [
+        name
+        for name, module in unet.named_modules()
+        if isinstance(module, Attention) and not module.is_cross_attention
+    ]
+    blocks = sorted(
+        {".".join(name.split(".")[:2]) if name.startswith(("down", "up")) else "mid" for name in names}
+    )
+    layers = [layer.strip() for layer in value.split(",") if layer.strip()]
+    if not layers:
+        raise InputError("option pag_layers: no layer given (e.g. mid)")
+    for layer in layers:
+        try:
+            found = any(re.search(layer, name) for name in names)
+        except re.error as exc:
+            raise InputError(f"option pag_layers: {layer!r} is not a valid pattern ({exc})") from None
+        if not found:
+            raise InputError(
+                f"option pag_layers: {layer!r} names no self-attention layer of this UNet; "
+                f"its blocks with self-attention: {', '.join(blocks)}"
+            )
+    return layers
 
 
 @register_method
@@ -127,7 +160,7 @@ class BrushNetMethod(PipelineMethod):
             guess_mode=options.guess_mode,
         )
         if options.pag_scale > 0:
-            self.pipeline.set_pag_applied_layers([layer.strip() for layer in options.pag_layers.split(",")])
+            self.pipeline.set_pag_applied_layers(pag_layers(self.pipeline.unet, options.pag_layers))
             arguments.update(pag_scale=options.pag_scale, pag_adaptive_scale=options.pag_adaptive_scale)
         if self.pipeline.controlnet is None:
             if task.control_image is not None:
