@@ -222,4 +222,25 @@ def test_quick_evaluation_of_the_shipped_models(tmp_path):
     assert 15 < ceiling["inside_kept_psnr"] < 40
     row = report["blended-latent-diffusion"]
     assert row["kept_psnr"] <= ceiling["inside_kept_psnr"] + 1.0
-    assert 0 <= row["colour_acc"] <= 1 and 0 <= row["shape_acc"] <= 1
+    for key in ("colour_acc", "shape_acc", "colour_acc_hole", "shape_acc_hole"):
+        assert 0 <= row[key] <= 1, key
+
+
+def test_an_object_painted_over_the_hole_edge_counts_only_when_scored_in_the_original_surroundings():
+    """Why evaluate.py has ``colour_acc_hole``: the right object painted 3 px larger than the hole puts its colour
+    in the output's ring, so the output-ring score sees background; the hole pasted into the original sees it."""
+    import numpy as np
+
+    from brushnet.data.shapes import PALETTE, dilate_mask, object_mask, render_scene, sample_scene, scene_rng
+    from brushnet.data.shapes_metrics import dominant_colour
+
+    scene = sample_scene(scene_rng("eval", 0, 5), max_objects=1)
+    obj = scene.objects[0]
+    image = np.asarray(render_scene(scene)[0].convert("RGB"))
+    hole = dilate_mask(object_mask(obj, scene.size), 3)
+    output = image.copy()
+    output[dilate_mask(hole, 3)] = PALETTE[obj.colour]  # the object, over the hole's edge
+    pasted = image.copy()
+    pasted[hole] = output[hole]
+    assert dominant_colour(output, hole) != obj.colour
+    assert dominant_colour(pasted, hole) == obj.colour
