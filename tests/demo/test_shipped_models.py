@@ -52,11 +52,11 @@ def _kept_psnr(output, original, hole):
     return 10 * np.log10(1.0 / max(float((diff**2).mean()), 1e-10))
 
 
-def _run(method_name, dataset, prompt_of=lambda item: item.prompt, options=None):
+def _outputs(method_name, dataset, prompt_of=lambda item: item.prompt, options=None):
+    """``(item, raw, blended)`` per scene: the method's output at the demo's settings, and pasted back."""
     from brushnet.methods import inpaint, load_method
 
     method = load_method(method_name, method_models(method_name))
-    psnrs, raw_psnrs, colours = [], [], []
     for index in range(len(dataset)):
         item = dataset[index]
         raw = inpaint(
@@ -70,7 +70,12 @@ def _run(method_name, dataset, prompt_of=lambda item: item.prompt, options=None)
             blend=False,
             options=options or {},
         ).images[0]
-        blended = blend_pil(item.image, raw, item.mask, kernel_size=DEMO_REQUEST["blend_kernel_size"])
+        yield item, raw, blend_pil(item.image, raw, item.mask, kernel_size=DEMO_REQUEST["blend_kernel_size"])
+
+
+def _run(method_name, dataset, prompt_of=lambda item: item.prompt, options=None):
+    psnrs, raw_psnrs, colours = [], [], []
+    for item, raw, blended in _outputs(method_name, dataset, prompt_of, options):
         psnrs.append(_kept_psnr(blended, item.image, item.mask))
         raw_psnrs.append(_kept_psnr(raw, item.image, item.mask))
         colours.append(dominant_colour(np.asarray(raw), item.mask) == item.metadata["target"]["colour"])
@@ -107,25 +112,11 @@ def removal_set(tmp_path_factory):
 def _removed(method_name, dataset, options=None):
     """Share of the blended outputs whose hole holds no object colour (``--score removal``)."""
     from brushnet.data.shapes_metrics import REMOVAL_MAX_OBJECT_FRACTION, object_fraction
-    from brushnet.methods import inpaint, load_method
 
-    method = load_method(method_name, method_models(method_name))
-    removed = []
-    for index in range(len(dataset)):
-        item = dataset[index]
-        raw = inpaint(
-            method,
-            item.image,
-            item.mask,
-            prompt=item.prompt,
-            seed=DEMO_REQUEST["seed"],
-            steps=10,
-            guidance_scale=DEMO_REQUEST["guidance_scale"],
-            blend=False,
-            options=options or {},
-        ).images[0]
-        blended = blend_pil(item.image, raw, item.mask, kernel_size=DEMO_REQUEST["blend_kernel_size"])
-        removed.append(object_fraction(np.asarray(blended), item.mask) < REMOVAL_MAX_OBJECT_FRACTION)
+    removed = [
+        object_fraction(np.asarray(blended), item.mask) < REMOVAL_MAX_OBJECT_FRACTION
+        for item, _, blended in _outputs(method_name, dataset, options=options)
+    ]
     return float(np.mean(removed))
 
 
