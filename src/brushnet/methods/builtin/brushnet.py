@@ -70,9 +70,6 @@ def pag_layers(unet, value: str) -> list[str]:
         for name, module in unet.named_modules()
         if isinstance(module, Attention) and not module.is_cross_attention
     ]
-    blocks = sorted(
-        {".".join(name.split(".")[:2]) if name.startswith(("down", "up")) else "mid" for name in names}
-    )
     layers = [layer.strip() for layer in value.split(",") if layer.strip()]
     if not layers:
         raise InputError("option pag_layers: no layer given (e.g. mid)")
@@ -82,6 +79,9 @@ def pag_layers(unet, value: str) -> list[str]:
         except re.error as exc:
             raise InputError(f"option pag_layers: {layer!r} is not a valid pattern ({exc})") from None
         if not found:
+            blocks = sorted(
+                {".".join(n.split(".")[:2]) if n.startswith(("down", "up")) else "mid" for n in names}
+            )
             raise InputError(
                 f"option pag_layers: {layer!r} names no self-attention layer of this UNet; "
                 f"its blocks with self-attention: {', '.join(blocks)}"
