@@ -166,3 +166,36 @@ def test_removal_score_tells_an_erased_object_from_one_left_or_replaced():
         assert removal(Image.fromarray(erased), item, "outside") == {}
         checked += 1
     assert checked >= 20
+
+
+def test_bench_shapes_score_reads_the_hole_in_the_original_too():
+    """``--score shapes``: an object painted 3 px over the hole's edge fails ``colour_ok`` (its colour fills the
+    output's ring, which the metric takes for background) and passes ``colour_hole_ok`` (the ring from the
+    original); a hole left as the empty background fails both; outside masks get no columns."""
+    from types import SimpleNamespace
+
+    from brushnet.data.shapes_metrics import text_alignment
+
+    checked = spilled = correct = 0
+    for pixels, hole, obj, scene, masks, i in _rendered_objects([(128, 12)], seed=21):
+        checked += 1
+        item = SimpleNamespace(
+            mask=hole, image=Image.fromarray(pixels), metadata={"target": {"colour": obj.colour, "shape": obj.shape}}
+        )
+        output = pixels.copy()
+        output[dilate_mask(hole, 3)] = PALETTE[obj.colour]
+        scores = text_alignment(Image.fromarray(output), item, "inside")
+        assert set(scores) == {"colour_ok", "shape_ok", "colour_hole_ok", "shape_hole_ok"}
+        assert scores["colour_hole_ok"]
+        spilled += not scores["colour_ok"]
+        # the true object in place passes both ways
+        exact = text_alignment(Image.fromarray(pixels), item, "inside")
+        assert exact["colour_ok"] == exact["colour_hole_ok"]
+        correct += exact["colour_hole_ok"]
+        empty, _ = render_scene(Scene(scene.size, scene.background, ()))
+        erased = pixels.copy()
+        erased[hole] = np.asarray(empty)[hole]
+        none = text_alignment(Image.fromarray(erased), item, "inside")
+        assert not none["colour_ok"] and not none["colour_hole_ok"] and not none["shape_hole_ok"]
+        assert text_alignment(Image.fromarray(output), item, "outside") == {}
+    assert checked >= 20 and spilled >= checked - 2 and correct >= checked - 2

@@ -18,8 +18,9 @@ def test_the_shipped_table_fits_80_columns_and_has_a_legend():
         assert ("blended" if row["blend"] else "raw") in line and f"{row['colour_acc']:.3f}" in line
     legend = "\n".join(lines[header + 2 + len(rows) :])
     for term in (
-        "kept PSNR",
+        "PSNR in / out",
         "colour / shape",
+        "colour* / shape*",
         "blended",
         "BLD",
         "CN-inpaint",

@@ -93,6 +93,8 @@ EXTRA_COLUMNS: list[tuple[str, str, float]] = [
     ("ssim", "SSIM×100", 100.0),
     ("colour_ok", "colour acc. %", 100.0),
     ("shape_ok", "shape acc. %", 100.0),
+    ("colour_hole_ok", "colour acc. (hole in original) %", 100.0),
+    ("shape_hole_ok", "shape acc. (hole in original) %", 100.0),
     ("seconds", "s / image", 1.0),
 ]
 _KEY = ("method", "variant", "mask_kind")

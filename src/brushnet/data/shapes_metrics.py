@@ -322,7 +322,14 @@ def shape_accuracy(
 
 def text_alignment(image, item, mask_kind: str) -> dict[str, bool | None]:
     """The shapes world's text-alignment scores of a benchmark output (``brushnet bench run --score shapes``):
-    ``colour_ok`` — the prompted colour dominates the hole; ``shape_ok`` — its blob has the prompted shape.
+    ``colour_ok`` — the prompted colour dominates the hole; ``shape_ok`` — its blob has the prompted shape;
+    ``colour_hole_ok`` / ``shape_hole_ok`` — the same on the hole's content pasted into the original image.
+
+    The first pair takes the background colours from the ring of pixels around the hole in the output. On an
+    output that was not pasted back, an object painted a little over the hole's edge puts its own colour in
+    that ring and is then counted as background; the ``_hole`` pair reads the ring from the original, so it
+    scores only what the method put in the hole (how well the rest was kept is the kept PSNR's job). On a
+    pasted-back output the two agree up to the feathered edge.
 
     Scored for inside-inpainting only, on items whose metadata has a ``target`` (``{"colour", "shape"}``, as
     :func:`brushnet.data.shapes_writers.write_eval_set` writes it); otherwise no columns.
@@ -332,12 +339,16 @@ def text_alignment(image, item, mask_kind: str) -> dict[str, bool | None]:
         return {}
     colour, shape = target.get("colour"), target.get("shape")
     rgb = np.asarray(image.convert("RGB"))
-    return {
-        "colour_ok": None if colour is None else dominant_colour(rgb, item.mask) == colour,
-        "shape_ok": None
-        if shape is None or colour is None
-        else classify_shape(rgb, item.mask, colour) == shape,
-    }
+    hole = np.asarray(item.mask, dtype=bool)
+    pasted = np.array(item.image.convert("RGB"))
+    pasted[hole] = rgb[hole]
+    scores = {}
+    for suffix, pixels in (("", rgb), ("_hole", pasted)):
+        scores[f"colour{suffix}_ok"] = None if colour is None else dominant_colour(pixels, hole) == colour
+        scores[f"shape{suffix}_ok"] = (
+            None if shape is None or colour is None else classify_shape(pixels, hole, colour) == shape
+        )
+    return scores
 
 
 def removal(image, item, mask_kind: str) -> dict[str, bool | float]:

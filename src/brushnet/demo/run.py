@@ -137,9 +137,11 @@ def _mask_view(image: Image.Image, hole: np.ndarray) -> Image.Image:
 
 
 RESULTS_LEGEND = (
-    "kept PSNR: how well the pixels outside the hole are preserved (dB, higher is better); in: holes over one "
+    "PSNR in / out: how well the pixels outside the hole are kept (dB, higher is better); in: holes over one "
     "object, out: holes covering everything but it",
-    "colour / shape: share of object holes painted in the prompted colour / shape (colour by chance: about 1/7)",
+    "colour / shape: share of object holes painted in the prompted colour / shape (colour by chance: about 1/7), "
+    "judged against the output's own pixels around the hole; colour* / shape*: the hole pasted into the "
+    "original, which does not count an object painted over the hole's edge as background",
     "removal: share of holes left with no object colour when the prompt asks for the object to go",
     "blended: the output pasted back through the feathered mask (the paper's 'with blending'); raw: as generated",
     "BLD: Blended Latent Diffusion; SD-inpaint: the 9-channel SD inpainting UNet; CN-inpaint: ControlNet-inpaint",
@@ -164,7 +166,7 @@ def format_results_table(path: str | os.PathLike = RESULTS_FILE, width: int = 80
 
     results = data.get("rows", [])
     removal = any(row.get("removal_acc") is not None for row in results)
-    columns = ["method", "variant", "kept PSNR in", "kept PSNR out", "colour", "shape"] + [
+    columns = ["method", "variant", "PSNR in", "PSNR out", "colour", "shape", "colour*", "shape*"] + [
         "removal"
     ] * removal
     rows = [
@@ -175,6 +177,8 @@ def format_results_table(path: str | os.PathLike = RESULTS_FILE, width: int = 80
             number(row.get("outside_psnr"), 2),
             number(row.get("colour_acc"), 3),
             number(row.get("shape_acc"), 3),
+            number(row.get("colour_acc_hole"), 3),
+            number(row.get("shape_acc_hole"), 3),
         ]
         + [number(row.get("removal_acc"), 3)] * removal
         for row in results
