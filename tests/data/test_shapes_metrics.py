@@ -177,10 +177,12 @@ def test_bench_shapes_score_reads_the_hole_in_the_original_too():
     from brushnet.data.shapes_metrics import text_alignment
 
     checked = spilled = correct = 0
-    for pixels, hole, obj, scene, masks, i in _rendered_objects([(128, 12)], seed=21):
+    for pixels, hole, obj, scene, _masks, _i in _rendered_objects([(128, 12)], seed=21):
         checked += 1
         item = SimpleNamespace(
-            mask=hole, image=Image.fromarray(pixels), metadata={"target": {"colour": obj.colour, "shape": obj.shape}}
+            mask=hole,
+            image=Image.fromarray(pixels),
+            metadata={"target": {"colour": obj.colour, "shape": obj.shape}},
         )
         output = pixels.copy()
         output[dilate_mask(hole, 3)] = PALETTE[obj.colour]
@@ -199,3 +201,31 @@ def test_bench_shapes_score_reads_the_hole_in_the_original_too():
         assert not none["colour_ok"] and not none["colour_hole_ok"] and not none["shape_hole_ok"]
         assert text_alignment(Image.fromarray(output), item, "outside") == {}
     assert checked >= 20 and spilled >= checked - 2 and correct >= checked - 2
+
+
+def test_removal_score_counts_a_smoothed_background_texture_as_background(monkeypatch):
+    """A VAE that smooths a noise background gives in-between tones that can lie nearer the background's palette
+    colour than to any single tone of the ring; ``object_fraction`` leaves the background's own palette colour
+    out, so such a hole counts as emptied. Without that rule (distance 0) some of the same holes count as
+    objects (measured 2 of 8)."""
+    from PIL import ImageFilter
+
+    import brushnet.data.shapes_metrics as metrics
+    from brushnet.data.shapes_metrics import object_fraction
+
+    cases = []
+    for pixels, hole, _obj, scene, _masks, _i in _rendered_objects([(128, 60)], seed=3):
+        if scene.background.kind == "noise":
+            empty, _ = render_scene(Scene(scene.size, scene.background, ()))
+            smoothed = pixels.copy()
+            smoothed[hole] = np.asarray(empty.filter(ImageFilter.BoxBlur(2)))[hole]
+            cases.append((pixels, smoothed, hole))
+    assert len(cases) >= 5
+    for pixels, smoothed, hole in cases:
+        assert object_fraction(smoothed, hole) < metrics.REMOVAL_MAX_OBJECT_FRACTION
+        assert object_fraction(pixels, hole) > 0.3  # the object itself still counts
+    monkeypatch.setattr(metrics, "BACKGROUND_PALETTE_DISTANCE", 0.0)
+    flagged = [
+        object_fraction(smoothed, hole) >= metrics.REMOVAL_MAX_OBJECT_FRACTION for _, smoothed, hole in cases
+    ]
+    assert sum(flagged) >= 2, flagged

@@ -145,6 +145,10 @@ def colour_accuracy(
     return dominant_colour(image, region_mask, **kwargs) == colour
 
 
+BACKGROUND_PALETTE_DISTANCE = 40.0
+"""A palette colour this near (RGB, 0–255) a colour of the ring around a hole is the background's own, for
+:func:`object_fraction` (the world jitters painted colours by at most about 17; palette colours are ~95 apart)."""
+
 REMOVAL_MAX_OBJECT_FRACTION = 0.02
 """A hole counts as emptied when under this share of its pixels show an object colour (as :func:`dominant_colour`
 finds no colour under its ``min_fraction``)."""
@@ -158,22 +162,31 @@ def object_fraction(
 ) -> float:
     """The share of a region's pixels that show an object colour: nearer to a
     :data:`~brushnet.data.shapes.PALETTE` colour (and within ``max_palette_distance`` of it) than to every colour
-    of the ring of kept pixels around the region.
+    of the ring of kept pixels around the region, and that palette colour is not the background's (within
+    ``BACKGROUND_PALETTE_DISTANCE`` of a colour of the ring: the world paints a background in a jittered palette
+    colour, and never an object in its background's colour).
 
     Unlike :func:`dominant_colour`'s fixed tolerance, the comparison is relative, so background regenerated a
     little off (a VAE round trip moves colours by tens of levels here and there, and blending puts exact pixels in
-    the ring) still counts as background, while an object (a palette colour, never its background's) counts.
+    the ring) still counts as background, while an object (a palette colour, never its background's) counts. The
+    background's own palette colour is left out because a VAE that smooths a noise or checker texture gives
+    in-between tones, which can lie nearer that palette colour than to any single tone of the ring.
     """
     rgb = _as_rgb(image)
     mask = _as_mask(region_mask, rgb.shape)
     if not mask.any():
         return 0.0
     pixels = rgb[mask]
-    palette = np.linalg.norm(pixels[:, None, :] - _PALETTE_RGB[None, :, :], axis=-1).min(axis=1)
+    distances = np.linalg.norm(pixels[:, None, :] - _PALETTE_RGB[None, :, :], axis=-1)
+    palette = distances.min(axis=1)
     shows = palette <= max_palette_distance
     nearest_ring_sq = _nearest_ring_colour_sq(rgb, mask, pixels, ring_width)
     if nearest_ring_sq is not None:
         shows &= palette < np.sqrt(np.maximum(nearest_ring_sq, 0.0))
+        ring = dilate_mask(mask, ring_width) & ~mask
+        ring_colours = np.unique(np.rint(rgb[ring] / 4.0), axis=0) * 4.0
+        to_ring = np.linalg.norm(_PALETTE_RGB[:, None, :] - ring_colours[None, :, :], axis=-1).min(axis=1)
+        shows &= to_ring[distances.argmin(axis=1)] >= BACKGROUND_PALETTE_DISTANCE
     return float(shows.sum() / mask.sum())
 
 
