@@ -1,10 +1,10 @@
-"""Stages ``brushnet``, ``brushnet_more``, ``inpaint`` and ``controlnet``: the three inpainting models on the
-frozen base, from the same stream of samples (shards, masks, hole-naming captions, order), batch, schedule
-and step count.
+"""Stages ``brushnet``, ``inpaint`` and ``controlnet``: the three inpainting models on the frozen base, from
+the same stream of samples (shards, masks, object holes, hole-naming captions, in the same order), with the
+same step count, batch, learning rate, schedule and EMA — so the comparison between them is one of
+architecture.
 
 - ``brushnet``: the branch, by the project's own loop (:func:`brushnet.training.train`, the paper's mask
-  recipe: segmentation / brush mix, opening, hole–kept swap) from ``BrushNetModel.from_unet`` of the base;
-  ``brushnet_more`` continues it.
+  recipe: segmentation / brush mix, opening, hole–kept swap) from ``BrushNetModel.from_unet`` of the base.
 - ``inpaint``: a 9-channel UNet (latent, hole mask, masked-image latent: diffusers' inpainting layout, hole
   pixels set to 0 as its pipeline does) fine-tuned from the base UNet, new input channels zero-initialised.
 - ``controlnet``: ``ControlNetModel.from_unet`` of the base, trained with the base frozen on the control image
@@ -28,13 +28,13 @@ from fit_loop import FitSettings, StreamBatches, fit, seeded_init, stage_generat
 from recipe import Run
 from world_data import SIZE, HolePromptStream
 
-__all__ = ["train_brushnet", "train_brushnet_more", "train_controlnet", "train_inpaint"]
+__all__ = ["train_brushnet", "train_controlnet", "train_inpaint"]
 
 CAPTION_DROPOUT = 0.1
 WARMUP_STEPS = 20
 
 
-def _branch_config(run: Run, out_dir, steps: int, learning_rate: float, seed: int):
+def _branch_config(run: Run, out_dir):
     """The :class:`brushnet.training.config.TrainConfig` of the branch (and the data of the other two)."""
     from brushnet.training.config import make_config
 
@@ -49,14 +49,14 @@ def _branch_config(run: Run, out_dir, steps: int, learning_rate: float, seed: in
             "mask": {"mode": "mix", "p_brush": 0.5},
             "caption_dropout": CAPTION_DROPOUT,
             "train_batch_size": cfg.branch_batch,
-            "max_train_steps": steps,
-            "learning_rate": learning_rate,
+            "max_train_steps": cfg.branch_steps,
+            "learning_rate": cfg.branch_lr,
             "lr_scheduler": cfg.branch_lr_scheduler,
             "lr_warmup_steps": WARMUP_STEPS,
             "use_ema": cfg.branch_ema_decay > 0,
             "ema_decay": cfg.branch_ema_decay if cfg.branch_ema_decay > 0 else 0.9999,
             "mixed_precision": "no",
-            "seed": seed,
+            "seed": cfg.seed,
             "checkpointing_steps": 250,
             "checkpoints_total_limit": 1,
             "resume_from_checkpoint": "latest",
@@ -71,22 +71,26 @@ def _stream(run: Run, config) -> HolePromptStream:
     from brushnet.training.data import build_train_dataset
 
     dataset = build_train_dataset(config, 0, 1, config.seed)
+    cfg = run.cfg
     return HolePromptStream(
-        dataset, run.cfg.seed, probability=run.cfg.hole_prompt_probability, seed=config.seed
+        dataset,
+        cfg.seed,
+        probability=cfg.hole_prompt_probability,
+        seed=config.seed,
+        object_holes=cfg.object_holes,
     )
 
 
-def _train_branch(run: Run, stage: str, steps: int, learning_rate: float, seed: int, start_from=None) -> dict:
+def train_brushnet(run: Run) -> dict:
+    """Stage ``brushnet``: the branch from ``BrushNetModel.from_unet`` of the base, by the project's loop;
+    writes ``brushnet_run/brushnet``."""
     from brushnet.training.loop import train
 
-    out_dir = run.work / f"{stage}_run"
-    config = _branch_config(run, out_dir, steps, learning_rate, seed)
-    if start_from is not None:
-        config.brushnet_model_name_or_path = str(start_from)
+    config = _branch_config(run, run.work / "brushnet_run")
     start = time.perf_counter()
     result = train(config, dataset=_stream(run, config))
     seconds = time.perf_counter() - start
-    for checkpoint in out_dir.glob("checkpoint-*"):  # finished: a rerun of the stage starts over
+    for checkpoint in (run.work / "brushnet_run").glob("checkpoint-*"):  # done: a rerun starts over
         shutil.rmtree(checkpoint)
     recent = result.losses[-50:] or [float("nan")]
     return {
@@ -97,38 +101,24 @@ def _train_branch(run: Run, stage: str, steps: int, learning_rate: float, seed: 
     }
 
 
-def train_brushnet(run: Run) -> dict:
-    """Stage ``brushnet``: the branch from ``from_unet`` of the base, ``branch_lr``."""
-    cfg = run.cfg
-    return _train_branch(run, "brushnet", cfg.brushnet_steps, cfg.branch_lr, cfg.seed)
-
-
-def train_brushnet_more(run: Run) -> dict:
-    """Stage ``brushnet_more``: continue the branch with ``tap_lr`` (the zero-initialised taps barely move at
-    ``branch_lr`` in a few hundred steps), on another pass of the stream."""
-    cfg = run.cfg
-    start_from = run.work / "brushnet_run" / "brushnet"
-    return _train_branch(run, "brushnet_more", cfg.brushnet_more_steps, cfg.tap_lr, cfg.seed + 1, start_from)
-
-
-def _fit_on_stream(run: Run, stage: str, model, loss_of, steps: int, learning_rate: float) -> dict:
-    cfg = run.cfg
-    config = _branch_config(run, run.work / f"{stage}_run", steps, learning_rate, cfg.seed)
+def _fit_on_stream(run: Run, stage: str, model, loss_of) -> dict:
+    """Train ``model`` with the branch's settings (:func:`_branch_config`) on the branch's stream."""
+    config = _branch_config(run, run.work / f"{stage}_run")
     settings = FitSettings(
-        steps=steps,
-        learning_rate=learning_rate,
-        lr_scheduler=cfg.branch_lr_scheduler,
-        lr_warmup_steps=WARMUP_STEPS,
+        steps=config.max_train_steps,
+        learning_rate=config.learning_rate,
+        lr_scheduler=config.lr_scheduler,
+        lr_warmup_steps=config.lr_warmup_steps,
         adam_weight_decay=config.adam_weight_decay,
         max_grad_norm=config.max_grad_norm,
-        ema_decay=cfg.branch_ema_decay or None,
+        ema_decay=config.ema_decay if config.use_ema else None,
     )
     result = fit(
         model,
         loss_of,
-        StreamBatches(_stream(run, config), cfg.branch_batch),
+        StreamBatches(_stream(run, config), config.train_batch_size),
         settings,
-        generator=stage_generator(cfg.seed, stage),
+        generator=stage_generator(run.cfg.seed, stage),
         name=stage,
         checkpoint=run.checkpoint(stage),
     )
@@ -195,7 +185,7 @@ def train_inpaint(run: Run) -> dict:
         prediction = model(torch.cat([noisy, hole_latent, masked_latents], 1), timesteps, hidden).sample
         return F.mse_loss(prediction, _target(components, latents, noise, timesteps))
 
-    info = _fit_on_stream(run, "inpaint", model, loss_of, cfg.inpaint_steps, cfg.branch_lr)
+    info = _fit_on_stream(run, "inpaint", model, loss_of)
     out = run.work / "inpaint"
     if out.exists():
         shutil.rmtree(out)
@@ -236,7 +226,7 @@ def train_controlnet(run: Run) -> dict:
         ).sample
         return F.mse_loss(prediction, _target(components, latents, noise, timesteps))
 
-    info = _fit_on_stream(run, "controlnet", model, loss_of, cfg.controlnet_steps, cfg.tap_lr)
+    info = _fit_on_stream(run, "controlnet", model, loss_of)
     out = run.work / "controlnet"
     model.save_pretrained(out)
     run.checkpoint("controlnet").unlink(missing_ok=True)

@@ -162,7 +162,6 @@ def _warm_start(model, run: Run) -> str | None:
     from brushnet.models.brushnet import BrushNetModel
 
     for folder in (
-        run.work / "brushnet_more_run" / "brushnet",
         run.work / "brushnet_run" / "brushnet",
         run.work / "brushnet",
     ):

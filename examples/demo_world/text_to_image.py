@@ -1,10 +1,13 @@
-"""Stages ``base`` and ``base_v``: the offline tokenizer, the text encoder and the text-to-image UNet.
+"""Stage ``base``: the offline tokenizer, the text encoder and the text-to-image UNet.
 
-``base`` builds a word-level ``CLIPTokenizer`` (:func:`world_data.build_tokenizer`), a tiny ``CLIPTextModel``
-and an SD1.5-layout ``UNet2DConditionModel`` and trains text encoder and UNet jointly on precomputed latents
-(min-SNR weighted). ``base_v`` fine-tunes them to v-prediction. Captions: the full scene caption (45 %), a
-phrase naming some of its objects (45 %, so that "a red circle" is a meaningful prompt), empty (10 %, for
-classifier-free guidance).
+It builds a word-level ``CLIPTokenizer`` (:func:`world_data.build_tokenizer`), a tiny ``CLIPTextModel`` and an
+SD1.5-layout ``UNet2DConditionModel`` and trains text encoder and UNet jointly on precomputed latents, with
+the v-prediction target on a noise schedule rescaled to zero terminal SNR (Lin et al. 2024, "Common Diffusion
+Noise Schedules and Sample Steps are Flawed"): at the sampler's first step the model sees pure noise, as it
+does in training, so it cannot learn to read a scene's colours from the residual signal that Stable
+Diffusion's schedule leaves at t = 999 and then invent them from the noise at inference. Loss weights are
+min-SNR-γ for v. Captions: the full scene caption (45 %), a phrase naming some of its objects (45 %, so that
+"a red circle" is a meaningful prompt), empty (10 %, for classifier-free guidance).
 """
 
 from __future__ import annotations
@@ -17,13 +20,13 @@ from fit_loop import FitSettings, fit, seeded_init, stage_generator
 from recipe import Run, WorldTrainConfig
 from world_data import SIZE, TEXT_MAX_LENGTH, build_tokenizer, subset_caption, to_unit
 
-__all__ = ["min_snr_weights", "base_scheduler", "train_base", "train_base_v", "unet_config"]
+__all__ = ["base_scheduler", "min_snr_weights", "train_base", "unet_config"]
 
 
-def base_scheduler(cfg: WorldTrainConfig, prediction_type: str):
-    """The base's scheduler (saved as ``DDIMScheduler``; training reads its config as ``DDPMScheduler``):
-    Stable Diffusion's betas, optionally rescaled to zero terminal SNR (Lin et al. 2024) with trailing
-    timesteps."""
+def base_scheduler(cfg: WorldTrainConfig):
+    """The base's scheduler (saved as ``DDIMScheduler``; training and every method read its config):
+    Stable Diffusion's betas, rescaled to zero terminal SNR with trailing timesteps when
+    ``cfg.zero_terminal_snr``."""
     from diffusers import DDIMScheduler
 
     extra = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"} if cfg.zero_terminal_snr else {}
@@ -34,7 +37,7 @@ def base_scheduler(cfg: WorldTrainConfig, prediction_type: str):
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
-        prediction_type=prediction_type,
+        prediction_type="v_prediction",
         **extra,
     )
 
@@ -56,19 +59,17 @@ def unet_config(cfg: WorldTrainConfig) -> dict:
     )
 
 
-def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
-    """Loss weights per sample. ε: min-SNR-γ (Hang et al. 2023), ``min(snr, γ) / snr``. v: the same cap with a
-    floor of 1 on the implied x₀ weight, ``clamp(snr, 1, γ) / (snr + 1)``, so the highest noise levels (where
-    the sampler's first steps decide the layout) are not weighted down to nothing."""
+def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample weights of the v loss: min-SNR-γ (Hang et al. 2023) with a floor of 1 on the implied x₀
+    weight, ``clamp(snr, 1, γ) / (snr + 1)``, so the highest noise levels (where the sampler's first steps
+    decide the layout; snr = 0 at t = 999) are not weighted down to nothing."""
     alphas = scheduler.alphas_cumprod[timesteps]
     snr = alphas / (1 - alphas)
-    if prediction_type == "v_prediction":
-        return torch.clamp(snr, min=1.0, max=gamma) / (snr + 1)
-    return torch.clamp(snr, max=gamma) / snr.clamp_min(1e-8)
+    return torch.clamp(snr, min=1.0, max=gamma) / (snr + 1)
 
 
 def _latent_stats(images: torch.Tensor, vae_dir) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and std (scaled) of every training image, so the UNet stages never run the encoder."""
+    """Posterior mean and std (scaled) of every training image, so the UNet stage never runs the encoder."""
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(vae_dir).eval()
@@ -82,78 +83,18 @@ def _latent_stats(images: torch.Tensor, vae_dir) -> tuple[torch.Tensor, torch.Te
     return torch.cat(means), torch.cat(stds)
 
 
-def _fit_text_to_image(
-    run: Run, unet, text_encoder, tokenizer, *, stage: str, prediction_type: str, steps, lr
-):
-    """Train ``unet`` and ``text_encoder`` jointly on the run's scenes (min-SNR weighted ``prediction_type``)."""
-    from diffusers import DDPMScheduler
+def train_base(run: Run) -> dict:
+    """Stage ``base``: tokenizer, text encoder and text-to-image UNet from scratch, trained jointly on the
+    run's scenes; writes the whole ``base/`` pipeline folder (with the VAE of stage ``vae``)."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     from brushnet.training.loop import training_target
 
     cfg = run.cfg
-    images, scenes = run.scenes()
-    latent_mean, latent_std = _latent_stats(images, run.base_dir / "vae")
-    noise_scheduler = DDPMScheduler.from_config(base_scheduler(cfg, prediction_type).config)
-    generator = stage_generator(cfg.seed, stage)
-
-    def batches(generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
-        index = torch.randint(0, len(latent_mean), (cfg.base_batch,), generator=generator)
-        draws = torch.rand(len(index), generator=generator).tolist()
-        captions = []
-        for i, draw in zip(index.tolist(), draws):
-            if draw < 0.1:
-                captions.append("")
-            elif draw < 0.55:
-                captions.append(scenes[i].caption)
-            else:  # the subset's choice is a function of the draw, so the generator alone decides
-                captions.append(subset_caption(scenes[i], np.random.default_rng(int(draw * 2**53))))
-        return index, captions
-
-    def loss_of(batch, generator: torch.Generator) -> torch.Tensor:
-        index, captions = batch
-        tokens = tokenizer(
-            captions, padding="max_length", max_length=TEXT_MAX_LENGTH, truncation=True, return_tensors="pt"
-        ).input_ids
-        hidden = model["text_encoder"](tokens, return_dict=False)[0]
-        latents = latent_mean[index] + latent_std[index] * torch.randn(
-            latent_mean[index].shape, generator=generator
-        )
-        noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.randint(
-            0, noise_scheduler.config.num_train_timesteps, (len(index),), generator=generator
-        )
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        prediction = model["unet"](noisy, timesteps, hidden).sample
-        target = training_target(noise_scheduler, latents, noise, timesteps, prediction_type)
-        weights = min_snr_weights(noise_scheduler, timesteps, cfg.min_snr_gamma, prediction_type)
-        return (weights * ((prediction - target) ** 2).mean(dim=(1, 2, 3))).mean()
-
-    model = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
-    result = fit(
-        model,
-        loss_of,
-        batches,
-        FitSettings(steps=steps, learning_rate=lr),
-        generator=generator,
-        name=stage,
-        checkpoint=run.checkpoint(stage),
-    )
-    unet.save_pretrained(run.base_dir / "unet")
-    text_encoder.save_pretrained(run.base_dir / "text_encoder")
-    base_scheduler(cfg, prediction_type).save_pretrained(run.base_dir / "scheduler")
-    run.checkpoint(stage).unlink(missing_ok=True)
-    return result.summary()
-
-
-def train_base(run: Run) -> dict:
-    """Stage ``base``: tokenizer, text encoder and text-to-image UNet from scratch, ε-prediction; writes the
-    whole ``base/`` pipeline folder (with the VAE of stage ``vae``)."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    cfg = run.cfg
     tokenizer = build_tokenizer(run.base_dir / "tokenizer")
-    with seeded_init(stage_generator(cfg.seed, "base.init")):
+    generator = stage_generator(cfg.seed, "base")
+    with seeded_init(generator):
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
                 vocab_size=len(tokenizer),
@@ -169,10 +110,56 @@ def train_base(run: Run) -> dict:
             )
         )
         unet = UNet2DConditionModel(**unet_config(cfg))
-    info = _fit_text_to_image(
-        run, unet, text_encoder, tokenizer, stage="base", prediction_type="epsilon",
-        steps=cfg.base_steps, lr=cfg.base_lr,
-    )  # fmt: skip
+    model = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
+    images, scenes = run.scenes()
+    latent_mean, latent_std = _latent_stats(images, run.base_dir / "vae")
+    scheduler = base_scheduler(cfg)
+    noise_scheduler = DDPMScheduler.from_config(scheduler.config)
+
+    def batches(generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
+        index = torch.randint(0, len(latent_mean), (cfg.base_batch,), generator=generator)
+        draws = torch.rand(len(index), generator=generator).tolist()
+        captions = []
+        for i, draw in zip(index.tolist(), draws):
+            if draw < 0.1:
+                captions.append("")
+            elif draw < 0.55:
+                captions.append(scenes[i].caption)
+            else:  # the subset is a function of the draw, so the stage generator alone decides
+                captions.append(subset_caption(scenes[i], np.random.default_rng(int(draw * 2**53))))
+        return index, captions
+
+    def loss_of(batch, generator: torch.Generator) -> torch.Tensor:
+        index, captions = batch
+        tokens = tokenizer(
+            captions, padding="max_length", max_length=TEXT_MAX_LENGTH, truncation=True, return_tensors="pt"
+        ).input_ids
+        hidden = text_encoder(tokens, return_dict=False)[0]
+        latents = latent_mean[index] + latent_std[index] * torch.randn(
+            latent_mean[index].shape, generator=generator
+        )
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(
+            0, noise_scheduler.config.num_train_timesteps, (len(index),), generator=generator
+        )
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        prediction = unet(noisy, timesteps, hidden).sample
+        target = training_target(noise_scheduler, latents, noise, timesteps, "v_prediction")
+        weights = min_snr_weights(noise_scheduler, timesteps, cfg.min_snr_gamma)
+        return (weights * ((prediction - target) ** 2).mean(dim=(1, 2, 3))).mean()
+
+    settings = FitSettings(
+        steps=cfg.base_steps,
+        learning_rate=cfg.base_lr,
+        lr_warmup_steps=cfg.base_warmup_steps,
+        ema_decay=cfg.base_ema_decay or None,
+    )
+    result = fit(
+        model, loss_of, batches, settings, generator=generator, name="base", checkpoint=run.checkpoint("base")
+    )
+    unet.save_pretrained(run.base_dir / "unet")
+    text_encoder.save_pretrained(run.base_dir / "text_encoder")
+    scheduler.save_pretrained(run.base_dir / "scheduler")
     index_file = {
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": "0.42.1",
@@ -186,25 +173,5 @@ def train_base(run: Run) -> dict:
         "requires_safety_checker": False,
     }
     (run.base_dir / "model_index.json").write_text(json.dumps(index_file, indent=2))
-    return info
-
-
-def train_base_v(run: Run) -> dict:
-    """Stage ``base_v``: fine-tune the ε base to v-prediction (as Stable Diffusion 2 was from its ε model).
-
-    Why: at high noise an ε model's estimate of the clean latent is its ε error times √((1−ᾱ)/ᾱ) (≈ 14 at
-    t = 990), so a small model trained for minutes predicts x₀ worse than the data mean there and samples
-    noise; a v model predicts x₀ directly at high noise. The branches trained on a v base learn to copy the
-    kept region from the first sampling step.
-    """
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    cfg = run.cfg
-    tokenizer = CLIPTokenizer.from_pretrained(run.base_dir / "tokenizer")
-    unet = UNet2DConditionModel.from_pretrained(run.base_dir / "unet", torch_dtype=torch.float32)
-    text_encoder = CLIPTextModel.from_pretrained(run.base_dir / "text_encoder", torch_dtype=torch.float32)
-    return _fit_text_to_image(
-        run, unet, text_encoder, tokenizer, stage="base_v", prediction_type="v_prediction",
-        steps=cfg.base_v_steps, lr=cfg.base_v_lr,
-    )  # fmt: skip
+    run.checkpoint("base").unlink(missing_ok=True)
+    return result.summary()

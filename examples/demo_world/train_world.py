@@ -7,11 +7,12 @@ given, and a stage that crashed resumes from its last checkpoint when run again.
 loss, seconds) go to ``training_record.json``, which the export ships beside the models. See docs/demo.md.
 
 1. ``data``: BrushData shards of ``--scenes`` training scenes (:func:`brushnet.data.shapes_writers.write_training_shards`).
-2. ``vae``, ``decoder``: the autoencoder (:mod:`autoencoder`).
-3. ``base``, ``base_v``: tokenizer, text encoder and text-to-image UNet (:mod:`text_to_image`).
-4. ``brushnet`` (by :func:`brushnet.training.train`), ``brushnet_more``, ``inpaint`` (9-channel UNet),
-   ``controlnet``: the inpainting models on the frozen base, from the same samples (:mod:`inpainting`).
-5. ``powerpaint``: a PowerPaint v2-style branch and its task words, on per-task samples, warm-started from the
+2. ``vae``: the autoencoder (:mod:`autoencoder`).
+3. ``base``: tokenizer, text encoder and text-to-image UNet (:mod:`text_to_image`).
+4. ``brushnet`` (by :func:`brushnet.training.train`), ``inpaint`` (9-channel UNet), ``controlnet``: the
+   inpainting models on the frozen base, from the same samples with the same settings (:mod:`inpainting`).
+5. ``decoder``: the VAE decoder alone, longer (every latent the other stages used stays the same).
+6. ``powerpaint``: a PowerPaint v2-style branch and its task words, on per-task samples, warm-started from the
    BrushNet branch (:mod:`powerpaint_stage`).
 """
 
@@ -31,10 +32,10 @@ from pathlib import Path
 
 import torch
 from autoencoder import train_decoder, train_vae
-from inpainting import train_brushnet, train_brushnet_more, train_controlnet, train_inpaint
+from inpainting import train_brushnet, train_controlnet, train_inpaint
 from powerpaint_stage import train_powerpaint
 from recipe import Run, WorldTrainConfig, smoke_config
-from text_to_image import train_base, train_base_v
+from text_to_image import train_base
 from world_data import SIZE
 
 __all__ = ["DEFAULT_STAGES", "STAGES", "export", "main", "train_all"]
@@ -55,9 +56,7 @@ STAGES: dict[str, typing.Callable[[Run], dict]] = {
     "vae": train_vae,
     "decoder": train_decoder,
     "base": train_base,
-    "base_v": train_base_v,
     "brushnet": train_brushnet,
-    "brushnet_more": train_brushnet_more,
     "inpaint": train_inpaint,
     "controlnet": train_controlnet,
     "powerpaint": train_powerpaint,
@@ -65,12 +64,9 @@ STAGES: dict[str, typing.Callable[[Run], dict]] = {
 """Every stage by name."""
 
 DEFAULT_STAGES: tuple[str, ...] = (
-    "data", "vae", "base", "base_v", "brushnet", "brushnet_more", "inpaint", "controlnet", "decoder",
-    "powerpaint",
+    "data", "vae", "base", "brushnet", "inpaint", "controlnet", "decoder", "powerpaint",
 )  # fmt: skip
 """The stages of a full run, in order."""
-
-BRANCH_STAGES = ("brushnet", "brushnet_more")
 
 
 def _cpu_model() -> str:
@@ -133,16 +129,12 @@ def _halve(folder: Path) -> None:
 def export(work: str | os.PathLike, dest: str | os.PathLike, half: bool = True) -> Path:
     """Copy the trained folders that exist into ``dest`` (``base/``, ``brushnet/``, ``inpaint/``,
     ``controlnet/``, ``powerpaint/``, ``training_record.json``), without run logs or checkpoints; other files
-    in ``dest`` (the mini-BrushBench results) are kept. The branch is the one the later of ``brushnet`` and
-    ``brushnet_more`` wrote. With ``half`` the UNets, branches and ControlNet are stored in float16 (VAE and
-    text encoders stay float32)."""
+    in ``dest`` (the mini-BrushBench results) are kept. With ``half`` the UNets, branches and ControlNet are
+    stored in float16 (VAE and text encoders stay float32)."""
     work, dest = Path(work), Path(dest)
-    record = json.loads((work / "training_record.json").read_text())
-    branches = [record["stages"][s] for s in BRANCH_STAGES if s in record["stages"]]
-    branch = max(branches, key=lambda info: info.get("finished", "")) if branches else None
     sources = {
         "base": work / "base",
-        "brushnet": Path(branch["model_dir"]) if branch else work / "brushnet_run" / "brushnet",
+        "brushnet": work / "brushnet_run" / "brushnet",
         "inpaint": work / "inpaint",
         "controlnet": work / "controlnet",
         "powerpaint": work / "powerpaint",
