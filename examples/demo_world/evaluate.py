@@ -155,17 +155,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default="brushnet", help="Comma-separated; '' for the VAE ceiling only.")
     parser.add_argument("--json", help="Also write the scores here.")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of this process (default 1).")
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="A method option for every method listed (e.g. conditioning_scale=2.0 for brushnet); repeatable.",
+    )
     args = parser.parse_args(argv)
+    options = {}
+    for text in args.option:
+        key, sep, value = text.partition("=")
+        if not sep or not key:
+            parser.error(f"--option {text!r}: expected KEY=VALUE")
+        try:
+            options[key] = json.loads(value)  # numbers, true/false, lists
+        except json.JSONDecodeError:
+            options[key] = value  # a word such as text-guided
     torch.set_num_threads(args.threads)
     items = eval_items(args.scenes)
     report = {
         "scenes": args.scenes,
         "settings": SETTINGS,
+        "options": options,
         "vae": vae_ceiling(Path(args.models) / "base" / "vae", items),
     }
     print(f"VAE ceiling: {json.dumps({k: round(v, 2) for k, v in report['vae'].items()})}", flush=True)
     for name in filter(None, args.methods.split(",")):
-        scores = method_scores(args.models, name, items)
+        scores = method_scores(args.models, name, items, options=options)
         report[name] = scores
         print(f"{name}: {json.dumps({k: round(v, 3) for k, v in scores.items()})}", flush=True)
     if args.json:

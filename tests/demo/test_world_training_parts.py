@@ -226,6 +226,29 @@ def test_quick_evaluation_of_the_shipped_models(tmp_path):
         assert 0 <= row[key] <= 1, key
 
 
+def test_quick_evaluation_passes_method_options(tmp_path):
+    """``--option conditioning_scale=0`` reaches the BrushNet method: the branch switched off keeps the
+    surroundings far worse; a malformed option is a usage error."""
+    import json
+
+    import pytest
+    from evaluate import main
+
+    from brushnet.demo.assets import DEMO_DIR
+
+    scores = {}
+    for scale in ("1.0", "0"):
+        out = tmp_path / f"scores_{scale}.json"
+        assert main(["--models", str(DEMO_DIR), "--scenes", "2", "--methods", "brushnet",
+                     "--option", f"conditioning_scale={scale}", "--json", str(out)]) == 0  # fmt: skip
+        report = json.loads(out.read_text())
+        assert report["options"] == {"conditioning_scale": float(scale)}
+        scores[scale] = report["brushnet"]["kept_psnr"]
+    assert scores["1.0"] > scores["0"] + 2.0, scores
+    with pytest.raises(SystemExit):
+        main(["--models", str(DEMO_DIR), "--scenes", "1", "--option", "conditioning_scale"])
+
+
 def test_an_object_painted_over_the_hole_edge_counts_only_when_scored_in_the_original_surroundings():
     """Why evaluate.py has ``colour_acc_hole``: the right object painted 3 px larger than the hole puts its colour
     in the output's ring, so the output-ring score sees background; the hole pasted into the original sees it."""
