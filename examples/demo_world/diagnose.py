@@ -6,17 +6,25 @@ Prints, per timestep, the mean squared error of the model's x₀ estimate (from 
 declares) against the VAE latent of the scene, next to the variance of the latents (the error of always
 predicting the data mean). An x₀ error above that variance at high noise means the sampler's first steps
 start from worse than nothing: the failure that made the demo fine-tune its ε base to v-prediction.
+
+    python examples/demo_world/diagnose.py --base src/brushnet/assets/demo_world/base --samples 24
+
+also draws ``--samples`` images from held-out one-object captions ("a red circle on a striped white
+background"; DDIM 25 steps, guidance 5) and prints the share whose dominant colour is the captioned background's
+and the share that show the captioned object's colour: what the base draws, which is what every inpainting
+model of the demo starts from.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 import numpy as np
 import torch
 
-__all__ = ["x0_errors", "main"]
+__all__ = ["x0_errors", "sample_check", "main"]
 
 TIMESTEPS = (100, 300, 500, 700, 900, 990)
 
@@ -69,6 +77,43 @@ def x0_errors(
     return errors, float(latents.var())
 
 
+@torch.no_grad()
+def sample_check(base: str, count: int = 24, seed: int = 0, steps: int = 25, guidance: float = 5.0) -> dict:
+    """Text-to-image from ``count`` held-out one-object captions (eval split, world seed 3): the shares of images
+    whose nearest-palette majority colour is the captioned background (``background``) and that have at least
+    1.5 % of their pixels within 60 RGB units of the captioned object's colour (``object``)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from brushnet.data.shapes import PALETTE, sample_scene, scene_rng
+
+    with warnings.catch_warnings():  # diffusers >= 0.36 renames torch_dtype; the pin allows 0.32
+        warnings.simplefilter("ignore", FutureWarning)
+        pipe = StableDiffusionPipeline.from_pretrained(  # the UNet is stored in float16
+            base, safety_checker=None, requires_safety_checker=False, torch_dtype=torch.float32
+        )
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    names = list(PALETTE)
+    palette = np.array([PALETTE[name] for name in names], dtype=np.float64)
+    background = present = 0
+    for index in range(count):
+        scene = sample_scene(scene_rng("eval", 3, index), max_objects=1)
+        image = pipe(
+            scene.caption,
+            height=128,
+            width=128,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=torch.Generator().manual_seed(seed + index),
+        ).images[0]
+        pixels = np.asarray(image, dtype=np.float64).reshape(-1, 3)
+        nearest = np.linalg.norm(pixels[:, None] - palette[None], axis=-1).argmin(1)
+        background += names[np.bincount(nearest, minlength=len(names)).argmax()] == scene.background.colour
+        target = np.asarray(PALETTE[scene.objects[0].colour], dtype=np.float64)
+        present += (np.linalg.norm(pixels - target, axis=1) < 60).mean() >= 0.015
+    return {"samples": count, "background": background / count, "object": present / count}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python examples/demo_world/diagnose.py", description=__doc__.splitlines()[0]
@@ -76,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", required=True, help="A diffusers Stable Diffusion folder (vae, unet, ...).")
     parser.add_argument("--scenes", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of this process (default 1).")
+    parser.add_argument(
+        "--samples", type=int, default=0, help="Also draw this many captioned images and score their colours."
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     errors, variance = x0_errors(args.base, args.scenes)
@@ -83,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     print("| t | x0 MSE |\n| --- | --- |")
     for t, error in errors.items():
         print(f"| {t} | {error:.3f} |")
+    if args.samples:
+        check = sample_check(args.base, args.samples)
+        print(
+            f"text-to-image, {check['samples']} one-object captions: captioned background colour "
+            f"{check['background']:.2f}, captioned object colour present {check['object']:.2f}"
+        )
     return 0
 
 
