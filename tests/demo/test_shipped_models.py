@@ -9,29 +9,33 @@ mangled prompt all fall far below them).
 import numpy as np
 import pytest
 
-from brushnet.data.shapes_metrics import dominant_colour
+from brushnet.data.shapes_metrics import text_alignment
 from brushnet.data.shapes_writers import write_eval_set
 from brushnet.demo.assets import DEMO_DIR, method_models
 from brushnet.demo.run import DEMO_REQUEST
 from brushnet.image import blend_pil
 
 SCENES = 16
-# Measured on these 16 scenes (10 UniPC steps, guidance 5, seed 1234, 5 px blend) with the shipped weights:
-# blended kept-region PSNR 39.95 dB mean (35.21 dB worst), raw kept-region PSNR 13.23 dB, prompted-colour
-# accuracy 8/16 = 0.50 (chance about 1/7). With the branch switched off (conditioning_scale 0) the same loop measured raw
-# kept-region PSNR 8.44 dB and colour accuracy 4/16 (test_a_switched_off_branch_fails_the_thresholds).
-MIN_BLENDED_KEPT_PSNR = 36.0
-MIN_RAW_KEPT_PSNR = 11.5
-MIN_COLOUR_ACCURACY = 5 / 16
+# Measured on these 16 scenes (10 UniPC steps, guidance 5, seed 1234, 5 px blend) with the shipped weights
+# (recipe v2): blended kept-region PSNR 41.30 dB mean (37.56 dB worst), raw kept-region PSNR 22.43 dB, the
+# prompted colour in 14/16 holes (scored on the hole pasted into the original, ``colour_hole_ok``; 8/16 on the
+# raw output's own ring; chance about 1/7). With the branch switched off (conditioning_scale 0) the same loop
+# measured raw kept-region PSNR 8.29 dB and the colour in 6/16 holes (test_a_switched_off_branch_fails_the_thresholds).
+# (/tmp/dw/tools/shipped_measure*.py in the session notes; the loops below are the same.)
+MIN_BLENDED_KEPT_PSNR = 38.5
+MIN_RAW_KEPT_PSNR = 19.0
+MIN_COLOUR_ACCURACY = 11 / 16
 # PowerPaint (the shipped v2-style branch), same 16 scenes and settings. With the removal set's prompts (the
-# background's phrase): holes left with no object colour, blended, 11/16 with its object-removal task, 1/16
-# with its text-guided task (the task word does the removing), BrushNet 1/16. Text-guided on the object prompts:
-# colour accuracy 11/16, kept-region PSNR 45.06 dB blended, 20.08 dB raw.
-MIN_POWERPAINT_REMOVED = 8 / 16
-MIN_REMOVAL_MARGIN = 5 / 16  # over BrushNet with the same prompt
-MAX_TEXT_GUIDED_REMOVED = 4 / 16
-MIN_POWERPAINT_COLOUR_ACCURACY = 7 / 16
-MIN_POWERPAINT_RAW_KEPT_PSNR = 17.0
+# background's phrase): holes left with no object colour, blended, 14/16 with its object-removal task, BrushNet
+# 7/16 (13/16 with PowerPaint's text-guided word: told to paint the background, this text encoder mostly does).
+# With the object's own phrase as the prompt, object-removal still empties 6/16 holes, text-guided 0/16: the task
+# word does that. Text-guided on the object prompts: the colour in 14/16 holes, kept-region PSNR 42.54 dB
+# blended, 23.90 dB raw.
+MIN_POWERPAINT_REMOVED = 10 / 16
+MIN_REMOVAL_MARGIN = 4 / 16  # over BrushNet with the same prompt
+MIN_TASK_WORD_MARGIN = 3 / 16  # object-removal over text-guided with the object's phrase as the prompt
+MIN_POWERPAINT_COLOUR_ACCURACY = 11 / 16
+MIN_POWERPAINT_RAW_KEPT_PSNR = 20.0
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +78,13 @@ def _outputs(method_name, dataset, prompt_of=lambda item: item.prompt, options=N
 
 
 def _run(method_name, dataset, prompt_of=lambda item: item.prompt, options=None):
+    """Mean blended and raw kept-region PSNR, and the share of raw holes with the prompted colour (the hole
+    pasted into the original: ``--score shapes``' ``colour_hole_ok``)."""
     psnrs, raw_psnrs, colours = [], [], []
     for item, raw, blended in _outputs(method_name, dataset, prompt_of, options):
         psnrs.append(_kept_psnr(blended, item.image, item.mask))
         raw_psnrs.append(_kept_psnr(raw, item.image, item.mask))
-        colours.append(dominant_colour(np.asarray(raw), item.mask) == item.metadata["target"]["colour"])
+        colours.append(text_alignment(raw, item, "inside")["colour_hole_ok"])
     return float(np.mean(psnrs)), float(np.mean(raw_psnrs)), float(np.mean(colours))
 
 
@@ -95,8 +101,9 @@ def test_brushnet_inpaints_held_out_scenes(held_out):
 def test_a_switched_off_branch_fails_the_thresholds(held_out):
     """Negative control: the base alone (branch scale 0) must fall below the raw-PSNR threshold, so the test
     above measures the trained branch and not the base or the blend."""
-    _, raw_psnr, _ = _run("brushnet", held_out, options={"conditioning_scale": 0.0})
+    _, raw_psnr, colour_accuracy = _run("brushnet", held_out, options={"conditioning_scale": 0.0})
     assert raw_psnr < MIN_RAW_KEPT_PSNR, raw_psnr
+    assert colour_accuracy < MIN_COLOUR_ACCURACY, colour_accuracy
 
 
 @pytest.fixture(scope="module")
@@ -127,9 +134,12 @@ def test_powerpaint_removes_objects_that_brushnet_paints_back(removal_set):
     assert removed - brushnet >= MIN_REMOVAL_MARGIN, (removed, brushnet)
 
 
-def test_powerpaint_removes_by_its_task_word(removal_set):
-    """Negative control: the same model, prompt and holes with the text-guided task word paint an object."""
-    assert _removed("powerpaint", removal_set, {"task": "text-guided"}) <= MAX_TEXT_GUIDED_REMOVED
+def test_powerpaint_removes_by_its_task_word(held_out):
+    """Negative control: with the object's own phrase as the prompt, the object-removal word still empties holes
+    that the text-guided word fills (the same model, prompt, holes and seed)."""
+    removed = _removed("powerpaint", held_out, {"task": "object-removal"})
+    text_guided = _removed("powerpaint", held_out, {"task": "text-guided"})
+    assert removed - text_guided >= MIN_TASK_WORD_MARGIN, (removed, text_guided)
 
 
 def test_powerpaint_text_guided_paints_the_prompted_colour(held_out):
@@ -139,9 +149,20 @@ def test_powerpaint_text_guided_paints_the_prompted_colour(held_out):
 
 
 def test_shipped_base_beats_the_data_mean_at_high_noise():
-    """The v-prediction base's x0 estimate at t=990 is better than predicting the mean latent (measured 0.28
-    against a variance of 0.76); the ε base it was fine-tuned from scored 2.03 there and sampled noise."""
+    """The v-prediction base's x0 estimate at t=990 is better than predicting the mean latent (measured 0.45
+    against a variance of 1.02 on these 8 scenes); an ε base of the first recipe scored 2.03 (against 0.76)
+    there and sampled noise."""
     from diagnose import x0_errors  # examples/demo_world (conftest.py)
 
     errors, variance = x0_errors(str(DEMO_DIR / "base"), scenes=8, timesteps=(990,))
     assert errors[990] < 0.6 * variance, (errors, variance)
+
+
+def test_shipped_base_draws_the_captioned_colours():
+    """Text-to-image from held-out one-object captions: the background has the captioned colour and the object's
+    colour appears (measured on 24 captions: 24/24 and 23/24; the first recipe's base drew the captioned
+    background in 1/24)."""
+    from diagnose import sample_check  # examples/demo_world (conftest.py)
+
+    check = sample_check(str(DEMO_DIR / "base"), count=6)
+    assert check["background"] >= 5 / 6 and check["object"] >= 4 / 6, check
