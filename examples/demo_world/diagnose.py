@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -135,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         "--samples", type=int, default=0, help="Also draw this many captioned images and score their colours."
     )
     args = parser.parse_args(argv)
+    if not all((Path(args.base) / part).is_dir() for part in ("unet", "vae", "text_encoder", "tokenizer")):
+        parser.error(
+            f"--base {args.base}: not a Stable Diffusion folder (needs unet/, vae/, text_encoder/, tokenizer/)"
+        )
     torch.set_num_threads(args.threads)
     errors, variance = x0_errors(args.base, args.scenes)
     print(f"{args.base}: latent variance {variance:.3f} (the error of predicting the mean)")

@@ -100,7 +100,7 @@ def method_scores(
     models: str | Path, method_name: str, items: list[dict], options: dict | None = None
 ) -> dict:
     """Raw kept PSNR and colour / shape accuracy of one method (loaded with ``brushnet.methods``)."""
-    from brushnet.data.shapes_metrics import classify_shape, dominant_colour
+    from brushnet.data.shapes_metrics import prompted_scores
     from brushnet.demo.assets import method_models
     from brushnet.methods import inpaint, load_method
 
@@ -112,18 +112,11 @@ def method_scores(
             method, item["image"], item["hole"], prompt=item["prompt"], blend=False, options=options or {},
             **SETTINGS,
         ).images[0]  # fmt: skip
-        rgb = np.asarray(raw)
-        colour, shape = item["target"]["colour"], item["target"]["shape"]
-        hole = np.asarray(item["hole"]).astype(bool)
-        pasted = np.asarray(item["image"].convert("RGB")).copy()
-        pasted[hole] = rgb[hole]  # the hole's content in the original surroundings
+        target = item["target"]
         rows.append(
             {
                 "psnr": _kept_psnr(raw, item["image"], item["hole"]),
-                "colour_ok": dominant_colour(rgb, hole) == colour,
-                "shape_ok": classify_shape(rgb, hole, colour) == shape,
-                "colour_hole_ok": dominant_colour(pasted, hole) == colour,
-                "shape_hole_ok": classify_shape(pasted, hole, colour) == shape,
+                **prompted_scores(raw, item["image"], item["hole"], target["colour"], target["shape"]),
                 "variant": item["variant"],
             }
         )
@@ -163,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         help="A method option for every method listed (e.g. conditioning_scale=2.0 for brushnet); repeatable.",
     )
     args = parser.parse_args(argv)
+    if not (Path(args.models) / "base" / "vae").is_dir():
+        parser.error(f"--models {args.models}: not a demo model set (no base/vae folder)")
     options = {}
     for text in args.option:
         key, sep, value = text.partition("=")

@@ -249,6 +249,19 @@ def test_quick_evaluation_passes_method_options(tmp_path):
         main(["--models", str(DEMO_DIR), "--scenes", "1", "--option", "conditioning_scale"])
 
 
+def test_quick_tools_refuse_a_folder_that_is_not_a_model_set(tmp_path, capsys):
+    """evaluate.py and diagnose.py name the folder in one usage line before loading anything."""
+    import pytest
+    from diagnose import main as diagnose
+    from evaluate import main as evaluate
+
+    for run, flag in ((evaluate, "--models"), (diagnose, "--base")):
+        with pytest.raises(SystemExit) as exit_info:
+            run([flag, str(tmp_path / "missing")])
+        assert exit_info.value.code == 2
+        assert f"{flag} {tmp_path / 'missing'}: not a" in capsys.readouterr().err
+
+
 def test_an_object_painted_over_the_hole_edge_counts_only_when_scored_in_the_original_surroundings():
     """Why evaluate.py has ``colour_acc_hole``: the right object painted 3 px larger than the hole puts its colour
     in the output's ring, so the output-ring score sees background; the hole pasted into the original sees it."""

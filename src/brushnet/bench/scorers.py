@@ -20,8 +20,8 @@ SCORERS: dict[str, str] = {
     "removal": "brushnet.data.shapes_metrics:removal",
 }
 """Named scorers: ``shapes`` = the shapes world's prompted colour and shape in the hole (``colour_ok``,
-``shape_ok``, and ``colour_hole_ok``/``shape_hole_ok`` on the hole pasted into the original); ``removal`` = the shapes world's object removal: no object colour left in the hole
-(``removed``, ``object_fraction``)."""
+``shape_ok``, and ``colour_hole_ok``/``shape_hole_ok`` on the hole pasted into the original); ``removal`` = the
+shapes world's object removal: no object colour left in the hole (``removed``, ``object_fraction``)."""
 
 
 def get_scorer(name: str) -> Callable[..., dict[str, Any]]:

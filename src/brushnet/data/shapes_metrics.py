@@ -31,6 +31,7 @@ __all__ = [
     "dominant_colour",
     "largest_component",
     "object_fraction",
+    "prompted_scores",
     "removal",
     "REMOVAL_MAX_OBJECT_FRACTION",
     "shape_accuracy",
@@ -61,16 +62,17 @@ def _as_mask(region_mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return mask
 
 
-def _nearest_ring_colour_sq(
-    rgb: np.ndarray, mask: np.ndarray, pixels: np.ndarray, ring_width: int
-) -> np.ndarray | None:
-    """Squared RGB distance from each of ``pixels`` to the nearest background colour: the distinct colours of the
-    ring of kept pixels ``ring_width`` wide around ``mask`` (quantised to 4 levels per step); ``None`` without a
-    ring."""
+def _ring_colours(rgb: np.ndarray, mask: np.ndarray, ring_width: int) -> np.ndarray | None:
+    """The distinct colours of the ring of kept pixels ``ring_width`` wide around ``mask`` (quantised to 4 levels
+    per step), ``(K, 3)`` float; ``None`` without a ring."""
     ring = dilate_mask(mask, ring_width) & ~mask
     if not ring.any():
         return None
-    ring_colours = np.unique(np.rint(rgb[ring] / 4.0), axis=0) * 4.0
+    return np.unique(np.rint(rgb[ring] / 4.0), axis=0) * 4.0
+
+
+def _nearest_ring_colour_sq(pixels: np.ndarray, ring_colours: np.ndarray) -> np.ndarray:
+    """Squared RGB distance from each of ``pixels`` to the nearest of ``ring_colours``."""
     ring_sq = (ring_colours**2).sum(axis=1)
     nearest_sq = np.empty(len(pixels))
     for start in range(0, len(pixels), 2048):  # chunks keep the distance matrix small
@@ -93,9 +95,9 @@ def _colour_pixels(
         return labels
     pixels = rgb[mask]
     keep = np.ones(len(pixels), dtype=bool)
-    nearest_bg_sq = _nearest_ring_colour_sq(rgb, mask, pixels, ring_width)
-    if nearest_bg_sq is not None:
-        keep &= nearest_bg_sq > background_tolerance**2
+    ring_colours = _ring_colours(rgb, mask, ring_width)
+    if ring_colours is not None:
+        keep &= _nearest_ring_colour_sq(pixels, ring_colours) > background_tolerance**2
     palette_dist = np.linalg.norm(pixels[:, None, :] - _PALETTE_RGB[None, :, :], axis=-1)
     nearest = palette_dist.argmin(axis=1)
     keep &= palette_dist.min(axis=1) <= max_palette_distance
@@ -180,11 +182,9 @@ def object_fraction(
     distances = np.linalg.norm(pixels[:, None, :] - _PALETTE_RGB[None, :, :], axis=-1)
     palette = distances.min(axis=1)
     shows = palette <= max_palette_distance
-    nearest_ring_sq = _nearest_ring_colour_sq(rgb, mask, pixels, ring_width)
-    if nearest_ring_sq is not None:
-        shows &= palette < np.sqrt(np.maximum(nearest_ring_sq, 0.0))
-        ring = dilate_mask(mask, ring_width) & ~mask
-        ring_colours = np.unique(np.rint(rgb[ring] / 4.0), axis=0) * 4.0
+    ring_colours = _ring_colours(rgb, mask, ring_width)
+    if ring_colours is not None:
+        shows &= palette < np.sqrt(np.maximum(_nearest_ring_colour_sq(pixels, ring_colours), 0.0))
         to_ring = np.linalg.norm(_PALETTE_RGB[:, None, :] - ring_colours[None, :, :], axis=-1).min(axis=1)
         shows &= to_ring[distances.argmin(axis=1)] >= BACKGROUND_PALETTE_DISTANCE
     return float(shows.sum() / mask.sum())
@@ -333,6 +333,30 @@ def shape_accuracy(
     return classify_shape(image, region_mask, colour, **kwargs) == shape
 
 
+def prompted_scores(
+    output: np.ndarray | Image.Image,
+    original: np.ndarray | Image.Image,
+    hole: np.ndarray,
+    colour: str | None,
+    shape: str | None,
+) -> dict[str, bool | None]:
+    """Whether the hole of ``output`` has the prompted ``colour`` / ``shape``: ``colour_ok`` / ``shape_ok`` with
+    the background read from the output's own ring around the hole, ``colour_hole_ok`` / ``shape_hole_ok`` on
+    the hole's content pasted into ``original`` (see :func:`text_alignment`); ``None`` where the prompt names no
+    colour (or shape)."""
+    rgb = _as_rgb(output).round().astype(np.uint8)  # uint8: the scorers read floats as 0-1
+    hole = _as_mask(hole, rgb.shape)
+    pasted = _as_rgb(original).round().astype(np.uint8)
+    pasted[hole] = rgb[hole]
+    scores = {}
+    for suffix, pixels in (("", rgb), ("_hole", pasted)):
+        scores[f"colour{suffix}_ok"] = None if colour is None else dominant_colour(pixels, hole) == colour
+        scores[f"shape{suffix}_ok"] = (
+            None if shape is None or colour is None else classify_shape(pixels, hole, colour) == shape
+        )
+    return scores
+
+
 def text_alignment(image, item, mask_kind: str) -> dict[str, bool | None]:
     """The shapes world's text-alignment scores of a benchmark output (``brushnet bench run --score shapes``):
     ``colour_ok`` — the prompted colour dominates the hole; ``shape_ok`` — its blob has the prompted shape;
@@ -350,18 +374,7 @@ def text_alignment(image, item, mask_kind: str) -> dict[str, bool | None]:
     target = item.metadata.get("target")
     if mask_kind != "inside" or not isinstance(target, dict):
         return {}
-    colour, shape = target.get("colour"), target.get("shape")
-    rgb = np.asarray(image.convert("RGB"))
-    hole = np.asarray(item.mask, dtype=bool)
-    pasted = np.array(item.image.convert("RGB"))
-    pasted[hole] = rgb[hole]
-    scores = {}
-    for suffix, pixels in (("", rgb), ("_hole", pasted)):
-        scores[f"colour{suffix}_ok"] = None if colour is None else dominant_colour(pixels, hole) == colour
-        scores[f"shape{suffix}_ok"] = (
-            None if shape is None or colour is None else classify_shape(pixels, hole, colour) == shape
-        )
-    return scores
+    return prompted_scores(image, item.image, item.mask, target.get("colour"), target.get("shape"))
 
 
 def removal(image, item, mask_kind: str) -> dict[str, bool | float]:
