@@ -4,7 +4,7 @@
 
 On the first ``--scenes`` scenes of the mini-BrushBench's evaluation set (``write_eval_set(..., seed=0,
 different_object_fraction=0.25)``, inside masks) it reports, with the demo's settings (10 UniPC steps,
-guidance 5, seed 1234, no blending):
+guidance 5, seed 1234, no blending; ``--guidance-scale`` and ``--steps`` change the first two):
 
 - the VAE's ceiling: PSNR of ``decode(encode(x))`` against ``x`` on the kept region of the inside and the
   outside masks (what a method that keeps the known latent exactly would score) and on the whole image;
@@ -97,9 +97,14 @@ def vae_ceiling(vae_dir: str | Path, items: list[dict]) -> dict:
 
 
 def method_scores(
-    models: str | Path, method_name: str, items: list[dict], options: dict | None = None
+    models: str | Path,
+    method_name: str,
+    items: list[dict],
+    options: dict | None = None,
+    settings: dict | None = None,
 ) -> dict:
-    """Raw kept PSNR and colour / shape accuracy of one method (loaded with ``brushnet.methods``)."""
+    """Raw kept PSNR and colour / shape accuracy of one method (loaded with ``brushnet.methods``), with the
+    demo's :data:`SETTINGS` updated by ``settings`` (e.g. ``{"guidance_scale": 1.0}``)."""
     from brushnet.data.shapes_metrics import prompted_scores
     from brushnet.demo.assets import method_models
     from brushnet.methods import inpaint, load_method
@@ -110,7 +115,7 @@ def method_scores(
     for item in items:
         raw = inpaint(
             method, item["image"], item["hole"], prompt=item["prompt"], blend=False, options=options or {},
-            **SETTINGS,
+            **{**SETTINGS, **(settings or {})},
         ).images[0]  # fmt: skip
         target = item["target"]
         rows.append(
@@ -155,7 +160,16 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="A method option for every method listed (e.g. conditioning_scale=2.0 for brushnet); repeatable.",
     )
+    parser.add_argument(
+        "--guidance-scale", type=float, default=SETTINGS["guidance_scale"],
+        help=f"Classifier-free guidance of every method (default {SETTINGS['guidance_scale']}, the demo's).",
+    )  # fmt: skip
+    parser.add_argument(
+        "--steps", type=int, default=SETTINGS["steps"], help=f"Sampling steps (default {SETTINGS['steps']})."
+    )
     args = parser.parse_args(argv)
+    if args.guidance_scale < 0 or args.steps < 1:
+        parser.error("--guidance-scale must be >= 0 and --steps >= 1")
     if not (Path(args.models) / "base" / "vae").is_dir():
         parser.error(f"--models {args.models}: not a demo model set (no base/vae folder)")
     options = {}
@@ -169,15 +183,16 @@ def main(argv: list[str] | None = None) -> int:
             options[key] = value  # a word such as text-guided
     torch.set_num_threads(args.threads)
     items = eval_items(args.scenes)
+    settings = {**SETTINGS, "guidance_scale": args.guidance_scale, "steps": args.steps}
     report = {
         "scenes": args.scenes,
-        "settings": SETTINGS,
+        "settings": settings,
         "options": options,
         "vae": vae_ceiling(Path(args.models) / "base" / "vae", items),
     }
     print(f"VAE ceiling: {json.dumps({k: round(v, 2) for k, v in report['vae'].items()})}", flush=True)
     for name in filter(None, args.methods.split(",")):
-        scores = method_scores(args.models, name, items, options=options)
+        scores = method_scores(args.models, name, items, options=options, settings=settings)
         report[name] = scores
         print(f"{name}: {json.dumps({k: round(v, 3) for k, v in scores.items()})}", flush=True)
     if args.json:
