@@ -8,6 +8,9 @@ guidance 5, seed 1234, no blending; ``--guidance-scale`` and ``--steps`` change 
 
 - the VAE's ceiling: PSNR of ``decode(encode(x))`` against ``x`` on the kept region of the inside and the
   outside masks (what a method that keeps the known latent exactly would score) and on the whole image;
+- the flat fill: ``colour_acc_hole`` / ``shape_acc_hole`` of the hole painted flat in the prompted colour
+  (what a method scores that gets the colour and draws no shape: the hole's outline, the masked object's
+  silhouette dilated by 3 px, gives the shape away about half the time);
 - per method: raw kept-region PSNR (``brushnet.metrics.pixel.psnr``, region "kept", as the benchmark), and
   colour / shape accuracy of the hole (``brushnet.data.shapes_metrics``), split by whether the prompt names
   the masked object or a different one. The metrics take the background's colours from the 2 px ring around
@@ -23,6 +26,7 @@ scenes, inside masks only, in one process, to compare training settings in minut
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -33,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["eval_items", "main", "method_scores", "vae_ceiling"]
+__all__ = ["eval_items", "flat_fill", "main", "method_scores", "vae_ceiling"]
 
 SETTINGS = {"steps": 10, "guidance_scale": 5.0, "scheduler": "unipc", "seed": 1234}
 
@@ -96,6 +100,35 @@ def vae_ceiling(vae_dir: str | Path, items: list[dict]) -> dict:
     }
 
 
+def _mean(rows: list[dict], key: str, variant: str | None = None) -> float:
+    """Mean of ``key`` over ``rows`` (of one ``variant``, or all); NaN when none has it."""
+    values = [float(r[key]) for r in rows if variant in (None, r["variant"])]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def flat_fill(items: list[dict]) -> dict:
+    """Colour / shape accuracy of the hole painted flat in the prompted colour (its palette value) and pasted
+    into the original, overall and by variant: the shape score a method gets without drawing a shape."""
+    from brushnet.data.shapes import PALETTE
+    from brushnet.data.shapes_metrics import prompted_scores
+
+    rows = []
+    for item in items:
+        target = item["target"]
+        filled = np.array(item["image"].convert("RGB"))
+        filled[item["hole"]] = PALETTE[target["colour"]]
+        rows.append({**prompted_scores(filled, item["image"], item["hole"], target["colour"], target["shape"]),
+                     "variant": item["variant"]})  # fmt: skip
+
+    mean = functools.partial(_mean, rows)
+    return {
+        "colour_acc_hole": mean("colour_hole_ok"),
+        "shape_acc_hole": mean("shape_hole_ok"),
+        "shape_acc_hole_same": mean("shape_hole_ok", "same"),
+        "shape_acc_hole_different": mean("shape_hole_ok", "different"),
+    }
+
+
 def method_scores(
     models: str | Path,
     method_name: str,
@@ -126,10 +159,7 @@ def method_scores(
             }
         )
 
-    def mean(key, variant=None):
-        values = [float(r[key]) for r in rows if variant in (None, r["variant"])]
-        return float(np.mean(values)) if values else float("nan")
-
+    mean = functools.partial(_mean, rows)
     return {
         "kept_psnr": mean("psnr"),
         "colour_acc": mean("colour_ok"),
@@ -190,7 +220,9 @@ def main(argv: list[str] | None = None) -> int:
         "options": options,
         "vae": vae_ceiling(Path(args.models) / "base" / "vae", items),
     }
+    report["flat_fill"] = flat_fill(items)
     print(f"VAE ceiling: {json.dumps({k: round(v, 2) for k, v in report['vae'].items()})}", flush=True)
+    print(f"flat fill: {json.dumps({k: round(v, 3) for k, v in report['flat_fill'].items()})}", flush=True)
     for name in filter(None, args.methods.split(",")):
         scores = method_scores(args.models, name, items, options=options, settings=settings)
         report[name] = scores
