@@ -180,7 +180,11 @@ def main(argv: list[str] | None = None) -> int:
         "--models", required=True, help="A model set (base/, brushnet/, inpaint/, controlnet/)."
     )
     parser.add_argument("--scenes", type=int, default=48)
-    parser.add_argument("--methods", default="brushnet", help="Comma-separated; '' for the VAE ceiling only.")
+    parser.add_argument(
+        "--methods",
+        default="brushnet",
+        help="Comma-separated; '' for the references only (VAE ceiling, flat fill).",
+    )
     parser.add_argument("--json", help="Also write the scores here.")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of this process (default 1).")
     parser.add_argument(
