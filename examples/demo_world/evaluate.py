@@ -106,19 +106,26 @@ def _mean(rows: list[dict], key: str, variant: str | None = None) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
+def _scored(output, item: dict) -> dict:
+    """``prompted_scores`` of ``output`` for ``item`` (hole pasted into its original for the ``_hole`` pair), with
+    the item's variant."""
+    from brushnet.data.shapes_metrics import prompted_scores
+
+    target = item["target"]
+    scores = prompted_scores(output, item["image"], item["hole"], target["colour"], target["shape"])
+    return {**scores, "variant": item["variant"]}
+
+
 def flat_fill(items: list[dict]) -> dict:
     """Colour / shape accuracy of the hole painted flat in the prompted colour (its palette value) and pasted
     into the original, overall and by variant: the shape score a method gets without drawing a shape."""
     from brushnet.data.shapes import PALETTE
-    from brushnet.data.shapes_metrics import prompted_scores
 
     rows = []
     for item in items:
-        target = item["target"]
         filled = np.array(item["image"].convert("RGB"))
-        filled[item["hole"]] = PALETTE[target["colour"]]
-        rows.append({**prompted_scores(filled, item["image"], item["hole"], target["colour"], target["shape"]),
-                     "variant": item["variant"]})  # fmt: skip
+        filled[item["hole"]] = PALETTE[item["target"]["colour"]]
+        rows.append(_scored(filled, item))
 
     mean = functools.partial(_mean, rows)
     return {
@@ -138,7 +145,6 @@ def method_scores(
 ) -> dict:
     """Raw kept PSNR and colour / shape accuracy of one method (loaded with ``brushnet.methods``), with the
     demo's :data:`SETTINGS` updated by ``settings`` (e.g. ``{"guidance_scale": 1.0}``)."""
-    from brushnet.data.shapes_metrics import prompted_scores
     from brushnet.demo.assets import method_models
     from brushnet.methods import inpaint, load_method
 
@@ -150,14 +156,7 @@ def method_scores(
             method, item["image"], item["hole"], prompt=item["prompt"], blend=False, options=options or {},
             **{**SETTINGS, **(settings or {})},
         ).images[0]  # fmt: skip
-        target = item["target"]
-        rows.append(
-            {
-                "psnr": _kept_psnr(raw, item["image"], item["hole"]),
-                **prompted_scores(raw, item["image"], item["hole"], target["colour"], target["shape"]),
-                "variant": item["variant"],
-            }
-        )
+        rows.append({"psnr": _kept_psnr(raw, item["image"], item["hole"]), **_scored(raw, item)})
 
     mean = functools.partial(_mean, rows)
     return {
