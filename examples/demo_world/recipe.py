@@ -36,7 +36,7 @@ class WorldTrainConfig:
     unet_layers: int = 1
     text_width: int = 64
     zero_terminal_snr: bool = True
-    base_steps: int = 10000
+    base_steps: int = 30000
     base_batch: int = 16
     base_lr: float = 3e-4
     base_warmup_steps: int = 100
