@@ -34,6 +34,7 @@ MIN_SHAPE_ACCURACY = 7 / 16
 # empties 3/16 holes, text-guided 0/16: the task word does that. Text-guided on the object prompts: the colour in
 # 16/16 holes, kept-region PSNR 44.42 dB blended, 24.93 dB raw.
 MIN_POWERPAINT_REMOVED = 7 / 16
+MIN_POWERPAINT_REMOVED_GUIDANCE_3 = 13 / 16  # measured 15/16 (guidance 1: 16/16; 7.5: 4/16)
 MIN_TASK_WORD_MARGIN = 2 / 16  # object-removal over text-guided with the object's phrase as the prompt
 MIN_POWERPAINT_COLOUR_ACCURACY = 13 / 16
 MIN_POWERPAINT_RAW_KEPT_PSNR = 22.0
@@ -57,7 +58,7 @@ def _kept_psnr(output, original, hole):
     return 10 * np.log10(1.0 / max(float((diff**2).mean()), 1e-10))
 
 
-def _outputs(method_name, dataset, prompt_of=lambda item: item.prompt, options=None):
+def _outputs(method_name, dataset, prompt_of=lambda item: item.prompt, options=None, guidance_scale=None):
     """``(item, raw, blended)`` per scene: the method's output at the demo's settings, and pasted back."""
     from brushnet.methods import inpaint, load_method
 
@@ -71,7 +72,7 @@ def _outputs(method_name, dataset, prompt_of=lambda item: item.prompt, options=N
             prompt=prompt_of(item),
             seed=DEMO_REQUEST["seed"],
             steps=10,
-            guidance_scale=DEMO_REQUEST["guidance_scale"],
+            guidance_scale=DEMO_REQUEST["guidance_scale"] if guidance_scale is None else guidance_scale,
             blend=False,
             options=options or {},
         ).images[0]
@@ -123,23 +124,27 @@ def removal_set(tmp_path_factory):
     return load_dataset(root, "brushbench", "inside")
 
 
-def _removed(method_name, dataset, options=None):
+def _removed(method_name, dataset, options=None, guidance_scale=None):
     """Share of the blended outputs whose hole holds no object colour (``--score removal``)."""
     from brushnet.data.shapes_metrics import REMOVAL_MAX_OBJECT_FRACTION, object_fraction
 
     removed = [
         object_fraction(np.asarray(blended), item.mask) < REMOVAL_MAX_OBJECT_FRACTION
-        for item, _, blended in _outputs(method_name, dataset, options=options)
+        for item, _, blended in _outputs(method_name, dataset, options=options, guidance_scale=guidance_scale)
     ]
     return float(np.mean(removed))
 
 
 def test_powerpaint_object_removal_empties_holes(removal_set):
     """With the background's phrase as the prompt. (Recipe v2's BrushNet painted the object back in 9 of these 16
-    holes and this test asserted a margin over it; recipe v3's follows that prompt and empties all 16, more than
-    PowerPaint's removal task does: docs/powerpaint.md.)"""
+    holes and this test asserted a margin over it; recipe v3's follows that prompt and empties all 16 at the demo's
+    guidance 5, more than PowerPaint's removal task does there: docs/powerpaint.md.) The removal task's own
+    guidance overshoots at 5: at guidance 3 it empties 15/16 (on the 200 mini-BrushBench scenes 0.990 against
+    0.665 at 5)."""
     removed = _removed("powerpaint", removal_set, {"task": "object-removal"})
     assert removed >= MIN_POWERPAINT_REMOVED, removed
+    removed = _removed("powerpaint", removal_set, {"task": "object-removal"}, guidance_scale=3.0)
+    assert removed >= MIN_POWERPAINT_REMOVED_GUIDANCE_3, removed
 
 
 def test_powerpaint_removes_by_its_task_word(held_out):
