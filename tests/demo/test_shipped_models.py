@@ -104,8 +104,8 @@ def test_brushnet_inpaints_held_out_scenes(held_out):
 
 
 def test_a_switched_off_branch_fails_the_thresholds(held_out):
-    """Negative control: the base alone (branch scale 0) must fall below the raw-PSNR threshold, so the test
-    above measures the trained branch and not the base or the blend."""
+    """Negative control: the base alone (branch scale 0) must fall below the raw-PSNR, colour and shape
+    thresholds, so the test above measures the trained branch and not the base or the blend."""
     _, raw_psnr, colour_accuracy, shape_accuracy = _run(
         "brushnet", held_out, options={"conditioning_scale": 0.0}
     )
