@@ -58,7 +58,13 @@ def _kept_psnr(output, original, hole):
     return 10 * np.log10(1.0 / max(float((diff**2).mean()), 1e-10))
 
 
-def _outputs(method_name, dataset, prompt_of=lambda item: item.prompt, options=None, guidance_scale=None):
+def _outputs(
+    method_name,
+    dataset,
+    prompt_of=lambda item: item.prompt,
+    options=None,
+    guidance_scale=DEMO_REQUEST["guidance_scale"],
+):
     """``(item, raw, blended)`` per scene: the method's output at the demo's settings, and pasted back."""
     from brushnet.methods import inpaint, load_method
 
@@ -72,7 +78,7 @@ def _outputs(method_name, dataset, prompt_of=lambda item: item.prompt, options=N
             prompt=prompt_of(item),
             seed=DEMO_REQUEST["seed"],
             steps=10,
-            guidance_scale=DEMO_REQUEST["guidance_scale"] if guidance_scale is None else guidance_scale,
+            guidance_scale=guidance_scale,
             blend=False,
             options=options or {},
         ).images[0]
@@ -124,7 +130,7 @@ def removal_set(tmp_path_factory):
     return load_dataset(root, "brushbench", "inside")
 
 
-def _removed(method_name, dataset, options=None, guidance_scale=None):
+def _removed(method_name, dataset, options=None, guidance_scale=DEMO_REQUEST["guidance_scale"]):
     """Share of the blended outputs whose hole holds no object colour (``--score removal``)."""
     from brushnet.data.shapes_metrics import REMOVAL_MAX_OBJECT_FRACTION, object_fraction
 
