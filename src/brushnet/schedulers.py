@@ -1,5 +1,7 @@
-"""Schedulers by name, so the CLI, API and benchmarks can pick one with a word; and the DDIM prediction
-conversion the methods with their own loops share (:func:`original_and_noise`)."""
+"""Schedulers by name, so the CLI, API and benchmarks can pick one with a word; UniPC without per-step host
+synchronisation on a GPU (:class:`brushnet.unipc.SyncFreeUniPCMultistepScheduler`, what the names ``unipc`` and
+``unipc-original`` build); and the DDIM prediction conversion the methods with their own loops share
+(:func:`original_and_noise`)."""
 
 from __future__ import annotations
 
@@ -32,11 +34,17 @@ def make_scheduler(name: str, config: dict | Any):
     """
     import diffusers
 
+    from .unipc import SyncFreeUniPCMultistepScheduler
+
     key = name.lower()
     if key not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
     class_name, overrides = SCHEDULERS[key]
-    cls = getattr(diffusers, class_name)
+    cls = (
+        SyncFreeUniPCMultistepScheduler
+        if class_name == "UniPCMultistepScheduler"
+        else getattr(diffusers, class_name)
+    )
     return cls.from_config(config, **overrides)
 
 
