@@ -97,6 +97,33 @@ def test_cfg_branch_once_per_step_equals_doubled_batch(golden_dir, inputs):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
 
+def test_strict_fp32_cudnn_runs_the_branch_on_the_doubled_batch(golden_dir, inputs, monkeypatch):
+    """At strict fp32 on cuDNN the branch's batch-1 convolutions took 19.4 GiB of workspace on an H100 (issue 14):
+    there the pipeline runs the branch on the doubled batch, as the original does."""
+    from brushnet.pipelines import common
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert common.strict_fp32_cudnn(cuda, torch.float32)
+    assert not common.strict_fp32_cudnn(cuda, torch.float16)
+    assert not common.strict_fp32_cudnn(torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert not common.strict_fp32_cudnn(cuda, torch.float32)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "enabled", False)
+    assert not common.strict_fp32_cudnn(cuda, torch.float32)
+
+    image, mask, _ = inputs
+    pipe = make_pipe(golden_dir)
+    batches = []
+    pipe.brushnet.register_forward_hook(lambda m, a, o: batches.append(a[0].shape[0]))
+    kwargs, expected = golden_kwargs(golden_dir, "ddim_cfg", pipe)
+    monkeypatch.setattr(common, "strict_fp32_cudnn", lambda device, dtype: dtype == torch.float32)
+    out = pipe(None, image, mask, **kwargs).images
+    assert batches == [2] * 8
+    np.testing.assert_allclose(out, expected, atol=1e-4, rtol=0)
+
+
 def test_branch_sees_keep_mask_white_is_hole(pipe, inputs, golden_dir):
     image, mask, _ = inputs
     seen = []

@@ -32,6 +32,23 @@ from .denoising_step import StepPlan, guided_noise
 __all__ = ["BrushNetPipelineMixin", "brushnet_keep_schedule", "controlnet_keep_schedule"]
 
 
+def strict_fp32_cudnn(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether convolutions of ``dtype`` on ``device`` run through cuDNN in strict float32 (TF32 off).
+
+    Then the SD1.5 branch runs on the CFG-doubled batch, as the original pipeline does, instead of once: measured
+    on an H100 (cuDNN 9.19, torch 2.11, SD1.5-sized, 512²), cuDNN's choice for the branch's batch-1 3×3
+    convolutions at 32×32 latents takes up to 19852 MiB of workspace (``up_blocks.2.resnets.2.conv1``, 960→640
+    channels): the call peaked at 26224 MiB (weights included) against 7088 MiB on the doubled batch
+    (``benchmarks/fp32_memory_profile.py``; issue 14). The residuals are the same either way (the branch reads no
+    text; each half gets its own copy)."""
+    return (
+        device.type == "cuda"
+        and dtype == torch.float32
+        and torch.backends.cudnn.enabled
+        and not torch.backends.cudnn.allow_tf32
+    )
+
+
 def brushnet_keep_schedule(num_steps: int, start: float, end: float) -> list[float]:
     """Per-step multiplier of the conditioning scale: 0 where ``i/N < start`` or ``(i+1)/N > end``, else 1."""
     return [0.0 if (i / num_steps < start or (i + 1) / num_steps > end) else 1.0 for i in range(num_steps)]
@@ -558,12 +575,15 @@ class BrushNetPipelineMixin(PAGMixin):
         """The settings one prediction depends on besides its tensors (:class:`StepPlan`), read once per call and
         again only if a callback switches guidance: no ``ModelMixin.dtype`` walk per step."""
         controlnet = getattr(self, "controlnet", None)
+        branch_dtype = self.brushnet.dtype
         return StepPlan(
             guidance=self.do_classifier_free_guidance,
-            branch_on_doubled_batch=bool(self.brushnet.uses_text),
+            # strict fp32 on cuDNN: the branch's batch-1 convolutions would take gigabytes of workspace
+            branch_on_doubled_batch=bool(self.brushnet.uses_text)
+            or strict_fp32_cudnn(self.brushnet.device, branch_dtype),
             guess_mode=guess_mode,
             rescale=getattr(self, "_guidance_rescale", 0.0) > 0.0,
-            branch_dtype=self.brushnet.dtype,
+            branch_dtype=branch_dtype,
             unet_dtype=self.unet.dtype,
             controlnet_dtype=controlnet.dtype if controlnet is not None else None,
             pag=getattr(self, "_pag_scale", 0.0) > 0,
