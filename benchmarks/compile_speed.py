@@ -14,12 +14,20 @@ order given, on the same loaded pipeline):
 - extras joined with ``+`` to any of them: ``channels_last`` (UNet, branch, VAE in channels-last memory),
   ``fused_qkv`` (``pipe.fuse_qkv_projections()`` and the branch's), ``max_autotune`` (compile mode),
   ``inductor_flags`` (``conv_1x1_as_mm``, ``coordinate_descent_tuning``, no epilogue fusion, CUDA graphs),
-  ``sdpa_flash`` / ``sdpa_efficient`` / ``sdpa_cudnn`` / ``sdpa_math`` (one attention kernel forced).
+  ``sdpa_flash`` / ``sdpa_efficient`` / ``sdpa_cudnn`` / ``sdpa_math`` (one attention kernel forced),
+  ``cudnn_benchmark`` (``torch.backends.cudnn.benchmark``: cuDNN times its convolution algorithms once per shape);
+  and two
+  that put back what this project changed, for the before/after: ``diffusers_unipc`` (diffusers' own UniPC, which
+  synchronises the host with the GPU 7 times a step, instead of :class:`brushnet.unipc.SyncFreeUniPCMultistepScheduler`)
+  and ``no_fp32_guard`` (the SD1.5 branch once per step even at strict fp32, where cuDNN's workspace for its
+  batch-1 convolutions took gigabytes: :func:`brushnet.pipelines.common.strict_fp32_cudnn`).
 
 Per variant: one warm-up call (``first_call_s``: for a compiled variant, the first compile into an empty cache plus
 one image), then ``--repeats`` timed calls: ``s_per_image`` (median wall clock of the whole call, text encoding and
 VAE included), ``s_per_step`` (median over calls of the time between the first and last step callbacks divided by
-their number minus one; on CUDA measured with CUDA events, so nothing is synchronised per step), ``peak_mib``
+their number minus one; on CUDA measured with CUDA events, so nothing is synchronised per step), on CUDA
+``s_to_first_step`` and ``s_after_last_step`` (from the call's start to the end of the first step, and from the end
+of the last step to the call's end: text encoding, VAE encode and decode, pre- and post-processing), ``peak_mib``
 (CUDA: ``max_memory_allocated`` over the timed calls; CPU: the process's peak RSS), ``cpu_s_per_image`` (the
 process's CPU time per image: on a shared CPU machine steadier than the wall clock), and on CUDA
 ``host_syncs_per_step`` (calls that synchronised with the device, counted with ``torch.cuda.set_sync_debug_mode``
@@ -57,6 +65,9 @@ EXTRAS = (
     "sdpa_efficient",
     "sdpa_cudnn",
     "sdpa_math",
+    "cudnn_benchmark",
+    "diffusers_unipc",
+    "no_fp32_guard",
 )
 # the flags the PyTorch team's diffusion write-up found to pay on GPUs ("Accelerating Generative AI Part III")
 INDUCTOR_FLAGS = {
@@ -119,6 +130,44 @@ def apply_extras(pipe, extras: tuple[str, ...], on: bool) -> None:
         else:
             pipe.unfuse_qkv_projections()
             pipe.brushnet.unfuse_qkv_projections()
+
+
+@contextlib.contextmanager
+def scheduler_context(pipe, extras: tuple[str, ...]):
+    """``diffusers_unipc``: diffusers' own UniPC (same config) for the variant, the project's put back after."""
+    if "diffusers_unipc" not in extras:
+        yield
+        return
+    from diffusers import UniPCMultistepScheduler
+
+    own = pipe.scheduler
+    pipe.scheduler = UniPCMultistepScheduler.from_config(own.config)
+    try:
+        yield
+    finally:
+        pipe.scheduler = own
+
+
+@contextlib.contextmanager
+def fp32_guard_context(extras: tuple[str, ...]):
+    """``no_fp32_guard``: the branch once per step at strict fp32 too (the behaviour before the fix);
+    ``cudnn_benchmark``: cuDNN's algorithm search on for the variant."""
+    import torch
+
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = saved or "cudnn_benchmark" in extras
+    try:
+        if "no_fp32_guard" not in extras:
+            yield
+            return
+        from unittest import mock
+
+        from brushnet.pipelines import common
+
+        with mock.patch.object(common, "strict_fp32_cudnn", lambda device, dtype: False):
+            yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
 
 
 def attention_context(extras: tuple[str, ...]):
@@ -187,6 +236,12 @@ class StepClock:
             self.marks.append(time.perf_counter())
         return kwargs
 
+    def outside(self, start, end) -> tuple[float, float] | None:
+        """CUDA: seconds from the ``start`` event to the first step's end, and from the last step's end to ``end``."""
+        if not (self.cuda and self.marks):
+            return None
+        return start.elapsed_time(self.marks[0]) / 1000, self.marks[-1].elapsed_time(end) / 1000
+
     def seconds_per_step(self) -> float | None:
         if len(self.marks) < 2:
             return None
@@ -240,7 +295,7 @@ def measure(pipe, variant: str, resolution: int, args, cache_dir: str) -> dict:
         compile_pipeline(pipe, extras, cache_dir)
     record = {"variant": variant, "resolution": resolution, "steps": args.steps}
     try:
-        with attention_context(extras):
+        with attention_context(extras), scheduler_context(pipe, extras), fp32_guard_context(extras):
             if cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()
@@ -250,14 +305,19 @@ def measure(pipe, variant: str, resolution: int, args, cache_dir: str) -> dict:
             record["first_call_s"] = time.perf_counter() - start
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
-            seconds, cpu_seconds, per_step = [], [], []
+            seconds, cpu_seconds, per_step, outside = [], [], [], []
             with _PeakRSS() as rss:
                 for _ in range(args.repeats):
                     clock = StepClock(cuda)
+                    if cuda:
+                        begin, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                        begin.record()
                     start, cpu_start = time.perf_counter(), time.process_time()
                     images = call(pipe, image, mask, args.steps, args.guidance, on_step=clock)
                     if cuda:
+                        end.record()
                         torch.cuda.synchronize()
+                        outside.append(clock.outside(begin, end))
                     seconds.append(time.perf_counter() - start)
                     cpu_seconds.append(time.process_time() - cpu_start)
                     if clock.seconds_per_step() is not None:
@@ -271,6 +331,9 @@ def measure(pipe, variant: str, resolution: int, args, cache_dir: str) -> dict:
                 memory="cuda_max_allocated" if cuda else "cpu_peak_rss",
                 max_abs_vs_first=float(np.abs((images - first).float().cpu().numpy()).max()),
             )
+            if outside and all(o is not None for o in outside):
+                record["s_to_first_step"] = statistics.median(o[0] for o in outside)
+                record["s_after_last_step"] = statistics.median(o[1] for o in outside)
             if cuda:
                 record["host_syncs_per_step"] = count_host_syncs(pipe, image, mask, args.steps, args.guidance)
             record["images"] = images.float().cpu()
@@ -324,6 +387,8 @@ COLUMNS = (
     ("s_per_image", ".3f"),
     ("cpu_s_per_image", ".3f"),
     ("s_per_step", ".4f"),
+    ("s_to_first_step", ".3f"),
+    ("s_after_last_step", ".3f"),
     ("peak_mib", ".0f"),
     ("first_call_s", ".1f"),
     ("warm_start_first_call_s", ".1f"),
@@ -333,7 +398,8 @@ COLUMNS = (
 
 
 def table(records: list[dict]) -> str:
-    header = ["preset", "dtype", "res", "variant", "s/image", "CPU s/image", "s/step", "peak MiB", "first call s",
+    header = ["preset", "dtype", "res", "variant", "s/image", "CPU s/image", "s/step", "to step 1 s", "after last s",
+              "peak MiB", "first call s",
               "warm start s", "syncs/step", "max |Δ| vs once"]  # fmt: skip
     rows = [header]
     for r in records:

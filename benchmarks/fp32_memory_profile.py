@@ -8,12 +8,15 @@ It prints (and writes to ``--output``, with the raw snapshot next to it as ``.pi
 ``memory_viz``):
 
 1. the peak (``max_memory_allocated`` above the loaded weights) of the whole call under each setting that could
-   matter: TF32 off / cuDNN TF32 on / ``cudnn.benchmark``, the branch once vs on the doubled batch, the SDPA
-   kernel forced to memory-efficient, blending on;
-2. the peak per phase of the default call (text encoder, VAE encode, each branch and UNet pass, VAE decode);
+   matter: TF32 off (the pipeline as it is: at strict fp32 the branch runs on the doubled batch) and the same with
+   that guard off (the branch once, as before the fix), cuDNN TF32 on, ``cudnn.benchmark``, the branch on the
+   doubled batch, the SDPA kernel forced to memory-efficient, blending on;
+2. memory after each step and each step's peak, and the peak per phase of the default call (text encoder, VAE
+   encode, each branch and UNet pass, VAE decode);
 3. the allocations alive at the default call's peak, largest first, each with the innermost frames of
    ``brushnet`` / ``diffusers`` / ``torch.nn`` code that made it (``torch.cuda.memory._record_memory_history``);
-4. every convolution of the branch, the UNet and the VAE run alone on the input shape it saw in the call, ranked by
+4. every convolution of the branch, the UNet and the VAE run alone on the input shape it saw in the call (the
+   guard off, so the branch's are at batch 1), ranked by
    the memory it needed beyond its input and output (cuDNN workspace: at fp32 without TF32 cuDNN may pick
    algorithms with workspaces of gigabytes).
 """
@@ -91,6 +94,16 @@ def branch_doubled(pipe):
         yield
     finally:
         branch.__class__ = original
+
+
+def no_fp32_guard():
+    """The branch once per step at strict fp32 too: the pipeline before issue 14's fix
+    (:func:`brushnet.pipelines.common.strict_fp32_cudnn`)."""
+    from unittest import mock
+
+    from brushnet.pipelines import common
+
+    return mock.patch.object(common, "strict_fp32_cudnn", lambda device, dtype: False)
 
 
 @contextlib.contextmanager
@@ -217,10 +230,12 @@ def main() -> None:
         "--models-dir", type=Path, default=Path(tempfile.gettempdir()) / "brushnet-bench-models"
     )
     parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument(
+        "--sections", default="1,2,3,4", type=lambda s: set(s.split(",")), help="which parts to run (1-4)"
+    )
     args = parser.parse_args()
 
     import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA device")
@@ -239,9 +254,31 @@ def main() -> None:
         f"{args.steps} steps, fp32; weights on the device: {weights:.0f} MiB")  # fmt: skip
     call(pipe, image, mask, 1)  # warm-up (cuBLAS / cuDNN handles)
 
+    if "1" in args.sections:
+        whole_call_peaks(pipe, image, mask, args, weights, say)
+    if "2" in args.sections:
+        phase_and_step_peaks(pipe, image, mask, args, weights, say)
+    if "3" in args.sections:
+        traced_peak(pipe, image, mask, args, say)
+    if "4" in args.sections:
+        say("\n4. convolutions alone: memory beyond input and output (MiB), largest first")
+        with no_fp32_guard():
+            rows = conv_workspaces(pipe, image, mask)
+        for extra, key, shape in rows:
+            say(f"  {extra:9.1f}  {key}  input {shape}")
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text("\n".join(lines) + "\n")
+
+
+def whole_call_peaks(pipe, image, mask, args, weights: float, say) -> None:
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     say("\n1. peak of the whole call above the weights (MiB)")
     settings = {
         "TF32 off (matmul and cuDNN)": lambda: call(pipe, image, mask, args.steps),
+        "TF32 off, branch once (no guard)": lambda: _with(no_fp32_guard(), lambda: call(pipe, image, mask, args.steps)),
         "cuDNN TF32 on": lambda: _with(flags(allow_tf32=True), lambda: call(pipe, image, mask, args.steps)),
         "cudnn.benchmark": lambda: _with(flags(benchmark=True), lambda: call(pipe, image, mask, args.steps)),
         "branch on the doubled batch": lambda: _with(branch_doubled(pipe), lambda: call(pipe, image, mask, args.steps)),
@@ -252,13 +289,38 @@ def main() -> None:
     }  # fmt: skip
     for name, fn in settings.items():
         try:
-            say(f"  {name:32s} {peak_of(fn):9.0f}")
+            above = peak_of(fn)
+            say(f"  {name:32s} {above:9.0f}   (absolute {above + weights:6.0f}, "
+                f"reserved {torch.cuda.max_memory_reserved() / MIB:6.0f})")  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - a setting the device refuses is reported, not fatal
             say(f"  {name:32s} failed: {str(exc).splitlines()[0]}")
 
-    say("\n2. peak per phase of the default call, above the phase's start (MiB)")
+
+def phase_and_step_peaks(pipe, image, mask, args, weights: float, say) -> None:
+    import torch
+
+    say("\n2. allocated after each step of the default call / each step's peak (MiB above the weights)")
+    marks: list[tuple[float, float]] = []
+
+    def on_step(_pipe, _step, _timestep, kwargs):
+        torch.cuda.synchronize()
+        marks.append(
+            (torch.cuda.memory_allocated() / MIB - weights, torch.cuda.max_memory_allocated() / MIB - weights)
+        )
+        torch.cuda.reset_peak_memory_stats()
+        return kwargs
+
+    torch.cuda.reset_peak_memory_stats()
+    call(pipe, image, mask, args.steps, callback_on_step_end=on_step)
+    say("  " + "  ".join(f"{alive:.0f}/{peak:.0f}" for alive, peak in marks))
+
+    say("   peak per phase of the default call, above the phase's start (MiB)")
     for name, peak in phase_peaks(pipe, image, mask, 2):
         say(f"  {name:14s} {peak:9.0f}")
+
+
+def traced_peak(pipe, image, mask, args, say) -> None:
+    import torch
 
     say("\n3. allocations alive at the default call's peak (traced)")
     torch.cuda.memory._record_memory_history(max_entries=500_000)
@@ -275,13 +337,6 @@ def main() -> None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         with open(args.output.with_suffix(".pickle"), "wb") as handle:
             pickle.dump(snapshot, handle)
-
-    say("\n4. convolutions alone: memory beyond input and output (MiB), largest first")
-    for extra, key, shape in conv_workspaces(pipe, image, mask):
-        say(f"  {extra:9.1f}  {key}  input {shape}")
-
-    if args.output is not None:
-        args.output.write_text("\n".join(lines) + "\n")
 
 
 def _with(context, fn):
