@@ -79,6 +79,46 @@ def _cpu_model() -> str:
     return "unknown"
 
 
+def record_stage(record_path: Path, stage: str, info: dict, cfg: WorldTrainConfig) -> dict:
+    """Add ``stage``'s entry to the training record at ``record_path`` (re-read first, so stages run by other
+    processes keep theirs; written atomically) and return the record.
+
+    Each stage's entry keeps the whole config its process ran with (``stages.<name>.config``). The top-level
+    ``config`` holds the fields on which every recorded stage agrees; a field on which stages differ (a later stage
+    run with another default, say) is left out of it and listed per stage under ``config_conflicts``, so the record
+    never claims one value for settings that were not one.
+    """
+    record = json.loads(record_path.read_text()) if record_path.exists() else {"stages": {}}
+    record["stages"][stage] = {**info, "config": dataclasses.asdict(cfg)}
+    configs = {name: entry["config"] for name, entry in record["stages"].items() if "config" in entry}
+    fields = {field for config in configs.values() for field in config}
+    agreed, conflicts = {}, {}
+    for field in sorted(fields):
+        values = {name: config.get(field) for name, config in configs.items()}
+        if len({json.dumps(value) for value in values.values()}) == 1:
+            agreed[field] = next(iter(values.values()))
+        else:
+            conflicts[field] = values
+    record["config"] = agreed
+    if conflicts:
+        record["config_conflicts"] = conflicts
+    else:
+        record.pop("config_conflicts", None)
+    record["hardware"] = {
+        "machine": platform.machine(),
+        "processor": platform.processor() or _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+    }
+    record["total_seconds"] = round(sum(s["seconds"] for s in record["stages"].values()), 1)
+    text = json.dumps(record, indent=2)
+    tmp = record_path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, record_path)
+    return json.loads(text)
+
+
 def train_all(work: str | os.PathLike, cfg: WorldTrainConfig, stages: list[str] | None = None) -> dict:
     """Run ``stages`` (default :data:`DEFAULT_STAGES`) into ``work``; return the training record.
 
@@ -99,20 +139,7 @@ def train_all(work: str | os.PathLike, cfg: WorldTrainConfig, stages: list[str] 
         info["seconds"] = round(time.time() - start, 1)
         info["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         info["torch_threads"] = torch.get_num_threads()
-        record = json.loads(record_path.read_text()) if record_path.exists() else {"stages": {}}
-        record["stages"][stage] = info
-        record["config"] = dataclasses.asdict(cfg)
-        record["hardware"] = {
-            "machine": platform.machine(),
-            "processor": platform.processor() or _cpu_model(),
-            "cpu_count": os.cpu_count(),
-            "torch": torch.__version__,
-            "python": sys.version.split()[0],
-        }
-        record["total_seconds"] = round(sum(s["seconds"] for s in record["stages"].values()), 1)
-        tmp = record_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=2))
-        os.replace(tmp, record_path)
+        record_stage(record_path, stage, info, cfg)
         logger.info("stage %s done: %s", stage, info)
     return json.loads(record_path.read_text())
 

@@ -175,6 +175,31 @@ def test_fit_resumes_a_crashed_stage_exactly_and_leaves_the_global_rng_alone(tmp
     assert torch.equal(resumed.weight, straight.weight) and torch.equal(resumed.bias, straight.bias)
 
 
+def test_record_keeps_each_stages_config_and_flags_fields_the_stages_disagree_on(tmp_path):
+    """Stages run as separate processes with different flags: the record must not show one config for all
+    (recipe v3's later stages ran with the old base_steps default; the shared config said so for every stage)."""
+    import dataclasses
+    import json
+
+    from recipe import WorldTrainConfig
+    from train_world import record_stage
+
+    path = tmp_path / "training_record.json"
+    base = WorldTrainConfig(base_steps=30000)
+    record_stage(path, "base", {"seconds": 10.0}, base)
+    record = record_stage(path, "brushnet", {"seconds": 5.0}, dataclasses.replace(base, base_steps=10000))
+    assert json.loads(path.read_text()) == record
+    assert record["stages"]["base"]["config"]["base_steps"] == 30000
+    assert record["stages"]["brushnet"]["config"]["base_steps"] == 10000
+    assert "base_steps" not in record["config"]
+    assert record["config_conflicts"] == {"base_steps": {"base": 30000, "brushnet": 10000}}
+    assert record["config"]["branch_steps"] == base.branch_steps and record["total_seconds"] == 15.0
+    # the base run again with the later default: the stages agree, the conflict goes
+    record = record_stage(path, "base", {"seconds": 10.0}, dataclasses.replace(base, base_steps=10000))
+    assert record["config"]["base_steps"] == 10000 and "config_conflicts" not in record
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 def test_the_one_training_command_runs_every_stage_and_exports_loadable_models(tmp_path):
     """`python examples/demo_world/train_world.py --smoke` (a few steps of every default stage), run as the
     docs say, writes a record of every stage and an export each method loads."""
@@ -195,6 +220,8 @@ def test_the_one_training_command_runs_every_stage_and_exports_loadable_models(t
     record = json.loads((tmp_path / "models" / "training_record.json").read_text())
     for stage in DEFAULT_STAGES:
         assert stage in record["stages"], stage
+        assert record["stages"][stage]["config"] == record["config"]  # one process, one config
+    assert "config_conflicts" not in record
     leftovers = list((tmp_path / "work").glob("checkpoints/*")) + list(
         (tmp_path / "work").glob("*/checkpoint-*")
     )
