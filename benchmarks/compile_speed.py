@@ -351,6 +351,8 @@ def warm_start(args, preset: str, dtype: str, resolution: int, cache_dir: str, v
                "--device", args.device, "--resolutions", str(resolution), "--steps", str(args.steps),
                "--guidance", str(args.guidance), "--models-dir", str(args.models_dir), "--cache-dir", cache_dir,
                "--variants", variant]  # fmt: skip
+    if args.threads:  # inductor's CPU kernels are keyed by the thread count: the same, or the cache misses
+        command += ["--threads", str(args.threads)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         return {"warm_start_error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}

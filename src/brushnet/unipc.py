@@ -16,8 +16,8 @@ class SyncFreeUniPCMultistepScheduler(UniPCMultistepScheduler):
     diffusers keeps the sigmas on the CPU and copies each one it needs to the latents' device, then works out the
     step's coefficients there with a dozen tiny kernels and, for the corrector of order 2 and up, a
     ``torch.linalg.solve`` whose error check reads a value back: on CUDA that is 7 host synchronisations per step
-    at the default order 2 (measured: ``benchmarks/compile_speed.py``'s ``syncs/step``), which stop the host from
-    queueing the next step while the GPU runs this one (what makes the compiled step host-bound). Here the same
+    at the default order 2 (measured on an H100: ``benchmarks/compile_speed.py``'s ``syncs/step``), each of which
+    makes the host wait for the GPU instead of queueing the next step's work. Here the same
     coefficients are computed with the same float32 operations on CPU tensors, and only the latent-sized
     arithmetic runs on the device, taking them as scalars: no copy to the device, no read back.
 
