@@ -103,19 +103,6 @@ def load_pipeline(preset: str, models_dir: Path, device: str, dtype: str):
     return pipe
 
 
-def branch_on_doubled_batch(pipe, doubled: bool) -> None:
-    """Run the branch on the CFG-doubled batch (the original's schedule) or once per step: the pipeline does the
-    former for branches that read text, so the branch gets a subclass that says it does (same weights, same
-    ``forward``; an SD1.5 branch ignores the text it is then given). SDXL's branch always runs doubled."""
-    branch = pipe.brushnet
-    original = getattr(branch, "_bench_class", type(branch))
-    if doubled and not original.uses_text:
-        branch._bench_class = original
-        branch.__class__ = type(f"{original.__name__}OnDoubledBatch", (original,), {"uses_text": True})
-    else:
-        branch.__class__ = original
-
-
 def apply_extras(pipe, extras: tuple[str, ...], on: bool) -> None:
     import torch
 
@@ -160,11 +147,9 @@ def fp32_guard_context(extras: tuple[str, ...]):
         if "no_fp32_guard" not in extras:
             yield
             return
-        from unittest import mock
+        from brushnet.bench.speed import branch_once_at_strict_fp32
 
-        from brushnet.pipelines import common
-
-        with mock.patch.object(common, "strict_fp32_cudnn", lambda device, dtype: False):
+        with branch_once_at_strict_fp32():
             yield
     finally:
         torch.backends.cudnn.benchmark = saved
@@ -284,12 +269,12 @@ def measure(pipe, variant: str, resolution: int, args, cache_dir: str) -> dict:
     import numpy as np
     import torch
 
-    from brushnet.bench.speed import _PeakRSS
+    from brushnet.bench.speed import _PeakRSS, set_branch_on_doubled_batch
 
     base, extras = parse_variant(variant)
     cuda = torch.device(args.device).type == "cuda"
     image, mask = scene(resolution)
-    branch_on_doubled_batch(pipe, base == "doubled")
+    set_branch_on_doubled_batch(pipe, base == "doubled")
     apply_extras(pipe, extras, on=True)
     if base == "compiled":
         compile_pipeline(pipe, extras, cache_dir)
@@ -339,7 +324,7 @@ def measure(pipe, variant: str, resolution: int, args, cache_dir: str) -> dict:
             record["images"] = images.float().cpu()
     finally:
         apply_extras(pipe, extras, on=False)
-        branch_on_doubled_batch(pipe, False)
+        set_branch_on_doubled_batch(pipe, False)
         if base == "compiled":
             drop_compiled(pipe)
     return record

@@ -87,23 +87,20 @@ def peak_of(fn) -> float:
 
 @contextlib.contextmanager
 def branch_doubled(pipe):
-    branch = pipe.brushnet
-    original = type(branch)
-    branch.__class__ = type(f"{original.__name__}Doubled", (original,), {"uses_text": True})
+    from brushnet.bench.speed import set_branch_on_doubled_batch
+
+    set_branch_on_doubled_batch(pipe, True)
     try:
         yield
     finally:
-        branch.__class__ = original
+        set_branch_on_doubled_batch(pipe, False)
 
 
 def no_fp32_guard():
-    """The branch once per step at strict fp32 too: the pipeline before issue 14's fix
-    (:func:`brushnet.pipelines.common.strict_fp32_cudnn`)."""
-    from unittest import mock
+    """The branch once per step at strict fp32 too: the pipeline before issue 14's fix."""
+    from brushnet.bench.speed import branch_once_at_strict_fp32
 
-    from brushnet.pipelines import common
-
-    return mock.patch.object(common, "strict_fp32_cudnn", lambda device, dtype: False)
+    return branch_once_at_strict_fp32()
 
 
 @contextlib.contextmanager

@@ -56,6 +56,30 @@ def test_doubled_branch_gives_the_same_image_and_is_undone(tiny_models):
     assert difference.max() <= 1  # same computation in another batch layout: at most 1/255 rounding
 
 
+def test_branch_once_at_strict_fp32_puts_back_the_pipeline_before_the_fix(tiny_models, monkeypatch):
+    """The benchmarks' before/after switch: at strict fp32 the pipeline runs the branch on the doubled batch;
+    inside ``branch_once_at_strict_fp32`` it runs once, as before issue 14's fix, and the rule is back after."""
+    from PIL import Image
+
+    from brushnet.bench.speed import branch_once_at_strict_fp32
+    from brushnet.methods import inpaint, load_method
+    from brushnet.pipelines import common
+
+    method = load_method("brushnet", tiny_models)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    hole = np.zeros((32, 32), dtype=bool)
+    hole[8:24, 8:24] = True
+    request = {"prompt": "a cat", "seed": 1, "steps": 2, "blend": False}
+    batches = []
+    method.pipeline.brushnet.register_forward_hook(lambda m, a, o: batches.append(a[0].shape[0]))
+    monkeypatch.setattr(common, "strict_fp32_cudnn", lambda device, dtype: True)  # as on CUDA with TF32 off
+    inpaint(method, image, hole, request)
+    with branch_once_at_strict_fp32():
+        inpaint(method, image, hole, request)
+    inpaint(method, image, hole, request)
+    assert batches == [2, 2, 1, 1, 2, 2]
+
+
 def test_a_combination_that_cannot_run_is_recorded(tiny_models, monkeypatch):
     import brushnet.methods as methods
 

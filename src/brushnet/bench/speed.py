@@ -24,6 +24,7 @@ its ``error`` instead of figures.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import statistics
@@ -137,21 +138,38 @@ class _StepTimer:
         return (self.times[-1] - self.times[0]) / (len(self.times) - 1)
 
 
-def _set_branch_on_doubled_batch(method, doubled: bool) -> None:
-    """Make a loaded BrushNet method run its branch on the CFG-doubled batch (as the original pipeline does) or
-    once per step (this project's default).
+def set_branch_on_doubled_batch(pipe, doubled: bool) -> None:
+    """Make a BrushNet pipeline run its branch on the CFG-doubled batch (as the original pipeline does) or once per
+    step (this project's default), for before/after comparisons.
 
-    The pipeline runs the branch on the doubled batch exactly when the branch's ``uses_text`` is true; for
-    the comparison the branch instance is given a subclass whose ``uses_text`` is true (same weights, same
-    ``forward``: an SD1.5 branch ignores the text it is then passed). ``doubled=False`` restores the class.
+    The pipeline runs the branch on the doubled batch when the branch's ``uses_text`` is true; for the comparison
+    the branch instance is given a subclass whose ``uses_text`` is true (same weights, same ``forward``: an SD1.5
+    branch ignores the text it is then passed). ``doubled=False`` restores the class. A branch that reads text
+    (SDXL, PowerPaint) runs doubled either way.
     """
-    branch = method.pipeline.brushnet
-    original = getattr(branch, "_speed_original_class", type(branch))
-    if doubled:
+    branch = pipe.brushnet
+    branch.__class__ = original = getattr(branch, "_speed_original_class", type(branch))
+    if doubled and not branch.uses_text:  # the instance's answer (``uses_text`` is a property)
         branch._speed_original_class = original
         branch.__class__ = type(f"{original.__name__}OnDoubledBatch", (original,), {"uses_text": True})
-    else:
-        branch.__class__ = original
+
+
+def _set_branch_on_doubled_batch(method, doubled: bool) -> None:
+    """:func:`set_branch_on_doubled_batch` for a loaded BrushNet method's pipeline."""
+    set_branch_on_doubled_batch(method.pipeline, doubled)
+
+
+@contextlib.contextmanager
+def branch_once_at_strict_fp32():
+    """Within the block, the SD1.5 branch runs once per step at strict fp32 too: the pipeline as it was before
+    issue 14's fix (:func:`brushnet.pipelines.common.strict_fp32_cudnn`), for the before/after rows of
+    ``benchmarks/compile_speed.py`` and ``benchmarks/fp32_memory_profile.py``."""
+    from unittest import mock
+
+    from ..pipelines import common
+
+    with mock.patch.object(common, "strict_fp32_cudnn", lambda device, dtype: False):
+        yield
 
 
 def measure_speed(
