@@ -36,7 +36,7 @@ def reconstruction_psnr(vae, images_uint8: torch.Tensor) -> float:
     """Mean over images of the PSNR (dB, images in [0, 1]) of ``decode(encode(x).mode)`` against ``x``."""
     psnrs = []
     for start in range(0, len(images_uint8), 32):
-        x = to_unit(images_uint8[start : start + 32])
+        x = to_unit(images_uint8[start : start + 32]).to(vae.device)
         recon = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
         mse = ((recon - x) / 2).pow(2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
         psnrs += (10 * torch.log10(1 / mse)).tolist()
@@ -74,10 +74,13 @@ def train_vae(run: Run) -> dict:
             sample_size=SIZE,
             mid_block_add_attention=False,
         )
+    vae.to(run.device)
 
     def loss_of(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        x = x.to(run.device)
         posterior = vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        eps = torch.randn(posterior.mean.shape, generator=generator).to(run.device)  # drawn on the CPU
+        z = posterior.mean + posterior.std * eps
         recon = vae.decode(z).sample
         kl = posterior.kl().mean() / z[0].numel()
         return F.l1_loss(recon, x) + F.mse_loss(recon, x) + cfg.vae_kl_weight * kl
@@ -94,7 +97,10 @@ def train_vae(run: Run) -> dict:
     )
     with torch.no_grad():
         latents = torch.cat(
-            [vae.encode(to_unit(images[i : i + 64])).latent_dist.mean for i in range(0, 512, 64)]
+            [
+                vae.encode(to_unit(images[i : i + 64]).to(run.device)).latent_dist.mean
+                for i in range(0, 512, 64)
+            ]
         )
     scaling = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scaling)
@@ -115,14 +121,16 @@ def train_decoder(run: Run) -> dict:
     cfg = run.cfg
     images, _ = run.scenes()
     vae_dir = run.base_dir / "vae"
-    vae = AutoencoderKL.from_pretrained(vae_dir).requires_grad_(False)
+    vae = AutoencoderKL.from_pretrained(vae_dir).requires_grad_(False).to(run.device)
     decoder = torch.nn.ModuleDict({"decoder": vae.decoder, "post_quant_conv": vae.post_quant_conv})
     decoder.requires_grad_(True)
 
     def loss_of(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        x = x.to(run.device)
         with torch.no_grad():
             posterior = vae.encode(x).latent_dist
-            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+            eps = torch.randn(posterior.mean.shape, generator=generator).to(run.device)
+            z = posterior.mean + posterior.std * eps
         recon = vae.decode(z).sample
         return F.l1_loss(recon, x) + F.mse_loss(recon, x)
 

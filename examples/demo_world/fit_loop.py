@@ -83,13 +83,15 @@ class StreamBatches:
     """Batches of a training stream the way :func:`brushnet.training.train` reads them (same loader, same
     epochs), so a stage fed by it sees the branch's samples in the branch's order; resumable by position."""
 
-    def __init__(self, dataset, batch_size: int):
+    def __init__(self, dataset, batch_size: int, num_workers: int = 0):
         from torch.utils.data import DataLoader
 
         from brushnet.training.data import collate
 
         self.dataset = dataset
-        self.loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, drop_last=True)
+        self.loader = DataLoader(
+            dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate, drop_last=True
+        )
         self.epoch, self.batches_done = 0, 0
         self._batches = None
 

@@ -19,6 +19,7 @@ The last two run through :func:`fit_loop.fit` with the branch loop's optimiser, 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 
@@ -63,6 +64,7 @@ def _branch_config(run: Run, out_dir):
             "validation_steps": 10**9,
             "report_to": "none",
             "logging_steps": 50,
+            "dataloader_num_workers": cfg.loader_workers,
         }
     )
 
@@ -88,7 +90,16 @@ def train_brushnet(run: Run) -> dict:
 
     config = _branch_config(run, run.work / "brushnet_run")
     start = time.perf_counter()
-    result = train(config, dataset=_stream(run, config))
+    # the loop trains where accelerate puts it (CUDA when there is one): pin it to the run's device
+    use_cpu = os.environ.get("ACCELERATE_USE_CPU")
+    os.environ["ACCELERATE_USE_CPU"] = "true" if run.device == "cpu" else "false"
+    try:
+        result = train(config, dataset=_stream(run, config))
+    finally:
+        if use_cpu is None:
+            os.environ.pop("ACCELERATE_USE_CPU")
+        else:
+            os.environ["ACCELERATE_USE_CPU"] = use_cpu
     seconds = time.perf_counter() - start
     for checkpoint in (run.work / "brushnet_run").glob("checkpoint-*"):  # done: a rerun starts over
         shutil.rmtree(checkpoint)
@@ -116,7 +127,7 @@ def _fit_on_stream(run: Run, stage: str, model, loss_of) -> dict:
     result = fit(
         model,
         loss_of,
-        StreamBatches(_stream(run, config), config.train_batch_size),
+        StreamBatches(_stream(run, config), config.train_batch_size, config.dataloader_num_workers),
         settings,
         generator=stage_generator(run.cfg.seed, stage),
         name=stage,
@@ -131,9 +142,11 @@ def _drop_captions(captions: list[str], generator: torch.Generator) -> list[str]
 
 
 def _noised(components, latents: torch.Tensor, generator: torch.Generator):
+    """Noise and timesteps drawn on the CPU from the stage's generator (the same draws on any device)."""
     scheduler = components.noise_scheduler
-    noise = torch.randn(latents.shape, generator=generator)
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
+    timesteps = timesteps.to(latents.device)
     return scheduler.add_noise(latents, noise, timesteps), noise, timesteps
 
 
@@ -149,7 +162,7 @@ def _frozen_components(run: Run):
 
     components = load_components(str(run.base_dir))
     for module in components.frozen_modules.values():
-        module.requires_grad_(False).eval()
+        module.requires_grad_(False).eval().to(run.device)
     return components
 
 
@@ -169,13 +182,14 @@ def train_inpaint(run: Run) -> dict:
     weight[:, :4] = state["conv_in.weight"]
     state["conv_in.weight"] = weight
     model.load_state_dict(state)
-    vae = components.vae
+    model.to(run.device)
+    vae, device = components.vae, torch.device(run.device)
 
     def loss_of(batch: dict, generator: torch.Generator) -> torch.Tensor:
-        pixels, hole = batch["pixel_values"], batch["mask"]
+        pixels, hole = batch["pixel_values"].to(device), batch["mask"].to(device)
         with torch.no_grad():
             hidden, _ = components.family.encode(
-                _drop_captions(batch["caption"], generator), torch.device("cpu"), torch.float32
+                _drop_captions(batch["caption"], generator), device, torch.float32
             )
             latents = encode_latents(vae, pixels, generator)
             # diffusers' inpainting pipelines blank the hole to 0 (grey) and feed the hole mask (1 = hole)
@@ -209,13 +223,14 @@ def train_controlnet(run: Run) -> dict:
     components = _frozen_components(run)
     with seeded_init(stage_generator(cfg.seed, "controlnet.init")):
         model = ControlNetModel.from_unet(components.unet, conditioning_embedding_out_channels=(16, 32, 64))
-    unet, vae = components.unet, components.vae
+    model.to(run.device)
+    unet, vae, device = components.unet, components.vae, torch.device(run.device)
 
     def loss_of(batch: dict, generator: torch.Generator) -> torch.Tensor:
-        pixels, hole = batch["pixel_values"], batch["mask"]
+        pixels, hole = batch["pixel_values"].to(device), batch["mask"].to(device)
         with torch.no_grad():
             hidden, _ = components.family.encode(
-                _drop_captions(batch["caption"], generator), torch.device("cpu"), torch.float32
+                _drop_captions(batch["caption"], generator), device, torch.float32
             )
             latents = encode_latents(vae, pixels, generator)
         control = torch.where(hole > 0.5, torch.full_like(pixels, -1.0), (pixels + 1) / 2)

@@ -187,6 +187,7 @@ def train_powerpaint(run: Run) -> dict:
     with seeded_init(stage_generator(cfg.seed, "powerpaint.init")):
         model = PowerPaintModel.from_base(components.unet, family.text_encoder, family.tokenizer)
     warm_start = _warm_start(model, run)
+    model.to(run.device)
     prediction_type = components.scheduler_config.get("prediction_type", "epsilon")
 
     def loss_of(batch: dict, generator: torch.Generator) -> torch.Tensor:

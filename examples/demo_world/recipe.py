@@ -51,6 +51,9 @@ class WorldTrainConfig:
     branch_ema_decay: float = 0.999  # 0: no EMA
     hole_prompt_probability: float = 0.75
     object_holes: float = 0.5  # share of samples whose hole is replaced by one around an object
+    # DataLoader worker processes of the three (0: in the training process). Shards are dealt out to the
+    # workers, so this changes the order of the samples (the same order for all three)
+    loader_workers: int = 0
     # PowerPaint v2-style branch and task words (stage ``powerpaint``), warm-started from the BrushNet branch
     powerpaint_steps: int = 1500
 
@@ -73,10 +76,12 @@ def smoke_config() -> WorldTrainConfig:
 
 @dataclass
 class Run:
-    """One training run: its recipe and its working folder (the scenes are rendered once, on first use)."""
+    """One training run: its recipe, its working folder (the scenes are rendered once, on first use) and the
+    device its stages train on (``"cpu"``, ``"cuda"``: where, not what, so not part of the recipe)."""
 
     cfg: WorldTrainConfig
     work: Path
+    device: str = "cpu"
     _scenes: tuple | None = dataclasses.field(default=None, repr=False)
 
     @property

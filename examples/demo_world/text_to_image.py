@@ -68,18 +68,19 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.T
     return torch.clamp(snr, min=1.0, max=gamma) / (snr + 1)
 
 
-def _latent_stats(images: torch.Tensor, vae_dir) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and std (scaled) of every training image, so the UNet stage never runs the encoder."""
+def _latent_stats(images: torch.Tensor, vae_dir, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std (scaled) of every training image, so the UNet stage never runs the encoder
+    (computed on ``device``, returned on the CPU)."""
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval().to(device)
     scaling = vae.config.scaling_factor
     with torch.no_grad():
         means, stds = [], []
         for start in range(0, len(images), 64):
-            posterior = vae.encode(to_unit(images[start : start + 64])).latent_dist
-            means.append(posterior.mean * scaling)
-            stds.append(posterior.std * scaling)
+            posterior = vae.encode(to_unit(images[start : start + 64]).to(device)).latent_dist
+            means.append((posterior.mean * scaling).cpu())
+            stds.append((posterior.std * scaling).cpu())
     return torch.cat(means), torch.cat(stds)
 
 
@@ -110,9 +111,9 @@ def train_base(run: Run) -> dict:
             )
         )
         unet = UNet2DConditionModel(**unet_config(cfg))
-    model = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
+    model = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder}).to(run.device)
     images, scenes = run.scenes()
-    latent_mean, latent_std = _latent_stats(images, run.base_dir / "vae")
+    latent_mean, latent_std = _latent_stats(images, run.base_dir / "vae", run.device)
     scheduler = base_scheduler(cfg)
     noise_scheduler = DDPMScheduler.from_config(scheduler.config)
 
@@ -134,7 +135,8 @@ def train_base(run: Run) -> dict:
         tokens = tokenizer(
             captions, padding="max_length", max_length=TEXT_MAX_LENGTH, truncation=True, return_tensors="pt"
         ).input_ids
-        hidden = text_encoder(tokens, return_dict=False)[0]
+        hidden = text_encoder(tokens.to(run.device), return_dict=False)[0]
+        # every draw on the CPU, from the stage's generator (the same draws on any device)
         latents = latent_mean[index] + latent_std[index] * torch.randn(
             latent_mean[index].shape, generator=generator
         )
@@ -142,10 +144,11 @@ def train_base(run: Run) -> dict:
         timesteps = torch.randint(
             0, noise_scheduler.config.num_train_timesteps, (len(index),), generator=generator
         )
+        weights = min_snr_weights(noise_scheduler, timesteps, cfg.min_snr_gamma).to(run.device)
+        latents, noise, timesteps = latents.to(run.device), noise.to(run.device), timesteps.to(run.device)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         prediction = unet(noisy, timesteps, hidden).sample
         target = training_target(noise_scheduler, latents, noise, timesteps, "v_prediction")
-        weights = min_snr_weights(noise_scheduler, timesteps, cfg.min_snr_gamma)
         return (weights * ((prediction - target) ** 2).mean(dim=(1, 2, 3))).mean()
 
     settings = FitSettings(

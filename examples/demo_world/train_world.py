@@ -38,7 +38,7 @@ from recipe import Run, WorldTrainConfig, smoke_config
 from text_to_image import train_base
 from world_data import SIZE
 
-__all__ = ["DEFAULT_STAGES", "STAGES", "export", "main", "train_all"]
+__all__ = ["DEFAULT_STAGES", "STAGES", "check_request", "export", "main", "train_all"]
 
 logger = logging.getLogger("demo_world")
 
@@ -47,7 +47,14 @@ def make_data(run: Run) -> dict:
     """Stage ``data``: the training scenes as BrushData webdataset shards (what the inpainting stages read)."""
     from brushnet.data.shapes_writers import write_training_shards
 
-    write_training_shards(run.shards, run.cfg.scenes, scenes_per_shard=1000, size=SIZE, seed=run.cfg.seed)
+    write_training_shards(
+        run.shards,
+        run.cfg.scenes,
+        scenes_per_shard=1000,
+        size=SIZE,
+        seed=run.cfg.seed,
+        processes=torch.get_num_threads(),  # --threads; the bytes are the same for any number
+    )
     return {"scenes": run.cfg.scenes}
 
 
@@ -79,7 +86,15 @@ def _cpu_model() -> str:
     return "unknown"
 
 
-def record_stage(record_path: Path, stage: str, info: dict, cfg: WorldTrainConfig) -> dict:
+def _device_name(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    return "cpu"
+
+
+def record_stage(
+    record_path: Path, stage: str, info: dict, cfg: WorldTrainConfig, device: str = "cpu"
+) -> dict:
     """Add ``stage``'s entry to the training record at ``record_path`` (re-read first, so stages run by other
     processes keep theirs; written atomically) and return the record.
 
@@ -111,6 +126,8 @@ def record_stage(record_path: Path, stage: str, info: dict, cfg: WorldTrainConfi
         "torch": torch.__version__,
         "python": sys.version.split()[0],
     }
+    if torch.device(device).type != "cpu":
+        record["hardware"]["accelerator"] = _device_name(device)
     record["total_seconds"] = round(sum(s["seconds"] for s in record["stages"].values()), 1)
     text = json.dumps(record, indent=2)
     tmp = record_path.with_suffix(".tmp")
@@ -119,17 +136,28 @@ def record_stage(record_path: Path, stage: str, info: dict, cfg: WorldTrainConfi
     return json.loads(text)
 
 
-def train_all(work: str | os.PathLike, cfg: WorldTrainConfig, stages: list[str] | None = None) -> dict:
-    """Run ``stages`` (default :data:`DEFAULT_STAGES`) into ``work``; return the training record.
-
-    The record (``work/training_record.json``) is re-read before each write, so stages run by other
-    processes on the same folder keep their entries.
-    """
+def check_request(stages: list[str] | None, device: str) -> list[str]:
+    """The stages to run (default :data:`DEFAULT_STAGES`); ``ValueError`` for an unknown stage or a device
+    this machine lacks."""
     stages = list(stages or DEFAULT_STAGES)
     unknown = [stage for stage in stages if stage not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; choose from: {', '.join(STAGES)}")
-    run = Run(cfg, Path(work))
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available here")
+    return stages
+
+
+def train_all(
+    work: str | os.PathLike, cfg: WorldTrainConfig, stages: list[str] | None = None, device: str = "cpu"
+) -> dict:
+    """Run ``stages`` (default :data:`DEFAULT_STAGES`) into ``work`` on ``device``; return the training record.
+
+    The record (``work/training_record.json``) is re-read before each write, so stages run by other
+    processes on the same folder keep their entries.
+    """
+    stages = check_request(stages, device)
+    run = Run(cfg, Path(work), device=device)
     run.work.mkdir(parents=True, exist_ok=True)
     record_path = run.work / "training_record.json"
     for stage in stages:
@@ -139,7 +167,8 @@ def train_all(work: str | os.PathLike, cfg: WorldTrainConfig, stages: list[str] 
         info["seconds"] = round(time.time() - start, 1)
         info["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         info["torch_threads"] = torch.get_num_threads()
-        record_stage(record_path, stage, info, cfg)
+        info["device"] = _device_name(device)
+        record_stage(record_path, stage, info, cfg, device)
         logger.info("stage %s done: %s", stage, info)
     return json.loads(record_path.read_text())
 
@@ -211,7 +240,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--smoke", action="store_true", help="A few steps of everything (checks the code path)."
     )
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of this process (default 1).")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of this process, and processes of the data stage (default 1).",
+    )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="where the stages train: cpu (default) or cuda (the record names the device of each stage).",
+    )
     defaults = WorldTrainConfig()
     for field in dataclasses.fields(WorldTrainConfig):
         parser.add_argument(
@@ -228,8 +268,13 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, field.name)
         if value is not None:
             setattr(cfg, field.name, value)
+    try:
+        check_request(args.stages, args.device)
+    except ValueError as error:  # before anything is written
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     start = time.time()
-    record = train_all(args.work, cfg, args.stages)
+    record = train_all(args.work, cfg, args.stages, args.device)
     logger.info("stages: %.1f s (record total %s s)", time.time() - start, record.get("total_seconds"))
     if args.export:
         export(args.work, args.export)

@@ -63,6 +63,17 @@ def test_training_shards_are_deterministic(tmp_path):
     assert first[0].read_bytes() != other[0].read_bytes()
 
 
+def test_training_shards_in_processes_are_the_same_bytes(tmp_path):
+    serial = write_training_shards(tmp_path / "a", num_scenes=5, scenes_per_shard=2, size=64, seed=3)
+    parallel = write_training_shards(
+        tmp_path / "b", num_scenes=5, scenes_per_shard=2, size=64, seed=3, processes=2
+    )
+    assert [p.name for p in parallel] == [p.name for p in serial] == [f"shapes-{i:06d}.tar" for i in range(3)]
+    assert [p.read_bytes() for p in parallel] == [p.read_bytes() for p in serial]
+    with pytest.raises(ValueError, match="processes"):
+        write_training_shards(tmp_path / "c", num_scenes=2, processes=0)
+
+
 def test_training_shards_read_with_webdataset(tmp_path):
     wds = pytest.importorskip("webdataset")
     write_training_shards(tmp_path, num_scenes=3, scenes_per_shard=2, size=64, seed=0)

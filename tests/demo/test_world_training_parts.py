@@ -130,6 +130,36 @@ def test_hole_prompt_over_the_project_shard_reader(tmp_path):
         assert (hole & named).sum() >= 0.5 * named.sum()
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_other_inpainting_stages_read_the_branch_loops_batches(tmp_path, workers):
+    """The 9-channel UNet and the ControlNet (StreamBatches) get the batches the branch loop reads (its
+    dataloader, its epochs), with loader workers too: same keys, masks and captions, in the same order."""
+    from pathlib import Path
+
+    from fit_loop import StreamBatches
+    from inpainting import _branch_config, _stream
+    from recipe import Run, WorldTrainConfig
+
+    from brushnet.training.data import build_train_dataloader, iterate_batches
+
+    write_training_shards(tmp_path / "shards", num_scenes=24, scenes_per_shard=6, size=128, seed=0)
+    run = Run(WorldTrainConfig(scenes=24, branch_batch=4, loader_workers=workers), Path(tmp_path))
+    config = _branch_config(run, tmp_path / "out")
+    assert config.dataloader_num_workers == workers
+    loop_stream = _stream(run, config)
+    loop_batches = list(iterate_batches(build_train_dataloader(config, loop_stream), loop_stream, epoch=0))
+    assert len(loop_batches) == 6
+    stage = StreamBatches(_stream(run, config), config.train_batch_size, config.dataloader_num_workers)
+    generator = torch.Generator()
+    for expected in loop_batches:
+        batch = stage(generator)
+        assert batch["key"] == expected["key"] and batch["caption"] == expected["caption"]
+        assert torch.equal(batch["mask"], expected["mask"])
+    assert stage.state_dict() == {"epoch": 0, "batches_done": 6}
+    keys = [key for batch in loop_batches for key in batch["key"]]
+    assert sorted(keys) == [f"{i:08d}" for i in range(24)]  # every scene once per epoch, workers or not
+
+
 @pytest.mark.parametrize("bad", [-1])
 def test_scene_rng_rejects_negative_seed(bad):
     with pytest.raises(ValueError):
@@ -221,6 +251,8 @@ def test_the_one_training_command_runs_every_stage_and_exports_loadable_models(t
     for stage in DEFAULT_STAGES:
         assert stage in record["stages"], stage
         assert record["stages"][stage]["config"] == record["config"]  # one process, one config
+        assert record["stages"][stage]["device"] == "cpu"
+    assert "accelerator" not in record["hardware"]
     assert "config_conflicts" not in record
     leftovers = list((tmp_path / "work").glob("checkpoints/*")) + list(
         (tmp_path / "work").glob("*/checkpoint-*")
@@ -354,3 +386,36 @@ def test_an_object_painted_over_the_hole_edge_counts_only_when_scored_in_the_ori
     pasted[hole] = output[hole]
     assert dominant_colour(output, hole) != obj.colour
     assert dominant_colour(pasted, hole) == obj.colour
+
+
+def test_the_training_command_refuses_cuda_where_there_is_none(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    from train_world import main
+
+    assert main(["--work", str(tmp_path / "work"), "--device", "cuda", "--stages", "vae"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --device cuda: no CUDA device is available here"
+    assert not (tmp_path / "work").exists()  # refused before anything is written
+    assert main(["--work", str(tmp_path / "work"), "--stages", "vea"]) == 2
+    assert "unknown stage(s) ['vea']" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_every_stage_trains_on_cuda(tmp_path):
+    """What the first device call of the GPU run (benchmarks/gpu_runs/issue18_demo_world.py) checks: a few steps
+    of every stage with ``--device cuda``, loader workers on, and the record names the GPU."""
+    import json
+    import subprocess
+    import sys
+
+    from train_world import DEFAULT_STAGES
+    from train_world import __file__ as script
+
+    command = [sys.executable, script, "--work", str(tmp_path / "work"), "--smoke", "--device", "cuda"]
+    done = subprocess.run(command + ["--loader-workers", "2"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((tmp_path / "work" / "training_record.json").read_text())
+    name = torch.cuda.get_device_name()
+    assert all(record["stages"][stage]["device"] == name for stage in DEFAULT_STAGES)
+    assert record["hardware"]["accelerator"] == name

@@ -72,13 +72,44 @@ def _check_counts(num_scenes: int, size: int, seed: int) -> None:
         raise ValueError(f"seed must be non-negative, got {seed}")
 
 
+def _write_shard(out: Path, shard: int, indices: range, size: int, seed: int) -> Path:
+    """Write shard ``shard`` (scenes ``indices``) into ``out``; return its path."""
+
+    def write(file: Any) -> None:
+        with tarfile.open(fileobj=file, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for index in indices:
+                scene = sample_scene(scene_rng("train", seed, index), size=size)
+                image, masks = render_scene(scene)
+                key = f"{index:08d}"
+                segmentation = {"mask": [encode_brushdata_rle(mask) for mask in masks]}
+                _add_member(tar, f"{key}.png", png_bytes(image))
+                _add_member(tar, f"{key}.txt", scene.caption.encode("utf-8"))
+                _add_member(tar, f"{key}.json", json.dumps(segmentation).encode("utf-8"))
+                _add_member(tar, f"{key}.height", str(size).encode("ascii"))
+                _add_member(tar, f"{key}.width", str(size).encode("ascii"))
+                objects = [obj.to_dict() for obj in scene.objects]
+                _add_member(tar, f"{key}.objects", json.dumps(objects).encode("utf-8"))
+                _add_member(tar, f"{key}.background", json.dumps(scene.background.to_dict()).encode("utf-8"))
+
+    path = out / f"shapes-{shard:06d}.tar"
+    atomic_write(path, write)
+    logger.info("wrote %s (%d scenes)", path, len(indices))
+    return path
+
+
 def write_training_shards(
-    out_dir: str | os.PathLike, num_scenes: int, scenes_per_shard: int = 1000, size: int = 128, seed: int = 0
+    out_dir: str | os.PathLike,
+    num_scenes: int,
+    scenes_per_shard: int = 1000,
+    size: int = 128,
+    seed: int = 0,
+    processes: int = 1,
 ) -> list[Path]:
     """Write ``num_scenes`` training scenes as BrushData webdataset shards ``shapes-000000.tar``, ….
 
     Scene ``i`` is ``sample_scene(scene_rng("train", seed, i), size)``. Each shard is written to a
-    temporary file and moved into place, so a shard that exists is complete.
+    temporary file and moved into place, so a shard that exists is complete. The bytes do not depend on
+    ``processes``.
 
     Args:
         out_dir: output folder (created if missing).
@@ -86,6 +117,7 @@ def write_training_shards(
         scenes_per_shard: samples per tar file (the last one may hold fewer).
         size: image side in pixels.
         seed: dataset seed.
+        processes: shards written at once, each by its own process (1: in this process).
 
     Returns:
         The shard paths, in order.
@@ -93,35 +125,28 @@ def write_training_shards(
     _check_counts(num_scenes, size, seed)
     if scenes_per_shard < 1:
         raise ValueError(f"scenes_per_shard must be at least 1, got {scenes_per_shard}")
+    if processes < 1:
+        raise ValueError(f"processes must be at least 1, got {processes}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for shard in range(math.ceil(num_scenes / scenes_per_shard)):
-        indices = range(shard * scenes_per_shard, min(num_scenes, (shard + 1) * scenes_per_shard))
+    jobs = [
+        (
+            out,
+            shard,
+            range(shard * scenes_per_shard, min(num_scenes, (shard + 1) * scenes_per_shard)),
+            size,
+            seed,
+        )
+        for shard in range(math.ceil(num_scenes / scenes_per_shard))
+    ]
+    if processes == 1 or len(jobs) == 1:
+        return [_write_shard(*job) for job in jobs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
-        def write(file: Any, indices: range = indices) -> None:
-            with tarfile.open(fileobj=file, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for index in indices:
-                    scene = sample_scene(scene_rng("train", seed, index), size=size)
-                    image, masks = render_scene(scene)
-                    key = f"{index:08d}"
-                    segmentation = {"mask": [encode_brushdata_rle(mask) for mask in masks]}
-                    _add_member(tar, f"{key}.png", png_bytes(image))
-                    _add_member(tar, f"{key}.txt", scene.caption.encode("utf-8"))
-                    _add_member(tar, f"{key}.json", json.dumps(segmentation).encode("utf-8"))
-                    _add_member(tar, f"{key}.height", str(size).encode("ascii"))
-                    _add_member(tar, f"{key}.width", str(size).encode("ascii"))
-                    objects = [obj.to_dict() for obj in scene.objects]
-                    _add_member(tar, f"{key}.objects", json.dumps(objects).encode("utf-8"))
-                    _add_member(
-                        tar, f"{key}.background", json.dumps(scene.background.to_dict()).encode("utf-8")
-                    )
-
-        path = out / f"shapes-{shard:06d}.tar"
-        atomic_write(path, write)
-        logger.info("wrote %s (%d scenes)", path, len(indices))
-        paths.append(path)
-    return paths
+    context = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
+    with ProcessPoolExecutor(min(processes, len(jobs)), mp_context=context) as pool:
+        return list(pool.map(_write_shard, *zip(*jobs)))
 
 
 def _different_object(scene: Scene, masked: SceneObject, rng: np.random.Generator) -> tuple[str, str]:

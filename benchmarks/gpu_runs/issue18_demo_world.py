@@ -1,0 +1,239 @@
+"""Issue 18: the demo world's inpainting stages on one GPU, inside one device call.
+
+Run on the device machine from the repo root (wheels in ``.whl``; the base is the shipped v3 base, whose UNet is
+stored in float16 and trained against in float32):
+
+    python3 benchmarks/gpu_runs/issue18_demo_world.py --limit 520
+
+1. ``train_world.py --smoke --device cuda``: every stage's code path on the GPU (a few seconds).
+2. Stage ``data``: the 20000 training scenes (in parallel; the bytes are those of a CPU run, checked by hash).
+3. Calibration: ``brushnet``, ``inpaint``, ``controlnet`` and ``powerpaint`` side by side for ``--cal-steps``
+   steps; seconds per step from the log times of steps 50 and ``--cal-steps``.
+4. The three inpainting stages side by side with the same ``--branch-steps N`` (N: the largest multiple of 1000
+   that, at the calibrated speeds, ends inside ``--limit`` with PowerPaint after the branch), then
+   ``powerpaint`` on the new branch.
+5. Everything that finished is packed into ``$OUT`` (one tar per model, the logs, ``summary.json``).
+
+Each stage runs in its own work folder (``shards`` and ``base`` linked in), so no two processes write one
+training record; the records are merged afterwards. Nothing here is a test; it is how the lease was spent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "examples" / "demo_world" / "train_world.py"
+# sha256 of shapes-000000.tar of a CPU run of stage data (seed 0, 20000 scenes, 1000 per shard)
+SHARD0_SHA256 = "6aeecdd382342762659111e6bf0e21bd8e924973ad9fb7ad8d5e0123b5738541"
+STAGES = ("brushnet", "inpaint", "controlnet")
+T0 = time.time()
+
+
+def now() -> float:
+    return time.time() - T0
+
+
+def say(text: str) -> None:
+    print(f"[{now():6.1f} s] {text}", flush=True)
+
+
+def stage_command(work: Path, stages: list[str], args, steps: int, extra: list[str] = ()) -> list[str]:
+    return [
+        sys.executable, str(SCRIPT), "--work", str(work), "--stages", *stages, "--device", args.device,
+        "--threads", "2", "--scenes", str(args.scenes), "--branch-steps", str(steps),
+        "--branch-batch", str(args.batch), "--loader-workers", str(args.workers), *extra,
+    ]  # fmt: skip
+
+
+def work_folder(path: Path, shards: Path, base: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    for name, target in (("shards", shards), ("base", base)):
+        if not (path / name).exists():
+            (path / name).symlink_to(target.resolve())
+    return path
+
+
+def launch(command: list[str], log: Path, limit: float) -> subprocess.Popen:
+    say(f"start {' '.join(command[2:])} (limit {limit:.0f} s)")
+    return subprocess.Popen(
+        ["timeout", "-k", "5", str(max(int(limit), 1)), *command],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
+
+
+STEP_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*?step (\d+)[:/]")
+
+
+def seconds_per_step(log: Path, first: int, last: int) -> float | None:
+    """Seconds per step between the log lines of steps ``first`` and ``last`` (both loops log every 50)."""
+    times = {}
+    for line in log.read_text(errors="replace").splitlines():
+        match = STEP_LINE.match(line)
+        if match and int(match.group(2)) in (first, last):
+            times[int(match.group(2))] = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f")
+    if len(times) < 2:
+        return None
+    return (times[last] - times[first]).total_seconds() / (last - first)
+
+
+def pack(out: Path, name: str, root: Path, members: list[str]) -> None:
+    present = [m for m in members if (root / m).exists()]
+    if not present:
+        say(f"nothing to pack for {name}")
+        return
+    with tarfile.open(out / f"{name}.tgz", "w:gz") as tar:
+        for member in present:
+            tar.add(root / member, arcname=member)
+    say(f"packed {name}.tgz ({(out / f'{name}.tgz').stat().st_size / 2**20:.1f} MiB)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--limit", type=float, default=520, help="seconds by which everything is packed")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--scenes", type=int, default=20000)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--cal-steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, help="skip the calibration: this many steps")
+    parser.add_argument("--max-steps", type=int, default=40000)
+    parser.add_argument("--min-steps", type=int, default=4000)
+    parser.add_argument("--step-multiple", type=int, default=1000)
+    parser.add_argument("--base", default="src/brushnet/assets/demo_world/base")
+    parser.add_argument("--scratch", default="/tmp/issue18")
+    parser.add_argument("--pack-seconds", type=float, default=45)
+    parser.add_argument("--skip-smoke", action="store_true")
+    parser.add_argument("--no-powerpaint", action="store_true")
+    args = parser.parse_args()
+    out = Path(os.environ.get("OUT", "/tmp/issue18_out"))
+    out.mkdir(parents=True, exist_ok=True)
+    scratch = Path(args.scratch)
+    logs = scratch / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    summary: dict = {"args": vars(args)}
+
+    def finish(code: int) -> int:
+        summary["seconds"] = round(now(), 1)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        pack(out, "logs", scratch, ["logs"])
+        say(f"done, rc {code}")
+        return code
+
+    # 1. every stage's code path on the device
+    smoke = None if args.skip_smoke else subprocess.run(
+        [sys.executable, str(SCRIPT), "--work", str(scratch / "smoke"), "--smoke", "--device", args.device,
+         "--threads", "2", "--loader-workers", "2"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    if smoke is not None:
+        (logs / "smoke.log").write_text(smoke.stdout + smoke.stderr)
+        summary["smoke_rc"] = smoke.returncode
+        say(f"smoke rc {smoke.returncode}")
+    if smoke is not None and smoke.returncode != 0:
+        print(smoke.stderr[-4000:])
+        return finish(1)
+
+    # 2. the training scenes
+    data = scratch / "data"
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--work", str(data), "--stages", "data", "--threads",
+         str(min(16, os.cpu_count() or 1)), "--scenes", str(args.scenes)],
+        capture_output=True, text=True, cwd=ROOT, timeout=200,
+    )  # fmt: skip
+    (logs / "data.log").write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        print(done.stderr[-4000:])
+        return finish(1)
+    import hashlib
+
+    sha = hashlib.sha256((data / "shards" / "shapes-000000.tar").read_bytes()).hexdigest()
+    summary["shard0_matches_cpu_run"] = sha == SHARD0_SHA256
+    say(f"data done; shard 0 sha256 matches the CPU run: {sha == SHARD0_SHA256}")
+    shards, base = data / "shards", Path(args.base)
+
+    # 3. calibration
+    if args.steps:
+        steps = args.steps
+    else:
+        cal = args.cal_steps
+        procs = {}
+        for stage in (*STAGES, "powerpaint"):
+            work = work_folder(scratch / f"cal_{stage}", shards, base)
+            extra = ["--powerpaint-steps", str(cal)] if stage == "powerpaint" else []
+            procs[stage] = launch(
+                stage_command(work, [stage], args, cal, extra), logs / f"cal_{stage}.log", 150
+            )
+        for proc in procs.values():
+            proc.wait()
+        speed = {stage: seconds_per_step(logs / f"cal_{stage}.log", 50, cal) for stage in procs}
+        summary["calibration_seconds_per_step"] = speed
+        say(f"calibration (s/step, 4 side by side): {speed}")
+        if any(value is None for value in speed.values()):
+            return finish(1)
+        avail = args.limit - now() - args.pack_seconds - 30  # 30: loading the models
+        slowest = max(speed[s] for s in STAGES)
+        steps = min(avail / slowest, (avail - 1500 * speed["powerpaint"]) / speed["brushnet"])
+        steps = min(args.max_steps, int(steps // args.step_multiple) * args.step_multiple)
+        if steps < args.min_steps:
+            say(f"only {steps} steps fit: not training")
+            summary["steps"] = steps
+            return finish(1)
+    summary["steps"] = steps
+    say(f"training {steps} steps of batch {args.batch}")
+
+    # 4. the three side by side; powerpaint after the branch, in the branch's folder
+    deadline = args.limit - args.pack_seconds
+    procs = {}
+    for stage in STAGES:
+        work = work_folder(scratch / stage, shards, base)
+        procs[stage] = launch(
+            stage_command(work, [stage], args, steps), logs / f"{stage}.log", deadline - now()
+        )
+    powerpaint = None
+    ended = {}
+    while len(ended) < len(procs) + (powerpaint is not None):
+        for stage, proc in procs.items():
+            if stage not in ended and proc.poll() is not None:
+                ended[stage] = proc.returncode
+                say(f"{stage} ended, rc {proc.returncode}")
+                if stage == "brushnet" and proc.returncode == 0 and not args.no_powerpaint:
+                    work = scratch / "brushnet"
+                    powerpaint = launch(
+                        stage_command(work, ["powerpaint"], args, steps),
+                        logs / "powerpaint.log",
+                        deadline - now(),
+                    )
+        if powerpaint is not None and "powerpaint" not in ended and powerpaint.poll() is not None:
+            ended["powerpaint"] = powerpaint.returncode
+            say(f"powerpaint ended, rc {powerpaint.returncode}")
+        time.sleep(2)
+    summary["return_codes"] = ended
+
+    # 5. pack
+    records = {}
+    for stage in STAGES:
+        path = scratch / stage / "training_record.json"
+        if path.exists():
+            records[stage] = json.loads(path.read_text())
+    summary["records"] = records
+    pack(out, "brushnet", scratch / "brushnet", ["brushnet_run/brushnet"])
+    pack(out, "powerpaint", scratch / "brushnet", ["powerpaint"])
+    pack(out, "inpaint", scratch / "inpaint", ["inpaint"])
+    pack(out, "controlnet", scratch / "controlnet", ["controlnet"])
+    return finish(0 if all(code == 0 for code in ended.values()) else 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
