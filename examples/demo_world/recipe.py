@@ -45,7 +45,7 @@ class WorldTrainConfig:
     # the three inpainting models (branch, 9-channel UNet, ControlNet): the same samples in the same order,
     # the same steps, batch, learning rate, schedule and EMA
     branch_steps: int = 4000
-    branch_batch: int = 16
+    branch_batch: int = 32  # recipe v4 (16 in v3); trained on a GPU, see docs/demo.md
     branch_lr: float = 1e-3
     branch_lr_scheduler: str = "cosine"
     branch_ema_decay: float = 0.999  # 0: no EMA
@@ -53,7 +53,7 @@ class WorldTrainConfig:
     object_holes: float = 0.5  # share of samples whose hole is replaced by one around an object
     # DataLoader worker processes of the three (0: in the training process). Shards are dealt out to the
     # workers, so this changes the order of the samples (the same order for all three)
-    loader_workers: int = 0
+    loader_workers: int = 3
     # PowerPaint v2-style branch and task words (stage ``powerpaint``), warm-started from the BrushNet branch
     powerpaint_steps: int = 1500
 
@@ -70,6 +70,7 @@ def smoke_config() -> WorldTrainConfig:
         base_batch=4,
         branch_steps=2,
         branch_batch=4,
+        loader_workers=0,
         powerpaint_steps=2,
     )
 
