@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Run", "WorldTrainConfig", "smoke_config"]
+__all__ = ["Run", "WorldTrainConfig", "check_config", "smoke_config"]
 
 
 @dataclass
@@ -56,6 +56,37 @@ class WorldTrainConfig:
     loader_workers: int = 3
     # PowerPaint v2-style branch and task words (stage ``powerpaint``), warm-started from the BrushNet branch
     powerpaint_steps: int = 1500
+
+
+# fields that may be 0 (every other number must be positive): the seed, warm-up, EMA decays (0 = none), the KL
+# weight, loader workers and the two shares
+_MAY_BE_ZERO = {
+    "seed",
+    "base_warmup_steps",
+    "base_ema_decay",
+    "branch_ema_decay",
+    "vae_kl_weight",
+    "loader_workers",
+}
+_SHARES = {"hole_prompt_probability", "object_holes"}
+_BELOW_ONE = {"base_ema_decay", "branch_ema_decay"}
+
+
+def check_config(cfg: WorldTrainConfig) -> None:
+    """``ValueError`` naming the first field out of range (a count or rate that is not positive, a share outside
+    [0, 1], an EMA decay of 1 or more), so a bad flag fails before any stage starts."""
+    for field in dataclasses.fields(cfg):
+        name, value = field.name, getattr(cfg, field.name)
+        if isinstance(value, bool) or not isinstance(value, int | float | tuple):
+            continue
+        flag = "--" + name.replace("_", "-")
+        zero_ok = name in _MAY_BE_ZERO or name in _SHARES
+        if any(v < 0 or (v == 0 and not zero_ok) for v in (value if isinstance(value, tuple) else (value,))):
+            raise ValueError(f"{flag} must be {'non-negative' if zero_ok else 'positive'}, got {value}")
+        if name in _SHARES and value > 1:
+            raise ValueError(f"{flag} is a share: at most 1, got {value}")
+        if name in _BELOW_ONE and value >= 1:
+            raise ValueError(f"{flag} must be below 1, got {value}")
 
 
 def smoke_config() -> WorldTrainConfig:

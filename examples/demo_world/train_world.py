@@ -34,7 +34,7 @@ import torch
 from autoencoder import train_decoder, train_vae
 from inpainting import train_brushnet, train_controlnet, train_inpaint
 from powerpaint_stage import train_powerpaint
-from recipe import Run, WorldTrainConfig, smoke_config
+from recipe import Run, WorldTrainConfig, check_config, smoke_config
 from text_to_image import train_base
 from world_data import SIZE
 
@@ -136,9 +136,11 @@ def record_stage(
     return json.loads(text)
 
 
-def check_request(stages: list[str] | None, device: str) -> list[str]:
-    """The stages to run (default :data:`DEFAULT_STAGES`); ``ValueError`` for an unknown stage or a device
-    this machine lacks."""
+def check_request(stages: list[str] | None, device: str, cfg: WorldTrainConfig | None = None) -> list[str]:
+    """The stages to run (default :data:`DEFAULT_STAGES`); ``ValueError`` for an unknown stage, a device this
+    machine lacks or a recipe field out of range (:func:`recipe.check_config`)."""
+    if cfg is not None:
+        check_config(cfg)
     stages = list(stages or DEFAULT_STAGES)
     unknown = [stage for stage in stages if stage not in STAGES]
     if unknown:
@@ -156,7 +158,7 @@ def train_all(
     The record (``work/training_record.json``) is re-read before each write, so stages run by other
     processes on the same folder keep their entries.
     """
-    stages = check_request(stages, device)
+    stages = check_request(stages, device, cfg)
     run = Run(cfg, Path(work), device=device)
     run.work.mkdir(parents=True, exist_ok=True)
     record_path = run.work / "training_record.json"
@@ -261,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
             help=f"default {getattr(defaults, field.name)}",
         )
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     cfg = smoke_config() if args.smoke else WorldTrainConfig()
@@ -269,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None:
             setattr(cfg, field.name, value)
     try:
-        check_request(args.stages, args.device)
+        check_request(args.stages, args.device, cfg)
     except ValueError as error:  # before anything is written
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -388,7 +388,7 @@ def test_an_object_painted_over_the_hole_edge_counts_only_when_scored_in_the_ori
     assert dominant_colour(pasted, hole) == obj.colour
 
 
-def test_the_training_command_refuses_cuda_where_there_is_none(tmp_path, capsys):
+def test_the_training_command_refuses_bad_requests_before_writing(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     from train_world import main
@@ -399,6 +399,19 @@ def test_the_training_command_refuses_cuda_where_there_is_none(tmp_path, capsys)
     assert not (tmp_path / "work").exists()  # refused before anything is written
     assert main(["--work", str(tmp_path / "work"), "--stages", "vea"]) == 2
     assert "unknown stage(s) ['vea']" in capsys.readouterr().err
+    for flag, value, message in [
+        ("--branch-steps", "0", "--branch-steps must be positive, got 0"),
+        ("--loader-workers", "-1", "--loader-workers must be non-negative, got -1"),
+        ("--unet-channels", "32,0", "--unet-channels must be positive, got (32, 0)"),
+        ("--object-holes", "1.5", "--object-holes is a share: at most 1, got 1.5"),
+        ("--branch-ema-decay", "1", "--branch-ema-decay must be below 1, got 1.0"),
+    ]:
+        assert main(["--work", str(tmp_path / "work"), "--stages", "data", flag, value]) == 2
+        assert capsys.readouterr().err.strip() == f"error: {message}"
+    with pytest.raises(SystemExit):
+        main(["--work", str(tmp_path / "work"), "--threads", "0"])
+    assert "--threads must be at least 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()  # every refusal before anything is written
 
 
 @pytest.mark.gpu
