@@ -136,7 +136,7 @@ def scheduler_context(pipe, extras: tuple[str, ...]):
 
 
 @contextlib.contextmanager
-def fp32_guard_context(extras: tuple[str, ...]):
+def fp32_guard_context(pipe, extras: tuple[str, ...]):
     """``no_fp32_guard``: the branch once per step at strict fp32 too (the behaviour before the fix);
     ``cudnn_benchmark``: cuDNN's algorithm search on for the variant."""
     import torch
@@ -149,7 +149,7 @@ def fp32_guard_context(extras: tuple[str, ...]):
             return
         from brushnet.bench.speed import branch_once_at_strict_fp32
 
-        with branch_once_at_strict_fp32():
+        with branch_once_at_strict_fp32(pipe):
             yield
     finally:
         torch.backends.cudnn.benchmark = saved
@@ -280,7 +280,7 @@ def measure(pipe, variant: str, resolution: int, args, cache_dir: str) -> dict:
         compile_pipeline(pipe, extras, cache_dir)
     record = {"variant": variant, "resolution": resolution, "steps": args.steps}
     try:
-        with attention_context(extras), scheduler_context(pipe, extras), fp32_guard_context(extras):
+        with attention_context(extras), scheduler_context(pipe, extras), fp32_guard_context(pipe, extras):
             if cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()

@@ -96,11 +96,11 @@ def branch_doubled(pipe):
         set_branch_on_doubled_batch(pipe, False)
 
 
-def no_fp32_guard():
+def no_fp32_guard(pipe):
     """The branch once per step at strict fp32 too: the pipeline before issue 14's fix."""
     from brushnet.bench.speed import branch_once_at_strict_fp32
 
-    return branch_once_at_strict_fp32()
+    return branch_once_at_strict_fp32(pipe)
 
 
 @contextlib.contextmanager
@@ -259,7 +259,7 @@ def main() -> None:
         traced_peak(pipe, image, mask, args, say)
     if "4" in args.sections:
         say("\n4. convolutions alone: memory beyond input and output (MiB), largest first")
-        with no_fp32_guard():
+        with no_fp32_guard(pipe):
             rows = conv_workspaces(pipe, image, mask)
         for extra, key, shape in rows:
             say(f"  {extra:9.1f}  {key}  input {shape}")
@@ -275,7 +275,7 @@ def whole_call_peaks(pipe, image, mask, args, weights: float, say) -> None:
     say("\n1. peak of the whole call above the weights (MiB)")
     settings = {
         "TF32 off (matmul and cuDNN)": lambda: call(pipe, image, mask, args.steps),
-        "TF32 off, branch once (no guard)": lambda: _with(no_fp32_guard(), lambda: call(pipe, image, mask, args.steps)),
+        "TF32 off, branch once (no guard)": lambda: _with(no_fp32_guard(pipe), lambda: call(pipe, image, mask, args.steps)),
         "cuDNN TF32 on": lambda: _with(flags(allow_tf32=True), lambda: call(pipe, image, mask, args.steps)),
         "cudnn.benchmark": lambda: _with(flags(benchmark=True), lambda: call(pipe, image, mask, args.steps)),
         "branch on the doubled batch": lambda: _with(branch_doubled(pipe), lambda: call(pipe, image, mask, args.steps)),

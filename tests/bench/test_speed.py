@@ -74,7 +74,7 @@ def test_branch_once_at_strict_fp32_puts_back_the_pipeline_before_the_fix(tiny_m
     method.pipeline.brushnet.register_forward_hook(lambda m, a, o: batches.append(a[0].shape[0]))
     monkeypatch.setattr(common, "strict_fp32_cudnn", lambda device, dtype: True)  # as on CUDA with TF32 off
     inpaint(method, image, hole, request)
-    with branch_once_at_strict_fp32():
+    with branch_once_at_strict_fp32(method.pipeline):
         inpaint(method, image, hole, request)
     inpaint(method, image, hole, request)
     assert batches == [2, 2, 1, 1, 2, 2]

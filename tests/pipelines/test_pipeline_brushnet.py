@@ -124,6 +124,28 @@ def test_strict_fp32_cudnn_runs_the_branch_on_the_doubled_batch(golden_dir, inpu
     np.testing.assert_allclose(out, expected, atol=1e-4, rtol=0)
 
 
+def test_branch_batch_picks_the_schedule_and_refuses_other_values(golden_dir, inputs, monkeypatch):
+    """``pipe.branch_batch``: None = the rule (once; doubled at strict fp32), "doubled" = the original's schedule,
+    "once" = once even at strict fp32; the image is the golden's either way; anything else is refused."""
+    from brushnet.pipelines import common
+
+    image, mask, _ = inputs
+    pipe = make_pipe(golden_dir)
+    batches = []
+    pipe.brushnet.register_forward_hook(lambda m, a, o: batches.append(a[0].shape[0]))
+    for strict, choice, size in [(False, None, 1), (False, "doubled", 2), (True, None, 2), (True, "once", 1)]:
+        kwargs, expected = golden_kwargs(golden_dir, "ddim_cfg", pipe)  # a fresh generator per call
+        monkeypatch.setattr(common, "strict_fp32_cudnn", lambda device, dtype, strict=strict: strict)
+        pipe.branch_batch = choice
+        batches.clear()
+        out = pipe(None, image, mask, **kwargs).images
+        assert batches == [size] * 8, (strict, choice)
+        np.testing.assert_allclose(out, expected, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="branch_batch must be None, 'doubled' or 'once', got 'twice'"):
+        pipe.branch_batch = "twice"
+    assert pipe.branch_batch == "once"
+
+
 def test_branch_sees_keep_mask_white_is_hole(pipe, inputs, golden_dir):
     image, mask, _ = inputs
     seen = []

@@ -145,7 +145,8 @@ def set_branch_on_doubled_batch(pipe, doubled: bool) -> None:
     The pipeline runs the branch on the doubled batch when the branch's ``uses_text`` is true; for the comparison
     the branch instance is given a subclass whose ``uses_text`` is true (same weights, same ``forward``: an SD1.5
     branch ignores the text it is then passed). ``doubled=False`` restores the class. A branch that reads text
-    (SDXL, PowerPaint) runs doubled either way.
+    (SDXL, PowerPaint) runs doubled either way. (The pipeline's own ``branch_batch = "doubled"`` does the same
+    without touching the branch; this stays as it is because ``tests/bench/test_speed.py`` checks the swap.)
     """
     branch = pipe.brushnet
     branch.__class__ = original = getattr(branch, "_speed_original_class", type(branch))
@@ -160,16 +161,15 @@ def _set_branch_on_doubled_batch(method, doubled: bool) -> None:
 
 
 @contextlib.contextmanager
-def branch_once_at_strict_fp32():
-    """Within the block, the SD1.5 branch runs once per step at strict fp32 too: the pipeline as it was before
-    issue 14's fix (:func:`brushnet.pipelines.common.strict_fp32_cudnn`), for the before/after rows of
-    ``benchmarks/compile_speed.py`` and ``benchmarks/fp32_memory_profile.py``."""
-    from unittest import mock
-
-    from ..pipelines import common
-
-    with mock.patch.object(common, "strict_fp32_cudnn", lambda device, dtype: False):
+def branch_once_at_strict_fp32(pipe):
+    """Within the block, ``pipe``'s SD1.5 branch runs once per step at strict fp32 too (``branch_batch =
+    "once"``): the pipeline as it was before issue 14's fix (:func:`brushnet.pipelines.common.strict_fp32_cudnn`),
+    for the before/after rows of ``benchmarks/compile_speed.py`` and ``benchmarks/fp32_memory_profile.py``."""
+    saved, pipe.branch_batch = pipe.branch_batch, "once"
+    try:
         yield
+    finally:
+        pipe.branch_batch = saved
 
 
 def measure_speed(

@@ -75,6 +75,29 @@ class BrushNetPipelineMixin(PAGMixin):
     and ``self._callback_tensor_inputs``, and sets ``self._guidance_scale`` etc. at the start of ``__call__``.
     """
 
+    _branch_batch: str | None = None
+
+    @property
+    def branch_batch(self) -> str | None:
+        """How the branch meets classifier-free guidance: ``None`` (default) once per step, except on the
+        CFG-doubled batch when the branch reads text (SDXL, PowerPaint) or at strict fp32 on cuDNN
+        (:func:`strict_fp32_cudnn`); ``"doubled"`` always on the doubled batch (the original pipeline's schedule,
+        for comparisons); ``"once"`` once per step even at strict fp32 (a branch that reads text still runs
+        doubled: each half needs its own prompt). Read at the start of each call."""
+        return self._branch_batch
+
+    @branch_batch.setter
+    def branch_batch(self, value: str | None) -> None:
+        if value not in (None, "doubled", "once"):
+            raise ValueError(f"branch_batch must be None, 'doubled' or 'once', got {value!r}")
+        self._branch_batch = value
+
+    def _branch_on_doubled_batch(self, branch_dtype: torch.dtype) -> bool:
+        if self.brushnet.uses_text or self._branch_batch == "doubled":
+            return True
+        # strict fp32 on cuDNN: the branch's batch-1 convolutions would take gigabytes of workspace
+        return self._branch_batch is None and strict_fp32_cudnn(self.brushnet.device, branch_dtype)
+
     # -- properties, as in diffusers' pipelines ------------------------------------------------------
     @property
     def guidance_scale(self) -> float:
@@ -578,9 +601,7 @@ class BrushNetPipelineMixin(PAGMixin):
         branch_dtype = self.brushnet.dtype
         return StepPlan(
             guidance=self.do_classifier_free_guidance,
-            # strict fp32 on cuDNN: the branch's batch-1 convolutions would take gigabytes of workspace
-            branch_on_doubled_batch=bool(self.brushnet.uses_text)
-            or strict_fp32_cudnn(self.brushnet.device, branch_dtype),
+            branch_on_doubled_batch=self._branch_on_doubled_batch(branch_dtype),
             guess_mode=guess_mode,
             rescale=getattr(self, "_guidance_rescale", 0.0) > 0.0,
             branch_dtype=branch_dtype,
