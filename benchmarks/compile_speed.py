@@ -87,6 +87,8 @@ def parse_variant(text: str) -> tuple[str, tuple[str, ...]]:
         )
     if base != "compiled" and any(e in ("max_autotune", "inductor_flags") for e in extras):
         raise SystemExit(f"{text}: max_autotune and inductor_flags only apply to compiled variants")
+    if base == "doubled" and "no_fp32_guard" in extras:
+        raise SystemExit(f"{text}: no_fp32_guard runs the branch once per step, which contradicts 'doubled'")
     return base, tuple(extras)
 
 

@@ -46,11 +46,15 @@ def test_doubled_branch_gives_the_same_image_and_is_undone(tiny_models):
     request = {"prompt": "a cat", "seed": 1, "steps": 2, "blend": False}
     once = inpaint(method, image, hole, request)
     _set_branch_on_doubled_batch(method, True)
-    assert method.pipeline.brushnet.uses_text
+    assert method.pipeline.branch_batch == "doubled"
     doubled = inpaint(method, image, hole, request)
     _set_branch_on_doubled_batch(method, False)
-    assert not method.pipeline.brushnet.uses_text
-    assert type(method.pipeline.brushnet).__name__ == "BrushNetModel"
+    assert method.pipeline.branch_batch is None
+    assert (
+        type(method.pipeline.brushnet).__name__ == "BrushNetModel" and not method.pipeline.brushnet.uses_text
+    )
+    again = inpaint(method, image, hole, request)
+    assert again.extra_calls["brushnet"] == once.extra_calls["brushnet"]  # undone: once per step again
     assert doubled.extra_calls["brushnet"] == 2 * once.extra_calls["brushnet"]
     difference = np.abs(np.asarray(once.images[0], dtype=int) - np.asarray(doubled.images[0], dtype=int))
     assert difference.max() <= 1  # same computation in another batch layout: at most 1/255 rounding

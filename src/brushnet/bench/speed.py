@@ -139,20 +139,13 @@ class _StepTimer:
 
 
 def set_branch_on_doubled_batch(pipe, doubled: bool) -> None:
-    """Make a BrushNet pipeline run its branch on the CFG-doubled batch (as the original pipeline does) or once per
-    step (this project's default), for before/after comparisons.
+    """Make a BrushNet pipeline run its branch on the CFG-doubled batch (as the original pipeline does) or by the
+    pipeline's own rule (this project's default: once per step), for before/after comparisons.
 
-    The pipeline runs the branch on the doubled batch when the branch's ``uses_text`` is true; for the comparison
-    the branch instance is given a subclass whose ``uses_text`` is true (same weights, same ``forward``: an SD1.5
-    branch ignores the text it is then passed). ``doubled=False`` restores the class. A branch that reads text
-    (SDXL, PowerPaint) runs doubled either way. (The pipeline's own ``branch_batch = "doubled"`` does the same
-    without touching the branch; this stays as it is because ``tests/bench/test_speed.py`` checks the swap.)
+    Sets the pipeline's ``branch_batch`` (``"doubled"`` or ``None``); the branch model itself is not touched. A
+    branch that reads text (SDXL, PowerPaint) runs on the doubled batch either way.
     """
-    branch = pipe.brushnet
-    branch.__class__ = original = getattr(branch, "_speed_original_class", type(branch))
-    if doubled and not branch.uses_text:  # the instance's answer (``uses_text`` is a property)
-        branch._speed_original_class = original
-        branch.__class__ = type(f"{original.__name__}OnDoubledBatch", (original,), {"uses_text": True})
+    pipe.branch_batch = "doubled" if doubled else None
 
 
 def _set_branch_on_doubled_batch(method, doubled: bool) -> None:
