@@ -4,7 +4,9 @@
 
 On the first ``--scenes`` scenes of the mini-BrushBench's evaluation set (``write_eval_set(..., seed=0,
 different_object_fraction=0.25)``, inside masks) it reports, with the demo's settings (10 UniPC steps,
-guidance 5, seed 1234, no blending; ``--guidance-scale`` and ``--steps`` change the first two):
+guidance 5, seed 1234, no blending, each method's default scheduler and the demo's method options
+(``brushnet.demo.run.METHOD_OPTIONS``: RePaint's resampling, HD-Painter without its photo prompt additions);
+``--guidance-scale`` and ``--steps`` change the first two):
 
 - the VAE's ceiling: PSNR of ``decode(encode(x))`` against ``x`` on the kept region of the inside and the
   outside masks (what a method that keeps the known latent exactly would score) and on the whole image;
@@ -39,7 +41,9 @@ from PIL import Image
 
 __all__ = ["eval_items", "flat_fill", "main", "method_scores", "vae_ceiling"]
 
-SETTINGS = {"steps": 10, "guidance_scale": 5.0, "scheduler": "unipc", "seed": 1234}
+SETTINGS = {"steps": 10, "guidance_scale": 5.0, "seed": 1234}
+"""The demo's request (each method's default scheduler: UniPC, DDIM for RePaint and HD-Painter, as the
+mini-BrushBench)."""
 
 
 def eval_items(count: int, seed: int = 0) -> list[dict]:
@@ -144,16 +148,19 @@ def method_scores(
     settings: dict | None = None,
 ) -> dict:
     """Raw kept PSNR and colour / shape accuracy of one method (loaded with ``brushnet.methods``), with the
-    demo's :data:`SETTINGS` updated by ``settings`` (e.g. ``{"guidance_scale": 1.0}``)."""
+    demo's :data:`SETTINGS` updated by ``settings`` (e.g. ``{"guidance_scale": 1.0}``) and the demo's options
+    for the method updated by ``options``."""
     from brushnet.demo.assets import method_models
+    from brushnet.demo.run import demo_options
     from brushnet.methods import inpaint, load_method
 
     method = load_method(method_name, method_models(method_name, models))
+    options = {**demo_options(method_name), **(options or {})}
     rows = []
     start = time.perf_counter()
     for item in items:
         raw = inpaint(
-            method, item["image"], item["hole"], prompt=item["prompt"], blend=False, options=options or {},
+            method, item["image"], item["hole"], prompt=item["prompt"], blend=False, options=options,
             **{**SETTINGS, **(settings or {})},
         ).images[0]  # fmt: skip
         rows.append({"psnr": _kept_psnr(raw, item["image"], item["hole"]), **_scored(raw, item)})

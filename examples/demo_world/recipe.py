@@ -31,6 +31,11 @@ class WorldTrainConfig:
     vae_kl_weight: float = 1e-4
     decoder_steps: int = 3000
     decoder_lr: float = 3e-4
+    # stage decoder_local (recipe v4.1; none before): more decoder steps, this share of the samples decoded with
+    # a box of foreign latent cells and scored outside it, so kept pixels do not depend on the hole (autoencoder.py)
+    decoder_local_steps: int = 3000
+    decoder_local_share: float = 0.5
+    decoder_local_noise: float = 0.2  # each sample's latent + N(0, (u·this·std)²), u ~ U(0, 1)
     # text encoder + text-to-image UNet: v-prediction, zero terminal SNR (Lin et al. 2024)
     unet_channels: tuple[int, ...] = (32, 64, 96)
     unet_layers: int = 1
@@ -59,7 +64,7 @@ class WorldTrainConfig:
 
 
 # fields that may be 0 (every other number must be positive): the seed, warm-up, EMA decays (0 = none), the KL
-# weight, loader workers and the two shares
+# weight, loader workers and the shares
 _MAY_BE_ZERO = {
     "seed",
     "base_warmup_steps",
@@ -67,8 +72,9 @@ _MAY_BE_ZERO = {
     "branch_ema_decay",
     "vae_kl_weight",
     "loader_workers",
+    "decoder_local_noise",
 }
-_SHARES = {"hole_prompt_probability", "object_holes"}
+_SHARES = {"hole_prompt_probability", "object_holes", "decoder_local_share"}
 _BELOW_ONE = {"base_ema_decay", "branch_ema_decay"}
 
 
@@ -97,6 +103,7 @@ def smoke_config() -> WorldTrainConfig:
         vae_steps=3,
         vae_batch=2,
         decoder_steps=3,
+        decoder_local_steps=3,
         base_steps=3,
         base_batch=4,
         branch_steps=2,

@@ -11,7 +11,9 @@ loss, seconds) go to ``training_record.json``, which the export ships beside the
 3. ``base``: tokenizer, text encoder and text-to-image UNet (:mod:`text_to_image`).
 4. ``brushnet`` (by :func:`brushnet.training.train`), ``inpaint`` (9-channel UNet), ``controlnet``: the
    inpainting models on the frozen base, from the same samples with the same settings (:mod:`inpainting`).
-5. ``decoder``: the VAE decoder alone, longer (every latent the other stages used stays the same).
+5. ``decoder``: the VAE decoder alone, longer (every latent the other stages used stays the same); then
+   ``decoder_local``: more of it, teaching the decoder that the kept pixels must not depend on the hole's latents
+   (:mod:`autoencoder`).
 6. ``powerpaint``: a PowerPaint v2-style branch and its task words, on per-task samples, warm-started from the
    BrushNet branch (:mod:`powerpaint_stage`).
 """
@@ -31,7 +33,7 @@ import typing
 from pathlib import Path
 
 import torch
-from autoencoder import train_decoder, train_vae
+from autoencoder import train_decoder, train_decoder_local, train_vae
 from inpainting import train_brushnet, train_controlnet, train_inpaint
 from powerpaint_stage import train_powerpaint
 from recipe import Run, WorldTrainConfig, check_config, smoke_config
@@ -62,6 +64,7 @@ STAGES: dict[str, typing.Callable[[Run], dict]] = {
     "data": make_data,
     "vae": train_vae,
     "decoder": train_decoder,
+    "decoder_local": train_decoder_local,
     "base": train_base,
     "brushnet": train_brushnet,
     "inpaint": train_inpaint,
@@ -71,7 +74,7 @@ STAGES: dict[str, typing.Callable[[Run], dict]] = {
 """Every stage by name."""
 
 DEFAULT_STAGES: tuple[str, ...] = (
-    "data", "vae", "base", "brushnet", "inpaint", "controlnet", "decoder", "powerpaint",
+    "data", "vae", "base", "brushnet", "inpaint", "controlnet", "decoder", "decoder_local", "powerpaint",
 )  # fmt: skip
 """The stages of a full run, in order."""
 
@@ -101,7 +104,8 @@ def record_stage(
     Each stage's entry keeps the whole config its process ran with (``stages.<name>.config``). The top-level
     ``config`` holds the fields on which every recorded stage agrees; a field on which stages differ (a later stage
     run with another default, say) is left out of it and listed per stage under ``config_conflicts``, so the record
-    never claims one value for settings that were not one.
+    never claims one value for settings that were not one. A field missing from a stage's config (the stage was
+    recorded before the recipe had the field) counts neither way.
     """
     record = json.loads(record_path.read_text()) if record_path.exists() else {"stages": {}}
     record["stages"][stage] = {**info, "config": dataclasses.asdict(cfg)}
@@ -109,7 +113,8 @@ def record_stage(
     fields = {field for config in configs.values() for field in config}
     agreed, conflicts = {}, {}
     for field in sorted(fields):
-        values = {name: config.get(field) for name, config in configs.items()}
+        # a stage recorded before the field existed says nothing about it (not a conflict)
+        values = {name: config[field] for name, config in configs.items() if field in config}
         if len({json.dumps(value) for value in values.values()}) == 1:
             agreed[field] = next(iter(values.values()))
         else:
