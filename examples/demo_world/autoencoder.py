@@ -6,7 +6,8 @@ other models learned on stays the same.
 
 The decoder's GroupNorms take their statistics over the whole latent, so a decoder trained on whole scenes only
 lets a few foreign latent cells (a hole a method filled) change the colour of the whole image: replacing the
-latent of a 6 % hole by the image's own mean latent moved the kept region's blue by 20 levels (recipe v4's VAE).
+latent of a 6 % hole by the image's own mean latent moved the kept region's blue by 21 levels (the demo's striped
+scene, recipe v4's VAE).
 The ``decoder_local`` stage therefore decodes a share (``decoder_local_share``) of its samples with a random box of
 latent cells replaced (by another scene's latents, the latent's mean or noise) and scores those only outside
 the box and a one-cell margin: the kept pixels must not depend on what is in the hole. Every latent of that stage
