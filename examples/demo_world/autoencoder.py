@@ -220,8 +220,9 @@ def _tune_decoder(run: Run, name: str, steps: int, share: float) -> dict:
                 z, keep = corrupt_latent_boxes(z, share, generator)
                 # and every sample's latent a little off everywhere (up to ``decoder_local_noise`` of its std),
                 # as a method's kept latent is: the decoder must give the clean scene back
-                level = torch.rand(z.shape[0], 1, 1, 1, generator=generator) * cfg.decoder_local_noise
-                z = z + (level * torch.randn(z.shape, generator=generator)).to(z.device) * z.std()
+                if cfg.decoder_local_noise > 0:
+                    level = torch.rand(z.shape[0], 1, 1, 1, generator=generator) * cfg.decoder_local_noise
+                    z = z + (level * torch.randn(z.shape, generator=generator)).to(z.device) * z.std()
         recon = vae.decode(z).sample
         if share == 0:
             return F.l1_loss(recon, x) + F.mse_loss(recon, x)
