@@ -212,6 +212,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--guidance-scale must be >= 0 and --steps >= 1")
     if not (Path(args.models) / "base" / "vae").is_dir():
         parser.error(f"--models {args.models}: not a demo model set (no base/vae folder)")
+    from brushnet.methods.registry import available_methods
+
+    unknown = [name for name in filter(None, args.methods.split(",")) if name not in available_methods()]
+    if unknown:
+        parser.error(
+            f"--methods: unknown method(s) {', '.join(unknown)}; choose from {', '.join(available_methods())}"
+        )
     options = {}
     for text in args.option:
         key, sep, value = text.partition("=")

@@ -120,6 +120,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--models {args.models}: not a demo model set (no base/vae folder)")
     if args.scenes < 1:
         parser.error("--scenes must be at least 1")
+    from brushnet.methods.registry import available_methods
+
+    unknown = [name for name in filter(None, args.methods.split(",")) if name not in available_methods()]
+    if unknown:
+        parser.error(
+            f"--methods: unknown method(s) {', '.join(unknown)}; choose from {', '.join(available_methods())}"
+        )
     torch.set_num_threads(args.threads)
     from autoencoder import decoder_locality, held_out_images, reconstruction_psnr
     from diffusers import AutoencoderKL

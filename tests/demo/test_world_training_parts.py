@@ -300,7 +300,9 @@ def test_blended_latent_diffusion_keeps_the_demo_scenes_as_well_as_the_vae_round
 
     errors = method_kept_error(DEMO_DIR, ["blended-latent-diffusion"])
     floor, bld = errors["vae round trip"], errors["blended-latent-diffusion"]
-    assert all(b < f + 4.5 for b, f in zip(bld, floor, strict=True)), errors  # measured +2.7 to +3.2; v4: +9.3
+    assert all(b < f + 4.5 for b, f in zip(bld, floor, strict=True)), (
+        errors
+    )  # measured +2.7 to +3.2; v4: +9.3
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(DEMO_DIR / "base" / "vae").eval()
@@ -466,6 +468,28 @@ def test_quick_tools_refuse_a_folder_that_is_not_a_model_set(tmp_path, capsys):
             run([flag, str(tmp_path / "missing")])
         assert exit_info.value.code == 2
         assert f"{flag} {tmp_path / 'missing'}: not a" in capsys.readouterr().err
+
+
+def test_quick_tools_refuse_an_unknown_method_before_measuring(capsys):
+    """A misspelt method is a usage line naming it, before any scene is rendered or model loaded."""
+    import pytest
+    from evaluate import main as evaluate
+    from locality import main as locality
+
+    from brushnet.demo.assets import DEMO_DIR
+
+    for run, argv in (
+        (evaluate, ["--models", str(DEMO_DIR), "--methods", "brushnet,brushnett"]),
+        (
+            locality,
+            ["--vae", str(DEMO_DIR / "base" / "vae"), "--models", str(DEMO_DIR), "--methods", "brushnett"],
+        ),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            run(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr()
+        assert "unknown method(s) brushnett" in err.err and err.out == ""
 
 
 def test_an_object_painted_over_the_hole_edge_counts_only_when_scored_in_the_original_surroundings():
