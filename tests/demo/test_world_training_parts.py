@@ -326,6 +326,46 @@ def test_locality_tool_reports_and_refuses_bad_folders(tmp_path, capsys):
         assert str(tmp_path) in capsys.readouterr().err
 
 
+def test_kept_gap_groups_the_per_image_gap_by_background_and_hole_size(tmp_path, capsys):
+    import json
+
+    import pytest
+    from kept_gap import background_kind, kept_gaps, main
+
+    assert background_kind("a red circle on a striped white background") == "striped"
+    assert background_kind("a red circle and a blue star on a plain green background") == "plain"
+    assert background_kind("a red circle") == "other"
+    rows = []
+    for index, (kind, gap) in enumerate([("plain", 1.0), ("plain", 3.0), ("noisy", 0.5)] * 2):
+        caption = f"a red circle on a {kind} blue background"
+        common = {"id": f"{index:05d}", "mask_kind": "inside", "variant": "raw", "caption": caption}
+        common["hole_fraction"] = 0.01 * index
+        rows += [{**common, "method": "bld", "psnr": 30.0}, {**common, "method": "bn", "psnr": 30.0 - gap}]
+        rows.append({**common, "method": "bn", "variant": "blended", "psnr": 50.0})  # not counted
+    first = tmp_path / "a.jsonl"
+    first.write_text("\n".join(json.dumps(row) for row in rows))
+    gaps = kept_gaps([first], "bld", ["bn"])["bn"]
+    assert gaps["all"] == (6, pytest.approx(1.5))
+    assert gaps["plain"] == (4, pytest.approx(2.0)) and gaps["noisy"] == (2, pytest.approx(0.5))
+    assert gaps["holes: small"] == (2, pytest.approx(2.0)) and gaps["holes: large"] == (
+        2,
+        pytest.approx(1.75),
+    )
+    # a later file's rows of a method replace the earlier file's
+    second = tmp_path / "b.jsonl"
+    second.write_text("\n".join(json.dumps({**row, "psnr": 29.0}) for row in rows if row["method"] == "bn"))
+    assert kept_gaps([first, second], "bld", ["bn"])["bn"]["all"] == (6, pytest.approx(1.0))
+    assert main([str(first), "--reference", "bld", "--methods", "bn"]) == 0
+    assert "| plain | 2.00 (4) |" in capsys.readouterr().out
+    for argv in (
+        [str(first), "--reference", "bld", "--methods", "nosuch"],
+        [str(tmp_path / "missing.jsonl")],
+    ):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert capsys.readouterr().err
+
+
 def test_the_one_training_command_runs_every_stage_and_exports_loadable_models(tmp_path):
     """`python examples/demo_world/train_world.py --smoke` (a few steps of every default stage), run as the
     docs say, writes a record of every stage and an export each method loads."""
