@@ -29,8 +29,10 @@ __all__ = ["demo_scene_locality", "main", "method_kept_error"]
 
 
 def _pixels(image) -> torch.Tensor:
-    """PIL RGB → ``(1, 3, H, W)`` in [−1, 1]."""
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+    """PIL RGB → ``(1, 3, H, W)`` in [−1, 1] (``world_data.to_unit``, what the VAE stages read)."""
+    from world_data import to_unit
+
+    return to_unit(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None])
 
 
 @torch.no_grad()
