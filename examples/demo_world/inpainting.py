@@ -69,7 +69,10 @@ def _branch_config(run: Run, out_dir):
     )
 
 
-def _stream(run: Run, config) -> HolePromptStream:
+def _stream(run: Run, config, preload: bool = True) -> HolePromptStream:
+    """The stream of the three stages; ``preload``: its scene table (the same samples, faster; see
+    :class:`world_data.HolePromptStream`)."""
+    from brushnet.cli.common import available_cpus
     from brushnet.training.data import build_train_dataset
 
     dataset = build_train_dataset(config, 0, 1, config.seed)
@@ -80,6 +83,8 @@ def _stream(run: Run, config) -> HolePromptStream:
         probability=cfg.hole_prompt_probability,
         seed=config.seed,
         object_holes=cfg.object_holes,
+        preload=cfg.scenes if preload else 0,
+        processes=available_cpus(),
     )
 
 

@@ -130,6 +130,11 @@ class HolePromptStream(IterableDataset):
     align without cropping. ``set_epoch`` and ``skipped`` are forwarded (the training loop resumes it by
     skipping batches).
 
+    With ``preload=N`` the scenes and visible masks of indices ``0 … N-1`` are computed once, when the stream
+    is made (in ``processes`` processes), and kept as packed bits in one array: DataLoader workers, which are
+    forked again every epoch, inherit the table instead of regenerating every scene they read (about half
+    of a sample's cost). The samples are the same either way.
+
     Args:
         stream: a :class:`brushnet.data.brushdata.BrushDataStream` (or anything yielding its sample dicts).
         world_seed: the seed the shards were written with.
@@ -137,6 +142,8 @@ class HolePromptStream(IterableDataset):
         probability: how often a sample whose hole covers some objects is captioned with just them.
         seed: seed of these choices (per epoch and sample).
         object_holes: how often the stream's hole is replaced by a hole around an object.
+        preload: number of scenes (from index 0) to compute up front; 0: none (each sample regenerates its own).
+        processes: processes that compute the preloaded scenes.
     """
 
     def __init__(
@@ -147,6 +154,8 @@ class HolePromptStream(IterableDataset):
         probability: float = 0.5,
         seed: int = 0,
         object_holes: float = 0.0,
+        preload: int = 0,
+        processes: int = 1,
     ):
         self.stream = stream
         self.world_seed = world_seed
@@ -156,10 +165,26 @@ class HolePromptStream(IterableDataset):
         self.object_holes = object_holes
         self.skipped = getattr(stream, "skipped", None)
         self._epoch = 0
+        self._table = _scene_table(world_seed, size, preload, processes) if preload > 0 else None
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch = epoch
         self.stream.set_epoch(epoch)
+
+    def _scene(self, index: int):
+        """``(scene, visible masks)`` of training scene ``index``, from the preloaded table when it holds it."""
+        from brushnet.data.shapes import sample_scene, scene_rng, visible_masks
+
+        if self._table is not None and index < len(self._table[0]):
+            scenes, packed = self._table
+            scene = scenes[index]
+            pixels = self.size * self.size
+            return scene, [
+                np.unpackbits(packed[index, k], count=pixels).view(bool).reshape(self.size, self.size)
+                for k in range(len(scene.objects))
+            ]
+        scene = sample_scene(scene_rng("train", self.world_seed, index), size=self.size)
+        return scene, visible_masks(scene)
 
     def _object_hole(self, scene, masks: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
         from brushnet.data.shapes import dilate_mask
@@ -175,12 +200,9 @@ class HolePromptStream(IterableDataset):
         return ~hole if rng.random() < 0.25 else hole
 
     def __iter__(self):
-        from brushnet.data.shapes import render_scene, sample_scene, scene_rng
-
         for sample in self.stream:
             index = int(sample["key"])
-            scene = sample_scene(scene_rng("train", self.world_seed, index), size=self.size)
-            _, masks = render_scene(scene)
+            scene, masks = self._scene(index)
             hole = sample["mask"][0].numpy() > 0.5
             hole_rng = np.random.default_rng([self.seed, self._epoch, index, 1])
             if self.object_holes and hole_rng.random() < self.object_holes:
@@ -195,6 +217,41 @@ class HolePromptStream(IterableDataset):
             if covered and rng.random() < self.probability:
                 sample = {**sample, "caption": join_phrases(covered)}
             yield sample
+
+
+_TABLE_CHUNK = 500  # scenes per task of the preloading processes
+
+
+def _scene_rows(world_seed: int, size: int, indices: range) -> tuple[list, np.ndarray]:
+    """Scenes ``indices`` of the training split and their visible masks as packed bits ``(n, objects, bytes)``."""
+    from brushnet.data.shapes import sample_scene, scene_rng, visible_masks
+
+    scenes = [sample_scene(scene_rng("train", world_seed, index), size=size) for index in indices]
+    packed = np.zeros(
+        (len(scenes), max((len(s.objects) for s in scenes), default=0), -(-size * size // 8)), np.uint8
+    )
+    for row, scene in enumerate(scenes):
+        for k, mask in enumerate(visible_masks(scene)):
+            packed[row, k] = np.packbits(mask)
+    return scenes, packed
+
+
+def _scene_table(world_seed: int, size: int, count: int, processes: int) -> tuple[list, np.ndarray]:
+    """:func:`_scene_rows` of indices ``0 … count-1``, computed in ``processes`` processes."""
+    chunks = [range(start, min(start + _TABLE_CHUNK, count)) for start in range(0, count, _TABLE_CHUNK)]
+    if processes > 1 and len(chunks) > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(processes) as pool:
+            parts = pool.starmap(_scene_rows, [(world_seed, size, chunk) for chunk in chunks])
+    else:
+        parts = [_scene_rows(world_seed, size, chunk) for chunk in chunks]
+    scenes = [scene for part, _ in parts for scene in part]
+    width = max(packed.shape[1] for _, packed in parts)
+    table = np.zeros((count, width, parts[0][1].shape[2]), np.uint8)
+    for (_, packed), chunk in zip(parts, chunks):
+        table[chunk.start : chunk.stop, : packed.shape[1]] = packed
+    return scenes, table
 
 
 # -- scenes in memory -----------------------------------------------------------------------------------

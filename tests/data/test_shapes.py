@@ -20,6 +20,7 @@ from brushnet.data.shapes import (
     render_scene,
     sample_scene,
     scene_rng,
+    visible_masks,
 )
 
 NUM_SCENES = 120
@@ -160,6 +161,43 @@ def test_dilate_mask_is_a_disk():
     corner = np.zeros((5, 5), dtype=bool)
     corner[0, 0] = True
     np.testing.assert_array_equal(np.argwhere(dilate_mask(corner, 1)), [[0, 0], [0, 1], [1, 0]])
+
+
+def test_dilate_mask_matches_the_disk_definition():
+    """Row-interval dilation == the OR of the mask shifted by every offset with dy² + dx² <= r² (random masks,
+    shapes and radii, including radii larger than the mask)."""
+    rng = np.random.default_rng(0)
+    for _ in range(150):
+        height, width = (int(v) for v in rng.integers(1, 40, size=2))
+        mask = rng.random((height, width)) < rng.choice([0.002, 0.03, 0.3])
+        radius = int(rng.integers(0, 14))
+        padded = np.pad(mask, radius)
+        expected = np.zeros_like(mask)
+        for dy in range(-radius, radius + 1):
+            for dx in range(-radius, radius + 1):
+                if dy * dy + dx * dx <= radius * radius:
+                    expected |= padded[radius + dy : radius + dy + height, radius + dx : radius + dx + width]
+        np.testing.assert_array_equal(dilate_mask(mask, radius), expected, err_msg=f"{mask.shape} r={radius}")
+
+
+def test_visible_masks_leave_out_what_later_objects_cover():
+    """Masks without drawing: an object moved onto an earlier one hides part of it; the earlier object's
+    visible mask is its shape minus the later one's, and the drawn pixels agree."""
+    scene = next(
+        s for s in (sample_scene(scene_rng("train", 0, i)) for i in range(50)) if len(s.objects) >= 2
+    )
+    first, second = scene.objects[:2]
+    moved = replace(second, center=(first.center[0] + 4, first.center[1] + 3))
+    overlapping = replace(scene, objects=(first, moved))
+    visible = visible_masks(overlapping)
+    np.testing.assert_array_equal(visible[1], object_mask(moved, 128))
+    np.testing.assert_array_equal(visible[0], object_mask(first, 128) & ~object_mask(moved, 128))
+    assert 0 < visible[0].sum() < object_mask(first, 128).sum()
+    image, masks = render_scene(overlapping)
+    pixels = np.asarray(image)
+    for obj, mask, drawn in zip(overlapping.objects, visible, masks, strict=True):
+        np.testing.assert_array_equal(mask, drawn)
+        assert (pixels[mask] == obj.rgb).all()
 
 
 @pytest.mark.parametrize("size", [64, 96, 256])

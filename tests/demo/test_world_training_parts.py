@@ -596,3 +596,50 @@ def test_every_stage_trains_on_cuda(tmp_path):
     name = torch.cuda.get_device_name()
     assert all(record["stages"][stage]["device"] == name for stage in DEFAULT_STAGES)
     assert record["hardware"]["accelerator"] == name
+
+
+def test_preloaded_scenes_give_the_same_samples(tmp_path, monkeypatch):
+    """``preload`` computes the scenes once (here in two processes, several chunks) and the stream yields
+    exactly the samples it yields without it, in every epoch; once built, the table is what it reads."""
+    import world_data
+
+    import brushnet.data.shapes as shapes
+    from brushnet.training.config import make_config
+    from brushnet.training.data import build_train_dataset
+
+    write_training_shards(tmp_path / "shards", num_scenes=12, scenes_per_shard=6, size=128, seed=0)
+    config = make_config(
+        {
+            "pretrained_model_name_or_path": "unused",
+            "train_shards": str(tmp_path / "shards"),
+            "resolution": 128,
+            "shuffle_buffer": 4,
+            "mask": {"mode": "mix", "p_brush": 0.5},
+        }
+    )
+    monkeypatch.setattr(world_data, "_TABLE_CHUNK", 5)
+
+    def stream(preload):
+        kwargs = {"probability": 0.75, "object_holes": 0.5, "seed": 3}
+        return HolePromptStream(
+            build_train_dataset(config, 0, 1, 0), 0, preload=preload, processes=2, **kwargs
+        )
+
+    plain, partial, full = stream(0), stream(7), stream(12)
+    calls = []
+    sample_scene = shapes.sample_scene
+    monkeypatch.setattr(shapes, "sample_scene", lambda *a, **k: calls.append(1) or sample_scene(*a, **k))
+    for epoch in range(2):
+        full.set_epoch(epoch)
+        got_full = list(full)
+        assert not calls, "a preloaded scene was regenerated"
+        for other in (plain, partial):
+            other.set_epoch(epoch)
+            got = list(other)
+            assert [s["key"] for s in got] == [s["key"] for s in got_full]
+            for a, b in zip(got, got_full, strict=True):
+                assert a["caption"] == b["caption"]
+                assert torch.equal(a["mask"], b["mask"]) and torch.equal(a["pixel_values"], b["pixel_values"])
+        assert len(calls) == 12 + 5  # plain regenerates all 12, partial the 5 past its table
+        calls.clear()
+    assert len(got_full) == 12

@@ -38,6 +38,7 @@ __all__ = [
     "render_scene",
     "sample_scene",
     "scene_rng",
+    "visible_masks",
 ]
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
@@ -251,17 +252,30 @@ def object_mask(obj: SceneObject, size: int) -> np.ndarray:
 
 
 def dilate_mask(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Binary dilation of a boolean ``(H, W)`` mask by a disk of ``radius`` pixels (Euclidean)."""
+    """Binary dilation of a boolean ``(H, W)`` mask by a disk of ``radius`` pixels (Euclidean).
+
+    The disk is the offsets ``(dy, dx)`` with ``dy² + dx² <= radius²``. Each of its rows is an interval
+    ``|dx| <= isqrt(radius² - dy²)``, so the dilation is one horizontal interval test per row width (from
+    cumulative sums along x), shifted by ``dy``: ``2 * radius + 1`` shifted ORs instead of one per offset.
+    """
     mask = np.asarray(mask, dtype=bool)
     if radius <= 0:
         return mask.copy()
     height, width = mask.shape
     padded = np.pad(mask, radius)
+    # counts[:, j] = number of set pixels in padded[:, :j]
+    counts = np.zeros((padded.shape[0], padded.shape[1] + 1), dtype=np.int32)
+    np.cumsum(padded, axis=1, out=counts[:, 1:])
+    rows: dict[int, np.ndarray] = {}  # half-width -> padded rows dilated along x, central columns only
     out = np.zeros_like(mask)
     for dy in range(-radius, radius + 1):
-        for dx in range(-radius, radius + 1):
-            if dy * dy + dx * dx <= radius * radius:
-                out |= padded[radius + dy : radius + dy + height, radius + dx : radius + dx + width]
+        half = math.isqrt(radius * radius - dy * dy)
+        if half not in rows:
+            rows[half] = (
+                counts[:, radius + half + 1 : radius + half + 1 + width]
+                > counts[:, radius - half : radius - half + width]
+            )
+        out |= rows[half][radius + dy : radius + dy + height]
     return out
 
 
@@ -301,12 +315,20 @@ def render_scene(scene: Scene) -> tuple[Image.Image, list[np.ndarray]]:
         is visible. Pixels under a mask have exactly the object's ``rgb``.
     """
     pixels = _render_background(scene.background, scene.size)
+    masks = visible_masks(scene)
+    for obj, mask in zip(scene.objects, masks):
+        pixels[mask] = obj.rgb
+    return Image.fromarray(pixels, mode="RGB"), masks
+
+
+def visible_masks(scene: Scene) -> list[np.ndarray]:
+    """The masks :func:`render_scene` returns, without drawing the image: one boolean ``(size, size)`` mask
+    per object (same order as ``scene.objects``) of the pixels where it is visible."""
     masks: list[np.ndarray] = []
     for obj in scene.objects:
         mask = object_mask(obj, scene.size)
-        pixels[mask] = obj.rgb
         masks = [m & ~mask for m in masks] + [mask]
-    return Image.fromarray(pixels, mode="RGB"), masks
+    return masks
 
 
 def sample_scene(
