@@ -43,9 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         "--work", type=Path, required=True, help="run folder (its shards/ is read or written)"
     )
     parser.add_argument("--scenes", type=int, default=2000)
-    parser.add_argument(
-        "--samples", type=int, default=600, help="samples timed in-process (after 100 unmeasured)"
-    )
+    parser.add_argument("--samples", type=int, default=600, help="samples timed in-process")
+    parser.add_argument("--warm", type=int, default=100, help="samples read before the timing starts")
     parser.add_argument(
         "--workers", type=int, default=0, help="also time a DataLoader with this many workers"
     )
@@ -56,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     modes = args.modes.split(",")
     if not set(modes) <= {"none", "preload"} or args.samples < 1 or args.scenes < 1:
         parser.error(f"--modes takes none and/or preload, --samples and --scenes positive; got {args}")
-    if max(args.samples + 100, (args.batches + 2 * args.workers) * args.batch) > args.scenes:
+    if max(args.samples + args.warm, (args.batches + 2 * args.workers) * args.batch) > args.scenes:
         parser.error("one epoch (--scenes samples) must hold the samples and batches timed")
 
     from inpainting import _branch_config
@@ -68,9 +67,6 @@ def main(argv: list[str] | None = None) -> int:
              "--scenes", str(args.scenes), "--threads", "2"],
             check=True,
         )  # fmt: skip
-    base = args.work / "base"
-    if not base.exists():  # the config names a base; the stream never opens it
-        base.symlink_to(HERE.parents[1] / "src" / "brushnet" / "assets" / "demo_world" / "base")
     torch.set_num_threads(1)
     run = Run(
         WorldTrainConfig(scenes=args.scenes, loader_workers=args.workers, branch_batch=args.batch), args.work
@@ -82,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         stream = _stream(run, config, preload=mode == "preload")
         made = time.perf_counter() - start
         samples = iter(stream)
-        for _ in range(100):
+        for _ in range(args.warm):
             next(samples)
         start = time.perf_counter()
         for _ in range(args.samples):

@@ -643,3 +643,20 @@ def test_preloaded_scenes_give_the_same_samples(tmp_path, monkeypatch):
         assert len(calls) == 12 + 5  # plain regenerates all 12, partial the 5 past its table
         calls.clear()
     assert len(got_full) == 12
+
+
+def test_loader_speed_tool_times_both_modes(tmp_path, capsys):
+    """examples/demo_world/loader_speed.py over real shards: one line per mode with its figures, the
+    DataLoader figure with workers; modes it does not know and an epoch too short are usage errors."""
+    from loader_speed import main
+
+    write_training_shards(tmp_path / "shards", num_scenes=60, scenes_per_shard=30, size=128, seed=0)
+    assert main(["--work", str(tmp_path), "--scenes", "60", "--samples", "20", "--warm", "10", "--workers", "1",
+                 "--batch", "4", "--batches", "3"]) == 0  # fmt: skip
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[1:]] == ["none", "preload"]
+    assert all("ms/sample in-process" in line and "samples/s from 1 workers" in line for line in lines[1:])
+    for argv in (["--modes", "cached"], ["--samples", "100"]):
+        with pytest.raises(SystemExit) as stop:
+            main(["--work", str(tmp_path), "--scenes", "60", *argv])
+        assert stop.value.code == 2
