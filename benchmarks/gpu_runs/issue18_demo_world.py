@@ -24,6 +24,12 @@ were finished by resuming its checkpoint in a second call (``--steps 4000 --skip
 ``train_world.py ... --stages brushnet`` again in the same folder). One call of at most 600 s holds about
 4000 steps of the three; more steps need the resume across calls of one warm machine.
 
+What the session after it learnt on the CPU (docs/demo.md, "The GPU waited for the data"): the three stages'
+stream cost 6.2-8.7 ms per sample then, so three workers delivered a batch of 32 every 70-90 ms: that, not the
+GPU, was the 0.09-0.11 s/step. Since commit f2e3b68 it costs 1.8-3.0 ms with the same samples. The next call
+should calibrate again (the default) and let the speeds choose the steps; ``--workers 4`` leaves room on the 16
+cores for three stages; a larger ``--batch`` is the other way to more samples if the GPU is still not busy.
+
 Each stage runs in its own work folder (``shards`` and ``base`` linked in), so no two processes write one
 training record; the records are merged afterwards. Nothing here is a test; it is how the lease was spent.
 """
