@@ -39,11 +39,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["eval_items", "flat_fill", "main", "method_scores", "vae_ceiling"]
+from brushnet.demo.run import DEMO_REQUEST
 
-SETTINGS = {"steps": 10, "guidance_scale": 5.0, "seed": 1234}
-"""The demo's request (each method's default scheduler: UniPC, DDIM for RePaint and HD-Painter, as the
-mini-BrushBench)."""
+__all__ = ["SETTINGS", "eval_items", "flat_fill", "main", "method_scores", "vae_ceiling"]
+
+SETTINGS = {key: value for key, value in DEMO_REQUEST.items() if key != "blend_kernel_size"}
+"""The demo's request for raw outputs (no blend, so no blend kernel; each method's default scheduler: UniPC,
+DDIM for RePaint and HD-Painter, as the mini-BrushBench)."""
 
 
 def eval_items(count: int, seed: int = 0) -> list[dict]:

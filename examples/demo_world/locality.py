@@ -68,8 +68,9 @@ def method_kept_error(models: str | Path, methods: list[str]) -> dict[str, list[
     """``{method: [mean |raw − input| on the kept region, 0-255, per demo scene]}`` with the demo's request and
     options; ``"vae round trip"`` is the floor."""
     from diffusers import AutoencoderKL
+    from evaluate import SETTINGS
 
-    from brushnet.demo.run import DEMO_REQUEST, DEMO_SCENES, SIZE, demo_options, demo_scene, method_models
+    from brushnet.demo.run import DEMO_SCENES, SIZE, demo_options, demo_scene, method_models
     from brushnet.methods import inpaint, load_method
 
     scenes = [demo_scene(spec) for spec in DEMO_SCENES]
@@ -84,13 +85,12 @@ def method_kept_error(models: str | Path, methods: list[str]) -> dict[str, list[
         pixels = vae.decode(vae.encode(_pixels(scene.image)).latent_dist.mode()).sample.clamp(-1, 1)
         floor.append(error(((pixels[0].permute(1, 2, 0) + 1) * 127.5).round().numpy(), scene))
     errors = {"vae round trip": floor}
-    request = {k: v for k, v in DEMO_REQUEST.items() if k != "blend_kernel_size"}
     for name in methods:
         method = load_method(name, method_models(name, models))
         errors[name] = [
             error(
                 inpaint(
-                    method, scene.image, scene.hole, {**request, "prompt": scene.prompt, "blend": False,
+                    method, scene.image, scene.hole, {**SETTINGS, "prompt": scene.prompt, "blend": False,
                     "resolution": SIZE}, options=demo_options(name, scene.removal),
                 ).images[0],
                 scene,
