@@ -660,3 +660,28 @@ def test_loader_speed_tool_times_both_modes(tmp_path, capsys):
         with pytest.raises(SystemExit) as stop:
             main(["--work", str(tmp_path), "--scenes", "60", *argv])
         assert stop.value.code == 2
+
+
+def test_guidance_drift_on_the_shipped_models(capsys):
+    """examples/demo_world/guidance_drift.py: at guidance 1 the guided estimate is the prompted one; at 5 its
+    kept-region error is the prompted one plus what guidance adds, and above it; a folder without the models
+    is a usage error."""
+    from evaluate import eval_items
+    from guidance_drift import drift, main
+
+    from brushnet.demo.assets import DEMO_DIR
+
+    items = eval_items(3)
+    plain = drift(DEMO_DIR, items, guidance=1.0)
+    assert set(plain) == {"brushnet", "sd-inpainting"}
+    for rows in plain.values():
+        for row in rows.values():
+            assert row["guided"] == pytest.approx(row["cond"], rel=1e-5)
+            assert row["difference"] > 0 and 0 < row["cond"] < 1
+    guided = drift(DEMO_DIR, items, guidance=5.0)
+    assert guided["brushnet"][999]["guided"] > guided["brushnet"][999]["cond"]
+    assert guided["brushnet"][999]["cond"] == pytest.approx(plain["brushnet"][999]["cond"], rel=1e-5)
+    with pytest.raises(SystemExit) as stop:
+        main(["--models", str(DEMO_DIR / "base")])
+    assert stop.value.code == 2
+    assert "not a demo model folder" in capsys.readouterr().err
