@@ -69,8 +69,8 @@ def test_accelerate_launch_two_processes(tmp_path, tiny_models, three_image_set,
     result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     # each process took its own slice (items 0, 2 and item 1), for every method
-    assert "inside: shard 0/2: RunStats(generated=4, skipped=0" in result.stderr
-    assert "inside: shard 1/2: RunStats(generated=2, skipped=0" in result.stderr
+    assert "inside: shard 0/2: 4 generated, 0 skipped" in result.stderr
+    assert "inside: shard 1/2: 2 generated, 0 skipped" in result.stderr
     # the main process merged both shards into one report, after both were done
     assert result.stdout.count("## inside-inpainting") == 1
     assert "| brushnet | raw | 3 |" in result.stdout

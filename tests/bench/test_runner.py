@@ -143,8 +143,12 @@ def test_rerun_resumes_without_generating(finished_run, tiny_models):
     assert (loader.generate_calls, stats.rescored) == (0, 1)
     assert json.loads(row_file.read_text()) == before
     assert {path: path.stat().st_mtime_ns for path in outputs} == mtimes
-    with pytest.raises(InputError, match="different settings"):
+    # another protocol is refused, naming only the settings that differ
+    with pytest.raises(InputError) as refused:
         run_benchmark(["brushnet"], tiny_models, dataset, run_dir, BenchSettings(steps=3), load=loader)
+    assert str(refused.value) == (
+        f"{run_dir} was made with steps=2, scorers=['shapes'] (this run: steps=3, scorers=[]); use another --output"
+    )
 
 
 def test_shards_write_disjoint_parts_of_the_same_run(tmp_path, tiny_models, shapes_set, finished_run):
@@ -216,3 +220,35 @@ def test_published_rows_follow_the_set_and_mask_kind():
     assert PUBLISHED_SOURCE not in editbench
     folder = markdown_table(summary, "folder")
     assert "published" not in folder and "| brushnet | blended | 3 | – | – | – | 30.00 | – |" in folder
+
+
+def test_a_run_folder_refusal_names_only_what_differs(tmp_path):
+    from brushnet.bench.runner import _check_run_json
+
+    def record(dtype="fp32", path="/data/set", steps=2, **settings):
+        settings = BenchSettings(steps=steps, **settings).model_dump()
+        return {"settings": settings, "dataset": {"path": path, "kind": "folder", "size": 2}, "methods": ["brushnet"],
+                "mask_kinds": ["inside"], "dtype": dtype}  # fmt: skip
+
+    _check_run_json(tmp_path, record(options={"brushnet": {"conditioning_scale": 0.5}}), write=True)
+    changed = record(
+        dtype="fp16", path="/data/other", steps=3, options={"brushnet": {"conditioning_scale": 0.2}}
+    )
+    with pytest.raises(InputError) as refused:
+        _check_run_json(tmp_path, changed, write=True)
+    assert str(refused.value) == (
+        f"{tmp_path} was made with steps=2, brushnet:conditioning_scale=0.5, dataset='/data/set', dtype='fp32' "
+        "(this run: steps=3, brushnet:conditioning_scale=0.2, dataset='/data/other', dtype='fp16'); "
+        "use another --output"
+    )
+    # an option set on one side only is named as unset on the other
+    with pytest.raises(InputError, match=r"brushnet:conditioning_scale=0.5 \(this run: brushnet:conditioning_scale "
+                       r"unset\)"):  # fmt: skip
+        _check_run_json(tmp_path, record(options={"blended-latent-diffusion": {}}), write=True)
+
+    # a method without options is no setting: the CLI's {"other": {}} for an added method is accepted
+    fresh = tmp_path / "fresh"
+    _check_run_json(fresh, record(options={"brushnet": {}}), write=True)
+    added = {**record(options={"blended-latent-diffusion": {}}), "methods": ["blended-latent-diffusion"]}
+    _check_run_json(fresh, added, write=True)
+    assert json.loads((fresh / "run.json").read_text())["methods"] == ["blended-latent-diffusion", "brushnet"]

@@ -92,3 +92,64 @@ def test_bad_scheduler_is_refused_before_the_run_folder_exists(tmp_path, tiny_mo
     result = CliRunner().invoke(app, [*args, "--scheduler", "ddim", "--no-report"])
     assert result.exit_code == 0, result.output
     assert (run_dir / "run.json").is_file()
+
+
+def test_method_options_for_a_method_not_run_are_refused_before_the_run_folder_exists(
+    tmp_path, tiny_models, shapes_set
+):
+    from brushnet.cli.bench import app
+
+    run_dir = tmp_path / "run"
+    args = ["run", "--methods", "brushnet", "--dataset", str(shapes_set), "--limit", "1", "--output",
+            str(run_dir), "--steps", "1", "--base", tiny_models.base, "--brushnet", tiny_models.brushnet,
+            "--num-shards", "1", "--shard-index", "0", "--device", "cpu"]  # fmt: skip
+    option = CliRunner().invoke(app, [*args, "--option", "brushnett:conditioning_scale=0.2"])
+    assert option.exit_code == 2
+    assert option.output == (
+        "error: --option 'brushnett:conditioning_scale=0.2' names method 'brushnett', which is not among brushnet\n"
+    )
+    result = CliRunner().invoke(
+        app, [*args, "--method-options", '{"brushnett": {"conditioning_scale": 0.2}}']
+    )
+    assert result.exit_code == 2
+    assert result.output == "error: --method-options names method 'brushnett', which is not among brushnet\n"
+    result = CliRunner().invoke(app, [*args, "--method-options", '{"brushnet": 0.2}'])
+    assert result.exit_code == 2
+    assert result.output == 'error: --method-options must be a JSON object {"method": {option: value}}\n'
+    assert not run_dir.exists()
+    # the same through the library, for a name that is no method at all
+    with pytest.raises(InputError, match="settings.options names method 'brushnett', which is not a method"):
+        settings = BenchSettings(steps=1, options={"brushnett": {"conditioning_scale": 0.2}})
+        run_benchmark(["brushnet"], tiny_models, load_dataset(shapes_set), run_dir, settings)
+    assert not run_dir.exists()
+
+
+@pytest.fixture
+def half_bad_set(tmp_path, shapes_set):
+    """One good shapes-world entry and one with a broken run-length mask."""
+    root = tmp_path / "half_bad"
+    shutil.copytree(shapes_set, root)
+    mapping = json.loads((root / "mapping_file.json").read_text())
+    good_id, good = next(iter(mapping.items()))
+    mapping = {good_id: good, "bad-rle": {**good, "inpainting_mask": "[1, 999999999]"}}
+    (root / "mapping_file.json").write_text(json.dumps(mapping))
+    return root
+
+
+def test_cli_exits_1_after_writing_everything_when_an_entry_failed(tmp_path, tiny_models, half_bad_set):
+    from brushnet.cli.bench import app
+
+    run_dir = tmp_path / "run"
+    args = ["run", "--methods", "brushnet", "--dataset", str(half_bad_set), "--output", str(run_dir),
+            "--steps", "1", "--base", tiny_models.base, "--brushnet", tiny_models.brushnet,
+            "--num-shards", "1", "--shard-index", "0", "--device", "cpu"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert "1 generated, 0 skipped (done), 0 re-scored, 1 failed" in result.output
+    assert "failed: brushnet/inside/bad-rle: " in result.output and "Traceback" not in result.output
+    # the good entry, the failure record and the reports were all written before the exit
+    assert [json.loads(line)["id"] for line in (run_dir / "failures.jsonl").read_text().splitlines()] == [
+        "bad-rle"
+    ]
+    assert len(list((run_dir / "outputs" / "brushnet" / "inside").rglob("*.png"))) == 2
+    assert (run_dir / "results" / "table.md").is_file() and "## inside-inpainting" in result.output

@@ -63,6 +63,7 @@ METRIC_COLUMNS: dict[str, str] = {
     "ssim": "ssim",
 }
 VARIANTS = ("raw", "blended")
+_UNSET = object()
 
 
 @dataclass
@@ -153,28 +154,46 @@ def score_item(
     return result
 
 
+def _protocol(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a ``run.json`` record a rerun must match, flat: each request setting by name, each method
+    option as ``method:key`` (a method without options is no setting), the scorers, the dataset's path and kind,
+    the dtype."""
+    settings = dict(record.get("settings") or {})
+    flat = {key: value for key, value in settings.items() if key not in ("options", "scorers")}
+    for method, options in (settings.get("options") or {}).items():
+        for key, value in (options or {}).items():
+            flat[f"{method}:{key}"] = value
+    if "scorers" in settings:
+        flat["scorers"] = settings["scorers"]
+    for key, value in (record.get("dataset") or {}).items():
+        if key != "size":  # a later call may run on more of the set
+            flat["dataset" if key == "path" else f"dataset_{key}"] = value
+    flat["dtype"] = record.get("dtype")
+    return flat
+
+
+def _describe(protocol: Mapping[str, Any], keys: Sequence[str]) -> str:
+    return ", ".join(f"{key}={protocol[key]!r}" if key in protocol else f"{key} unset" for key in keys)
+
+
 def _check_run_json(run_dir: Path, record: dict[str, Any], write: bool) -> None:
-    """Refuse to mix outputs of another protocol, dataset or dtype into ``run_dir``; merge method and mask-kind
-    lists (a later call may add methods, or run on more of the set)."""
+    """Refuse to mix outputs of another protocol, dataset or dtype into ``run_dir`` (naming the settings that
+    differ); merge method and mask-kind lists (a later call may add methods, or run on more of the set)."""
     path = run_dir / "run.json"
     if path.is_file():
         try:
             previous = json.loads(path.read_text())
         except json.JSONDecodeError:
             raise InputError(f"{path}: not valid JSON; use another --output") from None
-        checks = {
-            "settings": (previous.get("settings"), record["settings"]),
-            "dataset": (
-                {k: v for k, v in previous.get("dataset", {}).items() if k != "size"},
-                {k: v for k, v in record["dataset"].items() if k != "size"},
-            ),
-            "dtype": (previous.get("dtype"), record["dtype"]),
-        }
-        for key, (before, now) in checks.items():
-            if before != now:
-                raise InputError(
-                    f"{run_dir} was made with different {key} ({before} vs {now}); use another --output"
-                )
+        if not isinstance(previous, dict):
+            raise InputError(f"{path}: not a run record (a JSON object); use another --output")
+        before, now = _protocol(previous), _protocol(json.loads(json.dumps(record)))  # as read back
+        differ = [key for key in {**before, **now} if before.get(key, _UNSET) != now.get(key, _UNSET)]
+        if differ:
+            raise InputError(
+                f"{run_dir} was made with {_describe(before, differ)} (this run: {_describe(now, differ)}); "
+                "use another --output"
+            )
         merged = dict(previous)
         merged["methods"] = sorted(set(previous.get("methods", [])) | set(record["methods"]))
         merged["mask_kinds"] = sorted(set(previous.get("mask_kinds", [])) | set(record["mask_kinds"]))
@@ -236,7 +255,7 @@ def run_benchmark(
         Counts of generated, skipped (already done), re-scored and failed items.
     """
     from ..image import blend_pil
-    from ..methods import ModelPaths, get_method_class, load_method, prepare, run
+    from ..methods import ModelPaths, available_methods, get_method_class, load_method, prepare, run
     from ..metrics import MetricSuite
 
     settings = settings or BenchSettings()
@@ -247,6 +266,12 @@ def run_benchmark(
     classes = {name: get_method_class(name) for name in methods}
     for cls in classes.values():  # every request and option is checked before anything is written
         settings.request_for(cls, "")
+    unknown = [name for name in settings.options if name not in available_methods()]
+    if unknown:  # a misspelt method name would leave its options unused
+        raise InputError(
+            f"settings.options names method {unknown[0]!r}, which is not a method; "
+            f"choose from: {', '.join(available_methods())}"
+        )
     record = {
         "protocol": "generate once; score the raw output and its blurred-blended paste-back",
         "settings": settings.model_dump(),

@@ -88,6 +88,8 @@ def run(
 ) -> None:
     """Generate and score METHODS on a dataset under the paper's protocol; resumable and shardable.
 
+    A bad entry is skipped and listed (failures.jsonl); exit code 1 if any entry failed.
+
     --device auto (or cuda under `accelerate launch`) takes accelerate's device for this process.
     """
     from ..bench.datasets import load_dataset
@@ -106,8 +108,11 @@ def run(
         per_method = json.loads(method_options)
     except json.JSONDecodeError as exc:
         raise InputError(f"--method-options is not valid JSON ({exc})") from None
-    if not isinstance(per_method, dict):
+    if not isinstance(per_method, dict) or not all(isinstance(value, dict) for value in per_method.values()):
         raise InputError('--method-options must be a JSON object {"method": {option: value}}')
+    for name in per_method:  # as for --option method:key=value: an option for a method not run is refused
+        if name not in names:
+            raise InputError(f"--method-options names method {name!r}, which is not among {', '.join(names)}")
     for name, options in split_options(option, names).items():
         per_method[name] = {**per_method.get(name, {}), **options}
     settings = BenchSettings(**request, options=per_method, scorers=list(score or []))
@@ -149,12 +154,14 @@ def run(
     runtime.device = device
     runtime.apply()
     suite = MetricSuite(weights, device=device)
+    failed = 0
     for data in datasets:
         kind = data.mask_kind
         stats = run_benchmark(names, paths, data, output, settings, device=device, dtype=runtime.dtype,
                               process_index=index, num_processes=count, metric_suite=suite,
                               load=runtime.load_method)  # fmt: skip
         typer.echo(f"{kind}: shard {index}/{count}: {stats}", err=True)
+        failed += stats.failed
         for failure in stats.failures:
             typer.echo(
                 f"failed: {failure['method']}/{failure['mask_kind']}/{failure['id']}: {failure['error']}",
@@ -165,6 +172,8 @@ def run(
     if report and (state is None or state.is_main_process):
         written = write_reports(output)
         typer.echo(written["table_md"].read_text())
+    if failed:  # as batch and compare: a partial benchmark is not a success (the failures are listed above)
+        raise typer.Exit(1)
 
 
 @app.command()
