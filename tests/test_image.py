@@ -105,3 +105,59 @@ def test_blend_tensor_matches_formula():
     w = feather_mask(hole).float()
     expected = original * (1 - w) + generated * w
     torch.testing.assert_close(blend(original, generated, hole), expected)
+
+
+def _strokes() -> np.ndarray:
+    hole = np.zeros((6, 8), bool)
+    hole[1:4, 2:6] = True
+    hole[5, 0] = True
+    return hole
+
+
+def test_coloured_strokes_on_a_transparent_layer_are_the_hole():
+    """The alpha of a stroke layer is the mask whatever colour was painted, and whatever colour the transparent
+    pixels store (red strokes said "mask is empty"; black strokes over a white matte were read inverted)."""
+    hole = _strokes()
+    red = np.zeros((6, 8, 4), np.uint8)
+    red[hole] = (255, 0, 0, 255)
+    assert np.array_equal(load_mask(Image.fromarray(red, "RGBA")), hole)
+    matte = np.zeros((6, 8, 4), np.uint8)
+    matte[...] = (255, 255, 255, 0)
+    matte[hole] = (0, 0, 0, 255)
+    assert np.array_equal(load_mask(Image.fromarray(matte, "RGBA")), hole)
+    grey_alpha = np.dstack([np.full(hole.shape, 40, np.uint8), hole.astype(np.uint8) * 255])
+    assert np.array_equal(mask_to_array(Image.fromarray(grey_alpha, "LA")), hole)
+    assert np.array_equal(mask_to_array(Image.fromarray(matte, "RGBA"), invert=True), ~hole)
+
+
+def test_opaque_rgba_masks_are_read_by_their_colour():
+    hole = _strokes()
+    grey = np.where(hole, 255, 0).astype(np.uint8)
+    for alpha in (255, 128):  # opaque, or uniformly translucent: the alpha says nothing
+        rgba = np.dstack([grey, grey, grey, np.full_like(grey, alpha)])
+        assert np.array_equal(mask_to_array(Image.fromarray(rgba, "RGBA")), hole)
+
+
+def test_the_empty_mask_message_names_the_cause(tmp_path):
+    Image.fromarray(np.full((4, 4), 255, np.uint8)).save(tmp_path / "white.png")
+    with pytest.raises(InputError) as info:
+        load_mask(tmp_path / "white.png", invert=True)
+    assert str(info.value) == (
+        "mask is empty after --invert-mask (invert_mask): the mask is all white (white = keep when inverted), so "
+        "nothing is left to inpaint"
+    )
+    grey = np.full((4, 4), 100, np.uint8)
+    grey[0, 0] = 20
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    with pytest.raises(InputError) as info:
+        load_mask(tmp_path / "grey.png")
+    assert str(info.value) == (
+        "mask is empty: no pixel is >= 128 (values 20..100); masks are binarised at 50 % (white = inpaint)"
+    )
+    with pytest.raises(
+        InputError, match=r"no value is >= 0.5 \(values 0.1..0.3\); masks are binarised at 50 %"
+    ):
+        load_mask(np.array([[0.1, 0.3]], np.float32))
+    with pytest.raises(InputError) as info:  # all black: the message as before
+        load_mask(np.zeros((4, 4), np.uint8))
+    assert str(info.value) == "mask is empty: no white pixel marks a region to inpaint (white = inpaint)"

@@ -130,3 +130,72 @@ def test_a_mask_drawn_on_the_displayed_photo_is_accepted_and_aligned(tiny_models
     far[0:25, 0:25] = False  # the hole and its feathered band
     assert np.array_equal(out[far], displayed[far])  # kept pixels are the displayed photo's, upright
     assert not np.array_equal(out[4:14, 4:14], displayed[4:14, 4:14])  # the hole is where it was drawn
+
+
+def _photo() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)
+
+
+def test_an_image_may_be_a_numpy_array_or_a_torch_tensor():
+    """Like the mask (it said "TypeError: expected str, bytes or os.PathLike object, not ndarray")."""
+    import torch
+
+    photo = _photo()
+    as_float = photo.astype(np.float32) / 255.0
+    tensor = torch.from_numpy(as_float.copy()).permute(2, 0, 1)
+    rgba = np.dstack([photo, np.full(photo.shape[:2], 255, np.uint8)])
+    for image in (photo, as_float, as_float.astype(np.float64), rgba, tensor, tensor[None], tensor.half()):
+        loaded = load_image(image)
+        assert loaded.mode == "RGB" and loaded.size == (10, 12)
+        assert np.array_equal(np.asarray(loaded), photo), type(image)
+    grey = photo[..., 0]
+    assert np.array_equal(np.asarray(load_image(grey)), np.repeat(grey[..., None], 3, -1))
+    see_through = rgba.copy()
+    see_through[:2, :2, 3] = 0  # transparent pixels: on black, as for a file
+    assert (np.asarray(load_image(see_through))[:2, :2] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "image, message",
+    [
+        (
+            np.zeros((2, 12, 10, 3), np.uint8),
+            r"image array must be \(H, W, 3\), \(H, W, 4\) or \(H, W\), got shape",
+        ),
+        (
+            np.zeros((12, 10, 3), np.int64),
+            "image array must be uint8 \\(0-255\\), bool or float in \\[0, 1\\], got int64",
+        ),
+        (np.full((12, 10, 3), 2.0), r"a float image array must hold values in \[0, 1\], got 2..2"),
+        ("tensor-batch", r"image tensor holds a batch of 2 images \(2, 3, 12, 10\); pass one"),
+        ("tensor-minus-one", r"a float image tensor must hold values in \[0, 1\], got -1..1"),
+        ([[0, 1]], "image must be a path, a PIL image, a numpy array or a torch tensor, got list"),
+    ],
+)
+def test_other_in_memory_images_are_one_line_errors(image, message):
+    import torch
+
+    if isinstance(image, str) and image == "tensor-batch":
+        image = torch.zeros(2, 3, 12, 10)
+    elif isinstance(image, str) and image == "tensor-minus-one":
+        image = torch.linspace(-1, 1, 3 * 12 * 10).reshape(3, 12, 10)
+    with pytest.raises(InputError, match=message):
+        load_image(image)
+
+
+def test_the_api_runs_on_an_array_image(tiny_models):
+    """``inpaint(method, array, mask)`` gives the same result as the same pixels as a PIL image."""
+    import torch
+
+    from brushnet.methods import inpaint, load_method
+
+    method = load_method("brushnet", {"base": tiny_models["base"], "brushnet": tiny_models["brushnet"]})
+    photo = np.asarray(Image.new("RGB", (32, 32), (90, 120, 30))).copy()
+    photo[:8] = (200, 10, 10)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 255
+    kwargs = dict(prompt="x", steps=1, seed=3)
+    want = np.asarray(inpaint(method, Image.fromarray(photo), mask, **kwargs).images[0])
+    for image in (photo, torch.from_numpy(photo).permute(2, 0, 1)[None].float() / 255.0):
+        assert np.array_equal(np.asarray(inpaint(method, image, mask, **kwargs).images[0]), want)

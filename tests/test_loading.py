@@ -167,3 +167,57 @@ def test_sdxl_single_file_loads_back_every_weight(tiny_xl_models, tmp_path):
         CheckpointError, match=r"cannot load single-file checkpoint xl.safetensors: .*offline\?"
     ):
         load_base_components(path)  # SDXL detected from the keys; its configs are not on this machine
+
+
+def _powerpaint_folder(tiny_models, root: Path) -> Path:
+    """A PowerPaint v2 folder in the diffusers layout (its files only; nothing in it is loaded)."""
+    shutil.copytree(tiny_models["brushnet"], root / "PowerPaint_Brushnet")
+    shutil.copytree(tiny_models["base"] / "text_encoder", root / "text_encoder_brushnet")
+    return root
+
+
+def test_a_powerpaint_folder_as_the_brushnet_is_named_with_the_flags_to_use(tiny_models, tmp_path):
+    folder = _powerpaint_folder(tiny_models, tmp_path / "pp")
+    with pytest.raises(CheckpointError) as info:
+        load_brushnet(folder)
+    assert str(info.value) == (
+        f"{folder} is a PowerPaint v2 checkpoint (PowerPaint_Brushnet/, text_encoder_brushnet/), not a BrushNet "
+        f"one; use --method powerpaint --powerpaint {folder}"
+    )
+
+
+def test_a_folder_without_a_config_is_named_in_plain_words(tiny_models, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError) as info:
+        load_brushnet(tmp_path / "empty")
+    assert "holds a unknown" not in str(info.value)
+    assert str(info.value).endswith(
+        "empty holds no model (no config.json or model_index.json), not a BrushNetModel checkpoint"
+    )
+    with pytest.raises(
+        CheckpointError, match=r"holds no model \(no config.json or model_index.json\), not a full base"
+    ):
+        load_base_components(tmp_path / "empty")
+
+
+def test_a_brushnet_folder_as_the_powerpaint_is_called_a_brushnet_checkpoint(tiny_models, tmp_path):
+    from brushnet.loading_powerpaint import find_powerpaint
+
+    folder = tiny_models["brushnet"]
+    with pytest.raises(CheckpointError) as info:
+        find_powerpaint(folder)
+    message = str(info.value)
+    assert message.startswith(
+        f"{folder} is a BrushNet checkpoint, not a PowerPaint one (expected PowerPaint_Brushnet/"
+    )
+    assert message.endswith(f"use it with --method brushnet --brushnet {folder}")
+    assert "text encoder" not in message.split("(")[0]
+    # a PowerPaint branch (cross-attention, in its PowerPaint_Brushnet/ folder) without its text encoder still
+    # says what is missing
+    branch = _powerpaint_folder(tiny_models, tmp_path / "pp") / "PowerPaint_Brushnet"
+    shutil.rmtree(branch.parent / "text_encoder_brushnet")
+    config = json.loads((branch / "config.json").read_text())
+    config["down_block_types"] = ["CrossAttnDownBlock2D"] * len(config["down_block_types"])
+    (branch / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="has the PowerPaint v2 branch but not its text encoder"):
+        find_powerpaint(branch)

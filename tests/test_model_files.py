@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
@@ -280,3 +281,21 @@ def test_a_hub_id_without_network_says_so_at_once(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="pass a local folder instead"):
         load_brushnet("someone/branch")
     assert time.perf_counter() - start < 10  # no retries with back-off (they took 28-38 s)
+
+
+def test_cli_powerpaint_and_brushnet_folders_swapped(tmp_path):
+    """The shipped demo's PowerPaint folder as ``--brushnet`` and its BrushNet as ``--powerpaint`` (it said "holds a
+    unknown" and "has the PowerPaint v2 branch but not its text encoder")."""
+    import brushnet
+
+    demo = Path(brushnet.__file__).parent / "assets" / "demo_world"
+    base, powerpaint, branch = (str(demo / name) for name in ("base", "powerpaint", "brushnet"))
+    result, _ = _cli_inpaint(tmp_path, "--base", base, "--brushnet", powerpaint)
+    _one_line(
+        result,
+        "is a PowerPaint v2 checkpoint (PowerPaint_Brushnet/, text_encoder_brushnet/), not a BrushNet",
+    )
+    assert f"use --method powerpaint --powerpaint {powerpaint}" in result.output
+    result, _ = _cli_inpaint(tmp_path, "--method", "powerpaint", "--base", base, "--powerpaint", branch)
+    _one_line(result, f"{branch} is a BrushNet checkpoint, not a PowerPaint one")
+    assert "text encoder" not in result.output

@@ -122,14 +122,66 @@ def _eight_bit(img: Image.Image) -> Image.Image:
     return img
 
 
-def load_image(path: str | os.PathLike | Image.Image, max_pixels: int | None = None) -> Image.Image:
-    """Load an image file as RGB, upright by its EXIF orientation. Transparent pixels of RGBA/LA images are
+def _array_to_pil(image: np.ndarray | torch.Tensor) -> Image.Image:
+    """An in-memory image as PIL: numpy ``(H, W)``, ``(H, W, 1|3|4)``; torch ``(H, W)``, ``(C, H, W)`` or
+    ``(1, C, H, W)`` with ``C`` in 1, 3, 4; uint8 0–255, bool, or float in [0, 1]."""
+    is_tensor = isinstance(image, torch.Tensor)
+    kind = "tensor" if is_tensor else "array"
+    shapes = "(3, H, W) or (1, 3, H, W)" if is_tensor else "(H, W, 3), (H, W, 4) or (H, W)"
+    bad_shape = InputError(f"image {kind} must be {shapes}, got shape {tuple(image.shape)}")
+    if is_tensor:
+        arr = image.detach().cpu()
+        arr = (arr.float() if arr.dtype in (torch.float16, torch.bfloat16) else arr).numpy()
+        if arr.ndim == 4 and arr.shape[0] != 1:
+            raise InputError(
+                f"image tensor holds a batch of {arr.shape[0]} images {tuple(arr.shape)}; pass one"
+            )
+        if arr.ndim == 4:
+            arr = arr[0]
+        if arr.ndim == 3:
+            if arr.shape[0] not in (1, 3, 4):
+                raise bad_shape
+            arr = arr.transpose(1, 2, 0)
+    else:
+        arr = np.asarray(image)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)) or 0 in arr.shape:
+        raise bad_shape
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8) * 255
+    elif np.issubdtype(arr.dtype, np.floating):
+        low, high = float(np.min(arr)), float(np.max(arr))
+        if not (np.isfinite(low) and np.isfinite(high)) or low < 0.0 or high > 1.0:
+            raise InputError(f"a float image {kind} must hold values in [0, 1], got {low:g}..{high:g}")
+        arr = np.round(arr * 255.0).astype(np.uint8)
+    elif arr.dtype != np.uint8:
+        raise InputError(f"image {kind} must be uint8 (0-255), bool or float in [0, 1], got {arr.dtype}")
+    return Image.fromarray(np.ascontiguousarray(arr))  # uint8 (H, W) / (H, W, 3) / (H, W, 4): L / RGB / RGBA
+
+
+def load_image(
+    path: str | os.PathLike | Image.Image | np.ndarray | torch.Tensor, max_pixels: int | None = None
+) -> Image.Image:
+    """Load an image as RGB: a file (upright by its EXIF orientation), a PIL image, a numpy array ``(H, W, 3)``,
+    ``(H, W, 4)`` or ``(H, W)`` (uint8 0–255, bool, or float in [0, 1]) or a torch tensor ``(3, H, W)`` or
+    ``(1, 3, H, W)`` in [0, 1] (uint8 tensors are read as 0–255). Transparent pixels of RGBA/LA images are
     composited on black; 16-bit images are scaled by their range.
 
     Raises:
-        InputError: missing or unreadable file, or more than ``max_pixels`` pixels (checked before decoding).
+        InputError: missing or unreadable file, more than ``max_pixels`` pixels (checked before decoding), or
+            an array/tensor of another shape, dtype or value range; anything else is refused with its type.
     """
-    img = oriented(path) if isinstance(path, Image.Image) else _open(path, "image", max_pixels)
+    if isinstance(path, Image.Image):
+        img = oriented(path)
+    elif isinstance(path, (np.ndarray, torch.Tensor)):
+        img = _array_to_pil(path)
+    elif isinstance(path, (str, os.PathLike)):
+        img = _open(path, "image", max_pixels)
+    else:
+        raise InputError(
+            f"image must be a path, a PIL image, a numpy array or a torch tensor, got {type(path).__name__}"
+        )
     img = _eight_bit(img)
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
@@ -138,48 +190,73 @@ def load_image(path: str | os.PathLike | Image.Image, max_pixels: int | None = N
     return img.convert("RGB")
 
 
-def mask_to_array(mask: Image.Image | np.ndarray | torch.Tensor, invert: bool = False) -> np.ndarray:
-    """Convert a mask in any common form to a boolean ``(H, W)`` array, True = hole.
-
-    Accepted: PIL images in modes 1, L, P, RGB, RGBA/LA (for RGBA/LA, the alpha channel is the mask when the
-    colour channels are blank — all one value — as painting tools export strokes), numpy arrays ``(H, W)``,
-    ``(H, W, C)`` (uint8 0–255, bool, or float in [0, 1]), torch tensors ``(H, W)``, ``(1, H, W)`` or
-    ``(1, 1, H, W)`` in [0, 1]. Colour masks use the mean of their channels. Binarised at 0.5.
-    """
+def _mask_values(mask: Image.Image | np.ndarray | torch.Tensor) -> tuple[np.ndarray, bool]:
+    """A mask's grey values as float ``(H, W)`` in [0, 1] (not yet binarised), and whether it was given in
+    0–255 steps (a PIL image or uint8 data; for messages)."""
     if isinstance(mask, Image.Image):
         mask = _eight_bit(mask)
         if mask.mode in ("RGBA", "LA", "PA") or (mask.mode == "P" and "transparency" in mask.info):
             rgba = np.asarray(mask.convert("RGBA"))
             colour, alpha = rgba[..., :3], rgba[..., 3]
-            if colour.min() == colour.max() and alpha.min() != alpha.max():
+            # a stroke layer (the alpha varies): the alpha is the mask, whatever colour was painted
+            if alpha.min() != alpha.max():
                 values = alpha.astype(np.float32) / 255.0
-            else:
+            else:  # opaque (or uniformly translucent): the colour is the mask
                 values = colour.astype(np.float32).mean(-1) / 255.0
         else:
             arr = np.asarray(mask.convert("L") if mask.mode not in ("L", "RGB") else mask)
             arr = arr.astype(np.float32)
             values = (arr.mean(-1) if arr.ndim == 3 else arr) / 255.0
+        return values, True
+    if isinstance(mask, torch.Tensor):
+        arr = mask.detach().float().cpu().numpy()
+        while arr.ndim > 2 and arr.shape[0] == 1:
+            arr = arr[0]
+        if arr.ndim == 3:  # C, H, W
+            arr = arr.mean(0)
     else:
-        if isinstance(mask, torch.Tensor):
-            arr = mask.detach().float().cpu().numpy()
-            while arr.ndim > 2 and arr.shape[0] == 1:
-                arr = arr[0]
-            if arr.ndim == 3:  # C, H, W
-                arr = arr.mean(0)
-        else:
-            arr = np.asarray(mask)
-            if arr.ndim == 3:
-                arr = arr.mean(-1) if arr.dtype != np.uint8 else arr.astype(np.float32).mean(-1)
-        if arr.ndim != 2:
-            raise InputError(f"mask must be 2-D (H, W) after squeezing, got shape {tuple(np.shape(arr))}")
-        if arr.dtype == np.bool_:
-            values = arr.astype(np.float32)
-        elif np.asarray(mask).dtype == np.uint8 or arr.max(initial=0) > 1.0:
-            values = arr.astype(np.float32) / 255.0
-        else:
-            values = arr.astype(np.float32)
-    hole = values >= 0.5
+        arr = np.asarray(mask)
+        if arr.ndim == 3:
+            arr = arr.mean(-1) if arr.dtype != np.uint8 else arr.astype(np.float32).mean(-1)
+    if arr.ndim != 2:
+        raise InputError(f"mask must be 2-D (H, W) after squeezing, got shape {tuple(np.shape(arr))}")
+    if arr.dtype == np.bool_:
+        return arr.astype(np.float32), False
+    if np.asarray(mask).dtype == np.uint8 or arr.max(initial=0) > 1.0:
+        return arr.astype(np.float32) / 255.0, True
+    return arr.astype(np.float32), False
+
+
+def mask_to_array(mask: Image.Image | np.ndarray | torch.Tensor, invert: bool = False) -> np.ndarray:
+    """Convert a mask in any common form to a boolean ``(H, W)`` array, True = hole.
+
+    Accepted: PIL images in modes 1, L, P, RGB, RGBA/LA (for RGBA/LA and transparent palette images whose alpha
+    channel varies, the alpha is the mask — painted strokes of any colour on a transparent layer, as painting
+    tools export them, are the hole, whatever colour the transparent pixels store; an opaque RGBA/LA mask is
+    read by its colour), numpy arrays ``(H, W)``, ``(H, W, C)`` (uint8 0–255, bool, or float in [0, 1]), torch
+    tensors ``(H, W)``, ``(1, H, W)`` or ``(1, 1, H, W)`` in [0, 1]. Colour masks use the mean of their
+    channels. Binarised at 0.5.
+    """
+    hole = _mask_values(mask)[0] >= 0.5
     return ~hole if invert else hole
+
+
+def _empty_mask_message(values: np.ndarray, eight_bit: bool, invert: bool) -> str:
+    """Why a mask read as ``values`` (see :func:`_mask_values`) marks no hole, in one line."""
+    if invert:
+        return (
+            "mask is empty after --invert-mask (invert_mask): the mask is all white (white = keep when inverted), "
+            "so nothing is left to inpaint"
+        )
+    high = float(values.max(initial=0.0))
+    if high <= 0.0:
+        return "mask is empty: no white pixel marks a region to inpaint (white = inpaint)"
+    low = float(values.min(initial=high))
+    if eight_bit:
+        span = f"values {round(low * 255)}..{round(high * 255)}"
+        return f"mask is empty: no pixel is >= 128 ({span}); masks are binarised at 50 % (white = inpaint)"
+    span = f"values {low:.3g}..{high:.3g}"
+    return f"mask is empty: no value is >= 0.5 ({span}); masks are binarised at 50 % (white = inpaint)"
 
 
 def mask_batch(mask_image) -> list:
@@ -218,7 +295,8 @@ def load_mask(
         path: file path, or an in-memory mask (see :func:`mask_to_array`).
         size: expected ``(width, height)`` — the image's size. A mismatch is an :class:`InputError`.
         invert: swap hole and kept region (for masks drawn white = keep).
-        allow_empty: an all-black mask (nothing to inpaint) is an error unless True.
+        allow_empty: an all-black mask (nothing to inpaint) is an error unless True; the message names the
+            cause (all white under ``invert``; a grey mask with no value >= 50 %, and the range it has).
         allow_full: an all-white mask (nothing kept) is allowed by default (it is plain text-to-image).
         max_pixels: refuse larger mask files before decoding them.
 
@@ -229,13 +307,16 @@ def load_mask(
         source = _open(path, "mask", max_pixels)
     elif isinstance(path, Image.Image):
         source = oriented(path)
-    hole = mask_to_array(source, invert=invert)
+    values, eight_bit = _mask_values(source)
+    hole = values >= 0.5
+    if invert:
+        hole = ~hole
     if size is not None and (hole.shape[1], hole.shape[0]) != tuple(size):
         raise InputError(
             f"mask is {hole.shape[1]}x{hole.shape[0]} but the image is {size[0]}x{size[1]}; they must match"
         )
     if not allow_empty and not hole.any():
-        raise InputError("mask is empty: no white pixel marks a region to inpaint (white = inpaint)")
+        raise InputError(_empty_mask_message(values, eight_bit, invert))
     if not allow_full and hole.all():
         raise InputError("mask covers the whole image: nothing is kept (white = inpaint)")
     return hole

@@ -202,6 +202,36 @@ def describe_folder(path: Path) -> str:
     return "unknown"
 
 
+def _holds(folder: Path, kind: str) -> str:
+    """``folder`` and its ``kind`` (from :func:`describe_folder`) as the start of a wrong-kind message:
+    "<folder> holds a ControlNetModel", or in plain words for a folder of no known kind."""
+    if kind != "unknown":
+        return f"{folder} holds a {kind}"
+    if (folder / "config.json").is_file():
+        return f"{folder} holds a config.json without _class_name (no known model)"
+    return f"{folder} holds no model (no config.json or model_index.json)"
+
+
+def _powerpaint_hint(folder: Path) -> str | None:
+    """The message for a PowerPaint checkpoint given where a BrushNet one is expected, or None."""
+    from .loading_powerpaint import find_powerpaint
+
+    try:
+        files = find_powerpaint(folder)
+    except CheckpointError:
+        return None
+    parts = []
+    for path in (files.model, files.text_encoder):
+        rel = path.relative_to(folder).as_posix() if path.is_relative_to(folder) else path.name
+        if rel != ".":
+            parts.append(rel + ("/" if path.is_dir() else ""))
+    layout = f" ({', '.join(parts)})" if parts else ""
+    return (
+        f"{folder} is a PowerPaint {files.version} checkpoint{layout}, not a BrushNet one; "
+        f"use --method powerpaint --powerpaint {folder}"
+    )
+
+
 def safetensors_policy(allow_pickle: bool) -> bool | None:
     """The ``use_safetensors`` argument of diffusers' and transformers' ``from_pretrained`` for a pickle policy:
     ``True`` (safetensors only) without permission; ``None`` with it (safetensors where present, else the
@@ -323,8 +353,9 @@ def load_brushnet(
             its weights are read, for local folders) with :func:`check_brushnet_fits_base`'s error.
 
     Raises:
-        CheckpointError: missing path, a UNet/pipeline/other model folder, pickle weights without permission,
-            or a branch that does not fit ``base_config``.
+        CheckpointError: missing path, a UNet/pipeline/other model folder (a PowerPaint folder is named as one,
+            with the flags that load it), pickle weights without permission, or a branch that does not fit
+            ``base_config``.
     """
     from .models.brushnet import BrushNetModel
 
@@ -347,7 +378,10 @@ def load_brushnet(
                     f"{folder} is a full {kind[9:]} folder, not a BrushNet checkpoint; pass it as the base model"
                 )
         if kind != "BrushNetModel":
-            raise CheckpointError(f"{folder} holds a {kind}, not a BrushNetModel checkpoint")
+            hint = _powerpaint_hint(folder)
+            if hint:
+                raise CheckpointError(hint)
+            raise CheckpointError(f"{_holds(folder, kind)}, not a BrushNetModel checkpoint")
         if base_config is not None:
             from .model_files import check_config_types
 
@@ -470,7 +504,7 @@ def load_base_components(
     kind = describe_folder(p)
     if not kind.startswith("pipeline:") and not (kind == "unknown" and (p / "unet").is_dir()):
         raise CheckpointError(
-            f"{p} holds a {kind}, not a full base model folder (model_index.json with vae, unet, ...)"
+            f"{_holds(p, kind)}, not a full base model folder (model_index.json with vae, unet, ...)"
         )
     if not (p / "unet" / "config.json").is_file():
         raise CheckpointError(f"base model folder {p} lacks: unet")

@@ -28,6 +28,7 @@ loads non-strictly on top of SD1.5's: keys it lacks come from the base text enco
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import pickle
@@ -81,6 +82,24 @@ def _weights(folder: Path) -> list[Path]:
     return sorted(folder.glob("diffusion_pytorch_model*.safetensors"))
 
 
+def _is_plain_brushnet(folder: Path) -> bool:
+    """Whether ``folder`` (holding branch weights but no PowerPaint text encoder) is a BrushNet checkpoint: a
+    ``BrushNetModel`` config without cross-attention (PowerPaint's branch has it), or one not in a
+    ``PowerPaint_Brushnet/`` folder."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        return False  # the released v2 branch has no config
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    if not isinstance(config, dict) or config.get("_class_name") != "BrushNetModel":
+        return False
+    blocks = [*(config.get("down_block_types") or []), str(config.get("mid_block_type") or "")]
+    cross_attention = any("CrossAttn" in str(block) for block in blocks)
+    return not cross_attention or folder.name != BRANCH_FOLDER
+
+
 def find_powerpaint(path: str | os.PathLike) -> PowerPaintFiles:
     """Identify the PowerPaint checkpoint at ``path`` (see the module docstring for the layouts).
 
@@ -112,6 +131,11 @@ def find_powerpaint(path: str | os.PathLike) -> PowerPaintFiles:
                 return PowerPaintFiles("v2", "diffusers", branch, folder)
         if (branch / RELEASED_TEXT_ENCODER).is_file():
             return PowerPaintFiles("v2", "released", branch, branch / RELEASED_TEXT_ENCODER)
+        if branch == root and _is_plain_brushnet(root):
+            raise CheckpointError(
+                f"{root} is a BrushNet checkpoint, not a PowerPaint one (expected {BRANCH_FOLDER}/ with "
+                f"{TEXT_ENCODER_FOLDER}/ or {RELEASED_TEXT_ENCODER}); use it with --method brushnet --brushnet {root}"
+            )
         raise CheckpointError(
             f"{branch} has the PowerPaint v2 branch but not its text encoder ({RELEASED_TEXT_ENCODER} or "
             f"{TEXT_ENCODER_FOLDER}/)"
