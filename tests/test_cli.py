@@ -146,3 +146,83 @@ def test_single_file_base_gives_the_same_image_as_its_folder(tiny_models, files,
     assert np.array_equal(
         np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png"))
     )
+
+
+def _one_error_line(result, message):
+    assert result.exit_code == 2, result.output
+    assert result.output.count("\n") == 1 and result.output.startswith("error: "), result.output
+    assert message in result.output, result.output
+
+
+@pytest.fixture
+def batch_folder(files, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("one.png", "two.png"):
+        Image.open(files / "img.png").save(images / name)
+    return images
+
+
+def test_batch_prompts_entry_matching_no_image_is_refused_before_loading(files, batch_folder, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    missing = ["--base", str(tmp_path / "no-base"), "--brushnet", str(tmp_path / "no-brushnet")]
+    args = ["batch", *missing, "--images", str(batch_folder), "--masks", str(files / "mask.png")]
+    args += ["-o", str(tmp_path / "out"), "--prompts", str(prompts), "-q"]
+    prompts.write_text(
+        '{"image": "one.png", "prompt": "a red circle"}\n\n{"image": "tow.png", "prompt": "a cat"}\n'
+    )
+    result = runner.invoke(app, args)
+    _one_error_line(result, f"{prompts}:3: 'tow.png' matches no image in {batch_folder}")
+    assert not (tmp_path / "out").exists()
+    prompts.write_text('{"image": "x.png"}\n{"image": "one"}\n{"image": "y"}\n')
+    _one_error_line(
+        runner.invoke(app, args), f"{prompts}:1: 'x.png' matches no image in {batch_folder} (and 1 more"
+    )
+    # entries naming a file, a stem, or the stem with another suffix all match: the error is the missing model
+    prompts.write_text('{"image": "one.png"}\n{"image": "two"}\n{"image": "two.jpg"}\n')
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "no-base" in result.output and "matches no image" not in result.output
+
+
+@pytest.mark.parametrize(
+    "command, extra, message",
+    [
+        ("inpaint", ["--controlnet", "c"], "--controlnet is not used by method 'brushnet' (it reads --base, --brushnet"),
+        ("inpaint", ["--method", "repaint", "--controlnet", "c", "--inpaint-model", "i"],
+         "--brushnet, --controlnet, --inpaint-model are not used by method 'repaint' (it reads --base, [--base-config])"),
+        ("outpaint", ["--method", "blended-latent-diffusion"], "--brushnet is not used by method 'blended-latent-"),
+        ("batch", ["--powerpaint", "p"], "--powerpaint is not used by method 'brushnet'"),
+    ],
+)  # fmt: skip
+def test_a_model_flag_the_method_does_not_read_is_refused(
+    files, batch_folder, tmp_path, command, extra, message
+):
+    missing = ["--base", str(tmp_path / "no-base"), "--brushnet", str(tmp_path / "no-brushnet")]
+    inputs = {
+        "inpaint": [
+            "-i",
+            str(files / "img.png"),
+            "-m",
+            str(files / "mask.png"),
+            "-o",
+            str(tmp_path / "o.png"),
+        ],
+        "outpaint": ["-i", str(files / "img.png"), "--extend-left", "8", "-o", str(tmp_path / "o.png")],
+        "batch": [
+            "--images",
+            str(batch_folder),
+            "--masks",
+            str(files / "mask.png"),
+            "-o",
+            str(tmp_path / "b"),
+        ],
+    }[command]
+    _one_error_line(runner.invoke(app, [command, *missing, *inputs, *extra, "-q"]), message)
+
+
+def test_compare_takes_the_whole_set_of_model_flags(tiny_models, files, tmp_path):
+    args = ["compare", "--methods", "brushnet", "--base", str(tiny_models["base"])]
+    args += ["--brushnet", str(tiny_models["brushnet"]), "--controlnet", str(tmp_path / "unused")]
+    args += ["-i", str(files / "img.png"), "-m", str(files / "mask.png"), "-o", str(tmp_path / "g.png")]
+    result = runner.invoke(app, [*args, "--steps", "1", "-q"])
+    assert result.exit_code == 0, result.output

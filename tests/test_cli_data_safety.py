@@ -161,3 +161,122 @@ def test_a_failed_image_write_leaves_no_sidecar_and_no_temporary_file(tmp_path, 
     with pytest.raises(InputError, match="no space left on the device"):
         io.save_png_with_metadata(Image.new("RGB", (8, 8)), tmp_path / "out.png", {"seed": 1})
     assert os.listdir(tmp_path) == []  # no image, no sidecar, no .tmp
+
+
+def _failing_commands(tiny_models, files, target):
+    """Commands that fail (each for another reason, before or while loading) with their outputs in ``target``."""
+    models = _models(tiny_models)
+    inputs = ["-i", str(files / "img.png"), "-m", str(files / "mask.png")]
+    empty = ["-i", str(files / "img.png"), "-m", str(files / "empty.png")]
+    wrong_kind = ["--base", str(tiny_models["base"]), "--brushnet", str(tiny_models["base"] / "unet")]
+    return {
+        "inpaint, empty mask": ["inpaint", *models, *empty, "-o", str(target / "o.png")],
+        "inpaint, wrong checkpoint": ["inpaint", *wrong_kind, *inputs, "-o", str(target / "o.png")],
+        "outpaint, mask grown away": ["outpaint", *models, "-i", str(files / "img.png"), "--extend-left", "8",
+                                      "--mask-grow", "-100", "-o", str(target / "o.png")],
+        "compare, empty mask": ["compare", "--methods", "brushnet", *models, *empty, "-o", str(target / "g.png")],
+        "batch, missing models": ["batch", "--base", str(files / "no-base"), "--brushnet", str(files / "no-brush"),
+                                  "--images", str(files / "images"), "--masks", str(files / "mask.png"),
+                                  "-o", str(target)],
+        "demo, empty mask": ["demo", *empty, "-p", "x", "--no-table", "-o", str(target)],
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "inpaint, empty mask",
+        "inpaint, wrong checkpoint",
+        "outpaint, mask grown away",
+        "compare, empty mask",
+        "batch, missing models",
+        "demo, empty mask",
+    ],
+)
+def test_a_failed_run_leaves_no_output_folder(tiny_models, files, case):
+    """The output check creates nothing (issue: failed runs left empty ``new/sub/`` folders behind)."""
+    Image.fromarray(np.zeros((32, 40), np.uint8)).save(files / "empty.png")
+    (files / "images").mkdir()
+    Image.open(files / "img.png").save(files / "images" / "a.png")
+    before = sorted(str(p) for p in files.rglob("*"))
+    args = _failing_commands(tiny_models, files, files / "new" / "sub")[case]
+    if args[0] in ("inpaint", "outpaint", "compare"):
+        args = [*args, *FAST]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: ") and "Traceback" not in result.output
+    assert sorted(str(p) for p in files.rglob("*")) == before  # no `new/`
+
+
+def test_a_missing_output_folder_is_created_when_the_result_is_written(tiny_models, files):
+    out = files / "new" / "sub" / "o.png"
+    result = _inpaint(_models(tiny_models), files, out)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.parent.iterdir()) == ["o.json", "o.png"]
+
+
+def test_the_output_check_creates_nothing_and_names_a_file_in_the_way(tmp_path):
+    from brushnet.errors import InputError
+    from brushnet.io import check_output_path
+
+    assert check_output_path(tmp_path / "a" / "b" / "o.png") == tmp_path / "a" / "b" / "o.png"
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(InputError, match=r"cannot write .*o\.png: .*file is a file, not a folder"):
+        check_output_path(tmp_path / "file" / "sub" / "o.png")
+    with pytest.raises(InputError, match="file name too long"):
+        check_output_path(tmp_path / ("x" * 300) / "o.png")
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
+def test_a_json_beside_the_output_that_is_not_a_sidecar_is_refused(tiny_models, files):
+    mine = files / "settings.json"
+    mine.write_text('{"my": "important settings"}\n')
+    missing = ["--base", str(files / "no-base"), "--brushnet", str(files / "no-brushnet")]
+    for result in (
+        _inpaint(missing, files, files / "settings.png"),
+        runner.invoke(app, ["outpaint", *missing, "-i", str(files / "img.png"), "--extend-left", "8",
+                            "-o", str(files / "settings.png"), *FAST]),
+        runner.invoke(app, ["compare", "--methods", "brushnet", *missing, "-i", str(files / "img.png"),
+                            "-m", str(files / "mask.png"), "-o", str(files / "settings.png"), *FAST]),
+    ):  # fmt: skip
+        assert result.exit_code == 2, result.output
+        assert (
+            result.output.count("\n") == 1
+            and "settings.json exists and is not a brushnet sidecar" in result.output
+        )
+        assert "no-base" not in result.output  # found before loading
+    assert mine.read_text() == '{"my": "important settings"}\n' and not (files / "settings.png").exists()
+    # a previous run's sidecar is replaced as before (a rerun); --overwrite replaces another .json
+    for seed in ("3", "4"):
+        result = _inpaint(_models(tiny_models), files, files / "out.png", "--seed", seed)
+        assert result.exit_code == 0, result.output
+    assert json.loads((files / "out.json").read_text())["seed"] == 4
+    result = _inpaint(_models(tiny_models), files, files / "settings.png", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert json.loads(mine.read_text())["seed"] == 3
+
+
+def test_batch_refuses_to_replace_a_json_it_did_not_write(tiny_models, folders, tmp_path):
+    images, masks = folders
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "img0_png.json").write_text("[1, 2, 3]\n")
+    args = ["batch", "--base", str(tmp_path / "no-base"), "--brushnet", str(tmp_path / "no-brushnet"),
+            "--images", str(images), "--masks", str(masks), "-o", str(out), *FAST]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert "img0_png.json exists and is not a brushnet sidecar" in result.output
+    assert [p.name for p in out.iterdir()] == ["img0_png.json"]
+
+
+def test_is_sidecar_knows_the_records_this_project_writes(tmp_path):
+    from brushnet.io import is_sidecar, save_png_with_metadata
+
+    save_png_with_metadata(Image.new("RGB", (8, 8)), tmp_path / "one.png", {"seed": 1, "parameters": {}})
+    save_png_with_metadata(Image.new("RGB", (8, 8)), tmp_path / "grid.png", {"seed": 1, "methods": {}})
+    assert is_sidecar(tmp_path / "one.json") and is_sidecar(tmp_path / "grid.json")
+    for name, text in [("a.json", '{"seed": 1}'), ("b.json", "[1]"), ("c.json", "not json"), ("d.json", "")]:
+        (tmp_path / name).write_text(text)
+        assert not is_sidecar(tmp_path / name), name
+    assert not is_sidecar(tmp_path / "missing.json")

@@ -137,3 +137,13 @@ def test_outputs_get_the_umask_permissions(tiny_models, files, tmp_path):
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert {p.name for p in written} >= {"out.png", "out.json", "grid.png", "brushnet.png"}
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == {p.name: "0o644" for p in written}
+
+
+@pytest.mark.parametrize("command", ["inpaint", "compare", "demo"])
+def test_a_new_folder_under_a_read_only_one(tiny_models, files, read_only, command):
+    """The missing folders are not made during the check: the nearest existing one must be writable."""
+    folder, message = read_only
+    _assert_one_line(
+        runner.invoke(app, _commands(tiny_models, files, folder / "new" / "sub")[command]), message
+    )
+    assert _leftovers(folder) == []

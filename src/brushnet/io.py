@@ -26,6 +26,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "check_output_path",
+    "is_sidecar",
     "png_bytes",
     "save_png_with_metadata",
     "read_png_metadata",
@@ -59,32 +60,57 @@ def _output_error(path: Path, exc: OSError) -> InputError:
     return InputError(f"cannot write {path}: {reason}")
 
 
-def check_output_path(path: str | os.PathLike, create_parent: bool = True) -> Path:
-    """Check, before any work, that ``path`` can be written: not a folder, its folder exists (or is created
-    when ``create_parent``) and is writable.
+def _nearest_existing(folder: Path) -> Path:
+    """``folder`` or the nearest folder above it that exists (what ``mkdir(parents=True)`` would start from)."""
+    while not (folder.exists() or folder.is_symlink()) and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """Check, before any work, that ``path`` can be written, without creating anything: it is not a folder, and
+    its folder exists and is writable, or the nearest existing folder above it is a writable folder (not a file)
+    in which :func:`atomic_write` will create the missing ones when it writes. So a run that fails before writing
+    leaves no empty folder behind.
 
     Raises:
         InputError: one line naming the problem.
     """
     path = Path(path)
-    if path.is_dir():
-        raise InputError(f"cannot write {path}: a folder of that name exists")
-    parent = path.parent
     try:
-        if create_parent:
-            parent.mkdir(parents=True, exist_ok=True)
-        elif not parent.is_dir():
-            raise InputError(f"cannot write {path}: folder {parent} does not exist")
+        if path.is_dir():
+            raise InputError(f"cannot write {path}: a folder of that name exists")
+        existing = _nearest_existing(path.parent)
+        if not existing.is_dir():
+            raise InputError(f"cannot write {path}: {existing} is a file, not a folder")
+        try:
+            name_max = os.pathconf(existing, "PC_NAME_MAX")
+        except (OSError, ValueError, AttributeError):
+            name_max = 255
+        for part in (*path.parent.relative_to(existing).parts, path.name):
+            if len(os.fsencode(part)) > name_max:
+                raise InputError(f"cannot write {path}: file name too long ({part[:20]}…)")
     except OSError as exc:
         raise _output_error(path, exc) from None
-    if not os.access(parent, os.W_OK | os.X_OK):
+    if not os.access(existing, os.W_OK | os.X_OK):
         try:
-            read_only = bool(os.statvfs(parent).f_flag & os.ST_RDONLY)
+            read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
         except (OSError, AttributeError):
             read_only = False
         reason = "read-only file system" if read_only else "permission denied"
-        raise InputError(f"cannot write {path}: {reason} (folder {parent})")
+        raise InputError(f"cannot write {path}: {reason} (folder {existing})")
     return path
+
+
+def is_sidecar(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a ``.json`` sidecar this project wrote (:func:`save_png_with_metadata`): a JSON object
+    with a ``seed`` and ``parameters`` (one generation) or ``methods`` (a ``compare`` grid). A missing file is
+    not one; a user's own ``.json`` of the same stem is not one either, so a command can refuse to replace it."""
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and "seed" in record and ("parameters" in record or "methods" in record)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:

@@ -137,7 +137,7 @@ def test_outpaint_command_extends_canvas(tiny_models, scene, tmp_path):
     out = tmp_path / "out.png"
     args = ["outpaint", "-i", str(src), "-o", str(out), "--extend-left", "8", "--extend-right", "16"]
     result = runner.invoke(
-        app, args + ["--method", "blended-latent-diffusion"] + _flags(tiny_models) + FAST_FLAGS
+        app, args + ["--method", "blended-latent-diffusion", "--base", tiny_models["base"]] + FAST_FLAGS
     )
     assert result.exit_code == 0, result.output
     img = np.asarray(Image.open(out))
@@ -165,7 +165,9 @@ def test_inpaint_method_flag_and_invert_mask_recorded(tiny_models, folder, tmp_p
         "jump_n_sample=2",
         "--invert-mask",
     ]
-    result = runner.invoke(app, args + _flags(tiny_models) + FAST_FLAGS)
+    result = runner.invoke(
+        app, args + ["--base", tiny_models["base"]] + FAST_FLAGS
+    )  # repaint reads no branch
     assert result.exit_code == 0, result.output
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["method"] == "repaint" and meta["parameters"]["invert_mask"] is True

@@ -32,6 +32,9 @@ __all__ = [
     "parse_options",
     "split_options",
     "output_paths",
+    "refuse_overwriting_inputs",
+    "refuse_replacing_other_json",
+    "refuse_unused_models",
     "IMAGE_SUFFIXES",
 ]
 
@@ -296,3 +299,42 @@ def refuse_overwriting_inputs(outputs: list[Path], inputs: list[Path], overwrite
                     f"output {candidate} would overwrite the input {original}; choose another --output "
                     "(or pass --overwrite)"
                 )
+
+
+def refuse_replacing_other_json(outputs: list[Path], overwrite: bool) -> None:
+    """A ``.json`` sidecar path that holds a file this project did not write (a user's ``settings.json`` beside
+    ``-o settings.png``; see :func:`brushnet.io.is_sidecar`) is refused unless ``overwrite``. A previous run's
+    sidecar is replaced as before."""
+    if overwrite:
+        return
+    from ..io import is_sidecar
+
+    for path in outputs:
+        sidecar = Path(path).with_suffix(".json")
+        if sidecar.is_file() and not is_sidecar(sidecar):
+            raise InputError(
+                f"{sidecar} exists and is not a brushnet sidecar: the record written beside {Path(path).name} "
+                "would replace it; choose another --output (or pass --overwrite)"
+            )
+
+
+def refuse_unused_models(models: dict[str, Any], method_cls: Any) -> None:
+    """A model flag that ``method_cls`` does not read (``--controlnet`` with ``--method brushnet``) is one line
+    naming it and the flags the method reads (optional ones in brackets), rather than silently dropped.
+    ``compare``, which runs several methods, takes the whole set and does not call this."""
+    reads = [slot.name for slot in (*method_cls.models, *method_cls.optional_models)]
+    unused = [name for name, value in models.items() if name != "allow_pickle" and value is not None]
+    unused = [name for name in unused if name not in reads]
+    if not unused:
+        return
+    from ..methods import model_slots
+
+    slots = model_slots()
+    given = ", ".join(slots[name].flag if name in slots else name for name in unused)
+    takes = [slot.flag for slot in method_cls.models]
+    takes += [f"[{slot.flag}]" for slot in method_cls.optional_models]
+    verb, pronoun = ("is", "it") if len(unused) == 1 else ("are", "them")
+    raise InputError(
+        f"{given} {verb} not used by method {method_cls.name!r} (it reads {', '.join(takes) or 'no model'}); "
+        f"drop {pronoun} or choose another --method"
+    )

@@ -20,6 +20,8 @@ from .common import (
     guarded,
     output_paths,
     refuse_overwriting_inputs,
+    refuse_replacing_other_json,
+    refuse_unused_models,
     split_options,
 )
 from .flags import model_flags, request_flags, runtime_flags
@@ -37,6 +39,9 @@ logger = logging.getLogger(__name__)
 
 METHOD_HELP = "Inpainting method (see `brushnet methods`)."
 MAX_PIXELS_HELP = "Largest input image, width x height (checked before decoding)."
+OVERWRITE_HELP = (
+    "Allow --output (or its .json sidecar) to replace an input file or a .json this tool did not write."
+)
 
 
 def _load(method: str, models: dict[str, Any], runtime) -> Any:
@@ -53,12 +58,14 @@ def _model_paths(models: dict[str, Any], method_cls) -> Any:
 
 
 def _checked_outputs(output: Path, count: int, inputs: list[Path], overwrite: bool) -> list[Path]:
-    """The output paths of ``count`` images, refused before any work when one would replace an input or cannot
-    be written (the image and its ``.json`` sidecar)."""
+    """The output paths of ``count`` images, refused before any work when one would replace an input or a
+    ``.json`` file this tool did not write, or cannot be written (the image and its ``.json`` sidecar). Nothing
+    is created here: a missing folder is made when the first file is written."""
     from ..io import check_output_path
 
     outputs = output_paths(output, count)
     refuse_overwriting_inputs(outputs, inputs, overwrite)
+    refuse_replacing_other_json(outputs, overwrite)
     for path in outputs:
         check_output_path(path)
         check_output_path(path.with_suffix(".json"))
@@ -95,7 +102,7 @@ def inpaint_command(
     scale: float | None = typer.Option(
         None, "--scale", help="Shorthand for --option conditioning_scale=N (BrushNet's preservation scale)."
     ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Allow --output to replace an input file."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     max_pixels: int | None = typer.Option(None, "--max-pixels", help=MAX_PIXELS_HELP),
     control_image: Path | None = typer.Option(
         None,
@@ -113,6 +120,7 @@ def inpaint_command(
     if scale is not None:
         request["options"] = {**request["options"], "conditioning_scale": scale}
     cls = get_method_class(method)
+    refuse_unused_models(models, cls)
     read = [image, mask] + ([control_image] if control_image is not None else [])
     outputs = _checked_outputs(output, request["num_images"], read, overwrite)
     job = prepare(cls, image, mask, request, max_pixels=max_pixels, control_image=control_image)  # reads once
@@ -134,13 +142,20 @@ def _find_mask(masks: Path, stem: str) -> Path | None:
     return None
 
 
-def _read_prompts(path: Path) -> dict[str, dict[str, Any]]:
-    """``prompts.jsonl``: one ``{"image": "<file name or stem>", "prompt": ..., "negative_prompt": ...}`` a line."""
+def _read_prompts(path: Path, files: list[Path], images: Path) -> dict[str, dict[str, Any]]:
+    """``prompts.jsonl``: one ``{"image": "<file name or stem>", "prompt": ..., "negative_prompt": ...}`` a line.
+
+    An entry whose image matches none of ``files`` (by file name or stem, as the batch looks entries up) is an
+    error naming the file, the line and the name: a typo would otherwise run that image with the default prompt.
+    """
     import json
 
     from ..errors import InputError
 
+    names = {f.name for f in files} | {f.stem for f in files}
+    stems = {f.stem for f in files}
     table: dict[str, dict[str, Any]] = {}
+    unmatched: list[tuple[int, str]] = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -152,8 +167,14 @@ def _read_prompts(path: Path) -> dict[str, dict[str, Any]]:
         unknown = set(entry) - {"image", "prompt", "negative_prompt"}
         if unknown:
             raise InputError(f"{path}:{number}: unknown keys {sorted(unknown)}")
+        if key not in names and Path(key).stem not in stems:
+            unmatched.append((number, key))
         table[key] = entry
         table.setdefault(Path(key).stem, entry)
+    if unmatched:
+        number, key = unmatched[0]
+        more = f" (and {len(unmatched) - 1} more entries)" if len(unmatched) > 1 else ""
+        raise InputError(f"{path}:{number}: {key!r} matches no image in {images}{more}")
     return table
 
 
@@ -182,7 +203,10 @@ def batch_command(
     prompts: Path = typer.Option(None, "--prompts", help="JSONL: {image, prompt, negative_prompt} per line."),
     method: str = typer.Option("brushnet", "--method", help=METHOD_HELP),
     overwrite: bool = typer.Option(
-        False, "--overwrite", help="Redo images whose output exists; allow --output to be an input folder."
+        False,
+        "--overwrite",
+        help="Redo images whose output exists; allow --output to be an input folder and <stem>.json to replace "
+        "a .json this tool did not write.",
     ),
     max_pixels: int | None = typer.Option(None, "--max-pixels", help=MAX_PIXELS_HELP),
     request: dict = None,
@@ -208,25 +232,27 @@ def batch_command(
                 fail(
                     f"--output {output} is the {flag} folder: outputs would mix with the inputs (pass --overwrite)"
                 )
-    table = _read_prompts(prompts) if prompts is not None else {}
     files = sorted(p for p in images.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         fail(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {images}")
+    table = _read_prompts(prompts, files, images) if prompts is not None else {}
     cls = get_method_class(method)
+    refuse_unused_models(models, cls)
     check_request(cls, request)
+    names = batch_output_names(files)
+    targets = {path: output_paths(output / f"{names[path]}.png", request["num_images"]) for path in files}
+    refuse_replacing_other_json([t for paths in targets.values() for t in paths], overwrite)
     check_output_path(output / "probe.png")
     _model_paths(models, cls)
 
     from tqdm.auto import tqdm
 
     loaded = _load(method, models, runtime)
-    names = batch_output_names(files)
     done, skipped, failures = 0, 0, []
     for path in tqdm(
         files, desc=f"batch {method}", unit="image", disable=runtime.quiet, file=__import__("sys").stderr
     ):
-        targets = output_paths(output / f"{names[path]}.png", request["num_images"])
-        if not overwrite and all(t.is_file() and t.with_suffix(".json").is_file() for t in targets):
+        if not overwrite and all(t.is_file() and t.with_suffix(".json").is_file() for t in targets[path]):
             skipped += 1
             continue
         try:
@@ -247,7 +273,7 @@ def batch_command(
             result = run(loaded, job)
             metadata = result.metadata()
             metadata["inputs"] = {"image": str(path), "mask": str(mask_path)}
-            for i, (img, target) in enumerate(zip(result.images, targets)):
+            for i, (img, target) in enumerate(zip(result.images, targets[path])):
                 save_png_with_metadata(img, target, {**metadata, "seed": result.seed + i, "index": i})
             done += 1
         except Exception as exc:  # one bad file never stops the batch
@@ -280,7 +306,7 @@ def compare_command(
         ..., "--methods", help="Comma-separated methods, e.g. brushnet,blended-latent-diffusion,repaint."
     ),
     output: Path = typer.Option(..., "--output", "-o", help="Grid .png (a .json sidecar is written too)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Allow --output to replace an input file."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     max_pixels: int | None = typer.Option(None, "--max-pixels", help=MAX_PIXELS_HELP),
     request: dict = None,
     models: dict = None,
@@ -302,6 +328,7 @@ def compare_command(
         fail("--methods is empty")
     [grid_path] = output_paths(output, 1)
     refuse_overwriting_inputs([grid_path], [image, mask], overwrite)
+    refuse_replacing_other_json([grid_path], overwrite)
     check_output_path(grid_path)
     check_output_path(grid_path.with_suffix(".json"))
     per_method = split_options(request.pop("options"), names)
@@ -321,8 +348,9 @@ def compare_command(
     for name in names:
         try:
             with StepBar(name, runtime.quiet) as bar:
-                _model_paths(models, get_method_class(name))
-                result = run(_load(name, models, runtime), jobs[name], on_step=bar)
+                # the whole set of model flags is given; each method gets the ones it reads
+                used = _model_paths(models, get_method_class(name)).used_by(get_method_class(name))
+                result = run(_load(name, used, runtime), jobs[name], on_step=bar)
             for i, img in enumerate(result.images):
                 tiles.append(img)
                 labels.append(name if len(result.images) == 1 else f"{name} #{i}")
@@ -360,7 +388,7 @@ def outpaint_command(
     ),
     fill: str = typer.Option("edge", "--fill", help="Pre-fill of the new area: edge or black."),
     method: str = typer.Option("brushnet", "--method", help=METHOD_HELP),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Allow --output to replace the input file."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     max_pixels: int | None = typer.Option(None, "--max-pixels", help=MAX_PIXELS_HELP),
     request: dict = None,
     models: dict = None,
@@ -375,6 +403,7 @@ def outpaint_command(
     if extend_left + extend_right + extend_top + extend_bottom == 0:
         fail("give at least one of --extend-left/--extend-right/--extend-top/--extend-bottom")
     cls = get_method_class(method)
+    refuse_unused_models(models, cls)
     outputs = _checked_outputs(output, request["num_images"], [image], overwrite)
     job = prepare_outpaint(
         cls,
