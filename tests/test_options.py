@@ -64,6 +64,10 @@ def _no_models(tmp_path):
         (["--scheduler", "nosuch"], "unknown scheduler 'nosuch'"),
         (["--steps", "0"], "steps"),
         (["--option", "nosuch=1"], "nosuch"),
+        # a setting that acts only under another one, given while that one is off (review finding 2)
+        (["--guidance", "1", "-n", "blurry"], "negative_prompt has no effect with guidance_scale 1"),
+        (["--crop-padding", "8"], "crop_padding has no effect without crop_to_mask"),
+        (["--option", "pag_layers=up_blocks.0"], "option pag_layers has no effect with pag_scale 0"),
     ],
 )
 @pytest.mark.parametrize("command", ["inpaint", "compare", "outpaint", "batch"])
@@ -71,6 +75,24 @@ def test_option_errors_come_before_loading(files, tmp_path, command, extra, mess
     result = runner.invoke(app, [*_commands(files, tmp_path, _no_models(tmp_path))[command], *extra])
     _one_line(result, message)
     assert "no-base" not in result.output and "no-brushnet" not in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["inpaint", "compare", "outpaint"])  # batch reads its masks after loading
+def test_a_mask_emptied_by_mask_grow_is_one_line_naming_the_grow(files, tmp_path, command):
+    result = runner.invoke(
+        app, [*_commands(files, tmp_path, _no_models(tmp_path))[command], "--mask-grow", "-10"]
+    )
+    _one_line(
+        result, "mask is empty after mask_grow -10 (--mask-grow): shrinking by 10 px erased the whole hole"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_outpainted_canvas_over_max_pixels_is_one_line_before_loading(files, tmp_path):
+    command = _commands(files, tmp_path, _no_models(tmp_path))["outpaint"]  # 32x32 extended by 8 on the left
+    result = runner.invoke(app, [*command, "--max-pixels", "1100"])
+    _one_line(result, "error: outpainted canvas 40x32 = 1280 pixels exceeds the limit of 1100 (--max-pixels)")
     assert list(tmp_path.iterdir()) == []
 
 

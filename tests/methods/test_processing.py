@@ -262,6 +262,82 @@ def test_bad_inputs_are_one_line_errors():
         inpaint(Probe(), image, _mask(64, 64, (10, 10, 20, 20)), colour="red")
 
 
+def test_a_mask_emptied_by_a_shrink_says_so_with_the_grow_value():
+    image = _image(64, 64)
+    with pytest.raises(InputError) as error:
+        inpaint(Probe(), image, _mask(64, 64, (10, 10, 16, 14)), mask_grow=-2)
+    assert str(error.value) == (
+        "mask is empty after mask_grow -2 (--mask-grow): shrinking by 2 px erased the whole hole "
+        "(24 pixels in a 6x4 box); shrink less"
+    )
+    empty = _mask(64, 64, (0, 0, 0, 0))  # empty before the grow: the grow is not blamed
+    with pytest.raises(InputError, match="^mask is empty: no white pixel"):
+        inpaint(Probe(), image, empty, mask_grow=-2)
+
+
+def test_the_outpainted_canvas_is_held_to_the_pixel_limit(monkeypatch):
+    """The canvas, not only the input file, is checked against ``max_pixels`` (review finding 5), before it is
+    built: a mistyped extent is one line, not minutes and gigabytes."""
+    import brushnet.methods.api as api
+
+    image = _image(32, 32)
+    with pytest.raises(InputError) as error:
+        outpaint(Probe(), image, right=40, max_pixels=2000)
+    assert str(error.value) == (
+        "outpainted canvas 72x32 = 2304 pixels exceeds the limit of 2000 (--max-pixels); extend less"
+    )
+    within = outpaint(Probe(), image, right=30, max_pixels=2000, seed=1)  # 62x32 = 1984 pixels
+    assert within.images[0].size == (62, 32)
+    monkeypatch.setattr(api, "DEFAULT_MAX_PIXELS", 2000)  # the default limit, as for the input file
+    with pytest.raises(InputError, match="^outpainted canvas 32x72 = 2304 pixels exceeds the limit of 2000"):
+        outpaint(Probe(), image, top=20, bottom=20)
+
+
+def _transparent_image(width=64, height=64):
+    """RGBA: a fully transparent corner whose stored colours are not black, a half-transparent strip, the rest
+    opaque."""
+    rgba = np.asarray(_image(width, height).convert("RGBA")).copy()
+    rgba[:12, :12] = (10, 200, 30, 0)
+    rgba[50:, :, 3] = 128
+    return rgba
+
+
+@pytest.mark.parametrize("from_file", [False, True])
+def test_a_transparent_input_keeps_its_alpha_and_stored_colours(tmp_path, from_file):
+    """Review finding 4: the model sees the image flattened onto black, the result keeps the input's alpha and
+    stored colours wherever it keeps the input (here a probe that changes every kept pixel it is given)."""
+    rgba = _transparent_image()
+    image = Image.fromarray(rgba, "RGBA")
+    if from_file:
+        image.save(tmp_path / "t.png")
+        image = tmp_path / "t.png"
+    mask = _mask(64, 64, (24, 24, 40, 40))
+    probe = Probe(invert_outside=True)
+    out = np.asarray(inpaint(probe, image, mask, seed=1, blend_kernel_size=21).images[0])
+    assert out.shape == (64, 64, 4)
+    far = np.ones((64, 64), bool)
+    far[14:50, 14:50] = False  # 10 px around the hole: the feathered band of kernel 21
+    assert np.array_equal(
+        out[far], rgba[far]
+    )  # colours and alpha, the transparent corner's stored colours too
+    assert (out[24:40, 24:40] == (*GREEN, 255)).all()  # generated pixels are opaque
+    seen = np.asarray(tensor_to_pil(probe.seen[0][0])[0])
+    assert (seen[:12, :12] == 0).all()  # the model saw the transparent corner as black
+    flat = (rgba[50:, :, :3].astype(int) * 128 + 127) // 255
+    assert np.abs(seen[50:].astype(int) - flat).max() <= 1  # and the strip composited on black
+
+    raw = np.asarray(inpaint(Probe(), image, mask, seed=1, blend=False).images[0])  # no blend: sharp alpha
+    assert (raw[24:40, 24:40, 3] == 255).all()
+    hole = np.asarray(mask) > 0
+    assert np.array_equal(raw[~hole][:, 3], rgba[~hole][:, 3])
+
+
+def test_an_opaque_rgba_input_gives_an_rgb_result():
+    image = Image.fromarray(np.asarray(_image(32, 32).convert("RGBA")), "RGBA")
+    result = inpaint(Probe(), image, _mask(32, 32, (8, 8, 16, 16)), seed=1)
+    assert result.images[0].mode == "RGB"
+
+
 def test_seed_recorded_and_drawn_when_missing():
     image, mask = _image(32, 32), _mask(32, 32, (8, 8, 16, 16))
     result = inpaint(Probe(), image, mask, num_images=3)

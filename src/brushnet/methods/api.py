@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import time
 from typing import Any
@@ -21,9 +22,9 @@ import torch
 from PIL import Image
 
 from ..errors import InputError
-from ..image import load_image, load_mask, pil_to_tensor, tensor_to_pil
+from ..image import DEFAULT_MAX_PIXELS, load_image, load_mask, oriented, pil_to_tensor, tensor_to_pil
 from .base import InpaintMethod, InpaintRequest, InpaintResult, PreparedJob, StepCallback, Task
-from .processing import grow_mask, outpaint_canvas, paste_back, plan_region
+from .processing import grow_mask, keep_alpha, mask_bbox, outpaint_canvas, paste_back, plan_region
 
 __all__ = ["check_request", "prepare", "prepare_outpaint", "run", "inpaint", "outpaint"]
 
@@ -49,6 +50,28 @@ def check_request(
     return cls.check(request, options), options
 
 
+def _decoded(image: Any, max_pixels: int | None) -> Any:
+    """A path opened and decoded once (checked against ``max_pixels``, upright by its EXIF orientation, as
+    :func:`~brushnet.image.load_image` opens it), so that both the RGB image and its alpha are read from it;
+    anything else as given."""
+    if isinstance(image, (str, os.PathLike)):
+        from ..image import _open
+
+        return _open(image, "image", max_pixels)
+    return image
+
+
+def _transparent(image: Any) -> Image.Image | None:
+    """A PIL image with a transparent pixel as RGBA (its stored colours and alpha); None for anything else."""
+    if not isinstance(image, Image.Image):
+        return None
+    image = oriented(image)
+    if image.mode not in ("RGBA", "LA") and not (image.mode == "P" and "transparency" in image.info):
+        return None
+    rgba = image.convert("RGBA")
+    return rgba if rgba.getchannel("A").getextrema()[0] < 255 else None
+
+
 def prepare(
     method: InpaintMethod | type[InpaintMethod],
     image: Image.Image | str,
@@ -63,7 +86,9 @@ def prepare(
 
     Args:
         method: the method, loaded or not (only its declaration is read).
-        image: RGB image (any size) or a path.
+        image: RGB image (any size) or a path. A file or PIL image with transparent pixels is flattened onto
+            black for the model; the result keeps its alpha channel and its stored colours wherever the result
+            keeps the input (RGBA results).
         mask: white = inpaint; a path, PIL image (L/RGB/RGBA/I;16), array or tensor of the image's size.
         request: an :class:`InpaintRequest` or a dict of its fields; keyword ``overrides`` are merged in.
         max_pixels: refuse larger images before decoding them (default: PIL's decompression-bomb limit).
@@ -78,13 +103,18 @@ def prepare(
     start = time.perf_counter()
     cls = _method_class(method)
     request, options = check_request(cls, request, **overrides)
-    original = load_image(image, max_pixels=max_pixels)
-    hole = load_mask(
-        mask, size=original.size, invert=request.invert_mask, allow_empty=True, max_pixels=max_pixels
-    )
-    hole = grow_mask(hole, request.mask_grow)
-    if not hole.any():
-        raise InputError("mask is empty: no white pixel marks a region to inpaint (white = inpaint)")
+    source = _decoded(image, max_pixels)
+    original = load_image(source, max_pixels=max_pixels)
+    hole = load_mask(mask, size=original.size, invert=request.invert_mask, max_pixels=max_pixels)
+    grown = grow_mask(hole, request.mask_grow)
+    if not grown.any():  # only a shrink empties a mask that had a hole
+        left, top, right, bottom = mask_bbox(hole)
+        raise InputError(
+            f"mask is empty after mask_grow {request.mask_grow} (--mask-grow): shrinking by {-request.mask_grow} px "
+            f"erased the whole hole ({int(hole.sum())} pixels in a {right - left}x{bottom - top} box); "
+            "shrink less"
+        )
+    hole = grown
     seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
     control = None
     if control_image is not None:
@@ -95,7 +125,16 @@ def prepare(
             raise InputError(
                 f"control image is {control.size[0]}x{control.size[1]}, the image {original.size[0]}x{original.size[1]}"
             )
-    job = PreparedJob(cls.name, request, options, original, hole, seed, control_image=control)
+    job = PreparedJob(
+        cls.name,
+        request,
+        options,
+        original,
+        hole,
+        seed,
+        control_image=control,
+        transparent=_transparent(source),
+    )
     job.record["prepare_s"] = time.perf_counter() - start
     return job
 
@@ -119,14 +158,24 @@ def prepare_outpaint(
     result's ``parameters["outpaint"]``.
 
     Raises:
-        InputError: no side extended, negative extents, an unknown fill, or ``invert_mask`` set.
+        InputError: no side extended, negative extents, an unknown fill, ``invert_mask`` set, or an outpainted
+            canvas of more than ``max_pixels`` pixels (the input image's limit; checked before it is built).
     """
     request = InpaintRequest.build(request, **overrides)
     if request.invert_mask:
         raise InputError("invert_mask makes no sense for outpainting: the mask is built from the extents")
-    canvas, hole = outpaint_canvas(
-        load_image(image, max_pixels=max_pixels), left, top, right, bottom, overlap=overlap, fill=fill
+    original = load_image(image, max_pixels=max_pixels)
+    width, height = (
+        original.size[0] + max(left, 0) + max(right, 0),
+        original.size[1] + max(top, 0) + max(bottom, 0),
     )
+    limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    if width * height > limit:
+        raise InputError(
+            f"outpainted canvas {width}x{height} = {width * height} pixels exceeds the limit of {limit} "
+            "(--max-pixels); extend less"
+        )
+    canvas, hole = outpaint_canvas(original, left, top, right, bottom, overlap=overlap, fill=fill)
     job = prepare(method, canvas, hole, request, max_pixels=max_pixels)
     extents = {"left": left, "top": top, "right": right, "bottom": bottom, "overlap": overlap, "fill": fill}
     job.record["outpaint"] = extents
@@ -176,10 +225,17 @@ def run(method: InpaintMethod, job: PreparedJob, on_step: StepCallback | None = 
         raise RuntimeError(f"{method.name} returned {output.images.shape[0]} images for {request.num_images}")
     t_generated = time.perf_counter()
 
+    # a transparent input: paste back into its stored colours and keep its alpha (the model saw it flattened)
+    kept = job.image if job.transparent is None else job.transparent.convert("RGB")
     images = [
-        paste_back(job.image, generated, job.hole, plan, request.blend, request.blend_kernel_size)
+        paste_back(kept, generated, job.hole, plan, request.blend, request.blend_kernel_size)
         for generated in tensor_to_pil(output.images)
     ]
+    if job.transparent is not None:
+        alpha = job.transparent.getchannel("A")
+        images = [
+            keep_alpha(image, alpha, job.hole, request.blend, request.blend_kernel_size) for image in images
+        ]
     t_done = time.perf_counter()
 
     parameters = request.model_dump()
@@ -221,7 +277,7 @@ def inpaint(
     """Inpaint ``image`` where ``mask`` is white with a loaded ``method``: ``run(method, prepare(...))``.
 
     Returns:
-        :class:`InpaintResult` with images at the input's size.
+        :class:`InpaintResult` with images at the input's size (RGBA for a transparent input, see :func:`prepare`).
 
     Raises:
         InputError: bad input (size mismatch, empty mask, unknown option, ...), with a one-line message.
@@ -243,6 +299,7 @@ def outpaint(
     **overrides: Any,
 ) -> InpaintResult:
     """Extend ``image`` by the given pixels per side and paint the new area: ``run(method, prepare_outpaint(...))``.
+    A transparent input is flattened onto black (the result is RGB).
 
     Returns:
         :class:`InpaintResult` with images of size ``(width + left + right, height + top + bottom)``.

@@ -40,6 +40,7 @@ __all__ = [
     "InpaintMethod",
     "StepCallback",
     "validation_message",
+    "given",
 ]
 
 StepCallback = Callable[[int, int], None]  # (step done, total steps)
@@ -55,6 +56,15 @@ def validation_message(exc: ValidationError, what: str = "request") -> str:
     if first["type"] == "extra_forbidden":
         return f"bad {what}: unknown field {where!r}"
     return f"bad {what}: {where}: {first['msg']}"
+
+
+def given(model: BaseModel, name: str) -> bool:
+    """Whether field ``name`` of ``model`` was given (pydantic's ``model_fields_set``) a value other than its
+    default. A value equal to the default does not count: the CLI, the benchmark and the demo pass every request
+    field, and a recorded set of options (a result's ``parameters["options"]``) holds every option."""
+    if name not in model.model_fields_set:
+        return False
+    return getattr(model, name) != type(model).model_fields[name].get_default(call_default_factory=True)
 
 
 class InpaintRequest(BaseModel):
@@ -128,6 +138,27 @@ class InpaintRequest(BaseModel):
         if value % 2 == 0:
             raise ValueError(f"blend_kernel_size must be odd, got {value}")
         return value
+
+    def refuse_unused(self) -> None:
+        """Refuse a field given a value that has no effect under the other settings (one line naming both).
+
+        A field counts as given when set to a value other than its default (:func:`given`).
+        ``blend_kernel_size`` without ``blend`` is not refused: the benchmark and the demo turn ``blend`` off and
+        use the kernel for their own blended variant.
+
+        Raises:
+            RequestError: ``negative_prompt`` with ``guidance_scale`` <= 1, ``crop_padding`` without
+                ``crop_to_mask``.
+        """
+        if given(self, "negative_prompt") and self.guidance_scale <= 1:
+            raise RequestError(
+                f"negative_prompt has no effect with guidance_scale {self.guidance_scale:g} (classifier-free "
+                "guidance is off at <= 1): raise guidance_scale above 1 or leave negative_prompt empty"
+            )
+        if given(self, "crop_padding") and not self.crop_to_mask:
+            raise RequestError(
+                "crop_padding has no effect without crop_to_mask: turn crop_to_mask on or leave crop_padding unset"
+            )
 
     @classmethod
     def build(cls, request: InpaintRequest | dict | None = None, **overrides: Any) -> InpaintRequest:
@@ -293,10 +324,13 @@ class GenerateOutput:
 class PreparedJob:
     """A checked request, ready to run: everything that can be refused is refused before this exists.
 
-    ``image`` is the RGB input at its own size; ``hole`` the boolean mask (True = generate) after
+    ``image`` is the RGB input at its own size (transparent pixels flattened onto black: what the model sees);
+    ``hole`` the boolean mask (True = generate) after
     ``invert_mask`` and ``mask_grow``; ``seed`` the resolved seed (image i uses ``seed + i``); ``record``
     extra facts that go into the result's parameters (e.g. the outpainting extents); ``control_image`` the RGB
-    control image of a guide ControlNet, at the image's size, or None.
+    control image of a guide ControlNet, at the image's size, or None; ``transparent`` the input as stored
+    (RGBA: its colours and alpha) when it has a transparent pixel, else None: the result keeps that alpha and
+    those colours wherever it keeps the input.
     """
 
     method: str
@@ -307,6 +341,7 @@ class PreparedJob:
     seed: int
     record: dict[str, Any] = field(default_factory=dict)
     control_image: Image.Image | None = None
+    transparent: Image.Image | None = None
 
     @property
     def seeds(self) -> list[int]:
@@ -482,7 +517,10 @@ class InpaintMethod(ABC):
     @classmethod
     def check(cls, request: InpaintRequest, options: BaseModel) -> InpaintRequest:
         """Resolve what the method decides (the default scheduler) and refuse what it cannot do; return the
-        request to run. Subclasses extend it (calling ``super().check``)."""
+        request to run. Request fields given values that have no effect are refused here
+        (:meth:`InpaintRequest.refuse_unused`); a subclass refuses its own such options. Subclasses extend it
+        (calling ``super().check``)."""
+        request.refuse_unused()
         if request.scheduler is None:
             request = request.model_copy(update={"scheduler": cls.default_scheduler})
         if cls.schedulers is not None and request.scheduler not in cls.schedulers:

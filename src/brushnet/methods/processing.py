@@ -20,6 +20,7 @@ __all__ = [
     "Plan",
     "plan_region",
     "paste_back",
+    "keep_alpha",
     "outpaint_canvas",
 ]
 
@@ -161,6 +162,19 @@ def paste_back(
     if blend:
         return blend_pil(original, full, hole, kernel_size=blend_kernel_size)
     return full
+
+
+def keep_alpha(
+    result: Image.Image, alpha: Image.Image, hole: np.ndarray, blend: bool, blend_kernel_size: int = 21
+) -> Image.Image:
+    """``result`` (RGB, pasted back) as RGBA with the input's ``alpha`` (mode L) where the result keeps the
+    input, opaque in the hole (generated pixels are opaque), and between the two in the feathered band with the
+    same weights as the colours (with ``blend``; without it the hole's edge is sharp)."""
+    opaque = Image.new("RGB", alpha.size, (255, 255, 255))
+    mixed = blend_pil(alpha.convert("RGB"), opaque, hole, kernel_size=blend_kernel_size if blend else 1)
+    out = result.convert("RGBA")
+    out.putalpha(mixed.getchannel("R"))
+    return out
 
 
 def outpaint_canvas(

@@ -8,8 +8,8 @@ from typing import Any
 
 from pydantic import Field
 
-from ...errors import InputError
-from ..base import BASE, BASE_CONFIG, GuidanceWindow, ModelSlot, Task
+from ...errors import InputError, RequestError
+from ..base import BASE, BASE_CONFIG, GuidanceWindow, InpaintRequest, ModelSlot, Task, given
 from ..pipeline_method import PipelineMethod
 from ..registry import register_method
 
@@ -102,6 +102,18 @@ class BrushNetMethod(PipelineMethod):
     counted_components = ("brushnet",)
 
     @classmethod
+    def check(cls, request: InpaintRequest, options: BrushNetOptions) -> InpaintRequest:
+        """Also refuse PAG options given while PAG is off (``pag_scale`` 0)."""
+        request = super().check(request, options)
+        for name in ("pag_layers", "pag_adaptive_scale"):
+            if given(options, name) and options.pag_scale == 0:
+                raise RequestError(
+                    f"option {name} has no effect with pag_scale 0 (perturbed-attention guidance is off): "
+                    f"set pag_scale above 0 or drop {name}"
+                )
+        return request
+
+    @classmethod
     def build_pipeline(cls, models, dtype):
         from ...loading import detect_family, load_brushnet
         from ...pipelines import StableDiffusionBrushNetPipeline, StableDiffusionXLBrushNetPipeline
@@ -165,6 +177,16 @@ class BrushNetMethod(PipelineMethod):
         if self.pipeline.controlnet is None:
             if task.control_image is not None:
                 raise InputError("a control image needs a guide ControlNet (--guide-controlnet)")
+            for name in (
+                "controlnet_conditioning_scale",
+                "controlnet_guidance_start",
+                "controlnet_guidance_end",
+            ):
+                if given(options, name):
+                    raise RequestError(
+                        f"option {name} sets the guide ControlNet, and none is loaded: load one "
+                        f"(--guide-controlnet, with --control-image) or drop {name}"
+                    )
             return arguments
         if task.control_image is None:
             raise InputError("the guide ControlNet needs a control image (--control-image)")

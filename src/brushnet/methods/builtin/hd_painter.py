@@ -16,7 +16,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..base import BASE_CONFIG, GenerateOutput, Task
+from ...errors import RequestError
+from ..base import BASE_CONFIG, GenerateOutput, InpaintRequest, Task, given
 from ..counting import count_backward
 from ..pipeline_method import PipelineMethod
 from ..registry import register_method
@@ -75,6 +76,17 @@ class HDPainter(PipelineMethod):
     default_scheduler = "ddim"
     schedulers = ("ddim",)
     compilable = False  # PAIntA/RASG install new attention processors on every call
+
+    @classmethod
+    def check(cls, request: InpaintRequest, options: HDPainterOptions) -> InpaintRequest:
+        """Also refuse ``rasg_eta`` with RASG off and ``painta_end_timestep`` with PAIntA off."""
+        request = super().check(request, options)
+        for name, part in (("rasg_eta", "rasg"), ("painta_end_timestep", "painta")):
+            if given(options, name) and not getattr(options, part):
+                raise RequestError(
+                    f"option {name} has no effect with {part}=false: turn {part} on or drop {name}"
+                )
+        return request
 
     @classmethod
     def build_pipeline(cls, models, dtype):

@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from ...errors import RequestError
-from ..base import BASE, BASE_CONFIG, GuidanceWindow, ModelSlot, Task
+from ..base import BASE, BASE_CONFIG, GuidanceWindow, InpaintRequest, ModelSlot, Task, given
 from ..pipeline_method import PipelineMethod
 from ..registry import register_method
 
@@ -61,6 +61,17 @@ class PowerPaint(PipelineMethod):
         # v1 is diffusers' inpaint pipeline, which draws a batch's VAE samples in a batch-dependent order
         self.per_image_calls = version == "v1"
         self.counted_components = ("brushnet",) if version == "v2" else ()
+
+    @classmethod
+    def check(cls, request: InpaintRequest, options: PowerPaintOptions) -> InpaintRequest:
+        """Also refuse ``fitting_degree`` with a task other than shape-guided (the only one it acts on)."""
+        request = super().check(request, options)
+        if given(options, "fitting_degree") and options.task != "shape-guided":
+            raise RequestError(
+                f"option fitting_degree has no effect with task {options.task!r}; it applies to task=shape-guided "
+                "only: set task=shape-guided or drop fitting_degree"
+            )
+        return request
 
     @classmethod
     def load(cls, models, device: str = "cpu", dtype: Any = "fp32") -> PowerPaint:
