@@ -58,7 +58,7 @@ for (const name of state.config.methods.map((m) => m.name)) {
 elements.method.value = "powerpaint";
 renderMethodOptions();
 for (const input of elements["method-options"].querySelectorAll("[data-option]")) {
-  if (input.dataset.option === "task") input.value = "object-removal";
+  if (input.dataset.option === "task") input.value = "shape-guided";
   if (input.dataset.option === "fitting_degree") input.value = "0.7";
 }
 report.collected = collectOptions();
@@ -123,7 +123,7 @@ def test_page_shows_task_and_fitting_degree_for_powerpaint_and_posts_them(powerp
         # the controls exist only for PowerPaint
         assert not {"task", "fitting_degree"} & {c["option"] for c in report["blended-latent-diffusion"]}
         collected = report["collected"]
-        assert collected["task"] == "object-removal" and collected["fitting_degree"] == 0.7
+        assert collected["task"] == "shape-guided" and collected["fitting_degree"] == 0.7
 
         request = {"method": "powerpaint", "steps": 2, "seed": 3, "options": collected}
         files = {
@@ -136,6 +136,11 @@ def test_page_shows_task_and_fitting_degree_for_powerpaint_and_posts_them(powerp
         assert response.status_code == 200, response.text
         parameters = json.loads(response.headers["x-brushnet-parameters"])["parameters"]
         assert (
-            parameters["options"]["task"] == "object-removal"
-            and parameters["options"]["fitting_degree"] == 0.7
+            parameters["options"]["task"] == "shape-guided" and parameters["options"]["fitting_degree"] == 0.7
         )
+        # the fitting degree moved, then another task chosen: refused in one line, not silently dropped
+        request["options"] = {**collected, "task": "object-removal"}
+        response = client.post(
+            "/api/v1/inpaint", files=files, data={"request": json.dumps(request), "wait": "1"}
+        )
+        assert response.status_code == 422 and "fitting_degree" in response.json()["error"], response.text
