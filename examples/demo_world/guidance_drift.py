@@ -30,11 +30,6 @@ __all__ = ["drift", "main"]
 TIMESTEPS = (999, 900, 700, 500, 300, 100)
 
 
-def _pixels(images) -> torch.Tensor:
-    array = np.stack([np.asarray(image.convert("RGB"), dtype=np.float32) for image in images])
-    return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1.0
-
-
 @torch.no_grad()
 def drift(
     models: str | Path,
@@ -68,7 +63,9 @@ def drift(
         ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
         return text_encoder(torch.tensor(ids.input_ids))[0]
 
-    pixels = _pixels([item["image"] for item in items])
+    from locality import _pixels  # one image → (1, 3, H, W) in [−1, 1], as the VAE stages read it
+
+    pixels = torch.cat([_pixels(item["image"].convert("RGB")) for item in items])
     hole = torch.from_numpy(np.stack([item["hole"] for item in items]).astype(np.float32))[:, None]
     scale = vae.config.scaling_factor
     latents = vae.encode(pixels).latent_dist.mode() * scale

@@ -28,6 +28,7 @@ __all__ = [
     "InputError",
     "DEFAULT_MAX_PIXELS",
     "load_image",
+    "open_image",
     "oriented",
     "load_mask",
     "mask_to_array",
@@ -120,6 +121,13 @@ def _eight_bit(img: Image.Image) -> Image.Image:
             top = 255.0
         return Image.fromarray(np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8), mode="L")
     return img
+
+
+def open_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Image:
+    r"""Open an image file as stored (any mode, alpha kept), checked as :func:`load_image` checks it: missing or
+    unreadable files and more than ``max_pixels`` pixels (from the header) are one-line :class:`InputError`\ s.
+    For a caller that needs more of the file than :func:`load_image`'s RGB, without decoding it twice."""
+    return _open(path, "image", max_pixels)
 
 
 def _array_to_pil(image: np.ndarray | torch.Tensor) -> Image.Image:

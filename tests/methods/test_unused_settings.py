@@ -98,3 +98,15 @@ def test_guide_controlnet_options_without_a_guide_controlnet_are_refused(load, s
     method = load("brushnet")  # loaded without --guide-controlnet
     with pytest.raises(RequestError, match=f"^option {option} sets the guide ControlNet, and none is loaded"):
         inpaint(method, *scene, dict(FAST, options={option: 0.5}))
+
+
+def test_model_paths_refuse_the_paths_a_method_does_not_read():
+    from brushnet.errors import InputError
+    from brushnet.methods import ModelPaths, get_method_class
+
+    brushnet = get_method_class("brushnet")
+    paths = ModelPaths(base="b", brushnet="x", controlnet="c", inpaint_model="i")
+    with pytest.raises(InputError, match=r"^--controlnet, --inpaint-model are not used by method 'brushnet'"):
+        paths.refuse_unused(brushnet)
+    ModelPaths(base="b", brushnet="x").refuse_unused(brushnet)  # what it reads passes
+    assert set(paths.used_by(brushnet)) == {"base", "brushnet", "allow_pickle"}  # compare's way: each its own

@@ -319,22 +319,9 @@ def refuse_replacing_other_json(outputs: list[Path], overwrite: bool) -> None:
 
 
 def refuse_unused_models(models: dict[str, Any], method_cls: Any) -> None:
-    """A model flag that ``method_cls`` does not read (``--controlnet`` with ``--method brushnet``) is one line
-    naming it and the flags the method reads (optional ones in brackets), rather than silently dropped.
-    ``compare``, which runs several methods, takes the whole set and does not call this."""
-    reads = [slot.name for slot in (*method_cls.models, *method_cls.optional_models)]
-    unused = [name for name, value in models.items() if name != "allow_pickle" and value is not None]
-    unused = [name for name in unused if name not in reads]
-    if not unused:
-        return
-    from ..methods import model_slots
+    """A model flag that ``method_cls`` does not read is one line naming it
+    (:meth:`brushnet.methods.ModelPaths.refuse_unused`). ``compare``, which runs several methods, takes the whole
+    set and does not call this."""
+    from ..methods import ModelPaths
 
-    slots = model_slots()
-    given = ", ".join(slots[name].flag if name in slots else name for name in unused)
-    takes = [slot.flag for slot in method_cls.models]
-    takes += [f"[{slot.flag}]" for slot in method_cls.optional_models]
-    verb, pronoun = ("is", "it") if len(unused) == 1 else ("are", "them")
-    raise InputError(
-        f"{given} {verb} not used by method {method_cls.name!r} (it reads {', '.join(takes) or 'no model'}); "
-        f"drop {pronoun} or choose another --method"
-    )
+    ModelPaths(**models).refuse_unused(method_cls)

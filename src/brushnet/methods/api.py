@@ -22,7 +22,15 @@ import torch
 from PIL import Image
 
 from ..errors import InputError
-from ..image import DEFAULT_MAX_PIXELS, load_image, load_mask, oriented, pil_to_tensor, tensor_to_pil
+from ..image import (
+    DEFAULT_MAX_PIXELS,
+    load_image,
+    load_mask,
+    open_image,
+    oriented,
+    pil_to_tensor,
+    tensor_to_pil,
+)
 from .base import InpaintMethod, InpaintRequest, InpaintResult, PreparedJob, StepCallback, Task
 from .processing import grow_mask, keep_alpha, mask_bbox, outpaint_canvas, paste_back, plan_region
 
@@ -55,9 +63,7 @@ def _decoded(image: Any, max_pixels: int | None) -> Any:
     :func:`~brushnet.image.load_image` opens it), so that both the RGB image and its alpha are read from it;
     anything else as given."""
     if isinstance(image, (str, os.PathLike)):
-        from ..image import _open
-
-        return _open(image, "image", max_pixels)
+        return open_image(image, max_pixels)
     return image
 
 

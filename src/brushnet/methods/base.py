@@ -256,6 +256,25 @@ class ModelPaths(BaseModel):
         used = {name: self.get(name) for name in names if self.get(name) is not None}
         return {**used, "allow_pickle": self.allow_pickle}
 
+    def refuse_unused(self, method: type[InpaintMethod]) -> None:
+        """Raise a one-line :class:`~brushnet.errors.InputError` naming the set paths ``method`` does not read
+        (``--controlnet`` with ``brushnet``) and the flags it reads (optional ones in brackets), rather than
+        dropping them. Callers that give one set of paths to several methods (``compare``, benchmarks) use
+        :meth:`used_by` instead."""
+        from .registry import model_slots
+
+        unused = [name for name, value in (self.model_extra or {}).items() if value is not None]
+        unused = [name for name in unused if name not in self.used_by(method)]
+        if not unused:
+            return
+        given = ", ".join(model_slots()[name].flag for name in unused)
+        reads = [slot.flag for slot in method.models] + [f"[{slot.flag}]" for slot in method.optional_models]
+        verb, pronoun = ("is", "it") if len(unused) == 1 else ("are", "them")
+        raise InputError(
+            f"{given} {verb} not used by method {method.name!r} (it reads {', '.join(reads) or 'no model'}); "
+            f"drop {pronoun} or choose another --method"
+        )
+
 
 class NoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
