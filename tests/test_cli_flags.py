@@ -104,29 +104,38 @@ FIELD_VALUES = {
 
 
 def test_flag_values_reach_the_request(tiny_models, tmp_path):
+    """Every request field's flag reaches the request. ``--no-blend`` runs on its own: with it
+    ``--blend-kernel-size`` has no effect and is refused (tests/test_options.py)."""
     assert set(FIELD_VALUES) == set(InpaintRequest.model_fields), "a new request field needs a value here"
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "i.png")
     mask = np.full((64, 64), 255, np.uint8)
     mask[20:40, 20:40] = 0  # inverted by --invert-mask: the centre square is the hole
     Image.fromarray(mask).save(tmp_path / "m.png")
-    args = [
-        "inpaint",
-        "-i",
-        str(tmp_path / "i.png"),
-        "-m",
-        str(tmp_path / "m.png"),
-        "-o",
-        str(tmp_path / "o.png"),
-    ]
-    args += ["--base", tiny_models["base"], "--brushnet", tiny_models["brushnet"], "-q"]
-    for flags, _ in FIELD_VALUES.values():
-        args += flags
-    result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.output
-    parameters = json.loads((tmp_path / "o-1.json").read_text())["parameters"]
-    for name, (_, value) in FIELD_VALUES.items():
-        if name == "options":  # the recorded options are the method's full, validated set
-            assert parameters[name].items() >= value.items()
-        else:
-            assert parameters[name] == value, name
+
+    def run(output: str, fields) -> dict:
+        args = [
+            "inpaint",
+            "-i",
+            str(tmp_path / "i.png"),
+            "-m",
+            str(tmp_path / "m.png"),
+            "-o",
+            str(tmp_path / output),
+        ]
+        args += ["--base", tiny_models["base"], "--brushnet", tiny_models["brushnet"], "-q"]
+        for name in fields:
+            args += FIELD_VALUES[name][0]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        stem = output.removesuffix(".png") + ("-1" if "num_images" in fields else "")  # the second of two
+        return json.loads((tmp_path / f"{stem}.json").read_text())["parameters"]
+
+    together = [name for name in FIELD_VALUES if name != "blend"]
+    for parameters, names in ((run("o.png", together), together), (run("p.png", ["blend"]), ["blend"])):
+        for name in names:
+            value = FIELD_VALUES[name][1]
+            if name == "options":  # the recorded options are the method's full, validated set
+                assert parameters[name].items() >= value.items()
+            else:
+                assert parameters[name] == value, name

@@ -68,6 +68,7 @@ def _no_models(tmp_path):
         (["--guidance", "1", "-n", "blurry"], "negative_prompt has no effect with guidance_scale 1"),
         (["--crop-padding", "8"], "crop_padding has no effect without crop_to_mask"),
         (["--option", "pag_layers=up_blocks.0"], "option pag_layers has no effect with pag_scale 0"),
+        (["--no-blend", "--blend-kernel-size", "9"], "blend_kernel_size 9 has no effect without blend"),
     ],
 )
 @pytest.mark.parametrize("command", ["inpaint", "compare", "outpaint", "batch"])

@@ -23,6 +23,11 @@ FAST = {"steps": 2, "guidance_scale": 2.0, "scheduler": "ddim", "seed": 3, "prom
         ("repaint", {"guidance_scale": 0.5, "negative_prompt": "blurry"}, "negative_prompt has no effect"),
         ("brushnet", {"crop_padding": 8}, "crop_padding has no effect without crop_to_mask"),
         (
+            "sd-inpainting",
+            {"blend": False, "blend_kernel_size": 5},
+            "blend_kernel_size 5 has no effect without blend (the output is not pasted back)",
+        ),
+        (
             "brushnet",
             {"options": {"pag_layers": "up_blocks.0"}},
             "option pag_layers has no effect with pag_scale 0",
@@ -75,6 +80,8 @@ def test_a_setting_without_its_enabling_setting_is_refused(method, fields, messa
         ),
         ("brushnet", {"options": {"pag_scale": 0.0, "pag_layers": "mid", "pag_adaptive_scale": 0.0}}),
         ("brushnet", {"crop_to_mask": False, "crop_padding": 32}),
+        ("brushnet", {"blend": True, "blend_kernel_size": 5}),
+        ("brushnet", {"blend": False, "blend_kernel_size": 21}),
     ],
 )
 def test_a_setting_with_its_enabling_setting_passes(method, fields):

@@ -196,6 +196,11 @@ def _error(r, status, *needles):
         ),
         (dict(options='{"strength": 1}'), 422, ["strength"]),
         (dict(blend_kernel_size="4"), 422, ["blend_kernel_size must be odd"]),
+        (
+            dict(blend="false", blend_kernel_size="9"),
+            422,
+            ["blend_kernel_size 9 has no effect without blend"],
+        ),
     ],
 )
 def test_bad_multipart_requests(client, kwargs, status, needles):

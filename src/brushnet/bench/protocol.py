@@ -62,7 +62,8 @@ class _SettingsBase(BaseModel):
 
     def request_for(self, method_cls, prompt: str) -> InpaintRequest:
         """The request one item gets under this protocol with method ``method_cls`` (scheduler resolved)."""
-        fields = self.model_dump(exclude={"options", "scorers"})
+        # the kernel is the blended variant's, pasted back by the runner: the generation itself is unblended
+        fields = self.model_dump(exclude={"options", "scorers", "blend_kernel_size"})
         if fields["scheduler"] is None and method_cls.schedulers is None:
             fields["scheduler"] = PAPER_SCHEDULER
         request = InpaintRequest.build(

@@ -217,9 +217,11 @@ def check_demo_request(methods: Sequence[str], request: dict | None = None) -> N
     Raises:
         RequestError: one line naming the first problem.
     """
-    from ..methods import check_request, get_method_class
+    from ..methods import InpaintRequest, check_request, get_method_class
 
     fields = {**DEMO_REQUEST, **{k: v for k, v in (request or {}).items() if v is not None}}
+    # the kernel is the grid's own paste-back, not the generation's (which is unblended): checked on its own
+    InpaintRequest.build(blend_kernel_size=fields.pop("blend_kernel_size"))
     for name in methods:
         for removal in (False, True):
             check_request(
@@ -263,12 +265,14 @@ def run_demo(
     seconds: dict[str, float] = {}
     images: dict[str, str] = {}
     check_demo_request(methods, request)
+    # generated unblended; the kernel is the grid's own paste-back
+    generation = {key: value for key, value in request.items() if key != "blend_kernel_size"}
     with torch.no_grad():
         for name in methods:
             start = time.perf_counter()
             method = load_method(name, method_models(name, models_root))
             for row, scene in enumerate(scenes):
-                fields = {**request, "prompt": scene.prompt, "blend": False, "resolution": SIZE}
+                fields = {**generation, "prompt": scene.prompt, "blend": False, "resolution": SIZE}
                 result = inpaint(
                     method, scene.image, scene.hole, fields, options=demo_options(name, scene.removal)
                 )

@@ -142,18 +142,23 @@ class InpaintRequest(BaseModel):
     def refuse_unused(self) -> None:
         """Refuse a field given a value that has no effect under the other settings (one line naming both).
 
-        A field counts as given when set to a value other than its default (:func:`given`).
-        ``blend_kernel_size`` without ``blend`` is not refused: the benchmark and the demo turn ``blend`` off and
-        use the kernel for their own blended variant.
+        A field counts as given when set to a value other than its default (:func:`given`). (The benchmark and
+        the demo generate with ``blend`` off and paste back with their own kernel: they keep it out of the
+        request.)
 
         Raises:
             RequestError: ``negative_prompt`` with ``guidance_scale`` <= 1, ``crop_padding`` without
-                ``crop_to_mask``.
+                ``crop_to_mask``, ``blend_kernel_size`` without ``blend``.
         """
         if given(self, "negative_prompt") and self.guidance_scale <= 1:
             raise RequestError(
                 f"negative_prompt has no effect with guidance_scale {self.guidance_scale:g} (classifier-free "
                 "guidance is off at <= 1): raise guidance_scale above 1 or leave negative_prompt empty"
+            )
+        if given(self, "blend_kernel_size") and not self.blend:
+            raise RequestError(
+                f"blend_kernel_size {self.blend_kernel_size} has no effect without blend (the output is not pasted "
+                "back): turn blend on or leave blend_kernel_size unset"
             )
         if given(self, "crop_padding") and not self.crop_to_mask:
             raise RequestError(
