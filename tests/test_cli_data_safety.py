@@ -280,3 +280,33 @@ def test_is_sidecar_knows_the_records_this_project_writes(tmp_path):
         (tmp_path / name).write_text(text)
         assert not is_sidecar(tmp_path / name), name
     assert not is_sidecar(tmp_path / "missing.json")
+
+
+def test_batch_and_outpaint_keep_a_transparent_inputs_alpha(tiny_models, tmp_path):
+    """A cut-out (transparent pixels) through ``batch`` and ``outpaint``: the result keeps the input's alpha and
+    stored colours away from the hole, as ``inpaint`` does (both flattened it before; review finding 4)."""
+    rng = np.random.default_rng(1)
+    rgba = rng.integers(0, 256, (32, 40, 4), dtype=np.uint8)
+    rgba[..., 3] = 255
+    rgba[24:, 28:] = (10, 200, 30, 0)  # a transparent corner that stores a colour, far from the holes
+    images, masks, out = tmp_path / "images", tmp_path / "masks", tmp_path / "out"
+    images.mkdir(), masks.mkdir()
+    Image.fromarray(rgba, "RGBA").save(images / "cut.png")
+    mask = np.zeros((32, 40), np.uint8)
+    mask[2:10, 2:12] = 255
+    Image.fromarray(mask).save(masks / "cut.png")
+    args = ["batch", *_models(tiny_models), "--images", str(images), "--masks", str(masks), "-o", str(out)]
+    result = runner.invoke(app, [*args, *FAST, "--blend-kernel-size", "5"])
+    assert result.exit_code == 0, result.output
+    batch = np.asarray(Image.open(out / "cut.png"))
+    assert batch.shape == (32, 40, 4)
+    assert np.array_equal(batch[14:, 16:], rgba[14:, 16:])  # away from the hole and its feathered band
+    assert (batch[2:10, 2:12, 3] == 255).all()  # generated: opaque
+
+    args = ["outpaint", *_models(tiny_models), "-i", str(images / "cut.png"), "--extend-left", "8"]
+    result = runner.invoke(app, [*args, "-o", str(tmp_path / "wide.png"), *FAST, "--blend-kernel-size", "5"])
+    assert result.exit_code == 0, result.output
+    wide = np.asarray(Image.open(tmp_path / "wide.png"))
+    assert wide.shape == (32, 48, 4)
+    assert np.array_equal(wide[:, 8 + 4 :], rgba[:, 4:])  # the input as stored, past the band
+    assert (wide[:, :8, 3] == 255).all()

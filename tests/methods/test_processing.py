@@ -332,6 +332,31 @@ def test_a_transparent_input_keeps_its_alpha_and_stored_colours(tmp_path, from_f
     assert np.array_equal(raw[~hole][:, 3], rgba[~hole][:, 3])
 
 
+@pytest.mark.parametrize("from_file", [False, True])
+def test_an_outpainted_transparent_input_keeps_its_alpha_where_it_is_kept(tmp_path, from_file):
+    """Outpainting a transparent input: the model sees it flattened onto black inside the extended canvas, the
+    result keeps the input's alpha and stored colours where it keeps the input, and the new area is opaque."""
+    rgba = _transparent_image()
+    rgba[52:, 52:] = (10, 200, 30, 0)  # a transparent corner away from the new area and its feathered band
+    image = Image.fromarray(rgba, "RGBA")
+    if from_file:
+        image.save(tmp_path / "t.png")
+        image = tmp_path / "t.png"
+    probe = Probe(invert_outside=True)
+    out = np.asarray(outpaint(probe, image, left=16, top=8, seed=1, blend_kernel_size=21).images[0])
+    assert out.shape == (72, 80, 4)
+    # 10 px from the new area (the feathered band of kernel 21): the input as stored, colours and alpha
+    assert np.array_equal(out[18:, 26:], rgba[10:, 10:])
+    assert (out[:8, :, 3] == 255).all() and (out[:, :16, 3] == 255).all()  # generated: opaque
+    assert (out[:8, :, :3] == GREEN).all()
+    seen = np.asarray(tensor_to_pil(probe.seen[0][0])[0])
+    assert (seen[8 + 52 :, 16 + 52 :] == 0).all()  # the model saw the transparent corner as black
+    raw = np.asarray(outpaint(Probe(), image, left=16, top=8, seed=1, blend=False).images[0])
+    assert np.array_equal(raw[8:, 16:, 3], rgba[..., 3])  # without blending too: the input's alpha
+    opaque = Image.fromarray(rgba[..., :3])  # an input without alpha gives an RGB result
+    assert outpaint(Probe(), opaque, left=16, seed=1).images[0].mode == "RGB"
+
+
 def test_an_opaque_rgba_input_gives_an_rgb_result():
     image = Image.fromarray(np.asarray(_image(32, 32).convert("RGBA")), "RGBA")
     result = inpaint(Probe(), image, _mask(32, 32, (8, 8, 16, 16)), seed=1)

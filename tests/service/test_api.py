@@ -114,6 +114,28 @@ def test_rgba_mask_alpha_is_the_mask(client):
     assert r.status_code == 200, r.text
 
 
+def test_a_transparent_image_keeps_its_alpha(client, brushnet_method):
+    """A cut-out uploaded as RGBA (multipart and JSON): the PNG that comes back keeps the input's alpha and stored
+    colours away from the hole, as the library call does (the server flattened the upload before)."""
+    rgba = np.asarray(scene_image().convert("RGBA")).copy()
+    rgba[:10, :10] = (10, 200, 30, 0)  # a transparent corner that stores a colour
+    upload = png(Image.fromarray(rgba, "RGBA"))
+    want = np.asarray(inpaint(brushnet_method, Image.fromarray(rgba, "RGBA"), scene_mask(), FAST).images[0])
+    assert want.shape == (64, 64, 4) and np.array_equal(want[:10, :10], rgba[:10, :10])
+    r = client.post("/api/v1/inpaint", **multipart(image=upload, request=json.dumps(FAST), wait="1"))
+    assert r.status_code == 200, r.text
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(r.content))), want)
+    body = {
+        "image": base64.b64encode(upload).decode(),
+        "mask": base64.b64encode(png(scene_mask())).decode(),
+        **FAST,
+        "wait": True,
+    }
+    r = client.post("/api/v1/inpaint", json=body)
+    assert r.status_code == 200, r.text
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(r.content))), want)
+
+
 def test_full_mask_is_accepted_and_inverted_full_mask_is_empty(client):
     full = Image.new("L", (64, 64), 255)
     r = client.post("/api/v1/inpaint", **multipart(mask=png(full), request=json.dumps(FAST), wait="1"))

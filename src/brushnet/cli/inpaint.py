@@ -256,10 +256,11 @@ def batch_command(
             skipped += 1
             continue
         try:
-            # the image first: a corrupt image is reported as such, whether or not its mask exists
-            from ..image import load_image
+            # the image first: a corrupt image is reported as such, whether or not its mask exists; opened as
+            # stored, so that a transparent input keeps its alpha (prepare flattens it for the model)
+            from ..image import open_image
 
-            original = load_image(path, max_pixels=max_pixels)
+            original = open_image(path, max_pixels=max_pixels)
             mask_path = _find_mask(masks, path.stem)
             if mask_path is None:
                 raise InputError(f"no mask named {path.stem}.<png|jpg|...> in {masks}")

@@ -161,7 +161,8 @@ def prepare_outpaint(
 ) -> PreparedJob:
     """:func:`prepare` for outpainting: extend the canvas by the given pixels per side; the new area (and
     ``overlap`` pixels of the original along each extended side) is the hole. The extents are recorded in the
-    result's ``parameters["outpaint"]``.
+    result's ``parameters["outpaint"]``. A transparent input is flattened for the model, as in :func:`prepare`;
+    the result keeps its alpha and stored colours where it keeps the input, and the new area is opaque.
 
     Raises:
         InputError: no side extended, negative extents, an unknown fill, ``invert_mask`` set, or an outpainted
@@ -170,7 +171,8 @@ def prepare_outpaint(
     request = InpaintRequest.build(request, **overrides)
     if request.invert_mask:
         raise InputError("invert_mask makes no sense for outpainting: the mask is built from the extents")
-    original = load_image(image, max_pixels=max_pixels)
+    source = _decoded(image, max_pixels)
+    original = load_image(source, max_pixels=max_pixels)
     width, height = (
         original.size[0] + max(left, 0) + max(right, 0),
         original.size[1] + max(top, 0) + max(bottom, 0),
@@ -183,6 +185,11 @@ def prepare_outpaint(
         )
     canvas, hole = outpaint_canvas(original, left, top, right, bottom, overlap=overlap, fill=fill)
     job = prepare(method, canvas, hole, request, max_pixels=max_pixels)
+    transparent = _transparent(source)
+    if transparent is not None:  # its colours and alpha where the input sits; the new area is generated, opaque
+        stored = canvas.convert("RGBA")
+        stored.paste(transparent, (max(left, 0), max(top, 0)))
+        job.transparent = stored
     extents = {"left": left, "top": top, "right": right, "bottom": bottom, "overlap": overlap, "fill": fill}
     job.record["outpaint"] = extents
     return job

@@ -15,7 +15,6 @@ from typing import Any
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from pydantic import Field, ValidationError
 
-from ..image import load_image
 from ..methods.base import InpaintRequest, InpaintResult
 from .engine import InvalidInput, SchemaError, TooLarge
 
@@ -126,7 +125,9 @@ def decode_base64(text: str, what: str) -> bytes:
 
 
 def decode_image(data: bytes, what: str, max_bytes: int, max_pixels: int) -> Image.Image:
-    """Open uploaded bytes as an image, refusing oversized ones before decoding the pixels."""
+    """Open uploaded bytes as an image, refusing oversized ones before decoding the pixels. The image comes back
+    as stored (any mode, alpha kept): :func:`brushnet.methods.prepare` flattens it for the model and keeps a
+    transparent input's alpha in the result."""
     if len(data) > max_bytes:
         raise TooLarge(f"{what} is {len(data)} bytes; the limit is {max_bytes}")
     if not data:
@@ -141,7 +142,7 @@ def decode_image(data: bytes, what: str, max_bytes: int, max_pixels: int) -> Ima
         raise TooLarge(f"{what} has too many pixels (decompression bomb guard)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InvalidInput(f"{what} is not a readable image ({exc.__class__.__name__})") from None
-    return load_image(img) if what == "image" else img
+    return img
 
 
 def parameters_json(result: InpaintResult, index: int) -> str:
