@@ -186,7 +186,8 @@ def prepare_outpaint(
     canvas, hole = outpaint_canvas(original, left, top, right, bottom, overlap=overlap, fill=fill)
     job = prepare(method, canvas, hole, request, max_pixels=max_pixels)
     transparent = _transparent(source)
-    if transparent is not None:  # its colours and alpha where the input sits; the new area is generated, opaque
+    # a transparent input: its colours and alpha where it sits; the new area is generated, opaque
+    if transparent is not None:
         stored = canvas.convert("RGBA")
         stored.paste(transparent, (max(left, 0), max(top, 0)))
         job.transparent = stored
