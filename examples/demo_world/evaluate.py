@@ -9,13 +9,18 @@ guidance 5, seed 1234, no blending, each method's default scheduler and the demo
 ``--guidance-scale`` and ``--steps`` change the first two):
 
 - the VAE's ceiling: PSNR of ``decode(encode(x))`` against ``x`` on the kept region of the inside and the
-  outside masks (what a method that keeps the known latent exactly would score) and on the whole image;
+  outside masks (what a method that keeps the known latent exactly would score) and on the whole image, and
+  the shape accuracy of the reconstruction's hole on the prompts that name the masked object (the object as it
+  was, through the decoder every method's output goes through: what a method that redraws it exactly would
+  score), overall and per shape;
 - the flat fill: ``colour_acc_hole`` / ``shape_acc_hole`` of the hole painted flat in the prompted colour
-  (what a method scores that gets the colour and draws no shape: the hole's outline, the masked object's
-  silhouette dilated by 3 px, gives the shape away about half the time);
+  (what a method scores that gets the colour and draws no shape of its own: the hole's outline, the masked
+  object's silhouette dilated by 3 px, has that object's shape, so on the prompts that name it the flat fill
+  scores nearly every shape; only the prompts that name a different object measure a shape drawn inside the
+  hole);
 - per method: raw kept-region PSNR (``brushnet.metrics.pixel.psnr``, region "kept", as the benchmark), and
   colour / shape accuracy of the hole (``brushnet.data.shapes_metrics``), split by whether the prompt names
-  the masked object or a different one. The metrics take the background's colours from the 2 px ring around
+  the masked object or a different one, and shape accuracy per prompted shape. The metrics take the background's colours from the 2 px ring around
   the hole; on a raw output that ring is the output's, so an object painted a little over the hole's edge puts
   its own colour in the ring and counts as background. ``colour_acc_hole`` / ``shape_acc_hole`` score the
   hole's content pasted into the original instead (the ring then is the original's), which separates what the
@@ -86,11 +91,13 @@ def _kept_psnr(generated: Image.Image, original: Image.Image, hole: np.ndarray) 
 @torch.no_grad()
 def vae_ceiling(vae_dir: str | Path, items: list[dict]) -> dict:
     """Mean PSNR (dB) of the VAE's reconstruction (posterior mode) on the kept region of the inside masks,
-    of the outside masks (the kept region is then the dilated object) and on the whole image."""
+    of the outside masks (the kept region is then the dilated object) and on the whole image; and the shape
+    accuracy of the reconstruction's hole pasted into the original (``shape_acc_hole_same``, per shape
+    ``shape_acc_hole_<shape>``) on the items whose prompt names the masked object."""
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32).eval()
-    inside, outside, whole = [], [], []
+    inside, outside, whole, rows = [], [], [], []
     for item in items:
         x = _tensor(item["image"]) * 2 - 1
         recon = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
@@ -99,27 +106,39 @@ def vae_ceiling(vae_dir: str | Path, items: list[dict]) -> dict:
         inside.append(_kept_psnr(generated, item["image"], item["hole"]))
         outside.append(_kept_psnr(generated, item["image"], ~item["hole"]))
         whole.append(_kept_psnr(generated, item["image"], np.zeros_like(item["hole"])))
+        if item["variant"] == "same":
+            rows.append(_scored(array, item))
     return {
         "inside_kept_psnr": np.mean(inside),
         "outside_kept_psnr": np.mean(outside),
         "psnr": np.mean(whole),
+        "shape_acc_hole_same": _mean(rows, "shape_hole_ok"),
+        **_by_shape(rows),
     }
 
 
-def _mean(rows: list[dict], key: str, variant: str | None = None) -> float:
-    """Mean of ``key`` over ``rows`` (of one ``variant``, or all); NaN when none has it."""
-    values = [float(r[key]) for r in rows if variant in (None, r["variant"])]
+def _mean(rows: list[dict], key: str, variant: str | None = None, shape: str | None = None) -> float:
+    """Mean of ``key`` over ``rows`` (of one ``variant`` and / or prompted ``shape``, or all); NaN when none has
+    it."""
+    values = [float(r[key]) for r in rows if variant in (None, r["variant"]) and shape in (None, r["shape"])]
     return float(np.mean(values)) if values else float("nan")
+
+
+def _by_shape(rows: list[dict]) -> dict:
+    """``shape_acc_hole_<shape>``: the hole's shape accuracy per prompted shape."""
+    from brushnet.data.shapes import SHAPES
+
+    return {f"shape_acc_hole_{shape}": _mean(rows, "shape_hole_ok", shape=shape) for shape in SHAPES}
 
 
 def _scored(output, item: dict) -> dict:
     """``prompted_scores`` of ``output`` for ``item`` (hole pasted into its original for the ``_hole`` pair), with
-    the item's variant."""
+    the item's variant and prompted shape."""
     from brushnet.data.shapes_metrics import prompted_scores
 
     target = item["target"]
     scores = prompted_scores(output, item["image"], item["hole"], target["colour"], target["shape"])
-    return {**scores, "variant": item["variant"]}
+    return {**scores, "variant": item["variant"], "shape": target["shape"]}
 
 
 def flat_fill(items: list[dict]) -> dict:
@@ -176,6 +195,9 @@ def method_scores(
         "shape_acc": mean("shape_ok"),
         "colour_acc_hole": mean("colour_hole_ok"),
         "shape_acc_hole": mean("shape_hole_ok"),
+        "shape_acc_hole_same": mean("shape_hole_ok", "same"),
+        "shape_acc_hole_different": mean("shape_hole_ok", "different"),
+        **_by_shape(rows),
         "seconds_per_image": (time.perf_counter() - start) / len(items),
     }
 

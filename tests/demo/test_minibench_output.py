@@ -67,3 +67,25 @@ def test_merge_refuses_a_table_of_another_size(tmp_path):
             ["--work", str(tmp_path / "w"), "--scenes", "2", "--skip-run", "--merge", str(earlier)]
         )
     assert not (tmp_path / "w").exists()  # refused before writing the eval sets
+
+
+def test_summary_splits_the_hole_scores_by_what_the_prompt_names(tmp_path):
+    """``shape_acc_hole_same`` / ``_different``: the prompts that name the masked object (whose dilated silhouette
+    is the hole) apart from those that name another one, the only ones that measure a shape drawn inside a hole
+    of another shape."""
+    run, dataset = tmp_path / "run", tmp_path / "eval"
+    (run / "results").mkdir(parents=True)
+    dataset.mkdir()
+    variants = {"a": "same", "b": "same", "c": "different", "d": "different"}
+    (dataset / "mapping_file.json").write_text(json.dumps({k: {"variant": v} for k, v in variants.items()}))
+    shapes = {"a": True, "b": True, "c": False, "d": True}
+    rows = [
+        {"id": key, "method": "brushnet", "variant": "raw", "mask_kind": "inside", "psnr": 20.0,
+         "colour_hole_ok": True, "shape_hole_ok": shapes[key]}
+        for key in variants
+    ]  # fmt: skip
+    (run / "results" / "per_image.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    (row,) = minibench.summarise(run, dataset)
+    assert row["shape_acc_hole"] == 0.75
+    assert row["shape_acc_hole_same"] == 1.0 and row["shape_acc_hole_different"] == 0.5
+    assert row["colour_acc_hole_same"] == row["colour_acc_hole_different"] == 1.0

@@ -420,6 +420,9 @@ def test_quick_evaluation_of_the_shipped_models(tmp_path):
     ceiling = report["vae"]
     assert 15 < ceiling["inside_kept_psnr"] < 40
     assert report["flat_fill"]["colour_acc_hole"] == 1.0
+    # the objects as they were, through the decoder: the classifier still names their shapes (measured 1.0 on
+    # these 3 scenes, 0.99 on the 200)
+    assert ceiling["shape_acc_hole_same"] == 1.0
     assert report["blended-latent-diffusion"]["kept_psnr"] <= ceiling["inside_kept_psnr"] + 1.0
     for name in methods.split(","):
         row = report[name]
@@ -428,19 +431,23 @@ def test_quick_evaluation_of_the_shipped_models(tmp_path):
             assert 0 <= row[key] <= 1, key
 
 
-def test_flat_fill_gets_the_colour_but_not_the_shape_for_free():
-    """The flat-fill reference of evaluate.py: the hole painted in the prompted colour always has the colour and
-    only sometimes the shape (the dilated silhouette's outline), while the untouched original has the shape on
-    every entry that prompts for the masked object: shape accuracy measures a drawn shape, not a filled hole."""
+def test_flat_fill_gets_the_colour_and_the_outline_shape_for_free():
+    """The flat-fill reference of evaluate.py: the hole painted in the prompted colour always has the colour, and
+    the hole's outline (the masked object's silhouette dilated by 3 px) gives it that object's shape: the prompts
+    that name the masked object score the shape for free (measured 47 of 48 on these 60 scenes, 160 of 162 on
+    the mini-BrushBench's 200), those that name another object only where the two share a shape (3 of 12; 14 of
+    38). Only the second kind measures a shape a method drew. The untouched original has the shape on every
+    entry that prompts for the masked object."""
     import numpy as np
     from evaluate import eval_items, flat_fill
 
     from brushnet.data.shapes_metrics import prompted_scores
 
-    items = eval_items(24)
+    items = eval_items(60)
     scores = flat_fill(items)
     assert scores["colour_acc_hole"] == 1.0
-    assert 0.1 < scores["shape_acc_hole"] < 0.9, scores  # 0.465 on the 200 mini-BrushBench scenes
+    assert scores["shape_acc_hole_same"] >= 0.9, scores
+    assert scores["shape_acc_hole_different"] <= 0.5, scores
     same = [item for item in items if item["variant"] == "same"]
     assert same
     for item in same:

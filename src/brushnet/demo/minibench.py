@@ -97,8 +97,10 @@ def summarise(
     Columns: ``inside_psnr``/``inside_mse``/``outside_psnr``/``outside_mse`` (kept region, mean over images),
     ``colour_acc``/``shape_acc`` (inside masks), ``colour_acc_same``/``colour_acc_different`` split by
     whether the prompt asks for the masked object or another one, the same four scored on the hole pasted into
-    the original (``colour_acc_hole``, ``shape_acc_hole``, ``colour_acc_hole_same``,
-    ``colour_acc_hole_different``; :func:`brushnet.data.shapes_metrics.text_alignment`), and from the removal pass
+    the original (``colour_acc_hole``, ``shape_acc_hole`` and their ``_same`` / ``_different`` splits;
+    :func:`brushnet.data.shapes_metrics.text_alignment`; on the ``_same`` prompts the hole, the masked object's
+    dilated silhouette, already has the prompted shape, so only ``shape_acc_hole_different`` measures a shape the
+    method drew inside a hole of another shape), and from the removal pass
     ``removal_acc`` (holes left with no object colour) and ``removal_object_fraction`` (mean share of hole
     pixels with an object colour); ``None`` where a pass did not run.
     """
@@ -134,6 +136,8 @@ def summarise(
                     "shape_acc_hole": _mean([r.get("shape_hole_ok") for r in inside]),
                     "colour_acc_hole_same": _mean([r.get("colour_hole_ok") for r in same]),
                     "colour_acc_hole_different": _mean([r.get("colour_hole_ok") for r in different]),
+                    "shape_acc_hole_same": _mean([r.get("shape_hole_ok") for r in same]),
+                    "shape_acc_hole_different": _mean([r.get("shape_hole_ok") for r in different]),
                     "seconds_per_image": _mean([r.get("seconds") for r in mine]),
                     "removal_images": len(removed),
                     "removal_acc": _mean([r.get("removed") for r in removed]),
