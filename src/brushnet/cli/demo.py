@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from .common import fail, guarded
+from .common import fail, guarded, quiet_library_progress
 from .flags import request_flags, runtime_flags
 
 __all__ = ["demo_command", "DEMO_EXCLUDED_FIELDS"]
@@ -67,6 +67,7 @@ def demo_command(
     from ..io import check_output_path
 
     runtime.apply()
+    quiet_library_progress()  # the demo prints a line per method; no weight-loading bar per model folder
     given = [
         name
         for name, value in (("--image", image), ("--mask", mask), ("--prompt", prompt))
