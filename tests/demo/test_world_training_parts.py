@@ -366,6 +366,52 @@ def test_kept_gap_groups_the_per_image_gap_by_background_and_hole_size(tmp_path,
         assert capsys.readouterr().err
 
 
+def test_shape_scores_split_by_prompt_and_shape_and_pair_the_methods(tmp_path, capsys):
+    """examples/demo_world/shape_scores.py: shape* per prompt kind and prompted shape from the eval set's
+    mapping, and the exact McNemar test of two methods' discordant scenes."""
+    import json
+
+    import pytest
+    from shape_scores import main, mcnemar_p, paired, shape_scores
+
+    assert mcnemar_p(0, 5) == pytest.approx(2 / 32) and mcnemar_p(3, 3) == 1.0 and mcnemar_p(0, 0) == 1.0
+    assert mcnemar_p(10, 1) == pytest.approx(2 * 12 / 2048)
+    mapping, rows = {}, []
+    # scene: (variant, prompted shape, bn right, sd right)
+    scenes = [("same", "star", True, False), ("same", "star", True, True), ("same", "cross", False, True),
+              ("different", "cross", True, False), ("different", "star", False, False)]  # fmt: skip
+    for index, (variant, shape, bn, sd) in enumerate(scenes):
+        key = f"{index:05d}"
+        mapping[key] = {"variant": variant, "target": {"shape": shape, "colour": "red"}}
+        common = {"id": key, "mask_kind": "inside", "variant": "raw", "psnr": 20.0}
+        rows += [
+            {**common, "method": "bn", "shape_hole_ok": bn},
+            {**common, "method": "sd", "shape_hole_ok": sd},
+        ]
+        rows.append({**common, "method": "bn", "variant": "blended", "shape_hole_ok": False})  # not counted
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "mapping_file.json").write_text(json.dumps(mapping))
+    per_image = tmp_path / "per_image.jsonl"
+    per_image.write_text("\n".join(json.dumps(row) for row in rows))
+    scores = shape_scores(tmp_path / "eval", [per_image])
+    assert scores["bn"]["all"] == (5, pytest.approx(0.6)) and scores["bn"]["same"] == (
+        3,
+        pytest.approx(2 / 3),
+    )
+    assert scores["bn"]["different"] == (2, 0.5) and scores["bn"]["star"] == (3, pytest.approx(2 / 3))
+    assert scores["sd"]["cross"] == (2, 0.5)
+    assert paired([per_image], "bn") == {"sd": (2, 1, pytest.approx(1.0))}
+    assert main([str(tmp_path / "eval"), str(per_image), "--reference", "bn"]) == 0
+    assert "sd: 2 / 1, p = 1.000" in capsys.readouterr().out
+    for argv in (
+        [str(tmp_path), str(per_image)],
+        [str(tmp_path / "eval"), str(per_image), "--reference", "x"],
+    ):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert capsys.readouterr().err
+
+
 def test_the_one_training_command_runs_every_stage_and_exports_loadable_models(tmp_path):
     """`python examples/demo_world/train_world.py --smoke` (a few steps of every default stage), run as the
     docs say, writes a record of every stage and an export each method loads."""
