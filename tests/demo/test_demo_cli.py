@@ -1,5 +1,7 @@
 """``brushnet demo`` end to end on the shipped weights (offline), and its input errors."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -145,3 +147,28 @@ def test_powerpaint_runs_its_removal_task_on_the_removal_row(tmp_path):
 
     np.testing.assert_array_equal(shown, blended("object-removal"))
     assert not np.array_equal(shown, blended("text-guided"))
+
+
+def test_parallel_workers_give_the_same_grid_as_one_process(tmp_path):
+    """``run_demo(workers=2)`` (what ``brushnet demo`` does on two cores): the methods run in two spawned
+    processes of one torch thread each, and the grid is byte-identical to one process with one thread."""
+    threads = torch.get_num_threads()
+    methods = ["brushnet", "blended-latent-diffusion"]
+    torch.set_num_threads(1)
+    try:
+        one = run_demo(tmp_path / "one", methods=methods, request={"steps": 2})
+    finally:
+        torch.set_num_threads(threads)
+    torch.set_num_threads(2)
+    try:
+        events = []
+        two = run_demo(
+            tmp_path / "two", methods=methods, request={"steps": 2}, workers=2, on_event=events.append
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert (tmp_path / "one" / "grid.png").read_bytes() == (tmp_path / "two" / "grid.png").read_bytes()
+    for name in methods:
+        assert Path(one["images"][name]).read_bytes() == Path(two["images"][name]).read_bytes()
+    assert sorted(event.split(":")[0] for event in events) == sorted(methods)
+    assert list(two["seconds"]) == methods

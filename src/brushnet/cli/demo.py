@@ -60,7 +60,8 @@ def demo_command(
     Writes a labelled grid (input, mask, each method raw and blended) of shipped scenes — one asks for a
     different object than the one masked out, the last for an object's removal (PowerPaint's object-removal
     task) — and prints the mini-BrushBench table. With --image/--mask/
-    --prompt it inpaints your own 128x128 scene instead.
+    --prompt it inpaints your own 128x128 scene instead. The methods run in parallel worker processes, one per
+    CPU thread (--threads; 1 runs them one after another in this process).
     """
     from ..demo.assets import DEMO_DIR, METHODS
     from ..demo.run import check_demo_request, format_results_table, run_demo, user_scene
@@ -91,6 +92,10 @@ def demo_command(
         check_output_path(output / f"{name}.png")
     start = time.perf_counter()
     scenes = [user_scene(str(image), str(mask), prompt, invert_mask)] if given else None
+    import torch
+
+    # one worker process per CPU thread (up to one per method): on these small models two one-thread processes
+    # beat one two-thread process (run_demo); --threads 1 runs everything in this process
     result = run_demo(
         output,
         methods=chosen,
@@ -98,6 +103,7 @@ def demo_command(
         models_root=root,
         on_event=lambda message: typer.echo(message, err=True),
         request=request,
+        workers=min(torch.get_num_threads(), len(chosen)),
     )
     typer.echo(f"wrote {result['grid']} ({time.perf_counter() - start:.1f} s)")
     if table and not given:
