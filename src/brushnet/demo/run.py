@@ -243,9 +243,10 @@ SLOWEST_FIRST = (
     "blended-latent-diffusion",
     "brushnet",
 )
-"""The order in which parallel workers take the methods: the longest first (measured on two cores, four scenes:
-PowerPaint 7.5 s, RePaint 7.0, HD-Painter 6.6, ControlNet-inpaint 6.2, SD-inpainting 4.0, BLD 4.0, BrushNet
-3.5), so that no worker is left with a long one at the end."""
+"""The order in which parallel workers take the methods: the longest first, so that no worker is left with a long
+one at the end (``brushnet demo`` in one process of two threads on a slow 2-core VM, four scenes, loading included:
+PowerPaint 7.8–8.3 s, RePaint 7.0–7.2, HD-Painter 6.3–7.3, ControlNet-inpaint 6.8–6.9, SD-inpainting 3.8–4.3,
+BLD 4.2, BrushNet 3.5 without the first method's library imports)."""
 
 
 def _generate(name: str, scenes: Sequence[DemoScene], models_root, request: dict) -> tuple[list, float]:
