@@ -26,6 +26,10 @@ guidance 5, seed 1234, no blending, each method's default scheduler and the demo
   hole's content pasted into the original instead (the ring then is the original's), which separates what the
   method put in the hole from how well it kept the rest (the kept PSNR).
 
+``--holes box`` or ``--holes disk`` replaces each hole by the box or disk that holds it: an outline that does not
+give the object's shape away, so that shape accuracy measures a shape the method drew (the flat fill then scores
+only the prompts for squares, or circles).
+
 The mini-BrushBench (``python -m brushnet.demo.minibench``) is the full measurement; this is its first
 scenes, inside masks only, in one process, to compare training settings in minutes, with the demo's scheduler
 rather than the benchmark's (:data:`SETTINGS`).
@@ -47,7 +51,7 @@ from PIL import Image
 
 from brushnet.demo.run import DEMO_REQUEST
 
-__all__ = ["SETTINGS", "eval_items", "flat_fill", "main", "method_scores", "vae_ceiling"]
+__all__ = ["HOLES", "SETTINGS", "eval_items", "flat_fill", "main", "method_scores", "vae_ceiling"]
 
 SETTINGS = {key: value for key, value in DEMO_REQUEST.items() if key != "blend_kernel_size"}
 """The demo's request for raw outputs (no blend, so no blend kernel; each method's default scheduler: UniPC,
@@ -57,22 +61,47 @@ so its images differ by a few levels and its kept PSNR by a few hundredths of a 
 24.55 dB there, 24.61 here)."""
 
 
-def eval_items(count: int, seed: int = 0) -> list[dict]:
+HOLES = ("silhouette", "box", "disk")
+"""Hole shapes of :func:`eval_items`: the mini-BrushBench's (the masked object's silhouette dilated by 3 px), the
+smallest box holding that, or the smallest disk around the box's centre holding it. The last two do not give the
+object's shape away: a method must draw it."""
+
+
+def _reshaped_hole(hole: np.ndarray, kind: str) -> np.ndarray:
+    """``hole`` (the dilated silhouette) as the :data:`HOLES` kind ``kind``."""
+    if kind == "silhouette":
+        return hole
+    ys, xs = np.nonzero(hole)
+    if kind == "box":
+        box = np.zeros_like(hole)
+        box[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1] = True
+        return box
+    cy, cx = (ys.min() + ys.max()) / 2, (xs.min() + xs.max()) / 2
+    radius = np.hypot(ys - cy, xs - cx).max()
+    grid_y, grid_x = np.mgrid[0 : hole.shape[0], 0 : hole.shape[1]]
+    return np.hypot(grid_y - cy, grid_x - cx) <= radius + 0.5
+
+
+def eval_items(count: int, seed: int = 0, holes: str = "silhouette") -> list[dict]:
     """The first ``count`` entries of the mini-BrushBench set: ``{"image", "hole", "prompt", "target",
-    "variant"}`` with ``hole`` boolean ``(128, 128)``, True = inpaint (the inside mask)."""
+    "variant"}`` with ``hole`` boolean ``(128, 128)``, True = inpaint: the inside mask, or with ``holes`` "box" /
+    "disk" the box or disk that holds it (:data:`HOLES`)."""
     from brushnet.data.rle import decode_brushbench_rle
     from brushnet.data.shapes_writers import write_eval_set
 
+    if holes not in HOLES:
+        raise ValueError(f"holes must be one of {', '.join(HOLES)}, got {holes!r}")
     with tempfile.TemporaryDirectory() as folder:
         mapping = json.loads(
             write_eval_set(folder, count, seed=seed, different_object_fraction=0.25).read_text()
         )
         items = []
         for entry in mapping.values():
+            hole = decode_brushbench_rle(entry["inpainting_mask"], entry["height"], entry["width"])
             items.append(
                 {
                     "image": Image.open(Path(folder) / entry["image"]).convert("RGB"),
-                    "hole": decode_brushbench_rle(entry["inpainting_mask"], entry["height"], entry["width"]),
+                    "hole": _reshaped_hole(hole, holes),
                     "prompt": entry["prompt"],
                     "target": entry["target"],
                     "variant": entry["variant"],
@@ -219,6 +248,13 @@ def main(argv: list[str] | None = None) -> int:
         default="brushnet",
         help="Comma-separated; '' for the references only (VAE ceiling, flat fill).",
     )
+    parser.add_argument(
+        "--holes",
+        choices=HOLES,
+        default="silhouette",
+        help="The hole: the mini-BrushBench's dilated silhouette (default), or the box or disk that holds it, "
+        "whose outline does not give the shape away.",
+    )
     parser.add_argument("--json", help="Also write the scores here.")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of this process (default 1).")
     parser.add_argument(
@@ -257,10 +293,11 @@ def main(argv: list[str] | None = None) -> int:
         except json.JSONDecodeError:
             options[key] = value  # a word such as text-guided
     torch.set_num_threads(args.threads)
-    items = eval_items(args.scenes)
+    items = eval_items(args.scenes, holes=args.holes)
     settings = {**SETTINGS, "guidance_scale": args.guidance_scale, "steps": args.steps}
     report = {
         "scenes": args.scenes,
+        "holes": args.holes,
         "settings": settings,
         "options": options,
         "vae": vae_ceiling(Path(args.models) / "base" / "vae", items),

@@ -503,6 +503,32 @@ def test_flat_fill_gets_the_colour_and_the_outline_shape_for_free():
         assert scores["shape_hole_ok"], item["prompt"]
 
 
+def test_box_and_disk_holes_hold_the_silhouette_and_hide_its_shape():
+    """``evaluate.py --holes box|disk``: each hole holds the mini-BrushBench's (the dilated silhouette) and has the
+    outline of a box or a disk, so the flat fill gets the shape only where the prompt asks for that outline's
+    shape (a square, a circle), and a method must draw the others."""
+    import numpy as np
+    import pytest
+    from evaluate import eval_items, flat_fill
+
+    silhouettes = eval_items(24)
+    for kind, outline in (("box", "square"), ("disk", "circle")):
+        items = eval_items(24, holes=kind)
+        for item, plain in zip(items, silhouettes, strict=True):
+            assert item["prompt"] == plain["prompt"]
+            assert (item["hole"] >= plain["hole"]).all() and item["hole"].sum() > plain["hole"].sum()
+            if kind == "box":
+                ys, xs = np.nonzero(item["hole"])
+                assert item["hole"][ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].all()
+        share = np.mean([item["target"]["shape"] == outline for item in items])
+        scores = flat_fill(items)
+        assert scores["colour_acc_hole"] == 1.0
+        assert scores["shape_acc_hole"] <= share, (kind, scores, share)
+    assert flat_fill(silhouettes)["shape_acc_hole_same"] >= 0.9  # the silhouette gives the shape away
+    with pytest.raises(ValueError, match="holes must be one of"):
+        eval_items(2, holes="star")
+
+
 def test_quick_evaluation_passes_method_options(tmp_path):
     """``--option conditioning_scale=0`` reaches the BrushNet method: the branch switched off keeps the
     surroundings far worse; a malformed option is a usage error."""
