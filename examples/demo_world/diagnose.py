@@ -13,6 +13,13 @@ also draws ``--samples`` images from held-out one-object captions ("a red circle
 background"; DDIM 25 steps, guidance 5) and prints the share whose dominant colour is the captioned background's
 and the share that show the captioned object's colour: what the base draws, which is what every inpainting
 model of the demo starts from.
+
+    python examples/demo_world/diagnose.py --base src/brushnet/assets/demo_world/base --redraw 24
+
+redraws ``--redraw`` rendered held-out one-object scenes from their captions after noising them to a share of
+the schedule (SDEdit: strength 0.3 keeps most of the image, 1.0 is text-to-image) and prints, per strength, the
+share whose object keeps its shape: the noise level at which the base decides an object's shape, and whether it
+can draw one there.
 """
 
 from __future__ import annotations
@@ -25,9 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["x0_errors", "sample_check", "main"]
+__all__ = ["x0_errors", "redraw_check", "sample_check", "main"]
 
 TIMESTEPS = (100, 300, 500, 700, 900, 990)
+STRENGTHS = (0.3, 0.5, 0.7, 0.85, 1.0)
 
 
 @torch.no_grad()
@@ -78,6 +86,55 @@ def x0_errors(
     return errors, float(latents.var())
 
 
+def _ddim_pipeline(pipeline_class, base: str):
+    """``pipeline_class`` (text-to-image or image-to-image) from ``base`` in float32 with a DDIM sampler."""
+    from diffusers import DDIMScheduler
+
+    with warnings.catch_warnings():  # diffusers >= 0.36 renames torch_dtype; the pin allows 0.32
+        warnings.simplefilter("ignore", FutureWarning)
+        pipe = pipeline_class.from_pretrained(  # the UNet is stored in float16
+            base, safety_checker=None, requires_safety_checker=False, torch_dtype=torch.float32
+        )
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def redraw_check(
+    base: str, count: int = 24, strengths=STRENGTHS, seed: int = 0, steps: int = 25, guidance: float = 5.0
+) -> dict[float, float]:
+    """SDEdit (Meng et al. 2022) on ``count`` rendered held-out one-object scenes (the captions of
+    :func:`sample_check`): each scene is noised to ``strength`` of the schedule and redrawn by the base from its
+    caption (DDIM, ``strength × steps`` steps, guidance ``guidance``); returns ``{strength: share whose largest
+    blob of the object's colour keeps the object's shape}`` (:func:`brushnet.data.shapes_metrics.classify_shape`
+    over the whole image, which passes 37 of 40 of these scenes as rendered). Strength 1.0 starts from pure
+    noise (zero terminal SNR), so it is text-to-image."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from brushnet.data.shapes import render_scene, sample_scene, scene_rng
+    from brushnet.data.shapes_metrics import classify_shape
+
+    pipe = _ddim_pipeline(StableDiffusionImg2ImgPipeline, base)
+    scenes = [sample_scene(scene_rng("eval", 3, index), max_objects=1) for index in range(count)]
+    kept = {}
+    for strength in strengths:
+        hits = 0
+        for index, scene in enumerate(scenes):
+            image = pipe(
+                scene.caption,
+                image=render_scene(scene)[0],
+                strength=strength,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=torch.Generator().manual_seed(seed + index),
+            ).images[0]
+            whole = np.ones((image.height, image.width), dtype=bool)
+            hits += classify_shape(image, whole, scene.objects[0].colour) == scene.objects[0].shape
+        kept[strength] = hits / count
+    return kept
+
+
 @torch.no_grad()
 def sample_check(base: str, count: int = 24, seed: int = 0, steps: int = 25, guidance: float = 5.0) -> dict:
     """Text-to-image from ``count`` held-out one-object captions (eval split, world seed 3): the shares of images
@@ -85,18 +142,12 @@ def sample_check(base: str, count: int = 24, seed: int = 0, steps: int = 25, gui
     1.5 % of their pixels within 60 RGB units of the captioned object's colour (``object``), and whose largest
     blob of that colour has the captioned shape (``shape``, :func:`brushnet.data.shapes_metrics.classify_shape`
     over the whole image; 37 of 40 rendered scenes of these captions pass it)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
     from brushnet.data.shapes import PALETTE, sample_scene, scene_rng
     from brushnet.data.shapes_metrics import classify_shape
 
-    with warnings.catch_warnings():  # diffusers >= 0.36 renames torch_dtype; the pin allows 0.32
-        warnings.simplefilter("ignore", FutureWarning)
-        pipe = StableDiffusionPipeline.from_pretrained(  # the UNet is stored in float16
-            base, safety_checker=None, requires_safety_checker=False, torch_dtype=torch.float32
-        )
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = _ddim_pipeline(StableDiffusionPipeline, base)
     names = list(PALETTE)
     palette = np.array([PALETTE[name] for name in names], dtype=np.float64)
     background = present = shaped = 0
@@ -135,6 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--samples", type=int, default=0, help="Also draw this many captioned images and score their colours."
     )
+    parser.add_argument(
+        "--redraw",
+        type=int,
+        default=0,
+        help="Also redraw this many rendered one-object scenes from their captions at each noise strength "
+        "and score whether the object keeps its shape.",
+    )
     args = parser.parse_args(argv)
     if not all((Path(args.base) / part).is_dir() for part in ("unet", "vae", "text_encoder", "tokenizer")):
         parser.error(
@@ -153,6 +211,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{check['background']:.2f}, captioned object colour present {check['object']:.2f}, captioned shape "
             f"{check['shape']:.2f}"
         )
+    if args.redraw:
+        kept = redraw_check(args.base, args.redraw)
+        print(f"redrawn from the caption, {args.redraw} one-object scenes:")
+        print("| strength | object keeps its shape |\n| --- | --- |")
+        for strength, share in kept.items():
+            print(f"| {strength} | {share:.2f} |")
     return 0
 
 

@@ -764,3 +764,52 @@ def test_guidance_drift_on_the_shipped_models(capsys):
         main(["--models", str(DEMO_DIR / "base")])
     assert stop.value.code == 2
     assert "not a demo model folder" in capsys.readouterr().err
+
+
+def test_finetune_base_weights_object_cells_only():
+    """finetune_base.py's loss: weight 1 is the base stage's (a plain mean); a larger weight counts the cells an
+    object touches that many times, normalised per sample."""
+    from finetune_base import object_cells, weighted_v_loss
+
+    mask = np.zeros((16, 16), dtype=bool)
+    mask[5, 5] = True  # dilated by a pixel: rows/columns 4-6, so latent cells (1, 1) only
+    cells = object_cells([mask], 16)
+    assert cells.shape == (1, 4, 4) and cells.sum() == 1 and cells[0, 1, 1] == 1
+    prediction = torch.zeros(2, 4, 4, 4)
+    target = torch.zeros(2, 4, 4, 4)
+    target[0, :, 1, 1] = 1.0  # the first sample errs on the object cell only
+    target[1, :, 0, 0] = 1.0  # the second on a background cell only
+    snr = torch.ones(2)
+    both = cells.expand(2, 1, 4, 4)
+    plain = ((prediction - target) ** 2).mean()
+    assert torch.isclose(weighted_v_loss(prediction, target, both, 1.0, snr), plain)
+    weighted = weighted_v_loss(prediction, target, both, 5.0, snr)
+    assert torch.isclose(weighted, torch.tensor((5 / 20 + 1 / 20) / 2))
+
+
+def test_finetune_base_writes_a_loadable_base_and_refuses_an_existing_folder(tmp_path, capsys):
+    from diffusers import UNet2DConditionModel
+    from finetune_base import DEMO_BASE, main
+
+    out = tmp_path / "tuned"
+    assert (
+        main(["--out", str(out), "--steps", "2", "--batch", "2", "--scenes", "3", "--object-weight", "3"])
+        == 0
+    )
+    assert not (tmp_path / "tuned.partial").exists()
+    tuned = UNet2DConditionModel.from_pretrained(out / "unet")
+    shipped = UNet2DConditionModel.from_pretrained(DEMO_BASE / "unet")
+    stored = [
+        (folder / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
+        for folder in (out, DEMO_BASE)
+    ]
+    assert stored[0] == stored[1]  # stored in float16, as the shipped UNet
+    changed = [
+        name
+        for (name, a), (_, b) in zip(tuned.state_dict().items(), shipped.state_dict().items())
+        if not torch.equal(a, b)
+    ]
+    assert changed  # it trained
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(out)])
+    assert exit_info.value.code == 2 and f"--out {out}: exists" in capsys.readouterr().err
