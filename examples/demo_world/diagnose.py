@@ -193,7 +193,13 @@ def main(argv: list[str] | None = None) -> int:
         help="Also redraw this many rendered one-object scenes from their captions at each noise strength "
         "and score whether the object keeps its shape.",
     )
+    parser.add_argument("--guidance", type=float, default=5.0, help="Guidance of --samples and --redraw (5).")
+    parser.add_argument(
+        "--sample-steps", type=int, default=25, help="DDIM steps of --samples and --redraw (25)."
+    )
     args = parser.parse_args(argv)
+    if args.guidance < 1 or args.sample_steps < 1:
+        parser.error("--guidance must be at least 1 and --sample-steps positive")
     if not all((Path(args.base) / part).is_dir() for part in ("unet", "vae", "text_encoder", "tokenizer")):
         parser.error(
             f"--base {args.base}: not a Stable Diffusion folder (needs unet/, vae/, text_encoder/, tokenizer/)"
@@ -205,15 +211,19 @@ def main(argv: list[str] | None = None) -> int:
     for t, error in errors.items():
         print(f"| {t} | {error:.3f} |")
     if args.samples:
-        check = sample_check(args.base, args.samples)
+        check = sample_check(args.base, args.samples, steps=args.sample_steps, guidance=args.guidance)
         print(
-            f"text-to-image, {check['samples']} one-object captions: captioned background colour "
+            f"text-to-image, {check['samples']} one-object captions (DDIM {args.sample_steps} steps, guidance "
+            f"{args.guidance:g}): captioned background colour "
             f"{check['background']:.2f}, captioned object colour present {check['object']:.2f}, captioned shape "
             f"{check['shape']:.2f}"
         )
     if args.redraw:
-        kept = redraw_check(args.base, args.redraw)
-        print(f"redrawn from the caption, {args.redraw} one-object scenes:")
+        kept = redraw_check(args.base, args.redraw, steps=args.sample_steps, guidance=args.guidance)
+        print(
+            f"redrawn from the caption, {args.redraw} one-object scenes (DDIM {args.sample_steps} steps × strength, "
+            f"guidance {args.guidance:g}):"
+        )
         print("| strength | object keeps its shape |\n| --- | --- |")
         for strength, share in kept.items():
             print(f"| {strength} | {share:.2f} |")

@@ -589,6 +589,19 @@ def test_quick_tools_refuse_a_folder_that_is_not_a_model_set(tmp_path, capsys):
         assert f"{flag} {tmp_path / 'missing'}: not a" in capsys.readouterr().err
 
 
+def test_diagnose_refuses_a_sampler_setting_out_of_range(capsys):
+    import pytest
+    from diagnose import main as diagnose
+
+    from brushnet.demo.assets import DEMO_DIR
+
+    for flag, value in (("--guidance", "0.5"), ("--sample-steps", "0")):
+        with pytest.raises(SystemExit) as exit_info:
+            diagnose(["--base", str(DEMO_DIR / "base"), "--samples", "2", flag, value])
+        assert exit_info.value.code == 2
+        assert "--guidance must be at least 1 and --sample-steps positive" in capsys.readouterr().err
+
+
 def test_quick_tools_refuse_an_unknown_method_before_measuring(capsys):
     """A misspelt method is a usage line naming it, before any scene is rendered or model loaded."""
     import pytest
