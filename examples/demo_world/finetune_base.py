@@ -2,6 +2,7 @@
 
     python examples/demo_world/finetune_base.py --out /tmp/base_w5 --object-weight 5 --steps 1500 --lr 2e-4
     python examples/demo_world/finetune_base.py --out /tmp/base_w1 --object-weight 1 --steps 1500 --lr 2e-4
+    python examples/demo_world/finetune_base.py --out /tmp/base_one --max-objects 1 --threads 2
     python examples/demo_world/diagnose.py --base /tmp/base_w5 --samples 48 --redraw 24
 
 An experiment on why the base draws blobs (docs/demo.md, "Why the base draws blobs"): the objects cover about
@@ -11,7 +12,8 @@ one pixel, max-pooled to the latent grid) by ``W`` and normalises each sample by
 ``--object-weight 1`` is the same fine-tune with the base's own loss, the control. Everything else is the base
 stage's: v-prediction on the zero-terminal-SNR schedule, min-SNR-5 weights, the caption mix (10 % empty, 45 % the
 scene caption, 45 % a subset of its objects), batch 16, gradient clipping at 1; AdamW at a constant rate without
-weight decay, warm-up or EMA, the first ``--scenes`` training scenes of world seed 0. The result is a whole base
+weight decay, warm-up or EMA, the first ``--scenes`` training scenes of world seed 0 (``--max-objects 1``: the
+same seeds drawn with one object each, whose captions are the kind ``diagnose.py`` draws from). The result is a whole base
 folder (a copy of ``--base`` with the new UNet, stored in float16, and text encoder). Not part of the recipe.
 """
 
@@ -74,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--scenes", type=int, default=6000, help="Training scenes (world seed 0, train split)."
     )
+    parser.add_argument(
+        "--max-objects",
+        type=int,
+        default=3,
+        help="Objects per training scene (3: the world's; 1: one-object scenes, the captions diagnose.py draws).",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads of this process (default 1).")
     args = parser.parse_args(argv)
     base, out = Path(args.base), Path(args.out)
@@ -81,8 +89,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--base {base}: not a Stable Diffusion folder (needs unet/, vae/, text_encoder/, ...)")
     if out.exists():
         parser.error(f"--out {out}: exists; give a new folder")
-    if args.object_weight < 1 or args.steps < 1 or args.lr <= 0 or args.batch < 1 or args.scenes < 1:
-        parser.error("--object-weight must be at least 1 and --steps, --lr, --batch, --scenes positive")
+    if (
+        args.object_weight < 1
+        or min(args.steps, args.batch, args.scenes, args.max_objects) < 1
+        or args.lr <= 0
+    ):
+        parser.error(
+            "--object-weight must be at least 1 and --steps, --lr, --batch, --scenes, --max-objects positive"
+        )
 
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from text_to_image import min_snr_weights
@@ -96,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     images, cells, scenes = [], [], []
     for index in range(args.scenes):
-        scene = sample_scene(scene_rng("train", 0, index), size=SIZE)
+        scene = sample_scene(scene_rng("train", 0, index), size=SIZE, max_objects=args.max_objects)
         image, masks = render_scene(scene)
         images.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1))
         cells.append(object_cells(masks, SIZE))

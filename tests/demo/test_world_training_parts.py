@@ -754,6 +754,16 @@ def test_loader_speed_tool_times_both_modes(tmp_path, capsys):
         assert stop.value.code == 2
 
 
+def test_loader_speed_tool_times_the_powerpaint_samples_without_shards(tmp_path, capsys):
+    from loader_speed import main
+
+    assert main(["--work", str(tmp_path), "--modes", "powerpaint", "--scenes", "200", "--samples", "8",
+                 "--warm", "2", "--workers", "1", "--batches", "2"]) == 0  # fmt: skip
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.startswith("powerpaint") and "ms/sample in-process" in line and "from 1 workers" in line
+    assert not (tmp_path / "shards").exists()
+
+
 def test_guidance_drift_on_the_shipped_models(capsys):
     """examples/demo_world/guidance_drift.py: at guidance 1 the guided estimate is the prompted one; at 5 its
     kept-region error is the prompted one plus what guidance adds, and above it; a folder without the models
@@ -826,3 +836,7 @@ def test_finetune_base_writes_a_loadable_base_and_refuses_an_existing_folder(tmp
     with pytest.raises(SystemExit) as exit_info:
         main(["--out", str(out)])
     assert exit_info.value.code == 2 and f"--out {out}: exists" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(tmp_path / "new"), "--max-objects", "0"])
+    assert exit_info.value.code == 2 and "--max-objects positive" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists() and not (tmp_path / "new.partial").exists()
