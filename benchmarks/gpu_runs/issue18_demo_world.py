@@ -29,6 +29,9 @@ stream cost 6.2-8.7 ms per sample then, so three workers delivered a batch of 32
 GPU, was the 0.09-0.11 s/step. Since commit f2e3b68 it costs 1.8-3.0 ms with the same samples. The next call
 should calibrate again (the default) and let the speeds choose the steps; ``--workers 4`` leaves room on the 16
 cores for three stages; a larger ``--batch`` is the other way to more samples if the GPU is still not busy.
+PowerPaint's stage made its samples in the training process then (about 4 ms each on the 2-core VM); on a GPU it
+now has ``--workers`` DataLoader processes make them ahead of the step (the same samples; docs/demo.md,
+"PowerPaint's samples").
 
 Each stage runs in its own work folder (``shards`` and ``base`` linked in), so no two processes write one
 training record; the records are merged afterwards. Nothing here is a test; it is how the lease was spent.

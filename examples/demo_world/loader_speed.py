@@ -8,7 +8,13 @@ workers delivers in batches of ``--batch``::
 
     python examples/demo_world/loader_speed.py --work W --scenes 2000 --workers 2
 
-``W/shards`` is written first if missing (stage ``data`` with ``--scenes``). Nothing here trains.
+``W/shards`` is written first if missing (stage ``data`` with ``--scenes``). Mode ``powerpaint`` times the
+PowerPaint stage's samples instead (:class:`powerpaint_stage.TaskBatches`, rendered from the scene seeds, no
+shards), in batches of 16 as the stage reads them::
+
+    python examples/demo_world/loader_speed.py --work W --modes powerpaint --workers 2
+
+Nothing here trains.
 """
 
 from __future__ import annotations
@@ -37,6 +43,31 @@ def _stream(run, config, preload: bool):
     return stage_stream(run, config)
 
 
+def _powerpaint_line(args) -> str:
+    """The PowerPaint stage's samples: ms per sample in-process, and with ``--workers`` its batches of 16 from
+    that many DataLoader workers (the stage's own :class:`~powerpaint_stage.TaskBatches`)."""
+    from powerpaint_stage import BATCH, TaskBatches, TaskSamples
+
+    samples = TaskSamples(0, args.scenes, 2)
+    for position in range(args.warm):
+        samples[position]
+    start = time.perf_counter()
+    for position in range(args.warm, args.warm + args.samples):
+        samples[position]
+    per_sample = (time.perf_counter() - start) / args.samples
+    line = f"powerpaint {per_sample * 1e3:5.2f} ms/sample in-process ({per_sample * BATCH:.3f} s per batch of {BATCH})"
+    if args.workers:
+        batches = TaskBatches(0, args.scenes, BATCH, 2, workers=args.workers)
+        for _ in range(2 * args.workers):  # workers started and warm
+            batches(torch.Generator())
+        start = time.perf_counter()
+        for _ in range(args.batches):
+            batches(torch.Generator())
+        rate = args.batches * BATCH / (time.perf_counter() - start)
+        line += f"; {rate:6.0f} samples/s from {args.workers} workers ({BATCH / rate:.3f} s/batch)"
+    return line
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -50,24 +81,31 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--batches", type=int, default=40)
-    parser.add_argument("--modes", default="none,preload", help="comma-separated: none, preload")
+    parser.add_argument("--modes", default="none,preload", help="comma-separated: none, preload, powerpaint")
     args = parser.parse_args(argv)
     modes = args.modes.split(",")
-    if not set(modes) <= {"none", "preload"} or args.samples < 1 or args.scenes < 1:
-        parser.error(f"--modes takes none and/or preload, --samples and --scenes positive; got {args}")
+    if not set(modes) <= {"none", "preload", "powerpaint"} or args.samples < 1 or args.scenes < 1:
+        parser.error(
+            f"--modes takes none, preload and/or powerpaint, --samples and --scenes positive; got {args}"
+        )
     if max(args.samples + args.warm, (args.batches + 2 * args.workers) * args.batch) > args.scenes:
         parser.error("one epoch (--scenes samples) must hold the samples and batches timed")
 
     from inpainting import _branch_config
     from recipe import Run, WorldTrainConfig
 
+    torch.set_num_threads(1)
+    if "powerpaint" in modes:
+        print(_powerpaint_line(args), flush=True)
+        modes.remove("powerpaint")
+        if not modes:
+            return 0
     if not (args.work / "shards").is_dir():
         subprocess.run(
             [sys.executable, str(HERE / "train_world.py"), "--work", str(args.work), "--stages", "data",
              "--scenes", str(args.scenes), "--threads", "2"],
             check=True,
         )  # fmt: skip
-    torch.set_num_threads(1)
     run = Run(
         WorldTrainConfig(scenes=args.scenes, loader_workers=args.workers, branch_batch=args.batch), args.work
     )

@@ -22,7 +22,9 @@ does not have: a scene can be rendered *without* one of its objects. Every sampl
 The branch starts from the run's BrushNet branch where there is one (its resnets, taps and input conv; the
 attention weights come from the base UNet), otherwise from the base UNet alone. Settings: the recipe's
 ``powerpaint_steps`` steps of batch ``min(16, branch_batch)``, AdamW at 3e-4 with 20 warm-up steps then
-constant, no EMA (the shipped BrushNet branch's first-stage settings).
+constant, no EMA (the shipped BrushNet branch's first-stage settings). On a GPU the samples are made ahead of the
+step by the recipe's ``loader_workers`` DataLoader processes, on the CPU in the training process (each sample is a
+function of its position, so the bytes are the same either way).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from fit_loop import FitSettings, fit, seeded_init, stage_generator
 from recipe import Run
 from world_data import SIZE
 
-__all__ = ["TASK_MIX", "TaskBatches", "task_sample", "train_powerpaint"]
+__all__ = ["TASK_MIX", "TaskBatches", "TaskSamples", "task_sample", "train_powerpaint"]
 
 TASK_MIX = {
     "text-guided": 0.3,
@@ -120,41 +122,64 @@ def task_sample(scene, rng: np.random.Generator) -> dict:
     }
 
 
-class TaskBatches:
-    """Batches of :func:`task_sample` over the run's training scenes, in order (scene ``position % scenes``),
-    each sample's choices drawn from ``numpy.random.default_rng([seed, position])``; resumable by position."""
+class TaskSamples(torch.utils.data.Dataset):
+    """Sample ``position`` of the stage: :func:`task_sample` of training scene ``position % num_scenes``, its
+    choices drawn from ``numpy.random.default_rng([seed, position])``. A function of the position alone, so any
+    process can make any sample."""
 
-    def __init__(self, world_seed: int, num_scenes: int, batch_size: int, seed: int):
-        self.world_seed, self.num_scenes, self.batch_size, self.seed = (
-            world_seed,
-            num_scenes,
-            batch_size,
-            seed,
-        )
-        self.position = 0
+    def __init__(self, world_seed: int, num_scenes: int, seed: int):
+        self.world_seed, self.num_scenes, self.seed = world_seed, num_scenes, seed
 
-    def __call__(self, generator: torch.Generator) -> dict:
+    def __getitem__(self, position: int) -> dict:
         from brushnet.data.shapes import sample_scene, scene_rng
 
-        samples = []
-        for _ in range(self.batch_size):
-            scene = sample_scene(
-                scene_rng("train", self.world_seed, self.position % self.num_scenes), size=SIZE
-            )
-            samples.append(task_sample(scene, np.random.default_rng([self.seed, self.position])))
-            self.position += 1
-        return {
-            "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
-            "mask": torch.stack([s["mask"] for s in samples]),
-            "caption": [s["caption"] for s in samples],
-            "task": [s["task"] for s in samples],
-        }
+        scene = sample_scene(scene_rng("train", self.world_seed, position % self.num_scenes), size=SIZE)
+        return task_sample(scene, np.random.default_rng([self.seed, position]))
+
+
+class TaskBatches:
+    """Batches of :class:`TaskSamples` in position order; resumable by position. With ``workers`` > 0 the
+    samples are made by that many DataLoader processes ahead of the training step (the same bytes: each sample
+    depends on its position only); 0 makes them in the training process when asked."""
+
+    def __init__(self, world_seed: int, num_scenes: int, batch_size: int, seed: int, workers: int = 0):
+        self.samples = TaskSamples(world_seed, num_scenes, seed)
+        self.batch_size, self.workers = batch_size, workers
+        self.position = 0
+        self._batches = None
+
+    def _loader(self):
+        import itertools
+
+        from torch.utils.data import BatchSampler, DataLoader
+
+        positions = BatchSampler(itertools.count(self.position), self.batch_size, drop_last=False)
+        return iter(
+            DataLoader(self.samples, batch_sampler=positions, num_workers=self.workers, collate_fn=_collate)
+        )
+
+    def __call__(self, generator: torch.Generator) -> dict:
+        if self._batches is None:
+            self._batches = self._loader()
+        batch = next(self._batches)
+        self.position += self.batch_size
+        return batch
 
     def state_dict(self) -> dict:
         return {"position": self.position}
 
     def load_state_dict(self, state: dict) -> None:
         self.position = state["position"]
+        self._batches = None  # the next call starts a loader at the new position
+
+
+def _collate(samples: list[dict]) -> dict:
+    return {
+        "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+        "mask": torch.stack([s["mask"] for s in samples]),
+        "caption": [s["caption"] for s in samples],
+        "task": [s["task"] for s in samples],
+    }
 
 
 def _warm_start(model, run: Run) -> str | None:
@@ -208,10 +233,13 @@ def train_powerpaint(run: Run) -> dict:
         lr_warmup_steps=WARMUP_STEPS,
     )
     batch_size = min(BATCH, cfg.branch_batch)
+    # on a GPU the samples (4 ms each) are made ahead of the step; on the CPU, where the step is ~3 s, a worker
+    # only adds its copies (docs/demo.md)
+    workers = cfg.loader_workers if run.device != "cpu" else 0
     result = fit(
         model,
         loss_of,
-        TaskBatches(cfg.seed, cfg.scenes, batch_size, cfg.seed + 2),
+        TaskBatches(cfg.seed, cfg.scenes, batch_size, cfg.seed + 2, workers=workers),
         settings,
         generator=stage_generator(cfg.seed, "powerpaint"),
         name="powerpaint",

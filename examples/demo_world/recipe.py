@@ -57,7 +57,8 @@ class WorldTrainConfig:
     hole_prompt_probability: float = 0.75
     object_holes: float = 0.5  # share of samples whose hole is replaced by one around an object
     # DataLoader worker processes of the three (0: in the training process). Shards are dealt out to the
-    # workers, so this changes the order of the samples (the same order for all three)
+    # workers, so this changes the order of the samples (the same order for all three). PowerPaint's stage on a GPU
+    # makes its samples in this many workers too (its samples do not depend on it)
     loader_workers: int = 3
     # PowerPaint v2-style branch and task words (stage ``powerpaint``), warm-started from the BrushNet branch
     powerpaint_steps: int = 1500

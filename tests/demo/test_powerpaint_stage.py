@@ -64,6 +64,23 @@ def test_batches_resume_at_their_position():
     assert not torch.equal(first["pixel_values"], second["pixel_values"])
 
 
+def test_loader_workers_make_the_same_batches_and_resume():
+    """With DataLoader workers the batches are those made in-process, in order, also across a resume."""
+    from powerpaint_stage import TaskBatches
+
+    made_here = TaskBatches(0, 16, 3, seed=1)
+    expected = [made_here(torch.Generator()) for _ in range(4)]
+    by_workers = TaskBatches(0, 16, 3, seed=1, workers=2)
+    got = [by_workers(torch.Generator()) for _ in range(2)]
+    assert by_workers.state_dict() == {"position": 6}
+    by_workers.load_state_dict({"position": 9})  # skip one batch: the loader restarts there
+    got.append(by_workers(torch.Generator()))
+    for batch, want in zip(got, [expected[0], expected[1], expected[3]]):
+        for key in ("pixel_values", "mask"):
+            assert torch.equal(batch[key], want[key]), key
+        assert batch["caption"] == want["caption"] and batch["task"] == want["task"]
+
+
 @pytest.mark.parametrize("warm", [False, True])
 def test_a_short_stage_writes_a_model_the_method_loads(tmp_path, warm):
     from powerpaint_stage import train_powerpaint
