@@ -59,6 +59,56 @@ def weighted_v_loss(
     return (snr_weights * per_sample).mean()
 
 
+def _fine_tune(folder: Path, images, cells, scenes, args, start: float) -> None:
+    """Fine-tune the base in ``folder`` in place (UNet and text encoder; see the module docstring)."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from text_to_image import _latent_stats, base_caption, min_snr_weights
+    from transformers import CLIPTextModel, CLIPTokenizer
+    from world_data import TEXT_MAX_LENGTH
+
+    from brushnet.training.loop import training_target
+
+    mean, std = _latent_stats(images, folder / "vae")  # the base stage's posterior mean and std, scaled
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32)
+    scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(0)
+    unet.train()
+    text_encoder.train()
+    smoothed = 0.0
+    for step in range(1, args.steps + 1):
+        index = torch.randint(0, len(mean), (args.batch,), generator=generator)
+        draws = torch.rand(args.batch, generator=generator).tolist()
+        captions = [base_caption(scenes[i], draw) for i, draw in zip(index.tolist(), draws)]
+        tokens = tokenizer(
+            captions,
+            padding="max_length",
+            max_length=TEXT_MAX_LENGTH,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        hidden = text_encoder(tokens, return_dict=False)[0]
+        latents = mean[index] + std[index] * torch.randn(mean[index].shape, generator=generator)
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch,), generator=generator)
+        prediction = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, hidden).sample
+        target = training_target(scheduler, latents, noise, timesteps, "v_prediction")
+        snr = min_snr_weights(scheduler, timesteps, 5.0)
+        loss = weighted_v_loss(prediction, target, cells[index], args.object_weight, snr)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        smoothed = loss.item() if step == 1 else 0.98 * smoothed + 0.02 * loss.item()
+        if step % 100 == 0 or step == args.steps:
+            print(f"step {step} loss {smoothed:.4f} ({time.time() - start:.0f} s)", flush=True)
+    unet.half().save_pretrained(folder / "unet")
+    text_encoder.save_pretrained(folder / "text_encoder")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python examples/demo_world/finetune_base.py", description=__doc__.splitlines()[0]
@@ -98,13 +148,9 @@ def main(argv: list[str] | None = None) -> int:
             "--object-weight must be at least 1 and --steps, --lr, --batch, --scenes, --max-objects positive"
         )
 
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from text_to_image import min_snr_weights
-    from transformers import CLIPTextModel, CLIPTokenizer
-    from world_data import SIZE, TEXT_MAX_LENGTH, subset_caption, to_unit
+    from world_data import SIZE
 
     from brushnet.data.shapes import render_scene, sample_scene, scene_rng
-    from brushnet.training.loop import training_target
 
     torch.set_num_threads(args.threads)
     start = time.time()
@@ -121,56 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     shutil.copytree(base, partial)
-    vae = AutoencoderKL.from_pretrained(partial / "vae").eval()
-    with torch.no_grad():
-        means, stds = [], []
-        for first in range(0, len(images), 64):
-            posterior = vae.encode(to_unit(images[first : first + 64])).latent_dist
-            means.append(posterior.mean * vae.config.scaling_factor)
-            stds.append(posterior.std * vae.config.scaling_factor)
-    mean, std = torch.cat(means), torch.cat(stds)
-    tokenizer = CLIPTokenizer.from_pretrained(partial / "tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(partial / "text_encoder")
-    unet = UNet2DConditionModel.from_pretrained(partial / "unet", torch_dtype=torch.float32)
-    scheduler = DDPMScheduler.from_pretrained(partial / "scheduler")
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(0)
-    unet.train()
-    text_encoder.train()
-    smoothed = 0.0
-    for step in range(1, args.steps + 1):
-        index = torch.randint(0, len(mean), (args.batch,), generator=generator)
-        draws = torch.rand(args.batch, generator=generator).tolist()
-        captions = [
-            ""
-            if draw < 0.1
-            else scenes[i].caption
-            if draw < 0.55
-            else subset_caption(scenes[i], np.random.default_rng(int(draw * 2**53)))
-            for i, draw in zip(index.tolist(), draws)
-        ]
-        tokens = tokenizer(
-            captions, padding="max_length", max_length=TEXT_MAX_LENGTH, truncation=True, return_tensors="pt"
-        ).input_ids
-        hidden = text_encoder(tokens, return_dict=False)[0]
-        latents = mean[index] + std[index] * torch.randn(mean[index].shape, generator=generator)
-        noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch,), generator=generator)
-        prediction = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, hidden).sample
-        target = training_target(scheduler, latents, noise, timesteps, "v_prediction")
-        snr = min_snr_weights(scheduler, timesteps, 5.0)
-        loss = weighted_v_loss(prediction, target, cells[index], args.object_weight, snr)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        smoothed = loss.item() if step == 1 else 0.98 * smoothed + 0.02 * loss.item()
-        if step % 100 == 0 or step == args.steps:
-            print(f"step {step} loss {smoothed:.4f} ({time.time() - start:.0f} s)", flush=True)
-    unet.half().save_pretrained(partial / "unet")
-    text_encoder.save_pretrained(partial / "text_encoder")
-    partial.rename(out)
+    try:
+        _fine_tune(partial, images, cells, scenes, args, start)
+        partial.rename(out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # nothing half-written stays
+        raise
     print(f"wrote {out} in {time.time() - start:.0f} s")
     return 0
 

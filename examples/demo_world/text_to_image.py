@@ -20,7 +20,7 @@ from fit_loop import FitSettings, fit, seeded_init, stage_generator
 from recipe import Run, WorldTrainConfig
 from world_data import SIZE, TEXT_MAX_LENGTH, build_tokenizer, subset_caption, to_unit
 
-__all__ = ["base_scheduler", "min_snr_weights", "train_base", "unet_config"]
+__all__ = ["base_caption", "base_scheduler", "min_snr_weights", "train_base", "unet_config"]
 
 
 def base_scheduler(cfg: WorldTrainConfig):
@@ -66,6 +66,17 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.T
     alphas = scheduler.alphas_cumprod[timesteps]
     snr = alphas / (1 - alphas)
     return torch.clamp(snr, min=1.0, max=gamma) / (snr + 1)
+
+
+def base_caption(scene, draw: float) -> str:
+    """The base's caption of ``scene`` for a uniform ``draw`` in [0, 1): empty below 0.1, the scene caption below
+    0.55, else a phrase naming some of its objects (the subset is a function of the draw, so the stage's
+    generator alone decides)."""
+    if draw < 0.1:
+        return ""
+    if draw < 0.55:
+        return scene.caption
+    return subset_caption(scene, np.random.default_rng(int(draw * 2**53)))
 
 
 def _latent_stats(images: torch.Tensor, vae_dir, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,15 +131,7 @@ def train_base(run: Run) -> dict:
     def batches(generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
         index = torch.randint(0, len(latent_mean), (cfg.base_batch,), generator=generator)
         draws = torch.rand(len(index), generator=generator).tolist()
-        captions = []
-        for i, draw in zip(index.tolist(), draws):
-            if draw < 0.1:
-                captions.append("")
-            elif draw < 0.55:
-                captions.append(scenes[i].caption)
-            else:  # the subset is a function of the draw, so the stage generator alone decides
-                captions.append(subset_caption(scenes[i], np.random.default_rng(int(draw * 2**53))))
-        return index, captions
+        return index, [base_caption(scenes[i], draw) for i, draw in zip(index.tolist(), draws)]
 
     def loss_of(batch, generator: torch.Generator) -> torch.Tensor:
         index, captions = batch

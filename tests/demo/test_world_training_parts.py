@@ -840,3 +840,17 @@ def test_finetune_base_writes_a_loadable_base_and_refuses_an_existing_folder(tmp
         main(["--out", str(tmp_path / "new"), "--max-objects", "0"])
     assert exit_info.value.code == 2 and "--max-objects positive" in capsys.readouterr().err
     assert not (tmp_path / "new").exists() and not (tmp_path / "new.partial").exists()
+
+
+def test_finetune_base_leaves_nothing_behind_when_training_fails(tmp_path, monkeypatch):
+    import finetune_base
+
+    def fail(*args):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(finetune_base, "_fine_tune", fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        finetune_base.main(
+            ["--out", str(tmp_path / "tuned"), "--steps", "1", "--batch", "2", "--scenes", "2"]
+        )
+    assert list(tmp_path.iterdir()) == []
