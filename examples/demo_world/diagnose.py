@@ -198,8 +198,10 @@ def main(argv: list[str] | None = None) -> int:
         "--sample-steps", type=int, default=25, help="DDIM steps of --samples and --redraw (25)."
     )
     args = parser.parse_args(argv)
-    if args.guidance < 1 or args.sample_steps < 1:
-        parser.error("--guidance must be at least 1 and --sample-steps positive")
+    if args.guidance < 1 or args.sample_steps < 1 or min(args.samples, args.redraw) < 0 or args.scenes < 1:
+        parser.error(
+            "--guidance must be at least 1, --sample-steps and --scenes positive, --samples and --redraw not negative"
+        )
     if not all((Path(args.base) / part).is_dir() for part in ("unet", "vae", "text_encoder", "tokenizer")):
         parser.error(
             f"--base {args.base}: not a Stable Diffusion folder (needs unet/, vae/, text_encoder/, tokenizer/)"

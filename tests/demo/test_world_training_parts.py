@@ -595,11 +595,18 @@ def test_diagnose_refuses_a_sampler_setting_out_of_range(capsys):
 
     from brushnet.demo.assets import DEMO_DIR
 
-    for flag, value in (("--guidance", "0.5"), ("--sample-steps", "0")):
+    for flag, value in (
+        ("--guidance", "0.5"),
+        ("--sample-steps", "0"),
+        ("--redraw", "-1"),
+        ("--scenes", "0"),
+    ):
         with pytest.raises(SystemExit) as exit_info:
             diagnose(["--base", str(DEMO_DIR / "base"), "--samples", "2", flag, value])
         assert exit_info.value.code == 2
-        assert "--guidance must be at least 1 and --sample-steps positive" in capsys.readouterr().err
+        assert (
+            "--guidance must be at least 1, --sample-steps and --scenes positive" in capsys.readouterr().err
+        )
 
 
 def test_quick_tools_refuse_an_unknown_method_before_measuring(capsys):
