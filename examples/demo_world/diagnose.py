@@ -20,6 +20,15 @@ redraws ``--redraw`` rendered held-out one-object scenes from their captions aft
 the schedule (SDEdit: strength 0.3 keeps most of the image, 1.0 is text-to-image) and prints, per strength, the
 share whose object keeps its shape: the noise level at which the base decides an object's shape, and whether it
 can draw one there.
+
+    python examples/demo_world/diagnose.py --base src/brushnet/assets/demo_world/base --words --shape-words 12
+
+``--words`` prints how far apart the text encoder keeps the world's words: the cosine similarity of its output
+state at the shape word of "a red <shape> on a plain white background" for each pair of shapes (and the same
+for colour words). ``--shape-words N`` draws N seeds × the five shape words, each seed with one colour and
+background and only the shape word changed, and prints which shape comes out for which word (a confusion
+matrix) and how much the shape word changes the image next to how much the seed does: whether the base reads
+the shape word at all.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["x0_errors", "redraw_check", "sample_check", "main"]
+__all__ = ["x0_errors", "redraw_check", "sample_check", "word_states", "shape_word_check", "main"]
 
 TIMESTEPS = (100, 300, 500, 700, 900, 990)
 STRENGTHS = (0.3, 0.5, 0.7, 0.85, 1.0)
@@ -176,6 +185,99 @@ def sample_check(base: str, count: int = 24, seed: int = 0, steps: int = 25, gui
     }
 
 
+def _state_cosines(text_encoder, tokenizer, captions: list[str], position: int) -> np.ndarray:
+    """Cosine similarity matrix of the text encoder's output states at token ``position`` of ``captions``."""
+    tokens = tokenizer(
+        captions,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    states = torch.nn.functional.normalize(text_encoder(tokens)[0][:, position].float(), dim=-1)
+    return (states @ states.T).numpy()
+
+
+@torch.no_grad()
+def word_states(base: str) -> dict:
+    """How far apart the base's text encoder keeps the world's words. ``shapes``: ``{(a, b): cosine}`` of the
+    output states at the shape word of ``"a red <a> on a plain white background"`` and of ``<b>`` (the state a
+    cross-attention layer reads for that word); ``colours``: the same at the colour word of ``"a <colour>
+    circle ..."``. A cosine near 1 means the UNet is told nearly the same thing for both words."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from brushnet.data.shapes import PALETTE, SHAPES, object_phrase
+
+    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder").eval()
+    tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
+    out = {}
+    for kind, words, phrase in (
+        ("shapes", list(SHAPES), lambda word: object_phrase(word, "red")),
+        ("colours", list(PALETTE), lambda word: object_phrase("circle", word)),
+    ):
+        captions = [f"{phrase(word)} on a plain white background" for word in words]
+        # the word's position: after <bos> and the article, and for shapes after the colour
+        position = 3 if kind == "shapes" else 2
+        words_of = len(captions[0].split())
+        if len(tokenizer(captions[0]).input_ids) != words_of + 2:  # <bos> ... <eos>, one token per word
+            raise ValueError(f"{base}: the tokenizer does not make each word of {captions[0]!r} one token")
+        cosines = _state_cosines(text_encoder, tokenizer, captions, position)
+        out[kind] = {
+            (a, b): float(cosines[i, j]) for i, a in enumerate(words) for j, b in enumerate(words) if i < j
+        }
+    return out
+
+
+@torch.no_grad()
+def shape_word_check(
+    base: str, count: int = 12, seed: int = 0, steps: int = 25, guidance: float = 5.0
+) -> dict:
+    """Text-to-image from ``"<colour> <shape> on a plain <background> background"`` for ``count`` seeds × the five
+    shapes: each seed keeps its colour, background and noise, only the shape word changes. Returns
+    ``confusion`` (``{prompted: {classified or "none": n}}``, :func:`brushnet.data.shapes_metrics.classify_shape`
+    over the whole image), ``diagonal`` (share classified as prompted), ``word_change`` (mean absolute pixel
+    difference, 0–255, between a seed's image for ``circle`` and for each other word) and ``seed_change`` (the
+    same between consecutive seeds' ``circle`` images): a base that reads the shape word has ``word_change``
+    well above 0."""
+    from diffusers import StableDiffusionPipeline
+
+    from brushnet.data.shapes import SHAPES, object_phrase
+    from brushnet.data.shapes_metrics import classify_shape
+
+    pipe = _ddim_pipeline(StableDiffusionPipeline, base)
+    colours = ("red", "blue", "orange", "purple", "green", "yellow", "white", "black")
+    backgrounds = ("white", "yellow", "green", "black")
+    confusion = {shape: {name: 0 for name in (*SHAPES, "none")} for shape in SHAPES}
+    word_change, seed_change, previous = [], [], None
+    whole = np.ones((128, 128), dtype=bool)
+    for index in range(count):
+        colour = colours[index % len(colours)]
+        background = [name for name in backgrounds if name != colour][index % 3]
+        images = []
+        for shape in SHAPES:
+            image = pipe(
+                f"{object_phrase(shape, colour)} on a plain {background} background",
+                height=128,
+                width=128,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=torch.Generator().manual_seed(seed + index),
+            ).images[0]
+            confusion[shape][classify_shape(image, whole, colour) or "none"] += 1
+            images.append(np.asarray(image, dtype=np.float64))
+        word_change += [float(np.abs(other - images[0]).mean()) for other in images[1:]]
+        if previous is not None:
+            seed_change.append(float(np.abs(images[0] - previous).mean()))
+        previous = images[0]
+    return {
+        "seeds": count,
+        "confusion": confusion,
+        "diagonal": sum(confusion[shape][shape] for shape in SHAPES) / (count * len(SHAPES)),
+        "word_change": float(np.mean(word_change)),
+        "seed_change": float(np.mean(seed_change)) if seed_change else float("nan"),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python examples/demo_world/diagnose.py", description=__doc__.splitlines()[0]
@@ -193,14 +295,37 @@ def main(argv: list[str] | None = None) -> int:
         help="Also redraw this many rendered one-object scenes from their captions at each noise strength "
         "and score whether the object keeps its shape.",
     )
-    parser.add_argument("--guidance", type=float, default=5.0, help="Guidance of --samples and --redraw (5).")
     parser.add_argument(
-        "--sample-steps", type=int, default=25, help="DDIM steps of --samples and --redraw (25)."
+        "--words",
+        action="store_true",
+        help="Also print how far apart the text encoder keeps the world's words.",
+    )
+    parser.add_argument(
+        "--shape-words",
+        type=int,
+        default=0,
+        help="Also draw this many seeds × the five shape words (only the word changing) and print which shape "
+        "comes out for which word.",
+    )
+    parser.add_argument(
+        "--guidance", type=float, default=5.0, help="Guidance of --samples, --redraw and --shape-words (5)."
+    )
+    parser.add_argument(
+        "--sample-steps",
+        type=int,
+        default=25,
+        help="DDIM steps of --samples, --redraw and --shape-words (25).",
     )
     args = parser.parse_args(argv)
-    if args.guidance < 1 or args.sample_steps < 1 or min(args.samples, args.redraw) < 0 or args.scenes < 1:
+    if (
+        args.guidance < 1
+        or args.sample_steps < 1
+        or min(args.samples, args.redraw, args.shape_words) < 0
+        or args.scenes < 1
+    ):
         parser.error(
-            "--guidance must be at least 1, --sample-steps and --scenes positive, --samples and --redraw not negative"
+            "--guidance must be at least 1, --sample-steps and --scenes positive, --samples, --redraw and "
+            "--shape-words not negative"
         )
     if not all((Path(args.base) / part).is_dir() for part in ("unet", "vae", "text_encoder", "tokenizer")):
         parser.error(
@@ -229,6 +354,28 @@ def main(argv: list[str] | None = None) -> int:
         print("| strength | object keeps its shape |\n| --- | --- |")
         for strength, share in kept.items():
             print(f"| {strength} | {share:.2f} |")
+    if args.words:
+        states = word_states(args.base)
+        for kind, pairs in states.items():
+            closest = max(pairs, key=pairs.get)
+            print(
+                f"text encoder, {kind}: mean cosine of the word states {np.mean(list(pairs.values())):.3f}, "
+                f"closest {closest[0]}/{closest[1]} {pairs[closest]:.3f}"
+            )
+        print("| shapes | " + " | ".join(f"{a}/{b}" for a, b in states["shapes"]) + " |")
+        print("| --- " * (len(states["shapes"]) + 1) + "|")
+        print("| cosine | " + " | ".join(f"{value:.3f}" for value in states["shapes"].values()) + " |")
+    if args.shape_words:
+        check = shape_word_check(args.base, args.shape_words, steps=args.sample_steps, guidance=args.guidance)
+        print(
+            f"shape words, {check['seeds']} seeds × 5 (DDIM {args.sample_steps} steps, guidance {args.guidance:g}): "
+            f"classified as prompted {check['diagonal']:.2f}; mean pixel change for another shape word "
+            f"{check['word_change']:.1f}, for another seed {check['seed_change']:.1f}"
+        )
+        names = list(next(iter(check["confusion"].values())))
+        print("| prompted \\ drawn | " + " | ".join(names) + " |\n" + "| --- " * (len(names) + 1) + "|")
+        for shape, row in check["confusion"].items():
+            print(f"| {shape} | " + " | ".join(str(row[name]) for name in names) + " |")
     return 0
 
 

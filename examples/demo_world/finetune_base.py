@@ -71,13 +71,19 @@ def _fine_tune(folder: Path, images, cells, scenes, args, start: float) -> None:
     mean, std = _latent_stats(images, folder / "vae")  # the base stage's posterior mean and std, scaled
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    if args.text_encoder == "fresh":  # re-initialised from the same config and frozen: words stay apart
+        torch.manual_seed(0)
+        text_encoder = CLIPTextModel(text_encoder.config).requires_grad_(False)
     unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32)
     scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    groups = [{"params": list(unet.parameters()), "lr": args.lr}]
+    if args.text_encoder == "train":
+        groups.append({"params": list(text_encoder.parameters()), "lr": args.text_lr or args.lr})
+    params = [param for group in groups for param in group["params"]]
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     generator = torch.Generator().manual_seed(0)
     unet.train()
-    text_encoder.train()
+    text_encoder.train(args.text_encoder == "train")
     smoothed = 0.0
     for step in range(1, args.steps + 1):
         index = torch.randint(0, len(mean), (args.batch,), generator=generator)
@@ -132,6 +138,14 @@ def main(argv: list[str] | None = None) -> int:
         default=3,
         help="Objects per training scene (3: the world's; 1: one-object scenes, the captions diagnose.py draws).",
     )
+    parser.add_argument("--text-lr", type=float, help="Learning rate of the text encoder (default: --lr).")
+    parser.add_argument(
+        "--text-encoder",
+        choices=("train", "fresh"),
+        default="train",
+        help="train: fine-tune the base's text encoder with the UNet (default); fresh: replace it by a newly "
+        "initialised one of the same config, kept frozen, so no two words can share a state.",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads of this process (default 1).")
     args = parser.parse_args(argv)
     base, out = Path(args.base), Path(args.out)
@@ -143,9 +157,11 @@ def main(argv: list[str] | None = None) -> int:
         args.object_weight < 1
         or min(args.steps, args.batch, args.scenes, args.max_objects) < 1
         or args.lr <= 0
+        or (args.text_lr is not None and args.text_lr <= 0)
     ):
         parser.error(
-            "--object-weight must be at least 1 and --steps, --lr, --batch, --scenes, --max-objects positive"
+            "--object-weight must be at least 1 and --steps, --lr, --text-lr, --batch, --scenes, --max-objects "
+            "positive"
         )
 
     from world_data import SIZE

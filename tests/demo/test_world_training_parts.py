@@ -849,6 +849,64 @@ def test_finetune_base_writes_a_loadable_base_and_refuses_an_existing_folder(tmp
     assert not (tmp_path / "new").exists() and not (tmp_path / "new.partial").exists()
 
 
+def test_finetune_base_text_encoder_options(tmp_path, capsys):
+    """``--text-lr`` is the text encoder's own rate (at 1e-9 one Adam step leaves it within 1e-6 while the UNet
+    moves); ``--text-encoder fresh`` writes a newly initialised encoder (not the shipped one) and keeps it
+    frozen (two runs write the same one)."""
+    from finetune_base import DEMO_BASE, main
+    from transformers import CLIPTextModel
+
+    def encoder(folder):
+        return CLIPTextModel.from_pretrained(folder / "text_encoder").state_dict()
+
+    def max_change(a, b):
+        return max(float((a[name] - b[name]).abs().max()) for name in a)
+
+    shipped = encoder(DEMO_BASE)
+    small = ["--steps", "1", "--batch", "2", "--scenes", "2"]
+    assert main(["--out", str(tmp_path / "slow"), "--text-lr", "1e-9", *small]) == 0
+    assert main(["--out", str(tmp_path / "fast"), "--text-lr", "1e-3", *small]) == 0
+    assert max_change(encoder(tmp_path / "slow"), shipped) < 1e-6
+    assert max_change(encoder(tmp_path / "fast"), shipped) > 1e-4
+    for name in ("fresh_a", "fresh_b"):
+        assert main(["--out", str(tmp_path / name), "--text-encoder", "fresh", *small]) == 0
+    fresh = encoder(tmp_path / "fresh_a")
+    assert max_change(fresh, shipped) > 1e-2 and max_change(fresh, encoder(tmp_path / "fresh_b")) == 0
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(tmp_path / "new"), "--text-lr", "0"])
+    assert exit_info.value.code == 2 and "--text-lr" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
+def test_diagnose_word_states_sees_two_words_the_encoder_cannot_tell_apart(tmp_path):
+    """``diagnose.py --words``: a text encoder whose "star" and "triangle" token embeddings are made equal gives
+    those two words the same state (cosine 1) and keeps the other pairs apart; on the shipped encoder every
+    pair is below 1."""
+    import shutil
+
+    from diagnose import word_states
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from brushnet.demo.assets import DEMO_DIR
+
+    shipped = word_states(str(DEMO_DIR / "base"))
+    assert len(shipped["shapes"]) == 10 and len(shipped["colours"]) == 28
+    assert max(shipped["shapes"].values()) < 0.9999 and max(shipped["colours"].values()) < 0.9999
+    base = tmp_path / "base"
+    shutil.copytree(DEMO_DIR / "base" / "tokenizer", base / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer")
+    encoder = CLIPTextModel.from_pretrained(DEMO_DIR / "base" / "text_encoder")
+    star, triangle = (tokenizer(word).input_ids[1] for word in ("star", "triangle"))
+    with torch.no_grad():
+        table = encoder.get_input_embeddings().weight
+        table[star] = table[triangle]
+    encoder.save_pretrained(base / "text_encoder")
+    states = word_states(str(base))
+    assert states["shapes"][("triangle", "star")] > 0.9999
+    assert all(value < 0.9999 for pair, value in states["shapes"].items() if pair != ("triangle", "star"))
+    assert states["colours"] == pytest.approx(shipped["colours"])
+
+
 def test_finetune_base_leaves_nothing_behind_when_training_fails(tmp_path, monkeypatch):
     import finetune_base
 
