@@ -49,7 +49,7 @@ STRENGTHS = (0.3, 0.5, 0.7, 0.85, 1.0)
 
 @torch.no_grad()
 def x0_errors(
-    base: str, scenes: int = 16, seed: int = 0, timesteps=TIMESTEPS
+    base: str, scenes: int = 16, seed: int = 0, timesteps=TIMESTEPS, device: str = "cpu"
 ) -> tuple[dict[int, float], float]:
     """``({t: x₀ MSE}, latent variance)`` over ``scenes`` eval-split scenes (world seed 3), captioned."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -70,7 +70,8 @@ def x0_errors(
         images.append(np.asarray(render_scene(scene)[0]))
         captions.append(scene.caption)
     pixels = torch.tensor(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+    vae, unet, text_encoder = vae.to(device), unet.to(device), text_encoder.to(device)
+    latents = vae.encode(pixels.to(device)).latent_dist.mean * vae.config.scaling_factor
     tokens = tokenizer(
         captions,
         padding="max_length",
@@ -78,15 +79,15 @@ def x0_errors(
         truncation=True,
         return_tensors="pt",
     ).input_ids
-    hidden = text_encoder(tokens)[0]
+    hidden = text_encoder(tokens.to(device))[0]
     generator = torch.Generator().manual_seed(seed)
     errors = {}
     for t in timesteps:
-        noise = torch.randn(latents.shape, generator=generator)
-        steps = torch.full((scenes,), t)
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        steps = torch.full((scenes,), t, device=device)
         noisy = scheduler.add_noise(latents, noise, steps)
         out = unet(noisy, steps, hidden).sample
-        alpha = scheduler.alphas_cumprod[t]
+        alpha = scheduler.alphas_cumprod[t].to(device)
         if scheduler.config.prediction_type == "v_prediction":
             x0 = alpha.sqrt() * noisy - (1 - alpha).sqrt() * out
         else:
@@ -95,8 +96,9 @@ def x0_errors(
     return errors, float(latents.var())
 
 
-def _ddim_pipeline(pipeline_class, base: str):
-    """``pipeline_class`` (text-to-image or image-to-image) from ``base`` in float32 with a DDIM sampler."""
+def _ddim_pipeline(pipeline_class, base: str, device: str = "cpu"):
+    """``pipeline_class`` (text-to-image or image-to-image) from ``base`` in float32 with a DDIM sampler, on
+    ``device`` (the noise is drawn on the CPU, so a seed gives the same start on any device)."""
     from diffusers import DDIMScheduler
 
     with warnings.catch_warnings():  # diffusers >= 0.36 renames torch_dtype; the pin allows 0.32
@@ -106,12 +108,18 @@ def _ddim_pipeline(pipeline_class, base: str):
         )
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return pipe.to(device)
 
 
 @torch.no_grad()
 def redraw_check(
-    base: str, count: int = 24, strengths=STRENGTHS, seed: int = 0, steps: int = 25, guidance: float = 5.0
+    base: str,
+    count: int = 24,
+    strengths=STRENGTHS,
+    seed: int = 0,
+    steps: int = 25,
+    guidance: float = 5.0,
+    device: str = "cpu",
 ) -> dict[float, float]:
     """SDEdit (Meng et al. 2022) on ``count`` rendered held-out one-object scenes (the captions of
     :func:`sample_check`): each scene is noised to ``strength`` of the schedule and redrawn by the base from its
@@ -124,7 +132,7 @@ def redraw_check(
     from brushnet.data.shapes import render_scene, sample_scene, scene_rng
     from brushnet.data.shapes_metrics import classify_shape
 
-    pipe = _ddim_pipeline(StableDiffusionImg2ImgPipeline, base)
+    pipe = _ddim_pipeline(StableDiffusionImg2ImgPipeline, base, device)
     scenes = [sample_scene(scene_rng("eval", 3, index), max_objects=1) for index in range(count)]
     kept = {}
     for strength in strengths:
@@ -145,7 +153,9 @@ def redraw_check(
 
 
 @torch.no_grad()
-def sample_check(base: str, count: int = 24, seed: int = 0, steps: int = 25, guidance: float = 5.0) -> dict:
+def sample_check(
+    base: str, count: int = 24, seed: int = 0, steps: int = 25, guidance: float = 5.0, device: str = "cpu"
+) -> dict:
     """Text-to-image from ``count`` held-out one-object captions (eval split, world seed 3): the shares of images
     whose nearest-palette majority colour is the captioned background (``background``), that have at least
     1.5 % of their pixels within 60 RGB units of the captioned object's colour (``object``), and whose largest
@@ -156,7 +166,7 @@ def sample_check(base: str, count: int = 24, seed: int = 0, steps: int = 25, gui
     from brushnet.data.shapes import PALETTE, sample_scene, scene_rng
     from brushnet.data.shapes_metrics import classify_shape
 
-    pipe = _ddim_pipeline(StableDiffusionPipeline, base)
+    pipe = _ddim_pipeline(StableDiffusionPipeline, base, device)
     names = list(PALETTE)
     palette = np.array([PALETTE[name] for name in names], dtype=np.float64)
     background = present = shaped = 0
@@ -230,7 +240,7 @@ def word_states(base: str) -> dict:
 
 @torch.no_grad()
 def shape_word_check(
-    base: str, count: int = 12, seed: int = 0, steps: int = 25, guidance: float = 5.0
+    base: str, count: int = 12, seed: int = 0, steps: int = 25, guidance: float = 5.0, device: str = "cpu"
 ) -> dict:
     """Text-to-image from ``"<colour> <shape> on a plain <background> background"`` for ``count`` seeds × the five
     shapes: each seed keeps its colour, background and noise, only the shape word changes. Returns
@@ -244,7 +254,7 @@ def shape_word_check(
     from brushnet.data.shapes import SHAPES, object_phrase
     from brushnet.data.shapes_metrics import classify_shape
 
-    pipe = _ddim_pipeline(StableDiffusionPipeline, base)
+    pipe = _ddim_pipeline(StableDiffusionPipeline, base, device)
     colours = ("red", "blue", "orange", "purple", "green", "yellow", "white", "black")
     backgrounds = ("white", "yellow", "green", "black")
     confusion = {shape: {name: 0 for name in (*SHAPES, "none")} for shape in SHAPES}
@@ -285,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", required=True, help="A diffusers Stable Diffusion folder (vae, unet, ...).")
     parser.add_argument("--scenes", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of this process (default 1).")
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="Where the models run (default cpu)."
+    )
     parser.add_argument(
         "--samples", type=int, default=0, help="Also draw this many captioned images and score their colours."
     )
@@ -331,14 +344,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             f"--base {args.base}: not a Stable Diffusion folder (needs unet/, vae/, text_encoder/, tokenizer/)"
         )
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this torch has no CUDA device")
     torch.set_num_threads(args.threads)
-    errors, variance = x0_errors(args.base, args.scenes)
+    errors, variance = x0_errors(args.base, args.scenes, device=args.device)
     print(f"{args.base}: latent variance {variance:.3f} (the error of predicting the mean)")
     print("| t | x0 MSE |\n| --- | --- |")
     for t, error in errors.items():
         print(f"| {t} | {error:.3f} |")
     if args.samples:
-        check = sample_check(args.base, args.samples, steps=args.sample_steps, guidance=args.guidance)
+        check = sample_check(
+            args.base, args.samples, steps=args.sample_steps, guidance=args.guidance, device=args.device
+        )
         print(
             f"text-to-image, {check['samples']} one-object captions (DDIM {args.sample_steps} steps, guidance "
             f"{args.guidance:g}): captioned background colour "
@@ -346,7 +363,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{check['shape']:.2f}"
         )
     if args.redraw:
-        kept = redraw_check(args.base, args.redraw, steps=args.sample_steps, guidance=args.guidance)
+        kept = redraw_check(
+            args.base, args.redraw, steps=args.sample_steps, guidance=args.guidance, device=args.device
+        )
         print(
             f"redrawn from the caption, {args.redraw} one-object scenes (DDIM {args.sample_steps} steps × strength, "
             f"guidance {args.guidance:g}):"
@@ -366,7 +385,9 @@ def main(argv: list[str] | None = None) -> int:
         print("| --- " * (len(states["shapes"]) + 1) + "|")
         print("| cosine | " + " | ".join(f"{value:.3f}" for value in states["shapes"].values()) + " |")
     if args.shape_words:
-        check = shape_word_check(args.base, args.shape_words, steps=args.sample_steps, guidance=args.guidance)
+        check = shape_word_check(
+            args.base, args.shape_words, steps=args.sample_steps, guidance=args.guidance, device=args.device
+        )
         print(
             f"shape words, {check['seeds']} seeds × 5 (DDIM {args.sample_steps} steps, guidance {args.guidance:g}): "
             f"classified as prompted {check['diagonal']:.2f}; mean pixel change for another shape word "

@@ -600,6 +600,7 @@ def test_diagnose_refuses_a_sampler_setting_out_of_range(capsys):
         ("--sample-steps", "0"),
         ("--redraw", "-1"),
         ("--scenes", "0"),
+        ("--shape-words", "-1"),
     ):
         with pytest.raises(SystemExit) as exit_info:
             diagnose(["--base", str(DEMO_DIR / "base"), "--samples", "2", flag, value])
@@ -876,6 +877,19 @@ def test_finetune_base_text_encoder_options(tmp_path, capsys):
         main(["--out", str(tmp_path / "new"), "--text-lr", "0"])
     assert exit_info.value.code == 2 and "--text-lr" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+
+
+def test_diagnose_refuses_cuda_where_there_is_none(capsys, monkeypatch):
+    """``--device cuda`` on a torch without a CUDA device is one usage line, before any model is loaded."""
+    from diagnose import main as diagnose
+
+    from brushnet.demo.assets import DEMO_DIR
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        diagnose(["--base", str(DEMO_DIR / "base"), "--device", "cuda"])
+    assert exit_info.value.code == 2
+    assert "--device cuda: this torch has no CUDA device" in capsys.readouterr().err
 
 
 def test_diagnose_word_states_sees_two_words_the_encoder_cannot_tell_apart(tmp_path):
