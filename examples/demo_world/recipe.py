@@ -47,6 +47,10 @@ class WorldTrainConfig:
     base_warmup_steps: int = 100
     base_ema_decay: float = 0.999  # 0: no EMA
     min_snr_gamma: float = 5.0
+    # "train": the text encoder is trained with the UNet (the shipped bases); "frozen": its token embeddings are
+    # drawn N(0, 1) and the whole encoder is kept as initialised, so no two words can share a state (the shipped
+    # encoders keep triangle, star and cross at cosine 0.99: docs/demo.md, "Why the base draws blobs")
+    base_text_encoder: str = "train"
     # the three inpainting models (branch, 9-channel UNet, ControlNet): the same samples in the same order,
     # the same steps, batch, learning rate, schedule and EMA
     branch_steps: int = 4000
@@ -63,6 +67,8 @@ class WorldTrainConfig:
     # PowerPaint v2-style branch and task words (stage ``powerpaint``), warm-started from the BrushNet branch
     powerpaint_steps: int = 1500
 
+
+BASE_TEXT_ENCODERS = ("train", "frozen")
 
 # fields that may be 0 (every other number must be positive): the seed, warm-up, EMA decays (0 = none), the KL
 # weight, loader workers and the shares
@@ -82,6 +88,10 @@ _BELOW_ONE = {"base_ema_decay", "branch_ema_decay"}
 def check_config(cfg: WorldTrainConfig) -> None:
     """``ValueError`` naming the first field out of range (a count or rate that is not positive, a share outside
     [0, 1], an EMA decay of 1 or more), so a bad flag fails before any stage starts."""
+    if cfg.base_text_encoder not in BASE_TEXT_ENCODERS:
+        raise ValueError(
+            f"--base-text-encoder must be one of {', '.join(BASE_TEXT_ENCODERS)}, got {cfg.base_text_encoder!r}"
+        )
     for field in dataclasses.fields(cfg):
         name, value = field.name, getattr(cfg, field.name)
         if isinstance(value, bool) or not isinstance(value, int | float | tuple):

@@ -122,6 +122,9 @@ def train_base(run: Run) -> dict:
             )
         )
         unet = UNet2DConditionModel(**unet_config(cfg))
+        if cfg.base_text_encoder == "frozen":  # each word its own direction, kept as drawn
+            torch.nn.init.normal_(text_encoder.get_input_embeddings().weight, 0.0, 1.0)
+            text_encoder.requires_grad_(False)
     model = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder}).to(run.device)
     images, scenes = run.scenes()
     latent_mean, latent_std = _latent_stats(images, run.base_dir / "vae", run.device)

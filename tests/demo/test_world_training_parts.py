@@ -669,6 +669,7 @@ def test_the_training_command_refuses_bad_requests_before_writing(tmp_path, caps
         ("--unet-channels", "32,0", "--unet-channels must be positive, got (32, 0)"),
         ("--object-holes", "1.5", "--object-holes is a share: at most 1, got 1.5"),
         ("--branch-ema-decay", "1", "--branch-ema-decay must be below 1, got 1.0"),
+        ("--base-text-encoder", "fixed", "--base-text-encoder must be one of train, frozen, got 'fixed'"),
     ]:
         assert main(["--work", str(tmp_path / "work"), "--stages", "data", flag, value]) == 2
         assert capsys.readouterr().err.strip() == f"error: {message}"
@@ -676,6 +677,34 @@ def test_the_training_command_refuses_bad_requests_before_writing(tmp_path, caps
         main(["--work", str(tmp_path / "work"), "--threads", "0"])
     assert "--threads must be at least 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "work").exists()  # every refusal before anything is written
+
+
+def test_base_stage_with_a_frozen_text_encoder_keeps_it_as_drawn(tmp_path):
+    """``--base-text-encoder frozen``: the token embeddings are drawn N(0, 1), so the shape words' states are
+    far apart (the trained encoders keep triangle and star at cosine 0.99), and training leaves the encoder as
+    drawn: one step and three steps write the same encoder and different UNets."""
+    import shutil
+
+    from diagnose import word_states
+    from diffusers import UNet2DConditionModel
+    from train_world import main
+    from transformers import CLIPTextModel
+
+    work = tmp_path / "one"
+    frozen = ["--smoke", "--threads", "1", "--base-text-encoder", "frozen"]
+    assert main(["--work", str(work), "--stages", "data", "vae", "base", "--base-steps", "1", *frozen]) == 0
+    shutil.copytree(work, tmp_path / "three")
+    assert main(["--work", str(tmp_path / "three"), "--stages", "base", "--base-steps", "3", *frozen]) == 0
+    encoders = [
+        CLIPTextModel.from_pretrained(w / "base" / "text_encoder") for w in (work, tmp_path / "three")
+    ]
+    table = encoders[0].get_input_embeddings().weight
+    assert 0.9 < float(table.detach().std()) < 1.1
+    assert all(torch.equal(a, b) for a, b in zip(*(e.state_dict().values() for e in encoders)))
+    unets = [UNet2DConditionModel.from_pretrained(w / "base" / "unet") for w in (work, tmp_path / "three")]
+    assert not all(torch.equal(a, b) for a, b in zip(*(u.state_dict().values() for u in unets)))
+    states = word_states(str(work / "base"))
+    assert max(states["shapes"].values()) < 0.5, states["shapes"]
 
 
 @pytest.mark.gpu
