@@ -8,14 +8,17 @@ Run on the device machine from the repo root, inside one device call (the wheels
         python3 benchmarks/gpu_runs/issue18_base_capacity.py --limit 540
 
 A CPU rehearsal of every step (2026-11-27, 264 s on the 2-core VM): ``--device cpu --scenes 64 --steps 3 --batch 4
---shape-words 1 --samples 1 --redraw 1 --variants control,level4 --diagnose-seconds 500 --limit 900``.
+--shape-words 1 --samples 1 --redraw 1 --variants control,level4 --diagnose-seconds 500 --limit 900``; ``frozen_text`` too.
 
 Why (docs/demo.md, "Why the base draws blobs"): the shipped base draws the captioned colours but not the
 captioned shapes, and neither an object-weighted loss, one-object scenes, a 10× text-encoder learning rate nor a
-fresh text encoder changed that in 1500-step fine-tunes on the CPU. What is left is the UNet's capacity; this
-trains the base stage from scratch (``train_world.py --stages base``, the recipe's own code) for each variant of
-``--variants`` with the same samples, steps, batch and rate, so the control (the shipped layout) and the bigger
-layouts differ only in the UNet:
+fresh text encoder changed that in 1500-step fine-tunes on the CPU, and every shipped text encoder keeps the
+shape words nearly together (triangle, star and cross at cosine 0.99; colours far apart). Two causes are left,
+which only training from scratch can tell apart: the UNet's capacity (then the encoder merges the shape words
+because the UNet cannot use them), or the encoder merging the shape words early (then the UNet never learns to
+use them). This trains the base stage from scratch (``train_world.py --stages base``, the recipe's own code) for
+each variant of ``--variants`` with the same samples, steps, batch and rate, so each differs from the control
+(the shipped recipe) in one thing: the UNet's layout, or (``frozen_text``) a text encoder that cannot merge words:
 
 1. Stage ``data`` (20000 scenes, in parallel; the bytes of a CPU run, checked by hash).
 2. One work folder per variant, the shards linked in and ``base/vae`` copied from the shipped base (whose encoder
@@ -30,7 +33,7 @@ layouts differ only in the UNet:
    (UNet and text encoder; the VAE and tokenizer are the shipped ones).
 
 What decides: a variant whose redraw at strength 0.7 and text-to-image shape share are well above the control's
-(the shipped base: 0.12 and 0.08) shows capacity is what the base lacks; then the inpainting models are trained
+(the shipped base: 0.12 and 0.08) names what the base lacks; then the inpainting models are trained
 on it (``issue18_demo_world.py --base <that base>``). Nothing here is a test; it is how a lease is spent.
 """
 
@@ -53,12 +56,13 @@ SCRIPT = ROOT / "examples" / "demo_world" / "train_world.py"
 DIAGNOSE = ROOT / "examples" / "demo_world" / "diagnose.py"
 SHIPPED_BASE = ROOT / "src" / "brushnet" / "assets" / "demo_world" / "base"
 SHIPPED_SAMPLES = 30000 * 16
-# name: (UNet channels per level, blocks per level); "control" is the shipped layout
+# name: the base stage's flags beside the shared ones; "control" is the shipped recipe
 VARIANTS = {
-    "control": ("32,64,96", 1),
-    "level4": ("32,64,96,128", 1),  # a 4 × 4 level
-    "deep": ("32,64,96", 2),  # two blocks per level
-    "wide": ("48,96,144", 1),
+    "control": [],
+    "level4": ["--unet-channels", "32,64,96,128"],  # a 4 × 4 level
+    "frozen_text": ["--base-text-encoder", "frozen"],  # a frozen N(0, 1)-embedding encoder, the shipped UNet
+    "deep": ["--unet-layers", "2"],  # two blocks per level
+    "wide": ["--unet-channels", "48,96,144"],
 }
 T0 = time.time()
 
@@ -68,12 +72,10 @@ def now() -> float:
 
 
 def base_command(work: Path, name: str, args, steps: int) -> list[str]:
-    channels, layers = VARIANTS[name]
     return [
         sys.executable, str(SCRIPT), "--work", str(work), "--stages", "base", "--device", args.device,
-        "--threads", "2", "--scenes", str(args.scenes), "--unet-channels", channels, "--unet-layers",
-        str(layers), "--base-steps", str(steps), "--base-batch", str(args.batch), "--base-lr", str(args.lr),
-        "--base-warmup-steps", str(args.warmup),
+        "--threads", "2", "--scenes", str(args.scenes), *VARIANTS[name], "--base-steps", str(steps),
+        "--base-batch", str(args.batch), "--base-lr", str(args.lr), "--base-warmup-steps", str(args.warmup),
     ]  # fmt: skip
 
 
