@@ -118,6 +118,25 @@ def pack(out: Path, name: str, root: Path, members: list[str]) -> None:
     say(f"packed {name}.tgz ({(out / f'{name}.tgz').stat().st_size / 2**20:.1f} MiB)")
 
 
+def data_stage(data: Path, scenes: int, logs: Path) -> bool | None:
+    """Stage ``data`` into ``data`` on every core (its log in ``logs/data.log``); ``None`` if it failed, else
+    whether shard 0's bytes are a CPU run's (checked for the recipe's 20000 scenes only; ``True`` otherwise)."""
+    import hashlib
+
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--work", str(data), "--stages", "data", "--threads",
+         str(min(16, os.cpu_count() or 1)), "--scenes", str(scenes)],
+        capture_output=True, text=True, cwd=ROOT, timeout=200,
+    )  # fmt: skip
+    (logs / "data.log").write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        print(done.stderr[-4000:])
+        return None
+    if scenes != 20000:
+        return True
+    return hashlib.sha256((data / "shards" / "shapes-000000.tar").read_bytes()).hexdigest() == SHARD0_SHA256
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--limit", type=float, default=520, help="seconds by which everything is packed")
@@ -170,20 +189,11 @@ def main() -> int:
 
     # 2. the training scenes
     data = scratch / "data"
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--work", str(data), "--stages", "data", "--threads",
-         str(min(16, os.cpu_count() or 1)), "--scenes", str(args.scenes)],
-        capture_output=True, text=True, cwd=ROOT, timeout=200,
-    )  # fmt: skip
-    (logs / "data.log").write_text(done.stdout + done.stderr)
-    if done.returncode != 0:
-        print(done.stderr[-4000:])
+    matches = data_stage(data, args.scenes, logs)
+    if matches is None:
         return finish(1)
-    import hashlib
-
-    sha = hashlib.sha256((data / "shards" / "shapes-000000.tar").read_bytes()).hexdigest()
-    summary["shard0_matches_cpu_run"] = sha == SHARD0_SHA256
-    say(f"data done; shard 0 sha256 matches the CPU run: {sha == SHARD0_SHA256}")
+    summary["shard0_matches_cpu_run"] = matches
+    say(f"data done; shard 0 sha256 matches the CPU run: {matches}")
     shards, base = data / "shards", Path(args.base)
 
     # 3. calibration

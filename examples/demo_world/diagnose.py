@@ -47,6 +47,17 @@ TIMESTEPS = (100, 300, 500, 700, 900, 990)
 STRENGTHS = (0.3, 0.5, 0.7, 0.85, 1.0)
 
 
+def _tokens(tokenizer, captions: list[str]) -> torch.Tensor:
+    """``captions`` as the pipelines tokenize a prompt (padded to the tokenizer's length)."""
+    return tokenizer(
+        captions,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
 @torch.no_grad()
 def x0_errors(
     base: str, scenes: int = 16, seed: int = 0, timesteps=TIMESTEPS, device: str = "cpu"
@@ -72,14 +83,7 @@ def x0_errors(
     pixels = torch.tensor(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
     vae, unet, text_encoder = vae.to(device), unet.to(device), text_encoder.to(device)
     latents = vae.encode(pixels.to(device)).latent_dist.mean * vae.config.scaling_factor
-    tokens = tokenizer(
-        captions,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-    hidden = text_encoder(tokens.to(device))[0]
+    hidden = text_encoder(_tokens(tokenizer, captions).to(device))[0]
     generator = torch.Generator().manual_seed(seed)
     errors = {}
     for t in timesteps:
@@ -197,14 +201,9 @@ def sample_check(
 
 def _state_cosines(text_encoder, tokenizer, captions: list[str], position: int) -> np.ndarray:
     """Cosine similarity matrix of the text encoder's output states at token ``position`` of ``captions``."""
-    tokens = tokenizer(
-        captions,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-    states = torch.nn.functional.normalize(text_encoder(tokens)[0][:, position].float(), dim=-1)
+    states = torch.nn.functional.normalize(
+        text_encoder(_tokens(tokenizer, captions))[0][:, position].float(), dim=-1
+    )
     return (states @ states.T).numpy()
 
 
@@ -348,14 +347,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--device {args.device}: this torch has no CUDA device")
     torch.set_num_threads(args.threads)
     errors, variance = x0_errors(args.base, args.scenes, device=args.device)
+    drawing = {"steps": args.sample_steps, "guidance": args.guidance, "device": args.device}
     print(f"{args.base}: latent variance {variance:.3f} (the error of predicting the mean)")
     print("| t | x0 MSE |\n| --- | --- |")
     for t, error in errors.items():
         print(f"| {t} | {error:.3f} |")
     if args.samples:
-        check = sample_check(
-            args.base, args.samples, steps=args.sample_steps, guidance=args.guidance, device=args.device
-        )
+        check = sample_check(args.base, args.samples, **drawing)
         print(
             f"text-to-image, {check['samples']} one-object captions (DDIM {args.sample_steps} steps, guidance "
             f"{args.guidance:g}): captioned background colour "
@@ -363,9 +361,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{check['shape']:.2f}"
         )
     if args.redraw:
-        kept = redraw_check(
-            args.base, args.redraw, steps=args.sample_steps, guidance=args.guidance, device=args.device
-        )
+        kept = redraw_check(args.base, args.redraw, **drawing)
         print(
             f"redrawn from the caption, {args.redraw} one-object scenes (DDIM {args.sample_steps} steps × strength, "
             f"guidance {args.guidance:g}):"
@@ -385,9 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         print("| --- " * (len(states["shapes"]) + 1) + "|")
         print("| cosine | " + " | ".join(f"{value:.3f}" for value in states["shapes"].values()) + " |")
     if args.shape_words:
-        check = shape_word_check(
-            args.base, args.shape_words, steps=args.sample_steps, guidance=args.guidance, device=args.device
-        )
+        check = shape_word_check(args.base, args.shape_words, **drawing)
         print(
             f"shape words, {check['seeds']} seeds × 5 (DDIM {args.sample_steps} steps, guidance {args.guidance:g}): "
             f"classified as prompted {check['diagonal']:.2f}; mean pixel change for another shape word "
