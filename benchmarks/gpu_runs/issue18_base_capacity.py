@@ -14,9 +14,10 @@ Why (docs/demo.md, "Why the base draws blobs"): the shipped base draws the capti
 captioned shapes, and neither an object-weighted loss, one-object scenes, a 10× text-encoder learning rate nor a
 fresh text encoder changed that in 1500-step fine-tunes on the CPU, and every shipped text encoder keeps the
 shape words nearly together (triangle, star and cross at cosine 0.99; colours far apart). Two causes are left,
-which only training from scratch can tell apart: the UNet's capacity (then the encoder merges the shape words
-because the UNet cannot use them), or the encoder merging the shape words early (then the UNet never learns to
-use them). This trains the base stage from scratch (``train_world.py --stages base``, the recipe's own code) for
+which only training from scratch can tell apart: the UNet's capacity (then the encoder leaves the shape words
+together because the UNet cannot use them), or the encoder leaving them together from the start (then the UNet
+never learns to use them; a CPU run of 1500 steps shows them still at CLIP's initial cosine, 0.94, while the
+colours have moved apart). This trains the base stage from scratch (``train_world.py --stages base``, the recipe's own code) for
 each variant of ``--variants`` with the same samples, steps, batch and rate, so each differs from the control
 (the shipped recipe) in one thing: the UNet's layout, or (``frozen_text``) a text encoder that cannot merge words:
 
