@@ -41,21 +41,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from brushnet.training.family import _token_ids  # how the training loops tokenize a caption
+
 __all__ = ["x0_errors", "redraw_check", "sample_check", "word_states", "shape_word_check", "main"]
 
 TIMESTEPS = (100, 300, 500, 700, 900, 990)
 STRENGTHS = (0.3, 0.5, 0.7, 0.85, 1.0)
-
-
-def _tokens(tokenizer, captions: list[str]) -> torch.Tensor:
-    """``captions`` as the pipelines tokenize a prompt (padded to the tokenizer's length)."""
-    return tokenizer(
-        captions,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
 
 
 @torch.no_grad()
@@ -83,7 +74,7 @@ def x0_errors(
     pixels = torch.tensor(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
     vae, unet, text_encoder = vae.to(device), unet.to(device), text_encoder.to(device)
     latents = vae.encode(pixels.to(device)).latent_dist.mean * vae.config.scaling_factor
-    hidden = text_encoder(_tokens(tokenizer, captions).to(device))[0]
+    hidden = text_encoder(_token_ids(tokenizer, captions, device))[0]
     generator = torch.Generator().manual_seed(seed)
     errors = {}
     for t in timesteps:
@@ -202,7 +193,7 @@ def sample_check(
 def _state_cosines(text_encoder, tokenizer, captions: list[str], position: int) -> np.ndarray:
     """Cosine similarity matrix of the text encoder's output states at token ``position`` of ``captions``."""
     states = torch.nn.functional.normalize(
-        text_encoder(_tokens(tokenizer, captions))[0][:, position].float(), dim=-1
+        text_encoder(_token_ids(tokenizer, captions, "cpu"))[0][:, position].float(), dim=-1
     )
     return (states @ states.T).numpy()
 
