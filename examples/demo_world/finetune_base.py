@@ -163,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             "--object-weight must be at least 1 and --steps, --lr, --text-lr, --batch, --scenes, --max-objects "
             "positive"
         )
+    if args.text_lr is not None and args.text_encoder == "fresh":
+        parser.error("--text-lr: the text encoder is frozen with --text-encoder fresh; give one of the two")
 
     from world_data import SIZE
 

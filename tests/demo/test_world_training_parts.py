@@ -905,6 +905,9 @@ def test_finetune_base_text_encoder_options(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--out", str(tmp_path / "new"), "--text-lr", "0"])
     assert exit_info.value.code == 2 and "--text-lr" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", str(tmp_path / "new"), "--text-lr", "1e-3", "--text-encoder", "fresh"])
+    assert exit_info.value.code == 2 and "frozen with --text-encoder fresh" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
 
 
