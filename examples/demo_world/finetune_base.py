@@ -15,6 +15,13 @@ scene caption, 45 % a subset of its objects), batch 16, gradient clipping at 1; 
 weight decay, warm-up or EMA, the first ``--scenes`` training scenes of world seed 0 (``--max-objects 1``: the
 same seeds drawn with one object each, whose captions are the kind ``diagnose.py`` draws from). The result is a whole base
 folder (a copy of ``--base`` with the new UNet, stored in float16, and text encoder). Not part of the recipe.
+
+The text encoder is fine-tuned with the UNet at ``--lr`` or at its own ``--text-lr`` (whether a faster encoder
+pulls the shape words apart); ``--text-encoder fresh`` replaces it by a newly initialised one of the same config
+(CLIP's initialisation, seed 0) and keeps it frozen, so ``--text-lr`` is refused with it.
+
+    python examples/demo_world/finetune_base.py --out /tmp/base_tlr --text-lr 2e-3
+    python examples/demo_world/finetune_base.py --out /tmp/base_fresh --text-encoder fresh
 """
 
 from __future__ import annotations
