@@ -8,7 +8,8 @@ Run on the device machine from the repo root, inside one device call (the wheels
         python3 benchmarks/gpu_runs/issue18_base_capacity.py --limit 540
 
 A CPU rehearsal of every step (2026-11-27, 264 s on the 2-core VM): ``--device cpu --scenes 64 --steps 3 --batch 4
---shape-words 1 --samples 1 --redraw 1 --variants control,level4 --diagnose-seconds 500 --limit 900``; ``frozen_text`` too.
+--shape-words 1 --samples 1 --redraw 1 --variants control,level4 --diagnose-seconds 500 --limit 900``; ``frozen_text``
+too, and (2026-11-27, session 34) ``control,level4_frozen`` (338 s, rc 0).
 
 Why (docs/demo.md, "Why the base draws blobs"): the shipped base draws the captioned colours but not the
 captioned shapes, and neither an object-weighted loss, one-object scenes, a 10× text-encoder learning rate nor a
@@ -19,7 +20,8 @@ together because the UNet cannot use them), or the encoder leaving them together
 never learns to use them; a CPU run of 1500 steps shows them still at CLIP's initial cosine, 0.94, while the
 colours have moved apart). This trains the base stage from scratch (``train_world.py --stages base``, the recipe's own code) for
 each variant of ``--variants`` with the same samples, steps, batch and rate, so each differs from the control
-(the shipped recipe) in one thing: the UNet's layout, or (``frozen_text``) a text encoder that cannot merge words:
+(the shipped recipe) in the UNet's layout, or (``frozen_text``) a text encoder that cannot merge words, or
+(``level4_frozen``) both; the default runs these four, the 2 × 2 of the two causes:
 
 1. Stage ``data`` (20000 scenes, in parallel; the bytes of a CPU run, checked by hash).
 2. One work folder per variant, the shards linked in and ``base/vae`` copied from the shipped base (whose encoder
@@ -62,6 +64,7 @@ VARIANTS = {
     "control": [],
     "level4": ["--unet-channels", "32,64,96,128"],  # a 4 × 4 level
     "frozen_text": ["--base-text-encoder", "frozen"],  # a frozen N(0, 1)-embedding encoder, the shipped UNet
+    "level4_frozen": ["--unet-channels", "32,64,96,128", "--base-text-encoder", "frozen"],  # both changes
     "deep": ["--unet-layers", "2"],  # two blocks per level
     "wide": ["--unet-channels", "48,96,144"],
 }
@@ -106,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument(
         "--variants",
-        default="control,level4,deep",
-        help=f"some of {', '.join(VARIANTS)} (default: the first 3)",
+        default="control,level4,frozen_text,level4_frozen",
+        help=f"some of {', '.join(VARIANTS)} (default: the first 4, the 2 × 2 of UNet and text encoder)",
     )
     parser.add_argument("--scenes", type=int, default=20000)
     parser.add_argument("--batch", type=int, default=128)
@@ -117,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="skip the calibration: this many steps")
     parser.add_argument("--min-steps", type=int, default=1000)
     parser.add_argument("--safety", type=float, default=0.85, help="share of the calibrated speed counted on")
-    parser.add_argument("--diagnose-seconds", type=float, default=120, help="kept for step 5")
+    parser.add_argument("--diagnose-seconds", type=float, default=150, help="kept for step 5")
     parser.add_argument("--shape-words", type=int, default=12)
     parser.add_argument("--samples", type=int, default=48)
     parser.add_argument("--redraw", type=int, default=24)
