@@ -6,6 +6,7 @@ The defaults are the shipped models' recipe; ``--smoke`` shrinks every stage to 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,9 +149,10 @@ class Run:
         return self.work / "checkpoints" / f"{stage}.pt"
 
     def scenes(self) -> tuple:
-        """``(uint8 (N, 3, 128, 128) images, scenes)`` of the run's training scenes."""
+        """``(uint8 (N, 3, 128, 128) images, scenes)`` of the run's training scenes, rendered on every core this
+        process may use (the same bytes on any number)."""
         from world_data import load_scene_images
 
         if self._scenes is None:
-            self._scenes = load_scene_images(self.cfg.scenes, self.cfg.seed)
+            self._scenes = load_scene_images(self.cfg.scenes, self.cfg.seed, len(os.sched_getaffinity(0)))
         return self._scenes

@@ -727,6 +727,22 @@ def test_every_stage_trains_on_cuda(tmp_path):
     assert record["hardware"]["accelerator"] == name
 
 
+def test_scene_images_are_the_same_in_any_number_of_processes(monkeypatch):
+    """``load_scene_images`` renders in forked processes, chunk by chunk, and returns the bytes, order and scenes
+    one process renders (what the base and autoencoder stages train on)."""
+    import world_data
+
+    monkeypatch.setattr(world_data, "_TABLE_CHUNK", 4)
+    one, scenes = world_data.load_scene_images(11, 5)
+    three, scenes3 = world_data.load_scene_images(11, 5, processes=3)
+    assert one.dtype == torch.uint8 and one.shape == (11, 3, 128, 128) and one.is_contiguous()
+    assert torch.equal(one, three) and [s.caption for s in scenes] == [s.caption for s in scenes3]
+    for index in (0, 6, 10):  # the first, a middle and the last chunk, against a scene rendered here
+        scene = sample_scene(scene_rng("train", 5, index), size=128)
+        assert scenes[index].caption == scene.caption
+        assert torch.equal(one[index].permute(1, 2, 0), torch.from_numpy(np.asarray(render_scene(scene)[0])))
+
+
 def test_preloaded_scenes_give_the_same_samples(tmp_path, monkeypatch):
     """``preload`` computes the scenes once (here in two processes, several chunks) and the stream yields
     exactly the samples it yields without it, in every epoch; once built, the table is what it reads."""
