@@ -107,6 +107,17 @@ def seconds_per_step(log: Path, first: int, last: int) -> float | None:
     return (times[last] - times[first]).total_seconds() / (last - first)
 
 
+def startup_seconds(log: Path, launched: datetime, speed: float, step: int = 50) -> float | None:
+    """Seconds from ``launched`` (the process's start, local time) to its first step: the time to the log line
+    of ``step`` less ``step`` steps at ``speed`` seconds each (imports, the scenes, the models, the first batch)."""
+    for line in log.read_text(errors="replace").splitlines():
+        match = STEP_LINE.match(line)
+        if match and int(match.group(2)) == step:
+            logged = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f")
+            return max(0.0, (logged - launched).total_seconds() - step * speed)
+    return None
+
+
 def pack(out: Path, name: str, root: Path, members: list[str]) -> None:
     present = [m for m in members if (root / m).exists()]
     if not present:
@@ -203,7 +214,7 @@ def main() -> int:
         steps = args.steps
     else:
         cal = args.cal_steps
-        procs = {}
+        procs, launched = {}, datetime.now()
         for stage in (*STAGES, "powerpaint") if args.powerpaint else STAGES:
             work = work_folder(scratch / f"cal_{stage}", shards, base)
             extra = ["--powerpaint-steps", str(cal)] if stage == "powerpaint" else []
@@ -217,7 +228,9 @@ def main() -> int:
         say(f"calibration (s/step, 4 side by side): {speed}")
         if any(value is None for value in speed.values()):
             return finish(1)
-        avail = (args.limit - now() - args.pack_seconds - 30) * args.safety  # 30: loading the models
+        startup = max(startup_seconds(logs / f"cal_{stage}.log", launched, speed[stage]) for stage in procs)
+        summary["calibration_startup_seconds"] = round(startup, 1)
+        avail = (args.limit - now() - args.pack_seconds - startup) * args.safety
         steps = avail / max(speed[s] for s in STAGES)
         if args.powerpaint:
             steps = min(steps, (avail - 1500 * speed["powerpaint"]) / speed["brushnet"])
