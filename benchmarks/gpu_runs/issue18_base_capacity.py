@@ -7,10 +7,11 @@ Run on the device machine from the repo root, inside one device call (the wheels
         .whl/*.whl && PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 \
         python3 benchmarks/gpu_runs/issue18_base_capacity.py --limit 560
 
-then, here, for each ``base_NAME.tgz`` that came back (unpacked into ``B/NAME``, the shipped ``base/vae`` copied
-beside it): ``python examples/demo_world/diagnose.py --base B/NAME --threads 2 --words --shape-words 12 --samples
-48 --redraw 24``: 6 min 15 s a base on this 2-core VM. On the first call's control it gave the GPU's figures,
-but for one of the 60 shape-word images, classified differently.
+then, here, ``python benchmarks/gpu_runs/issue18_compare_bases.py --tars DIR --work W`` on the folder the device
+tool put the files in: it unpacks each base, diagnoses it on the CPU (``diagnose.py --words --shape-words 12
+--samples 48 --redraw 24``: 6 min 15 s a base on a 2-core VM; on the first call's control it gave the GPU's
+figures but for one of the 60 shape-word images, classified differently) and says which variant beats the
+control.
 
 CPU rehearsals of every step (2-core VM): ``--device cpu --scenes 64 --steps 3 --batch 4 --shape-words 1 --samples
 1 --redraw 1 --variants control,level4 --diagnose-seconds 500 --limit 900`` (264 s), the same with ``frozen_text``

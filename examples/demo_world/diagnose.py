@@ -29,11 +29,15 @@ for colour words). ``--shape-words N`` draws N seeds × the five shape words, ea
 background and only the shape word changed, and prints which shape comes out for which word (a confusion
 matrix) and how much the shape word changes the image next to how much the seed does: whether the base reads
 the shape word at all.
+
+``--json PATH`` also writes every figure printed to ``PATH`` (what
+``benchmarks/gpu_runs/issue18_compare_bases.py`` reads to compare bases side by side).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -319,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         default=25,
         help="DDIM steps of --samples, --redraw and --shape-words (25).",
     )
+    parser.add_argument("--json", type=Path, help="Also write every figure to this JSON file.")
     args = parser.parse_args(argv)
     if (
         args.guidance < 1
@@ -336,15 +341,23 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: this torch has no CUDA device")
+    if args.json is not None and not args.json.parent.is_dir():
+        parser.error(f"--json {args.json}: no folder {args.json.parent}")
     torch.set_num_threads(args.threads)
     errors, variance = x0_errors(args.base, args.scenes, device=args.device)
     drawing = {"steps": args.sample_steps, "guidance": args.guidance, "device": args.device}
+    figures: dict = {
+        "base": str(args.base),
+        "drawing": drawing,
+        "latent_variance": variance,
+        "x0_mse": errors,
+    }
     print(f"{args.base}: latent variance {variance:.3f} (the error of predicting the mean)")
     print("| t | x0 MSE |\n| --- | --- |")
     for t, error in errors.items():
         print(f"| {t} | {error:.3f} |")
     if args.samples:
-        check = sample_check(args.base, args.samples, **drawing)
+        check = figures["text_to_image"] = sample_check(args.base, args.samples, **drawing)
         print(
             f"text-to-image, {check['samples']} one-object captions (DDIM {args.sample_steps} steps, guidance "
             f"{args.guidance:g}): captioned background colour "
@@ -352,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{check['shape']:.2f}"
         )
     if args.redraw:
-        kept = redraw_check(args.base, args.redraw, **drawing)
+        kept = figures["redraw"] = redraw_check(args.base, args.redraw, **drawing)
         print(
             f"redrawn from the caption, {args.redraw} one-object scenes (DDIM {args.sample_steps} steps × strength, "
             f"guidance {args.guidance:g}):"
@@ -362,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {strength} | {share:.2f} |")
     if args.words:
         states = word_states(args.base)
+        figures["words"] = {
+            kind: {f"{a}/{b}": value for (a, b), value in pairs.items()} for kind, pairs in states.items()
+        }
         for kind, pairs in states.items():
             closest = max(pairs, key=pairs.get)
             print(
@@ -372,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         print("| --- " * (len(states["shapes"]) + 1) + "|")
         print("| cosine | " + " | ".join(f"{value:.3f}" for value in states["shapes"].values()) + " |")
     if args.shape_words:
-        check = shape_word_check(args.base, args.shape_words, **drawing)
+        check = figures["shape_words"] = shape_word_check(args.base, args.shape_words, **drawing)
         print(
             f"shape words, {check['seeds']} seeds × 5 (DDIM {args.sample_steps} steps, guidance {args.guidance:g}): "
             f"classified as prompted {check['diagonal']:.2f}; mean pixel change for another shape word "
@@ -382,7 +398,24 @@ def main(argv: list[str] | None = None) -> int:
         print("| prompted \\ drawn | " + " | ".join(names) + " |\n" + "| --- " * (len(names) + 1) + "|")
         for shape, row in check["confusion"].items():
             print(f"| {shape} | " + " | ".join(str(row[name]) for name in names) + " |")
+    if args.json is not None:
+        _write_json(args.json, figures)
     return 0
+
+
+def _write_json(path: Path, figures: dict) -> None:
+    """``figures`` as JSON at ``path``, written whole or not at all (NaN, as for one seed's seed change: null)."""
+
+    def plain(value):
+        if isinstance(value, dict):
+            return {str(key): plain(item) for key, item in value.items()}
+        if isinstance(value, float) and value != value:
+            return None
+        return value
+
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(plain(figures), indent=2))
+    partial.replace(path)
 
 
 if __name__ == "__main__":
