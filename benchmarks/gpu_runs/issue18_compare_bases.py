@@ -55,8 +55,12 @@ def unpack(tar: Path, work: Path) -> Path:
     if not (folder / "model_index.json").is_file():
         partial = work / f".{name}.partial"
         shutil.rmtree(partial, ignore_errors=True)
-        with tarfile.open(tar) as archive:
-            archive.extractall(partial, filter="data")
+        try:
+            with tarfile.open(tar) as archive:
+                archive.extractall(partial, filter="data")
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
         if not (partial / "model_index.json").is_file() or not (partial / "unet").is_dir():
             shutil.rmtree(partial)
             raise ValueError(
@@ -108,7 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     if args.tars is not None:
         for tar in sorted(args.tars.glob("base_*.tgz")):
-            unpack(tar, args.work)
+            try:
+                unpack(tar, args.work)
+            except ValueError as error:  # an archive, but not of a base
+                parser.error(str(error))
+            except (tarfile.TarError, EOFError) as error:
+                parser.error(f"{tar}: cannot unpack ({error})")
     bases = sorted(path.parent for path in args.work.glob("*/model_index.json"))
     if not bases:
         parser.error(f"--work {args.work}: no unpacked base there (give --tars)")

@@ -77,6 +77,14 @@ def test_main_compares_the_diagnosed_bases_and_refuses_a_folder_without_tars(tmp
     (work / "control" / "model_index.json").unlink()
     assert main(["--work", str(work)]) == 1
     assert "no base named 'control'" in capsys.readouterr().out
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "base_level4.tgz").write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--tars", str(corrupt), "--work", str(tmp_path / "work2")])
+    assert exit_info.value.code == 2
+    assert f"{corrupt / 'base_level4.tgz'}: cannot unpack" in capsys.readouterr().err
+    assert list((tmp_path / "work2").iterdir()) == []  # nothing half-unpacked left
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit) as exit_info:
         main(["--tars", str(tmp_path / "empty"), "--work", str(work)])
