@@ -17,7 +17,8 @@ CPU rehearsals of every step (2-core VM): ``--device cpu --scenes 64 --steps 3 -
 1 --redraw 1 --variants control,level4 --diagnose-seconds 500 --limit 900`` (264 s), the same with ``frozen_text``
 and with ``control,level4_frozen`` (338 s); with the calibration, its startup budget and the defaults otherwise,
 ``--device cpu --scenes 64 --batch 4 --variants control --limit 250 --min-steps 50`` (195 s, rc 0: 300 steps
-fitted and ended 36 s before their deadline; the base packed).
+fitted and ended 36 s before their deadline; the base packed; 197 s again after the calibration reading moved to
+``issue18_demo_world.read_calibration``).
 
 Why (docs/demo.md, "Why the base draws blobs"): the shipped base draws the captioned colours but not the
 captioned shapes, and no fine-tune changed that. Two causes were left: the UNet's capacity, or a text encoder that
@@ -65,7 +66,7 @@ from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from issue18_demo_world import data_stage, launch, pack, say, seconds_per_step, startup_seconds  # noqa: E402
+from issue18_demo_world import data_stage, launch, pack, read_calibration, say  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "demo_world" / "train_world.py"
@@ -186,15 +187,10 @@ def main(argv: list[str] | None = None) -> int:
             for name in names
         }
         wait_all(procs)
-        speed = {name: seconds_per_step(logs / f"cal_{name}.log", 50, args.cal_steps) for name in names}
-        summary["calibration_seconds_per_step"] = speed
-        say(f"calibration (s/step, {len(names)} side by side): {speed}")
-        if any(value is None for value in speed.values()):
+        calibration = read_calibration(logs, names, args.cal_steps, launched, summary)
+        if calibration is None:
             return finish(1)
-        # the time to the first step (rendering the scenes, encoding them) counts again in the training run
-        startup = max(startup_seconds(logs / f"cal_{name}.log", launched, speed[name]) for name in names)
-        summary["calibration_startup_seconds"] = round(startup, 1)
-        say(f"calibration: {startup:.0f} s to the first step")
+        speed, startup = calibration  # the time to the first step counts again in the training run
         avail = (args.limit - now() - args.pack_seconds - args.diagnose_seconds - startup) * args.safety
         steps = min(SHIPPED_SAMPLES // args.batch, int(avail / max(speed.values()) // 50 * 50))
         if steps < args.min_steps:

@@ -118,6 +118,23 @@ def startup_seconds(log: Path, launched: datetime, speed: float, step: int = 50)
     return None
 
 
+def read_calibration(
+    logs: Path, names, steps: int, launched: datetime, summary: dict
+) -> tuple[dict, float] | None:
+    """From the calibration logs ``logs/cal_NAME.log`` (processes side by side, started at ``launched``): each
+    one's seconds per step between steps 50 and ``steps`` and the longest time to a first step, which counts
+    again when the real run starts. Both go into ``summary``; ``None`` if a log lacks those steps."""
+    speed = {name: seconds_per_step(logs / f"cal_{name}.log", 50, steps) for name in names}
+    summary["calibration_seconds_per_step"] = speed
+    say(f"calibration (s/step, {len(speed)} side by side): {speed}")
+    if any(value is None for value in speed.values()):
+        return None
+    startup = max(startup_seconds(logs / f"cal_{name}.log", launched, speed[name]) for name in names)
+    summary["calibration_startup_seconds"] = round(startup, 1)
+    say(f"calibration: {startup:.0f} s to the first step")
+    return speed, startup
+
+
 def pack(out: Path, name: str, root: Path, members: list[str]) -> None:
     present = [m for m in members if (root / m).exists()]
     if not present:
@@ -223,13 +240,10 @@ def main() -> int:
             )
         for proc in procs.values():
             proc.wait()
-        speed = {stage: seconds_per_step(logs / f"cal_{stage}.log", 50, cal) for stage in procs}
-        summary["calibration_seconds_per_step"] = speed
-        say(f"calibration (s/step, 4 side by side): {speed}")
-        if any(value is None for value in speed.values()):
+        calibration = read_calibration(logs, procs, cal, launched, summary)
+        if calibration is None:
             return finish(1)
-        startup = max(startup_seconds(logs / f"cal_{stage}.log", launched, speed[stage]) for stage in procs)
-        summary["calibration_startup_seconds"] = round(startup, 1)
+        speed, startup = calibration
         avail = (args.limit - now() - args.pack_seconds - startup) * args.safety
         steps = avail / max(speed[s] for s in STAGES)
         if args.powerpaint:

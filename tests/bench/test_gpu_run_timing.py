@@ -41,3 +41,20 @@ def test_seconds_per_step_and_startup_from_a_log(tmp_path):
     )
     # a clock that says the step came first is counted as no startup, never as negative time
     assert startup_seconds(branch, datetime(2026, 11, 27, 3, 7, 16), speed) == 0.0
+
+
+def test_read_calibration_records_speed_and_startup_or_refuses_a_short_log(tmp_path):
+    from issue18_demo_world import read_calibration
+
+    (tmp_path / "cal_control.log").write_text(LOG)
+    (tmp_path / "cal_level4.log").write_text(LOG.replace("18:50:17,051", "18:50:19,551"))
+    summary = {}
+    speed, startup = read_calibration(
+        tmp_path, ["control", "level4"], 100, datetime(2026, 11, 27, 18, 48, 30), summary
+    )
+    assert speed == pytest.approx({"control": 7.733 / 50, "level4": 10.233 / 50})
+    assert startup == pytest.approx(99.318 - 7.733)  # the longer of the two times to a first step
+    assert summary["calibration_seconds_per_step"] == speed
+    assert summary["calibration_startup_seconds"] == round(startup, 1)
+    (tmp_path / "cal_short.log").write_text(LOG.splitlines()[0] + "\n")
+    assert read_calibration(tmp_path, ["control", "short"], 100, datetime(2026, 11, 27), {}) is None
