@@ -66,7 +66,7 @@ from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from issue18_demo_world import data_stage, launch, pack, read_calibration, say  # noqa: E402
+from issue18_demo_world import data_stage, finisher, launch, pack, read_calibration, say  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "demo_world" / "train_world.py"
@@ -157,12 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     summary: dict = {"args": vars(args), "variants": {name: VARIANTS[name] for name in names}}
 
-    def finish(code: int) -> int:
-        summary["seconds"] = round(now(), 1)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        pack(out, "logs", scratch, ["logs"])
-        say(f"done, rc {code}")
-        return code
+    finish = finisher(out, scratch, summary)
 
     # 1. the training scenes
     data = scratch / "data"

@@ -146,6 +146,20 @@ def pack(out: Path, name: str, root: Path, members: list[str]) -> None:
     say(f"packed {name}.tgz ({(out / f'{name}.tgz').stat().st_size / 2**20:.1f} MiB)")
 
 
+def finisher(out: Path, scratch: Path, summary: dict):
+    """The script's way out: ``finish(code)`` writes ``summary`` (with the seconds so far) to ``out/summary.json``,
+    packs ``scratch/logs`` and returns ``code``."""
+
+    def finish(code: int) -> int:
+        summary["seconds"] = round(now(), 1)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        pack(out, "logs", scratch, ["logs"])
+        say(f"done, rc {code}")
+        return code
+
+    return finish
+
+
 def data_stage(data: Path, scenes: int, logs: Path) -> str | None:
     """Stage ``data`` into ``data`` on every core (its log in ``logs/data.log``); ``None`` if it failed, else
     whether shard 0's bytes are a CPU run's: ``"yes"``, ``"no"``, or ``"not checked"`` (the hash is known for
@@ -196,12 +210,7 @@ def main() -> int:
     logs.mkdir(parents=True, exist_ok=True)
     summary: dict = {"args": vars(args)}
 
-    def finish(code: int) -> int:
-        summary["seconds"] = round(now(), 1)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        pack(out, "logs", scratch, ["logs"])
-        say(f"done, rc {code}")
-        return code
+    finish = finisher(out, scratch, summary)
 
     # 1. every stage's code path on the device
     smoke = None if args.skip_smoke else subprocess.run(
