@@ -110,3 +110,23 @@ def test_diagnose_json_has_every_figure_the_comparison_reads(tmp_path):
     assert verdicts == {"same": False}  # equal is not a margin above
     assert len(table.splitlines()) == 4
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_bad_options_are_one_usage_line_before_anything_is_loaded_or_written(tmp_path, capsys):
+    from diagnose import main as diagnose  # examples/demo_world (conftest.py)
+    from issue18_base_capacity import main as base_capacity
+
+    from brushnet.demo.assets import DEMO_DIR
+
+    with pytest.raises(SystemExit) as exit_info:
+        diagnose(["--base", str(DEMO_DIR / "base"), "--json", str(tmp_path / "missing" / "base.json")])
+    assert exit_info.value.code == 2
+    assert (
+        f"--json {tmp_path / 'missing' / 'base.json'}: no folder {tmp_path / 'missing'}"
+        in capsys.readouterr().err
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        base_capacity(["--variants", "control,huge", "--scratch", str(tmp_path / "scratch")])
+    assert exit_info.value.code == 2
+    assert "--variants: unknown ['huge']" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # neither wrote anything
