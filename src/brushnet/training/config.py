@@ -104,6 +104,14 @@ class TrainConfig(BaseModel):
     allow_tf32: bool = Field(False, description="Allow TF32 matmuls on Ampere+ GPUs.")
     use_ema: bool = Field(False, description="Keep an exponential moving average of the branch.")
     ema_decay: float = Field(0.9999, gt=0, lt=1, description="EMA decay.")
+    kept_invariance_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of a term that makes the kept region's prediction independent of the caption (the mean "
+        "squared difference, over latent cells no hole pixel touches, between the predictions with the caption and "
+        "with the empty caption, which classifier-free guidance multiplies); 0: the paper's loss. One more UNet pass "
+        "per step.",
+    )
     prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
         None, description="Training target; default: the base scheduler config's."
     )

@@ -12,6 +12,13 @@ One step, per micro-batch:
     ε̂       = UNet(z_t, t, c, c_add; BrushNet(z_t, t, [z_m, k], c_add))
     loss    = ‖ε̂ − ε‖²  (or v = √ᾱ_t ε − √(1−ᾱ_t) z₀ with v-prediction), mean over the whole latent
 
+With ``kept_invariance_weight`` λ > 0 (not in the paper; off by default) the UNet also runs on the empty caption
+with the same branch features, ε̂_∅, and the loss gains λ · mean over the kept cells of ‖ε̂ − ε̂_∅‖², the kept
+cells being those no hole pixel touches (the hole max-pooled to latent size). Classifier-free guidance adds
+(w − 1)(ε̂ − ε̂_∅) to every latent cell, so whatever the caption changes in the kept region, guidance multiplies;
+the term teaches the branch to make the kept region's prediction independent of the caption. It costs one more
+UNet forward and backward per step and draws nothing from the generator (a run with it sees the same samples).
+
 All randomness of a step (caption dropout, VAE posterior samples, ε, t) comes from one seeded generator
 per process whose state is checkpointed, so a resumed run repeats an uninterrupted one exactly.
 """
@@ -54,6 +61,7 @@ __all__ = [
     "initial_branch",
     "training_target",
     "brushnet_training_loss",
+    "kept_cells",
     "train",
 ]
 
@@ -179,6 +187,8 @@ def branch_denoising_loss(
     weight_dtype: torch.dtype,
     prediction_type: str,
     added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+    unconditional: tuple[torch.Tensor, dict[str, torch.Tensor] | None] | None = None,
+    kept_invariance_weight: float = 0.0,
 ) -> torch.Tensor:
     """The denoising loss of a branch on the frozen UNet for one micro-batch whose texts are encoded (shared by
     BrushNet and PowerPaint).
@@ -198,9 +208,14 @@ def branch_denoising_loss(
         weight_dtype: dtype of the frozen parts.
         prediction_type: ``"epsilon"`` or ``"v_prediction"``.
         added_cond_kwargs: SDXL's added conditions, for the branch and the UNet alike.
+        unconditional: ``(hidden states, added conditions)`` of the empty caption for the UNet; with
+            ``kept_invariance_weight`` > 0 the UNet also runs on them, with the same branch features (a branch
+            that reads no text: BrushNet), and the loss gains ``kept_invariance_weight`` × the mean over the
+            kept latent cells of the squared difference of the two predictions (see the module docstring).
+        kept_invariance_weight: λ of that term; 0 (the default) is the paper's loss.
 
     Returns:
-        Scalar float32 MSE over the whole latent.
+        Scalar float32: the MSE over the whole latent, plus the kept-region term when it is on.
     """
     vae, unet, scheduler = components.vae, components.unet, components.noise_scheduler
     device = next(unet.parameters()).device
@@ -226,18 +241,48 @@ def branch_denoising_loss(
         added_cond_kwargs=added_cond_kwargs,
         return_dict=False,
     )
-    model_pred = unet_forward_with_brushnet(
+    invariance = kept_invariance_weight > 0
+    if invariance and unconditional is None:
+        raise ValueError("kept_invariance_weight > 0 needs the unconditional text encoding")
+    copies = 2 if invariance else 1
+
+    def repeat(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(weight_dtype).repeat(copies, *([1] * (tensor.dim() - 1)))
+
+    hidden_states, added = unet_hidden_states, added_cond_kwargs
+    if invariance:  # one UNet pass over [caption; empty caption], the branch's features for both halves
+        hidden_states = torch.cat([unet_hidden_states, unconditional[0].to(unet_hidden_states.dtype)])
+        if added_cond_kwargs is not None:
+            added = {k: torch.cat([v, unconditional[1][k].to(v.dtype)]) for k, v in added_cond_kwargs.items()}
+    prediction = unet_forward_with_brushnet(
         unet,
-        noisy_latents.to(weight_dtype),
-        timesteps,
-        unet_hidden_states,
-        [d.to(weight_dtype) for d in down],
-        mid.to(weight_dtype),
-        [u.to(weight_dtype) for u in up],
-        added_cond_kwargs=added_cond_kwargs,
-    )
+        repeat(noisy_latents),
+        timesteps.repeat(copies),
+        hidden_states,
+        [repeat(d) for d in down],
+        repeat(mid),
+        [repeat(u) for u in up],
+        added_cond_kwargs=added,
+    ).float()
+    model_pred = prediction[: latents.shape[0]]
     target = training_target(scheduler, latents, noise, timesteps, prediction_type)
-    return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+    loss = F.mse_loss(model_pred, target.float(), reduction="mean")
+    if invariance:
+        kept = kept_cells(hole, latents.shape[-2:]).float()
+        difference = (model_pred - prediction[latents.shape[0] :]).pow(2).mean(dim=1, keepdim=True)
+        loss = loss + kept_invariance_weight * (difference * kept).sum() / kept.sum().clamp(min=1.0)
+    return loss
+
+
+def kept_cells(hole: torch.Tensor, latent_size) -> torch.Tensor:
+    """``(B, 1, h, w)`` bool map of the latent cells no hole pixel touches: ``hole`` ``(B, 1, H, W)`` (1 = hole)
+    max-pooled to ``latent_size`` ``(h, w)`` (``H`` and ``W`` multiples of them), then inverted."""
+    height, width = hole.shape[-2:]
+    h, w = int(latent_size[0]), int(latent_size[1])
+    if height % h or width % w:
+        raise ValueError(f"the mask's size {height}×{width} is not a multiple of the latent's {h}×{w}")
+    touched = F.max_pool2d((hole > 0.5).float(), kernel_size=(height // h, width // w))
+    return touched < 0.5
 
 
 def brushnet_training_loss(
@@ -249,6 +294,7 @@ def brushnet_training_loss(
     weight_dtype: torch.dtype = torch.float32,
     prediction_type: str = "epsilon",
     caption_dropout: float = 0.0,
+    kept_invariance_weight: float = 0.0,
 ) -> torch.Tensor:
     """The loss of one micro-batch (see the module docstring for the maths).
 
@@ -262,16 +308,20 @@ def brushnet_training_loss(
         weight_dtype: dtype of the frozen parts.
         prediction_type: ``"epsilon"`` or ``"v_prediction"``.
         caption_dropout: probability of replacing a caption by ``""``.
+        kept_invariance_weight: λ of the kept region's caption-invariance term (module docstring); 0: off.
 
     Returns:
-        Scalar float32 MSE over the whole latent.
+        Scalar float32: the MSE over the whole latent (plus the invariance term when it is on).
     """
     device = next(components.unet.parameters()).device
     captions = drop_texts(batch["caption"], caption_dropout, generator)
+    unconditional = None
     with torch.no_grad():
         encoder_hidden_states, added_cond_kwargs = components.family.encode(
             captions, device, weight_dtype, batch
         )
+        if kept_invariance_weight > 0:
+            unconditional = components.family.encode([""] * len(captions), device, weight_dtype, batch)
     return branch_denoising_loss(
         brushnet,
         components,
@@ -282,6 +332,8 @@ def brushnet_training_loss(
         weight_dtype=weight_dtype,
         prediction_type=prediction_type,
         added_cond_kwargs=added_cond_kwargs,
+        unconditional=unconditional,
+        kept_invariance_weight=kept_invariance_weight,
     )
 
 
@@ -498,6 +550,7 @@ def train(config: TrainConfig, dataset=None) -> TrainResult:
                         weight_dtype=weight_dtype,
                         prediction_type=prediction_type,
                         caption_dropout=config.caption_dropout,
+                        kept_invariance_weight=config.kept_invariance_weight,
                     )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:

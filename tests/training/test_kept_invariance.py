@@ -1,0 +1,160 @@
+"""The kept region's caption-invariance term (``kept_invariance_weight``): what it adds to the loss, which latent
+cells it looks at, that it leaves the samples alone, and that training with it makes the kept region's
+prediction depend less on the caption."""
+
+import pytest
+import torch
+
+from brushnet.data.brushdata import BrushDataStream
+from brushnet.models.brushnet import BrushNetModel
+from brushnet.models.unet_injection import unet_forward_with_brushnet
+from brushnet.training import loop
+from brushnet.training.config import ConfigError, make_config, parse_train_args
+from brushnet.training.data import build_train_dataloader, iterate_batches
+
+
+def _batch(config):
+    dataset = BrushDataStream(config.train_shards, config.resolution, config.mask, seed=0, shuffle_buffer=0)
+    return next(iterate_batches(build_train_dataloader(config, dataset), dataset, epoch=0))
+
+
+def _branch_with_taps(components) -> BrushNetModel:
+    """A branch whose zero-initialised taps are drawn non-zero, so its features reach the UNet."""
+    brushnet = BrushNetModel.from_unet(components.unet)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in brushnet.named_parameters():
+            if name.startswith(("brushnet_down_blocks", "brushnet_mid_block", "brushnet_up_blocks")):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    return brushnet
+
+
+def test_kept_cells_are_those_no_hole_pixel_touches():
+    hole = torch.zeros(2, 1, 8, 8)
+    hole[0, 0, 5, 2] = 1  # one pixel: cell (2, 1) of a 4 × 4 grid of 2 × 2 cells
+    hole[1] = 1
+    kept = loop.kept_cells(hole, (4, 4))
+    assert kept.shape == (2, 1, 4, 4) and kept.dtype == torch.bool
+    expected = torch.ones(4, 4, dtype=torch.bool)
+    expected[2, 1] = False
+    assert torch.equal(kept[0, 0], expected)
+    assert not kept[1].any()
+    with pytest.raises(ValueError, match="not a multiple"):
+        loop.kept_cells(torch.zeros(1, 1, 9, 8), (4, 4))
+
+
+def test_the_term_is_the_weighted_kept_difference_of_the_two_predictions(base_config, tiny_base):
+    """loss(λ) − loss(0) = λ · mean over kept cells of ‖ε̂(caption) − ε̂(empty)‖², recomputed here from the same
+    draws; the generator is left in the same state (the samples of a run do not change)."""
+    components = loop.load_components(str(tiny_base))
+    brushnet = _branch_with_taps(components)
+    config = make_config({**base_config, "train_batch_size": 4})
+    batch = _batch(config)
+    assert 0 < batch["mask"].mean() < 1
+
+    def loss(weight):
+        generator = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            value = loop.brushnet_training_loss(
+                brushnet, components, batch, generator, kept_invariance_weight=weight
+            )
+        return value.item(), generator.get_state()
+
+    (plain, state0), (with_term, state1) = loss(0.0), loss(2.5)
+    assert torch.equal(state0, state1)
+
+    # the same draws, by hand: posterior samples, noise, timesteps (branch_denoising_loss's order)
+    from brushnet.models.conditioning import brushnet_conditioning, encode_latents
+
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        texts, _ = components.family.encode(batch["caption"], "cpu", torch.float32)
+        empty, _ = components.family.encode([""] * len(batch["caption"]), "cpu", torch.float32)
+        pixels, hole = batch["pixel_values"], batch["mask"]
+        latents = encode_latents(components.vae, pixels, generator)
+        cond = brushnet_conditioning(components.vae, pixels, hole, generator)
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, 1000, (latents.shape[0],), generator=generator)
+        noisy = components.noise_scheduler.add_noise(latents, noise, timesteps)
+        down, mid, up = brushnet(
+            noisy, timesteps, encoder_hidden_states=texts, brushnet_cond=cond, return_dict=False
+        )
+        predictions = [
+            unet_forward_with_brushnet(components.unet, noisy, timesteps, states, down, mid, up)
+            for states in (texts, empty)
+        ]
+    factor = hole.shape[-1] // latents.shape[-1]
+    kept = (torch.nn.functional.avg_pool2d(hole, factor) == 0).float()  # no hole pixel in the cell
+    assert 0 < kept.mean() < 1
+    difference = (predictions[0] - predictions[1]).pow(2).mean(dim=1, keepdim=True)
+    term = ((difference * kept).sum() / kept.sum()).item()
+    assert term > 0
+    assert plain == pytest.approx(torch.nn.functional.mse_loss(predictions[0], noise).item(), rel=1e-5)
+    assert with_term - plain == pytest.approx(2.5 * term, rel=1e-4)
+
+
+def test_training_with_the_term_makes_the_kept_prediction_depend_less_on_the_caption(base_config, tiny_base):
+    """The same 30 steps on one batch with and without the term: with it, the kept cells' ‖c − u‖² ends well
+    below where the paper's loss leaves it, and the denoising loss still falls."""
+    components = loop.load_components(str(tiny_base))
+    for module in components.frozen_modules.values():
+        module.requires_grad_(False).eval()
+    config = make_config({**base_config, "train_batch_size": 4})
+    batch = _batch(config)
+
+    def train(weight):
+        brushnet = _branch_with_taps(components).train()
+        optimizer = torch.optim.AdamW(brushnet.parameters(), lr=2e-3)
+        for _ in range(30):
+            loss = loop.brushnet_training_loss(
+                brushnet, components, batch, torch.Generator().manual_seed(3), kept_invariance_weight=weight
+            )
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        with torch.no_grad():
+            generator = torch.Generator().manual_seed(3)
+            denoising = loop.brushnet_training_loss(brushnet, components, batch, generator).item()
+            generator = torch.Generator().manual_seed(3)
+            total = loop.brushnet_training_loss(
+                brushnet, components, batch, generator, kept_invariance_weight=1.0
+            ).item()
+        return denoising, total - denoising  # the denoising loss and the kept ‖c − u‖² after training
+
+    with torch.no_grad():
+        start = _branch_with_taps(components)
+        first = loop.brushnet_training_loss(start, components, batch, torch.Generator().manual_seed(3)).item()
+    plain_loss, plain_drift = train(0.0)
+    term_loss, term_drift = train(50.0)
+    assert term_drift < 0.5 * plain_drift, (term_drift, plain_drift)
+    assert term_loss < 0.8 * first, (term_loss, first)
+
+
+def test_sdxl_term_uses_the_empty_captions_added_conditions(base_config, tiny_xl_models):
+    components = loop.load_components(str(tiny_xl_models["base"]))
+    brushnet = _branch_with_taps(components)
+    config = make_config({**base_config, "pretrained_model_name_or_path": str(tiny_xl_models["base"])})
+    batch = _batch(config)
+    with torch.no_grad():
+        plain, term = (
+            loop.brushnet_training_loss(
+                brushnet, components, batch, torch.Generator().manual_seed(1), kept_invariance_weight=w
+            ).item()
+            for w in (0.0, 1.0)
+        )
+    assert torch.isfinite(torch.tensor(term)) and term > plain
+
+
+def test_the_option_is_a_flag_and_refuses_negative_weights(base_config):
+    assert make_config(base_config).kept_invariance_weight == 0.0
+    flags = [
+        "--pretrained_model_name_or_path",
+        "base",
+        "--train_shards",
+        "s",
+        "--kept_invariance_weight",
+        "0.5",
+    ]
+    assert parse_train_args(flags).kept_invariance_weight == 0.5
+    with pytest.raises(ConfigError, match="kept_invariance_weight"):
+        make_config({**base_config, "kept_invariance_weight": -1})
