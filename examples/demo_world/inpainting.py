@@ -49,6 +49,7 @@ def _branch_config(run: Run, out_dir):
             "shuffle_buffer": 500,
             "mask": {"mode": "mix", "p_brush": 0.5},
             "caption_dropout": CAPTION_DROPOUT,
+            "kept_invariance_weight": cfg.kept_invariance,
             "train_batch_size": cfg.branch_batch,
             "max_train_steps": cfg.branch_steps,
             "learning_rate": cfg.branch_lr,
@@ -162,6 +163,36 @@ def _target(components, latents, noise, timesteps) -> torch.Tensor:
     return training_target(scheduler, latents, noise, timesteps, scheduler.config.prediction_type)
 
 
+def _captions(components, batch: dict, generator: torch.Generator, device, weight: float):
+    """The UNet's text for a batch: the captions after dropout, and with the invariance term on (``weight`` > 0)
+    the empty caption's states after them, ``(2B, L, D)``, so the model runs once on both halves."""
+    captions = _drop_captions(batch["caption"], generator)
+    if weight > 0:
+        captions = captions + [""] * len(captions)
+    hidden, _ = components.family.encode(captions, device, torch.float32)
+    return hidden
+
+
+def _loss(components, prediction, latents, noise, timesteps, hole, weight: float) -> torch.Tensor:
+    """The v (or ε) MSE of the first ``B`` predictions, plus, with ``weight`` > 0, ``weight`` × the mean over the
+    kept latent cells of the squared difference between them and the empty caption's predictions after them
+    (the term :func:`brushnet.training.loop.branch_denoising_loss` adds to the branch's loss)."""
+    from brushnet.training.loop import kept_cells
+
+    size = len(latents)
+    loss = F.mse_loss(prediction[:size], _target(components, latents, noise, timesteps))
+    if weight > 0:
+        kept = kept_cells(hole, latents.shape[-2:]).float()
+        difference = (prediction[:size] - prediction[size:]).pow(2).mean(dim=1, keepdim=True)
+        loss = loss + weight * (difference * kept).sum() / kept.sum().clamp(min=1.0)
+    return loss
+
+
+def _twice(tensor: torch.Tensor, weight: float) -> torch.Tensor:
+    """``tensor`` for both halves of the batch when the invariance term is on."""
+    return torch.cat([tensor, tensor]) if weight > 0 else tensor
+
+
 def _frozen_components(run: Run):
     from brushnet.training.loop import load_components
 
@@ -190,19 +221,20 @@ def train_inpaint(run: Run) -> dict:
     model.to(run.device)
     vae, device = components.vae, torch.device(run.device)
 
+    weight = cfg.kept_invariance
+
     def loss_of(batch: dict, generator: torch.Generator) -> torch.Tensor:
         pixels, hole = batch["pixel_values"].to(device), batch["mask"].to(device)
         with torch.no_grad():
-            hidden, _ = components.family.encode(
-                _drop_captions(batch["caption"], generator), device, torch.float32
-            )
+            hidden = _captions(components, batch, generator, device, weight)
             latents = encode_latents(vae, pixels, generator)
             # diffusers' inpainting pipelines blank the hole to 0 (grey) and feed the hole mask (1 = hole)
             masked_latents = encode_latents(vae, pixels * (hole < 0.5), generator)
             hole_latent = 1.0 - keep_mask_latent(hole, latents.shape[-2:])
         noisy, noise, timesteps = _noised(components, latents, generator)
-        prediction = model(torch.cat([noisy, hole_latent, masked_latents], 1), timesteps, hidden).sample
-        return F.mse_loss(prediction, _target(components, latents, noise, timesteps))
+        inputs = _twice(torch.cat([noisy, hole_latent, masked_latents], 1), weight)
+        prediction = model(inputs, _twice(timesteps, weight), hidden).sample
+        return _loss(components, prediction, latents, noise, timesteps, hole, weight)
 
     info = _fit_on_stream(run, "inpaint", model, loss_of)
     out = run.work / "inpaint"
@@ -231,20 +263,27 @@ def train_controlnet(run: Run) -> dict:
     model.to(run.device)
     unet, vae, device = components.unet, components.vae, torch.device(run.device)
 
+    weight = cfg.kept_invariance
+
     def loss_of(batch: dict, generator: torch.Generator) -> torch.Tensor:
         pixels, hole = batch["pixel_values"].to(device), batch["mask"].to(device)
         with torch.no_grad():
-            hidden, _ = components.family.encode(
-                _drop_captions(batch["caption"], generator), device, torch.float32
-            )
+            hidden = _captions(components, batch, generator, device, weight)
             latents = encode_latents(vae, pixels, generator)
         control = torch.where(hole > 0.5, torch.full_like(pixels, -1.0), (pixels + 1) / 2)
         noisy, noise, timesteps = _noised(components, latents, generator)
-        down, mid = model(noisy, timesteps, hidden, controlnet_cond=control, return_dict=False)
+        noisy2, timesteps2 = _twice(noisy, weight), _twice(timesteps, weight)
+        down, mid = model(
+            noisy2, timesteps2, hidden, controlnet_cond=_twice(control, weight), return_dict=False
+        )
         prediction = unet(
-            noisy, timesteps, hidden, down_block_additional_residuals=down, mid_block_additional_residual=mid
+            noisy2,
+            timesteps2,
+            hidden,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
         ).sample
-        return F.mse_loss(prediction, _target(components, latents, noise, timesteps))
+        return _loss(components, prediction, latents, noise, timesteps, hole, weight)
 
     info = _fit_on_stream(run, "controlnet", model, loss_of)
     out = run.work / "controlnet"

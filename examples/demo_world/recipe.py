@@ -61,6 +61,10 @@ class WorldTrainConfig:
     branch_ema_decay: float = 0.999  # 0: no EMA
     hole_prompt_probability: float = 0.75
     object_holes: float = 0.5  # share of samples whose hole is replaced by one around an object
+    # λ of the kept region's caption-invariance term for all three (brushnet.training's kept_invariance_weight:
+    # λ × the kept cells' mean ‖c − u‖², which guidance multiplies); 0: the paper's loss (recipe v4.1). 16 = (5 − 1)²
+    # weighs it as guidance 5 does; docs/demo.md, "The kept region's caption-invariance term"
+    kept_invariance: float = 0.0
     # DataLoader worker processes of the three (0: in the training process). Shards are dealt out to the
     # workers, so this changes the order of the samples (the same order for all three). PowerPaint's stage on a GPU
     # makes its samples in this many workers too (its samples do not depend on it)
@@ -81,6 +85,7 @@ _MAY_BE_ZERO = {
     "vae_kl_weight",
     "loader_workers",
     "decoder_local_noise",
+    "kept_invariance",
 }
 _SHARES = {"hole_prompt_probability", "object_holes", "decoder_local_share"}
 _BELOW_ONE = {"base_ema_decay", "branch_ema_decay"}

@@ -1,6 +1,8 @@
 """The demo's training recipe (examples/demo_world, on sys.path by conftest.py): the offline tokenizer,
 hole-naming captions over the real shard reader, the shared fit loop, and the one training command."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +10,8 @@ from world_data import HolePromptStream, build_tokenizer, subset_caption
 
 from brushnet.data.shapes import caption_vocabulary, render_scene, sample_scene, scene_rng
 from brushnet.data.shapes_writers import write_training_shards
+
+DEMO_MODELS = Path(__file__).resolve().parents[2] / "src" / "brushnet" / "assets" / "demo_world"
 
 
 def test_tokenizer_makes_every_world_word_one_token(tmp_path):
@@ -981,3 +985,95 @@ def test_finetune_base_leaves_nothing_behind_when_training_fails(tmp_path, monke
             ["--out", str(tmp_path / "tuned"), "--steps", "1", "--batch", "2", "--scenes", "2"]
         )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_inpainting_stage_loss_adds_the_weighted_kept_difference_of_the_two_halves():
+    """The 9-channel and ControlNet stages' loss: the MSE of the first half (the captions) to the target, plus
+    λ × the mean over the kept cells of the squared difference to the second half (the empty caption)."""
+    from inpainting import _loss, _twice
+    from recipe import WorldTrainConfig, check_config
+
+    from brushnet.training.loop import load_components
+
+    components = load_components(str(DEMO_MODELS / "base"))
+    generator = torch.Generator().manual_seed(0)
+    latents, noise = (
+        torch.randn(2, 4, 32, 32, generator=generator),
+        torch.randn(2, 4, 32, 32, generator=generator),
+    )
+    timesteps = torch.tensor([100, 900])
+    hole = torch.zeros(2, 1, 128, 128)
+    hole[:, :, 40:80, 40:80] = 1
+    prediction = torch.randn(4, 4, 32, 32, generator=generator)
+    plain = _loss(components, prediction[:2], latents, noise, timesteps, hole, 0.0)
+    target = components.noise_scheduler.get_velocity(latents, noise, timesteps)
+    assert plain.item() == pytest.approx(torch.nn.functional.mse_loss(prediction[:2], target).item())
+    kept = torch.ones(2, 1, 32, 32)
+    kept[:, :, 10:20, 10:20] = 0  # pixels 40..79 touch latent cells 10..19
+    difference = (prediction[:2] - prediction[2:]).pow(2).mean(1, keepdim=True)
+    expected = plain + 3.0 * (difference * kept).sum() / kept.sum()
+    assert _loss(components, prediction, latents, noise, timesteps, hole, 3.0).item() == pytest.approx(
+        expected.item(), rel=1e-6
+    )
+    assert _twice(timesteps, 0.0) is timesteps and torch.equal(_twice(timesteps, 1.0), timesteps.repeat(2))
+    check_config(WorldTrainConfig(kept_invariance=0.0))
+    with pytest.raises(ValueError, match="--kept-invariance must be non-negative"):
+        check_config(WorldTrainConfig(kept_invariance=-1.0))
+
+
+def test_the_three_inpainting_stages_train_with_the_invariance_term(tmp_path):
+    """``--kept-invariance 16``: the branch loop gets it as ``kept_invariance_weight``, and the 9-channel and
+    ControlNet stages run their models on the caption and the empty caption as one batch (a few smoke steps)."""
+    import json
+
+    import yaml
+    from train_world import main
+
+    work = tmp_path / "work"
+    stages = ["data", "vae", "base", "brushnet", "inpaint", "controlnet"]
+    flags = ["--smoke", "--threads", "1", "--kept-invariance", "16"]
+    assert main(["--work", str(work), *flags, "--stages", *stages]) == 0
+    record = json.loads((work / "training_record.json").read_text())
+    assert record["config"]["kept_invariance"] == 16.0
+    for stage in ("brushnet", "inpaint", "controlnet"):
+        assert np.isfinite(record["stages"][stage]["final_loss"]), stage
+    config = yaml.safe_load((work / "brushnet_run" / "train_config.yaml").read_text())
+    assert config["kept_invariance_weight"] == 16.0
+
+
+def test_finetune_branch_writes_a_model_set_and_refuses_bad_requests(tmp_path, capsys):
+    """``finetune_branch.py``: a few steps from the shipped branch give a model set every tool loads (the new
+    branch, the rest linked), and a request it cannot serve is one usage line before anything is written."""
+    import json
+
+    from finetune_branch import main as finetune
+    from train_world import main as train_world
+
+    from brushnet.demo.assets import method_models
+    from brushnet.methods import load_method
+
+    work = tmp_path / "work"
+    out = tmp_path / "ft"
+    with pytest.raises(SystemExit):
+        finetune(["--work", str(work), "--out", str(out), "--kept-invariance", "16"])
+    assert "no data stage recorded" in capsys.readouterr().err
+    assert train_world(["--work", str(work), "--stages", "data", "--scenes", "16", "--threads", "1"]) == 0
+    for bad, message in (
+        (["--kept-invariance", "-1"], "must be non-negative"),
+        (["--kept-invariance", "1", "--models", str(tmp_path)], "not a demo model set"),
+    ):
+        with pytest.raises(SystemExit):
+            finetune(["--work", str(work), "--out", str(out), *bad])
+        assert message in capsys.readouterr().err
+    assert not out.exists()
+    flags = ["--kept-invariance", "16", "--steps", "2", "--batch", "2"]
+    assert finetune(["--work", str(work), "--out", str(out), *flags]) == 0
+    summary = json.loads((out / "finetune.json").read_text())
+    assert summary["steps"] == 2 and summary["kept_invariance"] == 16.0 and summary["scenes"] == 16
+    assert (out / "models" / "brushnet").resolve() == (out / "brushnet").resolve()
+    assert (out / "models" / "base").resolve() == (DEMO_MODELS / "base").resolve()
+    load_method("brushnet", method_models("brushnet", out / "models"))
+    assert not list(tmp_path.glob(".ft*"))
+    with pytest.raises(SystemExit):
+        finetune(["--work", str(work), "--out", str(out), *flags])
+    assert "exists" in capsys.readouterr().err

@@ -1,0 +1,150 @@
+"""Fine-tune a demo BrushNet branch, with or without the kept region's caption-invariance term.
+
+    python examples/demo_world/train_world.py --work /tmp/ft --stages data --scenes 4000
+    python examples/demo_world/finetune_branch.py --work /tmp/ft --out /tmp/ft/inv16 --kept-invariance 16
+    python examples/demo_world/finetune_branch.py --work /tmp/ft --out /tmp/ft/inv0 --kept-invariance 0
+    python examples/demo_world/evaluate.py --models /tmp/ft/inv16/models --scenes 48 --methods brushnet
+    python examples/demo_world/guidance_drift.py --models /tmp/ft/inv16/models --scenes 48 --methods brushnet
+
+An experiment on BrushNet's raw kept-region gap to Blended Latent Diffusion (docs/demo.md, "Why more samples may
+not close BrushNet's part of it"): classifier-free guidance adds ``(w − 1)(c − u)`` to every latent cell, and the
+branch, which reads no text, was never asked to make the kept region's prediction the same with and without the
+caption. ``--kept-invariance λ`` trains it with :func:`brushnet.training.train`'s ``kept_invariance_weight``:
+λ × the mean over the kept latent cells of ``‖c − u‖²`` added to the loss; λ = (w − 1)² = 16 weighs it as
+guidance at w = 5 does. ``--kept-invariance 0`` is the same fine-tune without it, the control: the two see the
+same samples, noise and timesteps (the term draws nothing).
+
+The run starts from the shipped branch (``--models``), on the recipe's stream of the first ``--scenes`` training
+scenes (the shards of ``train_world.py --stages data`` in ``--work``, whose scene count it reads from the work
+folder's training record), with the recipe's masks, object holes and hole-naming captions, at a constant rate
+without warm-up or EMA. ``--out`` gets ``brushnet/`` (the fine-tuned branch, float32), ``models/`` (the model set of
+``--models`` with that branch in place of its own, as links, for ``evaluate.py``, ``guidance_drift.py`` and
+``brushnet bench``) and ``finetune.json`` (the settings, the loss every 50 steps and the time). Not part of the
+recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+DEMO_MODELS = Path(__file__).resolve().parents[2] / "src" / "brushnet" / "assets" / "demo_world"
+MODEL_PARTS = ("base", "brushnet", "inpaint", "controlnet", "powerpaint")
+
+
+def _scenes_of(work: Path) -> int:
+    """The number of scenes the data stage wrote into ``work`` (from its training record)."""
+    record = work / "training_record.json"
+    try:
+        return int(json.loads(record.read_text())["stages"]["data"]["scenes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ValueError(
+            f"--work {work}: no data stage recorded there; run train_world.py --work {work} --stages data first"
+        ) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python examples/demo_world/finetune_branch.py", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--work", required=True, help="Folder with the data stage's shards (train_world.py).")
+    parser.add_argument("--out", required=True, help="New folder for the fine-tuned branch (must not exist).")
+    parser.add_argument(
+        "--models", default=str(DEMO_MODELS), help="The model set to start from (default: the shipped one)."
+    )
+    parser.add_argument(
+        "--kept-invariance", type=float, required=True, help="λ of the invariance term (0: the control)."
+    )
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of this process (default 1).")
+    args = parser.parse_args(argv)
+    work, out, models = Path(args.work), Path(args.out), Path(args.models)
+    missing = [part for part in MODEL_PARTS if not (models / part).is_dir()]
+    if missing:
+        parser.error(f"--models {models}: not a demo model set (no {', '.join(missing)})")
+    if out.exists():
+        parser.error(f"--out {out}: exists; give a new folder")
+    if args.kept_invariance < 0 or min(args.steps, args.batch, args.threads) < 1 or args.lr <= 0:
+        parser.error("--kept-invariance must be non-negative and --steps, --batch, --lr, --threads positive")
+    try:
+        scenes = _scenes_of(work)
+    except ValueError as error:
+        parser.error(str(error))
+
+    import torch
+    from inpainting import _branch_config, _stream
+    from recipe import Run, WorldTrainConfig
+
+    from brushnet.training.loop import train
+
+    torch.set_num_threads(args.threads)
+    base = work / "base"
+    if not base.exists():  # the branch config reads the run's base; the shipped one
+        base.symlink_to((models / "base").resolve(), target_is_directory=True)
+    cfg = WorldTrainConfig(
+        scenes=scenes,
+        branch_steps=args.steps,
+        branch_batch=args.batch,
+        branch_lr=args.lr,
+        branch_lr_scheduler="constant",
+        branch_ema_decay=0.0,
+        loader_workers=0,
+    )
+    run = Run(cfg, work)
+    tmp = out.with_name(f".{out.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    config = _branch_config(run, tmp / "run")
+    config = config.model_copy(
+        update={
+            "brushnet_model_name_or_path": str(models / "brushnet"),
+            "kept_invariance_weight": args.kept_invariance,
+            "lr_warmup_steps": 0,
+            "checkpointing_steps": 10**9,
+            "resume_from_checkpoint": None,
+        }
+    )
+    os.environ["ACCELERATE_USE_CPU"] = "true"
+    start = time.perf_counter()
+    result = train(config, dataset=_stream(run, config))
+    seconds = time.perf_counter() - start
+
+    shutil.copytree(result.final_model_dir, tmp / "brushnet")
+    shutil.rmtree(tmp / "run")
+    (tmp / "models").mkdir()
+    for part in MODEL_PARTS:
+        source = Path("..") / "brushnet" if part == "brushnet" else (models / part).resolve()
+        (tmp / "models" / part).symlink_to(source, target_is_directory=True)
+    losses = result.losses
+    summary = {
+        "kept_invariance": args.kept_invariance,
+        "steps": result.global_step,
+        "batch": args.batch,
+        "lr": args.lr,
+        "scenes": scenes,
+        "threads": args.threads,
+        "seconds": round(seconds, 1),
+        "seconds_per_step": round(seconds / max(len(losses), 1), 3),
+        "loss_every_50": [
+            round(sum(losses[i : i + 50]) / len(losses[i : i + 50]), 5) for i in range(0, len(losses), 50)
+        ],
+        "from": str(models),
+    }
+    (tmp / "finetune.json").write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, out)
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.exit(main())
