@@ -177,14 +177,12 @@ def _loss(components, prediction, latents, noise, timesteps, hole, weight: float
     """The v (or ε) MSE of the first ``B`` predictions, plus, with ``weight`` > 0, ``weight`` × the mean over the
     kept latent cells of the squared difference between them and the empty caption's predictions after them
     (the term :func:`brushnet.training.loop.branch_denoising_loss` adds to the branch's loss)."""
-    from brushnet.training.loop import kept_cells
+    from brushnet.training.loop import kept_difference
 
     size = len(latents)
     loss = F.mse_loss(prediction[:size], _target(components, latents, noise, timesteps))
     if weight > 0:
-        kept = kept_cells(hole, latents.shape[-2:]).float()
-        difference = (prediction[:size] - prediction[size:]).pow(2).mean(dim=1, keepdim=True)
-        loss = loss + weight * (difference * kept).sum() / kept.sum().clamp(min=1.0)
+        loss = loss + weight * kept_difference(prediction[:size], prediction[size:], hole)
     return loss
 
 

@@ -62,6 +62,7 @@ __all__ = [
     "training_target",
     "brushnet_training_loss",
     "kept_cells",
+    "kept_difference",
     "train",
 ]
 
@@ -268,10 +269,20 @@ def branch_denoising_loss(
     target = training_target(scheduler, latents, noise, timesteps, prediction_type)
     loss = F.mse_loss(model_pred, target.float(), reduction="mean")
     if invariance:
-        kept = kept_cells(hole, latents.shape[-2:]).float()
-        difference = (model_pred - prediction[latents.shape[0] :]).pow(2).mean(dim=1, keepdim=True)
-        loss = loss + kept_invariance_weight * (difference * kept).sum() / kept.sum().clamp(min=1.0)
+        difference = kept_difference(model_pred, prediction[latents.shape[0] :], hole)
+        loss = loss + kept_invariance_weight * difference
     return loss
+
+
+def kept_difference(
+    conditional: torch.Tensor, unconditional: torch.Tensor, hole: torch.Tensor
+) -> torch.Tensor:
+    """Mean over the kept latent cells (:func:`kept_cells` of ``hole``) of the squared difference of two
+    ``(B, C, h, w)`` predictions, averaged over channels: the invariance term before its weight (0 when no cell
+    is kept)."""
+    kept = kept_cells(hole, conditional.shape[-2:]).float()
+    difference = (conditional.float() - unconditional.float()).pow(2).mean(dim=1, keepdim=True)
+    return (difference * kept).sum() / kept.sum().clamp(min=1.0)
 
 
 def kept_cells(hole: torch.Tensor, latent_size) -> torch.Tensor:
