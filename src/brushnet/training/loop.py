@@ -247,8 +247,9 @@ def branch_denoising_loss(
         raise ValueError("kept_invariance_weight > 0 needs the unconditional text encoding")
     copies = 2 if invariance else 1
 
-    def repeat(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to(weight_dtype).repeat(copies, *([1] * (tensor.dim() - 1)))
+    def repeat(tensor: torch.Tensor) -> torch.Tensor:  # no copy without the term
+        tensor = tensor.to(weight_dtype)
+        return tensor.repeat(copies, *([1] * (tensor.dim() - 1))) if copies > 1 else tensor
 
     hidden_states, added = unet_hidden_states, added_cond_kwargs
     if invariance:  # one UNet pass over [caption; empty caption], the branch's features for both halves
