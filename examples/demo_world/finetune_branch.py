@@ -4,7 +4,7 @@
     python examples/demo_world/finetune_branch.py --work /tmp/ft --out /tmp/ft/inv16 --kept-invariance 16
     python examples/demo_world/finetune_branch.py --work /tmp/ft --out /tmp/ft/inv0 --kept-invariance 0
     python examples/demo_world/evaluate.py --models /tmp/ft/inv16/models --scenes 48 --methods brushnet
-    python examples/demo_world/guidance_drift.py --models /tmp/ft/inv16/models --scenes 48 --methods brushnet
+    python examples/demo_world/guidance_drift.py --models /tmp/ft/inv16/models --scenes 48
 
 An experiment on BrushNet's raw kept-region gap to Blended Latent Diffusion (docs/demo.md, "Why more samples may
 not close BrushNet's part of it"): classifier-free guidance adds ``(w − 1)(c − u)`` to every latent cell, and the
@@ -81,10 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
 
     import torch
-    from inpainting import _branch_config, _stream
+    from inpainting import _branch_config, train_branch_on
     from recipe import Run, WorldTrainConfig
-
-    from brushnet.training.loop import train
 
     torch.set_num_threads(args.threads)
     base = work / "base"
@@ -113,9 +111,12 @@ def main(argv: list[str] | None = None) -> int:
             "resume_from_checkpoint": None,
         }
     )
-    os.environ["ACCELERATE_USE_CPU"] = "true"
     start = time.perf_counter()
-    result = train(config, dataset=_stream(run, config))
+    try:
+        result = train_branch_on(run, config)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left
+        raise
     seconds = time.perf_counter() - start
 
     shutil.copytree(result.final_model_dir, tmp / "brushnet")

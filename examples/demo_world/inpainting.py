@@ -89,23 +89,29 @@ def _stream(run: Run, config, preload: bool = True) -> HolePromptStream:
     )
 
 
-def train_brushnet(run: Run) -> dict:
-    """Stage ``brushnet``: the branch from ``BrushNetModel.from_unet`` of the base, by the project's loop;
-    writes ``brushnet_run/brushnet``."""
+def train_branch_on(run: Run, config):
+    """:func:`brushnet.training.train` of ``config`` on the run's stream, on the run's device: the loop trains
+    where accelerate puts it (CUDA when there is one), so ``ACCELERATE_USE_CPU`` is pinned for the call and then
+    restored."""
     from brushnet.training.loop import train
 
-    config = _branch_config(run, run.work / "brushnet_run")
-    start = time.perf_counter()
-    # the loop trains where accelerate puts it (CUDA when there is one): pin it to the run's device
     use_cpu = os.environ.get("ACCELERATE_USE_CPU")
     os.environ["ACCELERATE_USE_CPU"] = "true" if run.device == "cpu" else "false"
     try:
-        result = train(config, dataset=_stream(run, config))
+        return train(config, dataset=_stream(run, config))
     finally:
         if use_cpu is None:
             os.environ.pop("ACCELERATE_USE_CPU")
         else:
             os.environ["ACCELERATE_USE_CPU"] = use_cpu
+
+
+def train_brushnet(run: Run) -> dict:
+    """Stage ``brushnet``: the branch from ``BrushNetModel.from_unet`` of the base, by the project's loop;
+    writes ``brushnet_run/brushnet``."""
+    config = _branch_config(run, run.work / "brushnet_run")
+    start = time.perf_counter()
+    result = train_branch_on(run, config)
     seconds = time.perf_counter() - start
     for checkpoint in (run.work / "brushnet_run").glob("checkpoint-*"):  # done: a rerun starts over
         shutil.rmtree(checkpoint)
@@ -142,11 +148,6 @@ def _fit_on_stream(run: Run, stage: str, model, loss_of) -> dict:
     return result.summary()
 
 
-def _drop_captions(captions: list[str], generator: torch.Generator) -> list[str]:
-    dropped = torch.rand(len(captions), generator=generator) < CAPTION_DROPOUT
-    return ["" if drop else caption for caption, drop in zip(captions, dropped.tolist())]
-
-
 def _noised(components, latents: torch.Tensor, generator: torch.Generator):
     """Noise and timesteps drawn on the CPU from the stage's generator (the same draws on any device)."""
     scheduler = components.noise_scheduler
@@ -166,7 +167,9 @@ def _target(components, latents, noise, timesteps) -> torch.Tensor:
 def _captions(components, batch: dict, generator: torch.Generator, device, weight: float):
     """The UNet's text for a batch: the captions after dropout, and with the invariance term on (``weight`` > 0)
     the empty caption's states after them, ``(2B, L, D)``, so the model runs once on both halves."""
-    captions = _drop_captions(batch["caption"], generator)
+    from brushnet.training.loop import drop_texts  # the branch loop's dropout: the same draws
+
+    captions = drop_texts(batch["caption"], CAPTION_DROPOUT, generator)
     if weight > 0:
         captions = captions + [""] * len(captions)
     hidden, _ = components.family.encode(captions, device, torch.float32)

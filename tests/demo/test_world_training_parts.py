@@ -1077,3 +1077,28 @@ def test_finetune_branch_writes_a_model_set_and_refuses_bad_requests(tmp_path, c
     with pytest.raises(SystemExit):
         finetune(["--work", str(work), "--out", str(out), *flags])
     assert "exists" in capsys.readouterr().err
+
+
+def test_finetune_branch_leaves_nothing_behind_when_training_fails(tmp_path, monkeypatch):
+    """A failed fine-tune leaves no ``--out`` and no temporary folder, and the process's accelerate device
+    setting as it was."""
+    import os
+
+    from finetune_branch import main as finetune
+    from train_world import main as train_world
+
+    from brushnet.training import loop
+
+    def fail(config, dataset=None):  # as the loop does, after writing its config into the run folder
+        Path(config.output_dir).mkdir(parents=True)
+        (Path(config.output_dir) / "train_config.yaml").write_text("seed: 0\n")
+        raise RuntimeError("out of memory")
+
+    work = tmp_path / "work"
+    assert train_world(["--work", str(work), "--stages", "data", "--scenes", "4", "--threads", "1"]) == 0
+    monkeypatch.setattr(loop, "train", fail)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        finetune(["--work", str(work), "--out", str(tmp_path / "ft"), "--kept-invariance", "16"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
+    assert "ACCELERATE_USE_CPU" not in os.environ
