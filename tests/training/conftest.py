@@ -107,3 +107,26 @@ def odd_base(tmp_path_factory) -> Path:
     }
     (out / "model_index.json").write_text(json.dumps(index, indent=2))
     return out
+
+
+@pytest.fixture
+def overfit():
+    """``overfit(brushnet, components, batch, steps, **loss_options) -> losses``: AdamW (lr 2e-3) steps of the
+    branch on one batch with the same draws every step (generator seed 3), the loss of each step."""
+    import torch
+
+    from brushnet.training import loop
+
+    def run(brushnet, components, batch, steps, **loss_options):
+        optimizer = torch.optim.AdamW(brushnet.parameters(), lr=2e-3)
+        losses = []
+        for _ in range(steps):
+            generator = torch.Generator().manual_seed(3)
+            loss = loop.brushnet_training_loss(brushnet, components, batch, generator, **loss_options)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        return losses
+
+    return run

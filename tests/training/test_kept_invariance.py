@@ -93,7 +93,9 @@ def test_the_term_is_the_weighted_kept_difference_of_the_two_predictions(base_co
     assert with_term - plain == pytest.approx(2.5 * term, rel=1e-4)
 
 
-def test_training_with_the_term_makes_the_kept_prediction_depend_less_on_the_caption(base_config, tiny_base):
+def test_training_with_the_term_makes_the_kept_prediction_depend_less_on_the_caption(
+    base_config, tiny_base, overfit
+):
     """The same 15 steps on one batch with and without the term: with it, the kept cells' ‖c − u‖² ends well
     below where the paper's loss leaves it, and the denoising loss still falls."""
     components = loop.load_components(str(tiny_base))
@@ -104,14 +106,7 @@ def test_training_with_the_term_makes_the_kept_prediction_depend_less_on_the_cap
 
     def train(weight):
         brushnet = _branch_with_taps(components).train()
-        optimizer = torch.optim.AdamW(brushnet.parameters(), lr=2e-3)
-        for _ in range(15):
-            loss = loop.brushnet_training_loss(
-                brushnet, components, batch, torch.Generator().manual_seed(3), kept_invariance_weight=weight
-            )
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
+        overfit(brushnet, components, batch, 15, kept_invariance_weight=weight)
         with torch.no_grad():
             generator = torch.Generator().manual_seed(3)
             denoising = loop.brushnet_training_loss(brushnet, components, batch, generator).item()

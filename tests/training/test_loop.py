@@ -18,7 +18,7 @@ def _branch_weights(folder) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_loss_falls_when_overfitting_one_batch(base_config, tiny_base, prediction_type):
+def test_loss_falls_when_overfitting_one_batch(base_config, tiny_base, prediction_type, overfit):
     """Same batch, same noise and timesteps every step: the branch must learn to lower the loss."""
     components = loop.load_components(str(tiny_base))
     for module in components.frozen_modules.values():
@@ -27,16 +27,7 @@ def test_loss_falls_when_overfitting_one_batch(base_config, tiny_base, predictio
     config = make_config(base_config)
     dataset = BrushDataStream(config.train_shards, 16, config.mask, seed=0, shuffle_buffer=0)
     batch = next(iterate_batches(build_train_dataloader(config, dataset), dataset, epoch=0))
-    optimizer = torch.optim.AdamW(brushnet.parameters(), lr=2e-3)
-    losses = []
-    for _ in range(25):
-        loss = loop.brushnet_training_loss(
-            brushnet, components, batch, torch.Generator().manual_seed(3), prediction_type=prediction_type
-        )
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = overfit(brushnet, components, batch, 25, prediction_type=prediction_type)
     assert losses[-1] < 0.6 * losses[0], losses
 
 

@@ -91,19 +91,12 @@ def test_the_branch_gets_each_samples_real_size_and_crop(xl_base, tmp_path):
     assert seen[0]["added_cond_kwargs"]["text_embeds"].shape == (2, 24)
 
 
-def test_sdxl_loss_falls_when_overfitting_one_batch(xl_config, xl_base):
+def test_sdxl_loss_falls_when_overfitting_one_batch(xl_config, xl_base, overfit):
     components = loop.load_components(str(xl_base))
     loop.freeze(components, torch.float32, "cpu")
     brushnet = BrushNetModel.from_unet(components.unet).train()
     batch = _first_batch(make_config(xl_config))
-    optimizer = torch.optim.AdamW(brushnet.parameters(), lr=2e-3)
-    losses = []
-    for _ in range(20):
-        loss = loop.brushnet_training_loss(brushnet, components, batch, torch.Generator().manual_seed(3))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = overfit(brushnet, components, batch, 20)
     assert losses[-1] < 0.6 * losses[0], losses
 
 
