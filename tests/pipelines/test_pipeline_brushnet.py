@@ -93,8 +93,70 @@ def test_cfg_branch_once_per_step_equals_doubled_batch(golden_dir, inputs):
     a = once(None, image, mask, **kwargs).images
     kwargs, _ = golden_kwargs(golden_dir, "ddim_cfg", doubled)
     b = doubled(None, image, mask, **kwargs).images
-    assert batches["once"] == [1] * 8 and batches["doubled"] == [2] * 8
+    # window 0-0.75 of 8 steps: the last 2 skip the branch
+    assert batches["once"] == [1] * 6 and batches["doubled"] == [2] * 6
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_steps_outside_the_window_skip_the_branch(pipe, inputs, golden_dir):
+    """Where the branch's scale is 0 (steps outside control_guidance_start/end, or a scale of 0) it is not run:
+    the golden runs (windows 0-0.75 and 0.25-1 of 8 steps, recorded from the original, which runs it every step)
+    come out the same with 6 branch calls each, and a scale of 0 calls it never."""
+    image, mask, _ = inputs
+    calls = []
+    handle = pipe.brushnet.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    try:
+        for run in ("ddim_cfg", "unipc_cfg"):
+            calls.clear()
+            kwargs, expected = golden_kwargs(golden_dir, run, pipe)
+            np.testing.assert_allclose(pipe(None, image, mask, **kwargs).images, expected, atol=1e-4, rtol=0)
+            assert calls == [1] * 6, (run, calls)
+        calls.clear()
+        kwargs, _ = golden_kwargs(golden_dir, "ddim_cfg", pipe)
+        pipe(None, image, mask, **{**kwargs, "brushnet_conditioning_scale": 0.0})
+        assert calls == []
+    finally:
+        handle.remove()
+
+
+def test_a_zero_scale_step_predicts_what_the_branch_adding_zeros_does(pipe):
+    """:func:`predict_noise` at a Python 0 (the eager loop's scale outside the window) skips the branch; at a
+    tensor 0 (the compiled step's scale, which must not change the graph) it runs it and adds its zero residuals:
+    the same prediction, bit for bit."""
+    from brushnet.pipelines.denoising_step import StepPlan, predict_noise
+
+    plan = StepPlan(True, False, False, False, torch.float32, torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 32, 32, generator=generator)
+    text = torch.randn(2, 77, pipe.text_encoder.config.hidden_size, generator=generator)
+    cond = torch.randn(1, 5, 32, 32, generator=generator)
+    calls = []
+    handle = pipe.brushnet.register_forward_hook(lambda m, a, o: calls.append(1))
+    try:
+        with torch.no_grad():
+            skipped = predict_noise(
+                pipe.brushnet, pipe.unet, None, plan, latents, torch.tensor(500), text, cond, 0.0
+            )
+            assert calls == []
+            run = predict_noise(
+                pipe.brushnet,
+                pipe.unet,
+                None,
+                plan,
+                latents,
+                torch.tensor(500),
+                text,
+                cond,
+                torch.tensor(0.0),
+            )
+            assert calls == [1]
+            scaled = predict_noise(
+                pipe.brushnet, pipe.unet, None, plan, latents, torch.tensor(500), text, cond, 1.0
+            )
+    finally:
+        handle.remove()
+    assert torch.equal(skipped, run)
+    assert not torch.allclose(skipped, scaled)  # the branch does change the prediction when it is on
 
 
 def test_strict_fp32_cudnn_runs_the_branch_on_the_doubled_batch(golden_dir, inputs, monkeypatch):
@@ -120,7 +182,7 @@ def test_strict_fp32_cudnn_runs_the_branch_on_the_doubled_batch(golden_dir, inpu
     kwargs, expected = golden_kwargs(golden_dir, "ddim_cfg", pipe)
     monkeypatch.setattr(common, "strict_fp32_cudnn", lambda device, dtype: dtype == torch.float32)
     out = pipe(None, image, mask, **kwargs).images
-    assert batches == [2] * 8
+    assert batches == [2] * 6  # the window's 6 of 8 steps
     np.testing.assert_allclose(out, expected, atol=1e-4, rtol=0)
 
 
@@ -139,7 +201,7 @@ def test_branch_batch_picks_the_schedule_and_refuses_other_values(golden_dir, in
         pipe.branch_batch = choice
         batches.clear()
         out = pipe(None, image, mask, **kwargs).images
-        assert batches == [size] * 8, (strict, choice)
+        assert batches == [size] * 6, (strict, choice)  # the window's 6 of 8 steps
         np.testing.assert_allclose(out, expected, atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="branch_batch must be None, 'doubled' or 'once', got 'twice'"):
         pipe.branch_batch = "twice"

@@ -179,7 +179,10 @@ def predict_noise(
       originals do;
     - once, on the conditional half, when they do not (SD1.5): both halves would get identical residuals, so they
       are computed once and repeated;
-    - once, on the conditional half, in guess mode; the unconditional half then gets no residuals.
+    - once, on the conditional half, in guess mode; the unconditional half then gets no residuals;
+    - not at all where ``conditioning_scale`` is a Python 0 (the eager loop's scale outside
+      ``control_guidance_start/end``): its residuals would be zero, and the UNet runs without them. A tensor scale
+      (the compiled step's) always runs it, so the graph does not depend on the scale's value.
 
     Args:
         brushnet, unet, controlnet: the models (``controlnet`` may be ``None``; ``unet`` may be compiled or carry
@@ -204,18 +207,83 @@ def predict_noise(
     Returns:
         The UNet's prediction for ``latent_model_input`` (guidance not yet applied).
     """
+    cfg = plan.guidance
+    if not cfg and prompt_embeds.shape[0] == 2 * latent_model_input.shape[0]:
+        # guidance was switched off mid-loop (CFG-cutoff callbacks): keep the conditional halves
+        prompt_embeds = prompt_embeds.chunk(2)[1]
+    if image_embeds is not None and not cfg and image_embeds[0].shape[0] == 2 * latent_model_input.shape[0]:
+        image_embeds = [e.chunk(2)[1] for e in image_embeds]
+    if not torch.is_tensor(conditioning_scale) and conditioning_scale == 0:
+        # a step outside control_guidance_start/end, or a scale of 0: every residual would be zero, so the branch
+        # is not run and the UNet gets none (the same prediction, x + 0 = x, at the cost of the UNet alone)
+        down = mid = up = None
+    else:
+        down, mid, up = branch_residuals(
+            brushnet,
+            plan,
+            latent_model_input,
+            t,
+            prompt_embeds if brushnet_prompt_embeds is None else brushnet_prompt_embeds,
+            brushnet_cond,
+            conditioning_scale,
+            added_cond_kwargs,
+        )
+
+    unet_dtype = plan.unet_dtype
+    control_down = control_mid = None
+    if control_images is not None and any(s != 0 for s in _as_list(controlnet_scale)):
+        control_down, control_mid = controlnet_residuals(
+            controlnet,
+            plan,
+            latent_model_input,
+            t,
+            prompt_embeds,
+            control_images,
+            controlnet_scale,
+            added_cond_kwargs,
+        )
+        control_down = [r.to(unet_dtype) for r in control_down]
+        control_mid = control_mid.to(unet_dtype)
+    unet_added = {k: v.to(unet_dtype) for k, v in added_cond_kwargs.items()} if added_cond_kwargs else {}
+    if image_embeds is not None:
+        unet_added["image_embeds"] = [e.to(unet_dtype) for e in image_embeds]
+    return run_unet_with_brushnet(
+        unet,
+        latent_model_input.to(unet_dtype),
+        t,
+        prompt_embeds.to(unet_dtype),
+        None if down is None else [r.to(unet_dtype) for r in down],
+        None if mid is None else mid.to(unet_dtype),
+        None if up is None else [r.to(unet_dtype) for r in up],
+        timestep_cond=timestep_cond,
+        cross_attention_kwargs=cross_attention_kwargs,
+        added_cond_kwargs=unet_added or None,
+        down_block_additional_residuals=control_down,
+        mid_block_additional_residual=control_mid,
+    )
+
+
+def branch_residuals(
+    brushnet: torch.nn.Module,
+    plan: StepPlan,
+    latent_model_input: torch.Tensor,
+    t: torch.Tensor,
+    branch_text: torch.Tensor,
+    brushnet_cond: torch.Tensor,
+    conditioning_scale: float | torch.Tensor,
+    added_cond_kwargs: dict[str, torch.Tensor] | None,
+) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor]]:
+    """The branch's ``(down, mid, up)`` residuals (scaled), batched like ``latent_model_input``.
+
+    ``branch_text``: the text the branch reads (:func:`predict_noise`'s ``brushnet_prompt_embeds`` or, without
+    them, ``prompt_embeds``); the other arguments as :func:`predict_noise`.
+    """
     cfg, guess_mode, copies = plan.guidance, plan.guess_mode, plan.copies
     # the branch runs on the distinct inputs only: [unconditional, conditional] when it reads text under guidance
     # (not in guess mode), else the conditional copy; its residuals are then laid out like the UNet's batch
     on_doubled_batch = cfg and plan.branch_on_doubled_batch and not guess_mode
-    if not cfg and prompt_embeds.shape[0] == 2 * latent_model_input.shape[0]:
-        # guidance was switched off mid-loop (CFG-cutoff callbacks): keep the conditional halves
-        prompt_embeds = prompt_embeds.chunk(2)[1]
-    branch_text = prompt_embeds if brushnet_prompt_embeds is None else brushnet_prompt_embeds
     if not cfg and branch_text.shape[0] == 2 * latent_model_input.shape[0]:
         branch_text = branch_text.chunk(2)[1]
-    if image_embeds is not None and not cfg and image_embeds[0].shape[0] == 2 * latent_model_input.shape[0]:
-        image_embeds = [e.chunk(2)[1] for e in image_embeds]
     conditional = 1 if cfg else 0  # the conditional copy's index in the UNet's batch
     if on_doubled_batch and copies == 2:
         branch_input, branch_added = latent_model_input, added_cond_kwargs
@@ -261,39 +329,7 @@ def predict_noise(
             )
 
         down, mid, up = [expand(r) for r in down], expand(mid), [expand(r) for r in up]
-
-    unet_dtype = plan.unet_dtype
-    control_down = control_mid = None
-    if control_images is not None and any(s != 0 for s in _as_list(controlnet_scale)):
-        control_down, control_mid = controlnet_residuals(
-            controlnet,
-            plan,
-            latent_model_input,
-            t,
-            prompt_embeds,
-            control_images,
-            controlnet_scale,
-            added_cond_kwargs,
-        )
-        control_down = [r.to(unet_dtype) for r in control_down]
-        control_mid = control_mid.to(unet_dtype)
-    unet_added = {k: v.to(unet_dtype) for k, v in added_cond_kwargs.items()} if added_cond_kwargs else {}
-    if image_embeds is not None:
-        unet_added["image_embeds"] = [e.to(unet_dtype) for e in image_embeds]
-    return run_unet_with_brushnet(
-        unet,
-        latent_model_input.to(unet_dtype),
-        t,
-        prompt_embeds.to(unet_dtype),
-        [r.to(unet_dtype) for r in down],
-        mid.to(unet_dtype),
-        [r.to(unet_dtype) for r in up],
-        timestep_cond=timestep_cond,
-        cross_attention_kwargs=cross_attention_kwargs,
-        added_cond_kwargs=unet_added or None,
-        down_block_additional_residuals=control_down,
-        mid_block_additional_residual=control_mid,
-    )
+    return down, mid, up
 
 
 def controlnet_residuals(
