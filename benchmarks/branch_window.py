@@ -13,52 +13,24 @@ equal bit for bit; the script says so.
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cfg_branch_once import alternate, step_setup  # noqa: E402
+
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--resolution", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--preset", default="sd15", choices=["tiny", "small", "sd15"])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    from diffusers import UNet2DConditionModel
-
-    from brushnet.loading import resolve_dtype
-    from brushnet.models import BrushNetModel
     from brushnet.pipelines.denoising_step import StepPlan, predict_noise
-    from brushnet.random_models import PRESETS, _unet_config
 
-    dtype = resolve_dtype(args.dtype)
-    spec = PRESETS[args.preset]
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**_unet_config(spec)).to(args.device).eval()
-    brushnet = BrushNetModel.from_unet(unet).to(args.device).eval()
-    if dtype != torch.float32:
-        unet, brushnet = unet.to(dtype=dtype), brushnet.to(dtype=dtype)
-    plan = StepPlan(True, False, False, False, dtype, dtype)
-    latent = args.resolution // 8
-    latents = torch.randn(2, 4, latent, latent, device=args.device, dtype=dtype)  # the CFG-doubled batch
-    cond = torch.randn(1, 5, latent, latent, device=args.device, dtype=dtype)
-    text = torch.randn(2, 77, spec.cross_attention_dim, device=args.device, dtype=dtype)  # [uncond, cond]
-    t = torch.tensor(500, device=args.device)
+    args, m = step_setup(__doc__)
+    unet, brushnet, cond, text, t, sync = (m[k] for k in ("unet", "brushnet", "cond", "text", "t", "sync"))
+    plan = StepPlan(True, False, False, False, m["dtype"], m["dtype"])
+    latents = torch.cat([m["latents"]] * 2)  # the CFG-doubled batch
     zero = torch.tensor(0.0, device=args.device)
-
-    def sync():
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
 
     @torch.no_grad()
     def step_run():
@@ -69,14 +41,7 @@ def main() -> None:
         return predict_noise(brushnet, unet, None, plan, latents, t, text, cond, 0.0)
 
     same = torch.equal(step_run(), step_skip())  # also the warm-up
-    times = {"run": [], "skip": []}
-    for _ in range(args.repeats):
-        for name, fn in (("run", step_run), ("skip", step_skip)):
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - start)
+    times = alternate({"run": step_run, "skip": step_skip}, args.repeats, sync)
 
     med = {k: statistics.median(v) for k, v in times.items()}
     print(

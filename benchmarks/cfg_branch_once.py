@@ -16,9 +16,12 @@ import time
 import torch
 
 
-def main() -> None:
+def step_setup(description: str) -> tuple[argparse.Namespace, dict]:
+    """The arguments both step benchmarks take (this one and ``branch_window.py``), parsed, and one step's models
+    and inputs: ``unet``, ``brushnet`` (random weights of ``--preset``), ``latents`` ``(1, 4, h, w)``, ``cond``
+    ``(1, 5, h, w)``, ``text`` ``[unconditional, conditional]``, ``t``, ``dtype``, ``sync`` (waits for the device)."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
@@ -33,7 +36,7 @@ def main() -> None:
     from diffusers import UNet2DConditionModel
 
     from brushnet.loading import resolve_dtype
-    from brushnet.models import BrushNetModel, unet_forward_with_brushnet
+    from brushnet.models import BrushNetModel
     from brushnet.random_models import PRESETS, _unet_config
 
     dtype = resolve_dtype(args.dtype)
@@ -44,14 +47,44 @@ def main() -> None:
     if dtype != torch.float32:
         unet, brushnet = unet.to(dtype=dtype), brushnet.to(dtype=dtype)
     latent = args.resolution // 8
-    latents = torch.randn(1, 4, latent, latent, device=args.device, dtype=dtype)
-    cond = torch.randn(1, 5, latent, latent, device=args.device, dtype=dtype)
-    text = torch.randn(2, 77, spec.cross_attention_dim, device=args.device, dtype=dtype)  # [uncond, cond]
-    t = torch.tensor(500, device=args.device)
 
     def sync():
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
+
+    return args, {
+        "unet": unet,
+        "brushnet": brushnet,
+        "latents": torch.randn(1, 4, latent, latent, device=args.device, dtype=dtype),
+        "cond": torch.randn(1, 5, latent, latent, device=args.device, dtype=dtype),
+        "text": torch.randn(2, 77, spec.cross_attention_dim, device=args.device, dtype=dtype),
+        "t": torch.tensor(500, device=args.device),
+        "dtype": dtype,
+        "sync": sync,
+    }
+
+
+def alternate(variants: dict, repeats: int, sync) -> dict[str, list[float]]:
+    """Seconds per call of each variant (name → function), ``repeats`` rounds of A, B, ... so machine noise hits
+    them alike; ``sync`` waits for the device around each call."""
+    times = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    from brushnet.models import unet_forward_with_brushnet
+
+    args, m = step_setup(__doc__)
+    unet, brushnet, latents, cond, text, t, sync = (
+        m[k] for k in ("unet", "brushnet", "latents", "cond", "text", "t", "sync")
+    )
 
     @torch.no_grad()
     def step_doubled():
@@ -69,14 +102,7 @@ def main() -> None:
 
     a, b = step_doubled(), step_once()  # warm-up, and the two agree
     max_diff = (a - b).abs().max().item()
-    times = {"doubled": [], "once": []}
-    for _ in range(args.repeats):
-        for name, fn in (("doubled", step_doubled), ("once", step_once)):
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - start)
+    times = alternate({"doubled": step_doubled, "once": step_once}, args.repeats, sync)
 
     med = {k: statistics.median(v) for k, v in times.items()}
     best = {k: min(v) for k, v in times.items()}
