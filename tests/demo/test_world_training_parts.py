@@ -826,7 +826,7 @@ def test_guidance_drift_on_the_shipped_models(capsys):
     kept-region error is the prompted one plus what guidance adds, and above it; a folder without the models
     is a usage error."""
     from evaluate import eval_items
-    from guidance_drift import drift, main
+    from guidance_drift import drift, main, scale_errors
 
     from brushnet.demo.assets import DEMO_DIR
 
@@ -840,6 +840,26 @@ def test_guidance_drift_on_the_shipped_models(capsys):
     guided = drift(DEMO_DIR, items, guidance=5.0)
     assert guided["brushnet"][999]["guided"] > guided["brushnet"][999]["cond"]
     assert guided["brushnet"][999]["cond"] == pytest.approx(plain["brushnet"][999]["cond"], rel=1e-5)
+    # --scales: the branch lowers its own error (measured on 64 scenes of seed 1: 0.57 → 0.30 in the hole,
+    # 0.28 → 0.015 on the kept cells, mean over the levels)
+    errors = scale_errors(DEMO_DIR, items, [0.0, 1.0])
+    for t in (999, 500):
+        assert (
+            errors[1.0][t]["hole"] < errors[0.0][t]["hole"]
+            and errors[1.0][t]["kept"] < errors[0.0][t]["kept"]
+        )
+    capsys.readouterr()
+    assert main(["--models", str(DEMO_DIR), "--scenes", "2", "--scales", "0,1", "--scene-seed", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "scale 0" in lines[1] and "scale 1" in lines[1] and len(lines) == 3 + len(errors[1.0])
+    assert lines[-1].startswith("mean") and len(lines[-1].split()) == 3
+    for bad, message in (
+        (["--scales", "1,x"], "comma-separated numbers"),
+        (["--scales", "-1"], "non-negative"),
+    ):
+        with pytest.raises(SystemExit):
+            main(["--models", str(DEMO_DIR), *bad])
+        assert message in capsys.readouterr().err
     with pytest.raises(SystemExit) as stop:
         main(["--models", str(DEMO_DIR / "base")])
     assert stop.value.code == 2
