@@ -28,22 +28,27 @@ def _pixels(result) -> np.ndarray:
 @pytest.mark.parametrize(
     "name, compiled",
     [
-        ("brushnet", ["denoising step"]),
         ("sd-inpainting", ["unet"]),
         ("controlnet-inpaint", ["unet", "controlnet"]),
     ],
 )
 def test_compile_gives_the_eager_images(tiny_models, scene, name, compiled):
+    """BrushNet's compiled step is the pipeline's fast path, whose images tests/pipelines/test_fast_path.py
+    compares with the eager ones; its switch here: test_brushnet_compiles_its_denoising_step."""
     image, mask = scene
     method = load_method(name, tiny_models)  # its own copy: compiling changes the loaded method
     eager = _pixels(inpaint(method, image, mask, FAST))
     assert method.compile(backend="eager") == compiled
-    if name == "brushnet":
-        assert method.pipeline.is_compiled
-    else:
-        assert all(hasattr(getattr(method.pipeline, part), "_orig_mod") for part in compiled)
+    assert all(hasattr(getattr(method.pipeline, part), "_orig_mod") for part in compiled)
     fast = _pixels(inpaint(method, image, mask, FAST))
     assert np.abs(fast - eager).max() <= 1  # same images, up to one 8-bit step of rounding
+
+
+def test_brushnet_compiles_its_denoising_step(tiny_models):
+    method = load_method("brushnet", tiny_models)
+    assert not method.pipeline.is_compiled
+    assert method.compile(backend="eager") == ["denoising step"]
+    assert method.pipeline.is_compiled and not hasattr(method.pipeline.unet, "_orig_mod")
 
 
 def test_hd_painter_stays_eager(tiny_models, caplog):
