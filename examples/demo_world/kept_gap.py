@@ -18,7 +18,7 @@ import re
 import sys
 from pathlib import Path
 
-__all__ = ["BACKGROUNDS", "background_kind", "kept_gaps", "main"]
+__all__ = ["BACKGROUNDS", "background_kind", "kept_gaps", "main", "per_image_file"]
 
 BACKGROUNDS = ("plain", "gradient", "striped", "checkered", "noisy")
 
@@ -30,19 +30,34 @@ def background_kind(caption: str) -> str:
     return next((kind for kind in BACKGROUNDS if kind in words), "other")
 
 
+def per_image_file(path: str | Path) -> tuple[str, Path]:
+    """``LABEL=FILE`` → ``(LABEL, FILE)``; a plain path (or an existing file whose name holds "=") → ``("", path)``."""
+    text = str(path)
+    label, equals, file = text.partition("=")
+    if not equals or Path(text).is_file():
+        return "", Path(text)
+    return label, Path(file)
+
+
 def _rows(paths: list[str | Path]) -> dict[str, dict[str, dict]]:
-    """``{method: {scene id: row}}`` of the inside, raw rows; a later file's method replaces an earlier one's."""
+    """``{method: {scene id: row}}`` of the inside, raw rows; a later file's method replaces an earlier one's.
+
+    A path given as ``LABEL=FILE`` names its methods ``METHOD@LABEL``, so two runs of one method (two branches
+    through ``--brushnet``, say) can be compared and paired instead of one replacing the other.
+    """
     methods: dict[str, dict[str, dict]] = {}
     for path in paths:
+        label, file = per_image_file(path)
         found: dict[str, dict[str, dict]] = {}
-        for line in Path(path).read_text().splitlines():
+        for line in file.read_text().splitlines():
             row = json.loads(line)
             if (
                 row.get("mask_kind") == "inside"
                 and row.get("variant") == "raw"
                 and row.get("psnr") is not None
             ):
-                found.setdefault(row["method"], {})[row["id"]] = row
+                name = f"{row['method']}@{label}" if label else row["method"]
+                found.setdefault(name, {})[row["id"]] = row
         methods.update(found)
     return methods
 
@@ -78,11 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python examples/demo_world/kept_gap.py", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("per_image", nargs="+", help="per_image.jsonl of a bench run (later files override).")
+    parser.add_argument(
+        "per_image",
+        nargs="+",
+        help="per_image.jsonl of a bench run (later files override); LABEL=FILE names its methods METHOD@LABEL.",
+    )
     parser.add_argument("--reference", default="blended-latent-diffusion")
     parser.add_argument("--methods", default="brushnet", help="Comma-separated methods to compare.")
     args = parser.parse_args(argv)
-    missing = [path for path in args.per_image if not Path(path).is_file()]
+    missing = [path for path in args.per_image if not per_image_file(path)[1].is_file()]
     if missing:
         parser.error(f"no such file: {', '.join(missing)}")
     try:

@@ -20,7 +20,7 @@ import math
 import sys
 from pathlib import Path
 
-from kept_gap import _rows
+from kept_gap import _rows, per_image_file
 
 __all__ = ["mcnemar_p", "paired", "shape_scores", "main"]
 
@@ -80,12 +80,16 @@ def main(argv: list[str] | None = None) -> int:
         prog="python examples/demo_world/shape_scores.py", description=__doc__.splitlines()[0]
     )
     parser.add_argument("eval", help="The eval set folder (its mapping_file.json).")
-    parser.add_argument("per_image", nargs="+", help="per_image.jsonl of a bench run (later files override).")
+    parser.add_argument(
+        "per_image",
+        nargs="+",
+        help="per_image.jsonl of a bench run (later files override); LABEL=FILE names its methods METHOD@LABEL.",
+    )
     parser.add_argument("--reference", default="brushnet", help="The method the others are paired with.")
     args = parser.parse_args(argv)
     if not (Path(args.eval) / "mapping_file.json").is_file():
         parser.error(f"{args.eval}: no mapping_file.json (the eval set the run read)")
-    missing = [path for path in args.per_image if not Path(path).is_file()]
+    missing = [path for path in args.per_image if not per_image_file(path)[1].is_file()]
     if missing:
         parser.error(f"no such file: {', '.join(missing)}")
     try:

@@ -407,6 +407,20 @@ def test_shape_scores_split_by_prompt_and_shape_and_pair_the_methods(tmp_path, c
     assert paired([per_image], "bn") == {"sd": (2, 1, pytest.approx(1.0))}
     assert main([str(tmp_path / "eval"), str(per_image), "--reference", "bn"]) == 0
     assert "sd: 2 / 1, p = 1.000" in capsys.readouterr().out
+    # two runs of one method, told apart by LABEL=FILE (unlabelled, the later file's rows replace the earlier's)
+    flipped = tmp_path / "flipped.jsonl"
+    flipped.write_text(
+        "\n".join(json.dumps({**row, "shape_hole_ok": not row["shape_hole_ok"]}) for row in rows)
+    )
+    assert set(shape_scores(tmp_path / "eval", [per_image, flipped])) == {"bn", "sd"}
+    labelled = [f"a={per_image}", f"b={flipped}"]
+    assert set(shape_scores(tmp_path / "eval", labelled)) == {"bn@a", "sd@a", "bn@b", "sd@b"}
+    assert paired(labelled, "bn@a")["bn@b"] == (3, 2, pytest.approx(1.0))
+    assert main([str(tmp_path / "eval"), *labelled, "--reference", "bn@a"]) == 0
+    assert "bn@b: 3 / 2, p = 1.000" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "eval"), f"a={tmp_path / 'none.jsonl'}"])
+    assert "no such file" in capsys.readouterr().err
     for argv in (
         [str(tmp_path), str(per_image)],
         [str(tmp_path / "eval"), str(per_image), "--reference", "x"],
