@@ -18,7 +18,7 @@ import re
 import sys
 from pathlib import Path
 
-__all__ = ["BACKGROUNDS", "background_kind", "kept_gaps", "main", "per_image_file"]
+__all__ = ["BACKGROUNDS", "background_kind", "kept_gaps", "main", "missing_files", "per_image_file"]
 
 BACKGROUNDS = ("plain", "gradient", "striped", "checkered", "noisy")
 
@@ -36,7 +36,14 @@ def per_image_file(path: str | Path) -> tuple[str, Path]:
     label, equals, file = text.partition("=")
     if not equals or Path(text).is_file():
         return "", Path(text)
+    if not label:
+        raise ValueError(f"{text!r}: an empty label (give LABEL=FILE or FILE)")
     return label, Path(file)
+
+
+def missing_files(paths: list[str]) -> list[str]:
+    """The arguments of ``paths`` (``FILE`` or ``LABEL=FILE``) whose file does not exist."""
+    return [path for path in paths if not per_image_file(path)[1].is_file()]
 
 
 def _rows(paths: list[str | Path]) -> dict[str, dict[str, dict]]:
@@ -101,7 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference", default="blended-latent-diffusion")
     parser.add_argument("--methods", default="brushnet", help="Comma-separated methods to compare.")
     args = parser.parse_args(argv)
-    missing = [path for path in args.per_image if not per_image_file(path)[1].is_file()]
+    try:
+        missing = missing_files(args.per_image)
+    except ValueError as error:
+        parser.error(str(error))
     if missing:
         parser.error(f"no such file: {', '.join(missing)}")
     try:

@@ -20,7 +20,7 @@ import math
 import sys
 from pathlib import Path
 
-from kept_gap import _rows, per_image_file
+from kept_gap import _rows, missing_files
 
 __all__ = ["mcnemar_p", "paired", "shape_scores", "main"]
 
@@ -89,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not (Path(args.eval) / "mapping_file.json").is_file():
         parser.error(f"{args.eval}: no mapping_file.json (the eval set the run read)")
-    missing = [path for path in args.per_image if not per_image_file(path)[1].is_file()]
+    try:
+        missing = missing_files(args.per_image)
+    except ValueError as error:
+        parser.error(str(error))
     if missing:
         parser.error(f"no such file: {', '.join(missing)}")
     try:

@@ -418,9 +418,13 @@ def test_shape_scores_split_by_prompt_and_shape_and_pair_the_methods(tmp_path, c
     assert paired(labelled, "bn@a")["bn@b"] == (3, 2, pytest.approx(1.0))
     assert main([str(tmp_path / "eval"), *labelled, "--reference", "bn@a"]) == 0
     assert "bn@b: 3 / 2, p = 1.000" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        main([str(tmp_path / "eval"), f"a={tmp_path / 'none.jsonl'}"])
-    assert "no such file" in capsys.readouterr().err
+    for bad, message in (
+        (f"a={tmp_path / 'none.jsonl'}", "no such file"),
+        (f"={per_image}", "an empty label"),
+    ):
+        with pytest.raises(SystemExit):
+            main([str(tmp_path / "eval"), bad])
+        assert message in capsys.readouterr().err
     for argv in (
         [str(tmp_path), str(per_image)],
         [str(tmp_path / "eval"), str(per_image), "--reference", "x"],
