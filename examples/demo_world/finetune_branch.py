@@ -12,7 +12,8 @@ branch, which reads no text, was never asked to make the kept region's predictio
 caption. ``--kept-invariance λ`` trains it with :func:`brushnet.training.train`'s ``kept_invariance_weight``:
 λ × the mean over the kept latent cells of ``‖c − u‖²`` added to the loss; λ = (w − 1)² = 16 weighs it as
 guidance at w = 5 does. ``--kept-invariance 0`` is the same fine-tune without it, the control: the two see the
-same samples, noise and timesteps (the term draws nothing).
+same samples, noise and timesteps (the term draws nothing). ``--margin M`` leaves the M rings of latent cells
+around the hole out of the term (``kept_invariance_margin``).
 
 The run starts from the shipped branch (``--models``), on the recipe's stream of the first ``--scenes`` training
 scenes (the shards of ``train_world.py --stages data`` in ``--work``, whose scene count it reads from the work
@@ -62,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--kept-invariance", type=float, required=True, help="λ of the invariance term (0: the control)."
     )
+    parser.add_argument(
+        "--margin",
+        type=int,
+        default=0,
+        help="rings of latent cells around the hole left out of the term (default 0).",
+    )
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -73,8 +80,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--models {models}: not a demo model set (no {', '.join(missing)})")
     if out.exists():
         parser.error(f"--out {out}: exists; give a new folder")
-    if args.kept_invariance < 0 or min(args.steps, args.batch, args.threads) < 1 or args.lr <= 0:
-        parser.error("--kept-invariance must be non-negative and --steps, --batch, --lr, --threads positive")
+    if (
+        args.kept_invariance < 0
+        or args.margin < 0
+        or min(args.steps, args.batch, args.threads) < 1
+        or args.lr <= 0
+    ):
+        parser.error(
+            "--kept-invariance and --margin must be non-negative and --steps, --batch, --lr, --threads positive"
+        )
     try:
         scenes = _scenes_of(work)
     except ValueError as error:
@@ -106,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         update={
             "brushnet_model_name_or_path": str(models / "brushnet"),
             "kept_invariance_weight": args.kept_invariance,
+            "kept_invariance_margin": args.margin,
             "lr_warmup_steps": 0,
             "checkpointing_steps": 10**9,
             "resume_from_checkpoint": None,
@@ -128,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     losses = result.losses
     summary = {
         "kept_invariance": args.kept_invariance,
+        "margin": args.margin,
         "steps": result.global_step,
         "batch": args.batch,
         "lr": args.lr,

@@ -1098,16 +1098,18 @@ def test_finetune_branch_writes_a_model_set_and_refuses_bad_requests(tmp_path, c
     assert train_world(["--work", str(work), "--stages", "data", "--scenes", "16", "--threads", "1"]) == 0
     for bad, message in (
         (["--kept-invariance", "-1"], "must be non-negative"),
+        (["--kept-invariance", "1", "--margin", "-1"], "must be non-negative"),
         (["--kept-invariance", "1", "--models", str(tmp_path)], "not a demo model set"),
     ):
         with pytest.raises(SystemExit):
             finetune(["--work", str(work), "--out", str(out), *bad])
         assert message in capsys.readouterr().err
     assert not out.exists()
-    flags = ["--kept-invariance", "16", "--steps", "2", "--batch", "2"]
+    flags = ["--kept-invariance", "16", "--margin", "1", "--steps", "2", "--batch", "2"]
     assert finetune(["--work", str(work), "--out", str(out), *flags]) == 0
     summary = json.loads((out / "finetune.json").read_text())
     assert summary["steps"] == 2 and summary["kept_invariance"] == 16.0 and summary["scenes"] == 16
+    assert summary["margin"] == 1
     assert (out / "models" / "brushnet").resolve() == (out / "brushnet").resolve()
     assert (out / "models" / "base").resolve() == (DEMO_MODELS / "base").resolve()
     load_method("brushnet", method_models("brushnet", out / "models"))

@@ -43,6 +43,18 @@ def test_kept_cells_are_those_no_hole_pixel_touches():
         loop.kept_cells(torch.zeros(1, 1, 9, 8), (4, 4))
 
 
+def test_a_margin_keeps_only_cells_that_far_from_the_hole():
+    """``margin`` m: a cell counts as kept only at Chebyshev distance > m from every touched cell."""
+    hole = torch.zeros(1, 1, 16, 16)
+    hole[0, 0, 5, 2] = 1  # cell (2, 1) of an 8 × 8 grid of 2 × 2 cells
+    rows, cols = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+    distance = torch.maximum((rows - 2).abs(), (cols - 1).abs())
+    for margin in (0, 1, 2):
+        assert torch.equal(loop.kept_cells(hole, (8, 8), margin)[0, 0], distance > margin), margin
+    with pytest.raises(ValueError, match="margin must be non-negative"):
+        loop.kept_cells(hole, (8, 8), -1)
+
+
 def test_the_term_is_the_weighted_kept_difference_of_the_two_predictions(base_config, tiny_base):
     """loss(λ) − loss(0) = λ · mean over kept cells of ‖ε̂(caption) − ε̂(empty)‖², recomputed here from the same
     draws; the generator is left in the same state (the samples of a run do not change)."""
@@ -62,6 +74,11 @@ def test_the_term_is_the_weighted_kept_difference_of_the_two_predictions(base_co
 
     (plain, state0), (with_term, state1) = loss(0.0), loss(2.5)
     assert torch.equal(state0, state1)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        with_margin = loop.brushnet_training_loss(
+            brushnet, components, batch, generator, kept_invariance_weight=2.5, kept_invariance_margin=1
+        ).item()
 
     # the same draws, by hand: posterior samples, noise, timesteps (branch_denoising_loss's order)
     from brushnet.models.conditioning import brushnet_conditioning, encode_latents
@@ -91,6 +108,11 @@ def test_the_term_is_the_weighted_kept_difference_of_the_two_predictions(base_co
     assert term > 0
     assert plain == pytest.approx(torch.nn.functional.mse_loss(predictions[0], noise).item(), rel=1e-5)
     assert with_term - plain == pytest.approx(2.5 * term, rel=1e-4)
+    # with a margin of one cell: the kept cells with no hole pixel in their 3 × 3 neighbourhood of cells
+    far = (torch.nn.functional.avg_pool2d(kept, 3, stride=1, padding=1, count_include_pad=False) == 1).float()
+    assert 0 < far.sum() < kept.sum()
+    far_term = ((difference * far).sum() / far.sum()).item()
+    assert with_margin - plain == pytest.approx(2.5 * far_term, rel=1e-4)
 
 
 def test_training_with_the_term_makes_the_kept_prediction_depend_less_on_the_caption(
@@ -153,3 +175,7 @@ def test_the_option_is_a_flag_and_refuses_negative_weights(base_config):
     assert parse_train_args(flags).kept_invariance_weight == 0.5
     with pytest.raises(ConfigError, match="kept_invariance_weight"):
         make_config({**base_config, "kept_invariance_weight": -1})
+    assert make_config(base_config).kept_invariance_margin == 0
+    assert parse_train_args([*flags, "--kept_invariance_margin", "2"]).kept_invariance_margin == 2
+    with pytest.raises(ConfigError, match="kept_invariance_margin"):
+        make_config({**base_config, "kept_invariance_margin": -1})

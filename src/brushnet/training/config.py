@@ -112,6 +112,12 @@ class TrainConfig(BaseModel):
         "with the empty caption, which classifier-free guidance multiplies); 0: the paper's loss. One more UNet pass "
         "per step.",
     )
+    kept_invariance_margin: int = Field(
+        0,
+        ge=0,
+        description="With kept_invariance_weight: leave this many rings of latent cells around the cells a hole pixel "
+        "touches out of the term (those cells stay free to follow the caption); 0: every kept cell counts.",
+    )
     prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
         None, description="Training target; default: the base scheduler config's."
     )

@@ -190,6 +190,7 @@ def branch_denoising_loss(
     added_cond_kwargs: dict[str, torch.Tensor] | None = None,
     unconditional: tuple[torch.Tensor, dict[str, torch.Tensor] | None] | None = None,
     kept_invariance_weight: float = 0.0,
+    kept_invariance_margin: int = 0,
 ) -> torch.Tensor:
     """The denoising loss of a branch on the frozen UNet for one micro-batch whose texts are encoded (shared by
     BrushNet and PowerPaint).
@@ -214,6 +215,8 @@ def branch_denoising_loss(
             that reads no text: BrushNet), and the loss gains ``kept_invariance_weight`` × the mean over the
             kept latent cells of the squared difference of the two predictions (see the module docstring).
         kept_invariance_weight: λ of that term; 0 (the default) is the paper's loss.
+        kept_invariance_margin: the term leaves out this many rings of latent cells around the cells a hole pixel
+            touches (:func:`kept_cells`); 0: every kept cell counts.
 
     Returns:
         Scalar float32: the MSE over the whole latent, plus the kept-region term when it is on.
@@ -270,30 +273,38 @@ def branch_denoising_loss(
     target = training_target(scheduler, latents, noise, timesteps, prediction_type)
     loss = F.mse_loss(model_pred, target.float(), reduction="mean")
     if invariance:
-        difference = kept_difference(model_pred, prediction[latents.shape[0] :], hole)
+        difference = kept_difference(
+            model_pred, prediction[latents.shape[0] :], hole, margin=kept_invariance_margin
+        )
         loss = loss + kept_invariance_weight * difference
     return loss
 
 
 def kept_difference(
-    conditional: torch.Tensor, unconditional: torch.Tensor, hole: torch.Tensor
+    conditional: torch.Tensor, unconditional: torch.Tensor, hole: torch.Tensor, margin: int = 0
 ) -> torch.Tensor:
-    """Mean over the kept latent cells (:func:`kept_cells` of ``hole``) of the squared difference of two
-    ``(B, C, h, w)`` predictions, averaged over channels: the invariance term before its weight (0 when no cell
+    """Mean over the kept latent cells (:func:`kept_cells` of ``hole`` and ``margin``) of the squared difference of
+    two ``(B, C, h, w)`` predictions, averaged over channels: the invariance term before its weight (0 when no cell
     is kept)."""
-    kept = kept_cells(hole, conditional.shape[-2:]).float()
+    kept = kept_cells(hole, conditional.shape[-2:], margin).float()
     difference = (conditional.float() - unconditional.float()).pow(2).mean(dim=1, keepdim=True)
     return (difference * kept).sum() / kept.sum().clamp(min=1.0)
 
 
-def kept_cells(hole: torch.Tensor, latent_size) -> torch.Tensor:
+def kept_cells(hole: torch.Tensor, latent_size, margin: int = 0) -> torch.Tensor:
     """``(B, 1, h, w)`` bool map of the latent cells no hole pixel touches: ``hole`` ``(B, 1, H, W)`` (1 = hole)
-    max-pooled to ``latent_size`` ``(h, w)`` (``H`` and ``W`` multiples of them), then inverted."""
+    max-pooled to ``latent_size`` ``(h, w)`` (``H`` and ``W`` multiples of them), then inverted. With ``margin``
+    > 0 the touched cells are first grown by that many rings of cells (3 × 3 neighbourhoods), so only cells more
+    than ``margin`` cells (Chebyshev distance) from every touched cell count as kept."""
+    if margin < 0:
+        raise ValueError(f"margin must be non-negative, got {margin}")
     height, width = hole.shape[-2:]
     h, w = int(latent_size[0]), int(latent_size[1])
     if height % h or width % w:
         raise ValueError(f"the mask's size {height}×{width} is not a multiple of the latent's {h}×{w}")
     touched = F.max_pool2d((hole > 0.5).float(), kernel_size=(height // h, width // w))
+    if margin:
+        touched = F.max_pool2d(touched, kernel_size=2 * margin + 1, stride=1, padding=margin)
     return touched < 0.5
 
 
@@ -307,6 +318,7 @@ def brushnet_training_loss(
     prediction_type: str = "epsilon",
     caption_dropout: float = 0.0,
     kept_invariance_weight: float = 0.0,
+    kept_invariance_margin: int = 0,
 ) -> torch.Tensor:
     """The loss of one micro-batch (see the module docstring for the maths).
 
@@ -321,6 +333,7 @@ def brushnet_training_loss(
         prediction_type: ``"epsilon"`` or ``"v_prediction"``.
         caption_dropout: probability of replacing a caption by ``""``.
         kept_invariance_weight: λ of the kept region's caption-invariance term (module docstring); 0: off.
+        kept_invariance_margin: the term's margin around the hole in latent cells (:func:`kept_cells`).
 
     Returns:
         Scalar float32: the MSE over the whole latent (plus the invariance term when it is on).
@@ -346,6 +359,7 @@ def brushnet_training_loss(
         added_cond_kwargs=added_cond_kwargs,
         unconditional=unconditional,
         kept_invariance_weight=kept_invariance_weight,
+        kept_invariance_margin=kept_invariance_margin,
     )
 
 
@@ -563,6 +577,7 @@ def train(config: TrainConfig, dataset=None) -> TrainResult:
                         prediction_type=prediction_type,
                         caption_dropout=config.caption_dropout,
                         kept_invariance_weight=config.kept_invariance_weight,
+                        kept_invariance_margin=config.kept_invariance_margin,
                     )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
