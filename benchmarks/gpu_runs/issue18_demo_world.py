@@ -5,6 +5,7 @@ stored in float16 and trained against in float32):
 
     python3 benchmarks/gpu_runs/issue18_demo_world.py --limit 520   # + --powerpaint, --steps N, --skip-smoke
     python3 benchmarks/gpu_runs/issue18_demo_world.py --limit 520 --kept-invariance 16   # all three with the term
+    python3 benchmarks/gpu_runs/issue18_demo_world.py --limit 520 --kept-invariance 16 --kept-invariance-margin 1
 
 1. ``train_world.py --smoke --device cuda``: every stage's code path on the GPU (a few seconds).
 2. Stage ``data``: the 20000 training scenes (in parallel; the bytes are those of a CPU run, checked by hash).
@@ -72,7 +73,8 @@ def stage_command(work: Path, stages: list[str], args, steps: int, extra: list[s
         sys.executable, str(SCRIPT), "--work", str(work), "--stages", *stages, "--device", args.device,
         "--threads", "2", "--scenes", str(args.scenes), "--branch-steps", str(steps),
         "--branch-batch", str(args.batch), "--loader-workers", str(args.workers),
-        "--kept-invariance", str(args.kept_invariance), *extra,
+        "--kept-invariance", str(args.kept_invariance),
+        "--kept-invariance-margin", str(args.kept_invariance_margin), *extra,
     ]  # fmt: skip
 
 
@@ -206,6 +208,12 @@ def main() -> int:
         type=float,
         default=0.0,
         help="λ of the kept region's caption-invariance term for all three (16: docs/demo.md; 0: recipe v4.1)",
+    )
+    parser.add_argument(
+        "--kept-invariance-margin",
+        type=int,
+        default=0,
+        help="rings of latent cells around the hole left out of that term (1: docs/demo.md)",
     )
     parser.add_argument(
         "--powerpaint", action="store_true", help="train PowerPaint on the GPU after the branch"

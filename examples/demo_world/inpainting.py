@@ -50,6 +50,7 @@ def _branch_config(run: Run, out_dir):
             "mask": {"mode": "mix", "p_brush": 0.5},
             "caption_dropout": CAPTION_DROPOUT,
             "kept_invariance_weight": cfg.kept_invariance,
+            "kept_invariance_margin": cfg.kept_invariance_margin,
             "train_batch_size": cfg.branch_batch,
             "max_train_steps": cfg.branch_steps,
             "learning_rate": cfg.branch_lr,
@@ -176,16 +177,19 @@ def _captions(components, batch: dict, generator: torch.Generator, device, weigh
     return hidden
 
 
-def _loss(components, prediction, latents, noise, timesteps, hole, weight: float) -> torch.Tensor:
+def _loss(
+    components, prediction, latents, noise, timesteps, hole, weight: float, margin: int = 0
+) -> torch.Tensor:
     """The v (or ε) MSE of the first ``B`` predictions, plus, with ``weight`` > 0, ``weight`` × the mean over the
-    kept latent cells of the squared difference between them and the empty caption's predictions after them
-    (the term :func:`brushnet.training.loop.branch_denoising_loss` adds to the branch's loss)."""
+    kept latent cells (``margin`` rings around the hole left out) of the squared difference between them and the
+    empty caption's predictions after them (the term :func:`brushnet.training.loop.branch_denoising_loss` adds to
+    the branch's loss)."""
     from brushnet.training.loop import kept_difference
 
     size = len(latents)
     loss = F.mse_loss(prediction[:size], _target(components, latents, noise, timesteps))
     if weight > 0:
-        loss = loss + weight * kept_difference(prediction[:size], prediction[size:], hole)
+        loss = loss + weight * kept_difference(prediction[:size], prediction[size:], hole, margin)
     return loss
 
 
@@ -235,7 +239,9 @@ def train_inpaint(run: Run) -> dict:
         noisy, noise, timesteps = _noised(components, latents, generator)
         inputs = _twice(torch.cat([noisy, hole_latent, masked_latents], 1), weight)
         prediction = model(inputs, _twice(timesteps, weight), hidden).sample
-        return _loss(components, prediction, latents, noise, timesteps, hole, weight)
+        return _loss(
+            components, prediction, latents, noise, timesteps, hole, weight, cfg.kept_invariance_margin
+        )
 
     info = _fit_on_stream(run, "inpaint", model, loss_of)
     out = run.work / "inpaint"
@@ -284,7 +290,9 @@ def train_controlnet(run: Run) -> dict:
             down_block_additional_residuals=down,
             mid_block_additional_residual=mid,
         ).sample
-        return _loss(components, prediction, latents, noise, timesteps, hole, weight)
+        return _loss(
+            components, prediction, latents, noise, timesteps, hole, weight, cfg.kept_invariance_margin
+        )
 
     info = _fit_on_stream(run, "controlnet", model, loss_of)
     out = run.work / "controlnet"

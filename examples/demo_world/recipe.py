@@ -65,6 +65,9 @@ class WorldTrainConfig:
     # λ × the kept cells' mean ‖c − u‖², which guidance multiplies); 0: the paper's loss (recipe v4.1). 16 = (5 − 1)²
     # weighs it as guidance 5 does; docs/demo.md, "The kept region's caption-invariance term"
     kept_invariance: float = 0.0
+    # rings of latent cells around the hole left out of that term (brushnet.training's kept_invariance_margin); 1
+    # halved the term's shape cost in a fine-tune (docs/demo.md)
+    kept_invariance_margin: int = 0
     # DataLoader worker processes of the three (0: in the training process). Shards are dealt out to the
     # workers, so this changes the order of the samples (the same order for all three). PowerPaint's stage on a GPU
     # makes its samples in this many workers too (its samples do not depend on it)
@@ -86,6 +89,7 @@ _MAY_BE_ZERO = {
     "loader_workers",
     "decoder_local_noise",
     "kept_invariance",
+    "kept_invariance_margin",
 }
 _SHARES = {"hole_prompt_probability", "object_holes", "decoder_local_share"}
 _BELOW_ONE = {"base_ema_decay", "branch_ema_decay"}

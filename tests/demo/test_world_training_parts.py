@@ -1053,10 +1053,19 @@ def test_inpainting_stage_loss_adds_the_weighted_kept_difference_of_the_two_halv
     assert _loss(components, prediction, latents, noise, timesteps, hole, 3.0).item() == pytest.approx(
         expected.item(), rel=1e-6
     )
+    # a margin of one ring: the cells 9..20 are left out
+    far = torch.ones(2, 1, 32, 32)
+    far[:, :, 9:21, 9:21] = 0
+    expected = plain + 3.0 * (difference * far).sum() / far.sum()
+    assert _loss(components, prediction, latents, noise, timesteps, hole, 3.0, 1).item() == pytest.approx(
+        expected.item(), rel=1e-6
+    )
     assert _twice(timesteps, 0.0) is timesteps and torch.equal(_twice(timesteps, 1.0), timesteps.repeat(2))
     check_config(WorldTrainConfig(kept_invariance=0.0))
     with pytest.raises(ValueError, match="--kept-invariance must be non-negative"):
         check_config(WorldTrainConfig(kept_invariance=-1.0))
+    with pytest.raises(ValueError, match="--kept-invariance-margin must be non-negative"):
+        check_config(WorldTrainConfig(kept_invariance_margin=-1))
 
 
 def test_the_three_inpainting_stages_train_with_the_invariance_term(tmp_path):
@@ -1069,14 +1078,14 @@ def test_the_three_inpainting_stages_train_with_the_invariance_term(tmp_path):
 
     work = tmp_path / "work"
     stages = ["data", "vae", "base", "brushnet", "inpaint", "controlnet"]
-    flags = ["--smoke", "--threads", "1", "--kept-invariance", "16"]
+    flags = ["--smoke", "--threads", "1", "--kept-invariance", "16", "--kept-invariance-margin", "1"]
     assert main(["--work", str(work), *flags, "--stages", *stages]) == 0
     record = json.loads((work / "training_record.json").read_text())
-    assert record["config"]["kept_invariance"] == 16.0
+    assert record["config"]["kept_invariance"] == 16.0 and record["config"]["kept_invariance_margin"] == 1
     for stage in ("brushnet", "inpaint", "controlnet"):
         assert np.isfinite(record["stages"][stage]["final_loss"]), stage
     config = yaml.safe_load((work / "brushnet_run" / "train_config.yaml").read_text())
-    assert config["kept_invariance_weight"] == 16.0
+    assert config["kept_invariance_weight"] == 16.0 and config["kept_invariance_margin"] == 1
 
 
 def test_finetune_branch_writes_a_model_set_and_refuses_bad_requests(tmp_path, capsys):
