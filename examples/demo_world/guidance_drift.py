@@ -34,9 +34,10 @@ __all__ = ["drift", "main", "scale_errors"]
 TIMESTEPS = (999, 900, 700, 500, 300, 100)
 
 
-def _setup(models: str | Path, items: list[dict]) -> dict:
+def _setup(models: str | Path, items: list[dict], nine: bool = True) -> dict:
     """What :func:`drift` and :func:`scale_errors` read: the models of a demo folder and the scenes' latents,
-    conditionings, prompt and empty-prompt embeddings and kept-cell mask."""
+    conditionings, prompt and empty-prompt embeddings and kept-cell mask; with ``nine``, also the 9-channel model
+    and its extra input channels (``nine``, ``nine_extra``)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -59,23 +60,25 @@ def _setup(models: str | Path, items: list[dict]) -> dict:
     hole = torch.from_numpy(np.stack([item["hole"] for item in items]).astype(np.float32))[:, None]
     scale = vae.config.scaling_factor
     latents = vae.encode(pixels).latent_dist.mode() * scale
-    grey = vae.encode(pixels * (hole < 0.5)).latent_dist.mode() * scale  # diffusers' 9-channel: hole at 0
     factor = pixels.shape[-1] // latents.shape[-1]
-    return {
+    setup = {
         "scheduler": DDIMScheduler.from_pretrained(base / "scheduler"),
         "unet": UNet2DConditionModel.from_pretrained(base / "unet", torch_dtype=torch.float32).eval(),
         "branch": BrushNetModel.from_pretrained(models / "brushnet", torch_dtype=torch.float32).eval(),
-        "nine": UNet2DConditionModel.from_pretrained(
-            models / "inpaint" / "unet", torch_dtype=torch.float32
-        ).eval(),
         "latents": latents,
         # the conditioning each model was trained on (posterior means here, as at inference)
         "branch_cond": brushnet_conditioning(vae, pixels, hole, sample=False),  # hole at −1, keep mask
-        "nine_extra": torch.cat([1.0 - keep_mask_latent(hole, latents.shape[-2:]), grey], 1),
         "keep": 1.0 - F.max_pool2d(hole, factor),  # scored: the latent cells no hole pixel touches
         "cond": embed([item["prompt"] for item in items]),
         "uncond": embed([""] * len(items)),
     }
+    if nine:
+        grey = vae.encode(pixels * (hole < 0.5)).latent_dist.mode() * scale  # diffusers' 9-channel: hole at 0
+        setup["nine"] = UNet2DConditionModel.from_pretrained(
+            models / "inpaint" / "unet", torch_dtype=torch.float32
+        ).eval()
+        setup["nine_extra"] = torch.cat([1.0 - keep_mask_latent(hole, latents.shape[-2:]), grey], 1)
+    return setup
 
 
 @torch.no_grad()
@@ -136,7 +139,7 @@ def scale_errors(models: str | Path, items: list[dict], scales: list[float], see
     ones. The branch runs once per level; its residuals are scaled after (what ``conditioning_scale`` does)."""
     from brushnet.models.unet_injection import unet_forward_with_brushnet
 
-    m = _setup(models, items)
+    m = _setup(models, items, nine=False)
     scheduler, unet, branch, latents, text = m["scheduler"], m["unet"], m["branch"], m["latents"], m["cond"]
     kept = m["keep"].expand_as(latents)
     touched = 1.0 - kept
