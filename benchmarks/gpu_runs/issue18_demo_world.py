@@ -6,6 +6,9 @@ stored in float16 and trained against in float32):
     python3 benchmarks/gpu_runs/issue18_demo_world.py --limit 520   # + --powerpaint, --steps N, --skip-smoke
     python3 benchmarks/gpu_runs/issue18_demo_world.py --limit 520 --kept-invariance 16   # all three with the term
     python3 benchmarks/gpu_runs/issue18_demo_world.py --limit 520 --kept-invariance 16 --kept-invariance-margin 1
+    # what fits 4000 steps of the three in one 600 s call (no calibration, no smoke; run on 2026-11-28):
+    python3 benchmarks/gpu_runs/issue18_demo_world.py --limit 582 --steps 4000 --skip-smoke --workers 4 \
+        --pack-seconds 40 --kept-invariance 16 --kept-invariance-margin 1
 
 1. ``train_world.py --smoke --device cuda``: every stage's code path on the GPU (a few seconds).
 2. Stage ``data``: the 20000 training scenes (in parallel; the bytes are those of a CPU run, checked by hash).
@@ -34,6 +37,16 @@ cores for three stages; a larger ``--batch`` is the other way to more samples if
 PowerPaint's stage made its samples in the training process then (about 4 ms each on the 2-core VM); on a GPU it
 now has ``--workers`` DataLoader processes make them ahead of the step (the same samples; docs/demo.md,
 "PowerPaint's samples").
+
+What the session of 2026-11-28 learnt (H200; benchmarks/gpu_runs/issue18_h200_invariance_logs.txt): the faster
+stream did not make the steps faster. Calibrated with three workers each, the stages ran at 0.089-0.106 s/step
+side by side (with the invariance term, which adds one forward pass per step), so the calibration's 150 steps
+and 90 s bought a budget of 2000 steps and no training. The call that trained them skipped both
+(``--limit 582 --steps 4000 --skip-smoke --workers 4 --pack-seconds 40``): 0.095-0.115 s/step with four workers,
+all three done at 486 s of a 582 s limit. So the data stream did not set the pace, and the GPU, which ran a
+stage hardly faster alone, did not either; what is left is each process's own cost per step (Python, the
+optimiser, many small kernels), not profiled yet. A larger ``--batch`` is the likely way to more samples per
+second; more steps need the resume across calls.
 
 Each stage runs in its own work folder (``shards`` and ``base`` linked in), so no two processes write one
 training record; the records are merged afterwards. Nothing here is a test; it is how the lease was spent.
