@@ -66,7 +66,8 @@ class WorldTrainConfig:
     # weighs it as guidance 5 does; docs/demo.md, "The kept region's caption-invariance term"
     kept_invariance: float = 0.0
     # rings of latent cells around the hole left out of that term (brushnet.training's kept_invariance_margin); 1
-    # halved the term's shape cost in a fine-tune (docs/demo.md)
+    # halved the term's shape cost in a fine-tune (docs/demo.md). λ = 16 with margin 1 from the start (GPU,
+    # 2026-11-28) met the kept-region target but not the shape target, so the shipped models keep λ = 0
     kept_invariance_margin: int = 0
     # DataLoader worker processes of the three (0: in the training process). Shards are dealt out to the
     # workers, so this changes the order of the samples (the same order for all three). PowerPaint's stage on a GPU
