@@ -40,8 +40,8 @@ now has ``--workers`` DataLoader processes make them ahead of the step (the same
 
 What the session of 2026-11-28 learnt (H200; benchmarks/gpu_runs/issue18_h200_invariance_logs.txt): the faster
 stream did not make the steps faster. Calibrated with three workers each, the stages ran at 0.089-0.106 s/step
-side by side (with the invariance term, which adds one forward pass per step), so the calibration's 150 steps
-and 90 s bought a budget of 2000 steps and no training. The call that trained them skipped both
+side by side (with the invariance term, which adds one forward pass per step), so after the smoke, the data
+and the calibration (94 s) the budget held 2000 steps, below ``--min-steps``, and nothing was trained. The call that trained them skipped both
 (``--limit 582 --steps 4000 --skip-smoke --workers 4 --pack-seconds 40``): 0.095-0.115 s/step with four workers,
 all three done at 486 s of a 582 s limit. So the data stream did not set the pace, and the GPU, which ran a
 stage hardly faster alone, did not either; what is left is each process's own cost per step (Python, the
