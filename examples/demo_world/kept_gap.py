@@ -18,7 +18,16 @@ import re
 import sys
 from pathlib import Path
 
-__all__ = ["BACKGROUNDS", "background_kind", "kept_gaps", "main", "missing_files", "per_image_file"]
+__all__ = [
+    "BACKGROUNDS",
+    "background_kind",
+    "kept_gaps",
+    "main",
+    "missing_files",
+    "per_image_file",
+    "resolve",
+    "resolve_reference",
+]
 
 BACKGROUNDS = ("plain", "gradient", "striped", "checkered", "noisy")
 
@@ -69,15 +78,35 @@ def _rows(paths: list[str | Path]) -> dict[str, dict[str, dict]]:
     return methods
 
 
+def resolve(rows: dict[str, dict], name: str) -> list[str]:
+    """The runs of :func:`_rows` that ``name`` selects: itself if present, else, for a name without a label, every
+    ``name@LABEL`` (so ``--methods brushnet`` compares each labelled file's BrushNet)."""
+    if name in rows:
+        return [name]
+    return [] if "@" in name else [run for run in rows if run.partition("@")[0] == name]
+
+
+def resolve_reference(rows: dict[str, dict], name: str) -> str:
+    """The one run ``name`` selects (:func:`resolve`); ``ValueError`` listing the runs found if none or several."""
+    runs = resolve(rows, name)
+    if len(runs) != 1:
+        raise ValueError(f"--reference {name!r} names {len(runs)} runs; give one of: {', '.join(rows)}")
+    return runs[0]
+
+
 def kept_gaps(paths: list[str | Path], reference: str, methods: list[str]) -> dict[str, dict[str, tuple]]:
     """``{method: {group: (scenes, mean gap dB)}}`` with groups "all", each background kind and "holes: small /
     middle / large" (thirds by hole fraction); gap = reference's PSNR − the method's, on the scenes both have."""
     rows = _rows(paths)
-    for name in [reference, *methods]:
-        if name not in rows:
-            raise ValueError(f"no inside raw rows of {name!r} in {', '.join(map(str, paths))}")
-    result = {}
+    reference = resolve_reference(rows, reference)
+    selected = [run for name in methods for run in resolve(rows, name)]
     for name in methods:
+        if not resolve(rows, name):
+            raise ValueError(
+                f"no inside raw rows of {name!r} in {', '.join(map(str, paths))} (found: {', '.join(rows)})"
+            )
+    result = {}
+    for name in selected:
         ids = sorted(set(rows[name]) & set(rows[reference]))
         gap = {i: rows[reference][i]["psnr"] - rows[name][i]["psnr"] for i in ids}
         groups: dict[str, list[str]] = {"all": ids}
@@ -105,8 +134,16 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         help="per_image.jsonl of a bench run (later files override); LABEL=FILE names its methods METHOD@LABEL.",
     )
-    parser.add_argument("--reference", default="blended-latent-diffusion")
-    parser.add_argument("--methods", default="brushnet", help="Comma-separated methods to compare.")
+    parser.add_argument(
+        "--reference",
+        default="blended-latent-diffusion",
+        help="The method the others are measured against; without @LABEL, the one labelled run of it.",
+    )
+    parser.add_argument(
+        "--methods",
+        default="brushnet",
+        help="Comma-separated methods to compare; a name without @LABEL selects each labelled file's run of it.",
+    )
     args = parser.parse_args(argv)
     try:
         missing = missing_files(args.per_image)

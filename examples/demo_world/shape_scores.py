@@ -20,7 +20,7 @@ import math
 import sys
 from pathlib import Path
 
-from kept_gap import _rows, missing_files
+from kept_gap import _rows, missing_files, resolve_reference
 
 __all__ = ["mcnemar_p", "paired", "shape_scores", "main"]
 
@@ -61,8 +61,7 @@ def shape_scores(eval_dir: str | Path, paths: list[str | Path]) -> dict[str, dic
 def paired(paths: list[str | Path], reference: str) -> dict[str, tuple[int, int, float]]:
     """``{method: (only the reference right, only the method right, McNemar p)}`` over the scenes both have."""
     outcomes = _outcomes(paths)
-    if reference not in outcomes:
-        raise ValueError(f"no scored inside raw rows of {reference!r}")
+    reference = resolve_reference(outcomes, reference)
     ref = outcomes[reference]
     result = {}
     for name, outcome in outcomes.items():
@@ -85,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         help="per_image.jsonl of a bench run (later files override); LABEL=FILE names its methods METHOD@LABEL.",
     )
-    parser.add_argument("--reference", default="brushnet", help="The method the others are paired with.")
+    parser.add_argument(
+        "--reference",
+        default="brushnet",
+        help="The method the others are paired with; without @LABEL, the one labelled run of it.",
+    )
     args = parser.parse_args(argv)
     if not (Path(args.eval) / "mapping_file.json").is_file():
         parser.error(f"{args.eval}: no mapping_file.json (the eval set the run read)")
@@ -96,8 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         parser.error(f"no such file: {', '.join(missing)}")
     try:
-        scores = shape_scores(args.eval, args.per_image)
         pairs = paired(args.per_image, args.reference)
+    except ValueError as error:
+        parser.error(str(error))
+    try:
+        scores = shape_scores(args.eval, args.per_image)
     except (ValueError, KeyError) as error:
         parser.error(f"{error} (is {args.eval} the eval set of this run?)")
     groups = list(dict.fromkeys(group for table in scores.values() for group in table))

@@ -361,6 +361,12 @@ def test_kept_gap_groups_the_per_image_gap_by_background_and_hole_size(tmp_path,
     assert kept_gaps([first, second], "bld", ["bn"])["bn"]["all"] == (6, pytest.approx(1.0))
     assert main([str(first), "--reference", "bld", "--methods", "bn"]) == 0
     assert "| plain | 2.00 (4) |" in capsys.readouterr().out
+    # labelled files: a name without @LABEL selects each file's run of it, and the reference's one run
+    labelled = kept_gaps([f"x={first}", f"y={second}"], "bld", ["bn"])
+    assert set(labelled) == {"bn@x", "bn@y"} and labelled["bn@y"]["all"] == (6, pytest.approx(1.0))
+    assert set(kept_gaps([f"x={first}", f"y={second}"], "bld@x", ["bn@y"])) == {"bn@y"}
+    with pytest.raises(ValueError, match="names 2 runs"):
+        kept_gaps([f"x={first}", f"z={first}"], "bld", ["bn"])
     for argv in (
         [str(first), "--reference", "bld", "--methods", "nosuch"],
         [str(tmp_path / "missing.jsonl")],
@@ -418,6 +424,10 @@ def test_shape_scores_split_by_prompt_and_shape_and_pair_the_methods(tmp_path, c
     assert paired(labelled, "bn@a")["bn@b"] == (3, 2, pytest.approx(1.0))
     assert main([str(tmp_path / "eval"), *labelled, "--reference", "bn@a"]) == 0
     assert "bn@b: 3 / 2, p = 1.000" in capsys.readouterr().out
+    # an unlabelled reference selects its one labelled run; two are refused by name
+    assert paired([f"a={per_image}"], "sd") == {"bn@a": paired([per_image], "sd")["bn"]}
+    with pytest.raises(ValueError, match="'bn' names 2 runs"):
+        paired(labelled, "bn")
     for bad, message in (
         (f"a={tmp_path / 'none.jsonl'}", "no such file"),
         (f"={per_image}", "an empty label"),
