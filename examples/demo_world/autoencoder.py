@@ -28,6 +28,8 @@ from fit_loop import FitSettings, fit, seeded_init, stage_generator
 from recipe import Run
 from world_data import SIZE, to_unit
 
+from brushnet.devices import to_device
+
 __all__ = [
     "corrupt_latent_boxes",
     "decoder_locality",
@@ -91,7 +93,7 @@ def corrupt_latent_boxes(
             fill = z[i].mean(dim=(1, 2), keepdim=True).expand(c, bh, bw)
         else:
             scale = 0.5 + float(torch.rand((), generator=generator))
-            fill = (torch.randn(c, bh, bw, generator=generator) * scale).to(z.device) * z.std()
+            fill = to_device(torch.randn(c, bh, bw, generator=generator) * scale, z.device) * z.std()
         out[i][box] = fill
         keep[i, :, max(top - 1, 0) : top + bh + 1, max(left - 1, 0) : left + bw + 1] = 0
     return out, keep
@@ -150,9 +152,10 @@ def train_vae(run: Run) -> dict:
     vae.to(run.device)
 
     def loss_of(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        x = x.to(run.device)
+        x = to_device(x, run.device)
         posterior = vae.encode(x).latent_dist
-        eps = torch.randn(posterior.mean.shape, generator=generator).to(run.device)  # drawn on the CPU
+        # drawn on the CPU
+        eps = to_device(torch.randn(posterior.mean.shape, generator=generator), run.device)
         z = posterior.mean + posterior.std * eps
         recon = vae.decode(z).sample
         kl = posterior.kl().mean() / z[0].numel()
@@ -211,10 +214,10 @@ def _tune_decoder(run: Run, name: str, steps: int, share: float) -> dict:
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
 
     def loss_of(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        x = x.to(run.device)
+        x = to_device(x, run.device)
         with torch.no_grad():
             posterior = vae.encode(x).latent_dist
-            eps = torch.randn(posterior.mean.shape, generator=generator).to(run.device)
+            eps = to_device(torch.randn(posterior.mean.shape, generator=generator), run.device)
             z = posterior.mean + posterior.std * eps
             if share > 0:
                 z, keep = corrupt_latent_boxes(z, share, generator)
@@ -222,7 +225,7 @@ def _tune_decoder(run: Run, name: str, steps: int, share: float) -> dict:
                 # as a method's kept latent is: the decoder must give the clean scene back
                 if cfg.decoder_local_noise > 0:
                     level = torch.rand(z.shape[0], 1, 1, 1, generator=generator) * cfg.decoder_local_noise
-                    z = z + (level * torch.randn(z.shape, generator=generator)).to(z.device) * z.std()
+                    z = z + to_device(level * torch.randn(z.shape, generator=generator), z.device) * z.std()
         recon = vae.decode(z).sample
         if share == 0:
             return F.l1_loss(recon, x) + F.mse_loss(recon, x)

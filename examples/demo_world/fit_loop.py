@@ -154,7 +154,9 @@ def fit(
         num_warmup_steps=settings.lr_warmup_steps,
         num_training_steps=settings.steps,
     )
-    ema = EMAModel(params, decay=settings.ema_decay) if settings.ema_decay else None
+    # on CUDA a few multi-tensor kernels per step (as AdamW's default there); on the CPU the loop earlier runs used
+    foreach = params[0].device.type == "cuda"
+    ema = EMAModel(params, decay=settings.ema_decay, foreach=foreach) if settings.ema_decay else None
     step, losses = 0, []
     checkpoint = Path(checkpoint) if checkpoint is not None else None
 
@@ -190,6 +192,15 @@ def fit(
             logger.info("%s: resumed from %s at step %d", name, checkpoint, step)
         else:
             logger.warning("%s: %s was written with other settings; starting over", name, checkpoint)
+    # each step's loss stays on the device until a log line or a checkpoint needs it: reading it every step would
+    # make the host wait for the device at the end of every step
+    unread: list[torch.Tensor] = []
+
+    def read_losses() -> None:
+        if unread:
+            losses.extend(torch.stack(unread).tolist())
+            unread.clear()
+
     first = step
     start = time.perf_counter()
     model.train()
@@ -203,7 +214,9 @@ def fit(
         if ema is not None:
             ema.step(params)
         step += 1
-        losses.append(loss.item())
+        unread.append(loss.detach())
+        if step % settings.logging_steps == 0 or step == settings.steps or len(unread) >= 100:
+            read_losses()
         if step % settings.logging_steps == 0 or step == settings.steps:
             recent = losses[-settings.logging_steps :]
             elapsed = time.perf_counter() - start
@@ -217,6 +230,7 @@ def fit(
                 elapsed / (step - first),
             )
         if checkpoint is not None and (step % settings.checkpointing_steps == 0 or step == settings.steps):
+            read_losses()
             save()
     seconds = time.perf_counter() - start
     if ema is not None:

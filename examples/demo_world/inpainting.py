@@ -29,6 +29,8 @@ from fit_loop import FitSettings, StreamBatches, fit, seeded_init, stage_generat
 from recipe import Run
 from world_data import SIZE, HolePromptStream
 
+from brushnet.devices import to_device
+
 __all__ = ["train_brushnet", "train_controlnet", "train_inpaint"]
 
 CAPTION_DROPOUT = 0.1
@@ -152,9 +154,9 @@ def _fit_on_stream(run: Run, stage: str, model, loss_of) -> dict:
 def _noised(components, latents: torch.Tensor, generator: torch.Generator):
     """Noise and timesteps drawn on the CPU from the stage's generator (the same draws on any device)."""
     scheduler = components.noise_scheduler
-    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+    noise = to_device(torch.randn(latents.shape, generator=generator), latents.device)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
-    timesteps = timesteps.to(latents.device)
+    timesteps = to_device(timesteps, latents.device)
     return scheduler.add_noise(latents, noise, timesteps), noise, timesteps
 
 
@@ -229,7 +231,7 @@ def train_inpaint(run: Run) -> dict:
     weight = cfg.kept_invariance
 
     def loss_of(batch: dict, generator: torch.Generator) -> torch.Tensor:
-        pixels, hole = batch["pixel_values"].to(device), batch["mask"].to(device)
+        pixels, hole = to_device(batch["pixel_values"], device), to_device(batch["mask"], device)
         with torch.no_grad():
             hidden = _captions(components, batch, generator, device, weight)
             latents = encode_latents(vae, pixels, generator)
@@ -273,7 +275,7 @@ def train_controlnet(run: Run) -> dict:
     weight = cfg.kept_invariance
 
     def loss_of(batch: dict, generator: torch.Generator) -> torch.Tensor:
-        pixels, hole = batch["pixel_values"].to(device), batch["mask"].to(device)
+        pixels, hole = to_device(batch["pixel_values"], device), to_device(batch["mask"], device)
         with torch.no_grad():
             hidden = _captions(components, batch, generator, device, weight)
             latents = encode_latents(vae, pixels, generator)

@@ -20,6 +20,8 @@ from fit_loop import FitSettings, fit, seeded_init, stage_generator
 from recipe import Run, WorldTrainConfig
 from world_data import SIZE, TEXT_MAX_LENGTH, build_tokenizer, subset_caption, to_unit
 
+from brushnet.devices import to_device
+
 __all__ = ["base_caption", "base_scheduler", "min_snr_weights", "train_base", "unet_config"]
 
 
@@ -141,7 +143,7 @@ def train_base(run: Run) -> dict:
         tokens = tokenizer(
             captions, padding="max_length", max_length=TEXT_MAX_LENGTH, truncation=True, return_tensors="pt"
         ).input_ids
-        hidden = text_encoder(tokens.to(run.device), return_dict=False)[0]
+        hidden = text_encoder(to_device(tokens, run.device), return_dict=False)[0]
         # every draw on the CPU, from the stage's generator (the same draws on any device)
         latents = latent_mean[index] + latent_std[index] * torch.randn(
             latent_mean[index].shape, generator=generator
@@ -150,8 +152,8 @@ def train_base(run: Run) -> dict:
         timesteps = torch.randint(
             0, noise_scheduler.config.num_train_timesteps, (len(index),), generator=generator
         )
-        weights = min_snr_weights(noise_scheduler, timesteps, cfg.min_snr_gamma).to(run.device)
-        latents, noise, timesteps = latents.to(run.device), noise.to(run.device), timesteps.to(run.device)
+        weights = to_device(min_snr_weights(noise_scheduler, timesteps, cfg.min_snr_gamma), run.device)
+        latents, noise, timesteps = (to_device(t, run.device) for t in (latents, noise, timesteps))
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         prediction = unet(noisy, timesteps, hidden).sample
         target = training_target(noise_scheduler, latents, noise, timesteps, "v_prediction")

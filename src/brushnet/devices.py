@@ -6,7 +6,7 @@ from typing import Any
 
 from .errors import InputError
 
-__all__ = ["resolve_device"]
+__all__ = ["resolve_device", "to_device"]
 
 
 def resolve_device(device: Any) -> Any:
@@ -41,3 +41,25 @@ def resolve_device(device: Any) -> Any:
             raise InputError(f"--device {device}: Apple MPS is not available here; use --device cpu")
         return resolved
     raise InputError(f"unsupported device {device!r}; use cpu, cuda, cuda:N or mps")
+
+
+def to_device(tensor: Any, device: Any, dtype: Any = None) -> Any:
+    """``tensor`` on ``device`` (then in ``dtype``, when given), without making the host wait for the device.
+
+    A blocking copy from ordinary host memory to a CUDA device waits until everything queued on the device
+    has run, so a training step that moves its batch, noise or token ids that way cannot prepare its work
+    while the previous step's runs. A CPU tensor bound for CUDA is therefore copied from page-locked memory
+    with ``non_blocking=True`` (the caching host allocator keeps that memory until the copy is done); every
+    other move is ``Tensor.to`` as usual. The values are the same either way; only the order of host and
+    device work changes.
+    """
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        if not tensor.is_pinned():
+            tensor = tensor.pin_memory()
+        tensor = tensor.to(device, non_blocking=True)
+    else:
+        tensor = tensor.to(device)
+    return tensor if dtype is None else tensor.to(dtype)

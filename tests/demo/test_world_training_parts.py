@@ -199,13 +199,17 @@ def _linear_fit(steps, checkpoint, stop_after=None):
 
 def test_fit_resumes_a_crashed_stage_exactly_and_leaves_the_global_rng_alone(tmp_path):
     state = torch.random.get_rng_state()
-    straight, result = _linear_fit(20, tmp_path / "a.pt")
+    straight, straight_result = _linear_fit(20, tmp_path / "a.pt")
     assert torch.equal(torch.random.get_rng_state(), state)  # no global seeding, no global draws
-    assert result.steps == 20 and len(result.losses) == 20 and result.losses[-1] < 0.05 * result.losses[0]
+    losses = straight_result.losses
+    assert straight_result.steps == 20 and len(losses) == 20 and losses[-1] < 0.05 * losses[0]
+    assert all(isinstance(loss, float) for loss in losses)
     with pytest.raises(KeyboardInterrupt):
         _linear_fit(20, tmp_path / "b.pt", stop_after=13)  # checkpoint at step 10
     resumed, result = _linear_fit(20, tmp_path / "b.pt")
-    assert result.steps_run == 10 and len(result.losses) == 20
+    # the losses are read from the device only to log or save (here every 5 steps), and the checkpoint holds
+    # every one of them
+    assert result.steps_run == 10 and result.losses == losses
     assert torch.equal(resumed.weight, straight.weight) and torch.equal(resumed.bias, straight.bias)
 
 

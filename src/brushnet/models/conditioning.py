@@ -45,8 +45,25 @@ def encode_latents(
 
     # a list of generators draws item i of the batch from generator i (diffusers' randn_tensor)
     output = vae.encode(pixels.to(vae.dtype))
-    latents = retrieve_latents(output, generator, "sample" if sample else "argmax")
+    dist = getattr(output, "latent_dist", None)
+    if sample and dist is not None and _on_cpu(generator):
+        # diffusers' own draws (``latent_dist.sample``: on the CPU, then moved), but moved to a CUDA device without
+        # making the host wait for it (:func:`brushnet.devices.to_device`)
+        from diffusers.utils.torch_utils import randn_tensor
+
+        from ..devices import to_device
+
+        noise = randn_tensor(dist.mean.shape, generator, torch.device("cpu"), dist.parameters.dtype)
+        latents = dist.mean + dist.std * to_device(noise, dist.parameters.device)
+    else:
+        latents = retrieve_latents(output, generator, "sample" if sample else "argmax")
     return latents * vae.config.scaling_factor
+
+
+def _on_cpu(generator) -> bool:
+    """Whether ``generator`` (one or a list) is a CPU generator."""
+    generators = generator if isinstance(generator, list) else [generator]
+    return bool(generators) and all(g is not None and g.device.type == "cpu" for g in generators)
 
 
 def keep_mask_latent(hole: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

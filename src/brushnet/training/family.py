@@ -15,6 +15,7 @@ import logging
 import torch
 from torch import nn
 
+from ..devices import to_device
 from ..loading import detect_family
 
 __all__ = ["SD15Family", "SDXLFamily", "family_for_unet"]
@@ -23,13 +24,14 @@ logger = logging.getLogger(__name__)
 
 
 def _token_ids(tokenizer, captions: list[str], device: torch.device) -> torch.Tensor:
-    return tokenizer(
+    ids = tokenizer(
         captions,
         padding="max_length",
         max_length=tokenizer.model_max_length,
         truncation=True,
         return_tensors="pt",
-    ).input_ids.to(device)
+    ).input_ids
+    return to_device(ids, device)
 
 
 class SD15Family:
@@ -166,7 +168,7 @@ class SDXLFamily:
         pooled = output[0]  # text_encoder_2's projection (CLIPTextModelWithProjection.text_embeds)
         added_cond_kwargs = {
             "text_embeds": pooled.to(dtype),
-            "time_ids": self.time_ids(batch).to(device=device, dtype=dtype),
+            "time_ids": to_device(self.time_ids(batch), device, dtype),
         }
         return torch.cat(hidden_states, dim=-1).to(dtype), added_cond_kwargs
 
