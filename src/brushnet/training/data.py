@@ -143,7 +143,8 @@ class EpochShardSampler(Sampler[int]):
 
 
 def build_train_dataloader(config, dataset, process_index: int = 0, num_processes: int = 1) -> DataLoader:
-    """A ``DataLoader`` with the config's batch size and workers, dropping incomplete batches.
+    """A ``DataLoader`` with the config's batch size and workers, dropping incomplete batches, its batches in
+    page-locked memory when CUDA is available.
 
     A shard stream divides itself among processes; a map-style dataset gets an :class:`EpochShardSampler`.
     Do not pass it through ``accelerator.prepare`` (that would split the batches a second time).
@@ -158,6 +159,9 @@ def build_train_dataloader(config, dataset, process_index: int = 0, num_processe
         num_workers=config.dataloader_num_workers,
         collate_fn=collate,
         drop_last=True,
+        # batches land in page-locked memory (in the loader's pinning thread) when a GPU may read them, so the
+        # copy to it does not block (brushnet.devices.to_device)
+        pin_memory=torch.cuda.is_available(),
     )
 
 
