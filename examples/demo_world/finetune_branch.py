@@ -1,4 +1,4 @@
-"""Fine-tune a demo BrushNet branch, with or without the kept region's caption-invariance term.
+"""Fine-tune a demo BrushNet branch, with or without the kept region's caption-invariance term or the guided term.
 
     python examples/demo_world/train_world.py --work /tmp/ft --stages data --scenes 4000
     python examples/demo_world/finetune_branch.py --work /tmp/ft --out /tmp/ft/inv16 --kept-invariance 16
@@ -13,7 +13,9 @@ caption. ``--kept-invariance λ`` trains it with :func:`brushnet.training.train`
 λ × the mean over the kept latent cells of ``‖c − u‖²`` added to the loss; λ = (w − 1)² = 16 weighs it as
 guidance at w = 5 does. ``--kept-invariance 0`` is the same fine-tune without it, the control: the two see the
 same samples, noise and timesteps (the term draws nothing). ``--margin M`` leaves the M rings of latent cells
-around the hole out of the term (``kept_invariance_margin``).
+around the hole out of the term (``kept_invariance_margin``). ``--guided γ`` adds the training loop's guided term
+instead (``guided_loss_weight``): γ × the error of the guided prediction ``u + w (c − u)`` at ``--guided-scale w``
+against the target, over the whole latent, so the branch is trained for sampling with guidance.
 
 The run starts from the shipped branch (``--models``), on the recipe's stream of the first ``--scenes`` training
 scenes (the shards of ``train_world.py --stages data`` in ``--work``, whose scene count it reads from the work
@@ -69,6 +71,15 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="rings of latent cells around the hole left out of the term (default 0).",
     )
+    parser.add_argument(
+        "--guided",
+        type=float,
+        default=0.0,
+        help="γ of the guided term: the guided prediction's error against the target (default 0: off).",
+    )
+    parser.add_argument(
+        "--guided-scale", type=float, default=5.0, help="the guidance scale of that prediction (default 5)."
+    )
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -83,11 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     if (
         args.kept_invariance < 0
         or args.margin < 0
+        or args.guided < 0
+        or args.guided_scale < 1
         or min(args.steps, args.batch, args.threads) < 1
         or args.lr <= 0
     ):
         parser.error(
-            "--kept-invariance and --margin must be non-negative and --steps, --batch, --lr, --threads positive"
+            "--kept-invariance, --margin and --guided must be non-negative, --guided-scale at least 1 and --steps, "
+            "--batch, --lr, --threads positive"
         )
     try:
         scenes = _scenes_of(work)
@@ -121,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             "brushnet_model_name_or_path": str(models / "brushnet"),
             "kept_invariance_weight": args.kept_invariance,
             "kept_invariance_margin": args.margin,
+            "guided_loss_weight": args.guided,
+            "guided_loss_scale": args.guided_scale,
             "lr_warmup_steps": 0,
             "checkpointing_steps": 10**9,
             "resume_from_checkpoint": None,
@@ -144,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "kept_invariance": args.kept_invariance,
         "margin": args.margin,
+        "guided": args.guided,
+        "guided_scale": args.guided_scale,
         "steps": result.global_step,
         "batch": args.batch,
         "lr": args.lr,

@@ -10,6 +10,9 @@ model, on the first mini-BrushBench scenes (inside holes, their prompts)::
 
     python examples/demo_world/guidance_drift.py --models src/brushnet/assets/demo_world --scenes 48
 
+``--region hole`` measures the same on the latent cells a hole pixel touches: there ``‖c − u‖²`` is how much the
+prompt changes what the model puts in the hole, which guidance multiplies.
+
 With ``--scales 0,0.5,1,...`` it prints instead BrushNet's own objective at each preservation scale: the mean
 squared error of its prompted v-prediction (no guidance) on the hole's latent cells and on the kept ones
 (``--scene-seed 1``: scenes of the eval split other than the mini-BrushBench's).
@@ -88,16 +91,21 @@ def drift(
     guidance: float = 5.0,
     seed: int = 0,
     conditioning_scale: float = 1.0,
+    region: str = "kept",
 ) -> dict:
     """``{model: {t: {"cond", "uncond", "guided", "difference"}}}``: mean squared error on the kept latent
     cells of the clean-latent estimates with the prompt, without it and guided, and ``‖c − u‖²`` there
     (per cell and channel), for ``brushnet`` (its residuals times ``conditioning_scale``, the preservation
-    scale) and ``sd-inpainting``."""
+    scale) and ``sd-inpainting``; ``region="hole"``: the same on the cells a hole pixel touches instead."""
     from brushnet.models.unet_injection import unet_forward_with_brushnet
 
     m = _setup(models, items)
     scheduler, unet, branch, nine = m["scheduler"], m["unet"], m["branch"], m["nine"]
     latents, keep, cond, uncond = m["latents"], m["keep"], m["cond"], m["uncond"]
+    if region not in ("kept", "hole"):
+        raise ValueError(f"region must be 'kept' or 'hole', got {region!r}")
+    if region == "hole":
+        keep = 1.0 - keep  # the cells a hole pixel touches
     alphas = scheduler.alphas_cumprod
     cells = keep.expand_as(latents).sum()
 
@@ -173,6 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--conditioning-scale", type=float, default=1.0, help="BrushNet's preservation scale")
     parser.add_argument(
+        "--region",
+        choices=("kept", "hole"),
+        default="kept",
+        help="the latent cells measured: the kept ones (default) or those a hole pixel touches",
+    )
+    parser.add_argument(
         "--scales",
         help="instead: BrushNet's own (prompted, unguided) v error in the hole and on the kept cells at each of "
         "these comma-separated preservation scales",
@@ -217,8 +231,10 @@ def main(argv: list[str] | None = None) -> int:
         ]
         print("mean " + cells(means))
         return 0
-    result = drift(args.models, items, args.guidance, conditioning_scale=args.conditioning_scale)
-    print(f"kept-region MSE of the clean-latent estimate ({args.scenes} scenes, guidance {args.guidance:g}, "
+    result = drift(
+        args.models, items, args.guidance, conditioning_scale=args.conditioning_scale, region=args.region
+    )
+    print(f"{args.region}-region MSE of the clean-latent estimate ({args.scenes} scenes, guidance {args.guidance:g}, "
           f"BrushNet's preservation scale {args.conditioning_scale:g})")  # fmt: skip
     print(f"{'model':14s} {'t':>4s} {'prompt':>8s} {'empty':>8s} {'guided':>8s} {'|c-u|^2':>9s}")
     for name, rows in result.items():

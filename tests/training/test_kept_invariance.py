@@ -57,7 +57,8 @@ def test_a_margin_keeps_only_cells_that_far_from_the_hole():
 
 def test_the_term_is_the_weighted_kept_difference_of_the_two_predictions(base_config, tiny_base):
     """loss(λ) − loss(0) = λ · mean over kept cells of ‖ε̂(caption) − ε̂(empty)‖², recomputed here from the same
-    draws; the generator is left in the same state (the samples of a run do not change)."""
+    draws; the generator is left in the same state (the samples of a run do not change). The guided term
+    (``guided_loss_weight`` γ, ``guided_loss_scale`` w) adds γ · MSE(ε̂(empty) + w (ε̂(caption) − ε̂(empty)), ε)."""
     components = loop.load_components(str(tiny_base))
     brushnet = _branch_with_taps(components)
     config = make_config({**base_config, "train_batch_size": 4})
@@ -74,11 +75,15 @@ def test_the_term_is_the_weighted_kept_difference_of_the_two_predictions(base_co
 
     (plain, state0), (with_term, state1) = loss(0.0), loss(2.5)
     assert torch.equal(state0, state1)
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        with_margin = loop.brushnet_training_loss(
-            brushnet, components, batch, generator, kept_invariance_weight=2.5, kept_invariance_margin=1
-        ).item()
+
+    def term_loss(**terms):
+        generator = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            return loop.brushnet_training_loss(brushnet, components, batch, generator, **terms).item()
+
+    with_margin = term_loss(kept_invariance_weight=2.5, kept_invariance_margin=1)
+    guided = term_loss(guided_loss_weight=0.5, guided_loss_scale=4.0)
+    both = term_loss(kept_invariance_weight=2.5, guided_loss_weight=0.5, guided_loss_scale=4.0)
 
     # the same draws, by hand: posterior samples, noise, timesteps (branch_denoising_loss's order)
     from brushnet.models.conditioning import brushnet_conditioning, encode_latents
@@ -113,38 +118,50 @@ def test_the_term_is_the_weighted_kept_difference_of_the_two_predictions(base_co
     assert 0 < far.sum() < kept.sum()
     far_term = ((difference * far).sum() / far.sum()).item()
     assert with_margin - plain == pytest.approx(2.5 * far_term, rel=1e-4)
+    # the guided term: γ · MSE(u + w (c − u), target) over the whole latent, added to whatever else is on
+    guided_prediction = predictions[1] + 4.0 * (predictions[0] - predictions[1])
+    guided_term = torch.nn.functional.mse_loss(guided_prediction, noise).item()
+    assert guided_term > plain  # guidance at w = 4 multiplies the error of c − u
+    assert guided - plain == pytest.approx(0.5 * guided_term, rel=1e-4)
+    assert both - plain == pytest.approx(2.5 * term + 0.5 * guided_term, rel=1e-4)
 
 
 def test_training_with_the_term_makes_the_kept_prediction_depend_less_on_the_caption(
     base_config, tiny_base, overfit
 ):
     """The same 15 steps on one batch with and without the term: with it, the kept cells' ‖c − u‖² ends well
-    below where the paper's loss leaves it, and the denoising loss still falls."""
+    below where the paper's loss leaves it, and the denoising loss still falls. With the guided term instead, the
+    guided prediction's error ends below where the paper's loss leaves it."""
     components = loop.load_components(str(tiny_base))
     for module in components.frozen_modules.values():
         module.requires_grad_(False).eval()
     config = make_config({**base_config, "train_batch_size": 4})
     batch = _batch(config)
 
-    def train(weight):
+    def train(weight, guided=0.0):
         brushnet = _branch_with_taps(components).train()
-        overfit(brushnet, components, batch, 15, kept_invariance_weight=weight)
+        overfit(brushnet, components, batch, 15, kept_invariance_weight=weight, guided_loss_weight=guided)
         with torch.no_grad():
-            generator = torch.Generator().manual_seed(3)
-            denoising = loop.brushnet_training_loss(brushnet, components, batch, generator).item()
-            generator = torch.Generator().manual_seed(3)
-            total = loop.brushnet_training_loss(
-                brushnet, components, batch, generator, kept_invariance_weight=1.0
-            ).item()
-        return denoising, total - denoising  # the denoising loss and the kept ‖c − u‖² after training
+
+            def measured(**terms):
+                generator = torch.Generator().manual_seed(3)
+                return loop.brushnet_training_loss(brushnet, components, batch, generator, **terms).item()
+
+            denoising = measured()
+            drift = measured(kept_invariance_weight=1.0) - denoising
+            guided_error = measured(guided_loss_weight=1.0) - denoising
+        # the denoising loss, the kept ‖c − u‖² and the guided prediction's error after training
+        return denoising, drift, guided_error
 
     with torch.no_grad():
         start = _branch_with_taps(components)
         first = loop.brushnet_training_loss(start, components, batch, torch.Generator().manual_seed(3)).item()
-    plain_loss, plain_drift = train(0.0)
-    term_loss, term_drift = train(50.0)
+    plain_loss, plain_drift, plain_guided = train(0.0)
+    term_loss, term_drift, _ = train(50.0)
     assert term_drift < 0.5 * plain_drift, (term_drift, plain_drift)
     assert term_loss < 0.8 * first, (term_loss, first)
+    _, _, guided_error = train(0.0, guided=1.0)
+    assert guided_error < 0.8 * plain_guided, (guided_error, plain_guided)
 
 
 def test_sdxl_term_uses_the_empty_captions_added_conditions(base_config, tiny_xl_models):
@@ -179,3 +196,10 @@ def test_the_option_is_a_flag_and_refuses_negative_weights(base_config):
     assert parse_train_args([*flags, "--kept_invariance_margin", "2"]).kept_invariance_margin == 2
     with pytest.raises(ConfigError, match="kept_invariance_margin"):
         make_config({**base_config, "kept_invariance_margin": -1})
+    assert make_config(base_config).guided_loss_weight == 0.0
+    guided = parse_train_args([*flags, "--guided_loss_weight", "1", "--guided_loss_scale", "7.5"])
+    assert (guided.guided_loss_weight, guided.guided_loss_scale) == (1.0, 7.5)
+    with pytest.raises(ConfigError, match="guided_loss_weight"):
+        make_config({**base_config, "guided_loss_weight": -1})
+    with pytest.raises(ConfigError, match="guided_loss_scale"):
+        make_config({**base_config, "guided_loss_scale": 0.5})

@@ -118,6 +118,17 @@ class TrainConfig(BaseModel):
         description="With kept_invariance_weight: leave this many rings of latent cells around the cells a hole pixel "
         "touches out of the term (those cells stay free to follow the caption); 0: every kept cell counts.",
     )
+    guided_loss_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of a term that trains the branch for guided sampling: the squared error, over the whole "
+        "latent, of the classifier-free-guided prediction (the predictions with the caption and with the empty "
+        "caption, both with the branch, combined at guided_loss_scale) against the target; 0: the paper's loss. One "
+        "more UNet pass per step (shared with kept_invariance_weight).",
+    )
+    guided_loss_scale: float = Field(
+        5.0, ge=1, description="With guided_loss_weight: the guidance scale of that guided prediction."
+    )
     prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
         None, description="Training target; default: the base scheduler config's."
     )

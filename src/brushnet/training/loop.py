@@ -19,6 +19,11 @@ cells being those no hole pixel touches (the hole max-pooled to latent size). Cl
 the term teaches the branch to make the kept region's prediction independent of the caption. It costs one more
 UNet forward and backward per step and draws nothing from the generator (a run with it sees the same samples).
 
+With ``guided_loss_weight`` γ > 0 (not in the paper; off by default) the loss gains γ · ‖ε̂_w − ε‖² over the whole
+latent, where ε̂_w = ε̂_∅ + w (ε̂ − ε̂_∅) is the guided prediction at ``guided_loss_scale`` w (the same UNet pass on
+the empty caption as above, shared when both terms are on): the branch is trained for what sampling with guidance
+asks of it, in the hole as on the kept region, instead of only for the prediction with the caption.
+
 All randomness of a step (caption dropout, VAE posterior samples, ε, t) comes from one seeded generator
 per process whose state is checkpointed, so a resumed run repeats an uninterrupted one exactly.
 """
@@ -192,6 +197,8 @@ def branch_denoising_loss(
     unconditional: tuple[torch.Tensor, dict[str, torch.Tensor] | None] | None = None,
     kept_invariance_weight: float = 0.0,
     kept_invariance_margin: int = 0,
+    guided_loss_weight: float = 0.0,
+    guided_loss_scale: float = 5.0,
 ) -> torch.Tensor:
     """The denoising loss of a branch on the frozen UNet for one micro-batch whose texts are encoded (shared by
     BrushNet and PowerPaint).
@@ -218,9 +225,12 @@ def branch_denoising_loss(
         kept_invariance_weight: λ of that term; 0 (the default) is the paper's loss.
         kept_invariance_margin: the term leaves out this many rings of latent cells around the cells a hole pixel
             touches (:func:`kept_cells`); 0: every kept cell counts.
+        guided_loss_weight: γ of the guided term (module docstring): γ × the MSE of the guided prediction
+            ``u + w (c − u)`` against the target; 0 (the default): off. Needs ``unconditional``, as the term above.
+        guided_loss_scale: ``w`` of that guided prediction.
 
     Returns:
-        Scalar float32: the MSE over the whole latent, plus the kept-region term when it is on.
+        Scalar float32: the MSE over the whole latent, plus the terms that are on.
     """
     vae, unet, scheduler = components.vae, components.unet, components.noise_scheduler
     device = next(unet.parameters()).device
@@ -246,9 +256,11 @@ def branch_denoising_loss(
         added_cond_kwargs=added_cond_kwargs,
         return_dict=False,
     )
-    invariance = kept_invariance_weight > 0
+    invariance = kept_invariance_weight > 0 or guided_loss_weight > 0  # the UNet also on the empty caption
     if invariance and unconditional is None:
-        raise ValueError("kept_invariance_weight > 0 needs the unconditional text encoding")
+        raise ValueError(
+            "kept_invariance_weight or guided_loss_weight > 0 needs the unconditional text encoding"
+        )
     copies = 2 if invariance else 1
 
     def repeat(tensor: torch.Tensor) -> torch.Tensor:  # no copy without the term
@@ -273,11 +285,13 @@ def branch_denoising_loss(
     model_pred = prediction[: latents.shape[0]]
     target = training_target(scheduler, latents, noise, timesteps, prediction_type)
     loss = F.mse_loss(model_pred, target.float(), reduction="mean")
-    if invariance:
-        difference = kept_difference(
-            model_pred, prediction[latents.shape[0] :], hole, margin=kept_invariance_margin
-        )
+    unconditional_pred = prediction[latents.shape[0] :]
+    if kept_invariance_weight > 0:
+        difference = kept_difference(model_pred, unconditional_pred, hole, margin=kept_invariance_margin)
         loss = loss + kept_invariance_weight * difference
+    if guided_loss_weight > 0:
+        guided = unconditional_pred + guided_loss_scale * (model_pred - unconditional_pred)
+        loss = loss + guided_loss_weight * F.mse_loss(guided, target.float(), reduction="mean")
     return loss
 
 
@@ -320,6 +334,8 @@ def brushnet_training_loss(
     caption_dropout: float = 0.0,
     kept_invariance_weight: float = 0.0,
     kept_invariance_margin: int = 0,
+    guided_loss_weight: float = 0.0,
+    guided_loss_scale: float = 5.0,
 ) -> torch.Tensor:
     """The loss of one micro-batch (see the module docstring for the maths).
 
@@ -335,9 +351,10 @@ def brushnet_training_loss(
         caption_dropout: probability of replacing a caption by ``""``.
         kept_invariance_weight: λ of the kept region's caption-invariance term (module docstring); 0: off.
         kept_invariance_margin: the term's margin around the hole in latent cells (:func:`kept_cells`).
+        guided_loss_weight, guided_loss_scale: γ and w of the guided term (module docstring); γ = 0: off.
 
     Returns:
-        Scalar float32: the MSE over the whole latent (plus the invariance term when it is on).
+        Scalar float32: the MSE over the whole latent (plus the terms that are on).
     """
     device = next(components.unet.parameters()).device
     captions = drop_texts(batch["caption"], caption_dropout, generator)
@@ -346,7 +363,7 @@ def brushnet_training_loss(
         encoder_hidden_states, added_cond_kwargs = components.family.encode(
             captions, device, weight_dtype, batch
         )
-        if kept_invariance_weight > 0:
+        if kept_invariance_weight > 0 or guided_loss_weight > 0:
             unconditional = components.family.encode([""] * len(captions), device, weight_dtype, batch)
     return branch_denoising_loss(
         brushnet,
@@ -361,6 +378,8 @@ def brushnet_training_loss(
         unconditional=unconditional,
         kept_invariance_weight=kept_invariance_weight,
         kept_invariance_margin=kept_invariance_margin,
+        guided_loss_weight=guided_loss_weight,
+        guided_loss_scale=guided_loss_scale,
     )
 
 
@@ -591,6 +610,8 @@ def train(config: TrainConfig, dataset=None) -> TrainResult:
                         caption_dropout=config.caption_dropout,
                         kept_invariance_weight=config.kept_invariance_weight,
                         kept_invariance_margin=config.kept_invariance_margin,
+                        guided_loss_weight=config.guided_loss_weight,
+                        guided_loss_scale=config.guided_loss_scale,
                     )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
