@@ -38,6 +38,9 @@ import traceback
 import warnings
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_throughput import fixed_batch  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_BASE = ROOT / "src" / "brushnet" / "assets" / "demo_world" / "base"
 
@@ -128,13 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     prediction_type = components.scheduler_config.get("prediction_type", "epsilon")
     generator = torch.Generator().manual_seed(0)
     size, batch_size = args.resolution, args.batch
-    hole = torch.zeros(batch_size, 1, size, size)
-    hole[:, :, size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1
-    batch = {
-        "pixel_values": torch.rand(batch_size, 3, size, size, generator=generator) * 2 - 1,
-        "mask": hole,
-        "caption": ["a red square on a blue background"] * batch_size,
-    }
+    batch = fixed_batch(batch_size, size, "a red square on a blue background", generator)
     cuda = device.type == "cuda"
 
     def sync() -> None:

@@ -49,6 +49,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def fixed_batch(batch_size: int, size: int, caption: str, generator) -> dict:
+    """A training batch of random pixels in [−1, 1] with a centred square hole (half the side), on the host."""
+    import torch
+
+    hole = torch.zeros(batch_size, 1, size, size)
+    hole[:, :, size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1
+    pixels = torch.rand(batch_size, 3, size, size, generator=generator) * 2 - 1
+    return {"pixel_values": pixels, "mask": hole, "caption": [caption] * batch_size}
+
+
 def run_variant(spec: dict) -> dict:
     """Time ``spec["steps"]`` training steps of one (preset, gradient checkpointing) variant in this process."""
     import resource
@@ -79,13 +89,7 @@ def run_variant(spec: dict) -> dict:
 
     size, batch_size = spec["resolution"], spec["batch_size"]
     generator = torch.Generator().manual_seed(0)
-    hole = torch.zeros(batch_size, 1, size, size)
-    hole[:, :, size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1
-    batch = {
-        "pixel_values": torch.rand(batch_size, 3, size, size, generator=generator) * 2 - 1,
-        "mask": hole,
-        "caption": ["a photo of a wooden bench in a park"] * batch_size,
-    }
+    batch = fixed_batch(batch_size, size, "a photo of a wooden bench in a park", generator)
     cuda = accelerator.device.type == "cuda"
 
     def step() -> float:
