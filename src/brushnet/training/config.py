@@ -124,7 +124,8 @@ class TrainConfig(BaseModel):
         description="Weight of a term that trains the branch for guided sampling: the squared error, over the whole "
         "latent, of the classifier-free-guided prediction (the predictions with the caption and with the empty "
         "caption, both with the branch, combined at guided_loss_scale) against the target; 0: the paper's loss. One "
-        "more UNet pass per step (shared with kept_invariance_weight).",
+        "more UNet pass per step (shared with kept_invariance_weight). An experiment: on the demo world it taught the "
+        "branch to undo the guidance (docs/training.md).",
     )
     guided_loss_scale: float = Field(
         5.0, ge=1, description="With guided_loss_weight: the guidance scale of that guided prediction."

@@ -22,7 +22,10 @@ UNet forward and backward per step and draws nothing from the generator (a run w
 With ``guided_loss_weight`` γ > 0 (not in the paper; off by default) the loss gains γ · ‖ε̂_w − ε‖² over the whole
 latent, where ε̂_w = ε̂_∅ + w (ε̂ − ε̂_∅) is the guided prediction at ``guided_loss_scale`` w (the same UNet pass on
 the empty caption as above, shared when both terms are on): the branch is trained for what sampling with guidance
-asks of it, in the hole as on the kept region, instead of only for the prediction with the caption.
+asks of it, in the hole as on the kept region, instead of only for the prediction with the caption. Measured on
+the demo world it does not help: the cheapest way to make the guided prediction right is to shrink ε̂ − ε̂_∅, so
+the branch learns to undo the guidance and the hole follows the prompt less (docs/training.md). An option for
+experiments.
 
 All randomness of a step (caption dropout, VAE posterior samples, ε, t) comes from one seeded generator
 per process whose state is checkpointed, so a resumed run repeats an uninterrupted one exactly.
