@@ -155,7 +155,7 @@ def fit(
         num_training_steps=settings.steps,
     )
     # on CUDA a few multi-tensor kernels per step (as AdamW's default there); on the CPU the loop earlier runs used
-    foreach = params[0].device.type == "cuda"
+    foreach = bool(params) and params[0].device.type == "cuda"
     ema = EMAModel(params, decay=settings.ema_decay, foreach=foreach) if settings.ema_decay else None
     step, losses = 0, []
     checkpoint = Path(checkpoint) if checkpoint is not None else None
