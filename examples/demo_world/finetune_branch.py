@@ -13,7 +13,8 @@ caption. ``--kept-invariance λ`` trains it with :func:`brushnet.training.train`
 λ × the mean over the kept latent cells of ``‖c − u‖²`` added to the loss; λ = (w − 1)² = 16 weighs it as
 guidance at w = 5 does. ``--kept-invariance 0`` is the same fine-tune without it, the control: the two see the
 same samples, noise and timesteps (the term draws nothing). ``--margin M`` leaves the M rings of latent cells
-around the hole out of the term (``kept_invariance_margin``). ``--guided γ`` adds the training loop's guided term
+around the hole out of the term (``kept_invariance_margin``); ``--min-timestep T`` counts only the samples noised to
+timestep T or above in it (``kept_invariance_min_timestep``). ``--guided γ`` adds the training loop's guided term
 instead (``guided_loss_weight``): γ × the error of the guided prediction ``u + w (c − u)`` at ``--guided-scale w``
 against the target, over the whole latent, so the branch is trained for sampling with guidance.
 
@@ -72,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         help="rings of latent cells around the hole left out of the term (default 0).",
     )
     parser.add_argument(
+        "--min-timestep",
+        type=int,
+        default=0,
+        help="only samples noised to this timestep or above count in the invariance term (default 0: all).",
+    )
+    parser.add_argument(
         "--guided",
         type=float,
         default=0.0,
@@ -94,13 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     if (
         args.kept_invariance < 0
         or args.margin < 0
+        or args.min_timestep < 0
         or args.guided < 0
         or args.guided_scale < 1
         or min(args.steps, args.batch, args.threads) < 1
         or args.lr <= 0
     ):
         parser.error(
-            "--kept-invariance, --margin and --guided must be non-negative, --guided-scale at least 1 and --steps, "
+            "--kept-invariance, --margin, --min-timestep and --guided must be non-negative, --guided-scale at least 1 and --steps, "
             "--batch, --lr, --threads positive"
         )
     try:
@@ -135,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             "brushnet_model_name_or_path": str(models / "brushnet"),
             "kept_invariance_weight": args.kept_invariance,
             "kept_invariance_margin": args.margin,
+            "kept_invariance_min_timestep": args.min_timestep,
             "guided_loss_weight": args.guided,
             "guided_loss_scale": args.guided_scale,
             "lr_warmup_steps": 0,
@@ -160,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "kept_invariance": args.kept_invariance,
         "margin": args.margin,
+        "min_timestep": args.min_timestep,
         "guided": args.guided,
         "guided_scale": args.guided_scale,
         "steps": result.global_step,

@@ -118,6 +118,14 @@ def test_the_term_is_the_weighted_kept_difference_of_the_two_predictions(base_co
     assert 0 < far.sum() < kept.sum()
     far_term = ((difference * far).sum() / far.sum()).item()
     assert with_margin - plain == pytest.approx(2.5 * far_term, rel=1e-4)
+    # a minimum timestep: only the samples noised to it or above count (here the upper half of the batch's draws)
+    threshold = int(timesteps.sort().values[2])
+    chosen = (timesteps >= threshold).float().view(-1, 1, 1, 1)
+    assert 0 < chosen.sum() < len(timesteps)
+    high_term = ((difference * kept * chosen).sum() / (kept * chosen).sum()).item()
+    with_min = term_loss(kept_invariance_weight=2.5, kept_invariance_min_timestep=threshold)
+    assert with_min - plain == pytest.approx(2.5 * high_term, rel=1e-4)
+    assert high_term != pytest.approx(term, rel=1e-3)
     # the guided term: γ · MSE(u + w (c − u), target) over the whole latent, added to whatever else is on
     guided_prediction = predictions[1] + 4.0 * (predictions[0] - predictions[1])
     guided_term = torch.nn.functional.mse_loss(guided_prediction, noise).item()
@@ -196,6 +204,13 @@ def test_the_option_is_a_flag_and_refuses_negative_weights(base_config):
     assert parse_train_args([*flags, "--kept_invariance_margin", "2"]).kept_invariance_margin == 2
     with pytest.raises(ConfigError, match="kept_invariance_margin"):
         make_config({**base_config, "kept_invariance_margin": -1})
+    assert make_config(base_config).kept_invariance_min_timestep == 0
+    assert (
+        parse_train_args([*flags, "--kept_invariance_min_timestep", "800"]).kept_invariance_min_timestep
+        == 800
+    )
+    with pytest.raises(ConfigError, match="kept_invariance_min_timestep"):
+        make_config({**base_config, "kept_invariance_min_timestep": -1})
     assert make_config(base_config).guided_loss_weight == 0.0
     guided = parse_train_args([*flags, "--guided_loss_weight", "1", "--guided_loss_scale", "7.5"])
     assert (guided.guided_loss_weight, guided.guided_loss_scale) == (1.0, 7.5)

@@ -118,6 +118,13 @@ class TrainConfig(BaseModel):
         description="With kept_invariance_weight: leave this many rings of latent cells around the cells a hole pixel "
         "touches out of the term (those cells stay free to follow the caption); 0: every kept cell counts.",
     )
+    kept_invariance_min_timestep: int = Field(
+        0,
+        ge=0,
+        description="With kept_invariance_weight: only the samples noised to this training timestep or above count "
+        "in the term (the caption's pull on the kept region is largest at high noise, and the object's shape is "
+        "decided lower); 0: every sample.",
+    )
     guided_loss_weight: float = Field(
         0.0,
         ge=0,

@@ -200,6 +200,7 @@ def branch_denoising_loss(
     unconditional: tuple[torch.Tensor, dict[str, torch.Tensor] | None] | None = None,
     kept_invariance_weight: float = 0.0,
     kept_invariance_margin: int = 0,
+    kept_invariance_min_timestep: int = 0,
     guided_loss_weight: float = 0.0,
     guided_loss_scale: float = 5.0,
 ) -> torch.Tensor:
@@ -228,6 +229,8 @@ def branch_denoising_loss(
         kept_invariance_weight: λ of that term; 0 (the default) is the paper's loss.
         kept_invariance_margin: the term leaves out this many rings of latent cells around the cells a hole pixel
             touches (:func:`kept_cells`); 0: every kept cell counts.
+        kept_invariance_min_timestep: only the samples noised to this timestep or above count in that term; 0:
+            every sample.
         guided_loss_weight: γ of the guided term (module docstring): γ × the MSE of the guided prediction
             ``u + w (c − u)`` against the target; 0 (the default): off. Needs ``unconditional``, as the term above.
         guided_loss_scale: ``w`` of that guided prediction.
@@ -290,7 +293,10 @@ def branch_denoising_loss(
     loss = F.mse_loss(model_pred, target.float(), reduction="mean")
     unconditional_pred = prediction[latents.shape[0] :]
     if kept_invariance_weight > 0:
-        difference = kept_difference(model_pred, unconditional_pred, hole, margin=kept_invariance_margin)
+        samples = timesteps >= kept_invariance_min_timestep if kept_invariance_min_timestep > 0 else None
+        difference = kept_difference(
+            model_pred, unconditional_pred, hole, margin=kept_invariance_margin, samples=samples
+        )
         loss = loss + kept_invariance_weight * difference
     if guided_loss_weight > 0:
         guided = unconditional_pred + guided_loss_scale * (model_pred - unconditional_pred)
@@ -299,12 +305,19 @@ def branch_denoising_loss(
 
 
 def kept_difference(
-    conditional: torch.Tensor, unconditional: torch.Tensor, hole: torch.Tensor, margin: int = 0
+    conditional: torch.Tensor,
+    unconditional: torch.Tensor,
+    hole: torch.Tensor,
+    margin: int = 0,
+    samples: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean over the kept latent cells (:func:`kept_cells` of ``hole`` and ``margin``) of the squared difference of
     two ``(B, C, h, w)`` predictions, averaged over channels: the invariance term before its weight (0 when no cell
-    is kept)."""
-    kept = kept_cells(hole, conditional.shape[-2:], margin).float()
+    is kept). ``samples``: a ``(B,)`` bool tensor; only the samples it marks count."""
+    kept = kept_cells(hole, conditional.shape[-2:], margin)
+    if samples is not None:
+        kept = kept & samples.to(kept.device).view(-1, 1, 1, 1)
+    kept = kept.float()
     difference = (conditional.float() - unconditional.float()).pow(2).mean(dim=1, keepdim=True)
     return (difference * kept).sum() / kept.sum().clamp(min=1.0)
 
@@ -337,6 +350,7 @@ def brushnet_training_loss(
     caption_dropout: float = 0.0,
     kept_invariance_weight: float = 0.0,
     kept_invariance_margin: int = 0,
+    kept_invariance_min_timestep: int = 0,
     guided_loss_weight: float = 0.0,
     guided_loss_scale: float = 5.0,
 ) -> torch.Tensor:
@@ -354,6 +368,7 @@ def brushnet_training_loss(
         caption_dropout: probability of replacing a caption by ``""``.
         kept_invariance_weight: λ of the kept region's caption-invariance term (module docstring); 0: off.
         kept_invariance_margin: the term's margin around the hole in latent cells (:func:`kept_cells`).
+        kept_invariance_min_timestep: the term counts only the samples noised to this timestep or above.
         guided_loss_weight, guided_loss_scale: γ and w of the guided term (module docstring); γ = 0: off.
 
     Returns:
@@ -381,6 +396,7 @@ def brushnet_training_loss(
         unconditional=unconditional,
         kept_invariance_weight=kept_invariance_weight,
         kept_invariance_margin=kept_invariance_margin,
+        kept_invariance_min_timestep=kept_invariance_min_timestep,
         guided_loss_weight=guided_loss_weight,
         guided_loss_scale=guided_loss_scale,
     )
@@ -613,6 +629,7 @@ def train(config: TrainConfig, dataset=None) -> TrainResult:
                         caption_dropout=config.caption_dropout,
                         kept_invariance_weight=config.kept_invariance_weight,
                         kept_invariance_margin=config.kept_invariance_margin,
+                        kept_invariance_min_timestep=config.kept_invariance_min_timestep,
                         guided_loss_weight=config.guided_loss_weight,
                         guided_loss_scale=config.guided_loss_scale,
                     )
