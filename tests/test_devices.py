@@ -67,3 +67,22 @@ def test_encode_latents_draws_what_diffusers_draws():
         assert torch.equal(encode_latents(vae, pixels, sample=False), dist.mode() * vae.config.scaling_factor)
         one, other = (encode_latents(vae, pixels, torch.Generator().manual_seed(seed)) for seed in (7, 8))
         assert not torch.equal(one, other)  # the generator's draws are what is sampled
+
+
+def test_deferred_losses_read_in_batches_and_keep_the_order():
+    """Losses wait as tensors until ``every`` are waiting or ``read`` is called; the list keeps step order and
+    extends the one it was given (a resumed run's earlier losses)."""
+    from brushnet.devices import DeferredLosses
+
+    earlier = [9.0]
+    pending = DeferredLosses(earlier, every=3)
+    values = [torch.tensor(float(i), requires_grad=True) * 1.0 for i in range(5)]
+    for value in values[:2]:
+        pending.add(value)
+    assert earlier == [9.0]  # nothing read yet: no host wait
+    pending.add(values[2])
+    assert earlier == [9.0, 0.0, 1.0, 2.0]  # the third add reads the batch
+    pending.add(values[3])
+    pending.add(values[4])
+    assert pending.read() is earlier and earlier == [9.0, 0.0, 1.0, 2.0, 3.0, 4.0]
+    assert pending.read() == earlier  # nothing waiting: unchanged

@@ -108,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         or args.lr <= 0
     ):
         parser.error(
-            "--kept-invariance, --margin, --min-timestep and --guided must be non-negative, --guided-scale at least 1 and --steps, "
-            "--batch, --lr, --threads positive"
+            "--kept-invariance, --margin, --min-timestep and --guided must be non-negative, --guided-scale at "
+            "least 1 and --steps, --batch, --lr, --threads positive"
         )
     try:
         scenes = _scenes_of(work)

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from brushnet.devices import DeferredLosses
+
 __all__ = ["FitResult", "FitSettings", "StreamBatches", "fit", "seeded_init", "stage_generator"]
 
 logger = logging.getLogger("demo_world.fit")
@@ -194,13 +196,7 @@ def fit(
             logger.warning("%s: %s was written with other settings; starting over", name, checkpoint)
     # each step's loss stays on the device until a log line or a checkpoint needs it: reading it every step would
     # make the host wait for the device at the end of every step
-    unread: list[torch.Tensor] = []
-
-    def read_losses() -> None:
-        if unread:
-            losses.extend(torch.stack(unread).tolist())
-            unread.clear()
-
+    pending = DeferredLosses(losses)
     first = step
     start = time.perf_counter()
     model.train()
@@ -214,10 +210,9 @@ def fit(
         if ema is not None:
             ema.step(params)
         step += 1
-        unread.append(loss.detach())
-        if step % settings.logging_steps == 0 or step == settings.steps or len(unread) >= 100:
-            read_losses()
+        pending.add(loss)
         if step % settings.logging_steps == 0 or step == settings.steps:
+            pending.read()
             recent = losses[-settings.logging_steps :]
             elapsed = time.perf_counter() - start
             logger.info(
@@ -230,7 +225,7 @@ def fit(
                 elapsed / (step - first),
             )
         if checkpoint is not None and (step % settings.checkpointing_steps == 0 or step == settings.steps):
-            read_losses()
+            pending.read()
             save()
     seconds = time.perf_counter() - start
     if ema is not None:

@@ -6,7 +6,7 @@ from typing import Any
 
 from .errors import InputError
 
-__all__ = ["resolve_device", "to_device"]
+__all__ = ["DeferredLosses", "resolve_device", "to_device"]
 
 
 def resolve_device(device: Any) -> Any:
@@ -63,3 +63,30 @@ def to_device(tensor: Any, device: Any, dtype: Any = None) -> Any:
     else:
         tensor = tensor.to(device)
     return tensor if dtype is None else tensor.to(dtype)
+
+
+class DeferredLosses:
+    """Per-step losses kept on their device and read into :attr:`losses` (floats) in batches.
+
+    Reading each step's loss as it comes (``.item()``) makes the host wait for the device at the end of every
+    step. :meth:`add` keeps the tensor instead and reads the batch once ``every`` are waiting; :meth:`read` reads
+    what is waiting (for a log line, a checkpoint, the end of a run) and returns the whole list.
+    """
+
+    def __init__(self, losses: list[float] | None = None, every: int = 100):
+        self.losses = [] if losses is None else losses
+        self.every = every
+        self._unread: list = []
+
+    def add(self, loss: Any) -> None:
+        self._unread.append(loss.detach())
+        if len(self._unread) >= self.every:
+            self.read()
+
+    def read(self) -> list[float]:
+        if self._unread:
+            import torch
+
+            self.losses.extend(torch.stack(self._unread).tolist())
+            self._unread.clear()
+        return self.losses

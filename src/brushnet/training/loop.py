@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..devices import to_device
+from ..devices import DeferredLosses, to_device
 from ..errors import CheckpointError, first_line
 from ..models.brushnet import BrushNetModel
 from ..models.conditioning import brushnet_conditioning, encode_latents
@@ -262,19 +262,19 @@ def branch_denoising_loss(
         added_cond_kwargs=added_cond_kwargs,
         return_dict=False,
     )
-    invariance = kept_invariance_weight > 0 or guided_loss_weight > 0  # the UNet also on the empty caption
-    if invariance and unconditional is None:
+    with_empty = kept_invariance_weight > 0 or guided_loss_weight > 0  # the UNet also on the empty caption
+    if with_empty and unconditional is None:
         raise ValueError(
             "kept_invariance_weight or guided_loss_weight > 0 needs the unconditional text encoding"
         )
-    copies = 2 if invariance else 1
+    copies = 2 if with_empty else 1
 
     def repeat(tensor: torch.Tensor) -> torch.Tensor:  # no copy without the term
         tensor = tensor.to(weight_dtype)
         return tensor.repeat(copies, *([1] * (tensor.dim() - 1))) if copies > 1 else tensor
 
     hidden_states, added = unet_hidden_states, added_cond_kwargs
-    if invariance:  # one UNet pass over [caption; empty caption], the branch's features for both halves
+    if with_empty:  # one UNet pass over [caption; empty caption], the branch's features for both halves
         hidden_states = torch.cat([unet_hidden_states, unconditional[0].to(unet_hidden_states.dtype)])
         if added_cond_kwargs is not None:
             added = {k: torch.cat([v, unconditional[1][k].to(v.dtype)]) for k, v in added_cond_kwargs.items()}
@@ -604,15 +604,9 @@ def train(config: TrainConfig, dataset=None) -> TrainResult:
         )
     unwrapped = accelerator.unwrap_model(brushnet)
     skip_counter = getattr(dataset, "skipped", None)  # brushnet.data.brushdata.SkipCounter
-    losses: list[float] = []
-    # each step's loss stays on the device until a log line needs it: reading it every step would make the host
-    # wait for the device at the end of every step (the same for the batch: brushnet.devices.to_device)
-    unread: list[torch.Tensor] = []
-
-    def read_losses() -> None:
-        if unread:
-            losses.extend(torch.stack(unread).tolist())
-            unread.clear()
+    # each step's loss stays on the device until a log line needs it (at least every 100 steps): reading it every
+    # step would make the host wait for the device at the end of every step (the batch: brushnet.devices.to_device)
+    losses = DeferredLosses()
 
     accumulated_loss = torch.zeros((), device=accelerator.device)
     while global_step < max_train_steps:
@@ -647,13 +641,10 @@ def train(config: TrainConfig, dataset=None) -> TrainResult:
             global_step += 1
             if ema is not None:
                 ema.step(unwrapped.parameters())
-            unread.append(accumulated_loss)
+            losses.add(accumulated_loss)
             accumulated_loss = torch.zeros((), device=accelerator.device)
-            if len(unread) >= 100:  # at least every 100 steps: the unread list stays small
-                read_losses()
             if global_step % config.logging_steps == 0:
-                read_losses()
-                step_loss = losses[-1]
+                step_loss = losses.read()[-1]
                 mean_loss = (
                     accelerator.gather(torch.tensor([step_loss], device=accelerator.device)).mean().item()
                 )
@@ -690,8 +681,6 @@ def train(config: TrainConfig, dataset=None) -> TrainResult:
                 break
         else:
             epoch, batches_done = epoch + 1, 0
-    read_losses()
-
     accelerator.wait_for_everyone()
     final_dir = output_dir / "brushnet"
     final_branch = full_branch(accelerator, brushnet)
@@ -707,4 +696,4 @@ def train(config: TrainConfig, dataset=None) -> TrainResult:
         if skipped:
             logger.warning("process %d skipped malformed samples: %s", accelerator.process_index, skipped)
     accelerator.end_training()
-    return TrainResult(global_step, losses, final_dir, skipped)
+    return TrainResult(global_step, losses.read(), final_dir, skipped)
