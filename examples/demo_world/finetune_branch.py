@@ -16,7 +16,10 @@ same samples, noise and timesteps (the term draws nothing). ``--margin M`` leave
 around the hole out of the term (``kept_invariance_margin``); ``--min-timestep T`` counts only the samples noised to
 timestep T or above in it (``kept_invariance_min_timestep``). ``--guided γ`` adds the training loop's guided term
 instead (``guided_loss_weight``): γ × the error of the guided prediction ``u + w (c − u)`` at ``--guided-scale w``
-against the target, over the whole latent, so the branch is trained for sampling with guidance.
+against the target, over the whole latent, so the branch is trained for sampling with guidance. ``--anchor μ``
+adds the anchor term (``hole_pull_anchor_weight``): μ × the mean over the hole's latent cells of the squared
+difference between the caption's pull ``c − u`` with the branch being trained and with the starting branch, kept
+frozen; beside ``--kept-invariance`` it holds the hole's pull where it was while the kept cells' is turned down.
 
 The run starts from the shipped branch (``--models``), on the recipe's stream of the first ``--scenes`` training
 scenes (the shards of ``train_world.py --stages data`` in ``--work``, whose scene count it reads from the work
@@ -87,6 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--guided-scale", type=float, default=5.0, help="the guidance scale of that prediction (default 5)."
     )
+    parser.add_argument(
+        "--anchor",
+        type=float,
+        default=0.0,
+        help="μ of the anchor term: the hole's caption pull held to the starting branch's (default 0: off).",
+    )
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -103,13 +112,14 @@ def main(argv: list[str] | None = None) -> int:
         or args.margin < 0
         or args.min_timestep < 0
         or args.guided < 0
+        or args.anchor < 0
         or args.guided_scale < 1
         or min(args.steps, args.batch, args.threads) < 1
         or args.lr <= 0
     ):
         parser.error(
-            "--kept-invariance, --margin, --min-timestep and --guided must be non-negative, --guided-scale at "
-            "least 1 and --steps, --batch, --lr, --threads positive"
+            "--kept-invariance, --margin, --min-timestep, --guided and --anchor must be non-negative, "
+            "--guided-scale at least 1 and --steps, --batch, --lr, --threads positive"
         )
     try:
         scenes = _scenes_of(work)
@@ -146,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             "kept_invariance_min_timestep": args.min_timestep,
             "guided_loss_weight": args.guided,
             "guided_loss_scale": args.guided_scale,
+            "hole_pull_anchor_weight": args.anchor,
             "lr_warmup_steps": 0,
             "checkpointing_steps": 10**9,
             "resume_from_checkpoint": None,
@@ -172,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         "min_timestep": args.min_timestep,
         "guided": args.guided,
         "guided_scale": args.guided_scale,
+        "anchor": args.anchor,
         "steps": result.global_step,
         "batch": args.batch,
         "lr": args.lr,

@@ -1130,6 +1130,7 @@ def test_finetune_branch_writes_a_model_set_and_refuses_bad_requests(tmp_path, c
         (["--kept-invariance", "1", "--margin", "-1"], "must be non-negative"),
         (["--kept-invariance", "0", "--guided", "-1"], "must be non-negative"),
         (["--kept-invariance", "1", "--min-timestep", "-1"], "must be non-negative"),
+        (["--kept-invariance", "1", "--anchor", "-1"], "must be non-negative"),
         (["--kept-invariance", "0", "--guided", "1", "--guided-scale", "0.5"], "--guided-scale at least 1"),
         (["--kept-invariance", "1", "--models", str(tmp_path)], "not a demo model set"),
     ):
@@ -1138,12 +1139,12 @@ def test_finetune_branch_writes_a_model_set_and_refuses_bad_requests(tmp_path, c
         assert message in capsys.readouterr().err
     assert not out.exists()
     flags = ["--kept-invariance", "16", "--margin", "1", "--min-timestep", "500", "--guided", "0.5"]
-    flags += ["--steps", "2", "--batch", "2"]
+    flags += ["--anchor", "16", "--steps", "2", "--batch", "2"]
     assert finetune(["--work", str(work), "--out", str(out), *flags]) == 0
     summary = json.loads((out / "finetune.json").read_text())
     assert summary["steps"] == 2 and summary["kept_invariance"] == 16.0 and summary["scenes"] == 16
     assert summary["margin"] == 1 and (summary["guided"], summary["guided_scale"]) == (0.5, 5.0)
-    assert summary["min_timestep"] == 500
+    assert summary["min_timestep"] == 500 and summary["anchor"] == 16.0
     assert (out / "models" / "brushnet").resolve() == (out / "brushnet").resolve()
     assert (out / "models" / "base").resolve() == (DEMO_MODELS / "base").resolve()
     load_method("brushnet", method_models("brushnet", out / "models"))

@@ -1,6 +1,8 @@
 """The kept region's caption-invariance term (``kept_invariance_weight``): what it adds to the loss, which latent
 cells it looks at, that it leaves the samples alone, and that training with it makes the kept region's
-prediction depend less on the caption."""
+prediction depend less on the caption; and the terms tried beside it (the guided term, the hole's anchor term)."""
+
+import copy
 
 import pytest
 import torch
@@ -18,15 +20,40 @@ def _batch(config):
     return next(iterate_batches(build_train_dataloader(config, dataset), dataset, epoch=0))
 
 
-def _branch_with_taps(components) -> BrushNetModel:
-    """A branch whose zero-initialised taps are drawn non-zero, so its features reach the UNet."""
+def _branch_with_taps(components, seed: int = 0) -> BrushNetModel:
+    """A branch whose zero-initialised taps are drawn non-zero (from ``seed``), so its features reach the UNet."""
     brushnet = BrushNetModel.from_unet(components.unet)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in brushnet.named_parameters():
             if name.startswith(("brushnet_down_blocks", "brushnet_mid_block", "brushnet_up_blocks")):
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
     return brushnet
+
+
+def _by_hand(brushnet, components, batch, seed):
+    """The draws of ``brushnet_training_loss`` from a generator seeded ``seed`` (posterior samples, noise, timesteps,
+    in its order), made here, and the branch's two predictions on them: ``([ε̂(caption), ε̂(empty)], ε, t)``."""
+    from brushnet.models.conditioning import brushnet_conditioning, encode_latents
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        texts, _ = components.family.encode(batch["caption"], "cpu", torch.float32)
+        empty, _ = components.family.encode([""] * len(batch["caption"]), "cpu", torch.float32)
+        pixels, hole = batch["pixel_values"], batch["mask"]
+        latents = encode_latents(components.vae, pixels, generator)
+        cond = brushnet_conditioning(components.vae, pixels, hole, generator)
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, 1000, (latents.shape[0],), generator=generator)
+        noisy = components.noise_scheduler.add_noise(latents, noise, timesteps)
+        down, mid, up = brushnet(
+            noisy, timesteps, encoder_hidden_states=texts, brushnet_cond=cond, return_dict=False
+        )
+        predictions = [
+            unet_forward_with_brushnet(components.unet, noisy, timesteps, states, down, mid, up)
+            for states in (texts, empty)
+        ]
+    return predictions, noise, timesteps
 
 
 def test_kept_cells_are_those_no_hole_pixel_touches():
@@ -85,27 +112,9 @@ def test_the_term_is_the_weighted_kept_difference_of_the_two_predictions(base_co
     guided = term_loss(guided_loss_weight=0.5, guided_loss_scale=4.0)
     both = term_loss(kept_invariance_weight=2.5, guided_loss_weight=0.5, guided_loss_scale=4.0)
 
-    # the same draws, by hand: posterior samples, noise, timesteps (branch_denoising_loss's order)
-    from brushnet.models.conditioning import brushnet_conditioning, encode_latents
-
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        texts, _ = components.family.encode(batch["caption"], "cpu", torch.float32)
-        empty, _ = components.family.encode([""] * len(batch["caption"]), "cpu", torch.float32)
-        pixels, hole = batch["pixel_values"], batch["mask"]
-        latents = encode_latents(components.vae, pixels, generator)
-        cond = brushnet_conditioning(components.vae, pixels, hole, generator)
-        noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.randint(0, 1000, (latents.shape[0],), generator=generator)
-        noisy = components.noise_scheduler.add_noise(latents, noise, timesteps)
-        down, mid, up = brushnet(
-            noisy, timesteps, encoder_hidden_states=texts, brushnet_cond=cond, return_dict=False
-        )
-        predictions = [
-            unet_forward_with_brushnet(components.unet, noisy, timesteps, states, down, mid, up)
-            for states in (texts, empty)
-        ]
-    factor = hole.shape[-1] // latents.shape[-1]
+    predictions, noise, timesteps = _by_hand(brushnet, components, batch, seed=7)
+    hole = batch["mask"]
+    factor = hole.shape[-1] // noise.shape[-1]
     kept = (torch.nn.functional.avg_pool2d(hole, factor) == 0).float()  # no hole pixel in the cell
     assert 0 < kept.mean() < 1
     difference = (predictions[0] - predictions[1]).pow(2).mean(dim=1, keepdim=True)
@@ -134,21 +143,62 @@ def test_the_term_is_the_weighted_kept_difference_of_the_two_predictions(base_co
     assert both - plain == pytest.approx(2.5 * term + 0.5 * guided_term, rel=1e-4)
 
 
+def test_the_anchor_term_holds_the_holes_caption_pull_to_the_anchor_branchs(base_config, tiny_base):
+    """loss(μ, anchor) − loss(0) = μ · mean over the cells a hole pixel touches of ‖(c − u) − (cᴬ − uᴬ)‖², c and u
+    the predictions with the caption and the empty one, recomputed here from the same draws with each branch; 0 when
+    the anchor is the branch itself; the generator ends in the same state; no anchor is a clear error."""
+    components = loop.load_components(str(tiny_base))
+    brushnet, anchor = _branch_with_taps(components, seed=0), _branch_with_taps(components, seed=1)
+    config = make_config({**base_config, "train_batch_size": 4})
+    batch = _batch(config)
+
+    def loss(**terms):
+        generator = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            value = loop.brushnet_training_loss(brushnet, components, batch, generator, **terms).item()
+        return value, generator.get_state()
+
+    (plain, state0), (anchored, state1) = loss(), loss(hole_pull_anchor_weight=3.0, anchor=anchor)
+    assert torch.equal(state0, state1)
+    same, _ = loss(hole_pull_anchor_weight=3.0, anchor=copy.deepcopy(brushnet))
+    assert same == pytest.approx(plain, rel=1e-6)
+    both, _ = loss(hole_pull_anchor_weight=3.0, anchor=anchor, kept_invariance_weight=2.5)
+    kept_only, _ = loss(kept_invariance_weight=2.5)
+
+    (c, u), _, _ = _by_hand(brushnet, components, batch, seed=7)
+    (c_anchor, u_anchor), _, _ = _by_hand(anchor, components, batch, seed=7)
+    hole = batch["mask"]
+    touched = (torch.nn.functional.avg_pool2d(hole, hole.shape[-1] // c.shape[-1]) > 0).float()
+    assert 0 < touched.mean() < 1
+    difference = ((c - u) - (c_anchor - u_anchor)).pow(2).mean(dim=1, keepdim=True)
+    term = ((difference * touched).sum() / touched.sum()).item()
+    assert term > 0
+    assert anchored - plain == pytest.approx(3.0 * term, rel=1e-4)
+    assert both - kept_only == pytest.approx(3.0 * term, rel=1e-4)
+    with pytest.raises(ValueError, match="needs the anchor branch"):
+        loss(hole_pull_anchor_weight=1.0)
+
+
 def test_training_with_the_term_makes_the_kept_prediction_depend_less_on_the_caption(
     base_config, tiny_base, overfit
 ):
     """The same 15 steps on one batch with and without the term: with it, the kept cells' ‖c − u‖² ends well
     below where the paper's loss leaves it, and the denoising loss still falls. With the guided term instead, the
-    guided prediction's error ends below where the paper's loss leaves it."""
+    guided prediction's error ends below where the paper's loss leaves it. With the anchor term (anchored to the
+    starting branch) beside the invariance term, the hole's caption pull stays far closer to the starting branch's
+    than with the invariance term alone, and the kept cells' ‖c − u‖² still falls."""
     components = loop.load_components(str(tiny_base))
     for module in components.frozen_modules.values():
         module.requires_grad_(False).eval()
     config = make_config({**base_config, "train_batch_size": 4})
     batch = _batch(config)
+    with torch.no_grad():
+        start = _branch_with_taps(components)
+        first = loop.brushnet_training_loss(start, components, batch, torch.Generator().manual_seed(3)).item()
 
-    def train(weight, guided=0.0):
+    def train(**terms):
         brushnet = _branch_with_taps(components).train()
-        overfit(brushnet, components, batch, 15, kept_invariance_weight=weight, guided_loss_weight=guided)
+        overfit(brushnet, components, batch, 15, **terms)
         with torch.no_grad():
 
             def measured(**terms):
@@ -158,18 +208,23 @@ def test_training_with_the_term_makes_the_kept_prediction_depend_less_on_the_cap
             denoising = measured()
             drift = measured(kept_invariance_weight=1.0) - denoising
             guided_error = measured(guided_loss_weight=1.0) - denoising
-        # the denoising loss, the kept ‖c − u‖² and the guided prediction's error after training
-        return denoising, drift, guided_error
+            hole_change = measured(hole_pull_anchor_weight=1.0, anchor=start) - denoising
+        # after training: the denoising loss, the kept ‖c − u‖², the guided prediction's error and how far the
+        # hole's c − u moved from the starting branch's
+        return denoising, drift, guided_error, hole_change
 
-    with torch.no_grad():
-        start = _branch_with_taps(components)
-        first = loop.brushnet_training_loss(start, components, batch, torch.Generator().manual_seed(3)).item()
-    plain_loss, plain_drift, plain_guided = train(0.0)
-    term_loss, term_drift, _ = train(50.0)
+    plain_loss, plain_drift, plain_guided, _ = train()
+    term_loss, term_drift, _, term_hole = train(kept_invariance_weight=50.0)
     assert term_drift < 0.5 * plain_drift, (term_drift, plain_drift)
     assert term_loss < 0.8 * first, (term_loss, first)
-    _, _, guided_error = train(0.0, guided=1.0)
+    _, _, guided_error, _ = train(guided_loss_weight=1.0)
     assert guided_error < 0.8 * plain_guided, (guided_error, plain_guided)
+    anchored_loss, anchored_drift, _, anchored_hole = train(
+        kept_invariance_weight=50.0, hole_pull_anchor_weight=50.0, anchor=copy.deepcopy(start)
+    )
+    assert anchored_hole < 0.3 * term_hole, (anchored_hole, term_hole)
+    assert anchored_drift < 0.5 * plain_drift, (anchored_drift, plain_drift)
+    assert anchored_loss < 0.9 * first, (anchored_loss, first)
 
 
 def test_sdxl_term_uses_the_empty_captions_added_conditions(base_config, tiny_xl_models):
@@ -218,3 +273,7 @@ def test_the_option_is_a_flag_and_refuses_negative_weights(base_config):
         make_config({**base_config, "guided_loss_weight": -1})
     with pytest.raises(ConfigError, match="guided_loss_scale"):
         make_config({**base_config, "guided_loss_scale": 0.5})
+    assert make_config(base_config).hole_pull_anchor_weight == 0.0
+    assert parse_train_args([*flags, "--hole_pull_anchor_weight", "16"]).hole_pull_anchor_weight == 16.0
+    with pytest.raises(ConfigError, match="hole_pull_anchor_weight"):
+        make_config({**base_config, "hole_pull_anchor_weight": -1})

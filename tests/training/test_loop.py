@@ -92,11 +92,13 @@ def test_frozen_parts_unchanged_and_branch_trained(base_config, tiny_base, monke
     BrushNetModel.from_pretrained(result.final_model_dir)  # loadable as is
 
 
-def test_four_steps_equal_two_plus_resume_plus_two(base_config, tmp_path):
+@pytest.mark.parametrize("terms", [{}, {"kept_invariance_weight": 16.0, "hole_pull_anchor_weight": 16.0}])
+def test_four_steps_equal_two_plus_resume_plus_two(base_config, tmp_path, terms):
+    """With the anchor term the resumed run's anchor is the run's starting branch, not the checkpoint's."""
     straight = loop.train(
-        make_config({**base_config, "output_dir": str(tmp_path / "a"), "max_train_steps": 4})
+        make_config({**base_config, **terms, "output_dir": str(tmp_path / "a"), "max_train_steps": 4})
     )
-    split = {**base_config, "output_dir": str(tmp_path / "b")}
+    split = {**base_config, **terms, "output_dir": str(tmp_path / "b")}
     first = loop.train(make_config({**split, "max_train_steps": 2}))
     second = loop.train(make_config({**split, "max_train_steps": 4, "resume_from_checkpoint": "latest"}))
     assert first.losses + second.losses == straight.losses

@@ -137,6 +137,15 @@ class TrainConfig(BaseModel):
     guided_loss_scale: float = Field(
         5.0, ge=1, description="With guided_loss_weight: the guidance scale of that guided prediction."
     )
+    hole_pull_anchor_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of a term that holds the caption's pull in the hole (the difference between the "
+        "predictions with the caption and with the empty caption, over the latent cells a hole pixel touches) to "
+        "that of the starting branch, kept frozen: the mean squared difference of the two pulls; 0: off. Meant "
+        "beside kept_invariance_weight, which otherwise turns the pull down in the hole too. One more branch pass "
+        "and UNet pass per step, without gradients.",
+    )
     prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
         None, description="Training target; default: the base scheduler config's."
     )

@@ -27,12 +27,21 @@ the demo world it does not help: the cheapest way to make the guided prediction 
 the branch learns to undo the guidance and the hole follows the prompt less (docs/training.md). An option for
 experiments.
 
+With ``hole_pull_anchor_weight`` μ > 0 (not in the paper; off by default) the loss gains μ · mean over the hole's
+cells (those a hole pixel touches) of ‖(ε̂ − ε̂_∅) − (ε̂ᴬ − ε̂ᴬ_∅)‖², where ε̂ᴬ and ε̂ᴬ_∅ are the same two predictions
+with a frozen copy of the branch as it was at the start of the run (the anchor). ε̂ − ε̂_∅ is the caption's pull,
+which guidance multiplies; in the hole it is what makes the hole follow the prompt. The term holds it there to the
+starting branch's while the kept-invariance term turns it down on the kept cells: on the demo world that term, and
+the guided one, turned it down in the hole too (docs/demo.md). It costs one more branch pass and UNet pass per step,
+without gradients, and draws nothing.
+
 All randomness of a step (caption dropout, VAE posterior samples, ε, t) comes from one seeded generator
 per process whose state is checkpointed, so a resumed run repeats an uninterrupted one exactly.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import random
@@ -203,6 +212,8 @@ def branch_denoising_loss(
     kept_invariance_min_timestep: int = 0,
     guided_loss_weight: float = 0.0,
     guided_loss_scale: float = 5.0,
+    hole_pull_anchor_weight: float = 0.0,
+    anchor: torch.nn.Module | None = None,
 ) -> torch.Tensor:
     """The denoising loss of a branch on the frozen UNet for one micro-batch whose texts are encoded (shared by
     BrushNet and PowerPaint).
@@ -234,6 +245,10 @@ def branch_denoising_loss(
         guided_loss_weight: γ of the guided term (module docstring): γ × the MSE of the guided prediction
             ``u + w (c − u)`` against the target; 0 (the default): off. Needs ``unconditional``, as the term above.
         guided_loss_scale: ``w`` of that guided prediction.
+        hole_pull_anchor_weight: μ of the anchor term (module docstring): μ × the mean over the hole's latent cells
+            of the squared difference between this branch's caption pull ``c − u`` and ``anchor``'s; 0 (the
+            default): off. Needs ``unconditional`` and ``anchor``.
+        anchor: the frozen branch the hole's pull is held to (the run's starting branch), run without gradients.
 
     Returns:
         Scalar float32: the MSE over the whole latent, plus the terms that are on.
@@ -254,19 +269,15 @@ def branch_denoising_loss(
     latents = latents.float()
     noisy_latents = scheduler.add_noise(latents, noise, timesteps)
 
-    down, mid, up = brushnet(
-        noisy_latents,
-        timesteps,
-        encoder_hidden_states=branch_hidden_states,
-        brushnet_cond=brushnet_cond,
-        added_cond_kwargs=added_cond_kwargs,
-        return_dict=False,
-    )
-    with_empty = kept_invariance_weight > 0 or guided_loss_weight > 0  # the UNet also on the empty caption
+    # the UNet also on the empty caption
+    with_empty = kept_invariance_weight > 0 or guided_loss_weight > 0 or hole_pull_anchor_weight > 0
     if with_empty and unconditional is None:
         raise ValueError(
-            "kept_invariance_weight or guided_loss_weight > 0 needs the unconditional text encoding"
+            "kept_invariance_weight, guided_loss_weight or hole_pull_anchor_weight > 0 needs the unconditional "
+            "text encoding"
         )
+    if hole_pull_anchor_weight > 0 and anchor is None:
+        raise ValueError("hole_pull_anchor_weight > 0 needs the anchor branch")
     copies = 2 if with_empty else 1
 
     def repeat(tensor: torch.Tensor) -> torch.Tensor:  # no copy without the term
@@ -278,16 +289,28 @@ def branch_denoising_loss(
         hidden_states = torch.cat([unet_hidden_states, unconditional[0].to(unet_hidden_states.dtype)])
         if added_cond_kwargs is not None:
             added = {k: torch.cat([v, unconditional[1][k].to(v.dtype)]) for k, v in added_cond_kwargs.items()}
-    prediction = unet_forward_with_brushnet(
-        unet,
-        repeat(noisy_latents),
-        timesteps.repeat(copies),
-        hidden_states,
-        [repeat(d) for d in down],
-        repeat(mid),
-        [repeat(u) for u in up],
-        added_cond_kwargs=added,
-    ).float()
+
+    def predict(branch: torch.nn.Module) -> torch.Tensor:  # the UNet with the features of this branch
+        down, mid, up = branch(
+            noisy_latents,
+            timesteps,
+            encoder_hidden_states=branch_hidden_states,
+            brushnet_cond=brushnet_cond,
+            added_cond_kwargs=added_cond_kwargs,
+            return_dict=False,
+        )
+        return unet_forward_with_brushnet(
+            unet,
+            repeat(noisy_latents),
+            timesteps.repeat(copies),
+            hidden_states,
+            [repeat(d) for d in down],
+            repeat(mid),
+            [repeat(u) for u in up],
+            added_cond_kwargs=added,
+        ).float()
+
+    prediction = predict(brushnet)
     model_pred = prediction[: latents.shape[0]]
     target = training_target(scheduler, latents, noise, timesteps, prediction_type)
     loss = F.mse_loss(model_pred, target.float(), reduction="mean")
@@ -301,6 +324,13 @@ def branch_denoising_loss(
     if guided_loss_weight > 0:
         guided = unconditional_pred + guided_loss_scale * (model_pred - unconditional_pred)
         loss = loss + guided_loss_weight * F.mse_loss(guided, target.float(), reduction="mean")
+    if hole_pull_anchor_weight > 0:
+        with torch.no_grad():
+            anchored = predict(anchor)
+        anchor_pull = anchored[: latents.shape[0]] - anchored[latents.shape[0] :]
+        touched = ~kept_cells(hole, model_pred.shape[-2:])
+        difference = cell_mean(model_pred - unconditional_pred, anchor_pull, touched)
+        loss = loss + hole_pull_anchor_weight * difference
     return loss
 
 
@@ -317,9 +347,15 @@ def kept_difference(
     kept = kept_cells(hole, conditional.shape[-2:], margin)
     if samples is not None:
         kept = kept & samples.to(kept.device).view(-1, 1, 1, 1)
-    kept = kept.float()
-    difference = (conditional.float() - unconditional.float()).pow(2).mean(dim=1, keepdim=True)
-    return (difference * kept).sum() / kept.sum().clamp(min=1.0)
+    return cell_mean(conditional, unconditional, kept)
+
+
+def cell_mean(first: torch.Tensor, second: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """Mean over the latent cells ``cells`` marks (a ``(B, 1, h, w)`` bool map) of the squared difference of two
+    ``(B, C, h, w)`` tensors, averaged over channels; 0 when no cell is marked."""
+    cells = cells.float()
+    difference = (first.float() - second.float()).pow(2).mean(dim=1, keepdim=True)
+    return (difference * cells).sum() / cells.sum().clamp(min=1.0)
 
 
 def kept_cells(hole: torch.Tensor, latent_size, margin: int = 0) -> torch.Tensor:
@@ -353,6 +389,8 @@ def brushnet_training_loss(
     kept_invariance_min_timestep: int = 0,
     guided_loss_weight: float = 0.0,
     guided_loss_scale: float = 5.0,
+    hole_pull_anchor_weight: float = 0.0,
+    anchor: torch.nn.Module | None = None,
 ) -> torch.Tensor:
     """The loss of one micro-batch (see the module docstring for the maths).
 
@@ -370,6 +408,8 @@ def brushnet_training_loss(
         kept_invariance_margin: the term's margin around the hole in latent cells (:func:`kept_cells`).
         kept_invariance_min_timestep: the term counts only the samples noised to this timestep or above.
         guided_loss_weight, guided_loss_scale: γ and w of the guided term (module docstring); γ = 0: off.
+        hole_pull_anchor_weight, anchor: μ of the anchor term and the frozen branch it holds the hole's caption
+            pull to (module docstring); μ = 0: off.
 
     Returns:
         Scalar float32: the MSE over the whole latent (plus the terms that are on).
@@ -381,7 +421,7 @@ def brushnet_training_loss(
         encoder_hidden_states, added_cond_kwargs = components.family.encode(
             captions, device, weight_dtype, batch
         )
-        if kept_invariance_weight > 0 or guided_loss_weight > 0:
+        if kept_invariance_weight > 0 or guided_loss_weight > 0 or hole_pull_anchor_weight > 0:
             unconditional = components.family.encode([""] * len(captions), device, weight_dtype, batch)
     return branch_denoising_loss(
         brushnet,
@@ -399,6 +439,8 @@ def brushnet_training_loss(
         kept_invariance_min_timestep=kept_invariance_min_timestep,
         guided_loss_weight=guided_loss_weight,
         guided_loss_scale=guided_loss_scale,
+        hole_pull_anchor_weight=hole_pull_anchor_weight,
+        anchor=anchor,
     )
 
 
@@ -484,6 +526,9 @@ def train(config: TrainConfig, dataset=None) -> TrainResult:
     if brushnet.dtype != torch.float32:
         brushnet.to(dtype=torch.float32)
     brushnet.to(accelerator.device).train()
+    anchor = None
+    if config.hole_pull_anchor_weight > 0:  # the starting branch, frozen (a resumed run keeps the same one)
+        anchor = copy.deepcopy(brushnet).requires_grad_(False).eval()
     if config.gradient_checkpointing:
         brushnet.enable_gradient_checkpointing()
         components.unet.enable_gradient_checkpointing()  # activations of the frozen UNet are recomputed too
@@ -626,6 +671,8 @@ def train(config: TrainConfig, dataset=None) -> TrainResult:
                         kept_invariance_min_timestep=config.kept_invariance_min_timestep,
                         guided_loss_weight=config.guided_loss_weight,
                         guided_loss_scale=config.guided_loss_scale,
+                        hole_pull_anchor_weight=config.hole_pull_anchor_weight,
+                        anchor=anchor,
                     )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
