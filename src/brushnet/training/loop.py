@@ -271,8 +271,7 @@ def branch_denoising_loss(
     latents = latents.float()
     noisy_latents = scheduler.add_noise(latents, noise, timesteps)
 
-    # the UNet also on the empty caption
-    with_empty = kept_invariance_weight > 0 or guided_loss_weight > 0 or hole_pull_anchor_weight > 0
+    with_empty = uses_empty_caption(kept_invariance_weight, guided_loss_weight, hole_pull_anchor_weight)
     if with_empty and unconditional is None:
         raise ValueError(
             "kept_invariance_weight, guided_loss_weight or hole_pull_anchor_weight > 0 needs the unconditional "
@@ -334,6 +333,12 @@ def branch_denoising_loss(
         difference = cell_mean(model_pred - unconditional_pred, anchor_pull, touched)
         loss = loss + hole_pull_anchor_weight * difference
     return loss
+
+
+def uses_empty_caption(*term_weights: float) -> bool:
+    """Whether a step with these term weights (invariance, guided, anchor) also runs the UNet on the empty caption:
+    every term beyond the paper's loss compares the predictions with the caption and without it."""
+    return any(weight > 0 for weight in term_weights)
 
 
 def kept_difference(
@@ -423,7 +428,7 @@ def brushnet_training_loss(
         encoder_hidden_states, added_cond_kwargs = components.family.encode(
             captions, device, weight_dtype, batch
         )
-        if kept_invariance_weight > 0 or guided_loss_weight > 0 or hole_pull_anchor_weight > 0:
+        if uses_empty_caption(kept_invariance_weight, guided_loss_weight, hole_pull_anchor_weight):
             unconditional = components.family.encode([""] * len(captions), device, weight_dtype, batch)
     return branch_denoising_loss(
         brushnet,
