@@ -28,6 +28,12 @@ without warm-up or EMA. ``--out`` gets ``brushnet/`` (the fine-tuned branch, flo
 ``--models`` with that branch in place of its own, as links, for ``evaluate.py``, ``guidance_drift.py`` and
 ``brushnet bench``) and ``finetune.json`` (the settings, the loss every 50 steps and the time). Not part of the
 recipe.
+
+``--model inpaint`` (or ``controlnet``) fine-tunes the 9-channel UNet (or the ControlNet) of ``--models`` instead,
+by the recipe's own loop for it (:func:`inpainting.finetune_on`), with the plain loss (every term 0), on the same
+samples in the same order and with the same steps, batch and rate: the matching fine-tune for a fine-tuned branch,
+so the three architectures stay equally trained. ``--out`` then gets ``inpaint/`` (an SD-inpainting pipeline
+folder, float32) or ``controlnet/`` (float32) and ``models/`` with it in place.
 """
 
 from __future__ import annotations
@@ -65,6 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="New folder for the fine-tuned branch (must not exist).")
     parser.add_argument(
         "--models", default=str(DEMO_MODELS), help="The model set to start from (default: the shipped one)."
+    )
+    parser.add_argument(
+        "--model",
+        choices=("brushnet", "inpaint", "controlnet"),
+        default="brushnet",
+        help="what to fine-tune: the branch (default), the 9-channel UNet or the ControlNet (these two with the "
+        "plain loss: the terms are 0).",
     )
     parser.add_argument(
         "--kept-invariance", type=float, required=True, help="λ of the invariance term (0: the control)."
@@ -121,13 +134,18 @@ def main(argv: list[str] | None = None) -> int:
             "--kept-invariance, --margin, --min-timestep, --guided and --anchor must be non-negative, "
             "--guided-scale at least 1 and --steps, --batch, --lr, --threads positive"
         )
+    terms = args.kept_invariance or args.margin or args.min_timestep or args.guided or args.anchor
+    if args.model != "brushnet" and terms:
+        parser.error(
+            f"--model {args.model} fine-tunes with the plain loss: give --kept-invariance 0 and no other term"
+        )
     try:
         scenes = _scenes_of(work)
     except ValueError as error:
         parser.error(str(error))
 
     import torch
-    from inpainting import _branch_config, train_branch_on
+    from inpainting import _branch_config, finetune_on, train_branch_on
     from recipe import Run, WorldTrainConfig
 
     torch.set_num_threads(args.threads)
@@ -164,27 +182,33 @@ def main(argv: list[str] | None = None) -> int:
     )
     start = time.perf_counter()
     try:
-        result = train_branch_on(run, config)
+        if args.model == "brushnet":
+            result = train_branch_on(run, config)
+            steps = result.global_step
+            shutil.copytree(result.final_model_dir, tmp / "brushnet")
+        else:
+            result = finetune_on(run, config, args.model, models / args.model, tmp / args.model)
+            steps = result.steps
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left
         raise
     seconds = time.perf_counter() - start
 
-    shutil.copytree(result.final_model_dir, tmp / "brushnet")
-    shutil.rmtree(tmp / "run")
+    shutil.rmtree(tmp / "run", ignore_errors=True)
     (tmp / "models").mkdir()
     for part in MODEL_PARTS:
-        source = Path("..") / "brushnet" if part == "brushnet" else (models / part).resolve()
+        source = Path("..") / part if part == args.model else (models / part).resolve()
         (tmp / "models" / part).symlink_to(source, target_is_directory=True)
     losses = result.losses
     summary = {
+        "model": args.model,
         "kept_invariance": args.kept_invariance,
         "margin": args.margin,
         "min_timestep": args.min_timestep,
         "guided": args.guided,
         "guided_scale": args.guided_scale,
         "anchor": args.anchor,
-        "steps": result.global_step,
+        "steps": steps,
         "batch": args.batch,
         "lr": args.lr,
         "scenes": scenes,

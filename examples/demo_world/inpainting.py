@@ -31,7 +31,7 @@ from world_data import SIZE, HolePromptStream
 
 from brushnet.devices import to_device
 
-__all__ = ["train_brushnet", "train_controlnet", "train_inpaint"]
+__all__ = ["FINETUNED", "finetune_on", "train_brushnet", "train_controlnet", "train_inpaint"]
 
 CAPTION_DROPOUT = 0.1
 WARMUP_STEPS = 20
@@ -127,9 +127,11 @@ def train_brushnet(run: Run) -> dict:
     }
 
 
-def _fit_on_stream(run: Run, stage: str, model, loss_of) -> dict:
-    """Train ``model`` with the branch's settings (:func:`_branch_config`) on the branch's stream."""
-    config = _branch_config(run, run.work / f"{stage}_run")
+def _fit_on_stream(run: Run, stage: str, model, loss_of, config=None, checkpoint: bool = True):
+    """Train ``model`` with the branch's settings (:func:`_branch_config`, or ``config`` in its place) on the
+    branch's stream; ``checkpoint``: save the fit's state to the stage's checkpoint file as it goes. Returns the
+    :class:`fit_loop.FitResult`."""
+    config = config if config is not None else _branch_config(run, run.work / f"{stage}_run")
     settings = FitSettings(
         steps=config.max_train_steps,
         learning_rate=config.learning_rate,
@@ -146,9 +148,9 @@ def _fit_on_stream(run: Run, stage: str, model, loss_of) -> dict:
         settings,
         generator=stage_generator(run.cfg.seed, stage),
         name=stage,
-        checkpoint=run.checkpoint(stage),
+        checkpoint=run.checkpoint(stage) if checkpoint else None,
     )
-    return result.summary()
+    return result
 
 
 def _noised(components, latents: torch.Tensor, generator: torch.Generator):
@@ -209,26 +211,12 @@ def _frozen_components(run: Run):
     return components
 
 
-def train_inpaint(run: Run) -> dict:
-    """Stage ``inpaint``: the 9-channel UNet; writes ``inpaint/`` (an SD-inpainting pipeline folder)."""
-    from diffusers import UNet2DConditionModel
-
+def _inpaint_loss(run: Run, components, model):
+    """``(batch, generator) → loss`` of the 9-channel UNet ``model`` on the run's samples."""
     from brushnet.models.conditioning import encode_latents, keep_mask_latent
 
-    cfg = run.cfg
-    components = _frozen_components(run)
-    base_unet = components.unet
-    with seeded_init(stage_generator(cfg.seed, "inpaint.init")):
-        model = UNet2DConditionModel.from_config({**base_unet.config, "in_channels": 9})
-    state = base_unet.state_dict()
-    weight = torch.zeros_like(model.conv_in.weight)
-    weight[:, :4] = state["conv_in.weight"]
-    state["conv_in.weight"] = weight
-    model.load_state_dict(state)
-    model.to(run.device)
-    vae, device = components.vae, torch.device(run.device)
-
-    weight = cfg.kept_invariance
+    vae, device, weight = components.vae, torch.device(run.device), run.cfg.kept_invariance
+    margin = run.cfg.kept_invariance_margin
 
     def loss_of(batch: dict, generator: torch.Generator) -> torch.Tensor:
         pixels, hole = to_device(batch["pixel_values"], device), to_device(batch["mask"], device)
@@ -241,12 +229,13 @@ def train_inpaint(run: Run) -> dict:
         noisy, noise, timesteps = _noised(components, latents, generator)
         inputs = _twice(torch.cat([noisy, hole_latent, masked_latents], 1), weight)
         prediction = model(inputs, _twice(timesteps, weight), hidden).sample
-        return _loss(
-            components, prediction, latents, noise, timesteps, hole, weight, cfg.kept_invariance_margin
-        )
+        return _loss(components, prediction, latents, noise, timesteps, hole, weight, margin)
 
-    info = _fit_on_stream(run, "inpaint", model, loss_of)
-    out = run.work / "inpaint"
+    return loss_of
+
+
+def _save_inpaint(run: Run, model, out) -> None:
+    """``out``: an SD-inpainting pipeline folder of the run's base with ``model`` as its UNet."""
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(run.base_dir, out, ignore=shutil.ignore_patterns("unet"))
@@ -254,25 +243,35 @@ def train_inpaint(run: Run) -> dict:
     index = json.loads((out / "model_index.json").read_text())
     index["_class_name"] = "StableDiffusionInpaintPipeline"
     (out / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def train_inpaint(run: Run) -> dict:
+    """Stage ``inpaint``: the 9-channel UNet; writes ``inpaint/`` (an SD-inpainting pipeline folder)."""
+    from diffusers import UNet2DConditionModel
+
+    components = _frozen_components(run)
+    base_unet = components.unet
+    with seeded_init(stage_generator(run.cfg.seed, "inpaint.init")):
+        model = UNet2DConditionModel.from_config({**base_unet.config, "in_channels": 9})
+    state = base_unet.state_dict()
+    weight = torch.zeros_like(model.conv_in.weight)
+    weight[:, :4] = state["conv_in.weight"]
+    state["conv_in.weight"] = weight
+    model.load_state_dict(state)
+    model.to(run.device)
+    info = _fit_on_stream(run, "inpaint", model, _inpaint_loss(run, components, model)).summary()
+    out = run.work / "inpaint"
+    _save_inpaint(run, model, out)
     run.checkpoint("inpaint").unlink(missing_ok=True)
     return {**info, "model_dir": str(out)}
 
 
-def train_controlnet(run: Run) -> dict:
-    """Stage ``controlnet``: the inpaint ControlNet (4× conditioning embedding) on the frozen base; writes
-    ``controlnet/``."""
-    from diffusers import ControlNetModel
-
+def _controlnet_loss(run: Run, components, model):
+    """``(batch, generator) → loss`` of the ControlNet ``model`` on the run's samples, with the base frozen."""
     from brushnet.models.conditioning import encode_latents
 
-    cfg = run.cfg
-    components = _frozen_components(run)
-    with seeded_init(stage_generator(cfg.seed, "controlnet.init")):
-        model = ControlNetModel.from_unet(components.unet, conditioning_embedding_out_channels=(16, 32, 64))
-    model.to(run.device)
     unet, vae, device = components.unet, components.vae, torch.device(run.device)
-
-    weight = cfg.kept_invariance
+    weight, margin = run.cfg.kept_invariance, run.cfg.kept_invariance_margin
 
     def loss_of(batch: dict, generator: torch.Generator) -> torch.Tensor:
         pixels, hole = to_device(batch["pixel_values"], device), to_device(batch["mask"], device)
@@ -292,12 +291,53 @@ def train_controlnet(run: Run) -> dict:
             down_block_additional_residuals=down,
             mid_block_additional_residual=mid,
         ).sample
-        return _loss(
-            components, prediction, latents, noise, timesteps, hole, weight, cfg.kept_invariance_margin
-        )
+        return _loss(components, prediction, latents, noise, timesteps, hole, weight, margin)
 
-    info = _fit_on_stream(run, "controlnet", model, loss_of)
+    return loss_of
+
+
+def train_controlnet(run: Run) -> dict:
+    """Stage ``controlnet``: the inpaint ControlNet (4× conditioning embedding) on the frozen base; writes
+    ``controlnet/``."""
+    from diffusers import ControlNetModel
+
+    components = _frozen_components(run)
+    with seeded_init(stage_generator(run.cfg.seed, "controlnet.init")):
+        model = ControlNetModel.from_unet(components.unet, conditioning_embedding_out_channels=(16, 32, 64))
+    model.to(run.device)
+    info = _fit_on_stream(run, "controlnet", model, _controlnet_loss(run, components, model)).summary()
     out = run.work / "controlnet"
     model.save_pretrained(out)
     run.checkpoint("controlnet").unlink(missing_ok=True)
     return {**info, "model_dir": str(out)}
+
+
+FINETUNED = ("inpaint", "controlnet")
+"""The models :func:`finetune_on` fine-tunes (the branch is fine-tuned by :func:`train_branch_on`)."""
+
+
+def finetune_on(run: Run, config, part: str, source, out):
+    """Fine-tune a trained 9-channel UNet (``part`` ``"inpaint"``: ``source`` is its SD-inpainting folder) or
+    ControlNet (``"controlnet"``: its folder) with ``config``'s settings (a :func:`_branch_config` with its changes)
+    on the run's stream, as :func:`train_branch_on` fine-tunes a branch from the same config: the same samples in
+    the same order, the same steps, batch, rate and schedule, the stage's own loss. Writes ``out`` (float32, a
+    folder of ``source``'s layout; the rest of an inpainting folder from the run's base); no checkpoints. Returns
+    the :class:`fit_loop.FitResult`."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    if part not in FINETUNED:
+        raise ValueError(f"cannot fine-tune {part!r}: one of {', '.join(FINETUNED)}")
+    components = _frozen_components(run)
+    if part == "inpaint":
+        model = UNet2DConditionModel.from_pretrained(source / "unet", torch_dtype=torch.float32)
+        loss_of = _inpaint_loss(run, components, model)
+    else:
+        model = ControlNetModel.from_pretrained(source, torch_dtype=torch.float32)
+        loss_of = _controlnet_loss(run, components, model)
+    model.to(run.device).requires_grad_(True)
+    result = _fit_on_stream(run, part, model, loss_of, config=config, checkpoint=False)
+    if part == "inpaint":
+        _save_inpaint(run, model, out)
+    else:
+        model.save_pretrained(out)
+    return result

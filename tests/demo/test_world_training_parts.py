@@ -1154,6 +1154,52 @@ def test_finetune_branch_writes_a_model_set_and_refuses_bad_requests(tmp_path, c
     assert "exists" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("part", "method"), [("inpaint", "sd-inpainting"), ("controlnet", "controlnet-inpaint")]
+)
+def test_finetune_trains_the_other_two_models_with_the_plain_loss(tmp_path, capsys, part, method):
+    """``finetune_branch.py --model inpaint`` / ``controlnet``: a few steps from the shipped 9-channel UNet or
+    ControlNet give a model set whose ``part`` is new (its weights changed, float32; an inpainting folder's other
+    parts as shipped) and loads in its method; a term of the branch's loss asked of it is a usage error before
+    anything is written."""
+    import json
+
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+    from finetune_branch import main as finetune
+    from train_world import main as train_world
+
+    from brushnet.demo.assets import method_models
+    from brushnet.methods import load_method
+
+    work, out = tmp_path / "work", tmp_path / "ft"
+    assert train_world(["--work", str(work), "--stages", "data", "--scenes", "16", "--threads", "1"]) == 0
+    for bad in (["--kept-invariance", "4"], ["--kept-invariance", "0", "--anchor", "4"]):
+        with pytest.raises(SystemExit):
+            finetune(["--work", str(work), "--out", str(out), "--model", part, *bad])
+        assert "plain loss" in capsys.readouterr().err
+    assert not out.exists()
+    flags = ["--model", part, "--kept-invariance", "0", "--steps", "2", "--batch", "2"]
+    assert finetune(["--work", str(work), "--out", str(out), *flags]) == 0
+    summary = json.loads((out / "finetune.json").read_text())
+    assert summary["model"] == part and summary["steps"] == 2 and len(summary["loss_every_50"]) == 1
+    assert (out / "models" / part).resolve() == (out / part).resolve()
+    assert (out / "models" / "brushnet").resolve() == (DEMO_MODELS / "brushnet").resolve()
+    assert not (out / "brushnet").exists() and not list(tmp_path.glob(".ft*"))
+    if part == "inpaint":
+        index = json.loads((out / "inpaint" / "model_index.json").read_text())
+        assert index["_class_name"] == "StableDiffusionInpaintPipeline"
+        new = UNet2DConditionModel.from_pretrained(out / "inpaint" / "unet").state_dict()
+        old = UNet2DConditionModel.from_pretrained(DEMO_MODELS / "inpaint" / "unet").state_dict()
+        assert new["conv_in.weight"].shape[1] == 9
+    else:
+        new = ControlNetModel.from_pretrained(out / "controlnet").state_dict()
+        old = ControlNetModel.from_pretrained(DEMO_MODELS / "controlnet").state_dict()
+    assert all(value.dtype == torch.float32 for value in new.values() if value.is_floating_point())
+    assert any(not torch.equal(new[key], old[key].float()) for key in old)
+    load_method(method, method_models(method, out / "models"))
+
+
 def test_finetune_branch_leaves_nothing_behind_when_training_fails(tmp_path, monkeypatch):
     """A failed fine-tune leaves no ``--out`` and no temporary folder, and the process's accelerate device
     setting as it was."""
