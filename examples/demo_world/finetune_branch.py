@@ -39,14 +39,16 @@ folder, float32) or ``controlnet/`` (float32) and ``models/`` with it in place.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["Terms", "finetune", "main"]
 
 DEMO_MODELS = Path(__file__).resolve().parents[2] / "src" / "brushnet" / "assets" / "demo_world"
 MODEL_PARTS = ("base", "brushnet", "inpaint", "controlnet", "powerpaint")
@@ -134,8 +136,10 @@ def main(argv: list[str] | None = None) -> int:
             "--kept-invariance, --margin, --min-timestep, --guided and --anchor must be non-negative, "
             "--guided-scale at least 1 and --steps, --batch, --lr, --threads positive"
         )
-    terms = args.kept_invariance or args.margin or args.min_timestep or args.guided or args.anchor
-    if args.model != "brushnet" and terms:
+    terms = Terms(
+        args.kept_invariance, args.margin, args.min_timestep, args.guided, args.guided_scale, args.anchor
+    )
+    if args.model != "brushnet" and terms != Terms():
         parser.error(
             f"--model {args.model} fine-tunes with the plain loss: give --kept-invariance 0 and no other term"
         )
@@ -145,23 +149,75 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
 
     import torch
+
+    torch.set_num_threads(args.threads)
+    summary = finetune(
+        work,
+        scenes,
+        models,
+        out,
+        args.model,
+        terms,
+        steps=args.steps,
+        batch=args.batch,
+        lr=args.lr,
+    )
+    print(json.dumps(summary))
+    return 0
+
+
+@dataclass(frozen=True)
+class Terms:
+    """The terms a branch fine-tune adds to its loss (the flags of the same names; all 0: the plain loss)."""
+
+    kept_invariance: float = 0.0
+    margin: int = 0
+    min_timestep: int = 0
+    guided: float = 0.0
+    guided_scale: float = 5.0
+    anchor: float = 0.0
+
+
+def finetune(
+    work: Path,
+    scenes: int,
+    models: Path,
+    out: Path,
+    model: str = "brushnet",
+    terms: Terms = Terms(),
+    *,
+    steps: int,
+    batch: int,
+    lr: float,
+    device: str = "cpu",
+    recipe=None,
+) -> dict:
+    """Fine-tune ``model`` (``brushnet``, ``inpaint`` or ``controlnet``) of the model set ``models`` (folders
+    ``base``, ``brushnet``, ``inpaint``, ``controlnet``) on the recipe's stream of the ``scenes`` scenes whose shards
+    are in ``work/shards``, at a constant rate without warm-up or EMA, on ``device``; the branch with ``terms``, the
+    other two with the plain loss. ``recipe``: the :class:`recipe.WorldTrainConfig` whose seed, masks and captions
+    the stream follows (default: the recipe's defaults). Writes ``out`` (``<model>/``, ``models/``,
+    ``finetune.json``) at once when done, nothing if it fails; returns the summary written to ``finetune.json``."""
+    import torch
     from inpainting import _branch_config, finetune_on, train_branch_on
     from recipe import Run, WorldTrainConfig
 
-    torch.set_num_threads(args.threads)
+    if model != "brushnet" and terms != Terms():
+        raise ValueError(f"{model} fine-tunes with the plain loss: no terms")
     base = work / "base"
-    if not base.exists():  # the branch config reads the run's base; the shipped one
+    if not base.exists():  # the branch config reads the run's base; the model set's
         base.symlink_to((models / "base").resolve(), target_is_directory=True)
-    cfg = WorldTrainConfig(
+    cfg = dataclasses.replace(
+        recipe if recipe is not None else WorldTrainConfig(),
         scenes=scenes,
-        branch_steps=args.steps,
-        branch_batch=args.batch,
-        branch_lr=args.lr,
+        branch_steps=steps,
+        branch_batch=batch,
+        branch_lr=lr,
         branch_lr_scheduler="constant",
         branch_ema_decay=0.0,
         loader_workers=0,
     )
-    run = Run(cfg, work)
+    run = Run(cfg, work, device=device)
     tmp = out.with_name(f".{out.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -169,12 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     config = config.model_copy(
         update={
             "brushnet_model_name_or_path": str(models / "brushnet"),
-            "kept_invariance_weight": args.kept_invariance,
-            "kept_invariance_margin": args.margin,
-            "kept_invariance_min_timestep": args.min_timestep,
-            "guided_loss_weight": args.guided,
-            "guided_loss_scale": args.guided_scale,
-            "hole_pull_anchor_weight": args.anchor,
+            "kept_invariance_weight": terms.kept_invariance,
+            "kept_invariance_margin": terms.margin,
+            "kept_invariance_min_timestep": terms.min_timestep,
+            "guided_loss_weight": terms.guided,
+            "guided_loss_scale": terms.guided_scale,
+            "hole_pull_anchor_weight": terms.anchor,
             "lr_warmup_steps": 0,
             "checkpointing_steps": 10**9,
             "resume_from_checkpoint": None,
@@ -182,13 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     start = time.perf_counter()
     try:
-        if args.model == "brushnet":
+        if model == "brushnet":
             result = train_branch_on(run, config)
-            steps = result.global_step
+            done = result.global_step
             shutil.copytree(result.final_model_dir, tmp / "brushnet")
         else:
-            result = finetune_on(run, config, args.model, models / args.model, tmp / args.model)
-            steps = result.steps
+            result = finetune_on(run, config, model, models / model, tmp / model)
+            done = result.steps
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left
         raise
@@ -197,22 +253,19 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(tmp / "run", ignore_errors=True)
     (tmp / "models").mkdir()
     for part in MODEL_PARTS:
-        source = Path("..") / part if part == args.model else (models / part).resolve()
-        (tmp / "models" / part).symlink_to(source, target_is_directory=True)
+        if part == model:
+            (tmp / "models" / part).symlink_to(Path("..") / part, target_is_directory=True)
+        elif (models / part).is_dir():
+            (tmp / "models" / part).symlink_to((models / part).resolve(), target_is_directory=True)
     losses = result.losses
     summary = {
-        "model": args.model,
-        "kept_invariance": args.kept_invariance,
-        "margin": args.margin,
-        "min_timestep": args.min_timestep,
-        "guided": args.guided,
-        "guided_scale": args.guided_scale,
-        "anchor": args.anchor,
-        "steps": steps,
-        "batch": args.batch,
-        "lr": args.lr,
+        "model": model,
+        **dataclasses.asdict(terms),
+        "steps": done,
+        "batch": batch,
+        "lr": lr,
         "scenes": scenes,
-        "threads": args.threads,
+        "threads": torch.get_num_threads(),
         "seconds": round(seconds, 1),
         "seconds_per_step": round(seconds / max(len(losses), 1), 3),
         "loss_every_50": [
@@ -222,8 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     (tmp / "finetune.json").write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(tmp, out)
-    print(json.dumps(summary))
-    return 0
+    return summary
 
 
 if __name__ == "__main__":

@@ -75,6 +75,18 @@ class WorldTrainConfig:
     loader_workers: int = 3
     # PowerPaint v2-style branch and task words (stage ``powerpaint``), warm-started from the BrushNet branch
     powerpaint_steps: int = 1500
+    # stage ``finetune`` (recipe v4.2; none before): the three inpainting models trained further, each for the same
+    # steps on the recipe's stream of the first finetune_scenes training scenes (all of them if fewer), at a constant
+    # rate without warm-up or EMA: the branch with the kept region's caption-invariance term (λ, as kept_invariance)
+    # and the anchor term (μ: the hole's caption pull held to the branch's before the fine-tune), the 9-channel UNet
+    # and the ControlNet with the plain loss. λ = 64, μ = 4 took BrushNet's raw kept region to within 1 dB of BLD's
+    # (docs/demo.md, "The anchor term")
+    finetune_scenes: int = 4000
+    finetune_steps: int = 1200
+    finetune_batch: int = 16
+    finetune_lr: float = 1e-4
+    finetune_kept_invariance: float = 64.0
+    finetune_anchor: float = 4.0
 
 
 BASE_TEXT_ENCODERS = ("train", "frozen")
@@ -91,6 +103,8 @@ _MAY_BE_ZERO = {
     "decoder_local_noise",
     "kept_invariance",
     "kept_invariance_margin",
+    "finetune_kept_invariance",
+    "finetune_anchor",
 }
 _SHARES = {"hole_prompt_probability", "object_holes", "decoder_local_share"}
 _BELOW_ONE = {"base_ema_decay", "branch_ema_decay"}
@@ -132,6 +146,9 @@ def smoke_config() -> WorldTrainConfig:
         branch_batch=4,
         loader_workers=0,
         powerpaint_steps=2,
+        finetune_scenes=8,
+        finetune_steps=2,
+        finetune_batch=2,
     )
 
 

@@ -16,6 +16,8 @@ loss, seconds) go to ``training_record.json``, which the export ships beside the
    (:mod:`autoencoder`).
 6. ``powerpaint``: a PowerPaint v2-style branch and its task words, on per-task samples, warm-started from the
    BrushNet branch (:mod:`powerpaint_stage`).
+7. ``finetune`` (recipe v4.2): the three inpainting models trained further, each for the same steps, the branch
+   with the kept region's caption-invariance and anchor terms (:mod:`finetune_stage`); the export ships these.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from pathlib import Path
 
 import torch
 from autoencoder import train_decoder, train_decoder_local, train_vae
+from finetune_stage import finetuned_dir, missing_inputs, train_finetune
 from inpainting import train_brushnet, train_controlnet, train_inpaint
 from powerpaint_stage import train_powerpaint
 from recipe import Run, WorldTrainConfig, check_config, smoke_config
@@ -70,11 +73,13 @@ STAGES: dict[str, typing.Callable[[Run], dict]] = {
     "inpaint": train_inpaint,
     "controlnet": train_controlnet,
     "powerpaint": train_powerpaint,
+    "finetune": train_finetune,
 }
 """Every stage by name."""
 
 DEFAULT_STAGES: tuple[str, ...] = (
     "data", "vae", "base", "brushnet", "inpaint", "controlnet", "decoder", "decoder_local", "powerpaint",
+    "finetune",
 )  # fmt: skip
 """The stages of a full run, in order."""
 
@@ -141,15 +146,22 @@ def record_stage(
     return json.loads(text)
 
 
-def check_request(stages: list[str] | None, device: str, cfg: WorldTrainConfig | None = None) -> list[str]:
+def check_request(
+    stages: list[str] | None, device: str, cfg: WorldTrainConfig | None = None, work=None
+) -> list[str]:
     """The stages to run (default :data:`DEFAULT_STAGES`); ``ValueError`` for an unknown stage, a device this
-    machine lacks or a recipe field out of range (:func:`recipe.check_config`)."""
+    machine lacks, a recipe field out of range (:func:`recipe.check_config`) or, given the run folder ``work``, a
+    ``finetune`` stage whose models neither are there nor are trained first."""
     if cfg is not None:
         check_config(cfg)
     stages = list(stages or DEFAULT_STAGES)
     unknown = [stage for stage in stages if stage not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; choose from: {', '.join(STAGES)}")
+    if work is not None and "finetune" in stages:
+        missing = missing_inputs(Path(work), stages[: stages.index("finetune")])
+        if missing:
+            raise ValueError(f"stage finetune needs the trained {', '.join(missing)}: run those stages first")
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA device is available here")
     return stages
@@ -192,8 +204,9 @@ def _halve(folder: Path) -> None:
 def export(work: str | os.PathLike, dest: str | os.PathLike, half: bool = True) -> Path:
     """Copy the trained folders that exist into ``dest`` (``base/``, ``brushnet/``, ``inpaint/``,
     ``controlnet/``, ``powerpaint/``, ``training_record.json``), without run logs or checkpoints; other files
-    in ``dest`` (the mini-BrushBench results) are kept. With ``half`` the UNets, branches and ControlNet are
-    stored in float16 (VAE and text encoders stay float32)."""
+    in ``dest`` (the mini-BrushBench results) are kept. The branch, the 9-channel UNet and the ControlNet are the
+    ``finetune`` stage's where it left them, the run's own otherwise. With ``half`` the UNets, branches and
+    ControlNet are stored in float16 (VAE and text encoders stay float32)."""
     work, dest = Path(work), Path(dest)
     sources = {
         "base": work / "base",
@@ -202,6 +215,9 @@ def export(work: str | os.PathLike, dest: str | os.PathLike, half: bool = True) 
         "controlnet": work / "controlnet",
         "powerpaint": work / "powerpaint",
     }
+    for part in ("brushnet", "inpaint", "controlnet"):
+        if finetuned_dir(work, part).is_dir():
+            sources[part] = finetuned_dir(work, part)
     dest.mkdir(parents=True, exist_ok=True)
     for name, source in sources.items():
         if not source.is_dir():
@@ -278,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None:
             setattr(cfg, field.name, value)
     try:
-        check_request(args.stages, args.device, cfg)
+        check_request(args.stages, args.device, cfg, args.work)
     except ValueError as error:  # before anything is written
         print(f"error: {error}", file=sys.stderr)
         return 2

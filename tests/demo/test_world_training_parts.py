@@ -455,6 +455,8 @@ def test_the_one_training_command_runs_every_stage_and_exports_loadable_models(t
     import subprocess
     import sys
 
+    import torch
+    from safetensors.torch import load_file
     from train_world import DEFAULT_STAGES
     from train_world import __file__ as script
 
@@ -480,6 +482,25 @@ def test_the_one_training_command_runs_every_stage_and_exports_loadable_models(t
     assert scheduler["prediction_type"] == "v_prediction"
     locality = record["stages"]["decoder_local"]["locality_psnr_db"]
     assert set(locality) == {"other", "mean"} and all(np.isfinite(v) for v in locality.values())
+    # the finetune stage's models are the ones exported (in float16), and it changed the run's own
+    finetune = record["stages"]["finetune"]
+    assert (finetune["scenes"], finetune["steps"], finetune["batch"]) == (8, 2, 2)
+    work = tmp_path / "work"
+    own = {
+        "brushnet": work / "brushnet_run" / "brushnet",
+        "inpaint": work / "inpaint",
+        "controlnet": work / "controlnet",
+    }
+    for part, weights in (
+        ("brushnet", "diffusion_pytorch_model.safetensors"),
+        ("inpaint", "unet/diffusion_pytorch_model.safetensors"),
+        ("controlnet", "diffusion_pytorch_model.safetensors"),
+    ):
+        assert np.isfinite(finetune[part]["final_loss"]), part
+        tuned = load_file(work / "finetune" / part / part / weights)
+        exported, before = load_file(tmp_path / "models" / part / weights), load_file(own[part] / weights)
+        assert all(torch.equal(exported[key], tuned[key].half()) for key in tuned), part
+        assert any(not torch.equal(before[key], tuned[key]) for key in tuned), part
     for name in METHODS:
         load_method(name, method_models(name, tmp_path / "models"))
 
@@ -699,6 +720,15 @@ def test_the_training_command_refuses_bad_requests_before_writing(tmp_path, caps
     assert not (tmp_path / "work").exists()  # refused before anything is written
     assert main(["--work", str(tmp_path / "work"), "--stages", "vea"]) == 2
     assert "unknown stage(s) ['vea']" in capsys.readouterr().err
+    needs = "error: stage finetune needs the trained {}: run those stages first"
+    assert main(["--work", str(tmp_path / "work"), "--stages", "finetune"]) == 2
+    assert capsys.readouterr().err.strip() == needs.format("base, brushnet, inpaint, controlnet")
+    assert (
+        main(["--work", str(tmp_path / "work"), "--stages", "base", "brushnet", "finetune", "inpaint"]) == 2
+    )
+    assert capsys.readouterr().err.strip() == needs.format(
+        "inpaint, controlnet"
+    )  # inpaint would come too late
     for flag, value, message in [
         ("--branch-steps", "0", "--branch-steps must be positive, got 0"),
         ("--loader-workers", "-1", "--loader-workers must be non-negative, got -1"),
@@ -706,6 +736,8 @@ def test_the_training_command_refuses_bad_requests_before_writing(tmp_path, caps
         ("--object-holes", "1.5", "--object-holes is a share: at most 1, got 1.5"),
         ("--branch-ema-decay", "1", "--branch-ema-decay must be below 1, got 1.0"),
         ("--base-text-encoder", "fixed", "--base-text-encoder must be one of train, frozen, got 'fixed'"),
+        ("--finetune-anchor", "-1", "--finetune-anchor must be non-negative, got -1.0"),
+        ("--finetune-steps", "0", "--finetune-steps must be positive, got 0"),
     ]:
         assert main(["--work", str(tmp_path / "work"), "--stages", "data", flag, value]) == 2
         assert capsys.readouterr().err.strip() == f"error: {message}"
