@@ -26,8 +26,9 @@ scenes (the shards of ``train_world.py --stages data`` in ``--work``, whose scen
 folder's training record), with the recipe's masks, object holes and hole-naming captions, at a constant rate
 without warm-up or EMA. ``--out`` gets ``brushnet/`` (the fine-tuned branch, float32), ``models/`` (the model set of
 ``--models`` with that branch in place of its own, as links, for ``evaluate.py``, ``guidance_drift.py`` and
-``brushnet bench``) and ``finetune.json`` (the settings, the loss every 50 steps and the time). Not part of the
-recipe.
+``brushnet bench``) and ``finetune.json`` (the settings, the loss every 50 steps and the time). The command is for
+experiments; its function :func:`finetune` is what the recipe's stage ``finetune`` runs (recipe v4.2,
+:mod:`finetune_stage`).
 
 ``--model inpaint`` (or ``controlnet``) fine-tunes the 9-channel UNet (or the ControlNet) of ``--models`` instead,
 by the recipe's own loop for it (:func:`inpainting.finetune_on`), with the plain loss (every term 0), on the same

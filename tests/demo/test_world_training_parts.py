@@ -628,7 +628,9 @@ def test_quick_evaluation_passes_guidance_and_steps(tmp_path):
         assert report["settings"]["guidance_scale"] == float(guidance)
         assert report["settings"]["steps"] == 4
         psnr[guidance] = report["brushnet"]["kept_psnr"]
-    assert psnr["1"] > psnr["5"] + 1.0, psnr  # measured 25.53 vs 22.87 dB
+    # measured 26.15 vs 25.64 dB with recipe v4.2's branch, fine-tuned so that guidance moves its kept region less
+    # (recipe v4.1's: 25.53 vs 22.87 dB); deterministic, so the margin only has to cover other CPUs' arithmetic
+    assert psnr["1"] > psnr["5"] + 0.25, psnr
     with pytest.raises(SystemExit):
         main(["--models", str(DEMO_DIR), "--scenes", "1", "--guidance-scale", "-1"])
 
