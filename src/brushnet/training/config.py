@@ -144,8 +144,9 @@ class TrainConfig(BaseModel):
         "predictions with the caption and with the empty caption, over the latent cells a hole pixel touches) to "
         "that of the starting branch, kept frozen: the mean squared difference of the two pulls; 0: off. Meant "
         "beside kept_invariance_weight, which otherwise turns the pull down in the hole too. One more branch pass "
-        "and UNet pass per step, without gradients. An experiment: on the demo world it kept the shape but slowed the "
-        "kept region's gain; over 1200 steps (64, 4) came within 1 dB of BLD for a small shape loss (docs/demo.md).",
+        "and UNet pass per step, without gradients. On the demo world it kept the shape but slowed the kept region's "
+        "gain; over 1200 steps (64, 4) came within 1 dB of BLD for a small shape loss, and that branch ships in the "
+        "demo (docs/demo.md); untried on real SD models.",
     )
     prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
         None, description="Training target; default: the base scheduler config's."

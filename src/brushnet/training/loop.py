@@ -34,8 +34,9 @@ which guidance multiplies; in the hole it is what makes the hole follow the prom
 starting branch's while the kept-invariance term turns it down on the kept cells: on the demo world that term, and
 the guided one, turned it down in the hole too (docs/demo.md). It costs one more branch pass and UNet pass per step,
 without gradients, and draws nothing. Measured there in fine-tunes, it keeps the shape but slows the kept region's
-gain as well: over 1200 steps λ = 64, μ = 4 came within 1 dB of BLD for a small shape loss, but no weight tried beat
-the preservation scale of 2.0 on both counts (docs/demo.md, "The anchor term"). An option for experiments.
+gain as well: over 1200 steps λ = 64, μ = 4 came within 1 dB of BLD for a small shape loss (that branch is the demo's
+shipped one since recipe v4.2), though no weight tried beat the preservation scale of 2.0 on both counts
+(docs/demo.md, "The anchor term"). Untried on real SD models: an option, not a default.
 
 All randomness of a step (caption dropout, VAE posterior samples, ε, t) comes from one seeded generator
 per process whose state is checkpointed, so a resumed run repeats an uninterrupted one exactly.
