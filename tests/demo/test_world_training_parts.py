@@ -505,6 +505,28 @@ def test_the_one_training_command_runs_every_stage_and_exports_loadable_models(t
         load_method(name, method_models(name, tmp_path / "models"))
 
 
+def test_the_shipped_record_has_the_recipes_finetune_stage():
+    """The shipped models are recipe v4.2's: the record's ``finetune`` stage ran the recipe's default fine-tune (its
+    scenes, steps and batch, the branch with the recipe's λ and μ, the other two with the plain loss), so the one
+    command trains them again."""
+    import json
+
+    from recipe import WorldTrainConfig
+
+    recipe = WorldTrainConfig()
+    stage = json.loads((DEMO_MODELS / "training_record.json").read_text())["stages"]["finetune"]
+    assert (stage["scenes"], stage["steps"], stage["batch"]) == (
+        recipe.finetune_scenes,
+        recipe.finetune_steps,
+        recipe.finetune_batch,
+    )
+    assert stage["brushnet"]["terms"] == {
+        "kept_invariance": recipe.finetune_kept_invariance,
+        "anchor": recipe.finetune_anchor,
+    }
+    assert stage["inpaint"]["terms"] == stage["controlnet"]["terms"] == {}
+
+
 def test_quick_evaluation_of_the_shipped_models(tmp_path):
     """examples/demo_world/evaluate.py on the shipped models: the VAE ceiling bounds what a method that keeps
     the known latent can reach, and each method's row has every score in range."""
