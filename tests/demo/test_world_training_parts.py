@@ -452,6 +452,7 @@ def test_the_one_training_command_runs_every_stage_and_exports_loadable_models(t
     """`python examples/demo_world/train_world.py --smoke` (a few steps of every default stage), run as the
     docs say, writes a record of every stage and an export each method loads."""
     import json
+    import shutil
     import subprocess
     import sys
 
@@ -503,6 +504,14 @@ def test_the_one_training_command_runs_every_stage_and_exports_loadable_models(t
         assert any(not torch.equal(before[key], tuned[key]) for key in tuned), part
     for name in METHODS:
         load_method(name, method_models(name, tmp_path / "models"))
+    # a rerun of the stage after a crash fine-tunes only the models it had not finished
+    done = (work / "finetune" / "brushnet" / "finetune.json").read_bytes()
+    shutil.rmtree(work / "finetune" / "controlnet")
+    from train_world import main as train_world
+
+    assert train_world(["--work", str(work), "--smoke", "--threads", "1", "--stages", "finetune"]) == 0
+    assert (work / "finetune" / "brushnet" / "finetune.json").read_bytes() == done
+    assert (work / "finetune" / "controlnet" / "controlnet" / "config.json").is_file()
 
 
 def test_the_shipped_record_has_the_recipes_finetune_stage():
