@@ -20,10 +20,9 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
 from finetune_branch import Terms, finetune
 from recipe import Run
-from world_data import SIZE
+from world_data import write_shards
 
 __all__ = ["FINETUNE_ORDER", "finetuned_dir", "missing_inputs", "train_finetune"]
 
@@ -57,8 +56,6 @@ def missing_inputs(work: Path, stages_before: list[str]) -> list[str]:
 def train_finetune(run: Run) -> dict:
     """Stage ``finetune``: see the module note. Needs the stages ``base``, ``brushnet``, ``inpaint`` and
     ``controlnet`` done in the run folder."""
-    from brushnet.data.shapes_writers import write_training_shards
-
     cfg = run.cfg
     root = run.work / "finetune"
     trained = _trained(run.work)
@@ -72,9 +69,7 @@ def train_finetune(run: Run) -> dict:
     if not (root / "shards").is_dir():
         tmp = root / ".shards.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        write_training_shards(
-            tmp, scenes, scenes_per_shard=1000, size=SIZE, seed=cfg.seed, processes=torch.get_num_threads()
-        )
+        write_shards(tmp, scenes, cfg.seed)
         os.replace(tmp, root / "shards")
     models = root / "models"
     models.mkdir(exist_ok=True)

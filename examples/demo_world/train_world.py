@@ -41,7 +41,7 @@ from inpainting import train_brushnet, train_controlnet, train_inpaint
 from powerpaint_stage import train_powerpaint
 from recipe import Run, WorldTrainConfig, check_config, smoke_config
 from text_to_image import train_base
-from world_data import SIZE
+from world_data import write_shards
 
 __all__ = ["DEFAULT_STAGES", "STAGES", "check_request", "export", "main", "train_all"]
 
@@ -49,17 +49,9 @@ logger = logging.getLogger("demo_world")
 
 
 def make_data(run: Run) -> dict:
-    """Stage ``data``: the training scenes as BrushData webdataset shards (what the inpainting stages read)."""
-    from brushnet.data.shapes_writers import write_training_shards
-
-    write_training_shards(
-        run.shards,
-        run.cfg.scenes,
-        scenes_per_shard=1000,
-        size=SIZE,
-        seed=run.cfg.seed,
-        processes=torch.get_num_threads(),  # --threads; the bytes are the same for any number
-    )
+    """Stage ``data``: the training scenes as BrushData webdataset shards (what the inpainting stages read), written
+    by ``--threads`` processes."""
+    write_shards(run.shards, run.cfg.scenes, run.cfg.seed)
     return {"scenes": run.cfg.scenes}
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "load_scene_images",
     "subset_caption",
     "to_unit",
+    "write_shards",
 ]
 
 SIZE = 128
@@ -279,6 +280,17 @@ def load_scene_images(num_scenes: int, seed: int, processes: int = 1) -> tuple[t
     _, parts = _map_chunks(_scene_images, (seed,), num_scenes, processes)
     images = torch.from_numpy(np.concatenate([part for part, _ in parts])).permute(0, 3, 1, 2).contiguous()
     return images, [scene for _, part in parts for scene in part]
+
+
+def write_shards(folder: str | os.PathLike, scenes: int, seed: int) -> None:
+    """The first ``scenes`` training scenes of world ``seed`` as BrushData webdataset shards in ``folder``, 1000
+    scenes a shard (:func:`brushnet.data.shapes_writers.write_training_shards`), written by as many processes as
+    this process has torch threads (the bytes are the same for any number)."""
+    from brushnet.data.shapes_writers import write_training_shards
+
+    write_training_shards(
+        folder, scenes, scenes_per_shard=1000, size=SIZE, seed=seed, processes=torch.get_num_threads()
+    )
 
 
 def to_unit(images_uint8: torch.Tensor) -> torch.Tensor:
