@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         help="γ of the guided term: the guided prediction's error against the target (default 0: off).",
     )
     parser.add_argument(
-        "--guided-scale", type=float, default=5.0, help="the guidance scale of that prediction (default 5)."
+        "--guided-scale", type=float, default=None, help="the guidance scale of that prediction (default 5)."
     )
     parser.add_argument(
         "--anchor",
@@ -123,26 +123,47 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--models {models}: not a demo model set (no {', '.join(missing)})")
     if out.exists():
         parser.error(f"--out {out}: exists; give a new folder")
-    if (
-        args.kept_invariance < 0
-        or args.margin < 0
-        or args.min_timestep < 0
-        or args.guided < 0
-        or args.anchor < 0
-        or args.guided_scale < 1
-        or min(args.steps, args.batch, args.threads) < 1
-        or args.lr <= 0
-    ):
-        parser.error(
-            "--kept-invariance, --margin, --min-timestep, --guided and --anchor must be non-negative, "
-            "--guided-scale at least 1 and --steps, --batch, --lr, --threads positive"
-        )
+    bad = [
+        f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}"
+        for names, rule, ok in [
+            (
+                ("kept_invariance", "margin", "min_timestep", "guided", "anchor"),
+                "non-negative",
+                lambda v: v >= 0,
+            ),
+            (("guided_scale",), "at least 1", lambda v: v is None or v >= 1),
+            (("steps", "batch", "threads", "lr"), "positive", lambda v: v > 0),
+        ]
+        for name in names
+        if not ok(getattr(args, name))
+    ]
+    if bad:
+        parser.error("; ".join(bad))
+    unused = [
+        f"--{flag} has no effect without --{needs}"
+        for flag, given, needs, on in [
+            ("margin", args.margin, "kept-invariance", args.kept_invariance),
+            ("min-timestep", args.min_timestep, "kept-invariance", args.kept_invariance),
+            ("guided-scale", args.guided_scale is not None, "guided", args.guided),
+        ]
+        if given and not on
+    ]
+    if unused and args.model == "brushnet":
+        parser.error("; ".join(unused))
+    if args.guided_scale is None:
+        args.guided_scale = Terms.guided_scale
     terms = Terms(
         args.kept_invariance, args.margin, args.min_timestep, args.guided, args.guided_scale, args.anchor
     )
     if args.model != "brushnet" and terms != Terms():
+        given = [
+            f"--{field.name.replace('_', '-')} {getattr(terms, field.name)}"
+            for field in dataclasses.fields(Terms)
+            if getattr(terms, field.name) != field.default
+        ]
         parser.error(
-            f"--model {args.model} fine-tunes with the plain loss: give --kept-invariance 0 and no other term"
+            f"--model {args.model} fine-tunes with the plain loss; {', '.join(given)} "
+            f"{'is' if len(given) == 1 else 'are'} for the branch only (give --kept-invariance 0 and no other term)"
         )
     try:
         scenes = _scenes_of(work)

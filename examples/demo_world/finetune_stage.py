@@ -21,10 +21,10 @@ import shutil
 from pathlib import Path
 
 from finetune_branch import Terms, finetune
-from recipe import Run
+from recipe import Run, missing_needs
 from world_data import write_shards
 
-__all__ = ["FINETUNE_ORDER", "finetuned_dir", "missing_inputs", "train_finetune"]
+__all__ = ["FINETUNE_ORDER", "finetuned_dir", "train_finetune"]
 
 FINETUNE_ORDER = ("brushnet", "inpaint", "controlnet")
 """The models the stage fine-tunes, in order."""
@@ -45,21 +45,13 @@ def _trained(work: Path) -> dict[str, Path]:
     }
 
 
-def missing_inputs(work: Path, stages_before: list[str]) -> list[str]:
-    """The stages whose trained folders the fine-tune needs that are neither in the run folder ``work`` nor among
-    ``stages_before`` (the stages run before it in the same request)."""
-    return [
-        name for name, path in _trained(Path(work)).items() if name not in stages_before and not path.is_dir()
-    ]
-
-
 def train_finetune(run: Run) -> dict:
     """Stage ``finetune``: see the module note. Needs the stages ``base``, ``brushnet``, ``inpaint`` and
     ``controlnet`` done in the run folder."""
     cfg = run.cfg
     root = run.work / "finetune"
     trained = _trained(run.work)
-    missing = missing_inputs(run.work, [])
+    missing = missing_needs(run.work, "finetune")
     if missing:
         raise ValueError(
             f"stage finetune: the run has no trained {', '.join(missing)}; run those stages first"

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Run", "WorldTrainConfig", "check_config", "smoke_config"]
+__all__ = ["NEEDS", "PRODUCTS", "Run", "WorldTrainConfig", "check_config", "missing_needs", "smoke_config"]
 
 
 @dataclass
@@ -183,3 +183,43 @@ class Run:
         if self._scenes is None:
             self._scenes = load_scene_images(self.cfg.scenes, self.cfg.seed, len(os.sched_getaffinity(0)))
         return self._scenes
+
+
+PRODUCTS: dict[str, str] = {
+    "data": "shards",
+    "vae": "base/vae/config.json",
+    "base": "base/model_index.json",
+    "brushnet": "brushnet_run/brushnet/config.json",
+    "inpaint": "inpaint/unet/config.json",
+    "controlnet": "controlnet/config.json",
+}
+"""What shows, in a run folder, that a stage another stage reads from is done: the file it writes last (a folder
+for ``data``, with at least one shard). The base stage's ``base/`` folder exists from the VAE stage on, so only its
+``model_index.json`` says the base is there."""
+
+NEEDS: dict[str, tuple[str, ...]] = {
+    "data": (),
+    "vae": (),  # renders its own scenes
+    "base": ("vae",),  # encodes the scenes with the run's VAE
+    "decoder": ("vae",),
+    "decoder_local": ("vae",),
+    "brushnet": ("data", "base"),
+    "inpaint": ("data", "base"),
+    "controlnet": ("data", "base"),
+    "powerpaint": ("base",),  # renders its own samples; starts from the branch where there is one
+    "finetune": ("base", "brushnet", "inpaint", "controlnet"),  # writes its own shards
+}
+"""The stages whose products each stage reads (:data:`PRODUCTS`)."""
+
+
+def _done(work: Path, stage: str) -> bool:
+    product = Path(work) / PRODUCTS[stage]
+    if stage == "data":
+        return product.is_dir() and any(product.glob("*.tar"))
+    return product.is_file()
+
+
+def missing_needs(work: str | os.PathLike, stage: str, stages_before=()) -> list[str]:
+    """The stages ``stage`` reads from (:data:`NEEDS`) whose products are neither in the run folder ``work`` nor
+    made by ``stages_before`` (the stages run before it in the same request), in :data:`NEEDS`' order."""
+    return [need for need in NEEDS[stage] if need not in stages_before and not _done(Path(work), need)]

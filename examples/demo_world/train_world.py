@@ -36,10 +36,10 @@ from pathlib import Path
 
 import torch
 from autoencoder import train_decoder, train_decoder_local, train_vae
-from finetune_stage import finetuned_dir, missing_inputs, train_finetune
+from finetune_stage import finetuned_dir, train_finetune
 from inpainting import train_brushnet, train_controlnet, train_inpaint
 from powerpaint_stage import train_powerpaint
-from recipe import Run, WorldTrainConfig, check_config, smoke_config
+from recipe import Run, WorldTrainConfig, check_config, missing_needs, smoke_config
 from text_to_image import train_base
 from world_data import write_shards
 
@@ -138,22 +138,38 @@ def record_stage(
     return json.loads(text)
 
 
+def _chain(work, stages: list[str]) -> list[str]:
+    """``stages`` and every stage they read from, directly or not, whose products ``work`` lacks, in the order of
+    a full run: a request that can run."""
+    chain, todo = set(), list(stages)
+    while todo:
+        stage = todo.pop()
+        if stage not in chain:
+            chain.add(stage)
+            todo.extend(missing_needs(work, stage))
+    return [stage for stage in DEFAULT_STAGES if stage in chain]
+
+
 def check_request(
     stages: list[str] | None, device: str, cfg: WorldTrainConfig | None = None, work=None
 ) -> list[str]:
     """The stages to run (default :data:`DEFAULT_STAGES`); ``ValueError`` for an unknown stage, a device this
     machine lacks, a recipe field out of range (:func:`recipe.check_config`) or, given the run folder ``work``, a
-    ``finetune`` stage whose models neither are there nor are trained first."""
+    stage that reads what another stage makes (:data:`recipe.NEEDS`: the base reads the VAE, the inpainting stages
+    the shards and the base, ...) when that is neither in the run folder nor made earlier in the request."""
     if cfg is not None:
         check_config(cfg)
     stages = list(stages or DEFAULT_STAGES)
     unknown = [stage for stage in stages if stage not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; choose from: {', '.join(STAGES)}")
-    if work is not None and "finetune" in stages:
-        missing = missing_inputs(Path(work), stages[: stages.index("finetune")])
+    for index, stage in enumerate(stages if work is not None else ()):
+        missing = missing_needs(work, stage, stages[:index])
         if missing:
-            raise ValueError(f"stage finetune needs the trained {', '.join(missing)}: run those stages first")
+            what = f"stage {missing[0]} makes" if len(missing) == 1 else f"stages {', '.join(missing)} make"
+            raise ValueError(
+                f"stage {stage} reads what {what}, which {work} lacks: run --stages {' '.join(_chain(work, stages))}"
+            )
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA device is available here")
     return stages
@@ -167,7 +183,7 @@ def train_all(
     The record (``work/training_record.json``) is re-read before each write, so stages run by other
     processes on the same folder keep their entries.
     """
-    stages = check_request(stages, device, cfg)
+    stages = check_request(stages, device, cfg, work)
     run = Run(cfg, Path(work), device=device)
     run.work.mkdir(parents=True, exist_ok=True)
     record_path = run.work / "training_record.json"

@@ -753,15 +753,22 @@ def test_the_training_command_refuses_bad_requests_before_writing(tmp_path, caps
     assert not (tmp_path / "work").exists()  # refused before anything is written
     assert main(["--work", str(tmp_path / "work"), "--stages", "vea"]) == 2
     assert "unknown stage(s) ['vea']" in capsys.readouterr().err
-    needs = "error: stage finetune needs the trained {}: run those stages first"
-    assert main(["--work", str(tmp_path / "work"), "--stages", "finetune"]) == 2
-    assert capsys.readouterr().err.strip() == needs.format("base, brushnet, inpaint, controlnet")
-    assert (
-        main(["--work", str(tmp_path / "work"), "--stages", "base", "brushnet", "finetune", "inpaint"]) == 2
-    )
-    assert capsys.readouterr().err.strip() == needs.format(
-        "inpaint, controlnet"
-    )  # inpaint would come too late
+    work = tmp_path / "work"
+    for request, stage, needs, command in [
+        (["finetune"], "finetune", "stages base, brushnet, inpaint, controlnet make",
+         "data vae base brushnet inpaint controlnet finetune"),
+        (["base"], "base", "stage vae makes", "vae base"),
+        (["brushnet"], "brushnet", "stages data, base make", "data vae base brushnet"),
+        (["vae", "inpaint"], "inpaint", "stages data, base make", "data vae base inpaint"),
+        (["decoder_local"], "decoder_local", "stage vae makes", "vae decoder_local"),
+        (["powerpaint"], "powerpaint", "stage base makes", "vae base powerpaint"),
+        # inpaint would come after the fine-tune that reads it
+        (["data", "vae", "base", "brushnet", "finetune", "inpaint"], "finetune", "stages inpaint, controlnet make",
+         "data vae base brushnet inpaint controlnet finetune"),
+    ]:  # fmt: skip
+        assert main(["--work", str(work), "--stages", *request]) == 2
+        expected = f"error: stage {stage} reads what {needs}, which {work} lacks: run --stages {command}"
+        assert capsys.readouterr().err.strip() == expected
     for flag, value, message in [
         ("--branch-steps", "0", "--branch-steps must be positive, got 0"),
         ("--loader-workers", "-1", "--loader-workers must be non-negative, got -1"),
@@ -778,6 +785,34 @@ def test_the_training_command_refuses_bad_requests_before_writing(tmp_path, caps
         main(["--work", str(tmp_path / "work"), "--threads", "0"])
     assert "--threads must be at least 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "work").exists()  # every refusal before anything is written
+
+
+def test_what_a_stage_reads_counts_as_there_only_when_the_stage_that_makes_it_finished(tmp_path):
+    """``recipe.NEEDS`` / ``PRODUCTS``: the base's folder exists from the VAE stage on, so only its
+    ``model_index.json`` counts as a base; an empty shards folder is no data stage; what a run folder has is not
+    asked for again."""
+    from train_world import check_request
+
+    work = tmp_path / "work"
+    (work / "base" / "vae").mkdir(parents=True)
+    (work / "base" / "vae" / "config.json").write_text("{}")
+    (work / "shards").mkdir()
+    request = ["base", "decoder", "powerpaint"]
+    assert check_request(request, "cpu", None, work) == request
+    with pytest.raises(
+        ValueError, match=r"^stage brushnet reads what stages data, base make, .* data base brushnet$"
+    ):
+        check_request(["brushnet"], "cpu", None, work)
+    (work / "shards" / "shapes-000000.tar").write_bytes(b"")
+    (work / "base" / "model_index.json").write_text("{}")
+    request = ["brushnet", "inpaint", "powerpaint"]
+    assert check_request(request, "cpu", None, work) == request
+    request = ["inpaint", "finetune"]
+    with pytest.raises(
+        ValueError, match=r"brushnet, controlnet make, .* brushnet inpaint controlnet finetune$"
+    ):
+        check_request(request, "cpu", None, work)
+    assert check_request(request, "cpu", None, None) == request  # no run folder given: nothing to look at
 
 
 def test_base_stage_with_a_frozen_text_encoder_keeps_it_as_drawn(tmp_path):
@@ -1196,7 +1231,17 @@ def test_finetune_branch_writes_a_model_set_and_refuses_bad_requests(tmp_path, c
         (["--kept-invariance", "0", "--guided", "-1"], "must be non-negative"),
         (["--kept-invariance", "1", "--min-timestep", "-1"], "must be non-negative"),
         (["--kept-invariance", "1", "--anchor", "-1"], "must be non-negative"),
-        (["--kept-invariance", "0", "--guided", "1", "--guided-scale", "0.5"], "--guided-scale at least 1"),
+        (
+            ["--kept-invariance", "0", "--guided", "1", "--guided-scale", "0.5"],
+            "--guided-scale must be at least 1",
+        ),
+        (
+            ["--kept-invariance", "-1", "--steps", "0"],
+            "--kept-invariance must be non-negative, got -1.0; --steps",
+        ),
+        (["--kept-invariance", "0", "--margin", "1"], "--margin has no effect without --kept-invariance"),
+        (["--kept-invariance", "0", "--min-timestep", "500"], "--min-timestep has no effect without --kept-"),
+        (["--kept-invariance", "4", "--guided-scale", "3"], "--guided-scale has no effect without --guided"),
         (["--kept-invariance", "1", "--models", str(tmp_path)], "not a demo model set"),
     ):
         with pytest.raises(SystemExit):
@@ -1239,10 +1284,17 @@ def test_finetune_trains_the_other_two_models_with_the_plain_loss(tmp_path, caps
 
     work, out = tmp_path / "work", tmp_path / "ft"
     assert train_world(["--work", str(work), "--stages", "data", "--scenes", "16", "--threads", "1"]) == 0
-    for bad in (["--kept-invariance", "4"], ["--kept-invariance", "0", "--anchor", "4"]):
+    for bad, named in (
+        (["--kept-invariance", "4"], "--kept-invariance 4.0 is"),
+        (
+            ["--kept-invariance", "0", "--anchor", "4", "--guided-scale", "3"],
+            "--guided-scale 3.0, --anchor 4.0 are",
+        ),
+    ):
         with pytest.raises(SystemExit):
             finetune(["--work", str(work), "--out", str(out), "--model", part, *bad])
-        assert "plain loss" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "plain loss" in err and f"{named} for the branch only" in err
     assert not out.exists()
     flags = ["--model", part, "--kept-invariance", "0", "--steps", "2", "--batch", "2"]
     assert finetune(["--work", str(work), "--out", str(out), *flags]) == 0
