@@ -38,6 +38,42 @@ def test_wrong_kind_errors(tiny_models, tmp_path):
         load_base_components(tmp_path / "model.ckpt")
 
 
+def test_brushnet_from_pretrained_checks_the_source_first(tiny_models, tmp_path, monkeypatch):
+    """``BrushNetModel.from_pretrained`` (the original's way to load a branch) refuses, in one line and before
+    diffusers reads anything, what it would otherwise load wrongly or refuse in many lines: a UNet folder (diffusers
+    would build a branch of random weights from its config), a ControlNet, a pipeline folder (naming the
+    subfolder that loads its branch), a missing path, and a hub id offline that is not cached."""
+    from brushnet.models import BrushNetModel
+
+    base = tiny_models["base"]
+    controlnet = tmp_path / "controlnet"  # only the config is read
+    controlnet.mkdir()
+    (controlnet / "config.json").write_text(json.dumps({"_class_name": "ControlNetModel"}))
+    for path, kwargs, message in [
+        (base / "unet", {}, "holds a UNet2DConditionModel, not a BrushNetModel checkpoint"),
+        (base, {"subfolder": "unet"}, "holds a UNet2DConditionModel, not a BrushNetModel checkpoint"),
+        (controlnet, {}, "holds a ControlNetModel, not a BrushNetModel checkpoint"),
+        (base, {}, "is a full StableDiffusionPipeline folder, not a BrushNet checkpoint"),
+        (tmp_path / "nothing", {}, "BrushNet checkpoint not found"),
+    ]:
+        with pytest.raises(CheckpointError, match=message) as info:
+            BrushNetModel.from_pretrained(path, **kwargs)
+        assert "\n" not in str(info.value)
+    pipe = tmp_path / "pipe"
+    shutil.copytree(base, pipe)
+    shutil.copytree(tiny_models["brushnet"], pipe / "brushnet")
+    with pytest.raises(CheckpointError, match="the branch in it loads with subfolder='brushnet'"):
+        BrushNetModel.from_pretrained(pipe)
+    assert BrushNetModel.from_pretrained(pipe, subfolder="brushnet").num_down_residuals > 0
+    assert (
+        BrushNetModel.from_pretrained(tiny_models["brushnet"], torch_dtype=torch.float16).dtype
+        == torch.float16
+    )
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(CheckpointError, match="offline mode is on"):
+        BrushNetModel.from_pretrained("someone/brushnet_not_cached", cache_dir=str(tmp_path / "cache"))
+
+
 def test_pickle_only_folder_needs_permission(tiny_models, tmp_path):
     folder = tmp_path / "bn"
     shutil.copytree(tiny_models["brushnet"], folder)

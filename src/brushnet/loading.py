@@ -35,6 +35,8 @@ __all__ = [
     "peek_family",
     "check_brushnet_fits_base",
     "load_base_components",
+    "brushnet_folder",
+    "check_brushnet_source",
     "load_brushnet",
     "load_model",
     "describe_folder",
@@ -333,6 +335,61 @@ def _hub_error(what: str, repo_id: str, exc: BaseException, subfolder: str | Non
 # -- branches ------------------------------------------------------------------------------------------
 
 
+def brushnet_folder(
+    path: str | os.PathLike, subfolder: str | None = None, into_pipeline: bool = False
+) -> Path:
+    """The local BrushNet folder ``path`` (``/ subfolder``) names, checked from its config alone.
+
+    With ``into_pipeline`` a pipeline folder that holds ``brushnet/`` means that subfolder; without it, such a
+    folder is refused with the ``subfolder="brushnet"`` that loads it.
+
+    Raises:
+        CheckpointError: missing path, a file, a pipeline folder, a folder of another model (a UNet, a ControlNet,
+            a PowerPaint checkpoint: named, with what loads it) or of no model.
+    """
+    folder = Path(path).expanduser() / (subfolder or "")
+    if not folder.exists():
+        raise CheckpointError(f"BrushNet checkpoint not found: {folder}")
+    if not folder.is_dir():
+        raise CheckpointError(f"BrushNet checkpoint must be a folder with config.json, got a file: {folder}")
+    kind = describe_folder(folder)
+    holds_branch = kind != "BrushNetModel" and describe_folder(folder / "brushnet") == "BrushNetModel"
+    if kind.startswith("pipeline:") and not holds_branch:
+        raise CheckpointError(
+            f"{folder} is a full {kind[9:]} folder, not a BrushNet checkpoint; pass it as the base model"
+        )
+    if holds_branch:
+        if not into_pipeline:
+            what = (
+                f"a full {kind[9:]} folder" if kind.startswith("pipeline:") else "not a BrushNet checkpoint"
+            )
+            raise CheckpointError(f"{folder} is {what}; the branch in it loads with subfolder='brushnet'")
+        folder = folder / "brushnet"
+        kind = describe_folder(folder)
+    if kind != "BrushNetModel":
+        hint = _powerpaint_hint(folder)
+        if hint:
+            raise CheckpointError(hint)
+        raise CheckpointError(f"{_holds(folder, kind)}, not a BrushNetModel checkpoint")
+    return folder
+
+
+def check_brushnet_source(path: str | os.PathLike, subfolder: str | None = None, **hub_kwargs: Any) -> None:
+    """What :meth:`BrushNetModel.from_pretrained <brushnet.models.BrushNetModel.from_pretrained>` checks before
+    diffusers reads anything: a local folder as :func:`brushnet_folder` (no pipeline folder), a hub id that is
+    cached or reachable (:func:`_check_hub_reachable`).
+
+    Raises:
+        CheckpointError: one line, as :func:`load_brushnet`'s.
+    """
+    if _is_local(path):
+        brushnet_folder(path, subfolder)
+    else:
+        _check_hub_reachable(
+            "BrushNet", str(path), f"{subfolder}/config.json" if subfolder else "config.json", hub_kwargs
+        )
+
+
 def load_brushnet(
     path: str | os.PathLike,
     dtype: str | torch.dtype | None = None,
@@ -361,27 +418,7 @@ def load_brushnet(
 
     torch_dtype = resolve_dtype(dtype)
     if _is_local(path):
-        folder = Path(path).expanduser() / (subfolder or "")
-        if not folder.exists():
-            raise CheckpointError(f"BrushNet checkpoint not found: {folder}")
-        if not folder.is_dir():
-            raise CheckpointError(
-                f"BrushNet checkpoint must be a folder with config.json, got a file: {folder}"
-            )
-        kind = describe_folder(folder)
-        if kind.startswith("pipeline:"):
-            if (folder / "brushnet" / "config.json").is_file():
-                folder = folder / "brushnet"
-                kind = describe_folder(folder)
-            else:
-                raise CheckpointError(
-                    f"{folder} is a full {kind[9:]} folder, not a BrushNet checkpoint; pass it as the base model"
-                )
-        if kind != "BrushNetModel":
-            hint = _powerpaint_hint(folder)
-            if hint:
-                raise CheckpointError(hint)
-            raise CheckpointError(f"{_holds(folder, kind)}, not a BrushNetModel checkpoint")
+        folder = brushnet_folder(path, subfolder, into_pipeline=True)
         if base_config is not None:
             from .model_files import check_config_types
 

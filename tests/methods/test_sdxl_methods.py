@@ -159,6 +159,51 @@ def test_a_method_without_an_sdxl_form_refuses_before_loading(xl_models):
         registry._REGISTRY.pop("test-sd15-only")
 
 
+def test_load_method_checks_device_dtype_and_every_folder_before_loading(xl_models, tiny_models, monkeypatch):
+    """``load_method``: an SDXL branch for an SD1.5 base (the loader's own message), a UNet or ControlNet folder
+    as the branch, a missing branch, an unknown or absent device, a dtype that is no float and models that are not
+    a mapping are each one line before any model loads."""
+    import torch
+
+    from brushnet.errors import InputError
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("checked before anything loads")
+
+    monkeypatch.setattr(get_method_class("brushnet"), "load", classmethod(no_load))
+    sd15 = {"base": tiny_models["base"]}
+    for models, message in [
+        ({**sd15, "brushnet": xl_models["brushnet"]}, "this SDXL BrushNet .* does not fit an SD1.5 base"),
+        (
+            {"base": xl_models["base"], "brushnet": tiny_models["brushnet"]},
+            "SD1.5 BrushNet .* not fit an SDXL",
+        ),
+        (
+            {**sd15, "brushnet": tiny_models["base"] + "/unet"},
+            "holds a UNet2DConditionModel, not a BrushNetModel",
+        ),
+        ({**sd15, "brushnet": tiny_models["controlnet"]}, "holds a ControlNetModel, not a BrushNetModel"),
+        ({**sd15, "brushnet": tiny_models["base"] + "/missing"}, "BrushNet checkpoint not found"),
+    ]:
+        with pytest.raises(CheckpointError, match=message):
+            load_method("brushnet", models)
+    models = {**sd15, "brushnet": tiny_models["brushnet"]}
+    for kwargs, message in [
+        ({"device": "garbage"}, "unknown device 'garbage'"),
+        ({"dtype": torch.int8}, "not a floating-point type"),
+        ({"dtype": "fp8"}, "unknown dtype 'fp8'"),
+    ]:
+        with pytest.raises(InputError, match=message):
+            load_method("brushnet", models, **kwargs)
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="CUDA is not available here"):
+            load_method("brushnet", models, device="cuda")
+    with pytest.raises(InputError, match="models must be a dict of paths or a ModelPaths, got list"):
+        load_method("brushnet", [tiny_models["base"]])
+    with pytest.raises(AssertionError, match="checked before anything loads"):  # the checks let it through
+        load_method("brushnet", models)
+
+
 def test_make_tiny_models_builds_an_sdxl_set(tmp_path):
     from brushnet.cli import app
     from brushnet.loading import peek_family

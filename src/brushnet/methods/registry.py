@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import logging
 import pkgutil
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
@@ -124,8 +125,14 @@ def load_method(
 ) -> InpaintMethod:
     """Load method ``name`` from the given model paths (see :class:`ModelPaths`).
 
+    Before anything loads, it checks the device and dtype, and every local folder's config: a branch folder of
+    another kind (a UNet, a ControlNet, a missing path), a model of a family the method has no form for, and a
+    branch that does not fit the base (an SDXL branch for an SD1.5 base) are each one line.
+
     Raises:
-        InputError: unknown method, a model it needs is missing, or a checkpoint of the wrong kind.
+        InputError: unknown method, a model it needs is missing, models not a dict, an unknown or absent device,
+            a dtype that is not fp32 / fp16 / bf16.
+        CheckpointError: a checkpoint of the wrong kind or family.
     """
     cls = get_method_class(name)
     if isinstance(models, dict):
@@ -133,9 +140,22 @@ def load_method(
             models = ModelPaths(**models)
         except ValidationError as exc:
             raise InputError(validation_message(exc, "model paths")) from None
+    elif not isinstance(models, ModelPaths):
+        raise InputError(f"models must be a dict of paths or a ModelPaths, got {type(models).__name__}")
     models.require(cls)
+    from ..devices import resolve_device
     from ..errors import CheckpointError
-    from ..loading import FAMILY_NAMES, peek_family
+    from ..loading import FAMILY_NAMES, brushnet_folder, check_brushnet_fits_base, peek_family, resolve_dtype
+    from ..loading import _is_local as is_local
+    from ..model_files import read_config
+
+    resolve_device(device)  # an unknown or absent device, before anything loads
+    try:
+        torch_dtype = resolve_dtype(dtype)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    if not torch_dtype.is_floating_point:
+        raise InputError(f"dtype {dtype!r} is not a floating-point type; choose one of: fp32, fp16, bf16")
 
     def refuse(family: str) -> None:
         runs_on = " and ".join(FAMILY_NAMES.get(f, f) for f in cls.families)
@@ -144,12 +164,36 @@ def load_method(
             "another method or a base of that family"
         )
 
-    for slot in cls.models:  # a local folder's config tells the family before anything loads
-        family = peek_family(models.get(slot.name))
+    # every local folder's config, before anything loads: the family of each, and a branch of the right kind
+    families: dict[str, str] = {}
+    for slot in (*cls.models, *cls.optional_models):
+        path = models.get(slot.name)
+        if (
+            slot.name == "base"
+            and path is not None
+            and is_local(path)
+            and not Path(path).expanduser().exists()
+        ):
+            raise CheckpointError(f"base model not found: {path}")  # the base loader's words, before the rest
+        if slot.name == "brushnet" and path is not None and is_local(path):
+            branch = brushnet_folder(path, into_pipeline=True)  # missing, a UNet, a ControlNet, ...: one line
+            base = models.get("base")
+            if (
+                base is not None
+                and is_local(base)
+                and (Path(base).expanduser() / "unet" / "config.json").is_file()
+            ):
+                # the branch against the base UNet's config: the message the loader gives after loading the base
+                check_brushnet_fits_base(
+                    read_config(branch / "config.json"),
+                    read_config(Path(base).expanduser() / "unet" / "config.json"),
+                )
+        family = peek_family(path)
         if family is not None:
-            if family not in cls.families:
-                refuse(family)
-            break
+            families[slot.flag] = family
+    for family in families.values():
+        if family not in cls.families:
+            refuse(family)
     method = cls.load(models, device=device, dtype=dtype)
     if method.family not in cls.families:
         refuse(method.family)

@@ -313,6 +313,22 @@ class BrushNetModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
     def num_up_residuals(self) -> int:
         return len(self.brushnet_up_blocks)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> BrushNetModel:
+        """diffusers' ``ModelMixin.from_pretrained`` (every argument the same), after a check of the source that
+        reads nothing but its config: a missing path, a file, a pipeline folder (loaded with
+        ``subfolder="brushnet"``), a folder of another model (a UNet, a ControlNet, a PowerPaint checkpoint) and,
+        offline, a hub id not in the cache are each a one-line :class:`~brushnet.errors.CheckpointError`
+        (:func:`brushnet.loading.check_brushnet_source`) instead of a multi-line diffusers error or, for a UNet
+        folder, a branch of random weights."""
+        from ..loading import check_brushnet_source
+
+        hub = {
+            k: kwargs[k] for k in ("cache_dir", "revision", "local_files_only") if kwargs.get(k) is not None
+        }
+        check_brushnet_source(pretrained_model_name_or_path, kwargs.get("subfolder"), **hub)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
     @staticmethod
     def config_from_unet(unet_config, conditioning_channels: int = 5, cross_attention: bool = False) -> dict:
         """The config of a branch made for a UNet (see :meth:`from_unet`), without building anything.
