@@ -16,7 +16,10 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "unipc-original": ("UniPCMultistepScheduler", {"final_sigmas_type": "sigma_min"}),
     "ddim": ("DDIMScheduler", {}),
     "ddpm": ("DDPMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
+    # PLMS, as Stable Diffusion's own PNDM configs set it; from a base whose scheduler is not PNDM (no such key)
+    # diffusers' default is the Runge-Kutta warm-up, which needs 4 steps or more and evaluates the model 13 times
+    # for 4 steps
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
     "euler": ("EulerDiscreteScheduler", {}),
     "euler-a": ("EulerAncestralDiscreteScheduler", {}),
     "dpm++2m": ("DPMSolverMultistepScheduler", {}),

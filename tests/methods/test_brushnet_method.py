@@ -86,7 +86,7 @@ def test_calls_counted_and_models_recorded(load, scene, tiny_models):
 def test_progress_counts_scheduler_timesteps_not_steps(load, scene):
     method = load("brushnet")
     steps_seen = []
-    # PNDM in its Runge-Kutta warm-up mode evaluates the model more than once per step
+    # PNDM (PLMS) evaluates the model twice at its second timestep: 5 evaluations for 4 steps
     request = dict(FAST, scheduler="pndm", steps=4)
     result = inpaint(method, *scene, request, on_step=lambda i, n: steps_seen.append((i, n)))
     pndm = make_scheduler("pndm", method.base_scheduler_config)
@@ -95,6 +95,17 @@ def test_progress_counts_scheduler_timesteps_not_steps(load, scene):
     assert total > 4
     assert steps_seen[-1] == (total, total) and len(steps_seen) == total
     assert result.unet_calls == total * 2
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_pndm_runs_with_fewer_than_four_steps_on_a_base_whose_scheduler_is_not_pndm(load, scene, steps):
+    """``pndm`` is PLMS (``skip_prk_steps``, as Stable Diffusion's own PNDM configs): built from the tiny base's
+    DDIM config, diffusers' default Runge-Kutta warm-up failed below 4 steps (a numpy broadcast error after
+    loading) and spent 13 model evaluations on 4 steps."""
+    method = load("brushnet")
+    assert method.base_scheduler_config["_class_name"] != "PNDMScheduler"
+    result = inpaint(method, *scene, dict(FAST, scheduler="pndm", steps=steps))
+    assert result.unet_calls == (steps + (steps > 1)) * 2  # with guidance: two evaluations per timestep
 
 
 def test_batch_image_i_equals_single_run_at_seed_plus_i(load, scene):
