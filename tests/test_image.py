@@ -41,6 +41,40 @@ def test_binarised_at_half():
     assert mask_to_array(np.array([[0.49, 0.5]], np.float32)).tolist() == [[False, True]]
 
 
+def test_array_masks_of_a_batch_of_one_or_with_channels_last_keep_their_layout():
+    arr = np.zeros((6, 8), np.float32)
+    arr[2:4, 3:6] = 1
+    expected = arr > 0
+    for mask in (arr[None], arr[None, :, :, None], arr[:, :, None], np.repeat(arr[:, :, None], 3, -1)):
+        assert np.array_equal(mask_to_array(mask), expected), mask.shape
+    tensor = torch.from_numpy(arr)
+    for mask in (tensor[:, :, None], tensor[None].repeat(3, 1, 1), tensor[None, None]):
+        assert np.array_equal(mask_to_array(mask), expected), tuple(mask.shape)
+    # whole numbers 0-255 of any type are 8-bit steps
+    assert np.array_equal(mask_to_array(arr.astype(np.int64) * 255), expected)
+    assert np.array_equal(mask_to_array(arr * 255.0), expected)
+
+
+@pytest.mark.parametrize(
+    ("mask", "message"),
+    [
+        (
+            np.array([[0, 1.5]], np.float32),
+            r"mask values must be in \[0, 1\] \(or whole numbers 0-255\), got 0..1.5",
+        ),
+        (np.array([[-1, 0.5]], np.float32), r"got -1..0.5"),
+        (np.array([[0, 300]], np.int32), r"got 0..300"),
+        (np.array([[0, np.nan]], np.float32), "mask holds NaN or infinite values"),
+        (None, r"mask is missing \(None\)"),
+        (np.array([["a", "b"]]), "mask must hold numbers"),
+        (torch.empty(4, 4, device="meta"), "mask is a meta tensor"),
+    ],
+)
+def test_mask_values_that_cannot_be_read_as_a_mask_are_one_line_errors(mask, message):
+    with pytest.raises(InputError, match=message):
+        mask_to_array(mask)
+
+
 def test_load_mask_errors(tmp_path):
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "empty.png")
     Image.fromarray(np.full((4, 4), 255, np.uint8)).save(tmp_path / "full.png")

@@ -216,21 +216,44 @@ def _mask_values(mask: Image.Image | np.ndarray | torch.Tensor) -> tuple[np.ndar
             arr = arr.astype(np.float32)
             values = (arr.mean(-1) if arr.ndim == 3 else arr) / 255.0
         return values, True
+    if mask is None:
+        raise InputError("mask is missing (None); give a PIL image, a numpy array or a torch tensor")
     if isinstance(mask, torch.Tensor):
+        if mask.is_meta:
+            raise InputError("mask is a meta tensor (no data)")
         arr = mask.detach().float().cpu().numpy()
         while arr.ndim > 2 and arr.shape[0] == 1:
             arr = arr[0]
-        if arr.ndim == 3:  # C, H, W
+        if arr.ndim == 3 and arr.shape[0] not in (3, 4) and arr.shape[-1] in (1, 3, 4):  # H, W, C
+            arr = arr.mean(-1)
+        elif arr.ndim == 3:  # C, H, W
             arr = arr.mean(0)
     else:
         arr = np.asarray(mask)
+        if arr.dtype.kind not in "biuf":
+            raise InputError(f"mask must hold numbers (uint8, bool or float), got dtype {arr.dtype}")
+        # (1, H, W), (1, H, W, C): a batch of one, as the tensors; (H, W, C) keeps its channels
+        while arr.ndim > 3 or (arr.ndim == 3 and arr.shape[0] == 1 and arr.shape[-1] not in (1, 3, 4)):
+            if arr.shape[0] != 1:
+                break
+            arr = arr[0]
         if arr.ndim == 3:
             arr = arr.mean(-1) if arr.dtype != np.uint8 else arr.astype(np.float32).mean(-1)
     if arr.ndim != 2:
         raise InputError(f"mask must be 2-D (H, W) after squeezing, got shape {tuple(np.shape(arr))}")
     if arr.dtype == np.bool_:
         return arr.astype(np.float32), False
-    if np.asarray(mask).dtype == np.uint8 or arr.max(initial=0) > 1.0:
+    if not np.isfinite(arr).all():
+        raise InputError("mask holds NaN or infinite values")
+    high = arr.max(initial=0)
+    if np.asarray(mask).dtype == np.uint8:
+        return arr.astype(np.float32) / 255.0, True
+    if high > 1.0 or arr.min(initial=0) < 0:
+        # 0-255 steps given as numbers of another type: whole numbers up to 255 only
+        if high > 255 or arr.min(initial=0) < 0 or not np.array_equal(arr, np.round(arr)):
+            raise InputError(
+                f"mask values must be in [0, 1] (or whole numbers 0-255), got {float(arr.min()):g}..{float(high):g}"
+            )
         return arr.astype(np.float32) / 255.0, True
     return arr.astype(np.float32), False
 
