@@ -75,6 +75,22 @@ def test_mask_values_that_cannot_be_read_as_a_mask_are_one_line_errors(mask, mes
         mask_to_array(mask)
 
 
+def test_an_explicit_pixel_limit_applies_to_in_memory_images_and_masks_too():
+    for image in (Image.new("RGB", (20, 10)), np.zeros((10, 20, 3), np.uint8), torch.zeros(3, 10, 20)):
+        with pytest.raises(
+            InputError, match=r"^image is 20x10 = 200 pixels; the limit is 100 \(--max-pixels\)$"
+        ):
+            load_image(image, max_pixels=100)
+        with pytest.raises(InputError, match="--max-pixels must be at least 1, got 0"):
+            load_image(image, max_pixels=0)
+        assert load_image(image, max_pixels=200).size == (20, 10)
+        assert load_image(image).size == (20, 10)  # no limit given: nothing is decoded, none applies
+    for mask in (Image.new("L", (20, 10), 255), np.ones((10, 20), bool)):
+        with pytest.raises(InputError, match=r"^mask is 20x10 = 200 pixels; the limit is 100"):
+            load_mask(mask, max_pixels=100)
+        assert load_mask(mask, max_pixels=200).all()
+
+
 def test_load_mask_errors(tmp_path):
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "empty.png")
     Image.fromarray(np.full((4, 4), 255, np.uint8)).save(tmp_path / "full.png")

@@ -65,6 +65,19 @@ def _open_header(path: Path, limit: int) -> Image.Image:
             Image.MAX_IMAGE_PIXELS = pil_limit
 
 
+def _check_in_memory_size(width: int, height: int, what: str, max_pixels: int | None) -> None:
+    """An in-memory image or mask (PIL, numpy, torch) against an explicit ``max_pixels``, as a file's header is
+    (``None``: no limit, since nothing is decoded)."""
+    if max_pixels is None:
+        return
+    if max_pixels < 1:
+        raise InputError(f"--max-pixels must be at least 1, got {max_pixels}")
+    if width * height > max_pixels:
+        raise InputError(
+            f"{what} is {width}x{height} = {width * height} pixels; the limit is {max_pixels} (--max-pixels)"
+        )
+
+
 def _open(path: str | os.PathLike, what: str, max_pixels: int | None = None) -> Image.Image:
     path = Path(path)
     if not path.exists():
@@ -177,13 +190,16 @@ def load_image(
     composited on black; 16-bit images are scaled by their range.
 
     Raises:
-        InputError: missing or unreadable file, more than ``max_pixels`` pixels (checked before decoding), or
-            an array/tensor of another shape, dtype or value range; anything else is refused with its type.
+        InputError: missing or unreadable file, more than ``max_pixels`` pixels (a file's checked before
+            decoding; an in-memory image's when ``max_pixels`` is given), or an array/tensor of another shape,
+            dtype or value range; anything else is refused with its type.
     """
     if isinstance(path, Image.Image):
+        _check_in_memory_size(*path.size, "image", max_pixels)
         img = oriented(path)
     elif isinstance(path, (np.ndarray, torch.Tensor)):
         img = _array_to_pil(path)
+        _check_in_memory_size(*img.size, "image", max_pixels)
     elif isinstance(path, (str, os.PathLike)):
         img = _open(path, "image", max_pixels)
     else:
@@ -329,7 +345,7 @@ def load_mask(
         allow_empty: an all-black mask (nothing to inpaint) is an error unless True; the message names the
             cause (all white under ``invert``; a grey mask with no value >= 50 %, and the range it has).
         allow_full: an all-white mask (nothing kept) is allowed by default (it is plain text-to-image).
-        max_pixels: refuse larger mask files before decoding them.
+        max_pixels: refuse larger mask files before decoding them, and larger in-memory masks.
 
     A mask file or PIL image is turned upright by its EXIF orientation, as the image is.
     """
@@ -339,6 +355,8 @@ def load_mask(
     elif isinstance(path, Image.Image):
         source = oriented(path)
     values, eight_bit = _mask_values(source)
+    if not isinstance(path, (str, os.PathLike)):  # in memory (a file's header was checked)
+        _check_in_memory_size(values.shape[1], values.shape[0], "mask", max_pixels)
     hole = values >= 0.5
     if invert:
         hole = ~hole
