@@ -53,6 +53,26 @@ FAST = {"steps": 2, "guidance_scale": 2.0, "scheduler": "ddim", "seed": 3, "prom
             {"options": {"painta": False, "painta_end_timestep": 100}},
             "option painta_end_timestep has no effect with painta=false",
         ),
+        (
+            "hd-painter",
+            {"negative_prompt": "blurry", "options": {"default_negative_prompt": "ugly"}},
+            "option default_negative_prompt has no effect with a negative_prompt given",
+        ),
+        (
+            "hd-painter",
+            {"guidance_scale": 1.0, "options": {"default_negative_prompt": "ugly"}},
+            "option default_negative_prompt has no effect with guidance_scale <= 1",
+        ),
+        (
+            "repaint",
+            {"steps": 5, "options": {"jump_length": 10, "jump_n_sample": 3}},
+            "option jump_length 10 is more than the 5 steps: no resampling jump fits",
+        ),
+        (
+            "repaint",
+            {"steps": 5, "options": {"jump_n_sample": 3}},  # the default jump_length 10
+            "option jump_length 10 is more than the 5 steps",
+        ),
     ],
 )
 def test_a_setting_without_its_enabling_setting_is_refused(method, fields, message):
@@ -72,6 +92,11 @@ def test_a_setting_without_its_enabling_setting_is_refused(method, fields, messa
         ("powerpaint", {"options": {"task": "shape-guided", "fitting_degree": 0.3}}),
         ("hd-painter", {"options": {"rasg_eta": 0.5, "painta_end_timestep": 100}}),
         ("hd-painter", {"options": {"rasg": False, "painta": False}}),
+        ("hd-painter", {"options": {"default_negative_prompt": "ugly"}}),
+        ("hd-painter", {"negative_prompt": "blurry", "options": {"default_negative_prompt": ""}}),
+        ("repaint", {"steps": 5, "options": {"jump_length": 5, "jump_n_sample": 3}}),
+        ("repaint", {"steps": 5, "options": {"jump_length": 10, "jump_n_sample": 1}}),  # no resampling asked
+        ("repaint", {"steps": 5}),  # the defaults: no resampling at 5 steps, not asked for either
         # given at its default value, as in a recorded or data-driven full set of options: nothing is dropped
         ("powerpaint", {"options": {"task": "object-removal", "fitting_degree": 1.0}}),
         (

@@ -79,12 +79,24 @@ class HDPainter(PipelineMethod):
 
     @classmethod
     def check(cls, request: InpaintRequest, options: HDPainterOptions) -> InpaintRequest:
-        """Also refuse ``rasg_eta`` with RASG off and ``painta_end_timestep`` with PAIntA off."""
+        """Also refuse ``rasg_eta`` with RASG off, ``painta_end_timestep`` with PAIntA off, and
+        ``default_negative_prompt`` where it is not used (the request has a negative prompt, or guidance is off)."""
         request = super().check(request, options)
         for name, part in (("rasg_eta", "rasg"), ("painta_end_timestep", "painta")):
             if given(options, name) and not getattr(options, part):
                 raise RequestError(
                     f"option {name} has no effect with {part}=false: turn {part} on or drop {name}"
+                )
+        if given(options, "default_negative_prompt") and options.default_negative_prompt:
+            if request.negative_prompt:
+                raise RequestError(
+                    "option default_negative_prompt has no effect with a negative_prompt given (it is used only "
+                    "when the request has none); drop one of them"
+                )
+            if request.guidance_scale <= 1:
+                raise RequestError(
+                    "option default_negative_prompt has no effect with guidance_scale <= 1 (classifier-free "
+                    "guidance is off); raise guidance_scale or drop it"
                 )
         return request
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ...errors import InputError
+from ...errors import InputError, RequestError
 from ...schedulers import original_and_noise
-from ..base import GenerateOutput, Task
+from ..base import GenerateOutput, InpaintRequest, Task, given
 from ..counting import count_calls
 from ..latent_method import LatentMethod, latent_hole
 from ..registry import register_method
@@ -83,6 +83,19 @@ class RePaint(LatentMethod):
     Options = RePaintOptions
     default_scheduler = "ddim"
     schedulers = ("ddim",)
+
+    @classmethod
+    def check(cls, request: InpaintRequest, options: RePaintOptions) -> InpaintRequest:
+        """Also refuse resampling asked for that no jump fits: a ``jump_length`` or ``jump_n_sample`` given while
+        ``jump_length`` is more than the steps (no jump point: the plain sampler would run)."""
+        request = super().check(request, options)
+        asked = given(options, "jump_length") or given(options, "jump_n_sample")
+        if asked and options.jump_n_sample > 1 and options.jump_length > request.steps:
+            raise RequestError(
+                f"option jump_length {options.jump_length} is more than the {request.steps} steps: no resampling "
+                "jump fits, so none would be made; lower jump_length or raise steps"
+            )
+        return request
 
     def generate(self, task: Task) -> GenerateOutput:
         import torch
