@@ -3,6 +3,8 @@ through :func:`brushnet.methods.inpaint`, with a probe method that records what 
 hole one flat colour — so where the pixels went is checkable exactly. The probe is not a model: these tests are
 about the processing every method shares, which runs the same whatever ``generate`` does."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -246,6 +248,15 @@ def test_outpaint_helper_records_extents():
     assert np.array_equal(out[:, 8:48], np.asarray(image))
     with pytest.raises(InputError, match="invert_mask"):
         outpaint(method, image, left=8, invert_mask=True)
+    for extents, message in [
+        ({"left": 8.5}, "left must be a whole number of pixels, got 8.5"),
+        ({"right": "8"}, "right must be a whole number of pixels, got '8'"),
+        ({"top": True}, "top must be a whole number of pixels, got True"),
+        ({"left": 8, "overlap": 2.0}, "overlap must be a whole number of pixels, got 2.0"),
+    ]:
+        with pytest.raises(InputError, match="^" + re.escape(message) + "$"):
+            outpaint(method, image, **extents)
+    assert outpaint(method, image, left=np.int64(8), seed=3).parameters["outpaint"]["left"] == 8
 
 
 def test_bad_inputs_are_one_line_errors():

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import operator
 import os
 import secrets
 import time
@@ -168,6 +169,15 @@ def prepare_outpaint(
         InputError: no side extended, negative extents, an unknown fill, ``invert_mask`` set, or an outpainted
             canvas of more than ``max_pixels`` pixels (the input image's limit; checked before it is built).
     """
+    extents = {"left": left, "top": top, "right": right, "bottom": bottom, "overlap": overlap}
+    for name, value in extents.items():
+        try:
+            if isinstance(value, bool):
+                raise TypeError
+            extents[name] = operator.index(value)
+        except TypeError:
+            raise InputError(f"{name} must be a whole number of pixels, got {value!r}") from None
+    left, top, right, bottom, overlap = extents.values()
     request = InpaintRequest.build(request, **overrides)
     if request.invert_mask:
         raise InputError("invert_mask makes no sense for outpainting: the mask is built from the extents")
