@@ -151,12 +151,32 @@ def test_repaint_refuses_a_scheduler_it_does_not_use(scene):
         ({"scheduler": "nope"}, "unknown scheduler"),
         ({"blend_kernel_size": 4}, "odd"),
         ({"unknown_field": 1}, "unknown field 'unknown_field'"),
+        # lone surrogates (JSON's "\ud800" without its pair): were a TypeError of the tokenizer after loading
+        (
+            {"prompt": "a\ud800b"},
+            r"prompt: Value error, not valid Unicode text: lone surrogate U\+D800 at character 1",
+        ),
+        ({"negative_prompt": "\udcff"}, r"negative_prompt: .*lone surrogate U\+DCFF at character 0"),
+        (
+            {"options": {"positive_prompt": ["x", "\ud800"]}},
+            r"option positive_prompt\[1\] is not valid Unicode text",
+        ),
+        ({"options": {"\ud800": 1}}, r"option name '\\ud800' is not valid Unicode text"),
     ],
 )
 def test_prepare_checks_the_request_without_any_model(scene, request_update, message):
     image, mask = scene
     with pytest.raises(RequestError, match=message):
         prepare(get_method_class("brushnet"), image, mask, {**FAST, **request_update})
+
+
+def test_text_outside_the_basic_plane_is_valid(scene):
+    image, mask = scene
+    prompt = "ein Apfel \U0001f34e, ri\u0301pe"  # an astral character (a surrogate pair in JSON), a combining accent
+    job = prepare(
+        get_method_class("brushnet"), image, mask, {**FAST, "prompt": prompt, "negative_prompt": prompt}
+    )
+    assert job.request.prompt == job.request.negative_prompt == prompt
 
 
 def test_prepare_checks_the_inputs(scene):

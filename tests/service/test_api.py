@@ -218,6 +218,20 @@ def _error(r, status, *needles):
         ),
         (dict(options='{"strength": 1}'), 422, ["strength"]),
         (dict(blend_kernel_size="4"), 422, ["blend_kernel_size must be odd"]),
+        (dict(wait="maybe"), 422, ["form field 'wait' must be a boolean", "got 'maybe'"]),
+        (dict(wait="ture"), 422, ["form field 'wait' must be a boolean", "got 'ture'"]),
+        # a lone surrogate (JSON's "\ud800" without its pair) crashed the tokenizer after queuing (500)
+        (
+            dict(request='{"prompt": "a\\ud800b"}'),
+            422,
+            ["prompt: Value error, not valid Unicode text: lone surrogate U+D800 at character 1"],
+        ),
+        (dict(request='{"negative_prompt": "\\udfff"}'), 422, ["negative_prompt", "lone surrogate U+DFFF"]),
+        (
+            dict(options='{"positive_prompt": "x\\ud800"}'),
+            422,
+            ["option positive_prompt is not valid Unicode text"],
+        ),
         (
             dict(blend="false", blend_kernel_size="9"),
             422,
@@ -242,6 +256,13 @@ def test_bad_json_requests(client):
         "unknown field 'strenght'",
     )
     _error(client.post("/api/v1/inpaint", json={**good, "image": "@@@"}), 400, "image is not valid base64")
+    junk = base64.b64encode(b"not an image").decode()
+    for field in ("image", "mask", "control_image"):  # each message names its own field
+        r = client.post("/api/v1/inpaint", json={**good, field: junk})
+        assert _error(r, 400).startswith(f"{field} is not a readable image"), r.text
+    surrogate = json.dumps({**good, "prompt": "a\ud800b"})  # ASCII JSON with the escape "\ud800"
+    r = client.post("/api/v1/inpaint", content=surrogate, headers={"content-type": "application/json"})
+    _error(r, 422, "prompt: Value error, not valid Unicode text: lone surrogate U+D800")
     _error(client.post("/api/v1/inpaint", json={"mask": good["mask"]}), 422, "missing field 'image'")
     _error(client.post("/api/v1/inpaint", json=[1, 2]), 422, "must be a JSON object")
     _error(
@@ -285,6 +306,32 @@ def test_size_limits(gated):
         small = {"image": png(scene_image(40)), "mask": png(scene_mask(40, (8, 8, 20, 20)))}
         r = client.post("/api/v1/inpaint", **multipart(**small, request=json.dumps(FAST), wait="1"))
         assert r.status_code == 200, r.text
+
+
+def test_the_working_size_is_held_to_the_pixel_limit(gated):
+    # resolution (or crop_to_mask's native resolution) asked for more pixels than --max-pixels: was run
+    small = {"image": png(scene_image(32)), "mask": png(scene_mask(32, (8, 8, 20, 20)))}
+    with make_client({"brushnet": gated}, max_pixels=48 * 48) as client:
+        for fields, reason in [
+            ({"resolution": 64}, "(resolution 64)"),
+            ({"crop_to_mask": True}, "(crop_to_mask at the model's native resolution 64)"),
+        ]:
+            r = client.post("/api/v1/inpaint", **multipart(**small, request=json.dumps({**FAST, **fields})))
+            _error(r, 413, f"working size 64x64 = 4096 pixels {reason}; the limit is 2304")
+            body = {k: base64.b64encode(v).decode() for k, v in small.items()}
+            _error(client.post("/api/v1/inpaint", json={**body, **FAST, **fields}), 413, "the limit is 2304")
+        assert client.get("/api/v1/health").json()["jobs_in_memory"] == 0  # nothing was queued
+    with make_client({"brushnet": gated}, max_pixels=64 * 64) as client:
+        r = client.post(
+            "/api/v1/inpaint", **multipart(**small, request=json.dumps({**FAST, "resolution": 72}))
+        )
+        _error(r, 413, "working size 72x72 = 5184 pixels (resolution 72); the limit is 4096")
+        # a working size at the limit runs
+        r = client.post(
+            "/api/v1/inpaint", **multipart(**small, request=json.dumps({**FAST, "resolution": 64}), wait="1")
+        )
+        assert r.status_code == 200, r.text
+        assert json.loads(r.headers["x-brushnet-parameters"])["parameters"]["region"]["size"] == [64, 64]
 
 
 def test_unknown_job_and_unknown_route(client):

@@ -67,6 +67,16 @@ def given(model: BaseModel, name: str) -> bool:
     return getattr(model, name) != type(model).model_fields[name].get_default(call_default_factory=True)
 
 
+def _invalid_unicode(text: str) -> str | None:
+    """What makes ``text`` invalid Unicode, or None: a lone UTF-16 surrogate (a JSON ``"\\ud800"`` escape without
+    its pair, Python's ``"\\ud800"``, an undecodable byte of a command line) is a ``str`` no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"lone surrogate U+{ord(text[exc.start]):04X} at character {exc.start}"
+    return None
+
+
 class InpaintRequest(BaseModel):
     """What to inpaint and how; shared by the Python API, CLI, REST API, web page and benchmarks.
 
@@ -120,6 +130,34 @@ class InpaintRequest(BaseModel):
         description="Method-specific options (see `brushnet methods`).",
         json_schema_extra={"cli": ["--option"]},
     )
+
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _valid_text(cls, value: str) -> str:
+        problem = _invalid_unicode(value)
+        if problem is not None:
+            raise ValueError(f"not valid Unicode text: {problem}")
+        return value
+
+    @field_validator("options")
+    @classmethod
+    def _valid_option_text(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # a method's own text options (HD-Painter's prompts) reach a tokenizer too; a bad key would reach a message
+        stack: list[tuple[Any, str]] = [(value, "")]
+        while stack:
+            item, where = stack.pop()
+            if isinstance(item, str):
+                problem = _invalid_unicode(item)
+                if problem is not None:
+                    raise ValueError(f"option {where} is not valid Unicode text: {problem}")
+            elif isinstance(item, dict):
+                for key, inner in item.items():
+                    if _invalid_unicode(str(key)) is not None:
+                        raise ValueError(f"option name {str(key)!r} is not valid Unicode text")
+                    stack.append((inner, f"{where}.{key}" if where else str(key)))
+            elif isinstance(item, list | tuple):
+                stack.extend((inner, f"{where}[{i}]") for i, inner in enumerate(item))
+        return value
 
     @field_validator("scheduler")
     @classmethod

@@ -25,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from pydantic import TypeAdapter, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -63,6 +64,7 @@ STATIC_DIR = Path(__file__).parent / "static"
 _POLL_S = 0.05
 _KEEPALIVE_S = 15.0
 _FAILED_STATUS = {"timeout": 504, "input": 400, "internal": 500, "cancelled": 409}
+_BOOLEAN = TypeAdapter(bool)
 
 _INPAINT_OPENAPI = {
     "requestBody": {
@@ -156,7 +158,12 @@ async def _parse_inpaint(request: Request, engine: Engine, limits: Limits, wait_
                 if name not in files:
                     raise SchemaError(f"missing file field {name!r}")
             wait_field = fields.pop("wait", None)
-            wait = wait_field is not None and wait_field.lower() in ("1", "true", "yes", "on")
+            try:  # as the query parameter and the JSON field are read; a typo is no silent false
+                wait = wait_field is not None and _BOOLEAN.validate_python(wait_field)
+            except ValidationError:
+                raise SchemaError(
+                    f"form field 'wait' must be a boolean (true/false, 1/0, yes/no, on/off), got {wait_field[:40]!r}"
+                ) from None
             data = parse_request_json(fields.pop("request", None) or "{}")
             body = parse_request(ServiceRequest, merge_form_fields(data, fields))
         finally:
@@ -183,7 +190,7 @@ def _parse_json_body(raw: bytes, max_bytes: int, max_pixels: int):
     control = None
     if body.control_image is not None:
         control = decode_image(
-            decode_base64(body.control_image, "control_image"), "image", max_bytes, max_pixels
+            decode_base64(body.control_image, "control_image"), "control_image", max_bytes, max_pixels
         )
     return body, image, mask, control
 

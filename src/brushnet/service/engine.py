@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import InputError, RequestError
 from ..methods.api import prepare, run
 from ..methods.base import InpaintMethod, InpaintRequest, InpaintResult, PreparedJob
+from ..methods.processing import plan_region
 
 logger = logging.getLogger(__name__)
 
@@ -271,8 +272,9 @@ class Engine:
         control_image: Image.Image | None = None,
     ) -> PreparedJob:
         """Check everything that can be checked before queuing (:func:`brushnet.methods.prepare`): the method is
-        loaded, the request and its options fit it, the image is within the limits, the mask fits the image and
-        is not empty. CPU work (mask grow/shrink): call it off the event loop."""
+        loaded, the request and its options fit it, the image and the working size (after ``resolution``,
+        ``crop_to_mask`` and rounding) are within the pixel limit, the mask fits the image and is not empty. CPU
+        work (mask grow/shrink): call it off the event loop."""
         name = method or self.default_method
         if name not in self.methods:
             raise SchemaError(f"method {name!r} is not loaded; loaded: {', '.join(self.methods)}")
@@ -292,13 +294,37 @@ class Engine:
         if control_image is None and loaded.accepts_control_image:
             raise InvalidInput(f"method {name!r} runs a guide ControlNet here: send a control_image")
         try:
-            return prepare(
+            job = prepare(
                 loaded, image, mask, request, max_pixels=self.limits.max_pixels, control_image=control_image
             )
         except RequestError as exc:
             raise SchemaError(str(exc)) from None
         except InputError as exc:
             raise InvalidInput(str(exc)) from None
+        # the size the model works at (what run() plans) is held to the limit too: resolution can ask for more
+        request = job.request
+        plan = plan_region(
+            job.hole,
+            request.crop_to_mask,
+            request.crop_padding,
+            request.resolution,
+            loaded.native_resolution,
+            multiple=loaded.size_multiple,
+        )
+        width, height = plan.size
+        # the image itself was held to the limit; its rounding up to the model's multiple is not counted
+        if width * height > self.limits.max_pixels and (
+            request.resolution is not None or request.crop_to_mask
+        ):
+            if request.resolution is not None:
+                reason = f"resolution {request.resolution}"
+            else:
+                reason = f"crop_to_mask at the model's native resolution {loaded.native_resolution}"
+            raise TooLarge(
+                f"working size {width}x{height} = {width * height} pixels ({reason}); the limit is "
+                f"{self.limits.max_pixels}: ask for a lower resolution"
+            )
+        return job
 
     def submit(
         self,
