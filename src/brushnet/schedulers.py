@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["SCHEDULERS", "make_scheduler", "original_and_noise"]
+__all__ = ["SCHEDULERS", "make_scheduler", "missing_package", "original_and_noise"]
 
 # name -> (diffusers class name, config overrides)
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -29,11 +29,25 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+PACKAGES: dict[str, str] = {"dpm++sde": "torchsde"}
+"""Schedulers that need a package the project does not install (diffusers imports it on the first step)."""
+
+
+def missing_package(name: str) -> str | None:
+    """The package scheduler ``name`` needs that is not installed here, or None."""
+    import importlib.util
+
+    package = PACKAGES.get(name.lower())
+    if package is not None and importlib.util.find_spec(package) is None:
+        return package
+    return None
+
+
 def make_scheduler(name: str, config: dict | Any):
     """Build the scheduler ``name`` from another scheduler's config (the base model's).
 
     Raises:
-        ValueError: for an unknown name, listing the known ones.
+        ValueError: for an unknown name, listing the known ones, or one whose package is not installed.
     """
     import diffusers
 
@@ -42,6 +56,9 @@ def make_scheduler(name: str, config: dict | Any):
     key = name.lower()
     if key not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
+    package = missing_package(key)
+    if package is not None:
+        raise ValueError(f"scheduler {name!r} needs the {package} package: pip install {package}")
     class_name, overrides = SCHEDULERS[key]
     cls = (
         SyncFreeUniPCMultistepScheduler

@@ -170,6 +170,30 @@ def test_prepare_checks_the_request_without_any_model(scene, request_update, mes
         prepare(get_method_class("brushnet"), image, mask, {**FAST, **request_update})
 
 
+def test_a_scheduler_whose_package_is_missing_is_refused_before_loading(scene, monkeypatch):
+    """``dpm++sde`` needs torchsde, which the project does not install: diffusers would fail at the first step."""
+    import importlib.util
+
+    from brushnet.schedulers import make_scheduler
+
+    image, mask = scene
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "torchsde" else real(name, *a)
+    )
+    message = "scheduler 'dpm\\+\\+sde' needs the torchsde package: pip install torchsde"
+    with pytest.raises(RequestError, match=message):
+        prepare(get_method_class("brushnet"), image, mask, {**FAST, "scheduler": "dpm++sde"})
+    with pytest.raises(ValueError, match=message):
+        make_scheduler("dpm++sde", {})
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "torchsde" else real(name, *a)
+    )
+    assert prepare(
+        get_method_class("brushnet"), image, mask, {**FAST, "scheduler": "dpm++sde"}
+    ).request.scheduler == ("dpm++sde")
+
+
 def test_text_outside_the_basic_plane_is_valid(scene):
     image, mask = scene
     prompt = "ein Apfel \U0001f34e, ri\u0301pe"  # an astral character (a surrogate pair in JSON), a combining accent

@@ -162,12 +162,15 @@ class InpaintRequest(BaseModel):
     @field_validator("scheduler")
     @classmethod
     def _known_scheduler(cls, value: str | None) -> str | None:
-        from ..schedulers import SCHEDULERS
+        from ..schedulers import SCHEDULERS, missing_package
 
         if value is None:
             return None
         if value.lower() not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {value!r}; choose one of: {', '.join(SCHEDULERS)}")
+        package = missing_package(value)
+        if package is not None:  # diffusers would fail at the first step, after loading
+            raise ValueError(f"scheduler {value!r} needs the {package} package: pip install {package}")
         return value.lower()
 
     @field_validator("blend_kernel_size")
