@@ -18,9 +18,12 @@ lives in :mod:`brushnet.models.conditioning`, the blending in :func:`brushnet.im
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import os
 from typing import Any
 
+import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
@@ -62,6 +65,139 @@ def controlnet_keep_schedule(
         per_net = [brushnet_keep_schedule(num_steps, s, e) for s, e in zip(start, end)]
         return [[keep[i] for keep in per_net] for i in range(num_steps)]
     return brushnet_keep_schedule(num_steps, start, end)
+
+
+# -- argument checks shared by the pipelines (one-line errors naming the argument and its value) -------------
+IMAGE_FORMS = (
+    "a PIL image, a float numpy array (H, W, 3) or (B, H, W, 3) in [0, 1], a float torch tensor (3, H, W) or "
+    "(B, 3, H, W) in [0, 1] or [-1, 1], or a list of them"
+)
+
+
+def check_positive_int(name: str, value) -> int:
+    """``value`` as an ``int`` if it is a whole number >= 1 (an ``int``, a numpy integer, or a float such as
+    ``2.0``), else a one-line error naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a positive integer, got {type(value).__name__} {value!r}")
+    if not (math.isfinite(value) and value == int(value) and value >= 1):
+        raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def check_finite(name: str, value, allow_list: bool = False) -> None:
+    """``value`` must be a finite real number (a 0-d tensor counts); with ``allow_list`` also a list or tuple of
+    them, checked element-wise."""
+    if allow_list and isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            check_finite(f"{name}[{i}]", item)
+        return
+    number = value.item() if isinstance(value, torch.Tensor) and value.ndim == 0 else value
+    if isinstance(number, bool) or not isinstance(number, numbers.Real):
+        raise TypeError(f"`{name}` must be a number, got {type(value).__name__}")
+    if not math.isfinite(number):
+        raise ValueError(f"`{name}` must be a finite number, got {number!r}")
+
+
+def check_prompt(name: str, prompt) -> None:
+    """``prompt`` (if given) must be a str or a non-empty list of str."""
+    if prompt is None or isinstance(prompt, str):
+        return
+    if not isinstance(prompt, list):
+        raise ValueError(f"`{name}` must be a str or a list of str, got {type(prompt).__name__}")
+    if not prompt:
+        raise ValueError(f"`{name}` is an empty list: pass at least one prompt (or a str)")
+    for item in prompt:
+        if not isinstance(item, str):
+            kind = type(item).__name__
+            raise ValueError(f"`{name}` must be a str or a list of str, got a list holding {kind}")
+
+
+def check_generator(generator, total: int) -> None:
+    """``generator``: ``None``, a ``torch.Generator``, or a list of them, one per generated image (``total``)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    if isinstance(generator, list) and all(isinstance(g, torch.Generator) for g in generator):
+        if len(generator) != total:
+            raise ValueError(
+                f"`generator` is a list of {len(generator)} generators for {total} image(s): pass one per image "
+                "(batch size × num_images_per_prompt)"
+            )
+        return
+    kind = type(generator).__name__
+    if isinstance(generator, (list, tuple)):
+        kind = f"a {kind} holding {', '.join(sorted({type(g).__name__ for g in generator})) or 'nothing'}"
+    raise TypeError(
+        f"`generator` must be a torch.Generator or a list of them (one per image), got {kind}"
+        + (f" {generator!r}" if isinstance(generator, (int, float, str)) else "")
+    )
+
+
+def check_image_input(name: str, image) -> None:
+    """``image`` in one of the forms diffusers' inpaint pipelines read (:data:`IMAGE_FORMS`): a one-line error for
+    others (a uint8 array, a path, a grey or 4-channel array, a bare list ...)."""
+    if isinstance(image, list):
+        if not image:
+            raise ValueError(f"`{name}` is an empty list; pass {IMAGE_FORMS}")
+        for item in image:
+            check_image_input(name, item)
+        return
+    if isinstance(image, PIL.Image.Image):
+        return
+    check_image_dtype(name, image)
+    if isinstance(image, np.ndarray):
+        if image.ndim not in (3, 4) or image.shape[-1] != 3:
+            raise ValueError(
+                f"`{name}` as a numpy array must be (H, W, 3) or (B, H, W, 3), got shape {tuple(image.shape)}"
+            )
+        return
+    if isinstance(image, torch.Tensor):
+        if image.ndim not in (3, 4) or image.shape[-3] != 3:
+            raise ValueError(
+                f"`{name}` as a torch tensor must be (3, H, W) or (B, 3, H, W), got shape {tuple(image.shape)}"
+            )
+        return
+    raise TypeError(f"`{name}` must be {IMAGE_FORMS}; got {type(image).__name__}")
+
+
+def check_image_dtype(name: str, image) -> None:
+    """Image arrays and tensors (also in a list) must be float: diffusers' image processor reads their values as
+    [0, 1] (tensors also [-1, 1]), so a uint8 image would turn into values up to 509."""
+    for item in image if isinstance(image, list) else [image]:
+        if isinstance(item, np.ndarray) and not np.issubdtype(item.dtype, np.floating):
+            raise ValueError(
+                f"`{name}` as a numpy array must be float in [0, 1], got dtype {item.dtype} (divide a uint8 "
+                "image by 255, or pass a PIL image)"
+            )
+        if isinstance(item, torch.Tensor) and not item.is_floating_point():
+            raise ValueError(
+                f"`{name}` as a torch tensor must be float in [0, 1] or [-1, 1], got {item.dtype}"
+            )
+
+
+def check_mask_input(name: str, mask) -> None:
+    """``mask`` must be a PIL image, a numpy array or a torch tensor, or a non-empty list of them (its values and
+    shape are read by :func:`~brushnet.image.mask_to_array`)."""
+    items = mask if isinstance(mask, list) else [mask]
+    if not items:
+        raise ValueError(f"`{name}` is an empty list")
+    for item in items:
+        if not isinstance(item, (PIL.Image.Image, np.ndarray, torch.Tensor)):
+            raise TypeError(
+                f"`{name}` must be a PIL image, a numpy array, a torch tensor or a list of them; got "
+                f"{type(item).__name__}"
+            )
+
+
+def check_blending_kernel_size(blending: bool, blending_kernel_size) -> None:
+    """With ``blending``: the feathering kernel must be an odd positive integer (or 0: no feathering, as 1)."""
+    if not blending:
+        return
+    size = blending_kernel_size
+    integer = isinstance(size, numbers.Integral) and not isinstance(size, bool)
+    if not integer or not (size == 0 or (size > 0 and size % 2 == 1)):
+        raise ValueError(
+            f"`blending_kernel_size` must be an odd positive integer (or 0: no feathering), got {size!r}"
+        )
 
 
 class BrushNetPipelineMixin(PAGMixin):
@@ -270,6 +406,8 @@ class BrushNetPipelineMixin(PAGMixin):
         """The checks every BrushNet pipeline makes besides its own text checks."""
         if image is None or mask_image is None:
             raise ValueError("both `image` and `mask_image` are required")
+        check_image_input("image", image)
+        check_mask_input("mask_image", mask_image)
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"`strength` must be in (0, 1], got {strength}")
         if padding_mask_crop is not None:
@@ -287,6 +425,7 @@ class BrushNetPipelineMixin(PAGMixin):
             raise ValueError(f"`width` must be a multiple of {self.vae_scale_factor}, got {width}")
         if not isinstance(brushnet_conditioning_scale, (int, float)):
             raise TypeError("`brushnet_conditioning_scale` must be a number")
+        check_finite("brushnet_conditioning_scale", brushnet_conditioning_scale)
         if not 0.0 <= control_guidance_start < control_guidance_end <= 1.0:
             raise ValueError(
                 "need 0 <= control_guidance_start < control_guidance_end <= 1, got "
@@ -306,6 +445,59 @@ class BrushNetPipelineMixin(PAGMixin):
             )
         if ip_adapter_image is not None and ip_adapter_image_embeds is not None:
             raise ValueError("pass either `ip_adapter_image` or `ip_adapter_image_embeds`, not both")
+
+    def _check_sampling_inputs(
+        self,
+        batch_size: int,
+        num_inference_steps,
+        num_images_per_prompt,
+        generator,
+        guidance_scale,
+        clip_skip,
+        blending: bool,
+        blending_kernel_size,
+        timesteps=None,
+        sigmas=None,
+        scales: dict[str, Any] | None = None,
+    ) -> int:
+        """The sampling arguments every BrushNet pipeline takes, checked before anything runs: the step count (a
+        positive integer, unless custom ``timesteps``/``sigmas`` set the schedule), ``num_images_per_prompt``, the
+        generator(s) (one per image), finite guidance and other ``scales`` (``{name: value}``; a list is checked
+        element-wise), ``clip_skip`` within the text encoders' layers, and the blending kernel.
+
+        Returns:
+            ``num_inference_steps`` as an ``int`` (a whole float such as ``2.0`` is accepted).
+        """
+        if timesteps is None and sigmas is None:
+            num_inference_steps = check_positive_int("num_inference_steps", num_inference_steps)
+        num_images_per_prompt = check_positive_int("num_images_per_prompt", num_images_per_prompt)
+        check_generator(generator, batch_size * num_images_per_prompt)
+        check_finite("guidance_scale", guidance_scale)
+        for name, value in (scales or {}).items():
+            check_finite(name, value, allow_list=True)
+        if clip_skip is not None:
+            self._check_clip_skip(clip_skip)
+        check_blending_kernel_size(blending, blending_kernel_size)
+        return num_inference_steps
+
+    def _check_clip_skip(self, clip_skip) -> None:
+        """``clip_skip`` must be an integer the text encoder(s) can take: SD reads hidden state
+        ``-(clip_skip + 1)`` of its encoder (``num_hidden_layers + 1`` states: up to ``num_hidden_layers``),
+        SDXL-style pipelines (a ``text_encoder_2``) ``-(clip_skip + 2)`` of both (one less)."""
+        if isinstance(clip_skip, bool) or not isinstance(clip_skip, numbers.Integral):
+            raise TypeError(f"`clip_skip` must be an integer, got {type(clip_skip).__name__} {clip_skip!r}")
+        if clip_skip < 0:
+            raise ValueError(f"`clip_skip` must be >= 0, got {clip_skip}")
+        sdxl = hasattr(self, "text_encoder_2")
+        encoders = [getattr(self, name, None) for name in ("text_encoder", "text_encoder_2")]
+        layers = [encoder.config.num_hidden_layers for encoder in encoders if encoder is not None]
+        if not layers:
+            return
+        limit = min(layers) - 1 if sdxl else min(layers)
+        if clip_skip > limit:
+            why = f"the text encoder has {min(layers)} layers"
+            why += " and SDXL already skips one" if sdxl else ""
+            raise ValueError(f"`clip_skip` must be in 0..{limit} ({why}), got {clip_skip}")
 
     @staticmethod
     def _check_embeds_match(prompt_embeds, negative_prompt_embeds) -> None:
@@ -364,9 +556,10 @@ class BrushNetPipelineMixin(PAGMixin):
             ``(image (B·n, 3, H, W) float32, hole (B·n, 1, H, W) float32, height, width, crop box or None)``.
         """
         total = batch_size * num_images_per_prompt
-        height, width = self.image_processor.get_default_height_width(
-            image[0] if isinstance(image, list) else image, height, width
-        )
+        first = image[0] if isinstance(image, list) else image
+        if isinstance(first, (np.ndarray, torch.Tensor)) and first.ndim == 3:
+            first = first[None]  # one (H, W, 3) array or (3, H, W) tensor, as preprocess reads it
+        height, width = self.image_processor.get_default_height_width(first, height, width)
         crops_coords, resize_mode = None, "default"
         if padding_mask_crop is not None:
             mask = PIL.Image.fromarray(mask_to_array(mask_batch(mask_image)[0]).astype("uint8") * 255)

@@ -47,7 +47,12 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPV
 
 from ..loading import check_brushnet_fits_base
 from ..models.brushnet import BrushNetModel
-from .common import BrushNetPipelineMixin, brushnet_keep_schedule, controlnet_keep_schedule  # noqa: F401
+from .common import (  # noqa: F401
+    BrushNetPipelineMixin,
+    brushnet_keep_schedule,
+    check_prompt,
+    controlnet_keep_schedule,
+)
 
 __all__ = ["StableDiffusionBrushNetPipeline"]
 
@@ -215,8 +220,7 @@ class StableDiffusionBrushNetPipeline(
             raise ValueError("pass either `prompt` or `prompt_embeds`, not both")
         if prompt is None and prompt_embeds is None:
             raise ValueError("pass `prompt` or `prompt_embeds`")
-        if prompt is not None and not isinstance(prompt, (str, list)):
-            raise ValueError(f"`prompt` must be a str or a list of str, got {type(prompt).__name__}")
+        check_prompt("prompt", prompt)
         if negative_prompt is not None and negative_prompt_embeds is not None:
             raise ValueError("pass either `negative_prompt` or `negative_prompt_embeds`, not both")
         self._check_embeds_match(prompt_embeds, negative_prompt_embeds)
@@ -328,7 +332,9 @@ class StableDiffusionBrushNetPipeline(
 
         Args:
             prompt: what to paint in the hole.
-            image: the image (PIL, numpy or tensor in diffusers' formats); whole or with the hole blacked out.
+            image: the image in diffusers' formats (PIL; float numpy ``(H, W, 3)`` / ``(B, H, W, 3)`` in [0, 1];
+                tensor ``(3, H, W)`` / ``(B, 3, H, W)`` in [0, 1] or [-1, 1]; a list of them); whole or with the
+                hole blacked out.
             mask_image: the mask, **white = inpaint** (PIL of any mode, array or tensor in [0, 1]).
             height, width: output size, multiples of the VAE factor; default the image size rounded down.
             num_inference_steps, timesteps, sigmas: the denoising schedule (custom lists as in diffusers).
@@ -345,7 +351,7 @@ class StableDiffusionBrushNetPipeline(
             blending: paste the result back into the input through the reference's 21-px feathered mask,
                 so pixels farther than 10 px from the hole are exactly the input's. Off by default (parity
                 with the original); the CLI and :mod:`brushnet.methods` turn it on.
-            blending_kernel_size: Gaussian kernel of the feathering (reference: 21).
+            blending_kernel_size: Gaussian kernel of the feathering, odd (reference: 21; 1 or 0: a hard edge).
             mask: the original pipeline's keyword for ``mask_image`` (alias; passing both is an error).
             strength: below 1, the hole starts from the input noised to that fraction of the schedule and only
                 that fraction of the steps runs (diffusers' inpaint ``strength``); 1 starts from pure noise.
@@ -381,8 +387,16 @@ class StableDiffusionBrushNetPipeline(
         self._check_controlnet_inputs(
             control_image, controlnet_conditioning_scale, controlnet_guidance_start, controlnet_guidance_end
         )
-        self._begin_call(guidance_scale, clip_skip, cross_attention_kwargs)
         batch_size = self._batch_size(prompt, prompt_embeds)
+        num_inference_steps = self._check_sampling_inputs(
+            batch_size, num_inference_steps, num_images_per_prompt, generator, guidance_scale, clip_skip,
+            blending, blending_kernel_size, timesteps, sigmas,
+            scales={
+                "eta": eta, "controlnet_conditioning_scale": controlnet_conditioning_scale,
+                "pag_scale": pag_scale, "pag_adaptive_scale": pag_adaptive_scale,
+            },
+        )  # fmt: skip
+        self._begin_call(guidance_scale, clip_skip, cross_attention_kwargs)
         device = self._execution_device
 
         # 2. encode prompt

@@ -58,7 +58,7 @@ from transformers import (
 
 from ..loading import FAMILY_NAMES, CheckpointError, check_brushnet_fits_base, detect_family
 from ..models.brushnet import BrushNetModel
-from .common import BrushNetPipelineMixin
+from .common import BrushNetPipelineMixin, check_prompt
 
 __all__ = ["StableDiffusionXLBrushNetPipeline"]
 
@@ -225,9 +225,8 @@ class StableDiffusionXLBrushNetPipeline(
             raise ValueError("pass either `prompt`/`prompt_2` or `prompt_embeds`, not both")
         if prompt is None and prompt_embeds is None:
             raise ValueError("pass `prompt` or `prompt_embeds`")
-        for name, value in (("prompt", prompt), ("prompt_2", prompt_2)):
-            if value is not None and not isinstance(value, (str, list)):
-                raise ValueError(f"`{name}` must be a str or a list of str, got {type(value).__name__}")
+        check_prompt("prompt", prompt)
+        check_prompt("prompt_2", prompt_2)
         if negative_prompt_embeds is not None and (
             negative_prompt is not None or negative_prompt_2 is not None
         ):
@@ -305,7 +304,9 @@ class StableDiffusionXLBrushNetPipeline(
         Args:
             prompt, prompt_2: what to paint in the hole; ``prompt_2`` goes to ``text_encoder_2`` (default:
                 ``prompt``).
-            image: the image (PIL, numpy or tensor in diffusers' formats); whole or with the hole blacked out.
+            image: the image in diffusers' formats (PIL; float numpy ``(H, W, 3)`` / ``(B, H, W, 3)`` in [0, 1];
+                tensor ``(3, H, W)`` / ``(B, 3, H, W)`` in [0, 1] or [-1, 1]; a list of them); whole or with the
+                hole blacked out.
             mask_image: the mask, **white = inpaint** (PIL of any mode, array or tensor in [0, 1]).
             height, width: output size, multiples of the VAE factor; default the image size rounded down.
             num_inference_steps, timesteps, sigmas: the denoising schedule (custom lists as in diffusers).
@@ -336,7 +337,7 @@ class StableDiffusionXLBrushNetPipeline(
             blending: paste the result back into the input through the reference's 21-px feathered mask,
                 so pixels farther than 10 px from the hole are exactly the input's. Off by default (parity
                 with the original).
-            blending_kernel_size: Gaussian kernel of the feathering (reference: 21).
+            blending_kernel_size: Gaussian kernel of the feathering, odd (reference: 21; 1 or 0: a hard edge).
             mask: the original pipeline's keyword for ``mask_image`` (alias; passing both is an error).
             strength, padding_mask_crop, ip_adapter_image, ip_adapter_image_embeds, control_image,
                 controlnet_conditioning_scale, controlnet_guidance_start, controlnet_guidance_end, pag_scale,
@@ -360,10 +361,19 @@ class StableDiffusionXLBrushNetPipeline(
         self._check_controlnet_inputs(
             control_image, controlnet_conditioning_scale, controlnet_guidance_start, controlnet_guidance_end
         )
+        batch_size = self._batch_size(prompt, prompt_embeds)
+        num_inference_steps = self._check_sampling_inputs(
+            batch_size, num_inference_steps, num_images_per_prompt, generator, guidance_scale, clip_skip,
+            blending, blending_kernel_size, timesteps, sigmas,
+            scales={
+                "eta": eta, "guidance_rescale": guidance_rescale,
+                "controlnet_conditioning_scale": controlnet_conditioning_scale,
+                "pag_scale": pag_scale, "pag_adaptive_scale": pag_adaptive_scale,
+            },
+        )  # fmt: skip
         self._begin_call(guidance_scale, clip_skip, cross_attention_kwargs)
         self._guidance_rescale = guidance_rescale
         self._denoising_end = denoising_end
-        batch_size = self._batch_size(prompt, prompt_embeds)
         device = self._execution_device
         total = batch_size * num_images_per_prompt
 

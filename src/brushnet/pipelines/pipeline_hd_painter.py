@@ -48,6 +48,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from ..errors import InputError
 from ..models.conditioning import encode_latents
 from ..schedulers import original_and_noise
+from .common import check_finite, check_generator, check_positive_int, check_prompt
 from .hd_painter_attention import HDPainterAttentionState, hd_painter_attention
 
 __all__ = ["StableDiffusionHDPainterPipeline", "hd_painter_timesteps", "hd_painter_token_indices"]
@@ -270,6 +271,10 @@ class StableDiffusionHDPainterPipeline(DiffusionPipeline, StableDiffusionMixin):
             raise ValueError(f"callback tensor inputs {unknown} are not among {self._callback_tensor_inputs}")
         if image is None or mask_image is None:
             raise ValueError("both `image` and `mask_image` are required")
+        check_prompt("prompt", prompt)
+        num_inference_steps = check_positive_int("num_inference_steps", num_inference_steps)
+        num_images_per_prompt = check_positive_int("num_images_per_prompt", num_images_per_prompt)
+        check_finite("guidance_scale", guidance_scale)
         if not 0.0 <= rasg_eta <= 1.0:
             raise ValueError(f"`rasg_eta` must be in [0, 1], got {rasg_eta}")
         prediction_type = self.scheduler.config.prediction_type
@@ -290,6 +295,7 @@ class StableDiffusionHDPainterPipeline(DiffusionPipeline, StableDiffusionMixin):
             negatives = [n for n in negative_prompt for _ in range(num_images_per_prompt)]
         if len(negatives) != batch_size:
             raise ValueError(f"{len(negatives)} negative prompts for {batch_size} prompts")
+        check_generator(generator, batch_size)
         full_prompts = [f"{p}, {positive_prompt}" if positive_prompt else p for p in prompts]
         device = self._execution_device
         cfg = guidance_scale > 1

@@ -226,6 +226,11 @@ class StableDiffusionPowerPaintBrushNetPipeline(StableDiffusionBrushNetPipeline)
             raise ValueError(
                 "with guidance, pass negative_brushnet_prompt_embeds along with brushnet_prompt_embeds"
             )
+        num_inference_steps = self._check_sampling_inputs(
+            self._batch_size(prompt, prompt_embeds), num_inference_steps, num_images_per_prompt, generator,
+            guidance_scale, clip_skip, blending, blending_kernel_size, timesteps, sigmas,
+            scales={"eta": eta, "pag_scale": pag_scale, "pag_adaptive_scale": pag_adaptive_scale},
+        )  # fmt: skip
         self._begin_call(guidance_scale, clip_skip, cross_attention_kwargs)
 
         if prompt_embeds is None:

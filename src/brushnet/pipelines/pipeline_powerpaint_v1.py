@@ -17,6 +17,7 @@ import torch
 from diffusers import StableDiffusionInpaintPipeline
 
 from ..models.task_tokens import task_token_ids
+from .common import check_finite, check_generator, check_image_dtype, check_positive_int, check_prompt
 from .powerpaint_prompts import check_task_arguments, encode_task_prompt_pair, task_prompts
 
 __all__ = ["StableDiffusionPowerPaintInpaintPipeline"]
@@ -75,6 +76,27 @@ class StableDiffusionPowerPaintInpaintPipeline(StableDiffusionInpaintPipeline):
             self._execution_device, do_classifier_free_guidance,
         )  # fmt: skip
 
+    @staticmethod
+    def _check_sampling_arguments(prompt, prompt_embeds, guidance_scale, kwargs: dict[str, Any]) -> None:
+        """The checks the BrushNet pipelines make (:mod:`.common`), before anything is encoded: a non-empty
+        prompt list, a positive integer step count (unless ``timesteps``/``sigmas`` set the schedule) and
+        ``num_images_per_prompt``, finite ``guidance_scale`` and ``eta``, one generator per image. Whole numbers
+        given as floats (``2.0``) are passed on as ``int`` (in ``kwargs``)."""
+        check_prompt("prompt", prompt)
+        names = ["num_images_per_prompt"]
+        if kwargs.get("timesteps") is None and kwargs.get("sigmas") is None:
+            names.append("num_inference_steps")
+        for name in names:
+            if name in kwargs:
+                kwargs[name] = check_positive_int(name, kwargs[name])
+        check_finite("guidance_scale", guidance_scale)
+        check_finite("eta", kwargs.get("eta", 0.0))
+        if prompt_embeds is not None:
+            batch_size = prompt_embeds.shape[0]
+        else:
+            batch_size = 1 if prompt is None or isinstance(prompt, str) else len(prompt)
+        check_generator(kwargs.get("generator"), batch_size * kwargs.get("num_images_per_prompt", 1))
+
     @torch.no_grad()
     def __call__(
         self,
@@ -109,6 +131,8 @@ class StableDiffusionPowerPaintInpaintPipeline(StableDiffusionInpaintPipeline):
         if unknown:  # diffusers' __call__ takes **kwargs for deprecated names and would drop a misspelling
             raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
         negative_fitting_degree = check_task_arguments(task, fitting_degree, negative_fitting_degree)
+        self._check_sampling_arguments(prompt, prompt_embeds, guidance_scale, kwargs)
+        check_image_dtype("image", image)
         if prompt_embeds is None:
             prompts = [prompt or ""] if prompt is None or isinstance(prompt, str) else list(prompt)
             negatives = negative_prompt if negative_prompt is not None else ""
