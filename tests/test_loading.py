@@ -74,6 +74,46 @@ def test_brushnet_from_pretrained_checks_the_source_first(tiny_models, tmp_path,
         BrushNetModel.from_pretrained("someone/brushnet_not_cached", cache_dir=str(tmp_path / "cache"))
 
 
+@pytest.mark.parametrize(
+    "pipeline",
+    [
+        "StableDiffusionBrushNetPipeline",
+        "StableDiffusionXLBrushNetPipeline",
+        "StableDiffusionHDPainterPipeline",
+        "StableDiffusionPowerPaintInpaintPipeline",
+        "StableDiffusionPowerPaintBrushNetPipeline",
+    ],
+)
+def test_pipeline_from_pretrained_checks_the_source_first(pipeline, tiny_models, tmp_path, monkeypatch):
+    """The pipelines' ``from_pretrained``: a missing path, a folder of one model and a hub id offline that is not
+    cached are one line (diffusers: "neither a valid local path nor a valid repo id", a multi-sentence OSError)."""
+    import brushnet.pipelines
+
+    cls = getattr(brushnet.pipelines, pipeline)
+    for path, message in [
+        (tmp_path / "nothing", "base model not found"),
+        (tiny_models["brushnet"], "holds a BrushNetModel, not a pipeline folder"),
+        (tiny_models["base"] / "unet", "holds a UNet2DConditionModel, not a pipeline folder"),
+    ]:
+        with pytest.raises(CheckpointError, match=message) as info:
+            cls.from_pretrained(path)
+        assert "\n" not in str(info.value)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(
+        CheckpointError, match="cannot load pipeline 'someone/base_not_cached': offline mode is on"
+    ):
+        cls.from_pretrained("someone/base_not_cached", cache_dir=str(tmp_path / "cache"))
+
+
+def test_the_brushnet_pipeline_still_loads_a_pipeline_folder(tiny_models):
+    from brushnet import StableDiffusionBrushNetPipeline
+    from brushnet.models import BrushNetModel
+
+    branch = BrushNetModel.from_pretrained(tiny_models["brushnet"])
+    pipe = StableDiffusionBrushNetPipeline.from_pretrained(tiny_models["base"], brushnet=branch)
+    assert pipe.brushnet is branch
+
+
 def test_pickle_only_folder_needs_permission(tiny_models, tmp_path):
     folder = tmp_path / "bn"
     shutil.copytree(tiny_models["brushnet"], folder)

@@ -37,6 +37,7 @@ __all__ = [
     "load_base_components",
     "brushnet_folder",
     "check_brushnet_source",
+    "check_pipeline_source",
     "load_brushnet",
     "load_model",
     "describe_folder",
@@ -387,6 +388,32 @@ def check_brushnet_source(path: str | os.PathLike, subfolder: str | None = None,
     else:
         _check_hub_reachable(
             "BrushNet", str(path), f"{subfolder}/config.json" if subfolder else "config.json", hub_kwargs
+        )
+
+
+def check_pipeline_source(path: str | os.PathLike, **hub_kwargs: Any) -> None:
+    """What the pipelines' ``from_pretrained`` checks before diffusers reads anything: a local path that exists
+    and holds a pipeline (``model_index.json``), a hub id that is cached or reachable.
+
+    Raises:
+        CheckpointError: one line: a missing path, a file, a folder of one model (naming it), a hub id offline
+            and not cached.
+    """
+    if not _is_local(path):
+        _check_hub_reachable("pipeline", str(path), "model_index.json", hub_kwargs)
+        return
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise CheckpointError(f"base model not found: {folder}")
+    if not folder.is_dir():
+        raise CheckpointError(
+            f"{folder} is a file; a pipeline loads from a folder with model_index.json (a single file: "
+            "from_single_file)"
+        )
+    kind = describe_folder(folder)
+    if not kind.startswith("pipeline:"):
+        raise CheckpointError(
+            f"{_holds(folder, kind)}, not a pipeline folder (model_index.json, unet/, vae/, ...)"
         )
 
 

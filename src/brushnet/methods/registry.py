@@ -147,7 +147,7 @@ def load_method(
     from ..errors import CheckpointError
     from ..loading import FAMILY_NAMES, brushnet_folder, check_brushnet_fits_base, peek_family, resolve_dtype
     from ..loading import _is_local as is_local
-    from ..model_files import read_config
+    from ..model_files import check_config_types, read_config
 
     resolve_device(device)  # an unknown or absent device, before anything loads
     try:
@@ -184,10 +184,15 @@ def load_method(
                 and (Path(base).expanduser() / "unet" / "config.json").is_file()
             ):
                 # the branch against the base UNet's config: the message the loader gives after loading the base
-                check_brushnet_fits_base(
-                    read_config(branch / "config.json"),
-                    read_config(Path(base).expanduser() / "unet" / "config.json"),
-                )
+                from diffusers import UNet2DConditionModel
+
+                from ..models.brushnet import BrushNetModel
+
+                unet_config = Path(base).expanduser() / "unet" / "config.json"
+                config, base_config = read_config(branch / "config.json"), read_config(unet_config)
+                check_config_types(BrushNetModel, config, branch / "config.json")
+                check_config_types(UNet2DConditionModel, base_config, unet_config)
+                check_brushnet_fits_base(config, base_config)
         family = peek_family(path)
         if family is not None:
             families[slot.flag] = family

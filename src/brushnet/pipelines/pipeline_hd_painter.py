@@ -127,6 +127,19 @@ class StableDiffusionHDPainterPipeline(DiffusionPipeline, StableDiffusionMixin):
             the loop is HD-Painter's own DDIM.
     """
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' ``DiffusionPipeline.from_pretrained`` (every argument the same), after a check of the source
+        (:func:`brushnet.loading.check_pipeline_source`): a missing path, a folder of one model, and a hub id
+        offline that is not cached are one-line :class:`~brushnet.errors.CheckpointError`\\ s."""
+        from ..loading import check_pipeline_source
+
+        hub = {
+            k: kwargs[k] for k in ("cache_dir", "revision", "local_files_only") if kwargs.get(k) is not None
+        }
+        check_pipeline_source(pretrained_model_name_or_path, **hub)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
     model_cpu_offload_seq = "text_encoder->unet->vae"
     _callback_tensor_inputs = [
         "latents",
