@@ -236,6 +236,17 @@ def test_a_hub_id_offline_says_so_at_once(tmp_path, monkeypatch):
         load_brushnet("someone/branch")
 
 
+def test_a_misspelt_folder_under_a_local_folder_is_not_found_not_a_hub_id(tiny_models, monkeypatch):
+    """``tiny/brushnett`` where ``tiny/`` is a folder here is a local path whose folder is missing (it read as the
+    hub id ``tiny/brushnett``: "the hub is unreachable ... pass a local folder")."""
+    root = tiny_models["root"]
+    monkeypatch.chdir(root.parent)
+    misspelt = f"{root.name}/brushnett"
+    with pytest.raises(CheckpointError, match=f"^BrushNet checkpoint not found: {misspelt}$"):
+        load_brushnet(misspelt)
+    assert load_brushnet(f"{root.name}/brushnet").num_down_residuals > 0
+
+
 @pytest.mark.parametrize(
     "case", ["unet as branch", "controlnet-like as branch", "branch as base", "truncated"]
 )

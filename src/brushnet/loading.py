@@ -257,8 +257,10 @@ def _is_local(path: str | os.PathLike) -> bool:
 
 
 def _looks_like_hub_id(p: str) -> bool:
+    """``owner/name``, unless a folder ``owner`` is here: then ``owner/name`` is a local path (a misspelt one is
+    "not found", not a hub lookup)."""
     parts = p.split("/")
-    return len(parts) == 2 and all(parts) and not p.startswith((".", "/"))
+    return len(parts) == 2 and all(parts) and not p.startswith((".", "/")) and not os.path.isdir(parts[0])
 
 
 def _cached(repo_id: str, filename: str, hub_kwargs: dict | None = None) -> bool:
