@@ -128,6 +128,17 @@ def test_outpaint_canvas():
     for bad in (dict(), dict(left=-1), dict(left=2, fill="mirror")):
         with pytest.raises(InputError):
             outpaint_canvas(image, **bad)
+    # an overlap that reaches across the original would repaint all of it
+    with pytest.raises(
+        InputError, match="overlap 10 reaches across the original's width of 10 px from the extended"
+    ):
+        outpaint_canvas(image, left=4, overlap=10)
+    with pytest.raises(InputError, match="overlap 5 reaches across .* from both extended sides.*below 5$"):
+        outpaint_canvas(image, left=4, right=4, overlap=5)
+    with pytest.raises(InputError, match="overlap 6 reaches across the original's height of 6 px"):
+        outpaint_canvas(image, bottom=2, overlap=6)
+    _, kept_one = outpaint_canvas(image, left=4, right=4, overlap=4)  # 10 - 2·4 = 2 columns kept
+    assert (~kept_one).sum() == 2 * 6
 
 
 # ---- through inpaint(): every method gets exactly this --------------------------------------------------------

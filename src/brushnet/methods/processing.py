@@ -201,6 +201,17 @@ def outpaint_canvas(
         raise InputError("outpainting extents must be ≥ 0")
     if left + top + right + bottom == 0:
         raise InputError("outpainting needs at least one side to extend")
+    width, height = image.size
+    for size, sides, axis in (
+        (width, (left > 0) + (right > 0), "width"),
+        (height, (top > 0) + (bottom > 0), "height"),
+    ):
+        if sides and overlap * sides >= size:
+            raise InputError(
+                f"outpainting overlap {overlap} reaches across the original's {axis} of {size} px from "
+                f"{'both extended sides' if sides == 2 else 'the extended side'}, so none of it would be kept; "
+                f"use an overlap below {(size + sides - 1) // sides}"
+            )
     arr = np.asarray(image.convert("RGB"))
     pad = ((top, bottom), (left, right), (0, 0))
     canvas = np.pad(arr, pad, mode="edge") if fill == "edge" else np.pad(arr, pad, mode="constant")
