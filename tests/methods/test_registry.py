@@ -149,12 +149,21 @@ def test_repaint_refuses_a_scheduler_it_does_not_use(scene):
         ({"steps": 0}, "steps"),
         ({"options": {"conditioning_scale": 9}}, "conditioning_scale"),
         ({"scheduler": "nope"}, "unknown scheduler"),
+        ({"guidance_scale": float("nan")}, "^bad request: guidance_scale: Input should be a finite number$"),
+        (
+            {"options": {"conditioning_scale": float("inf")}},
+            "conditioning_scale: Input should be a finite number$",
+        ),
+        (
+            {"options": {"control_guidance_start": 0.9, "control_guidance_end": 0.1}},
+            "^bad option for method 'brushnet': control_guidance_start must be below control_guidance_end$",
+        ),
         ({"blend_kernel_size": 4}, "odd"),
         ({"unknown_field": 1}, "unknown field 'unknown_field'"),
         # lone surrogates (JSON's "\ud800" without its pair): were a TypeError of the tokenizer after loading
         (
             {"prompt": "a\ud800b"},
-            r"prompt: Value error, not valid Unicode text: lone surrogate U\+D800 at character 1",
+            r"prompt: not valid Unicode text: lone surrogate U\+D800 at character 1",
         ),
         ({"negative_prompt": "\udcff"}, r"negative_prompt: .*lone surrogate U\+DCFF at character 0"),
         (

@@ -55,7 +55,12 @@ def validation_message(exc: ValidationError, what: str = "request") -> str:
     where = ".".join(str(p) for p in first["loc"]) or what
     if first["type"] == "extra_forbidden":
         return f"bad {what}: unknown field {where!r}"
-    return f"bad {what}: {where}: {first['msg']}"
+    return f"bad {what}: {where}: {_plain(first['msg'])}"
+
+
+def _plain(message: str) -> str:
+    """A pydantic message without the "Value error, " its validators' own messages get."""
+    return message.removeprefix("Value error, ")
 
 
 def given(model: BaseModel, name: str) -> bool:
@@ -85,7 +90,7 @@ class InpaintRequest(BaseModel):
     (``--<field-with-dashes>``, or the names in ``json_schema_extra["cli"]``).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     prompt: str = Field(
         "", description="What to paint in the hole.", json_schema_extra={"cli": ["--prompt", "-p"]}
@@ -323,13 +328,13 @@ class ModelPaths(BaseModel):
 
 
 class NoOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class GuidanceWindow(BaseModel):
     """A branch's strength and the fraction of the steps during which it acts (ControlNet-style options)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     conditioning_scale: float = Field(1.0, ge=0.0, le=2.0, description="Residual scale (branch strength).")
     control_guidance_start: float = Field(0.0, ge=0.0, le=1.0, description="On from this step fraction.")
@@ -576,8 +581,9 @@ class InpaintMethod(ABC):
             return cls.Options(**options)
         except ValidationError as exc:
             first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise RequestError(f"bad option for method {cls.name!r}: {where}: {first['msg']}") from None
+            where = ".".join(str(p) for p in first["loc"])  # empty for a check of several options together
+            place = f"{where}: " if where else ""
+            raise RequestError(f"bad option for method {cls.name!r}: {place}{_plain(first['msg'])}") from None
 
     @classmethod
     def check(cls, request: InpaintRequest, options: BaseModel) -> InpaintRequest:

@@ -363,7 +363,7 @@ def create_app(
     async def _validation_error(_request: Request, exc: RequestValidationError):
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        return _error(422, f"bad request: {where}: {first['msg']}")
+        return _error(422, f"bad request: {where}: {first['msg'].removeprefix('Value error, ')}")
 
     @app.exception_handler(Exception)
     async def _internal_error(_request: Request, exc: Exception):

@@ -56,7 +56,7 @@ def _validation_message(exc: ValidationError) -> str:
         return f"unknown field {where!r} (see GET /api/v1/methods for the request schema)"
     if first["type"] == "missing":
         return f"missing field {where!r}"
-    return f"bad request: {where}: {first['msg']}"
+    return f"bad request: {where}: {first['msg'].removeprefix('Value error, ')}"
 
 
 def parse_request(model: type[ServiceRequest], data: Any) -> ServiceRequest:

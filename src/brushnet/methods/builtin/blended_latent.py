@@ -22,7 +22,7 @@ __all__ = ["BlendedLatentDiffusion", "BlendedLatentOptions"]
 
 
 class BlendedLatentOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     blend_start: float = Field(
         0.0,

@@ -37,7 +37,7 @@ ORIGINAL_NEGATIVE_PROMPT = (
 
 
 class HDPainterOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     painta: bool = Field(
         True, description="PAIntA: damp hole-to-known self-attention on prompt-irrelevant pixels."

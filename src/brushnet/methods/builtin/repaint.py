@@ -31,7 +31,7 @@ __all__ = ["RePaint", "RePaintOptions", "RePaintMove", "repaint_schedule"]
 
 
 class RePaintOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     jump_length: int = Field(10, ge=1, le=1000, description="Steps per resampling jump (paper: j).")
     jump_n_sample: int = Field(10, ge=1, le=100, description="Times each jump segment is sampled (paper: r).")
