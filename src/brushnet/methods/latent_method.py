@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .base import BASE, BASE_CONFIG, InpaintMethod, InpaintRequest, ModelPaths
+from .pipeline_method import pipeline_to
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -83,7 +84,7 @@ class LatentMethod(InpaintMethod):
                 **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
             )
         pipeline.set_progress_bar_config(disable=True)
-        return cls(pipeline.to(device), device=device, dtype=torch_dtype)
+        return cls(pipeline_to(pipeline, device), device=device, dtype=torch_dtype)
 
     @property
     def unet(self):

@@ -19,7 +19,28 @@ from .counting import count_calls
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["PipelineMethod"]
+__all__ = ["PipelineMethod", "pipeline_to"]
+
+
+class _HalfOnCpuFilter:
+    """Drops diffusers' warning that a float16 pipeline "cannot run" on the CPU: this torch runs float16 there
+    (slowly), and the warning came four times per load, on runs that succeed."""
+
+    def filter(self, record) -> bool:
+        return "cannot run with `cpu` device" not in record.getMessage()
+
+
+def pipeline_to(pipeline, device):
+    """``pipeline.to(device)``, without diffusers' float16-on-CPU warning (:class:`_HalfOnCpuFilter`)."""
+    import logging
+
+    logger = logging.getLogger("diffusers.pipelines.pipeline_utils")
+    quiet = _HalfOnCpuFilter()
+    logger.addFilter(quiet)
+    try:
+        return pipeline.to(device)
+    finally:
+        logger.removeFilter(quiet)
 
 
 class PipelineMethod(InpaintMethod):
@@ -52,7 +73,7 @@ class PipelineMethod(InpaintMethod):
         models.require(cls)
         torch_dtype = resolve_dtype(dtype)
         pipeline = cls.build_pipeline(models, torch_dtype)
-        return cls(pipeline.to(device), device=device, dtype=torch_dtype)
+        return cls(pipeline_to(pipeline, device), device=device, dtype=torch_dtype)
 
     @classmethod
     @abstractmethod

@@ -11,7 +11,7 @@ from pydantic import Field
 
 from ...errors import RequestError
 from ..base import BASE, BASE_CONFIG, GuidanceWindow, InpaintRequest, ModelSlot, Task, given
-from ..pipeline_method import PipelineMethod
+from ..pipeline_method import PipelineMethod, pipeline_to
 from ..registry import register_method
 
 __all__ = ["PowerPaint", "PowerPaintOptions", "POWERPAINT"]
@@ -87,7 +87,7 @@ class PowerPaint(PipelineMethod):
             allow_pickle=models.allow_pickle,
             base_config=models.base_config,
         )
-        return cls(pipeline.to(device), device=device, dtype=torch_dtype, version=files.version)
+        return cls(pipeline_to(pipeline, device), device=device, dtype=torch_dtype, version=files.version)
 
     @classmethod
     def build_pipeline(cls, models, dtype):
