@@ -221,8 +221,71 @@ def test_a_model_flag_the_method_does_not_read_is_refused(
 
 
 def test_compare_takes_the_whole_set_of_model_flags(tiny_models, files, tmp_path):
-    args = ["compare", "--methods", "brushnet", "--base", str(tiny_models["base"])]
-    args += ["--brushnet", str(tiny_models["brushnet"]), "--controlnet", str(tmp_path / "unused")]
+    # --brushnet is read by brushnet, not by repaint: fine, each method gets the flags it reads
+    args = ["compare", "--methods", "brushnet,repaint", "--base", str(tiny_models["base"])]
+    args += ["--brushnet", str(tiny_models["brushnet"])]
     args += ["-i", str(files / "img.png"), "-m", str(files / "mask.png"), "-o", str(tmp_path / "g.png")]
     result = runner.invoke(app, [*args, "--steps", "1", "-q"])
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    "methods, extra, message",
+    [
+        ("brushnet,repaint", [], "error: method 'brushnet' needs --brushnet"),
+        ("repaint,brushnet", [], "error: method 'brushnet' needs --brushnet"),
+        ("repaint", ["--controlnet", "nonexist_cn"],
+         "error: --controlnet is not used by any of the methods repaint (they read --base, [--base-config]); drop"),
+        ("repaint,blended-latent-diffusion", ["--brushnet", "b", "--powerpaint", "p"],
+         "error: --brushnet, --powerpaint are not used by any of the methods repaint, blended-latent-diffusion"),
+    ],
+)  # fmt: skip
+def test_compare_checks_every_methods_models_before_loading(files, tmp_path, methods, extra, message):
+    """compare loaded (and ran) the methods it could, wrote a grid with a grey tile for one missing its model
+    and exited 1; a flag no listed method reads was silently dropped (exit 0)."""
+    args = ["compare", "--methods", methods, "--base", str(tmp_path / "no-base"), *extra]
+    args += ["-i", str(files / "img.png"), "-m", str(files / "mask.png"), "-o", str(tmp_path / "g.png")]
+    _one_error_line(runner.invoke(app, [*args, "--steps", "1", "-q"]), message)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["batch", "outpaint", "compare"])
+def test_guide_controlnet_is_refused_where_there_is_no_control_image(files, batch_folder, tmp_path, command):
+    """batch, outpaint and compare took --guide-controlnet, loaded it, then failed every image: "needs a control
+    image (--control-image)", a flag they do not have."""
+    missing = ["--base", str(tmp_path / "no-base"), "--brushnet", str(tmp_path / "no-brushnet")]
+    inputs = {
+        "batch": ["--images", str(batch_folder), "--masks", str(files / "mask.png"), "-o", str(tmp_path / "b")],
+        "outpaint": ["-i", str(files / "img.png"), "--extend-left", "8", "-o", str(tmp_path / "o.png")],
+        "compare": ["--methods", "brushnet", "-i", str(files / "img.png"), "-m", str(files / "mask.png"),
+                    "-o", str(tmp_path / "g.png")],
+    }[command]  # fmt: skip
+    guide = ["--guide-controlnet", str(tmp_path / "no-guide")]
+    result = runner.invoke(app, [command, *missing, *guide, *inputs, "-q"])
+    _one_error_line(result, f"error: {command} takes no control image, which --guide-controlnet needs")
+    assert "no-base" not in result.output and "no-guide" not in result.output  # nothing loaded
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
+    # its help says so, rather than pointing to a flag the command lacks
+    help_text = " ".join(runner.invoke(app, [command, "--help"], env={"COLUMNS": "400"}).output.split())
+    assert (
+        "Not taken by this command" in help_text
+        and "needs a control image (--control-image)" not in help_text
+    )
+
+
+def test_inpaint_pairs_a_guide_controlnet_and_a_control_image_before_loading(files, tmp_path):
+    """Either one alone was refused by the loaded method, after loading."""
+    missing = ["--base", str(tmp_path / "no-base"), "--brushnet", str(tmp_path / "no-brushnet")]
+    args = ["inpaint", *missing, "-i", str(files / "img.png"), "-m", str(files / "mask.png")]
+    args += ["-o", str(tmp_path / "o.png"), "-q"]
+    result = runner.invoke(app, [*args, "--guide-controlnet", str(tmp_path / "no-guide")])
+    _one_error_line(result, "error: --guide-controlnet needs a control image (--control-image)")
+    result = runner.invoke(app, [*args, "--control-image", str(files / "img.png")])
+    _one_error_line(result, "error: --control-image needs a guide ControlNet (--guide-controlnet)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_serve_help_says_how_a_guide_controlnet_gets_its_control_image():
+    help_text = " ".join(runner.invoke(app, ["serve", "--help"], env={"COLUMNS": "400"}).output.split())
+    assert "the request's control_image field" in help_text
+    assert "(--control-image)" not in help_text  # serve has no such flag

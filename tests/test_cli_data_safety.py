@@ -310,3 +310,153 @@ def test_batch_and_outpaint_keep_a_transparent_inputs_alpha(tiny_models, tmp_pat
     assert wide.shape == (32, 48, 4)
     assert np.array_equal(wide[:, 8 + 4 :], rgba[:, 4:])  # the input as stored, past the band
     assert (wide[:, :8, 3] == 255).all()
+
+
+def test_an_existing_image_this_tool_did_not_write_is_refused(tiny_models, files, folders, tmp_path):
+    """A user's own PNG at the output path (not an input) was silently replaced by every command."""
+    images, masks = folders
+    photo = files / "photo.png"
+    Image.open(files / "img.png").save(photo)
+    original = photo.read_bytes()
+    missing = ["--base", str(files / "no-base"), "--brushnet", str(files / "no-brushnet")]
+    out = tmp_path / "out"
+    out.mkdir()
+    Image.open(files / "img.png").save(out / "img0_png.png")  # a non-brushnet image where batch writes
+    for result in (
+        _inpaint(missing, files, photo),
+        runner.invoke(app, ["outpaint", *missing, "-i", str(files / "img.png"), "--extend-left", "8",
+                            "-o", str(photo), *FAST]),
+        runner.invoke(app, ["compare", "--methods", "brushnet", *missing, "-i", str(files / "img.png"),
+                            "-m", str(files / "mask.png"), "-o", str(photo), *FAST]),
+    ):  # fmt: skip
+        assert result.exit_code == 2, result.output
+        assert result.output.count("\n") == 1, result.output
+        assert f"{photo} exists and was not written by brushnet" in result.output
+        assert "--overwrite" in result.output and "no-base" not in result.output  # found before loading
+    result = runner.invoke(
+        app,
+        ["batch", *missing, "--images", str(images), "--masks", str(masks), "-o", str(out), *FAST],
+    )  # fmt: skip
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert "img0_png.png exists and was not written by brushnet" in result.output
+    assert photo.read_bytes() == original and not photo.with_suffix(".json").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["img0_png.png"]
+    # brushnet's own output is replaced on a rerun, as before; --overwrite replaces the user's image
+    for seed in ("3", "4"):
+        result = _inpaint(_models(tiny_models), files, files / "out.png", "--seed", seed)
+        assert result.exit_code == 0, result.output
+    assert json.loads(Image.open(files / "out.png").text["brushnet"])["seed"] == 4
+    result = _inpaint(_models(tiny_models), files, photo, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert photo.read_bytes() != original and (files / "photo.json").is_file()
+
+
+def test_is_brushnet_image_knows_the_images_this_project_writes(tmp_path):
+    from brushnet.io import is_brushnet_image, save_png_with_metadata
+
+    save_png_with_metadata(Image.new("RGB", (8, 8)), tmp_path / "ours.png", {"seed": 1, "parameters": {}})
+    assert is_brushnet_image(tmp_path / "ours.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.jpg")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG broken")
+    for name in ("photo.png", "photo.jpg", "broken.png", "missing.png", "ours.json"):
+        assert not is_brushnet_image(tmp_path / name), name
+
+
+@pytest.fixture
+def batch_run(tiny_models, folders, tmp_path):
+    """A finished batch (two images, seed 3, empty prompt) and the arguments that made it."""
+    images, masks = folders
+    out = tmp_path / "out"
+    args = ["batch", "--images", str(images), "--masks", str(masks), "-o", str(out)]
+    result = runner.invoke(app, [*args, *_models(tiny_models), *FAST])
+    assert result.exit_code == 0 and "2 done" in result.output, result.output
+    return args, out
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"--method": "repaint", "-p": "a dog", "--seed": "7", "--brushnet": None}, "--method 'brushnet' (this run: 'repaint')"),
+        ({"-p": "a dog"}, "--prompt '' (this run: 'a dog')"),
+        ({"--seed": "7"}, "--seed 3 (this run: 7)"),
+        ({"--steps": "2"}, "--steps 1 (this run: 2)"),
+        ({"--option": "conditioning_scale=0.5"}, "--option conditioning_scale 1.0 (this run: 0.5)"),
+        ({"--base": "elsewhere"}, "--base "),
+    ],
+)  # fmt: skip
+def test_batch_resume_refuses_results_made_with_other_settings(tiny_models, batch_run, change, message):
+    """A rerun into a folder of results made with other settings counted them as done (exit 0)."""
+    args, out = batch_run
+    before = _snapshot(out)
+    flags = {"--base": str(tiny_models["base"]), "--brushnet": str(tiny_models["brushnet"])}
+    flags.update({"--steps": "1", "--guidance": "1.0", "--scheduler": "ddim", "--seed": "3", **change})
+    if change.get("--base"):
+        flags["--base"] = str(out.parent / change["--base"])  # a model that does not exist: nothing loads
+    extra = [x for flag, value in flags.items() if value is not None for x in (flag, value)]
+    result = runner.invoke(app, [*args, *extra, "-q"])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert "was made with other settings: " + message in result.output, result.output
+    assert "--overwrite" in result.output and "--output" in result.output
+    assert _snapshot(out) == before
+
+
+def test_batch_resume_skips_results_made_with_the_same_settings(tiny_models, batch_run):
+    args, out = batch_run
+    before = _snapshot(out)
+    result = runner.invoke(app, [*args, *_models(tiny_models), *FAST])
+    assert result.exit_code == 0 and "0 done, 2 skipped (already done)" in result.output, result.output
+    no_seed = [
+        arg for arg in FAST if arg not in ("--seed", "3")
+    ]  # no seed asked for: any recorded seed is fine
+    result = runner.invoke(app, [*args, *_models(tiny_models), *no_seed])
+    assert result.exit_code == 0 and "0 done, 2 skipped" in result.output, result.output
+    assert _snapshot(out) == before
+    result = runner.invoke(app, [*args, *_models(tiny_models), *FAST, "-p", "a dog", "--overwrite"])
+    assert result.exit_code == 0 and "2 done, 0 skipped" in result.output, result.output
+    assert json.loads((out / "img0_png.json").read_text())["parameters"]["prompt"] == "a dog"
+
+
+def _fail_on_write(monkeypatch, number):
+    """Make the ``number``-th file write (fsync) fail as on a full disk."""
+    from brushnet import io
+
+    calls = []
+    real_fsync = io.os.fsync
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) == number:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(io.os, "fsync", fsync)
+
+
+def test_a_full_disk_while_the_sidecar_is_written_leaves_neither(tmp_path, monkeypatch):
+    """The image landed, then the sidecar's write failed: an image without its record was left behind."""
+    from brushnet import io
+    from brushnet.errors import InputError
+
+    _fail_on_write(monkeypatch, 2)
+    with pytest.raises(InputError, match=r"cannot write .*out\.json: no space left on the device"):
+        io.save_png_with_metadata(Image.new("RGB", (8, 8)), tmp_path / "new" / "out.png", {"seed": 1})
+    assert os.listdir(tmp_path) == []  # no image, no sidecar, no .tmp, no folder made for them
+    # a rerun's pair is kept as it was when the new pair cannot be written
+    monkeypatch.undo()
+    io.save_png_with_metadata(Image.new("RGB", (8, 8)), tmp_path / "out.png", {"seed": 1, "parameters": {}})
+    before = _snapshot(tmp_path)
+    _fail_on_write(monkeypatch, 2)
+    with pytest.raises(InputError, match="no space left"):
+        io.save_png_with_metadata(
+            Image.new("RGB", (9, 9)), tmp_path / "out.png", {"seed": 2, "parameters": {}}
+        )
+    assert _snapshot(tmp_path) == before
+
+
+def test_inpaint_on_a_full_disk_leaves_no_image_without_its_sidecar(tiny_models, files, monkeypatch):
+    _fail_on_write(monkeypatch, 2)
+    result = _inpaint(_models(tiny_models), files, files / "full" / "x.png")
+    assert result.exit_code == 2, result.output
+    assert "cannot write" in result.output and "x.json: no space left on the device" in result.output
+    assert not (files / "full").exists()

@@ -97,6 +97,61 @@ def test_an_outpainted_canvas_over_max_pixels_is_one_line_before_loading(files, 
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_overlap_reaching_across_the_original_is_one_line_before_loading(files, tmp_path):
+    """``--overlap 100 --extend-left 8`` on a 32 px image repainted the whole original (exit 0)."""
+    command = _commands(files, tmp_path, _no_models(tmp_path))["outpaint"]  # 32x32 extended by 8 on the left
+    result = runner.invoke(app, [*command, "--overlap", "100"])
+    _one_line(result, "overlap 100 reaches across the original's width of 32 px")
+    result = runner.invoke(app, [*command, "--extend-right", "8", "--overlap", "16"])  # 16 from each side
+    _one_line(result, "overlap 16 reaches across the original's width of 32 px from both extended sides")
+    assert "no-base" not in result.output and list(tmp_path.iterdir()) == []
+
+
+def _batch_input(files, name, content):
+    path = files / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is None:
+        path.mkdir(exist_ok=True)
+    else:
+        path.write_text(content)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"--masks": ("no-masks", None)}, "no mask in {files}/no-masks for any of the 1 images to do"),
+        (["--max-pixels", "0"], "--max-pixels must be at least 1, got 0"),
+        ({"--prompts": ("five.jsonl", '{"image": "a.png", "prompt": 5}\n')},
+         "five.jsonl:1: 'prompt' must be text (a JSON string), got 5"),
+        ({"--prompts": ("negative.jsonl", '\n{"image": "a", "negative_prompt": "blurry"}\n')},
+         "negative.jsonl:2: negative_prompt has no effect with guidance_scale 1"),
+        ({"--prompts": ("nonexist.jsonl", False)}, "--prompts {files}/nonexist.jsonl: no such file"),
+        ({"--prompts": ("photo.png", b"\x89PNG\r\n\x1a\n")}, "--prompts {files}/photo.png is not UTF-8 text"),
+    ],
+)  # fmt: skip
+def test_batch_inputs_are_checked_before_loading(files, tmp_path, extra, message):
+    """An empty --masks folder, --max-pixels 0, a prompts entry that is not text or not usable with the settings
+    were found per image after loading (exit 1); an unreadable --prompts file was "[Errno 2] ..." or
+    "'utf-8' codec can't decode byte 0x89", naming neither the flag nor the file."""
+    command = _commands(files, tmp_path, _no_models(tmp_path))["batch"]
+    if isinstance(extra, dict):
+        for flag, (name, content) in extra.items():
+            value = str(files / name) if content is False else _batch_input(files, name, content)
+            if flag in command:
+                command[command.index(flag) + 1] = value
+            else:
+                command += [flag, value]
+        extra = []
+    if "negative" in message:
+        extra = ["--guidance", "1"]
+    result = runner.invoke(app, [*command, *extra, "-q"])
+    _one_line(result, message.format(files=files))
+    assert "no-base" not in result.output and "no-brushnet" not in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_without_cuda_says_what_there_is(files, tmp_path):
     result = runner.invoke(

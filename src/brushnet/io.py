@@ -2,7 +2,8 @@
 
 Every file the project writes goes through :func:`atomic_write`: a temporary file in the target's folder,
 flushed and ``os.replace``-d into place, so a reader (or a crash, a full disk, a kill) never leaves a
-half-written file, and a failure removes the temporary file. Files get the permissions a plain ``open``
+half-written file, and a failure removes the temporary file; an image and its ``.json`` sidecar land together or
+not at all (:func:`atomic_write_together`). Files get the permissions a plain ``open``
 would give them (``0o666`` minus the umask), not a temporary file's ``0o600``.
 
 Only the standard library and PIL are imported here, so CLI modules can import it at start-up.
@@ -24,9 +25,11 @@ from .errors import InputError
 __all__ = [
     "atomic_write",
     "atomic_write_bytes",
+    "atomic_write_together",
     "atomic_write_text",
     "check_output_path",
     "is_sidecar",
+    "is_brushnet_image",
     "png_bytes",
     "save_png_with_metadata",
     "read_png_metadata",
@@ -113,6 +116,66 @@ def is_sidecar(path: str | os.PathLike) -> bool:
     return isinstance(record, dict) and "seed" in record and ("parameters" in record or "methods" in record)
 
 
+def is_brushnet_image(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an image this project wrote (:func:`png_bytes`): a PNG whose ``brushnet`` text chunk
+    holds a JSON object. Read from the file's header chunks, without decoding the pixels. A missing or unreadable
+    file, another format, or a PNG without the record (a user's photo) is not one, so a command can refuse to
+    replace it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            record = json.loads(image.info.get(METADATA_CHUNK, "null"))
+    except Exception:  # noqa: BLE001 - anything unreadable is not ours (PIL raises more than OSError)
+        return False
+    return isinstance(record, dict)
+
+
+def _write_temporary(path: Path, write: Callable[[IO[bytes]], None]) -> str:
+    """``write(file)`` into a new temporary file beside ``path`` (in its folder, which must exist), flushed to
+    disk, with the permissions a plain ``open`` would give; returns its name. On any failure it is removed and
+    the error raised as is."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+    except BaseException:
+        _remove(tmp)
+        raise
+    return tmp
+
+
+def _remove(path: str | os.PathLike) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _make_folder(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; return the folders created, deepest first."""
+    created = []
+    missing = folder
+    while not (missing.exists() or missing.is_symlink()) and missing != missing.parent:
+        created.append(missing)
+        missing = missing.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def _remove_empty(folders: Sequence[Path]) -> None:
+    for folder in folders:  # deepest first; one that is not empty stays, and so do the ones above it
+        try:
+            folder.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     """Call ``write(file)`` on a temporary file beside ``path``, then move it into place.
 
@@ -125,25 +188,64 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_dir():
             raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        tmp = _write_temporary(path, write)
     except OSError as exc:
         raise _output_error(path, exc) from None
     try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        _remove(tmp)
         if isinstance(exc, OSError):
             raise _output_error(path, exc) from None
         raise
     return path
+
+
+def atomic_write_together(files: Sequence[tuple[str | os.PathLike, bytes]]) -> list[Path]:
+    """Write several files (an image and its sidecar) so that they land together or not at all.
+
+    Each is first written in full to a temporary file beside its target; only when every one is written are
+    they moved into place, in the order given. On a failure while writing (a full disk, a permission, a folder
+    in the way) every temporary file is removed, and so are the folders this call created: no target is touched
+    and nothing is left behind. Should a move fail after the first (practically only when the folder vanishes),
+    the targets already moved that did not exist before are removed again. An ``OSError`` becomes an
+    :class:`~brushnet.errors.InputError` with one line naming the file and the reason.
+    """
+    targets = [(Path(path), data) for path, data in files]
+    written: list[tuple[str, Path, bool]] = []  # temporary name, target, whether the target existed
+    created: list[Path] = []
+    current = targets[0][0] if targets else None
+    try:
+        for path, data in targets:
+            current = path
+            created += _make_folder(path.parent)
+            if path.is_dir():
+                raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
+            tmp = _write_temporary(path, lambda handle, data=data: handle.write(data))
+            written.append((tmp, path, path.exists()))
+    except BaseException as exc:
+        for tmp, _, _ in written:
+            _remove(tmp)
+        _remove_empty(created)
+        if isinstance(exc, OSError):
+            raise _output_error(current, exc) from None
+        raise
+    moved: list[tuple[Path, bool]] = []
+    try:
+        for tmp, path, existed in written:
+            current = path
+            os.replace(tmp, path)
+            moved.append((path, existed))
+    except BaseException as exc:
+        for tmp, _, _ in written:
+            _remove(tmp)
+        for path, existed in moved:
+            if not existed:
+                _remove(path)
+        if isinstance(exc, OSError):
+            raise _output_error(current, exc) from None
+        raise
+    return [path for path, _ in targets]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -192,11 +294,15 @@ def save_png_with_metadata(
     image, path: str | os.PathLike, metadata: Mapping[str, Any], sidecar: bool = True
 ) -> Path:
     """Save ``image`` as PNG with ``metadata`` (see :func:`png_bytes`) and, with ``sidecar``, the same record
-    as ``<path>.json``. The image is written first, so a sidecar never exists without its image."""
+    as ``<path>.json``. The two land together or not at all (:func:`atomic_write_together`): a failure (a full
+    disk while the sidecar is written) leaves neither, and no temporary file."""
     path = Path(path)
-    atomic_write_bytes(path, png_bytes(image, metadata))
-    if sidecar:
-        atomic_write_text(path.with_suffix(".json"), json.dumps(metadata, indent=2, default=str) + "\n")
+    data = png_bytes(image, metadata)
+    if not sidecar:
+        atomic_write_bytes(path, data)
+        return path
+    record = (json.dumps(metadata, indent=2, default=str) + "\n").encode("utf-8")
+    atomic_write_together([(path, data), (path.with_suffix(".json"), record)])
     return path
 
 

@@ -1,6 +1,7 @@
 """`brushnet batch`, `compare` and `outpaint` on tiny models, through typer's test runner."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -120,13 +121,16 @@ def test_compare_writes_labelled_grid(tiny_models, folder, tmp_path):
 
 
 def test_compare_failing_method_gets_grey_tile(tiny_models, folder, tmp_path):
+    """A method that fails when loaded (a UNet folder as its 9-channel model) gets a grey tile and exit 1; the
+    others run. (A missing model flag is refused before anything loads: test_cli.py.)"""
     images, masks = folder
     grid = tmp_path / "grid.png"
     args = ["compare", "-i", str(images / "a.png"), "-m", str(masks / "a.png"), "-o", str(grid)]
-    args += ["--methods", "blended-latent-diffusion,sd-inpainting"]  # no --inpaint-model given
-    result = runner.invoke(app, args + _flags(tiny_models) + FAST_FLAGS)
+    args += ["--methods", "blended-latent-diffusion,sd-inpainting", "--base", tiny_models["base"]]
+    args += ["--inpaint-model", str(Path(tiny_models["base"]) / "unet")]  # the wrong kind: fails when loaded
+    result = runner.invoke(app, args + FAST_FLAGS)
     assert result.exit_code == 1
-    assert "failed: sd-inpainting: method 'sd-inpainting' needs --inpaint-model" in result.output
+    assert "failed: sd-inpainting: " in result.output and "holds a UNet2DConditionModel" in result.output
     tile = np.asarray(Image.open(grid))[14:, 64 * 3 :]
     assert (tile == 128).all()
 

@@ -34,7 +34,10 @@ __all__ = [
     "output_paths",
     "refuse_overwriting_inputs",
     "refuse_replacing_other_json",
+    "refuse_replacing_other_images",
     "refuse_unused_models",
+    "refuse_models_no_method_reads",
+    "set_flag_help",
     "IMAGE_SUFFIXES",
 ]
 
@@ -318,10 +321,64 @@ def refuse_replacing_other_json(outputs: list[Path], overwrite: bool) -> None:
             )
 
 
+def refuse_replacing_other_images(outputs: list[Path], overwrite: bool) -> None:
+    """An output image path that holds a file this project did not write (a user's ``photo.png``; see
+    :func:`brushnet.io.is_brushnet_image`: a PNG carrying the ``brushnet`` record) is refused unless
+    ``overwrite``. A previous run's image is replaced as before."""
+    if overwrite:
+        return
+    from ..io import is_brushnet_image
+
+    for path in outputs:
+        path = Path(path)
+        if (path.is_file() or path.is_symlink()) and not is_brushnet_image(path):
+            raise InputError(
+                f"{path} exists and was not written by brushnet (no brushnet record in it): the output would "
+                "replace it; choose another --output (or pass --overwrite)"
+            )
+
+
 def refuse_unused_models(models: dict[str, Any], method_cls: Any) -> None:
     """A model flag that ``method_cls`` does not read is one line naming it
     (:meth:`brushnet.methods.ModelPaths.refuse_unused`). ``compare``, which runs several methods, takes the whole
-    set and does not call this."""
+    set: it calls :func:`refuse_models_no_method_reads` instead."""
     from ..methods import ModelPaths
 
     ModelPaths(**models).refuse_unused(method_cls)
+
+
+def refuse_models_no_method_reads(models: dict[str, Any], method_classes: list[Any]) -> None:
+    """For a command that gives one set of model flags to several methods (``compare``): a flag that none of
+    ``method_classes`` reads is one line naming it and what they read (a flag some method reads is fine)."""
+    from ..methods import ModelPaths
+    from ..methods.registry import model_slots
+
+    paths = ModelPaths(**models)
+    read = {name for cls in method_classes for name in paths.used_by(cls)}
+    unused = [
+        name for name, value in (paths.model_extra or {}).items() if value is not None and name not in read
+    ]
+    if not unused:
+        return
+    slots = model_slots()
+    given = ", ".join(slots[name].flag for name in unused)
+    reads: dict[str, str] = {}  # flag -> as listed: required by some method, else [optional]
+    for cls in method_classes:
+        for slot in cls.models:
+            reads[slot.flag] = slot.flag
+        for slot in cls.optional_models:
+            reads.setdefault(slot.flag, f"[{slot.flag}]")
+    names = ", ".join(cls.name for cls in method_classes)
+    verb, pronoun = ("is", "it") if len(unused) == 1 else ("are", "them")
+    raise InputError(
+        f"{given} {verb} not used by any of the methods {names} (they read {', '.join(reads.values()) or 'no model'}); "
+        f"drop {pronoun} or add a method that reads {pronoun} to --methods"
+    )
+
+
+def set_flag_help(command: Callable, name: str, text: str) -> None:
+    """Replace the help of the generated flag ``name`` (a parameter of ``command``'s signature, e.g. a model slot
+    whose shared help names a flag this command does not have)."""
+    import inspect
+
+    inspect.signature(command).parameters[name].default.help = text

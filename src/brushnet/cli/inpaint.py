@@ -1,8 +1,10 @@
 """``brushnet inpaint | batch | compare | outpaint | methods | make-tiny-models``.
 
 Their request, model and runtime flags are generated from the schemas (:mod:`brushnet.cli.flags`). Each
-command checks everything it can — request, options, files, output paths — before loading a model, and writes
-its outputs only after generating (image first, then the ``.json`` sidecar).
+command checks everything it can — request, options, models, files, output paths — before loading a model, and
+writes its outputs only after generating (each image and its ``.json`` sidecar together, or neither). An existing
+output that this tool did not write (an image without its ``brushnet`` record, a foreign ``.json``) is replaced
+only with ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ from .common import (
     fail,
     guarded,
     output_paths,
+    refuse_models_no_method_reads,
     refuse_overwriting_inputs,
+    refuse_replacing_other_images,
     refuse_replacing_other_json,
     refuse_unused_models,
+    set_flag_help,
     split_options,
 )
 from .flags import model_flags, request_flags, runtime_flags
@@ -40,7 +45,12 @@ logger = logging.getLogger(__name__)
 METHOD_HELP = "Inpainting method (see `brushnet methods`)."
 MAX_PIXELS_HELP = "Largest input image, width x height (checked before decoding)."
 OVERWRITE_HELP = (
-    "Allow --output (or its .json sidecar) to replace an input file or a .json this tool did not write."
+    "Allow --output (or its .json sidecar) to replace an input file, or an image or .json this tool did not "
+    "write."
+)
+NO_CONTROL_IMAGE_HELP = (
+    "Not taken by this command: a guide ControlNet needs a control image, which only `brushnet inpaint` takes "
+    "(--control-image)."
 )
 
 
@@ -57,15 +67,26 @@ def _model_paths(models: dict[str, Any], method_cls) -> Any:
     return paths
 
 
+def _refuse_guide_controlnet(models: dict[str, Any], command: str) -> None:
+    """``--guide-controlnet`` for a command without ``--control-image``: the guide ControlNet would fail on every
+    image after loading, so it is refused before anything loads."""
+    if models.get("guide_controlnet") is not None:
+        fail(
+            f"{command} takes no control image, which --guide-controlnet needs: run it with `brushnet inpaint "
+            "--guide-controlnet ... --control-image ...` (or drop --guide-controlnet)"
+        )
+
+
 def _checked_outputs(output: Path, count: int, inputs: list[Path], overwrite: bool) -> list[Path]:
-    """The output paths of ``count`` images, refused before any work when one would replace an input or a
-    ``.json`` file this tool did not write, or cannot be written (the image and its ``.json`` sidecar). Nothing
-    is created here: a missing folder is made when the first file is written."""
+    """The output paths of ``count`` images, refused before any work when one would replace an input, or an
+    image or a ``.json`` file this tool did not write, or cannot be written (the image and its ``.json``
+    sidecar). Nothing is created here: a missing folder is made when the first file is written."""
     from ..io import check_output_path
 
     outputs = output_paths(output, count)
     refuse_overwriting_inputs(outputs, inputs, overwrite)
     refuse_replacing_other_json(outputs, overwrite)
+    refuse_replacing_other_images(outputs, overwrite)
     for path in outputs:
         check_output_path(path)
         check_output_path(path.with_suffix(".json"))
@@ -121,6 +142,11 @@ def inpaint_command(
         request["options"] = {**request["options"], "conditioning_scale": scale}
     cls = get_method_class(method)
     refuse_unused_models(models, cls)
+    if models.get("guide_controlnet") is not None and control_image is None:
+        fail("--guide-controlnet needs a control image (--control-image): the image that steers it")
+    guided = "guide_controlnet" in {slot.name for slot in cls.optional_models}
+    if control_image is not None and guided and models.get("guide_controlnet") is None:
+        fail("--control-image needs a guide ControlNet (--guide-controlnet) to read it")
     read = [image, mask] + ([control_image] if control_image is not None else [])
     outputs = _checked_outputs(output, request["num_images"], read, overwrite)
     job = prepare(cls, image, mask, request, max_pixels=max_pixels, control_image=control_image)  # reads once
@@ -142,21 +168,37 @@ def _find_mask(masks: Path, stem: str) -> Path | None:
     return None
 
 
-def _read_prompts(path: Path, files: list[Path], images: Path) -> dict[str, dict[str, Any]]:
+def _read_prompts(path: Path, files: list[Path], images: Path) -> dict[str, tuple[int, dict[str, Any]]]:
     """``prompts.jsonl``: one ``{"image": "<file name or stem>", "prompt": ..., "negative_prompt": ...}`` a line.
+    Returns ``{name or stem: (line number, entry)}``.
 
     An entry whose image matches none of ``files`` (by file name or stem, as the batch looks entries up) is an
     error naming the file, the line and the name: a typo would otherwise run that image with the default prompt.
+    A prompt that is not text, and a file that cannot be read (missing, a folder, not UTF-8), are errors naming
+    the flag, the file (and the line).
     """
     import json
 
     from ..errors import InputError
 
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"--prompts {path}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"--prompts {path} is a folder, not a JSONL file") from None
+    except UnicodeDecodeError:
+        raise InputError(
+            f"--prompts {path} is not UTF-8 text: expected JSONL, one "
+            '{"image": ..., "prompt": ..., "negative_prompt": ...} object a line'
+        ) from None
+    except OSError as exc:
+        raise InputError(f"--prompts {path}: cannot read it ({exc.strerror or type(exc).__name__})") from None
     names = {f.name for f in files} | {f.stem for f in files}
     stems = {f.stem for f in files}
-    table: dict[str, dict[str, Any]] = {}
+    table: dict[str, tuple[int, dict[str, Any]]] = {}
     unmatched: list[tuple[int, str]] = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -167,15 +209,73 @@ def _read_prompts(path: Path, files: list[Path], images: Path) -> dict[str, dict
         unknown = set(entry) - {"image", "prompt", "negative_prompt"}
         if unknown:
             raise InputError(f"{path}:{number}: unknown keys {sorted(unknown)}")
+        for field in ("prompt", "negative_prompt"):
+            if field in entry and not isinstance(entry[field], str):
+                raise InputError(
+                    f"{path}:{number}: {field!r} must be text (a JSON string), got {entry[field]!r}"
+                )
         if key not in names and Path(key).stem not in stems:
             unmatched.append((number, key))
-        table[key] = entry
-        table.setdefault(Path(key).stem, entry)
+        table[key] = (number, entry)
+        table.setdefault(Path(key).stem, (number, entry))
     if unmatched:
         number, key = unmatched[0]
         more = f" (and {len(unmatched) - 1} more entries)" if len(unmatched) > 1 else ""
         raise InputError(f"{path}:{number}: {key!r} matches no image in {images}{more}")
     return table
+
+
+def _same_model(recorded: Any, given: Any) -> bool:
+    """Whether a model path recorded in a sidecar names the model given now: the same text, or two paths that
+    resolve to the same existing file or folder (``tiny/base`` and ``./tiny/base``)."""
+    if recorded == given:
+        return True
+    if not (isinstance(recorded, str) and isinstance(given, str)):
+        return False
+    try:
+        return Path(recorded).exists() and Path(recorded).resolve() == Path(given).resolve()
+    except OSError:
+        return False
+
+
+def _first_difference(
+    record: dict[str, Any], method: str, models: dict[str, Any], request: Any, options: Any
+) -> tuple[str, Any, Any] | None:
+    """The first setting in which a previous result's ``record`` (its sidecar) differs from this run's — the
+    method, a model, a request field (``seed`` only when one is given), a method option — as ``(flag, recorded,
+    wanted)``; None when it was made with these settings. What the record lacks (an older sidecar) is not
+    compared."""
+    import json
+
+    from ..methods.base import InpaintRequest
+    from ..methods.registry import model_slots
+    from .flags import request_field_flags
+
+    if record.get("method") not in (None, method):
+        return "--method", record.get("method"), method
+    parameters = record.get("parameters") or {}
+    recorded_models = parameters.get("models")
+    if isinstance(recorded_models, dict):
+        slots = model_slots()
+        for name in [*models, *(n for n in recorded_models if n not in models)]:
+            if name == "allow_pickle":
+                continue
+            if not _same_model(recorded_models.get(name), models.get(name)):
+                flag = slots[name].flag if name in slots else name
+                return flag, recorded_models.get(name), models.get(name)
+    wanted = json.loads(json.dumps(request.model_dump(), default=str))
+    for name, value in wanted.items():
+        if name == "options" or name not in parameters or (name == "seed" and value is None):
+            continue
+        if parameters[name] != value:
+            flag = request_field_flags(name, InpaintRequest.model_fields[name])[0]
+            return flag, parameters[name], value
+    recorded_options = parameters.get("options")
+    if isinstance(recorded_options, dict):
+        for name, value in json.loads(json.dumps(options.model_dump(), default=str)).items():
+            if name in recorded_options and recorded_options[name] != value:
+                return f"--option {name}", recorded_options[name], value
+    return None
 
 
 def batch_output_names(files: list[Path]) -> dict[Path, str]:
@@ -205,19 +305,22 @@ def batch_command(
     overwrite: bool = typer.Option(
         False,
         "--overwrite",
-        help="Redo images whose output exists; allow --output to be an input folder and <stem>.json to replace "
-        "a .json this tool did not write.",
+        help="Redo images whose output exists (also one made with other settings); allow --output to be an input "
+        "folder, and <stem>.png / <stem>.json to replace an image or .json this tool did not write.",
     ),
     max_pixels: int | None = typer.Option(None, "--max-pixels", help=MAX_PIXELS_HELP),
     request: dict = None,
     models: dict = None,
     runtime: Any = None,
 ) -> None:
-    """Inpaint every image of a folder. Resumable: an image whose <stem>.png and <stem>.json both exist is
-    skipped. A bad file is reported and skipped; exit code 1 if any image failed."""
-    from ..errors import InputError
+    """Inpaint every image of a folder. Resumable: an image whose <stem>.png and <stem>.json both exist, made with
+    the same method, models and settings, is skipped (one made with others is refused: --overwrite redoes it). A
+    bad file is reported and skipped; exit code 1 if any image failed."""
+    import json
+
+    from ..errors import InputError, first_line
     from ..io import check_output_path, save_png_with_metadata
-    from ..methods import check_request, get_method_class, prepare, run
+    from ..methods import ModelPaths, check_request, get_method_class, prepare, run
 
     runtime.apply()
     if not images.is_dir():
@@ -226,6 +329,8 @@ def batch_command(
         fail(f"--masks not found: {masks}")
     if output.exists() and not output.is_dir():
         fail(f"--output must be a folder: {output} is a file")
+    if max_pixels is not None and max_pixels < 1:
+        fail(f"--max-pixels must be at least 1, got {max_pixels}")
     if not overwrite:
         for folder, flag in ((images, "--images"), (masks, "--masks")):
             if folder.is_dir() and output.resolve() == folder.resolve():
@@ -238,39 +343,84 @@ def batch_command(
     table = _read_prompts(prompts, files, images) if prompts is not None else {}
     cls = get_method_class(method)
     refuse_unused_models(models, cls)
+    _refuse_guide_controlnet(models, "batch")
     check_request(cls, request)
+    # every image's request (its prompts from --prompts) checked now, each resolved once per distinct prompt pair
+    fields: dict[Path, dict[str, Any]] = {}
+    resolved: dict[tuple[str, str], tuple[Any, Any]] = {}
+    resolved_of: dict[Path, tuple[Any, Any]] = {}
+    for path in files:
+        number, entry = table.get(path.name) or table.get(path.stem) or (None, {})
+        fields[path] = {
+            **request,
+            "prompt": entry.get("prompt", request["prompt"]),
+            "negative_prompt": entry.get("negative_prompt", request["negative_prompt"]),
+        }
+        key = (fields[path]["prompt"], fields[path]["negative_prompt"])
+        if key not in resolved:
+            try:
+                resolved[key] = check_request(cls, fields[path])
+            except (InputError, ValueError) as exc:
+                if number is None:
+                    raise
+                raise InputError(f"{prompts}:{number}: {first_line(exc)}") from None
+        resolved_of[path] = resolved[key]
     names = batch_output_names(files)
     targets = {path: output_paths(output / f"{names[path]}.png", request["num_images"]) for path in files}
-    refuse_replacing_other_json([t for paths in targets.values() for t in paths], overwrite)
+    every_target = [t for paths in targets.values() for t in paths]
+    refuse_replacing_other_json(every_target, overwrite)
+    refuse_replacing_other_images(every_target, overwrite)
+    # resume: an image whose outputs all exist is done, if its sidecars record this run's settings
+    used = {k: v for k, v in ModelPaths(**models).used_by(cls).items() if k != "allow_pickle"}
+    pending: list[Path] = []
+    for path in files:
+        if overwrite or not all(t.is_file() and t.with_suffix(".json").is_file() for t in targets[path]):
+            pending.append(path)
+            continue
+        for target in targets[path]:
+            try:
+                record = json.loads(target.with_suffix(".json").read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                record = {}
+            request_now, options_now = resolved_of[path]
+            difference = _first_difference(record, method, used, request_now, options_now)
+            if difference is not None:
+                flag, before, now = difference
+                fail(
+                    f"{target} was made with other settings: {flag} {before!r} (this run: {now!r}); pass "
+                    "--overwrite to redo it, or choose another --output"
+                )
+    skipped = len(files) - len(pending)
+    mask_of = {path: _find_mask(masks, path.stem) for path in pending}
+    if pending and not any(mask_of.values()):
+        example = pending[0].stem
+        fail(
+            f"no mask in {masks} for any of the {len(pending)} images to do (masks are matched by file stem: "
+            f"{example}.png, {example}.jpg, ...)"
+        )
     check_output_path(output / "probe.png")
     _model_paths(models, cls)
+    if not pending:
+        typer.echo(f"0 done, {skipped} skipped (already done), 0 failed", err=True)
+        return
 
     from tqdm.auto import tqdm
 
     loaded = _load(method, models, runtime)
-    done, skipped, failures = 0, 0, []
+    done, failures = 0, []
     for path in tqdm(
-        files, desc=f"batch {method}", unit="image", disable=runtime.quiet, file=__import__("sys").stderr
+        pending, desc=f"batch {method}", unit="image", disable=runtime.quiet, file=__import__("sys").stderr
     ):
-        if not overwrite and all(t.is_file() and t.with_suffix(".json").is_file() for t in targets[path]):
-            skipped += 1
-            continue
         try:
             # the image first: a corrupt image is reported as such, whether or not its mask exists; opened as
             # stored, so that a transparent input keeps its alpha (prepare flattens it for the model)
             from ..image import open_image
 
             original = open_image(path, max_pixels=max_pixels)
-            mask_path = _find_mask(masks, path.stem)
+            mask_path = mask_of[path]
             if mask_path is None:
                 raise InputError(f"no mask named {path.stem}.<png|jpg|...> in {masks}")
-            entry = table.get(path.name) or table.get(path.stem) or {}
-            fields = {
-                **request,
-                "prompt": entry.get("prompt", request["prompt"]),
-                "negative_prompt": entry.get("negative_prompt", request["negative_prompt"]),
-            }
-            job = prepare(cls, original, mask_path, fields, max_pixels=max_pixels)
+            job = prepare(cls, original, mask_path, fields[path], max_pixels=max_pixels)
             result = run(loaded, job)
             metadata = result.metadata()
             metadata["inputs"] = {"image": str(path), "mask": str(mask_path)}
@@ -278,8 +428,6 @@ def batch_command(
                 save_png_with_metadata(img, target, {**metadata, "seed": result.seed + i, "index": i})
             done += 1
         except Exception as exc:  # one bad file never stops the batch
-            from ..errors import first_line
-
             kind = "" if isinstance(exc, InputError) else f"{exc.__class__.__name__}: "
             failures.append((path.name, kind + first_line(exc)))
             logger.debug("batch: %s failed", path, exc_info=True)
@@ -321,15 +469,24 @@ def compare_command(
 
     from ..errors import first_line
     from ..io import check_output_path, make_grid, save_png_with_metadata
-    from ..methods import get_method_class, prepare, run
+    from ..methods import ModelPaths, get_method_class, prepare, run
 
     runtime.apply()
     names = [name.strip() for name in methods.split(",") if name.strip()]
     if not names:
         fail("--methods is empty")
+    classes = [get_method_class(name) for name in names]
+    # the whole set of model flags is given to every method: each listed method must find the ones it needs, and
+    # every flag must be read by one of them (checked before anything loads)
+    paths = ModelPaths(**models)
+    for cls in classes:
+        paths.require(cls)
+    refuse_models_no_method_reads(models, classes)
+    _refuse_guide_controlnet(models, "compare")
     [grid_path] = output_paths(output, 1)
     refuse_overwriting_inputs([grid_path], [image, mask], overwrite)
     refuse_replacing_other_json([grid_path], overwrite)
+    refuse_replacing_other_images([grid_path], overwrite)
     check_output_path(grid_path)
     check_output_path(grid_path.with_suffix(".json"))
     per_method = split_options(request.pop("options"), names)
@@ -405,6 +562,7 @@ def outpaint_command(
         fail("give at least one of --extend-left/--extend-right/--extend-top/--extend-bottom")
     cls = get_method_class(method)
     refuse_unused_models(models, cls)
+    _refuse_guide_controlnet(models, "outpaint")
     outputs = _checked_outputs(output, request["num_images"], [image], overwrite)
     job = prepare_outpaint(
         cls,
@@ -461,3 +619,10 @@ def make_tiny_models_command(
     slots = [slot for slot in model_slots().values() if slot.random_builder is not None]
     for name, path in build_model_set(out_dir, slots, preset, seed=seed).items():
         typer.echo(f"{path}  (--{name.replace('_', '-')})")
+
+
+# batch, compare and outpaint take the model flags of every method, but no --control-image: the guide ControlNet's
+# shared help (which points to --control-image) would point to a flag they lack
+for _command in (batch_command, compare_command, outpaint_command):
+    set_flag_help(_command, "guide_controlnet", NO_CONTROL_IMAGE_HELP)
+del _command

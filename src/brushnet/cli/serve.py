@@ -13,7 +13,7 @@ from typing import Any
 
 import typer
 
-from .common import fail, guarded
+from .common import fail, guarded, set_flag_help
 from .flags import model_flags, runtime_flags
 
 __all__ = ["serve_command"]
@@ -131,3 +131,12 @@ def serve_command(
     finally:
         if tmp is not None:
             tmp.cleanup()
+
+
+# the guide ControlNet's shared help points to --control-image, which serve lacks: here each job sends it
+set_flag_help(
+    serve_command,
+    "guide_controlnet",
+    "Optional ControlNet of the base's family (pose, depth, edges, ...) that steers brushnet's fill; every "
+    "brushnet job then sends its control image (the request's control_image field; an upload on the page).",
+)
