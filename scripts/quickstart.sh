@@ -9,7 +9,7 @@ out=${1:-outputs/quickstart}
 mkdir -p "$out"
 
 # one folder per model slot; each line is "<folder>  (--<flag>)": turned into the flags every command takes
-model_flags=$(brushnet make-tiny-models "$out/models" | sed -E 's/^(.*)  \((--[a-z0-9-]+)\)$/\2 \1/')
+model_flags=$(brushnet make-tiny-models "$out/models" --overwrite | sed -E 's/^(.*)  \((--[a-z0-9-]+)\)$/\2 \1/')
 
 python - "$out" <<'EOF'
 import sys

@@ -368,15 +368,28 @@ def buildable(slots) -> bool:
 
 
 def build_model_set(
-    out_dir: str | os.PathLike, slots, preset: str | ArchSpec = "tiny", seed: int = 0, reuse: bool = False
+    out_dir: str | os.PathLike,
+    slots,
+    preset: str | ArchSpec = "tiny",
+    seed: int = 0,
+    reuse: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, str]:
     """Write the random-weight models of the given model slots (names or :class:`~brushnet.methods.ModelSlot`
     s) into ``out_dir/<slot folder>`` with each slot's ``random_builder``, and return ``{slot name: path}`` (a
     :class:`~brushnet.methods.ModelPaths` dict). The base is always built first, since the other models are
-    made from it. With ``reuse``, folders that already hold a model are kept.
+    made from it. With ``reuse``, folders that already hold a model are kept; with ``overwrite``, a slot folder
+    that exists is removed and built again.
+
+    Nothing is replaced by surprise: a slot folder that exists and is not empty (a model, or anything else) is
+    refused, before anything is built, unless ``reuse`` (keep a model there) or ``overwrite`` (replace it). A
+    build that fails removes the slot folders it created (and ``out_dir`` when it created it), so no
+    half-written model is left.
 
     Raises:
         ValueError: a slot with no random builder (e.g. ``base_config``).
+        InputError: ``out_dir`` (or a folder above it, or a slot folder) is a file, or a slot folder holds files
+            and neither ``reuse`` nor ``overwrite`` is set.
     """
     import importlib
 
@@ -388,16 +401,75 @@ def build_model_set(
     unknown = [name for name in names if declared[name].random_builder is None]
     if unknown:
         raise ValueError(f"no random-weight builder for {', '.join(unknown)}")
+    order = ["base", *[n for n in dict.fromkeys(names) if n != "base"]]
+    targets = {name: out / declared[name].folder for name in order}
+    _check_model_set_folder(out, targets, reuse=reuse, overwrite=overwrite)
+    created_top = _first_missing(out)
+    created = [path for path in targets.values() if not path.exists()]
     paths: dict[str, str] = {}
-    base = out / declared["base"].folder
-    for name in ["base", *[n for n in dict.fromkeys(names) if n != "base"]]:
-        path = out / declared[name].folder
-        done = (path / "model_index.json").is_file() or (path / "config.json").is_file()
-        if not (reuse and done):
-            module, _, function = declared[name].random_builder.partition(":")
-            getattr(importlib.import_module(module), function)(path, base, preset, seed)
-        paths[name] = str(path)
+    base = targets["base"]
+    try:
+        for name, path in targets.items():
+            done = (path / "model_index.json").is_file() or (path / "config.json").is_file()
+            if not (reuse and done):
+                if overwrite and path.is_dir():
+                    shutil.rmtree(path)  # no file of the replaced model stays beside the new one
+                    created.append(path)
+                module, _, function = declared[name].random_builder.partition(":")
+                getattr(importlib.import_module(module), function)(path, base, preset, seed)
+            paths[name] = str(path)
+    except BaseException:
+        for path in created:
+            shutil.rmtree(path, ignore_errors=True)
+        if created_top is not None:
+            _remove_empty_folders(out, created_top)
+        raise
     return paths
+
+
+def _first_missing(folder: Path) -> Path | None:
+    """The top-most folder of ``folder`` and its parents that does not exist yet (``None``: it exists)."""
+    missing, path = None, folder.absolute()
+    while not path.exists() and path != path.parent:
+        missing, path = path, path.parent
+    return missing
+
+
+def _remove_empty_folders(folder: Path, top: Path) -> None:
+    """Remove ``folder`` and its parents up to ``top`` while they are empty."""
+    path = folder.absolute()
+    while True:
+        try:
+            path.rmdir()
+        except OSError:
+            return
+        if path == top:
+            return
+        path = path.parent
+
+
+def _check_model_set_folder(out: Path, targets: dict[str, Path], reuse: bool, overwrite: bool) -> None:
+    """The refusals of :func:`build_model_set`, before anything is built (see there)."""
+    from .errors import InputError
+
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "" if existing == out else f" ({existing} is a file)"
+        raise InputError(f"cannot write models into {out}: not a folder{where}")
+    files = [p for p in targets.values() if p.exists() and not p.is_dir()]
+    if files:
+        raise InputError(f"cannot write models into {out}: {files[0]} is a file, not a folder")
+    if reuse or overwrite:
+        return
+    used = [p for p in targets.values() if p.is_dir() and any(p.iterdir())]
+    if used:
+        listed = ", ".join(f"{p.name}/" for p in used)
+        raise InputError(
+            f"{out} already holds {listed}: the random weights would replace what is there; choose a new or "
+            "empty folder, or pass --overwrite (overwrite=True) to replace them"
+        )
 
 
 def build_random_powerpaint(out_dir, base_dir, preset=None, seed: int = 0) -> Path:

@@ -175,7 +175,7 @@ def test_cli(tmp_path):
     assert len(json.loads((tmp_path / "e/mapping_file.json").read_text())) == 2
     result = runner.invoke(app, ["make-train", str(tmp_path / "x"), "-n", "0"])
     assert result.exit_code == 2
-    assert "num_scenes must be at least 1" in result.output
+    assert "--num-scenes must be at least 1" in result.output  # the flag, not the parameter
 
 
 def test_removal_eval_set_asks_for_the_masked_object_to_go(tmp_path):

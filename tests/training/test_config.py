@@ -60,7 +60,7 @@ def test_invalid_values_are_errors():
         parse_train_args([*REQUIRED, "--caption_dropout", "1.5"])
     with pytest.raises(ConfigError, match="go together"):
         parse_train_args([*REQUIRED, "--validation_prompts", "a", "b", "--validation_images", "x.png"])
-    with pytest.raises(SystemExit):  # argparse: unknown flag
+    with pytest.raises(ConfigError, match=r"unknown flag --learnig_rate \(did you mean --learning_rate\?\)"):
         parse_train_args([*REQUIRED, "--learnig_rate", "1"])
 
 

@@ -38,9 +38,66 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CFG_BRANCH_MODES", "random_weight_models", "compile_method", "measure_speed", "format_table"]
+__all__ = [
+    "CFG_BRANCH_MODES",
+    "DTYPES",
+    "check_speed_settings",
+    "random_weight_models",
+    "compile_method",
+    "measure_speed",
+    "format_table",
+]
 
 CFG_BRANCH_MODES = ("once", "doubled")
+DTYPES = ("fp32", "fp16", "bf16")
+
+
+def check_speed_settings(
+    resolutions: Sequence[int],
+    dtypes: Sequence[str],
+    steps: Sequence[int],
+    repeats: int,
+    cfg_branch: Sequence[str],
+    names: dict[str, str] | None = None,
+) -> None:
+    """Refuse settings :func:`measure_speed` cannot time, before any model is built or loaded: an empty list, a
+    resolution or step count below 1, ``repeats`` below 1, an unknown dtype or CFG branch mode.
+
+    Args:
+        names: what to call each setting in the message (the CLI passes its flags, ``{"resolutions":
+            "--resolutions", ...}``); default: the parameter names.
+
+    Raises:
+        ValueError: one line naming the setting and the bad value.
+    """
+    names = {
+        key: (names or {}).get(key, key)
+        for key in ("resolutions", "dtypes", "steps", "repeats", "cfg_branch")
+    }
+    for key, values in (
+        ("resolutions", resolutions),
+        ("dtypes", dtypes),
+        ("steps", steps),
+        ("cfg_branch", cfg_branch),
+    ):
+        if not values:
+            raise ValueError(f"{names[key]} is empty: give at least one value")
+    for key, values in (("resolutions", resolutions), ("steps", steps)):
+        bad = [
+            value for value in values if isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ]
+        if bad:
+            raise ValueError(f"{names[key]} must be whole numbers of at least 1, got {bad[0]!r}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"{names['repeats']} must be at least 1, got {repeats!r}")
+    unknown = [dtype for dtype in dtypes if dtype not in (*DTYPES, "float32", "float16", "bfloat16")]
+    if unknown:
+        raise ValueError(f"{names['dtypes']}: unknown dtype {unknown[0]!r}; choose among {', '.join(DTYPES)}")
+    unknown = [mode for mode in cfg_branch if mode not in CFG_BRANCH_MODES]
+    if unknown:
+        raise ValueError(
+            f"{names['cfg_branch']}: unknown mode {unknown[0]!r}; choose among {', '.join(CFG_BRANCH_MODES)}"
+        )
 
 
 def random_weight_models(preset: str, out_dir: str | os.PathLike, methods: Sequence[str]):
@@ -205,11 +262,7 @@ def measure_speed(
 
     from ..methods import inpaint, load_method
 
-    if repeats < 1:
-        raise ValueError(f"repeats must be at least 1, got {repeats}")
-    unknown = sorted(set(cfg_branch) - set(CFG_BRANCH_MODES))
-    if unknown or not cfg_branch:
-        raise ValueError(f"cfg_branch must be among {', '.join(CFG_BRANCH_MODES)}, got {list(cfg_branch)}")
+    check_speed_settings(resolutions, dtypes, steps, repeats, cfg_branch)
     cuda = torch.device(device).type == "cuda"
     records = []
     for method_name in methods:

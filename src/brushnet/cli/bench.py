@@ -104,6 +104,12 @@ def run(
     classes = [get_method_class(name) for name in names]
     if (num_shards is None) != (shard_index is None):
         raise InputError("give both --num-shards and --shard-index, or neither")
+    if num_shards is not None and num_shards < 1:
+        raise InputError(f"--num-shards must be at least 1, got {num_shards}")
+    if shard_index is not None and not 0 <= shard_index < num_shards:
+        raise InputError(
+            f"--shard-index must be between 0 and {num_shards - 1} (--num-shards {num_shards}), got {shard_index}"
+        )
     try:
         per_method = json.loads(method_options)
     except json.JSONDecodeError as exc:
@@ -116,7 +122,7 @@ def run(
     for name, options in split_options(option, names).items():
         per_method[name] = {**per_method.get(name, {}), **options}
     settings = BenchSettings(**request, options=per_method, scorers=list(score or []))
-    datasets = [load_dataset(dataset, dataset_kind, kind).limit(limit) for kind in _split(mask_kind)]
+    datasets = [_load_dataset(load_dataset, dataset, dataset_kind, kind, limit) for kind in _split(mask_kind)]
     weights = {
         "lpips_linear": lpips_linear_weights,
         "lpips_backbone": lpips_backbone_weights,
@@ -176,6 +182,21 @@ def run(
         raise typer.Exit(1)
 
 
+def _load_dataset(load_dataset, dataset: Path, dataset_kind: str, mask_kind: str, limit: int | None):
+    """``load_dataset(...).limit(limit)``; a mapping file that is not UTF-8 text (an image given as --dataset) is
+    one line naming the flag and the file."""
+    from ..errors import InputError
+
+    try:
+        return load_dataset(dataset, dataset_kind, mask_kind).limit(limit)
+    except UnicodeDecodeError:
+        mapping = dataset / "mapping_file.json" if dataset.is_dir() else dataset
+        raise InputError(
+            f"--dataset {dataset}: {mapping} is not a {dataset_kind} mapping file (not UTF-8 JSON text); give "
+            "the set's folder or its mapping_file.json"
+        ) from None
+
+
 @app.command()
 @guarded
 def report(
@@ -217,8 +238,64 @@ def speed(
     runtime: Any = None,
 ) -> None:
     """Seconds per image, UNet calls and peak memory per method × resolution × dtype × steps."""
-    import platform
+    import shutil
     import tempfile
+
+    from ..bench.speed import check_speed_settings
+    from ..errors import InputError
+    from ..io import check_output_path
+
+    _logging()
+    # every flag and the output path, before any model is built or loaded
+    resolution_list = _positive_ints(resolutions, "--resolutions")
+    step_list = _positive_ints(steps, "--steps")
+    try:
+        check_speed_settings(resolution_list, _split(dtype), step_list, repeats, _split(cfg_branch),
+                             names={"resolutions": "--resolutions", "dtypes": "--dtype", "steps": "--steps",
+                                    "repeats": "--repeats", "cfg_branch": "--cfg-branch"})  # fmt: skip
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    if output is not None:
+        try:
+            check_output_path(output)
+        except InputError as exc:
+            raise InputError(f"--output: {exc}") from None
+    if weights_dir is not None and weights_dir.exists() and not weights_dir.is_dir():
+        raise InputError(f"--weights-dir {weights_dir} is a file, not a folder")
+    runtime.apply()
+    temporary = None  # the temp folder --random-weights builds into without --weights-dir; removed at the end
+    try:
+        if random_weights is not None and weights_dir is None:
+            from ..random_models import PRESETS
+
+            if random_weights in PRESETS:
+                temporary = Path(tempfile.mkdtemp(prefix="brushnet-speed-"))
+        _speed(methods, resolution_list, dtype, step_list, repeats, cfg_branch, scheduler, guidance,
+               random_weights, weights_dir or temporary, output, models, runtime)  # fmt: skip
+    finally:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _positive_ints(value: str, flag: str) -> list[int]:
+    """``"256,512"`` → ``[256, 512]``; anything else is one line naming ``flag``."""
+    from ..errors import InputError
+
+    numbers = []
+    for part in _split(value):
+        try:
+            numbers.append(int(part))
+        except ValueError:
+            raise InputError(f"{flag} takes comma-separated whole numbers, got {part!r}") from None
+    if not numbers:
+        raise InputError(f"{flag} is empty: give at least one value")
+    return numbers
+
+
+def _speed(methods, resolutions, dtype, steps, repeats, cfg_branch, scheduler, guidance, random_weights,
+           weights_root, output, models, runtime) -> None:  # fmt: skip
+    """The body of :func:`speed`, after its checks (``weights_root``: where --random-weights builds)."""
+    import platform
 
     import torch
 
@@ -227,8 +304,6 @@ def speed(
     from ..io import atomic_write_bytes
     from ..methods import ModelPaths, available_methods, get_method_class
 
-    _logging()
-    runtime.apply()
     names = available_methods() if methods == "all" else _split(methods)
     classes = [get_method_class(name) for name in names]
     if random_weights is not None:
@@ -248,7 +323,7 @@ def speed(
             typer.echo(f"skipped (no random-weight {family} models): {', '.join(unbuildable)}", err=True)
             classes = [cls for cls in classes if cls.name not in unbuildable]
             names = [cls.name for cls in classes]
-        folder = (weights_dir or Path(tempfile.mkdtemp(prefix="brushnet-speed-"))) / random_weights
+        folder = weights_root / random_weights
         slots = {slot for cls in classes for slot in cls.models if slot.folder is not None}
         models = {**build_model_set(folder, slots, random_weights, reuse=True), **models}
     paths = ModelPaths(**models)
@@ -257,9 +332,9 @@ def speed(
     records = measure_speed(
         names,
         paths,
-        resolutions=[int(r) for r in _split(resolutions)],
+        resolutions=resolutions,
         dtypes=_split(dtype),
-        steps=[int(s) for s in _split(steps)],
+        steps=steps,
         repeats=repeats,
         device=runtime.device,
         compile=runtime.compile,

@@ -609,6 +609,9 @@ def make_tiny_models_command(
         help="tiny, small, sd15 (the real SD1.5 sizes), tiny-xl or sdxl (the real SDXL sizes).",
     ),
     seed: int = typer.Option(0, "--seed"),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace model folders already in OUT_DIR (otherwise they are refused)."
+    ),
 ) -> None:
     """Write random-weight model folders for every method (offline; for trying the tools, not for quality)."""
     from ..methods import model_slots
@@ -617,7 +620,7 @@ def make_tiny_models_command(
     if preset not in PRESETS:
         fail(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     slots = [slot for slot in model_slots().values() if slot.random_builder is not None]
-    for name, path in build_model_set(out_dir, slots, preset, seed=seed).items():
+    for name, path in build_model_set(out_dir, slots, preset, seed=seed, overwrite=overwrite).items():
         typer.echo(f"{path}  (--{name.replace('_', '-')})")
 
 

@@ -2,12 +2,15 @@
 
 The flags are parsed by the one argparse parser built from :class:`~brushnet.training.config.TrainConfig` (so
 ``brushnet train``, ``python -m brushnet.train`` and ``accelerate launch -m brushnet.train`` accept exactly the
-same options); typer only forwards them. Heavy imports happen inside the command.
+same options); typer only forwards them. Heavy imports happen inside the command. As every command, an
+unexpected error is one line and exit status 1 (``BRUSHNET_DEBUG=1`` shows the traceback).
 """
 
 from __future__ import annotations
 
 import typer
+
+from .common import guarded
 
 __all__ = ["train_command", "COMMAND_SETTINGS"]
 
@@ -18,6 +21,7 @@ COMMAND_SETTINGS = {
 }
 
 
+@guarded
 def train_command(ctx: typer.Context) -> None:
     """Train a BrushNet branch (flags as in diffusers' train_controlnet.py; --help lists them)."""
     from ..training.entry import main

@@ -28,6 +28,8 @@ __all__ = [
     "build_parser",
     "parse_train_args",
     "save_config",
+    "vae_scale_factor",
+    "check_resolution",
 ]
 
 
@@ -254,13 +256,38 @@ def _flag_kwargs(annotation) -> dict:
     return {"type": annotation}
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors (an unknown flag, a bad choice, a missing value) raise
+    :class:`ConfigError` with argparse's one-line message, instead of printing the whole usage text and
+    exiting; ``--help`` still prints every flag."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        raise ConfigError(message)
+
+
+def _unknown_flags(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    """The message for arguments no flag takes: the unknown flags, each with the closest real flag if any."""
+    import difflib
+
+    known = [flag for action in parser._actions for flag in action.option_strings]
+    flags = [arg.split("=", 1)[0] for arg in extras if arg.startswith("-")]
+    if not flags:
+        return f"unexpected argument {extras[0]!r}: every option is a --flag (--help lists the flags)"
+    parts = []
+    for flag in flags:
+        close = difflib.get_close_matches(flag, known, n=1)
+        parts.append(f"{flag} (did you mean {close[0]}?)" if close else flag)
+    noun = "flag" if len(flags) == 1 else "flags"
+    return f"unknown {noun} {', '.join(parts)} (--help lists the flags)"
+
+
 def build_parser(prog: str = "brushnet train") -> argparse.ArgumentParser:
     """An argparse parser with ``--config`` and one flag per :class:`TrainConfig` field.
 
     Defaults are suppressed, so the parsed namespace holds only the flags actually given; they override
-    the config file, which overrides the field defaults.
+    the config file, which overrides the field defaults. A usage error raises :class:`ConfigError`.
     """
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=prog,
         description="Train a BrushNet branch on a frozen Stable Diffusion base.",
         argument_default=argparse.SUPPRESS,
@@ -285,10 +312,14 @@ def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
     """Parse flags (and ``--config``) into a validated :class:`TrainConfig`.
 
     Raises:
-        ConfigError: unreadable config file, unknown key or invalid value.
-        SystemExit: from argparse, for ``--help`` or an unknown flag (only at the command-line edge).
+        ConfigError: unreadable config file, unknown key or flag, invalid value (a bad choice names the choices).
+        SystemExit: from argparse, for ``--help`` (only at the command-line edge).
     """
-    flags = vars(build_parser().parse_args(argv))
+    parser = build_parser()
+    namespace, extras = parser.parse_known_args(argv)
+    if extras:
+        raise ConfigError(_unknown_flags(parser, extras))
+    flags = vars(namespace)
     config_path = flags.pop("config", None)
     values = load_config_file(config_path) if config_path else {}
     mask_flags = {k[len(_MASK_PREFIX) :]: flags.pop(k) for k in list(flags) if k.startswith(_MASK_PREFIX)}
@@ -299,3 +330,42 @@ def parse_train_args(argv: list[str] | None = None) -> TrainConfig:
             raise ConfigError("config key 'mask' must be a mapping of MaskConfig keys")
         values["mask"] = {**mask, **mask_flags}
     return make_config(values)
+
+
+# -- checks against the model ----------------------------------------------------------------------------
+
+DEFAULT_VAE_SCALE_FACTOR = 8
+"""The VAE downsampling of every Stable Diffusion base (SD1.5, SD2, SDXL): the factor assumed when the base's
+``vae/config.json`` cannot be read here (a hub id, a single file)."""
+
+
+def vae_scale_factor(pretrained_model_name_or_path: str | os.PathLike) -> int:
+    """How much the base's VAE downsamples (``2 ** (levels - 1)``), read from ``vae/config.json`` of a local
+    diffusers folder without loading anything; :data:`DEFAULT_VAE_SCALE_FACTOR` when that file cannot be read."""
+    path = Path(pretrained_model_name_or_path).expanduser() / "vae" / "config.json"
+    try:
+        blocks = json.loads(path.read_text()).get("block_out_channels")
+    except (OSError, ValueError, AttributeError):
+        return DEFAULT_VAE_SCALE_FACTOR
+    if isinstance(blocks, list) and blocks:
+        return 2 ** (len(blocks) - 1)
+    return DEFAULT_VAE_SCALE_FACTOR
+
+
+def check_resolution(config: TrainConfig) -> None:
+    """Refuse a ``resolution`` the base's VAE cannot encode to a whole latent: it must be a multiple of the VAE's
+    downsampling (8 for Stable Diffusion; any latent size then works with the UNet, 1 included). Reads only the
+    VAE config, before any model loads.
+
+    Raises:
+        ConfigError: one line with the smallest valid value and the nearest ones.
+    """
+    factor = vae_scale_factor(config.pretrained_model_name_or_path)
+    if config.resolution % factor == 0:
+        return
+    below = config.resolution // factor * factor
+    nearest = " or ".join(str(v) for v in (below, below + factor) if v > 0)
+    raise ConfigError(
+        f"--resolution {config.resolution} is not a multiple of {factor} (the base model's VAE downsamples by "
+        f"{factor}); the smallest valid value is {factor}, the nearest {nearest}"
+    )

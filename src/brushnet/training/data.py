@@ -49,7 +49,8 @@ def _is_remote(shard: str) -> bool:
 def check_training_data(config) -> None:
     """Check that the data ``config`` names exists, before any model is loaded: ``train_shards`` is not empty
     and every local shard it expands to (folder, brace pattern, glob) is a file; ``train_data_dir`` is a folder.
-    Whether the shards hold usable samples is known only when they are read (:func:`iterate_batches`).
+    and holds images (with a mask each when it has ``masks/``; without, ``--mask_mode brush``) and readable
+    captions. Whether the shards hold usable samples is known only when they are read (:func:`iterate_batches`).
 
     Raises:
         InputError: one line naming the problem and what was given.
@@ -80,8 +81,13 @@ def check_training_data(config) -> None:
             raise InputError(
                 f"--train_shards {spec}: {len(missing)} of its {len(shards)} shards do not exist (first: {missing[0]})"
             )
-    if config.train_data_dir is not None and not Path(config.train_data_dir).is_dir():
-        raise InputError(f"--train_data_dir {config.train_data_dir} is not a folder")
+    if config.train_data_dir is not None:
+        if not Path(config.train_data_dir).is_dir():
+            raise InputError(f"--train_data_dir {config.train_data_dir} is not a folder")
+        try:  # lists the images (and masks, captions) and checks the mask mode; reads no image
+            _folder_dataset(config, seed=0)
+        except ValueError as exc:
+            raise InputError(f"--train_data_dir: {exc}") from None
 
 
 def build_train_dataset(config, process_index: int, num_processes: int, seed: int):
@@ -105,6 +111,16 @@ def build_train_dataset(config, process_index: int, num_processes: int, seed: in
             world_size=num_processes,
             shuffle_buffer=config.shuffle_buffer,
         )
+    return _folder_dataset(config, seed)
+
+
+def _folder_dataset(config, seed: int):
+    """The :class:`brushnet.data.folder.FolderDataset` of ``config.train_data_dir``: ``images/`` (or the folder
+    itself), the optional ``masks/``; without masks the mask mode must be ``brush``.
+
+    Raises:
+        ValueError: no images, a missing mask, unreadable captions, or masks to generate in another mode.
+    """
     from ..data.folder import FolderDataset
 
     root = Path(config.train_data_dir)

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
+from pathlib import Path
 
-__all__ = ["main", "bound_threads"]
+__all__ = ["main", "bound_threads", "OutputFolderGuard"]
 
 
 def bound_threads() -> int:
@@ -38,12 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     disk), is a one-line message and exit status 2 (``BRUSHNET_DEBUG=1`` shows the traceback)."""
     from ..cli.common import silence_library_noise
     from ..errors import InputError, first_line
-    from .config import ConfigError, parse_train_args
+    from .config import ConfigError, check_resolution, parse_train_args
 
     silence_library_noise()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         config = parse_train_args(argv)
+        check_resolution(config)  # reads the VAE config only
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -51,12 +54,110 @@ def main(argv: list[str] | None = None) -> int:
     from .loop import train
 
     bound_threads()
+    guard = None
     try:
+        check_output_dir(config.output_dir)
         check_training_data(config)  # before any model loads
-        train(config)
-    except (InputError, ValueError, OSError) as error:
-        if os.environ.get("BRUSHNET_DEBUG"):
+        guard = OutputFolderGuard(config)
+        with guard:
+            train(config)
+    except (Exception, KeyboardInterrupt) as error:
+        if guard is not None:
+            guard.undo()  # a run that failed before it trained leaves nothing behind
+        if not isinstance(error, (InputError, ValueError, OSError)) or os.environ.get("BRUSHNET_DEBUG"):
             raise
         print(f"error: {first_line(error)}", file=sys.stderr)
         return 2
     return 0
+
+
+def check_output_dir(output_dir: str | os.PathLike) -> None:
+    """Refuse an ``--output_dir`` that is a file, or lies under one, before anything is loaded or written.
+
+    Raises:
+        InputError: one line naming the flag and the file.
+    """
+    from ..errors import InputError
+
+    folder = Path(output_dir)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"--output_dir {folder} is a file, not a folder")
+    parent = folder.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise InputError(f"--output_dir {folder}: {parent} is a file, not a folder")
+
+
+class OutputFolderGuard:
+    """Undoes what a run refused at startup (bad data, a model that does not fit, a bad checkpoint ...) wrote
+    into its output folder: ``train_config.yaml`` and the tracker's folder when this run created them, and the
+    output folder itself (with the folders above it this run made) when this run created it and it is empty
+    again. Nothing else is touched: not what the folder held before, nor anything else the run wrote (a
+    checkpoint, the final model); and only an error before training began counts (the loop's "training steps
+    ..." line marks the start), so a failed run's tracker logs are kept. Only the main process (``RANK`` 0 or
+    unset) undoes anything.
+
+    Use as a context manager around :func:`brushnet.training.loop.train`, then call :meth:`undo` on an error.
+    """
+
+    _STARTED = ("training steps ", "already finished: ")  # the loop's last lines before training
+
+    def __init__(self, config):
+        from .checkpointing import CONFIG_FILE
+
+        self.folder = Path(config.output_dir)
+        self.before = set(os.listdir(self.folder)) if self.folder.is_dir() else None
+        self.created = None  # the top-most folder this run creates
+        path = self.folder.absolute()
+        while not path.exists() and path != path.parent:
+            self.created, path = path, path.parent
+        self.startup = {CONFIG_FILE}
+        tracker = Path(config.logging_dir)
+        if not tracker.is_absolute() and tracker.parts and tracker.parts[0] not in (".", ".."):
+            self.startup.add(tracker.parts[0])
+        self.started = False
+        self._handler = None
+
+    def __enter__(self) -> OutputFolderGuard:
+        guard = self
+
+        class _Watch(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                if isinstance(record.msg, str) and record.msg.startswith(guard._STARTED):
+                    guard.started = True
+
+        self._handler = _Watch(logging.INFO)
+        logging.getLogger("brushnet.training.loop").addHandler(self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger("brushnet.training.loop").removeHandler(self._handler)
+
+    def undo(self) -> list[Path]:
+        """Remove what this run wrote at startup, as described above. Returns the paths removed."""
+        if self.started or os.environ.get("RANK", "0") != "0" or not self.folder.is_dir():
+            return []
+        new = set(os.listdir(self.folder)) - (self.before or set())
+        if not new <= self.startup:  # something else appeared: keep everything
+            return []
+        removed = []
+        for name in sorted(new):
+            path = self.folder / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+        if self.created is not None:  # the empty folders this run made, deepest first
+            path = self.folder.absolute()
+            while True:
+                try:
+                    path.rmdir()
+                except OSError:
+                    break
+                removed.append(path)
+                if path == self.created:
+                    break
+                path = path.parent
+        return removed
