@@ -28,6 +28,7 @@ __all__ = [
     "atomic_write_together",
     "atomic_write_text",
     "check_output_path",
+    "file_in_the_way",
     "is_sidecar",
     "is_brushnet_image",
     "png_bytes",
@@ -68,6 +69,13 @@ def _nearest_existing(folder: Path) -> Path:
     while not (folder.exists() or folder.is_symlink()) and folder != folder.parent:
         folder = folder.parent
     return folder
+
+
+def file_in_the_way(folder: str | os.PathLike) -> Path | None:
+    """The file at ``folder``, or the nearest existing path above it when that is a file (so ``folder`` cannot
+    be made); ``None`` when ``folder`` is or can become a folder."""
+    existing = _nearest_existing(Path(folder))
+    return existing if existing.exists() and not existing.is_dir() else None
 
 
 def check_output_path(path: str | os.PathLike) -> Path:

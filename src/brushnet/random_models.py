@@ -451,11 +451,10 @@ def _remove_empty_folders(folder: Path, top: Path) -> None:
 def _check_model_set_folder(out: Path, targets: dict[str, Path], reuse: bool, overwrite: bool) -> None:
     """The refusals of :func:`build_model_set`, before anything is built (see there)."""
     from .errors import InputError
+    from .io import file_in_the_way
 
-    existing = out
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if existing.exists() and not existing.is_dir():
+    existing = file_in_the_way(out)
+    if existing is not None:
         where = "" if existing == out else f" ({existing} is a file)"
         raise InputError(f"cannot write models into {out}: not a folder{where}")
     files = [p for p in targets.values() if p.exists() and not p.is_dir()]

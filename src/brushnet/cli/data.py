@@ -38,10 +38,10 @@ def _at_least(value: int, minimum: int, flag: str) -> None:
 
 def _check_output_folder(out: Path, name: str) -> None:
     """Refuse an output folder that is a file, or lies under one (``name``: the flag or argument)."""
-    existing = out
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if existing.exists() and not existing.is_dir():
+    from ..io import file_in_the_way
+
+    existing = file_in_the_way(out)
+    if existing is not None:
         where = "" if existing == out else f" ({existing} is a file)"
         raise InputError(f"{name} {out} is not a folder{where}")
 

@@ -200,6 +200,22 @@ def check_blending_kernel_size(blending: bool, blending_kernel_size) -> None:
         )
 
 
+class CheckedSourceMixin:
+    """Put first among a pipeline's bases: its ``from_pretrained`` is diffusers' (every argument the same), after a
+    check of the source (:func:`brushnet.loading.check_pipeline_source`): a missing path, a folder of one model,
+    and a hub id offline that is not cached are one-line :class:`~brushnet.errors.CheckpointError`\\ s."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        from ..loading import check_pipeline_source
+
+        hub = {
+            k: kwargs[k] for k in ("cache_dir", "revision", "local_files_only") if kwargs.get(k) is not None
+        }
+        check_pipeline_source(pretrained_model_name_or_path, **hub)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+
 class BrushNetPipelineMixin(PAGMixin):
     """Parts of a BrushNet pipeline that do not depend on the base model family.
 

@@ -49,6 +49,7 @@ from ..loading import check_brushnet_fits_base
 from ..models.brushnet import BrushNetModel
 from .common import (  # noqa: F401
     BrushNetPipelineMixin,
+    CheckedSourceMixin,
     brushnet_keep_schedule,
     check_prompt,
     controlnet_keep_schedule,
@@ -58,6 +59,7 @@ __all__ = ["StableDiffusionBrushNetPipeline"]
 
 
 class StableDiffusionBrushNetPipeline(
+    CheckedSourceMixin,
     DiffusionPipeline,
     StableDiffusionMixin,
     TextualInversionLoaderMixin,
@@ -80,19 +82,6 @@ class StableDiffusionBrushNetPipeline(
         controlnet: optional ``ControlNetModel`` (or a list / ``MultiControlNetModel``) whose residuals are added
             to the UNet's skips next to the branch's, steered by ``control_image`` (e.g. a pose or depth map).
     """
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """diffusers' ``DiffusionPipeline.from_pretrained`` (every argument the same), after a check of the source
-        (:func:`brushnet.loading.check_pipeline_source`): a missing path, a folder of one model, and a hub id
-        offline that is not cached are one-line :class:`~brushnet.errors.CheckpointError`\\ s."""
-        from ..loading import check_pipeline_source
-
-        hub = {
-            k: kwargs[k] for k in ("cache_dir", "revision", "local_files_only") if kwargs.get(k) is not None
-        }
-        check_pipeline_source(pretrained_model_name_or_path, **hub)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     # the branch and a ControlNet run every step: kept out of the chain so they do not bounce (as diffusers
     # keeps its ControlNet out); they get their own hooks and stay on the device until the call ends

@@ -58,12 +58,13 @@ from transformers import (
 
 from ..loading import FAMILY_NAMES, CheckpointError, check_brushnet_fits_base, detect_family
 from ..models.brushnet import BrushNetModel
-from .common import BrushNetPipelineMixin, check_prompt
+from .common import BrushNetPipelineMixin, CheckedSourceMixin, check_prompt
 
 __all__ = ["StableDiffusionXLBrushNetPipeline"]
 
 
 class StableDiffusionXLBrushNetPipeline(
+    CheckedSourceMixin,
     DiffusionPipeline,
     StableDiffusionMixin,
     TextualInversionLoaderMixin,
@@ -90,19 +91,6 @@ class StableDiffusionXLBrushNetPipeline(
         controlnet: optional SDXL ``ControlNetModel`` (or a list / ``MultiControlNetModel``) steering what fills
             the hole through ``control_image``.
     """
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """diffusers' ``DiffusionPipeline.from_pretrained`` (every argument the same), after a check of the source
-        (:func:`brushnet.loading.check_pipeline_source`): a missing path, a folder of one model, and a hub id
-        offline that is not cached are one-line :class:`~brushnet.errors.CheckpointError`\\ s."""
-        from ..loading import check_pipeline_source
-
-        hub = {
-            k: kwargs[k] for k in ("cache_dir", "revision", "local_files_only") if kwargs.get(k) is not None
-        }
-        check_pipeline_source(pretrained_model_name_or_path, **hub)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     # the branch and a ControlNet run every step: they stay out of the chain (see the SD1.5 pipeline)
     model_cpu_offload_seq = "text_encoder->text_encoder_2->image_encoder->unet->vae"

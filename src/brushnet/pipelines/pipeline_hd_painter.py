@@ -48,7 +48,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from ..errors import InputError
 from ..models.conditioning import encode_latents
 from ..schedulers import original_and_noise
-from .common import check_finite, check_generator, check_positive_int, check_prompt
+from .common import CheckedSourceMixin, check_finite, check_generator, check_positive_int, check_prompt
 from .hd_painter_attention import HDPainterAttentionState, hd_painter_attention
 
 __all__ = ["StableDiffusionHDPainterPipeline", "hd_painter_timesteps", "hd_painter_token_indices"]
@@ -116,7 +116,7 @@ def _bicubic(hole: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return torch.stack(out)[:, None]
 
 
-class StableDiffusionHDPainterPipeline(DiffusionPipeline, StableDiffusionMixin):
+class StableDiffusionHDPainterPipeline(CheckedSourceMixin, DiffusionPipeline, StableDiffusionMixin):
     r"""Text-guided inpainting with HD-Painter's PAIntA and RASG on a 9-channel SD1.x/SD2 inpainting UNet.
 
     Args:
@@ -126,19 +126,6 @@ class StableDiffusionHDPainterPipeline(DiffusionPipeline, StableDiffusionMixin):
         scheduler: read for its noise schedule (``alphas_cumprod``, ``betas``) and ``prediction_type`` only;
             the loop is HD-Painter's own DDIM.
     """
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """diffusers' ``DiffusionPipeline.from_pretrained`` (every argument the same), after a check of the source
-        (:func:`brushnet.loading.check_pipeline_source`): a missing path, a folder of one model, and a hub id
-        offline that is not cached are one-line :class:`~brushnet.errors.CheckpointError`\\ s."""
-        from ..loading import check_pipeline_source
-
-        hub = {
-            k: kwargs[k] for k in ("cache_dir", "revision", "local_files_only") if kwargs.get(k) is not None
-        }
-        check_pipeline_source(pretrained_model_name_or_path, **hub)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
     _callback_tensor_inputs = [

@@ -17,7 +17,14 @@ import torch
 from diffusers import StableDiffusionInpaintPipeline
 
 from ..models.task_tokens import task_token_ids
-from .common import check_finite, check_generator, check_image_dtype, check_positive_int, check_prompt
+from .common import (
+    CheckedSourceMixin,
+    check_finite,
+    check_generator,
+    check_image_dtype,
+    check_positive_int,
+    check_prompt,
+)
 from .powerpaint_prompts import check_task_arguments, encode_task_prompt_pair, task_prompts
 
 __all__ = ["StableDiffusionPowerPaintInpaintPipeline"]
@@ -28,26 +35,13 @@ _PARENT_ARGUMENTS = set(inspect.signature(StableDiffusionInpaintPipeline.__call_
 }
 
 
-class StableDiffusionPowerPaintInpaintPipeline(StableDiffusionInpaintPipeline):
+class StableDiffusionPowerPaintInpaintPipeline(CheckedSourceMixin, StableDiffusionInpaintPipeline):
     r"""PowerPaint v1: diffusers' ``StableDiffusionInpaintPipeline`` with task prompts.
 
     Components as diffusers' inpainting pipeline, with ``unet`` the PowerPaint v1 UNet (9 input channels),
     ``text_encoder`` its text encoder (vocabulary extended by the 30 task rows) and ``tokenizer`` the base
     tokenizer with the task placeholders added (:func:`~brushnet.models.task_tokens.add_task_tokens`).
     """
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """diffusers' ``DiffusionPipeline.from_pretrained`` (every argument the same), after a check of the source
-        (:func:`brushnet.loading.check_pipeline_source`): a missing path, a folder of one model, and a hub id
-        offline that is not cached are one-line :class:`~brushnet.errors.CheckpointError`\\ s."""
-        from ..loading import check_pipeline_source
-
-        hub = {
-            k: kwargs[k] for k in ("cache_dir", "revision", "local_files_only") if kwargs.get(k) is not None
-        }
-        check_pipeline_source(pretrained_model_name_or_path, **hub)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def __init__(
         self,
