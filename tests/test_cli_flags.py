@@ -139,3 +139,48 @@ def test_flag_values_reach_the_request(tiny_models, tmp_path):
                 assert parameters[name].items() >= value.items()
             else:
                 assert parameters[name] == value, name
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["inpaint", "--nosuch"], "error: No such option: --nosuch (see brushnet inpaint --help)"),
+        (
+            ["inpaint", "--steps", "abc"],
+            "error: Invalid value for '--steps': Input should be a valid integer, unable to parse string as an "
+            "integer (see brushnet inpaint --help)",
+        ),
+        (
+            ["shapes", "make-eval"],
+            "error: Missing argument 'out_dir'. (see brushnet shapes make-eval --help)",
+        ),
+    ],
+)
+def test_the_command_prints_a_usage_error_as_one_line(args, message, monkeypatch, capsys):
+    """``brushnet`` itself (``main``): an unknown option, a value of the wrong type or a missing argument is one
+    ``error:`` line and exit 2 (was click's usage text and a framed box of four to six lines)."""
+    import sys
+
+    from brushnet.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["brushnet", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip() == message
+
+
+def test_the_command_without_arguments_shows_the_help_and_help_exits_0(monkeypatch, capsys):
+    import sys
+
+    from brushnet.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["brushnet", "bench"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2 and "Usage: brushnet bench" in capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", ["brushnet", "methods"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 0 and "blended-latent-diffusion" in capsys.readouterr().out

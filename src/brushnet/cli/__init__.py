@@ -11,6 +11,7 @@ The flags that describe a request, the models and the runtime are generated from
 from __future__ import annotations
 
 import os
+import sys
 
 # OpenMP threads that spin while waiting burn the CPU another process needs; passive waiting costs nothing
 # measurable on an idle machine and avoids the collapse on a busy one. Set before torch loads OpenMP.
@@ -60,5 +61,38 @@ app.add_typer(data_app, name="data", help="Training data: synthetic shards.")
 app.add_typer(shapes_app, name="shapes", help="The procedural shapes world.")
 
 
+def _click_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """Click's usage errors and "no arguments: show the help" errors, from the click typer vendors (typer >= 0.2x)
+    and from click itself (older typer), whichever are installed."""
+    import importlib
+
+    usage, no_args = [], []
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        usage.append(module.UsageError)
+        if hasattr(module, "NoArgsIsHelpError"):
+            no_args.append(module.NoArgsIsHelpError)
+    return tuple(usage), tuple(no_args)
+
+
 def main() -> None:
-    app()
+    """The ``brushnet`` command: :data:`app`, with a usage error (an unknown option, a value of the wrong type, a
+    missing argument) as one ``error:`` line, exit 2, instead of click's usage text and framed box."""
+    usage_errors, no_args_errors = _click_errors()
+    try:
+        code = app(standalone_mode=False, prog_name="brushnet")
+    except no_args_errors as exc:  # bare ``brushnet`` or ``brushnet bench``: the help, as before
+        typer.echo(exc.ctx.get_help() if exc.ctx else exc.format_message())
+        sys.exit(2)
+    except usage_errors as exc:
+        command = exc.ctx.command_path if exc.ctx else "brushnet"
+        message = " ".join(exc.format_message().split())
+        typer.echo(f"error: {message} (see {command} --help)", err=True)
+        sys.exit(2)
+    except typer.Abort:
+        typer.echo("Aborted.", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
