@@ -289,3 +289,22 @@ def test_serve_help_says_how_a_guide_controlnet_gets_its_control_image():
     help_text = " ".join(runner.invoke(app, ["serve", "--help"], env={"COLUMNS": "400"}).output.split())
     assert "the request's control_image field" in help_text
     assert "(--control-image)" not in help_text  # serve has no such flag
+
+
+def test_scale_and_the_option_it_stands_for_must_agree(files, tmp_path):
+    """``--scale`` is shorthand for ``--option conditioning_scale=N``: both given with other values is refused
+    (the shorthand won, silently); the same value twice passes the check (it then fails on the missing models)."""
+    args = [
+        "inpaint",
+        "-i",
+        str(files / "img.png"),
+        "-m",
+        str(files / "mask.png"),
+        "-o",
+        str(tmp_path / "o.png"),
+    ]
+    args += ["--base", str(tmp_path / "no-base"), "--brushnet", str(tmp_path / "no-brushnet")]
+    result = runner.invoke(app, [*args, "--scale", "0.5", "--option", "conditioning_scale=0.8"])
+    _one_error_line(result, "--scale 0.5 and --option conditioning_scale=0.8 disagree; give one of them")
+    result = runner.invoke(app, [*args, "--scale", "0.5", "--option", "conditioning_scale=0.5"])
+    assert result.exit_code == 2 and "disagree" not in result.output and "no-base" in result.output

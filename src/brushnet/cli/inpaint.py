@@ -139,6 +139,9 @@ def inpaint_command(
 
     runtime.apply()
     if scale is not None:
+        given = request["options"].get("conditioning_scale")
+        if given is not None and given != scale:
+            fail(f"--scale {scale:g} and --option conditioning_scale={given} disagree; give one of them")
         request["options"] = {**request["options"], "conditioning_scale": scale}
     cls = get_method_class(method)
     refuse_unused_models(models, cls)
