@@ -410,3 +410,14 @@ def test_bench_run_dataset_that_is_an_image_names_the_flag(tmp_path, image_file)
     line = _one_error(runner.invoke(app, args))
     assert line.startswith(f"error: --dataset {image_file}: {image_file} is not a brushbench mapping file")
     assert "codec" not in line and not (tmp_path / "run").exists()
+
+
+def test_make_tiny_models_says_how_to_run_hd_painter_on_the_tiny_unet(tmp_path):
+    """The tiny UNet has no cross-attention at 1/4 of the latent size, which HD-Painter's RASG reads: a note on
+    stderr says so (stdout keeps one ``<folder>  (--flag)`` line per model, which scripts parse)."""
+    import re
+
+    result = runner.invoke(app, ["make-tiny-models", str(tmp_path / "tiny")])
+    assert result.exit_code == 0, result.output
+    assert all(re.fullmatch(r"\S+  \(--[a-z-]+\)", line) for line in result.stdout.splitlines())
+    assert "run hd-painter on these models with --option rasg=false" in result.stderr

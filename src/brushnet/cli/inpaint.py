@@ -623,8 +623,21 @@ def make_tiny_models_command(
     if preset not in PRESETS:
         fail(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     slots = [slot for slot in model_slots().values() if slot.random_builder is not None]
-    for name, path in build_model_set(out_dir, slots, preset, seed=seed, overwrite=overwrite).items():
+    built = build_model_set(out_dir, slots, preset, seed=seed, overwrite=overwrite)
+    for name, path in built.items():
         typer.echo(f"{path}  (--{name.replace('_', '-')})")
+    if "inpaint_model" in built:  # HD-Painter's RASG reads cross-attention at 1/4 of the latent size
+        import json
+
+        blocks = json.loads((Path(built["inpaint_model"]) / "unet" / "config.json").read_text())[
+            "down_block_types"
+        ]
+        if len(blocks) < 3 or "CrossAttn" not in blocks[2]:
+            typer.echo(
+                "note: this UNet has no cross-attention at 1/4 of the latent size, which HD-Painter's RASG reads: "
+                "run hd-painter on these models with --option rasg=false",
+                err=True,
+            )
 
 
 # batch, compare and outpaint take the model flags of every method, but no --control-image: the guide ControlNet's
