@@ -187,6 +187,8 @@ def test_demo_option_errors_come_before_loading(tmp_path):
     args = ["demo", "--models", str(models), "--methods", "brushnet,repaint", "-o", str(tmp_path / "out")]
     _one_line(runner.invoke(app, [*args, "--scheduler", "nosuch"]), "unknown scheduler 'nosuch'")
     _one_line(runner.invoke(app, [*args, "--device", "garbage"]), "unknown device")
+    # was silently ignored: the shipped scenes' masks are set
+    _one_line(runner.invoke(app, [*args, "--invert-mask"]), "--invert-mask applies to your own --mask")
     assert not (tmp_path / "out").exists()
 
 

@@ -51,7 +51,9 @@ def demo_command(
         "controlnet-inpaint, repaint, hd-painter, powerpaint) or 'all'.",
     ),
     models: Path | None = typer.Option(None, help="Models folder (default: the shipped demo_world)."),
-    table: bool = typer.Option(True, help="Print the mini-BrushBench table after the grid."),
+    table: bool = typer.Option(
+        True, help="Print the mini-BrushBench table after the shipped scenes' grid (not with --image)."
+    ),
     request: dict = None,
     runtime: Any = None,
 ) -> None:
@@ -76,6 +78,10 @@ def demo_command(
     ]
     if given and len(given) != 3:
         fail(f"--image, --mask and --prompt go together (got only {', '.join(given)})")
+    if invert_mask and not given:
+        fail(
+            "--invert-mask applies to your own --mask (with --image and --prompt); the shipped scenes' are set"
+        )
     chosen = (
         list(METHODS) if methods.strip() == "all" else [m.strip() for m in methods.split(",") if m.strip()]
     )
