@@ -308,3 +308,15 @@ def test_scale_and_the_option_it_stands_for_must_agree(files, tmp_path):
     _one_error_line(result, "--scale 0.5 and --option conditioning_scale=0.8 disagree; give one of them")
     result = runner.invoke(app, [*args, "--scale", "0.5", "--option", "conditioning_scale=0.5"])
     assert result.exit_code == 2 and "disagree" not in result.output and "no-base" in result.output
+
+
+def test_batch_reads_gif_images_as_inpaint_does(files, tmp_path):
+    """``inpaint -i x.gif`` works; ``batch`` skipped ``.gif`` files silently ("no images ... in" for a folder of
+    them)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.open(files / "img.png").convert("RGB").save(images / "one.gif")
+    args = ["batch", "--images", str(images), "--masks", str(files / "mask.png"), "-o", str(tmp_path / "out")]
+    args += ["--base", str(tmp_path / "no-base"), "--brushnet", str(tmp_path / "no-brushnet"), "-q"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "no images" not in result.output and "no-base" in result.output
