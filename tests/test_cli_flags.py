@@ -184,3 +184,14 @@ def test_the_command_without_arguments_shows_the_help_and_help_exits_0(monkeypat
     with pytest.raises(SystemExit) as exit_info:
         main()
     assert exit_info.value.code == 0 and "blended-latent-diffusion" in capsys.readouterr().out
+
+
+def test_the_pixel_limit_help_names_the_default_limit():
+    """The help is written out (the CLI imports no torch for --help); it must say the limit the code uses."""
+    import math
+
+    from brushnet.cli.inpaint import MAX_PIXELS_HELP
+    from brushnet.image import DEFAULT_MAX_PIXELS
+
+    side = math.isqrt(DEFAULT_MAX_PIXELS)
+    assert side * side == DEFAULT_MAX_PIXELS and f"default {side} x {side}" in MAX_PIXELS_HELP

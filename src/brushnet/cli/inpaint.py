@@ -43,7 +43,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 METHOD_HELP = "Inpainting method (see `brushnet methods`)."
-MAX_PIXELS_HELP = "Largest input image, width x height (checked before decoding)."
+MAX_PIXELS_HELP = "Largest input image, width x height (checked before decoding; default 8192 x 8192)."
 OVERWRITE_HELP = (
     "Allow --output (or its .json sidecar) to replace an input file, or an image or .json this tool did not "
     "write."
@@ -116,7 +116,7 @@ def _generate_and_write(
 @model_flags()
 @runtime_flags()
 def inpaint_command(
-    image: Path = typer.Option(..., "--image", "-i", help="Input image (PNG/JPEG/WebP/TIFF, any size)."),
+    image: Path = typer.Option(..., "--image", "-i", help="Input image (PNG/JPEG/WebP/TIFF/GIF/BMP, any size up to --max-pixels)."),
     mask: Path = typer.Option(..., "--mask", "-m", help="Mask, white = inpaint (L, RGB, or RGBA strokes)."),
     output: Path = typer.Option(..., "--output", "-o", help="Output .png (several images: out-0.png, ...)."),
     method: str = typer.Option("brushnet", "--method", help=METHOD_HELP),
