@@ -116,7 +116,9 @@ def _generate_and_write(
 @model_flags()
 @runtime_flags()
 def inpaint_command(
-    image: Path = typer.Option(..., "--image", "-i", help="Input image (PNG/JPEG/WebP/TIFF/GIF/BMP, any size up to --max-pixels)."),
+    image: Path = typer.Option(
+        ..., "--image", "-i", help="Input image (PNG/JPEG/WebP/TIFF/GIF/BMP, any size up to --max-pixels)."
+    ),
     mask: Path = typer.Option(..., "--mask", "-m", help="Mask, white = inpaint (L, RGB, or RGBA strokes)."),
     output: Path = typer.Option(..., "--output", "-o", help="Output .png (several images: out-0.png, ...)."),
     method: str = typer.Option("brushnet", "--method", help=METHOD_HELP),
