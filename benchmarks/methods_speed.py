@@ -93,7 +93,7 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from brushnet.methods import inpaint, load_method
+    from brushnet.methods import ModelPaths, get_method_class, inpaint, load_method
 
     names = [name.strip() for name in args.methods.split(",") if name.strip()]
     models = build_models(args.preset, args.models_dir)
@@ -120,7 +120,8 @@ def main() -> None:
     methods, results = {}, {}
     times, cpu_times = {name: [] for name in names}, {name: [] for name in names}
     for name in names:
-        methods[name] = load_method(name, models, device=args.device, dtype=args.dtype)
+        used = ModelPaths(**models).used_by(get_method_class(name))  # the set serves several methods
+        methods[name] = load_method(name, used, device=args.device, dtype=args.dtype)
         options = repaint_options if name == "repaint" else {}
         results[name] = inpaint(methods[name], image, mask, dict(request, options=options))  # warm-up
     for _ in range(args.repeats):

@@ -299,3 +299,31 @@ def test_a_half_precision_load_on_the_cpu_does_not_warn_that_it_cannot_run(tiny_
         logger.removeHandler(keep)
     assert not [message for message in messages if "cannot run with `cpu`" in message]
     assert "another warning" in messages and method.pipeline.unet.dtype == torch.float16
+
+
+def test_load_method_names_the_paths_it_ignores_and_refuses_a_config_for_a_folder_base(
+    tiny_models, caplog, monkeypatch
+):
+    """A path the method does not read is a warning naming it (a set for several methods is fine: each takes its
+    own); ``base_config`` with a folder base, which carries its own config, is refused before loading (it was
+    ignored, and recorded with the result as if used)."""
+    import logging
+
+    from brushnet.errors import InputError
+    from brushnet.methods import load_method
+
+    monkeypatch.setattr(get_method_class("brushnet"), "load", classmethod(lambda *a, **k: 1 / 0))
+    models = {"base": tiny_models["base"], "brushnet": tiny_models["brushnet"]}
+    with pytest.raises(
+        InputError, match="^--base-config is read only for a single-file --base or --inpaint-model"
+    ):
+        load_method("brushnet", {**models, "base_config": "/nonexistent/config"})
+    with caplog.at_level(logging.WARNING, logger="brushnet.methods.registry"):
+        with pytest.raises(ZeroDivisionError):  # the checks passed: it went on to load
+            load_method("brushnet", {**models, "controlnet": tiny_models["controlnet"]})
+    assert "method 'brushnet' does not read --controlnet; ignored" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="brushnet.methods.registry"):
+        with pytest.raises(ZeroDivisionError):
+            load_method("brushnet", models)
+    assert "does not read" not in caplog.text

@@ -268,7 +268,7 @@ def measure_speed(
     for method_name in methods:
         modes: Sequence[str | None] = list(cfg_branch) if method_name == "brushnet" else [None]
         for dtype in dtypes:
-            method = load_method(method_name, models, device=device, dtype=dtype)
+            method = load_method(method_name, _used(method_name, models), device=device, dtype=dtype)
             compiled = compile_method(method) if compile else []
             for resolution in resolutions:
                 image, hole = _test_input(resolution)
@@ -388,3 +388,11 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
     out = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in lines]
     out.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(out)
+
+
+def _used(name: str, models):
+    """The paths of a model set (several methods') that method ``name`` reads."""
+    from ..methods import ModelPaths, get_method_class
+
+    paths = models if isinstance(models, ModelPaths) else ModelPaths(**models)
+    return paths.used_by(get_method_class(name))

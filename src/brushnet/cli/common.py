@@ -199,8 +199,10 @@ class Runtime:
 
         ``device``/``dtype`` override the runtime's (the benchmark runner passes its own), so this is also a
         ``load`` function for :func:`brushnet.bench.runner.run_benchmark`."""
-        from ..methods import load_method
+        from ..methods import ModelPaths, get_method_class, load_method
 
+        if isinstance(models, dict):  # a set for several methods (compare, bench): the paths this one reads
+            models = ModelPaths(**models).used_by(get_method_class(name))
         method = load_method(name, models, device=device or self.device, dtype=dtype or self.dtype)
         if self.compile:
             compiled = method.compile()

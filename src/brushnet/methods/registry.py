@@ -143,6 +143,26 @@ def load_method(
     elif not isinstance(models, ModelPaths):
         raise InputError(f"models must be a dict of paths or a ModelPaths, got {type(models).__name__}")
     models.require(cls)
+    unused = [name for name, value in (models.model_extra or {}).items() if value is not None]
+    unused = [name for name in unused if name not in models.used_by(cls)]
+    if unused:  # one set of paths for several methods is fine; each takes what it reads
+        logger.warning(
+            "method %r does not read %s; ignored",
+            name,
+            ", ".join(model_slots()[slot].flag for slot in unused),
+        )
+    if models.get("base_config") is not None and "base_config" in models.used_by(cls):
+        single = [
+            slot
+            for slot in ("base", "inpaint_model")
+            if slot in models.used_by(cls) and Path(str(models.get(slot))).expanduser().is_file()
+        ]
+        if not single:
+            raise InputError(
+                "--base-config is read only for a single-file --base or --inpaint-model (.safetensors / .ckpt); "
+                f"{', '.join(f'{slot} {models.get(slot)}' for slot in ('base', 'inpaint_model') if models.get(slot))} "
+                "carries its own config: drop --base-config"
+            )
     from ..devices import resolve_device
     from ..errors import CheckpointError
     from ..loading import FAMILY_NAMES, brushnet_folder, check_brushnet_fits_base, peek_family, resolve_dtype
