@@ -327,3 +327,17 @@ def test_load_method_names_the_paths_it_ignores_and_refuses_a_config_for_a_folde
         with pytest.raises(ZeroDivisionError):
             load_method("brushnet", models)
     assert "does not read" not in caplog.text
+
+
+@pytest.mark.parametrize("request_value", [["steps", 2], "steps=2", 3])
+def test_a_request_that_is_no_mapping_is_one_line(scene, request_value):
+    """``inpaint(..., request=[...])`` / ``InpaintRequest.build("...")``: was ``TypeError: 'list' object is not a
+    mapping``."""
+    from brushnet.methods import InpaintRequest
+
+    with pytest.raises(
+        RequestError, match="^request must be an InpaintRequest or a dict of its fields, got "
+    ):
+        InpaintRequest.build(request_value)
+    with pytest.raises(RequestError, match="^request must be an InpaintRequest"):
+        prepare(get_method_class("brushnet"), *scene, request_value)

@@ -11,7 +11,7 @@ seeds, paste-back — is shared (:mod:`brushnet.methods.api`), so comparisons be
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -222,6 +222,10 @@ class InpaintRequest(BaseModel):
             if not overrides:
                 return request
             request = request.model_dump()
+        elif request is not None and not isinstance(request, Mapping):
+            raise RequestError(
+                f"request must be an InpaintRequest or a dict of its fields, got {type(request).__name__}"
+            )
         data = {**(request or {}), **overrides}
         try:
             return cls(**data)
