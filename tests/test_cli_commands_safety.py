@@ -86,6 +86,25 @@ def test_train_resolution_rule_follows_the_vae(tmp_path, golden_dir):
         check_resolution(config(tmp_path / "nowhere", 500))
 
 
+def test_the_training_functions_check_the_resolution_too(tmp_path, tiny_models):
+    """``brushnet.training.loop.train`` (the Python API, what the demo world's stages call) refuses the resolution
+    the command refuses, before the output folder is made."""
+    from brushnet.training.config import ConfigError, make_config
+    from brushnet.training.loop import train
+
+    config = make_config(
+        {
+            "pretrained_model_name_or_path": str(tiny_models["base"]),
+            "train_shards": "s",
+            "resolution": 7,
+            "output_dir": str(tmp_path / "run"),
+        }
+    )
+    with pytest.raises(ConfigError, match="--resolution 7 is not a multiple of"):
+        train(config)
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_at_the_smallest_valid_resolution_runs(capsys, tmp_path, tiny_models, train_shards):
     status, errors, err = _train(
         capsys,

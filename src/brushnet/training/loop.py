@@ -68,7 +68,7 @@ from .checkpointing import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from .config import TrainConfig, save_config
+from .config import TrainConfig, check_resolution, save_config
 from .data import build_train_dataloader, build_train_dataset, iterate_batches
 from .family import family_for_unet
 from .validation import ValidationSet, run_validation
@@ -506,6 +506,7 @@ def train(config: TrainConfig, dataset=None) -> TrainResult:
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
+    check_resolution(config)  # as the command does: the Python API gets the same one line, before anything
     output_dir = Path(config.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
