@@ -273,6 +273,22 @@ def test_build_model_set_failure_leaves_nothing_and_overwrite_replaces(monkeypat
 SYNTHETIC = ["data", "make-synthetic", "--samples-per-shard", "2", "--size", "16"]
 
 
+def test_make_eval_refuses_a_folder_holding_a_set_and_overwrite_replaces_it(tmp_path):
+    """A second eval set into the same folder replaced mapping_file.json and left the first set's other images
+    beside the new ones."""
+    out = tmp_path / "eval"
+    make = ["shapes", "make-eval", str(out), "--size", "64"]
+    assert runner.invoke(app, [*make, "-n", "3"]).exit_code == 0
+    first = sorted(p.name for p in (out / "images").iterdir())
+    mapping = (out / "mapping_file.json").read_bytes()
+    line = _one_error(runner.invoke(app, [*make, "-n", "1", "--seed", "5"]))
+    assert "already holds an evaluation set (mapping_file.json, images)" in line and "--overwrite" in line
+    assert (out / "mapping_file.json").read_bytes() == mapping
+    assert runner.invoke(app, [*make, "-n", "1", "--seed", "5", "--overwrite"]).exit_code == 0
+    assert len(list((out / "images").iterdir())) < len(first)  # none of the first set's images is left
+    assert (out / "mapping_file.json").read_bytes() != mapping
+
+
 def test_make_synthetic_refuses_a_folder_with_shards_and_overwrite_replaces_them(tmp_path):
     out = tmp_path / "ds"
     assert runner.invoke(app, [*SYNTHETIC, "--out", str(out), "--shards", "3"]).exit_code == 0

@@ -10,6 +10,7 @@ removes the shards it wrote (and the folder, when it made it).
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -190,6 +191,11 @@ def make_eval(
         "--removal",
         help="Object-removal entries: the prompt names the background (score with --score removal).",
     ),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Replace an evaluation set already in OUT_DIR (its images/ and mapping file).",
+    ),
 ) -> None:
     """Write a BrushBench-format evaluation set with one object hole per image."""
     from ..data.shapes_writers import write_eval_set
@@ -204,6 +210,17 @@ def make_eval(
     if mask_dilation is not None:
         _at_least(mask_dilation, 0, "--mask-dilation")
     _check_output_folder(out_dir, "OUT_DIR")
+    images = out_dir / "images"
+    held = [p for p in (out_dir / "mapping_file.json", images) if p.exists()]
+    if held and not overwrite:
+        raise InputError(
+            f"OUT_DIR {out_dir} already holds an evaluation set ({', '.join(p.name for p in held)}): a new one "
+            "would mix with it; choose a new or empty folder, or pass --overwrite to replace it"
+        )
+    if held:  # asked for: the old set goes first, so none of its images is left beside the new ones
+        (out_dir / "mapping_file.json").unlink(missing_ok=True)
+        if images.is_dir():
+            shutil.rmtree(images)
     path = write_eval_set(
         out_dir,
         num_scenes,
