@@ -121,6 +121,24 @@ def test_sdxl_guidance_rescale_must_be_finite():
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("value", [0.0, 1.5, -1.0])
+def test_sdxl_denoising_end_must_be_a_fraction_of_the_schedule(value):
+    """``denoising_end`` 0, 1.5 or -1 gave the same output as leaving it out (diffusers drops it silently)."""
+    _refused(
+        _pipe("xl"), ValueError, rf"`denoising_end` must be in \(0, 1\] \(a fraction of the schedule\), got {value}",
+        **{**tiny_inputs(), "denoising_end": value},
+    )  # fmt: skip
+
+
+def test_sdxl_denoising_end_of_one_runs_the_whole_schedule():
+    pipe = _pipe("xl")
+    full, cut = (
+        _run(pipe, generator=torch.Generator().manual_seed(0)),
+        _run(pipe, generator=torch.Generator().manual_seed(0), denoising_end=1.0),
+    )
+    assert np.array_equal(np.asarray(full[0]), np.asarray(cut[0]))
+
+
 def test_a_list_of_controlnet_scales_is_checked_element_wise():
     pipe = StableDiffusionBrushNetPipeline(**tiny_components("sd+controlnet"))
     pipe.set_progress_bar_config(disable=True)

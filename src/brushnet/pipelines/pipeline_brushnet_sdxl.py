@@ -58,7 +58,7 @@ from transformers import (
 
 from ..loading import FAMILY_NAMES, CheckpointError, check_brushnet_fits_base, detect_family
 from ..models.brushnet import BrushNetModel
-from .common import BrushNetPipelineMixin, CheckedSourceMixin, check_prompt
+from .common import BrushNetPipelineMixin, CheckedSourceMixin, check_finite, check_prompt
 
 __all__ = ["StableDiffusionXLBrushNetPipeline"]
 
@@ -372,6 +372,12 @@ class StableDiffusionXLBrushNetPipeline(
                 "pag_scale": pag_scale, "pag_adaptive_scale": pag_adaptive_scale,
             },
         )  # fmt: skip
+        if denoising_end is not None:  # diffusers ignores any value outside (0, 1) silently
+            check_finite("denoising_end", denoising_end)
+            if not 0 < denoising_end <= 1:
+                raise ValueError(
+                    f"`denoising_end` must be in (0, 1] (a fraction of the schedule), got {denoising_end}"
+                )
         self._begin_call(guidance_scale, clip_skip, cross_attention_kwargs)
         self._guidance_rescale = guidance_rescale
         self._denoising_end = denoising_end
