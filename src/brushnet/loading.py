@@ -12,6 +12,7 @@ says what was found and what was expected.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -679,6 +680,23 @@ def _single_file_family(path: Path, config: str | os.PathLike | None) -> str:
     return "sdxl" if any(k.startswith("conditioner.embedders.1.") for k in keys) else "sd15"
 
 
+@contextlib.contextmanager
+def quiet_warning(logger_name: str, fragment: str):
+    """Within the block, drop the records of logger ``logger_name`` whose message contains ``fragment`` (a library
+    warning the project answers itself, in one line); every other record passes."""
+
+    class Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return fragment not in record.getMessage()
+
+    logger, drop = logging.getLogger(logger_name), Drop()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 def _load_single_file(
     p: Path, torch_dtype, allow_pickle: bool, config: str | os.PathLike | None
 ) -> dict[str, Any]:
@@ -700,8 +718,9 @@ def _load_single_file(
     else:
         pipeline_cls = StableDiffusionPipeline
         kwargs.update(safety_checker=None, requires_safety_checker=False)
-    try:
-        pipe = pipeline_cls.from_single_file(str(p), **kwargs)
+    try:  # offline without --base-config, diffusers' two-line "Attempting to download" warning precedes our line
+        with quiet_warning("diffusers.loaders.single_file", "no local configs were found"):
+            pipe = pipeline_cls.from_single_file(str(p), **kwargs)
     except Exception as exc:  # diffusers raises many kinds here; keep one clear line
         hint = "" if config else " (offline? pass --base-config with a local diffusers folder)"
         raise CheckpointError(

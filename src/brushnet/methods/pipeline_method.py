@@ -22,25 +22,13 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["PipelineMethod", "pipeline_to"]
 
 
-class _HalfOnCpuFilter:
-    """Drops diffusers' warning that a float16 pipeline "cannot run" on the CPU: this torch runs float16 there
-    (slowly), and the warning came four times per load, on runs that succeed."""
-
-    def filter(self, record) -> bool:
-        return "cannot run with `cpu` device" not in record.getMessage()
-
-
 def pipeline_to(pipeline, device):
-    """``pipeline.to(device)``, without diffusers' float16-on-CPU warning (:class:`_HalfOnCpuFilter`)."""
-    import logging
+    """``pipeline.to(device)`` without diffusers' warning that a float16 pipeline "cannot run" on the CPU: this
+    torch runs float16 there (slowly), and the warning came four times per load, on runs that succeed."""
+    from ..loading import quiet_warning
 
-    logger = logging.getLogger("diffusers.pipelines.pipeline_utils")
-    quiet = _HalfOnCpuFilter()
-    logger.addFilter(quiet)
-    try:
+    with quiet_warning("diffusers.pipelines.pipeline_utils", "cannot run with `cpu` device"):
         return pipeline.to(device)
-    finally:
-        logger.removeFilter(quiet)
 
 
 class PipelineMethod(InpaintMethod):
