@@ -236,11 +236,17 @@ def _powerpaint_hint(folder: Path) -> str | None:
     )
 
 
-def safetensors_policy(allow_pickle: bool) -> bool | None:
+def safetensors_policy(allow_pickle: bool, folder: str | os.PathLike | None = None) -> bool | None:
     """The ``use_safetensors`` argument of diffusers' and transformers' ``from_pretrained`` for a pickle policy:
-    ``True`` (safetensors only) without permission; ``None`` with it (safetensors where present, else the
-    pickle file), never ``False``, which would ignore safetensors files and fail on them."""
-    return None if allow_pickle else True
+    ``True`` (safetensors only) without permission; with it ``None`` (safetensors where present, else the pickle
+    file), or ``False`` for a local ``folder`` that holds no ``.safetensors`` file at all (diffusers would look
+    for one first and log "An error occurred while trying to fetch" on a load that works). Never ``False`` where
+    a safetensors file is, which would ignore it."""
+    if not allow_pickle:
+        return True
+    if folder is not None and Path(folder).is_dir() and not any(Path(folder).glob("*.safetensors")):
+        return False
+    return None
 
 
 def _check_weights(folder: Path, allow_pickle: bool, model_cls: type | None = None) -> None:
@@ -457,7 +463,7 @@ def load_brushnet(
             check_brushnet_fits_base(config, base_config)
         _check_weights(folder, allow_pickle, BrushNetModel)
         return BrushNetModel.from_pretrained(
-            folder, torch_dtype=torch_dtype, use_safetensors=safetensors_policy(allow_pickle)
+            folder, torch_dtype=torch_dtype, use_safetensors=safetensors_policy(allow_pickle, folder)
         )
     _check_hub_reachable(
         "BrushNet", str(path), f"{subfolder}/config.json" if subfolder else "config.json", hub_kwargs
@@ -514,6 +520,7 @@ def load_model(
                 f"{folder} is a full {kind[9:]} folder, not a {what} ({model_cls.__name__})"
             )
         _check_weights(folder, allow_pickle, model_cls)
+        policy = safetensors_policy(allow_pickle, folder)
         return model_cls.from_pretrained(folder, torch_dtype=torch_dtype, use_safetensors=policy)
     config = f"{subfolder}/config.json" if subfolder else "config.json"
     _check_hub_reachable(what, str(path), config, hub_kwargs)
@@ -625,21 +632,30 @@ def _load_components(source: str, torch_dtype, allow_pickle: bool, hub_kwargs) -
     import transformers
     from diffusers import UNet2DConditionModel
 
-    common = {"use_safetensors": safetensors_policy(allow_pickle), **hub_kwargs}
+    local = _is_local(source)
+
+    def common_for(part: str) -> dict[str, Any]:
+        folder = Path(source).expanduser() / part if local else None
+        return {"use_safetensors": safetensors_policy(allow_pickle, folder), **hub_kwargs}
+
     try:
         family = detect_family(UNet2DConditionModel.load_config(source, subfolder="unet", **hub_kwargs))
         classes = _component_classes(source, hub_kwargs)
         parts: dict[str, Any] = {
             "unet": UNet2DConditionModel.from_pretrained(
-                source, subfolder="unet", torch_dtype=torch_dtype, **common
+                source, subfolder="unet", torch_dtype=torch_dtype, **common_for("unet")
             )
         }
         vae_cls = _library_class(diffusers, classes.get("vae", "AutoencoderKL"), "vae", source)
-        parts["vae"] = vae_cls.from_pretrained(source, subfolder="vae", torch_dtype=torch_dtype, **common)
+        parts["vae"] = vae_cls.from_pretrained(
+            source, subfolder="vae", torch_dtype=torch_dtype, **common_for("vae")
+        )
         for name in FAMILY_COMPONENTS[family]:
             if name.startswith("text_encoder"):
                 cls = _library_class(transformers, classes.get(name, _DEFAULT_CLASSES[name]), name, source)
-                parts[name] = cls.from_pretrained(source, subfolder=name, torch_dtype=torch_dtype, **common)
+                parts[name] = cls.from_pretrained(
+                    source, subfolder=name, torch_dtype=torch_dtype, **common_for(name)
+                )
             elif name.startswith("tokenizer"):
                 cls = _library_class(transformers, classes.get(name, _DEFAULT_CLASSES[name]), name, source)
                 parts[name] = cls.from_pretrained(source, subfolder=name, **hub_kwargs)
