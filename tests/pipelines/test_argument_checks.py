@@ -266,9 +266,14 @@ def test_single_image_arrays_and_tensors_give_the_pil_result(tiny, form):
         ),
         ("image.png", TypeError, "`image` must be a PIL image, a float numpy array .*; got str"),
         ([], ValueError, "`image` is an empty list"),
+        (np.full((32, 32, 3), 255.0, np.float32), ValueError, "`image` holds values up to 255: .* divide 0-255"),
+        (torch.full((1, 3, 32, 32), 200.0), ValueError, "`image` holds values up to 200"),
     ],
-    ids=["uint8_hwc", "uint8_nhwc", "uint8_tensor", "grey_array", "four_channels", "path", "empty_list"],
-)
+    ids=[
+        "uint8_hwc", "uint8_nhwc", "uint8_tensor", "grey_array", "four_channels", "path", "empty_list",
+        "float_0_255_array", "float_0_255_tensor",
+    ],
+)  # fmt: skip
 def test_other_image_forms_are_one_line_errors(tiny, image, error, match):
     _, pipe = tiny
     _refused(pipe, error, match, **{**tiny_inputs(), "image": image})

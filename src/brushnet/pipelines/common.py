@@ -172,6 +172,22 @@ def check_image_dtype(name: str, image) -> None:
             raise ValueError(
                 f"`{name}` as a torch tensor must be float in [0, 1] or [-1, 1], got {item.dtype}"
             )
+        # float values of 0-255 steps would be read as [0, 1] (or [-1, 1]) data far out of range; only such a
+        # gross miss is refused (a decoded image a little past [-1, 1] passes, as in diffusers)
+        # (3-channel images only: diffusers' inpaint pipeline also takes 4-channel VAE latents as ``image``)
+        if isinstance(item, np.ndarray) and item.size and item.shape[-1] == 3:
+            high = float(item.max())
+        elif isinstance(item, torch.Tensor) and item.numel() and not item.is_meta and item.ndim >= 3:
+            if item.shape[-3] != 3:
+                continue
+            high = float(item.detach().max())
+        else:
+            continue
+        if high > 2.0:
+            raise ValueError(
+                f"`{name}` holds values up to {high:g}: a float image is read as [0, 1] (tensors also [-1, 1]); "
+                "divide 0-255 values by 255"
+            )
 
 
 def check_mask_input(name: str, mask) -> None:
