@@ -46,3 +46,29 @@ def tiny_xl_models(tmp_path_factory):
     base = build_base(root / "base", "tiny-xl", seed=0)
     brushnet = build_brushnet(root / "brushnet", base, seed=0)
     return {"base": base, "brushnet": brushnet, "root": root}
+
+
+@pytest.fixture
+def logged():
+    """``with logged("diffusers.models.modeling_utils") as messages:`` collects the messages that reach that
+    logger's handlers in the block (diffusers' loggers do not propagate to pytest's ``caplog``); the logger's
+    filters apply first, so a message a filter drops is not collected."""
+    import contextlib
+    import logging
+
+    @contextlib.contextmanager
+    def collect(name: str):
+        messages: list[str] = []
+
+        class Keep(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                messages.append(record.getMessage())
+
+        logger, keep = logging.getLogger(name), Keep()
+        logger.addHandler(keep)
+        try:
+            yield messages
+        finally:
+            logger.removeHandler(keep)
+
+    return collect

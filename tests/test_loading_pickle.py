@@ -62,24 +62,11 @@ def test_safetensors_is_preferred_when_both_are_present(tiny_models, tmp_path):
     assert _same(load_brushnet(folder, allow_pickle=True), weights)
 
 
-def test_an_allowed_pickle_load_logs_no_fetch_error(mixed):
+def test_an_allowed_pickle_load_logs_no_fetch_error(mixed, logged):
     """A pickle-only folder loaded with permission: diffusers looked for a safetensors file first and logged
     "An error occurred while trying to fetch …" and "Defaulting to unsafe serialization" on a load that works."""
-    import logging
-
     base, brushnet, branch_weights, unet_weights = mixed
-    messages = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            messages.append(record.getMessage())
-
-    logger = logging.getLogger("diffusers.models.modeling_utils")
-    keep = Keep()
-    logger.addHandler(keep)
-    try:
+    with logged("diffusers.models.modeling_utils") as messages:
         assert _same(load_brushnet(brushnet, allow_pickle=True), branch_weights)
         assert _same(load_base_components(base, allow_pickle=True)["unet"], unet_weights)
-    finally:
-        logger.removeHandler(keep)
     assert not [m for m in messages if "error occurred" in m or "unsafe serialization" in m], messages

@@ -108,27 +108,14 @@ def test_pipeline_from_single_file_matches_the_folder(exported, tmp_path):
     assert from_file.scheduler.__class__ is from_folder.scheduler.__class__
 
 
-def test_offline_without_a_config_the_error_is_the_only_line(exported, tmp_path, monkeypatch):
+def test_offline_without_a_config_the_error_is_the_only_line(exported, tmp_path, monkeypatch, logged):
     """Offline and without ``config`` (``--base-config``), diffusers' two-line "Attempting to download the
     necessary config files" warning came before the project's own error, which says what to do."""
-    import logging
-
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    messages = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            messages.append(record.getMessage())
-
-    logger = logging.getLogger("diffusers.loaders.single_file")
-    keep = Keep()
-    logger.addHandler(keep)
-    try:
+    with logged("diffusers.loaders.single_file") as messages:
         with pytest.raises(CheckpointError, match="pass --base-config with a local diffusers folder"):
             load_base_components(exported[1])
-    finally:
-        logger.removeHandler(keep)
     assert not [m for m in messages if "Attempting to download" in m]

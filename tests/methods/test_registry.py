@@ -273,7 +273,7 @@ def test_the_documented_example_is_a_whole_method(tiny_models, scene):
         registry._REGISTRY.pop("sdedit-inpaint", None)
 
 
-def test_a_half_precision_load_on_the_cpu_does_not_warn_that_it_cannot_run(tiny_models):
+def test_a_half_precision_load_on_the_cpu_does_not_warn_that_it_cannot_run(tiny_models, logged):
     """diffusers warns four times per load that a float16 pipeline "cannot run" on the CPU; this torch runs it
     (the CLI's --dtype fp16 run ended with exit 0 after the four warnings). Other warnings pass."""
     import logging
@@ -282,21 +282,10 @@ def test_a_half_precision_load_on_the_cpu_does_not_warn_that_it_cannot_run(tiny_
 
     from brushnet.methods import load_method
 
-    messages = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            messages.append(record.getMessage())
-
-    logger = logging.getLogger("diffusers.pipelines.pipeline_utils")
-    keep = Keep()
-    logger.addHandler(keep)
-    try:
+    with logged("diffusers.pipelines.pipeline_utils") as messages:
         models = {"base": tiny_models["base"], "brushnet": tiny_models["brushnet"]}
         method = load_method("brushnet", models, dtype="fp16")
-        logger.warning("another warning")
-    finally:
-        logger.removeHandler(keep)
+        logging.getLogger("diffusers.pipelines.pipeline_utils").warning("another warning")
     assert not [message for message in messages if "cannot run with `cpu`" in message]
     assert "another warning" in messages and method.pipeline.unet.dtype == torch.float16
 
