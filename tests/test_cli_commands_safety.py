@@ -1,6 +1,7 @@
 """train, make-tiny-models, data/shapes writers and bench: bad input is one ``error:`` line (exit 2) found before
 any model is built or loaded, no user file is replaced, and a refused run leaves nothing behind."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -429,6 +430,26 @@ def test_bench_speed_removes_its_temporary_weights(monkeypatch, tmp_path, fails)
     assert result.exit_code == (2 if fails else 0), result.output
     assert seen and seen[0].is_relative_to(tmp_path) and seen[0].parts[-3].startswith("brushnet-speed-")
     assert not list(tmp_path.glob("brushnet-speed-*"))
+
+
+def test_bench_speed_output_replaces_only_its_own_records(monkeypatch, tmp_path):
+    """``--output`` over a file that is not an earlier ``bench speed`` record is refused before anything is built
+    (it was replaced); an earlier record is replaced, and ``--overwrite`` replaces anything."""
+    import brushnet.bench.speed as speed
+
+    monkeypatch.setattr(speed, "measure_speed", lambda names, paths, **kwargs: [])
+    mine = tmp_path / "notes.json"
+    mine.write_text('{"my": "notes"}')
+    args = ["bench", "speed", "--methods", "brushnet", "--random-weights", "tiny", "--resolutions", "16"]
+    args += ["--weights-dir", str(tmp_path / "w")]
+    line = _one_error(runner.invoke(app, [*args, "--output", str(mine)]))
+    assert line.startswith(f"error: --output {mine} exists and is not a `bench speed` record")
+    assert mine.read_text() == '{"my": "notes"}' and not (tmp_path / "w").exists()
+    record = tmp_path / "speed.json"
+    assert runner.invoke(app, [*args, "--output", str(record)]).exit_code == 0
+    assert runner.invoke(app, [*args, "--output", str(record)]).exit_code == 0  # its own record: replaced
+    assert runner.invoke(app, [*args, "--output", str(mine), "--overwrite"]).exit_code == 0
+    assert json.loads(mine.read_text())["records"] == []
 
 
 def test_bench_run_bad_shard_is_refused_first(tmp_path):

@@ -234,6 +234,9 @@ def speed(
         None, help="Where --random-weights builds (default: a temp dir)."
     ),
     output: Path | None = typer.Option(None, "--output", help="Write the records as JSON here."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Let --output replace a file that is not an earlier `bench speed` record."
+    ),
     models: dict = None,
     runtime: Any = None,
 ) -> None:
@@ -260,6 +263,11 @@ def speed(
             check_output_path(output)
         except InputError as exc:
             raise InputError(f"--output: {exc}") from None
+        if output.is_file() and not overwrite and not _is_speed_record(output):
+            raise InputError(
+                f"--output {output} exists and is not a `bench speed` record: it would be replaced; choose "
+                "another path, or pass --overwrite"
+            )
     if weights_dir is not None and weights_dir.exists() and not weights_dir.is_dir():
         raise InputError(f"--weights-dir {weights_dir} is a file, not a folder")
     runtime.apply()
@@ -361,3 +369,16 @@ def _speed(methods, resolutions, dtype, steps, repeats, cfg_branch, scheduler, g
     if output is not None:
         atomic_write_bytes(output, json.dumps(payload, indent=2).encode())
     typer.echo(format_table(records))
+
+
+def _is_speed_record(path: Path) -> bool:
+    """Whether ``path`` holds what ``bench speed --output`` writes (so a rerun may replace it)."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(record, dict)
+        and isinstance(record.get("records"), list)
+        and str(record.get("command", "")).startswith("brushnet bench speed")
+    )
