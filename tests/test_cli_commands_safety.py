@@ -155,13 +155,15 @@ def test_train_error_after_startup_removes_only_what_the_run_wrote(capsys, tmp_p
     assert [p.name for p in kept.iterdir()] == ["notes.txt"] and (kept / "notes.txt").read_text() == "mine"
 
 
-def _fake_train(output: Path, error: BaseException, checkpoint: bool = False):
-    def train(config):
+def _fake_train(output: Path, error: BaseException, checkpoint: bool = False, start: bool = False):
+    def train(config, on_start=None):
         output.mkdir(parents=True, exist_ok=True)
         (output / "train_config.yaml").write_text("x: 1\n")
         (output / "logs").mkdir()
         if checkpoint:
             (output / "checkpoint-1").mkdir()
+        if start:  # the startup checks passed: the loop says so, then fails in training
+            on_start()
         raise error
 
     return train
@@ -190,6 +192,34 @@ def test_train_error_after_a_checkpoint_keeps_the_output_folder(capsys, monkeypa
     status, errors, _ = _train(capsys, "b", run, "--train_shards", str(train_shards))
     assert status == 2 and errors == ["error: late"]
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint-1", "logs", "train_config.yaml"]
+
+
+def test_train_error_after_the_start_keeps_the_output_folder(capsys, monkeypatch, tmp_path, train_shards):
+    import brushnet.training.loop as loop
+    from brushnet.errors import InputError
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(loop, "train", _fake_train(run, InputError("late"), start=True))
+    status, errors, _ = _train(capsys, "b", run, "--train_shards", str(train_shards))
+    assert status == 2 and errors == ["error: late"]
+    assert sorted(p.name for p in run.iterdir()) == ["logs", "train_config.yaml"]  # a failed run's logs stay
+
+
+def test_the_loop_calls_on_start_once_after_its_checks(tmp_path, tiny_models, train_shards):
+    from brushnet.training.config import make_config
+    from brushnet.training.loop import train
+
+    calls = []
+    config = {
+        "pretrained_model_name_or_path": str(tiny_models["base"]),
+        "train_shards": str(train_shards),
+        "resolution": 8,
+        "max_train_steps": 1,
+        "train_batch_size": 1,
+        "output_dir": str(tmp_path / "run"),
+    }
+    train(make_config(config), on_start=lambda: calls.append("started"))
+    assert calls == ["started"]
 
 
 @pytest.mark.parametrize(

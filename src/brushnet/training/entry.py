@@ -59,8 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         check_output_dir(config.output_dir)
         check_training_data(config)  # before any model loads
         guard = OutputFolderGuard(config)
-        with guard:
-            train(config)
+        train(config, on_start=guard.mark_started)
     except (Exception, KeyboardInterrupt) as error:
         if guard is not None:
             guard.undo()  # a run that failed before it trained leaves nothing behind
@@ -78,15 +77,14 @@ def check_output_dir(output_dir: str | os.PathLike) -> None:
         InputError: one line naming the flag and the file.
     """
     from ..errors import InputError
+    from ..io import file_in_the_way
 
     folder = Path(output_dir)
-    if folder.exists() and not folder.is_dir():
+    existing = file_in_the_way(folder)
+    if existing == folder:
         raise InputError(f"--output_dir {folder} is a file, not a folder")
-    parent = folder.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if parent.exists() and not parent.is_dir():
-        raise InputError(f"--output_dir {folder}: {parent} is a file, not a folder")
+    if existing is not None:
+        raise InputError(f"--output_dir {folder}: {existing} is a file, not a folder")
 
 
 class OutputFolderGuard:
@@ -94,14 +92,13 @@ class OutputFolderGuard:
     into its output folder: ``train_config.yaml`` and the tracker's folder when this run created them, and the
     output folder itself (with the folders above it this run made) when this run created it and it is empty
     again. Nothing else is touched: not what the folder held before, nor anything else the run wrote (a
-    checkpoint, the final model); and only an error before training began counts (the loop's "training steps
-    ..." line marks the start), so a failed run's tracker logs are kept. Only the main process (``RANK`` 0 or
-    unset) undoes anything.
+    checkpoint, the final model); and only an error before training began counts (the loop calls
+    :meth:`mark_started` when its startup checks have passed), so a failed run's tracker logs are kept. Only the
+    main process (``RANK`` 0 or unset) undoes anything.
 
-    Use as a context manager around :func:`brushnet.training.loop.train`, then call :meth:`undo` on an error.
+    Pass :meth:`mark_started` as :func:`brushnet.training.loop.train`'s ``on_start``, then call :meth:`undo` on an
+    error.
     """
-
-    _STARTED = ("training steps ", "already finished: ")  # the loop's last lines before training
 
     def __init__(self, config):
         from .checkpointing import CONFIG_FILE
@@ -117,22 +114,10 @@ class OutputFolderGuard:
         if not tracker.is_absolute() and tracker.parts and tracker.parts[0] not in (".", ".."):
             self.startup.add(tracker.parts[0])
         self.started = False
-        self._handler = None
 
-    def __enter__(self) -> OutputFolderGuard:
-        guard = self
-
-        class _Watch(logging.Handler):
-            def emit(self, record: logging.LogRecord) -> None:
-                if isinstance(record.msg, str) and record.msg.startswith(guard._STARTED):
-                    guard.started = True
-
-        self._handler = _Watch(logging.INFO)
-        logging.getLogger("brushnet.training.loop").addHandler(self._handler)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        logging.getLogger("brushnet.training.loop").removeHandler(self._handler)
+    def mark_started(self) -> None:
+        """The run passed its startup checks: from here on, what it wrote is kept."""
+        self.started = True
 
     def undo(self) -> list[Path]:
         """Remove what this run wrote at startup, as described above. Returns the paths removed."""

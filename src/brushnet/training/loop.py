@@ -48,6 +48,7 @@ import copy
 import logging
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -487,13 +488,15 @@ def _mixed_precision_dtype(accelerator) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
-def train(config: TrainConfig, dataset=None) -> TrainResult:
+def train(config: TrainConfig, dataset=None, on_start: Callable[[], None] | None = None) -> TrainResult:
     """Run (or resume) a training run described by ``config``. Call on every process.
 
     Args:
         config: the run.
         dataset: a dataset yielding the training sample dicts, already sharded for this process; default:
             the one ``config`` names (``train_shards`` / ``train_data_dir``) from :mod:`brushnet.data`.
+        on_start: called once every startup check has passed, just before the first step (or, for a run that
+            is already finished, instead of it): what a caller needs to tell a refused run from a failed one.
     """
     from accelerate import Accelerator
     from accelerate.utils import (
@@ -656,6 +659,8 @@ def train(config: TrainConfig, dataset=None) -> TrainResult:
             accelerator.num_processes,
             config.gradient_accumulation_steps,
         )
+    if on_start is not None:
+        on_start()
     unwrapped = accelerator.unwrap_model(brushnet)
     skip_counter = getattr(dataset, "skipped", None)  # brushnet.data.brushdata.SkipCounter
     # each step's loss stays on the device until a log line needs it (at least every 100 steps): reading it every
