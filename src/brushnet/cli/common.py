@@ -355,11 +355,7 @@ def refuse_models_no_method_reads(models: dict[str, Any], method_classes: list[A
     from ..methods import ModelPaths
     from ..methods.registry import model_slots
 
-    paths = ModelPaths(**models)
-    read = {name for cls in method_classes for name in paths.used_by(cls)}
-    unused = [
-        name for name, value in (paths.model_extra or {}).items() if value is not None and name not in read
-    ]
+    unused = ModelPaths(**models).unread(*method_classes)
     if not unused:
         return
     slots = model_slots()

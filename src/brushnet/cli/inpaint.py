@@ -10,6 +10,7 @@ only with ``--overwrite``.
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -413,9 +414,7 @@ def batch_command(
 
     loaded = _load(method, models, runtime)
     done, failures = 0, []
-    for path in tqdm(
-        pending, desc=f"batch {method}", unit="image", disable=runtime.quiet, file=__import__("sys").stderr
-    ):
+    for path in tqdm(pending, desc=f"batch {method}", unit="image", disable=runtime.quiet, file=sys.stderr):
         try:
             # the image first: a corrupt image is reported as such, whether or not its mask exists; opened as
             # stored, so that a transparent input keeps its alpha (prepare flattens it for the model)

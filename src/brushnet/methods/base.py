@@ -311,6 +311,13 @@ class ModelPaths(BaseModel):
         used = {name: self.get(name) for name in names if self.get(name) is not None}
         return {**used, "allow_pickle": self.allow_pickle}
 
+    def unread(self, *methods: type[InpaintMethod]) -> list[str]:
+        """The slots given a path that none of ``methods`` reads (neither a required nor an optional slot)."""
+        read = {name for method in methods for name in self.used_by(method)}
+        return [
+            name for name, value in (self.model_extra or {}).items() if value is not None and name not in read
+        ]
+
     def refuse_unused(self, method: type[InpaintMethod]) -> None:
         """Raise a one-line :class:`~brushnet.errors.InputError` naming the set paths ``method`` does not read
         (``--controlnet`` with ``brushnet``) and the flags it reads (optional ones in brackets), rather than
@@ -318,8 +325,7 @@ class ModelPaths(BaseModel):
         :meth:`used_by` instead."""
         from .registry import model_slots
 
-        unused = [name for name, value in (self.model_extra or {}).items() if value is not None]
-        unused = [name for name in unused if name not in self.used_by(method)]
+        unused = self.unread(method)
         if not unused:
             return
         given = ", ".join(model_slots()[name].flag for name in unused)

@@ -143,8 +143,7 @@ def load_method(
     elif not isinstance(models, ModelPaths):
         raise InputError(f"models must be a dict of paths or a ModelPaths, got {type(models).__name__}")
     models.require(cls)
-    unused = [name for name, value in (models.model_extra or {}).items() if value is not None]
-    unused = [name for name in unused if name not in models.used_by(cls)]
+    unused = models.unread(cls)
     if unused:  # one set of paths for several methods is fine; each takes what it reads
         logger.warning(
             "method %r does not read %s; ignored",
