@@ -3,6 +3,8 @@
 import errno
 import json
 import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -415,6 +417,35 @@ def test_batch_resume_skips_results_made_with_the_same_settings(tiny_models, bat
     result = runner.invoke(app, [*args, *_models(tiny_models), *FAST, "-p", "a dog", "--overwrite"])
     assert result.exit_code == 0 and "2 done, 0 skipped" in result.output, result.output
     assert json.loads((out / "img0_png.json").read_text())["parameters"]["prompt"] == "a dog"
+
+
+def test_batch_resume_refuses_results_made_from_other_input_files(tiny_models, batch_run, tmp_path):
+    """A rerun over another folder whose files share the stems counted the old results as theirs (exit 0)."""
+    args, out = batch_run
+    images, masks = Path(args[2]), Path(args[4])
+    record = json.loads((out / "img0_png.json").read_text())["inputs"]
+    assert record["image"] == str(images / "img0.png") and len(record["image_sha256"]) == 64
+    before = _snapshot(out)
+    other = tmp_path / "other"  # the same names, other pictures
+    other.mkdir()
+    for name in ("img0.png", "img0.jpg"):
+        Image.open(images / name).rotate(90).save(other / name)
+    for folder_args, flag in (
+        (["--images", str(other), "--masks", str(masks)], "--images"),
+        (["--images", str(images), "--masks", str(other)], "--masks"),
+    ):
+        result = runner.invoke(app, ["batch", *folder_args, "-o", str(out), *_models(tiny_models), *FAST])
+        assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+        assert f"was made from other inputs than this run's {flag} file " in result.output, result.output
+        assert "--overwrite" in result.output
+    assert _snapshot(out) == before
+    # the same files moved elsewhere are the same inputs: the results stand
+    moved = tmp_path / "moved"
+    shutil.copytree(images, moved)
+    result = runner.invoke(app, ["batch", "--images", str(moved), "--masks", str(masks), "-o", str(out),
+                                 *_models(tiny_models), *FAST])  # fmt: skip
+    assert result.exit_code == 0 and "0 done, 2 skipped (already done)" in result.output, result.output
+    assert _snapshot(out) == before
 
 
 def _fail_on_write(monkeypatch, number):

@@ -284,6 +284,44 @@ def _first_difference(
     return None
 
 
+def _input_record(image: Path, mask: Path) -> dict[str, str]:
+    """What a batch result's sidecar records of its inputs: their paths and the SHA-256 of their bytes, so that a
+    resumed run can tell a result of these inputs from one of other files with the same stems."""
+    import hashlib
+
+    record = {"image": str(image), "mask": str(mask)}
+    for name, file in (("image", image), ("mask", mask)):
+        record[f"{name}_sha256"] = hashlib.sha256(file.read_bytes()).hexdigest()
+    return record
+
+
+def _other_input(record: dict[str, Any], image: Path, mask: Path | None) -> tuple[str, str] | None:
+    """``(flag, file)`` of the first input of this run that differs from the one a previous result's ``record``
+    was made from (by content where the sidecar records its hash, else by path); None when they are the same or
+    the record has none (an older sidecar)."""
+    import hashlib
+
+    inputs = record.get("inputs")
+    if not isinstance(inputs, dict):
+        return None
+    for name, flag, file in (("image", "--images", image), ("mask", "--masks", mask)):
+        if file is None:  # the mask was removed since: the result stands
+            continue
+        digest = inputs.get(f"{name}_sha256")
+        try:
+            if digest is not None:
+                same = hashlib.sha256(file.read_bytes()).hexdigest() == digest
+            elif inputs.get(name) is not None:
+                same = Path(inputs[name]).resolve() == file.resolve()
+            else:
+                continue
+        except OSError:
+            same = False
+        if not same:
+            return flag, str(file)
+    return None
+
+
 def batch_output_names(files: list[Path]) -> dict[Path, str]:
     """Output stem per input: the file's stem, or ``<stem>_<suffix>`` for inputs whose stems collide
     (``a.jpg`` and ``a.png`` → ``a_jpg``, ``a_png``), so no two inputs write the same output."""
@@ -320,8 +358,8 @@ def batch_command(
     runtime: Any = None,
 ) -> None:
     """Inpaint every image of a folder. Resumable: an image whose <stem>.png and <stem>.json both exist, made with
-    the same method, models and settings, is skipped (one made with others is refused: --overwrite redoes it). A
-    bad file is reported and skipped; exit code 1 if any image failed."""
+    the same method, models, settings and input files, is skipped (one made with others is refused: --overwrite
+    redoes it). A bad file is reported and skipped; exit code 1 if any image failed."""
     import json
 
     from ..errors import InputError, first_line
@@ -396,6 +434,13 @@ def batch_command(
                     f"{target} was made with other settings: {flag} {before!r} (this run: {now!r}); pass "
                     "--overwrite to redo it, or choose another --output"
                 )
+            other = _other_input(record, path, _find_mask(masks, path.stem))
+            if other is not None:
+                flag, now = other
+                fail(
+                    f"{target} was made from other inputs than this run's {flag} file {now}; pass --overwrite to "
+                    "redo it, or choose another --output"
+                )
     skipped = len(files) - len(pending)
     mask_of = {path: _find_mask(masks, path.stem) for path in pending}
     if pending and not any(mask_of.values()):
@@ -427,7 +472,7 @@ def batch_command(
             job = prepare(cls, original, mask_path, fields[path], max_pixels=max_pixels)
             result = run(loaded, job)
             metadata = result.metadata()
-            metadata["inputs"] = {"image": str(path), "mask": str(mask_path)}
+            metadata["inputs"] = _input_record(path, mask_path)
             for i, (img, target) in enumerate(zip(result.images, targets[path])):
                 save_png_with_metadata(img, target, {**metadata, "seed": result.seed + i, "index": i})
             done += 1
