@@ -320,3 +320,29 @@ def test_batch_reads_gif_images_as_inpaint_does(files, tmp_path):
     args += ["--base", str(tmp_path / "no-base"), "--brushnet", str(tmp_path / "no-brushnet"), "-q"]
     result = runner.invoke(app, args)
     assert result.exit_code == 2 and "no images" not in result.output and "no-base" in result.output
+
+
+def test_every_commands_help_paragraphs_wrap_to_the_terminal():
+    """typer's help kept a docstring's line breaks after its first paragraph: on an 80-column terminal the
+    demo's and batch's help left orphan words on lines of their own."""
+    from typer.main import get_command
+
+    def commands(group, path):
+        for name, command in getattr(group, "commands", {}).items():
+            yield f"{path} {name}", command
+            yield from commands(command, f"{path} {name}")
+
+    checked = 0
+    for path, command in commands(get_command(app), "brushnet"):
+        if getattr(command, "commands", None) or path == "brushnet train":  # groups; train prints its own
+            continue
+        for paragraph in (command.help or "").split("\n\n"):
+            assert "\n" not in paragraph, (path, paragraph)
+        checked += 1
+    assert checked >= 10
+    result = runner.invoke(app, ["demo", "--help"], env={"COLUMNS": "60"})
+    prose = [line.rstrip() for line in result.output.split("╭")[0].splitlines()]
+    assert max(map(len, prose)) <= 60, prose
+    # a line followed by more of its paragraph is filled (was: "With --image/--mask/" alone, then the rest)
+    filled = [line for line, after in zip(prose, prose[1:]) if line and after and "Usage" not in line]
+    assert len(filled) >= 8 and min(map(len, filled)) >= 45, prose

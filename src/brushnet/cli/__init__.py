@@ -61,6 +61,24 @@ app.add_typer(data_app, name="data", help="Training data: synthetic shards.")
 app.add_typer(shapes_app, name="shapes", help="The procedural shapes world.")
 
 
+def _reflow_help(typer_app: typer.Typer) -> None:
+    """Give every command of ``typer_app`` (and of its sub-apps) its docstring with each paragraph's lines joined,
+    so the terminal wraps it: typer's rich help keeps a docstring's line breaks after the first paragraph, which
+    leaves orphan words on a terminal narrower than the source."""
+    import inspect
+
+    for info in typer_app.registered_commands:
+        if info.help is None and info.callback is not None and info.callback.__doc__:
+            paragraphs = inspect.cleandoc(info.callback.__doc__).split("\n\n")
+            info.help = "\n\n".join(" ".join(p.split()) for p in paragraphs)
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            _reflow_help(group.typer_instance)
+
+
+_reflow_help(app)
+
+
 def _click_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
     """Click's usage errors and "no arguments: show the help" errors, from the click typer vendors (typer >= 0.2x)
     and from click itself (older typer), whichever are installed."""

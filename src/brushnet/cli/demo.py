@@ -61,7 +61,7 @@ def demo_command(
 
     Writes a labelled grid (input, mask, each method raw and blended) of shipped scenes — one asks for a
     different object than the one masked out, the last for an object's removal (PowerPaint's object-removal
-    task) — and prints the mini-BrushBench table. With --image/--mask/
+    task) — and prints the mini-BrushBench table. With --image, --mask and
     --prompt it inpaints your own 128x128 scene instead. The methods run in parallel worker processes, one per
     CPU thread (--threads; 1 runs them one after another in this process).
     """

@@ -357,9 +357,11 @@ def batch_command(
     models: dict = None,
     runtime: Any = None,
 ) -> None:
-    """Inpaint every image of a folder. Resumable: an image whose <stem>.png and <stem>.json both exist, made with
-    the same method, models, settings and input files, is skipped (one made with others is refused: --overwrite
-    redoes it). A bad file is reported and skipped; exit code 1 if any image failed."""
+    """Inpaint every image of a folder.
+
+    Resumable: an image whose <stem>.png and <stem>.json both exist, made with the same method, models, settings
+    and input files, is skipped (one made with others is refused: --overwrite redoes it). A bad file is reported
+    and skipped; exit code 1 if any image failed."""
     import json
 
     from ..errors import InputError, first_line
@@ -511,6 +513,7 @@ def compare_command(
     runtime: Any = None,
 ) -> None:
     """Run several methods with the same seed and settings; write a labelled grid: input, mask, each output.
+
     A method that fails gets a grey tile; the exit code is then 1."""
     import secrets
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..errors import InputError, RequestError
+from ..schedulers import SCHEDULERS
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -109,8 +110,7 @@ class InpaintRequest(BaseModel):
     )
     scheduler: str | None = Field(
         None,
-        description="Scheduler name (brushnet.schedulers.SCHEDULERS); None: the method's default "
-        "(UniPC; RePaint: DDIM).",
+        description=f"Scheduler: {', '.join(SCHEDULERS)}; None: the method's default (UniPC; RePaint: DDIM).",
     )
     num_images: int = Field(1, ge=1, le=16, description="Images per request; image i uses seed + i.")
     blend: bool = Field(True, description="Feathered paste-back: pixels away from the hole stay exact.")
@@ -167,7 +167,7 @@ class InpaintRequest(BaseModel):
     @field_validator("scheduler")
     @classmethod
     def _known_scheduler(cls, value: str | None) -> str | None:
-        from ..schedulers import SCHEDULERS, missing_package
+        from ..schedulers import missing_package
 
         if value is None:
             return None
