@@ -318,3 +318,38 @@ def test_gradient_clipping_bounds_the_first_update(base_config, tiny_base, tmp_p
     learning_rate = base_config["learning_rate"]
     assert largest_move(1.0) > 0.5 * learning_rate
     assert largest_move(1e-10) < 0.1 * learning_rate
+
+
+def test_epochs_with_accumulation_read_the_epochs_asked_for(base_config, tmp_path):
+    """--num_train_epochs 2 with 4 batches an epoch and 3 micro-batches a step ran 4 optimizer steps, 12
+    micro-batches: three epochs, the third read because each epoch's steps were rounded up on their own."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "data" / "images"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    values = {k: v for k, v in base_config.items() if k != "train_shards"}
+    config = make_config(
+        {
+            **values,
+            "train_data_dir": str(folder.parent),
+            "train_batch_size": 1,
+            "num_train_epochs": 2,
+            "gradient_accumulation_steps": 3,
+            "checkpointing_steps": 1,
+            "checkpoints_total_limit": 10,
+            "mask": {"mode": "brush"},
+        }
+    )
+    result = loop.train(config)
+    assert result.global_step == 3  # ceil(2 × 4 / 3): 9 micro-batches, the 8 of two epochs and one more
+    positions = [
+        json.loads((Path(config.output_dir) / f"checkpoint-{step}" / "training_state.json").read_text())
+        for step in (1, 2, 3)
+    ]
+    assert [state["data_positions"] for state in positions] == [[[0, 3]], [[1, 2]], [[2, 1]]]

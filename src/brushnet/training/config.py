@@ -86,7 +86,10 @@ class TrainConfig(BaseModel):
         None, gt=0, description="Optimizer steps in total; overrides --num_train_epochs."
     )
     num_train_epochs: int = Field(
-        1, gt=0, description="Passes over the data when --max_train_steps is unset."
+        1,
+        gt=0,
+        description="Passes over the data when --max_train_steps is unset: ceil(E × batches per epoch / "
+        "accumulation) optimizer steps (a last window may finish with a few batches of the next epoch).",
     )
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate.")

@@ -584,8 +584,11 @@ def train(config: TrainConfig, dataset=None, on_start: Callable[[], None] | None
             batches_per_epoch = len(dataloader)
         except TypeError:
             raise ValueError("this dataset has no known length: give --max_train_steps") from None
-        max_train_steps = config.num_train_epochs * math.ceil(
-            batches_per_epoch / config.gradient_accumulation_steps
+        # the micro-batches of E epochs, in whole optimizer steps: accumulation windows run on across an epoch's
+        # end (the data is one stream), so E × ceil(batches / GA) would read further epochs whenever GA does not
+        # divide an epoch (3 epochs of 4 batches for E = 2, GA = 3)
+        max_train_steps = math.ceil(
+            config.num_train_epochs * batches_per_epoch / config.gradient_accumulation_steps
         )
 
     optimizer = torch.optim.AdamW(
