@@ -122,6 +122,27 @@ def test_malformed_samples_are_counted_in_the_logs(base_config, caplog):
     assert "skipped malformed samples" in caplog.text
 
 
+def test_skipped_samples_are_counted_across_a_resume(base_config, tmp_path):
+    """A resumed run counted only what it re-read of its epoch: the epochs before were lost from the log, the
+    tracker and the final warning (3 and 3 skipped samples became 2 and 2)."""
+    import shutil
+
+    values = {**base_config, "max_train_steps": 12, "checkpointing_steps": 2, "checkpoints_total_limit": 10}
+    straight = loop.train(make_config({**values, "output_dir": str(tmp_path / "a")}))
+    assert sum(straight.skipped_samples.values()) > 3  # more than one epoch's: the stream was read again
+    for step in (4, 10):  # at the end of the first epoch (4 batches), in the third
+        run = tmp_path / f"resumed_{step}"
+        shutil.copytree(tmp_path / "a", run)
+        shutil.rmtree(run / "brushnet")
+        for later in range(step + 2, 13, 2):
+            shutil.rmtree(run / f"checkpoint-{later}")
+        resumed = loop.train(
+            make_config({**values, "output_dir": str(run), "resume_from_checkpoint": "latest"})
+        )
+        assert resumed.losses == straight.losses[step:]
+        assert resumed.skipped_samples == straight.skipped_samples, step
+
+
 def test_ema_validation_and_tensorboard(base_config):
     config = make_config(
         {

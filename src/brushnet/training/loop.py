@@ -170,6 +170,35 @@ class StepGenerator:
         self.generator.set_state(state["state"])
 
 
+class SkipTally:
+    """The malformed samples a run skipped, by reason, across resumes.
+
+    The data stream's counter (:class:`brushnet.data.brushdata.SkipCounter`) counts what this process read. A
+    resumed run re-reads the consumed part of its epoch (and counts its skips again) but not the epochs before,
+    so a checkpoint keeps the counts as they were when its epoch began (:attr:`before_epoch`), and the resumed
+    run adds them to what it counts."""
+
+    def __init__(self, counter) -> None:
+        self.counter = counter
+        self.offset: dict[str, int] = {}
+        self.before_epoch: dict[str, int] = {}
+
+    def counts(self) -> dict[str, int]:
+        """Every reason's count for the whole run (zeros included)."""
+        read = self.counter.as_dict() if self.counter is not None else {}
+        return {reason: read.get(reason, 0) + self.offset.get(reason, 0) for reason in {*read, *self.offset}}
+
+    def epoch_ended(self) -> None:
+        self.before_epoch = self.counts()
+
+    def restore(self, saved, process_index: int) -> None:
+        """Take this process's counts from a checkpoint's ``skipped_before_epoch`` (absent in older ones)."""
+        if isinstance(saved, list) and process_index < len(saved) and isinstance(saved[process_index], dict):
+            counts = saved[process_index]
+            self.offset = {k: v for k, v in counts.items() if isinstance(v, int) and not isinstance(v, bool)}
+            self.before_epoch = dict(self.offset)
+
+
 def training_target(
     scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, prediction_type: str
 ) -> torch.Tensor:
@@ -628,6 +657,7 @@ def train(config: TrainConfig, dataset=None, on_start: Callable[[], None] | None
                 dataset.skipped.reset()  # count what the training stream skips, not this extra read
 
     global_step, epoch, batches_done = 0, 0, 0
+    skips = SkipTally(getattr(dataset, "skipped", None))
     resume_path = resolve_checkpoint(output_dir, config.resume_from_checkpoint)
     if resume_path is not None:
         state, process_state = load_checkpoint(
@@ -642,6 +672,7 @@ def train(config: TrainConfig, dataset=None, on_start: Callable[[], None] | None
         positions = state["data_positions"]
         global_step = state["global_step"]
         epoch, batches_done = positions[accelerator.process_index]
+        skips.restore(state.get("skipped_before_epoch"), accelerator.process_index)
         logger.info(
             "resumed from %s at step %d (epoch %d, batch %d)", resume_path, global_step, epoch, batches_done
         )
@@ -665,7 +696,6 @@ def train(config: TrainConfig, dataset=None, on_start: Callable[[], None] | None
     if on_start is not None:
         on_start()
     unwrapped = accelerator.unwrap_model(brushnet)
-    skip_counter = getattr(dataset, "skipped", None)  # brushnet.data.brushdata.SkipCounter
     # each step's loss stays on the device until a log line needs it (at least every 100 steps): reading it every
     # step would make the host wait for the device at the end of every step (the batch: brushnet.devices.to_device)
     losses = DeferredLosses()
@@ -713,8 +743,8 @@ def train(config: TrainConfig, dataset=None, on_start: Callable[[], None] | None
                     accelerator.gather(torch.tensor([step_loss], device=accelerator.device)).mean().item()
                 )
                 logs = {"loss": mean_loss, "lr": lr_scheduler.get_last_lr()[0]}
-                if skip_counter is not None:
-                    skipped = torch.tensor([skip_counter.total], device=accelerator.device)
+                if skips.counter is not None:
+                    skipped = torch.tensor([sum(skips.counts().values())], device=accelerator.device)
                     logs["skipped_samples"] = int(accelerator.reduce(skipped, reduction="sum").item())
                 accelerator.log(logs, step=global_step)
                 if accelerator.is_main_process:
@@ -726,6 +756,8 @@ def train(config: TrainConfig, dataset=None, on_start: Callable[[], None] | None
                 # each process reads its own part of the data: keep every process's position
                 positions = gather_object([[epoch, batches_done]])
                 training_state = {"global_step": global_step, "data_positions": positions}
+                if skips.counter is not None:
+                    training_state["skipped_before_epoch"] = gather_object([skips.before_epoch])
                 save_checkpoint(
                     accelerator,
                     output_dir,
@@ -745,6 +777,7 @@ def train(config: TrainConfig, dataset=None, on_start: Callable[[], None] | None
                 break
         else:
             epoch, batches_done = epoch + 1, 0
+            skips.epoch_ended()
     accelerator.wait_for_everyone()
     final_dir = output_dir / "brushnet"
     final_branch = full_branch(accelerator, brushnet)
@@ -755,8 +788,8 @@ def train(config: TrainConfig, dataset=None, on_start: Callable[[], None] | None
         publish_final_model(final_branch, output_dir)  # atomic: never truncated weights after a kill
         logger.info("saved the final branch to %s", final_dir)
     skipped = {}
-    if skip_counter is not None:
-        skipped = {reason: count for reason, count in skip_counter.as_dict().items() if count}
+    if skips.counter is not None:
+        skipped = {reason: count for reason, count in skips.counts().items() if count}
         if skipped:
             logger.warning("process %d skipped malformed samples: %s", accelerator.process_index, skipped)
     accelerator.end_training()
