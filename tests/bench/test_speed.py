@@ -97,7 +97,7 @@ def test_a_combination_that_cannot_run_is_recorded(tiny_models, monkeypatch):
     records = measure_speed(["brushnet"], tiny_models, resolutions=[32], steps=[1], repeats=1)
     assert records == [
         {"method": "brushnet", "device": "cpu", "dtype": "fp32", "resolution": 32, "steps": 1,
-         "cfg_branch": "once", "compile": False, "repeats": 1, "scheduler": "unipc-original",
+         "cfg_branch": "once", "compile": False, "repeats": 1, "scheduler": "unipc-original", "options": {},
          "error": "RuntimeError: \"slow_conv2d_cpu\" not implemented for 'Half'"}
     ]  # fmt: skip
     assert "not run: RuntimeError" in format_table(records)
@@ -144,3 +144,49 @@ def test_cli_speed_random_sdxl_weights_every_method(tmp_path):
     assert all("error" not in r for r in records.values()), records
     assert records["repaint"]["scheduler"] == "ddim" and records["brushnet"]["scheduler"] == "unipc-original"
     assert records["brushnet"]["extra_calls"] == {"brushnet": 4}  # the SDXL branch on both CFG halves
+
+
+def test_cli_speed_records_a_method_that_refuses_its_models_and_takes_options(tmp_path):
+    """HD-Painter on the tiny UNet (no cross-attention at 1/4 of the latent) refuses RASG with an InputError,
+    which ended the whole command: no table, no record file. Now the combination is an error record, and
+    ``--option hd-painter:rasg=false`` runs it."""
+    from typer.testing import CliRunner
+
+    from brushnet.cli.bench import app
+
+    base = ["speed", "--resolutions", "32", "--steps", "2", "--repeats", "1", "--random-weights", "tiny",
+            "--weights-dir", str(tmp_path / "w"), "--threads", "1"]  # fmt: skip
+    out = tmp_path / "speed.json"
+    result = CliRunner().invoke(app, [*base, "--methods", "brushnet,hd-painter", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    records = {r["method"]: r for r in json.loads(out.read_text())["records"]}
+    assert "error" not in records["brushnet"] and records["brushnet"]["options"] == {}
+    assert records["hd-painter"]["error"].startswith("InputError: RASG found no cross-attention")
+    result = CliRunner().invoke(
+        app,
+        [
+            *base,
+            "--methods",
+            "brushnet,hd-painter",
+            "--option",
+            "hd-painter:rasg=false",
+            "--output",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    records = {r["method"]: r for r in json.loads(out.read_text())["records"]}
+    assert "error" not in records["hd-painter"] and records["hd-painter"]["options"] == {"rasg": False}
+    assert records["brushnet"]["options"] == {}
+    for bad, message in (
+        ("nosuch=1", "bad option for method 'brushnet'"),
+        ("repaint:x=1", "names method 'repaint'"),
+    ):
+        fresh = tmp_path / "never"
+        result = CliRunner().invoke(
+            app, [*base, "--methods", "brushnet", "--option", bad, "--weights-dir", str(fresh)]
+        )
+        assert result.exit_code == 2 and result.output.count("\n") == 1 and message in result.output, (
+            result.output
+        )
+        assert not fresh.exists()  # refused before any model was built

@@ -30,7 +30,7 @@ import os
 import statistics
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -234,6 +234,7 @@ def measure_speed(
     scheduler: str = "unipc-original",
     guidance_scale: float = 7.5,
     cfg_branch: Sequence[str] = ("once",),
+    options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Time every method × dtype × resolution × step count (× CFG branch mode for BrushNet); see the module
     docstring for what is measured.
@@ -250,6 +251,8 @@ def measure_speed(
             is recorded as ``first_call_seconds``.
         scheduler, guidance_scale: the request's.
         cfg_branch: BrushNet's modes to time (:data:`CFG_BRANCH_MODES`); ignored for other methods.
+        options: method options per method name (``{"hd-painter": {"rasg": False}}``), recorded with each
+            combination as ``options``.
 
     Returns:
         One record per combination: ``method, device, dtype, resolution, steps, cfg_branch, compile,
@@ -260,6 +263,7 @@ def measure_speed(
     """
     import torch
 
+    from ..errors import InputError
     from ..methods import inpaint, load_method
 
     check_speed_settings(resolutions, dtypes, steps, repeats, cfg_branch)
@@ -284,6 +288,7 @@ def measure_speed(
                             "steps": step_count,
                             "guidance_scale": guidance_scale,
                             "scheduler": scheduler if takes else None,
+                            "options": dict((options or {}).get(method_name) or {}),
                         }
                         record: dict[str, Any] = {
                             "method": method_name,
@@ -295,6 +300,7 @@ def measure_speed(
                             "compile": bool(compiled),
                             "repeats": repeats,
                             "scheduler": scheduler if takes else type(method).default_scheduler,
+                            "options": request["options"],
                         }
                         try:
                             start = time.perf_counter()
@@ -302,7 +308,7 @@ def measure_speed(
                                 method, image, hole, request
                             )  # warm-up (compiles with --compile), excluded
                             record["first_call_seconds"] = time.perf_counter() - start
-                        except (RuntimeError, NotImplementedError, TypeError) as exc:
+                        except (RuntimeError, NotImplementedError, TypeError, InputError) as exc:
                             message = (
                                 str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                             )

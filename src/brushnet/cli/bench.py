@@ -229,6 +229,11 @@ def speed(
         "unipc-original", help="Scheduler (methods with their own schedule keep theirs)."
     ),
     guidance: float = typer.Option(7.5),
+    option: list[str] | None = typer.Option(
+        None,
+        "--option",
+        help="key=value for every method, or method:key=value for one (repeatable), e.g. hd-painter:rasg=false.",
+    ),
     random_weights: str | None = typer.Option(None, help="Build random-weight models: tiny | small | sd15."),
     weights_dir: Path | None = typer.Option(
         None, help="Where --random-weights builds (default: a temp dir)."
@@ -278,7 +283,7 @@ def speed(
 
             if random_weights in PRESETS:
                 temporary = Path(tempfile.mkdtemp(prefix="brushnet-speed-"))
-        _speed(methods, resolution_list, dtype, step_list, repeats, cfg_branch, scheduler, guidance,
+        _speed(methods, resolution_list, dtype, step_list, repeats, cfg_branch, scheduler, guidance, option,
                random_weights, weights_dir or temporary, output, models, runtime)  # fmt: skip
     finally:
         if temporary is not None:
@@ -300,7 +305,7 @@ def _positive_ints(value: str, flag: str) -> list[int]:
     return numbers
 
 
-def _speed(methods, resolutions, dtype, steps, repeats, cfg_branch, scheduler, guidance, random_weights,
+def _speed(methods, resolutions, dtype, steps, repeats, cfg_branch, scheduler, guidance, option, random_weights,
            weights_root, output, models, runtime) -> None:  # fmt: skip
     """The body of :func:`speed`, after its checks (``weights_root``: where --random-weights builds)."""
     import platform
@@ -310,10 +315,14 @@ def _speed(methods, resolutions, dtype, steps, repeats, cfg_branch, scheduler, g
     from ..bench.speed import format_table, measure_speed
     from ..errors import InputError
     from ..io import atomic_write_bytes
-    from ..methods import ModelPaths, available_methods, get_method_class
+    from ..methods import ModelPaths, available_methods, check_request, get_method_class
 
     names = available_methods() if methods == "all" else _split(methods)
     classes = [get_method_class(name) for name in names]
+    per_method = split_options(option, names)
+    for cls in classes:  # every method's options, before any model is built or loaded
+        check_request(cls, {"prompt": "", "steps": steps[0], "guidance_scale": guidance,
+                            "options": per_method[cls.name]})  # fmt: skip
     if random_weights is not None:
         from ..random_models import PRESETS, build_model_set, buildable, preset_family
 
@@ -349,6 +358,7 @@ def _speed(methods, resolutions, dtype, steps, repeats, cfg_branch, scheduler, g
         scheduler=scheduler,
         guidance_scale=guidance,
         cfg_branch=_split(cfg_branch),
+        options=per_method,
     )
     environment = {
         "torch": torch.__version__,
