@@ -252,3 +252,23 @@ def test_a_run_folder_refusal_names_only_what_differs(tmp_path):
     added = {**record(options={"blended-latent-diffusion": {}}), "methods": ["blended-latent-diffusion"]}
     _check_run_json(fresh, added, write=True)
     assert json.loads((fresh / "run.json").read_text())["methods"] == ["blended-latent-diffusion", "brushnet"]
+
+
+def test_a_grown_mask_is_pasted_back_as_inpaint_does(tmp_path, tiny_models, shapes_set):
+    """With --mask-grow the method regenerated the grown ring, but the bench blended with the dataset's mask,
+    pasting most of the ring back from the input and cutting the generation at the old edge: the blended
+    image was not what `inpaint` gives for the same request."""
+    from brushnet.methods import inpaint
+
+    settings = BenchSettings(steps=2, mask_grow=4, blend_kernel_size=5)
+    dataset = load_dataset(shapes_set)
+    run_benchmark(["brushnet"], tiny_models, dataset, tmp_path, settings)
+    method = load_method("brushnet", tiny_models)
+    for item in dataset:
+        request = settings.request_for(type(method), item.prompt).model_dump()
+        expected = inpaint(method, item.image, item.mask, {**request, "blend": True, "blend_kernel_size": 5})
+        blended = Image.open(tmp_path / f"outputs/brushnet/inside/blended/{item.id}.png").convert("RGB")
+        np.testing.assert_array_equal(np.asarray(blended), np.asarray(expected.images[0]))
+        rows = load_rows(tmp_path)
+        # the metrics keep the dataset's hole: the regenerated ring counts as kept region
+        assert {row["hole_fraction"] for row in rows if row["id"] == item.id} == {float(item.mask.mean())}

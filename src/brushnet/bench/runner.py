@@ -317,9 +317,11 @@ def run_benchmark(
                 item = dataset[index]
                 if index in todo:
                     request = settings.request_for(classes[name], item.prompt)
-                    result = run(method, prepare(classes[name], item.image, item.mask, request))
+                    job = prepare(classes[name], item.image, item.mask, request)
+                    result = run(method, job)
                     raw = result.images[0]
-                    blended = blend_pil(item.image, raw, item.mask, kernel_size=settings.blend_kernel_size)
+                    # pasted back around the hole the method was given (grown by mask_grow), as inpaint() does
+                    blended = blend_pil(item.image, raw, job.hole, kernel_size=settings.blend_kernel_size)
                     metadata = result.metadata()
                     atomic_write_bytes(paths["raw"], png_bytes(raw, metadata))
                     atomic_write_bytes(paths["blended"], png_bytes(blended))
