@@ -22,6 +22,14 @@ pulls the shape words apart); ``--text-encoder fresh`` replaces it by a newly in
 
     python examples/demo_world/finetune_base.py --out /tmp/base_tlr --text-lr 2e-3
     python examples/demo_world/finetune_base.py --out /tmp/base_fresh --text-encoder fresh
+
+``--transformer-layers N`` and ``--attention-top`` grow the UNet before the fine-tune, so that it starts as the
+base it was (the same output, checked) with more room where the layout is decided: N transformer blocks in every
+cross-attention block and the mid block instead of one, and cross-attention at the 32 × 32 level too. The new
+blocks start as identities (their output projections zero), so what the fine-tune adds is what the new capacity
+learns (``grow_unet``).
+
+    python examples/demo_world/finetune_base.py --out /tmp/base_deep --transformer-layers 2 --attention-top
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["object_cells", "weighted_v_loss", "main"]
+__all__ = ["object_cells", "weighted_v_loss", "grow_unet", "main"]
 
 DEMO_BASE = Path(__file__).resolve().parents[2] / "src" / "brushnet" / "assets" / "demo_world" / "base"
 
@@ -66,6 +74,34 @@ def weighted_v_loss(
     return (snr_weights * per_sample).mean()
 
 
+def grow_unet(unet, transformer_layers: int = 1, attention_top: bool = False):
+    """A UNet2DConditionModel like ``unet`` with ``transformer_layers`` transformer blocks in every cross-attention
+    block (and the mid block) and, with ``attention_top``, cross-attention blocks at the first level too; its
+    weights are ``unet``'s, and every new block starts as an identity (the output projections of its attention
+    and feed-forward layers, or of a new transformer, zero), so it computes what ``unet`` computes."""
+    from diffusers import UNet2DConditionModel
+
+    config = dict(unet.config)
+    config["transformer_layers_per_block"] = transformer_layers
+    if attention_top:
+        config["down_block_types"] = ["CrossAttnDownBlock2D", *config["down_block_types"][1:]]
+        config["up_block_types"] = [*config["up_block_types"][:-1], "CrossAttnUpBlock2D"]
+    grown = UNet2DConditionModel.from_config(config)
+    missing, unexpected = grown.load_state_dict(unet.state_dict(), strict=False)
+    if unexpected:
+        raise ValueError(f"grow_unet: the grown UNet lacks {unexpected[:3]}")
+    new = {key.rsplit(".", 1)[0] for key in missing}
+    for name, module in grown.named_modules():
+        if not any(key == name or key.startswith(name + ".") for key in new):
+            continue
+        if name.endswith(("attn1.to_out.0", "attn2.to_out.0", "ff.net.2")) or (
+            name.endswith("proj_out") and name in new
+        ):
+            torch.nn.init.zeros_(module.weight)
+            torch.nn.init.zeros_(module.bias)
+    return grown if unet.dtype == torch.float32 else grown.to(unet.dtype)
+
+
 def _fine_tune(folder: Path, images, cells, scenes, args, start: float) -> None:
     """Fine-tune the base in ``folder`` in place (UNet and text encoder; see the module docstring)."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
@@ -83,6 +119,10 @@ def _fine_tune(folder: Path, images, cells, scenes, args, start: float) -> None:
         text_encoder = CLIPTextModel(text_encoder.config).requires_grad_(False)
     unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32)
     scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
+    if args.transformer_layers > 1 or args.attention_top:
+        before = sum(p.numel() for p in unet.parameters())
+        unet = grow_unet(unet, args.transformer_layers, args.attention_top)
+        print(f"grown UNet: {before} -> {sum(p.numel() for p in unet.parameters())} parameters", flush=True)
     groups = [{"params": list(unet.parameters()), "lr": args.lr}]
     if args.text_encoder == "train":
         groups.append({"params": list(text_encoder.parameters()), "lr": args.text_lr or args.lr})
@@ -153,6 +193,17 @@ def main(argv: list[str] | None = None) -> int:
         help="train: fine-tune the base's text encoder with the UNet (default); fresh: replace it by a newly "
         "initialised one of the same config, kept frozen, so no two words can share a state.",
     )
+    parser.add_argument(
+        "--transformer-layers",
+        type=int,
+        default=1,
+        help="Transformer blocks per cross-attention block (the base's: 1); new ones start as identities.",
+    )
+    parser.add_argument(
+        "--attention-top",
+        action="store_true",
+        help="Add cross-attention at the first (32 x 32) level, starting as an identity.",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads of this process (default 1).")
     args = parser.parse_args(argv)
     base, out = Path(args.base), Path(args.out)
@@ -162,13 +213,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--out {out}: exists; give a new folder")
     if (
         args.object_weight < 1
-        or min(args.steps, args.batch, args.scenes, args.max_objects) < 1
+        or min(args.steps, args.batch, args.scenes, args.max_objects, args.transformer_layers) < 1
         or args.lr <= 0
         or (args.text_lr is not None and args.text_lr <= 0)
     ):
         parser.error(
-            "--object-weight must be at least 1 and --steps, --lr, --text-lr, --batch, --scenes, --max-objects "
-            "positive"
+            "--object-weight must be at least 1 and --steps, --lr, --text-lr, --batch, --scenes, --max-objects, "
+            "--transformer-layers positive"
         )
     if args.text_lr is not None and args.text_encoder == "fresh":
         parser.error("--text-lr: the text encoder is frozen with --text-encoder fresh; give one of the two")

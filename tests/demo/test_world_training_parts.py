@@ -1057,6 +1057,32 @@ def test_finetune_base_writes_a_loadable_base_and_refuses_an_existing_folder(tmp
     assert not (tmp_path / "new").exists() and not (tmp_path / "new.partial").exists()
 
 
+def test_grow_unet_starts_as_the_unet_it_grows():
+    """``--transformer-layers`` / ``--attention-top``: more blocks, the same output (new blocks are identities),
+    and they train (their zeroed output projections get a gradient)."""
+    from diffusers import UNet2DConditionModel
+    from finetune_base import DEMO_BASE, grow_unet
+
+    unet = UNet2DConditionModel.from_pretrained(DEMO_BASE / "unet", torch_dtype=torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 32, 32, generator=generator)
+    hidden = torch.randn(2, 8, 64, generator=generator)
+    timesteps = torch.tensor([300, 900])
+    with torch.no_grad():
+        reference = unet(sample, timesteps, hidden).sample
+    for layers, top in ((2, False), (1, True)):
+        grown = grow_unet(unet, layers, top)
+        assert sum(p.numel() for p in grown.parameters()) > sum(p.numel() for p in unet.parameters())
+        assert grown.config.transformer_layers_per_block == layers
+        assert (grown.config.down_block_types[0] == "CrossAttnDownBlock2D") == top
+        output = grown(sample, timesteps, hidden).sample
+        torch.testing.assert_close(output, reference, rtol=0, atol=1e-6)
+        output.square().mean().backward()
+        block = grown.down_blocks[0 if top else 1].attentions[0]
+        new = block.proj_out if top else block.transformer_blocks[1].attn1.to_out[0]
+        assert new.weight.abs().max() == 0 and new.weight.grad.abs().max() > 0
+
+
 def test_finetune_base_text_encoder_options(tmp_path, capsys):
     """``--text-lr`` is the text encoder's own rate (at 1e-9 one Adam step leaves it within 1e-6 while the UNet
     moves); ``--text-encoder fresh`` writes a newly initialised encoder (not the shipped one) and keeps it
