@@ -46,7 +46,7 @@ def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--max-queue", type=int, default=4, help="queue slots in the 429 phase")
     parser.add_argument("--burst", type=int, default=12, help="requests sent at once in the 429 phase")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not (0 < args.requests <= 1000 and 0 < args.clients <= 64 and 0 < args.burst <= 200):
         parser.error("keep it bounded: requests <= 1000, clients <= 64, burst <= 200")
 
@@ -66,10 +66,11 @@ def main() -> None:
     import httpx
     import torch
 
-    from brushnet.methods import inpaint, load_method
+    from brushnet.methods import get_method_class, inpaint, load_method
+    from brushnet.random_models import build_model_set
     from brushnet.service.api import create_app
-    from brushnet.service.cli import BackgroundServer, build_tiny_models
     from brushnet.service.engine import Engine, Limits
+    from brushnet.service.server import BackgroundServer
 
     torch.set_num_threads(args.threads)
     image_png, mask_png = _scene(args.size)
@@ -83,7 +84,7 @@ def main() -> None:
     )
 
     with tempfile.TemporaryDirectory(prefix="brushnet-load-") as tmp:
-        method = load_method("brushnet", build_tiny_models(tmp, with_baselines=False))
+        method = load_method("brushnet", build_model_set(tmp, get_method_class("brushnet").models, "tiny"))
         fields = {"steps": args.steps, "prompt": "load test"}
 
         # reference images, straight from the library, for the seeds used below
