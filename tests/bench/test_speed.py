@@ -190,3 +190,13 @@ def test_cli_speed_records_a_method_that_refuses_its_models_and_takes_options(tm
             result.output
         )
         assert not fresh.exists()  # refused before any model was built
+
+
+def test_speed_help_names_every_random_weight_preset():
+    from typer.testing import CliRunner
+
+    from brushnet.cli.bench import app
+    from brushnet.random_models import PRESETS
+
+    text = " ".join(CliRunner().invoke(app, ["speed", "--help"], env={"COLUMNS": "200"}).output.split())
+    assert all(f" {preset} " in text.replace("|", " | ").replace(".", " ") for preset in PRESETS), text

@@ -310,7 +310,7 @@ def test_load_method_names_the_paths_it_ignores_and_refuses_a_config_for_a_folde
     with caplog.at_level(logging.WARNING, logger="brushnet.methods.registry"):
         with pytest.raises(ZeroDivisionError):  # the checks passed: it went on to load
             load_method("brushnet", {**models, "controlnet": tiny_models["controlnet"]})
-    assert "method 'brushnet' does not read --controlnet; ignored" in caplog.text
+    assert "method 'brushnet' does not read controlnet; ignored (it reads base, brushnet)" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="brushnet.methods.registry"):
         with pytest.raises(ZeroDivisionError):

@@ -234,7 +234,9 @@ def speed(
         "--option",
         help="key=value for every method, or method:key=value for one (repeatable), e.g. hd-painter:rasg=false.",
     ),
-    random_weights: str | None = typer.Option(None, help="Build random-weight models: tiny | small | sd15."),
+    random_weights: str | None = typer.Option(
+        None, help="Build random-weight models: tiny | small | sd15 | tiny-xl | sdxl."
+    ),
     weights_dir: Path | None = typer.Option(
         None, help="Where --random-weights builds (default: a temp dir)."
     ),

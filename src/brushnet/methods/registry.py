@@ -146,9 +146,10 @@ def load_method(
     unused = models.unread(cls)
     if unused:  # one set of paths for several methods is fine; each takes what it reads
         logger.warning(
-            "method %r does not read %s; ignored",
+            "method %r does not read %s; ignored (it reads %s)",
             name,
-            ", ".join(model_slots()[slot].flag for slot in unused),
+            ", ".join(unused),
+            ", ".join(slot for slot in models.used_by(cls) if slot != "allow_pickle"),
         )
     if models.get("base_config") is not None and "base_config" in models.used_by(cls):
         single = [
