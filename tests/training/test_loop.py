@@ -106,6 +106,31 @@ def test_four_steps_equal_two_plus_resume_plus_two(base_config, tmp_path, terms)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_run_without_a_seed_resumes_with_its_own(base_config, tmp_path, caplog):
+    """Without --seed every start drew a new seed, the resume too: the resumed run read the stream in another
+    order, with other masks and crops, than the run it continued."""
+    import yaml
+
+    values = {k: v for k, v in base_config.items() if k != "seed"}
+    split = {**values, "output_dir": str(tmp_path / "b")}
+    first = loop.train(make_config({**split, "max_train_steps": 2}))
+    seed = yaml.safe_load((tmp_path / "b" / "checkpoint-2" / "train_config.yaml").read_text())["seed"]
+    second = loop.train(make_config({**split, "max_train_steps": 4, "resume_from_checkpoint": "latest"}))
+    straight = loop.train(
+        make_config({**values, "seed": seed, "output_dir": str(tmp_path / "a"), "max_train_steps": 4})
+    )
+    assert first.losses + second.losses == straight.losses
+    assert yaml.safe_load((tmp_path / "b" / "train_config.yaml").read_text())["seed"] == seed
+    a, b = _branch_weights(straight.final_model_dir), _branch_weights(second.final_model_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # an explicit other seed is the user's choice, said out loud
+    with caplog.at_level(logging.WARNING, logger="brushnet.training.loop"):
+        loop.train(
+            make_config({**split, "seed": seed + 1, "max_train_steps": 6, "resume_from_checkpoint": "latest"})
+        )
+    assert f"--seed {seed + 1} differs from the seed {seed} of the run" in caplog.text
+
+
 def test_malformed_samples_are_counted_in_the_logs(base_config, caplog):
     config = make_config({**base_config, "max_train_steps": 4})
     # what the same stream skips while yielding the 8 samples of 4 batches

@@ -199,6 +199,37 @@ class SkipTally:
             self.before_epoch = dict(self.offset)
 
 
+def run_seed(config: TrainConfig, resume_path: Path | None) -> int:
+    """The run's seed: ``config.seed``; unset, the seed of the run a resume continues (its checkpoint's
+    ``train_config.yaml``: the data order, masks and crops of the interrupted run follow from it), else a new
+    one. An explicit seed other than the checkpoint's is a warning: the resumed run then reads other data than
+    the interrupted one would have."""
+    import yaml
+
+    recorded = None
+    if resume_path is not None:
+        try:
+            recorded = yaml.safe_load((resume_path / CONFIG_FILE).read_text()).get("seed")
+        except (OSError, yaml.YAMLError, AttributeError):
+            recorded = None
+        if not isinstance(recorded, int) or isinstance(recorded, bool):
+            recorded = None
+    if config.seed is None:
+        if recorded is not None:
+            logger.info("seed %d: the seed of the run %s continues", recorded, resume_path)
+            return recorded
+        return random.SystemRandom().randrange(2**31)
+    if recorded is not None and recorded != config.seed:
+        logger.warning(
+            "--seed %d differs from the seed %d of the run %s continues: the resumed run reads its data in another "
+            "order, with other masks and crops, than the interrupted one (drop --seed to continue it as it was)",
+            config.seed,
+            recorded,
+            resume_path,
+        )
+    return config.seed
+
+
 def training_target(
     scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, prediction_type: str
 ) -> torch.Tensor:
@@ -548,13 +579,15 @@ def train(config: TrainConfig, dataset=None, on_start: Callable[[], None] | None
             project_dir=str(output_dir), logging_dir=str(output_dir / config.logging_dir)
         ),
     )
-    seed = [config.seed if config.seed is not None else random.SystemRandom().randrange(2**31)]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(seed)
-    config = config.model_copy(update={"seed": seed[0]})
     if accelerator.is_main_process:
         recover_interrupted_saves(output_dir)  # finish or undo what a killed run left, before anyone looks
     accelerator.wait_for_everyone()
+    # on every process, so that a bad --resume_from_checkpoint fails on each of them alike
+    resume_path = resolve_checkpoint(output_dir, config.resume_from_checkpoint)
+    seed = [run_seed(config, resume_path)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(seed)
+    config = config.model_copy(update={"seed": seed[0]})
     set_seed(config.seed)
     if config.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -658,7 +691,6 @@ def train(config: TrainConfig, dataset=None, on_start: Callable[[], None] | None
 
     global_step, epoch, batches_done = 0, 0, 0
     skips = SkipTally(getattr(dataset, "skipped", None))
-    resume_path = resolve_checkpoint(output_dir, config.resume_from_checkpoint)
     if resume_path is not None:
         state, process_state = load_checkpoint(
             accelerator, resume_path, ema=ema, allow_pickle=config.allow_pickle
