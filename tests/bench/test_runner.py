@@ -272,3 +272,39 @@ def test_a_grown_mask_is_pasted_back_as_inpaint_does(tmp_path, tiny_models, shap
         rows = load_rows(tmp_path)
         # the metrics keep the dataset's hole: the regenerated ring counts as kept region
         assert {row["hole_fraction"] for row in rows if row["id"] == item.id} == {float(item.mask.mean())}
+
+
+class _StubSuite:
+    """A metric suite scoring the given metrics with fixed values (the weighted ones need weights offline)."""
+
+    def __init__(self, **values):
+        self.metrics = dict.fromkeys(values)
+        self.values = values
+
+    def __call__(self, generated, original, hole, captions):
+        import torch
+
+        return {name: torch.full((len(generated),), value) for name, value in self.values.items()}
+
+
+def test_rescoring_with_other_metrics_keeps_the_ones_scored_before(tmp_path, tiny_models, shapes_set):
+    """A rerun that adds a metric (HPS weights given now) but not an earlier one (LPIPS weights left out) dropped
+    the earlier metric's values from every row it re-scored."""
+    dataset = load_dataset(shapes_set)
+    settings = BenchSettings(steps=1)
+    run_benchmark(
+        ["brushnet"], tiny_models, dataset, tmp_path, settings, metric_suite=_StubSuite(psnr=20.0, lpips=0.25)
+    )
+    stats = run_benchmark(
+        ["brushnet"], tiny_models, dataset, tmp_path, settings, metric_suite=_StubSuite(psnr=21.0, hps=0.5)
+    )
+    assert stats.rescored == len(dataset) and stats.generated == 0
+    rows = load_rows(tmp_path)
+    assert rows and all((row["psnr"], row["lpips"], row["hps"]) == (21.0, 0.25, 0.5) for row in rows), rows
+    record = json.loads(next((tmp_path / "rows").rglob("*.json")).read_text())
+    assert record["metrics"] == ["hps", "lpips", "psnr"]
+    # and a third run that asks for what is there already has nothing to do
+    stats = run_benchmark(
+        ["brushnet"], tiny_models, dataset, tmp_path, settings, metric_suite=_StubSuite(lpips=0.0)
+    )
+    assert (stats.skipped, stats.rescored) == (len(dataset), 0)

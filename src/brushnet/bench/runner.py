@@ -290,6 +290,7 @@ def run_benchmark(
     mask_kind = dataset.mask_kind
     for name in methods:
         todo, rescore = [], []
+        earlier: dict[int, dict[str, Any]] = {}  # re-scored items' rows: their other metrics are kept
         for index in indices:
             try:
                 paths = output_paths(run_dir, name, mask_kind, dataset.ids[index])
@@ -302,6 +303,8 @@ def run_benchmark(
                 stats.skipped += 1
             elif have_outputs:
                 rescore.append(index)
+                if rows is not None:
+                    earlier[index] = rows
             else:
                 todo.append(index)
         logger.info(
@@ -357,7 +360,16 @@ def run_benchmark(
                         **scores[variant],
                     }
                 )
-            payload = {"metrics": active, "rows": rows}
+            metrics = active
+            if index in earlier:  # metrics scored before and not now (weights not given this time) stay
+                before = {
+                    row.get("variant"): row for row in earlier[index].get("rows", []) if isinstance(row, dict)
+                }
+                for row in rows:
+                    for key, value in before.get(row["variant"], {}).items():
+                        row.setdefault(key, value)
+                metrics = sorted(set(active) | set(earlier[index].get("metrics", [])))
+            payload = {"metrics": metrics, "rows": rows}
             atomic_write_bytes(paths["rows"], json.dumps(payload, indent=1).encode())
         del method
     if stats.failures:
