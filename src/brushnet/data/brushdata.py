@@ -36,9 +36,13 @@ replayed exactly, and training resumes mid-epoch by skipping the batches its Dat
 
 A DataLoader takes batch ``i`` from worker ``i % num_workers``; on resuming, worker ``w`` takes the part of
 worker ``(w + batches_consumed) % num_workers`` and skips what that one had delivered
-(:func:`per_worker_skip`), so the resumed loader continues the interrupted batch sequence exactly. Skipped
-samples are read and validated (malformed ones are not miscounted) but not transformed. Resuming requires
-the same shards, seed, resolution, mask config, ``world_size``, ``num_workers`` and ``shuffle_buffer``.
+(:func:`per_worker_skip`), so the resumed loader continues the interrupted batch sequence exactly as long as
+every worker still had batches to deliver up to ``batches_consumed``. Once one worker's shards run out before
+the others' (unequal shards, near an epoch's end), the DataLoader takes the next batches from the remaining
+workers only and that mapping no longer holds; the trainer therefore draws and drops the consumed batches
+instead (:func:`brushnet.training.data.iterate_batches`), which is always exact. Skipped samples are read and
+validated (malformed ones are not miscounted) but not transformed. Resuming requires the same shards, seed,
+resolution, mask config, ``world_size``, ``num_workers`` and ``shuffle_buffer``.
 """
 
 from __future__ import annotations

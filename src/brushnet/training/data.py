@@ -8,7 +8,6 @@ re-creates it and skips the micro-batches already consumed.
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import logging
 from pathlib import Path
@@ -184,10 +183,11 @@ def build_train_dataloader(config, dataset, process_index: int = 0, num_processe
 def iterate_batches(dataloader: DataLoader, dataset, epoch: int, skip: int = 0):
     """Batches of ``epoch``, skipping the first ``skip`` (already consumed before a resume).
 
-    A dataset with ``set_epoch(epoch, skip=...)`` (the BrushData stream) selects the epoch's shard order,
-    masks and crops and skips the consumed samples itself (validated, not transformed); a map-style dataset
-    is resumed by its :class:`EpochShardSampler`; any other dataset gets ``set_epoch(epoch)`` if it has it,
-    and the consumed batches are drawn and dropped.
+    A map-style dataset is resumed by its :class:`EpochShardSampler`; any other dataset (the BrushData stream)
+    gets ``set_epoch(epoch)`` if it has it, and the consumed batches are drawn and dropped. That reads and
+    transforms them again, but it is exact whatever the DataLoader workers do: the stream's own
+    ``batches_consumed`` skip assumes each worker delivers every ``num_workers``-th batch, which stops being
+    true once one worker's shards run out before the others'.
     """
     if skip:
         logger.info("skipping %d micro-batches already consumed in epoch %d", skip, epoch)
@@ -196,11 +196,6 @@ def iterate_batches(dataloader: DataLoader, dataset, epoch: int, skip: int = 0):
         if set_epoch is not None:
             set_epoch(epoch)
         dataloader.sampler.set_epoch(epoch, skip=skip * dataloader.batch_size)
-        batches = iter(dataloader)
-    elif set_epoch is not None and "skip" in inspect.signature(set_epoch).parameters:
-        from ..data.brushdata import per_worker_skip
-
-        set_epoch(epoch, skip=per_worker_skip(skip, dataloader.batch_size, dataloader.num_workers))
         batches = iter(dataloader)
     else:
         if set_epoch is not None:
