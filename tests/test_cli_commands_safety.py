@@ -155,6 +155,25 @@ def test_train_error_after_startup_removes_only_what_the_run_wrote(capsys, tmp_p
     assert [p.name for p in kept.iterdir()] == ["notes.txt"] and (kept / "notes.txt").read_text() == "mine"
 
 
+def test_a_resume_refused_at_startup_puts_back_the_config_it_replaced(capsys, tmp_path, tiny_models):
+    """The loop writes the resolved config before it reads the checkpoint; a resume refused then (here: the
+    checkpoint's training state is malformed) left the folder's train_config.yaml replaced by this run's."""
+    from brushnet.data.synthetic import write_synthetic_shards
+
+    shards = write_synthetic_shards(tmp_path / "shards", 1, 8, size=24, seed=0).paths[0].parent
+    run = tmp_path / "run"
+    flags = ["--train_shards", str(shards), "--resolution", "16", "--max_train_steps", "2",
+             "--checkpointing_steps", "2", "--seed", "5"]  # fmt: skip
+    status, errors, err = _train(capsys, tiny_models["base"], run, *flags)
+    assert status == 0, err
+    before = (run / "train_config.yaml").read_bytes()
+    (run / "checkpoint-2" / "training_state.json").write_text("{}")
+    status, errors, err = _train(capsys, tiny_models["base"], run, *flags[:-2], "--seed", "6",
+                                 "--learning_rate", "0.5", "--resume_from_checkpoint", "latest")  # fmt: skip
+    assert status == 2 and "malformed" in errors[0], err
+    assert (run / "train_config.yaml").read_bytes() == before
+
+
 def _fake_train(output: Path, error: BaseException, checkpoint: bool = False, start: bool = False):
     def train(config, on_start=None):
         output.mkdir(parents=True, exist_ok=True)

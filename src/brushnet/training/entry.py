@@ -110,6 +110,13 @@ class OutputFolderGuard:
         while not path.exists() and path != path.parent:
             self.created, path = path, path.parent
         self.startup = {CONFIG_FILE}
+        # a resumed run rewrites the config it finds; one refused at startup puts the old one back
+        self.config_path = self.folder / CONFIG_FILE
+        self.config_before = None
+        try:
+            self.config_before = self.config_path.read_bytes()
+        except OSError:
+            pass
         tracker = Path(config.logging_dir)
         if not tracker.is_absolute() and tracker.parts and tracker.parts[0] not in (".", ".."):
             self.startup.add(tracker.parts[0])
@@ -120,12 +127,17 @@ class OutputFolderGuard:
         self.started = True
 
     def undo(self) -> list[Path]:
-        """Remove what this run wrote at startup, as described above. Returns the paths removed."""
+        """Remove what this run wrote at startup, as described above, and put back the ``train_config.yaml`` it
+        replaced (a refused resume). Returns the paths removed."""
         if self.started or os.environ.get("RANK", "0") != "0" or not self.folder.is_dir():
             return []
         new = set(os.listdir(self.folder)) - (self.before or set())
         if not new <= self.startup:  # something else appeared: keep everything
             return []
+        if self.config_before is not None:
+            from ..io import atomic_write_bytes
+
+            atomic_write_bytes(self.config_path, self.config_before)
         removed = []
         for name in sorted(new):
             path = self.folder / name
