@@ -382,3 +382,34 @@ def test_publishing_refuses_nothing_and_recover_ignores_other_folders(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["logs.tmp-12"]
     with pytest.raises(CheckpointError):
         checkpointing.resolve_checkpoint(tmp_path, "checkpoint-9")
+
+
+def test_rotation_after_resuming_an_earlier_checkpoint_keeps_the_one_just_saved(
+    base_config, caplog, monkeypatch
+):
+    """A run left checkpoints 2, 4, 6 and 8; resumed from checkpoint-2 with a limit of 2, the rotation after
+    saving checkpoint-4 kept 6 and 8 (higher steps, the abandoned run's) and deleted the checkpoint it had just
+    written."""
+    import logging
+
+    config = {**base_config, "max_train_steps": 8, "checkpointing_steps": 2}
+    loop.train(make_config(config))
+    out = Path(config["output_dir"])
+    written = {}
+    real_save = checkpointing.save_checkpoint
+
+    def save_then_look(accelerator, output_dir, step, *args, **kwargs):
+        final = real_save(accelerator, output_dir, step, *args, **kwargs)
+        written[step] = sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-"))
+        return final
+
+    resumed = {**config, "max_train_steps": 4, "checkpoints_total_limit": 2,
+               "resume_from_checkpoint": str(out / "checkpoint-2")}  # fmt: skip
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_look)  # the loop holds its own reference
+    with caplog.at_level(logging.WARNING, logger="brushnet.training.loop"):
+        loop.train(make_config(resumed))
+    assert (
+        "resuming from step 2 while" in caplog.text
+        and "(checkpoint-4, checkpoint-6, checkpoint-8)" in caplog.text
+    )
+    assert "checkpoint-4" in written[4] and len(written[4]) == 2, written

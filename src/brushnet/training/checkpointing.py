@@ -110,11 +110,14 @@ def resolve_checkpoint(output_dir: str | os.PathLike, value: str | None) -> Path
     return path
 
 
-def rotate_checkpoints(output_dir: str | os.PathLike, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` complete checkpoints; returns the deleted folders. Each is renamed to
-    ``.del`` before it is deleted, so an interrupted deletion never leaves a checkpoint that looks complete."""
+def rotate_checkpoints(output_dir: str | os.PathLike, keep: int, current: Path | None = None) -> list[Path]:
+    """Delete all but the newest ``keep`` complete checkpoints (by step), never ``current`` (the one just
+    saved: after a resume from an earlier checkpoint, the later ones of the abandoned run have higher steps);
+    returns the deleted folders. Each is renamed to ``.del`` before it is deleted, so an interrupted deletion never
+    leaves a checkpoint that looks complete."""
     checkpoints = list_checkpoints(output_dir)
-    removed = [path for _, path in checkpoints[: max(len(checkpoints) - keep, 0)]]
+    others = [path for _, path in checkpoints if current is None or path != Path(current)]
+    removed = others[: max(len(checkpoints) - keep, 0)]
     for path in removed:
         logger.info("removing old checkpoint %s", path)
         folders.remove(path)
@@ -287,7 +290,7 @@ def save_checkpoint(
             shutil.rmtree(partial, ignore_errors=True)  # frees the space; nothing complete is lost
         raise _save_error(final, exc) from exc
     if accelerator.is_main_process and total_limit is not None:
-        rotate_checkpoints(output_dir, total_limit)
+        rotate_checkpoints(output_dir, total_limit, current=final)
     accelerator.wait_for_everyone()
     return final
 

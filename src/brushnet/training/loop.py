@@ -63,6 +63,7 @@ from ..models.unet_injection import unet_forward_with_brushnet
 from .checkpointing import (
     CONFIG_FILE,
     full_branch,
+    list_checkpoints,
     load_checkpoint,
     publish_final_model,
     recover_interrupted_saves,
@@ -703,6 +704,15 @@ def train(config: TrainConfig, dataset=None, on_start: Callable[[], None] | None
             ema.to(accelerator.device)  # the EMA state is read on the CPU
         positions = state["data_positions"]
         global_step = state["global_step"]
+        later = [path.name for step, path in list_checkpoints(output_dir) if step > global_step]
+        if later and accelerator.is_main_process:
+            logger.warning(
+                "resuming from step %d while %s holds later checkpoints (%s): this run replaces each as it saves "
+                "that step; until then `latest` resumes them, not this run",
+                global_step,
+                output_dir,
+                ", ".join(later),
+            )
         epoch, batches_done = positions[accelerator.process_index]
         skips.restore(state.get("skipped_before_epoch"), accelerator.process_index)
         logger.info(
