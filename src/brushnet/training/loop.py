@@ -554,8 +554,9 @@ def train(config: TrainConfig, dataset=None, on_start: Callable[[], None] | None
 
     Args:
         config: the run.
-        dataset: a dataset yielding the training sample dicts, already sharded for this process; default:
-            the one ``config`` names (``train_shards`` / ``train_data_dir``) from :mod:`brushnet.data`.
+        dataset: a dataset of the training sample dicts; default: the one ``config`` names (``train_shards`` /
+            ``train_data_dir``) from :mod:`brushnet.data`. An iterable dataset must already be this process's
+            part; a map-style one is the whole set (the loop's sampler gives each process its part).
         on_start: called once every startup check has passed, just before the first step (or, for a run that
             is already finished, instead of it): what a caller needs to tell a refused run from a failed one.
     """
