@@ -308,3 +308,22 @@ def test_rescoring_with_other_metrics_keeps_the_ones_scored_before(tmp_path, tin
         ["brushnet"], tiny_models, dataset, tmp_path, settings, metric_suite=_StubSuite(lpips=0.0)
     )
     assert (stats.skipped, stats.rescored) == (len(dataset), 0)
+
+
+def test_a_shard_that_starts_first_records_the_protocol(tmp_path, tiny_models, shapes_set):
+    """Only shard 0 wrote run.json: shards launched by hand with other settings before it were not refused."""
+    dataset = load_dataset(shapes_set)
+    run_benchmark(
+        ["brushnet"], tiny_models, dataset, tmp_path, BenchSettings(steps=1), process_index=1, num_processes=2
+    )
+    assert json.loads((tmp_path / "run.json").read_text())["settings"]["steps"] == 1
+    with pytest.raises(InputError, match="was made with steps=1 .this run: steps=2."):
+        run_benchmark(
+            ["brushnet"],
+            tiny_models,
+            dataset,
+            tmp_path,
+            BenchSettings(steps=2),
+            process_index=0,
+            num_processes=2,
+        )

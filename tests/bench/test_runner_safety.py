@@ -62,9 +62,19 @@ def test_traversal_id_and_bad_entry_are_skipped_and_recorded(tmp_path, tiny_mode
     assert outside == []
     assert not (tmp_path / "data" / "x.png").exists() and not list(tmp_path.rglob("x.png"))
 
-    # a rerun skips the done entries and records the bad ones again, without stopping
+    # a rerun skips the done entries and records the bad ones again, without stopping, each listed once
     again = run_benchmark(["brushnet"], tiny_models, dataset, run_dir, SETTINGS)
     assert (again.generated, again.skipped, again.failed) == (0, 2, 2)
+    listed = [json.loads(line)["id"] for line in (run_dir / "failures.jsonl").read_text().splitlines()]
+    assert sorted(listed) == ["../../x", "bad-rle"]  # was: each twice
+    # the broken mask mended, a rerun generates that entry and no longer lists it
+    mapping = json.loads((hostile_set / "mapping_file.json").read_text())
+    mapping["bad-rle"] = dict(next(iter(mapping.values())))
+    (hostile_set / "mapping_file.json").write_text(json.dumps(mapping))
+    mended = run_benchmark(["brushnet"], tiny_models, load_dataset(hostile_set), run_dir, SETTINGS)
+    assert (mended.generated, mended.failed) == (1, 1)
+    listed = [json.loads(line)["id"] for line in (run_dir / "failures.jsonl").read_text().splitlines()]
+    assert listed == ["../../x"]  # was: bad-rle still listed as failed
 
 
 def test_bad_scheduler_is_refused_before_the_run_folder_exists(tmp_path, tiny_models, shapes_set):

@@ -84,10 +84,33 @@ class RunStats:
 
 
 def _record_failures(run_dir: Path, failures: list[dict[str, str]], process_index: int) -> None:
-    """Append this call's failed entries to ``failures.jsonl`` (one file per process)."""
+    """Add this call's failed entries to ``failures.jsonl`` (one file per process), and drop the earlier ones
+    that have rows now (a rerun that succeeded) or failed again (listed once, with this call's error)."""
     path = run_dir / ("failures.jsonl" if process_index == 0 else f"failures.{process_index}.jsonl")
-    previous = path.read_text() if path.is_file() else ""
-    atomic_write_bytes(path, (previous + "".join(json.dumps(f) + "\n" for f in failures)).encode())
+    if not path.is_file() and not failures:
+        return
+    kept = []
+    again = {(f["method"], f["mask_kind"], f["id"]) for f in failures}
+    for line in (path.read_text() if path.is_file() else "").splitlines():
+        try:
+            entry = json.loads(line)
+            key = (entry["method"], entry["mask_kind"], entry["id"])
+        except (ValueError, KeyError, TypeError):
+            kept.append(line)  # not a record this function wrote: kept as it was
+            continue
+        if key in again:
+            continue
+        try:
+            done = output_paths(run_dir, *key)["rows"].is_file()
+        except InputError:  # an unsafe id never has rows
+            done = False
+        if not done:
+            kept.append(line)
+    lines = kept + [json.dumps(f) for f in failures]
+    if lines:
+        atomic_write_bytes(path, "".join(line + "\n" for line in lines).encode())
+    else:
+        path.unlink()
 
 
 def check_item_id(item_id: str) -> str:
@@ -282,7 +305,8 @@ def run_benchmark(
         "device": device,
         "dtype": dtype,
     }
-    _check_run_json(run_dir, record, write=process_index == 0)
+    # shard 0 merges what it adds; another shard that starts first records the protocol the others are held to
+    _check_run_json(run_dir, record, write=process_index == 0 or not (run_dir / "run.json").is_file())
     suite = metric_suite if metric_suite is not None else MetricSuite(metric_weights or {})
     active = sorted(suite.metrics)
     indices = shard_indices(len(dataset), process_index, num_processes)
@@ -372,6 +396,5 @@ def run_benchmark(
             payload = {"metrics": metrics, "rows": rows}
             atomic_write_bytes(paths["rows"], json.dumps(payload, indent=1).encode())
         del method
-    if stats.failures:
-        _record_failures(run_dir, stats.failures, process_index)
+    _record_failures(run_dir, stats.failures, process_index)
     return stats
