@@ -327,3 +327,16 @@ def test_a_shard_that_starts_first_records_the_protocol(tmp_path, tiny_models, s
             process_index=0,
             num_processes=2,
         )
+
+
+def test_the_summary_says_how_many_rows_are_behind_a_mean_that_left_some_out():
+    """A mean over the rows with a finite value was printed beside the group's n, which counted every row."""
+    from brushnet.bench.report import summarise
+
+    rows = [
+        {"method": "m", "variant": "raw", "mask_kind": "inside", "id": str(i), "psnr": value, "mse": 1.0}
+        for i, value in enumerate([20.0, float("inf"), 30.0, None])
+    ]
+    [entry] = summarise(rows)
+    assert (entry["n"], entry["psnr"], entry["n_psnr"], entry["mse"]) == (4, 25.0, 2, 1.0)
+    assert "n_mse" not in entry  # every row counted

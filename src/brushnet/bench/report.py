@@ -121,7 +121,9 @@ def _number(value: Any) -> float | None:
 
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Means of every numeric column per method × variant × mask kind (``None`` values are left out)."""
+    """Means of every numeric column per method × variant × mask kind. ``None`` and non-finite values (an
+    infinite PSNR of an exact kept region) are left out of a mean; where that leaves fewer rows than the group's
+    ``n``, the count behind the mean is ``n_<column>``."""
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         groups[tuple(row[key] for key in _KEY)].append(row)
@@ -136,6 +138,8 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             values = [_number(r.get(column)) for r in members]
             values = [v for v in values if v is not None]
             entry[column] = sum(values) / len(values)
+            if len(values) != len(members):
+                entry[f"n_{column}"] = len(values)
         summary.append(entry)
     return summary
 
