@@ -300,6 +300,24 @@ def test_controlnet_guess_mode_conditions_the_text_half_only():
     assert batches == [2, 2, 1, 1]
 
 
+def test_a_controlnet_with_pooled_conditions_runs_in_guess_mode_and_the_branch_does_not():
+    """A ControlNet with ``global_pool_conditions`` (the shuffle ControlNet) ran on both guidance halves; diffusers'
+    ControlNet pipelines run it in guess mode. The branch keeps its own mode."""
+    components = tiny_components("sd")
+    controlnet = controlnet_for(components["unet"])
+    controlnet.register_to_config(global_pool_conditions=True)
+    pipe = make(controlnet=controlnet)
+    net_batches = []
+    pipe.controlnet.register_forward_hook(lambda m, a, o: net_batches.append(a[0].shape[0]))
+    control = Image.new("RGB", (32, 32), (200, 10, 10))
+    run(pipe, control_image=control)
+    assert net_batches == [1, 1]
+    # with the net's residuals scaled to nothing the result is the pipeline's without it: the branch's
+    # unconditional half still gets its residuals (in guess mode it would not)
+    muted = run(pipe, control_image=control, controlnet_conditioning_scale=0.0)
+    assert diff(muted, run(make())) < 1e-6
+
+
 # -- inputs -----------------------------------------------------------------------------------------------------
 def _two_masks(size: int = 32):
     left = np.zeros((size, size), np.float32)
@@ -380,6 +398,31 @@ def test_padding_mask_crop_pastes_into_the_input():
     assert not np.array_equal(out[mask > 0], original[mask > 0])
     with pytest.raises(ValueError, match="pil"):
         pipe(**{**inputs, "image": image, "mask_image": Image.fromarray(mask)}, padding_mask_crop=4)
+
+
+@pytest.mark.parametrize("kind", ["sd", "xl"])
+def test_padding_mask_crop_crops_the_control_image_with_the_image(kind):
+    """The control image was resized whole to the crop's size: a pose or depth map no longer lined up with the
+    cropped image and mask (diffusers' ControlNet inpainting pipelines crop it the same way)."""
+    pipe = make(kind, controlnet=controlnet_for(tiny_components(kind)["unet"]))
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    control = Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    mask = np.zeros((48, 64), np.uint8)
+    mask[10:20, 30:44] = 255
+    seen = []
+    pipe.controlnet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["controlnet_cond"].clone()) and None, with_kwargs=True
+    )
+    inputs = {**tiny_inputs(), "image": image, "mask_image": Image.fromarray(mask), "output_type": "pil",
+              "control_image": control, "num_inference_steps": 1, "padding_mask_crop": 4, "height": 48,
+              "width": 64}  # fmt: skip
+    pipe(**inputs)
+    crop = pipe.mask_processor.get_crop_region(Image.fromarray(mask), 64, 48, pad=4)
+    expected = pipe.control_image_processor.preprocess(
+        control, height=48, width=64, crops_coords=crop, resize_mode="fill"
+    )
+    torch.testing.assert_close(seen[0][:1].float(), expected.float(), rtol=0, atol=1e-6)
 
 
 def test_strength_starts_the_hole_from_the_input():

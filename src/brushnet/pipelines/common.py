@@ -614,13 +614,22 @@ class BrushNetPipelineMixin(PAGMixin):
         return image_tensor, hole, height, width, crops_coords
 
     def _prepare_control_images(
-        self, control_image, height: int, width: int, batch_size: int, num_images_per_prompt: int, device
+        self,
+        control_image,
+        height: int,
+        width: int,
+        batch_size: int,
+        num_images_per_prompt: int,
+        device,
+        crops_coords=None,
     ) -> list[torch.Tensor] | None:
         """The ControlNet conditioning images in [0, 1], ``(B·n, 3, H, W)`` each, one per ControlNet; ``None``
         without a ControlNet.
 
         With several ControlNets, ``control_image`` is a list with one entry per net (each an image or a batch);
-        with one, it is an image or a batch (one for all prompts or one per prompt).
+        with one, it is an image or a batch (one for all prompts or one per prompt). With ``crops_coords``
+        (``padding_mask_crop``) each is cropped to the box the image and mask are, as diffusers' ControlNet
+        inpainting pipelines do, so that it stays aligned with them.
         """
         nets = self._controlnets()
         if not nets:
@@ -633,7 +642,12 @@ class BrushNetPipelineMixin(PAGMixin):
         total = batch_size * num_images_per_prompt
         prepared = []
         for image, net in zip(images, nets):
-            tensor = self.control_image_processor.preprocess(image, height=height, width=width)
+            if crops_coords is not None:
+                tensor = self.control_image_processor.preprocess(
+                    image, height=height, width=width, crops_coords=crops_coords, resize_mode="fill"
+                )
+            else:
+                tensor = self.control_image_processor.preprocess(image, height=height, width=width)
             tensor = tensor.to(device=device, dtype=net.dtype)
             if tensor.shape[0] == 1:
                 tensor = tensor.expand(total, -1, -1, -1)
@@ -833,6 +847,10 @@ class BrushNetPipelineMixin(PAGMixin):
             unet_dtype=self.unet.dtype,
             controlnet_dtype=controlnet.dtype if controlnet is not None else None,
             pag=getattr(self, "_pag_scale", 0.0) > 0,
+            # a ControlNet whose conditions are pooled (the shuffle one) runs in guess mode, as in diffusers
+            controlnet_guess_mode=any(
+                getattr(net.config, "global_pool_conditions", False) for net in self._controlnets()
+            ),
         )
 
     def _denoise(self, *args, pag_scale: float = 0.0, pag_adaptive_scale: float = 0.0, **kwargs):

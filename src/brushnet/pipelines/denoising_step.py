@@ -41,6 +41,8 @@ class StepPlan:
         pag: perturbed-attention guidance on: the UNet's batch ends with a copy of the conditional input for the
             perturbed pass (``[unconditional, conditional, perturbed]``, or ``[conditional, perturbed]`` without
             classifier-free guidance). The branch does not run on that copy: its residuals are the conditional's.
+        controlnet_guess_mode: the guide ControlNet runs in guess mode whatever ``guess_mode`` says (a ControlNet
+            with ``global_pool_conditions``, as diffusers' ControlNet pipelines decide); the branch does not.
     """
 
     guidance: bool
@@ -51,6 +53,7 @@ class StepPlan:
     unet_dtype: torch.dtype
     controlnet_dtype: torch.dtype | None = None
     pag: bool = False
+    controlnet_guess_mode: bool = False
 
     @property
     def copies(self) -> int:
@@ -347,7 +350,8 @@ def controlnet_residuals(
     Under classifier-free guidance they run on the doubled batch (they read the text), or, in guess mode, on the
     conditional half only, the unconditional half getting none (as diffusers' ControlNet pipelines).
     """
-    conditional_only = plan.guidance and plan.guess_mode
+    guess_mode = plan.guess_mode or plan.controlnet_guess_mode
+    conditional_only = plan.guidance and guess_mode
     net_input, net_text, net_added = latent_model_input, prompt_embeds, added_cond_kwargs
     copies = plan.copies
     if conditional_only:  # the copies after the unconditional one
@@ -362,7 +366,7 @@ def controlnet_residuals(
     ]
     controlnet_kwargs = dict(
         encoder_hidden_states=net_text.to(dtype),
-        guess_mode=plan.guess_mode,
+        guess_mode=guess_mode,
         added_cond_kwargs={k: v.to(dtype) for k, v in net_added.items()} if net_added else None,
         return_dict=False,
     )

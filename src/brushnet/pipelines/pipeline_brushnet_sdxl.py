@@ -409,7 +409,7 @@ class StableDiffusionXLBrushNetPipeline(
             image, mask_image, height, width, batch_size, num_images_per_prompt, device, padding_mask_crop
         )
         control_images = self._prepare_control_images(
-            control_image, height, width, batch_size, num_images_per_prompt, device
+            control_image, height, width, batch_size, num_images_per_prompt, device, crops_coords
         )
 
         # 4. timesteps (strength < 1: only the last fraction of them)
