@@ -57,8 +57,12 @@ RUN_IDS = [
 
 
 def run_like_the_fixture(pipe, run, **overrides):
+    return pipe(**{**_fixture_arguments(run), **overrides}).images[0]
+
+
+def _fixture_arguments(run) -> dict:
     prompt, negative = USER[run["task"]]
-    arguments = dict(
+    return dict(
         prompt=prompt,
         negative_prompt=negative,
         image=Image.open(POWERPAINT / run["image_passed_to_pipeline"]),
@@ -72,7 +76,6 @@ def run_like_the_fixture(pipe, run, **overrides):
         generator=torch.Generator().manual_seed(run["seed"]),
         output_type="np",
     )
-    return pipe(**{**arguments, **overrides}).images[0]
 
 
 @pytest.mark.parametrize("run_id", RUN_IDS)
@@ -106,6 +109,38 @@ def test_whole_image_equals_the_blacked_out_one(powerpaint_reference, powerpaint
     run = runs["v2.object-removal.cfg_on"]
     out = run_like_the_fixture(powerpaint_pipes["v2"], run, image=Image.open(POWERPAINT / "image.png"))
     assert np.abs(out - tensors[run["output_key"]].numpy()).max() < TOLERANCE
+
+
+def test_given_branch_embeddings_are_repeated_per_image_and_a_lone_negative_is_used(
+    powerpaint_reference, powerpaint_pipes
+):
+    """Branch embeddings passed in were used as given: with num_images_per_prompt 2 the batch did not match
+    (RuntimeError), and a negative passed without the positive was dropped (the output unchanged)."""
+    from brushnet.pipelines.powerpaint_prompts import task_prompts
+
+    runs, _ = powerpaint_reference
+    run = runs["v2.text-guided.cfg_on"]
+    pipe = powerpaint_pipes["v2"]
+    prompt, negative = USER[run["task"]]
+    built = [task_prompts(OUR_TASK.get(run["task"], run["task"]), prompt, negative, version="v2")]
+    positive, negative_embeds = pipe.encode_task_prompt(built, run["fitting_degree"], 1.0, "cpu", 1, True)
+
+    def two():  # fresh generators for each call
+        return {
+            "num_images_per_prompt": 2,
+            "generator": [torch.Generator().manual_seed(run["seed"] + i) for i in (0, 1)],
+        }
+
+    from_task = pipe(**{**_fixture_arguments(run), **two()}).images
+    given = pipe(
+        **{**_fixture_arguments(run), **two()},
+        brushnet_prompt_embeds=positive,
+        negative_brushnet_prompt_embeds=negative_embeds,
+    ).images
+    assert np.abs(given - from_task).max() < 1e-5
+    plain = run_like_the_fixture(pipe, run)
+    other = run_like_the_fixture(pipe, run, negative_brushnet_prompt_embeds=negative_embeds * 0 + 5.0)
+    assert np.abs(other - plain).max() > 1e-3
 
 
 def test_bad_arguments_are_errors(powerpaint_reference, powerpaint_pipes):

@@ -192,8 +192,9 @@ class StableDiffusionPowerPaintBrushNetPipeline(StableDiffusionBrushNetPipeline)
                 callback_on_step_end_tensor_inputs, blending, blending_kernel_size: as
                 :class:`~brushnet.pipelines.StableDiffusionBrushNetPipeline` (``prompt_embeds`` are the UNet's;
                 with them no task suffix is added).
-            brushnet_prompt_embeds, negative_brushnet_prompt_embeds: the branch's text embeddings, instead of
-                building them from ``task`` (both, or the positive one without guidance).
+            brushnet_prompt_embeds, negative_brushnet_prompt_embeds: the branch's text embeddings, one row per
+                prompt (repeated for ``num_images_per_prompt``), instead of building them from ``task``: both, the
+                positive one without guidance, or the negative one alone (the positive built from ``task``).
             brushnet_conditioning_scale: the branch's residual scale.
             guess_mode, control_guidance_start, control_guidance_end, pag_scale, pag_adaptive_scale: as for
                 BrushNet.
@@ -246,13 +247,20 @@ class StableDiffusionPowerPaintBrushNetPipeline(StableDiffusionBrushNetPipeline)
 
         # 2. encode prompts: the branch reads task words through its own encoder, the UNet the user's words
         built = [task_prompts(task, p, n, version="v2") for p, n in zip(prompts, negatives)]
-        if brushnet_prompt_embeds is None:
+        # given branch embeddings are per prompt, repeated for num_images_per_prompt as diffusers repeats
+        # prompt_embeds; a half not given (the negative alone, or the positive alone) is built from the task
+        cfg = self.do_classifier_free_guidance
+        branch_embeds = negative_branch_embeds = None
+        if brushnet_prompt_embeds is None or (cfg and negative_brushnet_prompt_embeds is None):
             branch_embeds, negative_branch_embeds = self.encode_task_prompt(
-                built, fitting_degree, negative_fitting_degree, device, num_images_per_prompt,
-                self.do_classifier_free_guidance,
+                built, fitting_degree, negative_fitting_degree, device, num_images_per_prompt, cfg,
             )  # fmt: skip
-        else:
-            branch_embeds, negative_branch_embeds = brushnet_prompt_embeds, negative_brushnet_prompt_embeds
+        if brushnet_prompt_embeds is not None:
+            branch_embeds = brushnet_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        if negative_brushnet_prompt_embeds is not None:
+            negative_branch_embeds = negative_brushnet_prompt_embeds.repeat_interleave(
+                num_images_per_prompt, dim=0
+            )
         unet_prompts = [b.unet_prompt for b in built]
         unet_negatives = [b.unet_negative for b in built]
         prompt_embeds, negative_prompt_embeds = self._encode_guided_prompt(
