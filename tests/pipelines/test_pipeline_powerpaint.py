@@ -143,6 +143,26 @@ def test_given_branch_embeddings_are_repeated_per_image_and_a_lone_negative_is_u
     assert np.abs(other - plain).max() > 1e-3
 
 
+def test_v1_takes_clip_skip_and_the_text_encoders_lora_scale(powerpaint_reference, powerpaint_pipes):
+    """v1 encodes its task prompts itself and hands diffusers the embeddings, so diffusers' clip_skip and the
+    text encoder's LoRA scale (cross_attention_kwargs={"scale": s}) never applied: the output did not change."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    runs, _ = powerpaint_reference
+    run = runs["v1.text-guided.cfg_on"]
+    pipe = copy.deepcopy(powerpaint_pipes["v1"])
+    plain = run_like_the_fixture(pipe, run)
+    assert np.abs(run_like_the_fixture(pipe, run, clip_skip=1) - plain).max() > 1e-3
+    torch.manual_seed(0)  # transformers' add_adapter needs a newer peft than the one installed here
+    inject_adapter_in_model(
+        LoraConfig(r=4, init_lora_weights=False, target_modules=["q_proj", "v_proj"]), pipe.text_encoder
+    )
+    with_lora = run_like_the_fixture(pipe, run)
+    assert np.abs(with_lora - plain).max() > 1e-3
+    muted = run_like_the_fixture(pipe, run, cross_attention_kwargs={"scale": 0.0})
+    assert np.abs(muted - plain).max() < 1e-5
+
+
 def test_bad_arguments_are_errors(powerpaint_reference, powerpaint_pipes):
     runs, _ = powerpaint_reference
     run = runs["v2.text-guided.cfg_on"]

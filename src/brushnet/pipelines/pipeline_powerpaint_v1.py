@@ -75,13 +75,25 @@ class StableDiffusionPowerPaintInpaintPipeline(CheckedSourceMixin, StableDiffusi
         fitting_degree: float,
         negative_fitting_degree: float,
         do_classifier_free_guidance: bool,
+        clip_skip: int | None = None,
+        lora_scale: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(prompt_embeds, negative_prompt_embeds or None)`` for ``task``: the interpolated v1 task prompts."""
+        """``(prompt_embeds, negative_prompt_embeds or None)`` for ``task``: the interpolated v1 task prompts.
+        ``clip_skip`` and ``lora_scale`` (a text-encoder LoRA's weight) act as in diffusers' ``encode_prompt``."""
+        from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
+
         built = [task_prompts(task, p, n, version="v1") for p, n in zip(prompt, negative_prompt)]
-        return encode_task_prompt_pair(
-            self.text_encoder, self.tokenizer, built, fitting_degree, negative_fitting_degree,
-            self._execution_device, do_classifier_free_guidance,
-        )  # fmt: skip
+        scaled = lora_scale is not None and USE_PEFT_BACKEND
+        if scaled:
+            scale_lora_layers(self.text_encoder, lora_scale)
+        try:
+            return encode_task_prompt_pair(
+                self.text_encoder, self.tokenizer, built, fitting_degree, negative_fitting_degree,
+                self._execution_device, do_classifier_free_guidance, clip_skip,
+            )  # fmt: skip
+        finally:
+            if scaled:
+                unscale_lora_layers(self.text_encoder, lora_scale)
 
     @staticmethod
     def _check_sampling_arguments(prompt, prompt_embeds, guidance_scale, kwargs: dict[str, Any]) -> None:
@@ -148,8 +160,9 @@ class StableDiffusionPowerPaintInpaintPipeline(CheckedSourceMixin, StableDiffusi
                 raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
             cfg = guidance_scale > 1 and negative_prompt_embeds is None
             prompt_embeds, negative = self.encode_task_prompt(
-                task, prompts, negatives, fitting_degree, negative_fitting_degree, cfg
-            )
+                task, prompts, negatives, fitting_degree, negative_fitting_degree, cfg, kwargs.get("clip_skip"),
+                (kwargs.get("cross_attention_kwargs") or {}).get("scale"),
+            )  # fmt: skip
             negative_prompt_embeds = negative_prompt_embeds if negative is None else negative
         elif prompt is not None or negative_prompt is not None:
             raise ValueError("pass either prompts or prompt_embeds, not both")

@@ -110,8 +110,12 @@ def task_prompts(task: str, prompt: str = "", negative_prompt: str = "", version
     return TaskPrompts(" P_ctxt", " P_ctxt", " P_obj", " P_obj", prompt + suffix, negative_prompt)
 
 
-def encode_text(text_encoder, tokenizer, texts: list[str], device=None) -> torch.Tensor:
-    """Last hidden states ``(len(texts), 77, D)`` of texts with task words, tokenized as the original does.
+def encode_text(
+    text_encoder, tokenizer, texts: list[str], device=None, clip_skip: int | None = None
+) -> torch.Tensor:
+    """Last hidden states ``(len(texts), 77, D)`` of texts with task words, tokenized as the original does; with
+    ``clip_skip`` the states that many layers before the last, through the final layer norm (as diffusers'
+    ``encode_prompt``).
 
     Each text's task words are expanded into their placeholder tokens, then tokenized with padding to the
     tokenizer's ``model_max_length`` and truncation, without an attention mask.
@@ -132,7 +136,11 @@ def encode_text(text_encoder, tokenizer, texts: list[str], device=None) -> torch
         expanded, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
     ).input_ids
     device = device if device is not None else text_encoder.device
-    return text_encoder(ids.to(device))[0]
+    if clip_skip is None:
+        return text_encoder(ids.to(device))[0]
+    hidden = text_encoder(ids.to(device), output_hidden_states=True).hidden_states[-(clip_skip + 1)]
+    tower = getattr(text_encoder, "text_model", text_encoder)  # transformers 5 flattened CLIPTextModel
+    return tower.final_layer_norm(hidden)
 
 
 def encode_task_prompts(
@@ -142,20 +150,22 @@ def encode_task_prompts(
     prompts_b: list[str],
     fitting_degree: float,
     device=None,
+    clip_skip: int | None = None,
 ) -> torch.Tensor:
     """``t · E(A) + (1 − t) · E(B)`` for each pair of texts (the original's interpolation, ``t`` = fitting
-    degree); ``E(B)`` is not computed when ``t`` is 1 or every B equals its A.
+    degree); ``E(B)`` is not computed when ``t`` is 1 or every B equals its A. ``clip_skip`` as
+    :func:`encode_text`.
 
     Returns:
         ``(len(prompts_a), 77, D)`` in the text encoder's dtype.
     """
     if len(prompts_a) != len(prompts_b):
         raise ValueError(f"{len(prompts_a)} A prompts for {len(prompts_b)} B prompts")
-    embeds_a = encode_text(text_encoder, tokenizer, prompts_a, device)
+    embeds_a = encode_text(text_encoder, tokenizer, prompts_a, device, clip_skip)
     if fitting_degree == 1.0 or list(prompts_a) == list(prompts_b):
         embeds_b = embeds_a
     else:
-        embeds_b = encode_text(text_encoder, tokenizer, prompts_b, device)
+        embeds_b = encode_text(text_encoder, tokenizer, prompts_b, device, clip_skip)
     return embeds_a * fitting_degree + (1 - fitting_degree) * embeds_b
 
 
@@ -167,16 +177,18 @@ def encode_task_prompt_pair(
     negative_fitting_degree: float,
     device,
     do_classifier_free_guidance: bool,
+    clip_skip: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The interpolated embeddings of the positive task prompts and, under guidance, of the negative ones
-    (:func:`encode_task_prompts` on ``prompt_a``/``prompt_b`` and ``negative_a``/``negative_b``).
+    (:func:`encode_task_prompts` on ``prompt_a``/``prompt_b`` and ``negative_a``/``negative_b``; ``clip_skip`` as
+    :func:`encode_text`).
 
     Returns:
         ``(embeddings, negative embeddings or None without guidance)``, ``(len(prompts), 77, D)`` each.
     """
 
     def encode(texts_a: list[str], texts_b: list[str], degree: float) -> torch.Tensor:
-        return encode_task_prompts(text_encoder, tokenizer, texts_a, texts_b, degree, device)
+        return encode_task_prompts(text_encoder, tokenizer, texts_a, texts_b, degree, device, clip_skip)
 
     positive = encode([p.prompt_a for p in prompts], [p.prompt_b for p in prompts], fitting_degree)
     if not do_classifier_free_guidance:
