@@ -376,3 +376,51 @@ def test_a_unet_without_the_layers_is_refused_and_left_unchanged(tmp_path):
         else:
             assert pipe("x", image, mask, **run).images.shape == (1, 3, 64, 64)
     assert pipe("x", image, mask, **dict(run, use_painta=False)).images.shape == (1, 3, 64, 64)
+
+
+def test_diffusers_call_conventions(pipe):
+    """What diffusers users rely on, missing here until 2026-11-28: ``pipe._interrupt`` from a callback stops
+    the loop; ``prompt_embeds`` a callback returns are used; ``output_type`` is checked before any step and
+    "latent" returns the last x̂0; a uint8 tensor is refused and a [-1, 1] tensor read as diffusers reads it; one
+    image per prompt with ``num_images_per_prompt``."""
+    spec = RUNS["baseline"]
+    plain, _ = call(pipe, spec)
+    steps = []
+
+    def stop(p, i, t, values):
+        steps.append(i)
+        p._interrupt = True
+        return values
+
+    stopped, _ = call(pipe, spec, callback_on_step_end=stop, callback_on_step_end_tensor_inputs=["latents"])
+    assert steps == [0] and (stopped - plain).abs().max() > 1e-3
+
+    def mute(p, i, t, values):
+        return {"prompt_embeds": values["prompt_embeds"] * 0}
+
+    muted, _ = call(
+        pipe, spec, callback_on_step_end=mute, callback_on_step_end_tensor_inputs=["prompt_embeds"]
+    )
+    assert (muted - plain).abs().max() > 1e-3
+
+    with pytest.raises(ValueError, match="output_type"):
+        pipe(
+            prompt="x",
+            image=inputs()[0],
+            mask_image=inputs()[1],
+            output_type="jpeg",
+            callback_on_step_end=stop,
+        )
+    assert steps == [0]  # refused before the first step
+    latent = call(pipe, spec, output_type="latent")[0]
+    assert latent.shape[1] == 4
+    image, mask = inputs(spec["input_size_wh"])
+    with pytest.raises(ValueError, match="float"):
+        call(pipe, spec, image=(image * 255).to(torch.uint8))
+    signed, _ = call(pipe, spec, image=image * 2 - 1)
+    assert (signed - plain).abs().max() < 1e-5
+
+    two = call(pipe, spec, prompt=[PROMPTS["prompt"]] * 2, image=image.expand(2, -1, -1, -1),
+               mask_image=mask.expand(2, -1, -1, -1), num_images_per_prompt=2, num_inference_steps=2,
+               generator=[torch.Generator().manual_seed(i) for i in range(4)])[0]  # fmt: skip
+    assert two.shape[0] == 4

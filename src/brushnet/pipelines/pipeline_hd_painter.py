@@ -48,7 +48,14 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from ..errors import InputError
 from ..models.conditioning import encode_latents
 from ..schedulers import original_and_noise
-from .common import CheckedSourceMixin, check_finite, check_generator, check_positive_int, check_prompt
+from .common import (
+    CheckedSourceMixin,
+    check_finite,
+    check_generator,
+    check_image_dtype,
+    check_positive_int,
+    check_prompt,
+)
 from .hd_painter_attention import HDPainterAttentionState, hd_painter_attention
 
 __all__ = ["StableDiffusionHDPainterPipeline", "hd_painter_timesteps", "hd_painter_token_indices"]
@@ -195,6 +202,11 @@ class StableDiffusionHDPainterPipeline(CheckedSourceMixin, DiffusionPipeline, St
             masks[scale] = (_bicubic(hole, size) > 0.5).float().flatten(1).to(device)
         return torch.cat([latent_mask, masked_latents], dim=1), masks
 
+    @property
+    def interrupt(self) -> bool:
+        """Set ``pipe._interrupt = True`` from a step callback to skip the remaining steps (as in diffusers)."""
+        return getattr(self, "_interrupt", False)
+
     def _image_tensor(self, image, name: str) -> torch.Tensor:
         if isinstance(image, Image.Image):
             image = [image]
@@ -205,6 +217,8 @@ class StableDiffusionHDPainterPipeline(CheckedSourceMixin, DiffusionPipeline, St
             image = image.permute(0, 3, 1, 2) if mode == "RGB" else image[:, None]
         if not isinstance(image, torch.Tensor) or image.ndim != 4:
             raise ValueError(f"`{name}` must be a PIL image, a list of them or a (B, C, H, W) tensor")
+        if name == "image" and image.min() < 0:  # [-1, 1], as diffusers' image processor reads such a tensor
+            image = (image + 1) / 2
         return image
 
     # ------------------------------------------------------------------ call
@@ -236,8 +250,9 @@ class StableDiffusionHDPainterPipeline(CheckedSourceMixin, DiffusionPipeline, St
 
         Args:
             prompt: what to paint; PAIntA and RASG look at its tokens.
-            image: ``(B or 1, 3, H, W)`` in [0, 1], or PIL; any size (padded to a multiple of 64 inside,
-                the output cropped back).
+            image: ``(B or 1, 3, H, W)`` float in [0, 1] (or [-1, 1], read as diffusers reads it), or PIL; any
+                size (padded to a multiple of 64 inside, the output cropped back). With several prompts, one
+                image per prompt is repeated for its ``num_images_per_prompt`` images.
             mask_image: ``(B or 1, 1, H, W)`` or PIL, white / > 0 = region to generate.
             num_inference_steps: requested steps (see ``timestep_spacing``).
             guidance_scale: classifier-free guidance; at ``<= 1`` the conditional half only.
@@ -253,7 +268,8 @@ class StableDiffusionHDPainterPipeline(CheckedSourceMixin, DiffusionPipeline, St
                 :func:`hd_painter_timesteps`.
             num_images_per_prompt, generator, latents: as in diffusers; image i draws its start noise
                 ``(1, 4, h, w)`` from generator i, ``h, w`` the padded size / 8.
-            output_type: ``"pil"``, ``"np"`` or ``"pt"`` (``(B, 3, H, W)`` in [0, 1]).
+            output_type: ``"pil"``, ``"np"``, ``"pt"`` (``(B, 3, H, W)`` in [0, 1]) or ``"latent"`` (the last
+                ``x̂0``, undecoded, at the padded size).
             callback_on_step_end: called after each step with ``callback_on_step_end_tensor_inputs`` from
                 ``latents`` (``z`` for the next step; after the last step the ``x̂0`` that is decoded),
                 ``noise_pred`` (the guided model output), ``pred_original_sample`` (``x̂0``),
@@ -271,6 +287,9 @@ class StableDiffusionHDPainterPipeline(CheckedSourceMixin, DiffusionPipeline, St
             raise ValueError(f"callback tensor inputs {unknown} are not among {self._callback_tensor_inputs}")
         if image is None or mask_image is None:
             raise ValueError("both `image` and `mask_image` are required")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+        check_image_dtype("image", image)
         check_prompt("prompt", prompt)
         num_inference_steps = check_positive_int("num_inference_steps", num_inference_steps)
         num_images_per_prompt = check_positive_int("num_images_per_prompt", num_images_per_prompt)
@@ -324,6 +343,10 @@ class StableDiffusionHDPainterPipeline(CheckedSourceMixin, DiffusionPipeline, St
             )
         painta_scales, rasg_scale = (2, 4), 4
         condition, masks = self.prepare_conditions(image, mask_image, painta_scales)
+        if num_images_per_prompt > 1 and condition.shape[0] == batch_size // num_images_per_prompt > 1:
+            # one image per prompt, as diffusers takes them: each repeated for its prompt's images
+            condition = condition.repeat_interleave(num_images_per_prompt, dim=0)
+            masks = {k: v.repeat_interleave(num_images_per_prompt, dim=0) for k, v in masks.items()}
         condition, masks = (
             self._per_sample(condition, batch_size),
             {k: self._per_sample(v, batch_size) for k, v in masks.items()},
@@ -346,8 +369,11 @@ class StableDiffusionHDPainterPipeline(CheckedSourceMixin, DiffusionPipeline, St
         )
         unet_dtype = self.unet.dtype
         pred_original_sample = latents
+        self._interrupt = False
         with hd_painter_attention(self.unet, state), self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
+                if self.interrupt:  # a callback set it: the remaining steps are skipped, as in diffusers
+                    continue
                 last = i == len(timesteps) - 1
                 painta = use_painta and t > painta_end_timestep
                 rasg = use_rasg and rasg_eta > 0 and not last
@@ -404,21 +430,23 @@ class StableDiffusionHDPainterPipeline(CheckedSourceMixin, DiffusionPipeline, St
                         self, i, t, {k: values[k] for k in callback_on_step_end_tensor_inputs}
                     )
                     latents = outputs.pop("latents", latents)
+                    prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
                 progress_bar.update()
 
         # 5. decode the last x0 prediction, crop the padding
+        if output_type == "latent":
+            self.maybe_free_model_hooks()
+            return (latents, None) if not return_dict else StableDiffusionPipelineOutput(latents, None)
         with torch.no_grad():
             decoded = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
         images = ((decoded.float().clamp(-1, 1) + 1) / 2)[:, :, :height, :width]
         self.maybe_free_model_hooks()
         if output_type == "pt":
             images = images.cpu()
-        elif output_type in ("np", "pil"):
+        else:
             images = self.image_processor.pt_to_numpy(images.cpu())
             if output_type == "pil":
                 images = self.image_processor.numpy_to_pil(images)
-        else:
-            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
         if not return_dict:
             return (images, None)
         return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None)
