@@ -214,16 +214,17 @@ def test_serve_bad_options_are_one_line_before_building_anything(args, message, 
 
 
 def test_serve_demo_serves_the_shipped_models(monkeypatch):
-    import uvicorn
     from fastapi.testclient import TestClient
+
+    from brushnet.cli import serve
 
     seen = {}
 
-    def fake_run(asgi_app, host, port, log_level):
+    def fake_run(asgi_app, engine, host, port, log_level):
         with TestClient(asgi_app, base_url=f"http://{host}:{port}") as client:
             seen.update(client.get("/api/v1/health").json())
 
-    monkeypatch.setattr(uvicorn, "run", fake_run)
+    monkeypatch.setattr(serve, "_run_server", fake_run)
     result = runner.invoke(app, ["serve", "--demo", "-m", "brushnet"])
     assert result.exit_code == 0, result.output
     assert seen["methods"] == ["brushnet"] and seen["status"] == "ok"  # no --base given: the shipped models
@@ -254,3 +255,55 @@ def test_serve_tiny_stopped_by_sigterm_removes_its_temporary_models(tmp_path):
         if process.poll() is None:
             process.kill()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("brushnet-tiny-")] == []
+
+
+def test_serve_shutdown_stops_the_running_job_instead_of_waiting_for_it(tmp_path):
+    """uvicorn's graceful shutdown waits for open responses, and the engine was closed only after it: a SIGTERM
+    during a ``wait=true`` job waited for the whole job (up to the job timeout)."""
+    import io
+    import threading
+
+    import httpx
+
+    port = _free_port()
+    env = {**os.environ, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "brushnet.cli", "serve", "--tiny", "--port", str(port)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    answers = []
+    try:
+        for line in process.stdout:  # until it serves
+            if line.startswith("serving "):
+                break
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(100):  # uvicorn binds after the line is printed
+            try:
+                httpx.get(f"{url}/api/v1/health", timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        buffers = []
+        for array in (np.full((256, 256, 3), 120, np.uint8), np.pad(np.full((64, 64), 255, np.uint8), 96)):
+            buffers.append(io.BytesIO())
+            Image.fromarray(array).save(buffers[-1], format="PNG")
+        files = {"image": ("i.png", buffers[0].getvalue()), "mask": ("m.png", buffers[1].getvalue())}
+        data = {"request": '{"steps": 1000, "seed": 1}', "wait": "true"}
+
+        def post():
+            answers.append(httpx.post(f"{url}/api/v1/inpaint", files=files, data=data, timeout=120))
+
+        thread = threading.Thread(target=post)
+        thread.start()
+        for _ in range(200):
+            if httpx.get(f"{url}/api/v1/health", timeout=5).json()["running"]:
+                break
+            time.sleep(0.05)
+        start = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+        stopped_in = time.monotonic() - start
+        thread.join(30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert stopped_in < 15, stopped_in
+    assert answers and answers[0].status_code == 409 and "cancelled" in answers[0].json()["error"], answers

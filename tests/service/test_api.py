@@ -384,6 +384,78 @@ def test_cancel_queued_and_running(client, gated):
     _error(client.get(f"/api/v1/jobs/{running}/image/0"), 409, "has no images")
 
 
+def test_a_job_cancelled_after_its_last_step_ends_cancelled_without_a_result(gated):
+    """The 202 a cancel gets for a running job was not kept when the cancel came after the last step (during
+    the decoding and paste-back): the job still ended "done" with its images."""
+    from .conftest import GatedBrushNet
+
+    class HeldAfterSteps(GatedBrushNet):
+        def generate(self, task):
+            output = super().generate(task)
+            self.reached.set()
+            self.release.wait(30)
+            return output
+
+    method = HeldAfterSteps(gated)
+    method.reached, method.release = threading.Event(), threading.Event()
+    with make_client({"brushnet": method}) as client:
+        job_id = client.post("/api/v1/inpaint", **multipart(**FAST)).json()["job_id"]
+        assert method.reached.wait(20)  # every step done, the result not yet stored
+        assert client.delete(f"/api/v1/jobs/{job_id}").status_code == 202
+        method.release.set()
+        status = wait_done(client, job_id)
+        assert status["state"] == "cancelled" and "cancelled after step 2/2" in status["error"]
+        _error(client.get(f"/api/v1/jobs/{job_id}/image/0"), 409, "has no images")
+
+
+def test_cancelled_queued_jobs_leave_the_queue_at_once(client, gated):
+    """They stayed in the worker's queue until it reached them: submit-and-cancel while a job ran grew it."""
+    gated.gate.clear()
+    client.post("/api/v1/inpaint", **multipart(**FAST))
+    assert gated.started.acquire(timeout=10)
+    for _ in range(5):
+        job_id = client.post("/api/v1/inpaint", **multipart(**FAST)).json()["job_id"]
+        assert client.delete(f"/api/v1/jobs/{job_id}").status_code == 200
+    assert sum(len(worker.queue) for worker in client.engine._workers.values()) == 0
+    gated.gate.set()
+
+
+def test_a_transparent_inputs_rgba_result_is_held_to_the_result_limit_before_queuing(gated):
+    """The 413 check counted 3 bytes a pixel; a transparent input gives RGBA results (4), which the history
+    counts, so a result within the estimate was dropped from the history as soon as it was stored (202, then
+    404)."""
+    rgba = scene_image().convert("RGBA")
+    rgba.putpixel((0, 0), (0, 0, 0, 0))
+    with make_client({"brushnet": gated}, max_result_bytes=64 * 64 * 3) as client:
+        _error(client.post("/api/v1/inpaint", **multipart(png(rgba), **FAST)), 413, "RGBA", "transparent")
+        assert client.post("/api/v1/inpaint", **multipart(**FAST, wait="true")).status_code == 200  # RGB fits
+
+
+def test_a_wait_request_whose_client_left_cancels_its_job(gated):
+    """A ``wait=true`` client that gave up left its job running to the end (nobody else knows its id)."""
+    import httpx
+
+    from brushnet.service.api import create_app
+    from brushnet.service.engine import Engine, Limits
+    from brushnet.service.server import BackgroundServer
+
+    gated.step_delay = 0.05
+    engine = Engine({"brushnet": gated}, Limits())
+    try:
+        with BackgroundServer(create_app(engine)) as server:
+            with pytest.raises(httpx.TimeoutException):
+                httpx.post(f"{server.url}/api/v1/inpaint", timeout=1.0,
+                           **multipart(**{**FAST, "steps": "200"}, wait="true"))  # fmt: skip
+            deadline = time.monotonic() + 10
+            while engine.stats()["running"] and time.monotonic() < deadline:
+                time.sleep(0.05)
+            [job] = list(engine._jobs.values())
+            assert job.state == "cancelled" and job.step < 200, (job.state, job.step)
+    finally:
+        gated.step_delay = 0.0
+        engine.close()
+
+
 def test_concurrent_requests_all_complete_with_their_own_results(client, brushnet_method, gated):
     n = 6
     gated.step_delay = 0.01

@@ -11,18 +11,19 @@ runner = CliRunner()
 
 
 def test_serve_builds_the_app_on_loopback_with_the_limits(tiny_models, monkeypatch):
-    import uvicorn
     from fastapi.testclient import TestClient
+
+    from brushnet.cli import serve
 
     seen = {}
 
-    def fake_run(asgi_app, host, port, log_level):
+    def fake_run(asgi_app, engine, host, port, log_level):
         seen.update(host=host, port=port)
         with TestClient(asgi_app, base_url=f"http://{host}:{port}") as client:  # the Host the server answers to
             seen["health"] = client.get("/api/v1/health").json()
             seen["limits"] = client.get("/api/v1/methods").json()["limits"]
 
-    monkeypatch.setattr(uvicorn, "run", fake_run)
+    monkeypatch.setattr(serve, "_run_server", fake_run)
     args = ["serve", "--base", str(tiny_models["base"]), "--brushnet", str(tiny_models["brushnet"])]
     result = runner.invoke(app, [*args, "--port", "8123", "--max-queue", "5", "--job-timeout", "30"])
     assert result.exit_code == 0, result.output

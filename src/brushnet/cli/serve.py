@@ -19,6 +19,20 @@ from .flags import model_flags, runtime_flags
 __all__ = ["serve_command"]
 
 
+def _run_server(app, engine, host: str, port: int, log_level: str) -> None:
+    """uvicorn's server, stopping the engine's jobs when shutdown begins (Ctrl-C, SIGTERM): a request waiting
+    for a job (``wait=true``, an event stream) then gets its answer at once, where uvicorn's graceful shutdown
+    would wait for the job to finish (up to the job timeout)."""
+    import uvicorn
+
+    class StoppingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            engine.stop_jobs()
+            super().handle_exit(sig, frame)
+
+    StoppingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run()
+
+
 def _exit_on_sigterm(signum, _frame) -> None:
     raise SystemExit(128 + signum)
 
@@ -113,19 +127,13 @@ def serve_command(
             built = build_model_set(Path(tmp.name), needed)
             paths = {name: {**built, **given} for name, given in paths.items()}
         loaded = {name: runtime.load_method(name, paths[name]) for name in names}
-        import uvicorn
-
         from ..service.api import create_app
 
         engine = Engine(loaded, limits)
         typer.echo(f"serving {', '.join(loaded)} on http://{host}:{port}/ (API docs at /docs)")
+        app = create_app(engine, allowed_origins=allow_origin, bound_host=host, bound_port=port)
         try:
-            uvicorn.run(
-                create_app(engine, allowed_origins=allow_origin, bound_host=host, bound_port=port),
-                host=host,
-                port=port,
-                log_level=log_level.lower(),
-            )
+            _run_server(app, engine, host, port, log_level.lower())
         finally:
             engine.close()
     finally:

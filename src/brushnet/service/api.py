@@ -14,6 +14,7 @@ header (curl, scripts) and the server's own page pass; ``allowed_origins`` adds 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -303,6 +304,28 @@ class HostGuard:
         return name in self.names or (self.every_interface and _is_ip(name))
 
 
+class _HostCheck:
+    """Refuse (403) a request whose ``Host`` is not this server's address (DNS rebinding). A plain ASGI middleware:
+    starlette's ``@app.middleware("http")`` wraps the request's ``receive``, and a handler behind it never learns
+    that its client disconnected (a ``wait=true`` job whose client left would run to its end)."""
+
+    def __init__(self, app, guard) -> None:
+        self.app, self.guard = app, guard
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            header = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+            if not self.guard.allows(header):
+                response = _error(
+                    403,
+                    f"Host {header!r} is not this server's address; start it with --allow-origin "
+                    "http://<that host>:<port> if you reach it through that name",
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(
     engine: Engine,
     limits: Limits | None = None,
@@ -338,17 +361,8 @@ def create_app(
             bound_host or "every interface",
         )
 
-    @app.middleware("http")
-    async def _check_host(request: Request, call_next):
-        if guard is not None:
-            header = request.headers.get("host", "")
-            if not guard.allows(header):
-                return _error(
-                    403,
-                    f"Host {header!r} is not this server's address; start it with --allow-origin "
-                    "http://<that host>:<port> if you reach it through that name",
-                )
-        return await call_next(request)
+    if guard is not None:
+        app.add_middleware(_HostCheck, guard=guard)
 
     @app.exception_handler(ServiceError)
     async def _service_error(_request: Request, exc: ServiceError):
@@ -391,6 +405,12 @@ def create_app(
                 headers={"Location": f"/api/v1/jobs/{job.id}"},
             )
         while not job.finished:
+            if (
+                await request.is_disconnected()
+            ):  # nobody will read the answer, and only this client knew the id
+                with contextlib.suppress(ServiceError):
+                    engine.cancel(job.id)
+                return _error(499, "client disconnected", job_id=job.id)
             await asyncio.sleep(_POLL_S)
         if job.result is None:
             status = _FAILED_STATUS.get(job.error_kind or "", 500)

@@ -16,8 +16,10 @@ enforced in two parts: at ``job_timeout_s`` after a job started, a watchdog mark
 every client waiting for it gets that answer at once; the worker stops the job at its next safe point (the
 next denoising step) and drops its result. Until then the device stays busy (``/health`` counts it as running)
 and queued jobs wait. So a job's *answer* never comes later than its limit (to within the watchdog's wake-up,
-milliseconds), while the device time a job takes is its limit plus at most one step. Cancelling a running job
-takes effect at its next step; a queued job is cancelled at once.
+milliseconds), while the device time a job takes is its limit plus at most one step, or plus what runs outside
+the steps (text encoding before the first, decoding and paste-back after the last). Cancelling a running job
+takes effect at its next step, or, cancelled after its last step, when it ends (it ends cancelled, without a
+result); a queued job is cancelled at once and leaves the queue.
 
 Finished jobs are kept for ``result_ttl_s``, at most ``max_history`` of them, and at most
 ``max_result_bytes`` of result pixels (least recently used go first); a request whose images alone would
@@ -301,6 +303,13 @@ class Engine:
             raise SchemaError(str(exc)) from None
         except InputError as exc:
             raise InvalidInput(str(exc)) from None
+        if job.transparent is not None and result_bytes * 4 // 3 > self.limits.max_result_bytes:
+            # a transparent input gives RGBA results: 4 bytes a pixel, which the history counts
+            raise TooLarge(
+                f"{request.num_images} RGBA result image(s) of {image.width}x{image.height} (the input has "
+                f"transparent pixels) take {result_bytes * 4 // 3} bytes; the server keeps at most "
+                f"{self.limits.max_result_bytes}"
+            )
         # the size the model works at (what run() plans) is held to the limit too: resolution can ask for more
         request = job.request
         plan = plan_region(
@@ -376,6 +385,9 @@ class Engine:
                 raise JobConflict(f"job {job_id} is already {job.state}")
             job._cancel.set()
             if job.state == JobState.QUEUED:
+                for worker in self._workers.values():  # out of the queue now, not when a worker reaches it
+                    if job in worker.queue:
+                        worker.queue.remove(job)
                 self._finish(job, JobState.CANCELLED, "cancelled before it started", "cancelled")
             return job
 
@@ -394,6 +406,15 @@ class Engine:
 
     def close(self, timeout: float = 10.0) -> None:
         """Cancel queued jobs, stop the running ones at their next step, and join the workers."""
+        self.stop_jobs()
+        for worker in self._workers.values():
+            worker.thread.join(timeout)
+        self._watchdog.join(timeout)
+
+    def stop_jobs(self) -> None:
+        """The first half of :meth:`close`, without waiting: take no new job, cancel the queued ones, ask the
+        running ones to stop at their next step. A server calls it when shutdown begins, so that the requests
+        waiting for those jobs are answered and its graceful shutdown does not wait for them."""
         with self._cond:
             self._closing = True
             for worker in self._workers.values():
@@ -403,9 +424,6 @@ class Engine:
                 if worker.current is not None:
                     worker.current._cancel.set()
             self._cond.notify_all()
-        for worker in self._workers.values():
-            worker.thread.join(timeout)
-        self._watchdog.join(timeout)
 
     # ------------------------------------------------------------------ running
 
@@ -433,11 +451,11 @@ class Engine:
                 self._cond.wait(min(waits) if waits else None)
 
     def _finish(self, job: Job, state: str, error: str | None = None, kind: str | None = None) -> None:
-        # caller holds self._cond
-        job.state = state
+        # caller holds self._cond; the state last, as readers that do not take the lock look at it first
         job.error = error
         job.error_kind = kind
         job.finished_at = time.time()
+        job.state = state
         job.prepared = None  # inputs are not needed any more; keep only the result
         if job.id in self._jobs:
             self._jobs.move_to_end(job.id)  # just finished: the last to be dropped for space
@@ -504,6 +522,11 @@ class Engine:
             return
         with self._cond:
             if job.finished:  # timed out by the watchdog during the last step: the result is dropped
+                return
+            if job._cancel.is_set():  # cancelled after its last step (decoding, paste-back): the 202 stands
+                self._finish(
+                    job, JobState.CANCELLED, f"cancelled after step {job.step}/{job.total}", "cancelled"
+                )
                 return
             if time.monotonic() > deadline:
                 self._finish(
