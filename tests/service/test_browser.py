@@ -61,6 +61,7 @@ def server(gated, blended_method):
     engine = Engine({"brushnet": gated, "blended-latent-diffusion": blended_method}, Limits())
     try:
         with BackgroundServer(create_app(engine)) as live:
+            live.engine = engine
             yield live
     finally:
         engine.close()
@@ -235,3 +236,41 @@ def test_live_server_round_trip(server):
         timeout=30,
     )
     assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == (WIDTH, HEIGHT)
+
+
+def test_cancel_during_the_upload_and_a_double_click(browser, server, tmp_path, gated):
+    """A Cancel while the upload was in flight finished the page's job but not the server's, and the answer that
+    came back then took over the next Generate (its result shown for the new seed); a double-click on Generate
+    sent two jobs."""
+    page = browser.new_page(viewport={"width": 1366, "height": 860})
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    posts = []
+
+    def slow_upload(route):
+        posts.append(route.request.post_data_buffer)
+        page.wait_for_timeout(600 if len(posts) == 1 else 0)  # the first upload takes a while
+        route.continue_()
+
+    page.route("**/api/v1/inpaint", slow_upload)
+    _open(page, server, tmp_path)
+    _set_range(page, "#brush-size", 24)
+    _stroke(page, [(40, 64), (100, 64)])
+    _set_range(page, "#steps", 4)
+    page.fill("#seed", "111")
+    page.click("#generate")
+    page.wait_for_timeout(150)
+    page.click("#cancel")
+    assert "Cancelled" in page.locator("#error").inner_text()
+    page.fill("#seed", "222")
+    page.dblclick("#generate")
+    page.wait_for_function(
+        "document.getElementById('progress-label').textContent.startsWith('Done')", timeout=30000
+    )
+    assert "seed 222" in page.locator("#result-info").inner_text()
+    assert len(posts) == 2  # the cancelled one and one for the double-click
+    page.wait_for_timeout(500)
+    states = {job.request.seed: job.state for job in server.engine._jobs.values()}
+    assert states == {111: "cancelled", 222: "done"}, states  # the first was cancelled on the server too
+    assert not errors, errors
+    page.close()

@@ -101,7 +101,9 @@ async function setImage(blob, name, { keepMask = false } = {}) {
   canvas.getContext("2d").drawImage(img, 0, 0);
   // Send exactly the pixels shown (EXIF rotation applied): PNGs as they are, other formats re-encoded.
   const upload = blob.type === "image/png" ? blob : await new Promise((r) => canvas.toBlob(r, "image/png"));
-  if (state.image && !state.history.some((h) => h.inputUrl === state.image.url)) {
+  // the old input's URL stays while the history or a running job (its "before" image) uses it
+  const inUse = state.history.some((h) => h.inputUrl === state.image?.url) || state.job?.input === state.image;
+  if (state.image && !inUse) {
     URL.revokeObjectURL(state.image.url);
   }
   state.image = { blob: upload, url, width, height, name: name || "image" };
@@ -377,28 +379,45 @@ function requestBody() {
 async function generate() {
   if (state.job || !state.image) return;
   hideError();
-  const form = new FormData();
-  form.append("image", state.image.blob, "image.png");
-  form.append("mask", await painter.toMaskBlob(), "mask.png");
-  form.append("request", JSON.stringify(requestBody()));
-  if (currentMethod()?.control_image) {
-    const control = $("control-image").files[0];
-    if (!control) return showError("This method needs a control image (Method options).");
-    form.append("control_image", control, control.name);
+  const control = currentMethod()?.control_image ? $("control-image").files[0] : null;
+  if (currentMethod()?.control_image && !control) {
+    return showError("This method needs a control image (Method options).");
   }
+  // The job exists from the first moment, before any await: a second click (a double-click) finds it and
+  // sends nothing, and a Cancel during the upload finishes this job, which the code below then notices.
   const input = state.image;
-  state.job = { id: null, startedAt: performance.now(), input };
+  const job = { id: null, startedAt: performance.now(), input };
+  state.job = job;
   updateControls();
   setProgress(0, 0, "Uploading…");
+  const form = new FormData();
+  form.append("image", input.blob, "image.png");
+  form.append("mask", await painter.toMaskBlob(), "mask.png");
+  form.append("request", JSON.stringify(requestBody()));
+  if (control) form.append("control_image", control, control.name);
+  if (state.job !== job) return; // cancelled before anything was sent
   let response;
   try {
     response = await fetch(`${API}/inpaint`, { method: "POST", body: form });
   } catch (err) {
-    return finishJob(`Upload failed: ${err.message}`);
+    if (state.job === job) finishJob(`Upload failed: ${err.message}`);
+    return;
+  }
+  if (state.job !== job) {
+    // Cancelled while uploading: the server queued it all the same; cancel it there too.
+    if (response.ok) {
+      const queued = await response.json();
+      fetch(`${API}/jobs/${queued.job_id}`, { method: "DELETE" }).catch(() => {});
+    }
+    return;
   }
   if (!response.ok) return finishJob(await errorText(response));
   const queued = await response.json();
-  state.job.id = queued.job_id;
+  if (state.job !== job) {
+    fetch(`${API}/jobs/${queued.job_id}`, { method: "DELETE" }).catch(() => {});
+    return;
+  }
+  job.id = queued.job_id;
   setProgress(0, 0, "Waiting in the queue…");
   followJob(queued);
 }
