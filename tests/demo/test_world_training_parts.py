@@ -1053,7 +1053,10 @@ def test_finetune_base_writes_a_loadable_base_and_refuses_an_existing_folder(tmp
     assert exit_info.value.code == 2 and f"--out {out}: exists" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main(["--out", str(tmp_path / "new"), "--max-objects", "0"])
-    assert exit_info.value.code == 2 and "--max-objects, --transformer-layers positive" in capsys.readouterr().err
+    assert (
+        exit_info.value.code == 2
+        and "--max-objects, --transformer-layers positive" in capsys.readouterr().err
+    )
     assert not (tmp_path / "new").exists() and not (tmp_path / "new.partial").exists()
 
 
