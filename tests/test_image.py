@@ -188,6 +188,23 @@ def test_opaque_rgba_masks_are_read_by_their_colour():
         assert np.array_equal(mask_to_array(Image.fromarray(rgba, "RGBA")), hole)
 
 
+def test_rgba_array_and_tensor_masks_are_read_as_the_same_pil_image():
+    """A stroke layer as a numpy array or a torch tensor had its alpha averaged in as a fourth colour: white
+    stored under transparent pixels made the whole image the hole (24 pixels for a 4-pixel stroke)."""
+    hole = _strokes()
+    layer = np.zeros((6, 8, 4), np.uint8)
+    layer[...] = (255, 255, 255, 0)
+    layer[hole] = (255, 255, 255, 255)
+    opaque_grey = np.dstack([np.full(hole.shape, 100, np.uint8)] * 3 + [np.full(hole.shape, 255, np.uint8)])
+    opaque_grey[hole, :3] = 255
+    for data in (layer, opaque_grey):
+        expected = mask_to_array(Image.fromarray(data, "RGBA"))
+        assert np.array_equal(expected, hole)
+        tensor = torch.from_numpy(data.astype(np.float32) / 255)
+        for form in (data, data.astype(np.float32) / 255, tensor, tensor.permute(2, 0, 1), tensor[None]):
+            assert np.array_equal(mask_to_array(form), expected), type(form)
+
+
 def test_the_empty_mask_message_names_the_cause(tmp_path):
     Image.fromarray(np.full((4, 4), 255, np.uint8)).save(tmp_path / "white.png")
     with pytest.raises(InputError) as info:

@@ -103,6 +103,33 @@ def test_exif_orientation_applies_to_images_and_masks(tmp_path):
     assert np.array_equal(load_mask(tmp_path / "mask.png"), np.rot90(mask, k=-1) > 127)
 
 
+def test_an_array_mask_beside_an_exif_oriented_image_is_named_or_warned(tmp_path, logged):
+    """An array mask made from the stored pixels of an EXIF-rotated photo lay turned against the upright image:
+    on a non-square photo a bare "mask is 40x60 but the image is 60x40"; on a square one nothing at all."""
+    from brushnet.methods import get_method_class, prepare
+
+    brushnet = get_method_class("brushnet")
+    for size, orientation in (((60, 40), 6), ((48, 48), 6)):
+        path = tmp_path / f"photo_{size[0]}.png"
+        Image.fromarray(np.zeros((size[1], size[0], 3), np.uint8)).save(path, exif=_exif(orientation))
+        stored_mask = np.zeros((size[1], size[0]), np.uint8)
+        stored_mask[:10, :10] = 255
+        with logged("brushnet.methods.api") as messages:
+            if size[0] != size[1]:
+                with pytest.raises(InputError, match="turned: if the image has an EXIF orientation"):
+                    prepare(brushnet, path, stored_mask, {"prompt": ""})
+            else:
+                prepare(brushnet, Image.open(path), stored_mask, {"prompt": ""})
+                prepare(brushnet, path, stored_mask, {"prompt": ""})
+                assert len(messages) == 2 and "EXIF orientation 6" in messages[0], messages
+    with logged("brushnet.methods.api") as messages:  # no orientation, or a PIL mask: nothing to say
+        plain = tmp_path / "plain.png"
+        Image.fromarray(np.zeros((48, 48, 3), np.uint8)).save(plain)
+        prepare(brushnet, plain, stored_mask, {"prompt": ""})
+        prepare(brushnet, tmp_path / "photo_48.png", Image.fromarray(stored_mask), {"prompt": ""})
+    assert messages == []
+
+
 def test_a_mask_drawn_on_the_displayed_photo_is_accepted_and_aligned(tiny_models, tmp_path):
     """A phone JPEG stored sideways with EXIF orientation 6, and a mask drawn on it as a viewer shows it."""
     rng = np.random.default_rng(0)

@@ -214,6 +214,20 @@ def load_image(
     return img.convert("RGB")
 
 
+def _grey(arr: np.ndarray) -> np.ndarray:
+    """``(H, W, C)`` mask data as ``(H, W)``, as a PIL mask of that mode is read: with 4 channels whose alpha
+    varies (a stroke layer), the alpha; otherwise the mean of the colour channels (the alpha left out). The
+    dtype is kept for uint8 and bool (so their 0-255 / boolean reading stays), float otherwise."""
+    if arr.shape[-1] == 4:
+        alpha = arr[..., 3]
+        if alpha.min() != alpha.max():
+            return alpha
+        arr = arr[..., :3]
+    if arr.dtype in (np.uint8, np.bool_) and (arr == arr[..., :1]).all():
+        return arr[..., 0]  # every channel the same: no mean needed, the type kept
+    return arr.astype(np.float32).mean(-1)
+
+
 def _mask_values(mask: Image.Image | np.ndarray | torch.Tensor) -> tuple[np.ndarray, bool]:
     """A mask's grey values as float ``(H, W)`` in [0, 1] (not yet binarised), and whether it was given in
     0–255 steps (a PIL image or uint8 data; for messages)."""
@@ -241,9 +255,9 @@ def _mask_values(mask: Image.Image | np.ndarray | torch.Tensor) -> tuple[np.ndar
         while arr.ndim > 2 and arr.shape[0] == 1:
             arr = arr[0]
         if arr.ndim == 3 and arr.shape[0] not in (3, 4) and arr.shape[-1] in (1, 3, 4):  # H, W, C
-            arr = arr.mean(-1)
+            arr = _grey(arr)
         elif arr.ndim == 3:  # C, H, W
-            arr = arr.mean(0)
+            arr = _grey(np.moveaxis(arr, 0, -1))
     else:
         arr = np.asarray(mask)
         if arr.dtype.kind not in "biuf":
@@ -254,7 +268,7 @@ def _mask_values(mask: Image.Image | np.ndarray | torch.Tensor) -> tuple[np.ndar
                 break
             arr = arr[0]
         if arr.ndim == 3:
-            arr = arr.mean(-1) if arr.dtype != np.uint8 else arr.astype(np.float32).mean(-1)
+            arr = _grey(arr)
     if arr.ndim != 2:
         raise InputError(f"mask must be 2-D (H, W) after squeezing, got shape {tuple(np.shape(arr))}")
     if arr.dtype == np.bool_:
@@ -361,8 +375,14 @@ def load_mask(
     if invert:
         hole = ~hole
     if size is not None and (hole.shape[1], hole.shape[0]) != tuple(size):
+        turned = ""
+        if (hole.shape[0], hole.shape[1]) == tuple(size) and isinstance(path, (np.ndarray, torch.Tensor)):
+            turned = (
+                " (turned: if the image has an EXIF orientation it is used upright; make the mask from "
+                "PIL.ImageOps.exif_transpose(image))"
+            )
         raise InputError(
-            f"mask is {hole.shape[1]}x{hole.shape[0]} but the image is {size[0]}x{size[1]}; they must match"
+            f"mask is {hole.shape[1]}x{hole.shape[0]} but the image is {size[0]}x{size[1]}; they must match{turned}"
         )
     if not allow_empty and not hole.any():
         raise InputError(_empty_mask_message(values, eight_bit, invert))

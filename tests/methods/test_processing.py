@@ -395,3 +395,19 @@ def test_seed_recorded_and_drawn_when_missing():
         "paste_back_s",
         "total_s",
     }
+
+
+def test_the_crop_box_holds_the_feathered_edge():
+    """With crop_padding below blend_kernel_size // 2 the feather was cut at the crop box's edge: pixels of the
+    band outside the box were the untouched input, a hard seam. The box now reaches the band's end."""
+    image, mask = _image(64, 64), _mask(64, 64, (22, 22, 42, 42))
+    common = {"crop_to_mask": True, "blend_kernel_size": 21, "seed": 0}
+    narrow = inpaint(Probe(invert_outside=True), image, mask, {**common, "crop_padding": 4})
+    wide = inpaint(Probe(invert_outside=True), image, mask, {**common, "crop_padding": 10})
+    assert narrow.parameters["region"]["box"] == wide.parameters["region"]["box"] == [12, 12, 52, 52]
+    assert np.array_equal(np.asarray(narrow.images[0]), np.asarray(wide.images[0]))
+    # without blending nothing is feathered: the padding asked for is the box
+    raw = inpaint(
+        Probe(), image, mask, {**common, "crop_padding": 4, "blend": False, "blend_kernel_size": 21}
+    )
+    assert raw.parameters["region"]["box"] == [18, 18, 46, 46]

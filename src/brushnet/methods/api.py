@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import logging
 import operator
 import os
 import secrets
@@ -33,7 +34,17 @@ from ..image import (
     tensor_to_pil,
 )
 from .base import InpaintMethod, InpaintRequest, InpaintResult, PreparedJob, StepCallback, Task
-from .processing import grow_mask, keep_alpha, mask_bbox, outpaint_canvas, paste_back, plan_region
+from .processing import (
+    crop_padding_for,
+    grow_mask,
+    keep_alpha,
+    mask_bbox,
+    outpaint_canvas,
+    paste_back,
+    plan_region,
+)
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["check_request", "prepare", "prepare_outpaint", "run", "inpaint", "outpaint"]
 
@@ -57,6 +68,32 @@ def check_request(
     request = InpaintRequest.build(request, **overrides)
     options = cls.parse_options(request.options)
     return cls.check(request, options), options
+
+
+def _warn_if_orientation_is_ambiguous(image: Any, mask: Any) -> None:
+    """The image is used upright, as viewers show it, by its EXIF orientation; an array or tensor mask carries
+    no orientation, and one made from the stored pixels (``np.asarray(Image.open(...))``) lies turned against
+    it. A mask of the stored size on a non-square image is refused by its size (:func:`load_mask` says why);
+    on a square image the sizes agree, so this says it here."""
+    if not isinstance(mask, (np.ndarray, torch.Tensor)):
+        return
+    orientation = None
+    try:
+        if isinstance(image, Image.Image):
+            orientation = image.getexif().get(0x0112)
+        elif isinstance(image, (str, os.PathLike)):
+            with Image.open(image) as stored:  # the header only
+                orientation = stored.getexif().get(0x0112)
+    except Exception:  # noqa: BLE001 - unreadable EXIF: no orientation (the image itself is checked elsewhere)
+        return
+    if orientation not in (None, 1):
+        logger.warning(
+            "the image has EXIF orientation %s and is used upright, as viewers show it; the %s mask is taken "
+            "as upright too: if it was made from the stored pixels (np.asarray(Image.open(...))), make it "
+            "from PIL.ImageOps.exif_transpose(image) instead",
+            orientation,
+            type(mask).__name__,
+        )
 
 
 def _decoded(image: Any, max_pixels: int | None) -> Any:
@@ -112,6 +149,7 @@ def prepare(
     request, options = check_request(cls, request, **overrides)
     source = _decoded(image, max_pixels)
     original = load_image(source, max_pixels=max_pixels)
+    _warn_if_orientation_is_ambiguous(image, mask)
     hole = load_mask(mask, size=original.size, invert=request.invert_mask, max_pixels=max_pixels)
     grown = grow_mask(hole, request.mask_grow)
     if not grown.any():  # only a shrink empties a mask that had a hole
@@ -221,7 +259,7 @@ def run(method: InpaintMethod, job: PreparedJob, on_step: StepCallback | None = 
     plan = plan_region(
         job.hole,
         request.crop_to_mask,
-        request.crop_padding,
+        crop_padding_for(request),
         request.resolution,
         method.native_resolution,
         multiple=method.size_multiple,
@@ -323,7 +361,7 @@ def outpaint(
     **overrides: Any,
 ) -> InpaintResult:
     """Extend ``image`` by the given pixels per side and paint the new area: ``run(method, prepare_outpaint(...))``.
-    A transparent input is flattened onto black (the result is RGB).
+    A transparent input keeps its alpha where the input sits; the new area is opaque (RGBA result).
 
     Returns:
         :class:`InpaintResult` with images of size ``(width + left + right, height + top + bottom)``.

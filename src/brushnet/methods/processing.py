@@ -21,6 +21,7 @@ __all__ = [
     "plan_region",
     "paste_back",
     "keep_alpha",
+    "crop_padding_for",
     "outpaint_canvas",
 ]
 
@@ -162,6 +163,15 @@ def paste_back(
     if blend:
         return blend_pil(original, full, hole, kernel_size=blend_kernel_size)
     return full
+
+
+def crop_padding_for(request) -> int:
+    """The padding of the crop box around the hole: ``crop_padding``, widened to ``blend_kernel_size // 2``
+    when the result is blended, so that the feathered edge lies inside the box (a narrower box cut the feather
+    off at its edge: a hard seam where the generated region met the untouched input)."""
+    if request.blend:
+        return max(request.crop_padding, request.blend_kernel_size // 2)
+    return request.crop_padding
 
 
 def keep_alpha(

@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import InputError, RequestError
 from ..methods.api import prepare, run
 from ..methods.base import InpaintMethod, InpaintRequest, InpaintResult, PreparedJob
-from ..methods.processing import plan_region
+from ..methods.processing import crop_padding_for, plan_region
 
 logger = logging.getLogger(__name__)
 
@@ -315,7 +315,7 @@ class Engine:
         plan = plan_region(
             job.hole,
             request.crop_to_mask,
-            request.crop_padding,
+            crop_padding_for(request),
             request.resolution,
             loaded.native_resolution,
             multiple=loaded.size_multiple,
