@@ -30,6 +30,7 @@ __all__ = [
     "load_image",
     "open_image",
     "oriented",
+    "may_be_transparent",
     "load_mask",
     "mask_to_array",
     "mask_batch",
@@ -114,6 +115,12 @@ def _has_orientation(img: Image.Image) -> bool:
         return img.getexif().get(0x0112, 1) not in (1, None)
     except Exception:  # noqa: BLE001 - a broken EXIF block is no orientation
         return False
+
+
+def may_be_transparent(img: Image.Image) -> bool:
+    """Whether ``img`` can hold transparent pixels: an alpha channel (RGBA, LA, PA) or a PNG ``tRNS`` colour key
+    (``transparency`` on a P, L or RGB image)."""
+    return img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info
 
 
 def oriented(img: Image.Image) -> Image.Image:
@@ -207,7 +214,7 @@ def load_image(
             f"image must be a path, a PIL image, a numpy array or a torch tensor, got {type(path).__name__}"
         )
     img = _eight_bit(img)
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+    if may_be_transparent(img):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")

@@ -411,3 +411,24 @@ def test_the_crop_box_holds_the_feathered_edge():
         Probe(), image, mask, {**common, "crop_padding": 4, "blend": False, "blend_kernel_size": 21}
     )
     assert raw.parameters["region"]["box"] == [18, 18, 46, 46]
+
+
+def test_a_colour_keyed_or_pa_image_is_transparent_too(tmp_path):
+    """A PNG with a tRNS colour key (RGB or L) and a PA image were read with their keyed/transparent pixels as
+    stored colours (green, white), and the result lost the transparency, where PIL shows them transparent."""
+    rgb = np.asarray(_image(64, 64)).copy()
+    rgb[:8, :8] = (0, 255, 0)
+    keyed = Image.fromarray(rgb)
+    keyed.info["transparency"] = (0, 255, 0)
+    keyed.save(tmp_path / "keyed.png", transparency=(0, 255, 0))
+    pa = Image.fromarray(rgb).convert("RGBA")
+    pa.putalpha(Image.fromarray(np.where(np.arange(64)[:, None] < 8, 0, 255).astype(np.uint8).repeat(64, 1)))
+    pa = pa.convert("PA")
+    mask = _mask(64, 64, (24, 24, 40, 40))
+    for image in (tmp_path / "keyed.png", Image.open(tmp_path / "keyed.png"), pa):
+        probe = Probe()
+        out = np.asarray(inpaint(probe, image, mask, seed=1).images[0])
+        assert out.shape == (64, 64, 4), type(image)
+        seen = np.asarray(tensor_to_pil(probe.seen[0][0])[0])
+        assert (seen[:8, :8] == 0).all()  # the model saw the transparent pixels as black
+        assert (out[:8, :8, 3] == 0).all()  # and the result keeps them transparent

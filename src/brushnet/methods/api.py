@@ -28,6 +28,7 @@ from ..image import (
     DEFAULT_MAX_PIXELS,
     load_image,
     load_mask,
+    may_be_transparent,
     open_image,
     oriented,
     pil_to_tensor,
@@ -110,7 +111,7 @@ def _transparent(image: Any) -> Image.Image | None:
     if not isinstance(image, Image.Image):
         return None
     image = oriented(image)
-    if image.mode not in ("RGBA", "LA") and not (image.mode == "P" and "transparency" in image.info):
+    if not may_be_transparent(image):
         return None
     rgba = image.convert("RGBA")
     return rgba if rgba.getchannel("A").getextrema()[0] < 255 else None
