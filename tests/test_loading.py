@@ -262,6 +262,27 @@ def test_a_powerpaint_folder_as_the_brushnet_is_named_with_the_flags_to_use(tiny
     )
 
 
+def test_a_powerpaint_branch_as_the_brushnet_is_refused(tiny_models, tmp_path):
+    """The branch folder of a PowerPaint checkpoint (a BrushNetModel with cross-attention) passed as --brushnet
+    ran: it read the user's prompt through the base's encoder instead of PowerPaint's task words."""
+    from brushnet.methods import load_method
+    from brushnet.random_models import build_model_set
+
+    powerpaint = Path(build_model_set(tmp_path, ["powerpaint"], "tiny")["powerpaint"])
+    branch = powerpaint / "PowerPaint_Brushnet"
+    message = (
+        f"{branch} is a PowerPaint branch (a BrushNetModel with cross-attention, read with PowerPaint's task-word "
+        f"text encoder), not a BrushNet one; use --method powerpaint --powerpaint {powerpaint}"
+    )
+    with pytest.raises(CheckpointError) as info:
+        load_brushnet(branch)
+    assert str(info.value) == message
+    with pytest.raises(CheckpointError) as info:
+        load_method("brushnet", {"base": tiny_models["base"], "brushnet": branch})
+    assert str(info.value) == message
+    load_brushnet(tiny_models["brushnet"])  # a BrushNet branch still loads
+
+
 def test_a_folder_without_a_config_is_named_in_plain_words(tiny_models, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError) as info:

@@ -384,6 +384,29 @@ def brushnet_folder(
     return folder
 
 
+def refuse_cross_attention_branch(folder: Path) -> None:
+    """A branch folder whose config has cross-attention blocks is PowerPaint's (it reads PowerPaint's task-word
+    text encoder), not a BrushNet one, which reads no text: loaded as ``--brushnet`` it would read the user's
+    prompt through the base's encoder and silently give another model's output.
+
+    Raises:
+        CheckpointError: naming the PowerPaint folder and the flags that load it.
+    """
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return  # refused where the config is read, with its own message
+    if not isinstance(config, dict):
+        return
+    blocks = [*(config.get("down_block_types") or []), str(config.get("mid_block_type") or "")]
+    if any("CrossAttn" in str(block) for block in blocks):
+        root = folder.parent if folder.name == "PowerPaint_Brushnet" else folder
+        raise CheckpointError(
+            f"{folder} is a PowerPaint branch (a BrushNetModel with cross-attention, read with PowerPaint's "
+            f"task-word text encoder), not a BrushNet one; use --method powerpaint --powerpaint {root}"
+        )
+
+
 def check_brushnet_source(path: str | os.PathLike, subfolder: str | None = None, **hub_kwargs: Any) -> None:
     """What :meth:`BrushNetModel.from_pretrained <brushnet.models.BrushNetModel.from_pretrained>` checks before
     diffusers reads anything: a local folder as :func:`brushnet_folder` (no pipeline folder), a hub id that is
@@ -455,6 +478,7 @@ def load_brushnet(
     torch_dtype = resolve_dtype(dtype)
     if _is_local(path):
         folder = brushnet_folder(path, subfolder, into_pipeline=True)
+        refuse_cross_attention_branch(folder)
         if base_config is not None:
             from .model_files import check_config_types
 

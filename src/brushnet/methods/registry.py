@@ -165,7 +165,14 @@ def load_method(
             )
     from ..devices import resolve_device
     from ..errors import CheckpointError
-    from ..loading import FAMILY_NAMES, brushnet_folder, check_brushnet_fits_base, peek_family, resolve_dtype
+    from ..loading import (
+        FAMILY_NAMES,
+        brushnet_folder,
+        check_brushnet_fits_base,
+        peek_family,
+        refuse_cross_attention_branch,
+        resolve_dtype,
+    )
     from ..loading import _is_local as is_local
     from ..model_files import check_config_types, read_config
 
@@ -197,6 +204,7 @@ def load_method(
             raise CheckpointError(f"base model not found: {path}")  # the base loader's words, before the rest
         if slot.name == "brushnet" and path is not None and is_local(path):
             branch = brushnet_folder(path, into_pipeline=True)  # missing, a UNet, a ControlNet, ...: one line
+            refuse_cross_attention_branch(branch)
             base = models.get("base")
             if (
                 base is not None
