@@ -283,6 +283,23 @@ def test_a_powerpaint_branch_as_the_brushnet_is_refused(tiny_models, tmp_path):
     load_brushnet(tiny_models["brushnet"])  # a BrushNet branch still loads
 
 
+def test_a_branch_folder_with_only_the_fp16_variant_loads(tiny_models, tmp_path):
+    """A hub repo may ship a branch as ``diffusion_pytorch_model.fp16.safetensors`` only; it was refused with
+    "rename the file", though ``from_pretrained(..., variant="fp16")`` reads it."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "fp16_only"
+    folder.mkdir()
+    shutil.copy(tiny_models["brushnet"] / "config.json", folder)
+    weights = load_file(tiny_models["brushnet"] / "diffusion_pytorch_model.safetensors")
+    save_file({k: v.half() for k, v in weights.items()}, folder / "diffusion_pytorch_model.fp16.safetensors")
+    branch = load_brushnet(folder)
+    assert branch.dtype == torch.float32
+    for name, value in branch.state_dict().items():
+        assert torch.equal(value, weights[name].half().float()), name
+
+
 def test_a_folder_without_a_config_is_named_in_plain_words(tiny_models, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError) as info:

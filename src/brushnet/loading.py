@@ -249,13 +249,31 @@ def safetensors_policy(allow_pickle: bool, folder: str | os.PathLike | None = No
     return None
 
 
-def _check_weights(folder: Path, allow_pickle: bool, model_cls: type | None = None) -> None:
+def _check_weights(
+    folder: Path, allow_pickle: bool, model_cls: type | None = None, variant: str | None = None
+) -> None:
     """:func:`brushnet.model_files.check_model_folder` for a diffusers model folder (``model_cls``) or, with
     ``None``, a transformers one (config and weight files only)."""
     from .model_files import check_model_folder
 
     library = "diffusers" if model_cls is not None else "transformers"
-    check_model_folder(folder, model_cls, library=library, allow_pickle=allow_pickle)
+    check_model_folder(folder, model_cls, library=library, allow_pickle=allow_pickle, variant=variant)
+
+
+def fp16_only_variant(folder: Path) -> str | None:
+    """``"fp16"`` for a diffusers model folder that holds only the fp16 variant of its weights
+    (``diffusion_pytorch_model.fp16.safetensors``, as some hub repos ship a branch), else None."""
+    plain = [
+        folder / "diffusion_pytorch_model.safetensors",
+        folder / "diffusion_pytorch_model.safetensors.index.json",
+    ]
+    variant = [
+        folder / "diffusion_pytorch_model.fp16.safetensors",
+        folder / "diffusion_pytorch_model.fp16.safetensors.index.json",
+    ]
+    if not any(p.is_file() for p in plain) and any(p.is_file() for p in variant):
+        return "fp16"
+    return None
 
 
 def _is_local(path: str | os.PathLike) -> bool:
@@ -485,9 +503,13 @@ def load_brushnet(
             config = _read_json(folder / "config.json")
             check_config_types(BrushNetModel, config, folder / "config.json")
             check_brushnet_fits_base(config, base_config)
-        _check_weights(folder, allow_pickle, BrushNetModel)
+        variant = fp16_only_variant(folder)
+        _check_weights(folder, allow_pickle, BrushNetModel, variant)
         return BrushNetModel.from_pretrained(
-            folder, torch_dtype=torch_dtype, use_safetensors=safetensors_policy(allow_pickle, folder)
+            folder,
+            torch_dtype=torch_dtype,
+            use_safetensors=safetensors_policy(allow_pickle, folder),
+            variant=variant,
         )
     _check_hub_reachable(
         "BrushNet", str(path), f"{subfolder}/config.json" if subfolder else "config.json", hub_kwargs

@@ -165,17 +165,21 @@ def safetensors_keys(path: str | os.PathLike) -> set[str]:
 
 
 def weight_files(
-    folder: str | os.PathLike, library: str = "diffusers", allow_pickle: bool = False
+    folder: str | os.PathLike,
+    library: str = "diffusers",
+    allow_pickle: bool = False,
+    variant: str | None = None,
 ) -> list[Path]:
-    """The weight files ``from_pretrained`` will read in ``folder``: ``<stem>.safetensors``, the shards of
-    ``<stem>.safetensors.index.json``, or (with ``allow_pickle`` and no safetensors) the pickle file.
+    """The weight files ``from_pretrained`` will read in ``folder``: ``<stem>.safetensors`` (with ``variant``
+    ``<stem>.<variant>.safetensors``), the shards of ``<stem>.safetensors.index.json``, or (with ``allow_pickle``
+    and no safetensors) the pickle file.
 
     Raises:
         CheckpointError: no weight file; a weight file under another name (naming both); only pickle files
             without ``allow_pickle``; a shard index that is unreadable or names a missing shard.
     """
     folder = Path(folder)
-    stem = WEIGHT_STEMS[library]
+    stem = WEIGHT_STEMS[library] + (f".{variant}" if variant else "")
     single, index = folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json"
     if single.is_file():
         return [single]
@@ -226,6 +230,7 @@ def check_model_folder(
     expected: str | tuple[str, ...] | None = None,
     library: str = "diffusers",
     allow_pickle: bool = False,
+    variant: str | None = None,
 ) -> None:
     """Everything that can be checked about a model folder before loading it, each problem one line.
 
@@ -238,6 +243,7 @@ def check_model_folder(
             ``model_cls.__name__`` for diffusers models.
         library: ``"diffusers"`` or ``"transformers"`` (the weight file's name).
         allow_pickle: accept a folder with only pickle-based weights (their tensor names are not checked).
+        variant: the weights' variant (``"fp16"``: ``<stem>.fp16.safetensors``), as ``from_pretrained``'s.
 
     Raises:
         CheckpointError: a config that is unreadable, of another model kind, or with wrong value types; a
@@ -255,7 +261,7 @@ def check_model_folder(
             raise CheckpointError(f"{folder} holds a {found}, not a {names[0]}")
     if model_cls is not None:
         check_config_types(model_cls, config, config_path)
-    files = weight_files(folder, library, allow_pickle)
+    files = weight_files(folder, library, allow_pickle, variant)
     keys: set[str] = set()
     for path in files:
         if path.suffix == ".safetensors":
