@@ -300,6 +300,20 @@ def test_a_branch_folder_with_only_the_fp16_variant_loads(tiny_models, tmp_path)
         assert torch.equal(value, weights[name].half().float()), name
 
 
+def test_a_single_file_read_as_the_other_family_is_loaded_again_as_its_own(
+    tiny_xl_models, tmp_path, monkeypatch
+):
+    """A pickle ``.ckpt`` is taken as SD1.5 before loading (its keys are not read); with an SDXL config from the
+    hub the UNet came out SDXL but the components SD1.5's: a TypeError (no text_encoder_2) at the pipeline."""
+    from brushnet import loading
+    from brushnet.convert import save_single_file
+
+    path = save_single_file(tiny_xl_models["base"], tmp_path / "xl.safetensors")
+    monkeypatch.setattr(loading, "_single_file_family", lambda p, config: "sd15")  # as for a .ckpt
+    parts = load_base_components(path, config=tiny_xl_models["base"])
+    assert set(parts) == set(FAMILY_COMPONENTS["sdxl"])
+
+
 def test_a_folder_without_a_config_is_named_in_plain_words(tiny_models, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError) as info:

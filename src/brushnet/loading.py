@@ -762,8 +762,6 @@ def quiet_warning(logger_name: str, fragment: str):
 def _load_single_file(
     p: Path, torch_dtype, allow_pickle: bool, config: str | os.PathLike | None
 ) -> dict[str, Any]:
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
     suffix = p.suffix.lower()
     if suffix in PICKLE_SUFFIXES and not allow_pickle:
         raise CheckpointError(
@@ -772,6 +770,24 @@ def _load_single_file(
     if suffix != ".safetensors" and suffix not in PICKLE_SUFFIXES:
         raise CheckpointError(f"base model file must be .safetensors, got {p.name}")
     family = _single_file_family(p, config)
+    pipe = _pipeline_from_single_file(p, family, torch_dtype, config)
+    loaded = detect_family(pipe.unet.config)
+    if loaded != family:
+        # a pickle file's keys are not read before loading (that would unpickle it twice), so its family is
+        # taken as SD1.5 unless a local config folder says otherwise; the config diffusers used (a hub id's)
+        # built the UNet of the other family: load it again as that family
+        logger.info(
+            "%s holds an %s UNet: loading it as %s", p.name, FAMILY_NAMES[loaded], FAMILY_NAMES[loaded]
+        )
+        family = loaded
+        pipe = _pipeline_from_single_file(p, family, torch_dtype, config)
+    return {name: getattr(pipe, name) for name in FAMILY_COMPONENTS[family]}
+
+
+def _pipeline_from_single_file(p: Path, family: str, torch_dtype, config: str | os.PathLike | None):
+    """diffusers' ``from_single_file`` of the pipeline class of ``family``; its errors as one line."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
     kwargs: dict[str, Any] = {"torch_dtype": torch_dtype}
     if config is not None:
         kwargs["config"] = str(config)
@@ -782,10 +798,9 @@ def _load_single_file(
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:  # offline without --base-config, diffusers' two-line "Attempting to download" warning precedes our line
         with quiet_warning("diffusers.loaders.single_file", "no local configs were found"):
-            pipe = pipeline_cls.from_single_file(str(p), **kwargs)
+            return pipeline_cls.from_single_file(str(p), **kwargs)
     except Exception as exc:  # diffusers raises many kinds here; keep one clear line
         hint = "" if config else " (offline? pass --base-config with a local diffusers folder)"
         raise CheckpointError(
             f"cannot load single-file checkpoint {p.name}: {first_line(exc)}{hint}"
         ) from None
-    return {name: getattr(pipe, name) for name in FAMILY_COMPONENTS[family]}
