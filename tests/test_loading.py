@@ -314,6 +314,43 @@ def test_a_single_file_read_as_the_other_family_is_loaded_again_as_its_own(
     assert set(parts) == set(FAMILY_COMPONENTS["sdxl"])
 
 
+def test_from_pretrained_refuses_a_weight_file_missing_weights_and_expands_the_home_folder(
+    tiny_models, tmp_path, monkeypatch
+):
+    """``BrushNetModel.from_pretrained`` (the README's call) loaded a file lacking some weights with only diffusers'
+    "newly initialized" warning: random or meta tensors. ``~/branch`` passed the check and failed in diffusers."""
+    from safetensors.torch import load_file, save_file
+
+    from brushnet.models.brushnet import BrushNetModel
+
+    folder = tmp_path / "partial"
+    folder.mkdir()
+    shutil.copy(tiny_models["brushnet"] / "config.json", folder)
+    weights = load_file(tiny_models["brushnet"] / "diffusion_pytorch_model.safetensors")
+    dropped = sorted(weights)[:2]
+    save_file(
+        {k: v for k, v in weights.items() if k not in dropped}, folder / "diffusion_pytorch_model.safetensors"
+    )
+    with pytest.raises(CheckpointError, match="lacks 2 of the"):
+        BrushNetModel.from_pretrained(folder)
+    monkeypatch.setenv("HOME", str(tiny_models["brushnet"].parent))
+    branch = BrushNetModel.from_pretrained("~/brushnet")
+    assert sum(p.numel() for p in branch.parameters()) > 0
+
+
+def test_config_from_an_older_unet_config_json_takes_the_defaults_it_lacks():
+    """A UNet config.json written by an older diffusers lacks later keys; they became None in the branch's
+    config (``unknown time_embedding_norm : None`` when the branch was built)."""
+    from brushnet.models.brushnet import BrushNetModel
+
+    old = {"in_channels": 4, "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "up_block_types":
+           ["UpBlock2D", "CrossAttnUpBlock2D"], "block_out_channels": [32, 64], "layers_per_block": 1,
+           "cross_attention_dim": 32, "attention_head_dim": 8, "norm_num_groups": 32, "sample_size": 8}  # fmt: skip
+    config = BrushNetModel.config_from_unet(old)
+    assert config["resnet_time_scale_shift"] == "default" and config["transformer_layers_per_block"] == 1
+    BrushNetModel(**config)  # builds
+
+
 def test_a_folder_without_a_config_is_named_in_plain_words(tiny_models, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError) as info:

@@ -13,7 +13,10 @@ those of the original implementation (see ``tests/fixtures/manifests``).
 
 from __future__ import annotations
 
+import inspect
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -321,12 +324,21 @@ class BrushNetModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
         offline, a hub id not in the cache are each a one-line :class:`~brushnet.errors.CheckpointError`
         (:func:`brushnet.loading.check_brushnet_source`) instead of a multi-line diffusers error or, for a UNet
         folder, a branch of random weights."""
-        from ..loading import check_brushnet_source
+        from ..loading import _is_local, check_brushnet_source
+        from ..model_files import check_model_folder
 
         hub = {
             k: kwargs[k] for k in ("cache_dir", "revision", "local_files_only") if kwargs.get(k) is not None
         }
         check_brushnet_source(pretrained_model_name_or_path, kwargs.get("subfolder"), **hub)
+        if _is_local(pretrained_model_name_or_path):
+            # "~/branch" passes the check (it expands the path); diffusers does not expand it
+            pretrained_model_name_or_path = os.path.expanduser(str(pretrained_model_name_or_path))
+            # a weight file missing some of the branch's weights would load them as random (or meta) tensors
+            # with only diffusers' warning; pickle files are diffusers' to read (their names are not checked)
+            folder = Path(pretrained_model_name_or_path) / (kwargs.get("subfolder") or "")
+            names = ("BrushNetModel", cls.__name__)  # a subclass loads a BrushNetModel folder
+            check_model_folder(folder, cls, expected=names, allow_pickle=True, variant=kwargs.get("variant"))
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @staticmethod
@@ -339,8 +351,19 @@ class BrushNetModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
             cross_attention: keep the UNet's cross-attention block types (PowerPaint v2's branch).
         """
 
+        defaults = {}
+        if isinstance(
+            unet_config, dict
+        ):  # a config.json of an older diffusers lacks later keys: their defaults
+            from diffusers import UNet2DConditionModel
+
+            parameters = inspect.signature(UNet2DConditionModel.__init__).parameters.values()
+            defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+
         def get(key):
-            return unet_config.get(key) if isinstance(unet_config, dict) else getattr(unet_config, key)
+            if isinstance(unet_config, dict):
+                return unet_config.get(key, defaults.get(key))
+            return getattr(unet_config, key)
 
         def block(block_type: str, kind: str) -> str:
             if cross_attention:
