@@ -119,3 +119,38 @@ def test_offline_without_a_config_the_error_is_the_only_line(exported, tmp_path,
         with pytest.raises(CheckpointError, match="pass --base-config with a local diffusers folder"):
             load_base_components(exported[1])
     assert not [m for m in messages if "Attempting to download" in m]
+
+
+def test_convert_keeps_an_fp16_folder_fp16_and_refuses_other_folders_in_one_line(
+    tiny_models, tmp_path, capsys
+):
+    """An fp16 base came out mixed (UNet and VAE upcast to float32, the text encoder float16: twice the size);
+    a branch folder or a missing one ended in a traceback."""
+    import shutil
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors import safe_open
+    from transformers import CLIPTextModel
+
+    from brushnet.convert import main
+
+    half = tmp_path / "half"
+    shutil.copytree(tiny_models["base"], half)
+    for cls, part in (
+        (UNet2DConditionModel, "unet"),
+        (AutoencoderKL, "vae"),
+        (CLIPTextModel, "text_encoder"),
+    ):
+        cls.from_pretrained(tiny_models["base"], subfolder=part).half().save_pretrained(half / part)
+    out = save_single_file(half, tmp_path / "half.safetensors")
+    with safe_open(str(out), "pt") as f:
+        assert {f.get_slice(key).get_dtype() for key in f.keys()} == {"F16"}
+    capsys.readouterr()  # the loaders' progress bars above
+    for folder, message in (
+        (tiny_models["brushnet"], "holds a BrushNetModel: it lacks unet/, vae/, text_encoder/"),
+        (tmp_path / "nope", "base folder not found"),
+    ):
+        with pytest.raises(SystemExit) as info:
+            main([str(folder), str(tmp_path / "x.safetensors")])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and err.count("\n") == 1 and message in err, err

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -214,14 +215,20 @@ def save_single_file(
     folder, path = Path(folder), Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"output must be a .safetensors file, got {path.name}")
+    _check_base_folder(folder)
+    stored = dtype or _stored_dtype(
+        folder / "unet"
+    )  # None: each part as the folder stores it (fp16 stays fp16)
     state = {}
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=stored)
     state.update(unet_to_ldm(unet))
-    state.update(vae_to_ldm(AutoencoderKL.from_pretrained(folder, subfolder="vae")))
-    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
+    state.update(vae_to_ldm(AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=stored)))
+    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=stored)
     if unet.config.addition_embed_type == "text_time":  # SDXL
         state.update(text_encoder_to_ldm(text_encoder, "conditioner.embedders.0.transformer."))
-        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2")
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+            folder, subfolder="text_encoder_2", torch_dtype=stored
+        )
         state.update(open_clip_text_encoder_to_ldm(text_encoder_2))
     else:
         state.update(text_encoder_to_ldm(text_encoder))
@@ -237,13 +244,54 @@ def save_single_file(
     return path
 
 
+def _check_base_folder(folder: Path) -> None:
+    """A diffusers base folder (``unet/``, ``vae/``, ``text_encoder/``), or a one-line error naming what it is."""
+    from .errors import CheckpointError
+    from .loading import describe_folder
+
+    if not folder.exists():
+        raise CheckpointError(f"base folder not found: {folder}")
+    if not folder.is_dir():
+        raise CheckpointError(
+            f"{folder} is a file; give a diffusers base folder (unet/, vae/, text_encoder/)"
+        )
+    missing = [
+        part for part in ("unet", "vae", "text_encoder") if not (folder / part / "config.json").is_file()
+    ]
+    if missing:
+        kind = describe_folder(folder)
+        what = f"holds a {kind}" if kind not in ("", "unknown") else "is not a diffusers base folder"
+        raise CheckpointError(f"{folder} {what}: it lacks {', '.join(p + '/' for p in missing)}")
+
+
+def _stored_dtype(folder: Path) -> torch.dtype | None:
+    """The dtype of the first floating tensor in a model folder's safetensors weights (None if unknown)."""
+    from safetensors import safe_open
+
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():
+                tensor = f.get_slice(key)
+                name = tensor.get_dtype()
+                dtypes = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+                if name in dtypes:
+                    return dtypes[name]
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
+    from .errors import InputError, first_line
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", help="diffusers SD1.5- or SDXL-layout base folder")
     parser.add_argument("output", help="the .safetensors file to write")
     parser.add_argument("--fp16", action="store_true", help="store floating tensors as float16")
     args = parser.parse_args(argv)
-    out = save_single_file(args.folder, args.output, torch.float16 if args.fp16 else None)
+    try:
+        out = save_single_file(args.folder, args.output, torch.float16 if args.fp16 else None)
+    except (InputError, ValueError, OSError) as exc:  # CheckpointError is an InputError
+        print(f"error: {first_line(exc)}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(out)
 
 
