@@ -79,7 +79,11 @@ class PowerPaintFiles:
 
 
 def _weights(folder: Path) -> list[Path]:
-    return sorted(folder.glob("diffusion_pytorch_model*.safetensors"))
+    """The branch's safetensors files, the full-precision one first (``sorted`` alone put ``….fp16.safetensors``
+    ahead of ``….safetensors``, so a folder holding both loaded the fp16 copy)."""
+    return sorted(
+        folder.glob("diffusion_pytorch_model*.safetensors"), key=lambda p: (".fp16." in p.name, p.name)
+    )
 
 
 def _is_plain_brushnet(folder: Path) -> bool:

@@ -239,6 +239,24 @@ class _NotATensor:
     pass
 
 
+def test_a_released_layout_with_an_fp16_copy_loads_the_full_precision_weights(tmp_path):
+    """``sorted`` put ``diffusion_pytorch_model.fp16.safetensors`` first: a folder holding both loaded the copy."""
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path / "ppt-v2"
+    shutil.copytree(POWERPAINT / "v2" / "ppt-v2", root)
+    branch_dir = root / "PowerPaint_Brushnet"
+    (branch_dir / "config.json").unlink()  # as released: the branch is built from the base's UNet
+    full = load_file(branch_dir / "diffusion_pytorch_model.safetensors")
+    save_file(
+        {k: torch.zeros_like(v).half() for k, v in full.items()},
+        branch_dir / "diffusion_pytorch_model.fp16.safetensors",
+    )
+    pipe, _ = load_powerpaint_pipeline(root, root / "realisticVisionV60B1_v51VAE")
+    loaded = pipe.brushnet.state_dict()
+    assert all(torch.equal(loaded[k].float(), full[k].float()) for k in full)
+
+
 def test_the_released_bin_runs_no_pickled_code(tmp_path):
     """``pytorch_model.bin`` is read with ``torch.load(weights_only=True)``: a file holding anything but tensors
     is refused (one line naming --allow-pickle) before any of its objects is built."""
