@@ -234,6 +234,13 @@ def test_a_hub_id_offline_says_so_at_once(tmp_path, monkeypatch):
     assert time.perf_counter() - start < 10
     with pytest.raises(CheckpointError, match="not in the local cache"):
         load_brushnet("someone/branch")
+    from brushnet.models.brushnet import BrushNetModel
+
+    mine = tmp_path / "my-cache"
+    with pytest.raises(
+        CheckpointError, match=f"not in the local cache \\({mine}\\)"
+    ):  # the cache it looked in
+        BrushNetModel.from_pretrained("someone/branch", cache_dir=str(mine))
 
 
 def test_a_misspelt_folder_under_a_local_folder_is_not_found_not_a_hub_id(tiny_models, monkeypatch):

@@ -299,11 +299,12 @@ def _cached(repo_id: str, filename: str, hub_kwargs: dict | None = None) -> bool
         return False
 
 
-def _offline_message(what: str, repo_id: str, reason: str) -> str:
+def _offline_message(what: str, repo_id: str, reason: str, cache_dir: str | os.PathLike | None = None) -> str:
     from huggingface_hub import constants
 
     return (
-        f"cannot load {what} {repo_id!r}: {reason} and it is not in the local cache ({constants.HF_HUB_CACHE}); "
+        f"cannot load {what} {repo_id!r}: {reason} and it is not in the local cache "
+        f"({cache_dir or constants.HF_HUB_CACHE}); "
         "pass a local folder instead (a diffusers folder: model_index.json, unet/, vae/, ... for a base; "
         "config.json + weights for a model), or download it once where the hub can be reached"
     )
@@ -331,11 +332,14 @@ def _check_hub_reachable(
     names = (filenames,) if isinstance(filenames, str) else filenames
     if any(_cached(repo_id, name, hub_kwargs) for name in names):
         return
+    cache_dir = (hub_kwargs or {}).get("cache_dir")
     if constants.HF_HUB_OFFLINE or (hub_kwargs or {}).get("local_files_only"):
-        raise CheckpointError(_offline_message(what, repo_id, "offline mode is on (HF_HUB_OFFLINE=1)"))
+        raise CheckpointError(
+            _offline_message(what, repo_id, "offline mode is on (HF_HUB_OFFLINE=1)", cache_dir)
+        )
     if not _hub_answers():
         raise CheckpointError(
-            _offline_message(what, repo_id, f"the hub ({constants.ENDPOINT}) is unreachable")
+            _offline_message(what, repo_id, f"the hub ({constants.ENDPOINT}) is unreachable", cache_dir)
         )
 
 
