@@ -83,6 +83,10 @@ def test_folder_set(tmp_path):
     assert (item.id, item.prompt, item.caption, item.metadata) == ("a", "a dog", "a dog", {"source": "x"})
     np.testing.assert_array_equal(item.mask, mask > 0)
     np.testing.assert_array_equal(load_dataset(tmp_path, "folder", "outside")[0].mask, mask == 0)
+    # a.jpg and a.png would share the id "a", and with it their outputs and rows
+    Image.new("RGB", (16, 8), "blue").save(tmp_path / "images" / "a.png")
+    with pytest.raises(InputError, match="a.jpg and a.png have the same id 'a'"):
+        load_dataset(tmp_path, "folder")
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path):

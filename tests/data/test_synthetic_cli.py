@@ -65,3 +65,22 @@ def test_cli_import_is_light_and_package_exports_lazily():
         "assert data.MaskConfig().mode == 'segmentation' and callable(data.BrushDataStream)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_synthetic_captions_name_the_visible_objects_with_their_articles():
+    """A shape drawn over completely stayed in the caption (7 of 300 samples at 32x32 named more objects than
+    they had masks), and every phrase began "a" ("a orange ellipse")."""
+    import re
+
+    import numpy as np
+
+    from brushnet.data.synthetic import _render_sample
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        _, caption, masks = _render_sample(32, 32, rng)
+        objects, background = caption.rsplit(" on ", 1)
+        assert len(objects.split(", ")) == len(masks), caption
+        for phrase in [*objects.split(", "), background]:
+            article, word = phrase.split()[:2]
+            assert article == ("an" if re.match("[aeiou]", word) else "a"), caption

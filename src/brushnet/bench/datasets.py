@@ -193,10 +193,17 @@ def _load_folder(path: Path) -> list[_Entry]:
     else:
         logger.info("folder set %s has no captions.jsonl: prompts are empty", path)
     entries = []
+    seen: dict[str, str] = {}
     for image_path in sorted(images_dir.iterdir()):
         if image_path.suffix.lower() not in _IMAGE_SUFFIXES:
             continue
         stem = image_path.stem
+        if stem in seen:  # the id names the outputs and rows: two items would share them
+            raise InputError(
+                f"folder set: {seen[stem]} and {image_path.name} have the same id {stem!r} (the file name without "
+                "its suffix); rename one"
+            )
+        seen[stem] = image_path.name
         mask_path = masks_dir / f"{stem}.png"
         if not mask_path.is_file():
             raise InputError(f"folder set: image {image_path.name} has no mask {mask_path}")

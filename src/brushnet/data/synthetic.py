@@ -85,12 +85,17 @@ def _render_sample(
         box = (left, top, left + box_width - 1, top + box_height - 1)
         getattr(draw, shape)(box, fill=_COLOURS[colour])
         getattr(draw_labels, shape)(box, fill=index + 1)
-        phrases.append(f"a {colour} {shape}")
+        phrases.append(f"{_article(colour)} {colour} {shape}")
     label_array = np.asarray(labels)
     masks = [label_array == index + 1 for index in range(num_objects)]
-    visible = [mask for mask in masks if mask.any()]
-    caption = f"{', '.join(phrases)} on a {background} background"
-    return image, caption, visible
+    # an object drawn over completely is neither in the masks nor in the caption
+    shown = [index for index, mask in enumerate(masks) if mask.any()]
+    caption = f"{', '.join(phrases[i] for i in shown)} on {_article(background)} {background} background"
+    return image, caption, [masks[i] for i in shown]
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
 
 
 def _encode_image(image: Image.Image, image_format: str) -> bytes:
