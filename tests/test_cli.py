@@ -24,6 +24,11 @@ def files(tmp_path_factory):
     return root
 
 
+def _io(files, output):
+    """``-i``/``-m``/``-o`` for the module's image and mask, writing ``output``."""
+    return ["-i", str(files / "img.png"), "-m", str(files / "mask.png"), "-o", str(output)]
+
+
 def run(tiny_models, files, *extra):
     args = ["inpaint", "--base", str(tiny_models["base"]), "--brushnet", str(tiny_models["brushnet"])]
     args += ["-i", str(files / "img.png"), "--steps", "2", "-q", *extra]
@@ -84,21 +89,13 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_models, files, tmp_path, 
 
 def test_wrong_checkpoint_kind(tiny_models, files, tmp_path):
     args = ["inpaint", "--base", str(tiny_models["base"]), "--brushnet", str(tiny_models["base"] / "unet")]
-    args += ["-i", str(files / "img.png"), "-m", str(files / "mask.png"), "-o", str(tmp_path / "o.png")]
+    args += _io(files, tmp_path / "o.png")
     result = runner.invoke(app, args)
     assert result.exit_code == 2 and "not a BrushNetModel" in result.output
 
 
 def test_missing_model_flag(files, tmp_path):
-    args = [
-        "inpaint",
-        "-i",
-        str(files / "img.png"),
-        "-m",
-        str(files / "mask.png"),
-        "-o",
-        str(tmp_path / "o.png"),
-    ]
+    args = ["inpaint", *_io(files, tmp_path / "o.png")]
     result = runner.invoke(app, args)
     assert result.exit_code == 2 and "--base" in result.output
 
@@ -224,7 +221,7 @@ def test_compare_takes_the_whole_set_of_model_flags(tiny_models, files, tmp_path
     # --brushnet is read by brushnet, not by repaint: fine, each method gets the flags it reads
     args = ["compare", "--methods", "brushnet,repaint", "--base", str(tiny_models["base"])]
     args += ["--brushnet", str(tiny_models["brushnet"])]
-    args += ["-i", str(files / "img.png"), "-m", str(files / "mask.png"), "-o", str(tmp_path / "g.png")]
+    args += _io(files, tmp_path / "g.png")
     result = runner.invoke(app, [*args, "--steps", "1", "-q"])
     assert result.exit_code == 0, result.output
 
@@ -244,7 +241,7 @@ def test_compare_checks_every_methods_models_before_loading(files, tmp_path, met
     """compare loaded (and ran) the methods it could, wrote a grid with a grey tile for one missing its model
     and exited 1; a flag no listed method reads was silently dropped (exit 0)."""
     args = ["compare", "--methods", methods, "--base", str(tmp_path / "no-base"), *extra]
-    args += ["-i", str(files / "img.png"), "-m", str(files / "mask.png"), "-o", str(tmp_path / "g.png")]
+    args += _io(files, tmp_path / "g.png")
     _one_error_line(runner.invoke(app, [*args, "--steps", "1", "-q"]), message)
     assert list(tmp_path.iterdir()) == []
 
@@ -294,15 +291,7 @@ def test_serve_help_says_how_a_guide_controlnet_gets_its_control_image():
 def test_scale_and_the_option_it_stands_for_must_agree(files, tmp_path):
     """``--scale`` is shorthand for ``--option conditioning_scale=N``: both given with other values is refused
     (the shorthand won, silently); the same value twice passes the check (it then fails on the missing models)."""
-    args = [
-        "inpaint",
-        "-i",
-        str(files / "img.png"),
-        "-m",
-        str(files / "mask.png"),
-        "-o",
-        str(tmp_path / "o.png"),
-    ]
+    args = ["inpaint", *_io(files, tmp_path / "o.png")]
     args += ["--base", str(tmp_path / "no-base"), "--brushnet", str(tmp_path / "no-brushnet")]
     result = runner.invoke(app, [*args, "--scale", "0.5", "--option", "conditioning_scale=0.8"])
     _one_error_line(result, "--scale 0.5 and --option conditioning_scale=0.8 disagree; give one of them")
