@@ -268,12 +268,11 @@ def _stored_dtype(folder: Path) -> torch.dtype | None:
     """The dtype of the first floating tensor in a model folder's safetensors weights (None if unknown)."""
     from safetensors import safe_open
 
+    dtypes = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
     for file in sorted(folder.glob("*.safetensors")):
         with safe_open(str(file), "pt") as f:
             for key in f.keys():
-                tensor = f.get_slice(key)
-                name = tensor.get_dtype()
-                dtypes = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+                name = f.get_slice(key).get_dtype()
                 if name in dtypes:
                     return dtypes[name]
     return None

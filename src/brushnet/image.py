@@ -30,6 +30,7 @@ __all__ = [
     "load_image",
     "open_image",
     "oriented",
+    "exif_orientation",
     "may_be_transparent",
     "load_mask",
     "mask_to_array",
@@ -110,11 +111,16 @@ def _open(path: str | os.PathLike, what: str, max_pixels: int | None = None) -> 
         raise InputError(f"{what} file is not a readable image: {path} ({exc.__class__.__name__})") from None
 
 
-def _has_orientation(img: Image.Image) -> bool:
+def exif_orientation(img: Image.Image) -> int:
+    """``img``'s EXIF orientation tag (1, upright, when it has none or its EXIF block is broken)."""
     try:
-        return img.getexif().get(0x0112, 1) not in (1, None)
+        return img.getexif().get(0x0112) or 1
     except Exception:  # noqa: BLE001 - a broken EXIF block is no orientation
-        return False
+        return 1
+
+
+def _has_orientation(img: Image.Image) -> bool:
+    return exif_orientation(img) != 1
 
 
 def may_be_transparent(img: Image.Image) -> bool:

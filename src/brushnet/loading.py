@@ -406,6 +406,13 @@ def brushnet_folder(
     return folder
 
 
+def has_cross_attention(config: dict) -> bool:
+    """Whether a branch config (a ``config.json`` dict) has cross-attention blocks: PowerPaint's branch does,
+    BrushNet's (which reads no text) does not."""
+    blocks = [*(config.get("down_block_types") or []), str(config.get("mid_block_type") or "")]
+    return any("CrossAttn" in str(block) for block in blocks)
+
+
 def refuse_cross_attention_branch(folder: Path) -> None:
     """A branch folder whose config has cross-attention blocks is PowerPaint's (it reads PowerPaint's task-word
     text encoder), not a BrushNet one, which reads no text: loaded as ``--brushnet`` it would read the user's
@@ -418,10 +425,7 @@ def refuse_cross_attention_branch(folder: Path) -> None:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return  # refused where the config is read, with its own message
-    if not isinstance(config, dict):
-        return
-    blocks = [*(config.get("down_block_types") or []), str(config.get("mid_block_type") or "")]
-    if any("CrossAttn" in str(block) for block in blocks):
+    if isinstance(config, dict) and has_cross_attention(config):
         root = folder.parent if folder.name == "PowerPaint_Brushnet" else folder
         raise CheckpointError(
             f"{folder} is a PowerPaint branch (a BrushNetModel with cross-attention, read with PowerPaint's "

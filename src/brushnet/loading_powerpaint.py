@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError, first_line
-from .loading import load_base_components, resolve_dtype
+from .loading import fp16_only_variant, has_cross_attention, load_base_components, resolve_dtype
 
 __all__ = [
     "PowerPaintFiles",
@@ -99,9 +99,7 @@ def _is_plain_brushnet(folder: Path) -> bool:
         return False
     if not isinstance(config, dict) or config.get("_class_name") != "BrushNetModel":
         return False
-    blocks = [*(config.get("down_block_types") or []), str(config.get("mid_block_type") or "")]
-    cross_attention = any("CrossAttn" in str(block) for block in blocks)
-    return not cross_attention or folder.name != BRANCH_FOLDER
+    return not has_cross_attention(config) or folder.name != BRANCH_FOLDER
 
 
 def find_powerpaint(path: str | os.PathLike) -> PowerPaintFiles:
@@ -265,7 +263,7 @@ def _v2_branch(files: PowerPaintFiles, unet):
 
     folder = files.model
     if (folder / "config.json").is_file():
-        variant = None if (folder / "diffusion_pytorch_model.safetensors").is_file() else "fp16"
+        variant = fp16_only_variant(folder)
         try:
             branch = BrushNetModel.from_pretrained(folder, torch_dtype=torch.float32, variant=variant)
         except (OSError, ValueError) as exc:

@@ -284,23 +284,36 @@ def _first_difference(
     return None
 
 
+def _sha256(file: Path, known: dict[Path, str] | None = None) -> str:
+    """The SHA-256 of ``file``'s bytes, read once per batch run when ``known`` holds the ones computed so far."""
+    import hashlib
+
+    if known is not None and file in known:
+        return known[file]
+    digest = hashlib.sha256(file.read_bytes()).hexdigest()
+    if known is not None:
+        known[file] = digest
+    return digest
+
+
 def _input_record(image: Path, mask: Path) -> dict[str, str]:
     """What a batch result's sidecar records of its inputs: their paths and the SHA-256 of their bytes, so that a
     resumed run can tell a result of these inputs from one of other files with the same stems."""
-    import hashlib
+    return {
+        "image": str(image),
+        "mask": str(mask),
+        "image_sha256": _sha256(image),
+        "mask_sha256": _sha256(mask),
+    }
 
-    record = {"image": str(image), "mask": str(mask)}
-    for name, file in (("image", image), ("mask", mask)):
-        record[f"{name}_sha256"] = hashlib.sha256(file.read_bytes()).hexdigest()
-    return record
 
-
-def _other_input(record: dict[str, Any], image: Path, mask: Path | None) -> tuple[str, str] | None:
+def _other_input(
+    record: dict[str, Any], image: Path, mask: Path | None, known: dict[Path, str] | None = None
+) -> tuple[str, str] | None:
     """``(flag, file)`` of the first input of this run that differs from the one a previous result's ``record``
     was made from (by content where the sidecar records its hash, else by path); None when they are the same or
-    the record has none (an older sidecar)."""
-    import hashlib
-
+    the record has none (an older sidecar). ``known``: the digests computed so far in this run (a mask shared by
+    every image, or an image with several outputs, is read once)."""
     inputs = record.get("inputs")
     if not isinstance(inputs, dict):
         return None
@@ -310,7 +323,7 @@ def _other_input(record: dict[str, Any], image: Path, mask: Path | None) -> tupl
         digest = inputs.get(f"{name}_sha256")
         try:
             if digest is not None:
-                same = hashlib.sha256(file.read_bytes()).hexdigest() == digest
+                same = _sha256(file, known) == digest
             elif inputs.get(name) is not None:
                 same = Path(inputs[name]).resolve() == file.resolve()
             else:
@@ -419,6 +432,7 @@ def batch_command(
     # resume: an image whose outputs all exist is done, if its sidecars record this run's settings
     used = {k: v for k, v in ModelPaths(**models).used_by(cls).items() if k != "allow_pickle"}
     pending: list[Path] = []
+    digests: dict[Path, str] = {}
     for path in files:
         if overwrite or not all(t.is_file() and t.with_suffix(".json").is_file() for t in targets[path]):
             pending.append(path)
@@ -436,7 +450,7 @@ def batch_command(
                     f"{target} was made with other settings: {flag} {before!r} (this run: {now!r}); pass "
                     "--overwrite to redo it, or choose another --output"
                 )
-            other = _other_input(record, path, _find_mask(masks, path.stem))
+            other = _other_input(record, path, _find_mask(masks, path.stem), digests)
             if other is not None:
                 flag, now = other
                 fail(

@@ -26,6 +26,7 @@ from PIL import Image
 from ..errors import InputError
 from ..image import (
     DEFAULT_MAX_PIXELS,
+    exif_orientation,
     load_image,
     load_mask,
     may_be_transparent,
@@ -78,16 +79,16 @@ def _warn_if_orientation_is_ambiguous(image: Any, mask: Any) -> None:
     on a square image the sizes agree, so this says it here."""
     if not isinstance(mask, (np.ndarray, torch.Tensor)):
         return
-    orientation = None
-    try:
-        if isinstance(image, Image.Image):
-            orientation = image.getexif().get(0x0112)
-        elif isinstance(image, (str, os.PathLike)):
+    orientation = 1
+    if isinstance(image, Image.Image):
+        orientation = exif_orientation(image)
+    elif isinstance(image, (str, os.PathLike)):
+        try:
             with Image.open(image) as stored:  # the header only
-                orientation = stored.getexif().get(0x0112)
-    except Exception:  # noqa: BLE001 - unreadable EXIF: no orientation (the image itself is checked elsewhere)
-        return
-    if orientation not in (None, 1):
+                orientation = exif_orientation(stored)
+        except Exception:  # noqa: BLE001 - an unreadable file is refused where the image is read
+            return
+    if orientation != 1:
         logger.warning(
             "the image has EXIF orientation %s and is used upright, as viewers show it; the %s mask is taken "
             "as upright too: if it was made from the stored pixels (np.asarray(Image.open(...))), make it "

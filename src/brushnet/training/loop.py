@@ -205,13 +205,13 @@ def run_seed(config: TrainConfig, resume_path: Path | None) -> int:
     ``train_config.yaml``: the data order, masks and crops of the interrupted run follow from it), else a new
     one. An explicit seed other than the checkpoint's is a warning: the resumed run then reads other data than
     the interrupted one would have."""
-    import yaml
+    from .config import ConfigError, load_config_file
 
     recorded = None
     if resume_path is not None:
         try:
-            recorded = yaml.safe_load((resume_path / CONFIG_FILE).read_text()).get("seed")
-        except (OSError, yaml.YAMLError, AttributeError):
+            recorded = load_config_file(resume_path / CONFIG_FILE).get("seed")
+        except ConfigError:  # an unreadable record: no seed to continue with
             recorded = None
         if not isinstance(recorded, int) or isinstance(recorded, bool):
             recorded = None
