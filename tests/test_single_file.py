@@ -154,3 +154,58 @@ def test_convert_keeps_an_fp16_folder_fp16_and_refuses_other_folders_in_one_line
             main([str(folder), str(tmp_path / "x.safetensors")])
         err = capsys.readouterr().err
         assert info.value.code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_convert_reads_an_fp16_only_folder_and_a_chosen_variant(tiny_models, tmp_path, capsys):
+    """A hub snapshot fetched with ``variant="fp16"`` holds only ``*.fp16.safetensors``: the export failed to find
+    weights; ``--variant`` picks one of two, and a variant the folder lacks is refused in one line."""
+    import shutil
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors import safe_open
+    from transformers import CLIPTextModel
+
+    from brushnet.convert import main
+
+    parts = ((UNet2DConditionModel, "unet"), (AutoencoderKL, "vae"), (CLIPTextModel, "text_encoder"))
+    only = tmp_path / "only_fp16"
+    both = tmp_path / "both"
+    shutil.copytree(tiny_models["base"], both)
+    for cls, part in parts:
+        model = cls.from_pretrained(tiny_models["base"], subfolder=part)
+        # distinct values in the variant, so reading the wrong file shows
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.25)
+        model.half().save_pretrained(both / part, variant="fp16")
+        model.save_pretrained(only / part, variant="fp16")
+    for name in ("model_index.json", "scheduler", "tokenizer"):
+        src = tiny_models["base"] / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, only / name)
+    assert not list((only / "unet").glob("diffusion_pytorch_model.safetensors"))
+
+    plain = save_single_file(tiny_models["base"], tmp_path / "plain.safetensors")
+    from_only = save_single_file(only, tmp_path / "only.safetensors")
+    chosen = tmp_path / "chosen.safetensors"
+    main([str(both), str(chosen), "--variant", "fp16"])
+    capsys.readouterr()
+    with (
+        safe_open(str(plain), "pt") as a,
+        safe_open(str(from_only), "pt") as b,
+        safe_open(str(chosen), "pt") as c,
+    ):
+        assert set(a.keys()) == set(b.keys()) == set(c.keys())
+        key = "model.diffusion_model.out.2.weight"
+        assert {b.get_slice(k).get_dtype() for k in b.keys()} == {"F16"}
+        torch.testing.assert_close(b.get_tensor(key).float(), a.get_tensor(key) + 0.25, rtol=0, atol=2e-3)
+        torch.testing.assert_close(c.get_tensor(key), b.get_tensor(key), rtol=0, atol=0)
+    # without --variant the folder with both reads its plain weights
+    assert save_single_file(both, tmp_path / "both.safetensors").read_bytes() == plain.read_bytes()
+    capsys.readouterr()  # the loaders' progress bars above
+
+    with pytest.raises(SystemExit) as info:
+        main([str(only), str(tmp_path / "x.safetensors"), "--variant", "bf16"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1, err
+    assert "has no 'bf16' variant of its weights (it holds: fp16)" in err
+    assert not (tmp_path / "x.safetensors").exists()

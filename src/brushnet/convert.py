@@ -196,7 +196,10 @@ def open_clip_text_encoder_to_ldm(
 
 
 def save_single_file(
-    folder: str | os.PathLike, path: str | os.PathLike, dtype: torch.dtype | None = None
+    folder: str | os.PathLike,
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    variant: str | None = None,
 ) -> Path:
     """Write the UNet, VAE and text encoder of a diffusers base folder as one original-layout file.
 
@@ -204,6 +207,9 @@ def save_single_file(
         folder: a diffusers SD1.5- or SDXL-layout base model folder (SDXL: + ``text_encoder_2``).
         path: the ``.safetensors`` file to write (atomically).
         dtype: cast floating tensors (e.g. ``torch.float16``); None keeps them.
+        variant: read the weights of this variant (``"fp16"``: ``*.fp16.safetensors``). None: each part's plain
+            weights, or its only variant where a part holds nothing else (a hub snapshot fetched with
+            ``variant="fp16"``).
 
     Returns:
         The written path.
@@ -216,19 +222,21 @@ def save_single_file(
     if path.suffix != ".safetensors":
         raise ValueError(f"output must be a .safetensors file, got {path.name}")
     _check_base_folder(folder)
-    stored = dtype or _stored_dtype(
-        folder / "unet"
-    )  # None: each part as the folder stores it (fp16 stays fp16)
+    variants = {part: _part_variant(folder / part, variant) for part in _PARTS}
+    # None: each part as the folder stores it (fp16 stays fp16)
+    stored = dtype or _stored_dtype(folder / "unet", variants["unet"])
+
+    def load(cls, part):
+        return cls.from_pretrained(folder, subfolder=part, torch_dtype=stored, variant=variants[part])
+
     state = {}
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=stored)
+    unet = load(UNet2DConditionModel, "unet")
     state.update(unet_to_ldm(unet))
-    state.update(vae_to_ldm(AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=stored)))
-    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=stored)
+    state.update(vae_to_ldm(load(AutoencoderKL, "vae")))
+    text_encoder = load(CLIPTextModel, "text_encoder")
     if unet.config.addition_embed_type == "text_time":  # SDXL
         state.update(text_encoder_to_ldm(text_encoder, "conditioner.embedders.0.transformer."))
-        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
-            folder, subfolder="text_encoder_2", torch_dtype=stored
-        )
+        text_encoder_2 = load(CLIPTextModelWithProjection, "text_encoder_2")
         state.update(open_clip_text_encoder_to_ldm(text_encoder_2))
     else:
         state.update(text_encoder_to_ldm(text_encoder))
@@ -264,12 +272,70 @@ def _check_base_folder(folder: Path) -> None:
         raise CheckpointError(f"{folder} {what}: it lacks {', '.join(p + '/' for p in missing)}")
 
 
-def _stored_dtype(folder: Path) -> torch.dtype | None:
-    """The dtype of the first floating tensor in a model folder's safetensors weights (None if unknown)."""
+_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+_WEIGHT_STEMS = (
+    "diffusion_pytorch_model",
+    "model",
+    "pytorch_model",
+)  # diffusers' and transformers' file names
+
+
+def _file_variant(name: str) -> tuple[bool, str | None]:
+    """``(is a weights file, its variant)`` for a file name: ``model.safetensors`` -> ``(True, None)``,
+    ``diffusion_pytorch_model.fp16.safetensors`` (or a shard of it, ``...fp16-00001-of-00002.safetensors``, or
+    its ``.index.json``) -> ``(True, "fp16")``; anything else -> ``(False, None)``."""
+    import re
+
+    name = name.removesuffix(".index.json")
+    for ext in (".safetensors", ".bin"):
+        if name.endswith(ext):
+            name = re.sub(r"-\d+-of-\d+$", "", name[: -len(ext)])
+            stem, _, variant = name.partition(".")
+            if stem in _WEIGHT_STEMS and "." not in variant:
+                return True, variant or None
+    return False, None
+
+
+def _variants_of(part: Path) -> set[str | None]:
+    """The weight variants a model folder holds: None for the plain files, ``"fp16"`` for ``*.fp16.*`` ones."""
+    found: set[str | None] = set()
+    for file in sorted(part.iterdir()) if part.is_dir() else ():
+        weights, variant = _file_variant(file.name)
+        if weights:
+            found.add(variant)
+    return found
+
+
+def _part_variant(part: Path, variant: str | None) -> str | None:
+    """The variant to read ``part`` with: ``variant`` when given (refused in one line if the part lacks it), else
+    None when the plain weights are there, else the part's only variant."""
+    from .errors import CheckpointError
+
+    if not part.is_dir():
+        return variant
+    found = _variants_of(part)
+    if variant is not None:
+        if variant not in found:
+            held = ", ".join(sorted("plain" if v is None else v for v in found)) or "no weights"
+            raise CheckpointError(f"{part} has no {variant!r} variant of its weights (it holds: {held})")
+        return variant
+    if None in found or not found:
+        return None
+    if len(found) == 1:
+        return next(iter(found))
+    raise CheckpointError(
+        f"{part} holds only variants of its weights ({', '.join(sorted(found))}): pass --variant NAME"
+    )
+
+
+def _stored_dtype(folder: Path, variant: str | None = None) -> torch.dtype | None:
+    """The dtype of the first floating tensor in a model folder's safetensors weights of ``variant`` (None if
+    unknown)."""
     from safetensors import safe_open
 
     dtypes = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
-    for file in sorted(folder.glob("*.safetensors")):
+    files = [f for f in sorted(folder.glob("*.safetensors")) if _file_variant(f.name) == (True, variant)]
+    for file in files:
         with safe_open(str(file), "pt") as f:
             for key in f.keys():
                 name = f.get_slice(key).get_dtype()
@@ -285,9 +351,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("folder", help="diffusers SD1.5- or SDXL-layout base folder")
     parser.add_argument("output", help="the .safetensors file to write")
     parser.add_argument("--fp16", action="store_true", help="store floating tensors as float16")
+    parser.add_argument(
+        "--variant",
+        help="read this variant of the weights (fp16: *.fp16.safetensors); default: the plain weights, or a "
+        "part's only variant",
+    )
     args = parser.parse_args(argv)
     try:
-        out = save_single_file(args.folder, args.output, torch.float16 if args.fp16 else None)
+        out = save_single_file(args.folder, args.output, torch.float16 if args.fp16 else None, args.variant)
     except (InputError, ValueError, OSError) as exc:  # CheckpointError is an InputError
         print(f"error: {first_line(exc)}", file=sys.stderr)
         raise SystemExit(2) from None
