@@ -195,3 +195,48 @@ def test_the_pixel_limit_help_names_the_default_limit():
 
     side = math.isqrt(DEFAULT_MAX_PIXELS)
     assert side * side == DEFAULT_MAX_PIXELS and f"default {side} x {side}" in MAX_PIXELS_HELP
+
+
+def _all_commands(group: click.Group, path=()):
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from _all_commands(command, (*path, name))
+        elif command.add_help_option:  # `train` hands --help to its own parser
+            yield (*path, name), command
+
+
+@pytest.mark.parametrize("columns", ["80", "100", "300"])
+def test_help_shows_every_flag_whole_at_any_width(columns):
+    """At 80 columns typer's rich panels cut long flag names (``--image-reward-toke…``, ``--guidance,--guidanc…``):
+    a command whose panels would cut anything prints click's plain list instead."""
+    for path, command in _all_commands(typer.main.get_command(app)):
+        result = runner.invoke(app, [*path, "--help"], env={"COLUMNS": columns, "TERMINAL_WIDTH": columns})
+        assert result.exit_code == 0, result.output
+        assert "\u2026" not in result.output, f"{' '.join(path)} at {columns} columns:\n{result.output}"
+        for param in command.params:
+            if isinstance(param, click.Option) and not param.hidden:
+                for flag in (*param.opts, *param.secondary_opts):
+                    assert flag in result.output, f"{' '.join(path)} --help at {columns} lacks {flag}"
+    # the panels stay where they fit
+    assert "╭─ Runtime" in _help(("inpaint",))
+
+
+def test_a_second_long_name_is_a_hidden_alias_of_the_same_setting():
+    """``--guidance-scale`` (diffusers' word) sets what ``--guidance`` sets; both with different values is refused."""
+    from brushnet.cli.flags import request_flags
+
+    one = typer.Typer()
+
+    @one.command()
+    @request_flags()
+    def show(request: dict) -> None:
+        print(request["guidance_scale"])
+
+    assert runner.invoke(one, []).output.strip() == "7.5"
+    assert runner.invoke(one, ["--guidance", "3"]).output.strip() == "3.0"
+    assert runner.invoke(one, ["--guidance-scale", "2.5"]).output.strip() == "2.5"
+    assert runner.invoke(one, ["--guidance-scale", "4", "--guidance", "4"]).output.strip() == "4.0"
+    result = runner.invoke(one, ["--guidance", "3", "--guidance-scale", "2.5"])
+    assert result.exit_code == 2 and "--guidance and --guidance-scale are one setting" in result.output
+    text = runner.invoke(one, ["--help"]).output
+    assert "--guidance,--guidance-scale" not in text and "--guidance-scale" in text.split("Also", 1)[1]

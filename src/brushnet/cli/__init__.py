@@ -18,6 +18,7 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import typer  # noqa: E402
+import typer.core  # noqa: E402
 
 from .common import silence_library_noise  # noqa: E402
 
@@ -61,16 +62,42 @@ app.add_typer(data_app, name="data", help="Training data: synthetic shards.")
 app.add_typer(shapes_app, name="shapes", help="The procedural shapes world.")
 
 
+class FittingHelpCommand(typer.core.TyperCommand):
+    """A command whose ``--help`` is typer's rich panels where they fit the terminal, and click's plain list where
+    they would not: on an 80-column terminal rich cut long flag names to ``--image-reward-toke…``, so a user could
+    not read which flag was meant. Whether anything is cut is read from a rendering of the rich help (rich marks
+    every cut with ``…``)."""
+
+    def format_help(self, ctx, formatter) -> None:
+        import contextlib
+        import io
+
+        if self.rich_markup_mode is not None:
+            rendered = io.StringIO()
+            with contextlib.redirect_stdout(rendered):
+                super().format_help(ctx, formatter)
+            if "\u2026" in rendered.getvalue():
+                mode, self.rich_markup_mode = self.rich_markup_mode, None
+                try:
+                    return super().format_help(ctx, formatter)
+                finally:
+                    self.rich_markup_mode = mode
+        return super().format_help(ctx, formatter)
+
+
 def _reflow_help(typer_app: typer.Typer) -> None:
     """Give every command of ``typer_app`` (and of its sub-apps) its docstring with each paragraph's lines joined,
     so the terminal wraps it: typer's rich help keeps a docstring's line breaks after the first paragraph, which
-    leaves orphan words on a terminal narrower than the source."""
+    leaves orphan words on a terminal narrower than the source. Each command's help also falls back to the plain
+    list where the rich panels would cut something (:class:`FittingHelpCommand`)."""
     import inspect
 
     for info in typer_app.registered_commands:
         if info.help is None and info.callback is not None and info.callback.__doc__:
             paragraphs = inspect.cleandoc(info.callback.__doc__).split("\n\n")
             info.help = "\n\n".join(" ".join(p.split()) for p in paragraphs)
+        if info.cls in (None, typer.core.TyperCommand):
+            info.cls = FittingHelpCommand
     for group in typer_app.registered_groups:
         if group.typer_instance is not None:
             _reflow_help(group.typer_instance)

@@ -83,6 +83,10 @@ def request_field_flags(name: str, field) -> list[str]:
     return list(extra.get("cli") or ["--" + name.replace("_", "-")])
 
 
+def _alias_parameter(alias: str) -> str:
+    return "alias_" + alias.lstrip("-").replace("-", "_")
+
+
 def request_flags(
     exclude: Iterable[str] = (),
     defaults: Mapping[str, Any] | None = None,
@@ -108,6 +112,9 @@ def request_flags(
 
     def decorate(func: Callable) -> Callable:
         flags = []
+        alias_of: dict[
+            str, tuple[str, str, str, Any]
+        ] = {}  # parameter -> (field, its flag, the alias, default)
         for name, field in InpaintRequest.model_fields.items():
             if name in exclude:
                 continue
@@ -126,12 +133,35 @@ def request_flags(
             if annotation is bool:
                 long, *short = decls
                 decls = [f"{long}/--no-{long[2:]}" if default else long, *short]
+            else:
+                # a second long name (``--guidance-scale``, diffusers' word) is its own hidden flag: shown beside
+                # the first, typer's help cut both to "--guidance,--guidanc…" on an 80-column terminal
+                aliases = [d for d in decls[1:] if d.startswith("--")]
+                decls = [d for d in decls if d not in aliases]
+                if aliases:
+                    text = f"{text} Also {', '.join(aliases)}."
+                    for alias in aliases:
+                        flags.append(
+                            _Flag(
+                                _alias_parameter(alias),
+                                annotation | None,
+                                typer.Option(None, alias, hidden=True, show_default=False),
+                            )
+                        )
+                        alias_of[_alias_parameter(alias)] = (name, decls[0], alias, default)
             option = typer.Option(
                 default, *decls, help=text, rich_help_panel=panel, show_default=default is not None
             )
             flags.append(_Flag(name, annotation, option))
 
         def collect(values: dict[str, Any]) -> dict[str, Any]:
+            for parameter, (name, flag, alias, default) in alias_of.items():
+                value = values.pop(parameter)
+                if value is None:
+                    continue
+                if values[name] != default and values[name] != value:
+                    raise typer.BadParameter(f"{flag} and {alias} are one setting; give one of them")
+                values[name] = value
             if "options" in values:
                 values["options"] = (
                     list(values["options"] or []) if per_method_options else parse_options(values["options"])
