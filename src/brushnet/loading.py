@@ -38,6 +38,7 @@ __all__ = [
     "load_base_components",
     "brushnet_folder",
     "check_brushnet_source",
+    "is_local_path",
     "check_pipeline_source",
     "load_brushnet",
     "load_model",
@@ -113,7 +114,7 @@ def peek_family(path: str | os.PathLike | None) -> str | None:
     """The family of a local model folder from its config alone (``unet/config.json`` of a pipeline folder, or a
     model folder's ``config.json``), before anything is loaded; ``None`` when it cannot tell (a hub id, a single
     file, an unreadable or foreign config)."""
-    if path is None or not _is_local(path):
+    if path is None or not is_local_path(path):
         return None
     folder = Path(path).expanduser()
     for candidate in (folder / "unet" / "config.json", folder / "config.json"):
@@ -276,7 +277,9 @@ def fp16_only_variant(folder: Path) -> str | None:
     return None
 
 
-def _is_local(path: str | os.PathLike) -> bool:
+def is_local_path(path: str | os.PathLike) -> bool:
+    """Whether ``path`` names a local file or folder (existing, or written as a path: ``./x``, ``/x``, ``~/x``,
+    ``a/b/c``) rather than a hub id (``owner/name``, unless a folder ``owner`` is here)."""
     p = str(path)
     return os.path.exists(p) or p.startswith((".", "/", "~")) or os.sep in p and not _looks_like_hub_id(p)
 
@@ -441,7 +444,7 @@ def check_brushnet_source(path: str | os.PathLike, subfolder: str | None = None,
     Raises:
         CheckpointError: one line, as :func:`load_brushnet`'s.
     """
-    if _is_local(path):
+    if is_local_path(path):
         brushnet_folder(path, subfolder)
     else:
         _check_hub_reachable(
@@ -457,7 +460,7 @@ def check_pipeline_source(path: str | os.PathLike, **hub_kwargs: Any) -> None:
         CheckpointError: one line: a missing path, a file, a folder of one model (naming it), a hub id offline
             and not cached.
     """
-    if not _is_local(path):
+    if not is_local_path(path):
         _check_hub_reachable("pipeline", str(path), "model_index.json", hub_kwargs)
         return
     folder = Path(path).expanduser()
@@ -502,7 +505,7 @@ def load_brushnet(
     from .models.brushnet import BrushNetModel
 
     torch_dtype = resolve_dtype(dtype)
-    if _is_local(path):
+    if is_local_path(path):
         folder = brushnet_folder(path, subfolder, into_pipeline=True)
         refuse_cross_attention_branch(folder)
         if base_config is not None:
@@ -563,7 +566,7 @@ def load_model(
     """
     torch_dtype = resolve_dtype(dtype)
     policy = safetensors_policy(allow_pickle)
-    if _is_local(path):
+    if is_local_path(path):
         folder = Path(path).expanduser() / (subfolder or "")
         if not folder.is_dir():
             problem = "not found" if not folder.exists() else "must be a folder with config.json, got a file"
@@ -621,7 +624,7 @@ def load_base_components(
             without permission, or a model of neither family.
     """
     torch_dtype = resolve_dtype(dtype)
-    if not _is_local(path):
+    if not is_local_path(path):
         _check_hub_reachable("base model", str(path), ("model_index.json", "unet/config.json"), hub_kwargs)
         return _load_components(str(path), torch_dtype, allow_pickle, hub_kwargs)
     p = Path(path).expanduser()
@@ -659,7 +662,7 @@ def _component_classes(source: str, hub_kwargs: dict) -> dict[str, str]:
     """Class names ``model_index.json`` gives the components (empty without one)."""
     from diffusers import DiffusionPipeline
 
-    if _is_local(source) and not (Path(source) / "model_index.json").is_file():
+    if is_local_path(source) and not (Path(source) / "model_index.json").is_file():
         return {}
     try:
         index = DiffusionPipeline.load_config(source, **hub_kwargs)
@@ -686,7 +689,7 @@ def _load_components(source: str, torch_dtype, allow_pickle: bool, hub_kwargs) -
     import transformers
     from diffusers import UNet2DConditionModel
 
-    local = _is_local(source)
+    local = is_local_path(source)
 
     def common_for(part: str) -> dict[str, Any]:
         folder = Path(source).expanduser() / part if local else None
@@ -715,7 +718,7 @@ def _load_components(source: str, torch_dtype, allow_pickle: bool, hub_kwargs) -
                 parts[name] = cls.from_pretrained(source, subfolder=name, **hub_kwargs)
         scheduler_config = diffusers.DDIMScheduler.load_config(source, subfolder="scheduler", **hub_kwargs)
     except OSError as exc:
-        if not _is_local(source):
+        if not is_local_path(source):
             raise _hub_error("base model", source, exc) from None
         raise CheckpointError(f"cannot load base model {source!r}: {first_line(exc)}") from None
     scheduler_cls = (

@@ -173,7 +173,7 @@ def load_method(
         refuse_cross_attention_branch,
         resolve_dtype,
     )
-    from ..loading import _is_local as is_local
+    from ..loading import is_local_path as is_local
     from ..model_files import check_config_types, read_config
 
     resolve_device(device)  # an unknown or absent device, before anything loads

@@ -324,14 +324,14 @@ class BrushNetModel(ModelMixin, AttentionMixin, ConfigMixin, PeftAdapterMixin):
         offline, a hub id not in the cache are each a one-line :class:`~brushnet.errors.CheckpointError`
         (:func:`brushnet.loading.check_brushnet_source`) instead of a multi-line diffusers error or, for a UNet
         folder, a branch of random weights."""
-        from ..loading import _is_local, check_brushnet_source
+        from ..loading import check_brushnet_source, is_local_path
         from ..model_files import check_model_folder
 
         hub = {
             k: kwargs[k] for k in ("cache_dir", "revision", "local_files_only") if kwargs.get(k) is not None
         }
         check_brushnet_source(pretrained_model_name_or_path, kwargs.get("subfolder"), **hub)
-        if _is_local(pretrained_model_name_or_path):
+        if is_local_path(pretrained_model_name_or_path):
             # "~/branch" passes the check (it expands the path); diffusers does not expand it
             pretrained_model_name_or_path = os.path.expanduser(str(pretrained_model_name_or_path))
             # a weight file missing some of the branch's weights would load them as random (or meta) tensors
