@@ -277,9 +277,11 @@ def test_a_grown_mask_is_pasted_back_as_inpaint_does(tmp_path, tiny_models, shap
 class _StubSuite:
     """A metric suite scoring the given metrics with fixed values (the weighted ones need weights offline)."""
 
-    def __init__(self, **values):
+    def __init__(self, weights_id=None, **values):
         self.metrics = dict.fromkeys(values)
         self.values = values
+        if weights_id is not None:
+            self.weights_id = weights_id
 
     def __call__(self, generated, original, hole, captions):
         import torch
@@ -340,3 +342,53 @@ def test_the_summary_says_how_many_rows_are_behind_a_mean_that_left_some_out():
     [entry] = summarise(rows)
     assert (entry["n"], entry["psnr"], entry["n_psnr"], entry["mse"]) == (4, 25.0, 2, 1.0)
     assert "n_mse" not in entry  # every row counted
+
+
+def test_rows_scored_with_other_weights_are_re_scored_and_a_mix_is_reported(
+    tmp_path, tiny_models, shapes_set
+):
+    """A rerun with another aesthetic head skipped every row (the metric's name was there) and averaged the two
+    heads' scores in one table; the run folder did not say which weights scored a row."""
+    from brushnet.bench.report import mixed_weights
+
+    dataset = load_dataset(shapes_set)
+    settings = BenchSettings(steps=1)
+
+    def bench(weights_id, value, **shard):
+        suite = _StubSuite(weights_id={"aesthetic": weights_id}, psnr=20.0, aesthetic=value)
+        return run_benchmark(
+            ["brushnet"], tiny_models, dataset, tmp_path, settings, metric_suite=suite, **shard
+        )
+
+    bench("head-a", 4.0)
+    stats = bench("head-b", 5.0)
+    assert (stats.rescored, stats.skipped, stats.generated) == (len(dataset), 0, 0)
+    assert {row["aesthetic"] for row in load_rows(tmp_path)} == {5.0}
+    record = json.loads(next((tmp_path / "rows").rglob("*.json")).read_text())
+    assert record["weights"] == {"aesthetic": "head-b"}
+    assert bench("head-b", 5.0).skipped == len(dataset)
+    assert mixed_weights(tmp_path) == {}
+    # one shard re-scored with a third head: the table says its means mix two heads
+    stats = bench("head-c", 6.0, process_index=0, num_processes=2)
+    assert 0 < stats.rescored < len(dataset)
+    assert mixed_weights(tmp_path) == {"aesthetic": 2}
+    table = write_reports(tmp_path)["table_md"].read_text()
+    assert "**Warning:** rows scored with different weight files: aesthetic (2 files)" in table
+
+
+def test_weights_fingerprint_follows_the_contents(tmp_path):
+    from brushnet.metrics.suite import weights_fingerprint
+
+    big = tmp_path / "big.pt"
+    big.write_bytes(bytes(3 << 20))
+    first = weights_fingerprint(big)
+    assert weights_fingerprint(big) == first and len(first) == 16
+    big.write_bytes(bytes(3 << 20)[:-1] + b"x")  # only the last byte differs
+    assert weights_fingerprint(big) != first
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    before = weights_fingerprint(folder)
+    (folder / "vocab.json").write_text("{}")
+    assert weights_fingerprint(folder) != before
+    assert weights_fingerprint(big, folder) != weights_fingerprint(folder, big)

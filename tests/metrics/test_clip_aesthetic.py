@@ -108,3 +108,58 @@ def test_aesthetic_mlp_head_round_trip(clip, tmp_path):
     torch.save({"something": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="aesthetic"):
         load_aesthetic_head(tmp_path / "bad.pth")
+
+
+def test_preprocess_pad_fit_resizes_the_longest_side_and_pads_black_centred():
+    """HPS as the `hpsv2` package scores: the longest side to the input size, black bars, centred (the scorer
+    centre-cropped instead, which scores non-square images differently)."""
+    image = torch.rand(1, 3, 20, 40)
+    out = clip_preprocess(image, size=10, fit="pad")
+    mean = torch.tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
+    black = ((0.0 - mean) / std).expand(1, 3, 1, 10)
+    assert out.shape == (1, 3, 10, 10)
+    # 5 rows of image, 5 of black: 2 above, 3 below
+    torch.testing.assert_close(out[..., :2, :], black.expand(1, 3, 2, 10))
+    resized = torch.nn.functional.interpolate(image, size=(5, 10), mode="bicubic", antialias=True).clamp(0, 1)
+    torch.testing.assert_close(out[..., 2:7, :], (resized - mean) / std)
+    torch.testing.assert_close(out[..., 7:, :], black.expand(1, 3, 3, 10))
+    # a square image: the same as the crop fit
+    square = torch.rand(2, 3, 48, 48)
+    torch.testing.assert_close(clip_preprocess(square, 16, fit="pad"), clip_preprocess(square, 16))
+    with pytest.raises(ValueError, match="fit must be"):
+        clip_preprocess(square, 16, fit="stretch")
+
+
+def test_load_clip_refuses_other_models_and_empty_tokenizers(tiny_clip_dir, tmp_path):
+    """A CLIPTextModel folder (an SD text_encoder/) loaded as CLIPModel with every weight newly drawn, and a
+    folder without vocabulary files gave a tokenizer of special tokens only: both scored without an error."""
+    import shutil
+
+    from transformers import CLIPTextModel
+
+    text_only = tmp_path / "text_encoder"
+    CLIPTextModel.from_pretrained(tiny_clip_dir).save_pretrained(text_only)
+    for file in tiny_clip_dir.iterdir():
+        if file.name.startswith("tokenizer") or file.name in ("vocab.json", "merges.txt"):
+            shutil.copy(file, text_only / file.name)
+    with pytest.raises(ValueError, match=r"a 'clip_text_model' model, not CLIP"):
+        load_clip(text_only)
+
+    no_vocab = tmp_path / "no_vocab"
+    shutil.copytree(tiny_clip_dir, no_vocab)
+    for name in ("vocab.json", "tokenizer.json"):  # transformers 5 saves tokenizer.json, 4 vocab.json + merges.txt
+        (no_vocab / name).unlink(missing_ok=True)
+    with pytest.raises(ValueError, match=r"no tokenizer vocabulary \(expected vocab.json and merges.txt"):
+        load_clip(no_vocab)
+
+    renamed = tmp_path / "renamed"
+    shutil.copytree(tiny_clip_dir, renamed)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(renamed / "model.safetensors")
+    weights["extra.weight"] = torch.zeros(1)
+    del weights["visual_projection.weight"]
+    save_file(weights, renamed / "model.safetensors")
+    with pytest.raises(ValueError, match=r"weights do not match CLIPModel \(1 missing.*1 unexpected"):
+        load_clip(renamed)

@@ -98,7 +98,7 @@ def test_round_trip_and_score(tiny_hps, images):
     torch.testing.assert_close(scores, hps_score(reference.eval(), tokenizer, generated, CAPTIONS))
     # Hand-assembled: cosine of the two towers' outputs, no logit scale.
     with torch.no_grad():
-        image_features = loaded.encode_image(clip_preprocess(generated, 28))
+        image_features = loaded.encode_image(clip_preprocess(generated, 28, fit="pad"))
         text_features = loaded.encode_text(tokenize_open_clip(tokenizer, CAPTIONS))
     torch.testing.assert_close(scores, torch.nn.functional.cosine_similarity(image_features, text_features))
     singles = torch.cat(

@@ -135,3 +135,18 @@ def test_padding_is_masked_and_image_matters(tiny_reward, images):
         image_reward_score(model, tokenizer, generated, CAPTIONS),
         image_reward_score(model, tokenizer, 1 - original, CAPTIONS),
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_scores_in_half_precision(tiny_reward, bert_tokenizer_dir, images, dtype):
+    """The head got a float32 input while it had been cast with the model: "mat1 and mat2 must have the same
+    dtype" in fp16 and bf16, while HPS and CLIP score ran."""
+    _, config, path, _ = tiny_reward
+    generated, _ = images
+    full, tokenizer = load_image_reward(path, bert_tokenizer_dir, config=config)
+    half, _ = load_image_reward(path, bert_tokenizer_dir, config=config, dtype=dtype)
+    scores = image_reward_score(half, tokenizer, generated, CAPTIONS)
+    assert scores.dtype == torch.float32 and scores.shape == (2,)
+    torch.testing.assert_close(
+        scores, image_reward_score(full, tokenizer, generated, CAPTIONS), atol=0.15, rtol=0
+    )

@@ -113,6 +113,8 @@ def test_full_suite_on_tiny_weights(tmp_path, tiny_clip_dir, bert_tokenizer_dir,
     }
     suite = MetricSuite(weights, hps_config=HPS_TINY, image_reward_config=reward_config)
     assert suite.metrics == available_metrics() and suite.skipped == []
+    weighted = {name for name in available_metrics() if METRICS[name].weights}
+    assert set(suite.weights_id) == weighted and suite.weights_id["hps"] != suite.weights_id["aesthetic"]
     generated, original = images
     results = suite(generated, original, None, ["a cat", "a dog on a sofa"])
     assert list(results) == available_metrics()
@@ -125,3 +127,56 @@ def test_full_suite_on_tiny_weights(tmp_path, tiny_clip_dir, bert_tokenizer_dir,
         torch.testing.assert_close(results[name], again[name])  # deterministic
     with pytest.raises(ValueError, match="captions"):
         suite(generated, original)
+
+
+def test_weights_of_the_wrong_kind_are_refused_when_the_suite_loads(
+    tmp_path, tiny_clip_dir, bert_tokenizer_dir
+):
+    """Each refused at load with one line naming the flag: an aesthetic head for another CLIP width (failed at the
+    first image, mid-run), an ImageReward tokenizer folder without vocab.txt (every word [UNK], scored without an
+    error), a corrupt or pickled checkpoint (torch's advice to unpickle it)."""
+    torch.save({"weight": torch.randn(1, 512), "bias": torch.zeros(1)}, tmp_path / "b32_head.pth")
+    with pytest.raises(ValueError) as error:
+        MetricSuite({"clip": tiny_clip_dir, "aesthetic": tmp_path / "b32_head.pth"}, metrics=["aesthetic"])
+    message = str(error.value)
+    assert message.startswith("--aesthetic-weights: ") and "takes 512-wide CLIP embeddings" in message
+    assert "gives 16" in message and "\n" not in message
+
+    empty = tmp_path / "empty_tokenizer"
+    empty.mkdir()
+    torch.save(ImageReward(_reward_config(bert_tokenizer_dir)).state_dict(), tmp_path / "ir.pt")
+    with pytest.raises(ValueError, match=r"^--image-reward-tokenizer-weights: .*no tokenizer vocabulary"):
+        MetricSuite(
+            {"image_reward": tmp_path / "ir.pt", "image_reward_tokenizer": empty},
+            metrics=["image_reward"],
+            image_reward_config=_reward_config(bert_tokenizer_dir),
+        )
+
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint at all")
+    torch.save(torch.nn.Linear(16, 1), tmp_path / "module.pth")  # a pickled module, not a state dict
+    for name in ("garbage.pth", "module.pth"):
+        with pytest.raises(ValueError) as error:
+            MetricSuite({"clip": tiny_clip_dir, "aesthetic": tmp_path / name}, metrics=["aesthetic"])
+        message = str(error.value)
+        assert message.startswith(
+            f"--aesthetic-weights: {tmp_path / name}: not a readable state-dict checkpoint"
+        )
+        assert "\n" not in message and "weights_only` set to `False`" not in message
+
+
+def _reward_config(bert_tokenizer_dir):
+    return ImageRewardConfig(
+        32,
+        16,
+        32,
+        1,
+        2,
+        len(BertTokenizer.from_pretrained(bert_tokenizer_dir)),
+        64,
+        24,
+        1,
+        2,
+        48,
+        8,
+        (16, 8, 8, 4),
+    )

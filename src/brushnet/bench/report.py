@@ -112,6 +112,21 @@ def load_rows(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
+def mixed_weights(run_dir: str | os.PathLike) -> dict[str, int]:
+    """Metric -> how many different weight files scored it across the run's row files, for the metrics scored
+    with more than one (rows kept from a run with other weights, then not re-scored: a rerun on fewer images)."""
+    ids: dict[str, set[str]] = defaultdict(set)
+    for path in sorted((Path(run_dir) / "rows").glob("*/*/*.json")):
+        try:
+            weights = json.loads(path.read_text()).get("weights")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            continue
+        if isinstance(weights, dict):
+            for metric, weights_id in weights.items():
+                ids[metric].add(str(weights_id))
+    return {metric: len(found) for metric, found in sorted(ids.items()) if len(found) > 1}
+
+
 def _number(value: Any) -> float | None:
     if isinstance(value, bool):
         return float(value)
@@ -310,7 +325,17 @@ def write_reports(run_dir: str | os.PathLike, grid_sample: int = 8) -> dict[str,
         dataset_kind = json.loads((run_dir / "run.json").read_text())["dataset"]["kind"]
     except (OSError, json.JSONDecodeError, KeyError):
         dataset_kind = None
-    atomic_write_bytes(paths["table_md"], markdown_table(summary, dataset_kind).encode())
+    table = markdown_table(summary, dataset_kind)
+    mixed = mixed_weights(run_dir)
+    if mixed:
+        warning = (
+            "rows scored with different weight files: "
+            + ", ".join(f"{metric} ({count} files)" for metric, count in mixed.items())
+            + "; their means mix them: rerun `bench run` on every image with one set of weights"
+        )
+        logger.warning("%s: %s", run_dir, warning)
+        table += f"\n**Warning:** {warning}.\n"
+    atomic_write_bytes(paths["table_md"], table.encode())
     for mask_kind in sorted({r["mask_kind"] for r in rows}):
         write_grid(run_dir, rows, mask_kind, sample=grid_sample)
         paths[f"grid_{mask_kind}_png"] = results / f"grid_{mask_kind}.png"

@@ -6,7 +6,7 @@ Run-folder layout (``RUN_DIR``)::
     outputs/<method>/<mask_kind>/raw/<id>.png      the method's output as generated (no paste-back)
     outputs/<method>/<mask_kind>/blended/<id>.png  the same output pasted into the original with the
                                                    paper's blurred blending (reference §4)
-    rows/<method>/<mask_kind>/<id>.json       {"metrics": [...], "rows": [raw row, blended row]}
+    rows/<method>/<mask_kind>/<id>.json       {"metrics": [...], "weights": {metric: id}, "rows": [raw, blended]}
     failures.jsonl                            entries that could not be run (bad image, RLE, id), one a line
     results/                                  the merged reports (see :mod:`brushnet.bench.report`)
 
@@ -236,6 +236,15 @@ def _timing(generation: Mapping[str, Any]) -> dict[str, Any]:
     return timing
 
 
+def _same_weights(rows: dict[str, Any], weights_id: Mapping[str, str]) -> bool:
+    """Whether a row file's metrics were scored with the weights given now (its ``weights``: metric -> id). A row
+    file without them (written before they were recorded) counts as scored with other weights: re-scored once."""
+    recorded = rows.get("weights")
+    if not weights_id:
+        return True
+    return isinstance(recorded, dict) and all(recorded.get(m) == i for m, i in weights_id.items())
+
+
 def _read_rows(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
@@ -309,6 +318,7 @@ def run_benchmark(
     _check_run_json(run_dir, record, write=process_index == 0 or not (run_dir / "run.json").is_file())
     suite = metric_suite if metric_suite is not None else MetricSuite(metric_weights or {})
     active = sorted(suite.metrics)
+    weights_id = dict(getattr(suite, "weights_id", {}))  # metric -> id of the weights it scores with now
     indices = shard_indices(len(dataset), process_index, num_processes)
     stats = RunStats()
     mask_kind = dataset.mask_kind
@@ -323,7 +333,11 @@ def run_benchmark(
                 continue
             have_outputs = paths["raw"].is_file() and paths["blended"].is_file()
             rows = _read_rows(paths["rows"]) if have_outputs else None
-            if rows is not None and set(active) <= set(rows.get("metrics", [])):
+            if (
+                rows is not None
+                and set(active) <= set(rows.get("metrics", []))
+                and _same_weights(rows, weights_id)
+            ):
                 stats.skipped += 1
             elif have_outputs:
                 rescore.append(index)
@@ -384,7 +398,7 @@ def run_benchmark(
                         **scores[variant],
                     }
                 )
-            metrics = active
+            metrics, weights = active, dict(weights_id)
             if index in earlier:  # metrics scored before and not now (weights not given this time) stay
                 before = {
                     row.get("variant"): row for row in earlier[index].get("rows", []) if isinstance(row, dict)
@@ -393,7 +407,10 @@ def run_benchmark(
                     for key, value in before.get(row["variant"], {}).items():
                         row.setdefault(key, value)
                 metrics = sorted(set(active) | set(earlier[index].get("metrics", [])))
-            payload = {"metrics": metrics, "rows": rows}
+                kept = earlier[index].get("weights")
+                if isinstance(kept, dict):
+                    weights = {**{k: v for k, v in kept.items() if k not in active}, **weights}
+            payload = {"metrics": metrics, "weights": weights, "rows": rows}
             atomic_write_bytes(paths["rows"], json.dumps(payload, indent=1).encode())
         del method
     _record_failures(run_dir, stats.failures, process_index)

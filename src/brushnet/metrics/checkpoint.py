@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 import torch
 
-__all__ = ["load_state_dict_file", "load_into"]
+__all__ = ["load_state_dict_file", "load_into", "load_tokenizer"]
 
 
 def load_state_dict_file(path: str | os.PathLike, strip_prefixes: Iterable[str] = ("module.",)) -> dict:
@@ -31,12 +31,23 @@ def load_state_dict_file(path: str | os.PathLike, strip_prefixes: Iterable[str] 
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"metric weights not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        state_dict = load_file(path, device="cpu")
-    else:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+            state_dict = load_file(path, device="cpu")
+        else:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except (
+        Exception
+    ) as exc:  # a corrupt file, a pickled module, a file of another kind: what torch says is long
+        # and points the wrong way ("re-run with weights_only=False"); name the file and the first line only
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "Weights only load failed" in reason:
+            reason = (
+                "it pickles objects other than tensors (only plain state dicts load; nothing is unpickled)"
+            )
+        raise ValueError(f"{path}: not a readable state-dict checkpoint ({reason[:200]})") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(state_dict, dict) and isinstance(state_dict.get(wrapper), dict):
             state_dict = state_dict[wrapper]
@@ -73,3 +84,26 @@ def load_into(
             f"({len(missing)} missing, e.g. {missing[:3]}; {len(unexpected)} unexpected, e.g. {unexpected[:3]})"
         )
     module.load_state_dict(state_dict, strict=True)
+
+
+def load_tokenizer(cls, path: str | os.PathLike, vocabulary: tuple[str, ...]):
+    """``cls.from_pretrained(path)`` from a local folder that holds a vocabulary, or a one-line ``ValueError``.
+
+    transformers builds a tokenizer of its special tokens alone from a folder without vocabulary files (every
+    word then becomes the unknown token): a metric scored with it is wrong without any error.
+
+    Args:
+        cls: the tokenizer class (``CLIPTokenizer``, ``BertTokenizer``).
+        path: the local folder.
+        vocabulary: the files that make its vocabulary (``tokenizer.json`` also does).
+    """
+    path = os.fspath(path)
+    names = set(os.listdir(path)) if os.path.isdir(path) else set()
+    if "tokenizer.json" not in names and not set(vocabulary) <= names:
+        raise ValueError(
+            f"{path}: no tokenizer vocabulary (expected {' and '.join(vocabulary)}, or tokenizer.json)"
+        )
+    tokenizer = cls.from_pretrained(path, local_files_only=True)
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
+        raise ValueError(f"{path}: the tokenizer has no vocabulary beyond its special tokens")
+    return tokenizer

@@ -87,8 +87,32 @@ def load_clip(
     Returns:
         `(model, tokenizer)`, the model in eval mode.
     """
+    import json
+
     from transformers import CLIPModel, CLIPTokenizer
 
-    model = CLIPModel.from_pretrained(os.fspath(path), local_files_only=True)
-    tokenizer = CLIPTokenizer.from_pretrained(os.fspath(path), local_files_only=True)
+    from .checkpoint import load_tokenizer
+
+    path = os.fspath(path)
+    config_file = os.path.join(path, "config.json")
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ValueError(f"{path}: not a CLIP model folder (config.json: {exc})") from None
+    if model_type != "clip":
+        raise ValueError(
+            f"{path}: a {model_type!r} model, not CLIP (CLIPModel, config model_type 'clip': both towers, e.g. "
+            "openai/clip-vit-large-patch14)"
+        )
+    tokenizer = load_tokenizer(CLIPTokenizer, path, ("vocab.json", "merges.txt"))
+    model, info = CLIPModel.from_pretrained(path, local_files_only=True, output_loading_info=True)
+    # older checkpoints store position_ids, which recent transformers keep as a buffer outside the state dict
+    missing = [k for k in info.get("missing_keys", ()) if not k.endswith("position_ids")]
+    unexpected = [k for k in info.get("unexpected_keys", ()) if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: weights do not match CLIPModel ({len(missing)} missing, e.g. {sorted(missing)[:3]}; "
+            f"{len(unexpected)} unexpected, e.g. {sorted(unexpected)[:3]})"
+        )
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False), tokenizer

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .checkpoint import load_into, load_state_dict_file
+from .checkpoint import load_into, load_state_dict_file, load_tokenizer
 from .preprocess import captioned_clip_input
 
 __all__ = ["OpenCLIPConfig", "VIT_H_14", "OpenCLIP", "hps_score", "load_hps", "tokenize_open_clip"]
@@ -161,13 +161,14 @@ def hps_score(model: OpenCLIP, tokenizer, images: torch.Tensor, captions: Sequen
     Args:
         model: `OpenCLIP` with HPS v2.1 weights (see `load_hps`).
         tokenizer: `transformers.CLIPTokenizer` (OpenAI CLIP BPE vocabulary).
-        images: `N×3×H×W` in [0, 1]; resized (shortest side, bicubic), centre-cropped, CLIP-normalised.
+        images: `N×3×H×W` in [0, 1]; as the `hpsv2` package does: the longest side resized (bicubic), padded to
+            a square with black, centred, CLIP-normalised.
         captions: N strings.
 
     Returns:
         `N` cosines in [-1, 1] (multiply by 100 for the BrushBench table unit).
     """
-    pixel_values = captioned_clip_input(model, images, captions)
+    pixel_values = captioned_clip_input(model, images, captions, fit="pad")
     input_ids = tokenize_open_clip(tokenizer, captions, model.config.context_length).to(pixel_values.device)
     image_features = model.encode_image(pixel_values).float()
     text_features = model.encode_text(input_ids).float()
@@ -200,5 +201,5 @@ def load_hps(
     load_into(
         model, {key: value.float() for key, value in state_dict.items()}, source=os.fspath(weights_path)
     )
-    tokenizer = CLIPTokenizer.from_pretrained(os.fspath(tokenizer_path), local_files_only=True)
+    tokenizer = load_tokenizer(CLIPTokenizer, tokenizer_path, ("vocab.json", "merges.txt"))
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False), tokenizer

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .aesthetic import PreferenceMLP
-from .checkpoint import load_into, load_state_dict_file
+from .checkpoint import load_into, load_state_dict_file, load_tokenizer
 from .preprocess import captioned_clip_input
 
 __all__ = ["ImageRewardConfig", "IMAGE_REWARD_V1", "ImageReward", "image_reward_score", "load_image_reward"]
@@ -281,7 +281,8 @@ class ImageReward(nn.Module):
     ) -> torch.Tensor:
         image_embeds = self.blip.visual_encoder(pixel_values)
         hidden = self.blip.text_encoder(input_ids, attention_mask, image_embeds)
-        reward = self.mlp(hidden[:, 0].float()).squeeze(-1)
+        head = next(self.mlp.parameters())
+        reward = self.mlp(hidden[:, 0].to(head.dtype)).float().squeeze(-1)
         return (reward - IMAGE_REWARD_MEAN) / IMAGE_REWARD_STD
 
 
@@ -342,5 +343,5 @@ def load_image_reward(
         ignore=("blip.text_encoder.embeddings.position_ids",),
         source=os.fspath(weights_path),
     )
-    tokenizer = BertTokenizer.from_pretrained(os.fspath(tokenizer_path), local_files_only=True)
+    tokenizer = load_tokenizer(BertTokenizer, tokenizer_path, ("vocab.txt",))
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False), tokenizer

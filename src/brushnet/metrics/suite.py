@@ -27,6 +27,7 @@ __all__ = [
     "FOLDER_KEYS",
     "available_metrics",
     "check_weight_path",
+    "weights_fingerprint",
     "MetricSuite",
 ]
 
@@ -64,6 +65,37 @@ def check_weight_path(key: str, path: str | os.PathLike) -> None:
         raise FileNotFoundError(
             f"{weight_flag(key)} {os.fspath(path)}: {problem}; expected a local {what}: {WEIGHT_KEYS[key]}"
         )
+
+
+def weights_fingerprint(*paths: str | os.PathLike) -> str:
+    """A short id that changes with the contents of the given weight files and folders: SHA-256 over each file's
+    name, size, first and last MiB (a folder: every file below it, by relative path). Reading 2 MiB of a 2 GB
+    checkpoint keeps this instant; two files of one size that differ only in their middle share an id."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in paths:
+        root = os.fspath(path)
+        files = (
+            sorted(
+                os.path.relpath(os.path.join(folder, name), root)
+                for folder, _, names in os.walk(root)
+                for name in names
+            )
+            if os.path.isdir(root)
+            else [""]
+        )
+        for relative in files:
+            file = os.path.join(root, relative) if relative else root
+            size = os.path.getsize(file)
+            digest.update(f"{relative}\0{size}\0".encode())
+            with open(file, "rb") as f:
+                digest.update(f.read(1 << 20))
+                if size > 2 << 20:
+                    f.seek(-(1 << 20), os.SEEK_END)
+                    digest.update(f.read())
+        digest.update(b"\1")
+    return digest.hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -153,6 +185,13 @@ class MetricSuite:
                 self.skipped.append(name)
             else:
                 self.metrics.append(name)
+        self.weights_id: dict[str, str] = {
+            name: weights_fingerprint(*(weights[key] for key in METRICS[name].weights))
+            for name in self.metrics
+            if METRICS[name].weights
+        }
+        """Active metric -> an id of the weight files it scores with (:func:`weights_fingerprint`); ``bench run``
+        records it per row file and re-scores rows scored with other weights."""
         self._load(weights, hps_config, image_reward_config)
 
     @staticmethod
@@ -171,6 +210,15 @@ class MetricSuite:
         return weights
 
     def _load(self, weights, hps_config, image_reward_config) -> None:
+        try:
+            self._load_models(weights, hps_config, image_reward_config)
+        except ValueError as exc:  # which flag's file it was: each loader names the path, not the flag
+            key = next((k for k, v in weights.items() if os.fspath(v) in str(exc)), None)
+            if key is None:
+                raise
+            raise ValueError(f"{weight_flag(key)}: {exc}") from None
+
+    def _load_models(self, weights, hps_config, image_reward_config) -> None:
         wanted = set(self.metrics)
         self.clip = self.clip_tokenizer = self.aesthetic_head = self.lpips = None
         self.hps = self.hps_tokenizer = self.image_reward = self.image_reward_tokenizer = None
@@ -182,6 +230,13 @@ class MetricSuite:
             from .aesthetic import load_aesthetic_head
 
             self.aesthetic_head = load_aesthetic_head(weights["aesthetic"]).to(self.device)
+            head_in = next(self.aesthetic_head.parameters()).shape[1]
+            clip_out = self.clip.config.projection_dim
+            if head_in != clip_out:
+                raise ValueError(
+                    f"{os.fspath(weights['aesthetic'])}: the aesthetic head takes {head_in}-wide CLIP embeddings "
+                    f"but the CLIP model (--clip-weights) gives {clip_out}: the LAION head for ViT-L/14 takes 768"
+                )
         if "lpips" in wanted:
             from .lpips import load_lpips_squeeze
 
