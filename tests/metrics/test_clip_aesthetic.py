@@ -148,7 +148,10 @@ def test_load_clip_refuses_other_models_and_empty_tokenizers(tiny_clip_dir, tmp_
 
     no_vocab = tmp_path / "no_vocab"
     shutil.copytree(tiny_clip_dir, no_vocab)
-    for name in ("vocab.json", "tokenizer.json"):  # transformers 5 saves tokenizer.json, 4 vocab.json + merges.txt
+    for name in (
+        "vocab.json",
+        "tokenizer.json",
+    ):  # transformers 5 saves tokenizer.json, 4 vocab.json + merges.txt
         (no_vocab / name).unlink(missing_ok=True)
     with pytest.raises(ValueError, match=r"no tokenizer vocabulary \(expected vocab.json and merges.txt"):
         load_clip(no_vocab)
