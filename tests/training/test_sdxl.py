@@ -156,6 +156,52 @@ def test_fp16_keeps_the_overflowing_sdxl_vae_in_float32(xl_base, tiny_base):
     assert not any(p.requires_grad for m in sd15.frozen_modules.values() for p in m.parameters())
 
 
+def _overflow(vae) -> None:
+    """Scale the VAE's first convs by 1e5: in float16 the activations that follow overflow (65504), in float32 the
+    group norms bring them back (tests/pipelines/test_pipeline_brushnet_sdxl.py::_overflowing_vae)."""
+    with torch.no_grad():
+        for conv in (vae.encoder.conv_in, vae.decoder.conv_in):
+            conv.weight.mul_(1e5)
+            conv.bias.mul_(1e5)
+
+
+def test_the_float32_vae_stays_float32_under_fp16_autocast(xl_config, xl_base):
+    """freeze() kept the overflowing SDXL VAE in float32, but the loss and the validation run inside
+    ``accelerator.autocast()``, which ran its convolutions in float16 all the same: a NaN loss and NaN validation
+    images under fp16 mixed precision on a GPU (CPU autocast in float16 stands in for it here)."""
+    config = make_config(xl_config)
+    batch = _first_batch(config)
+    components = loop.load_components(str(xl_base))
+    _overflow(components.vae)
+    loop.freeze(components, torch.float16, "cpu")
+    dtypes = []
+    components.vae.encoder.conv_in.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    brushnet = BrushNetModel.from_unet(components.unet).float()
+
+    def loss(autocast: bool) -> float:
+        with torch.autocast("cpu", dtype=torch.float16, enabled=autocast), torch.no_grad():
+            return loop.brushnet_training_loss(
+                brushnet, components, batch, torch.Generator().manual_seed(0), weight_dtype=torch.float16
+            ).item()
+
+    plain = loss(False)
+    assert np.isfinite(plain) and loss(True) == plain
+    assert dtypes and set(dtypes) == {torch.float32}
+
+    pipe = components.family.pipeline(components.vae, components.unet, brushnet, components.noise_scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 4:12] = 255
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = pipe(
+            "a red ball", image=image, mask_image=Image.fromarray(mask), num_inference_steps=2,
+            generator=torch.Generator().manual_seed(0), output_type="np",
+        ).images  # fmt: skip
+    assert np.isfinite(out).all() and components.vae.dtype == torch.float32
+
+
 def test_sdxl_recipe_config_is_the_originals():
     config = make_config(load_config_file(CONFIGS / "sdxl_brushnet.yaml"))
     assert (config.resolution, config.train_batch_size, config.gradient_accumulation_steps) == (1024, 1, 4)

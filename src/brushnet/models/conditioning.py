@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["mask_out", "encode_latents", "keep_mask_latent", "brushnet_conditioning"]
+__all__ = ["mask_out", "encode_latents", "keep_mask_latent", "brushnet_conditioning", "vae_precision"]
 
 
 def mask_out(image: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
@@ -27,6 +27,18 @@ def mask_out(image: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
         hole: ``(B or 1, 1, H, W)``, 1 = hole (values ≥ 0.5 count as hole).
     """
     return torch.where(hole > 0.5, torch.full_like(image, -1.0), image)
+
+
+def vae_precision(vae):
+    """A context in which ``vae`` runs in its own dtype: a float32 VAE inside an autocast region (fp16 mixed
+    precision training, a validation under ``accelerator.autocast()``) has autocast turned off, which would run its
+    convolutions in float16 — and the SDXL VAE, kept in float32 because it overflows there, gave NaN latents."""
+    import contextlib
+
+    device_type = next(vae.parameters()).device.type
+    if vae.dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def encode_latents(
@@ -44,7 +56,8 @@ def encode_latents(
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 
     # a list of generators draws item i of the batch from generator i (diffusers' randn_tensor)
-    output = vae.encode(pixels.to(vae.dtype))
+    with vae_precision(vae):
+        output = vae.encode(pixels.to(vae.dtype))
     dist = getattr(output, "latent_dist", None)
     if sample and dist is not None and _on_cpu(generator):
         # diffusers' own draws (``latent_dist.sample``: on the CPU, then moved), but moved to a CUDA device without

@@ -58,6 +58,7 @@ from transformers import (
 
 from ..loading import FAMILY_NAMES, CheckpointError, check_brushnet_fits_base, detect_family
 from ..models.brushnet import BrushNetModel
+from ..models.conditioning import vae_precision
 from .common import BrushNetPipelineMixin, CheckedSourceMixin, check_finite, check_prompt
 
 __all__ = ["StableDiffusionXLBrushNetPipeline"]
@@ -187,7 +188,9 @@ class StableDiffusionXLBrushNetPipeline(
         if upcast:
             self.vae.to(dtype=torch.float32)
         try:
-            yield
+            # a float32 VAE inside an autocast region (a training run's validation) would still run in float16
+            with vae_precision(self.vae):
+                yield
         finally:
             if upcast:
                 self.vae.to(dtype=torch.float16)
