@@ -227,11 +227,30 @@ def test_training_with_the_term_makes_the_kept_prediction_depend_less_on_the_cap
     assert anchored_loss < 0.9 * first, (anchored_loss, first)
 
 
-def test_sdxl_term_uses_the_empty_captions_added_conditions(base_config, tiny_xl_models):
+def test_sdxl_term_runs_the_branch_on_both_halves_of_guidance_as_the_pipeline_does(
+    base_config, tiny_xl_models, monkeypatch
+):
+    """The SDXL branch reads the pooled text (its added embedding): the unconditional prediction used its features
+    for the caption, and the unconditional half was the encoded empty caption where the pipeline passes zeros
+    (``force_zeros_for_empty_prompt``). Now the branch runs once on [caption; zeros], as when sampling."""
     components = loop.load_components(str(tiny_xl_models["base"]))
     brushnet = _branch_with_taps(components)
     config = make_config({**base_config, "pretrained_model_name_or_path": str(tiny_xl_models["base"])})
     batch = _batch(config)
+    calls = []
+
+    def record(module, args, kwargs):
+        calls.append((args[0].shape[0], kwargs["added_cond_kwargs"], kwargs["encoder_hidden_states"]))
+
+    brushnet.register_forward_pre_hook(record, with_kwargs=True)
+    unet_inputs = []
+    forward = loop.unet_forward_with_brushnet
+
+    def record_unet(unet, sample, timestep, hidden_states, *rest, **kwargs):
+        unet_inputs.append(hidden_states)
+        return forward(unet, sample, timestep, hidden_states, *rest, **kwargs)
+
+    monkeypatch.setattr(loop, "unet_forward_with_brushnet", record_unet)
     with torch.no_grad():
         plain, term = (
             loop.brushnet_training_loss(
@@ -240,6 +259,16 @@ def test_sdxl_term_uses_the_empty_captions_added_conditions(base_config, tiny_xl
             for w in (0.0, 1.0)
         )
     assert torch.isfinite(torch.tensor(term)) and term > plain
+    size = len(batch["caption"])
+    assert [call[0] for call in calls] == [size, 2 * size]  # once per loss, both halves in the second
+    _, added, hidden = calls[1]
+    caption_hidden, caption_added = components.family.encode(batch["caption"], "cpu", torch.float32, batch)
+    torch.testing.assert_close(added["text_embeds"][:size], caption_added["text_embeds"])
+    assert not added["text_embeds"][size:].any() and not hidden[size:].any()
+    torch.testing.assert_close(added["time_ids"][size:], added["time_ids"][:size])
+    unet_hidden = unet_inputs[-1]
+    torch.testing.assert_close(unet_hidden[:size], caption_hidden)
+    assert not unet_hidden[size:].any()
 
 
 def test_the_option_is_a_flag_and_refuses_negative_weights(base_config):

@@ -82,6 +82,13 @@ class SD15Family:
         hidden_states = self.text_encoder(_token_ids(self.tokenizer, captions, device), return_dict=False)[0]
         return hidden_states.to(dtype), None
 
+    def unconditional(
+        self, count: int, device: torch.device, dtype: torch.dtype, batch: dict | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """The unconditional half of classifier-free guidance as the SD1.5 pipeline builds it: the empty caption,
+        encoded."""
+        return self.encode([""] * count, device, dtype, batch)
+
 
 class SDXLFamily:
     """Stable Diffusion XL: two tokenizers and text encoders, and the ``text_time`` added conditions.
@@ -171,6 +178,23 @@ class SDXLFamily:
             "time_ids": to_device(self.time_ids(batch), device, dtype),
         }
         return torch.cat(hidden_states, dim=-1).to(dtype), added_cond_kwargs
+
+    @torch.no_grad()
+    def unconditional(
+        self, count: int, device: torch.device, dtype: torch.dtype, batch: dict | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The unconditional half of classifier-free guidance as the SDXL pipeline builds it for an empty negative
+        prompt: zeros for both text embeddings (``force_zeros_for_empty_prompt``, SDXL's default), the same time
+        ids as the caption's."""
+        if batch is None:
+            raise ValueError("SDXL needs the batch (image sizes and crops) for its time ids")
+        length = self.tokenizer.model_max_length
+        width = self.text_encoder.config.hidden_size + self.text_encoder_2.config.hidden_size
+        projection = self.text_encoder_2.config.projection_dim
+        return torch.zeros(count, length, width, device=device, dtype=dtype), {
+            "text_embeds": torch.zeros(count, projection, device=device, dtype=dtype),
+            "time_ids": to_device(self.time_ids(batch), device, dtype),
+        }
 
 
 def family_for_unet(unet) -> type[SD15Family] | type[SDXLFamily]:

@@ -12,8 +12,10 @@ One step, per micro-batch:
     ε̂       = UNet(z_t, t, c, c_add; BrushNet(z_t, t, [z_m, k], c_add))
     loss    = ‖ε̂ − ε‖²  (or v = √ᾱ_t ε − √(1−ᾱ_t) z₀ with v-prediction), mean over the whole latent
 
-With ``kept_invariance_weight`` λ > 0 (not in the paper; off by default) the UNet also runs on the empty caption
-with the same branch features, ε̂_∅, and the loss gains λ · mean over the kept cells of ‖ε̂ − ε̂_∅‖², the kept
+With ``kept_invariance_weight`` λ > 0 (not in the paper; off by default) the UNet also runs on the unconditional
+half of guidance as the pipeline builds it (:meth:`~brushnet.training.family.SD15Family.unconditional`: the empty
+caption on SD1.5, zeros on SDXL) with the same branch features (SD1.5; the SDXL branch reads the pooled text and runs
+on both halves), ε̂_∅, and the loss gains λ · mean over the kept cells of ‖ε̂ − ε̂_∅‖², the kept
 cells being those no hole pixel touches (the hole max-pooled to latent size). Classifier-free guidance adds
 (w − 1)(ε̂ − ε̂_∅) to every latent cell, so whatever the caption changes in the kept region, guidance multiplies;
 the term teaches the branch to make the kept region's prediction independent of the caption. It costs one more
@@ -298,9 +300,10 @@ def branch_denoising_loss(
         weight_dtype: dtype of the frozen parts.
         prediction_type: ``"epsilon"`` or ``"v_prediction"``.
         added_cond_kwargs: SDXL's added conditions, for the branch and the UNet alike.
-        unconditional: ``(hidden states, added conditions)`` of the empty caption for the UNet; with
+        unconditional: ``(hidden states, added conditions)`` of guidance's unconditional half for the UNet; with
             ``kept_invariance_weight`` > 0 the UNet also runs on them, with the same branch features (a branch
-            that reads no text: BrushNet), and the loss gains ``kept_invariance_weight`` × the mean over the
+            that reads no text: BrushNet on SD1.5; a branch that reads added conditions, SDXL's, runs on both
+            halves), and the loss gains ``kept_invariance_weight`` × the mean over the
             kept latent cells of the squared difference of the two predictions (see the module docstring).
         kept_invariance_weight: λ of that term; 0 (the default) is the paper's loss.
         kept_invariance_margin: the term leaves out this many rings of latent cells around the cells a hole pixel
@@ -354,23 +357,45 @@ def branch_denoising_loss(
         if added_cond_kwargs is not None:
             added = {k: torch.cat([v, unconditional[1][k].to(v.dtype)]) for k, v in added_cond_kwargs.items()}
 
+    # a branch that reads the added conditions (SDXL's pooled text) gives other features for the unconditional
+    # half, as it does when sampling with guidance: it runs on both halves; BrushNet on SD1.5 reads no text
+    per_half = with_empty and added_cond_kwargs is not None
+
     def predict(branch: torch.nn.Module) -> torch.Tensor:  # the UNet with the features of this branch
-        down, mid, up = branch(
-            noisy_latents,
-            timesteps,
-            encoder_hidden_states=branch_hidden_states,
-            brushnet_cond=brushnet_cond,
-            added_cond_kwargs=added_cond_kwargs,
-            return_dict=False,
-        )
+        if per_half:
+            down, mid, up = branch(
+                torch.cat([noisy_latents, noisy_latents]),
+                timesteps.repeat(2),
+                encoder_hidden_states=torch.cat(
+                    [branch_hidden_states, unconditional[0].to(branch_hidden_states.dtype)]
+                ),
+                brushnet_cond=torch.cat([brushnet_cond, brushnet_cond]),
+                added_cond_kwargs=added,
+                return_dict=False,
+            )
+            down, mid, up = (
+                [d.to(weight_dtype) for d in down],
+                mid.to(weight_dtype),
+                [u.to(weight_dtype) for u in up],
+            )
+        else:
+            down, mid, up = branch(
+                noisy_latents,
+                timesteps,
+                encoder_hidden_states=branch_hidden_states,
+                brushnet_cond=brushnet_cond,
+                added_cond_kwargs=added_cond_kwargs,
+                return_dict=False,
+            )
+            down, mid, up = [repeat(d) for d in down], repeat(mid), [repeat(u) for u in up]
         return unet_forward_with_brushnet(
             unet,
             repeat(noisy_latents),
             timesteps.repeat(copies),
             hidden_states,
-            [repeat(d) for d in down],
-            repeat(mid),
-            [repeat(u) for u in up],
+            down,
+            mid,
+            up,
             added_cond_kwargs=added,
         ).float()
 
@@ -492,7 +517,7 @@ def brushnet_training_loss(
             captions, device, weight_dtype, batch
         )
         if uses_empty_caption(kept_invariance_weight, guided_loss_weight, hole_pull_anchor_weight):
-            unconditional = components.family.encode([""] * len(captions), device, weight_dtype, batch)
+            unconditional = components.family.unconditional(len(captions), device, weight_dtype, batch)
     return branch_denoising_loss(
         brushnet,
         components,
