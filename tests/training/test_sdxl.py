@@ -113,6 +113,20 @@ def test_sdxl_four_steps_equal_two_plus_resume_plus_two_with_ema(xl_config, tmp_
     assert "add_embedding.linear_1.weight" in a  # an SDXL branch
 
 
+def test_resuming_with_a_base_of_the_other_family_is_one_line_naming_both(xl_config, base_config, tmp_path):
+    """An SDXL run resumed with an SD1.5 base said only "cannot resume from …: Error(s) in loading state_dict for
+    BrushNetModel:" (torch's first line)."""
+    from brushnet.errors import CheckpointError
+
+    loop.train(make_config({**xl_config, "output_dir": str(tmp_path / "run"), "max_train_steps": 2}))
+    other = {**base_config, "output_dir": str(tmp_path / "run"), "max_train_steps": 4}
+    with pytest.raises(CheckpointError) as error:
+        loop.train(make_config({**other, "resume_from_checkpoint": "latest"}))
+    message = str(error.value)
+    assert message.startswith(f"cannot resume from {tmp_path / 'run' / 'checkpoint-2'} with this ")
+    assert "this SDXL BrushNet" in message and "does not fit an SD1.5 base" in message and "\n" not in message
+
+
 def test_sdxl_validation_grid_and_the_exported_branch_runs_in_the_pipeline(xl_config, xl_base, tmp_path):
     config = make_config(
         {**xl_config, "max_train_steps": 2, "validation_steps": 2, "validation_inference_steps": 2,

@@ -202,6 +202,27 @@ class SkipTally:
             self.before_epoch = dict(self.offset)
 
 
+def check_resume_fits_base(resume_path: Path, unet_config) -> None:
+    """A one-line :class:`CheckpointError` when the checkpoint's branch (its ``brushnet/config.json``) does not fit
+    this run's base, before any state is read: accelerate's own error was torch's "Error(s) in loading state_dict
+    for BrushNetModel:", which named neither what differs nor the family."""
+    import json
+
+    from ..loading import check_brushnet_fits_base
+
+    config_file = resume_path / "brushnet" / "config.json"
+    try:
+        branch_config = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return  # a checkpoint without its exported branch: accelerate's own checks apply
+    try:
+        check_brushnet_fits_base(branch_config, unet_config)
+    except CheckpointError as exc:
+        raise CheckpointError(
+            f"cannot resume from {resume_path} with this --pretrained_model_name_or_path: {exc}"
+        ) from None
+
+
 def run_seed(config: TrainConfig, resume_path: Path | None) -> int:
     """The run's seed: ``config.seed``; unset, the seed of the run a resume continues (its checkpoint's
     ``train_config.yaml``: the data order, masks and crops of the interrupted run follow from it), else a new
@@ -621,6 +642,8 @@ def train(config: TrainConfig, dataset=None, on_start: Callable[[], None] | None
 
     # models: frozen parts in the mixed-precision dtype, the branch in float32
     components = load_components(config.pretrained_model_name_or_path, config.revision, config.allow_pickle)
+    if resume_path is not None:
+        check_resume_fits_base(resume_path, components.unet.config)
     brushnet = initial_branch(components, config.brushnet_model_name_or_path, config.allow_pickle)
     weight_dtype = _mixed_precision_dtype(accelerator)
     freeze(components, weight_dtype, accelerator.device)
