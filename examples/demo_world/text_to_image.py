@@ -22,7 +22,7 @@ from world_data import SIZE, TEXT_MAX_LENGTH, build_tokenizer, subset_caption, t
 
 from brushnet.devices import to_device
 
-__all__ = ["base_caption", "base_scheduler", "min_snr_weights", "train_base", "unet_config"]
+__all__ = ["base_caption", "base_scheduler", "min_snr_weights", "snapshot_base", "train_base", "unet_config"]
 
 
 def base_scheduler(cfg: WorldTrainConfig):
@@ -97,17 +97,14 @@ def _latent_stats(images: torch.Tensor, vae_dir, device: str = "cpu") -> tuple[t
     return torch.cat(means), torch.cat(stds)
 
 
-def train_base(run: Run) -> dict:
-    """Stage ``base``: tokenizer, text encoder and text-to-image UNet from scratch, trained jointly on the
-    run's scenes; writes the whole ``base/`` pipeline folder (with the VAE of stage ``vae``)."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+def _base_models(run: Run, generator: torch.Generator):
+    """``(tokenizer, text encoder, UNet)`` of the base stage, drawn from ``generator`` as the stage draws them (the
+    tokenizer is written to ``base/tokenizer``)."""
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-
-    from brushnet.training.loop import training_target
 
     cfg = run.cfg
     tokenizer = build_tokenizer(run.base_dir / "tokenizer")
-    generator = stage_generator(cfg.seed, "base")
     with seeded_init(generator):
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
@@ -127,6 +124,71 @@ def train_base(run: Run) -> dict:
         if cfg.base_text_encoder == "frozen":  # each word its own direction, kept as drawn
             torch.nn.init.normal_(text_encoder.get_input_embeddings().weight, 0.0, 1.0)
             text_encoder.requires_grad_(False)
+    return tokenizer, text_encoder, unet
+
+
+def _save_base(run: Run, unet, text_encoder, folder) -> None:
+    """Write the UNet, text encoder, scheduler and ``model_index.json`` of a base pipeline folder."""
+    unet.save_pretrained(folder / "unet")
+    text_encoder.save_pretrained(folder / "text_encoder")
+    base_scheduler(run.cfg).save_pretrained(folder / "scheduler")
+    index_file = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.42.1",
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
+    (folder / "model_index.json").write_text(json.dumps(index_file, indent=2))
+
+
+def snapshot_base(run: Run, out) -> int:
+    """Write the base stage's last checkpoint (``checkpoints/base.pt`` of a run still training) as a base pipeline
+    folder at ``out`` that ``diagnose.py --base`` reads: the EMA weights where the stage keeps an EMA, the run's
+    tokenizer and VAE. Returns the checkpoint's step. ``run.cfg`` must be the recipe the run trains with."""
+    import shutil
+    from pathlib import Path
+
+    out = Path(out)
+    checkpoint = run.checkpoint("base")
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"no base-stage checkpoint at {checkpoint}")
+    state = torch.load(checkpoint, weights_only=False)
+    _, text_encoder, unet = _base_models(run, stage_generator(run.cfg.seed, "base"))
+    model = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
+    model.load_state_dict(state["model"])
+    if state.get("ema") is not None:  # the shadow parameters, in the order fit() lists the trained ones
+        trained = [p for p in model.parameters() if p.requires_grad]
+        shadow = state["ema"]["shadow_params"]
+        if len(shadow) != len(trained):
+            raise ValueError(f"{checkpoint}: {len(shadow)} EMA parameters for {len(trained)} trained ones")
+        with torch.no_grad():
+            for param, value in zip(trained, shadow):
+                param.copy_(value)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    _save_base(run, unet, text_encoder, out)
+    for part in ("tokenizer", "vae"):
+        shutil.copytree(run.base_dir / part, out / part)
+    return int(state["step"])
+
+
+def train_base(run: Run) -> dict:
+    """Stage ``base``: tokenizer, text encoder and text-to-image UNet from scratch, trained jointly on the
+    run's scenes; writes the whole ``base/`` pipeline folder (with the VAE of stage ``vae``)."""
+    from diffusers import DDPMScheduler
+
+    from brushnet.training.loop import training_target
+
+    cfg = run.cfg
+    generator = stage_generator(cfg.seed, "base")
+    tokenizer, text_encoder, unet = _base_models(run, generator)
     model = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder}).to(run.device)
     images, scenes = run.scenes()
     latent_mean, latent_std = _latent_stats(images, run.base_dir / "vae", run.device)
@@ -168,21 +230,6 @@ def train_base(run: Run) -> dict:
     result = fit(
         model, loss_of, batches, settings, generator=generator, name="base", checkpoint=run.checkpoint("base")
     )
-    unet.save_pretrained(run.base_dir / "unet")
-    text_encoder.save_pretrained(run.base_dir / "text_encoder")
-    scheduler.save_pretrained(run.base_dir / "scheduler")
-    index_file = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": "0.42.1",
-        "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "scheduler": ["diffusers", "DDIMScheduler"],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-    }
-    (run.base_dir / "model_index.json").write_text(json.dumps(index_file, indent=2))
+    _save_base(run, unet, text_encoder, run.base_dir)
     run.checkpoint("base").unlink(missing_ok=True)
     return result.summary()

@@ -272,6 +272,12 @@ def main(argv: list[str] | None = None) -> int:
         "--smoke", action="store_true", help="A few steps of everything (checks the code path)."
     )
     parser.add_argument(
+        "--snapshot-base",
+        metavar="OUT",
+        help="Train nothing: write the base stage's last checkpoint in --work (a run still training, given the "
+        "same recipe flags) as a base folder at OUT that diagnose.py --base reads (the EMA weights).",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -301,6 +307,16 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, field.name)
         if value is not None:
             setattr(cfg, field.name, value)
+    if args.snapshot_base:
+        from text_to_image import snapshot_base
+
+        try:
+            step = snapshot_base(Run(cfg, Path(args.work)), args.snapshot_base)
+        except (OSError, ValueError, RuntimeError) as error:  # no checkpoint; a recipe that does not fit it
+            print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
+            return 2
+        print(f"{args.snapshot_base}: the base at step {step}")
+        return 0
     try:
         check_request(args.stages, args.device, cfg, args.work)
     except ValueError as error:  # before anything is written

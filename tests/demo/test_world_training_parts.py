@@ -843,6 +843,42 @@ def test_base_stage_with_a_frozen_text_encoder_keeps_it_as_drawn(tmp_path):
     assert max(states["shapes"].values()) < 0.5, states["shapes"]
 
 
+def test_a_snapshot_of_the_base_stage_checkpoint_is_the_base_the_stage_writes(tmp_path, monkeypatch, capsys):
+    """``train_world.py --snapshot-base OUT``: a run still training can be diagnosed at its last checkpoint. The
+    snapshot of the final checkpoint (EMA weights) is the base the stage then writes, weight for weight."""
+    import shutil
+
+    import text_to_image
+    from diffusers import UNet2DConditionModel
+    from train_world import main
+    from transformers import CLIPTextModel
+
+    kept = tmp_path / "kept.pt"
+    real_fit = text_to_image.fit
+
+    def fit_and_keep(*args, checkpoint, **kwargs):  # the stage deletes its checkpoint when it ends
+        result = real_fit(*args, checkpoint=checkpoint, **kwargs)
+        shutil.copy(checkpoint, kept)
+        return result
+
+    monkeypatch.setattr(text_to_image, "fit", fit_and_keep)
+    work = tmp_path / "run"
+    flags = ["--smoke", "--threads", "1", "--base-steps", "3"]
+    assert main(["--work", str(work), "--stages", "data", "vae", "base", *flags]) == 0
+    out = tmp_path / "snapshot"
+    assert main(["--work", str(work), "--snapshot-base", str(out), *flags]) == 2  # no checkpoint left
+    assert "no base-stage checkpoint" in capsys.readouterr().err
+    shutil.copy(kept, work / "checkpoints" / "base.pt")
+    assert main(["--work", str(work), "--snapshot-base", str(out), *flags]) == 0
+    assert f"{out}: the base at step 3" in capsys.readouterr().out
+    for cls, part in ((UNet2DConditionModel, "unet"), (CLIPTextModel, "text_encoder")):
+        a, b = (cls.from_pretrained(folder / part).state_dict() for folder in (work / "base", out))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    assert {p.name for p in out.iterdir()} >= {"unet", "text_encoder", "tokenizer", "vae", "scheduler"}
+    # a recipe that does not fit the checkpoint: one line
+    assert main(["--work", str(work), "--snapshot-base", str(out), *flags, "--unet-channels", "16,32"]) == 2
+
+
 @pytest.mark.gpu
 def test_every_stage_trains_on_cuda(tmp_path):
     """What the first device call of the GPU run (benchmarks/gpu_runs/issue18_demo_world.py) checks: a few steps
