@@ -132,3 +132,39 @@ def test_sd_checkpoint_runs_in_the_pipeline(tiny_base, base_config, tmp_path):
     untrained = _run_pipeline(base, tmp_path / "untrained", "a red square")
     assert trained.shape == (1, 16, 16, 3)
     assert np.abs(trained - untrained).max() > 1e-4  # the trained branch is the one that ran
+
+
+def test_another_vae_replaces_the_bases_for_training_and_validation(tiny_base, base_config, tmp_path):
+    """``--pretrained_vae_model_name_or_path`` (diffusers' SDXL scripts' flag, for an fp16-fixed VAE): the run
+    encodes with that VAE; one of other latent channels or a missing folder is refused in one line."""
+    from diffusers import AutoencoderKL
+
+    from brushnet.training.config import parse_train_args
+
+    other = AutoencoderKL.from_pretrained(tiny_base, subfolder="vae")
+    with torch.no_grad():
+        for param in other.parameters():
+            param.mul_(0.5)
+    other.save_pretrained(tmp_path / "vae")
+    components = loop.load_components(str(tiny_base), vae=str(tmp_path / "vae"))
+    for name, value in other.state_dict().items():
+        assert torch.equal(components.vae.state_dict()[name], value), name
+    config = make_config(
+        {**base_config, "pretrained_vae_model_name_or_path": str(tmp_path / "vae"), "max_train_steps": 1}
+    )
+    own = loop.train(make_config({**base_config, "output_dir": str(tmp_path / "own"), "max_train_steps": 1}))
+    assert loop.train(config).losses != own.losses  # the latents came from the other VAE
+    flags = ["--pretrained_model_name_or_path", "b", "--train_shards", "s"]
+    assert (
+        parse_train_args(
+            [*flags, "--pretrained_vae_model_name_or_path", "v"]
+        ).pretrained_vae_model_name_or_path
+        == "v"
+    )
+
+    wide = AutoencoderKL(latent_channels=8, block_out_channels=(8,), norm_num_groups=8)
+    wide.save_pretrained(tmp_path / "wide")
+    with pytest.raises(CheckpointError, match=r"has 8 latent channels but the base's has 4"):
+        loop.load_components(str(tiny_base), vae=str(tmp_path / "wide"))
+    with pytest.raises(CheckpointError, match=r"^VAE checkpoint not found: "):
+        loop.load_components(str(tiny_base), vae=str(tmp_path / "nope"))

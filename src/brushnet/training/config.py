@@ -48,6 +48,11 @@ class TrainConfig(BaseModel):
         "tokenizer/, scheduler/; SDXL also text_encoder_2/, tokenizer_2/)."
     )
     revision: str | None = Field(None, description="Revision of the base model on the hub.")
+    pretrained_vae_model_name_or_path: str | None = Field(
+        None,
+        description="Another VAE folder or hub id for the base (e.g. an fp16-fixed SDXL VAE, which then trains and "
+        "validates in fp16 under --mixed_precision fp16); default: the base's own vae/.",
+    )
     brushnet_model_name_or_path: str | None = Field(
         None, description="Continue from this BrushNet checkpoint folder; default: initialise from the UNet."
     )
@@ -344,12 +349,16 @@ DEFAULT_VAE_SCALE_FACTOR = 8
 
 def vae_scale_factor(pretrained_model_name_or_path: str | os.PathLike) -> int:
     """How much the base's VAE downsamples (``2 ** (levels - 1)``), read from ``vae/config.json`` of a local
-    diffusers folder without loading anything; :data:`DEFAULT_VAE_SCALE_FACTOR` when that file cannot be read."""
-    path = Path(pretrained_model_name_or_path).expanduser() / "vae" / "config.json"
-    try:
-        blocks = json.loads(path.read_text()).get("block_out_channels")
-    except (OSError, ValueError, AttributeError):
-        return DEFAULT_VAE_SCALE_FACTOR
+    diffusers folder (or ``config.json`` of a VAE folder) without loading anything; :data:`DEFAULT_VAE_SCALE_FACTOR`
+    when neither can be read."""
+    folder = Path(pretrained_model_name_or_path).expanduser()
+    blocks = None
+    for path in (folder / "vae" / "config.json", folder / "config.json"):
+        try:
+            blocks = json.loads(path.read_text()).get("block_out_channels")
+            break
+        except (OSError, ValueError, AttributeError):
+            continue
     if isinstance(blocks, list) and blocks:
         return 2 ** (len(blocks) - 1)
     return DEFAULT_VAE_SCALE_FACTOR
@@ -363,7 +372,9 @@ def check_resolution(config: TrainConfig) -> None:
     Raises:
         ConfigError: one line with the smallest valid value and the nearest ones.
     """
-    factor = vae_scale_factor(config.pretrained_model_name_or_path)
+    factor = vae_scale_factor(
+        config.pretrained_vae_model_name_or_path or config.pretrained_model_name_or_path
+    )
     if config.resolution % factor == 0:
         return
     below = config.resolution // factor * factor

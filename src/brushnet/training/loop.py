@@ -110,16 +110,28 @@ class Components:
 
 
 def load_components(
-    pretrained_model_name_or_path: str, revision: str | None = None, allow_pickle: bool = False
+    pretrained_model_name_or_path: str,
+    revision: str | None = None,
+    allow_pickle: bool = False,
+    vae: str | None = None,
 ) -> Components:
     """Load the base (SD1.5-style or SDXL) with :func:`brushnet.loading.load_base_components`, in float32, and a
     ``DDPMScheduler`` from its scheduler config (the training noise schedule). Pickle-based weights need
-    ``allow_pickle``, as for inference."""
-    from diffusers import DDPMScheduler
+    ``allow_pickle``, as for inference. ``vae``: another VAE folder or hub id instead of the base's (refused in
+    one line if its latent channels differ from the base's)."""
+    from diffusers import AutoencoderKL, DDPMScheduler
 
-    from ..loading import load_base_components
+    from ..loading import load_base_components, load_model
 
     parts = load_base_components(pretrained_model_name_or_path, revision=revision, allow_pickle=allow_pickle)
+    if vae is not None:
+        replacement = load_model(AutoencoderKL, vae, "VAE", allow_pickle=allow_pickle)
+        own, other = parts["vae"].config.latent_channels, replacement.config.latent_channels
+        if own != other:
+            raise CheckpointError(
+                f"the VAE {vae} has {other} latent channels but the base's has {own}: it does not fit this base"
+            )
+        parts["vae"] = replacement
     family = family_for_unet(parts["unet"]).from_components(parts)
     noise_scheduler = DDPMScheduler.from_config(parts["scheduler"].config)
     return Components(parts["vae"], parts["unet"], family, noise_scheduler, dict(noise_scheduler.config))
@@ -641,7 +653,12 @@ def train(config: TrainConfig, dataset=None, on_start: Callable[[], None] | None
         torch.backends.cuda.matmul.allow_tf32 = True
 
     # models: frozen parts in the mixed-precision dtype, the branch in float32
-    components = load_components(config.pretrained_model_name_or_path, config.revision, config.allow_pickle)
+    components = load_components(
+        config.pretrained_model_name_or_path,
+        config.revision,
+        config.allow_pickle,
+        config.pretrained_vae_model_name_or_path,
+    )
     if resume_path is not None:
         check_resume_fits_base(resume_path, components.unet.config)
     brushnet = initial_branch(components, config.brushnet_model_name_or_path, config.allow_pickle)
