@@ -172,3 +172,128 @@ def test_parallel_workers_give_the_same_grid_as_one_process(tmp_path):
         assert Path(one["images"][name]).read_bytes() == Path(two["images"][name]).read_bytes()
     assert sorted(event.split(":")[0] for event in events) == sorted(methods)
     assert list(two["seconds"]) == methods
+
+
+def _demo(tmp_path, *args):
+    return runner.invoke(app, ["demo", "--steps", "2", "--no-table", "--threads", "1", *args])
+
+
+def test_demo_keeps_files_it_did_not_write_and_its_own_inputs(tmp_path):
+    """It replaced a user's grid.png or brushnet.png, and its own --image/--mask when they sat at an output path;
+    an earlier run's image of a method left out stayed beside the new grid."""
+    out = tmp_path / "out"
+    out.mkdir()
+    Image.new("RGB", (8, 8), "red").save(out / "grid.png")
+    result = _demo(tmp_path, "--methods", "brushnet", "-o", str(out))
+    assert result.exit_code == 2 and "was not written by brushnet" in result.output
+    assert Image.open(out / "grid.png").size == (8, 8)
+    assert _demo(tmp_path, "--methods", "brushnet", "-o", str(out), "--overwrite").exit_code == 0
+
+    scene = demo_scene(DEMO_SCENES[0])
+    own = tmp_path / "own"
+    own.mkdir()
+    scene.image.save(own / "brushnet.png")
+    Image.fromarray((scene.hole * 255).astype(np.uint8)).save(own / "mask.png")
+    before = (own / "brushnet.png").read_bytes()
+    result = _demo(
+        tmp_path, "-o", str(own), "-i", str(own / "brushnet.png"), "-m", str(own / "mask.png"),
+        "-p", "a red circle", "--methods", "brushnet",
+    )  # fmt: skip
+    assert result.exit_code == 2 and "would overwrite the input" in result.output
+    assert (own / "brushnet.png").read_bytes() == before
+
+    both = tmp_path / "both"
+    assert _demo(tmp_path, "-o", str(both), "--methods", "brushnet,blended-latent-diffusion").exit_code == 0
+    from brushnet.io import read_png_metadata
+
+    record = read_png_metadata(both / "brushnet.png")
+    assert record["command"] == "brushnet demo" and record["method"] == "brushnet"
+    Image.new("RGB", (8, 8)).save(both / "repaint.png")  # the user's, not the demo's
+    assert _demo(tmp_path, "-o", str(both), "--methods", "brushnet").exit_code == 0
+    assert not (both / "blended-latent-diffusion.png").exists() and (both / "repaint.png").is_file()
+
+
+def test_demo_passes_the_device_and_checks_every_model_folder_first(tmp_path, monkeypatch):
+    """--device was checked, then dropped: every method ran on the CPU. A missing model folder failed only when
+    its method's turn came (in parallel mode after every other method had run)."""
+    import brushnet.methods
+
+    seen = []
+
+    def record(name, models, device="cpu", **kwargs):
+        seen.append((name, device))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(brushnet.methods, "load_method", record)
+    with pytest.raises(RuntimeError, match="stop here"):
+        run_demo(tmp_path / "x", methods=["brushnet"], request={"steps": 2}, device="cuda:1")
+    assert seen == [("brushnet", "cuda:1")]
+    monkeypatch.undo()
+
+    import brushnet.demo.run as demo_run
+
+    calls = []
+    monkeypatch.setattr(demo_run, "run_demo", lambda output, **kwargs: calls.append(kwargs) or {"grid": "g"})
+    assert (
+        _demo(tmp_path, "--methods", "brushnet", "-o", str(tmp_path / "y"), "--device", "cpu").exit_code == 0
+    )
+    assert calls[0]["device"] == "cpu"
+    monkeypatch.undo()
+
+    models = tmp_path / "models"
+    models.mkdir()
+    for part in DEMO_DIR.iterdir():
+        if part.name != "powerpaint":
+            (models / part.name).symlink_to(part)
+    result = _demo(
+        tmp_path, "--models", str(models), "--methods", "brushnet,powerpaint", "-o", str(tmp_path / "z")
+    )
+    assert result.exit_code == 2 and "lack powerpaint/ (for powerpaint)" in result.output
+    assert not (tmp_path / "z").exists()
+    # a worker's failure stops the others: the error comes back, the pool is gone
+    with pytest.raises(Exception, match="not found"):
+        run_demo(
+            tmp_path / "w",
+            methods=["powerpaint", "brushnet"],
+            models_root=models,
+            request={"steps": 2},
+            workers=2,
+        )
+
+
+def test_demo_table_is_the_models_own_and_small_requests_run(tmp_path):
+    """With --models the printed table was the shipped models' whatever the folder; --steps under RePaint's jump
+    length failed with advice the demo does not allow; a method named twice ran twice; an oversized image's
+    error named --max-pixels, which the demo lacks."""
+    models = tmp_path / "models"
+    models.mkdir()
+    for part in DEMO_DIR.iterdir():
+        if part.name != "mini_brushbench.json":
+            (models / part.name).symlink_to(part)
+    result = runner.invoke(
+        app,
+        [
+            "demo",
+            "--models",
+            str(models),
+            "--methods",
+            "repaint,repaint",
+            "--steps",
+            "3",
+            "-o",
+            str(tmp_path / "o"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert f"no mini-BrushBench results for the models in {models}" in result.output
+    assert result.output.count("repaint: 4 scene(s)") == 1
+    assert demo_options("repaint", steps=3)["jump_length"] == 3
+    assert "PowerPaint" not in demo_scene(DEMO_SCENES[-1], powerpaint=False).label
+
+    Image.new("RGB", (300, 300)).save(tmp_path / "big.png")
+    Image.new("L", (300, 300), 255).save(tmp_path / "mask.png")
+    result = _demo(
+        tmp_path, "-i", str(tmp_path / "big.png"), "-m", str(tmp_path / "mask.png"), "-p", "a red circle"
+    )
+    assert result.exit_code == 2 and "image is 300x300; the demo models work on 128x128" in result.output
+    assert "--max-pixels" not in result.output

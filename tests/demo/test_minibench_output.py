@@ -89,3 +89,28 @@ def test_summary_splits_the_hole_scores_by_what_the_prompt_names(tmp_path):
     assert row["shape_acc_hole"] == 0.75
     assert row["shape_acc_hole_same"] == 1.0 and row["shape_acc_hole_different"] == 0.5
     assert row["colour_acc_hole_same"] == row["colour_acc_hole_different"] == 1.0
+
+
+def test_minibench_refuses_bad_arguments_and_another_eval_set_before_writing(tmp_path, capsys):
+    """An unknown method or no scenes ended in a traceback after the eval sets were written; a rerun in the same
+    --work with another --seed rewrote the eval set, and bench run then reused the other set's results."""
+    for args, message in (
+        (["--methods", "nosuch"], "--methods: unknown ['nosuch']"),
+        (["--scenes", "0"], "--scenes must be at least 1, got 0"),
+    ):
+        work = tmp_path / args[0].strip("-")
+        with pytest.raises(SystemExit) as info:
+            minibench.main(["--work", str(work), *args])
+        assert info.value.code == 2 and message in capsys.readouterr().err
+        assert not work.exists()
+    work = tmp_path / "work"
+    assert minibench.main(["--work", str(work), "--scenes", "1", "--methods", "brushnet", "--skip-run"]) == 0
+    eval_set = (work / "eval" / "mapping_file.json").read_bytes()
+    record = json.loads((work / "mini_brushbench.json").read_text())
+    assert (record["eval_seed"], record["methods"]) == (0, ["brushnet"])
+    table = capsys.readouterr().out
+    assert "--scenes 1 --methods brushnet (docs" in " ".join(table.split())
+    with pytest.raises(SystemExit):
+        minibench.main(["--work", str(work), "--scenes", "1", "--seed", "5", "--methods", "brushnet"])
+    assert "holds the results of an eval set of 1 scenes, seed 0" in capsys.readouterr().err
+    assert (work / "eval" / "mapping_file.json").read_bytes() == eval_set

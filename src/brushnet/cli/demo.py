@@ -52,7 +52,14 @@ def demo_command(
     ),
     models: Path | None = typer.Option(None, help="Models folder (default: the shipped demo_world)."),
     table: bool = typer.Option(
-        True, help="Print the mini-BrushBench table after the shipped scenes' grid (not with --image)."
+        True,
+        help="Print the mini-BrushBench table of the models (their mini_brushbench.json) after the shipped "
+        "scenes' grid (not with --image).",
+    ),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Let grid.png or <method>.png replace a file brushnet did not write, or an input.",
     ),
     request: dict = None,
     runtime: Any = None,
@@ -65,9 +72,10 @@ def demo_command(
     --prompt it inpaints your own 128x128 scene instead. The methods run in parallel worker processes, one per
     CPU thread (--threads; 1 runs them one after another in this process).
     """
-    from ..demo.assets import DEMO_DIR, METHODS
+    from ..demo.assets import DEMO_DIR, METHODS, method_models
     from ..demo.run import check_demo_request, format_results_table, run_demo, user_scene
     from ..io import check_output_path
+    from .common import refuse_overwriting_inputs, refuse_replacing_other_images
 
     runtime.apply()
     quiet_library_progress()  # the demo prints a line per method; no weight-loading bar per model folder
@@ -85,6 +93,7 @@ def demo_command(
     chosen = (
         list(METHODS) if methods.strip() == "all" else [m.strip() for m in methods.split(",") if m.strip()]
     )
+    chosen = list(dict.fromkeys(chosen))  # a method named twice runs once
     unknown = [m for m in chosen if m not in METHODS]
     if unknown or not chosen:
         fail(f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from: {', '.join(METHODS)}")
@@ -93,9 +102,20 @@ def demo_command(
         fail(
             f"no demo models in {root} (expected base/model_index.json; train them with examples/demo_world)"
         )
+    missing = [
+        f"{Path(path).name}/ (for {name})"
+        for name in chosen
+        for path in method_models(name, root).values()
+        if not Path(path).is_dir()
+    ]
+    if missing:  # before any work: a worker would fail only after the others had run
+        fail(f"the models in {root} lack {', '.join(missing)}; leave those methods out of --methods")
     check_demo_request(chosen, request)
-    for name in ["grid", *chosen]:  # every file it will write, before any work
-        check_output_path(output / f"{name}.png")
+    outputs = [output / f"{name}.png" for name in ["grid", *chosen]]
+    refuse_overwriting_inputs(outputs, [image, mask] if given else [], overwrite)
+    refuse_replacing_other_images(outputs, overwrite)
+    for path in outputs:  # every file it will write, before any work
+        check_output_path(path)
     start = time.perf_counter()
     scenes = [user_scene(str(image), str(mask), prompt, invert_mask)] if given else None
     import torch
@@ -110,8 +130,9 @@ def demo_command(
         on_event=lambda message: typer.echo(message, err=True),
         request=request,
         workers=min(torch.get_num_threads(), len(chosen)),
+        device=runtime.device,
     )
     typer.echo(f"wrote {result['grid']} ({time.perf_counter() - start:.1f} s)")
     if table and not given:
         typer.echo("")
-        typer.echo(format_results_table())
+        typer.echo(format_results_table(Path(root) / "mini_brushbench.json"))

@@ -215,13 +215,34 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.merge} has {earlier.get('images')} scenes and settings {earlier.get('settings')}; "
                 f"this run {args.scenes} and {DEMO_REQUEST}: not the same benchmark"
             )
+    if args.scenes < 1:
+        parser.error(f"--scenes must be at least 1, got {args.scenes}")
+    methods = [name for name in dict.fromkeys(args.methods.split(",")) if name]
+    unknown = [name for name in methods if name not in METHODS]
+    if unknown or not methods:
+        parser.error(f"--methods: unknown {unknown or '(none given)'}; choose from: {', '.join(METHODS)}")
+    # a work folder holds one eval set: bench run resumes by image id, so another set's results would be reused
+    eval_record = args.work / "eval_set.json"
+    wanted = {"scenes": args.scenes, "seed": args.seed}
+    if eval_record.is_file():
+        made = json.loads(eval_record.read_text())
+        if made != wanted:
+            parser.error(
+                f"{args.work} holds the results of an eval set of {made.get('scenes')} scenes, seed "
+                f"{made.get('seed')}; this run asks for {args.scenes} scenes, seed {args.seed}: use another --work"
+            )
+    elif not args.skip_run and (args.work / "run").exists():
+        parser.error(
+            f"{args.work} holds a bench run whose eval set is not recorded; use another --work (or remove "
+            f"{args.work / 'run'} and {args.work / 'run_removal'})"
+        )
     from ..data.shapes_writers import write_eval_set
 
     dataset, run_dir = args.work / "eval", args.work / "run"
     removal_set, removal_dir = args.work / "eval_removal", args.work / "run_removal"
     write_eval_set(dataset, args.scenes, seed=args.seed, different_object_fraction=0.25)
     write_eval_set(removal_set, args.scenes, seed=args.seed, removal=True)
-    methods = args.methods.split(",")
+    atomic_write_text(eval_record, json.dumps(wanted))
     commands = {
         "main": bench_command(dataset, run_dir, args.models, methods=methods),
         "removal": bench_command(removal_set, removal_dir, args.models, methods=methods, removal=True),
@@ -247,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     record = {
         "images": args.scenes,
+        "eval_seed": args.seed,
+        "methods": methods,
         "command": reproduce,
         "settings": DEMO_REQUEST,
         "bench_seconds": None if args.skip_run else round(seconds, 1),

@@ -105,8 +105,9 @@ class DemoScene:
     removal: bool = False
 
 
-def demo_scene(spec: DemoSpec) -> DemoScene:
-    """Render a :class:`DemoSpec` (deterministic)."""
+def demo_scene(spec: DemoSpec, powerpaint: bool = True) -> DemoScene:
+    """Render a :class:`DemoSpec` (deterministic); ``powerpaint``: whether PowerPaint is among the methods (a
+    removal scene's label then names its removal task)."""
     from ..data.shapes import dilate_mask, render_scene, sample_scene, scene_rng
 
     scene = sample_scene(scene_rng("eval", spec.seed, spec.index), size=SIZE, min_gap=8)
@@ -115,17 +116,23 @@ def demo_scene(spec: DemoSpec) -> DemoScene:
     hole = dilate_mask(masks[spec.target % len(scene.objects)], 3)
     if spec.removal:
         prompt = spec.prompt or scene.background.phrase
-        label = f'remove {target.phrase}: prompt "{prompt}"  (PowerPaint: task object-removal)'
+        label = f'remove {target.phrase}: prompt "{prompt}"'
+        if powerpaint:
+            label += "  (PowerPaint: task object-removal)"
     else:
         prompt = spec.prompt or target.phrase
         label = f'prompt "{prompt}"  (masked: {target.phrase})'
     return DemoScene(image, hole, prompt, label, spec.removal)
 
 
-def demo_options(method: str, removal: bool = False) -> dict:
+def demo_options(method: str, removal: bool = False, steps: int | None = None) -> dict:
     """The options ``method`` runs with in the demo (:data:`METHOD_OPTIONS`, and for a removal scene
-    :data:`REMOVAL_OPTIONS` over them)."""
-    return {**METHOD_OPTIONS.get(method, {}), **(REMOVAL_OPTIONS.get(method, {}) if removal else {})}
+    :data:`REMOVAL_OPTIONS` over them). With ``steps`` fewer than RePaint's jump length, the jumps are that
+    long (``brushnet demo --steps 3`` failed on RePaint's jump length, which the demo does not let one set)."""
+    options = {**METHOD_OPTIONS.get(method, {}), **(REMOVAL_OPTIONS.get(method, {}) if removal else {})}
+    if steps is not None and "jump_length" in options:
+        options["jump_length"] = min(options["jump_length"], steps)
+    return options
 
 
 def _mask_view(image: Image.Image, hole: np.ndarray) -> Image.Image:
@@ -159,10 +166,15 @@ def format_results_table(path: str | os.PathLike = RESULTS_FILE, width: int = 80
     import textwrap
 
     path = Path(path)
+    if not path.is_file():
+        return (
+            f"(no mini-BrushBench results for the models in {path.parent}: measure them with python -m "
+            f"brushnet.demo.minibench --models {path.parent} --work WORK --results {path})"
+        )
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
-        return f"(no mini-BrushBench results file at {path}: {error})"
+        return f"(unreadable mini-BrushBench results file {path}: {error})"
 
     def number(value, digits: int) -> str:
         return "–" if value is None else f"{value:.{digits}f}"
@@ -206,9 +218,12 @@ def format_results_table(path: str | os.PathLike = RESULTS_FILE, width: int = 80
     for text in RESULTS_LEGEND:
         if removal or not text.startswith("removal:"):
             lines += wrap(text)
+    eval_seed = f" --seed {data['eval_seed']}" if data.get("eval_seed") not in (None, 0) else ""
+    methods = data.get("methods")
+    subset = f" --methods {','.join(methods)}" if methods and list(methods) != list(METHODS) else ""
     lines += wrap(
-        f"Reproduce: python -m brushnet.demo.minibench --work WORK --scenes {data.get('images', 200)} "
-        "(docs/mini_brushbench.md)"
+        f"Reproduce: python -m brushnet.demo.minibench --work WORK --scenes {data.get('images', 200)}"
+        f"{eval_seed}{subset} (docs/mini_brushbench.md)"
     )
     return "\n".join(lines)
 
@@ -230,7 +245,7 @@ def check_demo_request(methods: Sequence[str], request: dict | None = None) -> N
             check_request(
                 get_method_class(name),
                 {**fields, "prompt": "", "blend": False, "resolution": SIZE},
-                options=demo_options(name, removal),
+                options=demo_options(name, removal, fields["steps"]),
             )
 
 
@@ -249,7 +264,9 @@ PowerPaint 7.8–8.3 s, RePaint 7.0–7.2, HD-Painter 6.3–7.3, ControlNet-inpa
 BLD 4.2, BrushNet 3.5 without the first method's library imports)."""
 
 
-def _generate(name: str, scenes: Sequence[DemoScene], models_root, request: dict) -> tuple[list, float]:
+def _generate(
+    name: str, scenes: Sequence[DemoScene], models_root, request: dict, device: str = "cpu"
+) -> tuple[list, float]:
     """One method's raw output for every scene (unblended; the grid pastes back with its own kernel), and the
     seconds it took, loading included."""
     import torch
@@ -259,31 +276,59 @@ def _generate(name: str, scenes: Sequence[DemoScene], models_root, request: dict
     generation = {key: value for key, value in request.items() if key != "blend_kernel_size"}
     start = time.perf_counter()
     with torch.no_grad():
-        method = load_method(name, method_models(name, models_root))
+        method = load_method(name, method_models(name, models_root), device=device)
         raws = [
             inpaint(
                 method,
                 scene.image,
                 scene.hole,
                 {**generation, "prompt": scene.prompt, "blend": False, "resolution": SIZE},
-                options=demo_options(name, scene.removal),
+                options=demo_options(name, scene.removal, request["steps"]),
             ).images[0]
             for scene in scenes
         ]
     return raws, time.perf_counter() - start
 
 
+def _generate_task(args: tuple) -> tuple[str, list, float]:
+    """:func:`_generate` in a worker process, with the method's name for the parent."""
+    name = args[0]
+    return (name, *_generate(*args))
+
+
 def _worker_init(threads: int, progress_bars: bool) -> None:
     """A demo worker process: ``threads`` torch threads, the CLI's filter of library noise, and the library
-    progress bars as in the parent process."""
+    progress bars as in the parent process. It ignores Ctrl-C: the terminal sends it to the whole process group,
+    and the parent, which stops the workers, is the one that reports it."""
+    import signal
+
     import torch
 
     from ..cli.common import quiet_library_progress, silence_library_noise
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     silence_library_noise()
     if not progress_bars:
         quiet_library_progress()
+
+
+def _quiet_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker (if it is not running) with its "leaked semaphore" warning off:
+    workers stopped on Ctrl-C leave their semaphores registered, and the tracker's two-line warning followed the
+    demo's "interrupted". The tracker takes its warning filters from this process's ``sys.warnoptions``."""
+    import sys
+    from multiprocessing import resource_tracker
+
+    quiet = "ignore:resource_tracker:UserWarning"
+    added = quiet not in sys.warnoptions
+    if added:
+        sys.warnoptions.append(quiet)
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        if added:
+            sys.warnoptions.remove(quiet)
 
 
 def _library_bars_enabled() -> bool:
@@ -300,13 +345,17 @@ def run_demo(
     on_event: Callable[[str], None] | None = None,
     request: dict | None = None,
     workers: int = 1,
+    device: str = "cpu",
 ) -> dict:
     """Inpaint ``scenes`` (default: :data:`DEMO_SCENES`) with every method and write ``grid.png`` (and, for
-    each method, ``<method>.png`` of the first scene, blended) under ``output``.
+    each method, ``<method>.png`` of the first scene, blended) under ``output``, all at once when every image is
+    made. Each PNG carries the demo's record (method, request); a ``<method>.png`` a previous demo run wrote there
+    for a method this run leaves out is removed, so the folder holds one run's images.
 
     Args:
         request: request fields over :data:`DEMO_REQUEST` (steps, guidance, seed, scheduler, ...); the prompt,
             the working size and each method's options are the demo's.
+        device: where the methods run (``cpu``, ``cuda``, ...).
         workers: with more than one, the methods run in that many worker processes (spawned; each with
             ``torch.get_num_threads() // workers`` threads, at least one), the longest first
             (:data:`SLOWEST_FIRST`). These small models keep a core busy with Python as much as with arithmetic,
@@ -319,11 +368,13 @@ def run_demo(
     import torch
 
     from ..image import blend_pil
-    from ..io import atomic_write_bytes, make_grid, png_bytes
+    from ..io import atomic_write_together, make_grid, png_bytes
 
     request = {**DEMO_REQUEST, **{k: v for k, v in (request or {}).items() if v is not None}}
     say = on_event or (lambda message: None)
-    scenes = list(scenes) if scenes is not None else [demo_scene(spec) for spec in DEMO_SCENES]
+    if scenes is None:
+        scenes = [demo_scene(spec, powerpaint="powerpaint" in methods) for spec in DEMO_SCENES]
+    scenes = list(scenes)
     output = Path(output)
     check_demo_request(methods, request)
     raws: dict[str, list] = {}
@@ -336,34 +387,42 @@ def run_demo(
     workers = max(1, min(int(workers), len(methods)))
     if workers == 1:
         for name in methods:
-            done(name, *_generate(name, scenes, models_root, request))
+            done(name, *_generate(name, scenes, models_root, request, device))
     else:
         import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
 
         order = sorted(methods, key=lambda m: SLOWEST_FIRST.index(m) if m in SLOWEST_FIRST else -1)
         threads = max(1, torch.get_num_threads() // workers)
-        with ProcessPoolExecutor(
-            workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_worker_init,
-            initargs=(threads, _library_bars_enabled()),
-        ) as pool:
-            futures = {pool.submit(_generate, name, scenes, models_root, request): name for name in order}
-            for future in as_completed(futures):
-                done(futures[future], *future.result())
+        _quiet_resource_tracker()
+        pool = multiprocessing.get_context("spawn").Pool(
+            workers, initializer=_worker_init, initargs=(threads, _library_bars_enabled())
+        )
+        tasks = [(name, scenes, models_root, request, device) for name in order]
+        try:
+            # in the order they finish; a method that fails (a missing model) stops the demo at once
+            for name, outputs, took in pool.imap_unordered(_generate_task, tasks):
+                done(name, outputs, took)
+        except BaseException:  # Ctrl-C, a failed method: the workers stop now, not after the queued methods
+            pool.terminate()
+            pool.join()
+            raise
+        pool.close()
+        pool.join()
 
     tiles: list[list[tuple[str, Image.Image]]] = [
         [("input", scene.image), ("mask", _mask_view(scene.image, scene.hole))] for scene in scenes
     ]
-    images: dict[str, str] = {}
+    record = {"command": "brushnet demo", "request": request, "scenes": [scene.label for scene in scenes]}
+    files: list[tuple[Path, bytes]] = []
     for name in methods:
         label = METHOD_LABELS.get(name, name)
         for row, (scene, raw) in enumerate(zip(scenes, raws[name], strict=True)):
             blended = blend_pil(scene.image, raw, scene.hole, kernel_size=request["blend_kernel_size"])
             tiles[row] += [(label, raw), (f"{label} +blend", blended)]
             if row == 0:
-                images[name] = str(atomic_write_bytes(output / f"{name}.png", png_bytes(blended)))
+                options = demo_options(name, scene.removal, request["steps"])
+                metadata = {**record, "method": name, "options": options}
+                files.append((output / f"{name}.png", png_bytes(blended, metadata)))
     grid = make_grid(
         [[image for _, image in row] for row in tiles],
         tile=SIZE,
@@ -374,8 +433,26 @@ def run_demo(
         pad=4,
         resample="nearest",
     )
-    grid_path = atomic_write_bytes(output / "grid.png", png_bytes(grid))
-    return {"grid": str(grid_path), "images": images, "seconds": {name: seconds[name] for name in methods}}
+    files.append((output / "grid.png", png_bytes(grid, {**record, "methods": list(methods)})))
+    written = atomic_write_together(files)
+    for name in METHODS:  # a previous demo run's image of a method this run left out
+        stale = output / f"{name}.png"
+        if name not in methods and _written_by_demo(stale):
+            stale.unlink(missing_ok=True)
+    images = {name: str(path) for name, path in zip(methods, written)}
+    return {"grid": str(written[-1]), "images": images, "seconds": {name: seconds[name] for name in methods}}
+
+
+def _written_by_demo(path: Path) -> bool:
+    """Whether ``path`` is an image ``brushnet demo`` wrote (its PNG record says so)."""
+    from ..io import is_brushnet_image, read_png_metadata
+
+    if not path.is_file() or not is_brushnet_image(path):
+        return False
+    try:
+        return read_png_metadata(path).get("command") == "brushnet demo"
+    except (OSError, ValueError):
+        return False
 
 
 def user_scene(image_path: str, mask_path: str, prompt: str, invert_mask: bool = False) -> DemoScene:
@@ -387,7 +464,16 @@ def user_scene(image_path: str, mask_path: str, prompt: str, invert_mask: bool =
     from ..errors import InputError
     from ..image import load_image, load_mask
 
-    image = load_image(image_path)
+    try:  # more than 128 x 128 pixels is refused from the header, before decoding, in the demo's words
+        image = load_image(image_path, max_pixels=SIZE * SIZE)
+    except InputError as error:
+        if "(--max-pixels)" not in str(error):
+            raise
+        with Image.open(image_path) as header:
+            width, height = header.size
+        raise InputError(
+            f"image is {width}x{height}; the demo models work on {SIZE}x{SIZE} scenes (resize or crop it first)"
+        ) from None
     if image.size != (SIZE, SIZE):
         raise InputError(
             f"image is {image.size[0]}x{image.size[1]}; the demo models work on {SIZE}x{SIZE} scenes "
