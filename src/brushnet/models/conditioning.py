@@ -29,14 +29,23 @@ def mask_out(image: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
     return torch.where(hole > 0.5, torch.full_like(image, -1.0), image)
 
 
-def vae_precision(vae):
+def vae_precision(vae, device: torch.device | str | None = None):
     """A context in which ``vae`` runs in its own dtype: a float32 VAE inside an autocast region (fp16 mixed
     precision training, a validation under ``accelerator.autocast()``) has autocast turned off, which would run its
-    convolutions in float16 — and the SDXL VAE, kept in float32 because it overflows there, gave NaN latents."""
+    convolutions in float16 — and the SDXL VAE, kept in float32 because it overflows there, gave NaN latents.
+
+    Args:
+        device: where the VAE runs (default: its parameters' device; with sequential CPU offload those are on
+            the meta device, so callers pass the inputs' device).
+    """
     import contextlib
 
-    device_type = next(vae.parameters()).device.type
-    if vae.dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+    device_type = torch.device(device).type if device is not None else next(vae.parameters()).device.type
+    try:
+        autocast = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta): nothing to turn off
+        return contextlib.nullcontext()
+    if vae.dtype == torch.float32 and autocast:
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 
@@ -56,7 +65,7 @@ def encode_latents(
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 
     # a list of generators draws item i of the batch from generator i (diffusers' randn_tensor)
-    with vae_precision(vae):
+    with vae_precision(vae, pixels.device):
         output = vae.encode(pixels.to(vae.dtype))
     dist = getattr(output, "latent_dist", None)
     if sample and dist is not None and _on_cpu(generator):

@@ -189,7 +189,7 @@ class StableDiffusionXLBrushNetPipeline(
             self.vae.to(dtype=torch.float32)
         try:
             # a float32 VAE inside an autocast region (a training run's validation) would still run in float16
-            with vae_precision(self.vae):
+            with vae_precision(self.vae, self._execution_device):
                 yield
         finally:
             if upcast:
