@@ -552,3 +552,32 @@ def test_cfg_cutoff_with_a_text_reading_branch():
     full = run(pipe, num_inference_steps=4)
     cut = run(pipe, num_inference_steps=4, callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=0.5))
     assert np.isfinite(cut).all() and diff(full, cut) > 1e-4
+
+
+@pytest.mark.parametrize("kind", ["sd", "xl"])
+def test_a_vae_with_latent_statistics_encodes_and_decodes_in_one_space(kind):
+    """Playground v2.5's SDXL-layout VAE has ``latents_mean``/``latents_std``: the SDXL pipeline normalised by them
+    when decoding but not when encoding (the start latents, the branch's masked image), so with ``strength`` < 1
+    the kept content came back shifted (0.45 off on this test). With the UNet predicting 0 and a deterministic
+    posterior, the output is the VAE's reconstruction of the input, with the statistics or without."""
+    inputs = tiny_inputs()
+    for stats in (False, True):
+        pipe = make(kind)
+        with torch.no_grad():
+            pipe.vae.quant_conv.weight[4:] = 0  # the posterior's log-variance -30: its sample is its mean
+            pipe.vae.quant_conv.bias[4:] = -30.0
+            pipe.unet.conv_out.weight.zero_()
+            pipe.unet.conv_out.bias.zero_()
+        if stats:
+            pipe.vae.register_to_config(latents_mean=[0.3, -0.2, 0.1, 0.4], latents_std=[0.6, 0.8, 0.5, 0.7])
+        with torch.no_grad():
+            pixels = pipe.image_processor.preprocess(inputs["image"])
+            reconstruction = pipe.image_processor.postprocess(
+                pipe.vae.decode(pipe.vae.encode(pixels).latent_dist.mean).sample, output_type="np"
+            )
+        size = reconstruction.shape[1] // pipe.vae_scale_factor
+        out = pipe(
+            **{**inputs, "num_inference_steps": 10}, strength=0.3, latents=torch.zeros(1, 4, size, size),
+            brushnet_conditioning_scale=0.0, blending=False,
+        ).images  # fmt: skip
+        assert np.abs(out - reconstruction).max() < 2e-3, (kind, stats)  # the bug: 0.45

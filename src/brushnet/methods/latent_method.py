@@ -140,8 +140,10 @@ class LatentMethod(InpaintMethod):
         """Latent → image ``(B, 3, h, w)`` in [0, 1] (float32, CPU)."""
         import torch
 
+        from ..models.conditioning import from_model_latents
+
         with torch.no_grad():
-            pixels = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+            pixels = self.vae.decode(from_model_latents(self.vae, latents)).sample
         return ((pixels.float() + 1) / 2).clamp(0, 1).cpu()
 
     def predict(

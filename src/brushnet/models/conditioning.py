@@ -16,7 +16,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["mask_out", "encode_latents", "keep_mask_latent", "brushnet_conditioning", "vae_precision"]
+__all__ = [
+    "mask_out",
+    "encode_latents",
+    "keep_mask_latent",
+    "brushnet_conditioning",
+    "vae_precision",
+    "to_model_latents",
+    "from_model_latents",
+]
 
 
 def mask_out(image: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
@@ -56,7 +64,8 @@ def encode_latents(
     generator: torch.Generator | list[torch.Generator] | None = None,
     sample: bool = True,
 ) -> torch.Tensor:
-    """VAE latents of ``pixels`` (in [−1, 1]) times the scaling factor, in the VAE's dtype.
+    """VAE latents of ``pixels`` (in [−1, 1]) in the diffusion model's space (times the scaling factor, and
+    normalised by the VAE's latent statistics where it has them: :func:`to_model_latents`), in the VAE's dtype.
 
     ``sample=True`` draws a posterior sample from ``generator`` (the original's choice); ``False`` takes the
     posterior mode. Works with any diffusers VAE (``AutoencoderKL``'s ``latent_dist`` or
@@ -79,7 +88,41 @@ def encode_latents(
         latents = dist.mean + dist.std * to_device(noise, dist.parameters.device)
     else:
         latents = retrieve_latents(output, generator, "sample" if sample else "argmax")
-    return latents * vae.config.scaling_factor
+    return to_model_latents(vae, latents)
+
+
+def _latent_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The VAE's per-channel latent mean and std (``latents_mean``/``latents_std`` in its config: Playground
+    v2.5's SDXL-layout VAE has them, Stable Diffusion's do not) as ``like``'s dtype and device, or None."""
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is None or std is None:
+        return None
+    shape = (1, -1) + (1,) * (like.dim() - 2)
+    return (
+        torch.tensor(mean).view(shape).to(device=like.device, dtype=like.dtype),
+        torch.tensor(std).view(shape).to(device=like.device, dtype=like.dtype),
+    )
+
+
+def to_model_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """VAE latents (its posterior's space) → the diffusion model's: ``z · scaling_factor``, or ``(z − mean) ·
+    scaling_factor / std`` for a VAE with latent statistics, as diffusers' SDXL pipelines encode."""
+    stats = _latent_stats(vae, latents)
+    if stats is None:
+        return latents * vae.config.scaling_factor
+    mean, std = stats
+    return (latents - mean) * vae.config.scaling_factor / std
+
+
+def from_model_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`to_model_latents`: what ``vae.decode`` takes, in the VAE's dtype."""
+    stats = _latent_stats(vae, latents)
+    if stats is None:
+        latents = latents / vae.config.scaling_factor
+    else:
+        mean, std = stats
+        latents = latents * std / vae.config.scaling_factor + mean
+    return latents.to(vae.dtype)
 
 
 def _on_cpu(generator) -> bool:

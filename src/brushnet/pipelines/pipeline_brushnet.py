@@ -47,6 +47,7 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPV
 
 from ..loading import check_brushnet_fits_base
 from ..models.brushnet import BrushNetModel
+from ..models.conditioning import from_model_latents
 from .common import (  # noqa: F401
     BrushNetPipelineMixin,
     CheckedSourceMixin,
@@ -277,9 +278,7 @@ class StableDiffusionBrushNetPipeline(
         if output_type == "latent":
             return latents, None
         decoded = self.vae.decode(
-            latents.to(self.vae.dtype) / self.vae.config.scaling_factor,
-            return_dict=False,
-            generator=generator,
+            from_model_latents(self.vae, latents), return_dict=False, generator=generator
         )[0]
         decoded, has_nsfw = self.run_safety_checker(decoded, device, dtype)
         images = self._postprocess(

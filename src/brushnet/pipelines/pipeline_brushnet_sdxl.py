@@ -58,7 +58,7 @@ from transformers import (
 
 from ..loading import FAMILY_NAMES, CheckpointError, check_brushnet_fits_base, detect_family
 from ..models.brushnet import BrushNetModel
-from ..models.conditioning import vae_precision
+from ..models.conditioning import from_model_latents, vae_precision
 from .common import BrushNetPipelineMixin, CheckedSourceMixin, check_finite, check_prompt
 
 __all__ = ["StableDiffusionXLBrushNetPipeline"]
@@ -501,19 +501,8 @@ class StableDiffusionXLBrushNetPipeline(
         if output_type == "latent":
             images = latents
         else:
-            config = self.vae.config
-            latents_mean, latents_std = (
-                getattr(config, "latents_mean", None),
-                getattr(config, "latents_std", None),
-            )
-            with self._vae_in_float32():
-                if latents_mean is not None and latents_std is not None:  # a VAE with latent statistics
-                    mean = torch.tensor(latents_mean).view(1, -1, 1, 1).to(latents)
-                    std = torch.tensor(latents_std).view(1, -1, 1, 1).to(latents)
-                    latents = latents * std / config.scaling_factor + mean
-                else:
-                    latents = latents / config.scaling_factor
-                vae_input = latents.to(self.vae.dtype)
+            with self._vae_in_float32():  # a VAE with latent statistics: from_model_latents undoes them
+                vae_input = from_model_latents(self.vae, latents)
                 decoded = self.vae.decode(vae_input, return_dict=False, generator=generator)[0]
             images = self._postprocess(
                 decoded, image_tensor, hole, output_type, blending, blending_kernel_size

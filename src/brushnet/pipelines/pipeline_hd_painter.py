@@ -46,7 +46,7 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ..errors import InputError
-from ..models.conditioning import encode_latents
+from ..models.conditioning import encode_latents, from_model_latents
 from ..schedulers import original_and_noise
 from .common import (
     CheckedSourceMixin,
@@ -438,7 +438,7 @@ class StableDiffusionHDPainterPipeline(CheckedSourceMixin, DiffusionPipeline, St
             self.maybe_free_model_hooks()
             return (latents, None) if not return_dict else StableDiffusionPipelineOutput(latents, None)
         with torch.no_grad():
-            decoded = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+            decoded = self.vae.decode(from_model_latents(self.vae, latents)).sample
         images = ((decoded.float().clamp(-1, 1) + 1) / 2)[:, :, :height, :width]
         self.maybe_free_model_hooks()
         if output_type == "pt":
