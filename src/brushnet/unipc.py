@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import torch
-from diffusers import UniPCMultistepScheduler
+
+# SchedulerMixin in this module's namespace: diffusers reloads a saved pipeline's scheduler by looking up its
+# loading base class in the module that model_index.json names (``brushnet.unipc``)
+from diffusers import SchedulerMixin, UniPCMultistepScheduler  # noqa: F401
 
 __all__ = ["SyncFreeUniPCMultistepScheduler"]
 

@@ -581,3 +581,18 @@ def test_a_vae_with_latent_statistics_encodes_and_decodes_in_one_space(kind):
             brushnet_conditioning_scale=0.0, blending=False,
         ).images  # fmt: skip
         assert np.abs(out - reconstruction).max() < 2e-3, (kind, stats)  # the bug: 0.45
+
+
+def test_a_pipeline_saved_with_the_projects_unipc_reloads(tmp_path):
+    """``make_scheduler("unipc")`` (the methods' default) is brushnet.unipc's scheduler; diffusers looks up its
+    loading base class in that module, which did not import it: "cannot be loaded as it does not seem to have any
+    of the loading methods"."""
+    from brushnet.schedulers import make_scheduler
+
+    pipe = make("sd")
+    pipe.scheduler = make_scheduler("unipc", pipe.scheduler.config)
+    pipe.save_pretrained(tmp_path / "pipe")
+    loaded = StableDiffusionBrushNetPipeline.from_pretrained(tmp_path / "pipe")
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded.scheduler) is type(pipe.scheduler)
+    np.testing.assert_array_equal(loaded(**tiny_inputs()).images, pipe(**tiny_inputs()).images)

@@ -306,3 +306,23 @@ def _wider_unet_base(tmp_path):
         base / "unet"
     )
     return base
+
+
+def test_v1_expands_a_multi_vector_textual_inversion_token(powerpaint_pipes):
+    """PowerPaint v1 tokenized the user's text without diffusers' ``maybe_convert_prompt``: a 2-vector token kept
+    only its first vector (the same image as a 1-vector token), where diffusers' inpainting pipeline uses both."""
+    import copy
+
+    pipe = copy.deepcopy(powerpaint_pipes["v1"])
+    vectors = torch.randn(2, pipe.text_encoder.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    pipe.load_textual_inversion({"<tok>": vectors * 5})
+    pipe.load_textual_inversion({"<one>": vectors[:1] * 5})  # the first vector alone
+
+    def embeds(prompt: str, negative: str = "") -> torch.Tensor:
+        return pipe.encode_task_prompt("text-guided", [prompt], [negative], 1.0, 1.0, True)
+
+    with torch.no_grad():
+        two, two_negative = embeds("a <tok> cat", "<tok>")
+        one, one_negative = embeds("a <one> cat", "<one>")
+    assert not torch.equal(two, one) and not torch.equal(two_negative, one_negative)
+    assert pipe.maybe_convert_prompt("a <tok> cat", pipe.tokenizer) == "a <tok> <tok>_1 cat"

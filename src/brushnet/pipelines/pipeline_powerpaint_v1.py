@@ -82,6 +82,9 @@ class StableDiffusionPowerPaintInpaintPipeline(CheckedSourceMixin, StableDiffusi
         ``clip_skip`` and ``lora_scale`` (a text-encoder LoRA's weight) act as in diffusers' ``encode_prompt``."""
         from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
 
+        # a multi-vector textual inversion token expands to its vectors' tokens, as diffusers' encode_prompt does
+        prompt = self.maybe_convert_prompt(list(prompt), self.tokenizer)
+        negative_prompt = self.maybe_convert_prompt(list(negative_prompt), self.tokenizer)
         built = [task_prompts(task, p, n, version="v1") for p, n in zip(prompt, negative_prompt)]
         scaled = lora_scale is not None and USE_PEFT_BACKEND
         if scaled:
