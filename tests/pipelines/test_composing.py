@@ -596,3 +596,29 @@ def test_a_pipeline_saved_with_the_projects_unipc_reloads(tmp_path):
     loaded.set_progress_bar_config(disable=True)
     assert type(loaded.scheduler) is type(pipe.scheduler)
     np.testing.assert_array_equal(loaded(**tiny_inputs()).images, pipe(**tiny_inputs()).images)
+
+
+@pytest.mark.parametrize("kind", ["sd", "xl"])
+def test_the_original_pipelines_deprecated_step_callback_still_works(kind):
+    """``callback=`` / ``callback_steps=`` (the original pipelines', diffusers 0.27's) were a TypeError: a drop-in
+    call failed. They run through ``callback_on_step_end`` with a FutureWarning, at the same steps."""
+    pipe = make(kind)
+    calls, new_calls = [], []
+    with pytest.warns(FutureWarning, match="callback_on_step_end"):
+        out = pipe(
+            **{**tiny_inputs(), "num_inference_steps": 4},
+            callback=lambda step, t, latents: calls.append((step, int(t), latents.shape)),
+            callback_steps=2,
+        ).images
+
+    def on_step_end(pipe, i, t, tensors):
+        new_calls.append((i, int(t), tensors["latents"].shape))
+        return {}
+
+    same = pipe(**{**tiny_inputs(), "num_inference_steps": 4}, callback_on_step_end=on_step_end).images
+    assert calls == [c for c in new_calls if c[0] % 2 == 0] and len(calls) == 2
+    np.testing.assert_array_equal(out, same)
+    with pytest.raises(ValueError, match="pass one step callback"):
+        pipe(**tiny_inputs(), callback=print, callback_on_step_end=on_step_end)
+    with pytest.raises(ValueError, match="callback_steps` must be a positive integer"):
+        pipe(**tiny_inputs(), callback=print, callback_steps=0)

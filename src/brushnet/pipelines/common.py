@@ -367,23 +367,55 @@ class BrushNetPipelineMixin(PAGMixin):
     # -- the call's set-up ----------------------------------------------------------------------------
     @staticmethod
     def _call_arguments(
-        mask_image, mask, callback_on_step_end, callback_on_step_end_tensor_inputs
-    ) -> tuple[Any, list[str]]:
-        """The mask (``mask``: the original pipelines' keyword for ``mask_image``; passing both is an error) and the
-        tensors a step callback reads (a ``PipelineCallback`` names its own; default ``["latents"]``).
+        mask_image,
+        mask,
+        callback_on_step_end,
+        callback_on_step_end_tensor_inputs,
+        callback=None,
+        callback_steps: int | None = 1,
+    ) -> tuple[Any, Any, list[str]]:
+        """The mask (``mask``: the original pipelines' keyword for ``mask_image``; passing both is an error), the
+        step callback and the tensors it reads (a ``PipelineCallback`` names its own; default ``["latents"]``).
+
+        ``callback(step, timestep, latents)`` every ``callback_steps`` steps is the original pipelines' (diffusers
+        0.27's) deprecated form: it still works, through ``callback_on_step_end``, with a ``FutureWarning``.
 
         Returns:
-            ``(mask_image, callback_on_step_end_tensor_inputs)``.
+            ``(mask_image, callback_on_step_end, callback_on_step_end_tensor_inputs)``.
         """
+        import warnings
+
         from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
         if mask is not None:
             if mask_image is not None:
                 raise ValueError("pass the mask once: `mask_image` or its alias `mask`, not both")
             mask_image = mask
+        if callback is not None:
+            if callback_on_step_end is not None:
+                raise ValueError(
+                    "pass one step callback: `callback_on_step_end`, or the deprecated `callback`"
+                )
+            if not callable(callback):
+                raise ValueError(f"`callback` must be callable, got {type(callback).__name__}")
+            if isinstance(callback_steps, bool) or not isinstance(callback_steps, int) or callback_steps < 1:
+                raise ValueError(f"`callback_steps` must be a positive integer, got {callback_steps!r}")
+            warnings.warn(
+                "`callback` and `callback_steps` are deprecated (as in diffusers): use `callback_on_step_end`",
+                FutureWarning,
+                stacklevel=3,
+            )
+            legacy, every = callback, callback_steps
+
+            def callback_on_step_end(pipe, i, t, tensors):
+                if i % every == 0:
+                    legacy(i // getattr(pipe.scheduler, "order", 1), t, tensors["latents"])
+                return {}
+
+            callback_on_step_end_tensor_inputs = ["latents"]
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        return mask_image, callback_on_step_end_tensor_inputs or ["latents"]
+        return mask_image, callback_on_step_end, callback_on_step_end_tensor_inputs or ["latents"]
 
     def _begin_call(
         self, guidance_scale: float, clip_skip: int | None, cross_attention_kwargs: dict | None

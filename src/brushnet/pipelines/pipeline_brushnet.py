@@ -1,8 +1,9 @@
 """Stable Diffusion 1.5 + BrushNet inpainting pipeline on upstream diffusers.
 
-A drop-in for the original ``StableDiffusionBrushNetPipeline`` (same component names, same positional call
-``pipe(prompt, image, mask_image, ...)``, same outputs to ~1e-6 on the reference goldens), with these
-differences, all documented in the README:
+A drop-in for the original ``StableDiffusionBrushNetPipeline`` (same component names, the same call
+``pipe(prompt, image, mask_image, ...)`` with the rest by keyword — past the third argument the positional order is
+diffusers 0.42's, ``sigmas`` before ``guidance_scale`` —, same outputs to ~1e-6 on the reference goldens), with
+these differences, all documented in the README:
 
 - the image may be passed whole or with the hole already blacked out: the pipeline blacks it out itself;
 - the SD1.5 branch ignores the prompt, so with classifier-free guidance it runs once per step on the
@@ -328,6 +329,8 @@ class StableDiffusionBrushNetPipeline(
         controlnet_guidance_end: float | list[float] = 1.0,
         pag_scale: float = 0.0,
         pag_adaptive_scale: float = 0.0,
+        callback: Callable | None = None,
+        callback_steps: int = 1,
     ):
         r"""Inpaint ``image`` where ``mask_image`` is white.
 
@@ -349,6 +352,9 @@ class StableDiffusionBrushNetPipeline(
                 conditions the text half.
             control_guidance_start, control_guidance_end: fractions of the steps during which the branch is on.
             callback_on_step_end, callback_on_step_end_tensor_inputs: as in diffusers.
+            callback, callback_steps: the original pipelines' deprecated step callback, ``callback(step, timestep,
+                latents)`` every ``callback_steps`` steps; it works, with a ``FutureWarning`` (not with
+                ``callback_on_step_end``).
             blending: paste the result back into the input through the reference's 21-px feathered mask,
                 so pixels farther than 10 px from the hole are exactly the input's. Off by default (parity
                 with the original); the CLI and :mod:`brushnet.methods` turn it on.
@@ -374,8 +380,13 @@ class StableDiffusionBrushNetPipeline(
         Returns:
             ``StableDiffusionPipelineOutput(images, nsfw_content_detected)`` or a tuple.
         """
-        mask_image, callback_on_step_end_tensor_inputs = self._call_arguments(
-            mask_image, mask, callback_on_step_end, callback_on_step_end_tensor_inputs
+        mask_image, callback_on_step_end, callback_on_step_end_tensor_inputs = self._call_arguments(
+            mask_image,
+            mask,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+            callback,
+            callback_steps,
         )
 
         # 1. check inputs

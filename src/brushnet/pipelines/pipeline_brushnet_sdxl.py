@@ -299,6 +299,8 @@ class StableDiffusionXLBrushNetPipeline(
         controlnet_guidance_end: float | list[float] = 1.0,
         pag_scale: float = 0.0,
         pag_adaptive_scale: float = 0.0,
+        callback: Callable | None = None,
+        callback_steps: int = 1,
     ):
         r"""Inpaint ``image`` where ``mask_image`` is white.
 
@@ -337,6 +339,8 @@ class StableDiffusionXLBrushNetPipeline(
             negative_original_size, negative_crops_coords_top_left, negative_target_size: the same for the
                 unconditional half (default: the positive ones; both sizes must be given to take effect).
             callback_on_step_end, callback_on_step_end_tensor_inputs: as in diffusers.
+            callback, callback_steps: the deprecated step callback, as
+                :class:`~brushnet.pipelines.StableDiffusionBrushNetPipeline`.
             guidance_rescale: rescale the guided prediction (Lin et al. 2023, §3.4), as in diffusers.
             blending: paste the result back into the input through the reference's 21-px feathered mask,
                 so pixels farther than 10 px from the hole are exactly the input's. Off by default (parity
@@ -350,8 +354,13 @@ class StableDiffusionXLBrushNetPipeline(
         Returns:
             ``StableDiffusionXLPipelineOutput(images)`` or a one-element tuple.
         """
-        mask_image, callback_on_step_end_tensor_inputs = self._call_arguments(
-            mask_image, mask, callback_on_step_end, callback_on_step_end_tensor_inputs
+        mask_image, callback_on_step_end, callback_on_step_end_tensor_inputs = self._call_arguments(
+            mask_image,
+            mask,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+            callback,
+            callback_steps,
         )
 
         # 1. check inputs

@@ -170,6 +170,8 @@ class StableDiffusionPowerPaintBrushNetPipeline(StableDiffusionBrushNetPipeline)
         blending_kernel_size: int = 21,
         pag_scale: float = 0.0,
         pag_adaptive_scale: float = 0.0,
+        callback: Callable | None = None,
+        callback_steps: int = 1,
     ):
         r"""Inpaint ``image`` where ``mask_image`` is white, doing PowerPaint ``task``.
 
@@ -202,8 +204,13 @@ class StableDiffusionPowerPaintBrushNetPipeline(StableDiffusionBrushNetPipeline)
         Returns:
             ``StableDiffusionPipelineOutput(images, nsfw_content_detected)`` or a tuple.
         """
-        mask_image, callback_on_step_end_tensor_inputs = self._call_arguments(
-            mask_image, None, callback_on_step_end, callback_on_step_end_tensor_inputs
+        mask_image, callback_on_step_end, callback_on_step_end_tensor_inputs = self._call_arguments(
+            mask_image,
+            None,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+            callback,
+            callback_steps,
         )
 
         # 1. check inputs
