@@ -424,3 +424,58 @@ def test_diffusers_call_conventions(pipe):
                mask_image=mask.expand(2, -1, -1, -1), num_images_per_prompt=2, num_inference_steps=2,
                generator=[torch.Generator().manual_seed(i) for i in range(4)])[0]  # fmt: skip
     assert two.shape[0] == 4
+
+
+def _fresh():
+    pipe = StableDiffusionHDPainterPipeline(**load_base_components(FIXTURE / "model"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _quick(pipe, prompt="a cat", **overrides):
+    image, mask = inputs()
+    return pipe(
+        prompt=prompt, image=image, mask_image=mask, num_inference_steps=3, guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(0), output_type="pt", **overrides,
+    ).images  # fmt: skip
+
+
+def test_lora_and_its_scale_act_as_in_diffusers(tmp_path):
+    """HD-Painter had no LoRA loader and no ``cross_attention_kwargs``: a diffusers user's LoRA could not be
+    compared with the other methods."""
+    pytest.importorskip("peft")
+    import copy
+
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = _fresh()
+    donor = copy.deepcopy(pipe.unet)
+    torch.manual_seed(1)
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    donor.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=targets))
+    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(donor))
+    plain = _quick(pipe)
+    pipe.load_lora_weights(tmp_path)
+    with_lora, off = _quick(pipe), _quick(pipe, cross_attention_kwargs={"scale": 0.0})
+    pipe.unload_lora_weights()
+    assert (with_lora - plain).abs().max() > 1e-3
+    assert (off - plain).abs().max() < 1e-5 and (_quick(pipe) - plain).abs().max() < 1e-5
+
+
+def test_textual_inversion_tokens_expand_and_painta_reads_every_vector(monkeypatch):
+    import brushnet.pipelines.pipeline_hd_painter as module
+
+    pipe = _fresh()
+    vectors = torch.randn(2, pipe.text_encoder.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    pipe.load_textual_inversion({"<tok>": vectors * 5})
+    pipe.load_textual_inversion({"<one>": vectors[:1] * 5})
+    seen = []
+    indices = module.hd_painter_token_indices
+    monkeypatch.setattr(
+        module, "hd_painter_token_indices", lambda t, bare, full: seen.append(bare) or indices(t, bare, full)
+    )
+    two, one = _quick(pipe, "a <tok> cat"), _quick(pipe, "a <one> cat")
+    assert seen == ["a <tok> <tok>_1 cat", "a <one> cat"]
+    assert (two - one).abs().max() > 1e-4

@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.loaders import StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
 from diffusers.models import AutoencoderKL, UNet2DConditionModel
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, StableDiffusionMixin
 from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusionPipelineOutput
@@ -123,7 +125,13 @@ def _bicubic(hole: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return torch.stack(out)[:, None]
 
 
-class StableDiffusionHDPainterPipeline(CheckedSourceMixin, DiffusionPipeline, StableDiffusionMixin):
+class StableDiffusionHDPainterPipeline(
+    CheckedSourceMixin,
+    DiffusionPipeline,
+    StableDiffusionMixin,
+    TextualInversionLoaderMixin,
+    StableDiffusionLoraLoaderMixin,
+):
     r"""Text-guided inpainting with HD-Painter's PAIntA and RASG on a 9-channel SD1.x/SD2 inpainting UNet.
 
     Args:
@@ -245,6 +253,7 @@ class StableDiffusionHDPainterPipeline(CheckedSourceMixin, DiffusionPipeline, St
         return_dict: bool = True,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
     ):
         r"""Inpaint ``image`` where ``mask_image`` is white.
 
@@ -275,6 +284,10 @@ class StableDiffusionHDPainterPipeline(CheckedSourceMixin, DiffusionPipeline, St
                 ``noise_pred`` (the guided model output), ``pred_original_sample`` (``x̂0``),
                 ``rasg_gradient`` (the score's gradient before normalisation, ``None`` where none was
                 computed), ``prompt_embeds``.
+            cross_attention_kwargs: as in diffusers: ``{"scale": s}`` weighs a LoRA loaded with
+                ``load_lora_weights`` (UNet and text encoder); the rest reaches the attention processors. Textual
+                inversion tokens (``load_textual_inversion``) expand as in diffusers, and PAIntA and RASG look at
+                every vector's token.
 
         Returns:
             ``StableDiffusionPipelineOutput`` (``nsfw_content_detected`` is None) or a tuple.
@@ -318,11 +331,16 @@ class StableDiffusionHDPainterPipeline(CheckedSourceMixin, DiffusionPipeline, St
         full_prompts = [f"{p}, {positive_prompt}" if positive_prompt else p for p in prompts]
         device = self._execution_device
         cfg = guidance_scale > 1
-        prompt_embeds, negative_embeds = self.encode_prompt(full_prompts, device, 1, cfg, negatives)
+        lora_scale = (cross_attention_kwargs or {}).get("scale")
+        prompt_embeds, negative_embeds = self.encode_prompt(
+            full_prompts, device, 1, cfg, negatives, lora_scale=lora_scale
+        )
         if cfg:
             prompt_embeds = torch.cat([negative_embeds, prompt_embeds])
         token_weights = torch.zeros(batch_size, prompt_embeds.shape[1], device=device)
         for i, (bare, full) in enumerate(zip(prompts, full_prompts)):
+            # the positions in what encode_prompt encodes: a textual inversion token as all its vectors' tokens
+            bare, full = (self.maybe_convert_prompt(text, self.tokenizer) for text in (bare, full))
             token_weights[i, hd_painter_token_indices(self.tokenizer, bare, full)] = 1.0
 
         # 2. timesteps and the noise schedule
@@ -384,7 +402,10 @@ class StableDiffusionHDPainterPipeline(CheckedSourceMixin, DiffusionPipeline, St
                     model_input = torch.cat([model_input] * 2) if cfg else model_input
                     timestep = torch.full((model_input.shape[0],), t, device=device, dtype=torch.long)
                     out = self.unet(
-                        model_input.to(unet_dtype), timestep, encoder_hidden_states=prompt_embeds
+                        model_input.to(unet_dtype),
+                        timestep,
+                        encoder_hidden_states=prompt_embeds,
+                        cross_attention_kwargs=cross_attention_kwargs,
                     ).sample
                 self._check_layers(state, painta, rasg)
                 noise_pred = out.detach().float()
