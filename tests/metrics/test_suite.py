@@ -86,21 +86,7 @@ def test_full_suite_on_tiny_weights(tmp_path, tiny_clip_dir, bert_tokenizer_dir,
     torch.save({k: v for k, v in lpips.state_dict().items() if k.startswith("lin")}, tmp_path / "lin.pth")
     torch.save({"weight": torch.randn(1, 16), "bias": torch.zeros(1)}, tmp_path / "aesthetic.pth")
     torch.save({"state_dict": OpenCLIP(HPS_TINY).state_dict()}, tmp_path / "hps.pt")
-    reward_config = ImageRewardConfig(
-        32,
-        16,
-        32,
-        1,
-        2,
-        len(BertTokenizer.from_pretrained(bert_tokenizer_dir)),
-        64,
-        24,
-        1,
-        2,
-        48,
-        8,
-        (16, 8, 8, 4),
-    )
+    reward_config = _reward_config(bert_tokenizer_dir)
     torch.save(ImageReward(reward_config).state_dict(), tmp_path / "ir.pt")
     weights = {
         "clip": tiny_clip_dir,
