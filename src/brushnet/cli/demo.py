@@ -102,6 +102,7 @@ def demo_command(
         fail(
             f"no demo models in {root} (expected base/model_index.json; train them with examples/demo_world)"
         )
+    check_demo_request(chosen, request)
     missing = [
         f"{Path(path).name}/ (for {name})"
         for name in chosen
@@ -110,7 +111,6 @@ def demo_command(
     ]
     if missing:  # before any work: a worker would fail only after the others had run
         fail(f"the models in {root} lack {', '.join(missing)}; leave those methods out of --methods")
-    check_demo_request(chosen, request)
     outputs = [output / f"{name}.png" for name in ["grid", *chosen]]
     refuse_overwriting_inputs(outputs, [image, mask] if given else [], overwrite)
     refuse_replacing_other_images(outputs, overwrite)
