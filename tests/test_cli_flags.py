@@ -236,7 +236,14 @@ def test_a_second_long_name_is_a_hidden_alias_of_the_same_setting():
     assert runner.invoke(one, ["--guidance", "3"]).output.strip() == "3.0"
     assert runner.invoke(one, ["--guidance-scale", "2.5"]).output.strip() == "2.5"
     assert runner.invoke(one, ["--guidance-scale", "4", "--guidance", "4"]).output.strip() == "4.0"
-    result = runner.invoke(one, ["--guidance", "3", "--guidance-scale", "2.5"])
-    assert result.exit_code == 2 and "--guidance and --guidance-scale are one setting" in result.output
+    # through the real commands (their error handling): one line, exit 2, whatever the command's default
+    for command in (
+        ["inpaint", "-i", "x.png", "-m", "y.png", "-o", "o.png", "--guidance", "3"],
+        ["demo", "--guidance", "5"],  # the demo's default, given under both names
+        ["bench", "run", "--dataset", "d", "--output", "o", "--guidance", "7.5"],
+    ):
+        result = runner.invoke(app, [*command, "--guidance-scale", "2.5"])
+        assert result.exit_code == 2, result.output
+        assert result.output.count("\n") == 1 and "and --guidance-scale 2.5 are one setting" in result.output
     text = runner.invoke(one, ["--help"]).output
     assert "--guidance,--guidance-scale" not in text and "--guidance-scale" in text.split("Also", 1)[1]

@@ -385,6 +385,11 @@ def test_weights_fingerprint_follows_the_contents(tmp_path):
     assert weights_fingerprint(big) == first and len(first) == 16
     big.write_bytes(bytes(3 << 20)[:-1] + b"x")  # only the last byte differs
     assert weights_fingerprint(big) != first
+    middle = tmp_path / "head.pth"  # between 1 and 2 MiB: the bytes after the first MiB counted too
+    middle.write_bytes(bytes(3 << 19))
+    before = weights_fingerprint(middle)
+    middle.write_bytes(bytes(3 << 19)[:-1] + b"x")
+    assert weights_fingerprint(middle) != before
     folder = tmp_path / "clip"
     folder.mkdir()
     (folder / "config.json").write_text("{}")

@@ -185,7 +185,8 @@ def test_demo_keeps_files_it_did_not_write_and_its_own_inputs(tmp_path):
     out.mkdir()
     Image.new("RGB", (8, 8), "red").save(out / "grid.png")
     result = _demo(tmp_path, "--methods", "brushnet", "-o", str(out))
-    assert result.exit_code == 2 and "was not written by brushnet" in result.output
+    assert result.exit_code == 2 and "exists without a brushnet record" in result.output
+    assert "demo output written before 2026-11-28" in result.output
     assert Image.open(out / "grid.png").size == (8, 8)
     assert _demo(tmp_path, "--methods", "brushnet", "-o", str(out), "--overwrite").exit_code == 0
 
@@ -211,6 +212,13 @@ def test_demo_keeps_files_it_did_not_write_and_its_own_inputs(tmp_path):
     Image.new("RGB", (8, 8)).save(both / "repaint.png")  # the user's, not the demo's
     assert _demo(tmp_path, "-o", str(both), "--methods", "brushnet").exit_code == 0
     assert not (both / "blended-latent-diffusion.png").exists() and (both / "repaint.png").is_file()
+    # an earlier run's image used as this run's --image is an input, not a stale image: it stays
+    result = _demo(
+        tmp_path, "-o", str(both), "-i", str(both / "brushnet.png"), "-m", str(own / "mask.png"),
+        "-p", "a red circle", "--methods", "blended-latent-diffusion",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (both / "brushnet.png").is_file() and (both / "blended-latent-diffusion.png").is_file()
 
 
 def test_demo_passes_the_device_and_checks_every_model_folder_first(tmp_path, monkeypatch):

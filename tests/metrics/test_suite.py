@@ -166,3 +166,17 @@ def _reward_config(bert_tokenizer_dir):
         8,
         (16, 8, 8, 4),
     )
+
+
+def test_a_load_error_names_the_flag_of_the_file_it_is_about(tmp_path, tiny_clip_dir):
+    """The flag was the first weights path the message contained: a bad head inside the CLIP folder was reported
+    as --clip-weights."""
+    import shutil
+
+    clip = tmp_path / "clip"
+    shutil.copytree(tiny_clip_dir, clip)
+    (clip / "head.pth").write_bytes(b"garbage")
+    with pytest.raises(
+        ValueError, match=r"^--aesthetic-weights: .*head.pth: not a readable state-dict checkpoint"
+    ):
+        MetricSuite({"clip": clip, "aesthetic": clip / "head.pth"}, metrics=["aesthetic"])

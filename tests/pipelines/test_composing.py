@@ -620,5 +620,16 @@ def test_the_original_pipelines_deprecated_step_callback_still_works(kind):
     np.testing.assert_array_equal(out, same)
     with pytest.raises(ValueError, match="pass one step callback"):
         pipe(**tiny_inputs(), callback=print, callback_on_step_end=on_step_end)
+    # a second-order scheduler: once per step, on the steps that advance the progress bar, as diffusers 0.27
+    from diffusers import HeunDiscreteScheduler
+
+    pipe.scheduler = HeunDiscreteScheduler.from_config(pipe.scheduler.config)
+    steps = []
+    with pytest.warns(FutureWarning):
+        pipe(
+            **{**tiny_inputs(), "num_inference_steps": 3},
+            callback=lambda step, t, latents: steps.append(step),
+        )
+    assert steps == [0, 1, 2]
     with pytest.raises(ValueError, match="callback_steps` must be a positive integer"):
         pipe(**tiny_inputs(), callback=print, callback_steps=0)

@@ -74,8 +74,8 @@ def demo_command(
     """
     from ..demo.assets import DEMO_DIR, METHODS, method_models
     from ..demo.run import check_demo_request, format_results_table, run_demo, user_scene
-    from ..io import check_output_path
-    from .common import refuse_overwriting_inputs, refuse_replacing_other_images
+    from ..io import check_output_path, is_brushnet_image
+    from .common import refuse_overwriting_inputs
 
     runtime.apply()
     quiet_library_progress()  # the demo prints a line per method; no weight-loading bar per model folder
@@ -113,7 +113,12 @@ def demo_command(
         fail(f"the models in {root} lack {', '.join(missing)}; leave those methods out of --methods")
     outputs = [output / f"{name}.png" for name in ["grid", *chosen]]
     refuse_overwriting_inputs(outputs, [image, mask] if given else [], overwrite)
-    refuse_replacing_other_images(outputs, overwrite)
+    for path in outputs if not overwrite else ():
+        if (path.is_file() or path.is_symlink()) and not is_brushnet_image(path):
+            fail(
+                f"{path} exists without a brushnet record (an image of yours, or a demo output written before "
+                "2026-11-28): choose another --output, or pass --overwrite to replace it"
+            )
     for path in outputs:  # every file it will write, before any work
         check_output_path(path)
     start = time.perf_counter()
@@ -131,6 +136,7 @@ def demo_command(
         request=request,
         workers=min(torch.get_num_threads(), len(chosen)),
         device=runtime.device,
+        keep=[image, mask] if given else [],
     )
     typer.echo(f"wrote {result['grid']} ({time.perf_counter() - start:.1f} s)")
     if table and not given:

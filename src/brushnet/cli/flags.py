@@ -149,19 +149,30 @@ def request_flags(
                             )
                         )
                         alias_of[_alias_parameter(alias)] = (name, decls[0], alias, default)
+                    # None until given, so that a value equal to the default given under both names counts too
+                    option = typer.Option(
+                        None, *decls, help=text, rich_help_panel=panel, show_default=str(default)
+                    )
+                    flags.append(_Flag(name, annotation | None, option))
+                    continue
             option = typer.Option(
                 default, *decls, help=text, rich_help_panel=panel, show_default=default is not None
             )
             flags.append(_Flag(name, annotation, option))
 
         def collect(values: dict[str, Any]) -> dict[str, Any]:
+            from ..errors import InputError
+
             for parameter, (name, flag, alias, default) in alias_of.items():
                 value = values.pop(parameter)
-                if value is None:
-                    continue
-                if values[name] != default and values[name] != value:
-                    raise typer.BadParameter(f"{flag} and {alias} are one setting; give one of them")
-                values[name] = value
+                if value is not None:
+                    if values[name] is not None and values[name] != value:
+                        raise InputError(
+                            f"{flag} {values[name]} and {alias} {value} are one setting; give one of them"
+                        )
+                    values[name] = value
+                elif values[name] is None:
+                    values[name] = default
             if "options" in values:
                 values["options"] = (
                     list(values["options"] or []) if per_method_options else parse_options(values["options"])

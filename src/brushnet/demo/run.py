@@ -346,6 +346,7 @@ def run_demo(
     request: dict | None = None,
     workers: int = 1,
     device: str = "cpu",
+    keep: Sequence[str | os.PathLike] = (),
 ) -> dict:
     """Inpaint ``scenes`` (default: :data:`DEMO_SCENES`) with every method and write ``grid.png`` (and, for
     each method, ``<method>.png`` of the first scene, blended) under ``output``, all at once when every image is
@@ -356,6 +357,7 @@ def run_demo(
         request: request fields over :data:`DEMO_REQUEST` (steps, guidance, seed, scheduler, ...); the prompt,
             the working size and each method's options are the demo's.
         device: where the methods run (``cpu``, ``cuda``, ...).
+        keep: files never removed as an earlier run's images (the scene's own image and mask).
         workers: with more than one, the methods run in that many worker processes (spawned; each with
             ``torch.get_num_threads() // workers`` threads, at least one), the longest first
             (:data:`SLOWEST_FIRST`). These small models keep a core busy with Python as much as with arithmetic,
@@ -435,9 +437,10 @@ def run_demo(
     )
     files.append((output / "grid.png", png_bytes(grid, {**record, "methods": list(methods)})))
     written = atomic_write_together(files)
-    for name in METHODS:  # a previous demo run's image of a method this run left out
+    kept = {Path(path).resolve() for path in keep}
+    for name in METHODS:  # a previous demo run's image of a method this run left out (not an input of this one)
         stale = output / f"{name}.png"
-        if name not in methods and _written_by_demo(stale):
+        if name not in methods and stale.resolve() not in kept and _written_by_demo(stale):
             stale.unlink(missing_ok=True)
     images = {name: str(path) for name, path in zip(methods, written)}
     return {"grid": str(written[-1]), "images": images, "seconds": {name: seconds[name] for name in methods}}

@@ -69,8 +69,9 @@ def check_weight_path(key: str, path: str | os.PathLike) -> None:
 
 def weights_fingerprint(*paths: str | os.PathLike) -> str:
     """A short id that changes with the contents of the given weight files and folders: SHA-256 over each file's
-    name, size, first and last MiB (a folder: every file below it, by relative path). Reading 2 MiB of a 2 GB
-    checkpoint keeps this instant; two files of one size that differ only in their middle share an id."""
+    size and its first and last MiB (all of it up to 2 MiB; a folder: every file below it with its relative path,
+    so any file added to the folder counts). Reading at most 2 MiB of a 2 GB checkpoint keeps this instant; two
+    files of one size that differ only in their middle share an id."""
     import hashlib
 
     digest = hashlib.sha256()
@@ -91,8 +92,8 @@ def weights_fingerprint(*paths: str | os.PathLike) -> str:
             digest.update(f"{relative}\0{size}\0".encode())
             with open(file, "rb") as f:
                 digest.update(f.read(1 << 20))
-                if size > 2 << 20:
-                    f.seek(-(1 << 20), os.SEEK_END)
+                if size > 1 << 20:  # the last MiB, or what follows the first MiB of a smaller file
+                    f.seek(max(1 << 20, size - (1 << 20)))
                     digest.update(f.read())
         digest.update(b"\1")
     return digest.hexdigest()[:16]
@@ -213,7 +214,9 @@ class MetricSuite:
         try:
             self._load_models(weights, hps_config, image_reward_config)
         except ValueError as exc:  # which flag's file it was: each loader names the path, not the flag
-            key = next((k for k, v in weights.items() if os.fspath(v) in str(exc)), None)
+            # the longest path the message names: --aesthetic-weights ckpt/clip/head.pth, not --clip-weights ckpt/clip
+            named = [(len(os.fspath(v)), k) for k, v in weights.items() if os.fspath(v) in str(exc)]
+            key = max(named)[1] if named else None
             if key is None:
                 raise
             raise ValueError(f"{weight_flag(key)}: {exc}") from None

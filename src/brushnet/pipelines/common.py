@@ -408,8 +408,13 @@ class BrushNetPipelineMixin(PAGMixin):
             legacy, every = callback, callback_steps
 
             def callback_on_step_end(pipe, i, t, tensors):
-                if i % every == 0:
-                    legacy(i // getattr(pipe.scheduler, "order", 1), t, tensors["latents"])
+                # on the steps diffusers 0.27 called it on: those that advance the progress bar (every other
+                # loop index for a second-order scheduler such as Heun), then every ``callback_steps``-th
+                order = getattr(pipe.scheduler, "order", 1)
+                last = i == pipe._num_timesteps - 1
+                advances = last or ((i + 1) > getattr(pipe, "_num_warmup_steps", 0) and (i + 1) % order == 0)
+                if advances and i % every == 0:
+                    legacy(i // order, t, tensors["latents"])
                 return {}
 
             callback_on_step_end_tensor_inputs = ["latents"]
@@ -946,6 +951,9 @@ class BrushNetPipelineMixin(PAGMixin):
             guidance = {}
 
         num_warmup_steps = max(len(timesteps) - num_inference_steps * self.scheduler.order, 0)
+        self._num_warmup_steps = (
+            num_warmup_steps  # the deprecated ``callback`` fires on the same steps as the bar
+        )
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
