@@ -277,6 +277,14 @@ def fp16_only_variant(folder: Path) -> str | None:
     return None
 
 
+def where(path: str | os.PathLike) -> str:
+    """``path`` for a "not found" message: a relative path also says which folder it was looked for from (a
+    command run outside the folder a config's relative paths assume)."""
+    if Path(path).expanduser().is_absolute():
+        return str(path)
+    return f"{path} (relative to {Path.cwd()})"
+
+
 def is_local_path(path: str | os.PathLike) -> bool:
     """Whether ``path`` names a local file or folder (existing, or written as a path: ``./x``, ``/x``, ``~/x``,
     ``a/b/c``) rather than a hub id (``owner/name``, unless a folder ``owner`` is here)."""
@@ -465,7 +473,7 @@ def check_pipeline_source(path: str | os.PathLike, **hub_kwargs: Any) -> None:
         return
     folder = Path(path).expanduser()
     if not folder.exists():
-        raise CheckpointError(f"base model not found: {folder}")
+        raise CheckpointError(f"base model not found: {where(folder)}")
     if not folder.is_dir():
         raise CheckpointError(
             f"{folder} is a file; a pipeline loads from a folder with model_index.json (a single file: "
@@ -629,7 +637,7 @@ def load_base_components(
         return _load_components(str(path), torch_dtype, allow_pickle, hub_kwargs)
     p = Path(path).expanduser()
     if not p.exists():
-        raise CheckpointError(f"base model not found: {p}")
+        raise CheckpointError(f"base model not found: {where(p)}")
     if p.is_file():
         return _load_single_file(p, torch_dtype, allow_pickle, config)
     kind = describe_folder(p)
@@ -732,7 +740,7 @@ def _load_components(source: str, torch_dtype, allow_pickle: bool, hub_kwargs) -
             if unet.config.in_channels == 9
             else f"a {unet.config.in_channels}-channel"
         )
-        logger.info("base model %s has %s UNet", source, kind)
+        logger.info("%s holds %s UNet", source, kind)
     return {name: parts[name] for name in FAMILY_COMPONENTS[family]}
 
 

@@ -150,8 +150,8 @@ RESULTS_LEGEND = (
     "colour / shape: share of object holes painted in the prompted colour / shape (colour by chance: about 1/7), "
     "judged against the output's own pixels around the hole; colour* / shape*: the hole pasted into the "
     "original, which does not count an object painted over the hole's edge as background. The hole is the "
-    "object's outline, dilated: painted flat in the prompted colour it scores shape* 0.870 "
-    "(docs/mini_brushbench.md)",
+    "object's outline, dilated: painted flat in the prompted colour it scores shape* 0.870 on the 200 "
+    "scenes (docs/mini_brushbench.md)",
     "removal: share of holes left with no object colour when the prompt asks for the object to go",
     "blended: the output pasted back through the feathered mask (the paper's 'with blending'); raw: as generated",
     "BLD: Blended Latent Diffusion; SD-inpaint: the 9-channel SD inpainting UNet; CN-inpaint: ControlNet-inpaint",
@@ -438,7 +438,9 @@ def run_demo(
     files.append((output / "grid.png", png_bytes(grid, {**record, "methods": list(methods)})))
     written = atomic_write_together(files)
     kept = {Path(path).resolve() for path in keep}
-    for name in METHODS:  # a previous demo run's image of a method this run left out (not an input of this one)
+    for (
+        name
+    ) in METHODS:  # a previous demo run's image of a method this run left out (not an input of this one)
         stale = output / f"{name}.png"
         if name not in methods and stale.resolve() not in kept and _written_by_demo(stale):
             stale.unlink(missing_ok=True)

@@ -172,6 +172,7 @@ def load_method(
         peek_family,
         refuse_cross_attention_branch,
         resolve_dtype,
+        where,
     )
     from ..loading import is_local_path as is_local
     from ..model_files import check_config_types, read_config
@@ -183,6 +184,13 @@ def load_method(
         raise InputError(str(exc)) from None
     if not torch_dtype.is_floating_point:
         raise InputError(f"dtype {dtype!r} is not a floating-point type; choose one of: fp32, fp16, bf16")
+    import torch
+
+    if torch_dtype == torch.float16 and torch.device(device).type == "cpu":
+        logger.warning(
+            "fp16 on the CPU runs, but several times slower than fp32 (most CPUs have no fast float16 kernels; "
+            "the README's high-level example took 70 s against 8 s): use fp32 on the CPU"
+        )
 
     def refuse(family: str) -> None:
         runs_on = " and ".join(FAMILY_NAMES.get(f, f) for f in cls.families)
@@ -201,7 +209,7 @@ def load_method(
             and is_local(path)
             and not Path(path).expanduser().exists()
         ):
-            raise CheckpointError(f"base model not found: {path}")  # the base loader's words, before the rest
+            raise CheckpointError(f"base model not found: {where(path)}")  # the base loader's words, first
         if slot.name == "brushnet" and path is not None and is_local(path):
             branch = brushnet_folder(path, into_pipeline=True)  # missing, a UNet, a ControlNet, ...: one line
             refuse_cross_attention_branch(branch)
