@@ -247,3 +247,4 @@ def test_a_second_long_name_is_a_hidden_alias_of_the_same_setting():
         assert result.output.count("\n") == 1 and "and --guidance-scale 2.5 are one setting" in result.output
     text = runner.invoke(one, ["--help"]).output
     assert "--guidance,--guidance-scale" not in text and "--guidance-scale" in text.split("Also", 1)[1]
+    assert "[default: 7.5]" in text  # the default shown as every other flag's

@@ -83,6 +83,9 @@ def request_field_flags(name: str, field) -> list[str]:
     return list(extra.get("cli") or ["--" + name.replace("_", "-")])
 
 
+_CONTEXT = "brushnet_request_context"  # the click context, for the alias check of request_flags
+
+
 def _alias_parameter(alias: str) -> str:
     return "alias_" + alias.lstrip("-").replace("-", "_")
 
@@ -149,12 +152,9 @@ def request_flags(
                             )
                         )
                         alias_of[_alias_parameter(alias)] = (name, decls[0], alias, default)
-                    # None until given, so that a value equal to the default given under both names counts too
-                    option = typer.Option(
-                        None, *decls, help=text, rich_help_panel=panel, show_default=str(default)
-                    )
-                    flags.append(_Flag(name, annotation | None, option))
-                    continue
+                    # the context tells a value given on the command line from the default (below)
+                    if not any(flag.name == _CONTEXT for flag in flags):
+                        flags.append(_Flag(_CONTEXT, typer.Context, inspect.Parameter.empty))
             option = typer.Option(
                 default, *decls, help=text, rich_help_panel=panel, show_default=default is not None
             )
@@ -163,16 +163,19 @@ def request_flags(
         def collect(values: dict[str, Any]) -> dict[str, Any]:
             from ..errors import InputError
 
-            for parameter, (name, flag, alias, default) in alias_of.items():
+            context = values.pop(_CONTEXT, None)
+            for parameter, (name, flag, alias, _default) in alias_of.items():
                 value = values.pop(parameter)
-                if value is not None:
-                    if values[name] is not None and values[name] != value:
-                        raise InputError(
-                            f"{flag} {values[name]} and {alias} {value} are one setting; give one of them"
-                        )
-                    values[name] = value
-                elif values[name] is None:
-                    values[name] = default
+                if value is None:
+                    continue
+                # by name: typer's vendored click has its own ParameterSource enum
+                source = context.get_parameter_source(name) if context is not None else None
+                given = getattr(source, "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")
+                if given and values[name] != value:  # both names given, even the default under one of them
+                    raise InputError(
+                        f"{flag} {values[name]} and {alias} {value} are one setting; give one of them"
+                    )
+                values[name] = value
             if "options" in values:
                 values["options"] = (
                     list(values["options"] or []) if per_method_options else parse_options(values["options"])
