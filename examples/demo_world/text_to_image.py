@@ -12,8 +12,6 @@ min-SNR-γ for v. Captions: the full scene caption (45 %), a phrase naming some 
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import torch
 from fit_loop import FitSettings, fit, seeded_init, stage_generator
@@ -21,6 +19,7 @@ from recipe import Run, WorldTrainConfig
 from world_data import SIZE, TEXT_MAX_LENGTH, build_tokenizer, subset_caption, to_unit
 
 from brushnet.devices import to_device
+from brushnet.random_models import write_sd_model_index
 
 __all__ = ["base_caption", "base_scheduler", "min_snr_weights", "snapshot_base", "train_base", "unet_config"]
 
@@ -132,19 +131,7 @@ def _save_base(run: Run, unet, text_encoder, folder) -> None:
     unet.save_pretrained(folder / "unet")
     text_encoder.save_pretrained(folder / "text_encoder")
     base_scheduler(run.cfg).save_pretrained(folder / "scheduler")
-    index_file = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": "0.42.1",
-        "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "scheduler": ["diffusers", "DDIMScheduler"],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-    }
-    (folder / "model_index.json").write_text(json.dumps(index_file, indent=2))
+    write_sd_model_index(folder)
 
 
 def snapshot_base(run: Run, out) -> int:

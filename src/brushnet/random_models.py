@@ -21,6 +21,7 @@ __all__ = [
     "ArchSpec",
     "XLArchSpec",
     "PRESETS",
+    "write_sd_model_index",
     "preset_family",
     "build_base",
     "build_brushnet",
@@ -227,19 +228,7 @@ def build_base(
         set_alpha_to_one=False,
         steps_offset=1,
     ).save_pretrained(out / "scheduler")
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": "0.42.1",
-        "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "scheduler": ["diffusers", "DDIMScheduler"],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-    }
-    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    write_sd_model_index(out)
     return out
 
 
@@ -500,3 +489,21 @@ def build_random_powerpaint(out_dir, base_dir, preset=None, seed: int = 0) -> Pa
     with torch.no_grad():
         encoder.get_input_embeddings().weight[table.shape[0] :] = rows
     return save_powerpaint(out_dir, brushnet, encoder)
+
+
+def write_sd_model_index(folder: str | os.PathLike) -> None:
+    """Write the ``model_index.json`` of an SD1.5-layout ``StableDiffusionPipeline`` folder (DDIM scheduler, no
+    safety checker) into ``folder``."""
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.42.1",
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
+    (Path(folder) / "model_index.json").write_text(json.dumps(index, indent=2))
