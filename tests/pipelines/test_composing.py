@@ -401,6 +401,28 @@ def test_padding_mask_crop_pastes_into_the_input():
 
 
 @pytest.mark.parametrize("kind", ["sd", "xl"])
+def test_padding_mask_crop_keeps_the_feathered_blend(kind):
+    """With blending, the crop was blended in its own frame and then pasted through diffusers' hard-mask overlay,
+    which put the input back over the whole feather band: a hard seam, the blend silently dropped."""
+    from brushnet.image import feather_mask
+
+    pipe = make(kind)
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    mask = np.zeros((64, 64), np.uint8)
+    mask[20:36, 24:44] = 255
+    inputs = {**tiny_inputs(), "image": image, "mask_image": Image.fromarray(mask), "output_type": "pil",
+              "blending": True, "blending_kernel_size": 9, "padding_mask_crop": 8, "height": 32,
+              "width": 32}  # fmt: skip
+    out = np.asarray(pipe(**inputs).images[0]).astype(int)
+    original = np.asarray(image).astype(int)
+    hole = mask > 0
+    band = (feather_mask(torch.from_numpy(hole.astype("float64"))[None, None], 9)[0, 0].numpy() > 0) & ~hole
+    changed = np.abs(out - original).max(-1) > 0
+    assert changed[band].mean() > 0.5  # the feather reaches past the hole
+    assert not changed[~band & ~hole].any()  # beyond the band: the input, byte for byte
+
+
+@pytest.mark.parametrize("kind", ["sd", "xl"])
 def test_padding_mask_crop_crops_the_control_image_with_the_image(kind):
     """The control image was resized whole to the crop's size: a pose or depth map no longer lined up with the
     cropped image and mask (diffusers' ControlNet inpainting pipelines crop it the same way)."""

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.pipelines.pag.pag_utils import PAGMixin
 
-from ..image import blend, mask_batch, mask_to_array
+from ..image import blend, blend_pil, mask_batch, mask_to_array
 from .denoising_step import StepPlan, guided_noise
 
 __all__ = ["BrushNetPipelineMixin", "brushnet_keep_schedule", "controlnet_keep_schedule"]
@@ -1048,14 +1048,32 @@ class BrushNetPipelineMixin(PAGMixin):
             images, output_type=output_type, do_denormalize=[False] * images.shape[0]
         )
 
-    def _paste_crops(self, images, image, mask_image, crops_coords):
-        """``padding_mask_crop``: paste each generated crop back into the full input (diffusers' overlay)."""
+    def _paste_crops(
+        self, images, image, mask_image, crops_coords, blending=False, blending_kernel_size=21, has_nsfw=None
+    ):
+        """``padding_mask_crop``: paste each generated crop back into the full input.
+
+        Without blending this is diffusers' overlay (the hole from the crop, the rest from the input). With
+        blending the crop is pasted whole and the feathered blend runs on the full image, so its band reaches
+        past the hole as it does without a crop (the caller must not blend the crop itself). A flagged (black)
+        image gets the plain overlay, as in diffusers.
+        """
         if crops_coords is None:
             return images
-        mask = PIL.Image.fromarray(mask_to_array(mask_batch(mask_image)[0]).astype("uint8") * 255)
-        return [
-            self.image_processor.apply_overlay(mask, image, generated, crops_coords) for generated in images
-        ]
+        hole = mask_to_array(mask_batch(mask_image)[0])
+        mask = PIL.Image.fromarray(hole.astype("uint8") * 255)
+        original = image.convert("RGB")
+        x0, y0, x1, y1 = crops_coords
+        pasted = []
+        for k, generated in enumerate(images):
+            if not blending or (has_nsfw is not None and has_nsfw[k]):
+                pasted.append(self.image_processor.apply_overlay(mask, image, generated, crops_coords))
+                continue
+            full = original.copy()
+            crop = self.image_processor.resize(generated, height=y1 - y0, width=x1 - x0, resize_mode="crop")
+            full.paste(crop.convert("RGB"), (x0, y0))
+            pasted.append(blend_pil(original, full, hole, kernel_size=blending_kernel_size))
+        return pasted
 
 
 def _first(value):

@@ -467,10 +467,12 @@ class StableDiffusionBrushNetPipeline(
 
         # 7. decode, safety check, blend, post-process
         images, has_nsfw = self._decode(
-            latents, output_type, image_tensor, hole, blending, blending_kernel_size, generator, device,
-            tensors["prompt_embeds"].dtype,
+            latents, output_type, image_tensor, hole, blending and crops_coords is None, blending_kernel_size,
+            generator, device, tensors["prompt_embeds"].dtype,
         )  # fmt: skip
-        images = self._paste_crops(images, image, mask_image, crops_coords)
+        images = self._paste_crops(
+            images, image, mask_image, crops_coords, blending, blending_kernel_size, has_nsfw
+        )
 
         self.maybe_free_model_hooks()
         if not return_dict:

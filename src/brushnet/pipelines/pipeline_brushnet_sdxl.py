@@ -513,10 +513,11 @@ class StableDiffusionXLBrushNetPipeline(
             with self._vae_in_float32():  # a VAE with latent statistics: from_model_latents undoes them
                 vae_input = from_model_latents(self.vae, latents)
                 decoded = self.vae.decode(vae_input, return_dict=False, generator=generator)[0]
+            crop_blend = blending and crops_coords is not None  # blended on the full image, after pasting
             images = self._postprocess(
-                decoded, image_tensor, hole, output_type, blending, blending_kernel_size
+                decoded, image_tensor, hole, output_type, blending and not crop_blend, blending_kernel_size
             )
-            images = self._paste_crops(images, image, mask_image, crops_coords)
+            images = self._paste_crops(images, image, mask_image, crops_coords, blending, blending_kernel_size)
 
         self.maybe_free_model_hooks()
         if not return_dict:
