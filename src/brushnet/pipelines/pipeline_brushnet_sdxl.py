@@ -517,7 +517,9 @@ class StableDiffusionXLBrushNetPipeline(
             images = self._postprocess(
                 decoded, image_tensor, hole, output_type, blending and not crop_blend, blending_kernel_size
             )
-            images = self._paste_crops(images, image, mask_image, crops_coords, blending, blending_kernel_size)
+            images = self._paste_crops(
+                images, image, mask_image, crops_coords, blending, blending_kernel_size
+            )
 
         self.maybe_free_model_hooks()
         if not return_dict:
