@@ -68,7 +68,9 @@ def test_method_runs_on_an_sdxl_base(xl_models, xl_scene, name):
 
 
 def test_brushnet_method_is_the_sdxl_pipeline(xl_models, xl_scene):
-    """The method adds nothing of its own: with blending off it gives what the SDXL pipeline gives."""
+    """The method adds nothing of its own: with blending off it gives what the SDXL pipeline gives, called as
+    its users call it (no negative prompt: zeros for the unconditional text; the method passed "" before, and
+    "" encodes CLIP(""))."""
     import torch
 
     from brushnet.image import pil_to_tensor, tensor_to_pil
@@ -83,7 +85,6 @@ def test_brushnet_method_is_the_sdxl_pipeline(xl_models, xl_scene):
     pipe.scheduler = make_scheduler("ddim", method.base_scheduler_config)
     direct = pipe(
         prompt=FAST["prompt"],
-        negative_prompt="",
         image=image,
         mask_image=hole,
         num_inference_steps=FAST["steps"],
@@ -213,3 +214,16 @@ def test_make_tiny_models_builds_an_sdxl_set(tmp_path):
     for folder in ("base", "brushnet", "inpaint", "controlnet"):
         assert peek_family(tmp_path / folder) == "sdxl", folder
     assert "--inpaint-model" in result.output and "--controlnet" in result.output
+
+
+@pytest.mark.parametrize("negative", ["", "blurry"])
+def test_sdxl_latent_methods_use_zeros_for_no_negative_prompt(xl_models, negative):
+    """As the SDXL pipelines do (force_zeros_for_empty_prompt): no negative prompt is zeros, not CLIP("")."""
+    from brushnet.methods import InpaintRequest
+
+    method = _load("blended-latent-diffusion", xl_models)
+    request = InpaintRequest(prompt="a cat", negative_prompt=negative, guidance_scale=2.0)
+    text = method.encode_prompts(request, 64, 64)
+    unconditional = text.embeddings[:1]
+    assert (unconditional.abs().max() == 0) == (negative == "")
+    assert (text.added_cond_kwargs["text_embeds"][:1].abs().max() == 0) == (negative == "")

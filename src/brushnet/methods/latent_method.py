@@ -100,7 +100,7 @@ class LatentMethod(InpaintMethod):
         import torch
 
         cfg = request.guidance_scale > 1
-        negative = request.negative_prompt if cfg else None
+        negative = (request.negative_prompt or None) if cfg else None  # None: SDXL's zeros, as its pipeline
         if self.family != "sdxl":
             positive, negative_embeds = self.pipeline.encode_prompt(
                 request.prompt, self.device, request.num_images, cfg, negative_prompt=negative

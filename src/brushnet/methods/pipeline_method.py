@@ -80,6 +80,10 @@ class PipelineMethod(InpaintMethod):
 
         pipe, request = self.pipeline, task.request
         pipe.scheduler = make_scheduler(request.scheduler, self.base_scheduler_config)
+        # no negative prompt: None, so that an SDXL pipeline uses zeros for the unconditional text
+        # (force_zeros_for_empty_prompt), as its own default and the original SDXL script do; "" would encode
+        # CLIP(""). SD1.5 pipelines encode "" for None, the same as before.
+        negative = request.negative_prompt or None
         calls = len(task.generators) if self.per_image_calls else 1
         done = [0]
 
@@ -108,7 +112,7 @@ class PipelineMethod(InpaintMethod):
                 outputs = [
                     pipe(
                         prompt=request.prompt,
-                        negative_prompt=request.negative_prompt,
+                        negative_prompt=negative,
                         generator=g,
                         **arguments,
                     )
@@ -118,7 +122,7 @@ class PipelineMethod(InpaintMethod):
             else:
                 images = pipe(
                     prompt=[request.prompt] * n,
-                    negative_prompt=[request.negative_prompt] * n,
+                    negative_prompt=None if negative is None else [negative] * n,
                     generator=task.generators,
                     **arguments,
                 ).images
