@@ -185,3 +185,17 @@ def test_cli_option_task(tiny_models, scene, tmp_path):
     assert record["parameters"]["options"]["task"] == "object-removal"
     bad = CliRunner().invoke(app, [*args[:-1], "task=remove"])
     assert bad.exit_code == 2 and "task" in bad.output
+
+
+def test_outpainting_defaults_to_the_outpainting_task(scene):
+    """`brushnet outpaint --method powerpaint` ran the object-insertion prompts (task text-guided) unless
+    --option task=outpainting was given; a task the request gives is kept."""
+    from brushnet.methods import prepare_outpaint
+
+    cls = get_method_class("powerpaint")
+    image = scene[0]
+    job = prepare_outpaint(cls, image, right=16, request=FAST)
+    assert job.options.task == "outpainting"
+    job = prepare_outpaint(cls, image, right=16, request=dict(FAST, options={"task": "context-aware"}))
+    assert job.options.task == "context-aware"
+    assert prepare(cls, *scene, FAST).options.task == "text-guided"  # inpainting keeps its default

@@ -203,7 +203,8 @@ def prepare_outpaint(
     """:func:`prepare` for outpainting: extend the canvas by the given pixels per side; the new area (and
     ``overlap`` pixels of the original along each extended side) is the hole. The extents are recorded in the
     result's ``parameters["outpaint"]``. A transparent input is flattened for the model, as in :func:`prepare`;
-    the result keeps its alpha and stored colours where it keeps the input, and the new area is opaque.
+    the result keeps its alpha and stored colours where it keeps the input, and the new area is opaque. A method's
+    ``outpaint_options`` fill the options the request leaves out (PowerPaint: ``task="outpainting"``).
 
     Raises:
         InputError: no side extended, negative extents, an unknown fill, ``invert_mask`` set, or an outpainted
@@ -221,6 +222,10 @@ def prepare_outpaint(
     request = InpaintRequest.build(request, **overrides)
     if request.invert_mask:
         raise InputError("invert_mask makes no sense for outpainting: the mask is built from the extents")
+    cls = method if isinstance(method, type) else type(method)
+    defaults = {k: v for k, v in cls.outpaint_options.items() if k not in request.options}
+    if defaults:  # e.g. PowerPaint's task=outpainting; an option the request gives is kept
+        request = request.model_copy(update={"options": {**defaults, **request.options}})
     source = _decoded(image, max_pixels)
     original = load_image(source, max_pixels=max_pixels)
     width, height = (

@@ -494,6 +494,9 @@ class InpaintMethod(ABC):
     accepts_control_image: bool = False
     #: whether :meth:`compile` can speed the method up (False where its networks change on every call)
     compilable: ClassVar[bool] = True
+    #: options :func:`~brushnet.methods.prepare_outpaint` sets where the request leaves them out (PowerPaint's
+    #: ``task``: its outpainting prompts, not object insertion)
+    outpaint_options: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, device: Any = "cpu", dtype: Any = None):
         import torch

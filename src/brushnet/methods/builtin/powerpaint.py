@@ -54,6 +54,7 @@ class PowerPaint(PipelineMethod):
     Options = PowerPaintOptions
     models = (BASE, POWERPAINT)
     optional_models = (BASE_CONFIG,)
+    outpaint_options = {"task": "outpainting"}  # `brushnet outpaint`: the outpainting prompts
 
     def __init__(self, pipeline: Any, device: Any = "cpu", dtype: Any = None, version: str = "v2"):
         super().__init__(pipeline, device, dtype)
