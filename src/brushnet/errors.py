@@ -6,11 +6,12 @@
   service answers 422 instead of 400).
 - :class:`CheckpointError`: a checkpoint that is missing, of the wrong kind, or pickle-based without
   permission (an ``InputError``).
+- :class:`GenerationError`: a run that produced no usable image (NaN or infinite values); nothing is written.
 """
 
 from __future__ import annotations
 
-__all__ = ["InputError", "RequestError", "CheckpointError", "first_line"]
+__all__ = ["InputError", "RequestError", "CheckpointError", "GenerationError", "first_line"]
 
 
 class InputError(ValueError):
@@ -23,6 +24,10 @@ class RequestError(InputError):
 
 class CheckpointError(InputError):
     """A checkpoint that is missing, of the wrong kind, or pickle-based without permission."""
+
+
+class GenerationError(RuntimeError):
+    """A generation that went wrong in the models (NaN or infinite values), not in the input."""
 
 
 def first_line(exc: BaseException) -> str:

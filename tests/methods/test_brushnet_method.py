@@ -124,3 +124,58 @@ def test_options_change_the_output(load, scene):
     off = inpaint(method, *scene, dict(FAST, blend=False, options={"conditioning_scale": 0.0}))
     assert np.abs(np.asarray(off.images[0], np.int16) - base).max() > 0
     assert off.parameters["options"]["conditioning_scale"] == 0.0
+
+
+def test_non_finite_output_is_an_error_not_a_black_image(load, scene, caplog):
+    """NaN latents (fp16 overflow, a bad LoRA) came out as an all-black image and exit 0; the pipeline said
+    nothing either (numpy's cast warning at most)."""
+    from brushnet.errors import GenerationError
+
+    method = load("brushnet")
+
+    def poison(pipe, step, t, tensors):
+        return {"latents": tensors["latents"] * float("nan")}
+
+    with caplog.at_level("WARNING", logger="brushnet.pipelines.common"):
+        out = method.pipeline(
+            "a cat", image=scene[0], mask_image=scene[1], num_inference_steps=2, callback_on_step_end=poison
+        ).images[0]
+    assert np.asarray(out).max() == 0 and "NaN or infinite" in caplog.text
+
+    generate = method.generate
+
+    def nan_generate(task):
+        output = generate(task)
+        output.images[-1] = float("nan")
+        return output
+
+    method.generate = nan_generate
+    try:
+        with pytest.raises(GenerationError, match=r"NaN or infinite values in image\(s\) 1 \(float32\)"):
+            inpaint(method, *scene, {**FAST, "num_images": 2})
+    finally:
+        del method.generate
+
+
+def test_the_cli_reports_a_generation_error_in_one_line(monkeypatch, tiny_models, scene, tmp_path):
+    from typer.testing import CliRunner
+
+    from brushnet.cli import app
+    from brushnet.errors import GenerationError
+    from brushnet.methods import api
+
+    def refuse(method, images):
+        raise GenerationError("brushnet produced NaN or infinite values in image(s) 0 (float32)")
+
+    monkeypatch.setattr(api, "_refuse_non_finite", refuse)
+    scene[0].save(tmp_path / "in.png")
+    scene[1].save(tmp_path / "mask.png")
+    args = ["inpaint", "--base", tiny_models["base"], "--brushnet", tiny_models["brushnet"], "-i",
+            str(tmp_path / "in.png"), "-m", str(tmp_path / "mask.png"), "-o", str(tmp_path / "out.png"),
+            "-p", "a cat", "--steps", "1"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines()[-1] == (
+        "error: brushnet produced NaN or infinite values in image(s) 0 (float32)"
+    )
+    assert not (tmp_path / "out.png").exists()

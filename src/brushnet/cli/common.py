@@ -19,7 +19,7 @@ from typing import Any
 
 import typer
 
-from ..errors import InputError, first_line
+from ..errors import GenerationError, InputError, first_line
 
 __all__ = [
     "fail",
@@ -119,6 +119,10 @@ def guarded(command: Callable) -> Callable:
             if os.environ.get(DEBUG_ENV):
                 raise
             fail(first_line(exc))
+        except GenerationError as exc:  # the models' fault, not the input's, and no internal error either
+            if os.environ.get(DEBUG_ENV):
+                raise
+            fail(first_line(exc), 1)
         except Exception as exc:  # noqa: BLE001 - the CLI's contract: one line, never a traceback
             if os.environ.get(DEBUG_ENV):
                 raise

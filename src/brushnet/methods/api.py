@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import InputError
+from ..errors import GenerationError, InputError
 from ..image import (
     DEFAULT_MAX_PIXELS,
     exif_orientation,
@@ -251,6 +251,22 @@ def prepare_outpaint(
     return job
 
 
+def _refuse_non_finite(method: InpaintMethod, images: torch.Tensor) -> None:
+    """NaN or infinite values would come out as a black (or blotched) image that looks like a result."""
+    bad = [i for i in range(images.shape[0]) if not bool(torch.isfinite(images[i]).all())]
+    if not bad:
+        return
+    advice = (
+        "in float16 a model or VAE can overflow: try --dtype float32 or bf16, or a VAE made for float16"
+        if method.dtype == torch.float16
+        else "the models (a LoRA, a VAE, a converted checkpoint?) or the settings give non-finite values"
+    )
+    raise GenerationError(
+        f"{method.name} produced NaN or infinite values in image(s) {', '.join(map(str, bad))} "
+        f"({str(method.dtype).replace('torch.', '')}), so no image is returned: {advice}"
+    )
+
+
 def run(method: InpaintMethod, job: PreparedJob, on_step: StepCallback | None = None) -> InpaintResult:
     """Generate a prepared job with a loaded method and paste the result back at the input's size.
 
@@ -258,6 +274,9 @@ def run(method: InpaintMethod, job: PreparedJob, on_step: StepCallback | None = 
         method: the loaded method ``job`` was prepared for.
         job: from :func:`prepare`.
         on_step: progress callback ``(done, total)``, totalled over all ``num_images``.
+
+    Raises:
+        GenerationError: the method produced NaN or infinite values (it would have been a black image).
     """
     if job.method != method.name:
         raise ValueError(f"this job was prepared for method {job.method!r}, not {method.name!r}")
@@ -292,6 +311,7 @@ def run(method: InpaintMethod, job: PreparedJob, on_step: StepCallback | None = 
     output = method.generate(task)
     if output.images.shape[0] != request.num_images:
         raise RuntimeError(f"{method.name} returned {output.images.shape[0]} images for {request.num_images}")
+    _refuse_non_finite(method, output.images)
     t_generated = time.perf_counter()
 
     # a transparent input: paste back into its stored colours and keep its alpha (the model saw it flattened)

@@ -18,6 +18,7 @@ lives in :mod:`brushnet.models.conditioning`, the blending in :func:`brushnet.im
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import numbers
 import os
@@ -33,6 +34,8 @@ from ..image import blend, blend_pil, mask_batch, mask_to_array
 from .denoising_step import StepPlan, guided_noise
 
 __all__ = ["BrushNetPipelineMixin", "brushnet_keep_schedule", "controlnet_keep_schedule"]
+
+logger = logging.getLogger(__name__)
 
 
 def strict_fp32_cudnn(device: torch.device, dtype: torch.dtype) -> bool:
@@ -214,6 +217,74 @@ def check_blending_kernel_size(blending: bool, blending_kernel_size) -> None:
         raise ValueError(
             f"`blending_kernel_size` must be an odd positive integer (or 0: no feathering), got {size!r}"
         )
+
+
+def check_branch_window(start, end, allow_list: bool = True) -> tuple[float, float]:
+    """The BrushNet's on-window ``control_guidance_start/end`` as two floats, checked.
+
+    diffusers' ControlNet pipelines (and the original BrushNet pipelines) also take these as lists, one entry per
+    net; here there is one branch, so with ``allow_list`` a one-element list (a number next to a list is broadcast
+    to it, as diffusers does) is read as its number. A ControlNet's window is ``controlnet_guidance_start/end``.
+
+    Returns:
+        ``(start, end)`` as floats with ``0 <= start < end <= 1``.
+    """
+    window = {"control_guidance_start": start, "control_guidance_end": end}
+    for name, value in window.items():
+        if not isinstance(value, (list, tuple)):
+            continue
+        if not allow_list:
+            raise TypeError(
+                f"`{name}` must be a number (the BrushNet's window; a ControlNet's is `controlnet_{name[8:]}`), "
+                f"got {type(value).__name__} {list(value)!r}"
+            )
+        if len(value) != 1:
+            raise ValueError(
+                f"`{name}` has {len(value)} entries: it is the one BrushNet's window, a number or a one-element "
+                f"list (a ControlNet's window is `controlnet_{name[8:]}`)"
+            )
+        window[name] = value[0]
+    for name, value in window.items():
+        check_finite(name, value)
+    start, end = (float(v) for v in window.values())
+    if not 0.0 <= start < end <= 1.0:
+        raise ValueError(
+            f"need 0 <= control_guidance_start < control_guidance_end <= 1, got {start} and {end}"
+        )
+    return start, end
+
+
+def check_pair(name: str, value, what: str = "(height, width)") -> None:
+    """``value`` must be a pair of finite numbers, e.g. SDXL's ``original_size`` (``what``: how to name the pair in
+    the error, ``"(height, width)"`` or ``"(top, left)"``)."""
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        if all(isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+            return
+    shown = f"{type(value).__name__} {value!r}" if isinstance(value, (list, tuple)) else repr(value)
+    raise ValueError(f"`{name}` must be a {what} pair of numbers, got {shown}")
+
+
+def check_single_file_components(pipeline_cls, kwargs: dict) -> None:
+    """Before ``from_single_file``: a base checkpoint holds only the base model; components beyond it that the
+    pipeline needs (the BrushNet branch; PowerPaint's branch text encoder and tokenizer) must be passed (diffusers
+    failed on them with ``TypeError: unsupported operand type(s) for -: 'set' and 'list'``)."""
+    import inspect
+
+    from ..errors import CheckpointError
+
+    base = {"vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler"}
+    parameters = list(inspect.signature(pipeline_cls.__init__).parameters.items())[1:]
+    missing = [
+        name
+        for name, parameter in parameters
+        if parameter.default is inspect.Parameter.empty and name not in base and name not in kwargs
+    ]
+    if not missing:
+        return
+    needed = [f"{n}=BrushNetModel.from_pretrained(...)" if n == "brushnet" else f"{n}=..." for n in missing]
+    raise CheckpointError(
+        f"{pipeline_cls.__name__}.from_single_file loads the base model only: pass {', '.join(needed)}"
+    )
 
 
 class CheckedSourceMixin:
@@ -398,7 +469,8 @@ class BrushNetPipelineMixin(PAGMixin):
                 )
             if not callable(callback):
                 raise ValueError(f"`callback` must be callable, got {type(callback).__name__}")
-            if isinstance(callback_steps, bool) or not isinstance(callback_steps, int) or callback_steps < 1:
+            integer = isinstance(callback_steps, numbers.Integral) and not isinstance(callback_steps, bool)
+            if not integer or callback_steps < 1:
                 raise ValueError(f"`callback_steps` must be a positive integer, got {callback_steps!r}")
             warnings.warn(
                 "`callback` and `callback_steps` are deprecated (as in diffusers): use `callback_on_step_end`",
@@ -477,6 +549,7 @@ class BrushNetPipelineMixin(PAGMixin):
             raise ValueError("both `image` and `mask_image` are required")
         check_image_input("image", image)
         check_mask_input("mask_image", mask_image)
+        check_finite("strength", strength)
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"`strength` must be in (0, 1], got {strength}")
         if padding_mask_crop is not None:
@@ -492,14 +565,13 @@ class BrushNetPipelineMixin(PAGMixin):
             raise ValueError(f"`height` must be a multiple of {self.vae_scale_factor}, got {height}")
         if width is not None and width % self.vae_scale_factor != 0:
             raise ValueError(f"`width` must be a multiple of {self.vae_scale_factor}, got {width}")
-        if not isinstance(brushnet_conditioning_scale, (int, float)):
-            raise TypeError("`brushnet_conditioning_scale` must be a number")
-        check_finite("brushnet_conditioning_scale", brushnet_conditioning_scale)
-        if not 0.0 <= control_guidance_start < control_guidance_end <= 1.0:
-            raise ValueError(
-                "need 0 <= control_guidance_start < control_guidance_end <= 1, got "
-                f"{control_guidance_start} and {control_guidance_end}"
+        if isinstance(brushnet_conditioning_scale, torch.Tensor):  # any real number, a numpy one too
+            raise TypeError(
+                "`brushnet_conditioning_scale` must be a number, got a torch tensor (use .item())"
             )
+        check_finite("brushnet_conditioning_scale", brushnet_conditioning_scale)
+        # the SD1.5 and SDXL pipelines unwrap diffusers' one-element list form before this check
+        check_branch_window(control_guidance_start, control_guidance_end, allow_list=False)
         if callback_on_step_end_tensor_inputs is not None:
             unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
             if unknown:
@@ -731,6 +803,8 @@ class BrushNetPipelineMixin(PAGMixin):
             else [controlnet_guidance_end]
         )
         for start, end in zip(starts, ends):
+            check_finite("controlnet_guidance_start", start)
+            check_finite("controlnet_guidance_end", end)
             if not 0.0 <= start < end <= 1.0:
                 raise ValueError(
                     f"need 0 <= controlnet_guidance_start < controlnet_guidance_end <= 1, got {start} and {end}"
@@ -1037,6 +1111,14 @@ class BrushNetPipelineMixin(PAGMixin):
             hole: ``(B, 1, H, W)``, 1 = hole.
             has_nsfw: the safety checker's flags; a flagged image comes out black (as in diffusers), unblended.
         """
+        finite = torch.isfinite(decoded.float().flatten(1)).all(1)
+        if not bool(finite.all()):  # diffusers says nothing: the image just comes out black
+            logger.warning(
+                "image(s) %s of this batch have NaN or infinite values and will come out black or blotched "
+                "(%s; in float16 a VAE or UNet can overflow: try float32, or a VAE made for float16)",
+                ", ".join(str(i) for i in (~finite).nonzero().flatten().tolist()),
+                str(decoded.dtype).replace("torch.", ""),
+            )
         images = (decoded.float() / 2 + 0.5).clamp(0, 1)
         if blending:
             original = (image_tensor.float() / 2 + 0.5).clamp(0, 1)
