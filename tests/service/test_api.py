@@ -517,3 +517,21 @@ def test_allowed_origins(gated):
         assert client.post("/api/v1/inpaint", **multipart(**FAST), headers=other).status_code == 403
     finally:
         engine.close()
+
+
+def test_nan_output_fails_the_job_with_its_own_message(gated):
+    """A method whose models give NaN: the job fails with the GenerationError's line, status 500 for wait=true
+    (was an all-black image, done)."""
+    generate = gated.generate
+
+    def nan_generate(task):
+        output = generate(task)
+        output.images[:] = float("nan")
+        return output
+
+    gated.generate = nan_generate
+    with make_client({"brushnet": gated}) as client:
+        r = client.post("/api/v1/inpaint", **multipart(**FAST, wait="true"))
+        message = _error(r, 500, "brushnet produced NaN or infinite values in image(s) 0 (float32)")
+        job = client.get(f"/api/v1/jobs/{r.json()['job_id']}").json()
+        assert job["state"] == "failed" and job["error"] == message and "internal error" not in message

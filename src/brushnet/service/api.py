@@ -64,7 +64,7 @@ __all__ = ["create_app", "HostGuard", "is_loopback"]
 STATIC_DIR = Path(__file__).parent / "static"
 _POLL_S = 0.05
 _KEEPALIVE_S = 15.0
-_FAILED_STATUS = {"timeout": 504, "input": 400, "internal": 500, "cancelled": 409}
+_FAILED_STATUS = {"timeout": 504, "input": 400, "generation": 500, "internal": 500, "cancelled": 409}
 _BOOLEAN = TypeAdapter(bool)
 
 _INPAINT_OPENAPI = {

@@ -40,7 +40,7 @@ from typing import Any
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import InputError, RequestError
+from ..errors import GenerationError, InputError, RequestError
 from ..methods.api import prepare, run
 from ..methods.base import InpaintMethod, InpaintRequest, InpaintResult, PreparedJob
 from ..methods.processing import crop_padding_for, plan_region
@@ -155,7 +155,7 @@ class Job:
     step: int = 0
     total: int = 0
     error: str | None = None
-    error_kind: str | None = None  # "timeout", "cancelled", "input", "internal"
+    error_kind: str | None = None  # "timeout", "cancelled", "input", "generation", "internal"
     result: InpaintResult | None = field(default=None, repr=False)
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
@@ -513,6 +513,9 @@ class Engine:
             return
         except InputError as exc:
             self._finish_unless_finished(job, JobState.FAILED, str(exc), "input")
+            return
+        except GenerationError as exc:  # NaN output: the models' fault, said as it is (no traceback needed)
+            self._finish_unless_finished(job, JobState.FAILED, str(exc)[:300], "generation")
             return
         except Exception as exc:  # noqa: BLE001 - a failed job must not kill the worker
             logger.exception("job %s (%s) failed", job.id, job.method)
