@@ -200,3 +200,16 @@ def test_speed_help_names_every_random_weight_preset():
 
     text = " ".join(CliRunner().invoke(app, ["speed", "--help"], env={"COLUMNS": "200"}).output.split())
     assert all(f" {preset} " in text.replace("|", " | ").replace(".", " ") for preset in PRESETS), text
+
+
+def test_the_recorded_branch_mode_is_the_one_that_ran(tiny_xl_models, tiny_models):
+    """SDXL's branch reads text, so it runs on the doubled batch whatever is asked: it was timed twice and
+    labelled "once" and "doubled". Without guidance there is no doubled batch at all."""
+    xl = {"base": tiny_xl_models["base"], "brushnet": tiny_xl_models["brushnet"]}
+    records = measure_speed(["brushnet"], xl, resolutions=[32], steps=[2], repeats=1,
+                            cfg_branch=["once", "doubled"])  # fmt: skip
+    assert [r["cfg_branch"] for r in records] == ["doubled"]
+    assert records[0]["extra_calls"] == {"brushnet": 4}
+    records = measure_speed(["brushnet"], tiny_models, resolutions=[32], steps=[2], repeats=1,
+                            cfg_branch=["once", "doubled"], guidance_scale=1.0)  # fmt: skip
+    assert [r["cfg_branch"] for r in records] == [None]

@@ -17,8 +17,9 @@ area). Reported:
 
 ``cfg_branch`` compares BrushNet's two ways of running the branch under classifier-free guidance: ``once``
 (this project: the SD1.5 branch reads no text, so one pass serves both halves) and ``doubled`` (the
-original pipeline: the branch runs on the CFG-doubled batch). Other methods have one way (recorded as
-``None``). A combination that the device cannot run (e.g. a dtype without kernels there) is recorded with
+original pipeline: the branch runs on the CFG-doubled batch). Each record names the mode that ran: an SDXL
+branch reads text and always runs doubled, and without guidance there is no doubled batch (``None``); a mode
+that would run as one already timed is skipped. Other methods have one way (recorded as ``None``). A combination that the device cannot run (e.g. a dtype without kernels there) is recorded with
 its ``error`` instead of figures.
 """
 
@@ -205,6 +206,16 @@ def set_branch_on_doubled_batch(pipe, doubled: bool) -> None:
     pipe.branch_batch = "doubled" if doubled else None
 
 
+def _branch_mode_that_runs(method, guidance_scale: float) -> str | None:
+    """How the loaded BrushNet's branch will actually run: ``"doubled"`` or ``"once"`` under classifier-free
+    guidance (a branch that reads text, SDXL's, always runs doubled; so does the default at strict fp32 on
+    cuDNN), ``None`` without guidance (there is no doubled batch)."""
+    if guidance_scale <= 1:
+        return None
+    pipe = method.pipeline
+    return "doubled" if pipe._branch_on_doubled_batch(pipe.brushnet.dtype) else "once"
+
+
 def _set_branch_on_doubled_batch(method, doubled: bool) -> None:
     """:func:`set_branch_on_doubled_batch` for a loaded BrushNet method's pipeline."""
     set_branch_on_doubled_batch(method.pipeline, doubled)
@@ -277,9 +288,16 @@ def measure_speed(
             for resolution in resolutions:
                 image, hole = _test_input(resolution)
                 for step_count in steps:
-                    for mode in modes:
-                        if mode is not None:
-                            _set_branch_on_doubled_batch(method, mode == "doubled")
+                    timed_modes: set[str | None] = set()
+                    for asked in modes:
+                        mode = asked
+                        if asked is not None:
+                            _set_branch_on_doubled_batch(method, asked == "doubled")
+                            mode = _branch_mode_that_runs(method, guidance_scale)
+                            if mode in timed_modes:  # e.g. SDXL's branch reads text: doubled whatever is asked
+                                logger.info("brushnet: --cfg-branch %s runs as %s here; timed once", asked, mode)
+                                continue
+                            timed_modes.add(mode)
                         # a method with its own schedule (RePaint) keeps it; the record says which ran
                         takes = type(method).schedulers is None or scheduler in type(method).schedulers
                         request = {
