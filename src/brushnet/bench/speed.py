@@ -294,8 +294,9 @@ def measure_speed(
                         if asked is not None:
                             _set_branch_on_doubled_batch(method, asked == "doubled")
                             mode = _branch_mode_that_runs(method, guidance_scale)
-                            if mode in timed_modes:  # e.g. SDXL's branch reads text: doubled whatever is asked
-                                logger.info("brushnet: --cfg-branch %s runs as %s here; timed once", asked, mode)
+                            # e.g. SDXL's branch reads text: doubled whatever is asked
+                            if mode in timed_modes:
+                                logger.info("--cfg-branch %s runs as %s here: timed once", asked, mode)
                                 continue
                             timed_modes.add(mode)
                         # a method with its own schedule (RePaint) keeps it; the record says which ran
