@@ -214,6 +214,8 @@ def test_make_tiny_models_builds_an_sdxl_set(tmp_path):
     for folder in ("base", "brushnet", "inpaint", "controlnet"):
         assert peek_family(tmp_path / folder) == "sdxl", folder
     assert "--inpaint-model" in result.output and "--controlnet" in result.output
+    # PowerPaint has no SDXL form: a folder nothing could run was written and advertised
+    assert "--powerpaint" not in result.output and not (tmp_path / "powerpaint").exists()
 
 
 @pytest.mark.parametrize("negative", ["", "blurry"])

@@ -680,12 +680,20 @@ def make_tiny_models_command(
     ),
 ) -> None:
     """Write random-weight model folders for every method (offline; for trying the tools, not for quality)."""
-    from ..methods import model_slots
-    from ..random_models import PRESETS, build_model_set
+    from ..methods import method_classes, model_slots
+    from ..random_models import PRESETS, build_model_set, preset_family
 
     if preset not in PRESETS:
         fail(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-    slots = [slot for slot in model_slots().values() if slot.random_builder is not None]
+    family = preset_family(preset)
+    # only the models some method runs on this family (no PowerPaint folder for SDXL: it has no SDXL form)
+    used = {
+        slot.name
+        for cls in method_classes().values()
+        if family in cls.families
+        for slot in (*cls.models, *cls.optional_models)
+    }
+    slots = [slot for slot in model_slots().values() if slot.random_builder is not None and slot.name in used]
     built = build_model_set(out_dir, slots, preset, seed=seed, overwrite=overwrite)
     for name, path in built.items():
         typer.echo(f"{path}  (--{name.replace('_', '-')})")
