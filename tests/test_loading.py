@@ -300,6 +300,54 @@ def test_a_branch_folder_with_only_the_fp16_variant_loads(tiny_models, tmp_path)
         assert torch.equal(value, weights[name].half().float()), name
 
 
+def test_a_base_folder_with_only_fp16_variant_weights_loads(tiny_xl_models, tmp_path):
+    """A base saved with ``save_pretrained(variant="fp16")`` (or a hub download of its ``*.fp16.safetensors``
+    files) was refused with "... has diffusion_pytorch_model.fp16.safetensors ... rename the file", though branch
+    folders of fp16 files load. It loads in the dtype asked for, a sharded component too (diffusers names the
+    index ``diffusion_pytorch_model.safetensors.index.fp16.json``); a base whose components mix fp16-only and
+    full-precision-only weights is one line naming both."""
+    full = load_base_components(tiny_xl_models["base"])
+    folder = shutil.copytree(
+        tiny_xl_models["base"], tmp_path / "fp16", ignore=shutil.ignore_patterns("*.safetensors")
+    )
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        shard = {"max_shard_size": "100KB"} if name == "unet" else {}
+        copy = type(full[name]).from_pretrained(tiny_xl_models["base"] / name)
+        copy.half().save_pretrained(folder / name, variant="fp16", **shard)
+    assert (folder / "unet" / "diffusion_pytorch_model.safetensors.index.fp16.json").is_file()
+    for dtype in (torch.float32, torch.float16):
+        parts = load_base_components(folder, dtype=dtype)
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            assert parts[name].dtype == dtype, name
+            loaded, original = parts[name].state_dict(), full[name].state_dict()
+            assert all(torch.equal(loaded[k], original[k].half().to(dtype)) for k in original), name
+    full["vae"].save_pretrained(folder / "vae_full")
+    shutil.rmtree(folder / "vae")
+    (folder / "vae_full").rename(folder / "vae")
+    with pytest.raises(CheckpointError) as info:
+        load_base_components(folder)
+    assert str(info.value) == (
+        f"base model folder {folder} has only fp16 weights (*.fp16.safetensors) for text_encoder, "
+        "text_encoder_2, unet and no fp16 weights for vae: give every component fp16 weights (or every one "
+        "full-precision weights)"
+    )
+
+
+def test_a_controlnet_folder_with_only_the_fp16_variant_loads(tiny_models, tmp_path):
+    """A ControlNet folder of ``diffusion_pytorch_model.fp16.safetensors`` only loads as a branch folder does (it
+    was "rename the file")."""
+    from diffusers import ControlNetModel
+
+    from brushnet.loading import load_model
+    from brushnet.random_models import build_controlnet
+
+    original = ControlNetModel.from_pretrained(build_controlnet(tmp_path / "full", tiny_models["base"]))
+    original.half().save_pretrained(tmp_path / "fp16", variant="fp16")
+    controlnet = load_model(ControlNetModel, tmp_path / "fp16", "ControlNet")
+    assert controlnet.dtype == torch.float32
+    assert all(torch.equal(v, original.state_dict()[k].float()) for k, v in controlnet.state_dict().items())
+
+
 def test_a_single_file_read_as_the_other_family_is_loaded_again_as_its_own(
     tiny_xl_models, tmp_path, monkeypatch
 ):

@@ -118,6 +118,22 @@ def test_a_truncated_text_encoder_is_named(tiny_models, tmp_path):
         load_base_components(base)
 
 
+def test_a_folder_of_a_variant_only_names_the_variant_that_loads_it(tiny_models, tmp_path):
+    """``BrushNetModel.from_pretrained`` on a folder of ``diffusion_pytorch_model.fp16.safetensors`` only said
+    "rename the file", where ``variant="fp16"`` loads it."""
+    from brushnet.models import BrushNetModel
+
+    folder = shutil.copytree(tiny_models["brushnet"], tmp_path / "fp16")
+    (folder / WEIGHTS).rename(folder / "diffusion_pytorch_model.fp16.safetensors")
+    with pytest.raises(CheckpointError) as info:
+        BrushNetModel.from_pretrained(folder)
+    assert str(info.value) == (
+        f"{folder} has only the fp16 variant of its weights (diffusion_pytorch_model.fp16.safetensors): load it "
+        'with variant="fp16"'
+    )
+    assert BrushNetModel.from_pretrained(folder, variant="fp16").num_down_residuals > 0
+
+
 def test_safetensors_header_checks_read_no_tensor(tiny_models, tmp_path):
     source = tiny_models["brushnet"] / WEIGHTS
     assert safetensors_keys(source) == set(load_file(source))

@@ -34,6 +34,7 @@ __all__ = [
     "resolve_dtype",
     "detect_family",
     "peek_family",
+    "peek_unet_config",
     "check_brushnet_fits_base",
     "load_base_components",
     "brushnet_folder",
@@ -110,20 +111,56 @@ def detect_family(config: Any) -> str:
     )
 
 
-def peek_family(path: str | os.PathLike | None) -> str | None:
-    """The family of a local model folder from its config alone (``unet/config.json`` of a pipeline folder, or a
-    model folder's ``config.json``), before anything is loaded; ``None`` when it cannot tell (a hub id, a single
-    file, an unreadable or foreign config)."""
-    if path is None or not is_local_path(path):
+def peek_family(path: str | os.PathLike | None, config: str | os.PathLike | None = None) -> str | None:
+    """The family of a model from its config or its file's tensor names alone, before anything is loaded.
+
+    A local folder: ``unet/config.json`` of a pipeline folder, or a model folder's ``config.json``. A hub id: the
+    same files in the local Hugging Face cache (nothing is downloaded). A single-file base: ``unet/config.json``
+    of its local ``config`` folder, else, for a ``.safetensors`` file, its tensor names (as
+    :func:`load_base_components` tells). ``None`` when it cannot tell so cheaply: a hub id not in the cache, a
+    pickle file without a config folder, an unreadable or foreign config or file.
+    """
+    if path is None:
         return None
-    folder = Path(path).expanduser()
-    for candidate in (folder / "unet" / "config.json", folder / "config.json"):
-        if candidate.is_file():
+    if not is_local_path(path):
+        candidates = [_cached_file(str(path), name) for name in ("unet/config.json", "config.json")]
+    else:
+        folder = Path(path).expanduser()
+        if folder.is_file():
+            suffix = folder.suffix.lower()
+            if suffix != ".safetensors" and (
+                suffix not in PICKLE_SUFFIXES or peek_unet_config(folder, config) is None
+            ):
+                return None  # a pickle file's keys are not read before loading (that would unpickle it)
+            try:
+                return _single_file_family(folder, config)
+            except (CheckpointError, AttributeError, TypeError):
+                return None  # the loader says what is wrong with it
+        candidates = [folder / "unet" / "config.json", folder / "config.json"]
+    for candidate in candidates:
+        if candidate is not None and candidate.is_file():
             try:
                 return detect_family(json.loads(candidate.read_text()))
             except (OSError, ValueError, CheckpointError, AttributeError, TypeError):
                 return None
     return None
+
+
+def peek_unet_config(path: str | os.PathLike | None, config: str | os.PathLike | None = None) -> Path | None:
+    """The ``unet/config.json`` a base will be built from, found without loading anything: that of a local base
+    folder, of the local ``config`` folder given with a single file, or of a hub id in the local cache; ``None``
+    when there is none to read so cheaply."""
+    if path is None:
+        return None
+    if not is_local_path(path):
+        return _cached_file(str(path), "unet/config.json")
+    base = Path(path).expanduser()
+    if base.is_file():
+        if config is None:
+            return None
+        base = Path(config)  # as _single_file_family reads it
+    found = base / "unet" / "config.json"
+    return found if found.is_file() else None
 
 
 def _layers(config: Any) -> list[int]:
@@ -261,20 +298,15 @@ def _check_weights(
     check_model_folder(folder, model_cls, library=library, allow_pickle=allow_pickle, variant=variant)
 
 
-def fp16_only_variant(folder: Path) -> str | None:
-    """``"fp16"`` for a diffusers model folder that holds only the fp16 variant of its weights
-    (``diffusion_pytorch_model.fp16.safetensors``, as some hub repos ship a branch), else None."""
-    plain = [
-        folder / "diffusion_pytorch_model.safetensors",
-        folder / "diffusion_pytorch_model.safetensors.index.json",
-    ]
-    variant = [
-        folder / "diffusion_pytorch_model.fp16.safetensors",
-        folder / "diffusion_pytorch_model.fp16.safetensors.index.json",
-    ]
-    if not any(p.is_file() for p in plain) and any(p.is_file() for p in variant):
-        return "fp16"
-    return None
+def fp16_only_variant(folder: Path, library: str = "diffusers") -> str | None:
+    """``"fp16"`` for a model folder that holds only the fp16 variant of its safetensors weights
+    (``diffusion_pytorch_model.fp16.safetensors`` or its shards, as some hub repos ship a branch, and as
+    ``save_pretrained(variant="fp16")`` writes; ``model.fp16.safetensors`` for ``library="transformers"``), else
+    None."""
+    from .model_files import safetensors_variants
+
+    variants = safetensors_variants(folder, library)
+    return "fp16" if "fp16" in variants and None not in variants else None
 
 
 def where(path: str | os.PathLike) -> str:
@@ -299,15 +331,21 @@ def _looks_like_hub_id(p: str) -> bool:
     return len(parts) == 2 and all(parts) and not p.startswith((".", "/")) and not os.path.isdir(parts[0])
 
 
-def _cached(repo_id: str, filename: str, hub_kwargs: dict | None = None) -> bool:
-    """Whether ``filename`` of hub repo ``repo_id`` is in the local Hugging Face cache."""
+def _cached_file(repo_id: str, filename: str, hub_kwargs: dict | None = None) -> Path | None:
+    """Where ``filename`` of hub repo ``repo_id`` is in the local Hugging Face cache, or None (nothing is fetched)."""
     from huggingface_hub import try_to_load_from_cache
 
     kwargs = {k: v for k, v in (hub_kwargs or {}).items() if k in ("cache_dir", "revision")}
     try:
-        return isinstance(try_to_load_from_cache(repo_id, filename, **kwargs), str)
+        found = try_to_load_from_cache(repo_id, filename, **kwargs)
     except Exception:  # noqa: BLE001 - a malformed id is "not cached"; loading reports it
-        return False
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
+def _cached(repo_id: str, filename: str, hub_kwargs: dict | None = None) -> bool:
+    """Whether ``filename`` of hub repo ``repo_id`` is in the local Hugging Face cache."""
+    return _cached_file(repo_id, filename, hub_kwargs) is not None
 
 
 def _offline_message(what: str, repo_id: str, reason: str, cache_dir: str | os.PathLike | None = None) -> str:
@@ -562,7 +600,8 @@ def load_model(
 
     Args:
         model_cls: the diffusers model class (e.g. ``ControlNetModel``); the folder's ``_class_name`` must be it.
-        path: the model's folder (``config.json`` + weights) or a hub id.
+        path: the model's folder (``config.json`` + weights; only the fp16 variant's weights load too, as for a
+            branch folder) or a hub id.
         what: the model's name in messages, e.g. ``"ControlNet"``.
         dtype: weights dtype (fp32 default).
         allow_pickle: allow ``.bin`` weights where the folder has no ``.safetensors``.
@@ -584,9 +623,14 @@ def load_model(
             raise CheckpointError(
                 f"{folder} is a full {kind[9:]} folder, not a {what} ({model_cls.__name__})"
             )
-        _check_weights(folder, allow_pickle, model_cls)
+        variant = fp16_only_variant(
+            folder
+        )  # as a branch folder's: fp16 files only load in the dtype asked for
+        _check_weights(folder, allow_pickle, model_cls, variant)
         policy = safetensors_policy(allow_pickle, folder)
-        return model_cls.from_pretrained(folder, torch_dtype=torch_dtype, use_safetensors=policy)
+        return model_cls.from_pretrained(
+            folder, torch_dtype=torch_dtype, use_safetensors=policy, variant=variant
+        )
     config = f"{subfolder}/config.json" if subfolder else "config.json"
     _check_hub_reachable(what, str(path), config, hub_kwargs)
     try:
@@ -615,8 +659,9 @@ def load_base_components(
     the scheduler is the class its config names.
 
     Args:
-        path: a diffusers folder (``model_index.json``, or just the component subfolders), a hub id, or a
-            single ``.safetensors`` checkpoint (original SD / SDXL layout, as community models are shared).
+        path: a diffusers folder (``model_index.json``, or just the component subfolders; components with only
+            the fp16 variant of their weights load from those), a hub id, or a single ``.safetensors`` checkpoint
+            (original SD / SDXL layout, as community models are shared).
         dtype: weights dtype (fp32 default).
         allow_pickle: allow ``.bin``/``.ckpt`` weights for components without ``.safetensors`` (those are
             preferred), and pickle-based single files.
@@ -653,6 +698,7 @@ def load_base_components(
         raise CheckpointError(f"{FAMILY_NAMES[family]} base model folder {p} lacks: {', '.join(missing)}")
     import diffusers
 
+    variant = _base_variant(p, family)
     classes = _component_classes(str(p), hub_kwargs)
     for name in _WEIGHTED:
         if name not in FAMILY_COMPONENTS[family]:
@@ -662,8 +708,37 @@ def load_base_components(
             model_cls = diffusers.UNet2DConditionModel
         elif name == "vae":
             model_cls = _library_class(diffusers, classes.get("vae", "AutoencoderKL"), "vae", str(p))
-        _check_weights(p / name, allow_pickle, model_cls)
-    return _load_components(str(p), torch_dtype, allow_pickle, hub_kwargs)
+        _check_weights(p / name, allow_pickle, model_cls, variant)
+    return _load_components(str(p), torch_dtype, allow_pickle, hub_kwargs, variant)
+
+
+def _base_variant(folder: Path, family: str) -> str | None:
+    """``"fp16"`` for a base folder whose components hold only the fp16 variant of their weights (as
+    ``save_pretrained(variant="fp16")`` writes, or a hub download of the ``*.fp16.safetensors`` files): the
+    components load from those, in the dtype asked for. ``"fp16"`` too where some components also hold their
+    full-precision weights (diffusers' ``variant="fp16"``); else None.
+
+    Raises:
+        CheckpointError: some components hold only fp16 weights and others no fp16 weights (one line naming both).
+    """
+    from .model_files import safetensors_variants
+
+    variants = {
+        name: safetensors_variants(folder / name, "transformers" if name.startswith("text_") else "diffusers")
+        for name in _WEIGHTED
+        if name in FAMILY_COMPONENTS[family]
+    }
+    only = [name for name, found in variants.items() if "fp16" in found and None not in found]
+    if not only:
+        return None
+    lacking = [name for name, found in variants.items() if "fp16" not in found]
+    if lacking:
+        raise CheckpointError(
+            f"base model folder {folder} has only fp16 weights (*.fp16.safetensors) for {', '.join(only)} and "
+            f"no fp16 weights for {', '.join(lacking)}: give every component fp16 weights (or every one full-precision "
+            "weights)"
+        )
+    return "fp16"
 
 
 def _component_classes(source: str, hub_kwargs: dict) -> dict[str, str]:
@@ -692,7 +767,9 @@ def _library_class(library, name: str, component: str, source: str) -> type:
     return cls
 
 
-def _load_components(source: str, torch_dtype, allow_pickle: bool, hub_kwargs) -> dict[str, Any]:
+def _load_components(
+    source: str, torch_dtype, allow_pickle: bool, hub_kwargs, variant: str | None = None
+) -> dict[str, Any]:
     import diffusers
     import transformers
     from diffusers import UNet2DConditionModel
@@ -701,7 +778,7 @@ def _load_components(source: str, torch_dtype, allow_pickle: bool, hub_kwargs) -
 
     def common_for(part: str) -> dict[str, Any]:
         folder = Path(source).expanduser() / part if local else None
-        return {"use_safetensors": safetensors_policy(allow_pickle, folder), **hub_kwargs}
+        return {"use_safetensors": safetensors_policy(allow_pickle, folder), "variant": variant, **hub_kwargs}
 
     try:
         family = detect_family(UNet2DConditionModel.load_config(source, subfolder="unet", **hub_kwargs))

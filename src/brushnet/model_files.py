@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -25,6 +26,7 @@ __all__ = [
     "read_config",
     "check_config_types",
     "safetensors_keys",
+    "safetensors_variants",
     "weight_files",
     "check_model_folder",
 ]
@@ -164,6 +166,22 @@ def safetensors_keys(path: str | os.PathLike) -> set[str]:
     return {key for key in header if key != "__metadata__"}
 
 
+def safetensors_variants(folder: str | os.PathLike, library: str = "diffusers") -> dict[str | None, str]:
+    """The variants of the safetensors weights in a model folder, each with the file that holds it: ``None`` for
+    ``<stem>.safetensors`` (or its shard index), ``"fp16"`` for ``<stem>.fp16.safetensors`` or its shard index
+    (``<stem>.safetensors.index.fp16.json`` as diffusers and transformers write it, or
+    ``<stem>.fp16.safetensors.index.json``). Reads file names only."""
+    stem = re.escape(WEIGHT_STEMS[library])
+    pattern = re.compile(rf"{stem}(?:\.(\w+))?\.safetensors(?:\.index(?:\.(\w+))?\.json)?")
+    found: dict[str | None, str] = {}
+    folder = Path(folder)
+    for path in sorted(folder.iterdir()) if folder.is_dir() else ():
+        match = pattern.fullmatch(path.name)
+        if match and path.is_file() and not (match[1] and match[2]):
+            found.setdefault(match[1] or match[2], path.name)
+    return found
+
+
 def weight_files(
     folder: str | os.PathLike,
     library: str = "diffusers",
@@ -171,18 +189,20 @@ def weight_files(
     variant: str | None = None,
 ) -> list[Path]:
     """The weight files ``from_pretrained`` will read in ``folder``: ``<stem>.safetensors`` (with ``variant``
-    ``<stem>.<variant>.safetensors``), the shards of ``<stem>.safetensors.index.json``, or (with ``allow_pickle``
-    and no safetensors) the pickle file.
+    ``<stem>.<variant>.safetensors``), the shards of ``<stem>.safetensors.index.json`` (with ``variant`` that of
+    :func:`safetensors_variants`), or (with ``allow_pickle`` and no safetensors) the pickle file.
 
     Raises:
-        CheckpointError: no weight file; a weight file under another name (naming both); only pickle files
-            without ``allow_pickle``; a shard index that is unreadable or names a missing shard.
+        CheckpointError: no weight file; only a variant's weights without ``variant`` (naming the ``variant=``
+            that loads them); a weight file under another name (naming both); only pickle files without
+            ``allow_pickle``; a shard index that is unreadable or names a missing shard.
     """
     folder = Path(folder)
     stem = WEIGHT_STEMS[library] + (f".{variant}" if variant else "")
-    single, index = folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json"
+    single = folder / f"{stem}.safetensors"
     if single.is_file():
         return [single]
+    index = folder / safetensors_variants(folder, library).get(variant, f"{stem}.safetensors.index.json")
     if index.is_file():
         try:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -201,6 +221,12 @@ def weight_files(
                 "to load them if you trust the source"
             )
         return [folder / pickled[0]]
+    variants = {name: file for name, file in safetensors_variants(folder, library).items() if name}
+    if variant is None and variants:
+        name, file = next(iter(variants.items()))
+        raise CheckpointError(
+            f'{folder} has only the {name} variant of its weights ({file}): load it with variant="{name}"'
+        )
     others = [name for name in files if name.endswith(".safetensors")]
     if others:
         raise CheckpointError(

@@ -125,9 +125,11 @@ def load_method(
 ) -> InpaintMethod:
     """Load method ``name`` from the given model paths (see :class:`ModelPaths`).
 
-    Before anything loads, it checks the device and dtype, and every local folder's config: a branch folder of
-    another kind (a UNet, a ControlNet, a missing path), a model of a family the method has no form for, and a
-    branch that does not fit the base (an SDXL branch for an SD1.5 base) are each one line.
+    Before anything loads, it checks the device and dtype, and every model's config (a local folder's, the config
+    folder of a single-file base or else the file's tensor names, a hub id's in the local cache): a branch folder
+    of another kind (a UNet, a ControlNet, a missing path), a model of a family the method has no form for, a
+    branch that does not fit the base (an SDXL branch for an SD1.5 base) and any model of the other family than
+    the base's (an SD1.5 ControlNet with an SDXL base) are each one line.
 
     Raises:
         InputError: unknown method, a model it needs is missing, models not a dict, an unknown or absent device,
@@ -169,7 +171,9 @@ def load_method(
         FAMILY_NAMES,
         brushnet_folder,
         check_brushnet_fits_base,
+        describe_folder,
         peek_family,
+        peek_unet_config,
         refuse_cross_attention_branch,
         resolve_dtype,
         where,
@@ -199,7 +203,9 @@ def load_method(
             "another method or a base of that family"
         )
 
-    # every local folder's config, before anything loads: the family of each, and a branch of the right kind
+    # every model's config, before anything loads: the family of each (a local folder's config, a single file's
+    # tensor names, a cached hub id's config), a branch of the right kind, and every model of the base's family
+    config_folder = models.get("base_config")
     families: dict[str, str] = {}
     for slot in (*cls.models, *cls.optional_models):
         path = models.get(slot.name)
@@ -213,28 +219,38 @@ def load_method(
         if slot.name == "brushnet" and path is not None and is_local(path):
             branch = brushnet_folder(path, into_pipeline=True)  # missing, a UNet, a ControlNet, ...: one line
             refuse_cross_attention_branch(branch)
-            base = models.get("base")
-            if (
-                base is not None
-                and is_local(base)
-                and (Path(base).expanduser() / "unet" / "config.json").is_file()
-            ):
+            unet_config = peek_unet_config(models.get("base"), config_folder)
+            if unet_config is not None:
                 # the branch against the base UNet's config: the message the loader gives after loading the base
                 from diffusers import UNet2DConditionModel
 
                 from ..models.brushnet import BrushNetModel
 
-                unet_config = Path(base).expanduser() / "unet" / "config.json"
                 config, base_config = read_config(branch / "config.json"), read_config(unet_config)
                 check_config_types(BrushNetModel, config, branch / "config.json")
                 check_config_types(UNet2DConditionModel, base_config, unet_config)
                 check_brushnet_fits_base(config, base_config)
-        family = peek_family(path)
-        if family is not None:
-            families[slot.flag] = family
+        base_like = slot.name in ("base", "inpaint_model")  # a single file of these is a whole model
+        if path is not None and (base_like or not Path(path).expanduser().is_file()):
+            family = peek_family(path, config_folder if base_like else None)
+            if family is not None:
+                families[slot.name] = family
     for family in families.values():
         if family not in cls.families:
             refuse(family)
+    base_family = families.get("base")
+    for slot in (*cls.models, *cls.optional_models):
+        family = families.get(slot.name)
+        if base_family is None or family in (None, base_family) or slot.name in ("base", "base_config"):
+            continue
+        path = models.get(slot.name)
+        kind = describe_folder(Path(path).expanduser()) if is_local(path) else "unknown"
+        what = kind.removesuffix("Model") if kind.endswith("Model") else f"{slot.flag} model"
+        base_name = FAMILY_NAMES[base_family]
+        raise CheckpointError(
+            f"this {FAMILY_NAMES[family]} {what} ({path}) does not fit the {base_name} base ({models.get('base')}); "
+            f"use an {base_name} {what} with this base"
+        )
     method = cls.load(models, device=device, dtype=dtype)
     if method.family not in cls.families:
         refuse(method.family)
