@@ -46,14 +46,16 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img impo
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
-from ..loading import check_brushnet_fits_base
+from ..loading import FAMILY_NAMES, CheckpointError, check_brushnet_fits_base
 from ..models.brushnet import BrushNetModel
 from ..models.conditioning import from_model_latents
 from .common import (  # noqa: F401
     BrushNetPipelineMixin,
     CheckedSourceMixin,
     brushnet_keep_schedule,
+    check_branch_window,
     check_prompt,
+    check_single_file_components,
     controlnet_keep_schedule,
 )
 
@@ -174,6 +176,11 @@ class StableDiffusionBrushNetPipeline(
         super().__init__()
         if brushnet is not None and not isinstance(brushnet, BrushNetModel):
             raise TypeError(f"brushnet must be a BrushNetModel, got {type(brushnet).__name__}")
+        if unet is not None and unet.config.get("addition_embed_type") == "text_time":
+            raise CheckpointError(
+                f"{type(self).__name__} needs an SD1.5 base; this one is {FAMILY_NAMES['sdxl']} "
+                "(use StableDiffusionXLBrushNetPipeline)"
+            )
         if unet is not None and brushnet is not None:
             check_brushnet_fits_base(brushnet.config, unet.config)
         if isinstance(controlnet, (list, tuple)):
@@ -192,6 +199,13 @@ class StableDiffusionBrushNetPipeline(
         )
         self._make_image_processors(vae)
         self.register_to_config(requires_safety_checker=requires_safety_checker)
+
+    @classmethod
+    def from_single_file(cls, pretrained_model_link_or_path, **kwargs):
+        """diffusers' ``from_single_file`` (every argument the same). The checkpoint holds the base model only: pass
+        ``brushnet=BrushNetModel.from_pretrained(...)`` (a one-line error without it)."""
+        check_single_file_components(cls, kwargs)
+        return super().from_single_file(pretrained_model_link_or_path, **kwargs)
 
     # -------------------------------------------------------------------------------------------------
     def check_inputs(
@@ -311,8 +325,8 @@ class StableDiffusionBrushNetPipeline(
         cross_attention_kwargs: dict[str, Any] | None = None,
         brushnet_conditioning_scale: float = 1.0,
         guess_mode: bool = False,
-        control_guidance_start: float = 0.0,
-        control_guidance_end: float = 1.0,
+        control_guidance_start: float | list[float] = 0.0,
+        control_guidance_end: float | list[float] = 1.0,
         clip_skip: int | None = None,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
@@ -350,7 +364,8 @@ class StableDiffusionBrushNetPipeline(
             brushnet_conditioning_scale: the preservation scale (strength of the branch).
             guess_mode: ControlNet-style guess mode: a log-spaced ramp of scales; with CFG the branch only
                 conditions the text half.
-            control_guidance_start, control_guidance_end: fractions of the steps during which the branch is on.
+            control_guidance_start, control_guidance_end: fractions of the steps during which the branch is on
+                (a one-element list, diffusers' per-net form, counts as its number).
             callback_on_step_end, callback_on_step_end_tensor_inputs: as in diffusers.
             callback, callback_steps: the original pipelines' deprecated step callback, ``callback(step, timestep,
                 latents)`` every ``callback_steps`` steps; it works, with a ``FutureWarning`` (not with
@@ -389,7 +404,10 @@ class StableDiffusionBrushNetPipeline(
             callback_steps,
         )
 
-        # 1. check inputs
+        # 1. check inputs (a one-element list window, diffusers' per-net form, is read as its number)
+        control_guidance_start, control_guidance_end = check_branch_window(
+            control_guidance_start, control_guidance_end
+        )
         self.check_inputs(
             prompt, image, mask_image, height, width, negative_prompt, prompt_embeds, negative_prompt_embeds,
             brushnet_conditioning_scale, control_guidance_start, control_guidance_end,

@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
+import PIL.Image
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import PipelineImageInput
@@ -59,7 +61,15 @@ from transformers import (
 from ..loading import FAMILY_NAMES, CheckpointError, check_brushnet_fits_base, detect_family
 from ..models.brushnet import BrushNetModel
 from ..models.conditioning import from_model_latents, vae_precision
-from .common import BrushNetPipelineMixin, CheckedSourceMixin, check_finite, check_prompt
+from .common import (
+    BrushNetPipelineMixin,
+    CheckedSourceMixin,
+    check_branch_window,
+    check_finite,
+    check_pair,
+    check_prompt,
+    check_single_file_components,
+)
 
 __all__ = ["StableDiffusionXLBrushNetPipeline"]
 
@@ -161,6 +171,13 @@ class StableDiffusionXLBrushNetPipeline(
         self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
         self._make_image_processors(vae)
 
+    @classmethod
+    def from_single_file(cls, pretrained_model_link_or_path, **kwargs):
+        """diffusers' ``from_single_file`` (every argument the same). The checkpoint holds the base model only: pass
+        ``brushnet=BrushNetModel.from_pretrained(...)`` (a one-line error without it)."""
+        check_single_file_components(cls, kwargs)
+        return super().from_single_file(pretrained_model_link_or_path, **kwargs)
+
     # -- properties beyond the shared ones -------------------------------------------------------------
     @property
     def guidance_rescale(self) -> float:
@@ -219,7 +236,22 @@ class StableDiffusionXLBrushNetPipeline(
         padding_mask_crop: int | None = None,
         ip_adapter_image=None,
         ip_adapter_image_embeds=None,
+        original_size=None,
+        crops_coords_top_left=(0, 0),
+        target_size=None,
+        negative_original_size=None,
+        negative_crops_coords_top_left=(0, 0),
+        negative_target_size=None,
     ) -> None:
+        # before the image check: `pipe(prompt, image, mask)` puts the image here (the original's positional order)
+        items = prompt_2 if isinstance(prompt_2, list) else [prompt_2]
+        images = [i for i in items if isinstance(i, (PIL.Image.Image, np.ndarray, torch.Tensor))]
+        if images:
+            raise ValueError(
+                f"`prompt_2` got an image ({type(images[0]).__name__}): the positional order is (prompt, prompt_2, "
+                "image, mask_image); pass image= and mask_image= by keyword"
+            )
+        check_prompt("prompt_2", prompt_2)
         self._check_brushnet_inputs(
             image, mask_image, height, width, brushnet_conditioning_scale, control_guidance_start,
             control_guidance_end, callback_on_step_end_tensor_inputs, output_type, blending, strength,
@@ -230,7 +262,12 @@ class StableDiffusionXLBrushNetPipeline(
         if prompt is None and prompt_embeds is None:
             raise ValueError("pass `prompt` or `prompt_embeds`")
         check_prompt("prompt", prompt)
-        check_prompt("prompt_2", prompt_2)
+        batch_size = self._batch_size(prompt, prompt_embeds)
+        for name, value in (("prompt_2", prompt_2), ("negative_prompt_2", negative_prompt_2)):
+            if isinstance(value, list) and len(value) != batch_size:
+                raise ValueError(
+                    f"`{name}` has {len(value)} prompt(s) for a batch of {batch_size}: pass one per prompt (or a str)"
+                )
         if negative_prompt_embeds is not None and (
             negative_prompt is not None or negative_prompt_2 is not None
         ):
@@ -244,6 +281,17 @@ class StableDiffusionXLBrushNetPipeline(
             )
         if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
             raise ValueError("with `negative_prompt_embeds`, pass `negative_pooled_prompt_embeds` too")
+        for name, value, what in (
+            ("original_size", original_size, "(height, width)"),
+            ("crops_coords_top_left", crops_coords_top_left, "(top, left)"),
+            ("target_size", target_size, "(height, width)"),
+            ("negative_original_size", negative_original_size, "(height, width)"),
+            ("negative_crops_coords_top_left", negative_crops_coords_top_left, "(top, left)"),
+            ("negative_target_size", negative_target_size, "(height, width)"),
+        ):
+            # the sizes default to the output size; the crops have no such default
+            if value is not None or "crops" in name:
+                check_pair(name, value, what)
 
     @torch.no_grad()
     def __call__(
@@ -272,8 +320,8 @@ class StableDiffusionXLBrushNetPipeline(
         cross_attention_kwargs: dict[str, Any] | None = None,
         brushnet_conditioning_scale: float = 1.0,
         guess_mode: bool = False,
-        control_guidance_start: float = 0.0,
-        control_guidance_end: float = 1.0,
+        control_guidance_start: float | list[float] = 0.0,
+        control_guidance_end: float | list[float] = 1.0,
         original_size: tuple[int, int] | None = None,
         crops_coords_top_left: tuple[int, int] = (0, 0),
         target_size: tuple[int, int] | None = None,
@@ -333,7 +381,8 @@ class StableDiffusionXLBrushNetPipeline(
             brushnet_conditioning_scale: the preservation scale (strength of the branch).
             guess_mode: ControlNet-style guess mode: a log-spaced ramp of scales; with CFG the branch only
                 conditions the text half.
-            control_guidance_start, control_guidance_end: fractions of the steps during which the branch is on.
+            control_guidance_start, control_guidance_end: fractions of the steps during which the branch is on
+                (a one-element list, diffusers' per-net form, counts as its number).
             original_size, crops_coords_top_left, target_size: SDXL's size and crop conditioning, ``(h, w)``
                 and ``(top, left)``; sizes default to ``(height, width)``, the crop to ``(0, 0)``.
             negative_original_size, negative_crops_coords_top_left, negative_target_size: the same for the
@@ -363,13 +412,17 @@ class StableDiffusionXLBrushNetPipeline(
             callback_steps,
         )
 
-        # 1. check inputs
+        # 1. check inputs (a one-element list window, diffusers' per-net form, is read as its number)
+        control_guidance_start, control_guidance_end = check_branch_window(
+            control_guidance_start, control_guidance_end
+        )
         self.check_inputs(
             prompt, prompt_2, image, mask_image, height, width, negative_prompt, negative_prompt_2,
             prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
             brushnet_conditioning_scale, control_guidance_start, control_guidance_end,
             callback_on_step_end_tensor_inputs, output_type, blending, strength, padding_mask_crop,
-            ip_adapter_image, ip_adapter_image_embeds,
+            ip_adapter_image, ip_adapter_image_embeds, original_size, crops_coords_top_left, target_size,
+            negative_original_size, negative_crops_coords_top_left, negative_target_size,
         )  # fmt: skip
         self._check_controlnet_inputs(
             control_image, controlnet_conditioning_scale, controlnet_guidance_start, controlnet_guidance_end
