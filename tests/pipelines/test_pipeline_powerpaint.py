@@ -326,3 +326,12 @@ def test_v1_expands_a_multi_vector_textual_inversion_token(powerpaint_pipes):
         one, one_negative = embeds("a <one> cat", "<one>")
     assert not torch.equal(two, one) and not torch.equal(two_negative, one_negative)
     assert pipe.maybe_convert_prompt("a <tok> cat", pipe.tokenizer) == "a <tok> <tok>_1 cat"
+
+
+def test_v2_takes_diffusers_one_element_list_window(powerpaint_reference, powerpaint_pipes):
+    """As the BrushNet pipelines: ``control_guidance_start=[0.5]`` is the number 0.5 (it was a TypeError)."""
+    runs, _ = powerpaint_reference
+    run = runs["v2.text-guided.cfg_on"]
+    listed = run_like_the_fixture(powerpaint_pipes["v2"], run, control_guidance_start=[0.5])
+    number = run_like_the_fixture(powerpaint_pipes["v2"], run, control_guidance_start=0.5)
+    np.testing.assert_array_equal(listed, number)

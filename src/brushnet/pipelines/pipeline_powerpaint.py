@@ -34,6 +34,7 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer
 
 from ..models.brushnet import BrushNetModel
 from ..models.task_tokens import task_token_ids
+from .common import check_branch_window
 from .pipeline_brushnet import StableDiffusionBrushNetPipeline
 from .powerpaint_prompts import TaskPrompts, check_task_arguments, encode_task_prompt_pair, task_prompts
 
@@ -219,6 +220,9 @@ class StableDiffusionPowerPaintBrushNetPipeline(StableDiffusionBrushNetPipeline)
                 "the PowerPaint pipeline does not run a ControlNet; build it with controlnet=None"
             )
         negative_fitting_degree = check_task_arguments(task, fitting_degree, negative_fitting_degree)
+        control_guidance_start, control_guidance_end = check_branch_window(
+            control_guidance_start, control_guidance_end
+        )
         if prompt is None and prompt_embeds is None:
             prompt = ""  # an empty prompt is common here (removal, outpainting)
         self.check_inputs(
