@@ -66,6 +66,7 @@ def test_calls_counted_and_models_recorded(load, scene, tiny_models):
         "allow_pickle": False,
     }
     assert result.parameters["options"] == {
+        "strength": 1.0,
         "conditioning_scale": 1.0,
         "control_guidance_start": 0.0,
         "control_guidance_end": 1.0,
@@ -179,3 +180,43 @@ def test_the_cli_reports_a_generation_error_in_one_line(monkeypatch, tiny_models
         "error: brushnet produced NaN or infinite values in image(s) 0 (float32)"
     )
     assert not (tmp_path / "out.png").exists()
+
+
+def test_a_working_size_far_from_native_is_said(load, scene, caplog):
+    """A photo run at its own size (16x the native area here) ran silently: slow, and content repeats."""
+    method = load("brushnet")
+    native = method.native_resolution
+    big = (scene[0].resize((native * 4, native * 4)), scene[1].resize((native * 4, native * 4)))
+    with caplog.at_level("WARNING", logger="brushnet.methods.api"):
+        inpaint(method, *scene, {**FAST, "steps": 1})
+        assert "native" not in caplog.text
+        inpaint(method, *big, {**FAST, "steps": 1})
+    assert f"16 times the area of its native {native}x{native}" in caplog.text
+    assert "--resolution" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="brushnet.methods.api"):
+        inpaint(method, *big, {**FAST, "steps": 1, "resolution": native})
+    assert "native" not in caplog.text
+
+
+def test_a_stroke_thinner_than_a_latent_cell_is_said(load, scene, caplog):
+    """The branch samples one pixel of each latent cell: a 1-px stroke between samples fell out silently and
+    was painted back as the blacked-out stroke."""
+    from PIL import Image
+
+    method = load("brushnet")
+    factor = method.size_multiple
+    assert factor > 1
+    stroke = np.zeros(scene[1].size[::-1], np.uint8)
+    stroke[:, 2 * factor + 1] = 255  # between the sampled columns
+    mask = Image.fromarray(stroke)
+    with caplog.at_level("WARNING", logger="brushnet.methods.api"):
+        inpaint(method, scene[0], mask, {**FAST, "steps": 1})
+    assert "100% of the cells the hole touches fall out" in caplog.text
+    assert f"--mask-grow {factor // 2}" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="brushnet.methods.api"):
+        inpaint(method, scene[0], mask, {**FAST, "steps": 1, "mask_grow": factor // 2})
+        inpaint(method, *scene, {**FAST, "steps": 1})  # an ordinary mask
+        inpaint(load("blended-latent-diffusion"), scene[0], mask, {**FAST, "steps": 1})  # covers cells
+    assert "fall out" not in caplog.text

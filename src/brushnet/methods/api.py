@@ -251,6 +251,52 @@ def prepare_outpaint(
     return job
 
 
+def _warn_if_far_from_native(method: InpaintMethod, plan: Any) -> None:
+    """A working area over 4x the model's native one (a photo at its own size) is slow and tends to repeat
+    content; under a quarter of it, detail is lost. Neither is wrong, so this only says how to choose."""
+    width, height = plan.size
+    ratio = width * height / method.native_resolution**2
+    if 0.25 <= ratio <= 4:
+        return
+    logger.warning(
+        "%s works at %dx%d, %.3g times the area of its native %dx%d: %s; set resolution (--resolution %d) or "
+        "crop_to_mask (--crop-to-mask) to work near the native size",
+        method.name,
+        width,
+        height,
+        ratio,
+        method.native_resolution,
+        method.native_resolution,
+        "slow, and large images tend to repeat content" if ratio > 4 else "detail is lost",
+        method.native_resolution,
+    )
+
+
+def _warn_if_the_hole_falls_out(method: InpaintMethod, hole: torch.Tensor, mask_grow: int) -> None:
+    """A model that samples one pixel of each latent cell (``latent_mask == "nearest"``) does not see a stroke
+    thinner than a cell: it keeps the blacked-out stroke and paints it back dark (a scratch, a wire, text)."""
+    factor = method.size_multiple
+    if method.latent_mask != "nearest" or factor <= 1 or hole.shape[-1] % factor or hole.shape[-2] % factor:
+        return
+    covered = float(torch.nn.functional.max_pool2d(hole, factor, factor).sum())
+    seen = float(hole[..., ::factor, ::factor].sum())
+    if covered == 0 or seen >= 0.5 * covered:
+        return
+    logger.warning(
+        "%s sees the mask at 1/%d size, one pixel of each %dx%d cell, and %.0f%% of the cells the hole touches "
+        "fall out (strokes thinner than %d px); grow the mask (mask_grow %d now; --mask-grow %d) so they are "
+        "repainted",
+        method.name,
+        factor,
+        factor,
+        factor,
+        100 * (1 - seen / covered),
+        factor,
+        mask_grow,
+        mask_grow + factor // 2,
+    )
+
+
 def _refuse_non_finite(method: InpaintMethod, images: torch.Tensor) -> None:
     """NaN or infinite values would come out as a black (or blotched) image that looks like a result."""
     bad = [i for i in range(images.shape[0]) if not bool(torch.isfinite(images[i]).all())]
@@ -290,6 +336,7 @@ def run(method: InpaintMethod, job: PreparedJob, on_step: StepCallback | None = 
         method.native_resolution,
         multiple=method.size_multiple,
     )
+    _warn_if_far_from_native(method, plan)
     left, top, right, bottom = plan.box
     region = job.image.crop(plan.box)
     region_hole = Image.fromarray(job.hole[top:bottom, left:right].astype(np.uint8) * 255)
@@ -298,6 +345,7 @@ def run(method: InpaintMethod, job: PreparedJob, on_step: StepCallback | None = 
         # any coverage counts as hole, so the resized hole never under-covers the original one
         region_hole = region_hole.resize(plan.size, Image.Resampling.BILINEAR)
     hole_tensor = torch.from_numpy((np.asarray(region_hole) > 0).astype(np.float32))[None, None]
+    _warn_if_the_hole_falls_out(method, hole_tensor, request.mask_grow)
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in job.seeds]
     control = None
     if job.control_image is not None:  # the same crop and resize as the image

@@ -341,6 +341,21 @@ class NoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+class StrengthOption(BaseModel):
+    """Denoising strength, for the methods whose pipelines start the hole from the noised input (as diffusers'
+    inpaint pipelines' ``strength``)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    strength: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="Denoising strength: below 1 the hole starts from the input noised to this fraction of the "
+        "schedule and only that fraction of the steps runs, keeping the hole's layout and colours.",
+    )
+
+
 class GuidanceWindow(BaseModel):
     """A branch's strength and the fraction of the steps during which it acts (ControlNet-style options)."""
 
@@ -486,6 +501,10 @@ class InpaintMethod(ABC):
     native_resolution: int = 512
     #: working sizes are multiples of this (the VAE's downsampling factor)
     size_multiple: int = 8
+    #: how the model sees the hole at latent size: "nearest" (one pixel of each cell, as the original
+    #: pipelines and diffusers' inpaint pipelines do: a stroke thinner than a cell can fall out) or "cover"
+    #: (any hole pixel makes its cell hole)
+    latent_mask: ClassVar[str] = "nearest"
     #: where it was loaded from (set by :func:`~brushnet.methods.load_method`; recorded in results)
     model_paths: ModelPaths | None = None
     #: the family of the loaded base ("sd15", "sdxl")

@@ -55,6 +55,7 @@ class LatentMethod(InpaintMethod):
 
     models = (BASE,)
     optional_models = (BASE_CONFIG,)
+    latent_mask = "cover"  # latent_hole: any hole pixel makes its cell hole
     families = ("sd15", "sdxl")
 
     def __init__(self, pipeline: Any, device: Any = "cpu", dtype: Any = None):

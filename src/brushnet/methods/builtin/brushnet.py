@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import Field
 
 from ...errors import InputError, RequestError
-from ..base import BASE, BASE_CONFIG, GuidanceWindow, InpaintRequest, ModelSlot, Task, given
+from ..base import BASE, BASE_CONFIG, GuidanceWindow, InpaintRequest, ModelSlot, StrengthOption, Task, given
 from ..pipeline_method import PipelineMethod
 from ..registry import register_method
 
@@ -30,7 +30,7 @@ GUIDE_CONTROLNET = ModelSlot(
 )  # no random builder: random-weight model sets (serve --tiny, make-tiny-models) leave it out
 
 
-class BrushNetOptions(GuidanceWindow):
+class BrushNetOptions(GuidanceWindow, StrengthOption):
     conditioning_scale: float = Field(
         1.0, ge=0.0, le=2.0, description="Preservation scale (branch strength)."
     )
@@ -170,6 +170,7 @@ class BrushNetMethod(PipelineMethod):
             control_guidance_start=options.control_guidance_start,
             control_guidance_end=options.control_guidance_end,
             guess_mode=options.guess_mode,
+            strength=options.strength,
         )
         if options.pag_scale > 0:
             self.pipeline.set_pag_applied_layers(pag_layers(self.pipeline.unet, options.pag_layers))

@@ -1,13 +1,13 @@
 """ControlNet-inpaint: diffusers' ``StableDiffusionControlNetInpaintPipeline`` with the SD1.5 inpaint ControlNet
 (lllyasviel/control_v11p_sd15_inpaint; Zhang et al., "Adding Conditional Control to Text-to-Image Diffusion
-Models", ICCV 2023) on a plain SD1.5 base, at strength 1.0. With a 4-channel base UNet the pipeline also
+Models", ICCV 2023) on a plain SD1.5 base, at strength 1.0 (the ``strength`` option). With a 4-channel base UNet the pipeline also
 replaces the known latent by the noised input at every step (its own latent blending)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..base import BASE, BASE_CONFIG, GuidanceWindow, ModelSlot, Task
+from ..base import BASE, BASE_CONFIG, GuidanceWindow, ModelSlot, StrengthOption, Task
 from ..pipeline_method import PipelineMethod
 from ..registry import register_method
 
@@ -24,7 +24,7 @@ CONTROLNET = ModelSlot(
 )
 
 
-class ControlNetInpaintOptions(GuidanceWindow):
+class ControlNetInpaintOptions(GuidanceWindow, StrengthOption):
     """The ControlNet's residual scale and guidance window."""
 
 
@@ -101,7 +101,7 @@ class ControlNetInpaint(PipelineMethod):
             control_image=inpaint_control_image(task.image, task.hole),
             height=height,
             width=width,
-            strength=1.0,
+            strength=options.strength,
             controlnet_conditioning_scale=options.conditioning_scale,
             control_guidance_start=options.control_guidance_start,
             control_guidance_end=options.control_guidance_end,

@@ -1,12 +1,12 @@
 """SD Inpainting: the 9-channel inpainting UNet (e.g. the SD1.5 inpainting checkpoint) through diffusers' own
-``StableDiffusionInpaintPipeline`` at strength 1.0 (Rombach et al., "High-Resolution Image Synthesis with Latent
-Diffusion Models", CVPR 2022, inpainting fine-tune)."""
+``StableDiffusionInpaintPipeline`` (Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion Models",
+CVPR 2022, inpainting fine-tune); strength 1.0 unless the ``strength`` option says otherwise."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..base import BASE_CONFIG, ModelSlot, NoOptions, Task
+from ..base import BASE_CONFIG, ModelSlot, StrengthOption, Task
 from ..pipeline_method import PipelineMethod
 from ..registry import register_method
 
@@ -27,7 +27,7 @@ class SDInpainting(PipelineMethod):
     description = (
         "Stable Diffusion inpainting model (9-channel UNet) via diffusers' StableDiffusionInpaintPipeline."
     )
-    Options = NoOptions
+    Options = StrengthOption
     models = (INPAINT_MODEL,)
     families = ("sd15", "sdxl")
     optional_models = (BASE_CONFIG,)
@@ -51,4 +51,6 @@ class SDInpainting(PipelineMethod):
         # pipeline blanks `image * (mask < 0.5)` and feeds the mask channel 1 = hole to the UNet), which is the
         # project's convention, so the hole passes through unchanged. tests/methods checks the UNet's mask channel.
         height, width = task.image.shape[-2:]
-        return dict(image=task.image, mask_image=task.hole, height=height, width=width, strength=1.0)
+        return dict(
+            image=task.image, mask_image=task.hole, height=height, width=width, strength=task.options.strength
+        )
