@@ -1,13 +1,14 @@
 """Schedulers by name, so the CLI, API and benchmarks can pick one with a word; UniPC without per-step host
 synchronisation on a GPU (:class:`brushnet.unipc.SyncFreeUniPCMultistepScheduler`, what the names ``unipc`` and
-``unipc-original`` build); and the DDIM prediction conversion the methods with their own loops share
+``unipc-original`` build); the few-step samplers ``lcm`` and ``tcd`` (for LCM-, TCD- and Hyper-SD LoRAs: see
+docs/composing.md); and the DDIM prediction conversion the methods with their own loops share
 (:func:`original_and_noise`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["SCHEDULERS", "make_scheduler", "missing_package", "original_and_noise"]
+__all__ = ["SCHEDULERS", "make_scheduler", "missing_package", "pipeline_arguments", "original_and_noise"]
 
 # name -> (diffusers class name, config overrides)
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -26,6 +27,22 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
     "dpm++sde": ("DPMSolverSDEScheduler", {}),
     "lms": ("LMSDiscreteScheduler", {}),
+    # few-step samplers (Luo et al. 2023; Zheng et al. 2024): made for an LCM-, TCD- or Hyper-SD LoRA (or UNet) at
+    # 2-8 steps and guidance 1; they take their timesteps from a grid of original_inference_steps (50) of the
+    # training timesteps, which make_scheduler widens to the steps asked for when there are more
+    "lcm": ("LCMScheduler", {}),
+    "tcd": ("TCDScheduler", {}),
+}
+
+GRID_SCHEDULERS = ("lcm", "tcd")
+"""Schedulers that take ``steps`` timesteps out of a grid of ``original_inference_steps`` (diffusers fails when
+``steps`` is larger; :func:`make_scheduler` given the steps makes the grid that large instead)."""
+
+PIPELINE_ARGUMENTS: dict[str, dict[str, Any]] = {
+    # diffusers' pipelines pass their `eta` (0 by default, DDIM's) to every scheduler whose step takes one, and TCD
+    # reads it as its gamma: 0 would make TCD deterministic, where its own default (what its step uses when called
+    # without it, as the methods with their own loops do) and its paper's recommendation is 0.3
+    "tcd": {"eta": 0.3},
 }
 
 
@@ -43,8 +60,21 @@ def missing_package(name: str) -> str | None:
     return None
 
 
-def make_scheduler(name: str, config: dict | Any):
+def pipeline_arguments(name: str) -> dict[str, Any]:
+    """The pipeline call arguments scheduler ``name`` needs besides the scheduler itself (TCD: its γ as ``eta``)."""
+    return dict(PIPELINE_ARGUMENTS.get(name.lower(), {}))
+
+
+def make_scheduler(name: str, config: dict | Any, steps: int | None = None):
     """Build the scheduler ``name`` from another scheduler's config (the base model's).
+
+    Args:
+        name: a key of :data:`SCHEDULERS` (any case).
+        config: the config to build it from (prediction type, betas, zero terminal SNR, ... carry over).
+        steps: the steps it will be asked for, if known: ``lcm`` and ``tcd`` take them from a grid of
+            ``original_inference_steps`` (50) timesteps, which is widened to ``steps`` when that is larger (diffusers
+            would fail at ``set_timesteps``); the grid of 50 is kept otherwise, the one LCM- and TCD-LoRAs are
+            distilled on.
 
     Raises:
         ValueError: for an unknown name, listing the known ones, or one whose package is not installed.
@@ -65,6 +95,10 @@ def make_scheduler(name: str, config: dict | Any):
         if class_name == "UniPCMultistepScheduler"
         else getattr(diffusers, class_name)
     )
+    if key in GRID_SCHEDULERS and steps is not None:
+        grid = cls.from_config(config, **overrides).config.original_inference_steps
+        if steps > grid:
+            overrides = {**overrides, "original_inference_steps": steps}
     return cls.from_config(config, **overrides)
 
 

@@ -76,10 +76,10 @@ class PipelineMethod(InpaintMethod):
     def generate(self, task: Task) -> GenerateOutput:
         import torch
 
-        from ..schedulers import make_scheduler
+        from ..schedulers import make_scheduler, pipeline_arguments
 
         pipe, request = self.pipeline, task.request
-        pipe.scheduler = make_scheduler(request.scheduler, self.base_scheduler_config)
+        pipe.scheduler = make_scheduler(request.scheduler, self.base_scheduler_config, request.steps)
         # no negative prompt: None, so that an SDXL pipeline uses zeros for the unconditional text
         # (force_zeros_for_empty_prompt), as its own default and the original SDXL script do; "" would encode
         # CLIP(""). SD1.5 pipelines encode "" for None, the same as before.
@@ -97,6 +97,7 @@ class PipelineMethod(InpaintMethod):
             guidance_scale=request.guidance_scale,
             output_type="pt",
             callback_on_step_end=callback,
+            **pipeline_arguments(request.scheduler),  # TCD's gamma
             **self.call_arguments(task),
         )
         n = task.num_images
