@@ -23,3 +23,15 @@ def test_demo_models_work_at_128(name):
     width, height = region["size"]
     assert abs(width * height - 128 * 128) <= 0.15 * 128 * 128, region  # area ~ 128², not 512²
     assert result.images[0].size == (400, 300)
+
+
+def test_controlnet_inpaint_rounds_to_multiples_of_8_on_a_factor_4_vae():
+    """The demo VAE downsamples by 4, so a 100 px side passed the size rounding and then failed in diffusers
+    ("height and width have to be divisible by 8"); the ControlNet inpaint pipeline wants multiples of 8."""
+    method = load_method("controlnet-inpaint", method_models("controlnet-inpaint"))
+    assert method.pipeline.vae_scale_factor == 4 and method.size_multiple == 8
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (100, 100, 3), dtype=np.uint8))
+    hole = np.zeros((100, 100), bool)
+    hole[30:70, 30:70] = True
+    result = inpaint(method, image, hole, seed=1, steps=1)
+    assert result.parameters["region"]["size"] == [96, 96] and result.images[0].size == (100, 100)

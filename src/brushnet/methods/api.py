@@ -275,7 +275,8 @@ def _warn_if_far_from_native(method: InpaintMethod, plan: Any) -> None:
 def _warn_if_the_hole_falls_out(method: InpaintMethod, hole: torch.Tensor, mask_grow: int) -> None:
     """A model that samples one pixel of each latent cell (``latent_mask == "nearest"``) does not see a stroke
     thinner than a cell: it keeps the blacked-out stroke and paints it back dark (a scratch, a wire, text)."""
-    factor = method.size_multiple
+    # the VAE's factor (a method may round sizes to a coarser multiple than its VAE's, as ControlNet-inpaint's 8)
+    factor = int(getattr(getattr(method, "pipeline", None), "vae_scale_factor", method.size_multiple))
     if method.latent_mask != "nearest" or factor <= 1 or hole.shape[-1] % factor or hole.shape[-2] % factor:
         return
     covered = float(torch.nn.functional.max_pool2d(hole, factor, factor).sum())

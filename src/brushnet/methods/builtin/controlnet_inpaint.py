@@ -5,6 +5,7 @@ replaces the known latent by the noised input at every step (its own latent blen
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 from ..base import BASE, BASE_CONFIG, GuidanceWindow, ModelSlot, StrengthOption, Task
@@ -53,6 +54,11 @@ class ControlNetInpaint(PipelineMethod):
     optional_models = (BASE_CONFIG,)
     per_image_calls = True
     counted_components = ("controlnet",)
+
+    def __init__(self, pipeline: Any, device: Any = "cpu", dtype: Any = None):
+        super().__init__(pipeline, device, dtype)
+        # diffusers' ControlNet inpaint pipeline wants sides that are multiples of 8, whatever the VAE's factor
+        self.size_multiple = math.lcm(self.size_multiple, 8)
 
     @classmethod
     def build_pipeline(cls, models, dtype):

@@ -4,6 +4,7 @@ CVPR 2022, inpainting fine-tune); strength 1.0 unless the ``strength`` option sa
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ..base import BASE_CONFIG, ModelSlot, StrengthOption, Task
@@ -32,6 +33,13 @@ class SDInpainting(PipelineMethod):
     families = ("sd15", "sdxl")
     optional_models = (BASE_CONFIG,)
     per_image_calls = True
+
+    def __init__(self, pipeline: Any, device: Any = "cpu", dtype: Any = None):
+        super().__init__(pipeline, device, dtype)
+        if (
+            self.family == "sdxl"
+        ):  # diffusers' SDXL inpaint pipeline wants multiples of 8, whatever the VAE's factor
+            self.size_multiple = math.lcm(self.size_multiple, 8)
 
     @classmethod
     def build_pipeline(cls, models, dtype):
