@@ -199,6 +199,7 @@ def test_controlnet_control_image_marks_hole_minus_one(load, scene):
     )
     try:
         inpaint(method, image, mask, dict(FAST, guidance_scale=1.0))
+        inpaint(method, image, mask, dict(FAST, guidance_scale=1.0, options={"hole_value": 0.0}))
     finally:
         handle.remove()
     cond = seen[0][0]
@@ -207,6 +208,9 @@ def test_controlnet_control_image_marks_hole_minus_one(load, scene):
     assert torch.allclose(cond[:, ~hole], pil_to_tensor(image)[0][:, ~hole])
     direct = inpaint_control_image(pil_to_tensor(image), hole.float()[None, None])
     assert torch.equal(direct[0], cond)
+    # hole_value: black holes, for the ControlNets trained on those (several SDXL ones)
+    black = seen[-1][0]
+    assert torch.all(black[:, hole] == 0) and torch.equal(black[:, ~hole], cond[:, ~hole])
 
 
 def test_controlnet_pipeline_mask_is_one_on_the_hole(load, scene, monkeypatch):

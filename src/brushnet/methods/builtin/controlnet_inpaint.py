@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+from pydantic import Field
+
 from ..base import BASE, BASE_CONFIG, GuidanceWindow, ModelSlot, StrengthOption, Task
 from ..pipeline_method import PipelineMethod
 from ..registry import register_method
@@ -26,19 +28,29 @@ CONTROLNET = ModelSlot(
 
 
 class ControlNetInpaintOptions(GuidanceWindow, StrengthOption):
-    """The ControlNet's residual scale and guidance window."""
+    """The ControlNet's residual scale and guidance window, and how the hole looks in its control image."""
+
+    hole_value: float = Field(
+        -1.0,
+        ge=-1.0,
+        le=1.0,
+        description="Value of the hole's pixels in the control image (pixels in [0, 1]): -1 for "
+        "control_v11p_sd15_inpaint (its training convention), 0 (black) for ControlNets trained on blacked-out "
+        "holes, such as several SDXL inpaint/union ControlNets.",
+    )
 
 
-def inpaint_control_image(image: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
-    """The control image control_v11p_sd15_inpaint expects: the RGB image in [0, 1] with hole pixels set to −1
-    (diffusers' documented ``make_inpaint_condition``: ``image[mask > 0.5] = -1``).
+def inpaint_control_image(image: torch.Tensor, hole: torch.Tensor, hole_value: float = -1.0) -> torch.Tensor:
+    """The control image of an inpaint ControlNet: the RGB image in [0, 1] with the hole's pixels set to
+    ``hole_value``; −1 is what control_v11p_sd15_inpaint expects (diffusers' documented
+    ``make_inpaint_condition``: ``image[mask > 0.5] = -1``).
 
     Args:
         image: ``(B, 3, h, w)`` in [0, 1]. hole: ``(B, 1, h, w)``, 1 = hole.
     """
     import torch
 
-    return torch.where(hole > 0.5, torch.full_like(image, -1.0), image)
+    return torch.where(hole > 0.5, torch.full_like(image, hole_value), image)
 
 
 @register_method
@@ -104,7 +116,7 @@ class ControlNetInpaint(PipelineMethod):
         return dict(
             image=task.image,
             mask_image=task.hole,
-            control_image=inpaint_control_image(task.image, task.hole),
+            control_image=inpaint_control_image(task.image, task.hole, options.hole_value),
             height=height,
             width=width,
             strength=options.strength,
