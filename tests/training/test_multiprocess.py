@@ -51,3 +51,44 @@ def test_two_processes_resume_exactly(base_config, tmp_path):
     a = load_file(Path(tmp_path / "a" / "brushnet" / "diffusion_pytorch_model.safetensors"))
     b = load_file(Path(tmp_path / "b" / "brushnet" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow  # one torchrun launch of two processes: ~45 s on one core (run with -m slow)
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_two_processes_share_the_validation_loss(base_config, tmp_path):
+    """5 (sample, timestep) pairs split 3 / 2 between two processes and summed: the recorded numbers are those one
+    process computes for the same weights (the main process's share alone would be about 3/5 of them)."""
+    from accelerate import Accelerator
+
+    from brushnet.models.brushnet import BrushNetModel
+    from brushnet.training import loop
+    from brushnet.training.config import make_config
+    from brushnet.training.validation_loss import evaluate_validation_loss, load_held_out_set
+
+    values = {**base_config, "output_dir": str(tmp_path / "run"), "max_train_steps": 2,
+              "validation_loss_steps": 2, "validation_loss_samples": 1}  # fmt: skip
+    flags = []
+    for key, value in {**values, "mask": None, "mask_mode": "mix"}.items():
+        if value is not None:
+            flags += [f"--{key}", str(value)]
+    _torchrun(flags)
+    record = json.loads((tmp_path / "run" / "validation_loss.json").read_text())
+    assert [e["step"] for e in record["evaluations"]] == [0, 2]
+
+    config = make_config(values)
+    components = loop.load_components(config.pretrained_model_name_or_path)
+    loop.freeze(components, torch.float32, "cpu")
+    held_out = load_held_out_set(config, 1000)
+    assert held_out.keys == record["samples"] and held_out.timesteps.tolist() == record["timesteps"]
+
+    def loss(model, batch, generator, timesteps):
+        return loop.brushnet_training_loss(model, components, batch, generator, timesteps=timesteps)
+
+    for step, branch in [
+        (0, BrushNetModel.from_unet(components.unet)),
+        (2, BrushNetModel.from_pretrained(tmp_path / "run" / "checkpoint-2" / "brushnet")),
+    ]:
+        expected = evaluate_validation_loss(Accelerator(cpu=True), held_out, loss, branch)
+        entry = record["evaluations"][[0, 2].index(step)]
+        assert entry["loss"] == pytest.approx(expected.loss, rel=1e-6)
+        assert entry["bucket_losses"] == pytest.approx(expected.bucket_losses, rel=1e-6)

@@ -182,6 +182,35 @@ class TrainConfig(BaseModel):
     )
     validation_inference_steps: int = Field(20, gt=0, description="Denoising steps for validation images.")
     validation_guidance_scale: float = Field(7.5, ge=0, description="Guidance scale for validation images.")
+    validation_loss_steps: int | None = Field(
+        None,
+        gt=0,
+        description="Evaluate the held-out validation loss every N optimizer steps (and at step 0 and at the end): "
+        "the training loss of a fixed set of samples never trained on, at fixed masks, noise and timesteps, written "
+        "to validation_loss.json and the tracker; default: off.",
+    )
+    validation_shards: str | None = Field(
+        None,
+        description="Held-out BrushData shards for the validation loss (as --train_shards); default: "
+        "--validation_loss_samples samples held out of the training data.",
+    )
+    validation_data_dir: str | None = Field(
+        None,
+        description="Held-out image folder for the validation loss (as --train_data_dir); default: "
+        "--validation_loss_samples samples held out of the training data.",
+    )
+    validation_loss_samples: int = Field(
+        8,
+        gt=0,
+        description="Samples of the validation loss: the first N of --validation_shards / --validation_data_dir, "
+        "else N held out of the training data (never trained on).",
+    )
+    validation_loss_buckets: int = Field(
+        5,
+        gt=0,
+        description="Timestep ranges of the validation loss: each sample is evaluated once in each of N equal "
+        "ranges of the training schedule, and each range's mean is logged beside the overall mean.",
+    )
     report_to: Literal["tensorboard", "none"] = Field("tensorboard", description="Experiment tracker.")
     logging_dir: str = Field("logs", description="Tracker folder, relative to --output_dir.")
     logging_steps: int = Field(1, gt=0, description="Log loss and learning rate every N optimizer steps.")
@@ -200,6 +229,13 @@ class TrainConfig(BaseModel):
                 "validation_prompts, validation_images and validation_masks go together, with one entry each "
                 f"per sample (got {given})"
             )
+        if self.validation_shards is not None and self.validation_data_dir is not None:
+            raise ValueError("give at most one of validation_shards and validation_data_dir")
+        for name in ("validation_shards", "validation_data_dir"):
+            if getattr(self, name) is not None and self.validation_loss_steps is None:
+                raise ValueError(
+                    f"{name} is the held-out set of the validation loss: give validation_loss_steps too"
+                )
         return self
 
 

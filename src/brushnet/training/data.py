@@ -49,44 +49,56 @@ def check_training_data(config) -> None:
     """Check that the data ``config`` names exists, before any model is loaded: ``train_shards`` is not empty
     and every local shard it expands to (folder, brace pattern, glob) is a file; ``train_data_dir`` is a folder.
     and holds images (with a mask each when it has ``masks/``; without, ``--mask_mode brush``) and readable
-    captions. Whether the shards hold usable samples is known only when they are read (:func:`iterate_batches`).
+    captions. The held-out validation data (``validation_shards``, ``validation_data_dir``) is checked the same
+    way. Whether the shards hold usable samples is known only when they are read (:func:`iterate_batches`).
 
     Raises:
-        InputError: one line naming the problem and what was given.
+        InputError: one line naming the flag, the problem and what was given.
     """
+    for flag in ("train_shards", "validation_shards"):
+        if getattr(config, flag, None) is not None:
+            _check_shards(getattr(config, flag), flag)
+    for flag in ("train_data_dir", "validation_data_dir"):
+        if getattr(config, flag, None) is not None:
+            _check_folder(config, getattr(config, flag), flag)
+
+
+def _check_shards(spec, flag: str) -> None:
+    from ..data.brushdata import expand_shards
     from ..errors import InputError
 
-    if config.train_shards is not None:
-        from ..data.brushdata import expand_shards
+    spec = str(spec).strip()
+    if not spec:
+        raise InputError(
+            f"--{flag} is empty: give a folder of .tar shards, a brace pattern (data/{{00000..00009}}.tar) "
+            "or a glob (data/*.tar)"
+        )
+    try:
+        shards = expand_shards(spec)
+    except ValueError as exc:
+        raise InputError(f"--{flag} {spec}: {exc}") from None
+    missing = [shard for shard in shards if not _is_remote(shard) and not Path(shard).is_file()]
+    if len(shards) == 1 and missing:
+        raise InputError(f"--{flag} {spec}: no such shard file or folder")
+    if missing and len(missing) == len(shards):
+        raise InputError(
+            f"--{flag} {spec} matches no existing shard ({len(shards)} paths, e.g. {missing[0]})"
+        )
+    if missing:
+        raise InputError(
+            f"--{flag} {spec}: {len(missing)} of its {len(shards)} shards do not exist (first: {missing[0]})"
+        )
 
-        spec = str(config.train_shards).strip()
-        if not spec:
-            raise InputError(
-                "--train_shards is empty: give a folder of .tar shards, a brace pattern (data/{00000..00009}.tar) "
-                "or a glob (data/*.tar)"
-            )
-        try:
-            shards = expand_shards(spec)
-        except ValueError as exc:
-            raise InputError(f"--train_shards {spec}: {exc}") from None
-        missing = [shard for shard in shards if not _is_remote(shard) and not Path(shard).is_file()]
-        if len(shards) == 1 and missing:
-            raise InputError(f"--train_shards {spec}: no such shard file or folder")
-        if missing and len(missing) == len(shards):
-            raise InputError(
-                f"--train_shards {spec} matches no existing shard ({len(shards)} paths, e.g. {missing[0]})"
-            )
-        if missing:
-            raise InputError(
-                f"--train_shards {spec}: {len(missing)} of its {len(shards)} shards do not exist (first: {missing[0]})"
-            )
-    if config.train_data_dir is not None:
-        if not Path(config.train_data_dir).is_dir():
-            raise InputError(f"--train_data_dir {config.train_data_dir} is not a folder")
-        try:  # lists the images (and masks, captions) and checks the mask mode; reads no image
-            _folder_dataset(config, seed=0)
-        except ValueError as exc:
-            raise InputError(f"--train_data_dir: {exc}") from None
+
+def _check_folder(config, root, flag: str) -> None:
+    from ..errors import InputError
+
+    if not Path(root).is_dir():
+        raise InputError(f"--{flag} {root} is not a folder")
+    try:  # lists the images (and masks, captions) and checks the mask mode; reads no image
+        folder_dataset(config, seed=0, root=root)
+    except ValueError as exc:
+        raise InputError(f"--{flag}: {exc}") from None
 
 
 def build_train_dataset(config, process_index: int, num_processes: int, seed: int):
@@ -110,19 +122,19 @@ def build_train_dataset(config, process_index: int, num_processes: int, seed: in
             world_size=num_processes,
             shuffle_buffer=config.shuffle_buffer,
         )
-    return _folder_dataset(config, seed)
+    return folder_dataset(config, seed)
 
 
-def _folder_dataset(config, seed: int):
-    """The :class:`brushnet.data.folder.FolderDataset` of ``config.train_data_dir``: ``images/`` (or the folder
-    itself), the optional ``masks/``; without masks the mask mode must be ``brush``.
+def folder_dataset(config, seed: int, root=None, random_crop: bool = True):
+    """The :class:`brushnet.data.folder.FolderDataset` of ``root`` (default ``config.train_data_dir``): ``images/``
+    (or the folder itself), the optional ``masks/``; without masks the mask mode must be ``brush``.
 
     Raises:
         ValueError: no images, a missing mask, unreadable captions, or masks to generate in another mode.
     """
     from ..data.folder import FolderDataset
 
-    root = Path(config.train_data_dir)
+    root = Path(config.train_data_dir if root is None else root)
     image_dir = root / "images" if (root / "images").is_dir() else root
     mask_dir = root / "masks" if (root / "masks").is_dir() else None
     if mask_dir is None and config.mask.mode != "brush":
@@ -130,7 +142,14 @@ def _folder_dataset(config, seed: int):
             f"{root} has no masks/ folder, so masks must be generated: pass --mask_mode brush "
             f"(mask mode {config.mask.mode!r} needs segmentation masks)"
         )
-    return FolderDataset(image_dir, config.resolution, mask_dir=mask_dir, mask_config=config.mask, seed=seed)
+    return FolderDataset(
+        image_dir,
+        config.resolution,
+        mask_dir=mask_dir,
+        mask_config=config.mask,
+        seed=seed,
+        random_crop=random_crop,
+    )
 
 
 class EpochShardSampler(Sampler[int]):

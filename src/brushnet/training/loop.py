@@ -76,6 +76,7 @@ from .config import TrainConfig, check_resolution, save_config
 from .data import build_train_dataloader, build_train_dataset, iterate_batches
 from .family import family_for_unet
 from .validation import ValidationSet, run_validation
+from .validation_loss import ValidationLoss, load_held_out_set
 
 __all__ = [
     "TrainResult",
@@ -314,6 +315,7 @@ def branch_denoising_loss(
     guided_loss_scale: float = 5.0,
     hole_pull_anchor_weight: float = 0.0,
     anchor: torch.nn.Module | None = None,
+    timesteps: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The denoising loss of a branch on the frozen UNet for one micro-batch whose texts are encoded (shared by
     BrushNet and PowerPaint).
@@ -350,6 +352,8 @@ def branch_denoising_loss(
             of the squared difference between this branch's caption pull ``c − u`` and ``anchor``'s; 0 (the
             default): off. Needs ``unconditional`` and ``anchor``.
         anchor: the frozen branch the hole's pull is held to (the run's starting branch), run without gradients.
+        timesteps: ``(B,)`` integer timesteps to noise to instead of drawing them (nothing is then drawn for them:
+            the held-out validation loss, :mod:`brushnet.training.validation_loss`).
 
     Returns:
         Scalar float32: the MSE over the whole latent, plus the terms that are on.
@@ -363,9 +367,10 @@ def branch_denoising_loss(
         brushnet_cond = brushnet_conditioning(vae, pixel_values, hole, generator).float()
 
     noise = to_device(torch.randn(latents.shape, generator=generator, dtype=torch.float32), device)
-    timesteps = torch.randint(
-        0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
-    )
+    if timesteps is None:
+        timesteps = torch.randint(
+            0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
+        )
     timesteps = to_device(timesteps, device)
     latents = latents.float()
     noisy_latents = scheduler.add_noise(latents, noise, timesteps)
@@ -519,6 +524,7 @@ def brushnet_training_loss(
     guided_loss_scale: float = 5.0,
     hole_pull_anchor_weight: float = 0.0,
     anchor: torch.nn.Module | None = None,
+    timesteps: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The loss of one micro-batch (see the module docstring for the maths).
 
@@ -538,6 +544,7 @@ def brushnet_training_loss(
         guided_loss_weight, guided_loss_scale: γ and w of the guided term (module docstring); γ = 0: off.
         hole_pull_anchor_weight, anchor: μ of the anchor term and the frozen branch it holds the hole's caption
             pull to (module docstring); μ = 0: off.
+        timesteps: ``(B,)`` timesteps to noise to instead of drawing them (the held-out validation loss).
 
     Returns:
         Scalar float32: the MSE over the whole latent (plus the terms that are on).
@@ -569,6 +576,7 @@ def brushnet_training_loss(
         guided_loss_scale=guided_loss_scale,
         hole_pull_anchor_weight=hole_pull_anchor_weight,
         anchor=anchor,
+        timesteps=timesteps,
     )
 
 
@@ -701,9 +709,19 @@ def train(config: TrainConfig, dataset=None, on_start: Callable[[], None] | None
         )
         ema.to(accelerator.device)
 
+    held_out = None  # the held-out validation loss's samples, read alike by every process
+    if config.validation_loss_steps is not None:
+        held_out = load_held_out_set(config, components.noise_scheduler.config.num_train_timesteps)
     if dataset is None:
         dataset = build_train_dataset(
             config, accelerator.process_index, accelerator.num_processes, config.seed
+        )
+        if held_out is not None and held_out.held_out_of_training:
+            dataset = held_out.exclude_from(dataset)
+    elif held_out is not None and held_out.held_out_of_training:
+        raise ValueError(
+            "--validation_loss_steps without --validation_shards or --validation_data_dir holds samples out of the "
+            "data the config names, not of a dataset passed to train(): give the held-out data"
         )
     dataloader = build_train_dataloader(config, dataset, accelerator.process_index, accelerator.num_processes)
     if config.max_train_steps is not None:
@@ -781,6 +799,13 @@ def train(config: TrainConfig, dataset=None, on_start: Callable[[], None] | None
             )
         epoch, batches_done = positions[accelerator.process_index]
         skips.restore(state.get("skipped_before_epoch"), accelerator.process_index)
+        if held_out is not None and held_out.held_out_of_training and accelerator.is_main_process:
+            if state.get("held_out_samples") != held_out.keys:
+                logger.warning(
+                    "the run %s continues did not hold out the samples this run holds out for the validation loss: "
+                    "its steps may have trained on them",
+                    resume_path,
+                )
         logger.info(
             "resumed from %s at step %d (epoch %d, batch %d)", resume_path, global_step, epoch, batches_done
         )
@@ -804,6 +829,36 @@ def train(config: TrainConfig, dataset=None, on_start: Callable[[], None] | None
     if on_start is not None:
         on_start()
     unwrapped = accelerator.unwrap_model(brushnet)
+    loss_options = {
+        "weight_dtype": weight_dtype,
+        "prediction_type": prediction_type,
+        "kept_invariance_weight": config.kept_invariance_weight,
+        "kept_invariance_margin": config.kept_invariance_margin,
+        "kept_invariance_min_timestep": config.kept_invariance_min_timestep,
+        "guided_loss_weight": config.guided_loss_weight,
+        "guided_loss_scale": config.guided_loss_scale,
+        "hole_pull_anchor_weight": config.hole_pull_anchor_weight,
+        "anchor": anchor,
+    }
+    validation_loss = None
+    start_step = global_step
+    if held_out is not None:
+        validation_loss = ValidationLoss(
+            accelerator,
+            held_out,
+            # the loss the run optimises, at the set's timesteps, with the caption (no dropout)
+            lambda model, batch, generator, timesteps: brushnet_training_loss(
+                model, components, batch, generator, timesteps=timesteps, **loss_options
+            ),
+            unwrapped,
+            output_dir,
+            ema=ema,
+            # an FSDP branch is sharded: its wrapper runs the passes (the same number on every process)
+            model=brushnet if accelerator.distributed_type == DistributedType.FSDP else None,
+            start_step=global_step,
+        )
+        if global_step == 0 and max_train_steps > 0:
+            validation_loss.evaluate(0)  # the starting branch: where the curve begins
     # each step's loss stays on the device until a log line needs it (at least every 100 steps): reading it every
     # step would make the host wait for the device at the end of every step (the batch: brushnet.devices.to_device)
     losses = DeferredLosses()
@@ -818,16 +873,8 @@ def train(config: TrainConfig, dataset=None, on_start: Callable[[], None] | None
                         components,
                         batch,
                         step_generator.generator,
-                        weight_dtype=weight_dtype,
-                        prediction_type=prediction_type,
                         caption_dropout=config.caption_dropout,
-                        kept_invariance_weight=config.kept_invariance_weight,
-                        kept_invariance_margin=config.kept_invariance_margin,
-                        kept_invariance_min_timestep=config.kept_invariance_min_timestep,
-                        guided_loss_weight=config.guided_loss_weight,
-                        guided_loss_scale=config.guided_loss_scale,
-                        hole_pull_anchor_weight=config.hole_pull_anchor_weight,
-                        anchor=anchor,
+                        **loss_options,
                     )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
@@ -860,12 +907,17 @@ def train(config: TrainConfig, dataset=None, on_start: Callable[[], None] | None
                         "step %d: %s", global_step, ", ".join(f"{k}={v:.4g}" for k, v in logs.items())
                     )
 
+            # the held-out loss before the checkpoint: a run resumed from it does not evaluate that step again
+            if validation_loss is not None and global_step % config.validation_loss_steps == 0:
+                validation_loss.evaluate(global_step)
             if global_step % config.checkpointing_steps == 0:
                 # each process reads its own part of the data: keep every process's position
                 positions = gather_object([[epoch, batches_done]])
                 training_state = {"global_step": global_step, "data_positions": positions}
                 if skips.counter is not None:
                     training_state["skipped_before_epoch"] = gather_object([skips.before_epoch])
+                if held_out is not None and held_out.held_out_of_training:
+                    training_state["held_out_samples"] = held_out.keys
                 save_checkpoint(
                     accelerator,
                     output_dir,
@@ -886,6 +938,8 @@ def train(config: TrainConfig, dataset=None, on_start: Callable[[], None] | None
         else:
             epoch, batches_done = epoch + 1, 0
             skips.epoch_ended()
+    if validation_loss is not None and global_step > start_step and validation_loss.last_step != global_step:
+        validation_loss.evaluate(global_step)  # the end of the run
     accelerator.wait_for_everyone()
     final_dir = output_dir / "brushnet"
     final_branch = full_branch(accelerator, brushnet)
