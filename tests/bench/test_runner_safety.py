@@ -163,3 +163,27 @@ def test_cli_exits_1_after_writing_everything_when_an_entry_failed(tmp_path, tin
     ]
     assert len(list((run_dir / "outputs" / "brushnet" / "inside").rglob("*.png"))) == 2
     assert (run_dir / "results" / "table.md").is_file() and "## inside-inpainting" in result.output
+
+
+def test_a_generation_error_skips_its_entry_and_the_run_goes_on(
+    tmp_path, tiny_models, shapes_set, monkeypatch
+):
+    """A NaN image (GenerationError) stopped the whole run; it is one failed entry, as a bad input is."""
+    from brushnet.errors import GenerationError
+    from brushnet.methods import api
+
+    calls = []
+
+    def refuse_first(method, images):
+        calls.append(1)
+        if len(calls) == 1:
+            raise GenerationError("brushnet produced NaN or infinite values in image(s) 0 (float32)")
+
+    monkeypatch.setattr(api, "_refuse_non_finite", refuse_first)
+    run_dir = tmp_path / "runs" / "run"
+    stats = run_benchmark(["brushnet"], tiny_models, load_dataset(shapes_set), run_dir, SETTINGS)
+    assert stats.failed == 1 and stats.generated == len(calls) - 1 >= 1
+    failures = [json.loads(line) for line in (run_dir / "failures.jsonl").read_text().splitlines()]
+    assert [f["error"] for f in failures] == [
+        "brushnet produced NaN or infinite values in image(s) 0 (float32)"
+    ]

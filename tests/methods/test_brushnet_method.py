@@ -220,3 +220,13 @@ def test_a_stroke_thinner_than_a_latent_cell_is_said(load, scene, caplog):
         inpaint(method, *scene, {**FAST, "steps": 1})  # an ordinary mask
         inpaint(load("blended-latent-diffusion"), scene[0], mask, {**FAST, "steps": 1})  # covers cells
     assert "fall out" not in caplog.text
+    # worked on at a quarter of the input's size: the suggestion is in the input's pixels
+    from brushnet.methods.api import _warn_if_the_hole_falls_out
+
+    working = torch.zeros(1, 1, 8 * factor, 8 * factor)
+    working[..., 2 * factor + 1] = 1
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="brushnet.methods.api"):
+        _warn_if_the_hole_falls_out(method, working, 0, scale=4.0)
+    assert f"thinner than {4 * factor} px of the input" in caplog.text
+    assert f"--mask-grow {2 * factor})" in caplog.text

@@ -42,3 +42,13 @@ def test_methods_without_it_refuse_it(scene):
     for name in ("blended-latent-diffusion", "repaint", "hd-painter", "powerpaint"):
         with pytest.raises(RequestError, match="strength"):
             prepare(get_method_class(name), *scene, {**FAST, "options": {"strength": 0.5}})
+
+
+@pytest.mark.parametrize("name", ["brushnet", "sd-inpainting", "controlnet-inpaint"])
+def test_a_strength_that_leaves_no_step_is_refused_before_loading(scene, name):
+    """strength 0.2 of 2 steps failed in the pipeline after loading (the service answered 500)."""
+    from brushnet.methods import get_method_class, prepare
+
+    with pytest.raises(RequestError, match=r"strength 0.2 of 2 steps runs no step .*--steps"):
+        prepare(get_method_class(name), *scene, {**FAST, "steps": 2, "options": {"strength": 0.2}})
+    prepare(get_method_class(name), *scene, {**FAST, "steps": 5, "options": {"strength": 0.2}})  # one step

@@ -398,6 +398,15 @@ def test_padding_mask_crop_pastes_into_the_input():
     assert not np.array_equal(out[mask > 0], original[mask > 0])
     with pytest.raises(ValueError, match="pil"):
         pipe(**{**inputs, "image": image, "mask_image": Image.fromarray(mask)}, padding_mask_crop=4)
+    small = Image.fromarray(mask).resize((32, 32))  # failed after denoising with numpy's broadcast error
+    with pytest.raises(
+        ValueError, match=r"^`padding_mask_crop` needs a mask of the image's size: mask 32x32, image 64x64$"
+    ):
+        pipe(
+            **{**inputs, "image": image, "mask_image": small, "output_type": "pil"},
+            padding_mask_crop=4,
+            blending=True,
+        )
 
 
 @pytest.mark.parametrize("kind", ["sd", "xl"])

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..errors import InputError, first_line
+from ..errors import GenerationError, InputError, first_line
 from ..io import atomic_write_bytes, png_bytes, read_png_metadata
 from .datasets import BenchDataset, BenchItem, shard_indices
 from .protocol import BenchSettings
@@ -372,7 +372,8 @@ def run_benchmark(
                     blended = Image.open(paths["blended"]).convert("RGB")
                     metadata = read_png_metadata(paths["raw"])
                     stats.rescored += 1
-            except (InputError, OSError, ValueError) as exc:  # one bad entry never stops the run
+            # one bad entry never stops the run (a NaN image included)
+            except (InputError, OSError, ValueError, GenerationError) as exc:
                 message = first_line(exc)
                 logger.warning("%s/%s/%s: skipped: %s", name, mask_kind, item_id, message)
                 stats.failed += 1

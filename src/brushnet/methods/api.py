@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import operator
 import os
 import secrets
@@ -272,9 +273,13 @@ def _warn_if_far_from_native(method: InpaintMethod, plan: Any) -> None:
     )
 
 
-def _warn_if_the_hole_falls_out(method: InpaintMethod, hole: torch.Tensor, mask_grow: int) -> None:
+def _warn_if_the_hole_falls_out(
+    method: InpaintMethod, hole: torch.Tensor, mask_grow: int, scale: float = 1.0
+) -> None:
     """A model that samples one pixel of each latent cell (``latent_mask == "nearest"``) does not see a stroke
-    thinner than a cell: it keeps the blacked-out stroke and paints it back dark (a scratch, a wire, text)."""
+    thinner than a cell: it keeps the blacked-out stroke and paints it back dark (a scratch, a wire, text).
+    ``hole`` is at the working size; ``scale`` is input pixels per working pixel (``mask_grow`` is in input
+    pixels)."""
     # the VAE's factor (a method may round sizes to a coarser multiple than its VAE's, as ControlNet-inpaint's 8)
     factor = int(getattr(getattr(method, "pipeline", None), "vae_scale_factor", method.size_multiple))
     if method.latent_mask != "nearest" or factor <= 1 or hole.shape[-1] % factor or hole.shape[-2] % factor:
@@ -285,16 +290,16 @@ def _warn_if_the_hole_falls_out(method: InpaintMethod, hole: torch.Tensor, mask_
         return
     logger.warning(
         "%s sees the mask at 1/%d size, one pixel of each %dx%d cell, and %.0f%% of the cells the hole touches "
-        "fall out (strokes thinner than %d px); grow the mask (mask_grow %d now; --mask-grow %d) so they are "
-        "repainted",
+        "fall out (strokes thinner than %d px of the input); grow the mask (mask_grow %d now; --mask-grow %d) so "
+        "they are repainted",
         method.name,
         factor,
         factor,
         factor,
         100 * (1 - seen / covered),
-        factor,
+        math.ceil(factor * scale),
         mask_grow,
-        mask_grow + factor // 2,
+        mask_grow + math.ceil(factor / 2 * scale),
     )
 
 
@@ -346,7 +351,8 @@ def run(method: InpaintMethod, job: PreparedJob, on_step: StepCallback | None = 
         # any coverage counts as hole, so the resized hole never under-covers the original one
         region_hole = region_hole.resize(plan.size, Image.Resampling.BILINEAR)
     hole_tensor = torch.from_numpy((np.asarray(region_hole) > 0).astype(np.float32))[None, None]
-    _warn_if_the_hole_falls_out(method, hole_tensor, request.mask_grow)
+    box_width = plan.box[2] - plan.box[0]
+    _warn_if_the_hole_falls_out(method, hole_tensor, request.mask_grow, box_width / plan.size[0])
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in job.seeds]
     control = None
     if job.control_image is not None:  # the same crop and resize as the image

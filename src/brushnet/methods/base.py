@@ -624,6 +624,13 @@ class InpaintMethod(ABC):
         (:meth:`InpaintRequest.refuse_unused`); a subclass refuses its own such options. Subclasses extend it
         (calling ``super().check``)."""
         request.refuse_unused()
+        strength = getattr(options, "strength", None)
+        # diffusers' rule: int(steps x strength) steps run
+        if strength is not None and int(request.steps * strength) < 1:
+            raise RequestError(
+                f"strength {strength:g} of {request.steps} steps runs no step (int(steps x strength) = 0): raise "
+                "strength or steps (--steps)"
+            )
         if request.scheduler is None:
             request = request.model_copy(update={"scheduler": cls.default_scheduler})
         if cls.schedulers is not None and request.scheduler not in cls.schedulers:

@@ -555,8 +555,15 @@ class BrushNetPipelineMixin(PAGMixin):
         if padding_mask_crop is not None:
             if not isinstance(image, PIL.Image.Image):
                 raise ValueError(f"`padding_mask_crop` needs one PIL image, got {type(image).__name__}")
-            if len(mask_batch(mask_image)) != 1:
+            masks = mask_batch(mask_image)
+            if len(masks) != 1:
                 raise ValueError("`padding_mask_crop` needs one mask")
+            mask_size = tuple(mask_to_array(masks[0]).shape[::-1])
+            if mask_size != image.size:  # the crop's paste-back works in the input's pixels
+                raise ValueError(
+                    f"`padding_mask_crop` needs a mask of the image's size: mask {mask_size[0]}x{mask_size[1]}, "
+                    f"image {image.size[0]}x{image.size[1]}"
+                )
             if output_type != "pil":
                 raise ValueError(
                     f"`padding_mask_crop` pastes into the input: output_type must be 'pil', got {output_type!r}"
@@ -1137,7 +1144,8 @@ class BrushNetPipelineMixin(PAGMixin):
 
         Without blending this is diffusers' overlay (the hole from the crop, the rest from the input). With
         blending the crop is pasted whole and the feathered blend runs on the full image, so its band reaches
-        past the hole as it does without a crop (the caller must not blend the crop itself). A flagged (black)
+        past the hole as it does without a crop, up to the crop box (the caller must not blend the crop itself;
+        a ``padding_mask_crop`` of at least ``blending_kernel_size // 2`` holds the whole band). A flagged (black)
         image gets the plain overlay, as in diffusers.
         """
         if crops_coords is None:

@@ -515,6 +515,7 @@ class Engine:
             self._finish_unless_finished(job, JobState.FAILED, str(exc), "input")
             return
         except GenerationError as exc:  # NaN output: the models' fault, said as it is (no traceback needed)
+            logger.warning("job %s (%s) failed: %s", job.id, job.method, exc)
             self._finish_unless_finished(job, JobState.FAILED, str(exc)[:300], "generation")
             return
         except Exception as exc:  # noqa: BLE001 - a failed job must not kill the worker

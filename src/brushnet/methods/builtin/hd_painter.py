@@ -76,6 +76,7 @@ class HDPainter(PipelineMethod):
     default_scheduler = "ddim"
     schedulers = ("ddim",)
     compilable = False  # PAIntA/RASG install new attention processors on every call
+    latent_mask = "cover"  # its pipeline dilates the hole and marks a cell for any hole pixel in it
 
     @classmethod
     def check(cls, request: InpaintRequest, options: HDPainterOptions) -> InpaintRequest:
