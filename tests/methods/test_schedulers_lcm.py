@@ -45,17 +45,9 @@ def test_methods_run_the_few_step_schedulers(load, scene, name, scheduler):
 @pytest.mark.parametrize("scheduler", ["lcm", "tcd"])
 @pytest.mark.parametrize(
     "name",
-    [
-        *PIPELINE_METHODS,
-        pytest.param(
-            "blended-latent-diffusion",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="blended_latent.py calls scheduler.step without the generator, so a stochastic scheduler "
-                "(lcm, tcd, euler-a, ddpm) draws its noise from torch's global generator",
-            ),
-        ),
-    ],
+    # blended-latent-diffusion called scheduler.step without the generators: its stochastic steps drew from
+    # torch's global generator
+    [*PIPELINE_METHODS, "blended-latent-diffusion"],
 )
 def test_the_seed_gives_the_same_image(load, scene, name, scheduler):
     """LCM and TCD add noise at every step: it comes from the request's generators, so a seed repeats."""
@@ -107,3 +99,11 @@ def test_the_grid_is_kept_and_widened_only_past_it():
         wide = make_scheduler(name, SD_CONFIG, steps=60)
         wide.set_timesteps(60)
         assert len(set(wide.timesteps.tolist())) == 60 and wide.timesteps.max() < 1000
+
+
+@pytest.mark.parametrize("name", ["brushnet", "blended-latent-diffusion"])
+def test_more_than_50_steps_run_in_the_methods(load, scene, name):
+    """Blended Latent Diffusion built its scheduler without the step count, so lcm past 50 steps failed in
+    diffusers (original_steps x strength < num_inference_steps) although make_scheduler widens the grid."""
+    result = inpaint(load(name), *scene, {**FEW, "scheduler": "lcm", "steps": 60})
+    assert result.unet_calls == 60

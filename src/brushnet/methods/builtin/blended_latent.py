@@ -10,6 +10,7 @@ the kept latent cells equal the input's latent exactly.
 from __future__ import annotations
 
 import math
+from inspect import signature
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -50,8 +51,10 @@ class BlendedLatentDiffusion(LatentMethod):
 
         request, options, generators = task.request, task.options, task.generators
         n = task.num_images
-        scheduler = make_scheduler(request.scheduler, self.base_scheduler_config)
+        scheduler = make_scheduler(request.scheduler, self.base_scheduler_config, request.steps)
         scheduler.set_timesteps(request.steps, device=self.device)
+        # a stochastic scheduler (lcm, tcd, euler-a, ddpm) draws its step noise from the request's generators
+        step_kwargs = {"generator": generators} if "generator" in signature(scheduler.step).parameters else {}
         timesteps = scheduler.timesteps
         text = self.encode_prompts(request, *task.image.shape[-2:])
 
@@ -68,7 +71,7 @@ class BlendedLatentDiffusion(LatentMethod):
             for i, t in enumerate(timesteps):
                 model_input = scheduler.scale_model_input(latents, t)
                 noise_pred = self.predict(model_input, t, text, request.guidance_scale)
-                latents = scheduler.step(noise_pred, t, latents).prev_sample.float()
+                latents = scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample.float()
                 if i == len(timesteps) - 1:  # the clean input latent, exactly
                     latents = torch.where(in_hole, latents, source)
                 elif i >= first_blend:  # the input noised to the level of the next timestep
