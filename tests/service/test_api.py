@@ -216,7 +216,7 @@ def _error(r, status, *needles):
             422,
             ["bad option for method 'brushnet'", "conditioning_scale"],
         ),
-        (dict(options='{"strength": 1}'), 422, ["strength"]),
+        (dict(options='{"jump_length": 1}'), 422, ["jump_length"]),
         (dict(blend_kernel_size="4"), 422, ["blend_kernel_size must be odd"]),
         (dict(wait="maybe"), 422, ["form field 'wait' must be a boolean", "got 'maybe'"]),
         (dict(wait="ture"), 422, ["form field 'wait' must be a boolean", "got 'ture'"]),
