@@ -5,7 +5,8 @@
   description; ``options`` becomes the repeatable ``--option key=value``). The command receives ``request``:
   a dict of the request fields.
 - :func:`model_flags`: one flag per :class:`~brushnet.methods.ModelSlot` that any registered method declares,
-  plus ``--allow-pickle``. The command receives ``models``: a dict for :class:`~brushnet.methods.ModelPaths`.
+  plus the repeatable ``--lora PATH[:SCALE]`` and ``--allow-pickle``. The command receives ``models``: a dict for
+  :class:`~brushnet.methods.ModelPaths` (``loras`` only when ``--lora`` is given).
 - :func:`runtime_flags`: ``--device``, ``--dtype``, ``--threads``, ``--compile`` (and ``--quiet``). The command
   receives ``runtime``: a :class:`~brushnet.cli.common.Runtime`.
 
@@ -27,7 +28,7 @@ import typer
 
 from .common import Runtime, parse_options
 
-__all__ = ["request_flags", "model_flags", "runtime_flags", "request_field_flags"]
+__all__ = ["request_flags", "model_flags", "runtime_flags", "request_field_flags", "parse_lora"]
 
 
 @dataclass
@@ -187,9 +188,38 @@ def request_flags(
     return decorate
 
 
+def parse_lora(value: str) -> dict[str, Any]:
+    """``--lora PATH[:SCALE]`` → ``{"path": PATH, "scale": SCALE}`` (scale 1.0 when none is given). A value that
+    names an existing file or folder is a path whole (``C:\\loras\\x.safetensors``, ``a:b.safetensors``).
+
+    Raises:
+        InputError: a SCALE that is not a finite number, or no PATH (one line naming the flag).
+    """
+    import math
+    from pathlib import Path
+
+    from ..errors import InputError
+
+    path, colon, scale = value.rpartition(":")
+    if not colon or Path(value).expanduser().exists() or "/" in scale or "\\" in scale:
+        return {"path": value, "scale": 1.0}
+    try:
+        number = float(scale)
+    except ValueError:
+        number = None
+    if number is None or not math.isfinite(number):
+        raise InputError(
+            f"--lora {value}: SCALE {scale!r} is not a finite number (--lora PATH[:SCALE], e.g. style.safetensors:0.8)"
+        )
+    if not path:
+        raise InputError(f"--lora {value}: no PATH (--lora PATH[:SCALE])")
+    return {"path": path, "scale": number}
+
+
 def model_flags(panel: str = "Models") -> Callable[[Callable], Callable]:
-    """Add one flag per model slot any method declares, and ``--allow-pickle``; the command receives ``models``
-    (a dict of the given paths and ``allow_pickle``)."""
+    """Add one flag per model slot any method declares, the repeatable ``--lora PATH[:SCALE]`` and
+    ``--allow-pickle``; the command receives ``models`` (a dict of the given paths, ``loras`` when given, and
+    ``allow_pickle``)."""
     from ..methods.registry import model_slots
 
     def decorate(func: Callable) -> Callable:
@@ -197,6 +227,20 @@ def model_flags(panel: str = "Models") -> Callable[[Callable], Callable]:
             _Flag(name, str | None, typer.Option(None, slot.flag, help=slot.help, rich_help_panel=panel))
             for name, slot in model_slots().items()
         ]
+        flags.append(
+            _Flag(
+                "lora",
+                list[str] | None,
+                typer.Option(
+                    None,
+                    "--lora",
+                    metavar="PATH[:SCALE]",
+                    help="LoRA fused into the base UNet at SCALE (default 1.0): a .safetensors file or a folder "
+                    "holding one, of the base's family (repeatable; applied in order). Recorded with the result.",
+                    rich_help_panel=panel,
+                ),
+            )
+        )
         flags.append(
             _Flag(
                 "allow_pickle",
@@ -212,7 +256,9 @@ def model_flags(panel: str = "Models") -> Callable[[Callable], Callable]:
         )
 
         def collect(values: dict[str, Any]) -> dict[str, Any]:
-            return {k: v for k, v in values.items() if v is not None}
+            loras = [parse_lora(value) for value in values.pop("lora") or []]
+            models = {k: v for k, v in values.items() if v is not None}
+            return {**models, "loras": loras} if loras else models
 
         return _extend(func, "models", flags, collect)
 

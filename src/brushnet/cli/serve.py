@@ -131,6 +131,9 @@ def serve_command(
 
         engine = Engine(loaded, limits)
         typer.echo(f"serving {', '.join(loaded)} on http://{host}:{port}/ (API docs at /docs)")
+        if models.get("loras"):
+            fused = ", ".join(f"{lora['path']} at {lora['scale']:g}" for lora in models["loras"])
+            typer.echo(f"with LoRA {fused} fused into each method's UNet")
         app = create_app(engine, allowed_origins=allow_origin, bound_host=host, bound_port=port)
         try:
             _run_server(app, engine, host, port, log_level.lower())
@@ -141,6 +144,12 @@ def serve_command(
             tmp.cleanup()
 
 
+set_flag_help(
+    serve_command,
+    "lora",
+    "LoRA fused into the UNet of every served method at SCALE (default 1.0): a .safetensors file or a folder "
+    "holding one, of the base's family (repeatable; applied in order). Recorded in every result.",
+)
 # the guide ControlNet's shared help points to --control-image, which serve lacks: here each job sends it
 set_flag_help(
     serve_command,

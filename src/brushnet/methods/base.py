@@ -30,6 +30,7 @@ __all__ = [
     "InpaintRequest",
     "ModelSlot",
     "ModelPaths",
+    "LoraSpec",
     "BASE",
     "BASE_CONFIG",
     "NoOptions",
@@ -265,13 +266,43 @@ BASE_CONFIG = ModelSlot(
 )
 
 
+class LoraSpec(BaseModel):
+    """A LoRA fused into the method's base UNet when it loads (:func:`~brushnet.methods.load_method` checks it):
+    its file (``.safetensors``, or a folder holding one) and scale. Also given as ``"path"`` or ``(path, scale)``.
+    ``sha256`` is what a result records; given, the file must have it."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    path: str
+    scale: float = 1.0
+    sha256: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_path_or_pair(cls, value: Any) -> Any:
+        import os
+
+        if isinstance(value, (str, os.PathLike)):
+            return {"path": os.fspath(value)}
+        if isinstance(value, (tuple, list)):
+            if len(value) != 2:
+                raise ValueError(f"a LoRA is (path, scale), got {len(value)} items")
+            path, scale = value
+            return {"path": os.fspath(path) if isinstance(path, os.PathLike) else path, "scale": scale}
+        return value
+
+
 class ModelPaths(BaseModel):
     """Where a method's models are: one field per declared :class:`ModelSlot` (``base``, ``brushnet``, ...),
-    plus the loading policy ``allow_pickle``. A name no method declares is an error."""
+    plus the LoRAs fused into its base UNet (``loras``) and the loading policy ``allow_pickle``. A name no method
+    declares is an error."""
 
     model_config = ConfigDict(extra="allow")
 
     allow_pickle: bool = Field(False, description="Allow pickle-based (.bin/.ckpt) weights (runs code).")
+    loras: list[LoraSpec] = Field(
+        default_factory=list, description="LoRAs fused into the base UNet, in order: (path, scale) each."
+    )
 
     @model_validator(mode="after")
     def _known_slots(self):
@@ -306,9 +337,14 @@ class ModelPaths(BaseModel):
             raise InputError(f"method {method.name!r} needs {', '.join(missing)}")
 
     def used_by(self, method: type[InpaintMethod]) -> dict[str, Any]:
-        """The paths ``method`` reads (its required and optional slots that are set) and the loading policy."""
+        """The paths ``method`` reads (its required and optional slots that are set), the LoRAs (``loras``: path,
+        scale, sha256) and the loading policy."""
         names = [slot.name for slot in (*method.models, *method.optional_models)]
         used = {name: self.get(name) for name in names if self.get(name) is not None}
+        if self.loras:  # path, scale and the file's sha256, as results record them
+            from .lora import lora_records
+
+            used["loras"] = lora_records(self.loras)
         return {**used, "allow_pickle": self.allow_pickle}
 
     def unread(self, *methods: type[InpaintMethod]) -> list[str]:

@@ -10,6 +10,7 @@ numbers in a batch-dependent order. A subclass gives ``build_pipeline`` and ``ca
 from __future__ import annotations
 
 import contextlib
+import logging
 from abc import abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -18,6 +19,8 @@ from .counting import count_calls
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["PipelineMethod", "pipeline_to"]
 

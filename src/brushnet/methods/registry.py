@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from ..errors import InputError
 from .base import InpaintMethod, ModelPaths, ModelSlot, validation_message
+from .lora import _loras_for, apply_loras
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -131,10 +132,17 @@ def load_method(
     branch that does not fit the base (an SDXL branch for an SD1.5 base) and any model of the other family than
     the base's (an SD1.5 ControlNet with an SDXL base) are each one line.
 
+    ``models.loras`` (``[(path, scale), ...]``) are fused into the method's base UNet in order, each at its scale,
+    after it loads (diffusers' LoRA loader, so kohya and older diffusers files load too); a LoRA's text-encoder part
+    as well where the installed peft can load it (else a warning). Before anything loads each is checked: the file
+    (``.safetensors``; pickle-based only with ``allow_pickle``), that it is a LoRA, and, where the UNet's config is
+    readable, that it is of the base's family (after loading otherwise).
+
     Raises:
         InputError: unknown method, a model it needs is missing, models not a dict, an unknown or absent device,
-            a dtype that is not fp32 / fp16 / bf16.
-        CheckpointError: a checkpoint of the wrong kind or family.
+            a dtype that is not fp32 / fp16 / bf16, LoRAs for a method that takes none.
+        CheckpointError: a checkpoint of the wrong kind or family; a LoRA that is missing, not a LoRA, pickle-based
+            without ``allow_pickle``, or of another family than the base.
     """
     cls = get_method_class(name)
     if isinstance(models, dict):
@@ -151,7 +159,7 @@ def load_method(
             "method %r does not read %s; ignored (it reads %s)",
             name,
             ", ".join(unused),
-            ", ".join(slot for slot in models.used_by(cls) if slot != "allow_pickle"),
+            ", ".join(slot for slot in models.used_by(cls) if slot not in ("allow_pickle", "loras")),
         )
     if models.get("base_config") is not None and "base_config" in models.used_by(cls):
         single = [
@@ -251,8 +259,11 @@ def load_method(
             f"this {FAMILY_NAMES[family]} {what} ({path}) does not fit the {base_name} base ({models.get('base')}); "
             f"use an {base_name} {what} with this base"
         )
+    loras = _loras_for(cls, models)
     method = cls.load(models, device=device, dtype=dtype)
     if method.family not in cls.families:
         refuse(method.family)
+    if loras:
+        apply_loras(method, cls, models, loras)
     method.model_paths = models
     return method
