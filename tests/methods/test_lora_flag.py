@@ -410,7 +410,7 @@ def test_batch_resumes_with_the_same_lora_and_refuses_another_scale(tiny_models,
         again.exit_code == 0 and "1 skipped" in again.output and (out / "a.png").stat().st_mtime_ns == stamp
     )
     other = runner.invoke(app, [*args, "--lora", f"{lora}:0.5"])
-    assert other.exit_code == 2 and "was made with other settings: loras" in other.output
+    assert other.exit_code == 2 and "was made with other settings: --lora" in other.output
 
 
 def test_serve_fuses_the_lora_into_the_served_methods(tiny_models, lora, monkeypatch):

@@ -267,7 +267,7 @@ def _first_difference(
             if name == "allow_pickle":
                 continue
             if not _same_model(recorded_models.get(name), models.get(name)):
-                flag = slots[name].flag if name in slots else name
+                flag = slots[name].flag if name in slots else {"loras": "--lora"}.get(name, name)
                 return flag, recorded_models.get(name), models.get(name)
     wanted = json.loads(json.dumps(request.model_dump(), default=str))
     for name, value in wanted.items():
