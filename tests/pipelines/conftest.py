@@ -298,3 +298,19 @@ def ip_adapter_state_dict(unet, image_embed_dim: int | None = None, seed: int = 
         "norm.bias": torch.zeros(cross),
     }
     return {"image_proj": image_proj, "ip_adapter": layers}
+
+
+def refused(pipe, error, match: str, **arguments) -> str:
+    """The call with ``arguments`` raises ``error`` with a one-line message matching ``match`` before the UNet
+    runs (every UNet evaluation passes ``conv_in``, also when the pipeline drives the UNet's blocks)."""
+    calls = []
+    handle = pipe.unet.conv_in.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with pytest.raises(error, match=match) as raised:
+            pipe(**arguments)
+    finally:
+        handle.remove()
+    message = str(raised.value)
+    assert "\n" not in message.strip(), message
+    assert not calls, f"the UNet ran {len(calls)} times before: {message}"
+    return message

@@ -21,7 +21,7 @@ from brushnet import StableDiffusionBrushNetPipeline, StableDiffusionXLBrushNetP
 from brushnet.loading import load_base_components
 from brushnet.pipelines.pipeline_hd_painter import StableDiffusionHDPainterPipeline
 
-from .conftest import POWERPAINT, tiny_components, tiny_inputs
+from .conftest import POWERPAINT, refused, tiny_components, tiny_inputs
 
 CLASSES = {"sd": StableDiffusionBrushNetPipeline, "xl": StableDiffusionXLBrushNetPipeline}
 HD_PAINTER_MODEL = Path(__file__).resolve().parents[1] / "fixtures" / "hd_painter" / "model"
@@ -39,31 +39,15 @@ def tiny(request):
     return request.param, _pipe(request.param)
 
 
-def _refused(pipe, error, match: str, **arguments) -> str:
-    """The call with ``arguments`` raises ``error`` with a one-line message matching ``match`` before the UNet
-    runs (every UNet evaluation passes ``conv_in``, also when the pipeline drives the UNet's blocks)."""
-    calls = []
-    handle = pipe.unet.conv_in.register_forward_hook(lambda *_: calls.append(1))
-    try:
-        with pytest.raises(error, match=match) as raised:
-            pipe(**arguments)
-    finally:
-        handle.remove()
-    message = str(raised.value)
-    assert "\n" not in message.strip(), message
-    assert not calls, f"the UNet ran {len(calls)} times before: {message}"
-    return message
-
-
 def _run(pipe, **overrides):
     return pipe(**{**tiny_inputs(), **overrides}).images
 
 
 # -- 1. num_inference_steps ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("steps", [0, -1, -2, 2.5, float("nan"), float("inf")])
-def test_a_step_count_that_is_not_a_positive_integer_is_refused(tiny, steps):
+def test_a_step_count_that_is_not_a_positive_integer_isrefused(tiny, steps):
     _, pipe = tiny
-    message = _refused(
+    message = refused(
         pipe, ValueError, "`num_inference_steps` must be a positive integer",
         **{**tiny_inputs(), "num_inference_steps": steps},
     )  # fmt: skip
@@ -73,7 +57,7 @@ def test_a_step_count_that_is_not_a_positive_integer_is_refused(tiny, steps):
 @pytest.mark.parametrize("steps", [True, "2", None])
 def test_a_step_count_that_is_not_a_number_is_a_type_error(tiny, steps):
     _, pipe = tiny
-    _refused(pipe, TypeError, "`num_inference_steps`", **{**tiny_inputs(), "num_inference_steps": steps})
+    refused(pipe, TypeError, "`num_inference_steps`", **{**tiny_inputs(), "num_inference_steps": steps})
 
 
 def test_whole_step_counts_of_other_types_run_as_the_int(tiny):
@@ -96,7 +80,7 @@ def test_custom_timesteps_and_sigmas_set_the_schedule_without_a_step_count():
 @pytest.mark.parametrize("count", [0, -1, 1.5])
 def test_num_images_per_prompt_must_be_a_positive_integer(tiny, count):
     _, pipe = tiny
-    _refused(
+    refused(
         pipe, ValueError, f"`num_images_per_prompt` must be a positive integer, got {count!r}",
         **{**tiny_inputs(), "num_images_per_prompt": count},
     )  # fmt: skip
@@ -105,9 +89,9 @@ def test_num_images_per_prompt_must_be_a_positive_integer(tiny, count):
 # -- 3. non-finite scales ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("name", ["brushnet_conditioning_scale", "guidance_scale", "eta", "pag_scale"])
-def test_a_non_finite_scale_is_refused(tiny, name, value):
+def test_a_non_finite_scale_isrefused(tiny, name, value):
     _, pipe = tiny
-    _refused(
+    refused(
         pipe, ValueError, f"`{name}` must be a finite number, got {value!r}",
         **{**tiny_inputs(), name: value},
     )  # fmt: skip
@@ -115,7 +99,7 @@ def test_a_non_finite_scale_is_refused(tiny, name, value):
 
 def test_sdxl_guidance_rescale_must_be_finite():
     pipe = _pipe("xl")
-    _refused(
+    refused(
         pipe, ValueError, "`guidance_rescale` must be a finite number, got nan",
         **{**tiny_inputs(), "guidance_rescale": float("nan")},
     )  # fmt: skip
@@ -124,7 +108,7 @@ def test_sdxl_guidance_rescale_must_be_finite():
 @pytest.mark.parametrize("value", [0.0, 1.5, -1.0])
 def test_sdxl_denoising_end_must_be_a_fraction_of_the_schedule(value):
     """``denoising_end`` 0, 1.5 or -1 gave the same output as leaving it out (diffusers drops it silently)."""
-    _refused(
+    refused(
         _pipe("xl"), ValueError, rf"`denoising_end` must be in \(0, 1\] \(a fraction of the schedule\), got {value}",
         **{**tiny_inputs(), "denoising_end": value},
     )  # fmt: skip
@@ -143,7 +127,7 @@ def test_a_list_of_controlnet_scales_is_checked_element_wise():
     pipe = StableDiffusionBrushNetPipeline(**tiny_components("sd+controlnet"))
     pipe.set_progress_bar_config(disable=True)
     inputs = {**tiny_inputs(), "control_image": tiny_inputs()["image"]}
-    _refused(
+    refused(
         pipe, ValueError, r"`controlnet_conditioning_scale\[0\]` must be a finite number, got nan",
         **inputs, controlnet_conditioning_scale=[float("nan")],
     )  # fmt: skip
@@ -154,7 +138,7 @@ def test_a_list_of_controlnet_scales_is_checked_element_wise():
 @pytest.mark.parametrize("size", [20, 2, -3, -1, 21.0, True])
 def test_a_bad_blending_kernel_is_refused_before_the_run(tiny, size):
     _, pipe = tiny
-    _refused(
+    refused(
         pipe, ValueError, "`blending_kernel_size` must be an odd positive integer",
         **{**tiny_inputs(), "blending": True, "blending_kernel_size": size},
     )  # fmt: skip
@@ -173,9 +157,9 @@ def test_blending_kernels_that_worked_still_work(tiny):
 
 # -- 5. generator, prompt, clip_skip ---------------------------------------------------------------------------
 @pytest.mark.parametrize("generator", [1234, "1234", [1234], (torch.Generator(),)])
-def test_a_generator_that_is_not_a_torch_generator_is_refused(tiny, generator):
+def test_a_generator_that_is_not_a_torch_generator_isrefused(tiny, generator):
     _, pipe = tiny
-    message = _refused(
+    message = refused(
         pipe, TypeError, "`generator` must be a torch.Generator or a list of them",
         **{**tiny_inputs(), "generator": generator},
     )  # fmt: skip
@@ -186,7 +170,7 @@ def test_a_generator_that_is_not_a_torch_generator_is_refused(tiny, generator):
 def test_a_generator_list_needs_one_per_image(tiny):
     _, pipe = tiny
     generators = [torch.Generator().manual_seed(0) for _ in range(3)]
-    _refused(
+    refused(
         pipe, ValueError, "`generator` is a list of 3 generators for 4 image",
         **{**tiny_inputs(), "prompt": ["a", "b"], "num_images_per_prompt": 2, "generator": generators},
     )  # fmt: skip
@@ -202,22 +186,22 @@ def test_a_generator_list_needs_one_per_image(tiny):
 )
 def test_a_prompt_list_must_hold_strings(tiny, prompt, match):
     _, pipe = tiny
-    _refused(pipe, ValueError, match, **{**tiny_inputs(), "prompt": prompt})
+    refused(pipe, ValueError, match, **{**tiny_inputs(), "prompt": prompt})
 
 
 def test_sdxl_prompt_2_list_must_not_be_empty():
     pipe = _pipe("xl")
-    _refused(pipe, ValueError, "`prompt_2` is an empty list", **tiny_inputs(), prompt_2=[])
+    refused(pipe, ValueError, "`prompt_2` is an empty list", **tiny_inputs(), prompt_2=[])
 
 
 def test_clip_skip_must_be_within_the_text_encoders_layers(tiny):
     """The tiny encoders have 2 layers: SD1.5 takes 0..2, SDXL (already at the penultimate layer) 0..1."""
     kind, pipe = tiny
     limit = 2 if kind == "sd" else 1
-    message = _refused(pipe, ValueError, f"`clip_skip` must be in 0..{limit}", **tiny_inputs(), clip_skip=100)
+    message = refused(pipe, ValueError, f"`clip_skip` must be in 0..{limit}", **tiny_inputs(), clip_skip=100)
     assert message.endswith("got 100")
-    _refused(pipe, ValueError, "`clip_skip` must be >= 0, got -1", **tiny_inputs(), clip_skip=-1)
-    _refused(pipe, TypeError, "`clip_skip` must be an integer", **tiny_inputs(), clip_skip=1.5)
+    refused(pipe, ValueError, "`clip_skip` must be >= 0, got -1", **tiny_inputs(), clip_skip=-1)
+    refused(pipe, TypeError, "`clip_skip` must be an integer", **tiny_inputs(), clip_skip=1.5)
     assert _run(pipe, clip_skip=limit).shape == (1, 32, 32, 3)
 
 
@@ -276,12 +260,12 @@ def test_single_image_arrays_and_tensors_give_the_pil_result(tiny, form):
 )  # fmt: skip
 def test_other_image_forms_are_one_line_errors(tiny, image, error, match):
     _, pipe = tiny
-    _refused(pipe, error, match, **{**tiny_inputs(), "image": image})
+    refused(pipe, error, match, **{**tiny_inputs(), "image": image})
 
 
 def test_a_mask_path_is_a_type_error(tiny):
     _, pipe = tiny
-    _refused(
+    refused(
         pipe, TypeError, "`mask_image` must be a PIL image, a numpy array, a torch tensor or a list of them; "
         "got str", **{**tiny_inputs(), "mask_image": "mask.png"},
     )  # fmt: skip
@@ -326,7 +310,7 @@ POWERPAINT_CASES = [
 )
 def test_powerpaint_checks_the_same_arguments(powerpaint_pipes, version, change, error, match):
     pipe = powerpaint_pipes[version]
-    _refused(pipe, error, match, **{**_powerpaint_arguments(version), **change})
+    refused(pipe, error, match, **{**_powerpaint_arguments(version), **change})
 
 
 def test_powerpaint_v1_whole_float_steps_run_as_the_int(powerpaint_pipes):
@@ -372,4 +356,4 @@ def test_hd_painter_checks_the_same_arguments(hd_painter, change, error, match):
         prompt="a ball", image=image, mask_image=mask, num_inference_steps=2, output_type="pt",
         generator=torch.Generator().manual_seed(0),
     )  # fmt: skip
-    _refused(hd_painter, error, match, **{**arguments, **change})
+    refused(hd_painter, error, match, **{**arguments, **change})

@@ -21,7 +21,7 @@ import torch
 from brushnet import BrushNetModel, StableDiffusionBrushNetPipeline, StableDiffusionXLBrushNetPipeline
 from brushnet.errors import CheckpointError
 
-from .conftest import tiny_components, tiny_inputs
+from .conftest import refused, tiny_components, tiny_inputs
 
 CLASSES = {"sd": StableDiffusionBrushNetPipeline, "xl": StableDiffusionXLBrushNetPipeline}
 
@@ -44,21 +44,6 @@ def tiny(request):
 
 def _run(pipe, **overrides):
     return pipe(**{**tiny_inputs(), **overrides}).images
-
-
-def _refused(pipe, error, match: str, **arguments) -> str:
-    """The call raises ``error`` with a one-line message matching ``match`` before the UNet runs."""
-    calls = []
-    handle = pipe.unet.conv_in.register_forward_hook(lambda *_: calls.append(1))
-    try:
-        with pytest.raises(error, match=match) as raised:
-            pipe(**arguments)
-    finally:
-        handle.remove()
-    message = str(raised.value)
-    assert "\n" not in message.strip(), message
-    assert not calls, f"the UNet ran {len(calls)} times before: {message}"
-    return message
 
 
 # -- the base family and single files ---------------------------------------------------------------------------
@@ -116,7 +101,7 @@ PAIRS = "(height, width)"
     ],
 )
 def test_sdxl_size_conditioning_must_be_pairs(xl, arguments, name, what):
-    message = _refused(xl, ValueError, "^" + re.escape(f"`{name}` must be a {what} pair of numbers, got "),
+    message = refused(xl, ValueError, "^" + re.escape(f"`{name}` must be a {what} pair of numbers, got "),
                        **tiny_inputs(), **arguments)  # fmt: skip
     assert message.endswith(repr(arguments[name]))
 
@@ -133,7 +118,7 @@ def test_sdxl_prompt_2_lists_need_one_per_prompt(xl, name):
     arguments = {**tiny_inputs(), "prompt": ["a", "b"], name: ["x"]}
     if name == "negative_prompt_2":
         arguments["negative_prompt"] = ["y", "z"]
-    _refused(xl, ValueError, f"^`{name}` has 1 prompt\\(s\\) for a batch of 2", **arguments)
+    refused(xl, ValueError, f"^`{name}` has 1 prompt\\(s\\) for a batch of 2", **arguments)
 
 
 def test_sdxl_positional_image_lands_in_prompt_2_and_says_so(xl):
@@ -146,7 +131,7 @@ def test_sdxl_positional_image_lands_in_prompt_2_and_says_so(xl):
 
 
 def test_sdxl_prompt_2_of_another_type_is_still_named(xl):
-    _refused(
+    refused(
         xl, ValueError, "^`prompt_2` must be a str or a list of str, got int", **tiny_inputs(), prompt_2=3
     )
 
@@ -164,7 +149,7 @@ def test_a_numpy_conditioning_scale_gives_the_float_result(tiny):
 )
 def test_a_conditioning_scale_that_is_not_a_real_number_is_named(tiny, value, error):
     _, pipe = tiny
-    _refused(pipe, error, "^`brushnet_conditioning_scale` must be a number", **tiny_inputs(),
+    refused(pipe, error, "^`brushnet_conditioning_scale` must be a number", **tiny_inputs(),
              brushnet_conditioning_scale=value)  # fmt: skip
 
 
@@ -195,13 +180,13 @@ def test_diffusers_one_element_list_window_is_the_number(tiny, window):
 )  # fmt: skip
 def test_a_bad_window_is_one_line_naming_it(tiny, window, error, match):
     _, pipe = tiny
-    _refused(pipe, error, match, **tiny_inputs(), **window)
+    refused(pipe, error, match, **tiny_inputs(), **window)
 
 
 # -- the other scalar checks of common.py --------------------------------------------------------------------------
 def test_strength_that_is_not_a_number_is_named(tiny):
     _, pipe = tiny
-    _refused(pipe, TypeError, "^`strength` must be a number, got str", **tiny_inputs(), strength="0.5")
+    refused(pipe, TypeError, "^`strength` must be a number, got str", **tiny_inputs(), strength="0.5")
 
 
 def test_a_numpy_callback_steps_works_as_the_int():
@@ -217,5 +202,5 @@ def test_a_controlnet_window_that_is_not_a_number_is_named():
     pipe = StableDiffusionBrushNetPipeline(**tiny_components("sd+controlnet"))
     pipe.set_progress_bar_config(disable=True)
     inputs = {**tiny_inputs(), "control_image": tiny_inputs()["image"]}
-    _refused(pipe, TypeError, "^`controlnet_guidance_start` must be a number, got str", **inputs,
+    refused(pipe, TypeError, "^`controlnet_guidance_start` must be a number, got str", **inputs,
              controlnet_guidance_start="0")  # fmt: skip
