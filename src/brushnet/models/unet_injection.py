@@ -16,17 +16,10 @@ from collections.abc import Sequence
 
 import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+from diffusers.utils.peft_utils import apply_lora_scale  # diffusers >= 0.37 (the floor is 0.39)
 from diffusers.utils.torch_utils import apply_freeu
 
 from .hooks import block_hooks, run_hooked, unwrap_compiled
-
-try:  # diffusers >= 0.36
-    from diffusers.utils.peft_utils import apply_lora_scale
-except ImportError:  # pragma: no cover - older diffusers: LoRA scale via cross_attention_kwargs is ignored
-
-    def apply_lora_scale(_name):
-        return lambda fn: fn
-
 
 __all__ = ["unet_forward_with_brushnet", "run_unet_with_brushnet", "count_injection_points"]
 
