@@ -305,9 +305,10 @@ def _warn_if_the_hole_falls_out(
 
 def _refuse_non_finite(method: InpaintMethod, images: torch.Tensor) -> None:
     """NaN or infinite values would come out as a black (or blotched) image that looks like a result."""
-    bad = [i for i in range(images.shape[0]) if not bool(torch.isfinite(images[i]).all())]
-    if not bad:
+    finite = torch.isfinite(images.flatten(1)).all(1)
+    if bool(finite.all()):
         return
+    bad = (~finite).nonzero().flatten().tolist()
     advice = (
         "in float16 a model or VAE can overflow: try --dtype float32 or bf16, or a VAE made for float16"
         if method.dtype == torch.float16
