@@ -479,3 +479,89 @@ def test_textual_inversion_tokens_expand_and_painta_reads_every_vector(monkeypat
     two, one = _quick(pipe, "a <tok> cat"), _quick(pipe, "a <one> cat")
     assert seen == ["a <tok> <tok>_1 cat", "a <one> cat"]
     assert (two - one).abs().max() > 1e-4
+
+
+# ---- diffusers' CFG-cutoff callbacks ----
+
+
+def _unet_outputs(pipe):
+    """Record each UNet call's output (detached) while the returned hook is registered."""
+    outputs = []
+    handle = pipe.unet.register_forward_hook(
+        lambda m, a, k, o: outputs.append(o.sample.detach().clone()), with_kwargs=True
+    )
+    return outputs, handle
+
+
+def test_cfg_cutoff_callback_turns_guidance_off():
+    """diffusers' ``SDCFGCutoffCallback`` sets ``pipe._guidance_scale = 0`` and returns the conditional row of
+    ``prompt_embeds``: the pipeline read its own ``guidance_scale`` and crashed on the one-row text with a doubled
+    batch. Now the steps after the cutoff run the conditional half only, the output differs from full guidance,
+    the UNet's processors are put back, and the next call guides again."""
+    from diffusers.callbacks import SDCFGCutoffCallback
+
+    pipe = _fresh()
+    before = _snapshot(pipe.unet)
+    full = _quick(pipe)
+    batches = []
+    handle = pipe.unet.conv_in.register_forward_hook(lambda m, a, o: batches.append(a[0].shape[0]))
+    try:
+        cut = _quick(pipe, callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=0.5))
+    finally:
+        handle.remove()
+    assert batches == [2, 2, 1]  # 3 steps: the callback after step int(3 · 0.5) = 1 switches guidance off
+    assert torch.isfinite(cut).all() and (cut - full).abs().max() > 1e-3
+    _assert_unchanged(pipe.unet, before)
+    assert (_quick(pipe) - full).abs().max() < 1e-6
+
+
+def test_cfg_cutoff_keeps_the_conditional_half_through_painta_and_rasg():
+    """Guidance off from step 1 (t = 666: PAIntA and RASG both act) on an un-doubled batch: the UNet's
+    prediction and RASG's gradient at that step equal the conditional half's under full guidance (the same
+    latents go in, PAIntA and RASG read only the conditional half). Dropping guidance by hand — only
+    ``_guidance_scale``, the doubled ``prompt_embeds`` left as they are — gives the callback's result."""
+    from diffusers.callbacks import SDCFGCutoffCallback
+
+    pipe = _fresh()
+    records = {}
+    for name, callback in (
+        ("full", None),
+        ("cut", SDCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=0)),
+        ("by_hand", lambda p, i, t, values: setattr(p, "_guidance_scale", 1.0) or values),
+    ):
+        gradients = []
+
+        def record(p, i, t, values, callback=callback, gradients=gradients):
+            gradients.append(values["rasg_gradient"])
+            return values if callback is None else callback(p, i, t, values)
+
+        outputs, handle = _unet_outputs(pipe)
+        try:
+            images = _quick(
+                pipe,
+                callback_on_step_end=record,
+                callback_on_step_end_tensor_inputs=["prompt_embeds", "rasg_gradient"],
+            )
+        finally:
+            handle.remove()
+        records[name] = images, outputs, gradients
+    full, cut, by_hand = records["full"], records["cut"], records["by_hand"]
+    assert [o.shape[0] for o in full[1]] == [2, 2, 2] and [o.shape[0] for o in cut[1]] == [2, 1, 1]
+    conditional = full[1][1].chunk(2)[1]
+    assert (cut[1][1] - conditional).abs().max() <= 1e-4 * conditional.abs().max()
+    assert cut[2][1] is not None and (cut[2][1] - full[2][1]).abs().max() <= 1e-4 * full[2][1].abs().max()
+    assert (cut[0] - full[0]).abs().max() > 1e-3
+    assert (by_hand[0] - cut[0]).abs().max() < 1e-6
+
+
+def test_cfg_cutoff_with_a_batch_names_the_mismatch():
+    """``SDCFGCutoffCallback`` keeps one row of ``prompt_embeds``: with two images that is one short, refused in
+    one line (it would otherwise reach the UNet as a shape error)."""
+    from diffusers.callbacks import SDCFGCutoffCallback
+
+    image, mask = inputs()
+    with pytest.raises(ValueError, match="prompt_embeds has 1 rows for 2 images"):
+        _fresh()(
+            prompt=["a cat", "a dog"], image=image, mask_image=mask, num_inference_steps=3,
+            callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=0), output_type="latent",
+        )  # fmt: skip

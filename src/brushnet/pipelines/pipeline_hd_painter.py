@@ -174,6 +174,16 @@ class StableDiffusionHDPainterPipeline(
     def num_timesteps(self) -> int:
         return self._num_timesteps
 
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """Read at every step: a step callback that sets ``pipe._guidance_scale`` to ≤ 1 (diffusers'
+        ``SDCFGCutoffCallback``) switches guidance off from the next step on."""
+        return self._guidance_scale > 1
+
     # ------------------------------------------------------------------ inputs
 
     def prepare_conditions(
@@ -283,7 +293,10 @@ class StableDiffusionHDPainterPipeline(
                 ``latents`` (``z`` for the next step; after the last step the ``x̂0`` that is decoded),
                 ``noise_pred`` (the guided model output), ``pred_original_sample`` (``x̂0``),
                 ``rasg_gradient`` (the score's gradient before normalisation, ``None`` where none was
-                computed), ``prompt_embeds``.
+                computed), ``prompt_embeds``. A callback that sets ``pipe._guidance_scale`` to ≤ 1
+                (diffusers' CFG-cutoff callbacks) turns guidance off for the remaining steps: the UNet then
+                runs the conditional half only (the conditional half of ``prompt_embeds`` if it is still
+                doubled), PAIntA and RASG with it.
             cross_attention_kwargs: as in diffusers: ``{"scale": s}`` weighs a LoRA loaded with
                 ``load_lora_weights`` (UNet and text encoder); the rest reaches the attention processors. Textual
                 inversion tokens (``load_textual_inversion``) expand as in diffusers, and PAIntA and RASG look at
@@ -330,7 +343,8 @@ class StableDiffusionHDPainterPipeline(
         check_generator(generator, batch_size)
         full_prompts = [f"{p}, {positive_prompt}" if positive_prompt else p for p in prompts]
         device = self._execution_device
-        cfg = guidance_scale > 1
+        self._guidance_scale = guidance_scale
+        cfg = self.do_classifier_free_guidance
         lora_scale = (cross_attention_kwargs or {}).get("scale")
         prompt_embeds, negative_embeds = self.encode_prompt(
             full_prompts, device, 1, cfg, negatives, lora_scale=lora_scale
@@ -395,6 +409,9 @@ class StableDiffusionHDPainterPipeline(
                 last = i == len(timesteps) - 1
                 painta = use_painta and t > painta_end_timestep
                 rasg = use_rasg and rasg_eta > 0 and not last
+                cfg = self.do_classifier_free_guidance  # a step callback may have switched it off
+                prompt_embeds = self._step_prompt_embeds(prompt_embeds, cfg, batch_size)
+                state.cfg = cfg
                 state.start_call(painta, rasg)
                 with torch.enable_grad() if rasg else torch.no_grad():
                     sample = latents.detach().requires_grad_(rasg)
@@ -411,7 +428,7 @@ class StableDiffusionHDPainterPipeline(
                 noise_pred = out.detach().float()
                 if cfg:
                     uncond, cond = noise_pred.chunk(2)
-                    noise_pred = uncond + guidance_scale * (cond - uncond)
+                    noise_pred = uncond + self.guidance_scale * (cond - uncond)
 
                 pred_original_sample, eps = original_and_noise(
                     noise_pred, sample.detach(), float(alphas_cumprod[t]), prediction_type
@@ -481,6 +498,21 @@ class StableDiffusionHDPainterPipeline(
         if tensor.shape[0] != 1:
             raise ValueError(f"{tensor.shape[0]} images or masks for a batch of {batch_size}")
         return tensor.expand(batch_size, *tensor.shape[1:])
+
+    @staticmethod
+    def _step_prompt_embeds(prompt_embeds: torch.Tensor, cfg: bool, batch_size: int) -> torch.Tensor:
+        """The text embeddings for this step's UNet batch: after guidance was switched off mid-loop, the
+        conditional half of a still doubled ``[negative; prompt]``."""
+        if not cfg and prompt_embeds.shape[0] == 2 * batch_size:
+            prompt_embeds = prompt_embeds.chunk(2)[1]
+        expected = 2 * batch_size if cfg else batch_size
+        if prompt_embeds.shape[0] != expected:
+            raise ValueError(
+                f"prompt_embeds has {prompt_embeds.shape[0]} rows for {batch_size} images with guidance "
+                f"{'on' if cfg else 'off'} (expected {expected}): a step callback that changes guidance must "
+                "return matching prompt_embeds (diffusers' SDCFGCutoffCallback keeps the last row: a batch of one)"
+            )
+        return prompt_embeds
 
     @staticmethod
     def _check_layers(state: HDPainterAttentionState, painta: bool, rasg: bool) -> None:
