@@ -209,3 +209,102 @@ def test_convert_reads_an_fp16_only_folder_and_a_chosen_variant(tiny_models, tmp
     assert info.value.code == 2 and err.count("\n") == 1, err
     assert "has no 'bf16' variant of its weights (it holds: fp16)" in err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def _variant_folder(base, folder, saves):
+    """``folder``: ``base``'s scheduler and tokenizer, and each weighted part written by ``saves(model, part_folder)``
+    from ``base``'s model with 0.25 added to every weight (so reading another file shows)."""
+    import shutil
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    for cls, part in (
+        (UNet2DConditionModel, "unet"),
+        (AutoencoderKL, "vae"),
+        (CLIPTextModel, "text_encoder"),
+    ):
+        model = cls.from_pretrained(base, subfolder=part)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.25)
+        saves(model, folder / part)
+    for name in ("model_index.json", "scheduler", "tokenizer"):
+        src = base / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, folder / name)
+    return folder
+
+
+def test_convert_reads_fp16_safetensors_beside_a_plain_pickle(tiny_models, tmp_path, capsys):
+    """A part with a plain ``diffusion_pytorch_model.bin`` beside ``diffusion_pytorch_model.fp16.safetensors``
+    counted as plain: the UNet and VAE loaded from the pickle (which the project loads only with --allow-pickle)
+    and the file came out mixed float32/float16. Only safetensors count, as in ``brushnet.loading``: the fp16
+    weights are read (the pickle holds other values, so reading it shows), the file is float16 throughout. A
+    sharded fp16-only variant reads the same."""
+    from safetensors import safe_open
+
+    def pickle_and_fp16(model, part):
+        model.half().save_pretrained(part, variant="fp16")
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        model.float().save_pretrained(part, safe_serialization=False)
+
+    mixed = _variant_folder(tiny_models["base"], tmp_path / "mixed", pickle_and_fp16)
+    assert sorted(p.name for p in (mixed / "unet").iterdir()) == [
+        "config.json",
+        "diffusion_pytorch_model.bin",
+        "diffusion_pytorch_model.fp16.safetensors",
+    ]
+    sharded = _variant_folder(
+        tiny_models["base"],
+        tmp_path / "sharded",
+        lambda model, part: model.half().save_pretrained(part, variant="fp16", max_shard_size="200KB"),
+    )
+    assert (sharded / "unet" / "diffusion_pytorch_model.safetensors.index.fp16.json").is_file()
+    plain = save_single_file(tiny_models["base"], tmp_path / "plain.safetensors")
+    outputs = [save_single_file(f, tmp_path / f"{f.name}.safetensors") for f in (mixed, sharded)]
+    capsys.readouterr()  # the loaders' progress bars
+    with safe_open(str(plain), "pt") as a:
+        reference = {k: a.get_tensor(k) for k in a.keys()}
+    for out in outputs:
+        with safe_open(str(out), "pt") as b:
+            assert set(b.keys()) == set(reference)
+            assert {b.get_slice(k).get_dtype() for k in b.keys()} == {"F16"}, out.name
+            for key in ("model.diffusion_model.out.2.weight", "first_stage_model.decoder.conv_out.weight"):
+                torch.testing.assert_close(
+                    b.get_tensor(key).float(), reference[key] + 0.25, rtol=0, atol=2e-3, msg=key
+                )
+
+
+def test_convert_refuses_several_variants_without_a_choice_in_one_line(tiny_models, tmp_path, capsys):
+    """A part holding two variants and no plain weights: which to read is the user's choice, named in one line
+    (exit 2, nothing written); ``--variant`` then reads the one asked for. A branch folder holding only fp16
+    weights is refused as a branch, as a full-precision one is."""
+    from safetensors import safe_open
+
+    from brushnet.convert import main
+    from brushnet.models import BrushNetModel
+
+    def two_variants(model, part):
+        model.half().save_pretrained(part, variant="fp16")
+        model.to(torch.bfloat16).save_pretrained(part, variant="bf16")
+
+    both = _variant_folder(tiny_models["base"], tmp_path / "both", two_variants)
+    branch = tmp_path / "branch_fp16"
+    BrushNetModel.from_pretrained(tiny_models["brushnet"]).half().save_pretrained(branch, variant="fp16")
+    capsys.readouterr()
+    for folder, message in (
+        (both, "unet holds only variants of its weights (bf16, fp16) and no plain ones: pass --variant bf16 or "
+         "--variant fp16"),
+        (branch, "holds a BrushNetModel: it lacks unet/, vae/, text_encoder/"),
+    ):  # fmt: skip
+        with pytest.raises(SystemExit) as info:
+            main([str(folder), str(tmp_path / "x.safetensors")])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and err.count("\n") == 1 and message in err, err
+        assert not (tmp_path / "x.safetensors").exists()
+    main([str(both), str(tmp_path / "bf16.safetensors"), "--variant", "bf16"])
+    capsys.readouterr()
+    with safe_open(str(tmp_path / "bf16.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}

@@ -208,8 +208,9 @@ def save_single_file(
         path: the ``.safetensors`` file to write (atomically).
         dtype: cast floating tensors (e.g. ``torch.float16``); None keeps them.
         variant: read the weights of this variant (``"fp16"``: ``*.fp16.safetensors``). None: each part's plain
-            weights, or its only variant where a part holds nothing else (a hub snapshot fetched with
-            ``variant="fp16"``).
+            safetensors weights, or its only variant where a part holds no plain ones (a hub snapshot fetched with
+            ``variant="fp16"``; only safetensors files count, as in :mod:`brushnet.loading`); a part with several
+            variants and no plain weights is refused in one line naming them.
 
     Returns:
         The written path.
@@ -273,58 +274,37 @@ def _check_base_folder(folder: Path) -> None:
 
 
 _PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
-_WEIGHT_STEMS = (
-    "diffusion_pytorch_model",
-    "model",
-    "pytorch_model",
-)  # diffusers' and transformers' file names
 
 
-def _file_variant(name: str) -> tuple[bool, str | None]:
-    """``(is a weights file, its variant)`` for a file name: ``model.safetensors`` -> ``(True, None)``,
-    ``diffusion_pytorch_model.fp16.safetensors`` (or a shard of it, ``...fp16-00001-of-00002.safetensors``, or
-    its ``.index.json``) -> ``(True, "fp16")``; anything else -> ``(False, None)``."""
-    import re
-
-    name = name.removesuffix(".index.json")
-    for ext in (".safetensors", ".bin"):
-        if name.endswith(ext):
-            name = re.sub(r"-\d+-of-\d+$", "", name[: -len(ext)])
-            stem, _, variant = name.partition(".")
-            if stem in _WEIGHT_STEMS and "." not in variant:
-                return True, variant or None
-    return False, None
-
-
-def _variants_of(part: Path) -> set[str | None]:
-    """The weight variants a model folder holds: None for the plain files, ``"fp16"`` for ``*.fp16.*`` ones."""
-    found: set[str | None] = set()
-    for file in sorted(part.iterdir()) if part.is_dir() else ():
-        weights, variant = _file_variant(file.name)
-        if weights:
-            found.add(variant)
-    return found
+def _library(part: Path) -> str:
+    """The library whose weight file names a part folder uses (``model*.safetensors`` for the text encoders)."""
+    return "transformers" if part.name.startswith("text_") else "diffusers"
 
 
 def _part_variant(part: Path, variant: str | None) -> str | None:
     """The variant to read ``part`` with: ``variant`` when given (refused in one line if the part lacks it), else
-    None when the plain weights are there, else the part's only variant."""
+    None when the plain safetensors weights are there, else the part's only variant (as
+    :func:`brushnet.loading.fp16_only_variant` reads an fp16-only folder). Only safetensors files count, as in
+    :mod:`brushnet.loading`: a plain pickle beside ``*.fp16.safetensors`` does not make the folder plain."""
     from .errors import CheckpointError
+    from .model_files import safetensors_variants
 
     if not part.is_dir():
         return variant
-    found = _variants_of(part)
+    found = set(safetensors_variants(part, _library(part)))
     if variant is not None:
         if variant not in found:
-            held = ", ".join(sorted("plain" if v is None else v for v in found)) or "no weights"
+            held = ", ".join(sorted("plain" if v is None else v for v in found)) or "no safetensors weights"
             raise CheckpointError(f"{part} has no {variant!r} variant of its weights (it holds: {held})")
         return variant
     if None in found or not found:
         return None
     if len(found) == 1:
         return next(iter(found))
+    names = sorted(found)
     raise CheckpointError(
-        f"{part} holds only variants of its weights ({', '.join(sorted(found))}): pass --variant NAME"
+        f"{part} holds only variants of its weights ({', '.join(names)}) and no plain ones: pass "
+        f"{' or '.join(f'--variant {name}' for name in names)}"
     )
 
 
@@ -333,9 +313,17 @@ def _stored_dtype(folder: Path, variant: str | None = None) -> torch.dtype | Non
     unknown)."""
     from safetensors import safe_open
 
+    from .errors import CheckpointError
+    from .model_files import weight_files
+
     dtypes = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
-    files = [f for f in sorted(folder.glob("*.safetensors")) if _file_variant(f.name) == (True, variant)]
+    try:
+        files = weight_files(folder, _library(folder), variant=variant)
+    except CheckpointError:
+        return None
     for file in files:
+        if file.suffix != ".safetensors":
+            continue
         with safe_open(str(file), "pt") as f:
             for key in f.keys():
                 name = f.get_slice(key).get_dtype()
