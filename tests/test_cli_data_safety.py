@@ -403,6 +403,23 @@ def test_batch_resume_refuses_results_made_with_other_settings(tiny_models, batc
     assert _snapshot(out) == before
 
 
+def test_batch_resume_takes_an_unset_guidance_as_the_family_value(tiny_models, folders, tmp_path):
+    """The records hold the guidance that ran (SD1.5: 7.5 when unset): a rerun without --guidance, or with the
+    value it stands for, is the same run; another value is refused."""
+    images, masks = folders
+    args = ["batch", "--images", str(images), "--masks", str(masks), "-o", str(tmp_path / "out")]
+    unset = [flag for flag in FAST if flag not in ("--guidance", "1.0")]
+    first = runner.invoke(app, [*args, *_models(tiny_models), *unset])
+    assert first.exit_code == 0 and "2 done" in first.output, first.output
+    record = json.loads(next((tmp_path / "out").glob("*.json")).read_text())
+    assert record["parameters"]["guidance_scale"] == 7.5
+    for guidance in ([], ["--guidance", "7.5"]):
+        again = runner.invoke(app, [*args, *_models(tiny_models), *unset, *guidance])
+        assert again.exit_code == 0 and "0 done, 2 skipped" in again.output, again.output
+    other = runner.invoke(app, [*args, *_models(tiny_models), *unset, "--guidance", "5"])
+    assert other.exit_code == 2 and "--guidance 7.5 (this run: 5.0)" in other.output, other.output
+
+
 def test_batch_resume_skips_results_made_with_the_same_settings(tiny_models, batch_run):
     args, out = batch_run
     before = _snapshot(out)

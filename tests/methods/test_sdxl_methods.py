@@ -96,6 +96,25 @@ def test_brushnet_method_is_the_sdxl_pipeline(xl_models, xl_scene):
     assert np.abs(np.asarray(result.images[0], np.int16) - expected).max() <= 1
 
 
+def test_guidance_unset_is_the_family_value(xl_models, xl_scene, tiny_models):
+    """No guidance_scale: SDXL runs at 5.0 (the original SDXL example's and diffusers' value), SD1.5 at 7.5; the
+    record holds the value that ran. A given value is used as given."""
+    request = {key: value for key, value in FAST.items() if key != "guidance_scale"}
+    method = _load("brushnet", xl_models)
+    unset = inpaint(method, *xl_scene, request)
+    assert unset.parameters["guidance_scale"] == 5.0
+    at_5 = inpaint(method, *xl_scene, {**request, "guidance_scale": 5.0})
+    at_7 = inpaint(method, *xl_scene, {**request, "guidance_scale": 7.5})
+    assert np.array_equal(np.asarray(unset.images[0]), np.asarray(at_5.images[0]))
+    assert not np.array_equal(np.asarray(unset.images[0]), np.asarray(at_7.images[0]))
+    assert at_7.parameters["guidance_scale"] == 7.5
+    sd15 = load_method("blended-latent-diffusion", {"base": str(tiny_models["base"])})
+    image = Image.new("RGB", (32, 32), (90, 120, 200))
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 255
+    assert inpaint(sd15, image, mask, request).parameters["guidance_scale"] == 7.5
+
+
 def test_crop_to_mask_works_at_the_sdxl_native_resolution(xl_models, xl_scene):
     result = inpaint(_load("blended-latent-diffusion", xl_models), *xl_scene, {**FAST, "crop_to_mask": True})
     region = result.parameters["region"]
@@ -131,7 +150,9 @@ def test_cli_takes_sdxl_models_with_no_new_flags(xl_models, xl_scene, tmp_path):
     args += ["--base", xl_models["base"], "--brushnet", xl_models["brushnet"], "--steps", "2", "-q"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "o.json").read_text())["parameters"]["family"] == "sdxl"
+    parameters = json.loads((tmp_path / "o.json").read_text())["parameters"]
+    assert parameters["family"] == "sdxl"
+    assert parameters["guidance_scale"] == 5.0  # no --guidance: SDXL's usual value, recorded as run
     listed = CliRunner().invoke(app, ["methods"])
     assert "families: sd15, sdxl" in listed.output
 

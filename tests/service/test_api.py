@@ -155,6 +155,9 @@ def test_methods_health_docs_and_page(client):
     assert brush["options_defaults"]["conditioning_scale"] == 1.0
     assert "conditioning_scale" in brush["options_schema"]["properties"]
     assert listed["request_defaults"]["steps"] == 50 and "unipc" in listed["schedulers"]
+    # guidance: unset in a request, the family's value (SD1.5 7.5, SDXL 5.0) per loaded method for the page
+    assert listed["request_defaults"]["guidance_scale"] is None
+    assert [m["default_guidance_scale"] for m in listed["methods"]] == [7.5, 7.5]
     assert listed["request_schema"]["additionalProperties"] is False
     assert listed["limits"]["max_queue"] == 32
     health = client.get("/api/v1/health").json()

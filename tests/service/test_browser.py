@@ -142,7 +142,9 @@ def test_paint_generate_progress_result(browser, server, tmp_path):
     page.wait_for_selector("#error", state="visible")
     assert "mask is 50×50 but the image is 192×128" in page.locator("#error").inner_text()
 
-    # settings; method options are built from /api/v1/methods
+    # settings; method options are built from /api/v1/methods (guidance: the method's family value)
+    assert page.locator("#guidance").input_value() == "7.5"
+    assert page.locator("#guidance-value").inner_text() == "7.5"
     page.fill("#prompt", "a wooden bench")
     page.fill("#seed", "1234")
     _set_range(page, "#steps", 8)

@@ -41,7 +41,8 @@ class Option { constructor(text, value, defaultSelected, selected) { Object.assi
 const document = { createElement: (tag) => new El(tag) };
 const elements = { "method": new El("select"), "scheduler": new El("select"), "method-options": new El("div"),
                    "method-description": new El("small"), "method-options-box": new El("details"),
-                   "control-image-field": new El("label") };
+                   "control-image-field": new El("label"), "guidance": new El("input"),
+                   "guidance-value": new El("output") };
 elements["method-options-box"].append(new El("summary"));
 const $ = (id) => elements[id];
 const state = { config: JSON.parse(require("fs").readFileSync(0, "utf8")) };
@@ -92,7 +93,7 @@ def test_page_shows_task_and_fitting_degree_for_powerpaint_and_posts_them(powerp
         listing = client.get("/api/v1/methods").json()
         script = HARNESS.replace(
             "//FUNCTIONS//",
-            page_functions("currentMethod", "renderMethodOptions", "resolveSchema", "collectOptions"),
+            page_functions("currentMethod", "renderMethodOptions", "resolveSchema", "collectOptions", "setRange"),
         )
         out = subprocess.run(
             [NODE, "-e", script],

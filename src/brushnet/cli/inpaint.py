@@ -253,7 +253,7 @@ def _first_difference(
     compared."""
     import json
 
-    from ..methods.base import InpaintRequest
+    from ..methods.base import FAMILY_GUIDANCE, InpaintRequest
     from ..methods.registry import model_slots
     from .flags import request_field_flags
 
@@ -269,6 +269,8 @@ def _first_difference(
             if not _same_model(recorded_models.get(name), models.get(name)):
                 flag = slots[name].flag if name in slots else {"loras": "--lora"}.get(name, name)
                 return flag, recorded_models.get(name), models.get(name)
+    if parameters.get("family") in FAMILY_GUIDANCE:  # an unset guidance ran at the family's value
+        request = request.for_family(parameters["family"])
     wanted = json.loads(json.dumps(request.model_dump(), default=str))
     for name, value in wanted.items():
         if name == "options" or name not in parameters or (name == "seed" and value is None):

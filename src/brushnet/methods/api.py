@@ -333,7 +333,7 @@ def run(method: InpaintMethod, job: PreparedJob, on_step: StepCallback | None = 
     """
     if job.method != method.name:
         raise ValueError(f"this job was prepared for method {job.method!r}, not {method.name!r}")
-    request = job.request
+    request = job.request.for_family(method.family)
     t_start = time.perf_counter()
     plan = plan_region(
         job.hole,

@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "FAMILIES",
+    "FAMILY_GUIDANCE",
     "InpaintRequest",
     "ModelSlot",
     "ModelPaths",
@@ -49,6 +50,10 @@ StepCallback = Callable[[int, int], None]  # (step done, total steps)
 
 FAMILIES = ("sd15", "sdxl")
 """Base-model families: Stable Diffusion 1.x/2.x layout (``sd15``) and SDXL (``sdxl``)."""
+
+FAMILY_GUIDANCE = {"sd15": 7.5, "sdxl": 5.0}
+"""The guidance scale of a request that gives none, by base family: the original BrushNet examples' values,
+which are also diffusers' pipeline defaults (SDXL is over-saturated at SD1.5's 7.5)."""
 
 
 def validation_message(exc: ValidationError, what: str = "request") -> str:
@@ -102,11 +107,12 @@ class InpaintRequest(BaseModel):
     )
     seed: int | None = Field(None, ge=0, lt=2**63, description="Random seed; None draws one (reported).")
     steps: int = Field(50, ge=1, le=1000, description="Denoising steps.")
-    guidance_scale: float = Field(
-        7.5,
+    guidance_scale: float | None = Field(
+        None,
         ge=0.0,
         le=50.0,
-        description="Classifier-free guidance (off at <= 1).",
+        description="Classifier-free guidance (off at <= 1); unset: the base family's usual value, 7.5 for SD1.5 "
+        "and 5.0 for SDXL.",
         json_schema_extra={"cli": ["--guidance", "--guidance-scale"]},
     )
     scheduler: str | None = Field(
@@ -197,7 +203,7 @@ class InpaintRequest(BaseModel):
             RequestError: ``negative_prompt`` with ``guidance_scale`` <= 1, ``crop_padding`` without
                 ``crop_to_mask``, ``blend_kernel_size`` without ``blend``.
         """
-        if given(self, "negative_prompt") and self.guidance_scale <= 1:
+        if given(self, "negative_prompt") and self.guidance_scale is not None and self.guidance_scale <= 1:
             raise RequestError(
                 f"negative_prompt has no effect with guidance_scale {self.guidance_scale:g} (classifier-free "
                 "guidance is off at <= 1): raise guidance_scale above 1 or leave negative_prompt empty"
@@ -211,6 +217,13 @@ class InpaintRequest(BaseModel):
             raise RequestError(
                 "crop_padding has no effect without crop_to_mask: turn crop_to_mask on or leave crop_padding unset"
             )
+
+    def for_family(self, family: str) -> InpaintRequest:
+        """This request with what the base family decides filled in: a ``guidance_scale`` of None becomes the
+        family's usual value (:data:`FAMILY_GUIDANCE`)."""
+        if self.guidance_scale is not None:
+            return self
+        return self.model_copy(update={"guidance_scale": FAMILY_GUIDANCE[family]})
 
     @classmethod
     def build(cls, request: InpaintRequest | dict | None = None, **overrides: Any) -> InpaintRequest:

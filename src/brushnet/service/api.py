@@ -32,7 +32,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from ..methods.base import InpaintRequest
+from ..methods.base import FAMILY_GUIDANCE, InpaintRequest
 from ..schedulers import SCHEDULERS
 from .engine import (
     Engine,
@@ -490,7 +490,8 @@ def create_app(
         for name, method in engine.methods.items():
             info = type(method).describe()
             info.update(name=name, device=str(method.device), native_resolution=method.native_resolution,
-                        family=method.family, control_image=method.accepts_control_image)  # fmt: skip
+                        family=method.family, default_guidance_scale=FAMILY_GUIDANCE[method.family],
+                        control_image=method.accepts_control_image)  # fmt: skip
             listed.append(info)
         return {
             "methods": listed,

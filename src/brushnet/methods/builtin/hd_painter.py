@@ -94,7 +94,7 @@ class HDPainter(PipelineMethod):
                     "option default_negative_prompt has no effect with a negative_prompt given (it is used only "
                     "when the request has none); drop one of them"
                 )
-            if request.guidance_scale <= 1:
+            if request.guidance_scale is not None and request.guidance_scale <= 1:
                 raise RequestError(
                     "option default_negative_prompt has no effect with guidance_scale <= 1 (classifier-free "
                     "guidance is off); raise guidance_scale or drop it"

@@ -13,6 +13,7 @@ const state = {
   job: null, // { id, events, poll, startedAt }
   history: [], // { url, blob, inputUrl, method, seed, parameters, timings, jobId, index }
   shown: null,
+  guidanceTouched: false, // a guidance the user set is kept when the method changes
 };
 
 const painter = new MaskPainter($("mask-canvas"), $("brush-cursor"), updateControls);
@@ -50,7 +51,8 @@ function applyConfig(config) {
     ...config.schedulers.map((s) => new Option(s, s, false, s === defaults.scheduler)),
   );
   setRange("steps", defaults.steps);
-  setRange("guidance", defaults.guidance_scale);
+  // null: each method's base family decides (SD1.5 7.5, SDXL 5.0); set in renderMethodOptions
+  if (defaults.guidance_scale != null) setRange("guidance", defaults.guidance_scale);
   $("blend").checked = defaults.blend;
   $("mask-grow").value = defaults.mask_grow;
   $("crop-to-mask").checked = defaults.crop_to_mask;
@@ -248,6 +250,7 @@ function bindSettings() {
   for (const id of ["steps", "guidance"]) {
     $(id).addEventListener("input", () => ($(`${id}-value`).textContent = $(id).value));
   }
+  $("guidance").addEventListener("input", () => (state.guidanceTouched = true));
   $("seed-random").addEventListener("click", () => {
     $("seed").value = Math.floor(Math.random() * 2 ** 31);
   });
@@ -273,6 +276,9 @@ function renderMethodOptions() {
   box.replaceChildren();
   if (!method) return;
   $("method-description").textContent = method.description;
+  if (!state.guidanceTouched && state.config.request_defaults.guidance_scale == null) {
+    setRange("guidance", method.default_guidance_scale);
+  }
   // a brushnet served with a guide ControlNet needs a control image with every request
   $("control-image-field").hidden = !method.control_image;
   // the schedulers this method takes (repaint, hd-painter: ddim only); keep the chosen one where it is allowed
