@@ -308,3 +308,41 @@ def test_convert_refuses_several_variants_without_a_choice_in_one_line(tiny_mode
     capsys.readouterr()
     with safe_open(str(tmp_path / "bf16.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+
+
+def test_convert_reads_pickle_only_parts_only_with_allow_pickle(tiny_models, tmp_path, capsys, monkeypatch):
+    """A base folder saved with ``safe_serialization=False`` (only ``.bin`` files) was read without asking, though
+    loading a pickle can run code and every other loader here needs --allow-pickle. Now it is refused in one line
+    before any part loads (exit 2, nothing written); ``--allow-pickle`` reads it, and gives the same file as the
+    safetensors folder."""
+    from diffusers import UNet2DConditionModel
+
+    from brushnet.convert import main
+
+    pickled = _variant_folder(
+        tiny_models["base"],
+        tmp_path / "pickled",
+        lambda model, part: model.save_pretrained(part, safe_serialization=False),
+    )
+    assert (pickled / "unet" / "diffusion_pytorch_model.bin").is_file()
+    loads = []
+    original = UNet2DConditionModel.from_pretrained.__func__
+    monkeypatch.setattr(
+        UNet2DConditionModel,
+        "from_pretrained",
+        classmethod(lambda cls, *a, **k: loads.append(a) or original(cls, *a, **k)),
+    )
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main([str(pickled), str(tmp_path / "x.safetensors")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1, err
+    assert "has only pickle-based weights (diffusion_pytorch_model.bin); pass --allow-pickle" in err
+    assert not (tmp_path / "x.safetensors").exists() and not loads
+    main([str(pickled), str(tmp_path / "allowed.safetensors"), "--allow-pickle"])
+    safe = _variant_folder(
+        tiny_models["base"], tmp_path / "safe", lambda model, part: model.save_pretrained(part)
+    )
+    main([str(safe), str(tmp_path / "safe.safetensors")])
+    capsys.readouterr()
+    assert (tmp_path / "allowed.safetensors").read_bytes() == (tmp_path / "safe.safetensors").read_bytes()

@@ -200,6 +200,7 @@ def save_single_file(
     path: str | os.PathLike,
     dtype: torch.dtype | None = None,
     variant: str | None = None,
+    allow_pickle: bool = False,
 ) -> Path:
     """Write the UNet, VAE and text encoder of a diffusers base folder as one original-layout file.
 
@@ -211,6 +212,8 @@ def save_single_file(
             safetensors weights, or its only variant where a part holds no plain ones (a hub snapshot fetched with
             ``variant="fp16"``; only safetensors files count, as in :mod:`brushnet.loading`); a part with several
             variants and no plain weights is refused in one line naming them.
+        allow_pickle: read a part whose weights are only pickle files (``.bin``, ``.ckpt``: loading one can run
+            code); without it such a part is refused in one line before anything loads.
 
     Returns:
         The written path.
@@ -219,16 +222,29 @@ def save_single_file(
     from safetensors.torch import save_file
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+    from .model_files import weight_files
+
     folder, path = Path(folder), Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"output must be a .safetensors file, got {path.name}")
     _check_base_folder(folder)
     variants = {part: _part_variant(folder / part, variant) for part in _PARTS}
+    for part in _PARTS:  # every part's weight files, before any loads (pickle only with allow_pickle)
+        if (folder / part).is_dir():
+            weight_files(
+                folder / part, _library(folder / part), allow_pickle=allow_pickle, variant=variants[part]
+            )
     # None: each part as the folder stores it (fp16 stays fp16)
     stored = dtype or _stored_dtype(folder / "unet", variants["unet"])
 
     def load(cls, part):
-        return cls.from_pretrained(folder, subfolder=part, torch_dtype=stored, variant=variants[part])
+        return cls.from_pretrained(
+            folder,
+            subfolder=part,
+            torch_dtype=stored,
+            variant=variants[part],
+            use_safetensors=None if allow_pickle else True,
+        )
 
     state = {}
     unet = load(UNet2DConditionModel, "unet")
@@ -344,9 +360,15 @@ def main(argv: list[str] | None = None) -> None:
         help="read this variant of the weights (fp16: *.fp16.safetensors); default: the plain weights, or a "
         "part's only variant",
     )
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read parts whose weights are only pickle files (.bin, .ckpt; loading one can run code)",
+    )
     args = parser.parse_args(argv)
     try:
-        out = save_single_file(args.folder, args.output, torch.float16 if args.fp16 else None, args.variant)
+        dtype = torch.float16 if args.fp16 else None
+        out = save_single_file(args.folder, args.output, dtype, args.variant, args.allow_pickle)
     except (InputError, ValueError, OSError) as exc:  # CheckpointError is an InputError
         print(f"error: {first_line(exc)}", file=sys.stderr)
         raise SystemExit(2) from None
