@@ -357,3 +357,44 @@ def test_hd_painter_checks_the_same_arguments(hd_painter, change, error, match):
         generator=torch.Generator().manual_seed(0),
     )  # fmt: skip
     refused(hd_painter, error, match, **{**arguments, **change})
+
+
+# -- negatives without guidance: diffusers drops them without a word; these pipelines say so --------------------
+UNUSED = "has no effect at guidance_scale 1: classifier-free guidance is off at <= 1"
+
+
+def test_a_negative_prompt_without_guidance_is_named_in_a_warning(tiny, logged):
+    """The result is the one without it (it had no effect); an empty negative or guidance on says nothing."""
+    kind, pipe = tiny
+    with logged("brushnet.pipelines.common") as messages:
+        ignored = _run(pipe, guidance_scale=1.0, negative_prompt="blurry")
+    assert messages == [f"`negative_prompt` {UNUSED} (raise guidance_scale to use it)"]
+    np.testing.assert_array_equal(ignored, _run(pipe, guidance_scale=1.0))
+    with logged("brushnet.pipelines.common") as messages:
+        _run(pipe, guidance_scale=1.0, negative_prompt="")
+        _run(pipe, guidance_scale=1.0, negative_prompt=[""])
+        _run(pipe, negative_prompt="blurry")
+    assert messages == []
+    if kind == "xl":
+        with logged("brushnet.pipelines.common") as messages:
+            _run(pipe, guidance_scale=0.0, negative_prompt_2="blurry", negative_original_size=(32, 32))
+        assert messages == [
+            "`negative_prompt_2` and `negative_original_size` have no effect at guidance_scale 0: classifier-free "
+            "guidance is off at <= 1 (raise guidance_scale to use it)"
+        ]
+
+
+def test_powerpaint_and_hd_painter_name_an_unused_negative_too(powerpaint_pipes, hd_painter, logged):
+    for version, pipe in powerpaint_pipes.items():
+        arguments = {**_powerpaint_arguments(version), "guidance_scale": 1.0, "num_inference_steps": 1}
+        with logged("brushnet.pipelines.common") as messages:
+            pipe(**arguments, negative_prompt="blurry")
+        assert messages and messages[0].startswith(f"`negative_prompt` {UNUSED}"), (version, messages)
+    image = Image.open(HD_PAINTER_MODEL.parent / "image.png").convert("RGB")
+    mask = Image.open(HD_PAINTER_MODEL.parent / "mask.png").convert("L")
+    with logged("brushnet.pipelines.common") as messages:
+        hd_painter(
+            "a ball", image, mask, num_inference_steps=1, guidance_scale=1.0, negative_prompt="blurry",
+            output_type="pt",
+        )  # fmt: skip
+    assert messages == [f"`negative_prompt` {UNUSED} (raise guidance_scale to use it)"]

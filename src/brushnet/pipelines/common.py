@@ -135,6 +135,33 @@ def check_generator(generator, total: int) -> None:
     )
 
 
+def warn_unused_negative(guidance_scale, **negatives) -> None:
+    """Warn that the negative prompts or embeddings given (``{name: value}``; None or empty text counts as not
+    given) have no effect: classifier-free guidance is off at ``guidance_scale`` <= 1, and diffusers then drops them
+    without a word. A warning, not an error, so that these pipelines stay drop-ins for diffusers'."""
+    if guidance_scale is None or guidance_scale > 1:
+        return
+
+    def given(value) -> bool:
+        if value is None:
+            return False
+        if isinstance(value, str):
+            return bool(value)
+        if isinstance(value, (list, tuple)):
+            return any(given(v) for v in value)
+        return True
+
+    names = [name for name, value in negatives.items() if given(value)]
+    if names:
+        logger.warning(
+            "%s %s no effect at guidance_scale %g: classifier-free guidance is off at <= 1 (raise guidance_scale "
+            "to use it)",
+            " and ".join(f"`{name}`" for name in names),
+            "has" if len(names) == 1 else "have",
+            guidance_scale,
+        )
+
+
 def check_image_input(name: str, image) -> None:
     """``image`` in one of the forms diffusers' inpaint pipelines read (:data:`IMAGE_FORMS`): a one-line error for
     others (a uint8 array, a path, a grey or 4-channel array, a bare list ...)."""

@@ -57,6 +57,7 @@ from .common import (  # noqa: F401
     check_prompt,
     check_single_file_components,
     controlnet_keep_schedule,
+    warn_unused_negative,
 )
 
 __all__ = ["StableDiffusionBrushNetPipeline"]
@@ -426,6 +427,9 @@ class StableDiffusionBrushNetPipeline(
                 "pag_scale": pag_scale, "pag_adaptive_scale": pag_adaptive_scale,
             },
         )  # fmt: skip
+        warn_unused_negative(
+            guidance_scale, negative_prompt=negative_prompt, negative_prompt_embeds=negative_prompt_embeds
+        )
         self._begin_call(guidance_scale, clip_skip, cross_attention_kwargs)
         device = self._execution_device
 

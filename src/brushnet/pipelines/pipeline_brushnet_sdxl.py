@@ -69,6 +69,7 @@ from .common import (
     check_pair,
     check_prompt,
     check_single_file_components,
+    warn_unused_negative,
 )
 
 __all__ = ["StableDiffusionXLBrushNetPipeline"]
@@ -437,6 +438,15 @@ class StableDiffusionXLBrushNetPipeline(
                 "pag_scale": pag_scale, "pag_adaptive_scale": pag_adaptive_scale,
             },
         )  # fmt: skip
+        warn_unused_negative(
+            guidance_scale,
+            negative_prompt=negative_prompt,
+            negative_prompt_2=negative_prompt_2,
+            negative_prompt_embeds=negative_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            negative_original_size=negative_original_size,
+            negative_target_size=negative_target_size,
+        )
         if denoising_end is not None:  # diffusers ignores any value outside (0, 1) silently
             check_finite("denoising_end", denoising_end)
             if not 0 < denoising_end <= 1:

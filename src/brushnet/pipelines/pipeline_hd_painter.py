@@ -57,6 +57,7 @@ from .common import (
     check_image_dtype,
     check_positive_int,
     check_prompt,
+    warn_unused_negative,
 )
 from .hd_painter_attention import HDPainterAttentionState, hd_painter_attention
 
@@ -320,6 +321,7 @@ class StableDiffusionHDPainterPipeline(
         num_inference_steps = check_positive_int("num_inference_steps", num_inference_steps)
         num_images_per_prompt = check_positive_int("num_images_per_prompt", num_images_per_prompt)
         check_finite("guidance_scale", guidance_scale)
+        warn_unused_negative(guidance_scale, negative_prompt=negative_prompt)
         if not 0.0 <= rasg_eta <= 1.0:
             raise ValueError(f"`rasg_eta` must be in [0, 1], got {rasg_eta}")
         prediction_type = self.scheduler.config.prediction_type

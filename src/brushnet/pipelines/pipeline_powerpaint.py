@@ -34,7 +34,7 @@ from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer
 
 from ..models.brushnet import BrushNetModel
 from ..models.task_tokens import task_token_ids
-from .common import check_branch_window
+from .common import check_branch_window, warn_unused_negative
 from .pipeline_brushnet import StableDiffusionBrushNetPipeline
 from .powerpaint_prompts import TaskPrompts, check_task_arguments, encode_task_prompt_pair, task_prompts
 
@@ -219,6 +219,7 @@ class StableDiffusionPowerPaintBrushNetPipeline(StableDiffusionBrushNetPipeline)
             raise ValueError(
                 "the PowerPaint pipeline does not run a ControlNet; build it with controlnet=None"
             )
+        given_negative_degree = negative_fitting_degree  # None: fitting_degree's (warned about only if given)
         negative_fitting_degree = check_task_arguments(task, fitting_degree, negative_fitting_degree)
         control_guidance_start, control_guidance_end = check_branch_window(
             control_guidance_start, control_guidance_end
@@ -243,6 +244,13 @@ class StableDiffusionPowerPaintBrushNetPipeline(StableDiffusionBrushNetPipeline)
             guidance_scale, clip_skip, blending, blending_kernel_size, timesteps, sigmas,
             scales={"eta": eta, "pag_scale": pag_scale, "pag_adaptive_scale": pag_adaptive_scale},
         )  # fmt: skip
+        warn_unused_negative(
+            guidance_scale,
+            negative_prompt=negative_prompt,
+            negative_prompt_embeds=negative_prompt_embeds,
+            negative_brushnet_prompt_embeds=negative_brushnet_prompt_embeds,
+            negative_fitting_degree=given_negative_degree,
+        )
         self._begin_call(guidance_scale, clip_skip, cross_attention_kwargs)
 
         if prompt_embeds is None:

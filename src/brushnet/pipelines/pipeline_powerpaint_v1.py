@@ -24,6 +24,7 @@ from .common import (
     check_image_dtype,
     check_positive_int,
     check_prompt,
+    warn_unused_negative,
 )
 from .powerpaint_prompts import check_task_arguments, encode_task_prompt_pair, task_prompts
 
@@ -152,8 +153,13 @@ class StableDiffusionPowerPaintInpaintPipeline(CheckedSourceMixin, StableDiffusi
         unknown = sorted(set(kwargs) - _PARENT_ARGUMENTS)
         if unknown:  # diffusers' __call__ takes **kwargs for deprecated names and would drop a misspelling
             raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
+        given_negative_degree = negative_fitting_degree  # None: fitting_degree's (warned about only if given)
         negative_fitting_degree = check_task_arguments(task, fitting_degree, negative_fitting_degree)
         self._check_sampling_arguments(prompt, prompt_embeds, guidance_scale, kwargs)
+        # negative_prompt_embeds: the BrushNet pipeline this one calls warns about them
+        warn_unused_negative(
+            guidance_scale, negative_prompt=negative_prompt, negative_fitting_degree=given_negative_degree
+        )
         check_image_dtype("image", image)
         if prompt_embeds is None:
             prompts = [prompt or ""] if prompt is None or isinstance(prompt, str) else list(prompt)
