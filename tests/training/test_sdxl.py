@@ -91,6 +91,38 @@ def test_the_branch_gets_each_samples_real_size_and_crop(xl_base, tmp_path):
     assert seen[0]["added_cond_kwargs"]["text_embeds"].shape == (2, 24)
 
 
+def test_time_ids_reach_the_unet_and_the_branch_exact_under_bf16(xl_base):
+    """The time ids were cast to the mixed-precision dtype with the text: in bfloat16 a 1365 px side became 1368 and
+    a crop at 683 became 684, and the sinusoidal embedding's high frequencies (up to 1 per pixel) came out other
+    than for the real size and crop. They stay float32; the UNet and the branch embed them in float32."""
+    components = loop.load_components(str(xl_base))
+    brushnet = BrushNetModel.from_unet(components.unet)
+    loop.freeze(components, torch.bfloat16, "cpu")
+    seen = {}
+    for name, module in (("unet", components.unet), ("branch", brushnet)):
+        module.add_time_proj.register_forward_pre_hook(
+            lambda m, args, name=name: seen.update({name: args[0]})
+        )
+    real = [[1365, 2047, 683, 301, 16, 16], [16, 16, 0, 0, 16, 16]]
+    batch = {
+        "pixel_values": torch.rand(2, 3, 16, 16) * 2 - 1,
+        "mask": torch.zeros(2, 1, 16, 16),
+        "caption": ["a red ball", ""],
+        "original_size": torch.tensor([[1365, 2047], [16, 16]]),
+        "crop_top_left": torch.tensor([[683, 301], [0, 0]]),
+    }
+    _, added = components.family.encode(batch["caption"], "cpu", torch.bfloat16, batch)
+    assert added["text_embeds"].dtype == torch.bfloat16 and added["time_ids"].tolist() == real
+    _, unconditional = components.family.unconditional(2, "cpu", torch.bfloat16, batch)
+    assert unconditional["time_ids"].tolist() == real
+    with torch.no_grad():
+        loss = loop.brushnet_training_loss(
+            brushnet, components, batch, torch.Generator().manual_seed(0), weight_dtype=torch.bfloat16
+        )
+    assert torch.isfinite(loss)
+    assert seen["unet"].tolist() == seen["branch"].tolist() == sum(real, [])
+
+
 def test_sdxl_loss_falls_when_overfitting_one_batch(xl_config, xl_base, overfit):
     components = loop.load_components(str(xl_base))
     loop.freeze(components, torch.float32, "cpu")

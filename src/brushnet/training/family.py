@@ -97,6 +97,11 @@ class SDXLFamily:
     ``encoder_hidden_states`` is the concatenation of both encoders' penultimate hidden states,
     ``text_embeds`` the pooled projection of ``text_encoder_2``, and ``time_ids`` each sample's
     ``(original height, original width, crop top, crop left, target height, target width)``.
+
+    The time ids stay float32 whatever the mixed-precision dtype: they are pixel counts that the UNet and the
+    branch turn into sinusoidal embeddings (in float32) with frequencies up to 1 per pixel, and bfloat16 keeps 8
+    significant bits (1365 → 1368, a crop at 683 → 684), which scrambles those components; float16 does the same
+    above 2048. The original script cast them to the mixed-precision dtype.
     """
 
     name = "sdxl"
@@ -160,7 +165,7 @@ class SDXLFamily:
 
         Args:
             captions: one per sample (after caption dropout; an empty caption is encoded, as the original does).
-            device, dtype: of the result.
+            device, dtype: of the result; the time ids are float32 whatever ``dtype`` (class docstring).
             batch: the training batch, for the time ids (see :meth:`time_ids`); required.
         """
         if batch is None:
@@ -175,7 +180,7 @@ class SDXLFamily:
         pooled = output[0]  # text_encoder_2's projection (CLIPTextModelWithProjection.text_embeds)
         added_cond_kwargs = {
             "text_embeds": pooled.to(dtype),
-            "time_ids": to_device(self.time_ids(batch), device, dtype),
+            "time_ids": to_device(self.time_ids(batch), device, torch.float32),  # exact (class docstring)
         }
         return torch.cat(hidden_states, dim=-1).to(dtype), added_cond_kwargs
 
@@ -193,7 +198,7 @@ class SDXLFamily:
         projection = self.text_encoder_2.config.projection_dim
         return torch.zeros(count, length, width, device=device, dtype=dtype), {
             "text_embeds": torch.zeros(count, projection, device=device, dtype=dtype),
-            "time_ids": to_device(self.time_ids(batch), device, dtype),
+            "time_ids": to_device(self.time_ids(batch), device, torch.float32),
         }
 
 
