@@ -228,7 +228,12 @@ def speed(
     scheduler: str = typer.Option(
         "unipc-original", help="Scheduler (methods with their own schedule keep theirs)."
     ),
-    guidance: float = typer.Option(7.5),
+    guidance: float = typer.Option(
+        7.5,
+        "--guidance",
+        "--guidance-scale",
+        help="Classifier-free guidance (only whether it is above 1 matters).",
+    ),
     option: list[str] | None = typer.Option(
         None,
         "--option",
