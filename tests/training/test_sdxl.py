@@ -188,6 +188,28 @@ def test_sdxl_validation_grid_and_the_exported_branch_runs_in_the_pipeline(xl_co
     assert trained.shape == (1, 16, 16, 3) and np.abs(trained - untrained).max() > 1e-4
 
 
+def test_sdxl_validation_images_default_to_sdxls_guidance(xl_config, monkeypatch):
+    """--validation_guidance_scale unset drew SDXL validation images at SD1.5's 7.5; inference on SDXL (the CLI, the
+    service, the pipeline and the original's SDXL validation) uses 5.0. Unset, it is now the family's value, and the
+    resolved value is what train_config.yaml records."""
+    calls = []
+    call = StableDiffusionXLBrushNetPipeline.__call__
+
+    def recording(self, *args, **kwargs):
+        calls.append(kwargs["guidance_scale"])
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionXLBrushNetPipeline, "__call__", recording)
+    values = {k: v for k, v in xl_config.items() if k != "validation_guidance_scale"}
+    config = make_config(
+        {**values, "max_train_steps": 1, "validation_steps": 1, "validation_inference_steps": 1,
+         "num_validation_samples": 1}
+    )  # fmt: skip
+    loop.train(config)
+    assert calls == [5.0]
+    assert load_config_file(Path(config.output_dir) / "train_config.yaml")["validation_guidance_scale"] == 5.0
+
+
 def test_fp16_keeps_the_overflowing_sdxl_vae_in_float32(xl_base, tiny_base):
     xl = loop.load_components(str(xl_base))
     loop.freeze(xl, torch.float16, "cpu")

@@ -181,7 +181,12 @@ class TrainConfig(BaseModel):
         4, gt=0, description="Samples taken from the first batch when no validation images are given."
     )
     validation_inference_steps: int = Field(20, gt=0, description="Denoising steps for validation images.")
-    validation_guidance_scale: float = Field(7.5, ge=0, description="Guidance scale for validation images.")
+    validation_guidance_scale: float | None = Field(
+        None,
+        ge=0,
+        description="Guidance scale for validation images; default: the base family's usual value (7.5 for SD1.5, "
+        "5.0 for SDXL, as inference uses).",
+    )
     validation_loss_steps: int | None = Field(
         None,
         gt=0,

@@ -687,9 +687,19 @@ def train(config: TrainConfig, dataset=None, on_start: Callable[[], None] | None
             f"the base scheduler's prediction_type is {prediction_type!r}; training supports epsilon and "
             "v_prediction (set --prediction_type)"
         )
-    # the resolved config (seed, target and precision filled in) goes next to the run and into every checkpoint
+    # the resolved config (seed, target, precision and validation guidance filled in) goes next to the run and into
+    # every checkpoint; unset, validation images use the family's guidance, as inference does (SDXL: 5.0, not 7.5)
+    from ..methods.base import FAMILY_GUIDANCE
+
+    guidance = config.validation_guidance_scale
     config = config.model_copy(
-        update={"prediction_type": prediction_type, "mixed_precision": accelerator.mixed_precision}
+        update={
+            "prediction_type": prediction_type,
+            "mixed_precision": accelerator.mixed_precision,
+            "validation_guidance_scale": FAMILY_GUIDANCE[components.family.name]
+            if guidance is None
+            else guidance,
+        }
     )
     if accelerator.is_main_process:
         save_config(config, output_dir / CONFIG_FILE)
