@@ -436,3 +436,41 @@ def test_serve_fuses_the_lora_into_the_served_methods(tiny_models, lora, monkeyp
             {"path": lora, "scale": 0.7, "sha256": sha256(lora)}
         ], name
         assert not torch.equal(method.pipeline.unet.state_dict()[key], plain[key]), name
+
+
+def _hub_cache(root, repo_id, files):
+    """A Hugging Face cache under ``root`` holding ``files`` ({name in the repo: local file}) of ``repo_id``."""
+    import shutil
+
+    repo = Path(root) / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    for name, source in files.items():
+        shutil.copy(source, snapshot / name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    return root
+
+
+def test_a_hub_lora_loads_from_the_local_cache(tiny_models, scene, lora, tmp_path, monkeypatch):
+    """``--lora owner/name`` was "LoRA not found" even when the repo sat in the Hugging Face cache; it is now read
+    from there (diffusers' file name, or a cached repo's only .safetensors file) and gives the local path's result.
+    Offline and not cached, it is one line saying so, before anything loads."""
+    weights = Path(lora) / "pytorch_lora_weights.safetensors"
+    cache = _hub_cache(tmp_path / "hub", "someone/tiny-lora", {"pytorch_lora_weights.safetensors": weights})
+    _hub_cache(cache, "someone/renamed-lora", {"my_style.safetensors": weights})
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    local = inpaint(load_method("brushnet", {**tiny_models, "loras": [(lora, 0.7)]}), *scene, REQUEST)
+    for repo_id in ("someone/tiny-lora", "someone/renamed-lora"):
+        result = inpaint(load_method("brushnet", {**tiny_models, "loras": [(repo_id, 0.7)]}), *scene, REQUEST)
+        assert np.array_equal(pixels(result), pixels(local)), repo_id
+        assert result.parameters["models"]["loras"][0]["path"] == repo_id
+        assert result.parameters["models"]["loras"][0]["sha256"] == sha256(lora)
+    with pytest.raises(CheckpointError) as caught:
+        load_method("brushnet", {**tiny_models, "loras": ["someone/not-cached"]})
+    message = str(caught.value)
+    assert "\n" not in message and "cannot load LoRA 'someone/not-cached': offline mode is on" in message
+    # a missing local file is still "not found", not a hub lookup
+    with pytest.raises(CheckpointError, match="LoRA not found: missing.safetensors"):
+        load_method("brushnet", {**tiny_models, "loras": ["missing.safetensors"]})

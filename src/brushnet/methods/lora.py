@@ -30,20 +30,62 @@ _TEXT_WIDTHS = {768: "an SD1.x", 1024: "an SD2.x", 2048: "an SDXL"}
 _DIGESTS: dict[tuple[str, int, int], str] = {}
 
 
+def _hub_lora(repo_id: str) -> Path:
+    """The snapshot folder of hub LoRA ``repo_id`` holding its ``pytorch_lora_weights.safetensors``: from the local
+    Hugging Face cache, else downloaded (that one file); offline or unreachable and not cached, one line saying so.
+    A cached repo without that file gives its snapshot folder, so that its only ``.safetensors`` file is used."""
+    from ..errors import CheckpointError
+    from ..loading import _cached_file, _check_hub_reachable
+
+    cached = _cached_file(repo_id, LORA_WEIGHT_NAME)
+    if cached is not None:
+        return cached.parent
+    snapshot = _cached_snapshot(repo_id)
+    if snapshot is not None and any(snapshot.glob("*.safetensors")):
+        return snapshot
+    _check_hub_reachable("LoRA", repo_id, LORA_WEIGHT_NAME)
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, LORA_WEIGHT_NAME)).parent
+    except Exception as exc:  # noqa: BLE001 - missing repo or file, gated repo, network
+        raise CheckpointError(
+            f"cannot fetch LoRA {repo_id!r} from the hub ({type(exc).__name__}): it needs a "
+            f"{LORA_WEIGHT_NAME}; for another file name, download it and pass its path"
+        ) from None
+
+
+def _cached_snapshot(repo_id: str) -> Path | None:
+    """The local cache's snapshot folder of hub model ``repo_id`` at ``main``, or None."""
+    from huggingface_hub import constants
+
+    repo = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+    try:
+        revision = (repo / "refs" / "main").read_text().strip()
+    except OSError:
+        return None
+    snapshot = repo / "snapshots" / revision
+    return snapshot if snapshot.is_dir() else None
+
+
 def lora_file(path: str, allow_pickle: bool = False) -> Path:
     """The weights file of LoRA ``path``: the file itself or, in a folder, diffusers' ``pytorch_lora_weights.
     safetensors``, else the folder's only ``.safetensors`` file (with ``allow_pickle``: its only ``.bin``/``.ckpt``
-    file, when it has no ``.safetensors``). Local files only: a hub LoRA is downloaded first.
+    file, when it has no ``.safetensors``). A hub id (``owner/name``, where no such local path exists) is that
+    repo's folder in the local Hugging Face cache, or its ``pytorch_lora_weights.safetensors`` downloaded.
 
     Raises:
         CheckpointError: missing, a folder with none or several, pickle-based without ``allow_pickle``, another
-            format.
+            format; a hub id offline and not cached.
     """
     from ..errors import CheckpointError
-    from ..loading import where
+    from ..loading import _looks_like_hub_id, where
     from ..model_files import PICKLE_SUFFIXES
 
     file = Path(path).expanduser()
+    weights = (".safetensors", *PICKLE_SUFFIXES)
+    if not file.exists() and _looks_like_hub_id(str(path)) and not str(path).lower().endswith(weights):
+        file = _hub_lora(str(path))
     if file.is_dir():
         found = {
             kind: sorted(f.name for f in file.iterdir() if f.is_file() and f.suffix.lower() in suffixes)
@@ -64,8 +106,8 @@ def lora_file(path: str, allow_pickle: bool = False) -> Path:
             raise CheckpointError(f"LoRA folder {path} holds no .safetensors file ({LORA_WEIGHT_NAME})")
     elif not file.is_file():
         raise CheckpointError(
-            f"LoRA not found: {where(path)} (a local .safetensors file or a folder holding one; a hub LoRA is "
-            "downloaded first)"
+            f"LoRA not found: {where(path)} (a local .safetensors file, a folder holding one, or a hub id "
+            "owner/name)"
         )
     suffix = file.suffix.lower()
     if suffix in PICKLE_SUFFIXES and not allow_pickle:
