@@ -349,3 +349,34 @@ def test_every_commands_help_paragraphs_wrap_to_the_terminal():
     # a line followed by more of its paragraph is filled (was: "With --image/--mask/" alone, then the rest)
     filled = [line for line, after in zip(prose, prose[1:]) if line and after and "Usage" not in line]
     assert len(filled) >= 8 and min(map(len, filled)) >= 45, prose
+
+
+def test_convert_is_a_brushnet_command_and_keeps_an_existing_output(tiny_models, tmp_path):
+    """``brushnet convert`` (it was only ``python -m brushnet.convert``, which `brushnet --help` does not list) writes
+    what ``save_single_file`` writes; an existing OUTPUT is kept unless --overwrite (it was replaced without a
+    word); bad arguments are one line, exit 2, nothing written."""
+    from brushnet.convert import save_single_file
+
+    reference = save_single_file(tiny_models["base"], tmp_path / "reference.safetensors").read_bytes()
+    out = tmp_path / "base.safetensors"
+    done = runner.invoke(app, ["convert", str(tiny_models["base"]), str(out)])
+    assert done.exit_code == 0 and done.output.strip().endswith("base.safetensors"), done.output
+    assert out.read_bytes() == reference
+    out.write_bytes(b"mine")
+    for command in (["convert", str(tiny_models["base"]), str(out)],
+                    ["convert", str(tiny_models["base"]), str(tmp_path / "x.ckpt")],
+                    ["convert", str(tmp_path / "missing"), str(tmp_path / "y.safetensors")]):  # fmt: skip
+        refused = runner.invoke(app, command)
+        assert refused.exit_code == 2 and refused.output.count("\n") == 1, refused.output
+    assert (
+        "exists; choose another OUTPUT or pass --overwrite"
+        in runner.invoke(app, ["convert", str(tiny_models["base"]), str(out)]).output
+    )
+    assert out.read_bytes() == b"mine" and not (tmp_path / "y.safetensors").exists()
+    assert runner.invoke(app, ["convert", str(tiny_models["base"]), str(out), "--overwrite"]).exit_code == 0
+    assert out.read_bytes() == reference
+    with pytest.raises(SystemExit):
+        from brushnet.convert import main
+
+        main([str(tiny_models["base"]), str(out)])  # the module's entry point keeps it too
+    assert out.read_bytes() == reference

@@ -9,7 +9,7 @@ from a diffusers folder — the inverse of what ``StableDiffusionPipeline.from_s
 ``StableDiffusionXLPipeline.from_single_file`` read — so the single-file loading path can be tested offline
 on tiny models, and users can hand a fine-tuned base to tools that only take single files.
 
-    python -m brushnet.convert path/to/diffusers-folder model.safetensors
+    brushnet convert path/to/diffusers-folder model.safetensors    # or: python -m brushnet.convert ...
 """
 
 from __future__ import annotations
@@ -365,7 +365,11 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="read parts whose weights are only pickle files (.bin, .ckpt; loading one can run code)",
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     args = parser.parse_args(argv)
+    if Path(args.output).exists() and not args.overwrite:
+        print(f"error: {args.output} exists; choose another output or pass --overwrite", file=sys.stderr)
+        raise SystemExit(2)
     try:
         dtype = torch.float16 if args.fp16 else None
         out = save_single_file(args.folder, args.output, dtype, args.variant, args.allow_pickle)

@@ -1,0 +1,45 @@
+"""``brushnet convert``: a diffusers base folder back to the original single-file layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from .common import fail, guarded
+
+
+@guarded
+def convert_command(
+    folder: Path = typer.Argument(
+        ..., help="A diffusers SD1.5- or SDXL-layout base folder (unet/, vae/, ...)."
+    ),
+    output: Path = typer.Argument(..., help="The .safetensors file to write (written whole, or not at all)."),
+    fp16: bool = typer.Option(False, "--fp16", help="Store floating tensors as float16."),
+    variant: str | None = typer.Option(
+        None,
+        "--variant",
+        help="Read this variant of the weights (fp16: *.fp16.safetensors); default: the plain weights, or a "
+        "part's only variant.",
+    ),
+    allow_pickle: bool = typer.Option(
+        False,
+        "--allow-pickle",
+        help="Read parts whose weights are only pickle files (loading one can run code).",
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
+) -> None:
+    """Write a diffusers base folder as one original-layout .safetensors file (what from_single_file reads)."""
+    if output.suffix != ".safetensors":
+        fail(f"output must be a .safetensors file, got {output.name}")
+    if output.exists() and not overwrite:
+        fail(f"{output} exists; choose another OUTPUT or pass --overwrite")
+    if not folder.is_dir():
+        fail(f"base folder not found: {folder}")
+
+    import torch
+
+    from ..convert import save_single_file
+
+    written = save_single_file(folder, output, torch.float16 if fp16 else None, variant, allow_pickle)
+    typer.echo(str(written))
