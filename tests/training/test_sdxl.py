@@ -1,6 +1,7 @@
 """Training an SDXL branch: the SDXL text side and time ids, the loss on a fixed batch, exact resume with EMA,
 validation with the SDXL pipeline and the exported branch in it — on the tiny random SDXL base."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from brushnet.training.config import load_config_file, make_config
 from brushnet.training.data import build_train_dataloader, iterate_batches
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "train"
+REFERENCE = Path(__file__).resolve().parents[1] / "fixtures" / "reference"
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +185,16 @@ def test_sdxl_validation_grid_and_the_exported_branch_runs_in_the_pipeline(xl_co
         ).images  # fmt: skip
 
     trained = run(out / "checkpoint-2" / "brushnet")
+    # the original's layout: every tensor the run exports has a name the released SDXL checkpoints use (the tiny
+    # base's last level keeps its width, so it lacks their conv_shortcut there) and config.json has every key
+    # of theirs, so the original's BrushNetModel.from_pretrained builds this branch, not its SD1.5 defaults
+    exported = out / "brushnet"
+    manifest = (REFERENCE / "brushnet-sdxl-state-dict.txt").read_text().splitlines()
+    released_keys = {line.split()[0] for line in manifest if line.strip() and not line.startswith("#")}
+    exported_keys = set(load_file(exported / "diffusion_pytorch_model.safetensors"))
+    assert exported_keys <= released_keys and len(exported_keys) == 250
+    released_config = json.loads((REFERENCE / "brushnet_sdxl_config.json").read_text())
+    assert set(released_config) - {"_name_or_path"} <= set(json.loads((exported / "config.json").read_text()))
     loop.initial_branch(loop.load_components(str(xl_base))).save_pretrained(tmp_path / "untrained")
     untrained = run(tmp_path / "untrained")
     assert trained.shape == (1, 16, 16, 3) and np.abs(trained - untrained).max() > 1e-4

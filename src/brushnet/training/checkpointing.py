@@ -8,8 +8,8 @@ A checkpoint folder holds
 - ``ema/``: the EMA weights in the same format, and ``ema_state.safetensors`` + ``ema_state.json``: the EMA's
   exact state for resuming (only with ``--use_ema``);
 - ``training_state.json``: the global step and each process's position in the data stream;
-- ``train_config.yaml``: the resolved configuration of the run that wrote it (seed, prediction type and
-  mixed precision filled in), so a checkpoint says how it was made wherever it is copied;
+- ``train_config.yaml``: the resolved configuration of the run that wrote it (seed, prediction type, mixed
+  precision and validation guidance filled in), so a checkpoint says how it was made wherever it is copied;
 - ``process_state_<i>.safetensors``: each process's own random generator (noise, timesteps, caption dropout).
 
 **Resuming runs no code from the checkpoint.** Everything the project writes itself is safetensors, JSON or
