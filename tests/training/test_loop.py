@@ -266,12 +266,11 @@ def test_resolved_config_next_to_the_run_and_in_every_checkpoint(base_config):
     saved = yaml.safe_load((out / "train_config.yaml").read_text())
     assert isinstance(saved["seed"], int)  # the seed drawn for this run, so it can be repeated
     assert saved["prediction_type"] == "epsilon" and saved["mixed_precision"] == "no"
+    assert saved["validation_guidance_scale"] == 7.5  # unset: the SD1.5 family's value
     for step in (2, 4):
         assert yaml.safe_load((out / f"checkpoint-{step}" / "train_config.yaml").read_text()) == saved
-    assert (
-        make_config(saved).model_copy(update={"seed": None, "prediction_type": None, "mixed_precision": None})
-        == config
-    )
+    resolved = ("seed", "prediction_type", "mixed_precision", "validation_guidance_scale")
+    assert make_config(saved).model_copy(update=dict.fromkeys(resolved)) == config
 
 
 def test_gradient_checkpointing_gives_the_same_training(base_config, tmp_path):
