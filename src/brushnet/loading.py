@@ -348,14 +348,25 @@ def _cached(repo_id: str, filename: str, hub_kwargs: dict | None = None) -> bool
     return _cached_file(repo_id, filename, hub_kwargs) is not None
 
 
-def _offline_message(what: str, repo_id: str, reason: str, cache_dir: str | os.PathLike | None = None) -> str:
+_LOCAL_INSTEAD = (
+    "a local folder instead (a diffusers folder: model_index.json, unet/, vae/, ... for a base; config.json + "
+    "weights for a model)"
+)
+
+
+def _offline_message(
+    what: str,
+    repo_id: str,
+    reason: str,
+    cache_dir: str | os.PathLike | None = None,
+    instead: str = _LOCAL_INSTEAD,
+) -> str:
     from huggingface_hub import constants
 
     return (
         f"cannot load {what} {repo_id!r}: {reason} and it is not in the local cache "
         f"({cache_dir or constants.HF_HUB_CACHE}); "
-        "pass a local folder instead (a diffusers folder: model_index.json, unet/, vae/, ... for a base; "
-        "config.json + weights for a model), or download it once where the hub can be reached"
+        f"pass {instead}, or download it once where the hub can be reached"
     )
 
 
@@ -372,7 +383,11 @@ def _hub_answers(timeout: float = 5.0) -> bool:
 
 
 def _check_hub_reachable(
-    what: str, repo_id: str, filenames: str | tuple[str, ...], hub_kwargs: dict | None = None
+    what: str,
+    repo_id: str,
+    filenames: str | tuple[str, ...],
+    hub_kwargs: dict | None = None,
+    instead: str = _LOCAL_INSTEAD,
 ) -> None:
     """For a hub id not in the local cache, fail at once, saying what to do, when offline mode is on or the hub
     does not answer (instead of the hub client's retries and a misleading "no file named config.json")."""
@@ -384,11 +399,13 @@ def _check_hub_reachable(
     cache_dir = (hub_kwargs or {}).get("cache_dir")
     if constants.HF_HUB_OFFLINE or (hub_kwargs or {}).get("local_files_only"):
         raise CheckpointError(
-            _offline_message(what, repo_id, "offline mode is on (HF_HUB_OFFLINE=1)", cache_dir)
+            _offline_message(what, repo_id, "offline mode is on (HF_HUB_OFFLINE=1)", cache_dir, instead)
         )
     if not _hub_answers():
         raise CheckpointError(
-            _offline_message(what, repo_id, f"the hub ({constants.ENDPOINT}) is unreachable", cache_dir)
+            _offline_message(
+                what, repo_id, f"the hub ({constants.ENDPOINT}) is unreachable", cache_dir, instead
+            )
         )
 
 

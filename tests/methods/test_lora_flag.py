@@ -471,6 +471,7 @@ def test_a_hub_lora_loads_from_the_local_cache(tiny_models, scene, lora, tmp_pat
         load_method("brushnet", {**tiny_models, "loras": ["someone/not-cached"]})
     message = str(caught.value)
     assert "\n" not in message and "cannot load LoRA 'someone/not-cached': offline mode is on" in message
+    assert "pass a local .safetensors file or a folder holding one instead" in message
     # a missing local file is still "not found", not a hub lookup
     with pytest.raises(CheckpointError, match="LoRA not found: missing.safetensors"):
         load_method("brushnet", {**tiny_models, "loras": ["missing.safetensors"]})

@@ -235,8 +235,10 @@ def model_flags(panel: str = "Models") -> Callable[[Callable], Callable]:
                     None,
                     "--lora",
                     metavar="PATH[:SCALE]",
-                    help="LoRA fused into the base UNet at SCALE (default 1.0): a .safetensors file or a folder "
-                    "holding one, of the base's family (repeatable; applied in order). Recorded with the result.",
+                    help="LoRA fused at SCALE (default 1.0) into the UNet the method denoises with (the base's; "
+                    "sd-inpainting, hd-painter, PowerPaint v1: the inpainting model's): a .safetensors file, a folder "
+                    "holding one or a hub id, of the base's family (repeatable; applied in order). Recorded with the "
+                    "result.",
                     rich_help_panel=panel,
                 ),
             )

@@ -147,8 +147,8 @@ def serve_command(
 set_flag_help(
     serve_command,
     "lora",
-    "LoRA fused into the UNet of every served method at SCALE (default 1.0): a .safetensors file or a folder "
-    "holding one, of the base's family (repeatable; applied in order). Recorded in every result.",
+    "LoRA fused into the UNet of every served method at SCALE (default 1.0): a .safetensors file, a folder "
+    "holding one or a hub id, of the base's family (repeatable; applied in order). Recorded in every result.",
 )
 # the guide ControlNet's shared help points to --control-image, which serve lacks: here each job sends it
 set_flag_help(

@@ -43,7 +43,9 @@ def _hub_lora(repo_id: str) -> Path:
     snapshot = _cached_snapshot(repo_id)
     if snapshot is not None and any(snapshot.glob("*.safetensors")):
         return snapshot
-    _check_hub_reachable("LoRA", repo_id, LORA_WEIGHT_NAME)
+    _check_hub_reachable(
+        "LoRA", repo_id, LORA_WEIGHT_NAME, instead="a local .safetensors file or a folder holding one instead"
+    )
     from huggingface_hub import hf_hub_download
 
     try:
