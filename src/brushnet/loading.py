@@ -834,7 +834,7 @@ def _load_components(
             if unet.config.in_channels == 9
             else f"a {unet.config.in_channels}-channel"
         )
-        logger.info("%s holds %s UNet", source, kind)
+        logger.debug("%s holds %s UNet", source, kind)
     return {name: parts[name] for name in FAMILY_COMPONENTS[family]}
 
 

@@ -194,6 +194,9 @@ def test_a_working_size_far_from_native_is_said(load, scene, caplog):
     assert f"16 times the area of its native {native}x{native}" in caplog.text
     assert "--resolution" in caplog.text
     caplog.clear()
+    with caplog.at_level("WARNING", logger="brushnet.methods.api"):  # said once per method and size
+        inpaint(method, *big, {**FAST, "steps": 1})
+    assert "native" not in caplog.text
     with caplog.at_level("WARNING", logger="brushnet.methods.api"):
         inpaint(method, *big, {**FAST, "steps": 1, "resolution": native})
     assert "native" not in caplog.text

@@ -254,11 +254,14 @@ def prepare_outpaint(
 
 def _warn_if_far_from_native(method: InpaintMethod, plan: Any) -> None:
     """A working area over 4x the model's native one (a photo at its own size) is slow and tends to repeat
-    content; under a quarter of it, detail is lost. Neither is wrong, so this only says how to choose."""
+    content; under a quarter of it, detail is lost. Neither is wrong, so this only says how to choose, once per
+    loaded method and size (a batch, a benchmark's warm-up and repeats, a server's jobs)."""
     width, height = plan.size
     ratio = width * height / method.native_resolution**2
-    if 0.25 <= ratio <= 4:
+    said = method.__dict__.setdefault("_sizes_said_far_from_native", set())
+    if 0.25 <= ratio <= 4 or (width, height) in said:
         return
+    said.add((width, height))
     logger.warning(
         "%s works at %dx%d, %.3g times the area of its native %dx%d: %s; set resolution (--resolution %d) or "
         "crop_to_mask (--crop-to-mask) to work near the native size",
