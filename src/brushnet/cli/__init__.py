@@ -26,6 +26,7 @@ silence_library_noise()
 
 from .bench import app as bench_app  # noqa: E402
 from .convert import convert_command  # noqa: E402
+from .env import env_command  # noqa: E402
 from .data import data_app, shapes_app  # noqa: E402
 from .demo import demo_command  # noqa: E402
 from .inpaint import (  # noqa: E402
@@ -56,6 +57,7 @@ app.command("outpaint")(outpaint_command)
 app.command("methods")(methods_command)
 app.command("make-tiny-models")(make_tiny_models_command)
 app.command("convert")(convert_command)
+app.command("env")(env_command)
 app.command("demo")(demo_command)
 app.command("serve")(serve_command)
 app.command("train", **COMMAND_SETTINGS)(train_command)
