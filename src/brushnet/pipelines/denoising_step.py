@@ -247,7 +247,7 @@ def predict_noise(
         )
         control_down = [r.to(unet_dtype) for r in control_down]
         control_mid = control_mid.to(unet_dtype)
-    unet_added = {k: v.to(unet_dtype) for k, v in added_cond_kwargs.items()} if added_cond_kwargs else {}
+    unet_added = _cast_added(added_cond_kwargs, unet_dtype) if added_cond_kwargs else {}
     if image_embeds is not None:
         unet_added["image_embeds"] = [e.to(unet_dtype) for e in image_embeds]
     return run_unet_with_brushnet(
@@ -314,7 +314,7 @@ def branch_residuals(
         brushnet_cond=branch_cond.to(dtype),
         conditioning_scale=conditioning_scale,
         guess_mode=guess_mode,
-        added_cond_kwargs={k: v.to(dtype) for k, v in branch_added.items()} if branch_added else None,
+        added_cond_kwargs=_cast_added(branch_added, dtype) if branch_added else None,
         return_dict=False,
     )
     if on_doubled_batch and copies == 3:  # the perturbed copy gets the conditional residuals
@@ -392,3 +392,9 @@ def _as_list(value) -> list:
     if value is None:
         return []
     return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _cast_added(added: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """SDXL's added conditions in the model's dtype, except the time ids: they are pixel counts that the model
+    embeds in float32 (``add_time_proj``), which bfloat16 would round (1365 to 1368)."""
+    return {k: v if k == "time_ids" else v.to(dtype) for k, v in added.items()}

@@ -509,7 +509,7 @@ class StableDiffusionXLBrushNetPipeline(
             tuple(original_size or (height, width)),
             tuple(crops_coords_top_left),
             tuple(target_size or (height, width)),
-            dtype=prompt_embeds.dtype,
+            dtype=torch.float32,  # pixel counts: bf16 would turn 1365 into 1368 (the UNet embeds them in float32)
             text_encoder_projection_dim=text_encoder_projection_dim,
         ).to(device)
         negative_add_time_ids = add_time_ids
@@ -518,7 +518,7 @@ class StableDiffusionXLBrushNetPipeline(
                 tuple(negative_original_size),
                 tuple(negative_crops_coords_top_left),
                 tuple(negative_target_size),
-                dtype=prompt_embeds.dtype,
+                dtype=torch.float32,
                 text_encoder_projection_dim=text_encoder_projection_dim,
             ).to(device)
         add_text_embeds = pooled_prompt_embeds.to(device)
