@@ -83,6 +83,13 @@ class TrainConfig(BaseModel):
     caption_dropout: float = Field(
         0.0, ge=0, le=1, description="Probability of training on an empty caption."
     )
+    caption_dropout_embeds: Literal["encoded", "zeros"] | None = Field(
+        None,
+        description="What a caption dropped by --caption_dropout becomes: 'encoded' (the text \"\" through the text "
+        "encoders, as the original does) or 'zeros' (zero prompt embeds and zero pooled embeds, the unconditional "
+        "half SDXL inference builds without a negative prompt); default: the base's own convention (SDXL: zeros "
+        "unless the base's model_index.json sets force_zeros_for_empty_prompt false; SD1.5: encoded).",
+    )
     dataloader_num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
 
     # optimisation

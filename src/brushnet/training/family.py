@@ -5,7 +5,9 @@ the same for every Stable Diffusion family. A family is built from the component
 :func:`brushnet.loading.load_base_components` returns and has four members: ``frozen_modules`` (its text
 encoders), ``encode`` (captions → ``encoder_hidden_states`` and the UNet's ``added_cond_kwargs``),
 ``pipeline`` (the inference pipeline used for validation images) and ``name``. :func:`family_for_unet` picks
-the class from the UNet config (:func:`brushnet.loading.detect_family`).
+the class from the UNet config (:func:`brushnet.loading.detect_family`). What a caption dropped by
+``--caption_dropout`` becomes follows the family's and the base's convention unless set
+(:func:`dropped_caption_default`, :func:`zero_dropped_captions`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch import nn
 from ..devices import to_device
 from ..loading import detect_family
 
-__all__ = ["SD15Family", "SDXLFamily", "family_for_unet"]
+__all__ = ["SD15Family", "SDXLFamily", "family_for_unet", "dropped_caption_default", "zero_dropped_captions"]
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +166,8 @@ class SDXLFamily:
         """Captions → ``(encoder_hidden_states (B, 77, D₁ + D₂), {"text_embeds": (B, D_proj), "time_ids": (B, 6)})``.
 
         Args:
-            captions: one per sample (after caption dropout; an empty caption is encoded, as the original does).
+            captions: one per sample (after caption dropout; an empty caption is encoded, as the original does:
+                :func:`zero_dropped_captions` zeros the dropped ones under ``--caption_dropout_embeds zeros``).
             device, dtype: of the result; the time ids are float32 whatever ``dtype`` (class docstring).
             batch: the training batch, for the time ids (see :meth:`time_ids`); required.
         """
@@ -205,3 +208,61 @@ class SDXLFamily:
 def family_for_unet(unet) -> type[SD15Family] | type[SDXLFamily]:
     """The family class for a base UNet, from its config (``addition_embed_type == "text_time"``: SDXL)."""
     return {"sd15": SD15Family, "sdxl": SDXLFamily}[detect_family(unet.config)]
+
+
+def dropped_caption_default(
+    family: str, pretrained_model_name_or_path: str, revision: str | None = None
+) -> str:
+    """What a dropped caption becomes when ``--caption_dropout_embeds`` is unset: the base's own convention for its
+    unconditional text, ``"zeros"`` or ``"encoded"``.
+
+    SD1.5: ``"encoded"`` (its pipelines encode ``""``). SDXL: ``"zeros"`` unless the base's ``model_index.json``
+    sets ``force_zeros_for_empty_prompt`` false (diffusers' SDXL pipelines then encode ``""``); a base without that
+    file (a folder of components, a single file, a hub id not in the local cache) or without that key counts as
+    true, the SDXL pipelines' default and SDXL base 1.0's setting.
+
+    Args:
+        family: ``"sd15"`` or ``"sdxl"`` (:func:`brushnet.loading.detect_family`).
+        pretrained_model_name_or_path: the base: a local folder or file, or a hub id (read from the local cache
+            only; nothing is fetched).
+        revision: the hub revision of the base.
+    """
+    from pathlib import Path
+
+    from ..loading import _cached_file, is_local_path
+    from ..model_files import read_config
+
+    if family != "sdxl":
+        return "encoded"
+    if is_local_path(pretrained_model_name_or_path):
+        index = Path(pretrained_model_name_or_path).expanduser() / "model_index.json"
+    else:
+        index = _cached_file(pretrained_model_name_or_path, "model_index.json", {"revision": revision})
+    if index is None or not index.is_file():
+        return "zeros"
+    return "zeros" if read_config(index).get("force_zeros_for_empty_prompt", True) else "encoded"
+
+
+def zero_dropped_captions(
+    encoder_hidden_states: torch.Tensor,
+    added_cond_kwargs: dict[str, torch.Tensor] | None,
+    dropped: torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    """The text conditions with the dropped captions' rows set to exact zeros: the prompt embeds and, for SDXL, the
+    pooled text embeds (``text_embeds``), as SDXL inference builds its unconditional half
+    (``force_zeros_for_empty_prompt``); the time ids are the sample's, untouched.
+
+    Args:
+        encoder_hidden_states: ``(B, L, D)``.
+        added_cond_kwargs: SDXL's ``{"text_embeds": (B, D_proj), "time_ids": (B, 6)}``, or None (SD1.5).
+        dropped: ``(B,)`` bool, True for a dropped caption.
+    """
+    dropped = dropped.to(encoder_hidden_states.device)
+    encoder_hidden_states = encoder_hidden_states.masked_fill(dropped.view(-1, 1, 1), 0)
+    if added_cond_kwargs is not None:
+        text_embeds = added_cond_kwargs["text_embeds"]
+        added_cond_kwargs = {
+            **added_cond_kwargs,
+            "text_embeds": text_embeds.masked_fill(dropped.to(text_embeds.device).view(-1, 1), 0),
+        }
+    return encoder_hidden_states, added_cond_kwargs

@@ -40,6 +40,11 @@ gain as well: over 1200 steps λ = 64, μ = 4 came within 1 dB of BLD for a smal
 shipped one since recipe v4.2), though no weight tried beat the preservation scale of 2.0 on both counts
 (docs/demo.md, "The anchor term"). Untried on real SD models: an option, not a default.
 
+With ``caption_dropout`` p > 0 each caption is dropped with probability p: it becomes ``""`` through the text
+encoders (``caption_dropout_embeds`` ``encoded``, the original's way) or zero prompt and pooled embeds (``zeros``,
+what SDXL inference sends as the unconditional half; the time ids stay the sample's). Unset, the base's convention
+decides (:func:`~brushnet.training.family.dropped_caption_default`: zeros on SDXL, encoded on SD1.5).
+
 All randomness of a step (caption dropout, VAE posterior samples, ε, t) comes from one seeded generator
 per process whose state is checkpointed, so a resumed run repeats an uninterrupted one exactly.
 """
@@ -74,7 +79,7 @@ from .checkpointing import (
 )
 from .config import TrainConfig, check_resolution, save_config
 from .data import build_train_dataloader, build_train_dataset, iterate_batches
-from .family import family_for_unet
+from .family import dropped_caption_default, family_for_unet, zero_dropped_captions
 from .validation import ValidationSet, run_validation
 from .validation_loss import ValidationLoss, load_held_out_set
 
@@ -287,12 +292,18 @@ def training_target(
     raise ValueError(f"unknown prediction_type {prediction_type!r} (epsilon or v_prediction)")
 
 
-def drop_texts(texts: list[str], probability: float, generator: torch.Generator) -> list[str]:
-    """Each text replaced by ``""`` with ``probability`` (one draw per text from ``generator``; no draw at 0)."""
-    texts = list(texts)
+def draw_drops(count: int, probability: float, generator: torch.Generator) -> torch.Tensor:
+    """``(count,)`` bool: which of ``count`` texts are dropped, each with ``probability`` (one draw per text from
+    ``generator``; no draw at 0)."""
     if probability <= 0:
-        return texts
-    dropped = torch.rand(len(texts), generator=generator) < probability
+        return torch.zeros(count, dtype=torch.bool)
+    return torch.rand(count, generator=generator) < probability
+
+
+def drop_texts(texts: list[str], probability: float, generator: torch.Generator) -> list[str]:
+    """Each text replaced by ``""`` with ``probability`` (:func:`draw_drops`)."""
+    texts = list(texts)
+    dropped = draw_drops(len(texts), probability, generator)
     return ["" if drop else text for text, drop in zip(texts, dropped.tolist())]
 
 
@@ -517,6 +528,7 @@ def brushnet_training_loss(
     weight_dtype: torch.dtype = torch.float32,
     prediction_type: str = "epsilon",
     caption_dropout: float = 0.0,
+    caption_dropout_embeds: str = "encoded",
     kept_invariance_weight: float = 0.0,
     kept_invariance_margin: int = 0,
     kept_invariance_min_timestep: int = 0,
@@ -537,7 +549,10 @@ def brushnet_training_loss(
         generator: CPU generator for caption dropout, posterior samples, noise and timesteps.
         weight_dtype: dtype of the frozen parts.
         prediction_type: ``"epsilon"`` or ``"v_prediction"``.
-        caption_dropout: probability of replacing a caption by ``""``.
+        caption_dropout: probability of dropping a caption.
+        caption_dropout_embeds: what a dropped caption becomes: ``"encoded"`` (``""`` through the text encoders)
+            or ``"zeros"`` (zero prompt embeds and pooled embeds:
+            :func:`~brushnet.training.family.zero_dropped_captions`).
         kept_invariance_weight: λ of the kept region's caption-invariance term (module docstring); 0: off.
         kept_invariance_margin: the term's margin around the hole in latent cells (:func:`kept_cells`).
         kept_invariance_min_timestep: the term counts only the samples noised to this timestep or above.
@@ -549,13 +564,22 @@ def brushnet_training_loss(
     Returns:
         Scalar float32: the MSE over the whole latent (plus the terms that are on).
     """
+    if caption_dropout_embeds not in ("encoded", "zeros"):
+        raise ValueError(
+            f"caption_dropout_embeds must be 'encoded' or 'zeros', got {caption_dropout_embeds!r}"
+        )
     device = next(components.unet.parameters()).device
-    captions = drop_texts(batch["caption"], caption_dropout, generator)
+    dropped = draw_drops(len(batch["caption"]), caption_dropout, generator)
+    captions = ["" if drop else caption for caption, drop in zip(batch["caption"], dropped.tolist())]
     unconditional = None
     with torch.no_grad():
         encoder_hidden_states, added_cond_kwargs = components.family.encode(
             captions, device, weight_dtype, batch
         )
+        if caption_dropout_embeds == "zeros" and dropped.any():
+            encoder_hidden_states, added_cond_kwargs = zero_dropped_captions(
+                encoder_hidden_states, added_cond_kwargs, dropped
+            )
         if uses_empty_caption(kept_invariance_weight, guided_loss_weight, hole_pull_anchor_weight):
             unconditional = components.family.unconditional(len(captions), device, weight_dtype, batch)
     return branch_denoising_loss(
@@ -687,11 +711,16 @@ def train(config: TrainConfig, dataset=None, on_start: Callable[[], None] | None
             f"the base scheduler's prediction_type is {prediction_type!r}; training supports epsilon and "
             "v_prediction (set --prediction_type)"
         )
-    # the resolved config (seed, target, precision and validation guidance filled in) goes next to the run and into
-    # every checkpoint; unset, validation images use the family's guidance, as inference does (SDXL: 5.0, not 7.5)
+    # the resolved config (seed, target, precision, validation guidance and dropped-caption embeds filled in) goes
+    # next to the run and into every checkpoint; unset, validation images use the family's guidance, as inference
+    # does (SDXL: 5.0, not 7.5), and a dropped caption becomes what the base's inference sends as the unconditional
+    # text (SDXL: zeros, force_zeros_for_empty_prompt)
     from ..methods.base import FAMILY_GUIDANCE
 
     guidance = config.validation_guidance_scale
+    embeds = config.caption_dropout_embeds or dropped_caption_default(
+        components.family.name, config.pretrained_model_name_or_path, config.revision
+    )
     config = config.model_copy(
         update={
             "prediction_type": prediction_type,
@@ -699,6 +728,7 @@ def train(config: TrainConfig, dataset=None, on_start: Callable[[], None] | None
             "validation_guidance_scale": FAMILY_GUIDANCE[components.family.name]
             if guidance is None
             else guidance,
+            "caption_dropout_embeds": embeds,
         }
     )
     if accelerator.is_main_process:
@@ -842,6 +872,7 @@ def train(config: TrainConfig, dataset=None, on_start: Callable[[], None] | None
     loss_options = {
         "weight_dtype": weight_dtype,
         "prediction_type": prediction_type,
+        "caption_dropout_embeds": config.caption_dropout_embeds,  # the held-out loss drops no caption
         "kept_invariance_weight": config.kept_invariance_weight,
         "kept_invariance_margin": config.kept_invariance_margin,
         "kept_invariance_min_timestep": config.kept_invariance_min_timestep,
