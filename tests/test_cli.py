@@ -365,9 +365,14 @@ def test_convert_is_a_brushnet_command_and_keeps_an_existing_output(tiny_models,
     out.write_bytes(b"mine")
     for command in (["convert", str(tiny_models["base"]), str(out)],
                     ["convert", str(tiny_models["base"]), str(tmp_path / "x.ckpt")],
-                    ["convert", str(tmp_path / "missing"), str(tmp_path / "y.safetensors")]):  # fmt: skip
-        refused = runner.invoke(app, command)
+                    ["convert", str(tmp_path / "missing"), str(tmp_path / "y.safetensors")],
+                    ["convert", str(tiny_models["base"]), str(tmp_path / "d.safetensors")]):  # fmt: skip
+        (tmp_path / "d.safetensors").mkdir(exist_ok=True)
+        refused = runner.invoke(app, [*command, "--overwrite"] if "d.safetensors" in command[2] else command)
         assert refused.exit_code == 2 and refused.output.count("\n") == 1, refused.output
+    assert "is a folder; OUTPUT is the .safetensors file" in refused.output
+    config = str(tiny_models["base"] / "unet" / "config.json")
+    assert "is a file" in runner.invoke(app, ["convert", config, str(tmp_path / "z.safetensors")]).output
     assert (
         "exists; choose another OUTPUT or pass --overwrite"
         in runner.invoke(app, ["convert", str(tiny_models["base"]), str(out)]).output

@@ -260,3 +260,13 @@ def test_every_command_with_a_guidance_flag_takes_diffusers_word_too():
     assert any(
         "--guidance" in p.opts for p in typer.main.get_command(app).commands["bench"].commands["speed"].params
     )
+
+
+def test_a_command_with_its_own_guidance_default_does_not_describe_the_family_default():
+    """``bench run`` (the paper's 7.5) and ``demo`` (5.0) said "unset: the base family's usual value" beside their
+    own [default: ...]."""
+    root = typer.main.get_command(app)
+    for command in (root.commands["bench"].commands["run"], root.commands["demo"], root.commands["inpaint"]):
+        (guidance,) = [p for p in command.params if "--guidance" in getattr(p, "opts", [])]
+        family = "usual value" in guidance.help
+        assert family == (guidance.default is None), (command.name, guidance.default, guidance.help)

@@ -213,3 +213,26 @@ def test_the_recorded_branch_mode_is_the_one_that_ran(tiny_xl_models, tiny_model
     records = measure_speed(["brushnet"], tiny_models, resolutions=[32], steps=[2], repeats=1,
                             cfg_branch=["once", "doubled"], guidance_scale=1.0)  # fmt: skip
     assert [r["cfg_branch"] for r in records] == [None]
+
+
+def test_no_guidance_scale_times_each_method_at_its_familys_value(tiny_xl_models, tiny_models, monkeypatch):
+    """``guidance_scale=None`` (what an unset request means) failed with ``None <= 1``; it is each method's family
+    value, as in a request (SDXL 5.0, SD1.5 7.5)."""
+    from brushnet.methods import api
+
+    seen = []
+    real_run = api.run
+    monkeypatch.setattr(
+        api,
+        "run",
+        lambda method, job, *a, **k: (
+            seen.append(job.request.guidance_scale) or real_run(method, job, *a, **k)
+        ),
+    )
+    xl = {"base": tiny_xl_models["base"], "brushnet": tiny_xl_models["brushnet"]}
+    for models, expected in ((xl, 5.0), (tiny_models, 7.5)):
+        seen.clear()
+        records = measure_speed(
+            ["brushnet"], models, resolutions=[32], steps=[1], repeats=1, guidance_scale=None
+        )
+        assert "error" not in records[0] and set(seen) == {expected}, (records[0], seen)

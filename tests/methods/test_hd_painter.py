@@ -160,6 +160,15 @@ def test_negative_prompt_default_and_override(method, scene, monkeypatch):
     assert seen[1] == (["a yellow teapot"], ["blurry"])
 
 
+def test_without_guidance_the_default_negative_is_not_passed(method, scene, logged):
+    """It acts only under guidance; passed at guidance 1, the pipeline warned about a negative prompt the user
+    never gave."""
+    image, mask = (im.resize((128, 64)) for im in scene)
+    with logged("brushnet.pipelines.common") as messages:
+        inpaint(method, image, mask, dict(FAST, steps=1, guidance_scale=1.0))
+    assert messages == []
+
+
 def test_refusals(method, scene):
     with pytest.raises(RequestError, match="does not use scheduler 'unipc'"):
         inpaint(method, *scene, FAST, scheduler="unipc")

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -250,3 +251,18 @@ def test_sdxl_latent_methods_use_zeros_for_no_negative_prompt(xl_models, negativ
     unconditional = text.embeddings[:1]
     assert (unconditional.abs().max() == 0) == (negative == "")
     assert (text.added_cond_kwargs["text_embeds"][:1].abs().max() == 0) == (negative == "")
+
+
+def test_latent_methods_give_the_unet_float32_time_ids_in_bfloat16(xl_models, xl_scene):
+    """The time ids are pixel counts the UNet embeds in float32: made in the model's dtype, bfloat16 rounds a
+    working size above 256 px that is not a multiple of a power of two (1365 to 1368)."""
+    method = load_method("blended-latent-diffusion", {"base": xl_models["base"]}, dtype="bf16")
+    dtypes = []
+    hook = method.pipeline.unet.add_time_proj.register_forward_pre_hook(
+        lambda _, args: dtypes.append(args[0].dtype)
+    )
+    try:
+        inpaint(method, *xl_scene, {**FAST, "steps": 1})
+    finally:
+        hook.remove()
+    assert dtypes and set(dtypes) == {torch.float32}

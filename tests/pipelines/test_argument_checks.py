@@ -390,6 +390,13 @@ def test_powerpaint_and_hd_painter_name_an_unused_negative_too(powerpaint_pipes,
         with logged("brushnet.pipelines.common") as messages:
             pipe(**arguments, negative_prompt="blurry")
         assert messages and messages[0].startswith(f"`negative_prompt` {UNUSED}"), (version, messages)
+    # v1 runs on diffusers' inpainting pipeline, which says nothing of its own
+    v1 = powerpaint_pipes["v1"]
+    embeds = torch.zeros(1, 77, v1.text_encoder.config.hidden_size)
+    arguments = {**_powerpaint_arguments("v1"), "guidance_scale": 1.0, "num_inference_steps": 1, "prompt": None}
+    with logged("brushnet.pipelines.common") as messages:
+        v1(**arguments, prompt_embeds=embeds, negative_prompt_embeds=embeds)
+    assert messages == [f"`negative_prompt_embeds` {UNUSED} (raise guidance_scale to use it)"]
     image = Image.open(HD_PAINTER_MODEL.parent / "image.png").convert("RGB")
     mask = Image.open(HD_PAINTER_MODEL.parent / "mask.png").convert("L")
     with logged("brushnet.pipelines.common") as messages:

@@ -178,26 +178,36 @@ def test_guess_mode_and_no_cfg_run_the_branch_on_the_conditional_half(pipe, inpu
 
 
 def test_size_conditioning_is_exact_in_bfloat16(xl_golden_dir, inputs):
-    """The time ids are pixel counts that the UNet and the branch embed in float32; cast to bfloat16 with the text
-    (as diffusers and the original do), an original size of 1365 reached them as 1368 and a crop at 683 as 684."""
-    pipe = make_pipe(xl_golden_dir).to(dtype=torch.bfloat16)
+    """The time ids are pixel counts that the UNet, the branch and a guide ControlNet embed in float32; cast to
+    bfloat16 with the text (as diffusers and the original do), an original size of 1365 reached them as 1368 and
+    a crop at 683 as 684."""
+    from diffusers import ControlNetModel
+
+    base = make_pipe(xl_golden_dir)
+    controlnet = ControlNetModel.from_unet(
+        base.unet, conditioning_embedding_out_channels=(16, 32)
+    )  # the VAE: /2
+    pipe = StableDiffusionXLBrushNetPipeline(**{**base.components, "controlnet": controlnet})
+    pipe = pipe.to(dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
     image, mask, _ = inputs
-    calls, handle = _record_branch_calls(pipe.brushnet)
-    seen = []
-    unet_handle = pipe.unet.add_time_proj.register_forward_pre_hook(
-        lambda _, args: seen.append(args[0].tolist())
-    )
+    seen, handles = {}, []
+    for name in ("unet", "brushnet", "controlnet"):
+
+        def hook(_, args, name=name):
+            seen.setdefault(name, args[0].tolist())  # returns None: the input is left as it is
+
+        handles.append(getattr(pipe, name).add_time_proj.register_forward_pre_hook(hook))
     try:
         out = pipe(
-            "a red ball", image=image, mask_image=mask, num_inference_steps=1, output_type="np",
-            original_size=(1365, 2047), crops_coords_top_left=(683, 301), target_size=(64, 64),
+            "a red ball", image=image, mask_image=mask, control_image=image, num_inference_steps=1,
+            output_type="np", original_size=(1365, 2047), crops_coords_top_left=(683, 301), target_size=(64, 64),
         ).images  # fmt: skip
     finally:
-        handle.remove()
-        unet_handle.remove()
-    expected = [[1365, 2047, 683, 301, 64, 64]] * 2
-    assert calls[0][1]["added_cond_kwargs"]["time_ids"].tolist() == expected
-    assert seen[0] == [value for row in expected for value in row]
+        for handle in handles:
+            handle.remove()
+    expected = [1365, 2047, 683, 301, 64, 64] * 2  # the unconditional and the conditional half
+    assert seen == {"unet": expected, "brushnet": expected, "controlnet": expected}
     assert np.isfinite(out).all()
 
 

@@ -243,7 +243,7 @@ def measure_speed(
     device: str = "cpu",
     compile: bool = False,
     scheduler: str = "unipc-original",
-    guidance_scale: float = 7.5,
+    guidance_scale: float | None = 7.5,
     cfg_branch: Sequence[str] = ("once",),
     options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
@@ -260,7 +260,8 @@ def measure_speed(
         device: ``cpu`` or ``cuda[:N]``.
         compile: turn on each method's compiled path (:func:`compile_method`); the warm-up call, which compiles,
             is recorded as ``first_call_seconds``.
-        scheduler, guidance_scale: the request's.
+        scheduler, guidance_scale: the request's (``guidance_scale`` None: each method's family value,
+            :data:`~brushnet.methods.base.FAMILY_GUIDANCE`).
         cfg_branch: BrushNet's modes to time (:data:`CFG_BRANCH_MODES`); ignored for other methods.
         options: method options per method name (``{"hd-painter": {"rasg": False}}``), recorded with each
             combination as ``options``.
@@ -276,6 +277,7 @@ def measure_speed(
 
     from ..errors import InputError
     from ..methods import inpaint, load_method
+    from ..methods.base import FAMILY_GUIDANCE
 
     check_speed_settings(resolutions, dtypes, steps, repeats, cfg_branch)
     cuda = torch.device(device).type == "cuda"
@@ -284,6 +286,7 @@ def measure_speed(
         modes: Sequence[str | None] = list(cfg_branch) if method_name == "brushnet" else [None]
         for dtype in dtypes:
             method = load_method(method_name, _used(method_name, models), device=device, dtype=dtype)
+            guidance = FAMILY_GUIDANCE[method.family] if guidance_scale is None else guidance_scale
             compiled = compile_method(method) if compile else []
             for resolution in resolutions:
                 image, hole = _test_input(resolution)
@@ -293,7 +296,7 @@ def measure_speed(
                         mode = asked
                         if asked is not None:
                             _set_branch_on_doubled_batch(method, asked == "doubled")
-                            mode = _branch_mode_that_runs(method, guidance_scale)
+                            mode = _branch_mode_that_runs(method, guidance)
                             # e.g. SDXL's branch reads text: doubled whatever is asked
                             if mode in timed_modes:
                                 logger.info("--cfg-branch %s runs as %s here: timed once", asked, mode)
@@ -305,7 +308,7 @@ def measure_speed(
                             "prompt": "a red circle",
                             "seed": 0,
                             "steps": step_count,
-                            "guidance_scale": guidance_scale,
+                            "guidance_scale": guidance,
                             "scheduler": scheduler if takes else None,
                             "options": dict((options or {}).get(method_name) or {}),
                         }

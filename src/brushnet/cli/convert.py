@@ -32,10 +32,10 @@ def convert_command(
     """Write a diffusers base folder as one original-layout .safetensors file (what from_single_file reads)."""
     if output.suffix != ".safetensors":
         fail(f"output must be a .safetensors file, got {output.name}")
+    if output.is_dir():
+        fail(f"{output} is a folder; OUTPUT is the .safetensors file to write")
     if output.exists() and not overwrite:
         fail(f"{output} exists; choose another OUTPUT or pass --overwrite")
-    if not folder.is_dir():
-        fail(f"base folder not found: {folder}")
 
     import torch
 

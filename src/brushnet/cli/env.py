@@ -36,9 +36,10 @@ def _requirements() -> list[tuple[str, str, str | None]]:
     for line in declared:
         requirement = Requirement(line)
         extra = None
-        if requirement.marker is not None:
+        if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+            # not a core requirement here: one of the checked extras', or another extra's (dev) or platform's
             extra = next((e for e in _EXTRAS if requirement.marker.evaluate({"extra": e})), None)
-            if extra is None:  # another extra (dev) or a marker for another platform
+            if extra is None:
                 continue
         # floors first: ">=0.39,<0.43"
         specifier = ",".join(

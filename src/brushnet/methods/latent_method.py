@@ -119,7 +119,7 @@ class LatentMethod(InpaintMethod):
             (height, width),
             (0, 0),
             (height, width),
-            dtype=positive.dtype,
+            dtype=torch.float32,  # pixel counts, embedded in float32 by the UNet (bf16 rounds above 256)
             text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
         ).to(self.device)
         time_ids = time_ids.repeat(request.num_images * (2 if cfg else 1), 1)

@@ -367,7 +367,7 @@ def controlnet_residuals(
     controlnet_kwargs = dict(
         encoder_hidden_states=net_text.to(dtype),
         guess_mode=guess_mode,
-        added_cond_kwargs={k: v.to(dtype) for k, v in net_added.items()} if net_added else None,
+        added_cond_kwargs=_cast_added(net_added, dtype) if net_added else None,
         return_dict=False,
     )
     if len(images) == 1 and not isinstance(scale, (list, tuple)):

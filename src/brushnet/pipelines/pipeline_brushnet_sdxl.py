@@ -445,6 +445,9 @@ class StableDiffusionXLBrushNetPipeline(
             negative_prompt_embeds=negative_prompt_embeds,
             negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
             negative_original_size=negative_original_size,
+            negative_crops_coords_top_left=None
+            if tuple(negative_crops_coords_top_left) == (0, 0)
+            else negative_crops_coords_top_left,
             negative_target_size=negative_target_size,
         )
         if denoising_end is not None:  # diffusers ignores any value outside (0, 1) silently

@@ -156,9 +156,11 @@ class StableDiffusionPowerPaintInpaintPipeline(CheckedSourceMixin, StableDiffusi
         given_negative_degree = negative_fitting_degree  # None: fitting_degree's (warned about only if given)
         negative_fitting_degree = check_task_arguments(task, fitting_degree, negative_fitting_degree)
         self._check_sampling_arguments(prompt, prompt_embeds, guidance_scale, kwargs)
-        # negative_prompt_embeds: the BrushNet pipeline this one calls warns about them
         warn_unused_negative(
-            guidance_scale, negative_prompt=negative_prompt, negative_fitting_degree=given_negative_degree
+            guidance_scale,
+            negative_prompt=negative_prompt,
+            negative_prompt_embeds=negative_prompt_embeds,
+            negative_fitting_degree=given_negative_degree,
         )
         check_image_dtype("image", image)
         if prompt_embeds is None:

@@ -128,7 +128,9 @@ class HDPainter(PipelineMethod):
         )
 
     def generate(self, task: Task) -> GenerateOutput:
-        if not task.request.negative_prompt and task.options.default_negative_prompt:
+        # the default negative acts only under guidance (the pipeline would warn about one given without)
+        guided = task.request.guidance_scale is not None and task.request.guidance_scale > 1
+        if guided and not task.request.negative_prompt and task.options.default_negative_prompt:
             request = task.request.model_copy(
                 update={"negative_prompt": task.options.default_negative_prompt}
             )
