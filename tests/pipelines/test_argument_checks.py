@@ -382,6 +382,10 @@ def test_a_negative_prompt_without_guidance_is_named_in_a_warning(tiny, logged):
             "`negative_prompt_2` and `negative_original_size` have no effect at guidance_scale 0: classifier-free "
             "guidance is off at <= 1 (raise guidance_scale to use it)"
         ]
+        with logged("brushnet.pipelines.common") as messages:
+            _run(pipe, guidance_scale=1.0, negative_crops_coords_top_left=(0, 0))  # the default: nothing said
+            _run(pipe, guidance_scale=1.0, negative_crops_coords_top_left=(4, 4))
+        assert len(messages) == 1 and messages[0].startswith("`negative_crops_coords_top_left` has no effect")
 
 
 def test_powerpaint_and_hd_painter_name_an_unused_negative_too(powerpaint_pipes, hd_painter, logged):
