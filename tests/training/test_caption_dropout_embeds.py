@@ -249,3 +249,17 @@ def test_a_bad_value_is_one_line_before_anything_loads(capsys, tmp_path):
         loop.brushnet_training_loss(
             None, None, {"caption": ["x"]}, torch.Generator(), caption_dropout_embeds="0"
         )
+
+
+def test_a_resumed_run_keeps_what_its_dropped_captions_were(tmp_path):
+    """Unset, a resume continues with what the interrupted run used: its record's value, or "encoded" for a run
+    recorded before the option existed (an SDXL run begun then would otherwise switch to zeros mid-training)."""
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "train_config.yaml").write_text("seed: 1\ncaption_dropout_embeds: zeros\n")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "train_config.yaml").write_text("seed: 1\ncaption_dropout: 0.1\n")
+    (tmp_path / "unrecorded").mkdir()
+    assert loop.resumed_caption_dropout_embeds(tmp_path / "new") == "zeros"
+    assert loop.resumed_caption_dropout_embeds(tmp_path / "old") == "encoded"
+    assert loop.resumed_caption_dropout_embeds(tmp_path / "unrecorded") is None
+    assert loop.resumed_caption_dropout_embeds(None) is None

@@ -272,6 +272,22 @@ def run_seed(config: TrainConfig, resume_path: Path | None) -> int:
     return config.seed
 
 
+def resumed_caption_dropout_embeds(resume_path: Path | None) -> str | None:
+    """What a dropped caption became in the run a resume continues: its record's ``caption_dropout_embeds``, or
+    ``"encoded"`` for a run recorded before the option existed (every dropped caption was the encoded ``""``);
+    None when nothing is resumed or the record is unreadable (the base's convention then decides)."""
+    from .config import ConfigError, load_config_file
+
+    if resume_path is None:
+        return None
+    try:
+        recorded = load_config_file(resume_path / CONFIG_FILE)
+    except ConfigError:
+        return None
+    value = recorded.get("caption_dropout_embeds", "encoded")
+    return value if value in ("encoded", "zeros") else None
+
+
 def training_target(
     scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, prediction_type: str
 ) -> torch.Tensor:
@@ -718,7 +734,8 @@ def train(config: TrainConfig, dataset=None, on_start: Callable[[], None] | None
     from ..methods.base import FAMILY_GUIDANCE
 
     guidance = config.validation_guidance_scale
-    embeds = config.caption_dropout_embeds or dropped_caption_default(
+    embeds = config.caption_dropout_embeds or resumed_caption_dropout_embeds(resume_path)
+    embeds = embeds or dropped_caption_default(
         components.family.name, config.pretrained_model_name_or_path, config.revision
     )
     config = config.model_copy(
