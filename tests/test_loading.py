@@ -114,6 +114,41 @@ def test_the_brushnet_pipeline_still_loads_a_pipeline_folder(tiny_models):
     assert pipe.brushnet is branch
 
 
+def test_a_pipeline_saved_as_a_variant_loads_without_naming_it(tiny_xl_models, tmp_path):
+    """``save_pretrained(..., variant="fp16")`` writes no plain weights; loading the folder back without
+    ``variant=`` failed in the text encoder ("no file named model.safetensors"). It is read as it is stored, and
+    parts that hold several variants are one line naming them."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from brushnet import StableDiffusionXLBrushNetPipeline
+    from brushnet.models import BrushNetModel
+
+    branch = BrushNetModel.from_pretrained(tiny_xl_models["brushnet"])
+    pipe = StableDiffusionXLBrushNetPipeline.from_pretrained(tiny_xl_models["base"], brushnet=branch)
+    pipe.save_pretrained(tmp_path / "saved", variant="fp16")
+    assert not (tmp_path / "saved" / "text_encoder" / "model.safetensors").exists()
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 255
+    arguments = dict(image=Image.new("RGB", (32, 32), (90, 120, 200)), mask_image=Image.fromarray(mask),
+                     num_inference_steps=1, output_type="np")  # fmt: skip
+    named = StableDiffusionXLBrushNetPipeline.from_pretrained(tmp_path / "saved", variant="fp16")
+    unnamed = StableDiffusionXLBrushNetPipeline.from_pretrained(tmp_path / "saved")
+    for loaded in (named, unnamed):
+        loaded.set_progress_bar_config(disable=True)
+    expected = named("x", generator=torch.Generator().manual_seed(0), **arguments).images
+    np.testing.assert_array_equal(
+        unnamed("x", generator=torch.Generator().manual_seed(0), **arguments).images, expected
+    )
+    pipe.vae.to(torch.bfloat16).save_pretrained(tmp_path / "saved" / "vae", variant="bf16")
+    with pytest.raises(
+        CheckpointError, match=r"vae: bf16, fp16\) and no plain weights: pass variant= one of"
+    ) as info:
+        StableDiffusionXLBrushNetPipeline.from_pretrained(tmp_path / "saved")
+    assert "\n" not in str(info.value)
+
+
 def test_pickle_only_folder_needs_permission(tiny_models, tmp_path):
     folder = tmp_path / "bn"
     shutil.copytree(tiny_models["brushnet"], folder)

@@ -541,6 +541,45 @@ def check_pipeline_source(path: str | os.PathLike, **hub_kwargs: Any) -> None:
         )
 
 
+def pipeline_only_variant(folder: str | os.PathLike) -> str | None:
+    """The variant a local pipeline folder's weights are stored in when some part holds no plain safetensors
+    weights, only that one variant (``save_pretrained(..., variant="fp16")``, a hub snapshot fetched with
+    ``variant="fp16"``); None when every part has plain weights, or the folder is not a local pipeline folder.
+
+    Raises:
+        CheckpointError: parts without plain weights hold several variants, or different ones (which to load is the
+            caller's choice: ``variant=``).
+    """
+    from .model_files import safetensors_variants
+
+    folder = Path(folder).expanduser()
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return None
+    only: dict[str, set[str]] = {}
+    for name, entry in index.items() if isinstance(index, dict) else ():
+        part = folder / name
+        if not (
+            isinstance(entry, list) and len(entry) == 2 and entry[0] and (part / "config.json").is_file()
+        ):
+            continue
+        library = "transformers" if entry[0] == "transformers" else "diffusers"
+        variants = set(safetensors_variants(part, library))
+        if variants and None not in variants:
+            only[name] = variants
+    if not only:
+        return None
+    found = set().union(*only.values())
+    if len(found) == 1 and all(len(v) == 1 for v in only.values()):
+        return next(iter(found))
+    held = "; ".join(f"{name}: {', '.join(sorted(v))}" for name, v in sorted(only.items()))
+    raise CheckpointError(
+        f"{folder} stores some parts only as variants ({held}) and no plain weights: pass variant= one of "
+        f"{', '.join(repr(v) for v in sorted(found))}"
+    )
+
+
 def load_brushnet(
     path: str | os.PathLike,
     dtype: str | torch.dtype | None = None,

@@ -321,12 +321,23 @@ class CheckedSourceMixin:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        from ..loading import check_pipeline_source
+        from ..loading import check_pipeline_source, is_local_path, pipeline_only_variant
 
         hub = {
             k: kwargs[k] for k in ("cache_dir", "revision", "local_files_only") if kwargs.get(k) is not None
         }
         check_pipeline_source(pretrained_model_name_or_path, **hub)
+        if kwargs.get("variant") is None and is_local_path(pretrained_model_name_or_path):
+            # a folder saved with variant="fp16" holds no plain weights: diffusers failed in the text encoder
+            # with "no file named model.safetensors"; it is read as it is stored (parts with plain weights too)
+            variant = pipeline_only_variant(pretrained_model_name_or_path)
+            if variant is not None:
+                logger.info(
+                    "%s holds its weights as the %s variant: loading that",
+                    pretrained_model_name_or_path,
+                    variant,
+                )
+                kwargs["variant"] = variant
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
 
