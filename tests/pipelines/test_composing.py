@@ -586,6 +586,31 @@ def test_cfg_cutoff_with_a_text_reading_branch():
 
 
 @pytest.mark.parametrize("kind", ["sd", "xl"])
+def test_cfg_cutoff_with_several_images_of_one_prompt(kind):
+    """diffusers' CFG-cutoff callbacks keep the last row of the text (and SDXL's pooled text and time ids): with
+    ``num_images_per_prompt=2`` the UNet then failed on a shape error. One prompt's rows are all that row, so each
+    image now comes out as it does alone; rows of different prompts are one line."""
+    from diffusers.callbacks import SDCFGCutoffCallback, SDXLCFGCutoffCallback
+
+    pipe = make(kind)
+    callback = (SDXLCFGCutoffCallback if kind == "xl" else SDCFGCutoffCallback)(cutoff_step_ratio=0.5)
+    both = run(pipe, num_inference_steps=4, num_images_per_prompt=2, callback_on_step_end=callback,
+               generator=[torch.Generator().manual_seed(seed) for seed in (0, 1)])  # fmt: skip
+    for index, seed in enumerate((0, 1)):
+        alone = run(
+            pipe,
+            num_inference_steps=4,
+            callback_on_step_end=callback,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        assert diff(both[index], alone[0]) < 1e-4
+    with pytest.raises(
+        ValueError, match="returned prompt_embeds with 1 row for 2 images of different prompts"
+    ):
+        run(pipe, prompt=["a red ball", "a blue cube"], num_inference_steps=4, callback_on_step_end=callback)
+
+
+@pytest.mark.parametrize("kind", ["sd", "xl"])
 def test_a_vae_with_latent_statistics_encodes_and_decodes_in_one_space(kind):
     """Playground v2.5's SDXL-layout VAE has ``latents_mean``/``latents_std``: the SDXL pipeline normalised by them
     when decoding but not when encoding (the start latents, the branch's masked image), so with ``strength`` < 1

@@ -554,14 +554,24 @@ def test_cfg_cutoff_keeps_the_conditional_half_through_painta_and_rasg():
     assert (by_hand[0] - cut[0]).abs().max() < 1e-6
 
 
-def test_cfg_cutoff_with_a_batch_names_the_mismatch():
-    """``SDCFGCutoffCallback`` keeps one row of ``prompt_embeds``: with two images that is one short, refused in
-    one line (it would otherwise reach the UNet as a shape error)."""
+def test_cfg_cutoff_with_a_batch():
+    """``SDCFGCutoffCallback`` keeps one row of ``prompt_embeds``. With two images of one prompt that row stands for
+    both (each image as it comes out alone); with two prompts it would replace the first, so that is one line
+    (it would otherwise reach the UNet as a shape error)."""
     from diffusers.callbacks import SDCFGCutoffCallback
 
     image, mask = inputs()
-    with pytest.raises(ValueError, match="prompt_embeds has 1 rows for 2 images"):
-        _fresh()(
-            prompt=["a cat", "a dog"], image=image, mask_image=mask, num_inference_steps=3,
-            callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=0), output_type="latent",
-        )  # fmt: skip
+    pipe = _fresh()
+    cutoff = SDCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=0)
+    common = dict(
+        image=image, mask_image=mask, num_inference_steps=3, callback_on_step_end=cutoff, output_type="pt"
+    )
+    both = pipe(prompt="a cat", num_images_per_prompt=2, generator=[torch.Generator().manual_seed(s) for s in (0, 1)],
+                **common).images  # fmt: skip
+    for index, seed in enumerate((0, 1)):
+        alone = pipe(prompt="a cat", generator=torch.Generator().manual_seed(seed), **common).images
+        assert (both[index] - alone[0]).abs().max() < 1e-4
+    with pytest.raises(
+        ValueError, match="returned prompt_embeds with 1 row for 2 images of different prompts"
+    ):
+        pipe(prompt=["a cat", "a dog"], **common)

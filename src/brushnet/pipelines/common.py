@@ -1128,6 +1128,7 @@ class BrushNetPipelineMixin(PAGMixin):
                     replaced = {
                         k: v for k, v in callback_outputs.items() if k in tensors and v is not tensors[k]
                     }
+                    replaced = fit_one_row(replaced, tensors, latents.shape[0])
                     if replaced:
                         tensors = {**tensors, **replaced}
                         inputs = self._step_inputs(tensors)
@@ -1202,6 +1203,32 @@ class BrushNetPipelineMixin(PAGMixin):
             full.paste(crop.convert("RGB"), (x0, y0))
             pasted.append(blend_pil(original, full, hole, kernel_size=blending_kernel_size))
         return pasted
+
+
+def fit_one_row(replaced: dict, tensors: dict, batch: int) -> dict:
+    """Callback tensors of one row for a batch of several images: diffusers' CFG-cutoff callbacks keep the last row
+    (``prompt_embeds[-1:]``, SDXL's pooled text and time ids too), which fits one image only. Where every image's
+    conditional row equals that row (one prompt, ``num_images_per_prompt`` > 1), it stands for all of them; other
+    prompts would be replaced by the last one, so that is one line instead of a shape error in the UNet."""
+    fitted = {}
+    for name, value in replaced.items():
+        before = tensors.get(name)
+        if (
+            batch > 1
+            and torch.is_tensor(value)
+            and value.shape[0] == 1
+            and torch.is_tensor(before)
+            and before.shape[0] in (batch, 2 * batch)
+        ):
+            conditional = before[-batch:]
+            if not torch.equal(conditional, value.to(conditional.dtype).expand_as(conditional)):
+                raise ValueError(
+                    f"a step callback returned {name} with 1 row for {batch} images of different prompts (diffusers' "
+                    "CFG-cutoff callbacks keep the last row): return one row per image"
+                )
+            value = conditional
+        fitted[name] = value
+    return fitted
 
 
 def _first(value):

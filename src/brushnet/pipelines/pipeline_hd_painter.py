@@ -57,6 +57,7 @@ from .common import (
     check_image_dtype,
     check_positive_int,
     check_prompt,
+    fit_one_row,
     warn_unused_negative,
 )
 from .hd_painter_attention import HDPainterAttentionState, hd_painter_attention
@@ -470,7 +471,11 @@ class StableDiffusionHDPainterPipeline(
                         self, i, t, {k: values[k] for k in callback_on_step_end_tensor_inputs}
                     )
                     latents = outputs.pop("latents", latents)
-                    prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
+                    prompt_embeds = fit_one_row(
+                        {"prompt_embeds": outputs.pop("prompt_embeds", prompt_embeds)},
+                        {"prompt_embeds": prompt_embeds},
+                        batch_size,
+                    )["prompt_embeds"]
                 progress_bar.update()
 
         # 5. decode the last x0 prediction, crop the padding
