@@ -58,16 +58,13 @@ def _hub_lora(repo_id: str) -> Path:
 
 
 def _cached_snapshot(repo_id: str) -> Path | None:
-    """The local cache's snapshot folder of hub model ``repo_id`` at ``main``, or None."""
-    from huggingface_hub import constants
+    """The local cache's snapshot folder of hub model ``repo_id`` at ``main``, or None (nothing is fetched)."""
+    from huggingface_hub import snapshot_download
 
-    repo = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
     try:
-        revision = (repo / "refs" / "main").read_text().strip()
-    except OSError:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached, or a malformed id: the hub lookup that follows reports it
         return None
-    snapshot = repo / "snapshots" / revision
-    return snapshot if snapshot.is_dir() else None
 
 
 def lora_file(path: str, allow_pickle: bool = False) -> Path:
