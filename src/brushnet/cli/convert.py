@@ -30,8 +30,6 @@ def convert_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT if it exists."),
 ) -> None:
     """Write a diffusers base folder as one original-layout .safetensors file (what from_single_file reads)."""
-    if output.suffix != ".safetensors":
-        fail(f"output must be a .safetensors file, got {output.name}")
     if output.is_dir():
         fail(f"{output} is a folder; OUTPUT is the .safetensors file to write")
     if output.exists() and not overwrite:
