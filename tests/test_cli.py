@@ -385,3 +385,6 @@ def test_convert_is_a_brushnet_command_and_keeps_an_existing_output(tiny_models,
 
         main([str(tiny_models["base"]), str(out)])  # the module's entry point keeps it too
     assert out.read_bytes() == reference
+    with pytest.raises(SystemExit) as info:  # it is the same command: its folder check is there too
+        main([str(tiny_models["base"]), str(tmp_path / "d.safetensors"), "--overwrite"])
+    assert info.value.code == 2 and (tmp_path / "d.safetensors").is_dir()

@@ -14,9 +14,7 @@ on tiny models, and users can hand a fine-tuned base to tools that only take sin
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -349,34 +347,20 @@ def _stored_dtype(folder: Path, variant: str | None = None) -> torch.dtype | Non
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .errors import InputError, first_line
+    """``python -m brushnet.convert``: the ``brushnet convert`` command itself (one set of flags and checks).
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folder", help="diffusers SD1.5- or SDXL-layout base folder")
-    parser.add_argument("output", help="the .safetensors file to write")
-    parser.add_argument("--fp16", action="store_true", help="store floating tensors as float16")
-    parser.add_argument(
-        "--variant",
-        help="read this variant of the weights (fp16: *.fp16.safetensors); default: the plain weights, or a "
-        "part's only variant",
-    )
-    parser.add_argument(
-        "--allow-pickle",
-        action="store_true",
-        help="read parts whose weights are only pickle files (.bin, .ckpt; loading one can run code)",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
-    args = parser.parse_args(argv)
-    if Path(args.output).exists() and not args.overwrite:
-        print(f"error: {args.output} exists; choose another output or pass --overwrite", file=sys.stderr)
-        raise SystemExit(2)
+    Exits 2 with one line on bad input, as the command does; returns normally when the file was written."""
+    import typer
+
+    from .cli.convert import convert_command
+
+    command = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    command.command()(convert_command)
     try:
-        dtype = torch.float16 if args.fp16 else None
-        out = save_single_file(args.folder, args.output, dtype, args.variant, args.allow_pickle)
-    except (InputError, ValueError, OSError) as exc:  # CheckpointError is an InputError
-        print(f"error: {first_line(exc)}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(out)
+        command(args=argv, prog_name="python -m brushnet.convert")
+    except SystemExit as exc:
+        if exc.code:
+            raise
 
 
 if __name__ == "__main__":
