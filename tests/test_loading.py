@@ -12,6 +12,7 @@ from brushnet.loading import (
     detect_family,
     load_base_components,
     load_brushnet,
+    pipeline_only_variant,
 )
 
 
@@ -339,8 +340,9 @@ def test_a_base_folder_with_only_fp16_variant_weights_loads(tiny_xl_models, tmp_
     """A base saved with ``save_pretrained(variant="fp16")`` (or a hub download of its ``*.fp16.safetensors``
     files) was refused with "... has diffusion_pytorch_model.fp16.safetensors ... rename the file", though branch
     folders of fp16 files load. It loads in the dtype asked for, a sharded component too (diffusers names the
-    index ``diffusion_pytorch_model.safetensors.index.fp16.json``); a base whose components mix fp16-only and
-    full-precision-only weights is one line naming both."""
+    index ``diffusion_pytorch_model.safetensors.index.fp16.json``). A base whose components mix fp16-only and
+    full-precision-only weights was refused here while the pipelines' ``from_pretrained`` loaded it (diffusers'
+    rule: each part reads the folder's variant where it holds it, else its plain weights): both load it now."""
     full = load_base_components(tiny_xl_models["base"])
     folder = shutil.copytree(
         tiny_xl_models["base"], tmp_path / "fp16", ignore=shutil.ignore_patterns("*.safetensors")
@@ -359,13 +361,21 @@ def test_a_base_folder_with_only_fp16_variant_weights_loads(tiny_xl_models, tmp_
     full["vae"].save_pretrained(folder / "vae_full")
     shutil.rmtree(folder / "vae")
     (folder / "vae_full").rename(folder / "vae")
-    with pytest.raises(CheckpointError) as info:
-        load_base_components(folder)
-    assert str(info.value) == (
-        f"base model folder {folder} has only fp16 weights (*.fp16.safetensors) for text_encoder, "
-        "text_encoder_2, unet and no fp16 weights for vae: give every component fp16 weights (or every one "
-        "full-precision weights)"
-    )
+    assert pipeline_only_variant(folder) == "fp16"
+    parts = load_base_components(folder)
+    assert torch.equal(parts["vae"].decoder.conv_out.weight, full["vae"].decoder.conv_out.weight)  # plain
+    key = "conv_out.weight"
+    assert torch.equal(parts["unet"].state_dict()[key], full["unet"].state_dict()[key].half().float())
+    # parts stored only as different variants: which to read is the caller's choice, in one line, as for a pipeline
+    shutil.rmtree(folder / "vae")
+    full["vae"].to(torch.bfloat16).save_pretrained(folder / "vae", variant="bf16")
+    for load in (load_base_components, pipeline_only_variant):
+        with pytest.raises(CheckpointError) as info:
+            load(folder)
+        assert str(info.value) == (
+            f"{folder} stores some parts only as variants (text_encoder: fp16; text_encoder_2: fp16; unet: fp16; "
+            "vae: bf16) and no plain weights: pass variant= one of 'bf16', 'fp16'"
+        )
 
 
 def test_a_controlnet_folder_with_only_the_fp16_variant_loads(tiny_models, tmp_path):

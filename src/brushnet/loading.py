@@ -545,39 +545,56 @@ def pipeline_only_variant(folder: str | os.PathLike) -> str | None:
     """The variant a local pipeline folder's weights are stored in when some part holds no plain safetensors
     weights, only that one variant (``save_pretrained(..., variant="fp16")``, a hub snapshot fetched with
     ``variant="fp16"``); None when every part has plain weights, or the folder is not a local pipeline folder.
+    Loaded with that variant, a part that lacks it reads its plain weights (diffusers' rule, and
+    :func:`load_base_components`').
 
     Raises:
         CheckpointError: parts without plain weights hold several variants, or different ones (which to load is the
             caller's choice: ``variant=``).
     """
-    from .model_files import safetensors_variants
-
     folder = Path(folder).expanduser()
     try:
         index = json.loads((folder / "model_index.json").read_text())
     except (OSError, ValueError):
         return None
-    only: dict[str, set[str]] = {}
+    parts = {}
     for name, entry in index.items() if isinstance(index, dict) else ():
-        part = folder / name
-        if not (
-            isinstance(entry, list) and len(entry) == 2 and entry[0] and (part / "config.json").is_file()
+        if (
+            isinstance(entry, list)
+            and len(entry) == 2
+            and entry[0]
+            and (folder / name / "config.json").is_file()
         ):
-            continue
-        library = "transformers" if entry[0] == "transformers" else "diffusers"
-        variants = set(safetensors_variants(part, library))
-        if variants and None not in variants:
-            only[name] = variants
+            parts[name] = "transformers" if entry[0] == "transformers" else "diffusers"
+    return _stored_variants(folder, parts)[0]
+
+
+def _stored_variants(folder: Path, parts: dict[str, str]) -> tuple[str | None, dict[str, str | None]]:
+    """The variant a folder of model parts (``{name: library}``) is stored in, and the variant each part loads.
+
+    The folder's variant is the one variant held by the parts without plain safetensors weights (None when every
+    part has plain ones); each part loads that variant where it holds it, else its plain weights — as diffusers'
+    ``DiffusionPipeline.from_pretrained(variant=...)`` does. Only safetensors files count.
+
+    Raises:
+        CheckpointError: parts without plain weights hold several variants, or different ones (one line naming
+            them; ``variant=`` chooses).
+    """
+    from .model_files import safetensors_variants
+
+    held = {name: set(safetensors_variants(folder / name, library)) for name, library in parts.items()}
+    only = {name: found for name, found in held.items() if found and None not in found}
     if not only:
-        return None
+        return None, dict.fromkeys(parts)
     found = set().union(*only.values())
-    if len(found) == 1 and all(len(v) == 1 for v in only.values()):
-        return next(iter(found))
-    held = "; ".join(f"{name}: {', '.join(sorted(v))}" for name, v in sorted(only.items()))
-    raise CheckpointError(
-        f"{folder} stores some parts only as variants ({held}) and no plain weights: pass variant= one of "
-        f"{', '.join(repr(v) for v in sorted(found))}"
-    )
+    if len(found) != 1 or any(len(v) != 1 for v in only.values()):
+        names = "; ".join(f"{name}: {', '.join(sorted(v))}" for name, v in sorted(only.items()))
+        raise CheckpointError(
+            f"{folder} stores some parts only as variants ({names}) and no plain weights: pass variant= one of "
+            f"{', '.join(repr(v) for v in sorted(found))}"
+        )
+    variant = next(iter(found))
+    return variant, {name: variant if variant in v else None for name, v in held.items()}
 
 
 def load_brushnet(
@@ -715,9 +732,10 @@ def load_base_components(
     the scheduler is the class its config names.
 
     Args:
-        path: a diffusers folder (``model_index.json``, or just the component subfolders; components with only
-            the fp16 variant of their weights load from those), a hub id, or a single ``.safetensors`` checkpoint
-            (original SD / SDXL layout, as community models are shared).
+        path: a diffusers folder (``model_index.json``, or just the component subfolders), a hub id, or a single
+            ``.safetensors`` checkpoint (original SD / SDXL layout, as community models are shared). A folder whose
+            components hold only a variant of their weights (``save_pretrained(variant="fp16")``) loads that
+            variant, and a component without it its plain weights (as the pipelines' ``from_pretrained`` does).
         dtype: weights dtype (fp32 default).
         allow_pickle: allow ``.bin``/``.ckpt`` weights for components without ``.safetensors`` (those are
             preferred), and pickle-based single files.
@@ -754,47 +772,19 @@ def load_base_components(
         raise CheckpointError(f"{FAMILY_NAMES[family]} base model folder {p} lacks: {', '.join(missing)}")
     import diffusers
 
-    variant = _base_variant(p, family)
+    weighted = [name for name in _WEIGHTED if name in FAMILY_COMPONENTS[family]]
+    _, variants = _stored_variants(
+        p, {n: "transformers" if n.startswith("text_") else "diffusers" for n in weighted}
+    )
     classes = _component_classes(str(p), hub_kwargs)
-    for name in _WEIGHTED:
-        if name not in FAMILY_COMPONENTS[family]:
-            continue
+    for name in weighted:
         model_cls = None  # text encoders: transformers models (config and weight files checked)
         if name == "unet":
             model_cls = diffusers.UNet2DConditionModel
         elif name == "vae":
             model_cls = _library_class(diffusers, classes.get("vae", "AutoencoderKL"), "vae", str(p))
-        _check_weights(p / name, allow_pickle, model_cls, variant)
-    return _load_components(str(p), torch_dtype, allow_pickle, hub_kwargs, variant)
-
-
-def _base_variant(folder: Path, family: str) -> str | None:
-    """``"fp16"`` for a base folder whose components hold only the fp16 variant of their weights (as
-    ``save_pretrained(variant="fp16")`` writes, or a hub download of the ``*.fp16.safetensors`` files): the
-    components load from those, in the dtype asked for. ``"fp16"`` too where some components also hold their
-    full-precision weights (diffusers' ``variant="fp16"``); else None.
-
-    Raises:
-        CheckpointError: some components hold only fp16 weights and others no fp16 weights (one line naming both).
-    """
-    from .model_files import safetensors_variants
-
-    variants = {
-        name: safetensors_variants(folder / name, "transformers" if name.startswith("text_") else "diffusers")
-        for name in _WEIGHTED
-        if name in FAMILY_COMPONENTS[family]
-    }
-    only = [name for name, found in variants.items() if "fp16" in found and None not in found]
-    if not only:
-        return None
-    lacking = [name for name, found in variants.items() if "fp16" not in found]
-    if lacking:
-        raise CheckpointError(
-            f"base model folder {folder} has only fp16 weights (*.fp16.safetensors) for {', '.join(only)} and "
-            f"no fp16 weights for {', '.join(lacking)}: give every component fp16 weights (or every one full-precision "
-            "weights)"
-        )
-    return "fp16"
+        _check_weights(p / name, allow_pickle, model_cls, variants[name])
+    return _load_components(str(p), torch_dtype, allow_pickle, hub_kwargs, variants)
 
 
 def _component_classes(source: str, hub_kwargs: dict) -> dict[str, str]:
@@ -824,8 +814,10 @@ def _library_class(library, name: str, component: str, source: str) -> type:
 
 
 def _load_components(
-    source: str, torch_dtype, allow_pickle: bool, hub_kwargs, variant: str | None = None
+    source: str, torch_dtype, allow_pickle: bool, hub_kwargs, variants: dict[str, str | None] | None = None
 ) -> dict[str, Any]:
+    """The components of a base folder or hub id; ``variants``: the weights variant each weighted part loads
+    (:func:`_stored_variants`; none: the plain weights)."""
     import diffusers
     import transformers
     from diffusers import UNet2DConditionModel
@@ -834,6 +826,7 @@ def _load_components(
 
     def common_for(part: str) -> dict[str, Any]:
         folder = Path(source).expanduser() / part if local else None
+        variant = (variants or {}).get(part)
         return {"use_safetensors": safetensors_policy(allow_pickle, folder), "variant": variant, **hub_kwargs}
 
     try:
