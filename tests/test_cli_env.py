@@ -43,3 +43,33 @@ def test_a_package_outside_the_requirements_is_named_with_its_fix(monkeypatch):
         "problem: safetensors is not installed: pip install 'safetensors>=0.8'",
     ]  # fastapi belongs to the serve extra: missing is fine
     assert "diffusers         0.35.0  OUTSIDE >=0.39,<0.43" in result.output
+
+
+def test_markers_sort_core_extra_and_other_platforms_requirements(monkeypatch):
+    """Which declared requirement is core, whose extra it is, and which is skipped (the dev extra's, another
+    platform's) comes from its marker, as pip reads it: a platform-only requirement of this platform is core."""
+    import importlib.metadata
+    import sys
+
+    from brushnet.cli import env
+
+    here, there = sys.platform, "nowhere-os"
+    declared = [
+        "torch>=2.1",
+        f'colorama>=0.4; sys_platform == "{here}"',
+        f'pywin-thing>=1; sys_platform == "{there}"',
+        'fastapi<1,>=0.100; extra == "serve"',
+        f'accelerate>=1; extra == "train" and sys_platform == "{here}"',
+        'pytest>=8; extra == "dev"',
+        f'bitsy>=2; extra == "train" and sys_platform == "{there}"',
+    ]
+    real = importlib.metadata.requires
+    monkeypatch.setattr(
+        importlib.metadata, "requires", lambda name: declared if name == "brushnet" else real(name)
+    )
+    assert env._requirements() == [
+        ("torch", ">=2.1", None),
+        ("colorama", ">=0.4", None),
+        ("fastapi", ">=0.100,<1", "serve"),
+        ("accelerate", ">=1", "train"),
+    ]
