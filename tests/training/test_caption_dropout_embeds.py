@@ -128,6 +128,29 @@ def test_without_caption_dropout_the_loss_is_the_same_whatever_the_option(xl, ti
         assert encoded != zeros
 
 
+def test_the_guidance_terms_unconditional_half_is_what_a_dropped_caption_becomes(xl, tiny_base, monkeypatch):
+    """The kept-invariance, guided and anchor terms run the UNet on guidance's unconditional half; it was the
+    family's fixed one (SD1.5 encoded, SDXL zeros) whatever ``caption_dropout_embeds`` said, so a run trained a
+    dropped caption as one input and the terms' unconditional half as another. It follows the option now; unset,
+    the family's pipeline default (SDXL zeros, SD1.5 encoded)."""
+    batch = _batch()
+    for components, brushnet in (xl, _sd15(tiny_base)):
+        empty, _ = components.family.encode([""] * 3, "cpu", torch.float32, batch)
+        default = "zeros" if components.family.name == "sdxl" else "encoded"
+        for option in ("zeros", "encoded", None):
+            options = {} if option is None else {"caption_dropout_embeds": option}
+            seen = _seen((components, brushnet), monkeypatch, kept_invariance_weight=1.0, **options)
+            hidden_states, added = seen["unet"]
+            assert hidden_states.shape[0] == 6, components.family.name  # [sample; unconditional]
+            unconditional, dropped = hidden_states[3:], hidden_states[:3][torch.tensor(DROPPED)]
+            zeros = (option or default) == "zeros"
+            expected = torch.zeros_like(empty) if zeros else empty
+            torch.testing.assert_close(unconditional, expected, rtol=0, atol=1e-6)
+            torch.testing.assert_close(dropped, expected[:2], rtol=0, atol=1e-6)  # one input, not two
+            if added is not None:  # SDXL's pooled text too
+                assert bool((added["text_embeds"][3:] == 0).all()) == zeros
+
+
 def _sd15(tiny_base):
     components = loop.load_components(str(tiny_base))
     return components, BrushNetModel.from_unet(components.unet)

@@ -84,12 +84,21 @@ class SD15Family:
         hidden_states = self.text_encoder(_token_ids(self.tokenizer, captions, device), return_dict=False)[0]
         return hidden_states.to(dtype), None
 
+    dropped_caption = "encoded"  # what the SD1.5 pipelines send as the unconditional text
+
     def unconditional(
-        self, count: int, device: torch.device, dtype: torch.dtype, batch: dict | None = None
+        self,
+        count: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        batch: dict | None = None,
+        embeds: str = "encoded",
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-        """The unconditional half of classifier-free guidance as the SD1.5 pipeline builds it: the empty caption,
-        encoded."""
-        return self.encode([""] * count, device, dtype, batch)
+        """The unconditional half of classifier-free guidance: the empty caption, encoded, as the SD1.5 pipeline
+        builds it (``embeds="encoded"``), or zeros (``"zeros"``: what ``--caption_dropout_embeds zeros`` trains a
+        dropped caption as)."""
+        hidden_states, added = self.encode([""] * count, device, dtype, batch)
+        return (torch.zeros_like(hidden_states) if embeds == "zeros" else hidden_states), added
 
 
 class SDXLFamily:
@@ -187,15 +196,25 @@ class SDXLFamily:
         }
         return torch.cat(hidden_states, dim=-1).to(dtype), added_cond_kwargs
 
+    dropped_caption = "zeros"  # force_zeros_for_empty_prompt, the SDXL pipelines' default
+
     @torch.no_grad()
     def unconditional(
-        self, count: int, device: torch.device, dtype: torch.dtype, batch: dict | None = None
+        self,
+        count: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        batch: dict | None = None,
+        embeds: str = "zeros",
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The unconditional half of classifier-free guidance as the SDXL pipeline builds it for an empty negative
-        prompt: zeros for both text embeddings (``force_zeros_for_empty_prompt``, SDXL's default), the same time
-        ids as the caption's."""
+        prompt: zeros for both text embeddings (``embeds="zeros"``: ``force_zeros_for_empty_prompt``, SDXL's
+        default), or ``""`` through both encoders (``"encoded"``: a base whose ``model_index.json`` sets it false,
+        or ``--caption_dropout_embeds encoded``); the same time ids as the caption's."""
         if batch is None:
             raise ValueError("SDXL needs the batch (image sizes and crops) for its time ids")
+        if embeds == "encoded":
+            return self.encode([""] * count, device, dtype, batch)
         length = self.tokenizer.model_max_length
         width = self.text_encoder.config.hidden_size + self.text_encoder_2.config.hidden_size
         projection = self.text_encoder_2.config.projection_dim

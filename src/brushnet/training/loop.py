@@ -13,8 +13,9 @@ One step, per micro-batch:
     loss    = ‖ε̂ − ε‖²  (or v = √ᾱ_t ε − √(1−ᾱ_t) z₀ with v-prediction), mean over the whole latent
 
 With ``kept_invariance_weight`` λ > 0 (not in the paper; off by default) the UNet also runs on the unconditional
-half of guidance as the pipeline builds it (:meth:`~brushnet.training.family.SD15Family.unconditional`: the empty
-caption on SD1.5, zeros on SDXL) with the same branch features (SD1.5; the SDXL branch reads the pooled text and runs
+half of guidance as the pipeline builds it (:meth:`~brushnet.training.family.SD15Family.unconditional`: what a
+dropped caption becomes, ``caption_dropout_embeds`` below; by default the empty caption on SD1.5, zeros on SDXL) with
+the same branch features (SD1.5; the SDXL branch reads the pooled text and runs
 on both halves), ε̂_∅, and the loss gains λ · mean over the kept cells of ‖ε̂ − ε̂_∅‖², the kept
 cells being those no hole pixel touches (the hole max-pooled to latent size). Classifier-free guidance adds
 (w − 1)(ε̂ − ε̂_∅) to every latent cell, so whatever the caption changes in the kept region, guidance multiplies;
@@ -544,7 +545,7 @@ def brushnet_training_loss(
     weight_dtype: torch.dtype = torch.float32,
     prediction_type: str = "epsilon",
     caption_dropout: float = 0.0,
-    caption_dropout_embeds: str = "encoded",
+    caption_dropout_embeds: str | None = None,
     kept_invariance_weight: float = 0.0,
     kept_invariance_margin: int = 0,
     kept_invariance_min_timestep: int = 0,
@@ -566,9 +567,10 @@ def brushnet_training_loss(
         weight_dtype: dtype of the frozen parts.
         prediction_type: ``"epsilon"`` or ``"v_prediction"``.
         caption_dropout: probability of dropping a caption.
-        caption_dropout_embeds: what a dropped caption becomes: ``"encoded"`` (``""`` through the text encoders)
-            or ``"zeros"`` (zero prompt embeds and pooled embeds:
-            :func:`~brushnet.training.family.zero_dropped_captions`).
+        caption_dropout_embeds: what a dropped caption becomes, and the unconditional half the guidance terms
+            below use: ``"encoded"`` (``""`` through the text encoders) or ``"zeros"`` (zero prompt embeds and
+            pooled embeds: :func:`~brushnet.training.family.zero_dropped_captions`); None: the family's pipeline
+            default (SD1.5 ``"encoded"``, SDXL ``"zeros"``).
         kept_invariance_weight: λ of the kept region's caption-invariance term (module docstring); 0: off.
         kept_invariance_margin: the term's margin around the hole in latent cells (:func:`kept_cells`).
         kept_invariance_min_timestep: the term counts only the samples noised to this timestep or above.
@@ -580,6 +582,8 @@ def brushnet_training_loss(
     Returns:
         Scalar float32: the MSE over the whole latent (plus the terms that are on).
     """
+    if caption_dropout_embeds is None:
+        caption_dropout_embeds = components.family.dropped_caption
     if caption_dropout_embeds not in ("encoded", "zeros"):
         raise ValueError(
             f"caption_dropout_embeds must be 'encoded' or 'zeros', got {caption_dropout_embeds!r}"
@@ -597,7 +601,10 @@ def brushnet_training_loss(
                 encoder_hidden_states, added_cond_kwargs, dropped
             )
         if uses_empty_caption(kept_invariance_weight, guided_loss_weight, hole_pull_anchor_weight):
-            unconditional = components.family.unconditional(len(captions), device, weight_dtype, batch)
+            # the same unconditional text a dropped caption becomes (what sampling sends for this base)
+            unconditional = components.family.unconditional(
+                len(captions), device, weight_dtype, batch, embeds=caption_dropout_embeds
+            )
     return branch_denoising_loss(
         brushnet,
         components,
