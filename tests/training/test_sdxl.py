@@ -282,6 +282,25 @@ def test_the_float32_vae_stays_float32_under_fp16_autocast(xl_config, xl_base):
     assert np.isfinite(out).all() and components.vae.dtype == torch.float32
 
 
+def test_the_float32_vae_reads_the_pixels_unrounded_under_fp16(xl_config, xl_base):
+    """The pixels were cast to the mixed-precision dtype before the VAE that stays in float32 (force_upcast): float16
+    rounds an 8-bit level's value in [-1, 1] by up to about 1/16 of a level. The VAE reads them as the batch has them."""
+    config = make_config(xl_config)
+    batch = _first_batch(config)
+    components = loop.load_components(str(xl_base))
+    loop.freeze(components, torch.float16, "cpu")
+    seen = []
+    components.vae.encoder.conv_in.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    brushnet = BrushNetModel.from_unet(components.unet).float()
+    with torch.no_grad():
+        loop.brushnet_training_loss(
+            brushnet, components, batch, torch.Generator().manual_seed(0), weight_dtype=torch.float16
+        )
+    pixels = batch["pixel_values"].float()
+    assert not torch.equal(pixels.half().float(), pixels)  # float16 would round these
+    assert seen and seen[0].dtype == torch.float32 and torch.equal(seen[0], pixels)
+
+
 def test_sdxl_recipe_config_is_the_originals():
     config = make_config(load_config_file(CONFIGS / "sdxl_brushnet.yaml"))
     assert (config.resolution, config.train_batch_size, config.gradient_accumulation_steps) == (1024, 1, 4)

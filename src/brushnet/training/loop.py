@@ -388,7 +388,8 @@ def branch_denoising_loss(
     """
     vae, unet, scheduler = components.vae, components.unet, components.noise_scheduler
     device = next(unet.parameters()).device
-    pixel_values = to_device(batch["pixel_values"], device, weight_dtype)
+    # in the VAE's dtype: an SDXL VAE kept in float32 under fp16 (force_upcast) reads the pixels unrounded
+    pixel_values = to_device(batch["pixel_values"], device, vae.dtype)
     hole = to_device(batch["mask"], device, weight_dtype)
     with torch.no_grad():
         latents = encode_latents(vae, pixel_values, generator)
