@@ -118,7 +118,7 @@ def test_the_brushnet_pipeline_still_loads_a_pipeline_folder(tiny_models):
 def test_a_pipeline_saved_as_a_variant_loads_without_naming_it(tiny_xl_models, tmp_path):
     """``save_pretrained(..., variant="fp16")`` writes no plain weights; loading the folder back without
     ``variant=`` failed in the text encoder ("no file named model.safetensors"). It is read as it is stored, and
-    parts that hold several variants are one line naming them."""
+    parts stored only in different variants are one line naming them."""
     import numpy as np
     import torch
     from PIL import Image
@@ -142,9 +142,17 @@ def test_a_pipeline_saved_as_a_variant_loads_without_naming_it(tiny_xl_models, t
     np.testing.assert_array_equal(
         unnamed("x", generator=torch.Generator().manual_seed(0), **arguments).images, expected
     )
+    # a part in a second variant: the one every part holds is read (fp16); parts in different variants only are
+    # one line, since no one variant loads them all
     pipe.vae.to(torch.bfloat16).save_pretrained(tmp_path / "saved" / "vae", variant="bf16")
+    again = StableDiffusionXLBrushNetPipeline.from_pretrained(tmp_path / "saved")
+    again.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(
+        again("x", generator=torch.Generator().manual_seed(0), **arguments).images, expected
+    )
+    (tmp_path / "saved" / "vae" / "diffusion_pytorch_model.fp16.safetensors").unlink()
     with pytest.raises(
-        CheckpointError, match=r"vae: bf16, fp16\) and no plain weights: pass variant= one of"
+        CheckpointError, match=r"vae: bf16\) and no plain weights: no one variant loads"
     ) as info:
         StableDiffusionXLBrushNetPipeline.from_pretrained(tmp_path / "saved")
     assert "\n" not in str(info.value)
@@ -366,16 +374,60 @@ def test_a_base_folder_with_only_fp16_variant_weights_loads(tiny_xl_models, tmp_
     assert torch.equal(parts["vae"].decoder.conv_out.weight, full["vae"].decoder.conv_out.weight)  # plain
     key = "conv_out.weight"
     assert torch.equal(parts["unet"].state_dict()[key], full["unet"].state_dict()[key].half().float())
-    # parts stored only as different variants: which to read is the caller's choice, in one line, as for a pipeline
+    # parts stored only as different variants: no one variant loads them all (diffusers fails on either), one line
     shutil.rmtree(folder / "vae")
     full["vae"].to(torch.bfloat16).save_pretrained(folder / "vae", variant="bf16")
     for load in (load_base_components, pipeline_only_variant):
         with pytest.raises(CheckpointError) as info:
             load(folder)
         assert str(info.value) == (
-            f"{folder} stores some parts only as variants (text_encoder: fp16; text_encoder_2: fp16; unet: fp16; "
-            "vae: bf16) and no plain weights: pass variant= one of 'bf16', 'fp16'"
+            f"{folder} stores its parts only as different variants (text_encoder: fp16; text_encoder_2: fp16; "
+            "unet: fp16; vae: bf16) and no plain weights: no one variant loads them all; save every part as the "
+            "same variant"
         )
+    with pytest.raises(CheckpointError, match="neither the 'fp16' variant nor plain weights for vae"):
+        load_base_components(folder, variant="fp16")
+    # every part in two variants: fp16 first, as before; variant= reads the other; one no part has is refused
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        type(full[name]).from_pretrained(tiny_xl_models["base"] / name).to(torch.bfloat16).save_pretrained(
+            folder / name, variant="bf16", **({"max_shard_size": "100KB"} if name == "unet" else {})
+        )
+    full["vae"].half().save_pretrained(folder / "vae", variant="fp16")
+    assert pipeline_only_variant(folder) == "fp16"
+    assert load_base_components(folder, dtype=torch.float16)["unet"].dtype == torch.float16
+    bf16 = load_base_components(folder, variant="bf16")
+    key = "conv_out.weight"
+    assert torch.equal(bf16["unet"].state_dict()[key], full["unet"].state_dict()[key].bfloat16().float())
+    with pytest.raises(CheckpointError, match="has no 'int8' variant of its weights"):
+        load_base_components(folder, variant="int8")
+    single = tmp_path / "model.safetensors"
+    single.write_bytes(b"")
+    with pytest.raises(
+        CheckpointError, match="names a diffusers folder's weight files; model.safetensors is one"
+    ):
+        load_base_components(single, variant="fp16")  # refused, not ignored
+
+
+def test_a_pickle_only_part_reads_the_folders_variant(tiny_models, tmp_path):
+    """A part holding only ``*.fp16.bin`` beside fp16-only safetensors parts: with pickle allowed it loads its fp16
+    file (the pipelines' ``from_pretrained`` does); the rule counted safetensors only, and loading failed naming the
+    folder's plain ``.bin`` in the wrong folder."""
+    full = load_base_components(tiny_models["base"])
+    folder = shutil.copytree(
+        tiny_models["base"], tmp_path / "mixed", ignore=shutil.ignore_patterns("*.safetensors")
+    )
+    full["unet"].half().save_pretrained(folder / "unet", variant="fp16")
+    full["text_encoder"].half().save_pretrained(folder / "text_encoder", variant="fp16")
+    full["vae"].half().save_pretrained(folder / "vae", variant="fp16", safe_serialization=False)
+    assert sorted(p.name for p in (folder / "vae").iterdir()) == [
+        "config.json",
+        "diffusion_pytorch_model.fp16.bin",
+    ]
+    with pytest.raises(CheckpointError, match="allow_pickle|pickle"):
+        load_base_components(folder)
+    parts = load_base_components(folder, allow_pickle=True)
+    weight = parts["vae"].decoder.conv_out.weight
+    assert torch.equal(weight, full["vae"].decoder.conv_out.weight.half().float())
 
 
 def test_a_controlnet_folder_with_only_the_fp16_variant_loads(tiny_models, tmp_path):

@@ -544,13 +544,14 @@ def check_pipeline_source(path: str | os.PathLike, **hub_kwargs: Any) -> None:
 def pipeline_only_variant(folder: str | os.PathLike) -> str | None:
     """The variant a local pipeline folder's weights are stored in when some part holds no plain safetensors
     weights, only that one variant (``save_pretrained(..., variant="fp16")``, a hub snapshot fetched with
-    ``variant="fp16"``); None when every part has plain weights, or the folder is not a local pipeline folder.
+    ``variant="fp16"``; fp16 first where those parts hold several); None when every part has plain weights, or the
+    folder is not a local pipeline folder.
     Loaded with that variant, a part that lacks it reads its plain weights (diffusers' rule, and
     :func:`load_base_components`').
 
     Raises:
-        CheckpointError: parts without plain weights hold several variants, or different ones (which to load is the
-            caller's choice: ``variant=``).
+        CheckpointError: no one variant is held by every part without plain weights, or several are and none is
+            fp16 (which to load is the caller's choice: ``variant=``); see :func:`_stored_variants`.
     """
     folder = Path(folder).expanduser()
     try:
@@ -569,32 +570,59 @@ def pipeline_only_variant(folder: str | os.PathLike) -> str | None:
     return _stored_variants(folder, parts)[0]
 
 
-def _stored_variants(folder: Path, parts: dict[str, str]) -> tuple[str | None, dict[str, str | None]]:
+def _stored_variants(
+    folder: Path, parts: dict[str, str], variant: str | None = None
+) -> tuple[str | None, dict[str, str | None]]:
     """The variant a folder of model parts (``{name: library}``) is stored in, and the variant each part loads.
 
-    The folder's variant is the one variant held by the parts without plain safetensors weights (None when every
-    part has plain ones); each part loads that variant where it holds it, else its plain weights — as diffusers'
-    ``DiffusionPipeline.from_pretrained(variant=...)`` does. Only safetensors files count.
+    Unasked (``variant`` None), the folder's variant is the one every part without plain safetensors weights holds
+    (``"fp16"`` first where they hold several), None when every part has plain ones. Each part loads the folder's
+    variant where it holds it (a part without safetensors files: where it holds ``*.<variant>.bin``), else its plain
+    weights — as diffusers' ``DiffusionPipeline.from_pretrained(variant=...)`` does.
 
     Raises:
-        CheckpointError: parts without plain weights hold several variants, or different ones (one line naming
-            them; ``variant=`` chooses).
+        CheckpointError: in one line, naming the parts: no one variant is held by every part without plain weights;
+            several are and none is fp16 (``variant=`` chooses); the asked ``variant`` is in no part, or a part has
+            neither it nor plain weights.
     """
     from .model_files import safetensors_variants
 
     held = {name: set(safetensors_variants(folder / name, library)) for name, library in parts.items()}
     only = {name: found for name, found in held.items() if found and None not in found}
-    if not only:
-        return None, dict.fromkeys(parts)
-    found = set().union(*only.values())
-    if len(found) != 1 or any(len(v) != 1 for v in only.values()):
-        names = "; ".join(f"{name}: {', '.join(sorted(v))}" for name, v in sorted(only.items()))
+
+    def listing(names) -> str:
+        return "; ".join(f"{name}: {', '.join(sorted(held[name]))}" for name in sorted(names))
+
+    if variant is None:
+        if not only:
+            return None, dict.fromkeys(parts)
+        common = set.intersection(*only.values())
+        if not common:
+            raise CheckpointError(
+                f"{folder} stores its parts only as different variants ({listing(only)}) and no plain weights: "
+                "no one variant loads them all; save every part as the same variant"
+            )
+        if len(common) > 1 and "fp16" not in common:
+            raise CheckpointError(
+                f"{folder} stores some parts only as variants ({listing(only)}) and no plain weights: pass "
+                f"variant= one of {', '.join(repr(v) for v in sorted(common))}"
+            )
+        variant = "fp16" if "fp16" in common else next(iter(common))
+    elif not any(variant in found for found in held.values()):
         raise CheckpointError(
-            f"{folder} stores some parts only as variants ({names}) and no plain weights: pass variant= one of "
-            f"{', '.join(repr(v) for v in sorted(found))}"
+            f"{folder} has no {variant!r} variant of its weights ({listing(held) or 'no safetensors weights'})"
         )
-    variant = next(iter(found))
-    return variant, {name: variant if variant in v else None for name, v in held.items()}
+    lacking = sorted(name for name in only if variant not in only[name])
+    if lacking:
+        raise CheckpointError(
+            f"{folder} has neither the {variant!r} variant nor plain weights for {', '.join(lacking)} "
+            f"({listing(lacking)})"
+        )
+    chosen = {}
+    for name, found in held.items():
+        pickled = not found and any((folder / name).glob(f"*.{variant}.bin"))
+        chosen[name] = variant if variant in found or pickled else None
+    return variant, chosen
 
 
 def load_brushnet(
@@ -722,6 +750,7 @@ def load_base_components(
     dtype: str | torch.dtype | None = None,
     allow_pickle: bool = False,
     config: str | os.PathLike | None = None,
+    variant: str | None = None,
     **hub_kwargs: Any,
 ) -> dict[str, Any]:
     """Load a Stable Diffusion base model's components, SD1.5-style or SDXL (detected from the UNet config).
@@ -736,6 +765,8 @@ def load_base_components(
             ``.safetensors`` checkpoint (original SD / SDXL layout, as community models are shared). A folder whose
             components hold only a variant of their weights (``save_pretrained(variant="fp16")``) loads that
             variant, and a component without it its plain weights (as the pipelines' ``from_pretrained`` does).
+        variant: read this variant of the weights (``"fp16"``: ``*.fp16.safetensors``) where a component has it,
+            else its plain weights; None: the folder's own (above; fp16 first where its parts hold several).
         dtype: weights dtype (fp32 default).
         allow_pickle: allow ``.bin``/``.ckpt`` weights for components without ``.safetensors`` (those are
             preferred), and pickle-based single files.
@@ -753,11 +784,16 @@ def load_base_components(
     torch_dtype = resolve_dtype(dtype)
     if not is_local_path(path):
         _check_hub_reachable("base model", str(path), ("model_index.json", "unet/config.json"), hub_kwargs)
-        return _load_components(str(path), torch_dtype, allow_pickle, hub_kwargs)
+        variants = dict.fromkeys(_WEIGHTED, variant) if variant is not None else None
+        return _load_components(str(path), torch_dtype, allow_pickle, hub_kwargs, variants)
     p = Path(path).expanduser()
     if not p.exists():
         raise CheckpointError(f"base model not found: {where(p)}")
     if p.is_file():
+        if variant is not None:
+            raise CheckpointError(
+                f"variant={variant!r} names a diffusers folder's weight files; {p.name} is one file"
+            )
         return _load_single_file(p, torch_dtype, allow_pickle, config)
     kind = describe_folder(p)
     if not kind.startswith("pipeline:") and not (kind == "unknown" and (p / "unet").is_dir()):
@@ -774,7 +810,7 @@ def load_base_components(
 
     weighted = [name for name in _WEIGHTED if name in FAMILY_COMPONENTS[family]]
     _, variants = _stored_variants(
-        p, {n: "transformers" if n.startswith("text_") else "diffusers" for n in weighted}
+        p, {n: "transformers" if n.startswith("text_") else "diffusers" for n in weighted}, variant
     )
     classes = _component_classes(str(p), hub_kwargs)
     for name in weighted:
