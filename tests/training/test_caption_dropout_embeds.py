@@ -149,6 +149,17 @@ def test_the_guidance_terms_unconditional_half_is_what_a_dropped_caption_becomes
             torch.testing.assert_close(dropped, expected[:2], rtol=0, atol=1e-6)  # one input, not two
             if added is not None:  # SDXL's pooled text too
                 assert bool((added["text_embeds"][3:] == 0).all()) == zeros
+        # --unconditional_embeds sets the terms' half apart from a dropped caption's
+        seen = _seen(
+            (components, brushnet),
+            monkeypatch,
+            kept_invariance_weight=1.0,
+            caption_dropout_embeds="encoded",
+            unconditional_embeds="zeros",
+        )
+        hidden_states = seen["unet"][0]
+        assert not hidden_states[3:].any()
+        torch.testing.assert_close(hidden_states[:3][torch.tensor(DROPPED)], empty[:2], rtol=0, atol=1e-6)
 
 
 def _sd15(tiny_base):
@@ -286,3 +297,47 @@ def test_a_resumed_run_keeps_what_its_dropped_captions_were(tmp_path):
     assert loop.resumed_caption_dropout_embeds(tmp_path / "old") == "encoded"
     assert loop.resumed_caption_dropout_embeds(tmp_path / "unrecorded") is None
     assert loop.resumed_caption_dropout_embeds(None) is None
+
+
+def test_a_resumed_run_keeps_its_terms_unconditional_half(base_config, monkeypatch, tmp_path):
+    """The guidance terms' unconditional half is recorded; a resume keeps it. A run recorded before
+    ``unconditional_embeds`` existed trained the terms on the family's fixed half (SD1.5: the encoded ""), whatever
+    its dropped captions were: it goes on with that, not with the recorded ``caption_dropout_embeds``."""
+    import yaml
+
+    from brushnet.training.family import SD15Family, SDXLFamily
+
+    seen = []
+    loss = loop.brushnet_training_loss
+
+    def recording(*args, **kwargs):
+        seen.append((kwargs["caption_dropout_embeds"], kwargs["unconditional_embeds"]))
+        return loss(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "brushnet_training_loss", recording)
+    values = {**base_config, "kept_invariance_weight": 1.0, "caption_dropout_embeds": "zeros"}
+    loop.train(make_config({**values, "max_train_steps": 2}))
+    out = Path(values["output_dir"])
+    assert (
+        load_config_file(out / "train_config.yaml")["unconditional_embeds"] == "zeros"
+    )  # new: a dropped caption's
+    assert set(seen) == {("zeros", "zeros")}
+    record = out / "checkpoint-2" / "train_config.yaml"
+    old = {k: v for k, v in yaml.safe_load(record.read_text()).items() if k != "unconditional_embeds"}
+    record.write_text(yaml.safe_dump(old, sort_keys=False))  # as a run recorded before the setting existed
+    seen.clear()
+    resumed = {k: v for k, v in values.items() if k != "caption_dropout_embeds"}
+    loop.train(make_config({**resumed, "max_train_steps": 3, "resume_from_checkpoint": "latest"}))
+    assert set(seen) == {("zeros", "encoded")}
+    assert load_config_file(out / "train_config.yaml")["unconditional_embeds"] == "encoded"
+
+    for name, text in (
+        ("new", "unconditional_embeds: zeros\n"),
+        ("old", "caption_dropout_embeds: encoded\n"),
+    ):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train_config.yaml").write_text(f"seed: 1\n{text}")
+    assert loop.resumed_unconditional_embeds(tmp_path / "new", SD15Family) == "zeros"
+    assert loop.resumed_unconditional_embeds(tmp_path / "old", SDXLFamily) == "zeros"  # SDXL's fixed half
+    assert loop.resumed_unconditional_embeds(tmp_path / "old", SD15Family) == "encoded"
+    assert loop.resumed_unconditional_embeds(None, SD15Family) is None

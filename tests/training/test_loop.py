@@ -268,6 +268,7 @@ def test_resolved_config_next_to_the_run_and_in_every_checkpoint(base_config):
     assert saved["prediction_type"] == "epsilon" and saved["mixed_precision"] == "no"
     assert saved["validation_guidance_scale"] == 7.5  # unset: the SD1.5 family's value
     assert saved["caption_dropout_embeds"] == "encoded"  # unset: SD1.5 encodes a dropped caption
+    assert saved["unconditional_embeds"] == "encoded"  # unset: a dropped caption's
     for step in (2, 4):
         assert yaml.safe_load((out / f"checkpoint-{step}" / "train_config.yaml").read_text()) == saved
     resolved = (
@@ -276,6 +277,7 @@ def test_resolved_config_next_to_the_run_and_in_every_checkpoint(base_config):
         "mixed_precision",
         "validation_guidance_scale",
         "caption_dropout_embeds",
+        "unconditional_embeds",
     )
     assert make_config(saved).model_copy(update=dict.fromkeys(resolved)) == config
 

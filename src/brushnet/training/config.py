@@ -88,7 +88,14 @@ class TrainConfig(BaseModel):
         description="What a caption dropped by --caption_dropout becomes: 'encoded' (the text \"\" through the text "
         "encoders, as the original does) or 'zeros' (zero prompt embeds and zero pooled embeds, the unconditional "
         "half SDXL inference builds without a negative prompt); default: the base's own convention (SDXL: zeros "
-        "unless the base's model_index.json sets force_zeros_for_empty_prompt false; SD1.5: encoded).",
+        "unless the base's model_index.json sets force_zeros_for_empty_prompt false; SD1.5: encoded). It is also "
+        "the default of --unconditional_embeds.",
+    )
+    unconditional_embeds: Literal["encoded", "zeros"] | None = Field(
+        None,
+        description="The unconditional half of guidance that the kept-invariance, guided and anchor terms run the "
+        "UNet on: 'encoded' (\"\" through the text encoders) or 'zeros'; default: what a dropped caption becomes "
+        "(--caption_dropout_embeds), so the branch learns one unconditional input; on a resume, what the run used.",
     )
     dataloader_num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
 

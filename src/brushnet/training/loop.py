@@ -289,6 +289,22 @@ def resumed_caption_dropout_embeds(resume_path: Path | None) -> str | None:
     return value if value in ("encoded", "zeros") else None
 
 
+def resumed_unconditional_embeds(resume_path: Path | None, family) -> str | None:
+    """The guidance terms' unconditional half in the run a resume continues: its record's ``unconditional_embeds``,
+    or, for a run recorded before that setting existed (2026-11-29), the family's fixed half it trained them on
+    (SD1.5 the encoded ``""``, SDXL zeros); None when nothing is resumed or the record is unreadable."""
+    from .config import ConfigError, load_config_file
+
+    if resume_path is None:
+        return None
+    try:
+        recorded = load_config_file(resume_path / CONFIG_FILE)
+    except ConfigError:
+        return None
+    value = recorded.get("unconditional_embeds", family.dropped_caption)
+    return value if value in ("encoded", "zeros") else None
+
+
 def training_target(
     scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, prediction_type: str
 ) -> torch.Tensor:
@@ -547,6 +563,7 @@ def brushnet_training_loss(
     prediction_type: str = "epsilon",
     caption_dropout: float = 0.0,
     caption_dropout_embeds: str | None = None,
+    unconditional_embeds: str | None = None,
     kept_invariance_weight: float = 0.0,
     kept_invariance_margin: int = 0,
     kept_invariance_min_timestep: int = 0,
@@ -572,6 +589,8 @@ def brushnet_training_loss(
             below use: ``"encoded"`` (``""`` through the text encoders) or ``"zeros"`` (zero prompt embeds and
             pooled embeds: :func:`~brushnet.training.family.zero_dropped_captions`); None: the family's pipeline
             default (SD1.5 ``"encoded"``, SDXL ``"zeros"``).
+        unconditional_embeds: the guidance terms' unconditional half, ``"encoded"`` or ``"zeros"``; None: as
+            ``caption_dropout_embeds``.
         kept_invariance_weight: λ of the kept region's caption-invariance term (module docstring); 0: off.
         kept_invariance_margin: the term's margin around the hole in latent cells (:func:`kept_cells`).
         kept_invariance_min_timestep: the term counts only the samples noised to this timestep or above.
@@ -585,10 +604,13 @@ def brushnet_training_loss(
     """
     if caption_dropout_embeds is None:
         caption_dropout_embeds = components.family.dropped_caption
-    if caption_dropout_embeds not in ("encoded", "zeros"):
-        raise ValueError(
-            f"caption_dropout_embeds must be 'encoded' or 'zeros', got {caption_dropout_embeds!r}"
-        )
+    unconditional_embeds = unconditional_embeds or caption_dropout_embeds
+    for name, value in (
+        ("caption_dropout_embeds", caption_dropout_embeds),
+        ("unconditional_embeds", unconditional_embeds),
+    ):
+        if value not in ("encoded", "zeros"):
+            raise ValueError(f"{name} must be 'encoded' or 'zeros', got {value!r}")
     device = next(components.unet.parameters()).device
     dropped = draw_drops(len(batch["caption"]), caption_dropout, generator)
     captions = ["" if drop else caption for caption, drop in zip(batch["caption"], dropped.tolist())]
@@ -604,7 +626,7 @@ def brushnet_training_loss(
         if uses_empty_caption(kept_invariance_weight, guided_loss_weight, hole_pull_anchor_weight):
             # the same unconditional text a dropped caption becomes (what sampling sends for this base)
             unconditional = components.family.unconditional(
-                len(captions), device, weight_dtype, batch, embeds=caption_dropout_embeds
+                len(captions), device, weight_dtype, batch, embeds=unconditional_embeds
             )
     return branch_denoising_loss(
         brushnet,
@@ -746,6 +768,10 @@ def train(config: TrainConfig, dataset=None, on_start: Callable[[], None] | None
     embeds = embeds or dropped_caption_default(
         components.family.name, config.pretrained_model_name_or_path, config.revision
     )
+    # the terms' unconditional half: a dropped caption's, unless the resumed run trained them on another
+    unconditional = (
+        config.unconditional_embeds or resumed_unconditional_embeds(resume_path, components.family) or embeds
+    )
     config = config.model_copy(
         update={
             "prediction_type": prediction_type,
@@ -754,6 +780,7 @@ def train(config: TrainConfig, dataset=None, on_start: Callable[[], None] | None
             if guidance is None
             else guidance,
             "caption_dropout_embeds": embeds,
+            "unconditional_embeds": unconditional,
         }
     )
     if accelerator.is_main_process:
@@ -898,6 +925,7 @@ def train(config: TrainConfig, dataset=None, on_start: Callable[[], None] | None
         "weight_dtype": weight_dtype,
         "prediction_type": prediction_type,
         "caption_dropout_embeds": config.caption_dropout_embeds,  # the held-out loss drops no caption
+        "unconditional_embeds": config.unconditional_embeds,
         "kept_invariance_weight": config.kept_invariance_weight,
         "kept_invariance_margin": config.kept_invariance_margin,
         "kept_invariance_min_timestep": config.kept_invariance_min_timestep,

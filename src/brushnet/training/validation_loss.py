@@ -13,8 +13,9 @@ its stream (:meth:`HeldOutSet.exclude_from`):
 
 The choice depends only on the data and N, not on ``--seed``, the number of processes or the step, so every process
 and every resume holds out the same samples. Masks follow the run's mask recipe drawn from a fixed seed (given masks
-as they are), crops are centred and captions are never dropped (so ``--caption_dropout_embeds`` does not change it;
-it is passed on all the same, with the run's other loss options).
+as they are), crops are centred and captions are never dropped (so ``--caption_dropout_embeds`` changes it only
+through the guidance terms' unconditional half, ``--unconditional_embeds``, which it sets by default; both are passed
+on, with the run's other loss options).
 
 **The draws.** The schedule's T timesteps are cut into ``--validation_loss_buckets`` K ranges of equal width; sample i
 is evaluated once in each range b, at a timestep drawn uniformly in it from a fixed seed, with the noise and the VAE
