@@ -385,6 +385,23 @@ def test_convert_is_a_brushnet_command_and_keeps_an_existing_output(tiny_models,
 
         main([str(tiny_models["base"]), str(out)])  # the module's entry point keeps it too
     assert out.read_bytes() == reference
-    with pytest.raises(SystemExit) as info:  # it is the same command: its folder check is there too
+
+
+def test_python_m_brushnet_convert_refuses_a_folder_output_before_loading(
+    tiny_models, tmp_path, capsys, monkeypatch
+):
+    """It is the ``brushnet convert`` command itself, so the folder check comes first there too (the module's own
+    copy loaded the whole base and then failed on the rename, "[Errno 21] Is a directory")."""
+    import brushnet.convert
+    from brushnet.convert import main
+
+    def loads(*args, **kwargs):
+        raise AssertionError("the base was loaded")
+
+    monkeypatch.setattr(brushnet.convert, "save_single_file", loads)
+    (tmp_path / "d.safetensors").mkdir()
+    with pytest.raises(SystemExit) as info:
         main([str(tiny_models["base"]), str(tmp_path / "d.safetensors"), "--overwrite"])
-    assert info.value.code == 2 and (tmp_path / "d.safetensors").is_dir()
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1, err
+    assert "is a folder; OUTPUT is the .safetensors file to write" in err

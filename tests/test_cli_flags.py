@@ -176,14 +176,30 @@ def test_the_command_without_arguments_shows_the_help_and_help_exits_0(monkeypat
 
     from brushnet.cli import main
 
-    monkeypatch.setattr(sys, "argv", ["brushnet", "bench"])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    assert exit_info.value.code == 2 and "Usage: brushnet bench" in capsys.readouterr().out
+    for args in (["bench"], []):  # the help once (it was printed twice: once as the error was made)
+        monkeypatch.setattr(sys, "argv", ["brushnet", *args])
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        out = capsys.readouterr().out
+        assert exit_info.value.code == 2 and out.count(" ".join(["Usage: brushnet", *args])) == 1, out
     monkeypatch.setattr(sys, "argv", ["brushnet", "methods"])
     with pytest.raises(SystemExit) as exit_info:
         main()
     assert exit_info.value.code == 0 and "blended-latent-diffusion" in capsys.readouterr().out
+
+
+def test_python_m_brushnet_convert_prints_a_usage_error_as_one_line(capsys):
+    """``python -m brushnet.convert`` is ``brushnet convert``, usage errors included (they were click's usage text
+    and framed box there)."""
+    from brushnet.convert import main
+
+    for args, message in (
+        (["a", "b", "--bogus"], "error: No such option: --bogus (see python -m brushnet.convert --help)"),
+        (["a"], "error: Missing argument 'output'. (see python -m brushnet.convert --help)"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        assert exit_info.value.code == 2 and capsys.readouterr().err.strip() == message
 
 
 def test_the_pixel_limit_help_names_the_default_limit():

@@ -352,15 +352,14 @@ def main(argv: list[str] | None = None) -> None:
     Exits 2 with one line on bad input, as the command does; returns normally when the file was written."""
     import typer
 
+    from .cli import run_app
     from .cli.convert import convert_command
 
     command = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     command.command()(convert_command)
-    try:
-        command(args=argv, prog_name="python -m brushnet.convert")
-    except SystemExit as exc:
-        if exc.code:
-            raise
+    code = run_app(command, argv, "python -m brushnet.convert")
+    if code:
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":

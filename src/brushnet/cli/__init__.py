@@ -26,9 +26,9 @@ silence_library_noise()
 
 from .bench import app as bench_app  # noqa: E402
 from .convert import convert_command  # noqa: E402
-from .env import env_command  # noqa: E402
 from .data import data_app, shapes_app  # noqa: E402
 from .demo import demo_command  # noqa: E402
+from .env import env_command  # noqa: E402
 from .inpaint import (  # noqa: E402
     batch_command,
     compare_command,
@@ -40,7 +40,7 @@ from .inpaint import (  # noqa: E402
 from .serve import serve_command  # noqa: E402
 from .train import COMMAND_SETTINGS, train_command  # noqa: E402
 
-__all__ = ["app", "main"]
+__all__ = ["app", "main", "run_app"]
 
 app = typer.Typer(
     name="brushnet",
@@ -127,21 +127,30 @@ def _click_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
     return tuple(usage), tuple(no_args)
 
 
-def main() -> None:
-    """The ``brushnet`` command: :data:`app`, with a usage error (an unknown option, a value of the wrong type, a
-    missing argument) as one ``error:`` line, exit 2, instead of click's usage text and framed box."""
+def run_app(typer_app: typer.Typer, args: list[str] | None = None, prog_name: str = "brushnet") -> int:
+    """Run ``typer_app`` on ``args`` (None: ``sys.argv[1:]``) and return its exit code, with a usage error (an unknown
+    option, a value of the wrong type, a missing argument) as one ``error:`` line, code 2, instead of click's usage
+    text and framed box."""
     usage_errors, no_args_errors = _click_errors()
     try:
-        code = app(standalone_mode=False, prog_name="brushnet")
-    except no_args_errors as exc:  # bare ``brushnet`` or ``brushnet bench``: the help, as before
-        typer.echo(exc.ctx.get_help() if exc.ctx else exc.format_message())
-        sys.exit(2)
+        code = typer_app(args=args, standalone_mode=False, prog_name=prog_name)
+    except no_args_errors as exc:  # bare ``brushnet`` or ``brushnet bench``: the help, once
+        # the error's message is the help; typer's rich help is printed as the error is made, and its text is ""
+        # (asking the context again printed it twice)
+        if exc.format_message():
+            typer.echo(exc.format_message())
+        return 2
     except usage_errors as exc:
-        command = exc.ctx.command_path if exc.ctx else "brushnet"
+        command = exc.ctx.command_path if exc.ctx else prog_name
         message = " ".join(exc.format_message().split())
         typer.echo(f"error: {message} (see {command} --help)", err=True)
-        sys.exit(2)
+        return 2
     except typer.Abort:
         typer.echo("Aborted.", err=True)
-        sys.exit(130)
-    sys.exit(code if isinstance(code, int) else 0)
+        return 130
+    return code if isinstance(code, int) else 0
+
+
+def main() -> None:
+    """The ``brushnet`` command: :data:`app` through :func:`run_app` (a usage error is one line, exit 2)."""
+    sys.exit(run_app(app))
