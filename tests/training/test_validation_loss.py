@@ -157,6 +157,24 @@ def test_the_loss_is_a_function_of_the_weights(base_config, tiny_base):
     assert all(torch.equal(a, b) for a, b in zip(own, branch.parameters()))
 
 
+def test_the_terms_unconditional_half_is_a_setting_of_the_set_when_a_term_is_on(base_config):
+    """With a guidance term on, ``unconditional_embeds`` changes the held-out numbers, so a resume that switches it
+    starts a new curve (its settings differ) instead of mixing both in one; with the terms off it changes nothing
+    and is not recorded (runs recorded before it keep their curve)."""
+    values = {**base_config, "validation_loss_steps": 1, "validation_loss_samples": 2}
+
+    def settings(**options):
+        return load_held_out_set(make_config({**values, **options}), 1000).settings
+
+    assert "unconditional_embeds" not in settings(unconditional_embeds="zeros")
+    on = {"kept_invariance_weight": 1.0}
+    encoded, zeros = (
+        settings(unconditional_embeds="encoded", **on),
+        settings(unconditional_embeds="zeros", **on),
+    )
+    assert encoded["unconditional_embeds"] == "encoded" and zeros["unconditional_embeds"] == "zeros"
+
+
 def test_a_run_logs_and_records_it_and_never_trains_on_it(base_config, tmp_path, shards, monkeypatch, caplog):
     """Every N steps, at step 0 and at the end: the record, the log line and TensorBoard; the recorded number is that
     of the exported weights; the held-out samples are never in a training batch (over 2+ epochs), the others are."""

@@ -229,6 +229,8 @@ def load_held_out_set(config, num_train_timesteps: int) -> HeldOutSet:
     source = f"--{flag} {getattr(config, flag)}"
     settings = {name: getattr(config, name) for name in _SETTINGS}
     settings["mask"] = config.mask.model_dump(mode="json")
+    if any(getattr(config, name) for name in _TERMS):  # the terms' unconditional half changes their numbers
+        settings["unconditional_embeds"] = config.unconditional_embeds
     return HeldOutSet(
         source=f"held out of {source}" if split else source,
         keys=keys,
@@ -251,7 +253,10 @@ _SETTINGS = (
     "guided_loss_scale",
     "hole_pull_anchor_weight",
 )
-"""The options besides the data and the weights that change the numbers (with the mask recipe)."""
+"""The options besides the data and the weights that change the numbers (with the mask recipe; and
+``unconditional_embeds`` when a term of :data:`_TERMS` is on)."""
+
+_TERMS = ("kept_invariance_weight", "guided_loss_weight", "hole_pull_anchor_weight")
 
 
 def _pair_generator(sample: int, bucket: int) -> torch.Generator:
