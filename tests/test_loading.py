@@ -411,7 +411,7 @@ def test_a_base_folder_with_only_fp16_variant_weights_loads(tiny_xl_models, tmp_
 def test_a_pickle_only_part_reads_the_folders_variant(tiny_models, tmp_path):
     """A part holding only ``*.fp16.bin`` beside fp16-only safetensors parts: with pickle allowed it loads its fp16
     file (the pipelines' ``from_pretrained`` does); the rule counted safetensors only, and loading failed naming the
-    folder's plain ``.bin`` in the wrong folder."""
+    folder's plain ``.bin`` in the wrong folder. Sharded pickle variants and folders of pickles only count too."""
     full = load_base_components(tiny_models["base"])
     folder = shutil.copytree(
         tiny_models["base"], tmp_path / "mixed", ignore=shutil.ignore_patterns("*.safetensors")
@@ -428,6 +428,32 @@ def test_a_pickle_only_part_reads_the_folders_variant(tiny_models, tmp_path):
     parts = load_base_components(folder, allow_pickle=True)
     weight = parts["vae"].decoder.conv_out.weight
     assert torch.equal(weight, full["vae"].decoder.conv_out.weight.half().float())
+    # a sharded pickle variant (pytorch_model.fp16-00001-of-0000N.bin and its index), and every part pickled
+    # (transformers writes safetensors whatever it is asked now; older tools wrote these)
+    for path in (folder / "text_encoder").glob("model*.safetensors"):
+        path.unlink()
+    state = {k: v.half() for k, v in full["text_encoder"].state_dict().items()}
+    keys, weight_map = sorted(state), {}
+    for i, half in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2 :])):
+        name = f"pytorch_model.fp16-0000{i + 1}-of-00002.bin"
+        torch.save({k: state[k] for k in half}, folder / "text_encoder" / name)
+        weight_map.update(dict.fromkeys(half, name))
+    index = {"metadata": {}, "weight_map": weight_map}
+    (folder / "text_encoder" / "pytorch_model.bin.index.fp16.json").write_text(json.dumps(index))
+    shutil.rmtree(folder / "unet")
+    full["unet"].half().save_pretrained(folder / "unet", variant="fp16", safe_serialization=False)
+    assert not list(folder.rglob("*.safetensors"))
+    for variant in (None, "fp16"):
+        parts = load_base_components(folder, allow_pickle=True, variant=variant)
+        for name in ("unet", "text_encoder", "vae"):
+            loaded, original = parts[name].state_dict(), full[name].state_dict()
+            assert all(torch.equal(loaded[k], original[k].half().float()) for k in original), name
+    # a variant no part holds, on a plain folder: one line naming what each part holds
+    with pytest.raises(CheckpointError) as info:
+        load_base_components(tiny_models["base"], variant="fp16")
+    assert str(info.value) == (
+        f"{tiny_models['base']} has no 'fp16' variant of its weights (text_encoder: plain; unet: plain; vae: plain)"
+    )
 
 
 def test_a_controlnet_folder_with_only_the_fp16_variant_loads(tiny_models, tmp_path):

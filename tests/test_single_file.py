@@ -207,7 +207,7 @@ def test_convert_reads_an_fp16_only_folder_and_a_chosen_variant(tiny_models, tmp
         main([str(only), str(tmp_path / "x.safetensors"), "--variant", "bf16"])
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.count("\n") == 1, err
-    assert "has no 'bf16' variant of its weights (it holds: fp16)" in err
+    assert "has no 'bf16' variant of its weights (text_encoder: fp16; unet: fp16; vae: fp16)" in err
     assert not (tmp_path / "x.safetensors").exists()
 
 
@@ -277,26 +277,41 @@ def test_convert_reads_fp16_safetensors_beside_a_plain_pickle(tiny_models, tmp_p
                 )
 
 
-def test_convert_refuses_several_variants_without_a_choice_in_one_line(tiny_models, tmp_path, capsys):
-    """A part holding two variants and no plain weights: which to read is the user's choice, named in one line
-    (exit 2, nothing written); ``--variant`` then reads the one asked for. A branch folder holding only fp16
+def test_convert_reads_a_folder_of_several_variants_by_the_loaders_rule(tiny_models, tmp_path, capsys):
+    """Parts holding two variants and no plain weights are read as ``--base`` and the pipelines' ``from_pretrained``
+    read them: fp16 where every part holds it (convert refused this folder while the loaders read it), ``--variant``
+    picks the other. Where no variant is fp16, which to read is the user's choice, named in one line (exit 2,
+    nothing written); parts in different variants only are refused in one line. A branch folder holding only fp16
     weights is refused as a branch, as a full-precision one is."""
     from safetensors import safe_open
 
     from brushnet.convert import main
     from brushnet.models import BrushNetModel
 
-    def two_variants(model, part):
-        model.half().save_pretrained(part, variant="fp16")
-        model.to(torch.bfloat16).save_pretrained(part, variant="bf16")
+    def saving(*variants):
+        def save(model, part):
+            for variant in variants:
+                dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(variant, torch.float32)
+                model.to(dtype).save_pretrained(part, variant=variant)
 
-    both = _variant_folder(tiny_models["base"], tmp_path / "both", two_variants)
+        return save
+
+    both = _variant_folder(tiny_models["base"], tmp_path / "both", saving("fp16", "bf16"))
+    for args, dtype in (([], "F16"), (["--variant", "bf16"], "BF16")):
+        main([str(both), str(tmp_path / f"{dtype}.safetensors"), *args])
+        with safe_open(str(tmp_path / f"{dtype}.safetensors"), "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {dtype}
+    no_fp16 = _variant_folder(tiny_models["base"], tmp_path / "no_fp16", saving("bf16", "full"))
+    apart = _variant_folder(tiny_models["base"], tmp_path / "apart", saving("bf16"))
+    for path in (apart / "vae").glob("*.bf16.safetensors"):
+        path.rename(path.with_name(path.name.replace(".bf16.", ".fp16.")))
     branch = tmp_path / "branch_fp16"
     BrushNetModel.from_pretrained(tiny_models["brushnet"]).half().save_pretrained(branch, variant="fp16")
     capsys.readouterr()
     for folder, message in (
-        (both, "unet holds only variants of its weights (bf16, fp16) and no plain ones: pass --variant bf16 or "
-         "--variant fp16"),
+        (no_fp16, "(text_encoder: bf16, full; unet: bf16, full; vae: bf16, full) and no plain weights: pass "
+         "--variant one of 'bf16', 'full'"),
+        (apart, "stores its parts only as different variants (text_encoder: bf16; unet: bf16; vae: fp16)"),
         (branch, "holds a BrushNetModel: it lacks unet/, vae/, text_encoder/"),
     ):  # fmt: skip
         with pytest.raises(SystemExit) as info:
@@ -304,10 +319,6 @@ def test_convert_refuses_several_variants_without_a_choice_in_one_line(tiny_mode
         err = capsys.readouterr().err
         assert info.value.code == 2 and err.count("\n") == 1 and message in err, err
         assert not (tmp_path / "x.safetensors").exists()
-    main([str(both), str(tmp_path / "bf16.safetensors"), "--variant", "bf16"])
-    capsys.readouterr()
-    with safe_open(str(tmp_path / "bf16.safetensors"), "pt") as f:
-        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
 
 
 def test_convert_reads_pickle_only_parts_only_with_allow_pickle(tiny_models, tmp_path, capsys, monkeypatch):

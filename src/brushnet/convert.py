@@ -206,10 +206,11 @@ def save_single_file(
         folder: a diffusers SD1.5- or SDXL-layout base model folder (SDXL: + ``text_encoder_2``).
         path: the ``.safetensors`` file to write (atomically).
         dtype: cast floating tensors (e.g. ``torch.float16``); None keeps them.
-        variant: read the weights of this variant (``"fp16"``: ``*.fp16.safetensors``). None: each part's plain
-            safetensors weights, or its only variant where a part holds no plain ones (a hub snapshot fetched with
-            ``variant="fp16"``; only safetensors files count, as in :mod:`brushnet.loading`); a part with several
-            variants and no plain weights is refused in one line naming them.
+        variant: read the weights of this variant (``"fp16"``: ``*.fp16.safetensors``) where a part has it, else
+            its plain weights. None: the variant the folder is stored in, read as ``load_base_components`` reads
+            it (the one every part without plain weights holds, fp16 first; a hub snapshot fetched with
+            ``variant="fp16"``), or the plain weights; a folder no one variant loads is refused in one line naming
+            its parts.
         allow_pickle: read a part whose weights are only pickle files (``.bin``, ``.ckpt``: loading one can run
             code); without it such a part is refused in one line before anything loads.
 
@@ -226,7 +227,13 @@ def save_single_file(
     if path.suffix != ".safetensors":
         raise ValueError(f"output must be a .safetensors file, got {path.name}")
     _check_base_folder(folder)
-    variants = {part: _part_variant(folder / part, variant) for part in _PARTS}
+    from .loading import _stored_variants
+
+    # the variant rule of load_base_components and the pipelines' from_pretrained (each part the folder's variant
+    # where it has it, else its plain weights)
+    present = {part: _library(folder / part) for part in _PARTS if (folder / part).is_dir()}
+    _, chosen = _stored_variants(folder, present, variant, choose="--variant")
+    variants = {part: chosen.get(part) for part in _PARTS}
     for part in _PARTS:  # every part's weight files, before any loads (pickle only with allow_pickle)
         if (folder / part).is_dir():
             weight_files(
@@ -293,33 +300,6 @@ _PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 def _library(part: Path) -> str:
     """The library whose weight file names a part folder uses (``model*.safetensors`` for the text encoders)."""
     return "transformers" if part.name.startswith("text_") else "diffusers"
-
-
-def _part_variant(part: Path, variant: str | None) -> str | None:
-    """The variant to read ``part`` with: ``variant`` when given (refused in one line if the part lacks it), else
-    None when the plain safetensors weights are there, else the part's only variant (as
-    :func:`brushnet.loading.fp16_only_variant` reads an fp16-only folder). Only safetensors files count, as in
-    :mod:`brushnet.loading`: a plain pickle beside ``*.fp16.safetensors`` does not make the folder plain."""
-    from .errors import CheckpointError
-    from .model_files import safetensors_variants
-
-    if not part.is_dir():
-        return variant
-    found = set(safetensors_variants(part, _library(part)))
-    if variant is not None:
-        if variant not in found:
-            held = ", ".join(sorted("plain" if v is None else v for v in found)) or "no safetensors weights"
-            raise CheckpointError(f"{part} has no {variant!r} variant of its weights (it holds: {held})")
-        return variant
-    if None in found or not found:
-        return None
-    if len(found) == 1:
-        return next(iter(found))
-    names = sorted(found)
-    raise CheckpointError(
-        f"{part} holds only variants of its weights ({', '.join(names)}) and no plain ones: pass "
-        f"{' or '.join(f'--variant {name}' for name in names)}"
-    )
 
 
 def _stored_dtype(folder: Path, variant: str | None = None) -> torch.dtype | None:

@@ -571,27 +571,35 @@ def pipeline_only_variant(folder: str | os.PathLike) -> str | None:
 
 
 def _stored_variants(
-    folder: Path, parts: dict[str, str], variant: str | None = None
+    folder: Path, parts: dict[str, str], variant: str | None = None, choose: str = "variant="
 ) -> tuple[str | None, dict[str, str | None]]:
     """The variant a folder of model parts (``{name: library}``) is stored in, and the variant each part loads.
 
-    Unasked (``variant`` None), the folder's variant is the one every part without plain safetensors weights holds
-    (``"fp16"`` first where they hold several), None when every part has plain ones. Each part loads the folder's
-    variant where it holds it (a part without safetensors files: where it holds ``*.<variant>.bin``), else its plain
-    weights — as diffusers' ``DiffusionPipeline.from_pretrained(variant=...)`` does.
+    A part's variants are those of its safetensors weights, or of its pickle weights where it has no safetensors
+    (:func:`~brushnet.model_files.pickle_variants`; whether pickle may load is checked elsewhere). Unasked
+    (``variant`` None), the folder's variant is the one every part without plain weights holds (``"fp16"`` first
+    where they hold several), None when every part has plain ones. Each part loads the folder's variant where it
+    holds it, else its plain weights — as diffusers' ``DiffusionPipeline.from_pretrained(variant=...)`` does.
 
     Raises:
         CheckpointError: in one line, naming the parts: no one variant is held by every part without plain weights;
-            several are and none is fp16 (``variant=`` chooses); the asked ``variant`` is in no part, or a part has
-            neither it nor plain weights.
+            several are and none is fp16 (``choose``, the argument that picks one, is named); the asked ``variant``
+            is in no part, or a part has neither it nor plain weights.
     """
-    from .model_files import safetensors_variants
+    from .model_files import pickle_variants, safetensors_variants
 
-    held = {name: set(safetensors_variants(folder / name, library)) for name, library in parts.items()}
+    held = {
+        name: set(safetensors_variants(folder / name, library) or pickle_variants(folder / name, library))
+        for name, library in parts.items()
+    }
     only = {name: found for name, found in held.items() if found and None not in found}
 
     def listing(names) -> str:
-        return "; ".join(f"{name}: {', '.join(sorted(held[name]))}" for name in sorted(names))
+        return "; ".join(
+            f"{name}: {', '.join(sorted('plain' if v is None else v for v in held[name]))}"
+            for name in sorted(names)
+            if held[name]
+        )
 
     if variant is None:
         if not only:
@@ -605,12 +613,12 @@ def _stored_variants(
         if len(common) > 1 and "fp16" not in common:
             raise CheckpointError(
                 f"{folder} stores some parts only as variants ({listing(only)}) and no plain weights: pass "
-                f"variant= one of {', '.join(repr(v) for v in sorted(common))}"
+                f"{choose} one of {', '.join(repr(v) for v in sorted(common))}"
             )
         variant = "fp16" if "fp16" in common else next(iter(common))
     elif not any(variant in found for found in held.values()):
         raise CheckpointError(
-            f"{folder} has no {variant!r} variant of its weights ({listing(held) or 'no safetensors weights'})"
+            f"{folder} has no {variant!r} variant of its weights ({listing(held) or 'no weight files'})"
         )
     lacking = sorted(name for name in only if variant not in only[name])
     if lacking:
@@ -618,11 +626,7 @@ def _stored_variants(
             f"{folder} has neither the {variant!r} variant nor plain weights for {', '.join(lacking)} "
             f"({listing(lacking)})"
         )
-    chosen = {}
-    for name, found in held.items():
-        pickled = not found and any((folder / name).glob(f"*.{variant}.bin"))
-        chosen[name] = variant if variant in found or pickled else None
-    return variant, chosen
+    return variant, {name: variant if variant in found else None for name, found in held.items()}
 
 
 def load_brushnet(
@@ -766,7 +770,8 @@ def load_base_components(
             components hold only a variant of their weights (``save_pretrained(variant="fp16")``) loads that
             variant, and a component without it its plain weights (as the pipelines' ``from_pretrained`` does).
         variant: read this variant of the weights (``"fp16"``: ``*.fp16.safetensors``) where a component has it,
-            else its plain weights; None: the folder's own (above; fp16 first where its parts hold several).
+            else its plain weights; None: the folder's own (above; fp16 first where its parts hold several). For a
+            hub id every component must hold it (no file list is fetched to tell which do).
         dtype: weights dtype (fp32 default).
         allow_pickle: allow ``.bin``/``.ckpt`` weights for components without ``.safetensors`` (those are
             preferred), and pickle-based single files.

@@ -182,6 +182,26 @@ def safetensors_variants(folder: str | os.PathLike, library: str = "diffusers") 
     return found
 
 
+PICKLE_STEMS = {"diffusers": "diffusion_pytorch_model", "transformers": "pytorch_model"}
+
+
+def pickle_variants(folder: str | os.PathLike, library: str = "diffusers") -> dict[str | None, str]:
+    """The variants of the pickle (``.bin``) weights in a model folder, each with a file that holds it, as
+    :func:`safetensors_variants` for safetensors: ``None`` for ``<stem>.bin``, its shards or its shard index,
+    ``"fp16"`` for ``<stem>.fp16.bin``, its shards (``<stem>.fp16-00001-of-00002.bin``) or its shard index
+    (``<stem>.bin.index.fp16.json``); the stem is ``pytorch_model`` for ``library="transformers"``. Reads file names
+    only."""
+    stem = re.escape(PICKLE_STEMS[library])
+    pattern = re.compile(rf"{stem}(?:\.(\w+?))?(?:-\d+-of-\d+)?\.bin(?:\.index(?:\.(\w+))?\.json)?")
+    found: dict[str | None, str] = {}
+    folder = Path(folder)
+    for path in sorted(folder.iterdir()) if folder.is_dir() else ():
+        match = pattern.fullmatch(path.name)
+        if match and path.is_file() and not (match[1] and match[2]):
+            found.setdefault(match[1] or match[2], path.name)
+    return found
+
+
 def weight_files(
     folder: str | os.PathLike,
     library: str = "diffusers",

@@ -19,8 +19,8 @@ def convert_command(
     variant: str | None = typer.Option(
         None,
         "--variant",
-        help="Read this variant of the weights (fp16: *.fp16.safetensors); default: the plain weights, or a "
-        "part's only variant.",
+        help="Read this variant of the weights (fp16: *.fp16.safetensors) where a part has it, else its plain "
+        "weights; default: the variant the folder is stored in (fp16 first), else the plain weights.",
     ),
     allow_pickle: bool = typer.Option(
         False,
