@@ -256,6 +256,44 @@ def test_resume_keeps_the_set_and_repeats_the_numbers(base_config, tmp_path, cap
     assert any("did not hold out the samples this run holds out" in r.getMessage() for r in caplog.records)
 
 
+def test_a_run_recorded_before_the_terms_half_was_keeps_its_curve(base_config, tmp_path):
+    """With a guidance term on, a record written before ``unconditional_embeds`` was a setting of the set (and a
+    checkpoint recorded before the option) is the same set when the resumed run uses the half those runs used (the
+    family's fixed one): its curve goes on. Switching the half on the resume starts a new one."""
+    import yaml
+
+    values = {
+        **base_config,
+        "validation_loss_steps": 1,
+        "validation_loss_samples": 2,
+        "kept_invariance_weight": 1.0,
+    }
+    out = tmp_path / "run"
+    loop.train(make_config({**values, "output_dir": str(out), "max_train_steps": 2}))
+    record = _record(out)
+    assert record["settings"]["unconditional_embeds"] == "encoded"
+    del record["settings"]["unconditional_embeds"]  # as written before the setting existed
+    (out / "validation_loss.json").write_text(json.dumps(record))
+    for config_file in (out / "train_config.yaml", out / "checkpoint-2" / "train_config.yaml"):
+        recorded = yaml.safe_load(config_file.read_text())
+        del recorded["unconditional_embeds"]
+        config_file.write_text(yaml.safe_dump(recorded, sort_keys=False))
+    loop.train(
+        make_config(
+            {**values, "output_dir": str(out), "max_train_steps": 3, "resume_from_checkpoint": "latest"}
+        )
+    )
+    assert [e["step"] for e in _record(out)["evaluations"]] == [0, 1, 2, 3]
+    assert not list(out.glob("validation_loss.before-step-*.json"))
+    # switched on a resume: another set of numbers, the old curve moved aside
+    loop.train(make_config({**values, "output_dir": str(out), "max_train_steps": 4, "resume_from_checkpoint": "latest",
+                            "unconditional_embeds": "zeros"}))  # fmt: skip
+    # resumed from checkpoint-2: the old curve is moved aside whole, the new one starts after it
+    assert [e["step"] for e in _record(out)["evaluations"]] == [3, 4]
+    aside = json.loads((out / "validation_loss.before-step-2.json").read_text())
+    assert [e["step"] for e in aside["evaluations"]] == [0, 1, 2, 3]
+
+
 def _image_folder(root: Path, count: int, seed: int) -> Path:
     from PIL import Image
 

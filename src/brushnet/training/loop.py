@@ -803,7 +803,12 @@ def train(config: TrainConfig, dataset=None, on_start: Callable[[], None] | None
 
     held_out = None  # the held-out validation loss's samples, read alike by every process
     if config.validation_loss_steps is not None:
-        held_out = load_held_out_set(config, components.noise_scheduler.config.num_train_timesteps)
+        held_out = load_held_out_set(
+            config,
+            components.noise_scheduler.config.num_train_timesteps,
+            # a record from before the terms' half was recorded used the family's fixed one
+            implied={"unconditional_embeds": components.family.dropped_caption},
+        )
     if dataset is None:
         dataset = build_train_dataset(
             config, accelerator.process_index, accelerator.num_processes, config.seed

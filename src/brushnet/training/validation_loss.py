@@ -88,6 +88,8 @@ class HeldOutSet:
         buckets: the K ranges ``(first, last)``.
         held_out_of_training: the samples were taken out of the training data, which must then drop them.
         settings: the run's settings the numbers depend on besides the weights (resolution, mask recipe, loss).
+        implied: settings a record written before they were recorded held implicitly, with the value it held (a run
+            recorded before ``unconditional_embeds`` was: the family's fixed half); such a record still matches.
     """
 
     source: str
@@ -97,6 +99,7 @@ class HeldOutSet:
     buckets: list[tuple[int, int]]
     held_out_of_training: bool = False
     settings: dict = field(default_factory=dict)
+    implied: dict = field(default_factory=dict)
 
     def description(self) -> dict:
         """What identifies the set and the loss (JSON-ready): the numbers of two records of the same description
@@ -158,8 +161,9 @@ class WithoutIndices(Dataset):
         return self.dataset[self.indices[index]]
 
 
-def load_held_out_set(config, num_train_timesteps: int) -> HeldOutSet:
+def load_held_out_set(config, num_train_timesteps: int, implied: dict | None = None) -> HeldOutSet:
     """The held-out set of ``config`` (see the module docstring): read the samples, fix their timesteps.
+    ``implied``: :attr:`HeldOutSet.implied`.
 
     Raises:
         InputError: the validation data yields no usable sample, or holding the samples out would leave the training
@@ -239,6 +243,7 @@ def load_held_out_set(config, num_train_timesteps: int) -> HeldOutSet:
         buckets=buckets,
         held_out_of_training=split,
         settings=settings,
+        implied={k: v for k, v in (implied or {}).items() if k in settings},
     )
 
 
@@ -401,6 +406,9 @@ class ValidationLoss:
         except (OSError, ValueError):
             record = None
         description = self.held_out.description()
+        if isinstance(record, dict) and isinstance(record.get("settings"), dict):
+            # a record from before a setting was recorded held it implicitly
+            record["settings"] = {**self.held_out.implied, **record["settings"]}
         if not isinstance(record, dict) or {k: record.get(k) for k in description} != description:
             aside = self.path.with_name(f"validation_loss.before-step-{step}.json")
             os.replace(self.path, aside)
