@@ -357,3 +357,41 @@ def test_convert_reads_pickle_only_parts_only_with_allow_pickle(tiny_models, tmp
     main([str(safe), str(tmp_path / "safe.safetensors")])
     capsys.readouterr()
     assert (tmp_path / "allowed.safetensors").read_bytes() == (tmp_path / "safe.safetensors").read_bytes()
+
+
+def test_convert_keeps_each_parts_stored_dtype(tiny_models, tmp_path, caplog):
+    """Unasked (no --fp16), every part was loaded in the UNet's stored dtype, so a float16 VAE beside a UNet read as
+    float32 was upcast, and a pickle UNet (whose dtype was not read) made every diffusers part float32. Each part
+    now keeps the dtype of the files it is read from, pickle files too, and an allowed pickle load logs nothing
+    (diffusers' "An error occurred while trying to fetch")."""
+    import logging
+
+    from safetensors import safe_open
+
+    def dtypes(path):
+        prefixes = {"model.": "unet", "first_stage_model.": "vae", "cond_stage_model.": "text_encoder"}
+        found = {}
+        with safe_open(str(path), "pt") as f:
+            for key in f.keys():
+                part = next(v for k, v in prefixes.items() if key.startswith(k))
+                found.setdefault(part, set()).add(f.get_slice(key).get_dtype())
+        return found
+
+    def text_plain_rest_fp16(model, part):  # fp16 where it is stored as fp16, the text encoder plain float32
+        model.save_pretrained(part) if part.name == "text_encoder" else model.half().save_pretrained(
+            part, variant="fp16"
+        )
+
+    mixed = _variant_folder(tiny_models["base"], tmp_path / "mixed", text_plain_rest_fp16)
+    out = save_single_file(mixed, tmp_path / "mixed.safetensors")
+    assert dtypes(out) == {"unet": {"F16"}, "vae": {"F16"}, "text_encoder": {"F32"}}
+
+    def pickled_fp16(model, part):
+        model.half().save_pretrained(part, variant="fp16", safe_serialization=False)
+
+    pickled = _variant_folder(tiny_models["base"], tmp_path / "pickled", pickled_fp16)
+    assert (pickled / "unet" / "diffusion_pytorch_model.fp16.bin").is_file()
+    with caplog.at_level(logging.WARNING):
+        out = save_single_file(pickled, tmp_path / "pickled.safetensors", allow_pickle=True)
+    assert dtypes(out) == {"unet": {"F16"}, "vae": {"F16"}, "text_encoder": {"F16"}}
+    assert not [r for r in caplog.records if "error occurred" in r.getMessage().lower()], caplog.records

@@ -205,7 +205,7 @@ def save_single_file(
     Args:
         folder: a diffusers SD1.5- or SDXL-layout base model folder (SDXL: + ``text_encoder_2``).
         path: the ``.safetensors`` file to write (atomically).
-        dtype: cast floating tensors (e.g. ``torch.float16``); None keeps them.
+        dtype: cast floating tensors (e.g. ``torch.float16``); None keeps each part's stored dtype.
         variant: read the weights of this variant (``"fp16"``: ``*.fp16.safetensors``) where a part has it, else
             its plain weights. None: the variant the folder is stored in, read as ``load_base_components`` reads
             it (the one every part without plain weights holds, fp16 first; a hub snapshot fetched with
@@ -239,16 +239,17 @@ def save_single_file(
             weight_files(
                 folder / part, _library(folder / part), allow_pickle=allow_pickle, variant=variants[part]
             )
-    # None: each part as the folder stores it (fp16 stays fp16)
-    stored = dtype or _stored_dtype(folder / "unet", variants["unet"])
+    from .loading import safetensors_policy
 
     def load(cls, part):
+        # None: each part as the folder stores it (fp16 stays fp16; diffusers would load float32)
+        stored = dtype or _stored_dtype(folder / part, variants[part], allow_pickle) or torch.float32
         return cls.from_pretrained(
             folder,
             subfolder=part,
             torch_dtype=stored,
             variant=variants[part],
-            use_safetensors=None if allow_pickle else True,
+            use_safetensors=safetensors_policy(allow_pickle, folder / part),
         )
 
     state = {}
@@ -302,9 +303,9 @@ def _library(part: Path) -> str:
     return "transformers" if part.name.startswith("text_") else "diffusers"
 
 
-def _stored_dtype(folder: Path, variant: str | None = None) -> torch.dtype | None:
-    """The dtype of the first floating tensor in a model folder's safetensors weights of ``variant`` (None if
-    unknown)."""
+def _stored_dtype(folder: Path, variant: str | None = None, allow_pickle: bool = False) -> torch.dtype | None:
+    """The dtype of the first floating tensor in a model folder's weights of ``variant``: its safetensors, or with
+    ``allow_pickle`` its pickle file (read with ``weights_only``, memory-mapped); None if unknown."""
     from safetensors import safe_open
 
     from .errors import CheckpointError
@@ -312,17 +313,23 @@ def _stored_dtype(folder: Path, variant: str | None = None) -> torch.dtype | Non
 
     dtypes = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
     try:
-        files = weight_files(folder, _library(folder), variant=variant)
+        files = weight_files(folder, _library(folder), allow_pickle=allow_pickle, variant=variant)
     except CheckpointError:
         return None
     for file in files:
-        if file.suffix != ".safetensors":
-            continue
-        with safe_open(str(file), "pt") as f:
-            for key in f.keys():
-                name = f.get_slice(key).get_dtype()
-                if name in dtypes:
-                    return dtypes[name]
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), "pt") as f:
+                for key in f.keys():
+                    name = f.get_slice(key).get_dtype()
+                    if name in dtypes:
+                        return dtypes[name]
+        elif allow_pickle:
+            try:
+                state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+            except Exception:  # noqa: BLE001 - unreadable here: loading names the problem
+                return None
+            found = [v.dtype for v in state.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+            return found[0] if found else None
     return None
 
 
