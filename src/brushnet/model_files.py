@@ -172,7 +172,12 @@ def safetensors_variants(folder: str | os.PathLike, library: str = "diffusers") 
     (``<stem>.safetensors.index.fp16.json`` as diffusers and transformers write it, or
     ``<stem>.fp16.safetensors.index.json``). Reads file names only."""
     stem = re.escape(WEIGHT_STEMS[library])
-    pattern = re.compile(rf"{stem}(?:\.(\w+))?\.safetensors(?:\.index(?:\.(\w+))?\.json)?")
+    return _variants(folder, re.compile(rf"{stem}(?:\.(\w+))?\.safetensors(?:\.index(?:\.(\w+))?\.json)?"))
+
+
+def _variants(folder: str | os.PathLike, pattern: re.Pattern) -> dict[str | None, str]:
+    """``{variant: first file}`` of the files in ``folder`` whose names ``pattern`` matches in full; its group 1
+    (a weight file's) or group 2 (a shard index's) is the variant, neither: None; both: not a weight file."""
     found: dict[str | None, str] = {}
     folder = Path(folder)
     for path in sorted(folder.iterdir()) if folder.is_dir() else ():
@@ -192,14 +197,9 @@ def pickle_variants(folder: str | os.PathLike, library: str = "diffusers") -> di
     (``<stem>.bin.index.fp16.json``); the stem is ``pytorch_model`` for ``library="transformers"``. Reads file names
     only."""
     stem = re.escape(PICKLE_STEMS[library])
-    pattern = re.compile(rf"{stem}(?:\.(\w+?))?(?:-\d+-of-\d+)?\.bin(?:\.index(?:\.(\w+))?\.json)?")
-    found: dict[str | None, str] = {}
-    folder = Path(folder)
-    for path in sorted(folder.iterdir()) if folder.is_dir() else ():
-        match = pattern.fullmatch(path.name)
-        if match and path.is_file() and not (match[1] and match[2]):
-            found.setdefault(match[1] or match[2], path.name)
-    return found
+    return _variants(
+        folder, re.compile(rf"{stem}(?:\.(\w+?))?(?:-\d+-of-\d+)?\.bin(?:\.index(?:\.(\w+))?\.json)?")
+    )
 
 
 def weight_files(

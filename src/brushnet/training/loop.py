@@ -273,19 +273,25 @@ def run_seed(config: TrainConfig, resume_path: Path | None) -> int:
     return config.seed
 
 
-def resumed_caption_dropout_embeds(resume_path: Path | None) -> str | None:
-    """What a dropped caption became in the run a resume continues: its record's ``caption_dropout_embeds``, or
-    ``"encoded"`` for a run recorded before the option existed (every dropped caption was the encoded ``""``);
-    None when nothing is resumed or the record is unreadable (the base's convention then decides)."""
+def _resumed_record(resume_path: Path | None) -> dict | None:
+    """The resolved config a resume continues (its checkpoint's ``train_config.yaml``), or None when nothing is
+    resumed or the record is unreadable."""
     from .config import ConfigError, load_config_file
 
     if resume_path is None:
         return None
     try:
-        recorded = load_config_file(resume_path / CONFIG_FILE)
+        return load_config_file(resume_path / CONFIG_FILE)
     except ConfigError:
         return None
-    value = recorded.get("caption_dropout_embeds", "encoded")
+
+
+def resumed_caption_dropout_embeds(resume_path: Path | None) -> str | None:
+    """What a dropped caption became in the run a resume continues: its record's ``caption_dropout_embeds``, or
+    ``"encoded"`` for a run recorded before the option existed (every dropped caption was the encoded ``""``);
+    None when nothing is resumed or the record is unreadable (the base's convention then decides)."""
+    recorded = _resumed_record(resume_path)
+    value = None if recorded is None else recorded.get("caption_dropout_embeds", "encoded")
     return value if value in ("encoded", "zeros") else None
 
 
@@ -293,15 +299,8 @@ def resumed_unconditional_embeds(resume_path: Path | None, family) -> str | None
     """The guidance terms' unconditional half in the run a resume continues: its record's ``unconditional_embeds``,
     or, for a run recorded before that setting existed (2026-11-29), the family's fixed half it trained them on
     (SD1.5 the encoded ``""``, SDXL zeros); None when nothing is resumed or the record is unreadable."""
-    from .config import ConfigError, load_config_file
-
-    if resume_path is None:
-        return None
-    try:
-        recorded = load_config_file(resume_path / CONFIG_FILE)
-    except ConfigError:
-        return None
-    value = recorded.get("unconditional_embeds", family.dropped_caption)
+    recorded = _resumed_record(resume_path)
+    value = None if recorded is None else recorded.get("unconditional_embeds", family.dropped_caption)
     return value if value in ("encoded", "zeros") else None
 
 
