@@ -15,7 +15,11 @@ def convert_command(
         ..., help="A diffusers SD1.5- or SDXL-layout base folder (unet/, vae/, ...)."
     ),
     output: Path = typer.Argument(..., help="The .safetensors file to write (written whole, or not at all)."),
-    fp16: bool = typer.Option(False, "--fp16", help="Store floating tensors as float16."),
+    fp16: bool = typer.Option(
+        False,
+        "--fp16",
+        help="Store floating tensors as float16 (default: each part in the dtype it is stored in).",
+    ),
     variant: str | None = typer.Option(
         None,
         "--variant",
