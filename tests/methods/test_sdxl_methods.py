@@ -266,3 +266,27 @@ def test_latent_methods_give_the_unet_float32_time_ids_in_bfloat16(xl_models, xl
     finally:
         hook.remove()
     assert dtypes and set(dtypes) == {torch.float32}
+
+
+@pytest.mark.parametrize("name", ["blended-latent-diffusion", "repaint"])
+def test_latent_methods_run_an_overflowing_sdxl_vae_in_float32_under_fp16(xl_models, xl_scene, name):
+    """SDXL's stock VAE overflows in float16 (``force_upcast``): the SDXL BrushNet pipeline and diffusers' pipelines
+    behind sd-inpainting and controlnet-inpaint run it in float32, but the two latent-loop methods ran it in float16
+    (NaN: a GenerationError in ``--dtype fp16``). They upcast it now and give it back in float16."""
+    method = load_method(name, {"base": xl_models["base"]}, dtype="fp16")
+    vae = method.vae
+    assert vae.dtype == torch.float16 and vae.config.force_upcast
+    with torch.no_grad():  # activations past float16's range (65504); float32's group norms bring them back
+        for conv in (vae.encoder.conv_in, vae.decoder.conv_in):
+            conv.weight.mul_(1e5)
+            conv.bias.mul_(1e5)
+    dtypes = []
+    hooks = [conv.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+             for conv in (vae.encoder.conv_in, vae.decoder.conv_in)]  # fmt: skip
+    try:
+        result = inpaint(method, *xl_scene, {**FAST, "steps": 2})
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert np.isfinite(np.asarray(result.images[0], dtype=np.float32)).all()
+    assert dtypes and set(dtypes) == {torch.float32} and vae.dtype == torch.float16

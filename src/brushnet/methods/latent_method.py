@@ -132,19 +132,21 @@ class LatentMethod(InpaintMethod):
         the kept region is reproducible) times the VAE scaling factor."""
         import torch
 
-        from ..models.conditioning import encode_latents
+        from ..models.conditioning import encode_latents, vae_in_float32
 
-        with torch.no_grad():
-            return encode_latents(self.vae, (image * 2 - 1).to(self.device), sample=False)
+        # SDXL's stock VAE overflows in float16 (force_upcast): float32 there, as its pipelines run it
+        with torch.no_grad(), vae_in_float32(self.vae, self.device):
+            pixels = (image * 2 - 1).to(self.device)
+            return encode_latents(self.vae, pixels, sample=False).to(self.dtype)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latent → image ``(B, 3, h, w)`` in [0, 1] (float32, CPU)."""
         import torch
 
-        from ..models.conditioning import from_model_latents
+        from ..models.conditioning import from_model_latents, vae_in_float32
 
-        with torch.no_grad():
-            pixels = self.vae.decode(from_model_latents(self.vae, latents)).sample
+        with torch.no_grad(), vae_in_float32(self.vae, self.device):
+            pixels = self.vae.decode(from_model_latents(self.vae, latents).to(self.vae.dtype)).sample
         return ((pixels.float() + 1) / 2).clamp(0, 1).cpu()
 
     def predict(

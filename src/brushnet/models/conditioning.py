@@ -13,6 +13,8 @@ nowhere else.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -56,6 +58,22 @@ def vae_precision(vae, device: torch.device | str | None = None):
     if vae.dtype == torch.float32 and autocast:
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def vae_in_float32(vae, device: torch.device | str | None = None):
+    """Run ``vae`` in float32 when it is float16 and its config says it overflows there (``force_upcast``, SDXL's
+    stock VAE), as diffusers' SDXL pipelines do, and in its own dtype under autocast (:func:`vae_precision`); its
+    dtype is restored afterwards. An fp16-fixed VAE (``force_upcast`` false) stays in float16."""
+    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    if upcast:
+        vae.to(dtype=torch.float32)
+    try:
+        with vae_precision(vae, device):
+            yield
+    finally:
+        if upcast:
+            vae.to(dtype=torch.float16)
 
 
 def encode_latents(

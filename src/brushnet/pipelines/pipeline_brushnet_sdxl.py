@@ -26,8 +26,7 @@ an optional SDXL ``controlnet``, offloading, ``torch.compile`` and ``pipe.compil
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -60,7 +59,7 @@ from transformers import (
 
 from ..loading import FAMILY_NAMES, CheckpointError, check_brushnet_fits_base, detect_family
 from ..models.brushnet import BrushNetModel
-from ..models.conditioning import from_model_latents, vae_precision
+from ..models.conditioning import from_model_latents, vae_in_float32
 from .common import (
     BrushNetPipelineMixin,
     CheckedSourceMixin,
@@ -198,20 +197,10 @@ class StableDiffusionXLBrushNetPipeline(
             },
         }
 
-    @contextmanager
-    def _vae_in_float32(self) -> Iterator[None]:
-        """Run the VAE in float32 when it is float16 and its config says it overflows (``force_upcast``), as
-        diffusers' SDXL pipelines do; restore its dtype afterwards. An fp16-fixed VAE stays in fp16."""
-        upcast = self.vae.dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False)
-        if upcast:
-            self.vae.to(dtype=torch.float32)
-        try:
-            # a float32 VAE inside an autocast region (a training run's validation) would still run in float16
-            with vae_precision(self.vae, self._execution_device):
-                yield
-        finally:
-            if upcast:
-                self.vae.to(dtype=torch.float16)
+    def _vae_in_float32(self):
+        """:func:`~brushnet.models.conditioning.vae_in_float32` on this pipeline's VAE: float32 when it is float16
+        and overflows there (``force_upcast``), as diffusers' SDXL pipelines do."""
+        return vae_in_float32(self.vae, self._execution_device)
 
     def check_inputs(
         self,
