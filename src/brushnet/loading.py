@@ -629,6 +629,28 @@ def _stored_variants(
     return variant, {name: variant if variant in found else None for name, found in held.items()}
 
 
+def force_zeros_for_empty_prompt(
+    path: str | os.PathLike, config: str | os.PathLike | None = None, revision: str | None = None
+) -> bool:
+    """Whether an SDXL base's pipelines send zeros as the unconditional text when no negative prompt is given: its
+    ``model_index.json``'s ``force_zeros_for_empty_prompt`` (of ``config`` for a single file), read from a local
+    folder or the local hub cache (nothing is fetched); True without that file or that key, the SDXL pipelines'
+    default and SDXL base 1.0's setting."""
+    from .model_files import read_config
+
+    source = config if config is not None and Path(path).expanduser().is_file() else path
+    if is_local_path(source):
+        index = Path(source).expanduser() / "model_index.json"
+    else:
+        index = _cached_file(str(source), "model_index.json", {"revision": revision})
+    if index is None or not index.is_file():
+        return True
+    try:
+        return bool(read_config(index).get("force_zeros_for_empty_prompt", True))
+    except CheckpointError:
+        return True
+
+
 def load_brushnet(
     path: str | os.PathLike,
     dtype: str | torch.dtype | None = None,

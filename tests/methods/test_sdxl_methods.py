@@ -290,3 +290,31 @@ def test_latent_methods_run_an_overflowing_sdxl_vae_in_float32_under_fp16(xl_mod
             hook.remove()
     assert np.isfinite(np.asarray(result.images[0], dtype=np.float32)).all()
     assert dtypes and set(dtypes) == {torch.float32} and vae.dtype == torch.float16
+
+
+def test_a_base_that_encodes_the_empty_prompt_gets_it_encoded(xl_models, tmp_path):
+    """An SDXL base whose model_index.json sets ``force_zeros_for_empty_prompt`` false: its pipelines (diffusers' and
+    ``StableDiffusionXLBrushNetPipeline.from_pretrained``) and training encode "" as the unconditional text, but the
+    methods built their pipelines with the default (zeros) whatever the base said."""
+    import json
+    import shutil
+
+    from brushnet.methods import InpaintRequest
+
+    models = {}
+    for slot in ("base", "inpaint_model"):
+        folder = shutil.copytree(xl_models[slot], tmp_path / slot)
+        index = json.loads((folder / "model_index.json").read_text())
+        (folder / "model_index.json").write_text(json.dumps({**index, "force_zeros_for_empty_prompt": False}))
+        models[slot] = folder
+    models.update(brushnet=xl_models["brushnet"], controlnet=xl_models["controlnet"])
+    for name in ("brushnet", "blended-latent-diffusion", "sd-inpainting", "controlnet-inpaint"):
+        method = load_method(name, models)
+        assert method.pipeline.config.force_zeros_for_empty_prompt is False, name
+    assert _load("blended-latent-diffusion", xl_models).pipeline.config.force_zeros_for_empty_prompt is True
+    request = InpaintRequest(prompt="a cat", guidance_scale=2.0)
+    unconditional = method.pipeline.encode_prompt("", do_classifier_free_guidance=False)[0]
+    latent = load_method("blended-latent-diffusion", {"base": models["base"]})
+    text = latent.encode_prompts(request, 64, 64)
+    assert text.embeddings[:1].abs().max() > 0  # CLIP(""), not zeros
+    torch.testing.assert_close(text.embeddings[:1], unconditional)

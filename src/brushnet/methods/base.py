@@ -594,9 +594,13 @@ class InpaintMethod(ABC):
             slot: the slot naming the model (``"base"``, ``"inpaint_model"``).
             in_channels: the UNet input width the method needs (4: a plain base; 9: an inpainting model); another
                 width is a one-line :class:`~brushnet.errors.CheckpointError`.
+
+        Returns:
+            The components; for an SDXL base also ``force_zeros_for_empty_prompt`` as its ``model_index.json`` sets
+            it (:func:`brushnet.loading.force_zeros_for_empty_prompt`), for the SDXL pipelines' constructors.
         """
         from ..errors import CheckpointError
-        from ..loading import load_base_components
+        from ..loading import detect_family, force_zeros_for_empty_prompt, load_base_components
 
         path = models.get(slot)
         components = load_base_components(
@@ -606,6 +610,10 @@ class InpaintMethod(ABC):
         if in_channels is not None and channels != in_channels:
             needs = _UNET_INPUTS.get(in_channels, f"a {in_channels}-channel UNet")
             raise CheckpointError(f"{path} has a {channels}-channel UNet; {cls.name} needs {needs}")
+        if detect_family(components["unet"].config) == "sdxl":  # a base that encodes "" gets it encoded
+            components["force_zeros_for_empty_prompt"] = force_zeros_for_empty_prompt(
+                path, models.base_config
+            )
         return components
 
     def compile(self, mode: str | None = None, backend: str = "inductor") -> list[str]:

@@ -246,20 +246,15 @@ def dropped_caption_default(
             only; nothing is fetched).
         revision: the hub revision of the base.
     """
-    from pathlib import Path
-
-    from ..loading import _cached_file, is_local_path
-    from ..model_files import read_config
+    from ..loading import force_zeros_for_empty_prompt
 
     if family != "sdxl":
         return "encoded"
-    if is_local_path(pretrained_model_name_or_path):
-        index = Path(pretrained_model_name_or_path).expanduser() / "model_index.json"
-    else:
-        index = _cached_file(pretrained_model_name_or_path, "model_index.json", {"revision": revision})
-    if index is None or not index.is_file():
-        return "zeros"
-    return "zeros" if read_config(index).get("force_zeros_for_empty_prompt", True) else "encoded"
+    return (
+        "zeros"
+        if force_zeros_for_empty_prompt(pretrained_model_name_or_path, revision=revision)
+        else "encoded"
+    )
 
 
 def zero_dropped_captions(
