@@ -377,15 +377,22 @@ def test_a_negative_prompt_without_guidance_is_named_in_a_warning(tiny, logged):
     assert messages == []
     if kind == "xl":
         with logged("brushnet.pipelines.common") as messages:
-            _run(pipe, guidance_scale=0.0, negative_prompt_2="blurry", negative_original_size=(32, 32))
+            sizes = {
+                "negative_original_size": (32, 32),
+                "negative_target_size": (32, 32),
+            }  # one alone: refused
+            _run(pipe, guidance_scale=0.0, negative_prompt_2="blurry", **sizes)
         assert messages == [
-            "`negative_prompt_2` and `negative_original_size` have no effect at guidance_scale 0: classifier-free "
-            "guidance is off at <= 1 (raise guidance_scale to use it)"
+            "`negative_prompt_2` and `negative_original_size` and `negative_target_size` have no effect at "
+            "guidance_scale 0: classifier-free guidance is off at <= 1 (raise guidance_scale to use it)"
         ]
         with logged("brushnet.pipelines.common") as messages:
             _run(pipe, guidance_scale=1.0, negative_crops_coords_top_left=(0, 0))  # the default: nothing said
-            _run(pipe, guidance_scale=1.0, negative_crops_coords_top_left=(4, 4))
-        assert len(messages) == 1 and messages[0].startswith("`negative_crops_coords_top_left` has no effect")
+            _run(pipe, guidance_scale=1.0, negative_crops_coords_top_left=(4, 4), **sizes)
+        assert (
+            len(messages) == 1
+            and "`negative_crops_coords_top_left` and `negative_target_size` have no" in (messages[0])
+        )
 
 
 def test_powerpaint_and_hd_painter_name_an_unused_negative_too(powerpaint_pipes, hd_painter, logged):
@@ -397,7 +404,12 @@ def test_powerpaint_and_hd_painter_name_an_unused_negative_too(powerpaint_pipes,
     # v1 runs on diffusers' inpainting pipeline, which says nothing of its own
     v1 = powerpaint_pipes["v1"]
     embeds = torch.zeros(1, 77, v1.text_encoder.config.hidden_size)
-    arguments = {**_powerpaint_arguments("v1"), "guidance_scale": 1.0, "num_inference_steps": 1, "prompt": None}
+    arguments = {
+        **_powerpaint_arguments("v1"),
+        "guidance_scale": 1.0,
+        "num_inference_steps": 1,
+        "prompt": None,
+    }
     with logged("brushnet.pipelines.common") as messages:
         v1(**arguments, prompt_embeds=embeds, negative_prompt_embeds=embeds)
     assert messages == [f"`negative_prompt_embeds` {UNUSED} (raise guidance_scale to use it)"]

@@ -454,3 +454,30 @@ def test_fp16_upcasts_an_overflowing_vae_and_keeps_an_fp16_fixed_one(xl_golden_d
     fixed.vae.register_to_config(force_upcast=False)
     out = _run(fixed, image, mask)
     assert fixed.vae.dtype == torch.float16 and np.isfinite(out).all() and 0 < out.mean() < 1
+
+
+def test_negative_prompt_2_alone_is_used_and_a_lone_negative_size_is_refused(xl_golden_dir, inputs):
+    """diffusers' SDXL ``encode_prompt`` zeroes the negative when ``negative_prompt`` is None, so
+    ``negative_prompt_2="blurry"`` alone changed nothing (0.0 from the plain run); it is text_encoder_2's negative
+    now, with "" for the first encoder. One negative size alone, or a negative crop without the sizes, was dropped
+    without a word: a one-line ValueError now."""
+    image, mask, _ = inputs
+    pipe = make_pipe(xl_golden_dir)
+    plain = _run(pipe, image, mask)
+    alone = _run(pipe, image, mask, negative_prompt_2="blurry")
+    spelled = _run(pipe, image, mask, negative_prompt="", negative_prompt_2="blurry")
+    assert np.abs(alone - plain).max() > 1e-3
+    np.testing.assert_array_equal(alone, spelled)
+    for kwargs, message in (
+        ({"negative_original_size": (16, 16)}, "`negative_original_size` alone has no effect"),
+        ({"negative_target_size": (16, 16)}, "`negative_target_size` alone has no effect"),
+        (
+            {"negative_crops_coords_top_left": (7, 7)},
+            "`negative_crops_coords_top_left` has no effect without",
+        ),
+    ):
+        with pytest.raises(ValueError, match=message) as info:
+            _run(pipe, image, mask, **kwargs)
+        assert "\n" not in str(info.value)
+    both = _run(pipe, image, mask, negative_original_size=(16, 16), negative_target_size=(16, 16))
+    assert np.abs(both - plain).max() > 1e-3

@@ -282,6 +282,18 @@ class StableDiffusionXLBrushNetPipeline(
             # the sizes default to the output size; the crops have no such default
             if value is not None or "crops" in name:
                 check_pair(name, value, what)
+        # the negative time ids are made only from both negative sizes (as diffusers does): one alone, or a negative
+        # crop without them, was dropped without a word
+        if (negative_original_size is None) != (negative_target_size is None):
+            given = "negative_original_size" if negative_original_size is not None else "negative_target_size"
+            raise ValueError(
+                f"`{given}` alone has no effect: pass `negative_original_size` and `negative_target_size` together"
+            )
+        if negative_original_size is None and tuple(negative_crops_coords_top_left) != (0, 0):
+            raise ValueError(
+                "`negative_crops_coords_top_left` has no effect without `negative_original_size` and "
+                "`negative_target_size`: pass both sizes too"
+            )
 
     @torch.no_grad()
     def __call__(
@@ -356,8 +368,9 @@ class StableDiffusionXLBrushNetPipeline(
             num_inference_steps, timesteps, sigmas: the denoising schedule (custom lists as in diffusers).
             denoising_end: stop after this fraction of the schedule (for an SDXL refiner), as in diffusers.
             guidance_scale: classifier-free guidance weight (off at ≤ 1; the original's default 5.0).
-            negative_prompt, negative_prompt_2: what not to paint; without one, zeros when the pipeline's
-                ``force_zeros_for_empty_prompt`` is set.
+            negative_prompt, negative_prompt_2: what not to paint; without either, zeros when the pipeline's
+                ``force_zeros_for_empty_prompt`` is set; ``negative_prompt_2`` alone is text_encoder_2's negative,
+                with ``""`` for the first encoder (diffusers' SDXL pipelines drop it).
             prompt_embeds, negative_prompt_embeds: ``(B, 77, D₁ + D₂)`` concatenated penultimate hidden states
                 of the two text encoders.
             pooled_prompt_embeds, negative_pooled_prompt_embeds: ``(B, D_proj)`` pooled text of
@@ -451,7 +464,11 @@ class StableDiffusionXLBrushNetPipeline(
         device = self._execution_device
         total = batch_size * num_images_per_prompt
 
-        # 2. encode prompt: both encoders' penultimate hidden states, and text_encoder_2's pooled projection
+        # 2. encode prompt: both encoders' penultimate hidden states, and text_encoder_2's pooled projection.
+        # negative_prompt_2 alone: diffusers' encode_prompt zeroes the negative when negative_prompt is None
+        # (force_zeros_for_empty_prompt) and drops it; it is text_encoder_2's negative, with "" for the first
+        if negative_prompt is None and negative_prompt_2 is not None:
+            negative_prompt = ""
         prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = (
             self.encode_prompt(
                 prompt=prompt,
