@@ -257,3 +257,25 @@ def test_blend_keeps_pixels_exactly(load, scene, name):
     out, original = np.asarray(result.images[0]), np.asarray(image)
     assert np.array_equal(out[outside], original[outside])
     assert not np.array_equal(out[~outside], original[~outside])  # and the hole was actually regenerated
+
+
+def test_sd15_latent_methods_keep_their_vae_in_the_methods_dtype(tiny_models, scene):
+    """Only SDXL's VAE is upcast (it overflows in float16): diffusers writes ``force_upcast`` true into every VAE
+    config, SD1.5's too, and the SD1.5 pipelines (BrushNet's among them) run their VAE in the model's dtype; the
+    latent-loop methods do the same, so a comparison runs every method's VAE alike."""
+    import torch
+
+    from brushnet.methods import inpaint, load_method
+
+    for name in ("blended-latent-diffusion", "repaint"):
+        method = load_method(name, {"base": tiny_models["base"]}, dtype="fp16")
+        assert method.family == "sd15" and method.vae.config.force_upcast
+        dtypes = []
+        hook = method.vae.decoder.conv_in.register_forward_hook(
+            lambda m, i, o, seen=dtypes: seen.append(o.dtype)
+        )
+        try:
+            inpaint(method, *scene, {"steps": 1, "seed": 0, "prompt": "x"})
+        finally:
+            hook.remove()
+        assert dtypes and set(dtypes) == {torch.float16}, name

@@ -132,10 +132,9 @@ class LatentMethod(InpaintMethod):
         the kept region is reproducible) times the VAE scaling factor."""
         import torch
 
-        from ..models.conditioning import encode_latents, vae_in_float32
+        from ..models.conditioning import encode_latents
 
-        # SDXL's stock VAE overflows in float16 (force_upcast): float32 there, as its pipelines run it
-        with torch.no_grad(), vae_in_float32(self.vae, self.device):
+        with torch.no_grad(), self._vae_precision():
             pixels = (image * 2 - 1).to(self.device)
             return encode_latents(self.vae, pixels, sample=False).to(self.dtype)
 
@@ -143,11 +142,21 @@ class LatentMethod(InpaintMethod):
         """Latent → image ``(B, 3, h, w)`` in [0, 1] (float32, CPU)."""
         import torch
 
-        from ..models.conditioning import from_model_latents, vae_in_float32
+        from ..models.conditioning import from_model_latents
 
-        with torch.no_grad(), vae_in_float32(self.vae, self.device):
+        with torch.no_grad(), self._vae_precision():
             pixels = self.vae.decode(from_model_latents(self.vae, latents).to(self.vae.dtype)).sample
         return ((pixels.float() + 1) / 2).clamp(0, 1).cpu()
+
+    def _vae_precision(self):
+        """SDXL's stock VAE overflows in float16 (``force_upcast``): float32 there, as the SDXL pipelines run it
+        (:func:`~brushnet.models.conditioning.vae_in_float32`). An SD1.5 VAE runs in the method's dtype, as the SD1.5
+        pipelines run it (diffusers' ``force_upcast`` defaults to true in every VAE config, SD1.5's too)."""
+        import contextlib
+
+        from ..models.conditioning import vae_in_float32
+
+        return vae_in_float32(self.vae, self.device) if self.family == "sdxl" else contextlib.nullcontext()
 
     def predict(
         self, model_input: torch.Tensor, t: torch.Tensor, text: TextConditioning, guidance_scale: float
