@@ -96,9 +96,11 @@ class SD15Family:
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         """The unconditional half of classifier-free guidance: the empty caption, encoded, as the SD1.5 pipeline
         builds it (``embeds="encoded"``), or zeros (``"zeros"``: what ``--caption_dropout_embeds zeros`` trains a
-        dropped caption as)."""
-        hidden_states, added = self.encode([""] * count, device, dtype, batch)
-        return (torch.zeros_like(hidden_states) if embeds == "zeros" else hidden_states), added
+        dropped caption as; no encoder pass)."""
+        if embeds == "zeros":
+            shape = (count, self.tokenizer.model_max_length, self.text_encoder.config.hidden_size)
+            return torch.zeros(shape, device=device, dtype=dtype), None
+        return self.encode([""] * count, device, dtype, batch)
 
 
 class SDXLFamily:

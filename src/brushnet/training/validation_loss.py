@@ -233,8 +233,14 @@ def load_held_out_set(config, num_train_timesteps: int, implied: dict | None = N
     source = f"--{flag} {getattr(config, flag)}"
     settings = {name: getattr(config, name) for name in _SETTINGS}
     settings["mask"] = config.mask.model_dump(mode="json")
-    if any(getattr(config, name) for name in _TERMS):  # the terms' unconditional half changes their numbers
-        settings["unconditional_embeds"] = config.unconditional_embeds
+    from .loop import uses_empty_caption  # (loop imports this module)
+
+    if uses_empty_caption(
+        config.kept_invariance_weight, config.guided_loss_weight, config.hole_pull_anchor_weight
+    ):
+        settings["unconditional_embeds"] = (
+            config.unconditional_embeds
+        )  # the terms' half changes their numbers
     return HeldOutSet(
         source=f"held out of {source}" if split else source,
         keys=keys,
@@ -259,9 +265,7 @@ _SETTINGS = (
     "hole_pull_anchor_weight",
 )
 """The options besides the data and the weights that change the numbers (with the mask recipe; and
-``unconditional_embeds`` when a term of :data:`_TERMS` is on)."""
-
-_TERMS = ("kept_invariance_weight", "guided_loss_weight", "hole_pull_anchor_weight")
+``unconditional_embeds`` when a term beyond the paper's loss is on)."""
 
 
 def _pair_generator(sample: int, bucket: int) -> torch.Generator:
