@@ -227,18 +227,16 @@ def save_single_file(
     if path.suffix != ".safetensors":
         raise ValueError(f"output must be a .safetensors file, got {path.name}")
     _check_base_folder(folder)
-    from .loading import _stored_variants
+    from .loading import _stored_variants, part_library
 
     # the variant rule of load_base_components and the pipelines' from_pretrained (each part the folder's variant
     # where it has it, else its plain weights)
-    present = {part: _library(folder / part) for part in _PARTS if (folder / part).is_dir()}
+    present = {part: part_library(part) for part in _PARTS if (folder / part).is_dir()}
     _, chosen = _stored_variants(folder, present, variant, choose="--variant")
     variants = {part: chosen.get(part) for part in _PARTS}
     for part in _PARTS:  # every part's weight files, before any loads (pickle only with allow_pickle)
         if (folder / part).is_dir():
-            weight_files(
-                folder / part, _library(folder / part), allow_pickle=allow_pickle, variant=variants[part]
-            )
+            weight_files(folder / part, part_library(part), allow_pickle=allow_pickle, variant=variants[part])
     from .loading import safetensors_policy
 
     def load(cls, part):
@@ -298,22 +296,18 @@ def _check_base_folder(folder: Path) -> None:
 _PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
-def _library(part: Path) -> str:
-    """The library whose weight file names a part folder uses (``model*.safetensors`` for the text encoders)."""
-    return "transformers" if part.name.startswith("text_") else "diffusers"
-
-
 def _stored_dtype(folder: Path, variant: str | None = None, allow_pickle: bool = False) -> torch.dtype | None:
     """The dtype of the first floating tensor in a model folder's weights of ``variant``: its safetensors, or with
     ``allow_pickle`` its pickle file (read with ``weights_only``, memory-mapped); None if unknown."""
     from safetensors import safe_open
 
     from .errors import CheckpointError
+    from .loading import part_library
     from .model_files import weight_files
 
     dtypes = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
     try:
-        files = weight_files(folder, _library(folder), allow_pickle=allow_pickle, variant=variant)
+        files = weight_files(folder, part_library(folder.name), allow_pickle=allow_pickle, variant=variant)
     except CheckpointError:
         return None
     for file in files:

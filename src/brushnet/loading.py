@@ -68,6 +68,12 @@ _DEFAULT_CLASSES = {
 _WEIGHTED = ("vae", "text_encoder", "text_encoder_2", "unet")
 
 
+def part_library(name: str) -> str:
+    """The library whose weight file names a base's part folder uses: ``"transformers"`` for the text encoders
+    (``model*.safetensors``), ``"diffusers"`` for the rest."""
+    return "transformers" if name.startswith("text_") else "diffusers"
+
+
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if dtype is None:
         return torch.float32
@@ -836,9 +842,7 @@ def load_base_components(
     import diffusers
 
     weighted = [name for name in _WEIGHTED if name in FAMILY_COMPONENTS[family]]
-    _, variants = _stored_variants(
-        p, {n: "transformers" if n.startswith("text_") else "diffusers" for n in weighted}, variant
-    )
+    _, variants = _stored_variants(p, {name: part_library(name) for name in weighted}, variant)
     classes = _component_classes(str(p), hub_kwargs)
     for name in weighted:
         model_cls = None  # text encoders: transformers models (config and weight files checked)
